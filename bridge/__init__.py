@@ -1,0 +1,1 @@
+"""maskbridge: a self-hosted number-masking VoIP bridge on Asterisk ARI."""

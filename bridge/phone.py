@@ -1,0 +1,44 @@
+"""Phone numbers: one canonical form (E.164 with '+') and a masked form for logs and answers."""
+
+from __future__ import annotations
+
+import re
+
+import phonenumbers
+
+
+class InvalidNumber(ValueError):
+    """The text is not a phone number we can route."""
+
+
+_SEPARATORS = re.compile(r"[\s\-().]")
+
+
+def normalize(raw: str, default_region: str = "RU") -> str:
+    """E.164 with '+'. Carriers deliver Russian numbers as +79161234567, 79161234567 or
+    89161234567: all three are the same number."""
+    text = _SEPARATORS.sub("", raw or "")
+    if not text:
+        raise InvalidNumber("empty number")
+    if text.startswith("00"):
+        text = "+" + text[2:]
+    if not re.fullmatch(r"\+?\d{5,16}", text):
+        raise InvalidNumber("not a phone number")
+    if not text.startswith("+") and default_region == "RU" and len(text) == 11 and text[0] == "7":
+        text = "+" + text
+    try:
+        parsed = phonenumbers.parse(text, None if text.startswith("+") else default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise InvalidNumber(str(exc)) from exc
+    if not phonenumbers.is_possible_number(parsed):
+        raise InvalidNumber("not a possible number")
+    return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def mask(number: str) -> str:
+    """+79161234567 -> +7916***4567: enough for a person to recognise, useless to a spammer."""
+    digits = number.lstrip("+")
+    plus = "+" if number.startswith("+") else ""
+    if len(digits) <= 8:
+        return plus + "*" * max(len(digits) - 2, 0) + digits[-2:]
+    return f"{plus}{digits[:4]}***{digits[-4:]}"

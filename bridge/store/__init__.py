@@ -1,0 +1,6 @@
+"""Storage: every SQL statement of the bridge lives in this package."""
+
+from bridge.store.db import connect, migrate
+from bridge.store.queries import Store
+
+__all__ = ["Store", "connect", "migrate"]

@@ -1,0 +1,43 @@
+"""Connection pool and migrations (sql/NNN_name.sql, applied once each, in order)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+log = structlog.get_logger(__name__)
+
+SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
+_MIGRATION_LOCK = 0x6D61736B  # advisory lock key: one migrator at a time
+
+
+async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+async def migrate(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
+    """Apply the migrations not applied yet; returns their names."""
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+            for path in sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql")):
+                if path.name in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(path.read_text())
+                    await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
+                applied.append(path.name)
+                log.info("db.migrated", migration=path.name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
