@@ -1,0 +1,23 @@
+"""`python -m bridge` (or `maskbridge`): run the bridge with settings from the environment."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+from bridge import app, logs
+from bridge.config import ConfigError, Settings
+
+
+def main() -> None:
+    try:
+        settings = Settings.from_env()
+    except ConfigError as exc:
+        print(f"maskbridge: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logs.configure(settings.log_level)
+    asyncio.run(app.main(settings))
+
+
+if __name__ == "__main__":
+    main()

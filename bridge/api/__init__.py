@@ -1,0 +1,1 @@
+"""The HTTP API for the order system: validates, calls the services, renders JSON."""

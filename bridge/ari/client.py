@@ -1,0 +1,190 @@
+"""ARI REST requests."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+from typing import Any
+
+import aiohttp
+
+from bridge.ari.errors import AriError, AriUnavailable, from_status
+
+
+def _params(values: dict[str, Any]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            out[key] = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            out[key] = ",".join(str(v) for v in value)
+        else:
+            out[key] = str(value)
+    return out
+
+
+class AriClient:
+    """REST half of ARI. One instance per Asterisk; safe to share between calls."""
+
+    def __init__(
+        self,
+        base_url: str,
+        user: str,
+        password: str,
+        app: str,
+        *,
+        request_timeout: float = 10.0,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.app = app
+        credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
+        self._headers = {"Authorization": f"Basic {credentials}"}
+        self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        params: dict[str, Any] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
+        url = f"{self.base_url}/ari{path}"
+        try:
+            async with self.session.request(method, url, params=_params(params or {}), json=body) as resp:
+                text = await resp.text()
+                if resp.status >= 400:
+                    message = text
+                    try:
+                        message = (await resp.json(content_type=None)).get("message", text)
+                    except (ValueError, AttributeError):
+                        pass
+                    raise from_status(method, path, resp.status, message)
+                if not text:
+                    return None
+                return await resp.json(content_type=None)
+        except AriError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise AriUnavailable(method, path, None, type(exc).__name__) from exc
+
+    # --- channels -------------------------------------------------------------------
+
+    async def create_channel(
+        self,
+        endpoint: str,
+        channel_id: str,
+        app_args: list[str],
+        variables: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Create a channel in this app without dialing it yet (enters Stasis at once)."""
+        return await self.request(
+            "POST",
+            "/channels/create",
+            {"endpoint": endpoint, "app": self.app, "appArgs": app_args, "channelId": channel_id},
+            {"variables": variables or {}},
+        )
+
+    async def originate(
+        self,
+        endpoint: str,
+        channel_id: str,
+        caller_id: str,
+        app_args: list[str],
+        timeout: int = 30,
+        variables: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Dial out at once; the channel enters Stasis when answered."""
+        return await self.request(
+            "POST",
+            "/channels",
+            {
+                "endpoint": endpoint,
+                "app": self.app,
+                "appArgs": app_args,
+                "channelId": channel_id,
+                "callerId": caller_id,
+                "timeout": timeout,
+            },
+            {"variables": variables or {}},
+        )
+
+    async def dial(self, channel_id: str, timeout: int) -> None:
+        await self.request("POST", f"/channels/{channel_id}/dial", {"timeout": timeout})
+
+    async def answer(self, channel_id: str) -> None:
+        await self.request("POST", f"/channels/{channel_id}/answer")
+
+    async def ring(self, channel_id: str) -> None:
+        await self.request("POST", f"/channels/{channel_id}/ring")
+
+    async def hangup(self, channel_id: str, reason: str = "normal") -> None:
+        await self.request("DELETE", f"/channels/{channel_id}", {"reason": reason})
+
+    async def get_channel(self, channel_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/channels/{channel_id}")
+
+    async def set_variable(self, channel_id: str, name: str, value: str) -> None:
+        await self.request("POST", f"/channels/{channel_id}/variable", {"variable": name, "value": value})
+
+    async def play(self, channel_id: str, media: str, playback_id: str | None = None) -> dict[str, Any]:
+        path = f"/channels/{channel_id}/play" + (f"/{playback_id}" if playback_id else "")
+        return await self.request("POST", path, {"media": media})
+
+    async def snoop(
+        self, channel_id: str, snoop_id: str, app_args: list[str], spy: str = "none", whisper: str = "none"
+    ) -> dict[str, Any]:
+        return await self.request(
+            "POST",
+            f"/channels/{channel_id}/snoop/{snoop_id}",
+            {"app": self.app, "appArgs": app_args, "spy": spy, "whisper": whisper},
+        )
+
+    async def record(self, channel_id: str, name: str, fmt: str = "wav", max_seconds: int = 0) -> dict[str, Any]:
+        return await self.request(
+            "POST",
+            f"/channels/{channel_id}/record",
+            {"name": name, "format": fmt, "maxDurationSeconds": max_seconds, "ifExists": "overwrite"},
+        )
+
+    # --- bridges --------------------------------------------------------------------
+
+    async def create_bridge(self, bridge_id: str, name: str = "") -> dict[str, Any]:
+        # proxy_media: each leg's RTP ends at the PBX and is re-originated with the PBX's
+        # own SSRC and timing. With native RTP forwarding the other leg's packets (and
+        # their SSRC) went through as they were, and a phone heard only the first 100 ms.
+        return await self.request(
+            "POST", f"/bridges/{bridge_id}", {"type": "mixing,proxy_media", "name": name or None}
+        )
+
+    async def add_to_bridge(self, bridge_id: str, channel_id: str) -> None:
+        # Connected-line updates are not passed between the legs: they would carry one
+        # party's real identity to the other (see ASTERISK-NOTES.md).
+        await self.request(
+            "POST",
+            f"/bridges/{bridge_id}/addChannel",
+            {"channel": channel_id, "inhibitConnectedLineUpdates": True},
+        )
+
+    async def destroy_bridge(self, bridge_id: str) -> None:
+        await self.request("DELETE", f"/bridges/{bridge_id}")
+
+    # --- application ----------------------------------------------------------------
+
+    async def application(self) -> dict[str, Any]:
+        return await self.request("GET", f"/applications/{self.app}")
+
+    async def subscribe(self, event_source: str) -> None:
+        await self.request("POST", f"/applications/{self.app}/subscription", {"eventSource": event_source})

@@ -1,0 +1,345 @@
+"""One masked call, top to bottom.
+
+A call from the trunk to a pool number enters Stasis; we look up the live session for
+(caller's real number, dialed pool number), create the leg to the other participant
+showing only the pool number, bridge the two and supervise them until one side hangs up.
+The states are named after what the caller hears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from bridge.ari import AriClient, AriError, AriNotFound
+from bridge.phone import InvalidNumber, mask, normalize
+from bridge.store.queries import Route
+
+log = structlog.get_logger(__name__)
+
+Event = dict[str, Any]
+
+UNKNOWN_CALLER_SOUND = "ss-noservice"
+SESSION_CLOSED_SOUND = "ss-noservice"
+
+# Hangup cause of the other leg (before answer) -> (call outcome, reason we hang the caller up with).
+_REFUSALS: dict[int, tuple[str, str]] = {
+    17: ("busy", "busy"),
+    18: ("no_answer", "no_answer"),
+    19: ("no_answer", "no_answer"),
+    21: ("rejected", "rejected"),
+}
+_GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
+
+
+class CallState(enum.Enum):
+    ROUTING = "routing"  # a few ms of silence while the session is looked up
+    RINGING = "ringing"  # the caller hears the other phone ring
+    CONNECTED = "connected"  # they talk
+    ANNOUNCING = "announcing"  # the caller hears why the call cannot be put through
+    ENDED = "ended"
+
+
+class CallStore(Protocol):
+    async def find_route(self, caller: str, pool_number: str) -> Route | None: ...
+    async def last_ended_session(self, caller: str, pool_number: str) -> uuid.UUID | None: ...
+    async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None: ...
+    async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
+    async def call_connected(self, call_id: uuid.UUID) -> None: ...
+    async def call_announcing(self, call_id: uuid.UUID) -> None: ...
+    async def call_ended(self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None) -> None: ...
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    trunk_endpoint: str = "trunk"
+    default_region: str = "RU"
+    ring_timeout: float = 30.0
+    stasis_start_timeout: float = 5.0
+    announcement_timeout: float = 30.0
+
+
+def _channel_of(event: Event) -> str | None:
+    channel = event.get("channel")
+    return channel.get("id") if isinstance(channel, dict) else None
+
+
+def _gone(event: Event, channel_id: str) -> bool:
+    return event.get("type") in _GONE and _channel_of(event) == channel_id
+
+
+class MaskedCall:
+    """The state machine of one call. Events arrive through `feed`, in order, and are
+    handled by the single task running `run`."""
+
+    def __init__(
+        self,
+        call_id: uuid.UUID,
+        inbound: Event,
+        dialed: str,
+        ari: AriClient,
+        store: CallStore,
+        settings: FlowSettings,
+        register: Callable[[str, "MaskedCall"], None],
+    ) -> None:
+        self.id = call_id
+        self.inbound_id: str = inbound["id"]
+        self.inbound = inbound
+        self.dialed = dialed
+        self.outbound_id = f"{call_id}-callee"
+        self.bridge_id = str(call_id)
+        self.ari = ari
+        self.store = store
+        self.settings = settings
+        self._register = register
+        self.state = CallState.ROUTING
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._bridge_created = False
+
+    # --- plumbing ------------------------------------------------------------------
+
+    def feed(self, event: Event) -> None:
+        self._events.put_nowait(event)
+
+    def channel_ids(self) -> list[str]:
+        return [self.inbound_id, self.outbound_id]
+
+    async def _next(self, deadline: float | None) -> Event | None:
+        """The next event of this call, or None once `deadline` (monotonic) has passed."""
+        if deadline is None:
+            return await self._events.get()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self._events.get(), remaining)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _hangup(self, channel_id: str, reason: str = "normal") -> None:
+        try:
+            await self.ari.hangup(channel_id, reason)
+        except AriNotFound:
+            pass  # already gone: the outcome we wanted
+
+    async def _end(self, outcome: str, hangup_by: str, cause: int | None) -> None:
+        self.state = CallState.ENDED
+        await self.store.call_ended(self.id, outcome, hangup_by, cause)
+        log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause)
+
+    # --- the flow ------------------------------------------------------------------
+
+    async def run(self) -> None:
+        structlog.contextvars.bind_contextvars(call_id=str(self.id))
+        try:
+            await self._route()
+        except Exception:
+            log.exception("call.failed", state=self.state.value)
+            await self._hangup(self.inbound_id, "congestion")
+            await self._hangup(self.outbound_id, "normal")
+            if self.state is not CallState.ENDED:
+                await self._end("failed", "system", None)
+        finally:
+            await self._destroy_bridge()
+
+    async def _destroy_bridge(self) -> None:
+        # Only once the call has ended: a bridge process that is stopped (task cancelled)
+        # leaves calls up, for the next process to resume (StasisDispatcher.reconcile).
+        if self._bridge_created and self.state is CallState.ENDED:
+            try:
+                await self.ari.destroy_bridge(self.bridge_id)
+            except AriError:
+                pass
+
+    async def _route(self) -> None:
+        raw_caller = (self.inbound.get("caller") or {}).get("number") or ""
+        caller: str | None
+        pool: str | None
+        try:
+            caller = normalize(raw_caller, self.settings.default_region)
+        except InvalidNumber:
+            caller = None
+        try:
+            pool = normalize(self.dialed, self.settings.default_region)
+        except InvalidNumber:
+            pool = None
+        route = await self.store.find_route(caller, pool) if caller and pool else None
+        # A former participant of a closed session is told so; the row stays linked to it.
+        ended_session = (
+            await self.store.last_ended_session(caller, pool) if route is None and caller and pool else None
+        )
+        log.info(
+            "call.started",
+            caller=mask(caller or raw_caller or "anonymous"),
+            # Only a routed call dialed one of our pool numbers; anything else is masked.
+            pool_number=pool if route else mask(pool or self.dialed),
+            routed=route is not None,
+        )
+        await self.store.insert_call(
+            self.id,
+            session_id=route.session_id if route else ended_session,
+            pool_number=pool or self.dialed[:32],
+            caller_role=route.caller_role if route else None,
+            caller_masked=mask(caller or raw_caller or "anonymous"),
+            inbound_channel_id=self.inbound_id,
+            state=CallState.ROUTING.value,
+        )
+        if route is None:
+            if ended_session is not None:
+                await self._announce("session_closed", SESSION_CLOSED_SOUND)
+            else:
+                await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
+            return
+        assert pool is not None
+        await self._ring(route, pool)
+
+    async def _announce(self, outcome: str, sound: str) -> None:
+        """Tell the caller why the call cannot be put through, then hang up."""
+        self.state = CallState.ANNOUNCING
+        await self.store.call_announcing(self.id)
+        playback_id = f"{self.id}-announcement"
+        try:
+            await self.ari.answer(self.inbound_id)
+            await self.ari.play(self.inbound_id, f"sound:{sound}", playback_id)
+        except AriNotFound:
+            await self._end(outcome, "caller", None)
+            return
+        deadline = time.monotonic() + self.settings.announcement_timeout
+        while (event := await self._next(deadline)) is not None:
+            if _gone(event, self.inbound_id):
+                await self._end(outcome, "caller", None)
+                return
+            if event.get("type") == "PlaybackFinished" and event.get("playback", {}).get("id") == playback_id:
+                break
+        await self._hangup(self.inbound_id, "normal")
+        await self._end(outcome, "system", None)
+
+    async def _ring(self, route: Route, pool: str) -> None:
+        """Create the leg to the other participant, masked, and let the caller hear it ring."""
+        self.state = CallState.RINGING
+        # The caller's own leg: whatever Asterisk tells the caller about the other side
+        # (PAI/RPID in responses, connected-line updates) is the pool number. 'i': set it
+        # without sending an update now.
+        await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(num,i)", pool)
+        await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(name,i)", pool)
+        await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
+        self._bridge_created = True
+        await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
+        self._register(self.outbound_id, self)
+        # The new leg's only identity is the pool number: chan_pjsip builds From, PAI and
+        # RPID from it. No `originator`, no `caller` on dial: both would copy the caller's
+        # real identity onto this leg.
+        masked_identity = {
+            "CALLERID(num)": pool,
+            "CALLERID(name)": pool,
+            "CONNECTEDLINE(num)": pool,
+            "CONNECTEDLINE(name)": pool,
+        }
+        try:
+            await self.ari.create_channel(
+                f"PJSIP/{route.callee_number}@{self.settings.trunk_endpoint}",
+                self.outbound_id,
+                ["outbound", str(self.id)],
+                masked_identity,
+            )
+        except AriError as exc:
+            log.warning("call.outbound_failed", error=str(exc))
+            await self._hangup(self.inbound_id, "congestion")
+            await self._end("failed", "system", None)
+            return
+        await self.store.call_ringing(self.id, self.outbound_id, self.bridge_id)
+
+        # The new leg must be in Stasis before it can join the bridge.
+        deadline = time.monotonic() + self.settings.stasis_start_timeout
+        while True:
+            event = await self._next(deadline)
+            if event is None:
+                raise RuntimeError("outbound leg never entered Stasis")
+            if _gone(event, self.inbound_id):
+                await self._hangup(self.outbound_id)
+                await self._end("caller_cancelled", "caller", None)
+                return
+            if event.get("type") == "StasisStart" and _channel_of(event) == self.outbound_id:
+                break
+        await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
+        await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
+        log.info("call.ringing", callee=mask(route.callee_number))
+
+        deadline = time.monotonic() + self.settings.ring_timeout
+        while True:
+            event = await self._next(deadline)
+            if event is None:
+                log.info("call.ring_timeout", seconds=self.settings.ring_timeout)
+                await self._hangup(self.outbound_id, "no_answer")
+                await self._hangup(self.inbound_id, "no_answer")
+                await self._end("no_answer", "system", 19)
+                return
+            kind = event.get("type")
+            channel = _channel_of(event)
+            if _gone(event, self.inbound_id):
+                await self._hangup(self.outbound_id)  # cancels the ringing phone
+                await self._end("caller_cancelled", "caller", None)
+                return
+            if kind == "ChannelDestroyed" and channel == self.outbound_id:
+                cause = int(event.get("cause", 0))
+                outcome, reason = _REFUSALS.get(cause, ("failed", "congestion"))
+                await self._hangup(self.inbound_id, reason)
+                await self._end(outcome, "callee", cause)
+                return
+            if kind == "ChannelStateChange" and channel == self.outbound_id and event["channel"]["state"] == "Up":
+                break
+        await self._talk()
+
+    async def _talk(self) -> None:
+        """The other phone answered: connect the caller and wait for either side to hang up."""
+        self.state = CallState.CONNECTED
+        try:
+            await self.ari.answer(self.inbound_id)
+        except AriNotFound:
+            pass  # the caller left at the moment of answer; the loop below sees it
+        await self.store.call_connected(self.id)
+        log.info("call.connected")
+        await self._supervise()
+
+    async def _supervise(self) -> None:
+        while True:
+            event = await self._next(None)
+            assert event is not None
+            if _gone(event, self.inbound_id):
+                await self._hangup(self.outbound_id)
+                await self._end("answered", "caller", 16)
+                return
+            if event.get("type") == "ChannelDestroyed" and _channel_of(event) == self.outbound_id:
+                await self._hangup(self.inbound_id)
+                await self._end("answered", "callee", int(event.get("cause", 16)))
+                return
+
+    @classmethod
+    def resume_connected(
+        cls,
+        row: dict[str, Any],
+        ari: AriClient,
+        store: CallStore,
+        settings: FlowSettings,
+        register: Callable[[str, "MaskedCall"], None],
+    ) -> "MaskedCall":
+        """A call that was connected when an earlier bridge process stopped: supervise it."""
+        call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register)
+        call.state = CallState.CONNECTED
+        call._bridge_created = row["bridge_id"] is not None
+        return call
+
+    async def run_resumed(self) -> None:
+        structlog.contextvars.bind_contextvars(call_id=str(self.id))
+        log.info("call.resumed")
+        try:
+            await self._supervise()
+        finally:
+            await self._destroy_bridge()

@@ -1,0 +1,110 @@
+"""Adapts ARI events to calls: starts a MaskedCall for each new inbound channel and hands
+every later event to the call that owns the channel. It only dispatches; the flow is in
+flow.py."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import structlog
+
+from bridge.ari import AriClient, AriError
+from bridge.calls.flow import Event, FlowSettings, MaskedCall
+
+log = structlog.get_logger(__name__)
+
+
+def _channel_ids(event: Event) -> list[str]:
+    ids: list[str] = []
+    for key in ("channel", "peer"):
+        value = event.get(key)
+        if isinstance(value, dict) and "id" in value:
+            ids.append(value["id"])
+    playback = event.get("playback")
+    if isinstance(playback, dict):
+        target = str(playback.get("target_uri", ""))
+        if target.startswith("channel:"):
+            ids.append(target.split(":", 1)[1])
+    return ids
+
+
+class StasisDispatcher:
+    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings) -> None:
+        self.ari = ari
+        self.store = store
+        self.settings = settings
+        self.calls: dict[str, MaskedCall] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _register(self, channel_id: str, call: MaskedCall) -> None:
+        self.calls[channel_id] = call
+
+    def _start(self, call: MaskedCall, resumed: bool = False) -> None:
+        for channel_id in (call.inbound_id,):
+            self.calls[channel_id] = call
+        task = asyncio.create_task(call.run_resumed() if resumed else call.run(), name=f"call-{call.id}")
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            for channel_id in call.channel_ids():
+                if self.calls.get(channel_id) is call:
+                    del self.calls[channel_id]
+
+        task.add_done_callback(done)
+
+    async def handle(self, event: Event) -> None:
+        """Called for every event, in the order Asterisk sent them."""
+        if event.get("type") == "StasisStart":
+            args = event.get("args") or []
+            channel = event["channel"]
+            if args[:1] == ["inbound"] and channel["id"] not in self.calls:
+                dialed = args[1] if len(args) > 1 else channel.get("dialplan", {}).get("exten", "")
+                call = MaskedCall(uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register)
+                self._start(call)
+                return
+        for channel_id in _channel_ids(event):
+            call = self.calls.get(channel_id)
+            if call is not None:
+                call.feed(event)
+                return
+
+    async def reconcile(self) -> None:
+        """After (re)connecting: channels that vanished while the socket was down end their
+        calls; calls an earlier bridge process left behind are resumed or finished."""
+        try:
+            live = set((await self.ari.application()).get("channel_ids", []))
+        except AriError as exc:
+            log.warning("reconcile.failed", error=str(exc))
+            return
+        for call in {id(c): c for c in self.calls.values()}.values():
+            for channel_id in call.channel_ids():
+                if self.calls.get(channel_id) is call and channel_id not in live:
+                    call.feed({"type": "ChannelDestroyed", "cause": 0, "channel": {"id": channel_id}, "reconciled": True})
+        known = {c.id for c in self.calls.values()}
+        for row in await self.store.active_calls():
+            if row["id"] in known:
+                continue
+            inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
+            if row["state"] == "connected" and inbound in live and outbound in live:
+                call = MaskedCall.resume_connected(row, self.ari, self.store, self.settings, self._register)
+                self.calls[outbound] = call
+                self._start(call, resumed=True)
+                continue
+            for channel_id in (inbound, outbound):
+                if channel_id and channel_id in live:
+                    try:
+                        await self.ari.hangup(channel_id)
+                    except AriError:
+                        pass
+            outcome = "answered" if row["answered_at"] else "failed"
+            await self.store.call_ended(row["id"], outcome, "system", None)
+            log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
+
+    async def shutdown(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
