@@ -1,0 +1,107 @@
+# maskbridge: the two commands a newcomer needs are `make run` and `make test`.
+# Every target installs what it is missing by itself and is safe to run twice.
+# Run as root on Debian (chroot, runuser and apt-get need it).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEVSTACK := $(PY) -m bridge.devstack
+# Tests run the bridge with a short ring timeout so that "nobody answers" takes seconds.
+TEST_ENV := MB_RING_TIMEOUT=6
+
+.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql test test-unit test-live \
+        compose-up compose-down clean
+
+help:
+	@echo "make run      the whole stack locally with demo data (Ctrl-C stops it)"
+	@echo "make test     every test, including real calls through a real Asterisk"
+	@echo "make start / make stop / make status    the stack in the background"
+	@echo "make call FROM=<real number> TO=<pool number>    place a call from the simulated carrier"
+	@echo "make cli | carrier-cli | logs | psql    for engineers"
+	@echo "make compose-up / compose-down          production-shaped stack (needs a docker engine)"
+
+# --- installation -----------------------------------------------------------------
+
+# Debian packages: debootstrap (builds the Asterisk 22 root file system), Postgres server
+# binaries, Python venv support. Postgres is installed without its default cluster: the
+# project keeps its own.
+deps:
+	@missing=""; \
+	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v runuser >/dev/null || missing="$$missing util-linux"; \
+	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  mkdir -p /etc/postgresql-common; \
+	  [ -f /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing ca-certificates; \
+	fi; \
+	id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+rootfs: deps venv
+	$(DEVSTACK) rootfs
+
+# --- the local stack --------------------------------------------------------------
+
+run: deps venv
+	$(DEVSTACK) run
+
+start: deps venv
+	$(DEVSTACK) start
+
+stop: venv
+	$(DEVSTACK) stop
+
+status: venv
+	$(DEVSTACK) status
+
+call: venv
+	@[ -n "$(FROM)" ] && [ -n "$(TO)" ] || { echo "usage: make call FROM=<real number> TO=<pool number>"; exit 2; }
+	$(DEVSTACK) call '$(FROM)' '$(TO)' $(if $(HANGUP_AFTER),--hangup-after $(HANGUP_AFTER))
+
+cli: venv
+	$(DEVSTACK) cli
+
+carrier-cli: venv
+	$(DEVSTACK) carrier-cli
+
+logs: venv
+	tail -n 50 -F .stack/log/bridge.log
+
+psql: venv
+	$(DEVSTACK) psql
+
+# --- tests ------------------------------------------------------------------------
+
+# The stack is (re)started with the test settings, the tests run, and the stack is
+# stopped again whatever the outcome.
+test: deps venv
+	$(DEVSTACK) stop
+	$(TEST_ENV) $(DEVSTACK) start >/dev/null
+	status=0; $(TEST_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) || status=$$?; \
+	$(DEVSTACK) stop; exit $$status
+
+test-unit: venv
+	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)
+
+# --- production shape (needs a docker engine; none exists on our dev machines) ------
+
+compose-up:
+	docker compose up -d --build
+
+compose-down:
+	docker compose down
+
+clean: stop
+	rm -rf .stack $(VENV)

@@ -1,0 +1,5 @@
+"""The local development and test stack: Postgres, the PBX, the simulated carrier, the bridge.
+
+Nothing here is used in production (docker-compose.yml is the production path); `make run`,
+`make start`, `make test` and `make call` drive it.
+"""

@@ -1,0 +1,143 @@
+"""`python -m bridge.devstack COMMAND`: the local stack behind the Makefile targets."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+from bridge import logs
+from bridge.devstack import asterisk, carrier, demo, postgres, processes
+from bridge.devstack.settings import Stack, load
+
+
+def start_services(stack: Stack) -> str:
+    """Postgres, the PBX and the simulated carrier, migrated and with demo data."""
+    asterisk.ensure_rootfs(stack)
+    postgres.start(stack)
+    pool_number = asyncio.run(demo.load(stack.database_url))
+    for instance in asterisk.INSTANCES:
+        asterisk.start(stack, instance)
+    return pool_number
+
+
+def stop_all(stack: Stack) -> None:
+    processes.stop_bridge(stack)
+    for instance in reversed(asterisk.INSTANCES):
+        asterisk.stop(stack, instance)
+    postgres.stop(stack)
+
+
+def hint(stack: Stack, pool_number: str) -> str:
+    api = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}"
+    return f"""
+The stack is up.
+  Demo order {demo.DEMO_ORDER}: courier {demo.DEMO_COURIER}, client {demo.DEMO_CLIENT}, pool number {pool_number}
+  Try a masked call (the client's phone is shown only the pool number):
+      make call FROM={demo.DEMO_COURIER} TO={pool_number}
+      make call FROM={demo.DEMO_CLIENT} TO={pool_number}
+      make call FROM=+79990000000 TO={pool_number}      # unknown caller: announcement
+  The HTTP API ({api}), token in {stack.dir / 'secrets.env'} (MB_API_TOKEN):
+      curl -H "Authorization: Bearer $MB_API_TOKEN" -d '{{"order_id":"42","courier_number":"+79161112233","client_number":"89163334455"}}' {api}/v1/sessions
+  Logs: make logs    Asterisk console: make cli    Database: make psql    Stop: make stop
+"""
+
+
+def run_foreground(stack: Stack) -> None:
+    pool_number = start_services(stack)
+    processes.stop_bridge(stack)  # a background bridge from `make start` would hold the port
+    print(hint(stack, pool_number), flush=True)
+    proc = subprocess.Popen(processes.bridge_command(), env={**os.environ, **stack.bridge_env()})
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=15)
+    finally:
+        print("\nstopping the stack ...", flush=True)
+        stop_all(stack)
+
+
+async def place_call(stack: Stack, from_number: str, to_number: str, hangup_after: float, timeout: float) -> int:
+    async with carrier.Carrier(stack) as net:
+        leg = await net.call(from_number, to_number, hangup_after=hangup_after)
+        try:
+            callee = await asyncio.wait_for(net.incoming.get(), timeout)
+        except asyncio.TimeoutError:
+            callee = None
+        await asyncio.wait_for(leg.ended.wait(), timeout + hangup_after + 10)
+        if callee is not None:
+            await asyncio.wait_for(callee.ended.wait(), 10)
+        print(f"caller {from_number} dialed {to_number}")
+        if callee is None:
+            print("  no phone rang (the PBX answered the caller itself: announcement)")
+        else:
+            print(f"  rang phone:        {callee.number}")
+            print(f"  caller ID shown:   {callee.shown_number}" + (f' "{callee.shown_name}"' if callee.shown_name else ""))
+            print(f"  answered:          {'yes' if callee.answered_at else 'no'}")
+            if callee.duration is not None:
+                print(f"  call lasted:       {callee.duration:.1f} s")
+            print(f"  callee hangup cause: {callee.cause}")
+        print(f"  caller answered:   {'yes' if leg.answered_at else 'no'}")
+        print(f"  caller hangup cause: {leg.cause}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bridge.devstack")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("start", help="start the whole stack in the background")
+    sub.add_parser("stop", help="stop everything")
+    sub.add_parser("run", help="start the stack with the bridge in the foreground; Ctrl-C stops all")
+    sub.add_parser("services", help="start Postgres and both Asterisks only (no bridge)")
+    sub.add_parser("rootfs", help="build the Asterisk root file system if missing")
+    sub.add_parser("status", help="what is running")
+    sub.add_parser("env", help="print the bridge's environment (shell syntax)")
+    call = sub.add_parser("call", help="place a call from the simulated carrier")
+    call.add_argument("from_number")
+    call.add_argument("to_number")
+    call.add_argument("--hangup-after", type=float, default=3.0)
+    call.add_argument("--timeout", type=float, default=20.0)
+    sub.add_parser("cli", help="the PBX's Asterisk console")
+    sub.add_parser("carrier-cli", help="the simulated carrier's Asterisk console")
+    sub.add_parser("psql", help="psql on the bridge's database")
+    args = parser.parse_args(argv)
+    logs.configure("warning")
+    stack = load()
+
+    if args.command == "rootfs":
+        asterisk.ensure_rootfs(stack)
+    elif args.command == "services":
+        start_services(stack)
+    elif args.command == "start":
+        pool_number = start_services(stack)
+        processes.start_bridge(stack)
+        print(hint(stack, pool_number))
+    elif args.command == "stop":
+        stop_all(stack)
+    elif args.command == "run":
+        run_foreground(stack)
+    elif args.command == "status":
+        print(f"postgres: {'up' if postgres.is_running(stack) else 'down'}")
+        for instance in asterisk.INSTANCES:
+            print(f"asterisk {instance}: {'up' if asterisk.is_running(stack, instance) else 'down'}")
+        print(f"bridge: {processes.health(stack) or 'down'}")
+    elif args.command == "env":
+        for k, v in stack.bridge_env().items():
+            print(f"export {k}='{v}'")
+    elif args.command == "call":
+        return asyncio.run(place_call(stack, args.from_number, args.to_number, args.hangup_after, args.timeout))
+    elif args.command in ("cli", "carrier-cli"):
+        instance = "pbx" if args.command == "cli" else "carrier"
+        conf = f"{stack.ast_dir(instance)}/etc/asterisk.conf"
+        os.execvp("chroot", ["chroot", str(stack.rootfs), "asterisk", "-C", conf, "-rvvv"])
+    elif args.command == "psql":
+        os.execvp(postgres.psql_command(stack)[0], postgres.psql_command(stack))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

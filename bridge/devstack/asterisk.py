@@ -1,0 +1,144 @@
+"""Asterisk instances (the PBX and the simulated carrier) run from the Debian forky root
+file system with chroot, each with its own asterisk.conf and directories."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from bridge.devstack.settings import PROJECT_DIR, Stack
+
+CONFIG_DIR = PROJECT_DIR / "asterisk-config"
+INSTANCES = ("pbx", "carrier")
+_VAR = re.compile(r"\$\{(MB_[A-Z0-9_]+)\}")
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Fill in ${MB_...} names; Asterisk's own ${...} expressions are left alone."""
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name not in values:
+            raise KeyError(f"asterisk-config uses {name}, which has no value")
+        return values[name]
+
+    return _VAR.sub(sub, text)
+
+
+def instance_values(stack: Stack, instance: str) -> dict[str, str]:
+    values = dict(stack.env)
+    values["MB_AST_DIR"] = stack.ast_dir(instance)
+    if instance == "carrier":
+        values.update(
+            MB_ARI_BIND=stack.env["MB_TRUNK_HOST"],
+            MB_ARI_PORT=stack.env["MB_CARRIER_ARI_PORT"],
+            MB_ARI_USER="carrier",
+            MB_ARI_PASSWORD=stack.env["MB_CARRIER_ARI_PASSWORD"],
+            MB_RTP_START=stack.env["MB_CARRIER_RTP_START"],
+            MB_RTP_END=stack.env["MB_CARRIER_RTP_END"],
+        )
+    return values
+
+
+def host_path(stack: Stack, instance: str, *parts: str) -> Path:
+    """A path of an instance, seen from the host."""
+    return stack.rootfs / stack.ast_dir(instance).lstrip("/") / Path(*parts)
+
+
+def write_config(stack: Stack, instance: str, overrides: dict[str, str] | None = None) -> None:
+    """Render asterisk-config/common plus asterisk-config/<instance> into the instance's etc."""
+    values = instance_values(stack, instance)
+    values.update(overrides or {})
+    etc = host_path(stack, instance, "etc")
+    etc.mkdir(parents=True, exist_ok=True)
+    for sub in ("db", "spool", "run", "log", "cache", "spool/recording"):
+        host_path(stack, instance, sub).mkdir(parents=True, exist_ok=True)
+    for src_dir in (CONFIG_DIR / "common", CONFIG_DIR / instance):
+        for src in sorted(src_dir.glob("*.conf")):
+            (etc / src.name).write_text(render(src.read_text(), values))
+
+
+def _conf(stack: Stack, instance: str) -> str:
+    return f"{stack.ast_dir(instance)}/etc/asterisk.conf"
+
+
+def rx(stack: Stack, instance: str, command: str, timeout: float = 20) -> subprocess.CompletedProcess[str]:
+    """Run one Asterisk CLI command against a running instance."""
+    return subprocess.run(
+        ["chroot", str(stack.rootfs), "asterisk", "-C", _conf(stack, instance), "-rx", command],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def is_running(stack: Stack, instance: str) -> bool:
+    try:
+        return rx(stack, instance, "core show version", timeout=5).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def start(stack: Stack, instance: str) -> None:
+    """Start an instance in the background (Asterisk forks itself) and wait until fully booted."""
+    write_config(stack, instance)
+    if is_running(stack, instance):
+        reload(stack, instance)
+        return
+    subprocess.run(["chroot", str(stack.rootfs), "asterisk", "-C", _conf(stack, instance)], check=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if is_running(stack, instance):
+            booted = rx(stack, instance, "core waitfullybooted", timeout=60)
+            if booted.returncode == 0:
+                return
+        time.sleep(0.2)  # polling a process that has no readiness signal
+    raise RuntimeError(f"Asterisk {instance} did not boot; see {host_path(stack, instance, 'log')}")
+
+
+def reload(stack: Stack, instance: str, overrides: dict[str, str] | None = None) -> None:
+    """Re-render the configuration and reload it (e.g. to change the trunk's identity settings)."""
+    write_config(stack, instance, overrides)
+    out = rx(stack, instance, "core reload")
+    if out.returncode != 0:
+        raise RuntimeError(f"reload of {instance} failed: {out.stderr or out.stdout}")
+
+
+def stop(stack: Stack, instance: str) -> None:
+    if not is_running(stack, instance):
+        return
+    rx(stack, instance, "core stop now", timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and is_running(stack, instance):
+        time.sleep(0.2)  # waiting for a process to exit
+
+
+def ensure_rootfs(stack: Stack) -> None:
+    """Build the Asterisk 22 root file system with debootstrap if it is not there yet."""
+    root = stack.rootfs
+    if (root / "usr/sbin/asterisk").exists() and (root / ".maskbridge-complete").exists():
+        return
+    if shutil.which("debootstrap") is None:
+        raise RuntimeError("debootstrap is missing: run `make deps` (apt-get install debootstrap)")
+    tmp = root.with_name(root.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    print(f"building the Asterisk 22 root file system in {root} (about a minute) ...", flush=True)
+    subprocess.run(
+        [
+            "debootstrap",
+            "--variant=minbase",
+            "--include=asterisk,asterisk-core-sounds-en-gsm,asterisk-core-sounds-ru-gsm",
+            "forky",
+            str(tmp),
+            "http://deb.debian.org/debian",
+            "/usr/share/debootstrap/scripts/sid",
+        ],
+        check=True,
+    )
+    (tmp / ".maskbridge-complete").write_text("debootstrap forky with asterisk\n")
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)

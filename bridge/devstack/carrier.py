@@ -1,0 +1,244 @@
+"""Driver of the simulated carrier: places calls into the PBX with any caller ID and plays
+every phone behind the trunk (answer, busy, no answer, reject), each phone playing a known
+tone and recording what it hears. Used by `make call` and the live tests."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import math
+import time
+import wave
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bridge.ari import AriClient, AriError, AriNotFound, EventStream
+from bridge.devstack import asterisk
+from bridge.devstack.settings import Stack
+
+Event = dict[str, Any]
+
+
+@dataclass
+class Phone:
+    """How the phone behind a number behaves when called."""
+
+    action: str = "answer"  # answer | busy | noanswer | reject
+    answer_after: float = 0.3  # seconds of ringing before answering
+    ring_for: float = 2.0  # noanswer: seconds of ringing before the network gives up (480)
+    tone: int = 1000  # Hz the phone plays once connected
+    hangup_after: float | None = None  # seconds after answer at which this phone hangs up
+
+
+@dataclass
+class Leg:
+    """One phone's view of a call."""
+
+    role: str  # caller | callee
+    channel_id: str
+    number: str  # the phone's own number
+    dialed: str = ""  # the number it called (caller) or was called on (callee)
+    shown_number: str = ""  # caller ID shown to a called phone
+    shown_name: str = ""
+    tone: int = 1000
+    hangup_after: float | None = None
+    ringing: asyncio.Event = field(default_factory=asyncio.Event)
+    answered: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    recorded: asyncio.Event = field(default_factory=asyncio.Event)
+    answered_at: float | None = None
+    ended_at: float | None = None
+    cause: int | None = None
+    recording: str | None = None
+
+    @property
+    def duration(self) -> float | None:
+        if self.answered_at is None or self.ended_at is None:
+            return None
+        return self.ended_at - self.answered_at
+
+
+class Carrier:
+    def __init__(self, stack: Stack) -> None:
+        env = stack.env
+        self.stack = stack
+        self.ari = AriClient(
+            f"http://{env['MB_TRUNK_HOST']}:{env['MB_CARRIER_ARI_PORT']}",
+            "carrier",
+            env["MB_CARRIER_ARI_PASSWORD"],
+            env["MB_CARRIER_APP"],
+        )
+        self.phones: dict[str, Phone] = {}
+        self.legs: dict[str, Leg] = {}
+        self.incoming: asyncio.Queue[Leg] = asyncio.Queue()
+        self._snoops: dict[str, Leg] = {}
+        self._stream = EventStream(self.ari, self._handle)
+        self._task: asyncio.Task[None] | None = None
+        self._timers: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> "Carrier":
+        self._task = asyncio.create_task(self._stream.run())
+        await asyncio.wait_for(self._stream.connected.wait(), 15)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for leg in self.legs.values():
+            if not leg.ended.is_set():
+                try:
+                    await self.ari.hangup(leg.channel_id)
+                except AriError:
+                    pass
+        for t in self._timers:
+            t.cancel()
+        self._stream.stop()
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.ari.close()
+
+    def phone(self, number: str, **behaviour: Any) -> None:
+        self.phones[number] = Phone(**behaviour)
+
+    def _tone_media(self, freq: int, seconds: int = 60) -> str:
+        """A sine tone as a sound file of the carrier's (made once), as ARI media."""
+        path = asterisk.host_path(self.stack, "carrier", "sounds", f"tone-{freq}.wav")
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            rate = 8000
+            frames = array.array(
+                "h", (int(8000 * math.sin(2 * math.pi * freq * i / rate)) for i in range(rate * seconds))
+            )
+            with wave.open(str(path), "wb") as w:
+                w.setnchannels(1)
+                w.setsampwidth(2)
+                w.setframerate(rate)
+                w.writeframes(frames.tobytes())
+        return f"sound:{self.stack.ast_dir('carrier')}/sounds/tone-{freq}"
+
+    def recording_path(self, leg: Leg) -> Path:
+        assert leg.recording
+        return asterisk.host_path(self.stack, "carrier", "spool", "recording", leg.recording + ".wav")
+
+    async def call(
+        self, from_number: str, to_number: str, *, tone: int = 600, hangup_after: float | None = None,
+        caller_name: str | None = None,
+    ) -> Leg:
+        """Place a call from the trunk to the PBX, presenting `from_number` as the caller."""
+        channel_id = f"carrier-{uuid.uuid4()}"
+        leg = Leg("caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after)
+        self.legs[channel_id] = leg
+        caller_id = f'"{caller_name}" <{from_number}>' if caller_name else from_number
+        await self.ari.originate(f"PJSIP/{to_number}@pbx", channel_id, caller_id, ["caller"], timeout=60)
+        # Events before answer (ringing, busy) reach the app only if it subscribes.
+        try:
+            await self.ari.subscribe(f"channel:{channel_id}")
+        except AriNotFound:
+            pass  # already gone: ChannelDestroyed was the only event, and we missed it
+        return leg
+
+    async def hangup(self, leg: Leg, reason: str = "normal") -> None:
+        try:
+            await self.ari.hangup(leg.channel_id, reason)
+        except AriNotFound:
+            pass
+
+    # --- events ----------------------------------------------------------------------
+
+    def _later(self, delay: float, action: Any) -> None:
+        async def run() -> None:
+            await asyncio.sleep(delay)  # the simulated phone's own timing, not a test wait
+            try:
+                await action()
+            except AriError:
+                pass
+
+        task = asyncio.create_task(run())
+        self._timers.add(task)
+        task.add_done_callback(self._timers.discard)
+
+    async def _handle(self, event: Event) -> None:
+        kind = event.get("type")
+        channel = event.get("channel") or {}
+        cid = channel.get("id", "")
+        if kind == "StasisStart":
+            args = event.get("args") or []
+            if args[:1] == ["callee"]:
+                await self._incoming(channel, args[1] if len(args) > 1 else "")
+            elif args[:1] == ["caller"] and cid in self.legs:
+                await self._answered(self.legs[cid])
+            elif args[:1] == ["snoop"] and cid in self._snoops:
+                await self.ari.record(cid, self._snoops[cid].recording or "", "wav", max_seconds=120)
+            return
+        if kind == "RecordingFinished":
+            name = (event.get("recording") or {}).get("name")
+            for leg in self.legs.values():
+                if leg.recording == name:
+                    leg.recorded.set()
+            return
+        leg = self.legs.get(cid)
+        if leg is None:
+            return
+        if kind == "ChannelStateChange" and channel.get("state") == "Ringing":
+            leg.ringing.set()
+        elif kind == "ChannelStateChange" and channel.get("state") == "Up" and leg.role == "caller":
+            await self._answered(leg)
+        elif kind == "ChannelHangupRequest" and event.get("cause") is not None:
+            leg.cause = int(event["cause"])
+        elif kind in ("ChannelDestroyed", "StasisEnd") and not leg.ended.is_set():
+            # A called phone's channel leaves Stasis into the dialplan's Hangup(): its
+            # StasisEnd is the last event we get for it.
+            if kind == "ChannelDestroyed" or leg.cause is None:
+                leg.cause = int(event.get("cause", leg.cause or 0))
+            leg.ended_at = time.monotonic()
+            leg.ended.set()
+            if not leg.answered.is_set():
+                leg.recorded.set()  # nothing was recorded
+
+    async def _incoming(self, channel: Event, dialed: str) -> None:
+        caller = channel.get("caller") or {}
+        phone = self.phones.get(dialed, Phone())
+        leg = Leg(
+            "callee", channel["id"], dialed, dialed=dialed, shown_number=caller.get("number", ""),
+            shown_name=caller.get("name", ""), tone=phone.tone, hangup_after=phone.hangup_after,
+        )
+        self.legs[leg.channel_id] = leg
+        await self.incoming.put(leg)
+        if phone.action == "busy":
+            await self.ari.hangup(leg.channel_id, "busy")
+        elif phone.action == "reject":
+            await self.ari.hangup(leg.channel_id, "rejected")
+        else:
+            await self.ari.ring(leg.channel_id)
+            leg.ringing.set()
+            if phone.action == "noanswer":
+                self._later(phone.ring_for, lambda: self.ari.hangup(leg.channel_id, "no_answer"))
+            else:
+                self._later(phone.answer_after, lambda: self._answer(leg))
+
+    async def _answer(self, leg: Leg) -> None:
+        if leg.ended.is_set():
+            return
+        await self.ari.answer(leg.channel_id)
+        await self._answered(leg)
+
+    async def _answered(self, leg: Leg) -> None:
+        """The phone is connected: play its tone, record what it hears."""
+        if leg.answered.is_set():
+            return
+        leg.answered_at = time.monotonic()
+        leg.answered.set()
+        leg.recording = f"{leg.role}-{leg.channel_id}"
+        # A snoop channel records what the phone hears; the phone plays its tone from a
+        # sound file. (Asterisk's `tone:` generator on the channel silences the spy.)
+        ear = f"ear-{leg.channel_id}"
+        self._snoops[ear] = leg
+        try:
+            await self.ari.snoop(leg.channel_id, ear, ["snoop"], spy="in")
+            await self.ari.play(leg.channel_id, self._tone_media(leg.tone))
+        except AriNotFound:
+            leg.recorded.set()
+            return
+        if leg.hangup_after is not None:
+            self._later(leg.hangup_after, lambda: self.ari.hangup(leg.channel_id))

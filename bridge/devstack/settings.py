@@ -1,0 +1,155 @@
+"""Every setting of the local stack, from the environment with defaults, plus generated secrets."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+# name -> (default, meaning). The README's settings table is generated from this list.
+DEFAULTS: dict[str, tuple[str, str]] = {
+    "MB_ROOTFS": ("/var/lib/maskbridge/rootfs", "Debian forky root file system holding Asterisk 22 (shared by clones)"),
+    "MB_STACK_DIR": (str(PROJECT_DIR / ".stack"), "where the local stack keeps its state, logs and secrets"),
+    "MB_PBX_SIP_BIND": ("127.0.0.1", "address of the PBX (SIP and RTP)"),
+    "MB_PBX_SIP_PORT": ("5060", "SIP port of the PBX"),
+    "MB_PBX_SIP_DEBUG": ("no", "log every SIP message in the PBX (yes/no)"),
+    "MB_ARI_BIND": ("127.0.0.1", "address of the PBX's ARI/HTTP server"),
+    "MB_ARI_PORT": ("8088", "port of the PBX's ARI/HTTP server"),
+    "MB_ARI_APP": ("maskbridge", "name of the bridge's Stasis application"),
+    "MB_ARI_USER": ("maskbridge", "ARI user of the bridge"),
+    "MB_RTP_START": ("20000", "first RTP port of the PBX"),
+    "MB_RTP_END": ("24999", "last RTP port of the PBX"),
+    "MB_TRUNK_HOST": ("127.0.0.2", "the carrier trunk's address (the simulated carrier binds it)"),
+    "MB_TRUNK_PORT": ("5060", "the carrier trunk's SIP port"),
+    "MB_TRUNK_SEND_PAI": ("no", "trunk endpoint send_pai"),
+    "MB_TRUNK_SEND_RPID": ("no", "trunk endpoint send_rpid"),
+    "MB_TRUNK_TRUST_ID_OUTBOUND": ("no", "trunk endpoint trust_id_outbound"),
+    "MB_TRUNK_SEND_CONNECTED_LINE": ("yes", "trunk endpoint send_connected_line"),
+    "MB_TRUNK_TRUST_CONNECTED_LINE": ("yes", "trunk endpoint trust_connected_line"),
+    "MB_CARRIER_ARI_PORT": ("8088", "port of the simulated carrier's ARI (on MB_TRUNK_HOST)"),
+    "MB_CARRIER_APP": ("phones", "Stasis application of the simulated carrier"),
+    "MB_CARRIER_RTP_START": ("25000", "first RTP port of the simulated carrier"),
+    "MB_CARRIER_RTP_END": ("29999", "last RTP port of the simulated carrier"),
+    "MB_PG_PORT": ("55432", "port of the local Postgres (on 127.0.0.1)"),
+    "MB_API_BIND": ("127.0.0.1", "address of the bridge's HTTP API"),
+    "MB_API_PORT": ("8080", "port of the bridge's HTTP API"),
+    "MB_DEFAULT_REGION": ("RU", "region for national-form numbers"),
+    "MB_RING_TIMEOUT": ("30", "seconds the other phone may ring before the caller hears no answer"),
+    "MB_LOG_LEVEL": ("info", "bridge log level"),
+}
+
+SECRET_NAMES = ("MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "MB_DB_PASSWORD")
+
+
+@dataclass(frozen=True)
+class Stack:
+    """Resolved settings and paths of one local stack."""
+
+    env: dict[str, str]
+
+    @property
+    def rootfs(self) -> Path:
+        return Path(self.env["MB_ROOTFS"])
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.env["MB_STACK_DIR"])
+
+    @property
+    def log_dir(self) -> Path:
+        return self.dir / "log"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.dir / "run"
+
+    @property
+    def pg_dir(self) -> Path:
+        return Path(self.env["MB_PG_DIR"])
+
+    @property
+    def database_url(self) -> str:
+        return self.env["MB_DATABASE_URL"]
+
+    def ast_dir(self, instance: str) -> str:
+        """Directory of an Asterisk instance, as seen inside the root file system."""
+        return f"/srv/maskbridge/{self.instance_tag}/{instance}"
+
+    @property
+    def instance_tag(self) -> str:
+        return hashlib.sha1(str(self.dir).encode()).hexdigest()[:8]
+
+    def bridge_env(self) -> dict[str, str]:
+        """The environment the bridge process runs with."""
+        e = self.env
+        return {
+            "MB_DATABASE_URL": e["MB_DATABASE_URL"],
+            "MB_ARI_URL": f"http://{e['MB_ARI_BIND']}:{e['MB_ARI_PORT']}",
+            "MB_ARI_USER": e["MB_ARI_USER"],
+            "MB_ARI_PASSWORD": e["MB_ARI_PASSWORD"],
+            "MB_ARI_APP": e["MB_ARI_APP"],
+            "MB_API_BIND": e["MB_API_BIND"],
+            "MB_API_PORT": e["MB_API_PORT"],
+            "MB_API_TOKEN": e["MB_API_TOKEN"],
+            "MB_DEFAULT_REGION": e["MB_DEFAULT_REGION"],
+            "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
+            "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],
+        }
+
+
+def _pg_dir(stack_dir: Path) -> Path:
+    """Postgres refuses to run as root, and its own user must reach the data directory.
+
+    The cluster lives in the project's stack directory when the postgres user can reach
+    it; a checkout under a private home directory (e.g. /root) falls back to a directory
+    of its own under /var/lib/maskbridge.
+    """
+    local = stack_dir / "pg"
+    probe = subprocess.run(
+        ["runuser", "-u", "postgres", "--", "test", "-x", str(stack_dir.parent)],
+        capture_output=True,
+    )
+    if probe.returncode == 0:
+        return local
+    digest = hashlib.sha1(str(stack_dir).encode()).hexdigest()[:8]
+    return Path("/var/lib/maskbridge/pg") / digest
+
+
+def _load_secrets(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if "=" in line and not line.startswith("#"):
+                k, v = line.split("=", 1)
+                values[k.strip()] = v.strip()
+    missing = [n for n in SECRET_NAMES if n not in values]
+    if missing:
+        for name in missing:
+            values[name] = secrets.token_urlsafe(24)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "# Generated by bridge/devstack at setup; never commit.\n"
+            + "".join(f"{k}={values[k]}\n" for k in SECRET_NAMES)
+        )
+        path.chmod(0o600)
+    return values
+
+
+def load() -> Stack:
+    """Settings from the environment over the defaults, plus the stack's generated secrets."""
+    env = {name: os.environ.get(name, default) for name, (default, _) in DEFAULTS.items()}
+    stack_dir = Path(env["MB_STACK_DIR"])
+    env.update(_load_secrets(stack_dir / "secrets.env"))
+    for name in SECRET_NAMES:
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    env["MB_PG_DIR"] = os.environ.get("MB_PG_DIR") or str(_pg_dir(stack_dir))
+    env["MB_DATABASE_URL"] = os.environ.get("MB_DATABASE_URL") or (
+        f"postgresql://maskbridge:{env['MB_DB_PASSWORD']}@127.0.0.1:{env['MB_PG_PORT']}/maskbridge"
+    )
+    return Stack(env=env)
