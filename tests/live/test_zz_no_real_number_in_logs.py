@@ -1,0 +1,16 @@
+"""Runs after every other live test (conftest orders it last): no real number used in any
+call of this run appears in full in the bridge's log."""
+
+from __future__ import annotations
+
+from bridge.devstack import processes
+from tests.live.conftest import USED_NUMBERS
+from tests.live.siplog import national_digits
+
+
+def test_no_real_number_in_logs(stack):
+    assert len(USED_NUMBERS) >= 20, "the live tests ran first and used real numbers"
+    text = processes.bridge_log(stack).read_text()
+    assert '"event": "call.connected"' in text, "the log holds this run's calls"
+    leaks = sorted({n for n in USED_NUMBERS if national_digits(n) in text})
+    assert not leaks, f"{len(leaks)} real numbers appear in full in {processes.bridge_log(stack)}"
