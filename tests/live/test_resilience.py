@@ -8,6 +8,7 @@ import uuid
 
 from bridge.devstack import processes
 from tests.live.audio import rms, samples
+from tests.live.conftest import wait_for_call_row
 
 
 async def test_bridge_down_caller_hears_service_unavailable_then_recovers(stack, carrier, api, real_number):
@@ -30,3 +31,24 @@ async def test_bridge_down_caller_hears_service_unavailable_then_recovers(stack,
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     await asyncio.wait_for(leg.ended.wait(), 15)
     assert callee.number == client and callee.answered_at is not None
+
+
+async def test_restarted_bridge_resumes_a_connected_call_and_finishes_it(stack, carrier, api, real_number, db):
+    """The state needed to finish a call is in Postgres, not only in the bridge's memory."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer")
+    leg = await carrier.call(courier, session["pool_number"])
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.answered.wait(), 10)
+    await asyncio.wait_for(callee.answered.wait(), 10)
+
+    processes.stop_bridge(stack)
+    processes.start_bridge(stack)
+    assert not leg.ended.is_set() and not callee.ended.is_set(), "the call stayed up across the restart"
+
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    assert callee.cause == 16, "the resumed bridge hung up the other leg"
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")

@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import structlog
+
+from bridge import logs
+
+
+def test_numbers_in_any_value_are_masked_and_asterisk_ids_are_not():
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    log = structlog.get_logger("t")
+    log.info(
+        "probe",
+        channel="PJSIP/+79161234567@trunk-00000001",
+        nested={"callee": "89161234568", "list": ["79161234569"]},
+        asterisk_id="1764071234.56",
+        pool_number="+74950000001",
+    )
+    logging.getLogger("stdlib").warning("raw text with 79161234570 inside")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    text = stream.getvalue()
+    for digits in ("9161234567", "9161234568", "9161234569", "9161234570"):
+        assert digits not in text
+    assert lines[0]["channel"] == "PJSIP/+7916***4567@trunk-00000001"
+    assert lines[0]["asterisk_id"] == "1764071234.56"
+    assert lines[0]["pool_number"] == "+74950000001", "the service's own pool numbers stay readable"
+    assert lines[1]["event"] == "raw text with 7916***4570 inside"
