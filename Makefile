@@ -10,7 +10,7 @@ DEVSTACK := $(PY) -m bridge.devstack
 # Tests run the bridge with a short ring timeout so that "nobody answers" takes seconds.
 TEST_ENV := MB_RING_TIMEOUT=6
 
-.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql test test-unit test-live \
+.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql test test-unit typecheck \
         compose-up compose-down clean
 
 help:
@@ -86,11 +86,14 @@ psql: venv
 
 # The stack is (re)started with the test settings, the tests run, and the stack is
 # stopped again whatever the outcome.
-test: deps venv
+test: deps venv typecheck
 	$(DEVSTACK) stop
 	$(TEST_ENV) $(DEVSTACK) start >/dev/null
 	status=0; $(TEST_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) || status=$$?; \
 	$(DEVSTACK) stop; exit $$status
+
+typecheck: venv
+	$(PY) -m mypy bridge
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)

@@ -11,6 +11,7 @@ from decimal import Decimal
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from bridge.phone import mask
 from bridge.sessions import SessionError, SessionNotFound, Sessions
@@ -18,8 +19,9 @@ from bridge.store.queries import SessionRow
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 SESSIONS = web.AppKey("sessions", Sessions)
-HEALTH = web.AppKey("health", Callable[[], Awaitable[dict[str, Any]]])
+HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 
 
 def _default(value: Any) -> Any:
@@ -56,7 +58,7 @@ def render_session(s: SessionRow) -> dict[str, Any]:
     }
 
 
-def _auth_middleware(token: str) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+def _auth_middleware(token: str) -> Middleware:
     expected = f"Bearer {token}".encode()
 
     @web.middleware
@@ -130,7 +132,7 @@ async def health(request: web.Request) -> web.Response:
     return _json(status, 200 if all(status.values()) else 503)
 
 
-def make_app(sessions: Sessions, token: str, health_check: Callable[[], Awaitable[dict[str, Any]]]) -> web.Application:
+def make_app(sessions: Sessions, token: str, health_check: HealthCheck) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth_middleware(token)], client_max_size=64 * 1024)
     app[SESSIONS] = sessions
     app[HEALTH] = health_check

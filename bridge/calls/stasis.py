@@ -42,8 +42,7 @@ class StasisDispatcher:
         self.calls[channel_id] = call
 
     def _start(self, call: MaskedCall, resumed: bool = False) -> None:
-        for channel_id in (call.inbound_id,):
-            self.calls[channel_id] = call
+        self.calls[call.inbound_id] = call
         task = asyncio.create_task(call.run_resumed() if resumed else call.run(), name=f"call-{call.id}")
         self._tasks.add(task)
 
@@ -62,13 +61,14 @@ class StasisDispatcher:
             channel = event["channel"]
             if args[:1] == ["inbound"] and channel["id"] not in self.calls:
                 dialed = args[1] if len(args) > 1 else channel.get("dialplan", {}).get("exten", "")
-                call = MaskedCall(uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register)
-                self._start(call)
+                self._start(
+                    MaskedCall(uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register)
+                )
                 return
         for channel_id in _channel_ids(event):
-            call = self.calls.get(channel_id)
-            if call is not None:
-                call.feed(event)
+            owner = self.calls.get(channel_id)
+            if owner is not None:
+                owner.feed(event)
                 return
 
     async def reconcile(self) -> None:

@@ -14,6 +14,16 @@ from bridge.devstack import asterisk, carrier, demo, postgres, processes
 from bridge.devstack.settings import Stack, load
 
 
+CAUSES = {
+    16: "normal clearing",
+    17: "user busy",
+    18: "no user responding",
+    19: "no answer",
+    21: "call rejected",
+    34: "no circuit available",
+}
+
+
 def start_services(stack: Stack) -> str:
     """Postgres, the PBX and the simulated carrier, migrated and with demo data."""
     asterisk.ensure_rootfs(stack)
@@ -73,16 +83,19 @@ async def place_call(stack: Stack, from_number: str, to_number: str, hangup_afte
             await asyncio.wait_for(callee.ended.wait(), 10)
         print(f"caller {from_number} dialed {to_number}")
         if callee is None:
-            print("  no phone rang (the PBX answered the caller itself: announcement)")
+            print("  no phone rang: the PBX answered the caller itself (announcement)")
         else:
+            name = f' (name "{callee.shown_name}")' if callee.shown_name else ""
             print(f"  rang phone:        {callee.number}")
-            print(f"  caller ID shown:   {callee.shown_number}" + (f' "{callee.shown_name}"' if callee.shown_name else ""))
+            print(f"  caller ID shown:   {callee.shown_number}{name}")
             print(f"  answered:          {'yes' if callee.answered_at else 'no'}")
             if callee.duration is not None:
                 print(f"  call lasted:       {callee.duration:.1f} s")
-            print(f"  callee hangup cause: {callee.cause}")
-        print(f"  caller answered:   {'yes' if leg.answered_at else 'no'}")
-        print(f"  caller hangup cause: {leg.cause}")
+        hung_up_by = "caller" if leg.hung_up_itself else "callee" if callee and callee.hung_up_itself else "network"
+        print(f"  hung up by:        {hung_up_by}")
+        other = callee if hung_up_by == "caller" and callee else leg
+        cause = other.cause
+        print(f"  hangup cause:      {cause} ({CAUSES.get(cause or 0, 'other')}), as the {other.role} saw it")
     return 0
 
 
@@ -99,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     call = sub.add_parser("call", help="place a call from the simulated carrier")
     call.add_argument("from_number")
     call.add_argument("to_number")
-    call.add_argument("--hangup-after", type=float, default=3.0)
+    call.add_argument("--hangup-after", type=float, default=6.0)
     call.add_argument("--timeout", type=float, default=20.0)
     sub.add_parser("cli", help="the PBX's Asterisk console")
     sub.add_parser("carrier-cli", help="the simulated carrier's Asterisk console")

@@ -51,6 +51,7 @@ class Leg:
     answered_at: float | None = None
     ended_at: float | None = None
     cause: int | None = None
+    hung_up_itself: bool = False  # this phone hung up (rather than the network)
     recording: str | None = None
 
     @property
@@ -139,6 +140,8 @@ class Carrier:
         return leg
 
     async def hangup(self, leg: Leg, reason: str = "normal") -> None:
+        """The phone hangs up (or, for a called phone, refuses with `reason`)."""
+        leg.hung_up_itself = True
         try:
             await self.ari.hangup(leg.channel_id, reason)
         except AriNotFound:
@@ -173,9 +176,9 @@ class Carrier:
             return
         if kind == "RecordingFinished":
             name = (event.get("recording") or {}).get("name")
-            for leg in self.legs.values():
-                if leg.recording == name:
-                    leg.recorded.set()
+            for recorded in self.legs.values():
+                if recorded.recording == name:
+                    recorded.recorded.set()
             return
         leg = self.legs.get(cid)
         if leg is None:
@@ -206,14 +209,14 @@ class Carrier:
         self.legs[leg.channel_id] = leg
         await self.incoming.put(leg)
         if phone.action == "busy":
-            await self.ari.hangup(leg.channel_id, "busy")
+            await self.hangup(leg, "busy")
         elif phone.action == "reject":
-            await self.ari.hangup(leg.channel_id, "rejected")
+            await self.hangup(leg, "rejected")
         else:
             await self.ari.ring(leg.channel_id)
             leg.ringing.set()
             if phone.action == "noanswer":
-                self._later(phone.ring_for, lambda: self.ari.hangup(leg.channel_id, "no_answer"))
+                self._later(phone.ring_for, lambda: self.hangup(leg, "no_answer"))
             else:
                 self._later(phone.answer_after, lambda: self._answer(leg))
 
@@ -241,4 +244,4 @@ class Carrier:
             leg.recorded.set()
             return
         if leg.hangup_after is not None:
-            self._later(leg.hangup_after, lambda: self.ari.hangup(leg.channel_id))
+            self._later(leg.hangup_after, lambda: self.hangup(leg))

@@ -10,15 +10,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
 
-def _pidfile(stack: Stack):  # type: ignore[no-untyped-def]
+def _pidfile(stack: Stack) -> Path:
     return stack.run_dir / "bridge.pid"
 
 
-def bridge_log(stack: Stack):  # type: ignore[no-untyped-def]
+def bridge_log(stack: Stack) -> Path:
     return stack.log_dir / "bridge.log"
 
 
