@@ -72,7 +72,10 @@ class EventStream:
                     backoff = self.min_backoff
                     self.connected.set()
                     if self.on_connected is not None:
-                        await self.on_connected()
+                        try:
+                            await self.on_connected()
+                        except Exception:
+                            log.exception("ari.on_connected_failed")
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             await self._deliver(msg.data)

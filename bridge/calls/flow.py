@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from bridge.ari import AriClient, AriError, AriNotFound
+from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.phone import InvalidNumber, mask, normalize
 from bridge.store.queries import Route
 
@@ -71,6 +71,12 @@ def _channel_of(event: Event) -> str | None:
     return channel.get("id") if isinstance(channel, dict) else None
 
 
+def _cause(event: Event) -> int | None:
+    """The hangup cause an event carries; None when it carries none (e.g. reconciled)."""
+    cause = event.get("cause")
+    return int(cause) if cause is not None else None
+
+
 def _gone(event: Event, channel_id: str) -> bool:
     return event.get("type") in _GONE and _channel_of(event) == channel_id
 
@@ -118,10 +124,26 @@ class MaskedCall:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+        # arrives together with an event, and a stopping bridge would then go on to hang
+        # up calls it should leave up for the next process.
         try:
-            return await asyncio.wait_for(self._events.get(), remaining)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(remaining):
+                return await self._events.get()
+        except TimeoutError:
             return None
+
+    def _caller_left_already(self) -> bool:
+        """Whether a hangup of the caller is among the events queued so far."""
+        pending = []
+        left = False
+        while not self._events.empty():
+            event = self._events.get_nowait()
+            left = left or _gone(event, self.inbound_id)
+            pending.append(event)
+        for event in pending:
+            self._events.put_nowait(event)
+        return left
 
     async def _hangup(self, channel_id: str, reason: str = "normal") -> None:
         try:
@@ -208,7 +230,7 @@ class MaskedCall:
         try:
             await self.ari.answer(self.inbound_id)
             await self.ari.play(self.inbound_id, f"sound:{sound}", playback_id)
-        except AriNotFound:
+        except (AriNotFound, AriConflict):  # the caller hung up meanwhile
             await self._end(outcome, "caller", None)
             return
         deadline = time.monotonic() + self.settings.announcement_timeout
@@ -224,14 +246,21 @@ class MaskedCall:
     async def _ring(self, route: Route, pool: str) -> None:
         """Create the leg to the other participant, masked, and let the caller hear it ring."""
         self.state = CallState.RINGING
-        # The caller's own leg: whatever Asterisk tells the caller about the other side
-        # (PAI/RPID in responses, connected-line updates) is the pool number. 'i': set it
-        # without sending an update now.
-        await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(num,i)", pool)
-        await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(name,i)", pool)
-        await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
-        self._bridge_created = True
-        await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
+        if self._caller_left_already():
+            await self._end("caller_cancelled", "caller", None)
+            return
+        try:
+            # The caller's own leg: whatever Asterisk tells the caller about the other side
+            # (PAI/RPID in responses, connected-line updates) is the pool number. 'i': set
+            # it without sending an update now.
+            await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(num,i)", pool)
+            await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(name,i)", pool)
+            await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
+            self._bridge_created = True
+            await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
+        except (AriNotFound, AriConflict):  # the caller's channel is gone or leaving
+            await self._end("caller_cancelled", "caller", None)
+            return
         self._register(self.outbound_id, self)
         # The new leg's only identity is the pool number: chan_pjsip builds From, PAI and
         # RPID from it. No `originator`, no `caller` on dial: both would copy the caller's
@@ -251,6 +280,8 @@ class MaskedCall:
             )
         except AriError as exc:
             log.warning("call.outbound_failed", error=str(exc))
+            # The request may have failed after Asterisk created the leg (a lost answer).
+            await self._hangup(self.outbound_id)
             await self._hangup(self.inbound_id, "congestion")
             await self._end("failed", "system", None)
             return
@@ -288,8 +319,8 @@ class MaskedCall:
                 await self._end("caller_cancelled", "caller", None)
                 return
             if kind == "ChannelDestroyed" and channel == self.outbound_id:
-                cause = int(event.get("cause", 0))
-                outcome, reason = _REFUSALS.get(cause, ("failed", "congestion"))
+                cause = _cause(event)
+                outcome, reason = _REFUSALS.get(cause or 0, ("failed", "congestion"))
                 await self._hangup(self.inbound_id, reason)
                 await self._end(outcome, "callee", cause)
                 return
@@ -302,7 +333,7 @@ class MaskedCall:
         self.state = CallState.CONNECTED
         try:
             await self.ari.answer(self.inbound_id)
-        except AriNotFound:
+        except (AriNotFound, AriConflict):
             pass  # the caller left at the moment of answer; the loop below sees it
         await self.store.call_connected(self.id)
         log.info("call.connected")
@@ -314,11 +345,11 @@ class MaskedCall:
             assert event is not None
             if _gone(event, self.inbound_id):
                 await self._hangup(self.outbound_id)
-                await self._end("answered", "caller", 16)
+                await self._end("answered", "caller", _cause(event))
                 return
             if event.get("type") == "ChannelDestroyed" and _channel_of(event) == self.outbound_id:
                 await self._hangup(self.inbound_id)
-                await self._end("answered", "callee", int(event.get("cause", 16)))
+                await self._end("answered", "callee", _cause(event))
                 return
 
     @classmethod

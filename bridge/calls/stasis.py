@@ -82,7 +82,15 @@ class StasisDispatcher:
         for call in {id(c): c for c in self.calls.values()}.values():
             for channel_id in call.channel_ids():
                 if self.calls.get(channel_id) is call and channel_id not in live:
-                    call.feed({"type": "ChannelDestroyed", "cause": 0, "channel": {"id": channel_id}, "reconciled": True})
+                    call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
+        try:
+            await self._finish_left_behind(live)
+        except Exception:
+            # A database hiccup must not cost the event stream; the next reconnect retries.
+            log.exception("reconcile.store_failed")
+
+    async def _finish_left_behind(self, live: set[str]) -> None:
+        """Calls an earlier bridge process left in the database: resume or finish them."""
         known = {c.id for c in self.calls.values()}
         for row in await self.store.active_calls():
             if row["id"] in known:

@@ -4,9 +4,20 @@ import io
 import json
 import logging
 
+import pytest
 import structlog
 
 from bridge import logs
+
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    structlog.reset_defaults()
 
 
 def test_numbers_in_any_value_are_masked_and_asterisk_ids_are_not():

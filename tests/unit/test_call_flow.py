@@ -1,0 +1,827 @@
+"""The call flow (bridge/calls) end to end against a scripted ARI fake.
+
+The real StasisDispatcher, MaskedCall, AriClient and EventStream talk HTTP and websocket to
+tests/unit/ari_fake.py; the store is an in-memory fake that keeps the call rows the way the
+SQL in bridge/store/queries.py does. Every wait is on a condition with a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import re
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import asyncpg
+import pytest
+import structlog
+from structlog.testing import capture_logs
+
+from ari_fake import AriFake, Bridge
+from bridge.ari import AriClient, AriError, AriNotFound, EventStream
+from bridge.calls.flow import FlowSettings
+from bridge.calls.stasis import StasisDispatcher
+from bridge.store.queries import Route
+
+APP = "maskbridge"
+CALLER = "+79161234567"  # a courier's real number
+CALLEE = "+79261112233"  # the client's real number
+POOL = "+74950001122"  # the pool number both of them see
+# The national significant digits: no form of a real number may show them in full.
+REAL_DIGITS = ("9161234567", "9261112233")
+
+FAST = FlowSettings(ring_timeout=30.0, stasis_start_timeout=2.0, announcement_timeout=5.0)
+WAIT = 10.0  # only a guard against hangs: every wait ends on its condition
+
+OUTCOMES = {"answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller", "session_closed"}
+STATES = {"routing", "ringing", "connected", "announcing", "ended"}
+
+
+# --- the store ------------------------------------------------------------------------
+
+
+class FakeStore:
+    """The CallStore protocol of bridge/calls/flow.py plus active_calls(), in memory.
+
+    Updates follow the SQL in queries.py (connected/announcing/ended leave an ended row
+    alone); every call is recorded in `ops`, applied or not.
+    """
+
+    def __init__(self) -> None:
+        self.routes: dict[tuple[str, str], Route] = {}
+        self.closed_sessions: dict[tuple[str, str], uuid.UUID] = {}
+        self.lookups: list[tuple[str, str]] = []
+        self.rows: dict[uuid.UUID, dict[str, Any]] = {}
+        self.states: dict[uuid.UUID, list[str]] = {}
+        self.ops: list[tuple[str, uuid.UUID | None, dict[str, Any]]] = []
+        self.route_gate: asyncio.Event | None = None
+        self.active_calls_error: Exception | None = None  # raised once by active_calls
+        self._changed = asyncio.Condition()
+
+    def add_route(self, caller: str, pool: str, callee: str, role: str = "courier") -> Route:
+        route = Route(session_id=uuid.uuid4(), caller_role=role, callee_number=callee)
+        self.routes[(caller, pool)] = route
+        return route
+
+    async def _op(self, name: str, call_id: uuid.UUID | None, **args: Any) -> None:
+        self.ops.append((name, call_id, args))
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _set_state(self, call_id: uuid.UUID, state: str) -> None:
+        assert state in STATES
+        self.rows[call_id]["state"] = state
+        self.states[call_id].append(state)
+
+    # CallStore
+
+    async def find_route(self, caller: str, pool_number: str) -> Route | None:
+        self.lookups.append((caller, pool_number))
+        await self._op("find_route", None, caller=caller, pool_number=pool_number)
+        if self.route_gate is not None:
+            await self.route_gate.wait()
+        return self.routes.get((caller, pool_number))
+
+    async def last_ended_session(self, caller: str, pool_number: str) -> uuid.UUID | None:
+        await self._op("last_ended_session", None, caller=caller, pool_number=pool_number)
+        return self.closed_sessions.get((caller, pool_number))
+
+    async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None:
+        assert call_id not in self.rows
+        assert set(fields) == {
+            "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state"
+        }
+        assert fields["pool_number"] and fields["caller_masked"] and fields["inbound_channel_id"]
+        self.rows[call_id] = {
+            "id": call_id,
+            **fields,
+            "outcome": None,
+            "hangup_by": None,
+            "hangup_cause": None,
+            "outbound_channel_id": None,
+            "bridge_id": None,
+            "started_at": datetime.now(timezone.utc),
+            "answered_at": None,
+            "ended_at": None,
+        }
+        self.states[call_id] = [fields["state"]]
+        await self._op("insert_call", call_id, **fields)
+
+    async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
+        row = self.rows[call_id]
+        row.update(outbound_channel_id=outbound_channel_id, bridge_id=bridge_id)
+        self._set_state(call_id, "ringing")
+        await self._op("call_ringing", call_id, outbound_channel_id=outbound_channel_id, bridge_id=bridge_id)
+
+    async def call_connected(self, call_id: uuid.UUID) -> None:
+        row = self.rows[call_id]
+        if row["state"] != "ended":
+            row["answered_at"] = datetime.now(timezone.utc)
+            self._set_state(call_id, "connected")
+        await self._op("call_connected", call_id)
+
+    async def call_announcing(self, call_id: uuid.UUID) -> None:
+        if self.rows[call_id]["state"] != "ended":
+            self._set_state(call_id, "announcing")
+        await self._op("call_announcing", call_id)
+
+    async def call_ended(self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None) -> None:
+        assert outcome in OUTCOMES, outcome
+        assert hangup_by in {"caller", "callee", "system"}, hangup_by
+        row = self.rows[call_id]
+        if row["state"] != "ended":
+            row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, ended_at=datetime.now(timezone.utc))
+            self._set_state(call_id, "ended")
+        await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause)
+
+    async def active_calls(self) -> list[dict[str, Any]]:
+        error, self.active_calls_error = self.active_calls_error, None
+        await self._op("active_calls", None, failed=error is not None)
+        if error is not None:
+            raise error
+        rows = [dict(r) for r in self.rows.values() if r["state"] != "ended"]
+        return sorted(rows, key=lambda r: r["started_at"])
+
+    # test helpers
+
+    def add_row(self, **fields: Any) -> dict[str, Any]:
+        """A call row left behind by an earlier bridge process."""
+        call_id = fields.pop("id", None) or uuid.uuid4()
+        row = {
+            "id": call_id,
+            "session_id": uuid.uuid4(),
+            "pool_number": POOL,
+            "caller_role": "courier",
+            "caller_masked": "+7916***4567",
+            "inbound_channel_id": "",
+            "outbound_channel_id": None,
+            "bridge_id": None,
+            "state": "ringing",
+            "outcome": None,
+            "hangup_by": None,
+            "hangup_cause": None,
+            "started_at": datetime.now(timezone.utc),
+            "answered_at": None,
+            "ended_at": None,
+            **fields,
+        }
+        self.rows[call_id] = row
+        self.states[call_id] = [row["state"]]
+        return row
+
+    def calls_of(self, name: str, call_id: uuid.UUID) -> list[dict[str, Any]]:
+        return [args for op, cid, args in self.ops if op == name and cid == call_id]
+
+    async def wait(self, predicate: Callable[[], Any], what: str, timeout: float = WAIT) -> Any:
+        async with self._changed:
+            try:
+                return await asyncio.wait_for(self._changed.wait_for(predicate), timeout)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"store: timed out after {timeout}s waiting for {what}; ops={self.ops}") from None
+
+    def _row_of(self, inbound_id: str) -> dict[str, Any] | None:
+        for row in self.rows.values():
+            if row["inbound_channel_id"] == inbound_id:
+                return row
+        return None
+
+    async def row(self, inbound_id: str) -> dict[str, Any]:
+        return await self.wait(lambda: self._row_of(inbound_id), f"the call of {inbound_id}")
+
+    async def state(self, inbound_id: str, state: str) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            row = self._row_of(inbound_id)
+            return row if row is not None and state in self.states[row["id"]] else None
+
+        return await self.wait(reached, f"the call of {inbound_id} to be {state}")
+
+    async def ended(self, inbound_id: str) -> dict[str, Any]:
+        return await self.state(inbound_id, "ended")
+
+
+# --- the harness ----------------------------------------------------------------------
+
+
+class Harness:
+    """Fake ARI + real AriClient/EventStream/StasisDispatcher + fake store."""
+
+    def __init__(self, settings: FlowSettings) -> None:
+        self.settings = settings
+        self.fake = AriFake(app=APP, user="bridge", password="secret")
+        self.store = FakeStore()
+        self.task: asyncio.Task[None] | None = None
+        self.handled: list[dict[str, Any]] = []  # events the dispatcher has been given
+        self._handled_changed = asyncio.Condition()
+
+    async def _handle(self, event: dict[str, Any]) -> None:
+        await self.dispatcher.handle(event)
+        self.handled.append(event)
+        async with self._handled_changed:
+            self._handled_changed.notify_all()
+
+    async def handled_event(self, kind: str, channel_id: str, timeout: float = WAIT) -> dict[str, Any]:
+        """Until the dispatcher has been handed this event."""
+
+        def seen() -> Any:
+            for event in self.handled:
+                if event.get("type") == kind and (event.get("channel") or {}).get("id") == channel_id:
+                    return event
+            return None
+
+        async with self._handled_changed:
+            try:
+                return await asyncio.wait_for(self._handled_changed.wait_for(seen), timeout)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"timed out waiting for {kind} of {channel_id} to be handled") from None
+
+    async def start(self) -> None:
+        await self.fake.start()
+        self.ari = AriClient(self.fake.base_url, "bridge", "secret", APP, request_timeout=5.0)
+        self.dispatcher = StasisDispatcher(self.ari, self.store, self.settings)
+        self.stream = EventStream(
+            self.ari, self._handle, on_connected=self.dispatcher.reconcile, min_backoff=0.01, max_backoff=0.05
+        )
+        self.task = asyncio.create_task(self.stream.run(), name="test-ari-events")
+        await self.fake.wait_connected(1)
+        # The first reconcile has asked the store (events are read once it is done).
+        await self.store.wait(lambda: any(op == "active_calls" for op, _, _ in self.store.ops), "reconcile")
+
+    async def settle(self, timeout: float = WAIT) -> None:
+        """Until every call task has finished (bridge destroyed, channels unregistered)."""
+        tasks = list(self.dispatcher._tasks)
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            assert not pending, f"call tasks still running: {pending}"
+            for task in done:
+                assert task.exception() is None, task.exception()
+        assert not self.dispatcher.calls, self.dispatcher.calls
+
+    async def close(self) -> None:
+        if self.task is not None:
+            self.stream.stop()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+            await self.dispatcher.shutdown()
+            await self.ari.close()
+        await self.fake.stop()
+
+    def requests_text(self) -> str:
+        return "\n".join(r.text() for r in self.fake.requests)
+
+    async def ringing_call(self, inbound_id: str = "in-1") -> tuple[dict[str, Any], str]:
+        """A routed call whose outbound leg has been dialed. Returns (row, outbound id)."""
+        if (CALLER, POOL) not in self.store.routes:
+            self.store.add_route(CALLER, POOL, CALLEE)
+        await self.fake.inbound_call(inbound_id, CALLER, POOL)
+        create = await self.fake.wait_request("POST", "/ari/channels/create")
+        outbound = create.query["channelId"]
+        await self.fake.wait_request("POST", f"/ari/channels/{outbound}/dial")
+        return await self.store.state(inbound_id, "ringing"), outbound
+
+    async def connected_call(self, inbound_id: str = "in-1") -> tuple[dict[str, Any], str]:
+        row, outbound = await self.ringing_call(inbound_id)
+        await self.fake.answer(outbound)
+        await self.fake.wait_request("POST", f"/ari/channels/{inbound_id}/answer")
+        return await self.store.state(inbound_id, "connected"), outbound
+
+
+@pytest.fixture(autouse=True)
+def logs():
+    """Every log event of every test; none may carry a real number in full."""
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as entries:
+        yield entries
+    leaks = [e for e in entries if any(d in repr(e) for d in REAL_DIGITS)]
+    assert not leaks, f"real numbers in logs: {leaks}"
+
+
+@pytest.fixture
+async def harness():
+    made: list[Harness] = []
+
+    async def make(settings: FlowSettings = FAST, start: bool = True) -> Harness:
+        h = Harness(settings)
+        made.append(h)
+        if start:
+            await h.start()
+        return h
+
+    yield make
+    for h in made:
+        await h.close()
+        # Whatever the test did: the caller's real number never went to Asterisk.
+        assert REAL_DIGITS[0] not in h.requests_text()
+
+
+@pytest.fixture
+async def h(harness) -> Harness:
+    return await harness()
+
+
+# --- the fake itself ------------------------------------------------------------------
+
+
+async def test_fake_answers_404_for_unknown_channels_and_bridges(h: Harness) -> None:
+    for attempt in (
+        h.ari.hangup("no-such-channel"),
+        h.ari.answer("no-such-channel"),
+        h.ari.ring("no-such-channel"),
+        h.ari.dial("no-such-channel", timeout=5),
+        h.ari.set_variable("no-such-channel", "X", "1"),
+        h.ari.play("no-such-channel", "sound:beep", "pb-1"),
+        h.ari.add_to_bridge("no-such-bridge", "no-such-channel"),
+        h.ari.destroy_bridge("no-such-bridge"),
+    ):
+        with pytest.raises(AriNotFound):
+            await attempt
+    assert (await h.ari.application())["channel_ids"] == []
+
+
+async def test_fake_hangup_by_request_emits_asterisk_events_with_the_cause(h: Harness) -> None:
+    await h.ari.create_channel("PJSIP/+70000000000@trunk", "leg-1", ["outbound", "x"], {"CALLERID(num)": POOL})
+    assert (await h.ari.application())["channel_ids"] == ["leg-1"]
+    with pytest.raises(AriError) as bad:
+        await h.ari.hangup("leg-1", "not-a-reason")
+    assert bad.value.status == 400
+    mark = len(h.fake.sent_events)
+
+    await h.ari.hangup("leg-1", "busy")
+    sent = h.fake.sent_events[mark:]
+    assert [(e["type"], e.get("cause")) for e in sent] == [
+        ("ChannelHangupRequest", 17),
+        ("StasisEnd", None),
+        ("ChannelDestroyed", 17),
+    ]
+    assert all(e["channel"]["id"] == "leg-1" and e["application"] == APP for e in sent)
+    assert (await h.ari.application())["channel_ids"] == []
+
+
+# --- routed calls ---------------------------------------------------------------------
+
+
+async def test_routed_call_outbound_leg_shows_only_the_pool_number(h: Harness) -> None:
+    h.store.add_route(CALLER, POOL, CALLEE)
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    outbound = create.query["channelId"]
+    row = await h.store.row("in-1")
+    assert create.query["endpoint"] == f"PJSIP/{CALLEE}@trunk"
+    assert create.query["app"] == APP
+    assert create.query["appArgs"] == f"outbound,{row['id']}"
+    assert "originator" not in create.query
+    assert create.body == {
+        "variables": {
+            "CALLERID(num)": POOL,
+            "CALLERID(name)": POOL,
+            "CONNECTEDLINE(num)": POOL,
+            "CONNECTEDLINE(name)": POOL,
+        }
+    }
+    dial = await h.fake.wait_request("POST", f"/ari/channels/{outbound}/dial")
+    assert "caller" not in dial.query
+    assert set(dial.query) == {"timeout"}
+
+    # What the caller is told about the other side is the pool number, too.
+    assert h.fake.channels["in-1"].variables == {"CONNECTEDLINE(num,i)": POOL, "CONNECTEDLINE(name,i)": POOL}
+
+    bridge_id = str(row["id"])
+    adds = h.fake.find("POST", f"/ari/bridges/{bridge_id}/addChannel")
+    assert [a.query["channel"] for a in adds] == ["in-1", outbound]
+    assert all(a.query["inhibitConnectedLineUpdates"] == "true" for a in adds)
+    assert h.fake.bridges[bridge_id].channels == ["in-1", outbound]
+
+    # Nothing that reached Asterisk carries the caller's real number, in any form.
+    assert REAL_DIGITS[0] not in h.requests_text()
+    assert row["caller_masked"] == "+7916***4567"
+    assert row["session_id"] == h.store.routes[(CALLER, POOL)].session_id
+    assert row["caller_role"] == "courier"
+
+    await h.fake.hangup("in-1")
+    await h.store.ended("in-1")
+    await h.settle()
+
+
+async def test_callee_answer_answers_caller_and_caller_hangup_ends_call(h: Harness) -> None:
+    row, outbound = await h.ringing_call()
+    # Not answered while the other phone rings: the caller hears it ring.
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    await h.store.state("in-1", "connected")
+    mark = h.fake.mark()
+
+    await h.fake.hangup("in-1", 16)
+    delete = await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}", since=mark)
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    assert row["answered_at"] is not None
+    assert h.store.states[row["id"]] == ["routing", "ringing", "connected", "ended"]
+    assert len(h.store.calls_of("call_ended", row["id"])) == 1
+
+    await h.settle()
+    await h.fake.wait_request("DELETE", f"/ari/bridges/{row['id']}")
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_callee_hangup_first_hangs_up_caller(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    mark = h.fake.mark()
+
+    await h.fake.hangup(outbound, 16)
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1", since=mark)
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "callee", 16)
+    assert len(h.store.calls_of("call_ended", row["id"])) == 1
+    await h.settle()
+    assert h.fake.find("DELETE", f"/ari/bridges/{row['id']}")
+    assert h.fake.find("DELETE", f"/ari/channels/{outbound}") == []  # it was gone already
+
+
+async def test_national_number_forms_are_normalised_before_lookup(h: Harness) -> None:
+    h.store.add_route("+79161234567", "+74951234567", CALLEE)
+    await h.fake.inbound_call("in-1", "89161234567", "74951234567")
+
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    assert h.store.lookups == [("+79161234567", "+74951234567")]
+    assert create.body["variables"]["CALLERID(num)"] == "+74951234567"
+    row = await h.store.row("in-1")
+    assert row["pool_number"] == "+74951234567"
+    assert row["caller_masked"] == "+7916***4567"
+
+    await h.fake.hangup("in-1")
+    await h.store.ended("in-1")
+    await h.settle()
+
+
+@pytest.mark.parametrize(
+    ("cause", "reason", "outcome"),
+    [(17, "busy", "busy"), (19, "no_answer", "no_answer"), (21, "rejected", "rejected")],
+)
+async def test_callee_refusal_before_answer_hangs_up_caller_with_matching_reason(
+    h: Harness, cause: int, reason: str, outcome: str
+) -> None:
+    row, outbound = await h.ringing_call()
+
+    await h.fake.hangup(outbound, cause)
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason"] == reason
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == (outcome, "callee", cause)
+    assert row["answered_at"] is None
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+
+
+# --- races ----------------------------------------------------------------------------
+
+
+async def test_caller_hangup_while_ringing_cancels_outbound_leg(h: Harness) -> None:
+    row, outbound = await h.ringing_call()
+
+    await h.fake.hangup("in-1", 16)
+    delete = await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
+    assert h.store.states[row["id"]] == ["routing", "ringing", "ended"]
+    await h.settle()
+    assert h.fake.find("DELETE", "/ari/channels/in-1") == []
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_callee_answer_after_caller_left_is_hung_up_not_connected(h: Harness) -> None:
+    row, outbound = await h.ringing_call()
+
+    await h.fake.hangup("in-1", 16)
+    await h.fake.answer(outbound)  # the 200 OK crossed the caller's BYE
+
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+    assert h.store.calls_of("call_connected", row["id"]) == []
+    assert len(h.store.calls_of("call_ended", row["id"])) == 1
+    assert row["answered_at"] is None
+
+
+async def test_caller_hangup_before_outbound_stasis_start(h: Harness) -> None:
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.auto_stasis_start = False
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    outbound = create.query["channelId"]
+    assert outbound in h.fake.held_stasis_starts
+
+    await h.fake.hangup("in-1", 16)
+    delete = await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/channels/{outbound}/dial") == []
+    assert [a.query["channel"] for a in h.fake.find("POST", f"/ari/bridges/{row['id']}/addChannel")] == ["in-1"]
+    assert outbound not in h.fake.channels
+
+
+async def test_ring_timeout_hangs_up_both_legs_with_no_answer(harness) -> None:
+    h = await harness(FlowSettings(ring_timeout=0.3, stasis_start_timeout=2.0))
+    row, outbound = await h.ringing_call()
+
+    out_delete = await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    in_delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert out_delete.query["reason"] == "no_answer"
+    assert in_delete.query["reason"] == "no_answer"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("no_answer", "system", 19)
+    await h.settle()
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+# --- calls that are not put through ---------------------------------------------------
+
+
+async def test_unknown_caller_hears_announcement_then_is_hung_up(h: Harness) -> None:
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    play = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    assert play.query == {"media": "sound:ss-noservice"}
+    row = await h.store.state("in-1", "announcing")
+    # The caller hears the whole announcement before being hung up.
+    assert h.fake.find("DELETE", "/ari/channels/in-1") == []
+
+    await h.fake.finish_playback(play.path.rsplit("/", 1)[1])
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("unknown_caller", "system")
+    assert row["session_id"] is None
+    assert h.store.states[row["id"]] == ["routing", "announcing", "ended"]
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create") == []
+    assert h.fake.bridges == {}
+
+
+async def test_caller_of_a_closed_session_hears_announcement(h: Harness) -> None:
+    h.store.closed_sessions[(CALLER, POOL)] = uuid.uuid4()
+    h.fake.auto_finish_playback = True
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("session_closed", "system")
+    play = h.fake.find("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    assert [p.query["media"] for p in play] == ["sound:ss-noservice"]
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create") == []
+
+
+async def test_caller_hangup_during_announcement_ends_call_by_caller(h: Harness) -> None:
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+
+    await h.fake.hangup("in-1")
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("unknown_caller", "caller")
+    await h.settle()
+    assert h.fake.find("DELETE", "/ari/channels/in-1") == []
+
+
+async def test_ari_failure_creating_outbound_leg_hangs_up_caller_with_congestion(h: Harness, logs) -> None:
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.fail("POST", "/ari/channels/create", status=500)
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason"] == "congestion"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create")[0].status == 500
+    assert h.fake.find("DELETE", f"/ari/bridges/{row['id']}")
+    assert h.fake.bridges == {}
+    assert any(e["event"] == "call.outbound_failed" for e in logs)
+
+
+async def test_outbound_leg_that_never_enters_stasis_fails_the_call(harness) -> None:
+    h = await harness(FlowSettings(stasis_start_timeout=0.3))
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.auto_stasis_start = False
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    outbound = create.query["channelId"]
+
+    in_delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert in_delete.query["reason"] == "congestion"
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    await h.settle()
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+# --- the event websocket --------------------------------------------------------------
+
+
+async def test_reconnect_reconcile_ends_call_whose_channel_vanished(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    mark = h.fake.mark()
+
+    await h.fake.drop(refuse=True)
+    await h.fake.hangup(outbound, 16)  # nobody hears it: the socket is down
+    assert [e["type"] for e in h.fake.lost_events][-1] == "ChannelDestroyed"
+    assert h.store.rows[row["id"]]["state"] == "connected"
+
+    h.fake.accept()
+    await h.fake.wait_connected(2)
+    app = await h.fake.wait_request("GET", f"/ari/applications/{APP}", since=mark)
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1", since=app.index)
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "callee")
+    await h.settle()
+    assert h.stream.connected.is_set()
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_call_survives_websocket_drop_when_its_channels_live(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    mark = h.fake.mark()
+
+    await h.fake.drop(refuse=False)
+    await h.fake.wait_connected(2)
+    await h.fake.wait_request("GET", f"/ari/applications/{APP}", since=mark)
+    assert h.store.rows[row["id"]]["state"] == "connected"
+
+    await h.fake.hangup("in-1", 16)
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}", since=mark)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    await h.settle()
+    assert h.fake.find("DELETE", "/ari/channels/in-1") == []
+
+
+async def test_reconcile_resumes_connected_call_left_by_earlier_process(harness) -> None:
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(
+        id=call_id,
+        state="connected",
+        inbound_channel_id="in-old",
+        outbound_channel_id=outbound,
+        bridge_id=str(call_id),
+        answered_at=datetime.now(timezone.utc),
+    )
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=["in-old", outbound])
+    await h.start()
+    await h.fake.wait_request("GET", f"/ari/applications/{APP}")  # reconcile saw both legs live
+
+    await h.fake.hangup("in-old", 16)  # the event is read after reconcile has run
+    delete = await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    assert delete.query["reason"] == "normal"
+    row = await h.store.ended("in-old")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    await h.settle()
+    assert h.fake.find("DELETE", f"/ari/bridges/{call_id}")
+
+
+async def test_reconcile_finishes_stale_call_left_by_earlier_process(harness) -> None:
+    h = await harness(start=False)
+    row = h.store.add_row(state="ringing", inbound_channel_id="in-stale", outbound_channel_id="gone-callee")
+    h.fake.add_channel("in-stale", CALLER, POOL, args=["inbound", POOL])
+    await h.start()
+
+    await h.fake.wait_request("DELETE", "/ari/channels/in-stale")
+    row = await h.store.ended("in-stale")
+    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    assert h.fake.find("DELETE", "/ari/channels/gone-callee") == []
+
+
+# --- logs -----------------------------------------------------------------------------
+
+
+async def test_json_logs_show_no_real_number(h: Harness, logs) -> None:
+    """The production log pipeline (bridge.logs.configure) over a routed and an unknown call."""
+    from bridge.logs import configure
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    access = logging.getLogger("aiohttp.access")
+    saved_access = access.level
+    out = io.StringIO()
+    try:
+        configure("info", out)
+        h.store.add_route(CALLER, POOL, CALLEE)
+        row, outbound = await h.ringing_call("in-1")
+        await h.fake.answer(outbound)
+        await h.store.state("in-1", "connected")
+        await h.fake.hangup(outbound)
+        await h.store.ended("in-1")
+
+        h.fake.auto_finish_playback = True
+        await h.fake.inbound_call("in-2", "+79167654321", POOL)
+        await h.store.ended("in-2")
+        await h.settle()
+    finally:
+        structlog.configure(**saved)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        access.setLevel(saved_access)
+
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    events = [line["event"] for line in lines]
+    assert events.count("call.started") == 2 and events.count("call.ended") == 2
+    assert "call.connected" in events
+    text = out.getvalue()
+    for digits in (*REAL_DIGITS, "9167654321"):
+        assert digits not in text
+    assert "+7916***4567" in text and "+7926***2233" in text
+
+
+# --- bugs -----------------------------------------------------------------------------
+
+
+async def test_caller_hangup_during_route_lookup_is_caller_cancelled(h: Harness, logs) -> None:
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.store.route_gate = asyncio.Event()
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await h.store.wait(lambda: h.store.lookups, "the route lookup")
+
+    await h.fake.hangup("in-1", 16)  # while the database is being asked
+    # The call has been told the caller left before its lookup returns.
+    await h.handled_event("ChannelDestroyed", "in-1")
+    h.store.route_gate.set()
+
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create") == []
+    assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
+    assert not any(e["event"] == "call.failed" for e in logs)
+
+
+async def test_outbound_leg_created_despite_failed_request_is_hung_up(h: Harness) -> None:
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.cut("POST", "/ari/channels/create")
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason"] == "congestion"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    await h.settle()
+    outbound = f"{row['id']}-callee"
+    assert h.fake.find("POST", "/ari/channels/create")[0].status == 0  # created, answer lost
+    assert outbound not in h.fake.channels, "the outbound leg was left behind in Stasis"
+
+async def test_store_error_during_reconcile_does_not_kill_the_event_stream(h: Harness) -> None:
+    h.store.active_calls_error = asyncpg.exceptions.ConnectionDoesNotExistError(
+        "connection was closed in the middle of operation"
+    )
+    await h.fake.drop(refuse=False)  # the bridge reconnects at once and reconciles
+    await h.store.wait(lambda: any(op == "active_calls" and a["failed"] for op, _, a in h.store.ops), "reconcile")
+
+    await h.fake.inbound_call("in-1", CALLER, POOL)  # unknown caller: answered at once
+    stream = h.task
+    assert stream is not None
+    answered: asyncio.Task[Any] = asyncio.create_task(h.fake.wait_request("POST", "/ari/channels/in-1/answer"))
+    done, _ = await asyncio.wait({stream, answered}, timeout=WAIT, return_when=asyncio.FIRST_COMPLETED)
+    answered.cancel()
+    assert stream not in done, f"the event stream died: {stream.exception()!r}"
+    assert answered in done
+
+
+async def test_cancelled_call_task_stops_even_when_an_event_arrives_at_once(harness) -> None:
+    h = await harness(FlowSettings(ring_timeout=0.5, stasis_start_timeout=2.0))
+    row, outbound = await h.ringing_call()
+    await h.handled_event("ChannelStateChange", outbound)  # the last event of the dial
+    call = h.dispatcher.calls["in-1"]
+    (task,) = h.dispatcher._tasks
+    # Until the call task idles in its ring loop with nothing queued; no event tells that.
+    for _ in range(1000):
+        if call._events.empty() and call._events._getters:  # type: ignore[attr-defined]
+            break
+        await asyncio.sleep(0)  # wait-ok: yield to the call task
+    else:
+        raise AssertionError("the call task never idled")
+    mark = h.fake.mark()
+
+    # The process stops (StasisDispatcher.shutdown) as an event for the call comes in.
+    call.feed({"type": "ChannelVarset", "variable": "X", "value": "1", "channel": {"id": outbound}})
+    task.cancel()
+    await asyncio.wait({task}, timeout=WAIT)
+
+    assert task.cancelled(), "the call went on after its task was cancelled"
+    assert h.fake.find("DELETE", re.compile(r"/ari/channels/.*"), since=mark) == []
+    assert h.store.rows[row["id"]]["state"] == "ringing"  # left for the next process
