@@ -331,11 +331,13 @@ class MaskedCall:
     async def _talk(self) -> None:
         """The other phone answered: connect the caller and wait for either side to hang up."""
         self.state = CallState.CONNECTED
+        # Stored before the caller hears the answer: a bridge process stopped from here on
+        # leaves a row that says connected, and the next process resumes the call.
+        await self.store.call_connected(self.id)
         try:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
             pass  # the caller left at the moment of answer; the loop below sees it
-        await self.store.call_connected(self.id)
         log.info("call.connected")
         await self._supervise()
 

@@ -96,7 +96,7 @@ class StasisDispatcher:
             if row["id"] in known:
                 continue
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
-            if row["state"] == "connected" and inbound in live and outbound in live:
+            if await self._talking(row, live):
                 call = MaskedCall.resume_connected(row, self.ari, self.store, self.settings, self._register)
                 self.calls[outbound] = call
                 self._start(call, resumed=True)
@@ -110,6 +110,21 @@ class StasisDispatcher:
             outcome = "answered" if row["answered_at"] else "failed"
             await self.store.call_ended(row["id"], outcome, "system", None)
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
+
+    async def _talking(self, row: dict[str, Any], live: set[str]) -> bool:
+        """Whether both legs of a call left behind are still there and answered. A call
+        stopped between the answer and its database write says ringing but is up."""
+        inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
+        if row["state"] not in ("ringing", "connected") or inbound not in live or outbound not in live:
+            return False
+        if row["state"] == "ringing":
+            try:
+                if (await self.ari.get_channel(outbound)).get("state") != "Up":
+                    return False
+            except AriError:
+                return False
+            await self.store.call_connected(row["id"])
+        return True
 
     async def shutdown(self) -> None:
         for task in list(self._tasks):

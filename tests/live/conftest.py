@@ -108,14 +108,16 @@ async def db(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
     await conn.close()
 
 
-async def wait_for_call_row(db: asyncpg.Connection, session_id: str, timeout: float = 10) -> dict[str, Any]:
-    """The session's latest call row once it has ended (the bridge writes it as the call ends)."""
+async def wait_for_call_row(
+    db: asyncpg.Connection, session_id: str, state: str = "ended", timeout: float = 10
+) -> dict[str, Any]:
+    """The session's latest call row once it is in `state` (the bridge writes it as the call goes)."""
     async with asyncio.timeout(timeout):
         while True:
             row = await db.fetchrow(
                 "SELECT * FROM calls WHERE session_id = $1 ORDER BY started_at DESC LIMIT 1", session_id
             )
-            if row is not None and row["state"] == "ended":
+            if row is not None and row["state"] == state:
                 return dict(row)
             await asyncio.sleep(0.05)  # wait-ok: polling the database the bridge writes to
 

@@ -42,6 +42,7 @@ async def test_restarted_bridge_resumes_a_connected_call_and_finishes_it(stack, 
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     await asyncio.wait_for(leg.answered.wait(), 10)
     await asyncio.wait_for(callee.answered.wait(), 10)
+    await wait_for_call_row(db, session["id"], state="connected")
 
     processes.stop_bridge(stack)
     processes.start_bridge(stack)

@@ -696,6 +696,35 @@ async def test_reconcile_resumes_connected_call_left_by_earlier_process(harness)
     assert h.fake.find("DELETE", f"/ari/bridges/{call_id}")
 
 
+@pytest.mark.parametrize("outbound_state", ["Up", "Ringing"])
+async def test_reconcile_of_a_call_stopped_between_answer_and_its_database_write(harness, outbound_state) -> None:
+    """The row still says ringing: an answered other leg means the call is up and is resumed;
+    a leg still ringing is finished (nobody supervises its ring timeout any more)."""
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(
+        id=call_id, state="ringing", inbound_channel_id="in-mid", outbound_channel_id=outbound,
+        bridge_id=str(call_id),
+    )
+    h.fake.add_channel("in-mid", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state=outbound_state, args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=["in-mid", outbound])
+    await h.start()
+    await h.fake.wait_request("GET", f"/ari/channels/{outbound}")
+
+    if outbound_state == "Up":
+        await h.fake.hangup(outbound, 16)  # the client hangs up the resumed call
+        await h.fake.wait_request("DELETE", "/ari/channels/in-mid")
+        row = await h.store.ended("in-mid")
+        assert (row["outcome"], row["hangup_by"]) == ("answered", "callee")
+        assert row["answered_at"] is not None
+    else:
+        await h.fake.wait_request("DELETE", "/ari/channels/in-mid")
+        row = await h.store.ended("in-mid")
+        assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+
+
 async def test_reconcile_finishes_stale_call_left_by_earlier_process(harness) -> None:
     h = await harness(start=False)
     row = h.store.add_row(state="ringing", inbound_channel_id="in-stale", outbound_channel_id="gone-callee")
