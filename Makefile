@@ -37,7 +37,7 @@ deps:
 	  mkdir -p /etc/postgresql-common; \
 	  [ -f /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
 	  export DEBIAN_FRONTEND=noninteractive; \
-	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing ca-certificates; \
+	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing ca-certificates debian-archive-keyring gpgv; \
 	fi; \
 	id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 

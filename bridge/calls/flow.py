@@ -197,17 +197,19 @@ class MaskedCall:
         ended_session = (
             await self.store.last_ended_session(caller, pool) if route is None and caller and pool else None
         )
+        # Only a number a session holds is known to be one of our pool numbers; anything
+        # else the caller dialed could be a person's number, and is kept masked.
+        dialed = pool if pool and (route or ended_session) else mask(pool or self.dialed[:32])
         log.info(
             "call.started",
             caller=mask(caller or raw_caller or "anonymous"),
-            # Only a routed call dialed one of our pool numbers; anything else is masked.
-            pool_number=pool if route else mask(pool or self.dialed),
+            pool_number=dialed,
             routed=route is not None,
         )
         await self.store.insert_call(
             self.id,
             session_id=route.session_id if route else ended_session,
-            pool_number=pool or self.dialed[:32],
+            pool_number=dialed,
             caller_role=route.caller_role if route else None,
             caller_masked=mask(caller or raw_caller or "anonymous"),
             inbound_channel_id=self.inbound_id,
