@@ -42,7 +42,10 @@ class StasisDispatcher:
         self.calls[channel_id] = call
 
     def _start(self, call: MaskedCall, resumed: bool = False) -> None:
-        self.calls[call.inbound_id] = call
+        # A new call's other leg is registered by the flow once it creates it; a resumed
+        # call's legs both exist already.
+        for channel_id in call.channel_ids() if resumed else [call.inbound_id]:
+            self.calls[channel_id] = call
         task = asyncio.create_task(call.run_resumed() if resumed else call.run(), name=f"call-{call.id}")
         self._tasks.add(task)
 
@@ -79,7 +82,7 @@ class StasisDispatcher:
         except AriError as exc:
             log.warning("reconcile.failed", error=str(exc))
             return
-        for call in {id(c): c for c in self.calls.values()}.values():
+        for call in set(self.calls.values()):
             for channel_id in call.channel_ids():
                 if self.calls.get(channel_id) is call and channel_id not in live:
                     call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
@@ -98,7 +101,6 @@ class StasisDispatcher:
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
             if await self._talking(row, live):
                 call = MaskedCall.resume_connected(row, self.ari, self.store, self.settings, self._register)
-                self.calls[outbound] = call
                 self._start(call, resumed=True)
                 continue
             for channel_id in (inbound, outbound):

@@ -86,7 +86,7 @@ def start(stack: Stack, instance: str) -> None:
     """Start an instance in the background (Asterisk forks itself) and wait until fully booted."""
     write_config(stack, instance)
     if is_running(stack, instance):
-        reload(stack, instance)
+        _reload_config(stack, instance)
         return
     subprocess.run(["chroot", str(stack.rootfs), "asterisk", "-C", _conf(stack, instance)], check=True)
     deadline = time.monotonic() + 60
@@ -102,6 +102,10 @@ def start(stack: Stack, instance: str) -> None:
 def reload(stack: Stack, instance: str, overrides: dict[str, str] | None = None) -> None:
     """Re-render the configuration and reload it (e.g. to change the trunk's identity settings)."""
     write_config(stack, instance, overrides)
+    _reload_config(stack, instance)
+
+
+def _reload_config(stack: Stack, instance: str) -> None:
     out = rx(stack, instance, "core reload")
     if out.returncode != 0:
         raise RuntimeError(f"reload of {instance} failed: {out.stderr or out.stdout}")

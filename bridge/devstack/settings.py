@@ -82,7 +82,7 @@ class Stack:
 
     @property
     def instance_tag(self) -> str:
-        return hashlib.sha1(str(self.dir).encode()).hexdigest()[:8]
+        return _tag(self.dir)
 
     def bridge_env(self) -> dict[str, str]:
         """The environment the bridge process runs with."""
@@ -102,6 +102,11 @@ class Stack:
         }
 
 
+def _tag(stack_dir: Path) -> str:
+    """A short name for one checkout's stack, for what it keeps outside the checkout."""
+    return hashlib.sha1(str(stack_dir).encode()).hexdigest()[:8]
+
+
 def _pg_dir(stack_dir: Path) -> Path:
     """Postgres refuses to run as root, and its own user must reach the data directory.
 
@@ -116,8 +121,7 @@ def _pg_dir(stack_dir: Path) -> Path:
     )
     if probe.returncode == 0:
         return local
-    digest = hashlib.sha1(str(stack_dir).encode()).hexdigest()[:8]
-    return Path("/var/lib/maskbridge/pg") / digest
+    return Path("/var/lib/maskbridge/pg") / _tag(stack_dir)
 
 
 def _load_secrets(path: Path) -> dict[str, str]:

@@ -8,11 +8,12 @@ import wave
 from pathlib import Path
 
 
-def samples(path: Path) -> list[int]:
+def samples(path: Path) -> tuple[list[int], int]:
+    """The 16-bit samples of a WAV file and its sample rate."""
     with wave.open(str(path), "rb") as w:
         assert w.getsampwidth() == 2, "expected 16-bit PCM"
         data = array.array("h", w.readframes(w.getnframes()))
-        return list(data), w.getframerate()  # type: ignore[return-value]
+        return list(data), w.getframerate()
 
 
 def rms(values: list[int]) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -131,7 +130,3 @@ def trunk_identity(stack: Stack) -> Iterator[Callable[[dict[str, str]], None]]:
 
     yield apply
     asterisk.reload(stack, "pbx")
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "") not in ("", "0", "no")
