@@ -10,7 +10,7 @@ DEVSTACK := $(PY) -m bridge.devstack
 # Tests run the bridge with a short ring timeout so that "nobody answers" takes seconds.
 TEST_ENV := MB_RING_TIMEOUT=6
 
-.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql test test-unit typecheck \
+.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin test test-unit typecheck \
         compose-up compose-down clean
 
 help:
@@ -19,6 +19,7 @@ help:
 	@echo "make start / make stop / make status    the stack in the background"
 	@echo "make call FROM=<real number> TO=<pool number>    place a call from the simulated carrier"
 	@echo "make cli | carrier-cli | logs | psql    for engineers"
+	@echo "make admin ARGS='pool usage'            pool numbers and sessions (maskbridge-admin --help)"
 	@echo "make compose-up / compose-down          production-shaped stack (needs a docker engine)"
 
 # --- installation -----------------------------------------------------------------
@@ -81,6 +82,10 @@ logs: venv
 
 psql: venv
 	$(DEVSTACK) psql
+
+# The engineers' tool against the local stack, e.g. make admin ARGS="pool usage"
+admin: venv
+	$(DEVSTACK) admin $(ARGS)
 
 # --- tests ------------------------------------------------------------------------
 

@@ -1,8 +1,10 @@
-"""Wiring: the ARI event stream, the call dispatcher, the store and the HTTP API in one process."""
+"""Wiring: the ARI event stream, the call dispatcher, the store, the session housekeeping
+and the HTTP API in one process."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from typing import Any
 
@@ -14,16 +16,57 @@ from bridge.ari import AriClient, EventStream
 from bridge.calls.flow import FlowSettings
 from bridge.calls.stasis import StasisDispatcher
 from bridge.config import Settings
-from bridge.sessions import Sessions
+from bridge.crypto import NumberVault
+from bridge.phone import normalize
+from bridge.pools import Pools
+from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 
 log = structlog.get_logger(__name__)
 
+RETENTION_EVERY = 3600.0  # seconds between two runs of the retention job
+
+
+def policy_of(settings: Settings) -> Policy:
+    support = normalize(settings.support_number, settings.default_region) if settings.support_number else None
+    return Policy(
+        default_region=settings.default_region,
+        session_ttl=settings.session_ttl,
+        grace_period=settings.grace_period,
+        pair_cooloff=settings.pair_cooloff,
+        number_cooling=settings.number_cooling,
+        retention_days=settings.retention_days,
+        support_number=support,
+    )
+
+
+async def housekeeping(sessions: Sessions, interval: float, stop: asyncio.Event) -> None:
+    """Expire sessions, end cool-offs and grace periods, retire cooled numbers; purge old
+    real numbers once an hour. Routing checks expiry itself, so a late sweep is harmless."""
+    last_purge = -RETENTION_EVERY
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        try:
+            counts = await sessions.sweep()
+            if counts:
+                log.info("housekeeping.swept", **counts)
+            if loop.time() - last_purge >= RETENTION_EVERY:
+                await sessions.purge()
+                last_purge = loop.time()
+        except Exception:  # noqa: BLE001 - a database hiccup must not end housekeeping
+            log.exception("housekeeping.failed")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await stop.wait()
+
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    vault = NumberVault(settings.number_key)
+    policy = policy_of(settings)
     pool = await connect(settings.database_url)
-    await migrate(pool)
+    await migrate(pool, vault)
     store = Store(pool)
+    sessions = Sessions(store, vault, policy)
     ari = AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
     dispatcher = StasisDispatcher(
         ari,
@@ -33,6 +76,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             default_region=settings.default_region,
             ring_timeout=settings.ring_timeout,
         ),
+        router=sessions,
     )
     stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile)
 
@@ -43,11 +87,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             db_ok = False
         return {"ari": stream.connected.is_set(), "database": db_ok}
 
-    runner = web.AppRunner(make_app(Sessions(store, settings.default_region), settings.api_token, health))
+    runner = web.AppRunner(make_app(sessions, Pools(store, policy), settings.api_token, health))
     await runner.setup()
     site = web.TCPSite(runner, settings.api_bind, settings.api_port)
     await site.start()
     events = asyncio.create_task(stream.run(), name="ari-events")
+    sweeper = asyncio.create_task(housekeeping(sessions, settings.sweep_interval, stop), name="housekeeping")
     log.info("bridge.started", api=f"{settings.api_bind}:{settings.api_port}", app=settings.ari_app)
     try:
         await stop.wait()
@@ -55,7 +100,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         log.info("bridge.stopping")
         stream.stop()
         events.cancel()
-        await asyncio.gather(events, return_exceptions=True)
+        sweeper.cancel()
+        await asyncio.gather(events, sweeper, return_exceptions=True)
         await dispatcher.shutdown()
         await runner.cleanup()
         await ari.close()

@@ -17,6 +17,28 @@ def _required(name: str) -> str:
     return value
 
 
+def _int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a whole number") from None
+    if value < 0:
+        raise ConfigError(f"{name} must not be negative")
+    return value
+
+
+def _number_key() -> str:
+    """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
+    path = os.environ.get("MB_NUMBER_KEY_FILE")
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.read().strip()
+    return _required("MB_NUMBER_KEY")
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str
@@ -31,17 +53,28 @@ class Settings:
     trunk_endpoint: str = "trunk"
     ring_timeout: float = 30.0
     log_level: str = "info"
+    number_key: str = ""
+    session_ttl: int = 86400
+    grace_period: int = 0
+    pair_cooloff: int = 86400
+    number_cooling: int = 604800
+    retention_days: int = 30
+    support_number: str | None = None
+    sweep_interval: float = 30.0
 
     @classmethod
-    def from_env(cls) -> "Settings":
-        token = _required("MB_API_TOKEN")
-        if len(token) < 16:
+    def from_env(cls, services: bool = True) -> "Settings":
+        """The bridge's settings. services=False: only what the admin tool needs (the
+        database, the number key and the session policy), not ARI or the API token."""
+        need = _required if services else (lambda name: os.environ.get(name, ""))
+        token = need("MB_API_TOKEN")
+        if services and len(token) < 16:
             raise ConfigError("MB_API_TOKEN must be at least 16 characters")
         return cls(
             database_url=_required("MB_DATABASE_URL"),
-            ari_url=_required("MB_ARI_URL"),
-            ari_user=_required("MB_ARI_USER"),
-            ari_password=_required("MB_ARI_PASSWORD"),
+            ari_url=need("MB_ARI_URL"),
+            ari_user=need("MB_ARI_USER"),
+            ari_password=need("MB_ARI_PASSWORD"),
             ari_app=os.environ.get("MB_ARI_APP", "maskbridge"),
             api_bind=os.environ.get("MB_API_BIND", "127.0.0.1"),
             api_port=int(os.environ.get("MB_API_PORT", "8080")),
@@ -50,4 +83,12 @@ class Settings:
             trunk_endpoint=os.environ.get("MB_TRUNK_ENDPOINT", "trunk"),
             ring_timeout=float(os.environ.get("MB_RING_TIMEOUT", "30")),
             log_level=os.environ.get("MB_LOG_LEVEL", "info"),
+            number_key=_number_key(),
+            session_ttl=_int("MB_SESSION_TTL", 86400),
+            grace_period=_int("MB_GRACE_PERIOD", 0),
+            pair_cooloff=_int("MB_PAIR_COOLOFF", 86400),
+            number_cooling=_int("MB_NUMBER_COOLING", 604800),
+            retention_days=_int("MB_RETENTION_DAYS", 30),
+            support_number=os.environ.get("MB_SUPPORT_NUMBER") or None,
+            sweep_interval=float(os.environ.get("MB_SWEEP_INTERVAL", "30")),
         )

@@ -1,94 +1,332 @@
-"""Order sessions: open one per order, hand out a pool number, close it."""
+"""Order sessions: one per order, a pool number chosen for the pair, their whole life
+(extend, reassign the courier, close with an optional grace period, expiry), and the
+routing decision for a call from (real number, pool number)."""
 
 from __future__ import annotations
 
+import re
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
-import asyncpg
 import structlog
 
-from bridge.phone import InvalidNumber, mask, normalize
+from bridge.crypto import NumberVault
+from bridge.errors import Conflict, InvalidInput, NotFound, PoolExhausted
+from bridge.phone import InvalidNumber, normalize
 from bridge.store import Store
-from bridge.store.queries import PairTaken, SessionRow
+from bridge.store.sessions import OrderRace, PairTaken, Sealed, SessionGone, SessionRow, SessionTerms
 
 log = structlog.get_logger(__name__)
 
-
-class SessionError(Exception):
-    """Base of the errors the order system can cause; `code` is stable and machine-readable."""
-
-    code = "session_error"
-    http_status = 400
+MAX_SECONDS = 31 * 24 * 3600
+REGION_FORM = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
+_ORDER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+_ATTEMPTS = 20
 
 
-class InvalidInput(SessionError):
-    code = "invalid_input"
-    http_status = 422
+@dataclass(frozen=True)
+class Policy:
+    """Defaults and limits of sessions (README, "Settings")."""
+
+    default_region: str = "RU"  # for national-form phone numbers
+    session_ttl: int = 24 * 3600
+    grace_period: int = 0
+    pair_cooloff: int = 24 * 3600
+    number_cooling: int = 7 * 24 * 3600
+    retention_days: int = 30
+    support_number: str | None = None
 
 
-class PoolExhausted(SessionError):
-    code = "pool_exhausted"
-    http_status = 409
+@dataclass(frozen=True)
+class Route:
+    """Where a call from (caller, dialed pool number) goes.
+
+    kind: "connect" (ring callee_number showing shown_number), "finished" (the caller's
+    session, or their part in it, has ended: they hear that the order finished) or
+    "unknown" (nothing routes this pair).
+    """
+
+    kind: str
+    session_id: uuid.UUID | None = None
+    caller_role: str | None = None
+    caller_participant_id: uuid.UUID | None = None
+    callee_role: str | None = None
+    callee_participant_id: uuid.UUID | None = None
+    callee_number: str | None = None
+    shown_number: str | None = None
+    pool_known: bool = True  # the dialed number is one of our pool numbers
 
 
-class SessionNotFound(SessionError):
-    code = "session_not_found"
-    http_status = 404
+def phone_number(field: str, raw: object, region: str) -> str:
+    if not isinstance(raw, str):
+        raise InvalidInput(f"{field} must be a string holding a phone number", field=field)
+    if len(raw) > 32:
+        raise InvalidInput(f"{field} is too long to be a phone number", field=field)
+    try:
+        return normalize(raw, region)
+    except InvalidNumber as exc:
+        raise InvalidInput(f"{field} is not a valid phone number: {exc}", field=field) from None
+
+
+def seconds(field: str, raw: object, *, minimum: int = 1, default: int | None = None) -> int | None:
+    if raw is None:
+        return default
+    if isinstance(raw, bool) or not isinstance(raw, int) or not minimum <= raw <= MAX_SECONDS:
+        raise InvalidInput(f"{field} must be a whole number of seconds from {minimum} to {MAX_SECONDS}", field=field)
+    return raw
+
+
+def region_code(raw: object) -> str | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, str) or not REGION_FORM.match(raw):
+        raise InvalidInput("region must look like RU or RU-MOW (ISO 3166)", field="region")
+    return raw
 
 
 class Sessions:
-    def __init__(self, store: Store, default_region: str = "RU") -> None:
+    def __init__(self, store: Store, vault: NumberVault, policy: Policy | None = None) -> None:
         self.store = store
-        self.default_region = default_region
+        self.repo = store.sessions
+        self.vault = vault
+        self.policy = policy or Policy()
 
-    def _number(self, field: str, raw: object) -> str:
-        if not isinstance(raw, str):
-            raise InvalidInput(f"{field} must be a string holding a phone number")
-        try:
-            return normalize(raw, self.default_region)
-        except InvalidNumber as exc:
-            raise InvalidInput(f"{field} is not a valid phone number: {exc}") from None
+    def _seal(self, number: str) -> Sealed:
+        return Sealed(idx=self.vault.index(number), enc=self.vault.seal(number))
 
-    async def open(self, order_id: object, courier_number: object, client_number: object) -> tuple[SessionRow, bool]:
-        """Open the order's session, or return the one already open. Returns (session, created)."""
-        if not isinstance(order_id, str) or not 1 <= len(order_id) <= 200:
-            raise InvalidInput("order_id must be a string of 1 to 200 characters")
-        courier = self._number("courier_number", courier_number)
-        client = self._number("client_number", client_number)
+    def reveal(self, sealed: bytes | None) -> str | None:
+        """The real number of a participant; None once the retention job removed it."""
+        return self.vault.open(sealed) if sealed is not None else None
+
+    # --- open ------------------------------------------------------------------------
+
+    async def open(
+        self,
+        order_id: object,
+        courier_number: object,
+        client_number: object,
+        *,
+        region: object = None,
+        ttl_seconds: object = None,
+        idle_timeout_seconds: object = None,
+        grace_seconds: object = None,
+    ) -> tuple[SessionRow, bool]:
+        """Open the order's session, or return the one already open. Returns (session, created).
+        Everything is checked before anything is written."""
+        if not isinstance(order_id, str) or not _ORDER_ID.match(order_id):
+            raise InvalidInput("order_id must be 1 to 200 printable characters without spaces", field="order_id")
+        courier = phone_number("courier_number", courier_number, self.policy.default_region)
+        client = phone_number("client_number", client_number, self.policy.default_region)
         if courier == client:
-            raise InvalidInput("courier_number and client_number are the same number")
-        for _attempt in range(20):
-            existing = await self.store.open_session_for_order(order_id)
+            raise InvalidInput("courier_number and client_number are the same number", field="client_number")
+        terms = SessionTerms(
+            region=region_code(region),
+            ttl_seconds=seconds("ttl_seconds", ttl_seconds, default=self.policy.session_ttl) or 0,
+            idle_timeout_seconds=seconds("idle_timeout_seconds", idle_timeout_seconds),
+            grace_seconds=seconds("grace_seconds", grace_seconds, minimum=0, default=self.policy.grace_period) or 0,
+        )
+        if terms.grace_seconds and not self.policy.support_number:
+            raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
+        if terms.region is not None and not await self.store.pools.known_region(terms.region):
+            raise InvalidInput(f"no pool number is in region {terms.region}", code="unknown_region", field="region")
+        sealed_courier, sealed_client = self._seal(courier), self._seal(client)
+        pair = [sealed_courier.idx, sealed_client.idx]
+        for _attempt in range(_ATTEMPTS):
+            existing = await self.repo.open_for_order(order_id)
             if existing is not None:
+                if await self.repo.end_if_due(existing.id, self.policy.pair_cooloff):
+                    continue  # it was past its time: the order gets a new session
+                self._same_people(existing, courier, client)
                 return existing, False
-            candidates = await self.store.free_pool_numbers([courier, client])
+            candidates = await self.repo.candidates(pair, terms.region)
             if not candidates:
-                raise PoolExhausted(
-                    "no pool number is free for both participants: add pool numbers or close sessions"
-                )
+                raise await self._exhausted(pair)
             try:
-                session = await self.store.insert_session(order_id, candidates[0], courier, client)
-            except (PairTaken, asyncpg.UniqueViolationError):
+                session_id = await self.repo.insert(order_id, candidates[0], sealed_courier, sealed_client, terms)
+            except (PairTaken, OrderRace):
                 continue  # a racing open took it: look again
-            log.info(
-                "session.opened",
-                session_id=str(session.id),
-                pool_number=session.pool_number,
-                courier=mask(courier),
-                client=mask(client),
-            )
+            session = await self.get(session_id)
+            log.info("session.opened", session_id=str(session_id), pool_number=session.pool_number)
             return session, True
-        raise PoolExhausted("could not allocate a pool number under contention; try again")
+        raise Conflict("too many opens raced for the same numbers; try again", code="contention")
+
+    def _same_people(self, session: SessionRow, courier: str, client: str) -> None:
+        """Asking again for an open order must name the people it has: an order system that
+        sends other numbers for the same order has a bug we must not paper over."""
+        live = {role: session.live(role) for role in ("courier", "client")}
+        given = {"courier": courier, "client": client}
+        for role, p in live.items():
+            if p is None or self.reveal(p.number_enc) != given[role]:
+                raise Conflict(
+                    f"order {session.order_id} has an open session with another {role}; "
+                    "close it first, or reassign the courier",
+                    code="order_has_open_session", session_id=str(session.id), field=f"{role}_number",
+                )
+
+    async def _exhausted(self, pair: list[bytes]) -> PoolExhausted:
+        counts = [await self.repo.hold_counts(idx) for idx in pair]
+        (courier_live, courier_cooling), (client_live, client_cooling) = counts if len(counts) == 2 else (
+            counts[0], (0, 0)
+        )
+        active = await self.repo.active_numbers()
+        # With at most n live sessions per participant, each of the two holds at most n-1
+        # other numbers when a new session is opened: 2n-1 numbers always leave one free.
+        n = max(courier_live, client_live) + 1
+        needed = max(2 * n - 1, courier_live + courier_cooling + client_live + client_cooling + 1)
+        return PoolExhausted(
+            f"the pool is exhausted for this pair: every one of the {active} active numbers is held by the courier "
+            f"or the client (live or cooling off). For participants with at most {n} live sessions each, "
+            f"{2 * n - 1} numbers always suffice; this pair needs at least {needed} with its cool-offs",
+            active_numbers=active,
+            courier_holds={"live": courier_live, "cooling": courier_cooling},
+            client_holds={"live": client_live, "cooling": client_cooling},
+            numbers_needed=needed,
+        )
+
+    # --- read ---------------------------------------------------------------------------
 
     async def get(self, session_id: uuid.UUID) -> SessionRow:
-        session = await self.store.get_session(session_id)
+        session = await self.repo.get(session_id)
         if session is None:
-            raise SessionNotFound(f"no session {session_id}")
+            raise NotFound("no such session", code="session_not_found")
         return session
 
-    async def close(self, session_id: uuid.UUID) -> SessionRow:
-        session = await self.store.close_session(session_id)
-        if session is None:
-            raise SessionNotFound(f"no session {session_id}")
-        log.info("session.closed", session_id=str(session_id))
+    async def find(
+        self, *, order_id: str | None, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[SessionRow]:
+        if status is not None and status not in ("open", "grace", "closed"):
+            raise InvalidInput("status must be open, grace or closed", field="status")
+        return await self.repo.page(order_id=order_id, status=status, after=after, limit=limit)
+
+    async def _live(self, session_id: uuid.UUID, change: str) -> SessionRow:
+        """The session, if it is open and not past its time (then it is ended here, and
+        a late change cannot bring it back to life)."""
+        await self.get(session_id)
+        await self.repo.end_if_due(session_id, self.policy.pair_cooloff)
+        session = await self.get(session_id)
+        if session.status != "open":
+            raise Conflict(f"only an open session can be {change}: the session is {session.status}",
+                           code="session_ended")
         return session
+
+    async def events(self, session_id: uuid.UUID) -> list[dict[str, Any]]:
+        await self.get(session_id)
+        return await self.repo.events(session_id)
+
+    # --- change -------------------------------------------------------------------------
+
+    async def extend(self, session_id: uuid.UUID, ttl_seconds: object, idle_timeout_seconds: object) -> SessionRow:
+        ttl = seconds("ttl_seconds", ttl_seconds)
+        idle = seconds("idle_timeout_seconds", idle_timeout_seconds)
+        if ttl is None and idle is None:
+            raise InvalidInput("give ttl_seconds, idle_timeout_seconds or both", field="ttl_seconds")
+        await self._live(session_id, "extended")
+        try:
+            await self.repo.extend(session_id, ttl, idle)
+        except SessionGone as exc:
+            raise Conflict(f"only an open session can be extended: {exc}", code="session_ended") from None
+        log.info("session.extended", session_id=str(session_id), ttl_seconds=ttl, idle_timeout_seconds=idle)
+        return await self.get(session_id)
+
+    async def close(self, session_id: uuid.UUID, grace_seconds: object = None) -> SessionRow:
+        """Close the session. With a grace period (given here, or set at open) the client can
+        still reach support through the pool number until it ends; the courier cannot."""
+        grace = seconds("grace_seconds", grace_seconds, minimum=0)
+        if grace and not self.policy.support_number:
+            raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
+        await self.get(session_id)
+        # A session past its time ends as expired (or inactive), whoever notices first.
+        if not await self.repo.end_if_due(session_id, self.policy.pair_cooloff):
+            await self.repo.end(session_id, "closed", grace, self.policy.pair_cooloff)
+        session = await self.get(session_id)
+        log.info("session.closed", session_id=str(session_id), status=session.status)
+        return session
+
+    async def reassign_courier(
+        self, session_id: uuid.UUID, courier_number: object, field: str = "courier_number"
+    ) -> tuple[SessionRow, bool]:
+        """A new courier takes the order. The client keeps their number; the new courier is
+        given the session's number when it is free for them, another one otherwise.
+        Returns (session, whether the courier changed)."""
+        courier = phone_number(field, courier_number, self.policy.default_region)
+        session = await self._live(session_id, "reassigned")
+        client = session.live("client")
+        current = session.live("courier")
+        assert client is not None and current is not None
+        sealed = self._seal(courier)
+        if self.reveal(client.number_enc) == courier:
+            raise InvalidInput("the new courier's number is the client's number", field=field)
+        if self.reveal(current.number_enc) == courier:
+            return session, False  # already theirs: nothing to change
+        for _attempt in range(_ATTEMPTS):
+            candidates = await self.repo.candidates([sealed.idx], session.region)
+            if client.pool_number in candidates:
+                candidates.remove(client.pool_number)
+                candidates.insert(0, client.pool_number)
+            if not candidates:
+                raise await self._exhausted([sealed.idx])
+            try:
+                await self.repo.reassign_courier(session_id, sealed, candidates[0], self.policy.pair_cooloff)
+            except PairTaken:
+                continue
+            except SessionGone as exc:
+                raise Conflict(f"only an open session can be reassigned: {exc}", code="session_ended") from None
+            log.info("session.courier_reassigned", session_id=str(session_id), pool_number=candidates[0])
+            return await self.get(session_id), True
+        raise Conflict("too many changes raced for the same numbers; try again", code="contention")
+
+    # --- routing ------------------------------------------------------------------------
+
+    async def route(self, caller: str, pool_number: str) -> Route:
+        """The routing decision for a call; ends a session found past its time on the way,
+        so that nothing routes after a session's end, whether or not the sweeper ran."""
+        row = await self.repo.route(self.vault.index(caller), pool_number)
+        if row is None:
+            return Route("unknown", pool_known=await self.store.pools.get(pool_number) is not None)
+        finished = Route("finished", session_id=row.session_id, caller_role=row.role,
+                         caller_participant_id=row.participant_id)
+        if row.caller_left:
+            return finished
+        if row.status == "open" and (row.expired or row.inactive):
+            await self.repo.end(row.session_id, "expired" if row.expired else "inactive", 0, self.policy.pair_cooloff)
+            return finished
+        if row.status == "grace":
+            if row.grace_over:
+                await self.repo.end(row.session_id, "closed", 0, self.policy.pair_cooloff)
+                return finished
+            if row.role == "client" and self.policy.support_number:
+                return Route("connect", session_id=row.session_id, caller_role="client",
+                             caller_participant_id=row.participant_id, callee_role="support",
+                             callee_number=self.policy.support_number, shown_number=row.pool_number)
+            return finished
+        if row.status != "open" or row.other_enc is None:
+            return finished
+        await self.repo.touch(row.session_id)
+        return Route("connect", session_id=row.session_id, caller_role=row.role,
+                     caller_participant_id=row.participant_id, callee_role=row.other_role,
+                     callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
+                     shown_number=row.other_pool_number)
+
+    # --- housekeeping --------------------------------------------------------------------
+
+    async def sweep(self) -> dict[str, int]:
+        """End sessions past their time, release cool-offs that ended, retire cooled numbers."""
+        ended: dict[str, int] = {}
+        for session_id, reason in await self.repo.due():
+            if await self.repo.end(session_id, reason, 0, self.policy.pair_cooloff):
+                ended[reason] = ended.get(reason, 0) + 1
+                log.info("session.ended", session_id=str(session_id), reason=reason)
+        counts = {
+            **{f"sessions_{k}": v for k, v in ended.items()},
+            "holds_released": await self.repo.release_cooled(),
+            "numbers_retired": await self.store.pools.finish_cooling(),
+        }
+        return {k: v for k, v in counts.items() if v}
+
+    async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
+        days = self.policy.retention_days if older_than_days is None else older_than_days
+        counts = await self.repo.purge(days)
+        log.info("retention.purged", older_than_days=days, **counts)
+        return counts

@@ -1,33 +1,53 @@
-"""REST under /v1. Bearer-token auth; JSON errors with a stable `code` and a human `message`."""
+"""REST under /v1 for the order system and engineers.
+
+Bearer-token auth; JSON errors {"error": {"code", "message", "details"?}} with a stable
+code; lists paginated by an opaque cursor ({"items": [...], "next_cursor": ...}); real
+numbers only ever masked. The OpenAPI document is served at /v1/openapi.json.
+"""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
+import re
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from bridge.api.openapi import document
+from bridge.errors import InvalidInput, NotFound, ServiceError, TooLarge
 from bridge.phone import mask
-from bridge.sessions import SessionError, SessionNotFound, Sessions
-from bridge.store.queries import SessionRow
+from bridge.pools import Pools
+from bridge.sessions import Sessions
+from bridge.store.pools import PoolNumberRow
+from bridge.store.sessions import ParticipantRow, SessionRow
+
+log = structlog.get_logger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 SESSIONS = web.AppKey("sessions", Sessions)
+POOLS = web.AppKey("pools", Pools)
 HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
+
+JSON_BODY_LIMIT = 64 * 1024
+IMPORT_BODY_LIMIT = 4 * 1024 * 1024
+DEFAULT_PAGE, MAX_PAGE = 50, 500
+PUBLIC_PATHS = ("/healthz", "/v1/openapi.json")
 
 
 def _default(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.isoformat()
-    if isinstance(value, (uuid.UUID,)):
+    if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, Decimal):
         return float(value)
@@ -38,36 +58,84 @@ def _json(data: Any, status: int = 200) -> web.Response:
     return web.json_response(data, status=status, dumps=lambda d: json.dumps(d, default=_default))
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return _json({"error": {"code": code, "message": message}}, status)
+def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details:
+        body["details"] = details
+    return _json({"error": body}, status)
 
 
-def render_session(s: SessionRow) -> dict[str, Any]:
-    """The order system gets the pool number in full; real numbers only masked."""
+# --- rendering ---------------------------------------------------------------------------
+
+
+def render_participant(sessions: Sessions, p: ParticipantRow) -> dict[str, Any]:
+    real = sessions.reveal(p.number_enc)
     return {
-        "id": s.id,
-        "order_id": s.order_id,
-        "pool_number": s.pool_number,
-        "status": s.status,
-        "participants": {
-            "courier": {"number": mask(s.courier_number), "dials": s.pool_number},
-            "client": {"number": mask(s.client_number), "dials": s.pool_number},
-        },
-        "created_at": s.created_at,
-        "closed_at": s.closed_at,
+        "id": p.id,
+        "role": p.role,
+        "number": mask(real) if real else None,  # None once purged by the retention job
+        "proxy_number": p.pool_number,  # what this participant dials, and sees the other side as
+        "joined_at": p.joined_at,
+        "left_at": p.left_at,
+        "cooling_until": p.held_until,
     }
 
 
+def render_session(sessions: Sessions, s: SessionRow) -> dict[str, Any]:
+    """The order system gets pool numbers in full; real numbers only masked (it gave them
+    to us, and never needs them back)."""
+    latest: dict[str, ParticipantRow] = {}
+    for p in s.participants:  # in joining order: the last one of each role wins
+        latest[p.role] = p
+    return {
+        "id": s.id,
+        "order_id": s.order_id,
+        "status": s.status,
+        "pool_number": s.pool_number,
+        "region": s.region,
+        "participants": {role: render_participant(sessions, p) for role, p in latest.items()},
+        "created_at": s.created_at,
+        "expires_at": s.expires_at,
+        "idle_timeout_seconds": s.idle_timeout_seconds,
+        "last_activity_at": s.last_activity_at,
+        "grace_seconds": s.grace_seconds,
+        "grace_until": s.grace_until,
+        "closed_at": s.closed_at,
+        "end_reason": s.end_reason,
+    }
+
+
+def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
+    return {
+        "number": row.number,
+        "region": row.region,
+        "state": row.state,
+        "live_sessions": row.live_sessions,
+        "cooling_pairs": row.cooling_pairs,
+        "cooling_until": row.cooling_until,
+        "state_changed_at": row.state_changed_at,
+        "created_at": row.created_at,
+    }
+
+
+# --- middlewares ---------------------------------------------------------------------------
+
+
 def _auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path == "/healthz":
+        if request.path in PUBLIC_PATHS:
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(given, expected):
-            return _error(401, "unauthorized", "missing or wrong bearer token")
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        # surrogateescape: a header with bytes that are not UTF-8 is a wrong token, not a crash
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), expected
+        ):
+            response = _error(401, "unauthorized", "missing or wrong bearer token")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="maskbridge"'
+            return response
         return await handler(request)
 
     return auth
@@ -77,54 +145,231 @@ def _auth_middleware(token: str) -> Middleware:
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except SessionError as exc:
-        return _error(exc.http_status, exc.code, str(exc))
+    except ServiceError as exc:
+        return _error(exc.http_status, exc.code, str(exc), exc.details)
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return _error(exc.status, exc.reason.lower().replace(" ", "_"), exc.reason)
+            code = "body_too_large" if exc.status == 413 else exc.reason.lower().replace(" ", "_")
+            response = _error(exc.status, code, exc.reason)
+            if "Allow" in exc.headers:
+                response.headers["Allow"] = exc.headers["Allow"]
+            return response
         raise
+    except Exception:
+        log.exception("api.failed", path=request.path, method=request.method)
+        return _error(500, "internal_error", "the bridge failed to answer; the failure is logged")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
-    if request.content_length and request.content_length > 64 * 1024:
-        raise SessionError("request body too large")
+# --- request helpers -----------------------------------------------------------------------
+
+
+async def _read(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise TooLarge(f"the body must be at most {limit} bytes")
+    raw = await request.read()
+    if len(raw) > limit:
+        raise TooLarge(f"the body must be at most {limit} bytes")
+    return raw
+
+
+async def _body(request: web.Request, limit: int = JSON_BODY_LIMIT) -> dict[str, Any]:
+    raw = await _read(request, limit)
+    if not raw:
+        return {}
     try:
-        data = await request.json()
-    except (ValueError, UnicodeDecodeError):
-        raise SessionError("body must be a JSON object") from None
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ServiceError("the body must be a JSON object", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise SessionError("body must be a JSON object")
+        raise ServiceError("the body must be a JSON object", code="invalid_json")
     return data
+
+
+def _known_fields(body: dict[str, Any], allowed: set[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidInput(f"unknown field(s): {', '.join(unknown)[:200]}", field=unknown[0][:100])
 
 
 def _session_id(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["session_id"])
     except ValueError:
-        raise SessionNotFound("no such session") from None
+        raise NotFound("no such session", code="session_not_found") from None
+
+
+def _page(request: web.Request) -> tuple[int, Any]:
+    raw_limit = request.query.get("limit", str(DEFAULT_PAGE))
+    if not re.fullmatch(r"[0-9]{1,4}", raw_limit) or not 1 <= int(raw_limit) <= MAX_PAGE:
+        raise InvalidInput(f"limit must be a whole number from 1 to {MAX_PAGE}", field="limit")
+    cursor = request.query.get("cursor")
+    if not cursor:
+        return int(raw_limit), None
+    try:
+        return int(raw_limit), json.loads(base64.urlsafe_b64decode(cursor.encode() + b"==="))
+    except (ValueError, binascii.Error, UnicodeDecodeError, RecursionError):
+        raise InvalidInput("cursor is not one this API gave out", field="cursor") from None
+
+
+def _cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value, default=_default).encode()).decode().rstrip("=")
+
+
+def _listing(items: list[Any], limit: int, last: Callable[[Any], Any]) -> dict[str, Any]:
+    return {"items": items, "next_cursor": _cursor(last(items[-1])) if len(items) == limit else None}
+
+
+def _time_and_id(cursor: Any) -> tuple[datetime, uuid.UUID] | None:
+    if cursor is None:
+        return None
+    try:
+        at, ident = cursor
+        return datetime.fromisoformat(at), uuid.UUID(str(ident))
+    except (TypeError, ValueError, AttributeError):
+        raise InvalidInput("cursor is not one this API gave out", field="cursor") from None
+
+
+# --- sessions ------------------------------------------------------------------------------
+
+OPEN_FIELDS = {"order_id", "courier_number", "client_number", "region", "ttl_seconds", "idle_timeout_seconds",
+               "grace_seconds"}
 
 
 async def open_session(request: web.Request) -> web.Response:
     body = await _body(request)
-    session, created = await request.app[SESSIONS].open(
-        body.get("order_id"), body.get("courier_number"), body.get("client_number")
+    _known_fields(body, OPEN_FIELDS)
+    sessions = request.app[SESSIONS]
+    session, created = await sessions.open(
+        body.get("order_id"),
+        body.get("courier_number"),
+        body.get("client_number"),
+        region=body.get("region"),
+        ttl_seconds=body.get("ttl_seconds"),
+        idle_timeout_seconds=body.get("idle_timeout_seconds"),
+        grace_seconds=body.get("grace_seconds"),
     )
-    return _json(render_session(session), 201 if created else 200)
+    return _json(render_session(sessions, session), 201 if created else 200)
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    sessions = request.app[SESSIONS]
+    limit, cursor = _page(request)
+    rows = await sessions.find(
+        order_id=request.query.get("order_id"), status=request.query.get("status"),
+        after=_time_and_id(cursor), limit=limit,
+    )
+    return _json(_listing([render_session(sessions, s) for s in rows], limit, lambda s: [s["created_at"], s["id"]]))
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return _json(render_session(await request.app[SESSIONS].get(_session_id(request))))
+    sessions = request.app[SESSIONS]
+    return _json(render_session(sessions, await sessions.get(_session_id(request))))
+
+
+async def extend_session(request: web.Request) -> web.Response:
+    sessions = request.app[SESSIONS]
+    session_id = (await sessions.get(_session_id(request))).id
+    body = await _body(request)
+    _known_fields(body, {"ttl_seconds", "idle_timeout_seconds"})
+    session = await sessions.extend(session_id, body.get("ttl_seconds"), body.get("idle_timeout_seconds"))
+    return _json(render_session(sessions, session))
 
 
 async def close_session(request: web.Request) -> web.Response:
-    return _json(render_session(await request.app[SESSIONS].close(_session_id(request))))
+    sessions = request.app[SESSIONS]
+    session_id = (await sessions.get(_session_id(request))).id
+    body = await _body(request)
+    _known_fields(body, {"grace_seconds"})
+    return _json(render_session(sessions, await sessions.close(session_id, body.get("grace_seconds"))))
+
+
+async def list_participants(request: web.Request) -> web.Response:
+    sessions = request.app[SESSIONS]
+    session = await sessions.get(_session_id(request))
+    return _json({"items": [render_participant(sessions, p) for p in session.participants], "next_cursor": None})
+
+
+async def add_participant(request: web.Request) -> web.Response:
+    """Reassign the order to a new courier (the only participant that can change). Answers
+    the session: 201 when the courier changed, 200 when the number was the courier's already."""
+    sessions = request.app[SESSIONS]
+    session_id = _session_id(request)
+    await sessions.get(session_id)
+    body = await _body(request)
+    _known_fields(body, {"role", "number"})
+    if body.get("role") != "courier":
+        raise InvalidInput("only the courier can be replaced: the client keeps their number", field="role")
+    session, changed = await sessions.reassign_courier(session_id, body.get("number"), field="number")
+    return _json(render_session(sessions, session), 201 if changed else 200)
+
+
+async def session_events(request: web.Request) -> web.Response:
+    events = await request.app[SESSIONS].events(_session_id(request))
+    return _json({"items": events, "next_cursor": None})
 
 
 async def session_calls(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     session = await sessions.get(_session_id(request))
-    calls = await sessions.store.session_calls(session.id)
-    return _json({"session_id": session.id, "calls": calls})
+    limit, cursor = _page(request)
+    calls = await sessions.store.session_calls([session.id], _time_and_id(cursor), limit)
+    return _json({"session_id": session.id, **_listing(calls, limit, lambda c: [c["started_at"], c["id"]])})
+
+
+async def order_calls(request: web.Request) -> web.Response:
+    """Every call of an order, across its sessions (an order reopened has several)."""
+    order_id = request.query.get("order_id")
+    if not order_id:
+        raise InvalidInput("order_id is required", field="order_id")
+    limit, cursor = _page(request)
+    calls = await request.app[SESSIONS].store.order_calls(order_id, _time_and_id(cursor), limit)
+    return _json({"order_id": order_id, **_listing(calls, limit, lambda c: [c["started_at"], c["id"]])})
+
+
+# --- pool numbers ---------------------------------------------------------------------------
+
+
+async def import_pool_numbers(request: web.Request) -> web.Response:
+    pools = request.app[POOLS]
+    if request.content_type in ("text/csv", "text/plain"):
+        try:
+            text = (await _read(request, IMPORT_BODY_LIMIT)).decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InvalidInput("the CSV must be UTF-8") from None
+        counts = await pools.import_csv(text)
+    else:
+        body = await _body(request, IMPORT_BODY_LIMIT)
+        _known_fields(body, {"numbers"})
+        numbers = body.get("numbers")
+        if not isinstance(numbers, list):
+            raise InvalidInput("numbers must be a list of {number, region} objects", field="numbers")
+        counts = await pools.import_numbers(numbers)
+    return _json(counts, 201 if counts["added"] or counts["reactivated"] else 200)
+
+
+async def list_pool_numbers(request: web.Request) -> web.Response:
+    limit, cursor = _page(request)
+    if cursor is not None and not isinstance(cursor, str):
+        raise InvalidInput("cursor is not one this API gave out", field="cursor")
+    rows = await request.app[POOLS].find(
+        region=request.query.get("region"), state=request.query.get("state"), after=cursor, limit=limit
+    )
+    return _json(_listing([render_pool_number(r) for r in rows], limit, lambda r: r["number"]))
+
+
+async def get_pool_number(request: web.Request) -> web.Response:
+    return _json(render_pool_number(await request.app[POOLS].get(request.match_info["number"])))
+
+
+async def retire_pool_number(request: web.Request) -> web.Response:
+    return _json(render_pool_number(await request.app[POOLS].retire(request.match_info["number"])))
+
+
+async def pool_usage(request: web.Request) -> web.Response:
+    return _json({"regions": await request.app[POOLS].usage()})
+
+
+# --- service -------------------------------------------------------------------------------
 
 
 async def health(request: web.Request) -> web.Response:
@@ -132,13 +377,36 @@ async def health(request: web.Request) -> web.Response:
     return _json(status, 200 if all(status.values()) else 503)
 
 
-def make_app(sessions: Sessions, token: str, health_check: HealthCheck) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth_middleware(token)], client_max_size=64 * 1024)
+async def openapi(request: web.Request) -> web.Response:
+    return _json(document())
+
+
+ROUTES: list[tuple[str, str, Handler]] = [
+    ("GET", "/healthz", health),
+    ("GET", "/v1/openapi.json", openapi),
+    ("POST", "/v1/sessions", open_session),
+    ("GET", "/v1/sessions", list_sessions),
+    ("GET", "/v1/sessions/{session_id}", get_session),
+    ("POST", "/v1/sessions/{session_id}/extend", extend_session),
+    ("POST", "/v1/sessions/{session_id}/close", close_session),
+    ("GET", "/v1/sessions/{session_id}/participants", list_participants),
+    ("POST", "/v1/sessions/{session_id}/participants", add_participant),
+    ("GET", "/v1/sessions/{session_id}/events", session_events),
+    ("GET", "/v1/sessions/{session_id}/calls", session_calls),
+    ("GET", "/v1/calls", order_calls),
+    ("POST", "/v1/pool-numbers", import_pool_numbers),
+    ("GET", "/v1/pool-numbers", list_pool_numbers),
+    ("GET", "/v1/pool-numbers/{number}", get_pool_number),
+    ("POST", "/v1/pool-numbers/{number}/retire", retire_pool_number),
+    ("GET", "/v1/pool-usage", pool_usage),
+]
+
+
+def make_app(sessions: Sessions, pools: Pools, token: str, health_check: HealthCheck) -> web.Application:
+    app = web.Application(middlewares=[_errors, _auth_middleware(token)], client_max_size=IMPORT_BODY_LIMIT)
     app[SESSIONS] = sessions
+    app[POOLS] = pools
     app[HEALTH] = health_check
-    app.router.add_get("/healthz", health)
-    app.router.add_post("/v1/sessions", open_session)
-    app.router.add_get("/v1/sessions/{session_id}", get_session)
-    app.router.add_post("/v1/sessions/{session_id}/close", close_session)
-    app.router.add_get("/v1/sessions/{session_id}/calls", session_calls)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
     return app

@@ -20,7 +20,7 @@ import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.phone import InvalidNumber, mask, normalize
-from bridge.store.queries import Route
+from bridge.sessions import Route
 
 log = structlog.get_logger(__name__)
 
@@ -47,9 +47,11 @@ class CallState(enum.Enum):
     ENDED = "ended"
 
 
+class Router(Protocol):
+    async def route(self, caller: str, pool_number: str) -> Route: ...
+
+
 class CallStore(Protocol):
-    async def find_route(self, caller: str, pool_number: str) -> Route | None: ...
-    async def last_ended_session(self, caller: str, pool_number: str) -> uuid.UUID | None: ...
     async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
@@ -94,8 +96,10 @@ class MaskedCall:
         store: CallStore,
         settings: FlowSettings,
         register: Callable[[str, "MaskedCall"], None],
+        router: Router | None = None,
     ) -> None:
         self.id = call_id
+        self.router = router
         self.inbound_id: str = inbound["id"]
         self.inbound = inbound
         self.dialed = dialed
@@ -192,34 +196,35 @@ class MaskedCall:
             pool = normalize(self.dialed, self.settings.default_region)
         except InvalidNumber:
             pool = None
-        route = await self.store.find_route(caller, pool) if caller and pool else None
-        # A former participant of a closed session is told so; the row stays linked to it.
-        ended_session = (
-            await self.store.last_ended_session(caller, pool) if route is None and caller and pool else None
-        )
-        # Only a number a session holds is known to be one of our pool numbers; anything
-        # else the caller dialed could be a person's number, and is kept masked.
-        dialed = pool if pool and (route or ended_session) else mask(pool or self.dialed[:32])
+        assert self.router is not None, "a new call needs a router"
+        route = await self.router.route(caller, pool) if caller and pool else None
+        known = route is not None and route.pool_known
+        # A number that is not one of our pool numbers could be a person's number: it is
+        # kept masked.
+        dialed = pool if pool and known else mask(pool or self.dialed[:32])
         log.info(
             "call.started",
             caller=mask(caller or raw_caller or "anonymous"),
             pool_number=dialed,
-            routed=route is not None,
+            route=route.kind if route else "unknown",
         )
         await self.store.insert_call(
             self.id,
-            session_id=route.session_id if route else ended_session,
+            session_id=route.session_id if route else None,
             pool_number=dialed,
             caller_role=route.caller_role if route else None,
             caller_masked=mask(caller or raw_caller or "anonymous"),
             inbound_channel_id=self.inbound_id,
             state=CallState.ROUTING.value,
+            caller_participant_id=route.caller_participant_id if route else None,
+            callee_role=route.callee_role if route else None,
+            callee_participant_id=route.callee_participant_id if route else None,
         )
-        if route is None:
-            if ended_session is not None:
-                await self._announce("session_closed", SESSION_CLOSED_SOUND)
-            else:
-                await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
+        if route is None or route.kind == "unknown":
+            await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
+            return
+        if route.kind == "finished":
+            await self._announce("session_closed", SESSION_CLOSED_SOUND)
             return
         assert pool is not None
         await self._ring(route, pool)
@@ -267,11 +272,14 @@ class MaskedCall:
         # The new leg's only identity is the pool number: chan_pjsip builds From, PAI and
         # RPID from it. No `originator`, no `caller` on dial: both would copy the caller's
         # real identity onto this leg.
+        # The callee is shown the pool number they themselves would dial to reach the
+        # caller (after a courier reassignment it can differ from the one the caller dialed).
+        shown = route.shown_number or pool
         masked_identity = {
-            "CALLERID(num)": pool,
-            "CALLERID(name)": pool,
-            "CONNECTEDLINE(num)": pool,
-            "CONNECTEDLINE(name)": pool,
+            "CALLERID(num)": shown,
+            "CALLERID(name)": shown,
+            "CONNECTEDLINE(num)": shown,
+            "CONNECTEDLINE(name)": shown,
         }
         try:
             await self.ari.create_channel(
@@ -303,7 +311,7 @@ class MaskedCall:
                 break
         await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
-        log.info("call.ringing", callee=mask(route.callee_number))
+        log.info("call.ringing", callee=mask(route.callee_number or ""), callee_role=route.callee_role)
 
         deadline = time.monotonic() + self.settings.ring_timeout
         while True:

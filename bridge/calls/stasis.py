@@ -11,7 +11,7 @@ from typing import Any
 import structlog
 
 from bridge.ari import AriClient, AriError
-from bridge.calls.flow import Event, FlowSettings, MaskedCall
+from bridge.calls.flow import Event, FlowSettings, MaskedCall, Router
 
 log = structlog.get_logger(__name__)
 
@@ -31,9 +31,10 @@ def _channel_ids(event: Event) -> list[str]:
 
 
 class StasisDispatcher:
-    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings) -> None:
+    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings, router: Router) -> None:
         self.ari = ari
         self.store = store
+        self.router = router
         self.settings = settings
         self.calls: dict[str, MaskedCall] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -65,7 +66,9 @@ class StasisDispatcher:
             if args[:1] == ["inbound"] and channel["id"] not in self.calls:
                 dialed = args[1] if len(args) > 1 else channel.get("dialplan", {}).get("exten", "")
                 self._start(
-                    MaskedCall(uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register)
+                    MaskedCall(
+                        uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router
+                    )
                 )
                 return
         for channel_id in _channel_ids(event):

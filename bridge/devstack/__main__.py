@@ -28,7 +28,7 @@ def start_services(stack: Stack) -> str:
     """Postgres, the PBX and the simulated carrier, migrated and with demo data."""
     asterisk.ensure_rootfs(stack)
     postgres.start(stack)
-    pool_number = asyncio.run(demo.load(stack.database_url))
+    pool_number = asyncio.run(demo.load(stack.database_url, stack.env["MB_NUMBER_KEY"]))
     for instance in asterisk.INSTANCES:
         asterisk.start(stack, instance)
     return pool_number
@@ -52,6 +52,7 @@ The stack is up.
       make call FROM=+79990000000 TO={pool_number}      # unknown caller: announcement
   The HTTP API ({api}), token in {stack.dir / 'secrets.env'} (MB_API_TOKEN):
       curl -H "Authorization: Bearer $MB_API_TOKEN" -d '{{"order_id":"42","courier_number":"+79161112233","client_number":"89163334455"}}' {api}/v1/sessions
+  Sessions and pool numbers: make admin ARGS="session show --order {demo.DEMO_ORDER}"    make admin ARGS="pool usage"
   Logs: make logs    Asterisk console: make cli    Database: make psql    Stop: make stop
 """
 
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cli", help="the PBX's Asterisk console")
     sub.add_parser("carrier-cli", help="the simulated carrier's Asterisk console")
     sub.add_parser("psql", help="psql on the bridge's database")
+    admin = sub.add_parser("admin", help="maskbridge-admin against the local stack (pool numbers, sessions)")
+    admin.add_argument("admin_args", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     logs.configure("warning")
     stack = load()
@@ -147,6 +150,13 @@ def main(argv: list[str] | None = None) -> int:
         instance = "pbx" if args.command == "cli" else "carrier"
         conf = f"{stack.ast_dir(instance)}/etc/asterisk.conf"
         os.execvp("chroot", ["chroot", str(stack.rootfs), "asterisk", "-C", conf, "-rvvv"])
+    elif args.command == "admin":
+        if not postgres.is_running(stack):
+            postgres.start(stack)
+        os.environ.update(stack.bridge_env())
+        from bridge import cli
+
+        return cli.main(args.admin_args)
     elif args.command == "psql":
         os.execvp(postgres.psql_command(stack)[0], postgres.psql_command(stack))
     return 0

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
-from bridge.sessions import Sessions
+from bridge.crypto import NumberVault
+from bridge.pools import Pools
+from bridge.sessions import MAX_SECONDS, Sessions
 from bridge.store import Store, connect, migrate
 
 DEMO_POOL = [f"+7495000000{i}" for i in range(1, 10)]
+DEMO_REGION = "RU-MOW"
 DEMO_ORDER = "demo-1001"
 DEMO_COURIER = "+79160000001"
 DEMO_CLIENT = "+79160000002"
 
 
-async def load(database_url: str) -> str:
+async def load(database_url: str, number_key: str) -> str:
     """Migrate, add the demo pool, open the demo session; returns its pool number."""
+    vault = NumberVault(number_key)
     pool = await connect(database_url, max_size=2)
     try:
-        await migrate(pool)
+        await migrate(pool, vault)
         store = Store(pool)
-        await store.add_pool_numbers(DEMO_POOL, region="RU-MOW")
-        session, _ = await Sessions(store).open(DEMO_ORDER, DEMO_COURIER, DEMO_CLIENT)
+        await Pools(store).import_numbers([{"number": n, "region": DEMO_REGION} for n in DEMO_POOL])
+        session, _ = await Sessions(store, vault).open(
+            DEMO_ORDER, DEMO_COURIER, DEMO_CLIENT, region=DEMO_REGION, ttl_seconds=MAX_SECONDS
+        )
         return session.pool_number
     finally:
         await pool.close()

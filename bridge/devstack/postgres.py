@@ -70,3 +70,8 @@ def stop(stack: Stack) -> None:
 
 def psql_command(stack: Stack) -> list[str]:
     return [_bin("psql"), stack.database_url]
+
+
+def dump_command(stack: Stack) -> list[str]:
+    """pg_dump of the bridge's database, data and schema, as plain SQL on stdout."""
+    return [_bin("pg_dump"), "--no-owner", stack.database_url]

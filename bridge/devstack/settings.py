@@ -41,9 +41,22 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_DEFAULT_REGION": ("RU", "region for national-form numbers"),
     "MB_RING_TIMEOUT": ("30", "seconds the other phone may ring before the caller hears no answer"),
     "MB_LOG_LEVEL": ("info", "bridge log level"),
+    "MB_SESSION_TTL": ("86400", "seconds a session lives when the order system gives no ttl_seconds"),
+    "MB_GRACE_PERIOD": ("0", "default grace period (seconds) after close, when the client can still reach support"),
+    "MB_SUPPORT_NUMBER": ("+74951230000", "support's number, reached by clients during a grace period"),
+    "MB_PAIR_COOLOFF": ("86400", "seconds a (real number, pool number) pair stays reserved after its session"),
+    "MB_NUMBER_COOLING": ("604800", "seconds a retired pool number cools before it is retired for good"),
+    "MB_RETENTION_DAYS": ("30", "days after which the real numbers of ended sessions are deleted"),
+    "MB_SWEEP_INTERVAL": ("30", "seconds between two runs of session housekeeping"),
 }
 
-SECRET_NAMES = ("MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "MB_DB_PASSWORD")
+SECRET_NAMES = ("MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "MB_DB_PASSWORD", "MB_NUMBER_KEY")
+
+
+SESSION_SETTINGS = (
+    "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
+    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL",
+)
 
 
 @dataclass(frozen=True)
@@ -99,6 +112,8 @@ class Stack:
             "MB_DEFAULT_REGION": e["MB_DEFAULT_REGION"],
             "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
             "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],
+            "MB_NUMBER_KEY": e["MB_NUMBER_KEY"],
+            **{name: e[name] for name in SESSION_SETTINGS},
         }
 
 

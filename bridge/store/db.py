@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import asyncpg
 import structlog
+
+from bridge.crypto import NumberVault
 
 log = structlog.get_logger(__name__)
 
@@ -19,7 +22,29 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg
     return pool
 
 
-async def migrate(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
+class MigrationError(Exception):
+    pass
+
+
+async def _seal_plaintext_numbers(conn: asyncpg.Connection, vault: NumberVault) -> None:
+    """After 002: seal every real number stored in plaintext by 001, then empty it."""
+    rows = await conn.fetch("SELECT id, real_number FROM participants WHERE real_number IS NOT NULL")
+    await conn.executemany(
+        "UPDATE participants SET number_idx = $2, number_enc = $3, real_number = NULL WHERE id = $1",
+        [(r["id"], vault.index(r["real_number"]), vault.seal(r["real_number"])) for r in rows],
+    )
+    if rows:
+        log.info("db.sealed_plaintext_numbers", participants=len(rows))
+
+
+# Data steps that need what the database must not hold (the number key); each runs in the
+# transaction of the SQL file it is named after, right after it.
+_PYTHON_STEPS: dict[str, Callable[[asyncpg.Connection, NumberVault], Awaitable[None]]] = {
+    "002_pools_sessions_sealed_numbers.sql": _seal_plaintext_numbers,
+}
+
+
+async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DIR) -> list[str]:
     """Apply the migrations not applied yet; returns their names."""
     applied: list[str] = []
     async with pool.acquire() as conn:
@@ -35,6 +60,9 @@ async def migrate(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
                     continue
                 async with conn.transaction():
                     await conn.execute(path.read_text())
+                    step = _PYTHON_STEPS.get(path.name)
+                    if step is not None:
+                        await step(conn, vault)
                     await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
                 applied.append(path.name)
                 log.info("db.migrated", migration=path.name)

@@ -1,150 +1,24 @@
-"""Named queries over sessions, participants, pool numbers and calls."""
+"""Call rows: one per call attempt, written as the call goes."""
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-
-@dataclass(frozen=True)
-class Route:
-    """Where a call from (caller, pool number) goes."""
-
-    session_id: uuid.UUID
-    caller_role: str
-    callee_number: str
-
-
-@dataclass(frozen=True)
-class SessionRow:
-    id: uuid.UUID
-    order_id: str
-    pool_number: str
-    status: str
-    courier_number: str
-    client_number: str
-    created_at: datetime
-    closed_at: datetime | None
-
-
-class PairTaken(Exception):
-    """A participant already holds this pool number in another live session."""
-
-
-_SESSION_SELECT = """
-    SELECT s.id, s.order_id, s.pool_number, s.status, s.created_at, s.closed_at,
-           co.real_number AS courier_number, cl.real_number AS client_number
-    FROM sessions s
-    JOIN participants co ON co.session_id = s.id AND co.role = 'courier'
-    JOIN participants cl ON cl.session_id = s.id AND cl.role = 'client'
-"""
-
-
-def _session(row: asyncpg.Record | None) -> SessionRow | None:
-    return SessionRow(**dict(row)) if row is not None else None
+from bridge.store.pools import PoolRepo
+from bridge.store.sessions import SessionRepo
 
 
 class Store:
+    """The call rows, plus the pool and session repositories."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
-
-    # --- pool numbers ------------------------------------------------------------
-
-    async def add_pool_numbers(self, numbers: list[str], region: str | None = None) -> None:
-        await self.pool.executemany(
-            "INSERT INTO pool_numbers (number, region) VALUES ($1, $2) ON CONFLICT (number) DO NOTHING",
-            [(n, region) for n in numbers],
-        )
-
-    async def free_pool_numbers(self, real_numbers: list[str]) -> list[str]:
-        """Active pool numbers none of these real numbers holds live, least used first."""
-        rows = await self.pool.fetch(
-            """
-            SELECT p.number
-            FROM pool_numbers p
-            WHERE p.state = 'active'
-              AND NOT EXISTS (SELECT 1 FROM participants x
-                              WHERE x.live AND x.pool_number = p.number AND x.real_number = ANY($1))
-            ORDER BY (SELECT count(*) FROM participants y WHERE y.live AND y.pool_number = p.number),
-                     p.number
-            """,
-            real_numbers,
-        )
-        return [r["number"] for r in rows]
-
-    # --- sessions ----------------------------------------------------------------
-
-    async def open_session_for_order(self, order_id: str) -> SessionRow | None:
-        return _session(await self.pool.fetchrow(_SESSION_SELECT + " WHERE s.order_id = $1 AND s.status = 'open'", order_id))
-
-    async def get_session(self, session_id: uuid.UUID) -> SessionRow | None:
-        return _session(await self.pool.fetchrow(_SESSION_SELECT + " WHERE s.id = $1", session_id))
-
-    async def insert_session(self, order_id: str, pool_number: str, courier: str, client: str) -> SessionRow:
-        """Insert a session and both participants in one transaction.
-
-        Raises PairTaken when a participant holds the pool number live elsewhere, and
-        asyncpg.UniqueViolationError on sessions_one_open_per_order (a racing open).
-        """
-        async with self.pool.acquire() as conn, conn.transaction():
-            session_id = await conn.fetchval(
-                "INSERT INTO sessions (order_id, pool_number) VALUES ($1, $2) RETURNING id", order_id, pool_number
-            )
-            try:
-                await conn.executemany(
-                    "INSERT INTO participants (session_id, role, real_number, pool_number) VALUES ($1, $2, $3, $4)",
-                    [(session_id, "courier", courier, pool_number), (session_id, "client", client, pool_number)],
-                )
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name == "participants_live_pair":
-                    raise PairTaken(pool_number) from exc
-                raise
-            row = await conn.fetchrow(_SESSION_SELECT + " WHERE s.id = $1", session_id)
-        result = _session(row)
-        assert result is not None
-        return result
-
-    async def close_session(self, session_id: uuid.UUID) -> SessionRow | None:
-        async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE sessions SET status = 'closed', closed_at = now() WHERE id = $1 AND status = 'open'", session_id
-            )
-            await conn.execute("UPDATE participants SET live = false WHERE session_id = $1", session_id)
-            return _session(await conn.fetchrow(_SESSION_SELECT + " WHERE s.id = $1", session_id))
-
-    # --- routing -----------------------------------------------------------------
-
-    async def find_route(self, caller: str, pool_number: str) -> Route | None:
-        row = await self.pool.fetchrow(
-            """
-            SELECT p.session_id, p.role, o.real_number AS callee
-            FROM participants p
-            JOIN sessions s ON s.id = p.session_id AND s.status = 'open'
-            JOIN participants o ON o.session_id = p.session_id AND o.role <> p.role
-            WHERE p.real_number = $1 AND p.pool_number = $2 AND p.live
-            """,
-            caller,
-            pool_number,
-        )
-        if row is None:
-            return None
-        return Route(session_id=row["session_id"], caller_role=row["role"], callee_number=row["callee"])
-
-    async def last_ended_session(self, caller: str, pool_number: str) -> uuid.UUID | None:
-        """The most recent closed session in which this caller held this pool number."""
-        return await self.pool.fetchval(
-            """
-            SELECT s.id FROM participants p JOIN sessions s ON s.id = p.session_id
-            WHERE p.real_number = $1 AND p.pool_number = $2 AND NOT p.live
-            ORDER BY s.closed_at DESC NULLS LAST LIMIT 1
-            """,
-            caller,
-            pool_number,
-        )
+        self.pools = PoolRepo(pool)
+        self.sessions = SessionRepo(pool)
 
     # --- calls -------------------------------------------------------------------
 
@@ -158,13 +32,18 @@ class Store:
         caller_masked: str,
         inbound_channel_id: str,
         state: str,
+        caller_participant_id: uuid.UUID | None = None,
+        callee_role: str | None = None,
+        callee_participant_id: uuid.UUID | None = None,
     ) -> None:
         await self.pool.execute(
             """
-            INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state)
-            VALUES ($1, $2, $3, $4, $5, $6, $7)
+            INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
+                               caller_participant_id, callee_role, callee_participant_id)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             """,
             call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
+            caller_participant_id, callee_role, callee_participant_id,
         )
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
@@ -194,14 +73,38 @@ class Store:
         rows = await self.pool.fetch("SELECT * FROM calls WHERE state <> 'ended' ORDER BY started_at")
         return [dict(r) for r in rows]
 
-    async def session_calls(self, session_id: uuid.UUID) -> list[dict[str, Any]]:
+    async def session_calls(
+        self, session_ids: list[uuid.UUID], after: tuple[datetime, uuid.UUID] | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Oldest first; `after` is the (started_at, id) of the last row of the previous page.
+        Participants appear by id only: the pseudonymous reference that survives retention."""
         rows = await self.pool.fetch(
             """
-            SELECT id, caller_role, state, outcome, hangup_by, hangup_cause,
+            SELECT id, session_id, pool_number, caller_role, caller_participant_id, callee_role,
+                   callee_participant_id, state, outcome, hangup_by, hangup_cause,
                    started_at, answered_at, ended_at, duration_seconds
-            FROM calls WHERE session_id = $1 ORDER BY started_at
+            FROM calls WHERE session_id = ANY($1::uuid[])
+              AND ($2::timestamptz IS NULL OR (started_at, id) > ($2, $3::uuid))
+            ORDER BY started_at, id LIMIT $4
             """,
-            session_id,
+            session_ids, after[0] if after else None, after[1] if after else None, limit,
+        )
+        return [dict(r) for r in rows]
+
+    async def order_calls(
+        self, order_id: str, after: tuple[datetime, uuid.UUID] | None = None, limit: int = 100
+    ) -> list[dict[str, Any]]:
+        """Every call of an order, across all of its sessions, oldest first."""
+        rows = await self.pool.fetch(
+            """
+            SELECT c.id, c.session_id, c.pool_number, c.caller_role, c.caller_participant_id, c.callee_role,
+                   c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause,
+                   c.started_at, c.answered_at, c.ended_at, c.duration_seconds
+            FROM calls c JOIN sessions s ON s.id = c.session_id
+            WHERE s.order_id = $1 AND ($2::timestamptz IS NULL OR (c.started_at, c.id) > ($2, $3::uuid))
+            ORDER BY c.started_at, c.id LIMIT $4
+            """,
+            order_id, after[0] if after else None, after[1] if after else None, limit,
         )
         return [dict(r) for r in rows]
 

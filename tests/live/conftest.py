@@ -13,9 +13,14 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bridge.crypto import NumberVault
 from bridge.devstack import asterisk, processes
+from bridge.pools import Pools
+from bridge.sessions import Policy, Sessions
+from bridge.store import Store, migrate
 from bridge.devstack.carrier import Carrier
 from bridge.devstack.settings import Stack, load
+from tests.live.audio import rms, samples
 from tests.live.siplog import SipLog
 
 pytestmark = pytest.mark.live
@@ -54,6 +59,25 @@ def real_number() -> Callable[[], str]:
     return make
 
 
+_pool_counter = itertools.count(random.randrange(10, 90) * 1000)
+
+
+@pytest.fixture
+def new_pool_number() -> Callable[[], str]:
+    """A pool number nobody has used in this run (the pool is shared by all live tests)."""
+    return lambda: f"+749577{next(_pool_counter) % 100_000:05d}"
+
+
+@pytest.fixture
+async def fresh_region(db: asyncpg.Connection) -> str:
+    """A region no pool number has yet, so a test can own every number in it."""
+    rng = random.Random()
+    while True:
+        region = "ZZ-" + "".join(rng.choice("ABCDEFGHJKLMNPQRSTUVWXYZ0123456789") for _ in range(3))
+        if not await db.fetchval("SELECT EXISTS (SELECT 1 FROM pool_numbers WHERE region = $1)", region):
+            return region
+
+
 @pytest.fixture
 async def carrier(stack: Stack) -> AsyncIterator[Carrier]:
     async with Carrier(stack) as net:
@@ -75,17 +99,27 @@ class Api:
         async with self.http.request(method, self.base + path, **kw) as resp:
             return resp.status, await resp.json(content_type=None)
 
-    async def open_session(self, order_id: str, courier: str, client: str) -> dict[str, Any]:
+    async def open_session(self, order_id: str, courier: str, client: str, **terms: Any) -> dict[str, Any]:
+        """Open (terms: region, ttl_seconds, ...) and close it again after the test."""
         status, body = await self.request(
-            "POST", "/v1/sessions", json={"order_id": order_id, "courier_number": courier, "client_number": client}
+            "POST",
+            "/v1/sessions",
+            json={"order_id": order_id, "courier_number": courier, "client_number": client, **terms},
         )
         assert status in (200, 201), body
         self.opened.append(body["id"])
         return body
 
-    async def close_session(self, session_id: str) -> dict[str, Any]:
-        status, body = await self.request("POST", f"/v1/sessions/{session_id}/close")
-        assert status == 200, body
+    async def close_session(self, session_id: str, **body: Any) -> dict[str, Any]:
+        status, answer = await self.request("POST", f"/v1/sessions/{session_id}/close", json=body)
+        assert status == 200, answer
+        return answer
+
+    async def import_pool(self, numbers: list[str], region: str) -> dict[str, Any]:
+        status, body = await self.request(
+            "POST", "/v1/pool-numbers", json={"numbers": [{"number": n, "region": region} for n in numbers]}
+        )
+        assert status in (200, 201), body
         return body
 
 
@@ -121,6 +155,34 @@ async def wait_for_call_row(
             await asyncio.sleep(0.05)  # wait-ok: polling the database the bridge writes to
 
 
+async def announced(carrier: Carrier, caller: str, pool: str) -> Any:
+    """Call `pool` from `caller` and check that no phone rang and the caller was answered
+    with an announcement (not silence) and then hung up by the PBX."""
+    leg = await carrier.call(caller, pool)
+    await asyncio.wait_for(leg.ended.wait(), 30)
+    await asyncio.wait_for(leg.recorded.wait(), 10)
+    assert carrier.incoming.empty(), "no phone may ring"
+    assert leg.answered_at is not None, "the PBX answered to play the announcement"
+    assert leg.cause == 16, "the PBX hung up after the announcement"
+    heard, _ = samples(carrier.recording_path(leg))
+    assert rms(heard) > 100, "the caller heard an announcement, not silence"
+    return leg
+
+
+async def last_call_of(db: asyncpg.Connection, pool: str, caller: str) -> dict[str, Any]:
+    """The latest call row from `caller` (matched by its masked form) to `pool`, once ended."""
+    masked = caller[:5] + "***" + caller[-4:]
+    async with asyncio.timeout(10):
+        while True:
+            row = await db.fetchrow(
+                "SELECT * FROM calls WHERE pool_number = $1 AND caller_masked = $2 ORDER BY started_at DESC LIMIT 1",
+                pool, masked,
+            )
+            if row is not None and row["state"] == "ended":
+                return dict(row)
+            await asyncio.sleep(0.05)  # wait-ok: polling the database the bridge writes to
+
+
 @pytest.fixture(scope="session")
 def trunk_identity(stack: Stack) -> Iterator[Callable[[dict[str, str]], None]]:
     """Switch the PBX trunk's identity settings (send_pai, ...) for a test; restored after."""
@@ -130,3 +192,50 @@ def trunk_identity(stack: Stack) -> Iterator[Callable[[dict[str, str]], None]]:
 
     yield apply
     asterisk.reload(stack, "pbx")
+
+
+SCRATCH_KEY = "scratch-schema-key-scratch-schema-key-0123"
+
+
+class Harness:
+    """The session and pool services over a schema of their own in the stack's Postgres,
+    on an event loop of their own: for tests that must own every row they look at."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, pool: asyncpg.Pool) -> None:
+        self.loop = loop
+        self.pool = pool
+        self.vault = NumberVault(SCRATCH_KEY)
+        self.store = Store(pool)
+        policy = Policy(pair_cooloff=3600, number_cooling=3600, retention_days=30)
+        self.sessions = Sessions(self.store, self.vault, policy)
+        self.pools = Pools(self.store, policy)
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(coro)
+
+
+@pytest.fixture(scope="module")
+def scratch_db(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Harness]:
+    schema = "scratch_" + request.module.__name__.rsplit(".", 1)[-1]
+    loop = asyncio.new_event_loop()
+
+    async def setup() -> asyncpg.Pool:
+        admin = await asyncpg.connect(stack.database_url)
+        await admin.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")
+        await admin.close()
+        pool = await asyncpg.create_pool(
+            stack.database_url, min_size=1, max_size=4, server_settings={"search_path": schema}
+        )
+        assert pool is not None
+        await migrate(pool, NumberVault(SCRATCH_KEY))
+        return pool
+
+    pool = loop.run_until_complete(setup())
+    yield Harness(loop, pool)
+
+    async def teardown() -> None:
+        await pool.execute(f"DROP SCHEMA {schema} CASCADE")
+        await pool.close()
+
+    loop.run_until_complete(teardown())
+    loop.close()

@@ -8,8 +8,7 @@ import uuid
 
 import pytest
 
-from tests.live.audio import rms, samples
-from tests.live.conftest import wait_for_call_row
+from tests.live.conftest import announced, wait_for_call_row
 
 
 async def open_pair(api, real_number):
@@ -100,22 +99,10 @@ async def test_caller_hanging_up_while_it_rings_cancels_the_other_phone(carrier,
     assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
 
 
-async def _announced(carrier, caller: str, pool: str):
-    leg = await carrier.call(caller, pool)
-    await asyncio.wait_for(leg.ended.wait(), 30)
-    await asyncio.wait_for(leg.recorded.wait(), 10)
-    assert carrier.incoming.empty(), "no phone may ring"
-    assert leg.answered_at is not None, "the PBX answered to play the announcement"
-    assert leg.cause == 16, "the PBX hung up after the announcement"
-    heard, _ = samples(carrier.recording_path(leg))
-    assert rms(heard) > 100, "the caller heard an announcement, not silence"
-    return leg
-
-
 async def test_unknown_caller_hears_an_announcement_and_nothing_is_routed(carrier, api, real_number, db):
     session, courier, client = await open_pair(api, real_number)
     stranger = real_number()
-    await _announced(carrier, stranger, session["pool_number"])
+    await announced(carrier, stranger, session["pool_number"])
     row = await db.fetchrow(
         "SELECT * FROM calls WHERE session_id IS NULL AND caller_masked = $1 ORDER BY started_at DESC LIMIT 1",
         stranger[:5] + "***" + stranger[-4:],
@@ -126,7 +113,7 @@ async def test_unknown_caller_hears_an_announcement_and_nothing_is_routed(carrie
 async def test_call_after_the_session_closed_is_not_routed(carrier, api, real_number, db):
     session, courier, client = await open_pair(api, real_number)
     await api.close_session(session["id"])
-    await _announced(carrier, courier, session["pool_number"])
+    await announced(carrier, courier, session["pool_number"])
     row = await db.fetchrow(
         "SELECT * FROM calls WHERE pool_number = $1 AND caller_masked = $2 ORDER BY started_at DESC LIMIT 1",
         session["pool_number"],

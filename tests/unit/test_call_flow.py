@@ -26,7 +26,7 @@ from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
 from bridge.calls.flow import FlowSettings
 from bridge.calls.stasis import StasisDispatcher
-from bridge.store.queries import Route
+from bridge.sessions import Route
 
 APP = "maskbridge"
 CALLER = "+79161234567"  # a courier's real number
@@ -56,6 +56,7 @@ class FakeStore:
         self.routes: dict[tuple[str, str], Route] = {}
         self.closed_sessions: dict[tuple[str, str], uuid.UUID] = {}
         self.lookups: list[tuple[str, str]] = []
+        self.pool_numbers: set[str] = {POOL}
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}
         self.states: dict[uuid.UUID, list[str]] = {}
         self.ops: list[tuple[str, uuid.UUID | None, dict[str, Any]]] = []
@@ -64,7 +65,16 @@ class FakeStore:
         self._changed = asyncio.Condition()
 
     def add_route(self, caller: str, pool: str, callee: str, role: str = "courier") -> Route:
-        route = Route(session_id=uuid.uuid4(), caller_role=role, callee_number=callee)
+        route = Route(
+            "connect",
+            session_id=uuid.uuid4(),
+            caller_role=role,
+            caller_participant_id=uuid.uuid4(),
+            callee_role="client" if role == "courier" else "courier",
+            callee_participant_id=uuid.uuid4(),
+            callee_number=callee,
+            shown_number=pool,
+        )
         self.routes[(caller, pool)] = route
         return route
 
@@ -80,21 +90,21 @@ class FakeStore:
 
     # CallStore
 
-    async def find_route(self, caller: str, pool_number: str) -> Route | None:
+    async def route(self, caller: str, pool_number: str) -> Route:
+        """The Router protocol (bridge.sessions.Sessions.route in the bridge)."""
         self.lookups.append((caller, pool_number))
-        await self._op("find_route", None, caller=caller, pool_number=pool_number)
+        await self._op("route", None, caller=caller, pool_number=pool_number)
         if self.route_gate is not None:
             await self.route_gate.wait()
-        return self.routes.get((caller, pool_number))
-
-    async def last_ended_session(self, caller: str, pool_number: str) -> uuid.UUID | None:
-        await self._op("last_ended_session", None, caller=caller, pool_number=pool_number)
-        return self.closed_sessions.get((caller, pool_number))
+        if (caller, pool_number) in self.closed_sessions:
+            return Route("finished", session_id=self.closed_sessions[(caller, pool_number)], caller_role="courier")
+        return self.routes.get((caller, pool_number), Route("unknown", pool_known=pool_number in self.pool_numbers))
 
     async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None:
         assert call_id not in self.rows
         assert set(fields) == {
-            "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state"
+            "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state",
+            "caller_participant_id", "callee_role", "callee_participant_id",
         }
         assert fields["pool_number"] and fields["caller_masked"] and fields["inbound_channel_id"]
         self.rows[call_id] = {
@@ -242,7 +252,7 @@ class Harness:
     async def start(self) -> None:
         await self.fake.start()
         self.ari = AriClient(self.fake.base_url, "bridge", "secret", APP, request_timeout=5.0)
-        self.dispatcher = StasisDispatcher(self.ari, self.store, self.settings)
+        self.dispatcher = StasisDispatcher(self.ari, self.store, self.settings, router=self.store)
         self.stream = EventStream(
             self.ari, self._handle, on_connected=self.dispatcher.reconcile, min_backoff=0.01, max_backoff=0.05
         )

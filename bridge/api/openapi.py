@@ -1,0 +1,1338 @@
+"""The OpenAPI 3.1 document of the HTTP API (bridge.api.http), served at /v1/openapi.json.
+
+Written by hand next to the handlers, and checked against them by tests/unit/test_openapi.py
+(every route documented, every documented operation a route, every $ref resolving). The
+limits that live in the services (seconds, regions, import size, pool number states) are
+taken from them; the ones that live in bridge.api.http are repeated here, because that
+module imports this one, and the test checks they agree.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bridge.pools import MAX_IMPORT, STATES
+from bridge.sessions import MAX_SECONDS, REGION_FORM
+
+# Repeated from bridge.api.http (which imports this module); tests/unit/test_openapi.py
+# checks that they agree.
+DEFAULT_PAGE, MAX_PAGE = 50, 500
+JSON_BODY_LIMIT = 64 * 1024
+IMPORT_BODY_LIMIT = 4 * 1024 * 1024
+ORDER_ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # bridge.sessions._ORDER_ID
+
+Schema = dict[str, Any]
+
+
+# --- building blocks ------------------------------------------------------------------------
+
+
+def _ref(name: str) -> Schema:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _response_ref(name: str) -> Schema:
+    return {"$ref": f"#/components/responses/{name}"}
+
+
+def _parameter_ref(name: str) -> Schema:
+    return {"$ref": f"#/components/parameters/{name}"}
+
+
+def _or_null(schema: Schema) -> Schema:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+def _json_response(description: str, schema: Schema, example: Any = None) -> Schema:
+    media: Schema = {"schema": schema}
+    if example is not None:
+        media["example"] = example
+    return {"description": description, "content": {"application/json": media}}
+
+
+def _error_response(description: str, examples: dict[str, tuple[str, str, dict[str, Any] | None]]) -> Schema:
+    """A response with the Error body; examples: name -> (code, message, details)."""
+    shown: dict[str, Any] = {}
+    for name, (code, message, details) in examples.items():
+        error: dict[str, Any] = {"code": code, "message": message}
+        if details:
+            error["details"] = details
+        shown[name] = {"summary": code, "value": {"error": error}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": _ref("Error"), "examples": shown}},
+    }
+
+
+def _too_large(limit: int) -> Schema:
+    """The 413 of an endpoint that reads at most `limit` bytes of body."""
+    return _error_response(
+        f"`body_too_large`: the body is larger than {limit} bytes, whether `Content-Length` says so (refused "
+        "before it is read) or a body sent without it (chunked) turns out larger. A chunked body above the "
+        f"server-wide cap ({IMPORT_BODY_LIMIT} bytes) is cut off by the server with the same code.",
+        {
+            "body_too_large": ("body_too_large", f"the body must be at most {limit} bytes", None),
+            "chunked_above_the_cap": ("body_too_large", "Request Entity Too Large", None),
+        },
+    )
+
+
+def _json_request(schema_name: str, *, required: bool = True, description: str | None = None) -> Schema:
+    body: Schema = {"required": required, "content": {"application/json": {"schema": _ref(schema_name)}}}
+    if description:
+        body["description"] = description
+    return body
+
+
+TIMESTAMP: Schema = {"type": "string", "format": "date-time"}
+NULLABLE_TIMESTAMP: Schema = {"type": ["string", "null"], "format": "date-time"}
+UUID: Schema = {"type": "string", "format": "uuid"}
+E164: Schema = {"type": "string", "pattern": r"^\+[1-9][0-9]{6,14}$", "examples": ["+74950000001"]}
+REGION: Schema = {
+    "type": "string",
+    "pattern": REGION_FORM.pattern,
+    "description": "An ISO 3166 country (`RU`) or subdivision (`RU-MOW`) code.",
+    "examples": ["RU-MOW"],
+}
+
+
+def _seconds(description: str, *, minimum: int = 1) -> Schema:
+    return {"type": "integer", "minimum": minimum, "maximum": MAX_SECONDS, "description": description}
+
+
+# --- shared responses -----------------------------------------------------------------------
+
+RESPONSES: dict[str, Schema] = {
+    "Unauthorized": {
+        **_error_response(
+            "`unauthorized`: the `Authorization` header is missing, or is not `Bearer <token>` with the right "
+            "token (the scheme `Bearer` is matched case-insensitively).",
+            {"unauthorized": ("unauthorized", "missing or wrong bearer token", None)},
+        ),
+        "headers": {
+            "WWW-Authenticate": {
+                "description": "Always `Bearer realm=\"maskbridge\"`.",
+                "schema": {"type": "string", "const": 'Bearer realm="maskbridge"'},
+            }
+        },
+    },
+    "InternalError": _error_response(
+        "`internal_error`: the bridge failed (the database is unreachable, for example). The failure is "
+        "logged; the request may be retried.",
+        {"internal_error": ("internal_error", "the bridge failed to answer; the failure is logged", None)},
+    ),
+    "BadBody": _error_response(
+        "`invalid_json`: the body is not a JSON object (an empty body counts as `{}`).",
+        {"invalid_json": ("invalid_json", "the body must be a JSON object", None)},
+    ),
+    "BodyTooLarge": _too_large(JSON_BODY_LIMIT),
+    "SessionNotFound": _error_response(
+        "`session_not_found`: no session has this id (an id that is not a UUID is not found either).",
+        {"session_not_found": ("session_not_found", "no such session", None)},
+    ),
+    "PoolNumberNotFound": _error_response(
+        "`pool_number_not_found`: the number is a valid phone number, but not one of the pool.",
+        {"pool_number_not_found": ("pool_number_not_found", "no such pool number", None)},
+    ),
+    "InvalidPoolNumber": _error_response(
+        "`invalid_input`: the path does not hold a phone number (`details.field` is `number`).",
+        {
+            "invalid_input": (
+                "invalid_input",
+                "pool number: not a valid phone number (not a phone number)",
+                {"field": "number"},
+            )
+        },
+    ),
+    "InvalidPage": _error_response(
+        "`invalid_input`: `limit` is not a whole number from 1 to "
+        f"{MAX_PAGE} written in ASCII digits, `cursor` is not one this API gave out, or a filter has a value it "
+        "does not know. "
+        "`details.field` names the parameter.",
+        {
+            "limit": ("invalid_input", f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
+            "cursor": ("invalid_input", "cursor is not one this API gave out", {"field": "cursor"}),
+        },
+    ),
+}
+
+
+# --- parameters -----------------------------------------------------------------------------
+
+PARAMETERS: dict[str, Schema] = {
+    "Limit": {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "description": f"Most items on the page, from 1 to {MAX_PAGE}, written in ASCII digits only (no sign, "
+        "spaces, decimal point or other digits).",
+        "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": DEFAULT_PAGE},
+    },
+    "Cursor": {
+        "name": "cursor",
+        "in": "query",
+        "required": False,
+        "description": "Opaque: the `next_cursor` of the previous page, as it was given. Leave it out for the "
+        "first page. A cursor is only good for the listing (and filters) that gave it out; one that is not "
+        "is refused with 422 `invalid_input` (`details.field` is `cursor`).",
+        "schema": {"type": "string"},
+    },
+    "SessionId": {
+        "name": "session_id",
+        "in": "path",
+        "required": True,
+        "description": "The session's id.",
+        "schema": UUID,
+    },
+    "PoolNumber": {
+        "name": "number",
+        "in": "path",
+        "required": True,
+        "description": "The pool number: E.164 (`+74950000001`; the `+` may be sent as is or as `%2B`) or any "
+        "other form the bridge reads as the same number (`84950000001` in the default region). Not a phone "
+        "number: 422 `invalid_input` with `details.field` `number`.",
+        "schema": {"type": "string"},
+    },
+}
+
+PAGE_PARAMETERS = [_parameter_ref("Limit"), _parameter_ref("Cursor")]
+SESSION_PARAMETERS = [_parameter_ref("SessionId")]
+NUMBER_PARAMETERS = [_parameter_ref("PoolNumber")]
+
+
+# --- schemas --------------------------------------------------------------------------------
+
+
+def _list_of(item: str, description: str, *, paginated: bool = True) -> Schema:
+    next_cursor: Schema = (
+        {
+            "type": ["string", "null"],
+            "description": "The cursor of the next page; null when this page is the last one. A page as long as "
+            "`limit` always has a cursor, so the page after it may be empty.",
+        }
+        if paginated
+        else {"type": "null", "description": "Always null: this list comes whole, in one page."}
+    )
+    return {
+        "type": "object",
+        "description": description,
+        "required": ["items", "next_cursor"],
+        "properties": {"items": {"type": "array", "items": _ref(item)}, "next_cursor": next_cursor},
+    }
+
+
+HOLD_COUNTS: Schema = {
+    "type": "object",
+    "description": "How many pool numbers a real number holds.",
+    "required": ["live", "cooling"],
+    "properties": {
+        "live": {"type": "integer", "minimum": 0, "description": "Held in live sessions."},
+        "cooling": {"type": "integer", "minimum": 0, "description": "Held in a pair cool-off after leaving."},
+    },
+}
+
+ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
+
+* 400 `invalid_json`: the body is not a JSON object.
+* 401 `unauthorized`: the bearer token is missing or wrong; the answer has the header
+  `WWW-Authenticate: Bearer realm="maskbridge"`.
+* 404 `session_not_found`, `pool_number_not_found`; `not_found` for a path that is no route.
+* 405 `method_not_allowed`: the path exists, the method does not; the `Allow` header lists the methods it has.
+* 409 `order_has_open_session`: the order already has an open session, with another courier or client
+  number than the request's. `details`: `session_id` (the open session) and `field` (`courier_number` or
+  `client_number`, the number that differs). Close it first, or reassign the courier.
+* 409 `pool_exhausted`: no pool number is free for the pair. `details`: `active_numbers`, `courier_holds`
+  and `client_holds` (`{live, cooling}` counts of the numbers each one holds), `numbers_needed`.
+* 409 `contention`: too many concurrent requests raced for the same numbers; retry.
+* 409 `session_ended`: the change needs an open session, and the session is in grace or closed, or was
+  past its expiry or idle timeout (it is ended then, not revived).
+* 413 `body_too_large`: the body is larger than the endpoint takes (64 KiB for JSON, 4 MiB for a pool
+  number import), whether `Content-Length` says so or a chunked body turns out larger.
+* 422 `invalid_input`: a field or parameter is missing, unknown or out of range; `details.field` names it
+  when there is one.
+* 422 `unknown_region`: no pool number is in the requested region (`details.field` is `region`).
+* 422 `invalid_import`: a pool number import had bad rows; nothing was imported. The message lists up to 20
+  of them; `details.problems` counts them all.
+* 500 `internal_error`: the bridge failed; the failure is logged.
+
+Messages are for people and may change; never parse them. They never hold a real number."""
+
+SCHEMAS: dict[str, Schema] = {
+    "Error": {
+        "type": "object",
+        "description": "Every error answer. " + ERROR_CODES,
+        "required": ["error"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "additionalProperties": False,
+                "properties": {
+                    "code": {
+                        "type": "string",
+                        "description": "Stable, machine-readable.",
+                        "examples": ["invalid_input"],
+                    },
+                    "message": {"type": "string", "description": "For a person; may change."},
+                    "details": _ref("ErrorDetails"),
+                },
+            }
+        },
+    },
+    "ErrorDetails": {
+        "type": "object",
+        "description": "Present only when there is something to say. Which keys appear depends on the code.",
+        "additionalProperties": True,
+        "properties": {
+            "field": {
+                "type": "string",
+                "description": "`invalid_input`, `unknown_region`: the field or parameter at fault. "
+                "`order_has_open_session`: `courier_number` or `client_number`, the number that differs from "
+                "the open session's.",
+            },
+            "session_id": {
+                **UUID,
+                "description": "`order_has_open_session`: the order's open session.",
+            },
+            "problems": {"type": "integer", "minimum": 1, "description": "`invalid_import`: how many rows were bad."},
+            "active_numbers": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "`pool_exhausted`: active pool numbers.",
+            },
+            "courier_holds": {**_ref("HoldCounts"), "description": "`pool_exhausted`: numbers the courier holds."},
+            "client_holds": {
+                **_ref("HoldCounts"),
+                "description": "`pool_exhausted`: numbers the client holds. When a courier is being reassigned, "
+                "these are the new courier's counts again.",
+            },
+            "numbers_needed": {
+                "type": "integer",
+                "minimum": 1,
+                "description": "`pool_exhausted`: active pool numbers this pair needs at least, with its cool-offs.",
+            },
+        },
+    },
+    "HoldCounts": HOLD_COUNTS,
+    "Participant": {
+        "type": "object",
+        "description": "A person in a session. A reassigned courier stays as a participant who left.",
+        "required": ["id", "role", "number", "proxy_number", "joined_at", "left_at", "cooling_until"],
+        "properties": {
+            "id": {**UUID, "description": "Stable; the pseudonymous reference calls keep after retention."},
+            "role": {"type": "string", "enum": ["courier", "client"]},
+            "number": {
+                "type": ["string", "null"],
+                "description": "The real number, masked (`+7916***4567`); null once the retention job removed it.",
+                "examples": ["+7916***4567"],
+            },
+            "proxy_number": {
+                **E164,
+                "description": "The pool number this participant dials to reach the other side, and sees the "
+                "other side's calls come from.",
+            },
+            "joined_at": TIMESTAMP,
+            "left_at": {**NULLABLE_TIMESTAMP, "description": "When they left (reassigned, or the session ended)."},
+            "cooling_until": {
+                **NULLABLE_TIMESTAMP,
+                "description": "After leaving: until when their (real number, pool number) pair is kept from "
+                "anyone else; they hear that the order finished if they call meanwhile.",
+            },
+        },
+    },
+    "Session": {
+        "type": "object",
+        "description": "The session of one order: a pool number between its courier and its client.",
+        "required": [
+            "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
+            "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
+        ],
+        "properties": {
+            "id": UUID,
+            "order_id": {"type": "string", "description": "The order system's id of the order."},
+            "status": {
+                "type": "string",
+                "enum": ["open", "grace", "closed"],
+                "description": "`open`: the two can call each other. `grace`: closed with a grace period, the "
+                "courier has left and the client can still reach support until `grace_until`. `closed`: ended. "
+                "A session past its `expires_at` or idle timeout may still read `open` until the next "
+                "housekeeping sweep, a call, or a change (extend, reassign, open for its order) ends it; no call "
+                "is routed through it meanwhile, and no change brings it back.",
+            },
+            "pool_number": {
+                **E164,
+                "description": "The pool number chosen at open (the client's `proxy_number`; a reassigned courier "
+                "may have been given another).",
+            },
+            "region": {"type": ["string", "null"], "description": "The region asked for at open, if any."},
+            "participants": {
+                "type": "object",
+                "description": "The current (latest) participant of each role; see the participants endpoint "
+                "for everyone who took part.",
+                "required": ["courier", "client"],
+                "properties": {"courier": _ref("Participant"), "client": _ref("Participant")},
+            },
+            "created_at": TIMESTAMP,
+            "expires_at": {**TIMESTAMP, "description": "When the session ends at the latest (while it is open)."},
+            "idle_timeout_seconds": {
+                "type": ["integer", "null"],
+                "description": "The session ends after this long without a call or an extension; null: never.",
+            },
+            "last_activity_at": TIMESTAMP,
+            "grace_seconds": {"type": "integer", "minimum": 0, "description": "The grace period used at close."},
+            "grace_until": {**NULLABLE_TIMESTAMP, "description": "Set while the status is `grace`."},
+            "closed_at": NULLABLE_TIMESTAMP,
+            "end_reason": {
+                "type": ["string", "null"],
+                "enum": ["closed", "expired", "inactive", None],
+                "description": "Why it ended (also set during `grace`); null while open.",
+            },
+        },
+    },
+    "SessionList": _list_of("Session", "Sessions, newest first."),
+    "ParticipantList": _list_of(
+        "Participant", "Everyone who took part in the session, in joining order.", paginated=False
+    ),
+    "SessionEvent": {
+        "type": "object",
+        "description": "One change in a session's life.",
+        "required": ["at", "kind", "detail"],
+        "properties": {
+            "at": TIMESTAMP,
+            "kind": {
+                "type": "string",
+                "enum": [
+                    "opened", "extended", "courier_reassigned", "grace_started", "closed", "expired", "inactive",
+                    "purged",
+                ],
+            },
+            "detail": {
+                "type": "object",
+                "additionalProperties": True,
+                "description": "By kind: `opened` {pool_number, region, ttl_seconds, idle_timeout_seconds, "
+                "grace_seconds}; `extended` {ttl_seconds, idle_timeout_seconds}; `courier_reassigned` "
+                "{previous, participant (participant ids), pool_number}; `grace_started` {grace_seconds}; "
+                "`purged` {participants (how many real numbers were removed)}; `closed`, `expired`, "
+                "`inactive`: {}. Sessions from before events were recorded have an empty `opened` and `closed`.",
+            },
+        },
+    },
+    "SessionEventList": _list_of("SessionEvent", "The session's events, oldest first.", paginated=False),
+    "Call": {
+        "type": "object",
+        "description": "One call attempt through a pool number. Participants appear by id only.",
+        "required": [
+            "id", "session_id", "pool_number", "caller_role", "caller_participant_id", "callee_role",
+            "callee_participant_id", "state", "outcome", "hangup_by", "hangup_cause", "started_at",
+            "answered_at", "ended_at", "duration_seconds",
+        ],
+        "properties": {
+            "id": UUID,
+            "session_id": UUID,
+            "pool_number": {**E164, "description": "The pool number that was dialed."},
+            "caller_role": {"type": ["string", "null"], "enum": ["courier", "client", None]},
+            "caller_participant_id": {"type": ["string", "null"], "format": "uuid"},
+            "callee_role": {
+                "type": ["string", "null"],
+                "enum": ["courier", "client", "support", None],
+                "description": "`support` for a client's call during a grace period; null when nobody was rung.",
+            },
+            "callee_participant_id": {"type": ["string", "null"], "format": "uuid"},
+            "state": {"type": "string", "enum": ["routing", "ringing", "connected", "announcing", "ended"]},
+            "outcome": {
+                "type": ["string", "null"],
+                "enum": [
+                    "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller",
+                    "session_closed", None,
+                ],
+                "description": "Set once the call ended.",
+            },
+            "hangup_by": {"type": ["string", "null"], "enum": ["caller", "callee", "system", None]},
+            "hangup_cause": {"type": ["integer", "null"], "description": "The Q.850 cause, when known."},
+            "started_at": TIMESTAMP,
+            "answered_at": NULLABLE_TIMESTAMP,
+            "ended_at": NULLABLE_TIMESTAMP,
+            "duration_seconds": {
+                "type": ["number", "null"],
+                "description": "Talk time, from answer to end; null unless the call was answered and has ended.",
+            },
+        },
+    },
+    "CallList": {
+        **_list_of("Call", "Calls, oldest first."),
+        "properties": {
+            **_list_of("Call", "")["properties"],
+            "session_id": {**UUID, "description": "The session asked for (calls of one session)."},
+            "order_id": {"type": "string", "description": "The order asked for (calls of one order)."},
+        },
+    },
+    "PoolNumber": {
+        "type": "object",
+        "description": "A number of the pool, with its load.",
+        "required": [
+            "number", "region", "state", "live_sessions", "cooling_pairs", "cooling_until", "state_changed_at",
+            "created_at",
+        ],
+        "properties": {
+            "number": E164,
+            "region": {"type": ["string", "null"]},
+            "state": {
+                "type": "string",
+                "enum": list(STATES),
+                "description": "`active`: handed out to new sessions. `cooling`: retired, but live sessions keep "
+                "it and former participants still hear that their order finished, until `cooling_until` (and "
+                "its last live session). `retired`: out of use.",
+            },
+            "live_sessions": {"type": "integer", "minimum": 0, "description": "Live participants holding it."},
+            "cooling_pairs": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "(real number, this number) pairs in cool-off.",
+            },
+            "cooling_until": {**NULLABLE_TIMESTAMP, "description": "Set while the state is `cooling`."},
+            "state_changed_at": TIMESTAMP,
+            "created_at": TIMESTAMP,
+        },
+    },
+    "PoolNumberList": _list_of("PoolNumber", "Pool numbers, in ascending order of number."),
+    "PoolUsage": {
+        "type": "object",
+        "description": "Utilisation of the pool, per region.",
+        "required": ["regions"],
+        "properties": {"regions": {"type": "array", "items": _ref("PoolUsageRegion")}},
+    },
+    "PoolUsageRegion": {
+        "type": "object",
+        "description": "One region's numbers (the numbers without a region first, as region null).",
+        "required": ["region", "active", "cooling", "retired", "live_sessions", "cooling_pairs",
+                     "busiest_number_sessions"],
+        "properties": {
+            "region": {"type": ["string", "null"]},
+            "active": {"type": "integer", "minimum": 0, "description": "Numbers in state active."},
+            "cooling": {"type": "integer", "minimum": 0, "description": "Numbers in state cooling."},
+            "retired": {"type": "integer", "minimum": 0, "description": "Numbers in state retired."},
+            "live_sessions": {"type": "integer", "minimum": 0, "description": "Live participants on its numbers."},
+            "cooling_pairs": {"type": "integer", "minimum": 0, "description": "Pairs in cool-off on its numbers."},
+            "busiest_number_sessions": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Live participants on its busiest number.",
+            },
+        },
+    },
+    "ImportResult": {
+        "type": "object",
+        "description": "What an import did, by number.",
+        "required": ["added", "updated", "reactivated", "unchanged"],
+        "additionalProperties": False,
+        "properties": {
+            "added": {"type": "integer", "minimum": 0, "description": "New numbers."},
+            "updated": {"type": "integer", "minimum": 0, "description": "Active numbers whose region changed."},
+            "reactivated": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "Cooling or retired numbers made active again (their region set as given).",
+            },
+            "unchanged": {"type": "integer", "minimum": 0, "description": "Active numbers already as given."},
+        },
+    },
+    "HealthStatus": {
+        "type": "object",
+        "description": "Each dependency: true when reachable.",
+        "required": ["ari", "database"],
+        "properties": {
+            "ari": {"type": "boolean", "description": "The Asterisk ARI event stream is connected."},
+            "database": {"type": "boolean", "description": "PostgreSQL answers."},
+        },
+    },
+    "OpenSessionRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["order_id", "courier_number", "client_number"],
+        "properties": {
+            "order_id": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": 200,
+                "pattern": ORDER_ID_PATTERN,
+                "description": "1 to 200 printable ASCII characters, no spaces. At most one open session per order.",
+                "examples": ["A-1042"],
+            },
+            "courier_number": {
+                "type": "string",
+                "maxLength": 32,
+                "description": "The courier's real number: E.164, or national form in the bridge's default region "
+                "(`MB_DEFAULT_REGION`); spaces, dashes, dots and brackets are ignored.",
+                "examples": ["+79161234567"],
+            },
+            "client_number": {
+                "type": "string",
+                "maxLength": 32,
+                "description": "The client's real number, read as `courier_number`; must be another number.",
+                "examples": ["89161234568"],
+            },
+            "region": {
+                **REGION,
+                "type": ["string", "null"],
+                "description": "Prefer a pool number of this region (ISO 3166: `RU`, `RU-MOW`). Some pool number "
+                "must have this region (`unknown_region` otherwise); if none of them is free, another region's is "
+                "used. Null: no preference.",
+            },
+            "ttl_seconds": {
+                **_seconds("The session ends this long after opening. Default `MB_SESSION_TTL` (24 hours)."),
+                "type": ["integer", "null"],
+            },
+            "idle_timeout_seconds": {
+                **_seconds("The session ends after this long without a call. Default: no idle timeout."),
+                "type": ["integer", "null"],
+            },
+            "grace_seconds": {
+                **_seconds(
+                    "Grace period at close: the client can still reach support through the pool number this "
+                    "long. Default `MB_GRACE_PERIOD` (0). More than 0 needs a support number "
+                    "(`MB_SUPPORT_NUMBER`).",
+                    minimum=0,
+                ),
+                "type": ["integer", "null"],
+            },
+        },
+        "description": "Null is the same as leaving a field out. Seconds are JSON integers (`5.0` and `true` "
+        f"are refused), at most {MAX_SECONDS} (31 days).",
+    },
+    "ExtendRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "anyOf": [
+            {"required": ["ttl_seconds"], "properties": {"ttl_seconds": {"type": "integer"}}},
+            {"required": ["idle_timeout_seconds"], "properties": {"idle_timeout_seconds": {"type": "integer"}}},
+        ],
+        "properties": {
+            "ttl_seconds": {
+                **_seconds("The session now ends this long from now (replacing `expires_at`, not adding to it)."),
+                "type": ["integer", "null"],
+            },
+            "idle_timeout_seconds": {
+                **_seconds("The new idle timeout."),
+                "type": ["integer", "null"],
+            },
+        },
+        "description": "At least one of the two, not null. Extending also counts as activity (resets the idle "
+        "timer).",
+    },
+    "CloseRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "grace_seconds": {
+                **_seconds(
+                    "Overrides the grace period set at open (0: none). More than 0 needs a support number "
+                    "(`MB_SUPPORT_NUMBER`).",
+                    minimum=0,
+                ),
+                "type": ["integer", "null"],
+            },
+        },
+        "description": "Optional: an empty body, or `{}`, closes with the grace period set at open.",
+    },
+    "AddParticipantRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["role", "number"],
+        "properties": {
+            "role": {
+                "type": "string",
+                "const": "courier",
+                "description": "Only the courier can be replaced: the client keeps their number.",
+            },
+            "number": {
+                "type": "string",
+                "maxLength": 32,
+                "description": "The new courier's real number, read as `courier_number` at open. Validation "
+                "errors name the field `number` in `details.field`.",
+                "examples": ["+79161234569"],
+            },
+        },
+    },
+    "PoolNumberEntry": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["number"],
+        "properties": {
+            "number": {
+                "type": "string",
+                "maxLength": 32,
+                "description": "The number: E.164, or national form in the bridge's default region "
+                "(`MB_DEFAULT_REGION`).",
+                "examples": ["+74950000001"],
+            },
+            "region": {**REGION, "type": ["string", "null"], "description": "Null or left out: no region."},
+        },
+        "description": "An entry that is not an object, lacks `number` or has any other key is a bad row "
+        "(`invalid_import`).",
+    },
+    "ImportPoolNumbersRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["numbers"],
+        "properties": {
+            "numbers": {
+                "type": "array",
+                "minItems": 1,
+                "maxItems": MAX_IMPORT,
+                "items": _ref("PoolNumberEntry"),
+                "description": "A number listed twice must have the same region both times.",
+            },
+        },
+    },
+}
+
+# --- paths ----------------------------------------------------------------------------------
+
+UNAUTHORIZED = _response_ref("Unauthorized")
+INTERNAL = _response_ref("InternalError")
+BAD_BODY = _response_ref("BadBody")
+TOO_LARGE = _response_ref("BodyTooLarge")
+SESSION_NOT_FOUND = _response_ref("SessionNotFound")
+SESSION_ENDED = ("session_ended", "only an open session can be extended: the session is closed", None)
+ORDER_HAS_OPEN_SESSION = (
+    "order_has_open_session",
+    "order A-1042 has an open session with another courier; close it first, or reassign the courier",
+    {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42", "field": "courier_number"},
+)
+CONTENTION = ("contention", "too many opens raced for the same numbers; try again", None)
+POOL_EXHAUSTED = (
+    "pool_exhausted",
+    "the pool is exhausted for this pair: every one of the 3 active numbers is held by the courier or the client "
+    "(live or cooling off). For participants with at most 2 live sessions each, 3 numbers always suffice; this "
+    "pair needs at least 4 with its cool-offs",
+    {
+        "active_numbers": 3,
+        "courier_holds": {"live": 1, "cooling": 1},
+        "client_holds": {"live": 1, "cooling": 0},
+        "numbers_needed": 4,
+    },
+)
+
+SESSION_EXAMPLE: dict[str, Any] = {
+    "id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42",
+    "order_id": "A-1042",
+    "status": "open",
+    "pool_number": "+74950000001",
+    "region": "RU-MOW",
+    "participants": {
+        "courier": {
+            "id": "0b7e1f0a-7d1c-4f7e-a7a4-5a1d2c3b4e5f",
+            "role": "courier",
+            "number": "+7916***4567",
+            "proxy_number": "+74950000001",
+            "joined_at": "2025-05-12T10:00:00+00:00",
+            "left_at": None,
+            "cooling_until": None,
+        },
+        "client": {
+            "id": "9c2d4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f",
+            "role": "client",
+            "number": "+7916***4568",
+            "proxy_number": "+74950000001",
+            "joined_at": "2025-05-12T10:00:00+00:00",
+            "left_at": None,
+            "cooling_until": None,
+        },
+    },
+    "created_at": "2025-05-12T10:00:00+00:00",
+    "expires_at": "2025-05-13T10:00:00+00:00",
+    "idle_timeout_seconds": None,
+    "last_activity_at": "2025-05-12T10:00:00+00:00",
+    "grace_seconds": 0,
+    "grace_until": None,
+    "closed_at": None,
+    "end_reason": None,
+}
+
+
+def _invalid(description: str, **examples: tuple[str, str, dict[str, Any] | None]) -> Schema:
+    return _error_response(description, dict(examples))
+
+
+PATHS: dict[str, Schema] = {
+    "/healthz": {
+        "get": {
+            "operationId": "getHealth",
+            "tags": ["service"],
+            "summary": "Health of the bridge",
+            "description": "Whether the bridge reaches Asterisk (ARI) and PostgreSQL. No token needed.",
+            "security": [],
+            "responses": {
+                "200": _json_response("Both reachable.", _ref("HealthStatus"), {"ari": True, "database": True}),
+                "503": _json_response(
+                    "At least one is not reachable (the body says which; it is not an Error).",
+                    _ref("HealthStatus"),
+                    {"ari": False, "database": True},
+                ),
+                "500": INTERNAL,
+            },
+        }
+    },
+    "/v1/openapi.json": {
+        "get": {
+            "operationId": "getOpenApiDocument",
+            "tags": ["service"],
+            "summary": "This document",
+            "description": "The OpenAPI 3.1 document of this API. No token needed.",
+            "security": [],
+            "responses": {
+                "200": _json_response("The OpenAPI document.", {"type": "object"}),
+                "500": INTERNAL,
+            },
+        }
+    },
+    "/v1/sessions": {
+        "post": {
+            "operationId": "openSession",
+            "tags": ["sessions"],
+            "summary": "Open the session of an order",
+            "description": "Chooses a pool number free for both the courier and the client (the number the same "
+            "pair had last time if it is free, then one of the requested region, then the least loaded) and "
+            "returns it: each one dials it to reach the other, and sees the other's calls come from it.\n\n"
+            "Idempotent by `order_id`: while the order has an open session naming the same courier (its current "
+            "one, after a reassignment) and the same client, that session is returned with 200 and nothing "
+            "changes; numbers count as the same when they read as the same number (`89161234567` and "
+            "`+79161234567`). The terms of the request (region, seconds) are checked, but not compared with the "
+            "session's. An open session naming another courier or client number is a bug of the caller: 409 "
+            "`order_has_open_session`. An open session found past its expiry or idle timeout is ended first, "
+            "and a new one is opened. The whole request is checked before anything is written.\n\n"
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 409 `order_has_open_session` (`details.session_id`, "
+            "`details.field`), `pool_exhausted` (with details), `contention`; 413 `body_too_large`; 422 "
+            "`invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
+            "requestBody": _json_request("OpenSessionRequest"),
+            "responses": {
+                "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE),
+                "200": _json_response(
+                    "The order already had an open session with the same numbers: here it is, unchanged.",
+                    _ref("Session"),
+                ),
+                "400": BAD_BODY,
+                "401": UNAUTHORIZED,
+                "409": _invalid(
+                    "`order_has_open_session`: the order has an open session with another courier or client "
+                    "number (`details.field` says which, `details.session_id` which session). `pool_exhausted`: "
+                    "every active pool number is held by the courier or the client (live, or cooling off); "
+                    "`details` says how many numbers the pair needs. `contention`: too many opens raced for the "
+                    "same numbers; retry.",
+                    order_has_open_session=ORDER_HAS_OPEN_SESSION,
+                    pool_exhausted=POOL_EXHAUSTED,
+                    contention=CONTENTION,
+                ),
+                "413": TOO_LARGE,
+                "422": _invalid(
+                    "`invalid_input`: a field is missing, unknown or out of range (`details.field` names it), "
+                    "the two numbers are the same, or a grace period was asked for without a support number. "
+                    "`unknown_region`: no pool number has the requested region.",
+                    invalid_input=(
+                        "invalid_input",
+                        "courier_number is not a valid phone number: not a phone number",
+                        {"field": "courier_number"},
+                    ),
+                    unknown_region=("unknown_region", "no pool number is in region RU-SPE", {"field": "region"}),
+                ),
+                "500": INTERNAL,
+            },
+        },
+        "get": {
+            "operationId": "listSessions",
+            "tags": ["sessions"],
+            "summary": "List sessions",
+            "description": "Sessions, newest first, optionally of one order and/or in one status. Paginated by "
+            "cursor.\n\nErrors: 401 `unauthorized`; 422 `invalid_input` (`limit`, `cursor`, `status`); 500 "
+            "`internal_error`.",
+            "parameters": [
+                *PAGE_PARAMETERS,
+                {
+                    "name": "order_id",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only the sessions of this order.",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "status",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only sessions in this status.",
+                    "schema": {"type": "string", "enum": ["open", "grace", "closed"]},
+                },
+            ],
+            "responses": {
+                "200": _json_response("A page of sessions.", _ref("SessionList")),
+                "401": UNAUTHORIZED,
+                "422": _response_ref("InvalidPage"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}": {
+        "parameters": SESSION_PARAMETERS,
+        "get": {
+            "operationId": "getSession",
+            "tags": ["sessions"],
+            "summary": "Get a session",
+            "description": "Errors: 401 `unauthorized`; 404 `session_not_found`; 500 `internal_error`.",
+            "responses": {
+                "200": _json_response("The session.", _ref("Session"), SESSION_EXAMPLE),
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}/extend": {
+        "parameters": SESSION_PARAMETERS,
+        "post": {
+            "operationId": "extendSession",
+            "tags": ["sessions"],
+            "summary": "Extend an open session",
+            "description": "Sets a new end (`ttl_seconds` from now) and/or a new idle timeout, and counts as "
+            "activity. Only an open session can be extended: one found past its expiry or idle timeout is "
+            "ended (not revived) and refused.\n\nErrors: 400 `invalid_json`; 401 `unauthorized`; 404 "
+            "`session_not_found`; 409 `session_ended`; 413 `body_too_large`; 422 `invalid_input`; 500 "
+            "`internal_error`.",
+            "requestBody": _json_request("ExtendRequest"),
+            "responses": {
+                "200": _json_response("The session as extended.", _ref("Session")),
+                "400": BAD_BODY,
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "409": _invalid(
+                    "`session_ended`: the session is in grace or closed, or was past its expiry or idle timeout "
+                    "(it is ended now).",
+                    session_ended=SESSION_ENDED,
+                ),
+                "413": TOO_LARGE,
+                "422": _invalid(
+                    "`invalid_input`: neither field given, a field out of range, or an unknown field "
+                    "(`details.field` names it).",
+                    invalid_input=(
+                        "invalid_input",
+                        "give ttl_seconds, idle_timeout_seconds or both",
+                        {"field": "ttl_seconds"},
+                    ),
+                ),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}/close": {
+        "parameters": SESSION_PARAMETERS,
+        "post": {
+            "operationId": "closeSession",
+            "tags": ["sessions"],
+            "summary": "Close a session",
+            "description": "Ends the order's session. With a grace period (given here, or set at open) an open "
+            "session goes to `grace`: the courier leaves at once, and the client can still reach support "
+            "through the pool number until `grace_until`, when the session closes. Closing a session in grace "
+            "closes it at once; closing a closed session changes nothing and returns it. Participants who "
+            "leave keep their pair of numbers from anyone else for the cool-off (`MB_PAIR_COOLOFF`).\n\n"
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 404 `session_not_found`; 413 `body_too_large`; "
+            "422 `invalid_input`; 500 `internal_error`.",
+            "requestBody": _json_request("CloseRequest", required=False),
+            "responses": {
+                "200": _json_response("The session, in grace or closed.", _ref("Session")),
+                "400": BAD_BODY,
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "413": TOO_LARGE,
+                "422": _invalid(
+                    "`invalid_input`: `grace_seconds` out of range, an unknown field, or a grace period without "
+                    "a support number configured.",
+                    invalid_input=(
+                        "invalid_input",
+                        "a grace period needs a support number (MB_SUPPORT_NUMBER)",
+                        {"field": "grace_seconds"},
+                    ),
+                ),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}/participants": {
+        "parameters": SESSION_PARAMETERS,
+        "get": {
+            "operationId": "listParticipants",
+            "tags": ["participants"],
+            "summary": "List a session's participants",
+            "description": "Everyone who took part, in joining order, including reassigned couriers (with "
+            "`left_at`). Not paginated: `next_cursor` is always null.\n\nErrors: 401 `unauthorized`; 404 "
+            "`session_not_found`; 500 `internal_error`.",
+            "responses": {
+                "200": _json_response("The participants.", _ref("ParticipantList")),
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "500": INTERNAL,
+            },
+        },
+        "post": {
+            "operationId": "reassignCourier",
+            "tags": ["participants"],
+            "summary": "Reassign the order to a new courier",
+            "description": "The current courier leaves (their pair cools off) and the new one joins. The client "
+            "keeps their number; the new courier gets the session's pool number when it is free for them, "
+            "another one otherwise (see `participants.courier.proxy_number`). Only an open session can be "
+            "reassigned: one found past its expiry or idle timeout is ended (not revived) and refused. Answers "
+            "with the whole session: 201 when the courier changed, 200 when the number already was the current "
+            "courier's (nothing changes).\n\nChecked in this order: the session exists (404), the body (400, "
+            "413, 422 for `role` or an unknown field), the number is a phone number (422), the session is open "
+            "(409), the number is not the client's (422).\n\n"
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 404 `session_not_found`; 409 `session_ended`, "
+            "`pool_exhausted`, `contention`; 413 `body_too_large`; 422 `invalid_input` (a `role` other than "
+            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field); "
+            "500 `internal_error`.",
+            "requestBody": _json_request("AddParticipantRequest"),
+            "responses": {
+                "201": _json_response("The session, with its new courier.", _ref("Session")),
+                "200": _json_response(
+                    "The number already was the current courier's: the session, unchanged.", _ref("Session")
+                ),
+                "400": BAD_BODY,
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "409": _invalid(
+                    "`session_ended`: the session is in grace or closed, or was past its expiry or idle timeout "
+                    "(it is ended now). `pool_exhausted`: no pool number is free for the new courier. "
+                    "`contention`: concurrent changes raced; retry.",
+                    session_ended=(
+                        "session_ended",
+                        "only an open session can be reassigned: the session is closed",
+                        None,
+                    ),
+                    pool_exhausted=POOL_EXHAUSTED,
+                    contention=("contention", "too many changes raced for the same numbers; try again", None),
+                ),
+                "413": TOO_LARGE,
+                "422": _invalid(
+                    "`invalid_input`: `role` is not `courier`, the number is not valid or is the client's "
+                    "(`details.field` is `number`), or an unknown field.",
+                    role=(
+                        "invalid_input",
+                        "only the courier can be replaced: the client keeps their number",
+                        {"field": "role"},
+                    ),
+                    number=(
+                        "invalid_input",
+                        "number is not a valid phone number: not a phone number",
+                        {"field": "number"},
+                    ),
+                ),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}/events": {
+        "parameters": SESSION_PARAMETERS,
+        "get": {
+            "operationId": "listSessionEvents",
+            "tags": ["sessions"],
+            "summary": "A session's history",
+            "description": "Every change of the session, oldest first. Not paginated: `next_cursor` is always "
+            "null.\n\nErrors: 401 `unauthorized`; 404 `session_not_found`; 500 `internal_error`.",
+            "responses": {
+                "200": _json_response("The events.", _ref("SessionEventList")),
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/sessions/{session_id}/calls": {
+        "parameters": SESSION_PARAMETERS,
+        "get": {
+            "operationId": "listSessionCalls",
+            "tags": ["calls"],
+            "summary": "A session's calls",
+            "description": "Call attempts through the session's numbers, oldest first. Paginated by cursor.\n\n"
+            "Errors: 401 `unauthorized`; 404 `session_not_found`; 422 `invalid_input` (`limit`, `cursor`); "
+            "500 `internal_error`.",
+            "parameters": PAGE_PARAMETERS,
+            "responses": {
+                "200": _json_response(
+                    "A page of calls, with the session's id.",
+                    {"allOf": [_ref("CallList"), {"required": ["session_id"]}]},
+                ),
+                "401": UNAUTHORIZED,
+                "404": SESSION_NOT_FOUND,
+                "422": _response_ref("InvalidPage"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/calls": {
+        "get": {
+            "operationId": "listOrderCalls",
+            "tags": ["calls"],
+            "summary": "An order's calls",
+            "description": "Call attempts of every session of the order (a reopened order has several), oldest "
+            "first, however many sessions it had. An order without sessions has no calls (not an error). "
+            "Paginated by cursor.\n\nErrors: 401 `unauthorized`; 422 `invalid_input` "
+            "(`order_id` missing, `limit`, `cursor`); 500 `internal_error`.",
+            "parameters": [
+                {
+                    "name": "order_id",
+                    "in": "query",
+                    "required": True,
+                    "description": "The order.",
+                    "schema": {"type": "string", "minLength": 1},
+                },
+                *PAGE_PARAMETERS,
+            ],
+            "responses": {
+                "200": _json_response(
+                    "A page of calls, with the order's id.",
+                    {"allOf": [_ref("CallList"), {"required": ["order_id"]}]},
+                ),
+                "401": UNAUTHORIZED,
+                "422": _invalid(
+                    "`invalid_input`: `order_id` is missing, or `limit` or `cursor` is bad (`details.field` "
+                    "names it).",
+                    order_id=("invalid_input", "order_id is required", {"field": "order_id"}),
+                    limit=("invalid_input", f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
+                    cursor=("invalid_input", "cursor is not one this API gave out", {"field": "cursor"}),
+                ),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/pool-numbers": {
+        "post": {
+            "operationId": "importPoolNumbers",
+            "tags": ["pool-numbers"],
+            "summary": "Import pool numbers",
+            "description": "Adds numbers to the pool, or updates the region of known ones; a cooling or retired "
+            "number is made active again. All or nothing: one bad row rejects the whole import, and the error "
+            f"lists the bad rows. At most {MAX_IMPORT} numbers and {IMPORT_BODY_LIMIT} bytes per import.\n\n"
+            "The body is CSV when the content type is `text/csv` or `text/plain` (UTF-8, optionally starting "
+            "with a byte order mark), JSON otherwise. A number without a region has none (there is no default "
+            "region for imports).\n\n"
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 413 `body_too_large`; 422 `invalid_import` "
+            "(`details.problems`), `invalid_input` (no numbers, too many, `numbers` not a list, CSV not UTF-8, "
+            "an unknown field); 500 `internal_error`.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": _ref("ImportPoolNumbersRequest"),
+                        "example": {
+                            "numbers": [
+                                {"number": "+74950000001", "region": "RU-MOW"},
+                                {"number": "+78120000001", "region": "RU-SPE"},
+                            ]
+                        },
+                    },
+                    "text/csv": {
+                        "schema": {
+                            "type": "string",
+                            "description": "UTF-8, optionally starting with a byte order mark. "
+                            "`number[,region]` per line; an optional first line naming the columns "
+                            "(`number,region`); blank lines and lines starting with `#` are skipped; an empty or "
+                            "missing region means none; further columns are ignored. Errors name the line.",
+                        },
+                        "example": "number,region\n+74950000001,RU-MOW\n# no region:\n+74950000002\n",
+                    },
+                    "text/plain": {
+                        "schema": {"type": "string", "description": "The same CSV as `text/csv`."},
+                    },
+                },
+            },
+            "responses": {
+                "201": _json_response(
+                    "Something was added or reactivated.",
+                    _ref("ImportResult"),
+                    {"added": 2, "updated": 0, "reactivated": 0, "unchanged": 0},
+                ),
+                "200": _json_response("Nothing was added or reactivated.", _ref("ImportResult")),
+                "400": _invalid(
+                    "`invalid_json`: a JSON body that is not a JSON object.",
+                    invalid_json=("invalid_json", "the body must be a JSON object", None),
+                ),
+                "401": UNAUTHORIZED,
+                "413": _too_large(IMPORT_BODY_LIMIT),
+                "422": _invalid(
+                    "`invalid_import`: some rows are bad; nothing was imported. `invalid_input`: the body as a "
+                    "whole is unusable.",
+                    invalid_import=(
+                        "invalid_import",
+                        "nothing was imported: line 3: not a valid phone number (not a phone number); line 5: "
+                        "region must look like RU or RU-MOW (ISO 3166)",
+                        {"problems": 2},
+                    ),
+                    invalid_input=("invalid_input", "no numbers to import", {"field": "numbers"}),
+                ),
+                "500": INTERNAL,
+            },
+        },
+        "get": {
+            "operationId": "listPoolNumbers",
+            "tags": ["pool-numbers"],
+            "summary": "List pool numbers",
+            "description": "Pool numbers with their load, in ascending order of number, optionally of one region "
+            "and/or in one state. Paginated by cursor.\n\nErrors: 401 `unauthorized`; 422 `invalid_input` "
+            "(`limit`, `cursor`, `state`); 500 `internal_error`.",
+            "parameters": [
+                *PAGE_PARAMETERS,
+                {
+                    "name": "region",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only numbers of this region (compared as given; not checked).",
+                    "schema": {"type": "string"},
+                },
+                {
+                    "name": "state",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only numbers in this state.",
+                    "schema": {"type": "string", "enum": list(STATES)},
+                },
+            ],
+            "responses": {
+                "200": _json_response("A page of pool numbers.", _ref("PoolNumberList")),
+                "401": UNAUTHORIZED,
+                "422": _response_ref("InvalidPage"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/pool-numbers/{number}": {
+        "parameters": NUMBER_PARAMETERS,
+        "get": {
+            "operationId": "getPoolNumber",
+            "tags": ["pool-numbers"],
+            "summary": "Get a pool number",
+            "description": "Errors: 401 `unauthorized`; 404 `pool_number_not_found`; 422 `invalid_input` (not a "
+            "phone number; `details.field` is `number`); 500 `internal_error`.",
+            "responses": {
+                "200": _json_response("The pool number, with its load.", _ref("PoolNumber")),
+                "401": UNAUTHORIZED,
+                "404": _response_ref("PoolNumberNotFound"),
+                "422": _response_ref("InvalidPoolNumber"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/pool-numbers/{number}/retire": {
+        "parameters": NUMBER_PARAMETERS,
+        "post": {
+            "operationId": "retirePoolNumber",
+            "tags": ["pool-numbers"],
+            "summary": "Retire a pool number",
+            "description": "Stops handing the number out to new sessions. It goes to `cooling` for "
+            "`MB_NUMBER_COOLING` (7 days by default): live sessions keep it and former participants still hear "
+            "that their order finished; then, once no live session uses it, it is `retired`. Retiring a number "
+            "that is not active changes nothing. Importing it again makes it active. No body.\n\nErrors: 401 "
+            "`unauthorized`; 404 `pool_number_not_found`; 422 `invalid_input` (not a phone number; "
+            "`details.field` is `number`); 500 `internal_error`.",
+            "responses": {
+                "200": _json_response("The pool number, now cooling (or as it was).", _ref("PoolNumber")),
+                "401": UNAUTHORIZED,
+                "404": _response_ref("PoolNumberNotFound"),
+                "422": _response_ref("InvalidPoolNumber"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/pool-usage": {
+        "get": {
+            "operationId": "getPoolUsage",
+            "tags": ["pool-numbers"],
+            "summary": "Pool utilisation per region",
+            "description": "Per region: numbers by state, live sessions, pairs in cool-off and the load of the "
+            "busiest number. Not paginated.\n\nErrors: 401 `unauthorized`; 500 `internal_error`.",
+            "responses": {
+                "200": _json_response(
+                    "Usage, one entry per region (numbers without a region first).",
+                    _ref("PoolUsage"),
+                    {
+                        "regions": [
+                            {
+                                "region": "RU-MOW",
+                                "active": 40,
+                                "cooling": 1,
+                                "retired": 3,
+                                "live_sessions": 112,
+                                "cooling_pairs": 37,
+                                "busiest_number_sessions": 4,
+                            }
+                        ]
+                    },
+                ),
+                "401": UNAUTHORIZED,
+                "500": INTERNAL,
+            },
+        }
+    },
+}
+
+DESCRIPTION = f"""The API of maskbridge, a number-masking VoIP bridge for deliveries.
+
+For each order the order system opens a **session**: the bridge chooses a number from its pool
+(**pool number**) and gives it to the order's courier and client. Each one dials that pool number to
+reach the other and sees the other's calls come from it, so that neither ever learns the other's real
+number. A session ends when it is closed (optionally after a grace period in which the client can still
+reach support), expires, or stays idle too long; afterwards the pool number leads nowhere for that pair.
+
+Real numbers are given to the API in requests and are never given back: answers only ever hold them
+masked, like `+7916***4567`. Pool numbers are given in full (E.164).
+
+**Authentication**: every endpoint except `/healthz` and `/v1/openapi.json` needs the header
+`Authorization: Bearer <token>` (`MB_API_TOKEN`; the scheme is matched case-insensitively). Without it,
+or with a wrong token: 401 `unauthorized` with `WWW-Authenticate: Bearer realm="maskbridge"`.
+
+**Requests**: JSON bodies are objects of at most {JSON_BODY_LIMIT} bytes (larger: 413 `body_too_large`);
+unknown fields are refused.
+
+**Lists** are paginated by an opaque cursor: `{{"items": [...], "next_cursor": "..."}}`. Pass
+`next_cursor` as `cursor` to get the next page; it is null on the last page. `limit` is 1 to {MAX_PAGE}
+(default {DEFAULT_PAGE}).
+
+**Errors** are `{{"error": {{"code", "message", "details"?}}}}`.
+
+{ERROR_CODES}"""
+
+_DOCUMENT: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "maskbridge",
+        "version": "0.2.0",
+        "summary": "Order-scoped pool numbers that mask couriers' and clients' real numbers.",
+        "description": DESCRIPTION,
+        "license": {"name": "AGPL-3.0-or-later", "identifier": "AGPL-3.0-or-later"},
+    },
+    "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
+    "servers": [{"url": "/", "description": "The bridge itself (MB_API_BIND:MB_API_PORT)."}],
+    "security": [{"bearer": []}],
+    "tags": [
+        {"name": "sessions", "description": "Order sessions: open, read, extend, close, history."},
+        {"name": "participants", "description": "The people of a session; reassigning the courier."},
+        {"name": "calls", "description": "Call attempts, by session or by order."},
+        {"name": "pool-numbers", "description": "The pool: import, list, retire, utilisation."},
+        {"name": "service", "description": "Health and this document; no token needed."},
+    ],
+    "paths": PATHS,
+    "components": {
+        "securitySchemes": {
+            "bearer": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The API token (`MB_API_TOKEN`, at least 16 characters): "
+                "`Authorization: Bearer <token>`.",
+            }
+        },
+        "parameters": PARAMETERS,
+        "responses": RESPONSES,
+        "schemas": SCHEMAS,
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    """The OpenAPI document (one shared dict: do not change it)."""
+    return _DOCUMENT

@@ -1,0 +1,275 @@
+"""`maskbridge-admin`: the engineers' tool, over the same services as the HTTP API.
+
+It talks to the database directly (MB_DATABASE_URL, MB_NUMBER_KEY and the session
+settings from the environment), so it works while the bridge is down. Real numbers are
+shown masked, as in the API. `--json` prints what the API would answer.
+
+    maskbridge-admin pool import numbers.csv [--region RU-MOW]
+    maskbridge-admin pool list [--region R] [--state active|cooling|retired]
+    maskbridge-admin pool retire +74950000001 [...]
+    maskbridge-admin pool usage
+    maskbridge-admin session open ORDER COURIER CLIENT [--region R] [--ttl S] [--idle S] [--grace S]
+    maskbridge-admin session show SESSION_ID | --order ORDER
+    maskbridge-admin session list [--order ORDER] [--status open|grace|closed]
+    maskbridge-admin session extend SESSION_ID [--ttl S] [--idle S]
+    maskbridge-admin session reassign SESSION_ID NEW_COURIER
+    maskbridge-admin session close SESSION_ID [--grace S]
+    maskbridge-admin calls ORDER
+    maskbridge-admin housekeeping [--purge] [--older-than DAYS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from bridge import logs
+from bridge.api.http import _default, render_pool_number, render_session
+from bridge.app import policy_of
+from bridge.config import ConfigError, Settings
+from bridge.crypto import NumberVault
+from bridge.errors import InvalidInput, NotFound, ServiceError
+from bridge.pools import Pools
+from bridge.sessions import Sessions
+from bridge.store import Store, connect, migrate
+
+
+class Tool:
+    def __init__(self, sessions: Sessions, pools: Pools, as_json: bool) -> None:
+        self.sessions = sessions
+        self.pools = pools
+        self.as_json = as_json
+
+    def out(self, data: Any, table: list[dict[str, Any]] | None = None, columns: list[str] | None = None) -> None:
+        if self.as_json or table is None:
+            print(json.dumps(data, default=_default, indent=2, ensure_ascii=False))
+            return
+        cols = columns or (list(table[0]) if table else [])
+        cells = [[_cell(row.get(c)) for c in cols] for row in table]
+        widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(cols)]
+        print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+        for r in cells:
+            print("  ".join(v.ljust(w) for v, w in zip(r, widths)))
+        if not table:
+            print("(none)")
+
+    async def session_id(self, raw: str | None, order: str | None) -> uuid.UUID:
+        if order:
+            found = await self.sessions.find(order_id=order, status=None, after=None, limit=1)
+            if not found:
+                raise NotFound(f"no session for order {order}", code="session_not_found")
+            return found[0].id
+        try:
+            return uuid.UUID(raw or "")
+        except ValueError:
+            raise InvalidInput("give a session id (a UUID) or --order") from None
+
+    def session(self, row: Any) -> None:
+        data = render_session(self.sessions, row)
+        if self.as_json:
+            self.out(data)
+            return
+        for key in ("id", "order_id", "status", "pool_number", "region", "created_at", "expires_at",
+                    "idle_timeout_seconds", "grace_until", "closed_at", "end_reason"):
+            print(f"{key:22} {_cell(data[key])}")
+        for role, p in data["participants"].items():
+            state = "live" if p["left_at"] is None else f"left {_cell(p['left_at'])}"
+            print(f"{role:22} {p['number'] or '(purged)'} dials {p['proxy_number']} ({state})")
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    text = _default(value) if not isinstance(value, (str, int, float)) else value
+    return str(text)
+
+
+async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    vault = NumberVault(settings.number_key)
+    policy = policy_of(settings)
+    pool = await connect(settings.database_url, max_size=2)
+    try:
+        await migrate(pool, vault)
+        store = Store(pool)
+        tool = Tool(Sessions(store, vault, policy), Pools(store, policy), args.json)
+        await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
+        return 0
+    finally:
+        await pool.close()
+
+
+# --- commands ------------------------------------------------------------------------------
+
+
+async def pool_import(tool: Tool, a: argparse.Namespace) -> None:
+    text = sys.stdin.read() if a.file == "-" else Path(a.file).read_text(encoding="utf-8")
+    tool.out(await tool.pools.import_csv(text, a.region))
+
+
+async def pool_list(tool: Tool, a: argparse.Namespace) -> None:
+    rows, after = [], None
+    while True:  # every page
+        page = await tool.pools.find(region=a.region, state=a.state, after=after, limit=500)
+        rows += [render_pool_number(r) for r in page]
+        if len(page) < 500:
+            break
+        after = page[-1].number
+    tool.out(rows, rows, ["number", "region", "state", "live_sessions", "cooling_pairs", "cooling_until"])
+
+
+async def pool_retire(tool: Tool, a: argparse.Namespace) -> None:
+    rows = [render_pool_number(await tool.pools.retire(n)) for n in a.numbers]
+    tool.out(rows, rows, ["number", "region", "state", "live_sessions", "cooling_until"])
+
+
+async def pool_usage(tool: Tool, a: argparse.Namespace) -> None:
+    rows = await tool.pools.usage()
+    tool.out(rows, rows)
+
+
+async def session_open(tool: Tool, a: argparse.Namespace) -> None:
+    session, created = await tool.sessions.open(
+        a.order, a.courier, a.client, region=a.region, ttl_seconds=a.ttl, idle_timeout_seconds=a.idle,
+        grace_seconds=a.grace,
+    )
+    if not tool.as_json:
+        print("opened" if created else "already open")
+    tool.session(session)
+
+
+async def session_show(tool: Tool, a: argparse.Namespace) -> None:
+    session_id = await tool.session_id(a.session, a.order)
+    tool.session(await tool.sessions.get(session_id))
+    if not tool.as_json:
+        print("events:")
+        for e in await tool.sessions.events(session_id):
+            print(f"  {_cell(e['at'])}  {e['kind']}  {json.dumps(e['detail'])}")
+
+
+async def session_list(tool: Tool, a: argparse.Namespace) -> None:
+    rows = await tool.sessions.find(order_id=a.order, status=a.status, after=None, limit=a.limit)
+    data = [render_session(tool.sessions, s) for s in rows]
+    tool.out(data, data, ["id", "order_id", "status", "pool_number", "created_at", "expires_at", "end_reason"])
+
+
+async def session_extend(tool: Tool, a: argparse.Namespace) -> None:
+    tool.session(await tool.sessions.extend(uuid.UUID(a.session), a.ttl, a.idle))
+
+
+async def session_reassign(tool: Tool, a: argparse.Namespace) -> None:
+    session, _changed = await tool.sessions.reassign_courier(uuid.UUID(a.session), a.courier)
+    tool.session(session)
+
+
+async def session_close(tool: Tool, a: argparse.Namespace) -> None:
+    tool.session(await tool.sessions.close(uuid.UUID(a.session), a.grace))
+
+
+async def order_calls(tool: Tool, a: argparse.Namespace) -> None:
+    if not await tool.sessions.find(order_id=a.order, status=None, after=None, limit=1):
+        raise NotFound(f"no session for order {a.order}", code="session_not_found")
+    calls = await tool.sessions.store.order_calls(a.order, None, 100_000)
+    tool.out(calls, calls, ["started_at", "caller_role", "callee_role", "outcome", "hangup_by", "hangup_cause",
+                            "duration_seconds"])
+
+
+async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
+    result = {"swept": await tool.sessions.sweep()}
+    if a.purge:
+        result["purged"] = await tool.sessions.purge(a.older_than)
+    tool.out(result)
+
+
+COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awaitable[None]]] = {
+    ("pool", "import"): pool_import,
+    ("pool", "list"): pool_list,
+    ("pool", "retire"): pool_retire,
+    ("pool", "usage"): pool_usage,
+    ("session", "open"): session_open,
+    ("session", "show"): session_show,
+    ("session", "list"): session_list,
+    ("session", "extend"): session_extend,
+    ("session", "reassign"): session_reassign,
+    ("session", "close"): session_close,
+    ("calls", None): order_calls,
+    ("housekeeping", None): housekeeping,
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="maskbridge-admin", description="Pool numbers and order sessions.")
+    p.add_argument("--json", action="store_true", help="print JSON, as the HTTP API answers")
+    groups = p.add_subparsers(dest="group", required=True)
+
+    pool = groups.add_parser("pool", help="pool numbers").add_subparsers(dest="action", required=True)
+    imp = pool.add_parser("import", help="import numbers from a CSV file (number[,region] per line; - for stdin)")
+    imp.add_argument("file")
+    imp.add_argument("--region", help="region for lines that give none")
+    lst = pool.add_parser("list", help="pool numbers with their load")
+    lst.add_argument("--region")
+    lst.add_argument("--state", choices=["active", "cooling", "retired"])
+    ret = pool.add_parser("retire", help="stop handing numbers out (they cool, then retire)")
+    ret.add_argument("numbers", nargs="+")
+    pool.add_parser("usage", help="utilisation per region")
+
+    ses = groups.add_parser("session", help="order sessions").add_subparsers(dest="action", required=True)
+    op = ses.add_parser("open", help="open (or return) the session of an order")
+    op.add_argument("order")
+    op.add_argument("courier")
+    op.add_argument("client")
+    op.add_argument("--region")
+    op.add_argument("--ttl", type=int)
+    op.add_argument("--idle", type=int)
+    op.add_argument("--grace", type=int)
+    show = ses.add_parser("show", help="a session, its participants and its history")
+    show.add_argument("session", nargs="?")
+    show.add_argument("--order", help="the latest session of this order")
+    sl = ses.add_parser("list", help="sessions, newest first")
+    sl.add_argument("--order")
+    sl.add_argument("--status", choices=["open", "grace", "closed"])
+    sl.add_argument("--limit", type=int, default=50)
+    ex = ses.add_parser("extend", help="move the expiry (seconds from now) or the inactivity timeout")
+    ex.add_argument("session")
+    ex.add_argument("--ttl", type=int)
+    ex.add_argument("--idle", type=int)
+    ra = ses.add_parser("reassign", help="give the order to another courier")
+    ra.add_argument("session")
+    ra.add_argument("courier")
+    cl = ses.add_parser("close", help="close a session (with --grace, the client can reach support a while)")
+    cl.add_argument("session")
+    cl.add_argument("--grace", type=int)
+
+    calls = groups.add_parser("calls", help="the calls of an order")
+    calls.add_argument("order")
+    hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
+    hk.add_argument("--purge", action="store_true")
+    hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings.from_env(services=False)
+    except ConfigError as exc:
+        print(f"maskbridge-admin: {exc}", file=sys.stderr)
+        return 2
+    logs.configure("warning", stream=sys.stderr)
+    try:
+        return asyncio.run(_run(args, settings))
+    except ServiceError as exc:
+        print(f"maskbridge-admin: {exc.code}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"maskbridge-admin: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

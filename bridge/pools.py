@@ -1,0 +1,115 @@
+"""Pool numbers: import (CSV or JSON), list with their load, retire, utilisation."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Any
+
+import structlog
+
+from bridge.errors import InvalidInput, NotFound
+from bridge.phone import InvalidNumber, normalize
+from bridge.sessions import REGION_FORM, Policy
+from bridge.store import Store
+from bridge.store.pools import PoolNumberRow
+
+log = structlog.get_logger(__name__)
+
+MAX_IMPORT = 100_000
+STATES = ("active", "cooling", "retired")
+
+
+Entry = tuple[str, object, object]  # (where, for error messages; number; region)
+
+
+def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
+    """`number[,region]` per line; a header line naming `number` is allowed; # starts a comment."""
+    rows: list[Entry] = []
+    for line_no, fields in enumerate(csv.reader(io.StringIO(text.removeprefix("\ufeff"))), start=1):
+        fields = [f.strip() for f in fields]
+        if not fields or not fields[0] or fields[0].startswith("#"):
+            continue
+        if line_no == 1 and fields[0].lower() == "number":
+            continue
+        region = fields[1] if len(fields) > 1 and fields[1] else default_region
+        rows.append((f"line {line_no}", fields[0], region))
+    return rows
+
+
+class Pools:
+    def __init__(self, store: Store, policy: Policy | None = None) -> None:
+        self.repo = store.pools
+        self.policy = policy or Policy()
+
+    def _canonical(self, raw: object, where: str) -> str:
+        if not isinstance(raw, str) or len(raw) > 32:
+            raise InvalidInput(f"{where}: number must be a string holding a phone number", field="number")
+        try:
+            return normalize(raw, self.policy.default_region)
+        except InvalidNumber as exc:
+            raise InvalidInput(f"{where}: not a valid phone number ({exc})", field="number") from None
+
+    async def import_numbers(self, entries: list[Any]) -> dict[str, int]:
+        """JSON entries: {"number": ..., "region": ...} objects."""
+        rows: list[Entry] = []
+        problems: list[str] = []
+        for i, entry in enumerate(entries, start=1):
+            if not isinstance(entry, dict) or not set(entry) <= {"number", "region"} or "number" not in entry:
+                problems.append(f"entry {i}: must be an object with a number and optionally a region")
+                continue
+            rows.append((f"entry {i}", entry["number"], entry.get("region")))
+        return await self._import(rows, problems)
+
+    async def import_csv(self, text: str, default_region: str | None = None) -> dict[str, int]:
+        return await self._import(parse_csv(text, default_region), [])
+
+    async def _import(self, entries: list[Entry], problems: list[str]) -> dict[str, int]:
+        """All or nothing: one bad row rejects the import, and the error lists every bad row."""
+        if not entries and not problems:
+            raise InvalidInput("no numbers to import", field="numbers")
+        if len(entries) > MAX_IMPORT:
+            raise InvalidInput(f"at most {MAX_IMPORT} numbers per import", field="numbers")
+        rows: dict[str, str | None] = {}
+        for where, raw_number, region in entries:
+            try:
+                number = self._canonical(raw_number, where)
+            except InvalidInput as exc:
+                problems.append(str(exc))
+                continue
+            if region is not None and (not isinstance(region, str) or not REGION_FORM.match(region)):
+                problems.append(f"{where}: region must look like RU or RU-MOW (ISO 3166)")
+                continue
+            if number in rows and rows[number] != region:
+                problems.append(f"{where}: {number} is listed twice with different regions")
+                continue
+            rows[number] = region
+        if problems:
+            shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+            raise InvalidInput("nothing was imported: " + "; ".join(shown), code="invalid_import",
+                               problems=len(problems))
+        counts = await self.repo.import_numbers(list(rows.items()))
+        log.info("pool.imported", **counts)
+        return counts
+
+    async def get(self, number: object) -> PoolNumberRow:
+        canonical = self._canonical(number, "pool number")
+        row = await self.repo.get(canonical)
+        if row is None:
+            raise NotFound("no such pool number", code="pool_number_not_found")
+        return row
+
+    async def find(self, *, region: str | None, state: str | None, after: str | None, limit: int) -> list[PoolNumberRow]:
+        if state is not None and state not in STATES:
+            raise InvalidInput("state must be active, cooling or retired", field="state")
+        return await self.repo.page(region=region, state=state, after=after, limit=limit)
+
+    async def retire(self, number: object) -> PoolNumberRow:
+        row = await self.get(number)
+        retired = await self.repo.retire(row.number, self.policy.number_cooling)
+        assert retired is not None
+        log.info("pool.retired", pool_number=row.number, state=retired.state)
+        return retired
+
+    async def usage(self) -> list[dict[str, Any]]:
+        return await self.repo.usage()

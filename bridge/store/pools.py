@@ -1,0 +1,135 @@
+"""Pool numbers: import, list with their load, retire, and per-region utilisation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class PoolNumberRow:
+    number: str
+    region: str | None
+    state: str
+    created_at: datetime
+    state_changed_at: datetime
+    cooling_until: datetime | None
+    live_sessions: int  # live participants holding it, i.e. live sessions it serves
+    cooling_pairs: int  # (real number, this number) pairs in cool-off
+
+
+_LOAD = """
+    (SELECT count(DISTINCT h.session_id) FROM participants h WHERE h.holds AND h.pool_number = p.number AND h.left_at IS NULL)
+        AS live_sessions,
+    (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number AND h.left_at IS NOT NULL
+        AND h.held_until > now()) AS cooling_pairs
+"""
+
+
+class PoolRepo:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def import_numbers(self, rows: list[tuple[str, str | None]]) -> dict[str, int]:
+        """Add numbers, or update the region of known ones; a cooling or retired number is
+        made active again. Atomic, in a few statements whatever the size; returns counts."""
+        wanted = dict(rows)
+        async with self.pool.acquire() as conn, conn.transaction():
+            old = {
+                r["number"]: r
+                for r in await conn.fetch(
+                    "SELECT number, region, state FROM pool_numbers WHERE number = ANY($1::text[]) FOR UPDATE",
+                    list(wanted),
+                )
+            }
+            new = [n for n in wanted if n not in old]
+            reactivate = [n for n, r in old.items() if r["state"] != "active"]
+            moved = [n for n, r in old.items() if r["state"] == "active" and r["region"] != wanted[n]]
+            added = await conn.fetch(
+                """INSERT INTO pool_numbers (number, region) SELECT * FROM unnest($1::text[], $2::text[])
+                   ON CONFLICT (number) DO NOTHING RETURNING number""",
+                new, [wanted[n] for n in new],
+            )
+            await conn.execute(
+                """UPDATE pool_numbers p SET state = 'active', region = i.region, cooling_until = NULL,
+                          state_changed_at = now()
+                   FROM unnest($1::text[], $2::text[]) AS i(number, region) WHERE p.number = i.number""",
+                reactivate, [wanted[n] for n in reactivate],
+            )
+            await conn.execute(
+                """UPDATE pool_numbers p SET region = i.region
+                   FROM unnest($1::text[], $2::text[]) AS i(number, region) WHERE p.number = i.number""",
+                moved, [wanted[n] for n in moved],
+            )
+        return {
+            "added": len(added),
+            "updated": len(moved),
+            "reactivated": len(reactivate),
+            "unchanged": len(wanted) - len(added) - len(moved) - len(reactivate),
+        }
+
+    async def get(self, number: str) -> PoolNumberRow | None:
+        row = await self.pool.fetchrow(f"SELECT p.*, {_LOAD} FROM pool_numbers p WHERE p.number = $1", number)
+        return PoolNumberRow(**dict(row)) if row is not None else None
+
+    async def page(
+        self, *, region: str | None, state: str | None, after: str | None, limit: int
+    ) -> list[PoolNumberRow]:
+        rows = await self.pool.fetch(
+            f"""
+            SELECT p.*, {_LOAD} FROM pool_numbers p
+            WHERE ($1::text IS NULL OR p.region = $1) AND ($2::text IS NULL OR p.state = $2)
+              AND ($3::text IS NULL OR p.number > $3)
+            ORDER BY p.number LIMIT $4
+            """,
+            region, state, after, limit,
+        )
+        return [PoolNumberRow(**dict(r)) for r in rows]
+
+    async def retire(self, number: str, cooling_seconds: int) -> PoolNumberRow | None:
+        """Stop handing the number out. It cools (live sessions keep it, former participants
+        still hear that their order finished) and is retired once the cooling ends."""
+        await self.pool.execute(
+            """
+            UPDATE pool_numbers SET state = 'cooling', state_changed_at = now(),
+                   cooling_until = now() + make_interval(secs => $2)
+            WHERE number = $1 AND state = 'active'
+            """,
+            number, cooling_seconds,
+        )
+        return await self.get(number)
+
+    async def finish_cooling(self) -> int:
+        """Cooling numbers whose time is up and which no live session uses become retired."""
+        result = await self.pool.execute(
+            """
+            UPDATE pool_numbers p SET state = 'retired', cooling_until = NULL, state_changed_at = now()
+            WHERE p.state = 'cooling' AND p.cooling_until <= now()
+              AND NOT EXISTS (SELECT 1 FROM participants h WHERE h.holds AND h.pool_number = p.number
+                              AND h.left_at IS NULL)
+            """
+        )
+        return int(result.split()[-1])
+
+    async def known_region(self, region: str) -> bool:
+        return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM pool_numbers WHERE region = $1)", region))
+
+    async def usage(self) -> list[dict[str, Any]]:
+        """Per region: numbers by state, live sessions and cooling pairs, busiest number."""
+        rows = await self.pool.fetch(
+            f"""
+            WITH per_number AS (SELECT p.number, p.region, p.state, {_LOAD} FROM pool_numbers p)
+            SELECT region,
+                   count(*) FILTER (WHERE state = 'active') AS active,
+                   count(*) FILTER (WHERE state = 'cooling') AS cooling,
+                   count(*) FILTER (WHERE state = 'retired') AS retired,
+                   coalesce(sum(live_sessions), 0)::bigint AS live_sessions,
+                   coalesce(sum(cooling_pairs), 0)::bigint AS cooling_pairs,
+                   coalesce(max(live_sessions), 0)::bigint AS busiest_number_sessions
+            FROM per_number GROUP BY region ORDER BY region NULLS FIRST
+            """
+        )
+        return [dict(r) for r in rows]

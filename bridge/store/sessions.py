@@ -1,0 +1,450 @@
+"""Sessions, their participants and events, number holds, routing lookups and retention.
+
+Real numbers never reach this module in plaintext: it stores and compares the sealed
+number (`number_enc`) and its keyed blind index (`number_idx`) computed by bridge.crypto.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+class PairTaken(Exception):
+    """A participant holds this pool number already (live, or in cool-off)."""
+
+
+class OrderRace(Exception):
+    """Another open for the same order won the race."""
+
+
+class SessionGone(Exception):
+    """The session does not exist, or is not in a state that allows the change."""
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A real number as stored: its blind index and its ciphertext."""
+
+    idx: bytes
+    enc: bytes
+
+
+@dataclass(frozen=True)
+class SessionTerms:
+    region: str | None
+    ttl_seconds: int
+    idle_timeout_seconds: int | None
+    grace_seconds: int
+
+
+@dataclass(frozen=True)
+class ParticipantRow:
+    id: uuid.UUID
+    role: str
+    number_enc: bytes | None  # None once purged by the retention job
+    pool_number: str
+    joined_at: datetime
+    left_at: datetime | None
+    held_until: datetime | None
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    id: uuid.UUID
+    order_id: str
+    pool_number: str
+    status: str
+    region: str | None
+    created_at: datetime
+    expires_at: datetime
+    idle_timeout_seconds: int | None
+    last_activity_at: datetime
+    grace_seconds: int
+    grace_until: datetime | None
+    closed_at: datetime | None
+    end_reason: str | None
+    participants: tuple[ParticipantRow, ...]
+
+    def live(self, role: str) -> ParticipantRow | None:
+        return next((p for p in self.participants if p.role == role and p.left_at is None), None)
+
+
+@dataclass(frozen=True)
+class RouteRow:
+    """What the database knows about a call from (number, pool number)."""
+
+    session_id: uuid.UUID
+    participant_id: uuid.UUID
+    role: str
+    pool_number: str
+    caller_left: bool
+    status: str
+    expired: bool
+    inactive: bool
+    grace_over: bool
+    other_id: uuid.UUID | None
+    other_role: str | None
+    other_enc: bytes | None
+    other_pool_number: str | None
+
+
+_SESSION_COLUMNS = """
+    s.id, s.order_id, s.pool_number, s.status, s.region, s.created_at, s.expires_at,
+    s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason
+"""
+
+# A hold that still counts: live, or in a cool-off that has not ended.
+_HOLDING = "h.holds AND (h.held_until IS NULL OR h.held_until > now())"
+
+# Holds of a pair (courier, client) that the same pair may take over: their own cooling
+# holds from an earlier session together. Parameter $1 is the pair's two blind indexes.
+_OWN_COOLING_HOLD = """
+    h.left_at IS NOT NULL AND EXISTS (
+        SELECT 1 FROM participants o WHERE o.session_id = h.session_id AND o.role <> h.role
+          AND o.number_idx = ANY($1::bytea[]) AND o.number_idx <> h.number_idx)
+"""
+
+
+def _affected(status: str) -> int:
+    return int(status.split()[-1])
+
+
+class SessionRepo:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    # --- reading -------------------------------------------------------------------
+
+    async def _read(self, conn: asyncpg.Connection | asyncpg.Pool, where: str, *args: Any) -> list[SessionRow]:
+        rows = await conn.fetch(f"SELECT {_SESSION_COLUMNS} FROM sessions s WHERE {where}", *args)
+        if not rows:
+            return []
+        parts = await conn.fetch(
+            """
+            SELECT session_id, id, role, number_enc, pool_number, joined_at, left_at,
+                   CASE WHEN holds THEN held_until END AS held_until
+            FROM participants WHERE session_id = ANY($1::uuid[]) ORDER BY joined_at, role
+            """,
+            [r["id"] for r in rows],
+        )
+        by_session: dict[uuid.UUID, list[ParticipantRow]] = {}
+        for p in parts:
+            fields = dict(p)
+            by_session.setdefault(fields.pop("session_id"), []).append(ParticipantRow(**fields))
+        return [SessionRow(**dict(r), participants=tuple(by_session.get(r["id"], []))) for r in rows]
+
+    async def get(self, session_id: uuid.UUID) -> SessionRow | None:
+        found = await self._read(self.pool, "s.id = $1", session_id)
+        return found[0] if found else None
+
+    async def open_for_order(self, order_id: str) -> SessionRow | None:
+        found = await self._read(self.pool, "s.order_id = $1 AND s.status = 'open'", order_id)
+        return found[0] if found else None
+
+    async def page(
+        self, *, order_id: str | None, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
+    ) -> list[SessionRow]:
+        """Newest first; `after` is the (created_at, id) of the last row of the previous page."""
+        return await self._read(
+            self.pool,
+            """($1::text IS NULL OR s.order_id = $1) AND ($2::text IS NULL OR s.status = $2)
+               AND ($3::timestamptz IS NULL OR (s.created_at, s.id) < ($3, $4::uuid))
+               ORDER BY s.created_at DESC, s.id DESC LIMIT $5""",
+            order_id, status, after[0] if after else None, after[1] if after else None, limit,
+        )
+
+    async def events(self, session_id: uuid.UUID) -> list[dict[str, Any]]:
+        rows = await self.pool.fetch(
+            "SELECT at, kind, detail FROM session_events WHERE session_id = $1 ORDER BY id", session_id
+        )
+        return [{"at": r["at"], "kind": r["kind"], "detail": json.loads(r["detail"])} for r in rows]
+
+    # --- choosing a pool number ------------------------------------------------------
+
+    async def candidates(self, pair: list[bytes], region: str | None, limit: int = 8) -> list[str]:
+        """Active pool numbers free for every number of `pair` (blind indexes), best first:
+        the number the same pair had last time, then the region's, then the least loaded;
+        ties are broken at random so that racing opens spread out."""
+        sticky = """
+            SELECT s.pool_number FROM participants a
+            JOIN participants b ON b.session_id = a.session_id AND b.role <> a.role AND b.number_idx = $1[2]
+            JOIN sessions s ON s.id = a.session_id
+            WHERE a.number_idx = $1[1] ORDER BY s.created_at DESC LIMIT 1
+        """ if len(pair) == 2 else "SELECT NULL::text AS pool_number"
+        rows = await self.pool.fetch(
+            f"""
+            WITH blocked AS (
+                SELECT h.pool_number FROM participants h
+                WHERE h.number_idx = ANY($1::bytea[]) AND {_HOLDING} AND NOT ({_OWN_COOLING_HOLD})
+            ), sticky AS ({sticky})
+            SELECT p.number FROM pool_numbers p
+            WHERE p.state = 'active' AND p.number NOT IN (SELECT pool_number FROM blocked)
+            ORDER BY p.number IS NOT DISTINCT FROM (SELECT pool_number FROM sticky) DESC,
+                     ($2::text IS NOT NULL AND p.region IS NOT DISTINCT FROM $2) DESC,
+                     (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number),
+                     random()
+            LIMIT $3
+            """,
+            pair, region, limit,
+        )
+        return [r["number"] for r in rows]
+
+    async def hold_counts(self, idx: bytes) -> tuple[int, int]:
+        """(live, cooling) pool numbers this real number holds."""
+        row = await self.pool.fetchrow(
+            f"""SELECT count(*) FILTER (WHERE h.left_at IS NULL) AS live,
+                       count(*) FILTER (WHERE h.left_at IS NOT NULL) AS cooling
+                FROM participants h WHERE h.number_idx = $1 AND {_HOLDING}""",
+            idx,
+        )
+        assert row is not None
+        return int(row["live"]), int(row["cooling"])
+
+    async def active_numbers(self) -> int:
+        return int(await self.pool.fetchval("SELECT count(*) FROM pool_numbers WHERE state = 'active'"))
+
+    # --- changing sessions -------------------------------------------------------------
+
+    @staticmethod
+    async def _free_pairs(conn: asyncpg.Connection, pair: list[bytes], pool_number: str) -> None:
+        """Release holds that no longer count: cool-offs that ended, and the pair's own
+        cooling holds on this number (a pair may come back to its number at once)."""
+        await conn.execute(
+            f"""
+            UPDATE participants h SET holds = false
+            WHERE h.number_idx = ANY($1::bytea[]) AND h.holds AND h.left_at IS NOT NULL
+              AND (h.held_until <= now() OR (h.pool_number = $2 AND {_OWN_COOLING_HOLD}))
+            """,
+            pair, pool_number,
+        )
+
+    @staticmethod
+    async def _event(conn: asyncpg.Connection, session_id: uuid.UUID, kind: str, **detail: Any) -> None:
+        await conn.execute(
+            "INSERT INTO session_events (session_id, kind, detail) VALUES ($1, $2, $3::jsonb)",
+            session_id, kind, json.dumps(detail, default=str),
+        )
+
+    async def insert(
+        self, order_id: str, pool_number: str, courier: Sealed, client: Sealed, terms: SessionTerms
+    ) -> uuid.UUID:
+        """One session and its two participants, atomically.
+
+        Raises PairTaken when either number holds `pool_number` already, and OrderRace when
+        the order got an open session meanwhile.
+        """
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
+                session_id: uuid.UUID = await conn.fetchval(
+                    """
+                    INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds)
+                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6) RETURNING id
+                    """,
+                    order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
+                    terms.grace_seconds,
+                )
+                await conn.executemany(
+                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number)
+                       VALUES ($1, $2, $3, $4, $5)""",
+                    [
+                        (session_id, "courier", courier.idx, courier.enc, pool_number),
+                        (session_id, "client", client.idx, client.enc, pool_number),
+                    ],
+                )
+                await self._event(
+                    conn, session_id, "opened", pool_number=pool_number, region=terms.region,
+                    ttl_seconds=terms.ttl_seconds, idle_timeout_seconds=terms.idle_timeout_seconds,
+                    grace_seconds=terms.grace_seconds,
+                )
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "participants_held_pair":
+                raise PairTaken(pool_number) from exc
+            if exc.constraint_name == "sessions_one_open_per_order":
+                raise OrderRace(order_id) from exc
+            raise
+        return session_id
+
+    async def _lock(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> asyncpg.Record:
+        row = await conn.fetchrow("SELECT * FROM sessions WHERE id = $1 FOR UPDATE", session_id)
+        if row is None:
+            raise SessionGone("no such session")
+        return row
+
+    async def extend(self, session_id: uuid.UUID, ttl_seconds: int | None, idle_timeout_seconds: int | None) -> None:
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._lock(conn, session_id)
+            if row["status"] != "open":
+                raise SessionGone(f"the session is {row['status']}")
+            await conn.execute(
+                """
+                UPDATE sessions SET
+                    expires_at = CASE WHEN $2::int IS NULL THEN expires_at ELSE now() + make_interval(secs => $2) END,
+                    idle_timeout_seconds = coalesce($3, idle_timeout_seconds),
+                    last_activity_at = now()
+                WHERE id = $1
+                """,
+                session_id, ttl_seconds, idle_timeout_seconds,
+            )
+            await self._event(
+                conn, session_id, "extended", ttl_seconds=ttl_seconds, idle_timeout_seconds=idle_timeout_seconds
+            )
+
+    @staticmethod
+    async def _leave(conn: asyncpg.Connection, session_id: uuid.UUID, role: str | None, cooloff: int) -> None:
+        await conn.execute(
+            """
+            UPDATE participants SET left_at = now(), held_until = now() + make_interval(secs => $3), holds = $3 > 0
+            WHERE session_id = $1 AND left_at IS NULL AND ($2::text IS NULL OR role = $2)
+            """,
+            session_id, role, cooloff,
+        )
+
+    async def end_if_due(self, session_id: uuid.UUID, cooloff: int) -> bool:
+        """End an open session whose absolute or inactivity expiry has passed."""
+        reason = await self.pool.fetchval(
+            """SELECT CASE WHEN expires_at <= now() THEN 'expired' ELSE 'inactive' END FROM sessions
+               WHERE id = $1 AND status = 'open' AND (expires_at <= now()
+                  OR last_activity_at + make_interval(secs => idle_timeout_seconds) <= now())""",
+            session_id,
+        )
+        return reason is not None and await self.end(session_id, reason, 0, cooloff)
+
+    async def end(self, session_id: uuid.UUID, reason: str, grace_seconds: int | None, cooloff: int) -> bool:
+        """End an open session (or the grace period of one). With a grace period, only the
+        courier leaves now and the client keeps the number until it ends. Returns whether
+        anything changed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await self._lock(conn, session_id)
+            grace = row["grace_seconds"] if grace_seconds is None else grace_seconds
+            if row["status"] == "open" and reason == "closed" and grace > 0:
+                await conn.execute(
+                    """UPDATE sessions SET status = 'grace', end_reason = $2,
+                       grace_until = now() + make_interval(secs => $3) WHERE id = $1""",
+                    session_id, reason, grace,
+                )
+                await self._leave(conn, session_id, "courier", cooloff)
+                await self._event(conn, session_id, "grace_started", grace_seconds=grace)
+                return True
+            if row["status"] == "closed":
+                return False
+            await conn.execute(
+                """UPDATE sessions SET status = 'closed', closed_at = now(), grace_until = NULL,
+                   end_reason = coalesce(end_reason, $2) WHERE id = $1""",
+                session_id, reason,
+            )
+            await self._leave(conn, session_id, None, cooloff)
+            await self._event(conn, session_id, reason if row["status"] == "open" else "closed")
+            return True
+
+    async def reassign_courier(
+        self, session_id: uuid.UUID, courier: Sealed, pool_number: str, cooloff: int
+    ) -> uuid.UUID:
+        """The live courier leaves (its pair cools off) and `courier` joins on `pool_number`.
+        Raises PairTaken when the new courier holds that number already."""
+        try:
+            async with self.pool.acquire() as conn, conn.transaction():
+                row = await self._lock(conn, session_id)
+                if row["status"] != "open":
+                    raise SessionGone(f"the session is {row['status']}")
+                old = await conn.fetchval(
+                    "SELECT id FROM participants WHERE session_id = $1 AND role = 'courier' AND left_at IS NULL",
+                    session_id,
+                )
+                await self._leave(conn, session_id, "courier", cooloff)
+                await self._free_pairs(conn, [courier.idx], pool_number)
+                new: uuid.UUID = await conn.fetchval(
+                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number)
+                       VALUES ($1, 'courier', $2, $3, $4) RETURNING id""",
+                    session_id, courier.idx, courier.enc, pool_number,
+                )
+                await self._event(
+                    conn, session_id, "courier_reassigned", previous=old, participant=new, pool_number=pool_number
+                )
+                return new
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "participants_held_pair":
+                raise PairTaken(pool_number) from exc
+            raise
+
+    # --- routing -------------------------------------------------------------------------
+
+    async def route(self, idx: bytes, pool_number: str) -> RouteRow | None:
+        """The holder of (number, pool number), with its session and the live other side.
+        One indexed lookup: the unique hold index makes the answer unambiguous."""
+        row = await self.pool.fetchrow(
+            f"""
+            SELECT h.session_id, h.id AS participant_id, h.role, h.pool_number,
+                   h.left_at IS NOT NULL AS caller_left, s.status,
+                   s.expires_at <= now() AS expired,
+                   coalesce(s.last_activity_at + make_interval(secs => s.idle_timeout_seconds) <= now(), false)
+                       AS inactive,
+                   coalesce(s.grace_until <= now(), false) AS grace_over,
+                   o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
+                   o.pool_number AS other_pool_number
+            FROM participants h
+            JOIN sessions s ON s.id = h.session_id
+            LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+            WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING}
+            """,
+            idx, pool_number,
+        )
+        return RouteRow(**dict(row)) if row is not None else None
+
+    async def touch(self, session_id: uuid.UUID) -> None:
+        await self.pool.execute("UPDATE sessions SET last_activity_at = now() WHERE id = $1", session_id)
+
+    # --- housekeeping ----------------------------------------------------------------------
+
+    async def due(self) -> list[tuple[uuid.UUID, str]]:
+        """Sessions whose time is up: (id, reason) with reason expired, inactive or closed (grace over)."""
+        rows = await self.pool.fetch(
+            """
+            SELECT id, CASE WHEN expires_at <= now() THEN 'expired' ELSE 'inactive' END AS reason
+            FROM sessions WHERE status = 'open' AND (expires_at <= now()
+                OR last_activity_at + make_interval(secs => idle_timeout_seconds) <= now())
+            UNION ALL
+            SELECT id, 'closed' FROM sessions WHERE status = 'grace' AND grace_until <= now()
+            """
+        )
+        return [(r["id"], r["reason"]) for r in rows]
+
+    async def release_cooled(self) -> int:
+        return _affected(
+            await self.pool.execute(
+                "UPDATE participants SET holds = false WHERE holds AND left_at IS NOT NULL AND held_until <= now()"
+            )
+        )
+
+    async def purge(self, older_than_days: int) -> dict[str, int]:
+        """Delete the real numbers of participants who left more than N days ago, and the
+        masked caller numbers of calls that ended before then. Sessions and calls stay,
+        linked by participant ids."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            purged = await conn.fetch(
+                """
+                UPDATE participants SET number_idx = NULL, number_enc = NULL, holds = false, purged_at = now()
+                WHERE purged_at IS NULL AND left_at < now() - make_interval(days => $1)
+                RETURNING session_id
+                """,
+                older_than_days,
+            )
+            sessions: dict[uuid.UUID, int] = {}
+            for r in purged:
+                sessions[r["session_id"]] = sessions.get(r["session_id"], 0) + 1
+            for session_id, count in sessions.items():
+                await self._event(conn, session_id, "purged", participants=count)
+            calls = _affected(
+                await conn.execute(
+                    """UPDATE calls SET caller_masked = NULL
+                       WHERE caller_masked IS NOT NULL AND ended_at < now() - make_interval(days => $1)""",
+                    older_than_days,
+                )
+            )
+        return {"participants": len(purged), "sessions": len(sessions), "calls": calls}

@@ -1,0 +1,180 @@
+"""The OpenAPI document against the routes it describes: no network, no database."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from bridge.api import http, openapi
+from bridge.api.http import PUBLIC_PATHS, ROUTES
+from bridge.api.openapi import document
+
+METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
+
+
+def _openapi_path(path: str) -> str:
+    """aiohttp `{name}` or `{name:regex}` placeholders, as OpenAPI writes them."""
+    return re.sub(r"\{([^}:]+)(?::[^}]*)?\}", r"{\1}", path)
+
+
+def _operations(doc: dict[str, Any]) -> Iterator[tuple[str, str, dict[str, Any]]]:
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            if method in METHODS:
+                yield method.upper(), path, operation
+
+
+def _refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "$ref" and isinstance(value, str):
+                yield value
+            else:
+                yield from _refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _refs(value)
+
+
+def _resolve(doc: dict[str, Any], ref: str) -> Any:
+    assert ref.startswith("#/"), f"{ref} points outside the document"
+    node: Any = doc
+    for part in ref[2:].split("/"):
+        part = part.replace("~1", "/").replace("~0", "~")
+        assert isinstance(node, dict) and part in node, f"{ref} does not resolve"
+        node = node[part]
+    return node
+
+
+@pytest.fixture(scope="module")
+def doc() -> dict[str, Any]:
+    return document()
+
+
+def test_every_route_is_documented_and_every_operation_is_a_route(doc):
+    routes = [(method, _openapi_path(path)) for method, path, _handler in ROUTES]
+    assert len(routes) == len(set(routes)), "a route is registered twice"
+    documented = [(method, path) for method, path, _op in _operations(doc)]
+    assert sorted(documented) == sorted(routes)
+
+
+def test_path_parameters_match_the_placeholders(doc):
+    for method, path, operation in _operations(doc):
+        item = doc["paths"][path]
+        declared = {
+            p["name"]
+            for p in (_resolve(doc, p["$ref"]) if "$ref" in p else p
+                      for p in [*item.get("parameters", []), *operation.get("parameters", [])])
+            if p["in"] == "path"
+        }
+        assert declared == set(re.findall(r"\{([^}]+)\}", path)), f"{method} {path}"
+
+
+def test_every_ref_resolves(doc):
+    refs = set(_refs(doc))
+    assert refs, "the document uses no $ref at all"
+    for ref in refs:
+        _resolve(doc, ref)
+
+
+def test_operation_ids_are_unique(doc):
+    ids = [op["operationId"] for _m, _p, op in _operations(doc)]
+    assert all(ids)
+    assert len(ids) == len(set(ids))
+
+
+def test_every_operation_has_summary_description_and_known_tags(doc):
+    tags = {t["name"] for t in doc["tags"]}
+    for method, path, op in _operations(doc):
+        assert op.get("summary") and op.get("description"), f"{method} {path}"
+        assert op.get("tags") and set(op["tags"]) <= tags, f"{method} {path}"
+
+
+def test_protected_operations_document_401_and_public_ones_need_no_token(doc):
+    assert doc["security"] == [{"bearer": []}]
+    assert doc["components"]["securitySchemes"]["bearer"] == {
+        **doc["components"]["securitySchemes"]["bearer"], "type": "http", "scheme": "bearer"
+    }
+    for method, path, op in _operations(doc):
+        if path in PUBLIC_PATHS:
+            assert op.get("security") == [], f"{method} {path} should be public"
+        else:
+            assert "security" not in op, f"{method} {path} should use the global bearer security"
+            assert "401" in op["responses"], f"{method} {path} documents no 401"
+        assert "500" in op["responses"], f"{method} {path} documents no 500"
+
+
+def test_error_responses_use_the_error_schema(doc):
+    for method, path, op in _operations(doc):
+        for status, response in op["responses"].items():
+            if path == "/healthz" or int(status) < 400:
+                continue
+            if "$ref" in response:
+                response = _resolve(doc, response["$ref"])
+            schema = response["content"]["application/json"]["schema"]
+            assert schema == {"$ref": "#/components/schemas/Error"}, f"{method} {path} {status}"
+
+
+def test_the_document_round_trips_through_json(doc):
+    assert json.loads(json.dumps(doc, allow_nan=False)) == doc
+    assert doc["openapi"].startswith("3.1.")
+    assert doc["info"]["title"] == "maskbridge"
+
+
+def test_limits_repeated_from_the_http_module_agree():
+    assert (openapi.DEFAULT_PAGE, openapi.MAX_PAGE) == (http.DEFAULT_PAGE, http.MAX_PAGE)
+    assert openapi.JSON_BODY_LIMIT == http.JSON_BODY_LIMIT
+    assert openapi.IMPORT_BODY_LIMIT == http.IMPORT_BODY_LIMIT
+    from bridge import sessions
+
+    assert openapi.ORDER_ID_PATTERN == sessions._ORDER_ID.pattern
+    assert http.OPEN_FIELDS == set(document()["components"]["schemas"]["OpenSessionRequest"]["properties"])
+
+
+def _examples(doc: dict[str, Any], response: dict[str, Any]) -> list[dict[str, Any]]:
+    if "$ref" in response:
+        response = _resolve(doc, response["$ref"])
+    return [e["value"]["error"] for e in response["content"]["application/json"].get("examples", {}).values()]
+
+
+def test_operations_with_a_body_document_400_and_413_body_too_large(doc):
+    assert "request_entity_too_large" not in json.dumps(doc)
+    for method, path, op in _operations(doc):
+        if "requestBody" not in op:
+            assert "413" not in op["responses"], f"{method} {path} reads no body"
+            continue
+        assert {"400", "413"} <= set(op["responses"]), f"{method} {path}"
+        assert [e["code"] for e in _examples(doc, op["responses"]["400"])] == ["invalid_json"], f"{method} {path}"
+        assert {e["code"] for e in _examples(doc, op["responses"]["413"])} == {"body_too_large"}, f"{method} {path}"
+
+
+def test_unauthorized_documents_the_www_authenticate_header(doc):
+    headers = doc["components"]["responses"]["Unauthorized"]["headers"]
+    assert headers["WWW-Authenticate"]["schema"]["const"] == 'Bearer realm="maskbridge"'
+
+
+def test_reassigning_the_courier_answers_200_or_201_and_names_the_number_field(doc):
+    op = doc["paths"]["/v1/sessions/{session_id}/participants"]["post"]
+    assert {"200", "201", "404", "409"} <= set(op["responses"])
+    fields = {e.get("details", {}).get("field") for e in _examples(doc, op["responses"]["422"])}
+    assert "number" in fields and "courier_number" not in fields
+    codes = {e["code"] for e in _examples(doc, op["responses"]["409"])}
+    assert codes == {"session_ended", "pool_exhausted", "contention"}
+
+
+def test_opening_documents_order_has_open_session(doc):
+    op = doc["paths"]["/v1/sessions"]["post"]
+    conflict = next(e for e in _examples(doc, op["responses"]["409"]) if e["code"] == "order_has_open_session")
+    assert set(conflict["details"]) == {"session_id", "field"}
+    details = doc["components"]["schemas"]["ErrorDetails"]["properties"]
+    assert {"session_id", "field"} <= set(details)
+
+
+def test_pool_number_entries_take_only_number_and_region(doc):
+    entry = doc["components"]["schemas"]["PoolNumberEntry"]
+    assert entry["additionalProperties"] is False
+    assert set(entry["properties"]) == {"number", "region"} and entry["required"] == ["number"]
