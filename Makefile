@@ -10,12 +10,13 @@ DEVSTACK := $(PY) -m bridge.devstack
 # Tests run the bridge with a short ring timeout so that "nobody answers" takes seconds.
 TEST_ENV := MB_RING_TIMEOUT=6
 
-.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin test test-unit typecheck \
+.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin bench test test-unit typecheck \
         compose-up compose-down clean
 
 help:
 	@echo "make run      the whole stack locally with demo data (Ctrl-C stops it)"
 	@echo "make test     every test, including real calls through a real Asterisk"
+	@echo "make bench    the bridge's cost next to plain Asterisk; report in docs/bench/"
 	@echo "make start / make stop / make status    the stack in the background"
 	@echo "make call FROM=<real number> TO=<pool number>    place a call from the simulated carrier"
 	@echo "make cli | carrier-cli | logs | psql    for engineers"
@@ -45,7 +46,7 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -98,7 +99,15 @@ test: deps venv typecheck
 	$(DEVSTACK) stop; exit $$status
 
 typecheck: venv
-	$(PY) -m mypy bridge
+	$(PY) -m mypy bridge bench
+
+# The benchmark (bench/): the stack is restarted with default settings, measured, and
+# stopped; the report goes to docs/bench/. BENCH_ARGS=--tiny for a smoke run.
+bench: deps venv
+	$(DEVSTACK) stop
+	$(DEVSTACK) start >/dev/null
+	status=0; $(PY) -m bench $(BENCH_ARGS) || status=$$?; \
+	$(DEVSTACK) stop; exit $$status
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)

@@ -16,6 +16,10 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin session close SESSION_ID [--grace S]
     maskbridge-admin calls ORDER
     maskbridge-admin housekeeping [--purge] [--older-than DAYS]
+    maskbridge-admin migrate
+
+A real number given as "-" is read from standard input (one per line), so that it stays out
+of the shell's history and the process list.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from bridge.crypto import NumberVault
 from bridge.errors import InvalidInput, NotFound, ServiceError
 from bridge.pools import Pools
 from bridge.sessions import Sessions
-from bridge.store import Store, connect, migrate
+from bridge.store import Store, connect, migrate, pending
 
 
 class Tool:
@@ -65,10 +69,9 @@ class Tool:
             if not found:
                 raise NotFound(f"no session for order {order}", code="session_not_found")
             return found[0].id
-        try:
-            return uuid.UUID(raw or "")
-        except ValueError:
-            raise InvalidInput("give a session id (a UUID) or --order") from None
+        if not raw:
+            raise InvalidInput("give a session id (a UUID) or --order")
+        return _session_arg(raw)
 
     def session(self, row: Any) -> None:
         data = render_session(self.sessions, row)
@@ -95,7 +98,17 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
     policy = policy_of(settings)
     pool = await connect(settings.database_url, max_size=2)
     try:
-        await migrate(pool, vault)
+        if args.group == "migrate":
+            applied = await migrate(pool, vault)
+            print("applied: " + ", ".join(applied) if applied else "the database is up to date")
+            return 0
+        # The tool never changes the schema by itself: a bridge of the old version may be
+        # serving this database.
+        behind = await pending(pool)
+        if behind:
+            print(f"maskbridge-admin: the database lacks migrations {', '.join(behind)}; start the new bridge "
+                  "(it migrates) or run `maskbridge-admin migrate`", file=sys.stderr)
+            return 2
         store = Store(pool)
         tool = Tool(Sessions(store, vault, policy), Pools(store, policy), args.json)
         await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
@@ -133,9 +146,21 @@ async def pool_usage(tool: Tool, a: argparse.Namespace) -> None:
     tool.out(rows, rows)
 
 
+def _number(arg: str) -> str:
+    """A real number argument; "-" reads the next line of standard input instead."""
+    return sys.stdin.readline().strip() if arg == "-" else arg
+
+
+def _session_arg(raw: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise InvalidInput(f"{raw[:40]!r} is not a session id (a UUID)") from None
+
+
 async def session_open(tool: Tool, a: argparse.Namespace) -> None:
     session, created = await tool.sessions.open(
-        a.order, a.courier, a.client, region=a.region, ttl_seconds=a.ttl, idle_timeout_seconds=a.idle,
+        a.order, _number(a.courier), _number(a.client), region=a.region, ttl_seconds=a.ttl, idle_timeout_seconds=a.idle,
         grace_seconds=a.grace,
     )
     if not tool.as_json:
@@ -159,16 +184,16 @@ async def session_list(tool: Tool, a: argparse.Namespace) -> None:
 
 
 async def session_extend(tool: Tool, a: argparse.Namespace) -> None:
-    tool.session(await tool.sessions.extend(uuid.UUID(a.session), a.ttl, a.idle))
+    tool.session(await tool.sessions.extend(_session_arg(a.session), a.ttl, a.idle))
 
 
 async def session_reassign(tool: Tool, a: argparse.Namespace) -> None:
-    session, _changed = await tool.sessions.reassign_courier(uuid.UUID(a.session), a.courier)
+    session, _changed = await tool.sessions.reassign_courier(_session_arg(a.session), _number(a.courier))
     tool.session(session)
 
 
 async def session_close(tool: Tool, a: argparse.Namespace) -> None:
-    tool.session(await tool.sessions.close(uuid.UUID(a.session), a.grace))
+    tool.session(await tool.sessions.close(_session_arg(a.session), a.grace))
 
 
 async def order_calls(tool: Tool, a: argparse.Namespace) -> None:
@@ -247,6 +272,7 @@ def parser() -> argparse.ArgumentParser:
 
     calls = groups.add_parser("calls", help="the calls of an order")
     calls.add_argument("order")
+    groups.add_parser("migrate", help="apply the database migrations the bridge would apply at start")
     hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
     hk.add_argument("--purge", action="store_true")
     hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")

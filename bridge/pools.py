@@ -62,7 +62,11 @@ class Pools:
         return await self._import(rows, problems)
 
     async def import_csv(self, text: str, default_region: str | None = None) -> dict[str, int]:
-        return await self._import(parse_csv(text, default_region), [])
+        try:
+            rows = parse_csv(text, default_region)
+        except csv.Error as exc:
+            raise InvalidInput(f"nothing was imported: the CSV is malformed ({exc})", code="invalid_import") from None
+        return await self._import(rows, [])
 
     async def _import(self, entries: list[Entry], problems: list[str]) -> dict[str, int]:
         """All or nothing: one bad row rejects the import, and the error lists every bad row."""

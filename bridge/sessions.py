@@ -22,7 +22,7 @@ log = structlog.get_logger(__name__)
 
 MAX_SECONDS = 31 * 24 * 3600
 REGION_FORM = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
-_ORDER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+ORDER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 _ATTEMPTS = 20
 
 
@@ -115,7 +115,7 @@ class Sessions:
     ) -> tuple[SessionRow, bool]:
         """Open the order's session, or return the one already open. Returns (session, created).
         Everything is checked before anything is written."""
-        if not isinstance(order_id, str) or not _ORDER_ID.match(order_id):
+        if not isinstance(order_id, str) or not ORDER_ID.match(order_id):
             raise InvalidInput("order_id must be 1 to 200 printable characters without spaces", field="order_id")
         courier = phone_number("courier_number", courier_number, self.policy.default_region)
         client = phone_number("client_number", client_number, self.policy.default_region)
@@ -261,25 +261,24 @@ class Sessions:
         if self.reveal(current.number_enc) == courier:
             return session, False  # already theirs: nothing to change
         for _attempt in range(_ATTEMPTS):
-            candidates = await self.repo.candidates([sealed.idx], session.region)
-            if client.pool_number in candidates:
-                candidates.remove(client.pool_number)
-                candidates.insert(0, client.pool_number)
+            # The client's number when it is free for the new courier: then both dial one number.
+            candidates = await self.repo.candidates([sealed.idx], session.region, prefer=client.pool_number)
             if not candidates:
                 raise await self._exhausted([sealed.idx])
             try:
-                await self.repo.reassign_courier(session_id, sealed, candidates[0], self.policy.pair_cooloff)
+                changed = await self.repo.reassign_courier(session_id, sealed, candidates[0], self.policy.pair_cooloff)
             except PairTaken:
                 continue
             except SessionGone as exc:
                 raise Conflict(f"only an open session can be reassigned: {exc}", code="session_ended") from None
-            log.info("session.courier_reassigned", session_id=str(session_id), pool_number=candidates[0])
-            return await self.get(session_id), True
+            if changed:
+                log.info("session.courier_reassigned", session_id=str(session_id), pool_number=candidates[0])
+            return await self.get(session_id), changed
         raise Conflict("too many changes raced for the same numbers; try again", code="contention")
 
     # --- routing ------------------------------------------------------------------------
 
-    async def route(self, caller: str, pool_number: str) -> Route:
+    async def route(self, caller: str, pool_number: str, *, second_look: bool = False) -> Route:
         """The routing decision for a call; ends a session found past its time on the way,
         so that nothing routes after a session's end, whether or not the sweeper ran."""
         row = await self.repo.route(self.vault.index(caller), pool_number)
@@ -289,13 +288,12 @@ class Sessions:
                          caller_participant_id=row.participant_id)
         if row.caller_left:
             return finished
-        if row.status == "open" and (row.expired or row.inactive):
-            await self.repo.end(row.session_id, "expired" if row.expired else "inactive", 0, self.policy.pair_cooloff)
-            return finished
+        if (row.status == "open" and (row.expired or row.inactive)) or (row.status == "grace" and row.grace_over):
+            # Ended under the session's lock (unless a call or an extend got there first);
+            # then decided again on what the database says now.
+            await self.repo.end_if_due(row.session_id, self.policy.pair_cooloff)
+            return finished if second_look else await self.route(caller, pool_number, second_look=True)
         if row.status == "grace":
-            if row.grace_over:
-                await self.repo.end(row.session_id, "closed", 0, self.policy.pair_cooloff)
-                return finished
             if row.role == "client" and self.policy.support_number:
                 return Route("connect", session_id=row.session_id, caller_role="client",
                              caller_participant_id=row.participant_id, callee_role="support",
@@ -303,7 +301,7 @@ class Sessions:
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished
-        await self.repo.touch(row.session_id)
+        # (the call's row, written next, marks the session active: see Store.insert_call)
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
@@ -314,10 +312,11 @@ class Sessions:
     async def sweep(self) -> dict[str, int]:
         """End sessions past their time, release cool-offs that ended, retire cooled numbers."""
         ended: dict[str, int] = {}
-        for session_id, reason in await self.repo.due():
-            if await self.repo.end(session_id, reason, 0, self.policy.pair_cooloff):
-                ended[reason] = ended.get(reason, 0) + 1
-                log.info("session.ended", session_id=str(session_id), reason=reason)
+        for session_id in await self.repo.due():
+            kind = await self.repo.end_if_due(session_id, self.policy.pair_cooloff)
+            if kind:
+                ended[kind] = ended.get(kind, 0) + 1
+                log.info("session.ended", session_id=str(session_id), reason=kind)
         counts = {
             **{f"sessions_{k}": v for k, v in ended.items()},
             "holds_released": await self.repo.release_cooled(),

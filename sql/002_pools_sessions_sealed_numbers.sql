@@ -12,7 +12,13 @@
 
 ALTER TABLE pool_numbers
     ADD COLUMN state_changed_at timestamptz NOT NULL DEFAULT now(),
-    ADD COLUMN cooling_until    timestamptz,
+    ADD COLUMN cooling_until    timestamptz;
+-- 001 took any text as a region and had no cooling time: bring old rows into the new rules
+-- (a region that is no ISO 3166 code even in capitals is dropped: it only ever was a preference).
+UPDATE pool_numbers SET region = upper(btrim(region)) WHERE region IS NOT NULL;
+UPDATE pool_numbers SET region = NULL WHERE region !~ '^[A-Z]{2}(-[A-Z0-9]{1,3})?$';
+UPDATE pool_numbers SET cooling_until = now() + interval '7 days' WHERE state = 'cooling';
+ALTER TABLE pool_numbers
     ADD CONSTRAINT pool_numbers_region_form CHECK (region ~ '^[A-Z]{2}(-[A-Z0-9]{1,3})?$'),
     ADD CONSTRAINT pool_numbers_cooling_until CHECK ((state = 'cooling') = (cooling_until IS NOT NULL));
 CREATE INDEX pool_numbers_region ON pool_numbers (region, state);
@@ -64,6 +70,20 @@ ALTER TABLE participants
 ALTER TABLE participants ALTER COLUMN real_number DROP NOT NULL;
 UPDATE participants p SET joined_at = s.created_at, left_at = s.closed_at, holds = p.live
 FROM sessions s WHERE s.id = p.session_id;
+-- Sessions closed in the day before the upgrade start their cool-off (the default
+-- MB_PAIR_COOLOFF, one day) as if they had closed under the new rules: each pair's latest
+-- closed participant holds it, unless someone holds it live already.
+WITH latest AS (
+    SELECT DISTINCT ON (p.real_number, p.pool_number) p.id
+    FROM participants p JOIN sessions s ON s.id = p.session_id
+    WHERE NOT p.live AND s.closed_at > now() - interval '1 day'
+    ORDER BY p.real_number, p.pool_number, s.closed_at DESC
+)
+UPDATE participants p SET holds = true, held_until = s.closed_at + interval '1 day'
+FROM sessions s, latest l
+WHERE l.id = p.id AND s.id = p.session_id
+  AND NOT EXISTS (SELECT 1 FROM participants q
+                  WHERE q.live AND q.real_number = p.real_number AND q.pool_number = p.pool_number);
 
 ALTER TABLE calls
     ADD COLUMN callee_role            text CHECK (callee_role IN ('courier', 'client', 'support')),

@@ -26,7 +26,7 @@ from bridge.api.openapi import document
 from bridge.errors import InvalidInput, NotFound, ServiceError, TooLarge
 from bridge.phone import mask
 from bridge.pools import Pools
-from bridge.sessions import Sessions
+from bridge.sessions import ORDER_ID, REGION_FORM, Sessions
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
 
@@ -42,6 +42,7 @@ JSON_BODY_LIMIT = 64 * 1024
 IMPORT_BODY_LIMIT = 4 * 1024 * 1024
 DEFAULT_PAGE, MAX_PAGE = 50, 500
 PUBLIC_PATHS = ("/healthz", "/v1/openapi.json")
+E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
 def _default(value: Any) -> Any:
@@ -224,9 +225,20 @@ def _time_and_id(cursor: Any) -> tuple[datetime, uuid.UUID] | None:
         return None
     try:
         at, ident = cursor
-        return datetime.fromisoformat(at), uuid.UUID(str(ident))
-    except (TypeError, ValueError, AttributeError):
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None or not 2000 <= when.year <= 9000:
+            raise ValueError("not a time this API gives out")
+        return when, uuid.UUID(str(ident))
+    except (TypeError, ValueError, AttributeError, OverflowError):
         raise InvalidInput("cursor is not one this API gave out", field="cursor") from None
+
+
+def _query(request: web.Request, name: str, pattern: re.Pattern[str]) -> str | None:
+    """A filter from the query string, checked before it reaches the database."""
+    value = request.query.get(name)
+    if value is not None and not pattern.fullmatch(value):
+        raise InvalidInput(f"{name} is not a valid {name}", field=name)
+    return value
 
 
 # --- sessions ------------------------------------------------------------------------------
@@ -255,7 +267,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     limit, cursor = _page(request)
     rows = await sessions.find(
-        order_id=request.query.get("order_id"), status=request.query.get("status"),
+        order_id=_query(request, "order_id", ORDER_ID), status=request.query.get("status"),
         after=_time_and_id(cursor), limit=limit,
     )
     return _json(_listing([render_session(sessions, s) for s in rows], limit, lambda s: [s["created_at"], s["id"]]))
@@ -318,7 +330,7 @@ async def session_calls(request: web.Request) -> web.Response:
 
 async def order_calls(request: web.Request) -> web.Response:
     """Every call of an order, across its sessions (an order reopened has several)."""
-    order_id = request.query.get("order_id")
+    order_id = _query(request, "order_id", ORDER_ID)
     if not order_id:
         raise InvalidInput("order_id is required", field="order_id")
     limit, cursor = _page(request)
@@ -349,10 +361,10 @@ async def import_pool_numbers(request: web.Request) -> web.Response:
 
 async def list_pool_numbers(request: web.Request) -> web.Response:
     limit, cursor = _page(request)
-    if cursor is not None and not isinstance(cursor, str):
+    if cursor is not None and not (isinstance(cursor, str) and E164.fullmatch(cursor)):
         raise InvalidInput("cursor is not one this API gave out", field="cursor")
     rows = await request.app[POOLS].find(
-        region=request.query.get("region"), state=request.query.get("state"), after=cursor, limit=limit
+        region=_query(request, "region", REGION_FORM), state=request.query.get("state"), after=cursor, limit=limit
     )
     return _json(_listing([render_pool_number(r) for r in rows], limit, lambda r: r["number"]))
 

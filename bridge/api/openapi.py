@@ -19,7 +19,7 @@ from bridge.sessions import MAX_SECONDS, REGION_FORM
 DEFAULT_PAGE, MAX_PAGE = 50, 500
 JSON_BODY_LIMIT = 64 * 1024
 IMPORT_BODY_LIMIT = 4 * 1024 * 1024
-ORDER_ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # bridge.sessions._ORDER_ID
+ORDER_ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # bridge.sessions.ORDER_ID
 
 Schema = dict[str, Any]
 

@@ -197,7 +197,9 @@ class MaskedCall:
         except InvalidNumber:
             pool = None
         assert self.router is not None, "a new call needs a router"
+        looked_up = time.perf_counter()
         route = await self.router.route(caller, pool) if caller and pool else None
+        route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
         known = route is not None and route.pool_known
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
@@ -207,6 +209,7 @@ class MaskedCall:
             caller=mask(caller or raw_caller or "anonymous"),
             pool_number=dialed,
             route=route.kind if route else "unknown",
+            route_ms=route_ms,
         )
         await self.store.insert_call(
             self.id,

@@ -56,7 +56,9 @@ def write_config(stack: Stack, instance: str, overrides: dict[str, str] | None =
     etc.mkdir(parents=True, exist_ok=True)
     for sub in ("db", "spool", "run", "log", "cache", "spool/recording"):
         host_path(stack, instance, sub).mkdir(parents=True, exist_ok=True)
-    for src_dir in (CONFIG_DIR / "common", CONFIG_DIR / instance):
+    # The PBX of the local stack also gets the benchmark's baseline route (never in production).
+    extra = [CONFIG_DIR / "bench"] if instance == "pbx" else []
+    for src_dir in (CONFIG_DIR / "common", CONFIG_DIR / instance, *extra):
         for src in sorted(src_dir.glob("*.conf")):
             (etc / src.name).write_text(render(src.read_text(), values))
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bridge.ari import AriClient, AriError, AriNotFound, EventStream
+from bridge.ari import AriClient, AriConflict, AriError, AriNotFound, EventStream
 from bridge.devstack import asterisk
 from bridge.devstack.settings import Stack
 
@@ -30,6 +30,7 @@ class Phone:
     ring_for: float = 2.0  # noanswer: seconds of ringing before the network gives up (480)
     tone: int = 1000  # Hz the phone plays once connected
     hangup_after: float | None = None  # seconds after answer at which this phone hangs up
+    listen: bool = True  # record what the phone hears (off for load: a snoop and a file per leg)
 
 
 @dataclass
@@ -44,6 +45,7 @@ class Leg:
     shown_name: str = ""
     tone: int = 1000
     hangup_after: float | None = None
+    listen: bool = True
     ringing: asyncio.Event = field(default_factory=asyncio.Event)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
@@ -75,6 +77,7 @@ class Carrier:
         self.legs: dict[str, Leg] = {}
         self.incoming: asyncio.Queue[Leg] = asyncio.Queue()
         self._snoops: dict[str, Leg] = {}
+        self._snoop_seconds: dict[str, int] = {}
         self._stream = EventStream(self.ari, self._handle)
         self._task: asyncio.Task[None] | None = None
         self._timers: set[asyncio.Task[None]] = set()
@@ -124,11 +127,13 @@ class Carrier:
 
     async def call(
         self, from_number: str, to_number: str, *, tone: int = 600, hangup_after: float | None = None,
-        caller_name: str | None = None,
+        caller_name: str | None = None, listen: bool = True,
     ) -> Leg:
         """Place a call from the trunk to the PBX, presenting `from_number` as the caller."""
         channel_id = f"carrier-{uuid.uuid4()}"
-        leg = Leg("caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after)
+        leg = Leg(
+            "caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after, listen=listen
+        )
         self.legs[channel_id] = leg
         caller_id = f'"{caller_name}" <{from_number}>' if caller_name else from_number
         await self.ari.originate(f"PJSIP/{to_number}@pbx", channel_id, caller_id, ["caller"], timeout=60)
@@ -138,6 +143,24 @@ class Carrier:
         except AriNotFound:
             pass  # already gone: ChannelDestroyed was the only event, and we missed it
         return leg
+
+    async def listen_to(self, leg: Leg, seconds: int) -> Path:
+        """Record `seconds` of what an answered phone hears now (for legs placed without
+        listening); returns the recording once it is finished."""
+        leg.recording = f"sample-{leg.channel_id}"
+        leg.recorded.clear()
+        ear = f"sample-{leg.channel_id}"
+        self._snoops[ear] = leg
+        self._snoop_seconds[ear] = seconds
+        await self.ari.snoop(leg.channel_id, ear, ["snoop"], spy="in")
+        try:
+            await asyncio.wait_for(leg.recorded.wait(), seconds + 10)
+        finally:
+            try:
+                await self.ari.hangup(ear)
+            except AriError:
+                pass
+        return self.recording_path(leg)
 
     async def hangup(self, leg: Leg, reason: str = "normal") -> None:
         """The phone hangs up (or, for a called phone, refuses with `reason`)."""
@@ -172,7 +195,8 @@ class Carrier:
             elif args[:1] == ["caller"] and cid in self.legs:
                 await self._answered(self.legs[cid])
             elif args[:1] == ["snoop"] and cid in self._snoops:
-                await self.ari.record(cid, self._snoops[cid].recording or "", "wav", max_seconds=120)
+                seconds = self._snoop_seconds.get(cid, 120)
+                await self.ari.record(cid, self._snoops[cid].recording or "", "wav", max_seconds=seconds)
             return
         if kind == "RecordingFinished":
             name = (event.get("recording") or {}).get("name")
@@ -185,8 +209,11 @@ class Carrier:
             return
         if kind == "ChannelStateChange" and channel.get("state") == "Ringing":
             leg.ringing.set()
-        elif kind == "ChannelStateChange" and channel.get("state") == "Up" and leg.role == "caller":
-            await self._answered(leg)
+        elif kind == "ChannelStateChange" and channel.get("state") == "Up" and leg.role == "caller" \
+                and not leg.answered.is_set():
+            # Answered; its media starts with StasisStart (an originated channel enters
+            # Stasis just after the answer, and cannot play before).
+            leg.answered_at = time.monotonic()
         elif kind == "ChannelHangupRequest" and event.get("cause") is not None:
             leg.cause = int(event["cause"])
         elif kind in ("ChannelDestroyed", "StasisEnd") and not leg.ended.is_set():
@@ -205,6 +232,7 @@ class Carrier:
         leg = Leg(
             "callee", channel["id"], dialed, dialed=dialed, shown_number=caller.get("number", ""),
             shown_name=caller.get("name", ""), tone=phone.tone, hangup_after=phone.hangup_after,
+            listen=phone.listen,
         )
         self.legs[leg.channel_id] = leg
         await self.incoming.put(leg)
@@ -227,11 +255,20 @@ class Carrier:
         await self._answered(leg)
 
     async def _answered(self, leg: Leg) -> None:
-        """The phone is connected: play its tone, record what it hears."""
+        """The phone is connected (and in Stasis): play its tone, record what it hears."""
         if leg.answered.is_set():
             return
-        leg.answered_at = time.monotonic()
+        leg.answered_at = leg.answered_at or time.monotonic()
         leg.answered.set()
+        if not leg.listen:
+            leg.recorded.set()  # nothing is recorded
+            try:
+                await self.ari.play(leg.channel_id, self._tone_media(leg.tone))
+            except (AriNotFound, AriConflict):
+                return  # hung up meanwhile
+            if leg.hangup_after is not None:
+                self._later(leg.hangup_after, lambda: self.hangup(leg))
+            return
         leg.recording = f"{leg.role}-{leg.channel_id}"
         # A snoop channel records what the phone hears; the phone plays its tone from a
         # sound file. (Asterisk's `tone:` generator on the channel silences the spy.)
@@ -240,7 +277,7 @@ class Carrier:
         try:
             await self.ari.snoop(leg.channel_id, ear, ["snoop"], spy="in")
             await self.ari.play(leg.channel_id, self._tone_media(leg.tone))
-        except AriNotFound:
+        except (AriNotFound, AriConflict):  # hung up meanwhile
             leg.recorded.set()
             return
         if leg.hangup_after is not None:

@@ -22,10 +22,6 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg
     return pool
 
 
-class MigrationError(Exception):
-    pass
-
-
 async def _seal_plaintext_numbers(conn: asyncpg.Connection, vault: NumberVault) -> None:
     """After 002: seal every real number stored in plaintext by 001, then empty it."""
     rows = await conn.fetch("SELECT id, real_number FROM participants WHERE real_number IS NOT NULL")
@@ -44,8 +40,20 @@ _PYTHON_STEPS: dict[str, Callable[[asyncpg.Connection, NumberVault], Awaitable[N
 }
 
 
+def _migrations(sql_dir: Path) -> list[Path]:
+    return sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql"))
+
+
+async def pending(pool: asyncpg.Pool, sql_dir: Path = SQL_DIR) -> list[str]:
+    """The migrations this database has not had yet."""
+    exists = await pool.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done = {r["name"] for r in await pool.fetch("SELECT name FROM schema_migrations")} if exists else set()
+    return [p.name for p in _migrations(sql_dir) if p.name not in done]
+
+
 async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DIR) -> list[str]:
-    """Apply the migrations not applied yet; returns their names."""
+    """Apply the migrations not applied yet, all in one transaction (a bridge of the old
+    version never sees a schema half way); returns their names."""
     applied: list[str] = []
     async with pool.acquire() as conn:
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
@@ -55,17 +63,18 @@ async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DI
                 " name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
             )
             done = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
-            for path in sorted(sql_dir.glob("[0-9][0-9][0-9]_*.sql")):
-                if path.name in done:
-                    continue
-                async with conn.transaction():
+            async with conn.transaction():
+                for path in _migrations(sql_dir):
+                    if path.name in done:
+                        continue
                     await conn.execute(path.read_text())
                     step = _PYTHON_STEPS.get(path.name)
                     if step is not None:
                         await step(conn, vault)
                     await conn.execute("INSERT INTO schema_migrations (name) VALUES ($1)", path.name)
-                applied.append(path.name)
-                log.info("db.migrated", migration=path.name)
+                    applied.append(path.name)
+            for name in applied:
+                log.info("db.migrated", migration=name)
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied

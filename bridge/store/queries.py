@@ -36,11 +36,18 @@ class Store:
         callee_role: str | None = None,
         callee_participant_id: uuid.UUID | None = None,
     ) -> None:
+        # A call that is put through is the session's activity (its inactivity expiry
+        # counts from here): one statement, one commit, on the call's critical path.
         await self.pool.execute(
             """
-            INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-                               caller_participant_id, callee_role, callee_participant_id)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+            WITH call AS (
+                INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
+                                   caller_participant_id, callee_role, callee_participant_id)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                RETURNING session_id, callee_role
+            )
+            UPDATE sessions s SET last_activity_at = now()
+            FROM call WHERE s.id = call.session_id AND call.callee_role IS NOT NULL AND s.status = 'open'
             """,
             call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
             caller_participant_id, callee_role, callee_participant_id,

@@ -111,6 +111,23 @@ _OWN_COOLING_HOLD = """
 """
 
 
+# The routing lookup of every call ($1 the caller's blind index, $2 the dialed pool number).
+ROUTE_SQL = f"""
+    SELECT h.session_id, h.id AS participant_id, h.role, h.pool_number,
+           h.left_at IS NOT NULL AS caller_left, s.status,
+           s.expires_at <= now() AS expired,
+           coalesce(s.last_activity_at + make_interval(secs => s.idle_timeout_seconds) <= now(), false)
+               AS inactive,
+           coalesce(s.grace_until <= now(), false) AS grace_over,
+           o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
+           o.pool_number AS other_pool_number
+    FROM participants h
+    JOIN sessions s ON s.id = h.session_id
+    LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+    WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING}
+"""
+
+
 def _affected(status: str) -> int:
     return int(status.split()[-1])
 
@@ -167,10 +184,12 @@ class SessionRepo:
 
     # --- choosing a pool number ------------------------------------------------------
 
-    async def candidates(self, pair: list[bytes], region: str | None, limit: int = 8) -> list[str]:
+    async def candidates(
+        self, pair: list[bytes], region: str | None, limit: int = 8, prefer: str | None = None
+    ) -> list[str]:
         """Active pool numbers free for every number of `pair` (blind indexes), best first:
-        the number the same pair had last time, then the region's, then the least loaded;
-        ties are broken at random so that racing opens spread out."""
+        `prefer` if it is free, the number the same pair had last time, then the region's,
+        then the least loaded; ties are broken at random so that racing opens spread out."""
         sticky = """
             SELECT s.pool_number FROM participants a
             JOIN participants b ON b.session_id = a.session_id AND b.role <> a.role AND b.number_idx = $1[2]
@@ -185,13 +204,14 @@ class SessionRepo:
             ), sticky AS ({sticky})
             SELECT p.number FROM pool_numbers p
             WHERE p.state = 'active' AND p.number NOT IN (SELECT pool_number FROM blocked)
-            ORDER BY p.number IS NOT DISTINCT FROM (SELECT pool_number FROM sticky) DESC,
+            ORDER BY p.number IS NOT DISTINCT FROM $4 DESC,
+                     p.number IS NOT DISTINCT FROM (SELECT pool_number FROM sticky) DESC,
                      ($2::text IS NOT NULL AND p.region IS NOT DISTINCT FROM $2) DESC,
                      (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number),
                      random()
             LIMIT $3
             """,
-            pair, region, limit,
+            pair, region, limit, prefer,
         )
         return [r["number"] for r in rows]
 
@@ -225,6 +245,15 @@ class SessionRepo:
         )
 
     @staticmethod
+    async def _still_active(conn: asyncpg.Connection, pool_number: str) -> None:
+        """The number is still active, and stays so until this transaction ends (a retire
+        waits for it): a session is never opened on a number being retired."""
+        if not await conn.fetchval(
+            "SELECT true FROM pool_numbers WHERE number = $1 AND state = 'active' FOR SHARE", pool_number
+        ):
+            raise PairTaken(pool_number)
+
+    @staticmethod
     async def _event(conn: asyncpg.Connection, session_id: uuid.UUID, kind: str, **detail: Any) -> None:
         await conn.execute(
             "INSERT INTO session_events (session_id, kind, detail) VALUES ($1, $2, $3::jsonb)",
@@ -241,6 +270,7 @@ class SessionRepo:
         """
         try:
             async with self.pool.acquire() as conn, conn.transaction():
+                await self._still_active(conn, pool_number)
                 await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
                 session_id: uuid.UUID = await conn.fetchval(
                     """
@@ -250,13 +280,18 @@ class SessionRepo:
                     order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
                     terms.grace_seconds,
                 )
+                # In index order: two opens that share both people in opposite roles take
+                # the pair locks in the same order, and one waits for the other.
                 await conn.executemany(
                     """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number)
                        VALUES ($1, $2, $3, $4, $5)""",
-                    [
-                        (session_id, "courier", courier.idx, courier.enc, pool_number),
-                        (session_id, "client", client.idx, client.enc, pool_number),
-                    ],
+                    sorted(
+                        [
+                            (session_id, "courier", courier.idx, courier.enc, pool_number),
+                            (session_id, "client", client.idx, client.enc, pool_number),
+                        ],
+                        key=lambda r: r[2],
+                    ),
                 )
                 await self._event(
                     conn, session_id, "opened", pool_number=pool_number, region=terms.region,
@@ -269,6 +304,8 @@ class SessionRepo:
             if exc.constraint_name == "sessions_one_open_per_order":
                 raise OrderRace(order_id) from exc
             raise
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+            raise PairTaken(pool_number) from exc
         return session_id
 
     async def _lock(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> asyncpg.Record:
@@ -306,22 +343,32 @@ class SessionRepo:
             session_id, role, cooloff,
         )
 
-    async def end_if_due(self, session_id: uuid.UUID, cooloff: int) -> bool:
-        """End an open session whose absolute or inactivity expiry has passed."""
-        reason = await self.pool.fetchval(
-            """SELECT CASE WHEN expires_at <= now() THEN 'expired' ELSE 'inactive' END FROM sessions
-               WHERE id = $1 AND status = 'open' AND (expires_at <= now()
-                  OR last_activity_at + make_interval(secs => idle_timeout_seconds) <= now())""",
-            session_id,
-        )
-        return reason is not None and await self.end(session_id, reason, 0, cooloff)
+    async def end_if_due(self, session_id: uuid.UUID, cooloff: int) -> str | None:
+        """End a session whose time is up: an open one past its absolute or inactivity
+        expiry, or one whose grace period is over. Decided under the session's lock, so a
+        call or an extend that lands first keeps it alive."""
+        return await self.end(session_id, "due", 0, cooloff)
 
-    async def end(self, session_id: uuid.UUID, reason: str, grace_seconds: int | None, cooloff: int) -> bool:
-        """End an open session (or the grace period of one). With a grace period, only the
-        courier leaves now and the client keeps the number until it ends. Returns whether
-        anything changed."""
+    async def end(self, session_id: uuid.UUID, reason: str, grace_seconds: int | None, cooloff: int) -> str | None:
+        """End an open session (reason closed), or the grace period of one. With a grace
+        period, only the courier leaves now and the client keeps the number until it ends.
+        reason "due": only what is due ends (see end_if_due). Returns the event recorded
+        (grace_started, closed, expired, inactive), None when nothing changed."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await self._lock(conn, session_id)
+            if reason == "due":
+                due = await conn.fetchval(
+                    """SELECT CASE
+                         WHEN status = 'open' AND expires_at <= now() THEN 'expired'
+                         WHEN status = 'open' AND last_activity_at + make_interval(secs => idle_timeout_seconds)
+                              <= now() THEN 'inactive'
+                         WHEN status = 'grace' AND grace_until <= now() THEN 'closed' END
+                       FROM sessions WHERE id = $1""",
+                    session_id,
+                )
+                if due is None:
+                    return None
+                reason, grace_seconds = due, 0
             grace = row["grace_seconds"] if grace_seconds is None else grace_seconds
             if row["status"] == "open" and reason == "closed" and grace > 0:
                 await conn.execute(
@@ -331,32 +378,38 @@ class SessionRepo:
                 )
                 await self._leave(conn, session_id, "courier", cooloff)
                 await self._event(conn, session_id, "grace_started", grace_seconds=grace)
-                return True
+                return "grace_started"
             if row["status"] == "closed":
-                return False
+                return None
             await conn.execute(
                 """UPDATE sessions SET status = 'closed', closed_at = now(), grace_until = NULL,
                    end_reason = coalesce(end_reason, $2) WHERE id = $1""",
                 session_id, reason,
             )
             await self._leave(conn, session_id, None, cooloff)
-            await self._event(conn, session_id, reason if row["status"] == "open" else "closed")
-            return True
+            kind = reason if row["status"] == "open" else "closed"
+            await self._event(conn, session_id, kind)
+            return kind
 
     async def reassign_courier(
         self, session_id: uuid.UUID, courier: Sealed, pool_number: str, cooloff: int
-    ) -> uuid.UUID:
+    ) -> bool:
         """The live courier leaves (its pair cools off) and `courier` joins on `pool_number`.
-        Raises PairTaken when the new courier holds that number already."""
+        Returns False when `courier` is the live courier already (a repeated request).
+        Raises PairTaken when the new courier cannot have that number (retry with another)."""
         try:
             async with self.pool.acquire() as conn, conn.transaction():
                 row = await self._lock(conn, session_id)
                 if row["status"] != "open":
                     raise SessionGone(f"the session is {row['status']}")
-                old = await conn.fetchval(
-                    "SELECT id FROM participants WHERE session_id = $1 AND role = 'courier' AND left_at IS NULL",
+                old = await conn.fetchrow(
+                    """SELECT id, number_idx FROM participants
+                       WHERE session_id = $1 AND role = 'courier' AND left_at IS NULL""",
                     session_id,
                 )
+                if old is not None and old["number_idx"] == courier.idx:
+                    return False
+                await self._still_active(conn, pool_number)
                 await self._leave(conn, session_id, "courier", cooloff)
                 await self._free_pairs(conn, [courier.idx], pool_number)
                 new: uuid.UUID = await conn.fetchval(
@@ -365,55 +418,38 @@ class SessionRepo:
                     session_id, courier.idx, courier.enc, pool_number,
                 )
                 await self._event(
-                    conn, session_id, "courier_reassigned", previous=old, participant=new, pool_number=pool_number
+                    conn, session_id, "courier_reassigned", previous=old["id"] if old else None, participant=new,
+                    pool_number=pool_number,
                 )
-                return new
+                return True
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":
                 raise PairTaken(pool_number) from exc
             raise
+        except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
+            raise PairTaken(pool_number) from exc
 
     # --- routing -------------------------------------------------------------------------
 
     async def route(self, idx: bytes, pool_number: str) -> RouteRow | None:
         """The holder of (number, pool number), with its session and the live other side.
         One indexed lookup: the unique hold index makes the answer unambiguous."""
-        row = await self.pool.fetchrow(
-            f"""
-            SELECT h.session_id, h.id AS participant_id, h.role, h.pool_number,
-                   h.left_at IS NOT NULL AS caller_left, s.status,
-                   s.expires_at <= now() AS expired,
-                   coalesce(s.last_activity_at + make_interval(secs => s.idle_timeout_seconds) <= now(), false)
-                       AS inactive,
-                   coalesce(s.grace_until <= now(), false) AS grace_over,
-                   o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
-                   o.pool_number AS other_pool_number
-            FROM participants h
-            JOIN sessions s ON s.id = h.session_id
-            LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
-            WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING}
-            """,
-            idx, pool_number,
-        )
+        row = await self.pool.fetchrow(ROUTE_SQL, idx, pool_number)
         return RouteRow(**dict(row)) if row is not None else None
-
-    async def touch(self, session_id: uuid.UUID) -> None:
-        await self.pool.execute("UPDATE sessions SET last_activity_at = now() WHERE id = $1", session_id)
 
     # --- housekeeping ----------------------------------------------------------------------
 
-    async def due(self) -> list[tuple[uuid.UUID, str]]:
-        """Sessions whose time is up: (id, reason) with reason expired, inactive or closed (grace over)."""
+    async def due(self) -> list[uuid.UUID]:
+        """Sessions whose time looks up (end_if_due decides, under the lock)."""
         rows = await self.pool.fetch(
             """
-            SELECT id, CASE WHEN expires_at <= now() THEN 'expired' ELSE 'inactive' END AS reason
-            FROM sessions WHERE status = 'open' AND (expires_at <= now()
+            SELECT id FROM sessions WHERE status = 'open' AND (expires_at <= now()
                 OR last_activity_at + make_interval(secs => idle_timeout_seconds) <= now())
             UNION ALL
-            SELECT id, 'closed' FROM sessions WHERE status = 'grace' AND grace_until <= now()
+            SELECT id FROM sessions WHERE status = 'grace' AND grace_until <= now()
             """
         )
-        return [(r["id"], r["reason"]) for r in rows]
+        return [r["id"] for r in rows]
 
     async def release_cooled(self) -> int:
         return _affected(
@@ -431,6 +467,7 @@ class SessionRepo:
                 """
                 UPDATE participants SET number_idx = NULL, number_enc = NULL, holds = false, purged_at = now()
                 WHERE purged_at IS NULL AND left_at < now() - make_interval(days => $1)
+                  AND (NOT holds OR held_until <= now())  -- a cool-off still running is kept
                 RETURNING session_id
                 """,
                 older_than_days,

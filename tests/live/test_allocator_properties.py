@@ -237,3 +237,81 @@ def test_racing_opens_over_shared_people_never_collide(harness: Harness) -> None
             assert len(held) == n and len({r["pool_number"] for r in held}) == n
 
     harness.run(scenario())
+
+
+def test_racing_opens_with_people_in_both_roles_never_deadlock_or_collide(harness: Harness) -> None:
+    """Every person is a courier in some orders and a client in others, all opened at once:
+    two opens sharing both people in opposite roles must queue, not deadlock."""
+    people = [f"+7916444{i:04d}" for i in range(8)]
+    n = 2 * (len(people) - 1)  # each person: 7 sessions as courier, 7 as client
+    numbers = [f"+7495444{i:04d}" for i in range(2 * n - 1)]
+
+    async def scenario() -> None:
+        await harness.pool.execute(f"TRUNCATE {TABLES}")
+        await harness.pools.import_numbers([{"number": x} for x in numbers])
+        wanted = [(f"both-{i}-{j}", a, b) for i, a in enumerate(people) for j, b in enumerate(people) if a != b]
+        results = await asyncio.gather(*(harness.sessions.open(*w) for w in wanted), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        assert not failures, failures[:3]
+        await check_invariants(harness)
+        assert await harness.pool.fetchval("SELECT count(*) FROM sessions WHERE status = 'open'") == len(wanted)
+
+    harness.run(scenario())
+
+
+def test_a_repeated_reassignment_racing_itself_changes_the_courier_once(harness: Harness) -> None:
+    async def scenario() -> None:
+        await harness.pool.execute(f"TRUNCATE {TABLES}")
+        await harness.pools.import_numbers([{"number": x} for x in NUMBERS])
+        session, _ = await harness.sessions.open("order-r", PEOPLE[0], PEOPLE[1])
+        results = await asyncio.gather(*(harness.sessions.reassign_courier(session.id, PEOPLE[2]) for _ in range(6)))
+        assert sum(changed for _, changed in results) == 1
+        final = await harness.sessions.get(session.id)
+        courier = final.live("courier")
+        assert courier is not None and harness.sessions.reveal(courier.number_enc) == PEOPLE[2]
+        assert courier.pool_number == session.pool_number, "the new courier gets the client's number when free"
+        assert [p.role for p in final.participants].count("courier") == 2
+        await check_invariants(harness)
+
+    harness.run(scenario())
+
+
+def test_two_opens_with_the_same_people_in_opposite_roles_queue_instead_of_deadlocking(harness: Harness) -> None:
+    """(A courier, B client) and (B courier, A client) on the same number at the same moment:
+    one wins, the other is told the pair is taken, and neither is aborted as a deadlock."""
+    from bridge.store.sessions import PairTaken, Sealed, SessionTerms
+
+    a, b = PEOPLE[0], PEOPLE[1]
+    sealed = {p: Sealed(harness.vault.index(p), harness.vault.seal(p)) for p in (a, b)}
+    terms = SessionTerms(region=None, ttl_seconds=3600, idle_timeout_seconds=None, grace_seconds=0)
+
+    async def scenario() -> None:
+        await harness.pool.execute(f"TRUNCATE {TABLES}")
+        await harness.pools.import_numbers([{"number": NUMBERS[0]}])
+        for round_ in range(10):
+            # Both opens are held at the number's row lock and let go together, so that
+            # their inserts interleave.
+            gate = await harness.pool.acquire()
+            tx = gate.transaction()
+            await tx.start()
+            await gate.execute("SELECT 1 FROM pool_numbers WHERE number = $1 FOR UPDATE", NUMBERS[0])
+            opens = asyncio.gather(
+                harness.sessions.repo.insert(f"x-{round_}", NUMBERS[0], sealed[a], sealed[b], terms),
+                harness.sessions.repo.insert(f"y-{round_}", NUMBERS[0], sealed[b], sealed[a], terms),
+                return_exceptions=True,
+            )
+            async with asyncio.timeout(10):
+                while await gate.fetchval(
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND pid <> pg_backend_pid()"
+                ) < 2:
+                    await asyncio.sleep(0.005)  # wait-ok: polling Postgres until both opens wait
+            await tx.commit()
+            await harness.pool.release(gate)
+            results = await opens
+            lost = [r for r in results if isinstance(r, BaseException)]
+            assert len(lost) == 1 and isinstance(lost[0], PairTaken), results
+            assert isinstance(lost[0].__cause__, asyncpg.UniqueViolationError), "a deadlock, not a queue"
+            await harness.pool.execute("UPDATE participants SET holds = false, left_at = now(), held_until = now()")
+            await harness.pool.execute("UPDATE sessions SET status = 'closed', closed_at = now(), end_reason = 'closed'")
+
+    harness.run(scenario())

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from bridge.devstack.carrier import Carrier, Leg
-from tests.live.audio import rms, samples, tone_share
+from bridge.devstack.audio import rms, samples, tone_share
 from tests.live.siplog import SipLog, SipMessage, dialogs, national_digits
 
 IDENTITY_ON = {

@@ -71,14 +71,18 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         await h.sessions.close(recent.id)
         await h.sessions.reassign_courier(reassigned.id, "+79161119999")
         back = timedelta(days=31)
-        await h.pool.execute("UPDATE participants SET left_at = left_at - $2::interval WHERE session_id = $1", old.id, back)
+        await h.pool.execute(
+            "UPDATE participants SET left_at = left_at - $2::interval, held_until = held_until - $2::interval "
+            "WHERE session_id = $1", old.id, back,
+        )
         await h.pool.execute("UPDATE sessions SET closed_at = closed_at - $2::interval WHERE id = $1", old.id, back)
         await h.pool.execute("UPDATE calls SET ended_at = ended_at - $1::interval", back)
         await h.pool.execute(
             "UPDATE participants SET left_at = left_at - interval '29 days' WHERE session_id = $1", recent.id
         )
         await h.pool.execute(
-            "UPDATE participants SET left_at = left_at - $2::interval WHERE session_id = $1 AND left_at IS NOT NULL",
+            "UPDATE participants SET left_at = left_at - $2::interval, held_until = held_until - $2::interval "
+            "WHERE session_id = $1 AND left_at IS NOT NULL",
             reassigned.id, back,
         )
 
@@ -106,6 +110,12 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         assert all(h.sessions.reveal(p.number_enc) is None for p in session.participants)
         assert [e["kind"] for e in await h.sessions.events(old.id)] == ["opened", "closed", "purged"]
         # The purge is idempotent.
+        assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0}
+        # A pair whose cool-off still runs keeps its number, however long ago it left: the
+        # former participant must go on hearing that the order finished.
+        await h.pool.execute(
+            "UPDATE participants SET left_at = left_at - interval '40 days' WHERE session_id = $1", recent.id
+        )
         assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0}
 
     harness.run(scenario())

@@ -7,7 +7,7 @@ import asyncio
 import uuid
 
 from bridge.devstack import processes
-from tests.live.audio import rms, samples
+from bridge.devstack.audio import rms, samples
 from tests.live.conftest import wait_for_call_row
 
 

@@ -131,7 +131,7 @@ def test_limits_repeated_from_the_http_module_agree():
     assert openapi.IMPORT_BODY_LIMIT == http.IMPORT_BODY_LIMIT
     from bridge import sessions
 
-    assert openapi.ORDER_ID_PATTERN == sessions._ORDER_ID.pattern
+    assert openapi.ORDER_ID_PATTERN == sessions.ORDER_ID.pattern
     assert http.OPEN_FIELDS == set(document()["components"]["schemas"]["OpenSessionRequest"]["properties"])
 
 

@@ -1,0 +1,106 @@
+"""`make bench`: what the bridge costs next to plain Asterisk, in one run.
+
+    python -m bench [--tiny] [--out DIR]
+
+Needs the local stack running (make bench starts it). --tiny is the smoke run `make test`
+uses: every measurement, a handful of calls each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import measure, report
+from bridge import logs
+from bridge.devstack import processes
+from bridge.devstack.carrier import Carrier
+from bridge.devstack.settings import PROJECT_DIR, Stack, load
+
+FULL: dict[str, Any] = {
+    "sessions": 1000, "api_concurrency": 32,
+    "delay_rate": 20.0, "delay_per_path": 150,
+    "ramp_rates": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 120.0, 150.0], "ramp_seconds": 6.0, "hold": 1.0,
+    "concurrency_steps": [25, 50, 100, 150, 200, 300, 400, 500], "setup_rate": 25.0,
+    "sample": 3, "listen_seconds": 2,
+}
+TINY: dict[str, Any] = {
+    "sessions": 12, "api_concurrency": 4,
+    "delay_rate": 4.0, "delay_per_path": 4,
+    "ramp_rates": [2.0], "ramp_seconds": 2.0, "hold": 0.5,
+    "concurrency_steps": [2], "setup_rate": 4.0,
+    "sample": 1, "listen_seconds": 1,
+}
+
+
+async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Path:
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "mode": mode,
+        "params": params,
+        "machine": report.machine(stack),
+    }
+    token = measure.run_id()
+    count = max(params["sessions"], params["delay_per_path"], max(params["concurrency_steps"]))
+    print(f"bench: opening {count} sessions", file=sys.stderr)
+    pairs, results["sessions"] = await measure.open_sessions(stack, count, params["api_concurrency"], token)
+    bridge_log = processes.bridge_log(stack)
+    log_offset = bridge_log.stat().st_size
+    try:
+        async with Carrier(stack) as carrier:
+            calls = measure.Calls(carrier)
+            try:
+                print("bench: post-dial delay", file=sys.stderr)
+                results["delay"] = await measure.post_dial_delay(
+                    calls, stack, pairs, params["delay_rate"], params["delay_per_path"]
+                )
+                print("bench: throughput ramp", file=sys.stderr)
+                with measure.RouteProbe(stack, pairs, every=0.05) as probe:
+                    results["ramp"] = await measure.ramp(
+                        calls, pairs, params["ramp_rates"], params["ramp_seconds"], params["hold"]
+                    )
+                results["route"] = measure.route_lookups(bridge_log, log_offset)
+                results["route_sql"] = measure.percentiles(probe.times)
+                print("bench: simultaneous calls", file=sys.stderr)
+                results["concurrency"] = await measure.concurrency(
+                    calls, carrier, stack, pairs, params["concurrency_steps"], params["setup_rate"],
+                    params["sample"], params["listen_seconds"],
+                )
+            finally:
+                await calls.close()
+    finally:
+        await measure.close_sessions(stack, token, count)
+    top_rate = max(params["ramp_rates"])
+    results["sustained"] = {
+        "bridge": measure.sustained(results["ramp"], "bridge"),
+        "baseline": measure.sustained(results["ramp"], "baseline"),
+    }
+    results["sustained"]["top"] = results["sustained"]["bridge"] == top_rate == results["sustained"]["baseline"]
+    held = [s["calls"] for s in results["concurrency"] if s["audio_ok"]]
+    results["max_concurrent"] = max(held) if held else 0
+    results["concurrency_top"] = results["max_concurrent"] == max(params["concurrency_steps"])
+    results["seconds"] = time.monotonic() - started
+    return report.write(results, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--tiny", action="store_true", help="a smoke run: every measurement, a few calls each")
+    parser.add_argument("--out", type=Path, default=PROJECT_DIR / "docs" / "bench")
+    args = parser.parse_args(argv)
+    logs.configure("warning")
+    stack = load()
+    processes.wait_healthy(stack)
+    path = asyncio.run(run(stack, TINY if args.tiny else FULL, "tiny" if args.tiny else "full", args.out))
+    print(f"bench: report written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,501 @@
+"""The measurements of `make bench`, each over real SIP and RTP from the simulated carrier.
+
+Two paths carry the same kind of call from a caller to a callee on the carrier:
+- bridge:   courier dials the session's pool number; the bridge routes it over ARI;
+- baseline: caller dials +7999NNNNNNN; the PBX's dialplan alone Dials +7916NNNNNNN
+            (asterisk-config/bench), showing the same pool number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import statistics
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+
+from bridge.crypto import NumberVault
+from bridge.devstack import asterisk, processes
+from bridge.devstack.audio import samples, tone_share
+from bridge.devstack.carrier import Carrier, Leg
+from bridge.devstack.settings import Stack
+from bridge.store.sessions import ROUTE_SQL
+
+BENCH_POOL_NUMBER = "+74959990000"  # the baseline's caller ID too (asterisk-config/bench)
+SETUP_LIMIT = 3.0  # seconds from dialing to the other phone ringing, at most, for a call to count
+BENCH_REGION = "ZZ-BEN"
+CALLER_TONE, CALLEE_TONE = 600, 1000
+
+
+@dataclass(frozen=True)
+class Route:
+    """One caller -> callee pair on one path."""
+
+    path: str  # bridge | baseline
+    caller: str
+    dialed: str
+    callee: str
+
+
+@dataclass
+class Pairs:
+    """Numbers for the calls of a run: sessions opened for the bridge, static for the baseline."""
+
+    bridge: list[Route] = field(default_factory=list)
+    baseline: list[Route] = field(default_factory=list)
+
+    def of(self, path: str) -> list[Route]:
+        return self.bridge if path == "bridge" else self.baseline
+
+
+def _numbers(i: int) -> tuple[str, str, str, str]:
+    """Unique per call: bridge courier and client, baseline caller and callee. The same
+    index gets the same numbers in every run: a pair takes its pool number back at once."""
+    tail = f"{i:06d}"
+    return f"+79151{tail}", f"+79161{tail}", f"+79152{tail}", f"+79162{tail}"
+
+
+# --- the session API ------------------------------------------------------------------------
+
+
+class Api:
+    def __init__(self, stack: Stack, http: aiohttp.ClientSession) -> None:
+        self.base = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}"
+        self.http = http
+        self.headers = {"Authorization": f"Bearer {stack.env['MB_API_TOKEN']}"}
+
+    async def post(self, path: str, body: Any) -> tuple[int, Any]:
+        async with self.http.post(self.base + path, json=body, headers=self.headers) as resp:
+            return resp.status, await resp.json()
+
+
+async def open_sessions(stack: Stack, count: int, concurrency: int, run: str) -> tuple[Pairs, dict[str, Any]]:
+    """Open `count` sessions (one per pair, all on the bench pool number) through the HTTP
+    API, `concurrency` at a time; returns the pairs and the creates per second."""
+    pairs = Pairs()
+    async with aiohttp.ClientSession() as http:
+        api = Api(stack, http)
+        status, body = await api.post("/v1/pool-numbers", {"numbers": [{"number": BENCH_POOL_NUMBER,
+                                                                          "region": BENCH_REGION}]})
+        assert status in (200, 201), body
+        gate = asyncio.Semaphore(concurrency)
+        latencies: list[float] = []
+
+        async def one(i: int) -> None:
+            courier, client, caller, callee = _numbers(i)
+            async with gate:
+                started = time.perf_counter()
+                status, body = await api.post("/v1/sessions", {
+                    "order_id": f"bench-{run}-{i}", "courier_number": courier, "client_number": client,
+                    "region": BENCH_REGION, "ttl_seconds": 3600,
+                })
+                latencies.append(time.perf_counter() - started)
+            assert status in (200, 201), body
+            pairs.bridge.append(Route("bridge", courier, body["pool_number"], client))
+            pairs.baseline.append(Route("baseline", caller, "+7999" + callee[5:], callee))
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(count)))
+        elapsed = time.perf_counter() - started
+    pairs.bridge.sort(key=lambda r: r.caller)
+    pairs.baseline.sort(key=lambda r: r.caller)
+    return pairs, {
+        "sessions": count,
+        "concurrency": concurrency,
+        "seconds": elapsed,
+        "creates_per_second": count / elapsed,
+        "latency_ms": percentiles([x * 1000 for x in latencies]),
+    }
+
+
+async def close_sessions(stack: Stack, run: str, count: int) -> None:
+    async with aiohttp.ClientSession() as http:
+        api = Api(stack, http)
+        gate = asyncio.Semaphore(16)
+
+        async def close(i: int) -> None:
+            async with gate, http.get(f"{api.base}/v1/sessions?order_id=bench-{run}-{i}&status=open",
+                                      headers=api.headers) as resp:
+                items = (await resp.json())["items"]
+            for s in items:
+                await api.post(f"/v1/sessions/{s['id']}/close", {})
+
+        await asyncio.gather(*(close(i) for i in range(count)))
+
+
+# --- statistics ------------------------------------------------------------------------------
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"n": 0}
+    ordered = sorted(values)
+
+    def p(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+    return {"n": len(values), "p50": p(0.5), "p95": p(0.95), "p99": p(0.99), "max": ordered[-1],
+            "mean": statistics.fmean(values)}
+
+
+# --- one call ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    route: Route
+    ok: bool
+    why: str = ""
+    caller: Leg | None = None
+    callee: Leg | None = None
+    setup: float | None = None  # seconds from dialing to the other phone ringing
+
+
+class Calls:
+    """Places calls and pairs each caller leg with the callee leg the carrier sees ring."""
+
+    def __init__(self, carrier: Carrier) -> None:
+        self.carrier = carrier
+        self._callee_waiters: dict[str, asyncio.Future[Leg]] = {}
+        self._pump = asyncio.create_task(self._route_incoming())
+
+    async def _route_incoming(self) -> None:
+        while True:
+            leg = await self.carrier.incoming.get()
+            waiter = self._callee_waiters.pop(leg.number, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(leg)
+
+    async def close(self) -> None:
+        self._pump.cancel()
+        await asyncio.gather(self._pump, return_exceptions=True)
+
+    async def place(self, route: Route, hold: float, timeout: float = 20.0,
+                    held: Callable[[Outcome], Awaitable[None]] | None = None) -> Outcome:
+        """Call, let the callee answer, talk `hold` seconds (or until `held` returns), hang up.
+        ok: both phones were answered and both legs ended normally."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Leg] = loop.create_future()
+        self._callee_waiters[route.callee] = waiter
+        self.carrier.phone(route.callee, action="answer", answer_after=0.0, tone=CALLEE_TONE, listen=False)
+        try:
+            leg = await self.carrier.call(route.caller, route.dialed, tone=CALLER_TONE, listen=False)
+        except Exception as exc:  # noqa: BLE001 - a refused originate is a failed call
+            self._callee_waiters.pop(route.callee, None)
+            return Outcome(route, False, f"originate: {exc}")
+        outcome = Outcome(route, False, caller=leg)
+        dialed = loop.time()
+        try:
+            async with asyncio.timeout(timeout):
+                outcome.callee = await waiter
+                outcome.setup = loop.time() - dialed
+                await leg.answered.wait()
+                if held is not None:
+                    outcome.ok = True
+                    await held(outcome)
+                else:
+                    await asyncio.sleep(hold)  # the call's own talk time, not a test wait
+                if leg.ended.is_set():
+                    outcome.ok, outcome.why = False, f"dropped, cause {leg.cause}"
+                    return outcome
+                await self.carrier.hangup(leg)
+                await leg.ended.wait()
+                await outcome.callee.ended.wait()
+            outcome.ok = outcome.callee.cause == 16
+            if not outcome.ok:
+                outcome.why = f"callee cause {outcome.callee.cause}"
+            elif outcome.setup is not None and outcome.setup > SETUP_LIMIT:
+                outcome.ok, outcome.why = False, f"rang after more than {SETUP_LIMIT:g} s"
+        except TimeoutError:
+            outcome.ok = False
+            outcome.why = "timeout: " + ("no callee" if outcome.callee is None else "not answered or not ended")
+            await self.carrier.hangup(leg)
+        finally:
+            self._callee_waiters.pop(route.callee, None)
+        return outcome
+
+
+class Schedule:
+    """Starts tasks at a fixed rate (an open-loop load: late starts are caught up, as
+    callers would not wait for the system) and keeps the rate it really achieved."""
+
+    def __init__(self) -> None:
+        self.achieved: float | None = None
+
+    async def run(self, rate: float, count: int, start: Callable[[int], Coroutine[Any, Any, Any]]) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        tasks: list[asyncio.Task[Any]] = []
+        for i in range(count):
+            delay = t0 + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the load's own schedule
+            tasks.append(asyncio.create_task(start(i)))
+        spent = loop.time() - t0
+        self.achieved = (count - 1) / spent if count > 1 and spent > 0 else rate
+        return await asyncio.gather(*tasks)
+
+
+async def at_rate(rate: float, count: int, start: Callable[[int], Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Start `count` tasks at `rate` per second, on a fixed schedule; wait for all."""
+    return await Schedule().run(rate, count, start)
+
+
+# --- post-dial delay -----------------------------------------------------------------------
+
+
+_TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
+_USER = re.compile(r"sip:(\+?\d+)@")
+
+
+def _invites(sip_log: Path, offset: int) -> tuple[dict[str, float], dict[str, float]]:
+    """From the carrier's SIP log: when each caller's INVITE was sent to the PBX (by From
+    user) and when each callee's INVITE arrived from it (by request URI user)."""
+    from datetime import datetime
+
+    sent: dict[str, float] = {}
+    received: dict[str, float] = {}
+    with open(sip_log, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        block: list[str] = []
+        for line in f:
+            if _TS.match(line):
+                _take(block, sent, received, datetime)
+                block = [line]
+            else:
+                block.append(line)
+        _take(block, sent, received, datetime)
+    return sent, received
+
+
+def _take(block: list[str], sent: dict[str, float], received: dict[str, float], datetime: Any) -> None:
+    if len(block) < 2 or not block[1].startswith("INVITE "):
+        return
+    head = block[0]
+    at = datetime.strptime(_TS.match(head).group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()  # type: ignore[union-attr]
+    if "Transmitting SIP request" in head:
+        from_line = next((ln for ln in block if ln.lower().startswith("from:")), "")
+        m = _USER.search(from_line)
+        if m:
+            sent.setdefault(m.group(1), at)  # the first INVITE, not an authenticated retry
+    elif "Received SIP request" in head:
+        m = _USER.search(block[1])
+        if m:
+            received.setdefault(m.group(1), at)
+
+
+async def post_dial_delay(calls: Calls, stack: Stack, pairs: Pairs, rate: float, per_path: int) -> dict[str, Any]:
+    """Alternate the two paths at `rate` calls per second; the delay of each call is from
+    its INVITE leaving the carrier to the callee's INVITE reaching it (the carrier's clock
+    for both; its SIP log keeps milliseconds)."""
+    sip_log = asterisk.host_path(stack, "carrier", "log", "sip.log")
+    offset = sip_log.stat().st_size
+    order = [r for i in range(per_path) for r in (pairs.bridge[i], pairs.baseline[i])]
+    outcomes = await at_rate(rate, len(order), lambda i: calls.place(order[i], hold=0.5))
+    sent, received = _invites(sip_log, offset)
+    delays: dict[str, list[float]] = {"bridge": [], "baseline": []}
+    for o in outcomes:
+        r = o.route
+        if o.ok and r.caller in sent and r.callee in received:
+            delays[r.path].append((received[r.callee] - sent[r.caller]) * 1000)
+    diffs = [b - a for a, b in zip(delays["baseline"], delays["bridge"])]
+    return {
+        "rate": rate,
+        "calls": len(order),
+        "failed": sum(not o.ok for o in outcomes),
+        "bridge_ms": delays["bridge"],
+        "baseline_ms": delays["baseline"],
+        "bridge": percentiles(delays["bridge"]),
+        "baseline": percentiles(delays["baseline"]),
+        "added": percentiles(diffs),
+        "added_median_ms": (statistics.median(delays["bridge"]) - statistics.median(delays["baseline"]))
+        if delays["bridge"] and delays["baseline"] else None,
+    }
+
+
+# --- throughput ------------------------------------------------------------------------------
+
+
+async def ramp(calls: Calls, pairs: Pairs, rates: list[float], seconds: float, hold: float) -> list[dict[str, Any]]:
+    """For each rate, each path: place calls for `seconds` at that rate; a path stops at the
+    first rate where fewer than 99 % of its calls succeed."""
+    steps: list[dict[str, Any]] = []
+    active = {"bridge", "baseline"}
+    for rate in rates:
+        for path in ("bridge", "baseline"):
+            if path not in active:
+                continue
+            routes = pairs.of(path)
+            count = max(1, int(rate * seconds))
+            schedule = Schedule()
+            outcomes = await schedule.run(rate, count, lambda i: calls.place(routes[i % len(routes)], hold=hold))
+            ok = sum(o.ok for o in outcomes)
+            reasons: dict[str, int] = {}
+            for o in outcomes:
+                if not o.ok:
+                    reasons[o.why] = reasons.get(o.why, 0) + 1
+            setups = [o.setup * 1000 for o in outcomes if o.setup is not None]
+            steps.append({"path": path, "rate": rate, "achieved": schedule.achieved, "calls": count, "ok": ok,
+                          "success": ok / count, "failures": reasons, "setup_ms": percentiles(setups)})
+            if ok / count < 0.99:
+                active.discard(path)
+        if not active:
+            break
+    return steps
+
+
+def sustained(steps: list[dict[str, Any]], path: str) -> float | None:
+    """The highest rate the path carried with >= 99 % success, counting only steps where the
+    load generator really offered (>= 95 % of) that rate."""
+    good = [s["rate"] for s in steps if s["path"] == path and s["success"] >= 0.99
+            and (s.get("achieved") or 0) >= 0.95 * s["rate"]]
+    return max(good) if good else None
+
+
+# --- concurrency ------------------------------------------------------------------------------
+
+
+def rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except FileNotFoundError:
+        return None
+    return None
+
+
+def asterisk_pid(stack: Stack, instance: str) -> int | None:
+    """The PID of an Asterisk instance, found by its own asterisk.conf on the command line."""
+    conf = f"{stack.ast_dir(instance)}/etc/asterisk.conf".encode()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        if cmd and cmd[0].endswith(b"asterisk") and conf in cmd and b"-r" not in cmd and b"-rx" not in cmd:
+            return int(entry)
+    return None
+
+
+async def concurrency(
+    calls: Calls, carrier: Carrier, stack: Stack, pairs: Pairs, steps: list[int], setup_rate: float,
+    sample: int, listen_seconds: int,
+) -> list[dict[str, Any]]:
+    """Hold N bridged calls at once, for growing N; at each step check that audio flows (a
+    sample of callers hear the callee's tone) and read the bridge's and the PBX's memory."""
+    results: list[dict[str, Any]] = []
+    bridge_pid = processes.bridge_pid(stack)
+    pbx_pid = asterisk_pid(stack, "pbx")
+    results.append({"calls": 0, "established": 0, "audio_ok": None, "bridge_mb": rss_mb(bridge_pid),
+                    "pbx_mb": rss_mb(pbx_pid)})
+    for n in steps:
+        if n > len(pairs.bridge):
+            break
+        all_up = asyncio.Event()
+        release = asyncio.Event()
+        up: list[Outcome] = []
+
+        async def held(outcome: Outcome) -> None:
+            up.append(outcome)
+            if len(up) == n:
+                all_up.set()
+            await release.wait()
+
+        async def start(i: int) -> Outcome:
+            return await calls.place(pairs.bridge[i], hold=0, timeout=60 + n / setup_rate, held=held)
+
+        runner = asyncio.create_task(at_rate(setup_rate, n, start))
+        try:
+            async with asyncio.timeout(30 + n / setup_rate):
+                await all_up.wait()
+        except TimeoutError:
+            pass
+        established = len(up)
+        heard = []
+        for outcome in up[:sample]:
+            assert outcome.caller is not None
+            path = await carrier.listen_to(outcome.caller, listen_seconds)
+            values, sr = samples(path)
+            heard.append(tone_share(values, sr, CALLEE_TONE))
+        audio_ok = established == n and bool(heard) and all(share > 0.5 for share in heard)
+        results.append({
+            "calls": n, "established": established, "audio_ok": audio_ok, "tone_shares": heard,
+            "bridge_mb": rss_mb(bridge_pid), "pbx_mb": rss_mb(pbx_pid),
+        })
+        release.set()
+        outcomes = await runner
+        results[-1]["ended_ok"] = sum(o.ok for o in outcomes)
+        if established < n or not audio_ok:
+            break
+    return results
+
+
+# --- route lookups -----------------------------------------------------------------------------
+
+
+class RouteProbe:
+    """While the load runs: the routing query's execution time inside Postgres (EXPLAIN
+    ANALYZE of the bridge's own ROUTE_SQL for bench callers), free of any client's latency."""
+
+    def __init__(self, stack: Stack, pairs: Pairs, every: float) -> None:
+        self.stack = stack
+        self.pairs = pairs
+        self.every = every
+        self.times: list[float] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        vault = NumberVault(self.stack.env["MB_NUMBER_KEY"])
+        conn = await asyncpg.connect(self.stack.database_url)
+        try:
+            i = 0
+            while True:
+                route = self.pairs.bridge[i % len(self.pairs.bridge)]
+                i += 1
+                plan = await conn.fetchval(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + ROUTE_SQL, vault.index(route.caller), route.dialed
+                )
+                self.times.append(float(json.loads(plan)[0]["Execution Time"]))
+                await asyncio.sleep(self.every)  # the probe's own pace
+        finally:
+            await conn.close()
+
+    def __enter__(self) -> "RouteProbe":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def route_lookups(bridge_log: Path, offset: int) -> dict[str, float]:
+    """The bridge's route lookup times (call.started route_ms) logged since `offset`."""
+    values: list[float] = []
+    with open(bridge_log, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        for line in f:
+            if '"call.started"' in line and "route_ms" in line:
+                try:
+                    values.append(float(json.loads(line)["route_ms"]))
+                except (ValueError, KeyError):
+                    continue
+    return percentiles(values)
+
+
+def run_id() -> str:
+    return uuid.uuid4().hex[:8]
