@@ -8,10 +8,12 @@ import contextlib
 import signal
 from typing import Any
 
+import asyncpg
 import structlog
 from aiohttp import web
 
 from bridge.api.http import make_app
+from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
 from bridge.calls.flow import FlowSettings
 from bridge.calls.stasis import StasisDispatcher
@@ -21,6 +23,7 @@ from bridge.phone import normalize
 from bridge.pools import Pools
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
+from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +63,40 @@ async def housekeeping(sessions: Sessions, interval: float, stop: asyncio.Event)
                 await stop.wait()
 
 
+async def blocklist_listener(
+    database_url: str, store: Store, dispatcher: StasisDispatcher, stop: asyncio.Event
+) -> None:
+    """Ends the calls in progress of every number blocked, from this process or any other
+    (the API and maskbridge-admin both notify through Postgres)."""
+    backoff = 0.5
+    while not stop.is_set():
+        blocked: asyncio.Queue[str] = asyncio.Queue()
+        try:
+            conn = await asyncpg.connect(database_url)
+            try:
+                await conn.add_listener(BLOCKLIST_CHANNEL, lambda _c, _pid, _ch, payload: blocked.put_nowait(payload))
+                backoff = 0.5
+                while not conn.is_closed() and not stop.is_set():
+                    try:
+                        async with asyncio.timeout(5):
+                            payload = await blocked.get()
+                    except TimeoutError:
+                        continue
+                    ids = await store.blocklist.participant_ids(bytes.fromhex(payload))
+                    cut = dispatcher.cut_calls(ids, "blocked")
+                    if cut:
+                        log.info("blocklist.calls_cut", calls=cut)
+            finally:
+                await conn.close()
+        except (OSError, asyncpg.PostgresError, ValueError):
+            log.exception("blocklist.listener_failed")
+        if not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await stop.wait()
+            backoff = min(backoff * 2, 10)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
@@ -87,12 +124,16 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             db_ok = False
         return {"ari": stream.connected.is_set(), "database": db_ok}
 
-    runner = web.AppRunner(make_app(sessions, Pools(store, policy), settings.api_token, health))
+    blocklist = Blocklist(store, vault, policy)
+    runner = web.AppRunner(make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health))
     await runner.setup()
     site = web.TCPSite(runner, settings.api_bind, settings.api_port)
     await site.start()
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(housekeeping(sessions, settings.sweep_interval, stop), name="housekeeping")
+    blocks = asyncio.create_task(
+        blocklist_listener(settings.database_url, store, dispatcher, stop), name="blocklist-listener"
+    )
     log.info("bridge.started", api=f"{settings.api_bind}:{settings.api_port}", app=settings.ari_app)
     try:
         await stop.wait()
@@ -101,7 +142,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         stream.stop()
         events.cancel()
         sweeper.cancel()
-        await asyncio.gather(events, sweeper, return_exceptions=True)
+        blocks.cancel()
+        await asyncio.gather(events, sweeper, blocks, return_exceptions=True)
         await dispatcher.shutdown()
         await runner.cleanup()
         await ari.close()

@@ -16,6 +16,7 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin session close SESSION_ID [--grace S]
     maskbridge-admin calls ORDER
     maskbridge-admin housekeeping [--purge] [--older-than DAYS]
+    maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
     maskbridge-admin migrate
 
 A real number given as "-" is read from standard input (one per line), so that it stays out
@@ -34,7 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from bridge import logs
-from bridge.api.http import _default, render_pool_number, render_session
+from bridge.api.http import _default, render_block, render_pool_number, render_session
+from bridge.blocklist import Blocklist
 from bridge.app import policy_of
 from bridge.config import ConfigError, Settings
 from bridge.crypto import NumberVault
@@ -45,9 +47,10 @@ from bridge.store import Store, connect, migrate, pending
 
 
 class Tool:
-    def __init__(self, sessions: Sessions, pools: Pools, as_json: bool) -> None:
+    def __init__(self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool) -> None:
         self.sessions = sessions
         self.pools = pools
+        self.blocklist = blocklist
         self.as_json = as_json
 
     def out(self, data: Any, table: list[dict[str, Any]] | None = None, columns: list[str] | None = None) -> None:
@@ -110,7 +113,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                   "(it migrates) or run `maskbridge-admin migrate`", file=sys.stderr)
             return 2
         store = Store(pool)
-        tool = Tool(Sessions(store, vault, policy), Pools(store, policy), args.json)
+        tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json)
         await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
         return 0
     finally:
@@ -151,11 +154,11 @@ def _number(arg: str) -> str:
     return sys.stdin.readline().strip() if arg == "-" else arg
 
 
-def _session_arg(raw: str) -> uuid.UUID:
+def _session_arg(raw: str, what: str = "session") -> uuid.UUID:
     try:
         return uuid.UUID(raw)
     except ValueError:
-        raise InvalidInput(f"{raw[:40]!r} is not a session id (a UUID)") from None
+        raise InvalidInput(f"{raw[:40]!r} is not a {what} id (a UUID)") from None
 
 
 async def session_open(tool: Tool, a: argparse.Namespace) -> None:
@@ -211,6 +214,22 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
     tool.out(result)
 
 
+async def block_add(tool: Tool, a: argparse.Namespace) -> None:
+    entry, created = await tool.blocklist.add(_number(a.number), a.reason)
+    if not tool.as_json:
+        print("blocked; calls in progress are being ended" if created else "already blocked")
+    tool.out(render_block(tool.blocklist, entry))
+
+
+async def block_list(tool: Tool, a: argparse.Namespace) -> None:
+    rows = [render_block(tool.blocklist, e) for e in await tool.blocklist.find(None, 100_000)]
+    tool.out(rows, rows, ["id", "number", "reason", "created_at"])
+
+
+async def block_remove(tool: Tool, a: argparse.Namespace) -> None:
+    tool.out(render_block(tool.blocklist, await tool.blocklist.remove(_session_arg(a.entry, "blocklist entry"))))
+
+
 COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awaitable[None]]] = {
     ("pool", "import"): pool_import,
     ("pool", "list"): pool_list,
@@ -224,6 +243,9 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
     ("session", "close"): session_close,
     ("calls", None): order_calls,
     ("housekeeping", None): housekeeping,
+    ("block", "add"): block_add,
+    ("block", "list"): block_list,
+    ("block", "remove"): block_remove,
 }
 
 
@@ -273,6 +295,13 @@ def parser() -> argparse.ArgumentParser:
     calls = groups.add_parser("calls", help="the calls of an order")
     calls.add_argument("order")
     groups.add_parser("migrate", help="apply the database migrations the bridge would apply at start")
+    blk = groups.add_parser("block", help="the blocklist").add_subparsers(dest="action", required=True)
+    ba = blk.add_parser("add", help="block a real number everywhere; its calls in progress end at once")
+    ba.add_argument("number", help='the number, or "-" to read it from standard input')
+    ba.add_argument("--reason")
+    blk.add_parser("list", help="blocked numbers (masked)")
+    br = blk.add_parser("remove", help="unblock")
+    br.add_argument("entry", help="the entry's id, from block list")
     hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
     hk.add_argument("--purge", action="store_true")
     hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")

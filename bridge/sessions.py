@@ -44,8 +44,8 @@ class Route:
     """Where a call from (caller, dialed pool number) goes.
 
     kind: "connect" (ring callee_number showing shown_number), "finished" (the caller's
-    session, or their part in it, has ended: they hear that the order finished) or
-    "unknown" (nothing routes this pair).
+    session, or their part in it, has ended: they hear that the order finished), "blocked"
+    (the caller or the other side is on the blocklist) or "unknown" (nothing routes this pair).
     """
 
     kind: str
@@ -285,6 +285,9 @@ class Sessions:
         if row is None:
             return Route("unknown", pool_known=await self.store.pools.get(pool_number) is not None)
         finished = Route("finished", session_id=row.session_id, caller_role=row.role,
+                         caller_participant_id=row.participant_id)
+        if row.caller_blocked or row.other_blocked:
+            return Route("blocked", session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id)
         if row.caller_left:
             return finished

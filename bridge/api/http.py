@@ -23,10 +23,12 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from bridge.api.openapi import document
+from bridge.blocklist import Blocklist
 from bridge.errors import InvalidInput, NotFound, ServiceError, TooLarge
 from bridge.phone import mask
 from bridge.pools import Pools
 from bridge.sessions import ORDER_ID, REGION_FORM, Sessions
+from bridge.store.blocklist import BlockedRow
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
 
@@ -36,6 +38,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 SESSIONS = web.AppKey("sessions", Sessions)
 POOLS = web.AppKey("pools", Pools)
+BLOCKLIST = web.AppKey("blocklist", Blocklist)
 HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 
 JSON_BODY_LIMIT = 64 * 1024
@@ -117,6 +120,11 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
         "state_changed_at": row.state_changed_at,
         "created_at": row.created_at,
     }
+
+
+def render_block(blocklist: Blocklist, entry: BlockedRow) -> dict[str, Any]:
+    return {"id": entry.id, "number": mask(blocklist.number_of(entry)), "reason": entry.reason,
+            "created_at": entry.created_at}
 
 
 # --- middlewares ---------------------------------------------------------------------------
@@ -381,6 +389,34 @@ async def pool_usage(request: web.Request) -> web.Response:
     return _json({"regions": await request.app[POOLS].usage()})
 
 
+# --- blocklist ------------------------------------------------------------------------------
+
+
+async def block_number(request: web.Request) -> web.Response:
+    """Block a real number everywhere, at once: its calls in progress are ended too."""
+    body = await _body(request)
+    _known_fields(body, {"number", "reason"})
+    blocklist = request.app[BLOCKLIST]
+    entry, created = await blocklist.add(body.get("number"), body.get("reason"))
+    return _json(render_block(blocklist, entry), 201 if created else 200)
+
+
+async def list_blocked(request: web.Request) -> web.Response:
+    blocklist = request.app[BLOCKLIST]
+    limit, cursor = _page(request)
+    rows = await blocklist.find(_time_and_id(cursor), limit)
+    return _json(_listing([render_block(blocklist, r) for r in rows], limit, lambda r: [r["created_at"], r["id"]]))
+
+
+async def unblock(request: web.Request) -> web.Response:
+    blocklist = request.app[BLOCKLIST]
+    try:
+        entry_id = uuid.UUID(request.match_info["entry_id"])
+    except ValueError:
+        raise NotFound("no such blocklist entry", code="block_not_found") from None
+    return _json(render_block(blocklist, await blocklist.remove(entry_id)))
+
+
 # --- service -------------------------------------------------------------------------------
 
 
@@ -411,13 +447,19 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/v1/pool-numbers/{number}", get_pool_number),
     ("POST", "/v1/pool-numbers/{number}/retire", retire_pool_number),
     ("GET", "/v1/pool-usage", pool_usage),
+    ("POST", "/v1/blocklist", block_number),
+    ("GET", "/v1/blocklist", list_blocked),
+    ("DELETE", "/v1/blocklist/{entry_id}", unblock),
 ]
 
 
-def make_app(sessions: Sessions, pools: Pools, token: str, health_check: HealthCheck) -> web.Application:
+def make_app(
+    sessions: Sessions, pools: Pools, blocklist: Blocklist, token: str, health_check: HealthCheck
+) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth_middleware(token)], client_max_size=IMPORT_BODY_LIMIT)
     app[SESSIONS] = sessions
     app[POOLS] = pools
+    app[BLOCKLIST] = blocklist
     app[HEALTH] = health_check
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)

@@ -28,6 +28,8 @@ Event = dict[str, Any]
 
 UNKNOWN_CALLER_SOUND = "ss-noservice"
 SESSION_CLOSED_SOUND = "ss-noservice"
+BLOCKED_SOUND = "cannot-complete-as-dialed"
+CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
 
 # Hangup cause of the other leg (before answer) -> (call outcome, reason we hang the caller up with).
 _REFUSALS: dict[int, tuple[str, str]] = {
@@ -56,7 +58,9 @@ class CallStore(Protocol):
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
     async def call_announcing(self, call_id: uuid.UUID) -> None: ...
-    async def call_ended(self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None) -> None: ...
+    async def call_ended(
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+    ) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -112,11 +116,16 @@ class MaskedCall:
         self.state = CallState.ROUTING
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._bridge_created = False
+        self.participant_ids: set[uuid.UUID] = set()  # who is on this call (pseudonymous)
 
     # --- plumbing ------------------------------------------------------------------
 
     def feed(self, event: Event) -> None:
         self._events.put_nowait(event)
+
+    def cut(self, reason: str) -> None:
+        """End this call now, whatever its state (it is ended by the bridge: hangup_by system)."""
+        self.feed({"type": CUT, "reason": reason})
 
     def channel_ids(self) -> list[str]:
         return [self.inbound_id, self.outbound_id]
@@ -155,10 +164,16 @@ class MaskedCall:
         except AriNotFound:
             pass  # already gone: the outcome we wanted
 
-    async def _end(self, outcome: str, hangup_by: str, cause: int | None) -> None:
+    async def _end(self, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None) -> None:
         self.state = CallState.ENDED
-        await self.store.call_ended(self.id, outcome, hangup_by, cause)
-        log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause)
+        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason)
+        log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
+
+    async def _cut(self, event: Event, outcome: str) -> None:
+        """Both legs are hung up by the bridge (a CUT event)."""
+        await self._hangup(self.outbound_id)
+        await self._hangup(self.inbound_id)
+        await self._end(outcome, "system", None, event.get("reason"))
 
     # --- the flow ------------------------------------------------------------------
 
@@ -223,8 +238,13 @@ class MaskedCall:
             callee_role=route.callee_role if route else None,
             callee_participant_id=route.callee_participant_id if route else None,
         )
+        if route is not None:
+            self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
+            return
+        if route.kind == "blocked":
+            await self._announce("blocked", BLOCKED_SOUND)
             return
         if route.kind == "finished":
             await self._announce("session_closed", SESSION_CLOSED_SOUND)
@@ -310,6 +330,9 @@ class MaskedCall:
                 await self._hangup(self.outbound_id)
                 await self._end("caller_cancelled", "caller", None)
                 return
+            if event.get("type") == CUT:
+                await self._cut(event, "blocked")
+                return
             if event.get("type") == "StasisStart" and _channel_of(event) == self.outbound_id:
                 break
         await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
@@ -330,6 +353,9 @@ class MaskedCall:
             if _gone(event, self.inbound_id):
                 await self._hangup(self.outbound_id)  # cancels the ringing phone
                 await self._end("caller_cancelled", "caller", None)
+                return
+            if kind == CUT:
+                await self._cut(event, "blocked")
                 return
             if kind == "ChannelDestroyed" and channel == self.outbound_id:
                 cause = _cause(event)
@@ -358,6 +384,9 @@ class MaskedCall:
         while True:
             event = await self._next(None)
             assert event is not None
+            if event.get("type") == CUT:
+                await self._cut(event, "answered")
+                return
             if _gone(event, self.inbound_id):
                 await self._hangup(self.outbound_id)
                 await self._end("answered", "caller", _cause(event))
@@ -379,6 +408,7 @@ class MaskedCall:
         """A call that was connected when an earlier bridge process stopped: supervise it."""
         call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register)
         call.state = CallState.CONNECTED
+        call.participant_ids = {p for p in (row.get("caller_participant_id"), row.get("callee_participant_id")) if p}
         call._bridge_created = row["bridge_id"] is not None
         return call
 

@@ -131,6 +131,13 @@ class StasisDispatcher:
             await self.store.call_connected(row["id"])
         return True
 
+    def cut_calls(self, participant_ids: set[uuid.UUID], reason: str) -> int:
+        """End every call one of these participants is on; returns how many."""
+        calls = {call for call in self.calls.values() if call.participant_ids & participant_ids}
+        for call in calls:
+            call.cut(reason)
+        return len(calls)
+
     async def shutdown(self) -> None:
         for task in list(self._tasks):
             task.cancel()

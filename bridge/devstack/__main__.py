@@ -118,9 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cli", help="the PBX's Asterisk console")
     sub.add_parser("carrier-cli", help="the simulated carrier's Asterisk console")
     sub.add_parser("psql", help="psql on the bridge's database")
-    admin = sub.add_parser("admin", help="maskbridge-admin against the local stack (pool numbers, sessions)")
-    admin.add_argument("admin_args", nargs=argparse.REMAINDER)
-    args = parser.parse_args(argv)
+    sub.add_parser("admin", help="maskbridge-admin against the local stack: admin <its arguments>")
+    argv = sys.argv[1:] if argv is None else argv
+    # Everything after `admin` is maskbridge-admin's, options included.
+    args = parser.parse_args(argv[:1] if argv[:1] == ["admin"] else argv)
+    admin_args = argv[1:]
     logs.configure("warning")
     stack = load()
 
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update(stack.bridge_env())
         from bridge import cli
 
-        return cli.main(args.admin_args)
+        return cli.main(admin_args)
     elif args.command == "psql":
         os.execvp(postgres.psql_command(stack)[0], postgres.psql_command(stack))
     return 0

@@ -8,6 +8,7 @@ from typing import Any
 
 import asyncpg
 
+from bridge.store.blocklist import BlocklistRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.sessions import SessionRepo
 
@@ -19,6 +20,7 @@ class Store:
         self.pool = pool
         self.pools = PoolRepo(pool)
         self.sessions = SessionRepo(pool)
+        self.blocklist = BlocklistRepo(pool)
 
     # --- calls -------------------------------------------------------------------
 
@@ -67,13 +69,16 @@ class Store:
     async def call_announcing(self, call_id: uuid.UUID) -> None:
         await self.pool.execute("UPDATE calls SET state = 'announcing' WHERE id = $1 AND state <> 'ended'", call_id)
 
-    async def call_ended(self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None) -> None:
+    async def call_ended(
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+    ) -> None:
         await self.pool.execute(
             """
-            UPDATE calls SET state = 'ended', ended_at = now(), outcome = $2, hangup_by = $3, hangup_cause = $4
+            UPDATE calls SET state = 'ended', ended_at = now(), outcome = $2, hangup_by = $3, hangup_cause = $4,
+                             cut_reason = $5
             WHERE id = $1 AND state <> 'ended'
             """,
-            call_id, outcome, hangup_by, cause,
+            call_id, outcome, hangup_by, cause, cut_reason,
         )
 
     async def active_calls(self) -> list[dict[str, Any]]:
@@ -88,7 +93,7 @@ class Store:
         rows = await self.pool.fetch(
             """
             SELECT id, session_id, pool_number, caller_role, caller_participant_id, callee_role,
-                   callee_participant_id, state, outcome, hangup_by, hangup_cause,
+                   callee_participant_id, state, outcome, hangup_by, hangup_cause, cut_reason,
                    started_at, answered_at, ended_at, duration_seconds
             FROM calls WHERE session_id = ANY($1::uuid[])
               AND ($2::timestamptz IS NULL OR (started_at, id) > ($2, $3::uuid))
@@ -105,7 +110,7 @@ class Store:
         rows = await self.pool.fetch(
             """
             SELECT c.id, c.session_id, c.pool_number, c.caller_role, c.caller_participant_id, c.callee_role,
-                   c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause,
+                   c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause, c.cut_reason,
                    c.started_at, c.answered_at, c.ended_at, c.duration_seconds
             FROM calls c JOIN sessions s ON s.id = c.session_id
             WHERE s.order_id = $1 AND ($2::timestamptz IS NULL OR (c.started_at, c.id) > ($2, $3::uuid))

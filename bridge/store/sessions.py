@@ -92,6 +92,8 @@ class RouteRow:
     other_role: str | None
     other_enc: bytes | None
     other_pool_number: str | None
+    caller_blocked: bool
+    other_blocked: bool
 
 
 _SESSION_COLUMNS = """
@@ -120,7 +122,9 @@ ROUTE_SQL = f"""
                AS inactive,
            coalesce(s.grace_until <= now(), false) AS grace_over,
            o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
-           o.pool_number AS other_pool_number
+           o.pool_number AS other_pool_number,
+           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx) AS caller_blocked,
+           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
     LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL

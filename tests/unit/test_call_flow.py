@@ -38,7 +38,10 @@ REAL_DIGITS = ("9161234567", "9261112233")
 FAST = FlowSettings(ring_timeout=30.0, stasis_start_timeout=2.0, announcement_timeout=5.0)
 WAIT = 10.0  # only a guard against hangs: every wait ends on its condition
 
-OUTCOMES = {"answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller", "session_closed"}
+OUTCOMES = {
+    "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller", "session_closed",
+    "blocked",
+}
 STATES = {"routing", "ringing", "connected", "announcing", "ended"}
 
 
@@ -140,12 +143,15 @@ class FakeStore:
             self._set_state(call_id, "announcing")
         await self._op("call_announcing", call_id)
 
-    async def call_ended(self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None) -> None:
+    async def call_ended(
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+    ) -> None:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
         row = self.rows[call_id]
         if row["state"] != "ended":
-            row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, ended_at=datetime.now(timezone.utc))
+            row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, cut_reason=cut_reason,
+                       ended_at=datetime.now(timezone.utc))
             self._set_state(call_id, "ended")
         await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause)
 

@@ -1,0 +1,47 @@
+"""The blocklist: real numbers whose calls are refused on every session, and whose calls in
+progress are ended at once (the bridge listens for blocks, from the API and the CLI alike)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+import structlog
+
+from bridge.crypto import NumberVault
+from bridge.errors import InvalidInput, NotFound
+from bridge.sessions import Policy, phone_number
+from bridge.store import Store
+from bridge.store.blocklist import BlockedRow
+
+log = structlog.get_logger(__name__)
+
+
+class Blocklist:
+    def __init__(self, store: Store, vault: NumberVault, policy: Policy | None = None) -> None:
+        self.repo = store.blocklist
+        self.vault = vault
+        self.policy = policy or Policy()
+
+    async def add(self, number: object, reason: object = None) -> tuple[BlockedRow, bool]:
+        real = phone_number("number", number, self.policy.default_region)
+        if reason is not None and (
+            not isinstance(reason, str) or len(reason) > 500 or any(ord(ch) < 32 for ch in reason)
+        ):
+            raise InvalidInput("reason must be text of at most 500 characters", field="reason")
+        entry, created = await self.repo.add(self.vault.index(real), self.vault.seal(real), reason)
+        log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id))
+        return entry, created
+
+    async def find(self, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BlockedRow]:
+        return await self.repo.page(after, limit)
+
+    async def remove(self, entry_id: uuid.UUID) -> BlockedRow:
+        entry = await self.repo.remove(entry_id)
+        if entry is None:
+            raise NotFound("no such blocklist entry", code="block_not_found")
+        log.info("blocklist.removed", entry_id=str(entry_id))
+        return entry
+
+    def number_of(self, entry: BlockedRow) -> str:
+        return self.vault.open(entry.number_enc)
