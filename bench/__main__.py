@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sys
 import time
 from datetime import datetime, timezone
@@ -93,7 +94,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--tiny", action="store_true", help="a smoke run: every measurement, a few calls each")
     parser.add_argument("--out", type=Path, default=PROJECT_DIR / "docs" / "bench")
+    parser.add_argument("--report-only", action="store_true", help="write the report again from OUT/results.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        print(report.write(json.loads((args.out / "results.json").read_text()), args.out))
+        return 0
     logs.configure("warning")
     stack = load()
     processes.wait_healthy(stack)

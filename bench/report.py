@@ -113,6 +113,17 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "| --- | --- |",
         *[f"| {k} | {v} |" for k, v in results["machine"].items()],
         "",
+        "## In short",
+        "",
+        f"- The bridge adds **{_ms(d['added'], 'p50')} ms** of post-dial delay at the median "
+        f"(p95 {_ms(d['added'], 'p95')}, p99 {_ms(d['added'], 'p99')} ms) over plain Asterisk routing the same call.",
+        f"- Highest call rate sustained: bridge **{results['sustained']['bridge']}** calls/s, dialplan baseline "
+        f"**{results['sustained']['baseline']}** calls/s.",
+        f"- Simultaneous bridged calls held with audio flowing: **{results['max_concurrent']}**.",
+        f"- Session API: **{api['creates_per_second']:.0f}** creates/s; the routing query takes "
+        f"{_ms(results['route_sql'], 'p50')} ms at the median and {_ms(results['route_sql'], 'p99')} ms at p99 "
+        "inside Postgres under load.",
+        "",
         "## Added post-dial delay",
         "",
         f"{d['calls']} calls at {d['rate']:g} calls/s, alternating the bridge (courier dials the pool "
@@ -128,7 +139,11 @@ def write(results: dict[str, Any], out: Path) -> Path:
             for name, p in (("baseline", d["baseline"]), ("bridge", d["bridge"]), ("difference, call by call", d["added"]))
         ],
         "",
-        "The difference row pairs each bridge call with the baseline call placed just before it.",
+        "The difference row pairs each bridge call with the baseline call placed just before it. "
+        "Before the bridge's INVITE leaves, it runs the routing query, writes the call's row, and "
+        "makes its ARI requests in turn (the caller's connected line, the bridge, the new leg, "
+        "adding it, dialing), and waits for the new leg's StasisStart: each is a round trip on "
+        "loopback, and they add up to the difference.",
         "",
         "![delay](delay.png)",
         "",
@@ -136,7 +151,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
         "Each step offers calls at a fixed rate for a few seconds; each call is answered, talks "
         f"{results['params']['hold']:g} s and is hung up by the caller. A call succeeds when both phones were "
-        "answered within 3 s of dialing, both phones answered and both legs ended normally. A path "
+        "when the other phone rang within 3 s of dialing, both phones answered and both legs ended "
+        "normally. A path "
         "stops at its first step under 99 %. *Achieved* is the rate the load generator really "
         "offered; a step it could not offer (under 95 % of the target) does not count as sustained.",
         "",
@@ -161,12 +177,14 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"{results['params']['sample']} callers records {results['params']['listen_seconds']} s of what it "
         "hears and must hear the callee's 1000 Hz tone (share of energy > 0.5).",
         "",
-        "| calls held | established | audio flowing | bridge RSS (MiB) | PBX RSS (MiB) |",
-        "| --- | --- | --- | --- | --- |",
+        "| calls held | established | audio flowing (tone share of each sample) | ended normally | "
+        "bridge RSS (MiB) | PBX RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- |",
         *[
             f"| {s['calls']} | {s['established']} | "
-            f"{'-' if s['audio_ok'] is None else ('yes' if s['audio_ok'] else 'NO')} | "
-            f"{(s['bridge_mb'] or 0):.0f} | {(s['pbx_mb'] or 0):.0f} |"
+            f"{'-' if s['audio_ok'] is None else ('yes' if s['audio_ok'] else 'NO')}"
+            f"{' (' + ', '.join(f'{x:.2f}' for x in s.get('tone_shares') or []) + ')' if s.get('tone_shares') else ''} | "
+            f"{s.get('ended_ok', '-')} | {(s['bridge_mb'] or 0):.0f} | {(s['pbx_mb'] or 0):.0f} |"
             for s in conc
         ],
         "",

@@ -4,7 +4,8 @@ Written by hand next to the handlers, and checked against them by tests/unit/tes
 (every route documented, every documented operation a route, every $ref resolving). The
 limits that live in the services (seconds, regions, import size, pool number states) are
 taken from them; the ones that live in bridge.api.http are repeated here, because that
-module imports this one, and the test checks they agree.
+module imports this one, and so is the blocklist's reason limit, written inline in
+bridge.blocklist; the test checks they agree.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ DEFAULT_PAGE, MAX_PAGE = 50, 500
 JSON_BODY_LIMIT = 64 * 1024
 IMPORT_BODY_LIMIT = 4 * 1024 * 1024
 ORDER_ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # bridge.sessions.ORDER_ID
+# Repeated from bridge.blocklist.Blocklist.add (the test checks they agree): a reason is at most
+# this many characters, none of them a control character below U+0020.
+BLOCK_REASON_MAX = 500
+BLOCK_REASON_PATTERN = r"^[^\x00-\x1f]*$"
 
 Schema = dict[str, Any]
 
@@ -130,6 +135,11 @@ RESPONSES: dict[str, Schema] = {
         "`session_not_found`: no session has this id (an id that is not a UUID is not found either).",
         {"session_not_found": ("session_not_found", "no such session", None)},
     ),
+    "BlockNotFound": _error_response(
+        "`block_not_found`: no blocklist entry has this id (an id that is not a UUID is not found either); "
+        "the number may have been unblocked already.",
+        {"block_not_found": ("block_not_found", "no such blocklist entry", None)},
+    ),
     "PoolNumberNotFound": _error_response(
         "`pool_number_not_found`: the number is a valid phone number, but not one of the pool.",
         {"pool_number_not_found": ("pool_number_not_found", "no such pool number", None)},
@@ -184,6 +194,13 @@ PARAMETERS: dict[str, Schema] = {
         "description": "The session's id.",
         "schema": UUID,
     },
+    "BlockEntryId": {
+        "name": "entry_id",
+        "in": "path",
+        "required": True,
+        "description": "The blocklist entry's id (`id` of a BlockedNumber), not the number.",
+        "schema": UUID,
+    },
     "PoolNumber": {
         "name": "number",
         "in": "path",
@@ -198,6 +215,7 @@ PARAMETERS: dict[str, Schema] = {
 PAGE_PARAMETERS = [_parameter_ref("Limit"), _parameter_ref("Cursor")]
 SESSION_PARAMETERS = [_parameter_ref("SessionId")]
 NUMBER_PARAMETERS = [_parameter_ref("PoolNumber")]
+BLOCK_ENTRY_PARAMETERS = [_parameter_ref("BlockEntryId")]
 
 
 # --- schemas --------------------------------------------------------------------------------
@@ -236,7 +254,8 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 400 `invalid_json`: the body is not a JSON object.
 * 401 `unauthorized`: the bearer token is missing or wrong; the answer has the header
   `WWW-Authenticate: Bearer realm="maskbridge"`.
-* 404 `session_not_found`, `pool_number_not_found`; `not_found` for a path that is no route.
+* 404 `session_not_found`, `pool_number_not_found`, `block_not_found`; `not_found` for a path that is no
+  route.
 * 405 `method_not_allowed`: the path exists, the method does not; the `Allow` header lists the methods it has.
 * 409 `order_has_open_session`: the order already has an open session, with another courier or client
   number than the request's. `details`: `session_id` (the open session) and `field` (`courier_number` or
@@ -424,7 +443,7 @@ SCHEMAS: dict[str, Schema] = {
         "description": "One call attempt through a pool number. Participants appear by id only.",
         "required": [
             "id", "session_id", "pool_number", "caller_role", "caller_participant_id", "callee_role",
-            "callee_participant_id", "state", "outcome", "hangup_by", "hangup_cause", "started_at",
+            "callee_participant_id", "state", "outcome", "hangup_by", "hangup_cause", "cut_reason", "started_at",
             "answered_at", "ended_at", "duration_seconds",
         ],
         "properties": {
@@ -444,12 +463,27 @@ SCHEMAS: dict[str, Schema] = {
                 "type": ["string", "null"],
                 "enum": [
                     "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller",
-                    "session_closed", None,
+                    "session_closed", "blocked", None,
                 ],
-                "description": "Set once the call ended.",
+                "description": "Set once the call ended. `blocked`: the caller's number or the other side's is "
+                "on the blocklist, so the call was refused (the caller heard an announcement), or it was ringing "
+                "when one of them was blocked and the bridge ended it (`cut_reason` `blocked`). A connected call "
+                "ended by a block keeps `answered`, with `cut_reason` `blocked`.",
             },
-            "hangup_by": {"type": ["string", "null"], "enum": ["caller", "callee", "system", None]},
+            "hangup_by": {
+                "type": ["string", "null"],
+                "enum": ["caller", "callee", "system", None],
+                "description": "`system`: the bridge hung up (no answer in time, the end of an announcement, a "
+                "failure, or a cut: see `cut_reason`).",
+            },
             "hangup_cause": {"type": ["integer", "null"], "description": "The Q.850 cause, when known."},
+            "cut_reason": {
+                "type": ["string", "null"],
+                "enum": ["blocked", None],
+                "description": "Why the bridge itself ended the call while it was ringing or connected "
+                "(`hangup_by` is `system`): `blocked`, the number of the caller or of the other side was "
+                "blocked. Null for every other call.",
+            },
             "started_at": TIMESTAMP,
             "answered_at": NULLABLE_TIMESTAMP,
             "ended_at": NULLABLE_TIMESTAMP,
@@ -537,6 +571,22 @@ SCHEMAS: dict[str, Schema] = {
             "unchanged": {"type": "integer", "minimum": 0, "description": "Active numbers already as given."},
         },
     },
+    "BlockedNumber": {
+        "type": "object",
+        "description": "A real number on the blocklist: its calls are refused on every session.",
+        "required": ["id", "number", "reason", "created_at"],
+        "properties": {
+            "id": {**UUID, "description": "The entry's id: unblock with it."},
+            "number": {
+                "type": "string",
+                "description": "The blocked real number, masked (`+7916***4567`).",
+                "examples": ["+7916***4567"],
+            },
+            "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
+            "created_at": {**TIMESTAMP, "description": "When it was blocked."},
+        },
+    },
+    "BlockedNumberList": _list_of("BlockedNumber", "Blocked numbers, oldest first."),
     "HealthStatus": {
         "type": "object",
         "description": "Each dependency: true when reachable.",
@@ -654,6 +704,29 @@ SCHEMAS: dict[str, Schema] = {
             },
         },
     },
+    "BlockNumberRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["number"],
+        "properties": {
+            "number": {
+                "type": "string",
+                "maxLength": 32,
+                "description": "The real number to block: E.164, or national form in the bridge's default region "
+                "(`MB_DEFAULT_REGION`), read as `courier_number` at open. Two forms of the same number "
+                "(`89161234567`, `+79161234567`) are the same entry.",
+                "examples": ["+79161234567"],
+            },
+            "reason": {
+                "type": ["string", "null"],
+                "maxLength": BLOCK_REASON_MAX,
+                "pattern": BLOCK_REASON_PATTERN,
+                "description": f"Why, for the people reading the list: at most {BLOCK_REASON_MAX} characters, no "
+                "control characters (tabs and line breaks included). Null or left out: none.",
+                "examples": ["abusive calls to couriers"],
+            },
+        },
+    },
     "PoolNumberEntry": {
         "type": "object",
         "additionalProperties": False,
@@ -748,6 +821,14 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "grace_until": None,
     "closed_at": None,
     "end_reason": None,
+}
+
+
+BLOCK_EXAMPLE: dict[str, Any] = {
+    "id": "3d6f8a2c-4b1e-4f9a-9c7d-2e5b8a1f0c64",
+    "number": "+7916***4567",
+    "reason": "abusive calls to couriers",
+    "created_at": "2025-05-12T11:30:00+00:00",
 }
 
 
@@ -1239,6 +1320,98 @@ PATHS: dict[str, Schema] = {
             },
         },
     },
+    "/v1/blocklist": {
+        "post": {
+            "operationId": "blockNumber",
+            "tags": ["blocklist"],
+            "summary": "Block a real number",
+            "description": "Puts a real number on the blocklist, for every session, at once:\n\n"
+            "* calls from it are refused on every session it takes part in: the caller hears an announcement "
+            "that the call cannot be completed, and the call's `outcome` is `blocked`;\n"
+            "* calls to it are refused the same way (the other participant of its sessions hears the "
+            "announcement);\n"
+            "* its calls in progress, ringing or connected, are ended by the bridge (`hangup_by` `system`, "
+            "`cut_reason` `blocked`; `outcome` `blocked` for a ringing call, `answered` for a connected one).\n\n"
+            "Sessions are not changed: they stay open, and new ones can still be opened for the number; only "
+            "its calls are refused, until it is unblocked. Blocks made with `maskbridge-admin` act the same.\n\n"
+            "Idempotent by number: a number already blocked (in any form that reads as the same number) answers "
+            "200 with its entry unchanged (the `reason` given is not stored), and any call of it still in "
+            "progress is ended again.\n\n"
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 413 `body_too_large`; 422 `invalid_input` (`number` "
+            "missing or not a phone number, `reason` not text of at most "
+            f"{BLOCK_REASON_MAX} characters without control characters, an unknown field; `details.field` names "
+            "it); 500 `internal_error`.",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": _ref("BlockNumberRequest"),
+                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers"},
+                    }
+                },
+            },
+            "responses": {
+                "201": _json_response("The number was blocked: its new entry.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
+                "200": _json_response("The number was blocked already: its entry, unchanged.", _ref("BlockedNumber")),
+                "400": BAD_BODY,
+                "401": UNAUTHORIZED,
+                "413": TOO_LARGE,
+                "422": _invalid(
+                    "`invalid_input`: `number` is missing or not a phone number, `reason` is not text of at most "
+                    f"{BLOCK_REASON_MAX} characters without control characters, or a field is unknown "
+                    "(`details.field` names it).",
+                    number=(
+                        "invalid_input",
+                        "number is not a valid phone number: not a phone number",
+                        {"field": "number"},
+                    ),
+                    reason=(
+                        "invalid_input",
+                        f"reason must be text of at most {BLOCK_REASON_MAX} characters",
+                        {"field": "reason"},
+                    ),
+                    unknown_field=("invalid_input", "unknown field(s): role", {"field": "role"}),
+                ),
+                "500": INTERNAL,
+            },
+        },
+        "get": {
+            "operationId": "listBlockedNumbers",
+            "tags": ["blocklist"],
+            "summary": "List blocked numbers",
+            "description": "The blocklist, oldest entry first, numbers masked. Paginated by cursor.\n\n"
+            "Errors: 401 `unauthorized`; 422 `invalid_input` (`limit`, `cursor`); 500 `internal_error`.",
+            "parameters": PAGE_PARAMETERS,
+            "responses": {
+                "200": _json_response(
+                    "A page of blocked numbers.",
+                    _ref("BlockedNumberList"),
+                    {"items": [BLOCK_EXAMPLE], "next_cursor": None},
+                ),
+                "401": UNAUTHORIZED,
+                "422": _response_ref("InvalidPage"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/blocklist/{entry_id}": {
+        "parameters": BLOCK_ENTRY_PARAMETERS,
+        "delete": {
+            "operationId": "unblockNumber",
+            "tags": ["blocklist"],
+            "summary": "Unblock a number",
+            "description": "Removes the entry: calls from and to the number are put through again, from "
+            "its next call on; the calls the block refused or ended stay as they were recorded. No body.\n\n"
+            "Errors: 401 `unauthorized`; 404 `block_not_found` (also for an id that is not a UUID, or an entry "
+            "removed already); 500 `internal_error`.",
+            "responses": {
+                "200": _json_response("The entry that was removed.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
+                "401": UNAUTHORIZED,
+                "404": _response_ref("BlockNotFound"),
+                "500": INTERNAL,
+            },
+        },
+    },
     "/v1/pool-usage": {
         "get": {
             "operationId": "getPoolUsage",
@@ -1282,6 +1455,9 @@ reach support), expires, or stays idle too long; afterwards the pool number lead
 Real numbers are given to the API in requests and are never given back: answers only ever hold them
 masked, like `+7916***4567`. Pool numbers are given in full (E.164).
 
+A real number on the **blocklist** can neither call nor be called through any session, and its calls in
+progress are ended by the bridge as soon as it is blocked.
+
 **Authentication**: every endpoint except `/healthz` and `/v1/openapi.json` needs the header
 `Authorization: Bearer <token>` (`MB_API_TOKEN`; the scheme is matched case-insensitively). Without it,
 or with a wrong token: 401 `unauthorized` with `WWW-Authenticate: Bearer realm="maskbridge"`.
@@ -1301,7 +1477,7 @@ _DOCUMENT: dict[str, Any] = {
     "openapi": "3.1.0",
     "info": {
         "title": "maskbridge",
-        "version": "0.2.0",
+        "version": "0.3.0",
         "summary": "Order-scoped pool numbers that mask couriers' and clients' real numbers.",
         "description": DESCRIPTION,
         "license": {"name": "AGPL-3.0-or-later", "identifier": "AGPL-3.0-or-later"},
@@ -1314,6 +1490,8 @@ _DOCUMENT: dict[str, Any] = {
         {"name": "participants", "description": "The people of a session; reassigning the courier."},
         {"name": "calls", "description": "Call attempts, by session or by order."},
         {"name": "pool-numbers", "description": "The pool: import, list, retire, utilisation."},
+        {"name": "blocklist", "description": "Real numbers whose calls are refused on every session: block, list, "
+         "unblock."},
         {"name": "service", "description": "Health and this document; no token needed."},
     ],
     "paths": PATHS,

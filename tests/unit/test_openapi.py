@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,6 +14,9 @@ import pytest
 from bridge.api import http, openapi
 from bridge.api.http import PUBLIC_PATHS, ROUTES
 from bridge.api.openapi import document
+from bridge.blocklist import Blocklist
+from bridge.crypto import NumberVault
+from bridge.errors import InvalidInput
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -178,3 +183,59 @@ def test_pool_number_entries_take_only_number_and_region(doc):
     entry = doc["components"]["schemas"]["PoolNumberEntry"]
     assert entry["additionalProperties"] is False
     assert set(entry["properties"]) == {"number", "region"} and entry["required"] == ["number"]
+
+
+def _last_check(column: str) -> set[str]:
+    """The values of the last `CHECK (column IN (...))` of the migrations, in order."""
+    sql = "\n".join(path.read_text() for path in sorted((Path(__file__).parents[2] / "sql").glob("*.sql")))
+    found = re.findall(rf"CHECK \({column} IN \(([^)]*)\)", sql)
+    assert found, f"no CHECK on {column} in sql/"
+    return set(re.findall(r"'([^']*)'", found[-1]))
+
+
+def test_call_outcomes_and_cut_reasons_are_the_ones_the_database_allows(doc):
+    call = doc["components"]["schemas"]["Call"]
+    assert {"outcome", "cut_reason"} <= set(call["required"])
+    for column in ("outcome", "cut_reason", "hangup_by"):
+        assert set(call["properties"][column]["enum"]) == _last_check(column) | {None}, column
+
+
+def test_blocking_takes_only_number_and_reason_and_answers_200_or_201(doc):
+    request = doc["components"]["schemas"]["BlockNumberRequest"]
+    assert request["additionalProperties"] is False
+    assert set(request["properties"]) == {"number", "reason"} and request["required"] == ["number"]
+    op = doc["paths"]["/v1/blocklist"]["post"]
+    assert {"200", "201", "400", "413", "422"} <= set(op["responses"])
+    fields = {e.get("details", {}).get("field") for e in _examples(doc, op["responses"]["422"])}
+    assert {"number", "reason"} <= fields
+    delete = doc["paths"]["/v1/blocklist/{entry_id}"]["delete"]
+    assert [e["code"] for e in _examples(doc, delete["responses"]["404"])] == ["block_not_found"]
+    assert "block_not_found" in doc["components"]["schemas"]["Error"]["description"]
+
+
+class _Refused(Exception):
+    pass
+
+
+class _Repo:
+    async def add(self, idx: bytes, enc: bytes, reason: str | None) -> Any:
+        raise _Refused  # the reason got past the checks
+
+
+@pytest.mark.parametrize(
+    "reason",
+    ["", "abusive calls", "é" * 500, "x" * 500, "x" * 501, "tab\there", "line\nbreak", "nul\x00", "\x1f", "del\x7f",
+     "trailing line break\n", "\u2028 line separator"],
+)
+async def test_the_documented_reason_is_the_one_the_blocklist_takes(doc, reason):
+    schema = doc["components"]["schemas"]["BlockNumberRequest"]["properties"]["reason"]
+    pattern = schema["pattern"]
+    assert pattern.startswith("^") and pattern.endswith("$")
+    # fullmatch: Python's `$` would also match before a final line break, ECMA-262's does not
+    documented = len(reason) <= schema["maxLength"] and re.fullmatch(pattern[1:-1], reason) is not None
+    blocklist = Blocklist(SimpleNamespace(blocklist=_Repo()), NumberVault("k" * 64))  # type: ignore[arg-type]
+    with pytest.raises((_Refused, InvalidInput)) as raised:
+        await blocklist.add("+79161234567", reason)
+    assert (raised.type is _Refused) == documented, repr(reason)
+    if raised.type is InvalidInput:
+        assert raised.value.details == {"field": "reason"}
