@@ -12,6 +12,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
+from bridge.abuse import parse_quiet_setting
 from bridge.api.http import make_app
 from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
@@ -40,6 +41,9 @@ def policy_of(settings: Settings) -> Policy:
         number_cooling=settings.number_cooling,
         retention_days=settings.retention_days,
         support_number=support,
+        calls_per_hour=settings.calls_per_hour,
+        calls_per_day=settings.calls_per_day,
+        quiet_hours=parse_quiet_setting(settings.quiet_hours),
     )
 
 

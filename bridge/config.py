@@ -61,6 +61,9 @@ class Settings:
     retention_days: int = 30
     support_number: str | None = None
     sweep_interval: float = 30.0
+    calls_per_hour: int = 0
+    calls_per_day: int = 0
+    quiet_hours: str = ""
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -91,4 +94,7 @@ class Settings:
             retention_days=_int("MB_RETENTION_DAYS", 30),
             support_number=os.environ.get("MB_SUPPORT_NUMBER") or None,
             sweep_interval=float(os.environ.get("MB_SWEEP_INTERVAL", "30")),
+            calls_per_hour=_int("MB_CALLS_PER_HOUR", 0),
+            calls_per_day=_int("MB_CALLS_PER_DAY", 0),
+            quiet_hours=os.environ.get("MB_QUIET_HOURS", ""),
         )

@@ -7,16 +7,17 @@ from __future__ import annotations
 import re
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
 
+from bridge.abuse import QuietHours, cap, quiet_hours
 from bridge.crypto import NumberVault
 from bridge.errors import Conflict, InvalidInput, NotFound, PoolExhausted
 from bridge.phone import InvalidNumber, normalize
 from bridge.store import Store
-from bridge.store.sessions import OrderRace, PairTaken, Sealed, SessionGone, SessionRow, SessionTerms
+from bridge.store.sessions import OrderRace, PairTaken, RouteRow, Sealed, SessionGone, SessionRow, SessionTerms
 
 log = structlog.get_logger(__name__)
 
@@ -37,6 +38,9 @@ class Policy:
     number_cooling: int = 7 * 24 * 3600
     retention_days: int = 30
     support_number: str | None = None
+    calls_per_hour: int = 0  # 0: no cap
+    calls_per_day: int = 0
+    quiet_hours: QuietHours | None = None
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class Route:
 
     kind: "connect" (ring callee_number showing shown_number), "finished" (the caller's
     session, or their part in it, has ended: they hear that the order finished), "blocked"
-    (the caller or the other side is on the blocklist) or "unknown" (nothing routes this pair).
+    (the caller or the other side is on the blocklist), "call_limit" / "quiet_hours" (the
+    session's abuse controls refuse it) or "unknown" (nothing routes this pair).
     """
 
     kind: str
@@ -76,6 +81,10 @@ def seconds(field: str, raw: object, *, minimum: int = 1, default: int | None = 
     if isinstance(raw, bool) or not isinstance(raw, int) or not minimum <= raw <= MAX_SECONDS:
         raise InvalidInput(f"{field} must be a whole number of seconds from {minimum} to {MAX_SECONDS}", field=field)
     return raw
+
+
+def _quiet_json(value: QuietHours | bool | None) -> Any:
+    return value.to_json() if isinstance(value, QuietHours) else value
 
 
 def region_code(raw: object) -> str | None:
@@ -112,6 +121,9 @@ class Sessions:
         ttl_seconds: object = None,
         idle_timeout_seconds: object = None,
         grace_seconds: object = None,
+        calls_per_hour: object = None,
+        calls_per_day: object = None,
+        quiet: object = None,
     ) -> tuple[SessionRow, bool]:
         """Open the order's session, or return the one already open. Returns (session, created).
         Everything is checked before anything is written."""
@@ -126,6 +138,9 @@ class Sessions:
             ttl_seconds=seconds("ttl_seconds", ttl_seconds, default=self.policy.session_ttl) or 0,
             idle_timeout_seconds=seconds("idle_timeout_seconds", idle_timeout_seconds),
             grace_seconds=seconds("grace_seconds", grace_seconds, minimum=0, default=self.policy.grace_period) or 0,
+            calls_per_hour=cap("calls_per_hour", calls_per_hour),
+            calls_per_day=cap("calls_per_day", calls_per_day),
+            quiet_hours=_quiet_json(quiet_hours(quiet)),
         )
         if terms.grace_seconds and not self.policy.support_number:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
@@ -304,11 +319,26 @@ class Sessions:
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished
+        refused = self._abuse_control(row)
+        if refused is not None:
+            return Route(refused, session_id=row.session_id, caller_role=row.role,
+                         caller_participant_id=row.participant_id)
         # (the call's row, written next, marks the session active: see Store.insert_call)
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
                      shown_number=row.other_pool_number)
+
+    def _abuse_control(self, row: RouteRow) -> str | None:
+        """"call_limit" or "quiet_hours" when the session's controls refuse this call."""
+        per_hour = self.policy.calls_per_hour if row.calls_per_hour is None else row.calls_per_hour
+        per_day = self.policy.calls_per_day if row.calls_per_day is None else row.calls_per_day
+        if (per_hour and row.calls_last_hour >= per_hour) or (per_day and row.calls_last_day >= per_day):
+            return "call_limit"
+        quiet = self.policy.quiet_hours if row.quiet_hours is None else quiet_hours(row.quiet_hours)
+        if row.other_role == "client" and isinstance(quiet, QuietHours) and quiet.covers(datetime.now(timezone.utc)):
+            return "quiet_hours"
+        return None
 
     # --- housekeeping --------------------------------------------------------------------
 

@@ -106,6 +106,10 @@ def render_session(sessions: Sessions, s: SessionRow) -> dict[str, Any]:
         "grace_until": s.grace_until,
         "closed_at": s.closed_at,
         "end_reason": s.end_reason,
+        # null: the bridge's defaults apply (MB_CALLS_PER_HOUR, MB_CALLS_PER_DAY, MB_QUIET_HOURS)
+        "calls_per_hour": s.calls_per_hour,
+        "calls_per_day": s.calls_per_day,
+        "quiet_hours": s.quiet_hours,
     }
 
 
@@ -252,7 +256,7 @@ def _query(request: web.Request, name: str, pattern: re.Pattern[str]) -> str | N
 # --- sessions ------------------------------------------------------------------------------
 
 OPEN_FIELDS = {"order_id", "courier_number", "client_number", "region", "ttl_seconds", "idle_timeout_seconds",
-               "grace_seconds"}
+               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours"}
 
 
 async def open_session(request: web.Request) -> web.Response:
@@ -267,6 +271,9 @@ async def open_session(request: web.Request) -> web.Response:
         ttl_seconds=body.get("ttl_seconds"),
         idle_timeout_seconds=body.get("idle_timeout_seconds"),
         grace_seconds=body.get("grace_seconds"),
+        calls_per_hour=body.get("calls_per_hour"),
+        calls_per_day=body.get("calls_per_day"),
+        quiet=body.get("quiet_hours"),
     )
     return _json(render_session(sessions, session), 201 if created else 200)
 

@@ -276,6 +276,35 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 
 Messages are for people and may change; never parse them. They never hold a real number."""
 
+CALL_CAP: dict[str, Any] = {
+    "type": ["integer", "null"],
+    "minimum": 0,
+    "maximum": 10_000,
+    "description": "Cap on the calls put through in this session (both directions) per hour / per day; 0: "
+    "none. Null: the bridge's default (`MB_CALLS_PER_HOUR` / `MB_CALLS_PER_DAY`). A call over the cap is "
+    "refused: the caller hears that the call cannot be put through now (outcome `call_limit`).",
+}
+QUIET_HOURS: dict[str, Any] = {
+    "description": "Quiet hours: nobody is put through to the client in this window (in its time "
+    "zone; it may run over midnight). False: none for this session. Null: the bridge's default "
+    "(`MB_QUIET_HOURS`).",
+    "oneOf": [
+        {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["from", "to", "timezone"],
+            "properties": {
+                "from": {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
+                "to": {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
+                "timezone": {"type": "string", "examples": ["Europe/Moscow"]},
+            },
+        },
+        {"const": False},
+        {"type": "null"},
+    ],
+}
+
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -366,6 +395,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
             "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
+            "calls_per_hour", "calls_per_day", "quiet_hours",
         ],
         "properties": {
             "id": UUID,
@@ -407,6 +437,9 @@ SCHEMAS: dict[str, Schema] = {
                 "enum": ["closed", "expired", "inactive", None],
                 "description": "Why it ended (also set during `grace`); null while open.",
             },
+            "calls_per_hour": CALL_CAP,
+            "calls_per_day": CALL_CAP,
+            "quiet_hours": QUIET_HOURS,
         },
     },
     "SessionList": _list_of("Session", "Sessions, newest first."),
@@ -463,9 +496,12 @@ SCHEMAS: dict[str, Schema] = {
                 "type": ["string", "null"],
                 "enum": [
                     "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller",
-                    "session_closed", "blocked", None,
+                    "session_closed", "blocked", "call_limit", "quiet_hours", "unreachable", None,
                 ],
-                "description": "Set once the call ended. `blocked`: the caller's number or the other side's is "
+                "description": "Set once the call ended. `unreachable`: the network could not reach the other "
+                "phone (cause 1, 3, 20 or 27; the caller is hung up with the same cause). "
+                "`call_limit` / `quiet_hours`: the session's abuse "
+                "controls refused the call (the caller heard an announcement). `blocked`: the caller's number or the other side's is "
                 "on the blocklist, so the call was refused (the caller heard an announcement), or it was ringing "
                 "when one of them was blocked and the bridge ended it (`cut_reason` `blocked`). A connected call "
                 "ended by a block keeps `answered`, with `cut_reason` `blocked`.",
@@ -646,6 +682,9 @@ SCHEMAS: dict[str, Schema] = {
                 ),
                 "type": ["integer", "null"],
             },
+            "calls_per_hour": CALL_CAP,
+            "calls_per_day": CALL_CAP,
+            "quiet_hours": QUIET_HOURS,
         },
         "description": "Null is the same as leaving a field out. Seconds are JSON integers (`5.0` and `true` "
         f"are refused), at most {MAX_SECONDS} (31 days).",
@@ -821,6 +860,9 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "grace_until": None,
     "closed_at": None,
     "end_reason": None,
+    "calls_per_hour": None,
+    "calls_per_day": None,
+    "quiet_hours": {"from": "22:00", "to": "08:00", "timezone": "Europe/Moscow"},
 }
 
 

@@ -130,8 +130,16 @@ class AriClient:
     async def ring(self, channel_id: str) -> None:
         await self.request("POST", f"/channels/{channel_id}/ring")
 
-    async def hangup(self, channel_id: str, reason: str = "normal") -> None:
-        await self.request("DELETE", f"/channels/{channel_id}", {"reason": reason})
+    async def hangup(self, channel_id: str, reason: str = "normal", code: int | None = None) -> None:
+        """Hang up with a named reason, or with an exact Q.850 cause `code` (reason_code)."""
+        params = {"reason_code": str(code)} if code is not None else {"reason": reason}
+        await self.request("DELETE", f"/channels/{channel_id}", params)
+
+    async def send_dtmf(self, channel_id: str, digits: str, between_ms: int = 100, duration_ms: int = 100) -> None:
+        await self.request(
+            "POST", f"/channels/{channel_id}/dtmf",
+            {"dtmf": digits, "between": between_ms, "duration": duration_ms},
+        )
 
     async def get_channel(self, channel_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/channels/{channel_id}")
@@ -142,6 +150,9 @@ class AriClient:
     async def play(self, channel_id: str, media: str, playback_id: str | None = None) -> dict[str, Any]:
         path = f"/channels/{channel_id}/play" + (f"/{playback_id}" if playback_id else "")
         return await self.request("POST", path, {"media": media})
+
+    async def stop_playback(self, playback_id: str) -> None:
+        await self.request("DELETE", f"/playbacks/{playback_id}")
 
     async def snoop(
         self, channel_id: str, snoop_id: str, app_args: list[str], spy: str = "none", whisper: str = "none"

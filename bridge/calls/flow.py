@@ -29,14 +29,20 @@ Event = dict[str, Any]
 UNKNOWN_CALLER_SOUND = "ss-noservice"
 SESSION_CLOSED_SOUND = "ss-noservice"
 BLOCKED_SOUND = "cannot-complete-as-dialed"
+TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours
 CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
 
-# Hangup cause of the other leg (before answer) -> (call outcome, reason we hang the caller up with).
-_REFUSALS: dict[int, tuple[str, str]] = {
-    17: ("busy", "busy"),
-    18: ("no_answer", "no_answer"),
-    19: ("no_answer", "no_answer"),
-    21: ("rejected", "rejected"),
+# Hangup cause of the other leg (before answer) -> the call's outcome. The caller is hung
+# up with the same cause, so that their phone says what happened.
+_REFUSALS: dict[int, str] = {
+    17: "busy",
+    18: "no_answer",
+    19: "no_answer",
+    21: "rejected",
+    1: "unreachable",  # unallocated number
+    3: "unreachable",  # no route to destination
+    20: "unreachable",  # subscriber absent (switched off, out of coverage)
+    27: "unreachable",  # destination out of order
 }
 _GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
 
@@ -158,9 +164,9 @@ class MaskedCall:
             self._events.put_nowait(event)
         return left
 
-    async def _hangup(self, channel_id: str, reason: str = "normal") -> None:
+    async def _hangup(self, channel_id: str, reason: str = "normal", code: int | None = None) -> None:
         try:
-            await self.ari.hangup(channel_id, reason)
+            await self.ari.hangup(channel_id, reason, code)
         except AriNotFound:
             pass  # already gone: the outcome we wanted
 
@@ -246,6 +252,9 @@ class MaskedCall:
         if route.kind == "blocked":
             await self._announce("blocked", BLOCKED_SOUND)
             return
+        if route.kind in ("call_limit", "quiet_hours"):
+            await self._announce(route.kind, TRY_LATER_SOUND)
+            return
         if route.kind == "finished":
             await self._announce("session_closed", SESSION_CLOSED_SOUND)
             return
@@ -259,7 +268,8 @@ class MaskedCall:
         playback_id = f"{self.id}-announcement"
         try:
             await self.ari.answer(self.inbound_id)
-            await self.ari.play(self.inbound_id, f"sound:{sound}", playback_id)
+            media = ",".join(f"sound:{name}" for name in sound.split(","))
+            await self.ari.play(self.inbound_id, media, playback_id)
         except (AriNotFound, AriConflict):  # the caller hung up meanwhile
             await self._end(outcome, "caller", None)
             return
@@ -359,8 +369,8 @@ class MaskedCall:
                 return
             if kind == "ChannelDestroyed" and channel == self.outbound_id:
                 cause = _cause(event)
-                outcome, reason = _REFUSALS.get(cause or 0, ("failed", "congestion"))
-                await self._hangup(self.inbound_id, reason)
+                outcome = _REFUSALS.get(cause or 0, "failed")
+                await self._hangup(self.inbound_id, "congestion", code=cause)
                 await self._end(outcome, "callee", cause)
                 return
             if kind == "ChannelStateChange" and channel == self.outbound_id and event["channel"]["state"] == "Up":

@@ -25,7 +25,7 @@ Event = dict[str, Any]
 class Phone:
     """How the phone behind a number behaves when called."""
 
-    action: str = "answer"  # answer | busy | noanswer | reject
+    action: str = "answer"  # answer | busy | noanswer | reject | unreachable (cause 27)
     answer_after: float = 0.3  # seconds of ringing before answering
     ring_for: float = 2.0  # noanswer: seconds of ringing before the network gives up (480)
     tone: int = 1000  # Hz the phone plays once connected
@@ -50,6 +50,8 @@ class Leg:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
+    digits: str = ""  # DTMF this phone received
+    digit: asyncio.Event = field(default_factory=asyncio.Event)  # set at each digit received
     answered_at: float | None = None
     ended_at: float | None = None
     cause: int | None = None
@@ -144,6 +146,22 @@ class Carrier:
             pass  # already gone: ChannelDestroyed was the only event, and we missed it
         return leg
 
+    async def press(self, leg: Leg, digits: str) -> None:
+        """The phone stops its tone and sends DTMF (RFC 4733 events) on its call. (ARI runs a
+        channel's operations in turn: DTMF would wait for the end of the tone's playback.)"""
+        try:
+            await self.ari.stop_playback(f"tone-{leg.channel_id}")
+        except AriNotFound:
+            pass
+        await self.ari.send_dtmf(leg.channel_id, digits)
+
+    async def wait_digits(self, leg: Leg, digits: str, timeout: float = 10) -> None:
+        """Until the phone has received `digits` (at the end of what it received)."""
+        async with asyncio.timeout(timeout):
+            while not leg.digits.endswith(digits):
+                leg.digit.clear()
+                await leg.digit.wait()
+
     async def listen_to(self, leg: Leg, seconds: int) -> Path:
         """Record `seconds` of what an answered phone hears now (for legs placed without
         listening); returns the recording once it is finished."""
@@ -162,11 +180,11 @@ class Carrier:
                 pass
         return self.recording_path(leg)
 
-    async def hangup(self, leg: Leg, reason: str = "normal") -> None:
-        """The phone hangs up (or, for a called phone, refuses with `reason`)."""
+    async def hangup(self, leg: Leg, reason: str = "normal", code: int | None = None) -> None:
+        """The phone hangs up (or, for a called phone, refuses with `reason` or cause `code`)."""
         leg.hung_up_itself = True
         try:
-            await self.ari.hangup(leg.channel_id, reason)
+            await self.ari.hangup(leg.channel_id, reason, code)
         except AriNotFound:
             pass
 
@@ -207,7 +225,10 @@ class Carrier:
         leg = self.legs.get(cid)
         if leg is None:
             return
-        if kind == "ChannelStateChange" and channel.get("state") == "Ringing":
+        if kind == "ChannelDtmfReceived":
+            leg.digits += str(event.get("digit", ""))
+            leg.digit.set()
+        elif kind == "ChannelStateChange" and channel.get("state") == "Ringing":
             leg.ringing.set()
         elif kind == "ChannelStateChange" and channel.get("state") == "Up" and leg.role == "caller" \
                 and not leg.answered.is_set():
@@ -240,6 +261,8 @@ class Carrier:
             await self.hangup(leg, "busy")
         elif phone.action == "reject":
             await self.hangup(leg, "rejected")
+        elif phone.action == "unreachable":
+            await self.hangup(leg, code=27)  # the network: destination out of order (SIP 502)
         else:
             await self.ari.ring(leg.channel_id)
             leg.ringing.set()
@@ -263,7 +286,7 @@ class Carrier:
         if not leg.listen:
             leg.recorded.set()  # nothing is recorded
             try:
-                await self.ari.play(leg.channel_id, self._tone_media(leg.tone))
+                await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
             except (AriNotFound, AriConflict):
                 return  # hung up meanwhile
             if leg.hangup_after is not None:
@@ -276,7 +299,7 @@ class Carrier:
         self._snoops[ear] = leg
         try:
             await self.ari.snoop(leg.channel_id, ear, ["snoop"], spy="in")
-            await self.ari.play(leg.channel_id, self._tone_media(leg.tone))
+            await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
         except (AriNotFound, AriConflict):  # hung up meanwhile
             leg.recorded.set()
             return

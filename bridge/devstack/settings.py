@@ -48,6 +48,9 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_NUMBER_COOLING": ("604800", "seconds a retired pool number cools before it is retired for good"),
     "MB_RETENTION_DAYS": ("30", "days after which the real numbers of ended sessions are deleted"),
     "MB_SWEEP_INTERVAL": ("30", "seconds between two runs of session housekeeping"),
+    "MB_CALLS_PER_HOUR": ("0", "default cap on calls put through per session and hour (0: none)"),
+    "MB_CALLS_PER_DAY": ("0", "default cap on calls put through per session and day (0: none)"),
+    "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
 }
 
 SECRET_NAMES = ("MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "MB_DB_PASSWORD", "MB_NUMBER_KEY")
@@ -55,7 +58,7 @@ SECRET_NAMES = ("MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "M
 
 SESSION_SETTINGS = (
     "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
-    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL",
+    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALLS_PER_HOUR", "MB_CALLS_PER_DAY", "MB_QUIET_HOURS",
 )
 
 

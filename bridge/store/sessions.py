@@ -41,6 +41,9 @@ class SessionTerms:
     ttl_seconds: int
     idle_timeout_seconds: int | None
     grace_seconds: int
+    calls_per_hour: int | None = None  # None: the bridge's default
+    calls_per_day: int | None = None
+    quiet_hours: Any = None  # JSON: {"from", "to", "timezone"}, false, or None (the default)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,9 @@ class SessionRow:
     grace_until: datetime | None
     closed_at: datetime | None
     end_reason: str | None
+    calls_per_hour: int | None
+    calls_per_day: int | None
+    quiet_hours: Any
     participants: tuple[ParticipantRow, ...]
 
     def live(self, role: str) -> ParticipantRow | None:
@@ -94,11 +100,17 @@ class RouteRow:
     other_pool_number: str | None
     caller_blocked: bool
     other_blocked: bool
+    calls_per_hour: int | None
+    calls_per_day: int | None
+    quiet_hours: Any
+    calls_last_hour: int
+    calls_last_day: int
 
 
 _SESSION_COLUMNS = """
     s.id, s.order_id, s.pool_number, s.status, s.region, s.created_at, s.expires_at,
-    s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason
+    s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason,
+    s.calls_per_hour, s.calls_per_day, s.quiet_hours
 """
 
 # A hold that still counts: live, or in a cool-off that has not ended.
@@ -124,12 +136,21 @@ ROUTE_SQL = f"""
            o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
            o.pool_number AS other_pool_number,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx) AS caller_blocked,
-           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked
+           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
+           s.calls_per_hour, s.calls_per_day, s.quiet_hours,
+           (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
+              AND c.started_at > now() - interval '1 hour') AS calls_last_hour,
+           (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
+              AND c.started_at > now() - interval '1 day') AS calls_last_day
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
     LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
     WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING}
 """
+
+
+def _json_or_none(value: str | None) -> Any:
+    return json.loads(value) if value is not None else None
 
 
 def _affected(status: str) -> int:
@@ -158,7 +179,11 @@ class SessionRepo:
         for p in parts:
             fields = dict(p)
             by_session.setdefault(fields.pop("session_id"), []).append(ParticipantRow(**fields))
-        return [SessionRow(**dict(r), participants=tuple(by_session.get(r["id"], []))) for r in rows]
+        return [
+            SessionRow(**{**dict(r), "quiet_hours": _json_or_none(r["quiet_hours"])},
+                       participants=tuple(by_session.get(r["id"], [])))
+            for r in rows
+        ]
 
     async def get(self, session_id: uuid.UUID) -> SessionRow | None:
         found = await self._read(self.pool, "s.id = $1", session_id)
@@ -278,11 +303,13 @@ class SessionRepo:
                 await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
                 session_id: uuid.UUID = await conn.fetchval(
                     """
-                    INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds)
-                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6) RETURNING id
+                    INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
+                                          calls_per_hour, calls_per_day, quiet_hours)
+                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb) RETURNING id
                     """,
                     order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
-                    terms.grace_seconds,
+                    terms.grace_seconds, terms.calls_per_hour, terms.calls_per_day,
+                    None if terms.quiet_hours is None else json.dumps(terms.quiet_hours),
                 )
                 # In index order: two opens that share both people in opposite roles take
                 # the pair locks in the same order, and one waits for the other.
@@ -300,7 +327,8 @@ class SessionRepo:
                 await self._event(
                     conn, session_id, "opened", pool_number=pool_number, region=terms.region,
                     ttl_seconds=terms.ttl_seconds, idle_timeout_seconds=terms.idle_timeout_seconds,
-                    grace_seconds=terms.grace_seconds,
+                    grace_seconds=terms.grace_seconds, calls_per_hour=terms.calls_per_hour,
+                    calls_per_day=terms.calls_per_day, quiet_hours=terms.quiet_hours,
                 )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":
@@ -439,7 +467,9 @@ class SessionRepo:
         """The holder of (number, pool number), with its session and the live other side.
         One indexed lookup: the unique hold index makes the answer unambiguous."""
         row = await self.pool.fetchrow(ROUTE_SQL, idx, pool_number)
-        return RouteRow(**dict(row)) if row is not None else None
+        if row is None:
+            return None
+        return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
 
     # --- housekeeping ----------------------------------------------------------------------
 

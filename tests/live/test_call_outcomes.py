@@ -44,6 +44,7 @@ async def test_either_side_hanging_up_ends_both_legs(who, carrier, api, real_num
         ("busy", "busy", {17}),
         ("reject", "rejected", {21}),
         ("noanswer", "no_answer", {18, 19}),
+        ("unreachable", "unreachable", {27}),
     ],
 )
 async def test_refusal_of_the_other_phone_reaches_the_caller(
@@ -121,3 +122,20 @@ async def test_call_after_the_session_closed_is_not_routed(carrier, api, real_nu
     )
     assert row is not None and row["outcome"] == "session_closed"
     assert str(row["session_id"]) == session["id"], "the attempt is linked to the closed session"
+
+
+async def test_dtmf_passes_through_both_ways(carrier, api, real_number, db):
+    """Keypad digits reach the other phone (e.g. a door code, an IVR), in both directions."""
+    session, courier, client = await open_pair(api, real_number)
+    carrier.phone(client, action="answer")
+    leg = await carrier.call(courier, session["pool_number"])
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.answered.wait(), 10)
+    await wait_for_call_row(db, session["id"], "connected")
+
+    await carrier.press(leg, "1#9")
+    await carrier.wait_digits(callee, "1#9")
+    await carrier.press(callee, "*0")
+    await carrier.wait_digits(leg, "*0")
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)

@@ -544,12 +544,18 @@ class AriFake:
         channel = self.channels.get(request.match_info["id"])
         if channel is None:
             return _error(404, "Channel not found")
-        reason = request.query.get("reason", "normal")
-        if reason not in HANGUP_REASONS:
-            return _error(400, "Invalid reason for hangup provided")
+        if "reason_code" in request.query:
+            if "reason" in request.query or not request.query["reason_code"].isdigit():
+                return _error(400, "Invalid reason_code for hangup provided")
+            cause = int(request.query["reason_code"])
+        else:
+            reason = request.query.get("reason", "normal")
+            if reason not in HANGUP_REASONS:
+                return _error(400, "Invalid reason for hangup provided")
+            cause = HANGUP_REASONS[reason]
         # Asterisk answers 204 and the events follow; here they go out first, which the
         # bridge must cope with as well.
-        await self._destroy(channel, HANGUP_REASONS[reason])
+        await self._destroy(channel, cause)
         return web.Response(status=204)
 
     async def _dial(self, request: web.Request) -> web.Response:

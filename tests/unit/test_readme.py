@@ -15,7 +15,8 @@ def test_every_local_stack_setting_is_documented_with_its_default():
     for name, (default, _) in DEFAULTS.items():
         if name == "MB_STACK_DIR":
             continue  # the default is the checkout's own path
-        assert f"| `{name}` | `{default}` |" in README, name
+        shown = f"`{default}`" if default else "(none)"
+        assert f"| `{name}` | {shown} |" in README, name
 
 
 def test_every_generated_secret_is_named():

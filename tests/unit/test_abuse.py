@@ -1,0 +1,56 @@
+"""Quiet hours and call caps: parsing and the time window (bridge/abuse.py)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import pytest
+
+from bridge.abuse import QuietHours, cap, parse_quiet_setting, quiet_hours
+from bridge.errors import InvalidInput
+
+
+def at(hh: int, mm: int = 0) -> datetime:
+    return datetime(2026, 11, 25, hh, mm, tzinfo=timezone.utc)
+
+
+def test_a_window_over_midnight_in_the_clients_time_zone():
+    night = quiet_hours({"from": "22:00", "to": "08:00", "timezone": "Europe/Moscow"})  # UTC+3
+    assert isinstance(night, QuietHours)
+    assert night.covers(at(19, 0)) and night.covers(at(4, 59))  # 22:00 and 07:59 in Moscow
+    assert not night.covers(at(18, 59)) and not night.covers(at(5, 0))  # 21:59 and 08:00
+
+
+def test_a_window_within_a_day():
+    lunch = quiet_hours({"from": "13:00", "to": "14:00", "timezone": "UTC"})
+    assert isinstance(lunch, QuietHours)
+    assert lunch.covers(at(13, 30)) and not lunch.covers(at(14, 0)) and not lunch.covers(at(12, 59))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"from": "25:00", "to": "08:00", "timezone": "UTC"},
+        {"from": "22:00", "to": "22:00", "timezone": "UTC"},
+        {"from": "22:00", "to": "08:00", "timezone": "Mars/Olympus"},
+        {"from": "22:00", "to": "08:00"},
+        {"from": "22:00", "to": "08:00", "timezone": "UTC", "extra": 1},
+        "22:00-08:00",
+        True,
+    ],
+)
+def test_bad_quiet_hours_are_refused(raw):
+    with pytest.raises(InvalidInput):
+        quiet_hours(raw)
+
+
+def test_defaults_from_the_environment_and_caps():
+    assert parse_quiet_setting("") is None
+    setting = parse_quiet_setting("22:00-08:00 Europe/Moscow")
+    assert setting == QuietHours(at(22).time(), at(8).time(), "Europe/Moscow")
+    with pytest.raises(InvalidInput):
+        parse_quiet_setting("nights")
+    assert cap("calls_per_hour", None) is None and cap("calls_per_hour", 0) == 0
+    for bad in (-1, True, "3", 10**6):
+        with pytest.raises(InvalidInput):
+            cap("calls_per_hour", bad)
