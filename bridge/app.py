@@ -44,6 +44,7 @@ def policy_of(settings: Settings) -> Policy:
         calls_per_hour=settings.calls_per_hour,
         calls_per_day=settings.calls_per_day,
         quiet_hours=parse_quiet_setting(settings.quiet_hours),
+        max_call_seconds=settings.max_call_duration,
     )
 
 
@@ -116,6 +117,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             trunk_endpoint=settings.trunk_endpoint,
             default_region=settings.default_region,
             ring_timeout=settings.ring_timeout,
+            duration_warning=settings.duration_warning,
         ),
         router=sessions,
     )

@@ -64,6 +64,8 @@ class Settings:
     calls_per_hour: int = 0
     calls_per_day: int = 0
     quiet_hours: str = ""
+    max_call_duration: int = 0
+    duration_warning: float = 30.0
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -97,4 +99,6 @@ class Settings:
             calls_per_hour=_int("MB_CALLS_PER_HOUR", 0),
             calls_per_day=_int("MB_CALLS_PER_DAY", 0),
             quiet_hours=os.environ.get("MB_QUIET_HOURS", ""),
+            max_call_duration=_int("MB_MAX_CALL_DURATION", 0),
+            duration_warning=float(_int("MB_CALL_WARNING", 30)),
         )

@@ -41,6 +41,7 @@ class Policy:
     calls_per_hour: int = 0  # 0: no cap
     calls_per_day: int = 0
     quiet_hours: QuietHours | None = None
+    max_call_seconds: int = 0  # 0: no maximum
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Route:
     callee_number: str | None = None
     shown_number: str | None = None
     pool_known: bool = True  # the dialed number is one of our pool numbers
+    max_call_seconds: int | None = None  # after this long connected, the bridge ends the call
 
 
 def phone_number(field: str, raw: object, region: str) -> str:
@@ -124,6 +126,7 @@ class Sessions:
         calls_per_hour: object = None,
         calls_per_day: object = None,
         quiet: object = None,
+        max_call_seconds: object = None,
     ) -> tuple[SessionRow, bool]:
         """Open the order's session, or return the one already open. Returns (session, created).
         Everything is checked before anything is written."""
@@ -141,6 +144,7 @@ class Sessions:
             calls_per_hour=cap("calls_per_hour", calls_per_hour),
             calls_per_day=cap("calls_per_day", calls_per_day),
             quiet_hours=_quiet_json(quiet_hours(quiet)),
+            max_call_seconds=seconds("max_call_seconds", max_call_seconds),
         )
         if terms.grace_seconds and not self.policy.support_number:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
@@ -315,7 +319,8 @@ class Sessions:
             if row.role == "client" and self.policy.support_number:
                 return Route("connect", session_id=row.session_id, caller_role="client",
                              caller_participant_id=row.participant_id, callee_role="support",
-                             callee_number=self.policy.support_number, shown_number=row.pool_number)
+                             callee_number=self.policy.support_number, shown_number=row.pool_number,
+                             max_call_seconds=self.policy.max_call_seconds or None)
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished
@@ -324,10 +329,11 @@ class Sessions:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id)
         # (the call's row, written next, marks the session active: see Store.insert_call)
+        longest = row.max_call_seconds if row.max_call_seconds is not None else self.policy.max_call_seconds
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
-                     shown_number=row.other_pool_number)
+                     shown_number=row.other_pool_number, max_call_seconds=longest or None)
 
     def _abuse_control(self, row: RouteRow) -> str | None:
         """"call_limit" or "quiet_hours" when the session's controls refuse this call."""

@@ -110,6 +110,7 @@ def render_session(sessions: Sessions, s: SessionRow) -> dict[str, Any]:
         "calls_per_hour": s.calls_per_hour,
         "calls_per_day": s.calls_per_day,
         "quiet_hours": s.quiet_hours,
+        "max_call_seconds": s.max_call_seconds,  # null: MB_MAX_CALL_DURATION
     }
 
 
@@ -256,7 +257,7 @@ def _query(request: web.Request, name: str, pattern: re.Pattern[str]) -> str | N
 # --- sessions ------------------------------------------------------------------------------
 
 OPEN_FIELDS = {"order_id", "courier_number", "client_number", "region", "ttl_seconds", "idle_timeout_seconds",
-               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours"}
+               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds"}
 
 
 async def open_session(request: web.Request) -> web.Response:
@@ -274,6 +275,7 @@ async def open_session(request: web.Request) -> web.Response:
         calls_per_hour=body.get("calls_per_hour"),
         calls_per_day=body.get("calls_per_day"),
         quiet=body.get("quiet_hours"),
+        max_call_seconds=body.get("max_call_seconds"),
     )
     return _json(render_session(sessions, session), 201 if created else 200)
 

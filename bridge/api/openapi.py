@@ -284,6 +284,14 @@ CALL_CAP: dict[str, Any] = {
     "none. Null: the bridge's default (`MB_CALLS_PER_HOUR` / `MB_CALLS_PER_DAY`). A call over the cap is "
     "refused: the caller hears that the call cannot be put through now (outcome `call_limit`).",
 }
+MAX_CALL_SECONDS: dict[str, Any] = {
+    "type": ["integer", "null"],
+    "minimum": 1,
+    "maximum": MAX_SECONDS,
+    "description": "The longest a call of this session may last once answered; both parties hear a "
+    "warning tone (`MB_CALL_WARNING` seconds, at most half the maximum, before the end), then the bridge "
+    "ends it (`cut_reason` `max_duration`). Null: the bridge's default (`MB_MAX_CALL_DURATION`, 0 = none).",
+}
 QUIET_HOURS: dict[str, Any] = {
     "description": "Quiet hours: nobody is put through to the client in this window (in its time "
     "zone; it may run over midnight). False: none for this session. Null: the bridge's default "
@@ -395,7 +403,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
             "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
-            "calls_per_hour", "calls_per_day", "quiet_hours",
+            "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds",
         ],
         "properties": {
             "id": UUID,
@@ -440,6 +448,7 @@ SCHEMAS: dict[str, Schema] = {
             "calls_per_hour": CALL_CAP,
             "calls_per_day": CALL_CAP,
             "quiet_hours": QUIET_HOURS,
+            "max_call_seconds": MAX_CALL_SECONDS,
         },
     },
     "SessionList": _list_of("Session", "Sessions, newest first."),
@@ -515,10 +524,11 @@ SCHEMAS: dict[str, Schema] = {
             "hangup_cause": {"type": ["integer", "null"], "description": "The Q.850 cause, when known."},
             "cut_reason": {
                 "type": ["string", "null"],
-                "enum": ["blocked", None],
+                "enum": ["blocked", "max_duration", None],
                 "description": "Why the bridge itself ended the call while it was ringing or connected "
                 "(`hangup_by` is `system`): `blocked`, the number of the caller or of the other side was "
-                "blocked. Null for every other call.",
+                "blocked; `max_duration`, the call reached the session's maximum duration (both parties "
+                "heard a warning tone first). Null for every other call.",
             },
             "started_at": TIMESTAMP,
             "answered_at": NULLABLE_TIMESTAMP,
@@ -685,6 +695,7 @@ SCHEMAS: dict[str, Schema] = {
             "calls_per_hour": CALL_CAP,
             "calls_per_day": CALL_CAP,
             "quiet_hours": QUIET_HOURS,
+            "max_call_seconds": MAX_CALL_SECONDS,
         },
         "description": "Null is the same as leaving a field out. Seconds are JSON integers (`5.0` and `true` "
         f"are refused), at most {MAX_SECONDS} (31 days).",
@@ -863,6 +874,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "calls_per_hour": None,
     "calls_per_day": None,
     "quiet_hours": {"from": "22:00", "to": "08:00", "timezone": "Europe/Moscow"},
+    "max_call_seconds": None,
 }
 
 

@@ -151,6 +151,11 @@ class AriClient:
         path = f"/channels/{channel_id}/play" + (f"/{playback_id}" if playback_id else "")
         return await self.request("POST", path, {"media": media})
 
+    async def play_on_bridge(self, bridge_id: str, media: str, playback_id: str | None = None) -> dict[str, Any]:
+        """Play to everyone in a bridge."""
+        path = f"/bridges/{bridge_id}/play" + (f"/{playback_id}" if playback_id else "")
+        return await self.request("POST", path, {"media": media})
+
     async def stop_playback(self, playback_id: str) -> None:
         await self.request("DELETE", f"/playbacks/{playback_id}")
 

@@ -76,7 +76,12 @@ class FlowSettings:
     ring_timeout: float = 30.0
     stasis_start_timeout: float = 5.0
     announcement_timeout: float = 30.0
+    duration_warning: float = 30.0  # seconds before a call's maximum duration that both hear the warning
 
+
+# What both parties hear before the bridge ends a call at its maximum duration: three short
+# 1400 Hz beeps (a tone no phone of the simulated carrier plays, so tests can hear it).
+DURATION_WARNING_TONE = "tone:1400/250,0/250,1400/250,0/250,1400/250"
 
 def _channel_of(event: Event) -> str | None:
     channel = event.get("channel")
@@ -123,6 +128,7 @@ class MaskedCall:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._bridge_created = False
         self.participant_ids: set[uuid.UUID] = set()  # who is on this call (pseudonymous)
+        self.max_call_seconds: float | None = None
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -246,6 +252,7 @@ class MaskedCall:
         )
         if route is not None:
             self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
+            self.max_call_seconds = route.max_call_seconds
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
@@ -391,9 +398,23 @@ class MaskedCall:
         await self._supervise()
 
     async def _supervise(self) -> None:
+        longest = self.max_call_seconds
+        deadline = time.monotonic() + longest if longest else None
+        warn_at = deadline - min(self.settings.duration_warning, longest / 2) if deadline and longest else None
         while True:
-            event = await self._next(None)
-            assert event is not None
+            event = await self._next(warn_at or deadline)
+            if event is None and warn_at is not None:
+                warn_at = None
+                log.info("call.duration_warning", seconds_left=round((deadline or 0) - time.monotonic(), 1))
+                try:
+                    await self.ari.play_on_bridge(self.bridge_id, DURATION_WARNING_TONE, f"{self.id}-warning")
+                except AriError as exc:
+                    log.warning("call.duration_warning_failed", error=str(exc))
+                continue
+            if event is None:
+                log.info("call.max_duration", seconds=longest)
+                await self._cut({"type": CUT, "reason": "max_duration"}, "answered")
+                return
             if event.get("type") == CUT:
                 await self._cut(event, "answered")
                 return

@@ -44,6 +44,7 @@ class SessionTerms:
     calls_per_hour: int | None = None  # None: the bridge's default
     calls_per_day: int | None = None
     quiet_hours: Any = None  # JSON: {"from", "to", "timezone"}, false, or None (the default)
+    max_call_seconds: int | None = None  # None: the bridge's default
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,7 @@ class SessionRow:
     calls_per_hour: int | None
     calls_per_day: int | None
     quiet_hours: Any
+    max_call_seconds: int | None
     participants: tuple[ParticipantRow, ...]
 
     def live(self, role: str) -> ParticipantRow | None:
@@ -103,6 +105,7 @@ class RouteRow:
     calls_per_hour: int | None
     calls_per_day: int | None
     quiet_hours: Any
+    max_call_seconds: int | None
     calls_last_hour: int
     calls_last_day: int
 
@@ -110,7 +113,7 @@ class RouteRow:
 _SESSION_COLUMNS = """
     s.id, s.order_id, s.pool_number, s.status, s.region, s.created_at, s.expires_at,
     s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason,
-    s.calls_per_hour, s.calls_per_day, s.quiet_hours
+    s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds
 """
 
 # A hold that still counts: live, or in a cool-off that has not ended.
@@ -137,7 +140,7 @@ ROUTE_SQL = f"""
            o.pool_number AS other_pool_number,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx) AS caller_blocked,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
-           s.calls_per_hour, s.calls_per_day, s.quiet_hours,
+           s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds,
            (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
               AND c.started_at > now() - interval '1 hour') AS calls_last_hour,
            (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
@@ -304,12 +307,13 @@ class SessionRepo:
                 session_id: uuid.UUID = await conn.fetchval(
                     """
                     INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
-                                          calls_per_hour, calls_per_day, quiet_hours)
-                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb) RETURNING id
+                                          calls_per_hour, calls_per_day, quiet_hours, max_call_seconds)
+                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb, $10)
+                    RETURNING id
                     """,
                     order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
                     terms.grace_seconds, terms.calls_per_hour, terms.calls_per_day,
-                    None if terms.quiet_hours is None else json.dumps(terms.quiet_hours),
+                    None if terms.quiet_hours is None else json.dumps(terms.quiet_hours), terms.max_call_seconds,
                 )
                 # In index order: two opens that share both people in opposite roles take
                 # the pair locks in the same order, and one waits for the other.
@@ -329,6 +333,7 @@ class SessionRepo:
                     ttl_seconds=terms.ttl_seconds, idle_timeout_seconds=terms.idle_timeout_seconds,
                     grace_seconds=terms.grace_seconds, calls_per_hour=terms.calls_per_hour,
                     calls_per_day=terms.calls_per_day, quiet_hours=terms.quiet_hours,
+                    max_call_seconds=terms.max_call_seconds,
                 )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":

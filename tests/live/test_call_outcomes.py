@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from bridge.devstack.audio import samples, tone_share
 from tests.live.conftest import announced, wait_for_call_row
 
 
@@ -139,3 +140,25 @@ async def test_dtmf_passes_through_both_ways(carrier, api, real_number, db):
     await carrier.wait_digits(leg, "*0")
     await carrier.hangup(leg)
     await asyncio.wait_for(callee.ended.wait(), 10)
+
+
+async def test_a_call_at_its_maximum_duration_is_warned_then_ended(carrier, api, real_number, db):
+    """max_call_seconds=4: at 2 s before the end both hear three 1400 Hz beeps, then the
+    bridge ends the call."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client, max_call_seconds=4)
+    carrier.phone(client, action="answer")
+    leg = await carrier.call(courier, session["pool_number"])
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.ended.wait(), 15)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    await asyncio.wait_for(leg.recorded.wait(), 10)
+    await asyncio.wait_for(callee.recorded.wait(), 10)
+
+    assert not leg.hung_up_itself and not callee.hung_up_itself
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "max_duration")
+    assert 3.5 <= float(row["duration_seconds"]) <= 6.0
+    for phone in (leg, callee):
+        heard, rate = samples(carrier.recording_path(phone))
+        assert tone_share(heard, rate, 1400) > 0.1, "the warning beeps were heard"
