@@ -118,6 +118,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             default_region=settings.default_region,
             ring_timeout=settings.ring_timeout,
             duration_warning=settings.duration_warning,
+            block_keys=settings.block_keys,
         ),
         router=sessions,
     )

@@ -30,6 +30,13 @@ def _int(name: str, default: int) -> int:
     return value
 
 
+def _block_keys() -> str:
+    keys = os.environ.get("MB_BLOCK_KEYS", "*9")
+    if not 1 <= len(keys) <= 8 or any(k not in "0123456789*#" for k in keys):
+        raise ConfigError("MB_BLOCK_KEYS must be 1 to 8 keypad keys (0-9, *, #)")
+    return keys
+
+
 def _number_key() -> str:
     """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
     path = os.environ.get("MB_NUMBER_KEY_FILE")
@@ -66,6 +73,7 @@ class Settings:
     quiet_hours: str = ""
     max_call_duration: int = 0
     duration_warning: float = 30.0
+    block_keys: str = "*9"
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -101,4 +109,5 @@ class Settings:
             quiet_hours=os.environ.get("MB_QUIET_HOURS", ""),
             max_call_duration=_int("MB_MAX_CALL_DURATION", 0),
             duration_warning=float(_int("MB_CALL_WARNING", 30)),
+            block_keys=_block_keys(),
         )

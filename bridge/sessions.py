@@ -335,6 +335,11 @@ class Sessions:
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
                      shown_number=row.other_pool_number, max_call_seconds=longest or None)
 
+    async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
+        """The client pressed the block keys: `participant_id` reaches no one on this session."""
+        if await self.repo.block_participant(session_id, participant_id, by):
+            log.info("session.blocked_by_client", session_id=str(session_id), participant_id=str(participant_id))
+
     def _abuse_control(self, row: RouteRow) -> str | None:
         """"call_limit" or "quiet_hours" when the session's controls refuse this call."""
         per_hour = self.policy.calls_per_hour if row.calls_per_hour is None else row.calls_per_hour

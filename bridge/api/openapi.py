@@ -465,13 +465,14 @@ SCHEMAS: dict[str, Schema] = {
                 "type": "string",
                 "enum": [
                     "opened", "extended", "courier_reassigned", "grace_started", "closed", "expired", "inactive",
-                    "purged",
+                    "purged", "blocked_by_client",
                 ],
             },
             "detail": {
                 "type": "object",
                 "additionalProperties": True,
-                "description": "By kind: `opened` {pool_number, region, ttl_seconds, idle_timeout_seconds, "
+                "description": "By kind: `blocked_by_client` {participant: the blocked participant's id, by: "
+                "the client's}; `opened` {pool_number, region, ttl_seconds, idle_timeout_seconds, "
                 "grace_seconds}; `extended` {ttl_seconds, idle_timeout_seconds}; `courier_reassigned` "
                 "{previous, participant (participant ids), pool_number}; `grace_started` {grace_seconds}; "
                 "`purged` {participants (how many real numbers were removed)}; `closed`, `expired`, "
@@ -524,11 +525,12 @@ SCHEMAS: dict[str, Schema] = {
             "hangup_cause": {"type": ["integer", "null"], "description": "The Q.850 cause, when known."},
             "cut_reason": {
                 "type": ["string", "null"],
-                "enum": ["blocked", "max_duration", None],
+                "enum": ["blocked", "max_duration", "blocked_by_client", None],
                 "description": "Why the bridge itself ended the call while it was ringing or connected "
                 "(`hangup_by` is `system`): `blocked`, the number of the caller or of the other side was "
                 "blocked; `max_duration`, the call reached the session's maximum duration (both parties "
-                "heard a warning tone first). Null for every other call.",
+                "heard a warning tone first); `blocked_by_client`, the client keyed `MB_BLOCK_KEYS` to block the "
+                "other party for this order. Null for every other call.",
             },
             "started_at": TIMESTAMP,
             "answered_at": NULLABLE_TIMESTAMP,

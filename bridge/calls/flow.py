@@ -29,6 +29,7 @@ Event = dict[str, Any]
 UNKNOWN_CALLER_SOUND = "ss-noservice"
 SESSION_CLOSED_SOUND = "ss-noservice"
 BLOCKED_SOUND = "cannot-complete-as-dialed"
+BLOCK_CONFIRMED_SOUND = "auth-thankyou"  # to the client who blocked the other party
 TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours
 CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
 
@@ -57,6 +58,7 @@ class CallState(enum.Enum):
 
 class Router(Protocol):
     async def route(self, caller: str, pool_number: str) -> Route: ...
+    async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None: ...
 
 
 class CallStore(Protocol):
@@ -77,6 +79,7 @@ class FlowSettings:
     stasis_start_timeout: float = 5.0
     announcement_timeout: float = 30.0
     duration_warning: float = 30.0  # seconds before a call's maximum duration that both hear the warning
+    block_keys: str = "*9"  # the client presses these during a call to block the other party
 
 
 # What both parties hear before the bridge ends a call at its maximum duration: three short
@@ -129,6 +132,8 @@ class MaskedCall:
         self._bridge_created = False
         self.participant_ids: set[uuid.UUID] = set()  # who is on this call (pseudonymous)
         self.max_call_seconds: float | None = None
+        self.route: Route | None = None
+        self._client_digits = ""
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -253,6 +258,7 @@ class MaskedCall:
         if route is not None:
             self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
             self.max_call_seconds = route.max_call_seconds
+            self.route = route
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
@@ -418,6 +424,8 @@ class MaskedCall:
             if event.get("type") == CUT:
                 await self._cut(event, "answered")
                 return
+            if event.get("type") == "ChannelDtmfReceived" and await self._client_blocks(event):
+                return
             if _gone(event, self.inbound_id):
                 await self._hangup(self.outbound_id)
                 await self._end("answered", "caller", _cause(event))
@@ -426,6 +434,43 @@ class MaskedCall:
                 await self._hangup(self.inbound_id)
                 await self._end("answered", "callee", _cause(event))
                 return
+
+    async def _client_blocks(self, event: Event) -> bool:
+        """The client keyed the block code: the other party is blocked for this order, their
+        leg is hung up, the client hears a confirmation and the call ends. (Digits pass
+        through to the other party as they are pressed.)"""
+        route = self.route
+        if route is None or route.session_id is None or "client" not in (route.caller_role, route.callee_role):
+            return False
+        client_is_caller = route.caller_role == "client"
+        client_leg = self.inbound_id if client_is_caller else self.outbound_id
+        if _channel_of(event) != client_leg:
+            return False
+        self._client_digits = (self._client_digits + str(event.get("digit", "")))[-16:]
+        if not self._client_digits.endswith(self.settings.block_keys):
+            return False
+        client = route.caller_participant_id if client_is_caller else route.callee_participant_id
+        other = route.callee_participant_id if client_is_caller else route.caller_participant_id
+        if other is None or client is None or self.router is None:
+            return False
+        await self.router.block_by_client(route.session_id, other, client)
+        log.info("call.blocked_by_client")
+        await self._hangup(self.outbound_id if client_is_caller else self.inbound_id)
+        playback_id = f"{self.id}-blocked"
+        try:
+            await self.ari.play(client_leg, f"sound:{BLOCK_CONFIRMED_SOUND}", playback_id)
+            deadline = time.monotonic() + self.settings.announcement_timeout
+            while (next_event := await self._next(deadline)) is not None:
+                if _gone(next_event, client_leg) or (
+                    next_event.get("type") == "PlaybackFinished"
+                    and next_event.get("playback", {}).get("id") == playback_id
+                ):
+                    break
+        except (AriNotFound, AriConflict):
+            pass  # the client hung up meanwhile
+        await self._hangup(client_leg)
+        await self._end("answered", "system", None, "blocked_by_client")
+        return True
 
     @classmethod
     def resume_connected(

@@ -138,7 +138,8 @@ ROUTE_SQL = f"""
            coalesce(s.grace_until <= now(), false) AS grace_over,
            o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
            o.pool_number AS other_pool_number,
-           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx) AS caller_blocked,
+           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx)
+               OR h.blocked_at IS NOT NULL AS caller_blocked,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
            s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds,
            (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
@@ -475,6 +476,18 @@ class SessionRepo:
         if row is None:
             return None
         return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
+
+    async def block_participant(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> bool:
+        """The other party blocked this participant for the session (from the keypad)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            blocked = await conn.fetchval(
+                """UPDATE participants SET blocked_at = now()
+                   WHERE id = $1 AND session_id = $2 AND blocked_at IS NULL RETURNING true""",
+                participant_id, session_id,
+            )
+            if blocked:
+                await self._event(conn, session_id, "blocked_by_client", participant=participant_id, by=by)
+        return bool(blocked)
 
     # --- housekeeping ----------------------------------------------------------------------
 

@@ -114,3 +114,30 @@ async def test_bad_blocklist_requests_get_their_4xx(api, db):
         status, answer = await api.request("DELETE", f"/v1/blocklist/{entry}")
         assert (status, answer["error"]["code"]) == (404, "block_not_found")
     assert await db.fetchval("SELECT count(*) FROM blocked_numbers") == before
+
+
+async def test_the_client_blocks_the_courier_from_the_keypad(carrier, api, real_number, db, stack):
+    """During a call the client keys MB_BLOCK_KEYS: the courier's leg is hung up, the client
+    hears a confirmation, the block is recorded, and the courier reaches no one on this order."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    pool = session["pool_number"]
+    carrier.phone(client, action="answer")
+    leg = await carrier.call(courier, pool)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(callee.answered.wait(), 10)
+    await wait_for_call_row(db, session["id"], "connected")
+
+    await carrier.press(callee, stack.env["MB_BLOCK_KEYS"])
+    await asyncio.wait_for(leg.ended.wait(), 10)
+    await asyncio.wait_for(callee.ended.wait(), 15)
+    assert leg.ended_at is not None and callee.ended_at is not None
+    assert callee.ended_at - leg.ended_at > 0.3, "the client stayed on to hear the confirmation"
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "blocked_by_client")
+
+    status, events = await api.request("GET", f"/v1/sessions/{session['id']}/events")
+    blocked = [e for e in events["items"] if e["kind"] == "blocked_by_client"]
+    assert len(blocked) == 1 and blocked[0]["detail"]["participant"] == session["participants"]["courier"]["id"]
+    await announced(carrier, courier, pool)
+    assert (await last_call_of(db, pool, courier))["outcome"] == "blocked"

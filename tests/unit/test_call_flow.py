@@ -93,6 +93,9 @@ class FakeStore:
 
     # CallStore
 
+    async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
+        await self._op("block_by_client", None, session_id=session_id, participant_id=participant_id, by=by)
+
     async def route(self, caller: str, pool_number: str) -> Route:
         """The Router protocol (bridge.sessions.Sessions.route in the bridge)."""
         self.lookups.append((caller, pool_number))
