@@ -25,6 +25,8 @@ from bridge.pools import Pools
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
+from bridge.store.webhooks import WebhookRepo
+from bridge.webhooks import Deliverer
 
 log = structlog.get_logger(__name__)
 
@@ -107,7 +109,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     policy = policy_of(settings)
     pool = await connect(settings.database_url)
     await migrate(pool, vault)
-    store = Store(pool)
+    store = Store(pool, webhooks=bool(settings.webhook_url))
     sessions = Sessions(store, vault, policy)
     ari = AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
     dispatcher = StasisDispatcher(
@@ -141,6 +143,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     blocks = asyncio.create_task(
         blocklist_listener(settings.database_url, store, dispatcher, stop), name="blocklist-listener"
     )
+    background = [sweeper, blocks]
+    if settings.webhook_url:
+        deliverer = Deliverer(WebhookRepo(pool), settings.webhook_url, settings.webhook_secret)
+        background.append(asyncio.create_task(deliverer.run(stop), name="webhooks"))
     log.info("bridge.started", api=f"{settings.api_bind}:{settings.api_port}", app=settings.ari_app)
     try:
         await stop.wait()
@@ -148,9 +154,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         log.info("bridge.stopping")
         stream.stop()
         events.cancel()
-        sweeper.cancel()
-        blocks.cancel()
-        await asyncio.gather(events, sweeper, blocks, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(events, *background, return_exceptions=True)
         await dispatcher.shutdown()
         await runner.cleanup()
         await ari.close()

@@ -30,6 +30,18 @@ def _int(name: str, default: int) -> int:
     return value
 
 
+def _webhook() -> dict[str, str]:
+    url = os.environ.get("MB_WEBHOOK_URL", "")
+    if not url:
+        return {}
+    if not url.startswith(("http://", "https://")):
+        raise ConfigError("MB_WEBHOOK_URL must be an http:// or https:// URL")
+    secret = os.environ.get("MB_WEBHOOK_SECRET", "")
+    if len(secret) < 16:
+        raise ConfigError("MB_WEBHOOK_SECRET (at least 16 characters) signs the webhooks of MB_WEBHOOK_URL")
+    return {"webhook_url": url, "webhook_secret": secret}
+
+
 def _block_keys() -> str:
     keys = os.environ.get("MB_BLOCK_KEYS", "*9")
     if not 1 <= len(keys) <= 8 or any(k not in "0123456789*#" for k in keys):
@@ -74,6 +86,8 @@ class Settings:
     max_call_duration: int = 0
     duration_warning: float = 30.0
     block_keys: str = "*9"
+    webhook_url: str = ""
+    webhook_secret: str = ""
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -110,4 +124,5 @@ class Settings:
             max_call_duration=_int("MB_MAX_CALL_DURATION", 0),
             duration_warning=float(_int("MB_CALL_WARNING", 30)),
             block_keys=_block_keys(),
+            **_webhook(),
         )

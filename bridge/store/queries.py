@@ -16,8 +16,9 @@ from bridge.store.sessions import SessionRepo
 class Store:
     """The call rows, plus the pool and session repositories."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, webhooks: bool = False) -> None:
         self.pool = pool
+        self.webhooks = webhooks  # write webhook events next to the call rows
         self.pools = PoolRepo(pool)
         self.sessions = SessionRepo(pool)
         self.blocklist = BlocklistRepo(pool)
@@ -46,13 +47,17 @@ class Store:
                 INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
                                    caller_participant_id, callee_role, callee_participant_id)
                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-                RETURNING session_id, callee_role
+                RETURNING calls AS r
+            ), hook AS (
+                INSERT INTO webhook_outbox (event, payload)
+                SELECT 'call.started', maskbridge_call_event(call.r) FROM call
+                WHERE $11 AND (call.r).session_id IS NOT NULL AND (call.r).callee_role IS NOT NULL
             )
             UPDATE sessions s SET last_activity_at = now()
-            FROM call WHERE s.id = call.session_id AND call.callee_role IS NOT NULL AND s.status = 'open'
+            FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
             """,
             call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-            caller_participant_id, callee_role, callee_participant_id,
+            caller_participant_id, callee_role, callee_participant_id, self.webhooks,
         )
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
@@ -63,7 +68,16 @@ class Store:
 
     async def call_connected(self, call_id: uuid.UUID) -> None:
         await self.pool.execute(
-            "UPDATE calls SET state = 'connected', answered_at = now() WHERE id = $1 AND state <> 'ended'", call_id
+            """
+            WITH call AS (
+                UPDATE calls SET state = 'connected', answered_at = now() WHERE id = $1 AND state <> 'ended'
+                RETURNING calls AS r
+            )
+            INSERT INTO webhook_outbox (event, payload)
+            SELECT 'call.answered', maskbridge_call_event(call.r) FROM call
+            WHERE $2 AND (call.r).session_id IS NOT NULL
+            """,
+            call_id, self.webhooks,
         )
 
     async def call_announcing(self, call_id: uuid.UUID) -> None:
@@ -74,11 +88,21 @@ class Store:
     ) -> None:
         await self.pool.execute(
             """
-            UPDATE calls SET state = 'ended', ended_at = now(), outcome = $2, hangup_by = $3, hangup_cause = $4,
-                             cut_reason = $5
-            WHERE id = $1 AND state <> 'ended'
+            WITH call AS (
+                UPDATE calls SET state = 'ended', ended_at = now(), outcome = $2, hangup_by = $3, hangup_cause = $4,
+                                 cut_reason = $5
+                WHERE id = $1 AND state <> 'ended'
+                RETURNING calls AS r
+            )
+            INSERT INTO webhook_outbox (event, payload)
+            SELECT e.event, maskbridge_call_event(call.r) FROM call
+            CROSS JOIN LATERAL (VALUES ('call.ended', true),
+                                       ('call.blocked', (call.r).outcome = 'blocked'
+                                                        OR (call.r).cut_reason IN ('blocked', 'blocked_by_client'))
+                               ) AS e(event, wanted)
+            WHERE $6 AND (call.r).session_id IS NOT NULL AND e.wanted
             """,
-            call_id, outcome, hangup_by, cause, cut_reason,
+            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks,
         )
 
     async def active_calls(self) -> list[dict[str, Any]]:

@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from bridge.crypto import NumberVault
 from bridge.devstack import asterisk, processes
@@ -239,3 +241,48 @@ def scratch_db(stack: Stack, request: pytest.FixtureRequest) -> Iterator[Harness
 
     loop.run_until_complete(teardown())
     loop.close()
+
+
+class WebhookReceiver:
+    """The order system's webhook endpoint (MB_WEBHOOK_URL of make test): it keeps every
+    delivery, and refuses the first delivery of each event of the calls in `flaky`."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[dict[str, Any]] = []
+        self.flaky: set[str] = set()
+        self._refused: set[str] = set()
+        self.changed = asyncio.Condition()
+
+    async def handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        body = json.loads(raw)
+        refuse = body["data"].get("call_id") in self.flaky and body["id"] not in self._refused
+        if refuse:
+            self._refused.add(body["id"])
+        self.deliveries.append({"headers": dict(request.headers), "raw": raw, "body": body,
+                                "status": 503 if refuse else 204})
+        async with self.changed:
+            self.changed.notify_all()
+        return web.Response(status=503 if refuse else 204)
+
+    async def events_of(self, call_id: str, kinds: set[str], timeout: float = 20) -> list[dict[str, Any]]:
+        """The accepted deliveries of a call, once every kind in `kinds` has arrived."""
+        async with asyncio.timeout(timeout), self.changed:
+            while True:
+                got = [d for d in self.deliveries if d["status"] == 204 and d["body"]["data"].get("call_id") == call_id]
+                if kinds <= {d["body"]["type"] for d in got}:
+                    return got
+                await self.changed.wait()
+
+
+@pytest.fixture(scope="session", autouse=True)
+async def webhooks(stack: Stack) -> AsyncIterator[WebhookReceiver]:
+    """Listens for the whole live run, so that every call's events are delivered at once."""
+    receiver = WebhookReceiver()
+    app = web.Application()
+    app.router.add_post("/hooks", receiver.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 8099).start()
+    yield receiver
+    await runner.cleanup()

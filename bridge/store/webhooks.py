@@ -1,0 +1,57 @@
+"""The webhook outbox: events waiting for delivery, claimed in batches, marked as they go."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+
+@dataclass(frozen=True)
+class Pending:
+    id: uuid.UUID
+    seq: int
+    event: str
+    payload: Any  # JSON text
+    created_at: datetime
+    attempts: int
+
+
+class WebhookRepo:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def claim(self, limit: int, lease_seconds: int) -> list[Pending]:
+        """Due events, oldest first, leased so that another deliverer skips them meanwhile."""
+        rows = await self.pool.fetch(
+            """
+            UPDATE webhook_outbox SET next_attempt_at = now() + make_interval(secs => $2)
+            WHERE id IN (SELECT id FROM webhook_outbox
+                         WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
+                         ORDER BY next_attempt_at, seq LIMIT $1 FOR UPDATE SKIP LOCKED)
+            RETURNING id, seq, event, payload, created_at, attempts
+            """,
+            limit, lease_seconds,
+        )
+        return sorted((Pending(**dict(r)) for r in rows), key=lambda p: p.seq)
+
+    async def delivered(self, event_id: uuid.UUID) -> None:
+        await self.pool.execute(
+            "UPDATE webhook_outbox SET delivered_at = now(), attempts = attempts + 1, last_error = NULL WHERE id = $1",
+            event_id,
+        )
+
+    async def failed(self, event_id: uuid.UUID, error: str, retry_in: float | None) -> None:
+        """A failed attempt: retried in `retry_in` seconds, or given up (None)."""
+        await self.pool.execute(
+            """
+            UPDATE webhook_outbox SET attempts = attempts + 1, last_error = $2,
+                   next_attempt_at = now() + make_interval(secs => coalesce($3, 0)),
+                   failed_at = CASE WHEN $3 IS NULL THEN now() END
+            WHERE id = $1
+            """,
+            event_id, error[:500], retry_in,
+        )
