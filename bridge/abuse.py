@@ -51,7 +51,7 @@ def quiet_hours(raw: object) -> QuietHours | bool | None:
         if not isinstance(zone, str) or len(zone) > 64:
             raise ZoneInfoNotFoundError(zone)
         ZoneInfo(zone)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe" is a directory
         raise InvalidInput("quiet_hours.timezone must be a time zone like Europe/Moscow", field="quiet_hours") from None
     start, end = _clock("quiet_hours.from", raw["from"]), _clock("quiet_hours.to", raw["to"])
     if start == end:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import uuid
 from typing import Any
 
 import asyncpg
@@ -74,29 +75,37 @@ async def blocklist_listener(
     database_url: str, store: Store, dispatcher: StasisDispatcher, stop: asyncio.Event
 ) -> None:
     """Ends the calls in progress of every number blocked, from this process or any other
-    (the API and maskbridge-admin both notify through Postgres)."""
+    (the API and maskbridge-admin both notify through Postgres). After every (re)connect it
+    also checks the calls in progress against the blocklist: a block made while it was not
+    listening is applied too."""
     backoff = 0.5
+    blocked: asyncio.Queue[str] = asyncio.Queue()
+
+    async def cut(ids: set[uuid.UUID]) -> None:
+        count = dispatcher.cut_calls(ids, "blocked")
+        if count:
+            log.info("blocklist.calls_cut", calls=count)
+
     while not stop.is_set():
-        blocked: asyncio.Queue[str] = asyncio.Queue()
+        conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(database_url)
-            try:
-                await conn.add_listener(BLOCKLIST_CHANNEL, lambda _c, _pid, _ch, payload: blocked.put_nowait(payload))
-                backoff = 0.5
-                while not conn.is_closed() and not stop.is_set():
-                    try:
-                        async with asyncio.timeout(5):
-                            payload = await blocked.get()
-                    except TimeoutError:
-                        continue
-                    ids = await store.blocklist.participant_ids(bytes.fromhex(payload))
-                    cut = dispatcher.cut_calls(ids, "blocked")
-                    if cut:
-                        log.info("blocklist.calls_cut", calls=cut)
-            finally:
-                await conn.close()
-        except (OSError, asyncpg.PostgresError, ValueError):
+            await conn.add_listener(BLOCKLIST_CHANNEL, lambda _c, _pid, _ch, payload: blocked.put_nowait(payload))
+            await cut(await store.blocklist.blocked_among(dispatcher.live_participant_ids()))
+            backoff = 0.5
+            while not stop.is_set():
+                try:
+                    async with asyncio.timeout(5):
+                        payload = await blocked.get()
+                except TimeoutError:
+                    await conn.fetchval("SELECT 1")  # a dead connection shows here
+                    continue
+                await cut(await store.blocklist.participant_ids(bytes.fromhex(payload)))
+        except Exception:  # noqa: BLE001 - whatever failed, listen again
             log.exception("blocklist.listener_failed")
+        finally:
+            if conn is not None and not conn.is_closed():
+                await conn.close()
         if not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff):

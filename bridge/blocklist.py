@@ -3,6 +3,7 @@ progress are ended at once (the bridge listens for blocks, from the API and the 
 
 from __future__ import annotations
 
+import re
 import uuid
 from datetime import datetime
 
@@ -15,6 +16,15 @@ from bridge.store import Store
 from bridge.store.blocklist import BlockedRow
 
 log = structlog.get_logger(__name__)
+_PHONE_LIKE = re.compile(r"\d[\d\s().-]{5,}\d")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from JSON "\ud800"
+        return False
+    return True
 
 
 class Blocklist:
@@ -27,8 +37,12 @@ class Blocklist:
         real = phone_number("number", number, self.policy.default_region)
         if reason is not None and (
             not isinstance(reason, str) or len(reason) > 500 or any(ord(ch) < 32 for ch in reason)
+            or not _encodable(reason)
         ):
             raise InvalidInput("reason must be text of at most 500 characters", field="reason")
+        if isinstance(reason, str) and _PHONE_LIKE.search(reason):
+            # The reason is kept in plaintext and shown to support staff: no number in it.
+            raise InvalidInput("reason must not hold a phone number", field="reason")
         entry, created = await self.repo.add(self.vault.index(real), self.vault.seal(real), reason)
         log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id))
         return entry, created

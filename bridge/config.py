@@ -42,6 +42,18 @@ def _webhook() -> dict[str, str]:
     return {"webhook_url": url, "webhook_secret": secret}
 
 
+def _quiet_hours() -> str:
+    from bridge.abuse import parse_quiet_setting  # the same rules as the API's
+    from bridge.errors import InvalidInput
+
+    text = os.environ.get("MB_QUIET_HOURS", "")
+    try:
+        parse_quiet_setting(text)
+    except InvalidInput as exc:
+        raise ConfigError(str(exc)) from None
+    return text
+
+
 def _block_keys() -> str:
     keys = os.environ.get("MB_BLOCK_KEYS", "*9")
     if not 1 <= len(keys) <= 8 or any(k not in "0123456789*#" for k in keys):
@@ -120,7 +132,7 @@ class Settings:
             sweep_interval=float(os.environ.get("MB_SWEEP_INTERVAL", "30")),
             calls_per_hour=_int("MB_CALLS_PER_HOUR", 0),
             calls_per_day=_int("MB_CALLS_PER_DAY", 0),
-            quiet_hours=os.environ.get("MB_QUIET_HOURS", ""),
+            quiet_hours=_quiet_hours(),
             max_call_duration=_int("MB_MAX_CALL_DURATION", 0),
             duration_warning=float(_int("MB_CALL_WARNING", 30)),
             block_keys=_block_keys(),

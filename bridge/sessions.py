@@ -320,7 +320,8 @@ class Sessions:
                 return Route("connect", session_id=row.session_id, caller_role="client",
                              caller_participant_id=row.participant_id, callee_role="support",
                              callee_number=self.policy.support_number, shown_number=row.pool_number,
-                             max_call_seconds=self.policy.max_call_seconds or None)
+                             max_call_seconds=(row.max_call_seconds if row.max_call_seconds is not None
+                                               else self.policy.max_call_seconds) or None)
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished

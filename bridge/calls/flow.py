@@ -84,7 +84,8 @@ class FlowSettings:
 
 # What both parties hear before the bridge ends a call at its maximum duration: three short
 # 1400 Hz beeps (a tone no phone of the simulated carrier plays, so tests can hear it).
-DURATION_WARNING_TONE = "tone:1400/250,0/250,1400/250,0/250,1400/250"
+# ("!" plays a segment once; without it Asterisk repeats the tone until it is stopped.)
+DURATION_WARNING_TONE = "tone:!1400/250,!0/250,!1400/250,!0/250,!1400/250"
 
 def _channel_of(event: Event) -> str | None:
     channel = event.get("channel")
@@ -115,9 +116,11 @@ class MaskedCall:
         settings: FlowSettings,
         register: Callable[[str, "MaskedCall"], None],
         router: Router | None = None,
+        recently_blocked: Callable[[set[uuid.UUID], float], bool] | None = None,
     ) -> None:
         self.id = call_id
         self.router = router
+        self._recently_blocked = recently_blocked or (lambda _ids, _since: False)
         self.inbound_id: str = inbound["id"]
         self.inbound = inbound
         self.dialed = dialed
@@ -153,7 +156,9 @@ class MaskedCall:
             return await self._events.get()
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            return None
+            # What already happened comes before the deadline: a hangup or an answer that
+            # is queued when it passes is handled as such.
+            return self._events.get_nowait() if not self._events.empty() else None
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
         # arrives together with an event, and a stopping bridge would then go on to hang
         # up calls it should leave up for the next process.
@@ -230,8 +235,16 @@ class MaskedCall:
             pool = None
         assert self.router is not None, "a new call needs a router"
         looked_up = time.perf_counter()
+        lookup_began = time.monotonic()
         route = await self.router.route(caller, pool) if caller and pool else None
         route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
+        if route is not None:
+            # Known at once, so that a block from now on finds this call (StasisDispatcher.cut_calls);
+            # and a block that was being applied while we looked the route up is honoured too.
+            self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
+            if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
+                route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
+                              caller_participant_id=route.caller_participant_id)
         known = route is not None and route.pool_known
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
@@ -256,7 +269,6 @@ class MaskedCall:
             callee_participant_id=route.callee_participant_id if route else None,
         )
         if route is not None:
-            self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
             self.max_call_seconds = route.max_call_seconds
             self.route = route
         if route is None or route.kind == "unknown":
@@ -453,7 +465,12 @@ class MaskedCall:
         other = route.callee_participant_id if client_is_caller else route.caller_participant_id
         if other is None or client is None or self.router is None:
             return False
-        await self.router.block_by_client(route.session_id, other, client)
+        try:
+            await self.router.block_by_client(route.session_id, other, client)
+        except Exception:  # noqa: BLE001 - the call goes on; the client can key the code again
+            log.exception("call.block_by_client_failed")
+            self._client_digits = ""
+            return False
         log.info("call.blocked_by_client")
         await self._hangup(self.outbound_id if client_is_caller else self.inbound_id)
         playback_id = f"{self.id}-blocked"
@@ -485,6 +502,13 @@ class MaskedCall:
         call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register)
         call.state = CallState.CONNECTED
         call.participant_ids = {p for p in (row.get("caller_participant_id"), row.get("callee_participant_id")) if p}
+        # Who is who, for the client's keypad block. (The maximum duration is not known
+        # here: a resumed call runs without one.)
+        call.route = Route(
+            "connect", session_id=row.get("session_id"), caller_role=row.get("caller_role"),
+            caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
+            callee_participant_id=row.get("callee_participant_id"),
+        )
         call._bridge_created = row["bridge_id"] is not None
         return call
 
@@ -493,5 +517,11 @@ class MaskedCall:
         log.info("call.resumed")
         try:
             await self._supervise()
+        except Exception:
+            log.exception("call.failed", state=self.state.value)
+            await self._hangup(self.inbound_id)
+            await self._hangup(self.outbound_id)
+            if self.state is not CallState.ENDED:
+                await self._end("answered", "system", None)
         finally:
             await self._destroy_bridge()

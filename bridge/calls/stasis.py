@@ -5,6 +5,7 @@ flow.py."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -38,6 +39,7 @@ class StasisDispatcher:
         self.settings = settings
         self.calls: dict[str, MaskedCall] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._blocked: dict[uuid.UUID, float] = {}  # participant id -> when its block was applied
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -67,7 +69,8 @@ class StasisDispatcher:
                 dialed = args[1] if len(args) > 1 else channel.get("dialplan", {}).get("exten", "")
                 self._start(
                     MaskedCall(
-                        uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router
+                        uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
+                        self.recently_blocked,
                     )
                 )
                 return
@@ -131,8 +134,25 @@ class StasisDispatcher:
             await self.store.call_connected(row["id"])
         return True
 
+    def recently_blocked(self, participant_ids: set[uuid.UUID], since: float) -> bool:
+        """Whether a block of one of these participants was applied at or after `since`
+        (monotonic): a call whose route lookup began before the block was committed must
+        not go on to ring. (A block applied earlier was committed before the lookup began,
+        which then saw it.)"""
+        horizon = time.monotonic() - 60
+        for pid, at in list(self._blocked.items()):
+            if at < horizon:
+                del self._blocked[pid]
+        return any(self._blocked.get(pid, -1.0) >= since for pid in participant_ids)
+
+    def live_participant_ids(self) -> set[uuid.UUID]:
+        return {pid for call in self.calls.values() for pid in call.participant_ids}
+
     def cut_calls(self, participant_ids: set[uuid.UUID], reason: str) -> int:
         """End every call one of these participants is on; returns how many."""
+        if reason == "blocked":
+            now = time.monotonic()
+            self._blocked.update({pid: now for pid in participant_ids})
         calls = {call for call in self.calls.values() if call.participant_ids & participant_ids}
         for call in calls:
             call.cut(reason)

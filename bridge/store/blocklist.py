@@ -56,6 +56,17 @@ class BlocklistRepo:
         )
         return BlockedRow(**dict(row)) if row is not None else None
 
+    async def blocked_among(self, participant_ids: set[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these participants' numbers are blocked."""
+        if not participant_ids:
+            return set()
+        rows = await self.pool.fetch(
+            """SELECT p.id FROM participants p JOIN blocked_numbers b ON b.number_idx = p.number_idx
+               WHERE p.id = ANY($1::uuid[])""",
+            list(participant_ids),
+        )
+        return {r["id"] for r in rows}
+
     async def participant_ids(self, idx: bytes) -> set[uuid.UUID]:
         """Every participant row of a real number: the calls it is on carry these ids."""
         return {r["id"] for r in await self.pool.fetch("SELECT id FROM participants WHERE number_idx = $1", idx)}

@@ -142,13 +142,18 @@ ROUTE_SQL = f"""
                OR h.blocked_at IS NOT NULL AS caller_blocked,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
            s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds,
-           (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
-              AND c.started_at > now() - interval '1 hour') AS calls_last_hour,
-           (SELECT count(*) FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
-              AND c.started_at > now() - interval '1 day') AS calls_last_day
+           cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
     LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+    -- Calls put through in the last hour and day count against the caps; the bridge's own
+    -- failures do not.
+    CROSS JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE c.started_at > now() - interval '1 hour') AS last_hour,
+               count(*) AS last_day
+        FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
+          AND c.started_at > now() - interval '1 day' AND c.outcome IS DISTINCT FROM 'failed'
+    ) cap
     WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING}
 """
 

@@ -8,6 +8,7 @@ SQL in bridge/store/queries.py does. Every wait is on a condition with a timeout
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import json
 import logging
@@ -873,3 +874,113 @@ async def test_cancelled_call_task_stops_even_when_an_event_arrives_at_once(harn
     assert task.cancelled(), "the call went on after its task was cancelled"
     assert h.fake.find("DELETE", re.compile(r"/ari/channels/.*"), since=mark) == []
     assert h.store.rows[row["id"]]["state"] == "ringing"  # left for the next process
+
+
+# --- calls the bridge itself ends (blocklist, maximum duration, the client's keypad) ----------
+
+
+def _participants(h: Harness) -> set[uuid.UUID]:
+    route = h.store.routes[(CALLER, POOL)]
+    return {route.caller_participant_id, route.callee_participant_id}  # type: ignore[arg-type]
+
+
+async def test_a_block_while_ringing_cancels_the_other_phone_and_refuses_the_caller(h: Harness) -> None:
+    row, outbound = await h.ringing_call()
+    assert h.dispatcher.cut_calls(_participants(h), "blocked") == 1
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("blocked", "system", "blocked")
+    assert h.fake.find("DELETE", f"/ari/channels/{outbound}") and h.fake.find("DELETE", "/ari/channels/in-1")
+
+
+async def test_a_block_while_connected_ends_the_call(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    h.dispatcher.cut_calls(_participants(h), "blocked")
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "blocked")
+
+
+async def test_a_block_applied_while_the_route_was_looked_up_refuses_the_call(h: Harness) -> None:
+    """The block commits after the lookup read the database, and its notice arrives before
+    the lookup returns: the call must not ring."""
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.store.route_gate = asyncio.Event()
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await h.store.wait(lambda: h.store.lookups, "the route lookup")
+    assert h.dispatcher.cut_calls(_participants(h), "blocked") == 0  # not known to be on a call yet
+    h.store.route_gate.set()
+
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert row["outcome"] == "blocked"
+    assert h.fake.find("POST", "/ari/channels/create") == [], "the other phone never rang"
+
+
+async def test_a_block_applied_before_the_lookup_does_not_outlive_an_unblock(h: Harness) -> None:
+    h.dispatcher.cut_calls({uuid.uuid4()}, "blocked")  # someone else's block, earlier
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.dispatcher.cut_calls(_participants(h), "blocked")  # then unblocked: the route says connect
+    await h.ringing_call()  # a new lookup, begun after the block: it rings
+    await h.fake.hangup("in-1", 16)
+    await h.store.ended("in-1")
+    await h.settle()
+
+
+async def test_the_maximum_duration_ends_a_connected_call(h: Harness) -> None:
+    route = h.store.add_route(CALLER, POOL, CALLEE)
+    h.store.routes[(CALLER, POOL)] = dataclasses.replace(route, max_call_seconds=1)
+    row, outbound = await h.connected_call()
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "max_duration")
+    assert h.fake.find("POST", f"/ari/bridges/{row['bridge_id']}/play/{row['id']}-warning")
+
+
+def _dtmf(channel_id: str, digit: str) -> dict[str, Any]:
+    return {"type": "ChannelDtmfReceived", "digit": digit, "duration_ms": 100, "channel": {"id": channel_id}}
+
+
+async def test_the_client_keys_the_block_code(h: Harness) -> None:
+    """The courier called; the client (the called leg) keys *9: the courier's leg goes, the
+    client hears the confirmation, the block is reported to the session."""
+    row, outbound = await h.connected_call()
+    await h.fake.send(_dtmf(outbound, "1"), _dtmf(outbound, "*"), _dtmf(outbound, "9"))
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    play = await h.fake.wait_request("POST", f"/ari/channels/{outbound}/play/{row['id']}-blocked")
+    assert play.query["media"] == "sound:auth-thankyou"
+    await h.fake.finish_playback(f"{row['id']}-blocked")
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "blocked_by_client")
+    route = h.store.routes[(CALLER, POOL)]
+    blocks = [op for op in h.store.ops if op[0] == "block_by_client"]
+    assert [(b[2]["participant_id"], b[2]["by"]) for b in blocks] == [
+        (route.caller_participant_id, route.callee_participant_id)
+    ]
+    assert delete is not None
+
+
+async def test_the_courier_keying_the_code_blocks_no_one(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    await h.fake.send(_dtmf("in-1", "*"), _dtmf("in-1", "9"))
+    await h.handled_event("ChannelDtmfReceived", "in-1")
+    await h.fake.hangup("in-1", 16)
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert row["cut_reason"] is None and not [op for op in h.store.ops if op[0] == "block_by_client"]
+
+
+async def test_a_database_failure_while_blocking_keeps_the_call_up(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+
+    async def broken(*_args: Any, **_kw: Any) -> None:
+        raise asyncpg.PostgresConnectionError("database gone")
+
+    h.store.block_by_client = broken  # type: ignore[method-assign]
+    await h.fake.send(_dtmf(outbound, "*"), _dtmf(outbound, "9"))
+    await h.handled_event("ChannelDtmfReceived", outbound)
+    await h.fake.hangup(outbound, 16)  # the call was still up: the client hangs up as usual
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "callee", None)
