@@ -29,6 +29,7 @@ Event = dict[str, Any]
 UNKNOWN_CALLER_SOUND = "ss-noservice"
 SESSION_CLOSED_SOUND = "ss-noservice"
 BLOCKED_SOUND = "cannot-complete-as-dialed"
+UNAVAILABLE_SOUND = "all-circuits-busy-now"  # as the dialplan plays when the bridge is down
 BLOCK_CONFIRMED_SOUND = "auth-thankyou"  # to the client who blocked the other party
 TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours
 CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
@@ -205,12 +206,33 @@ class MaskedCall:
             await self._route()
         except Exception:
             log.exception("call.failed", state=self.state.value)
-            await self._hangup(self.inbound_id, "congestion")
+            if self.state is CallState.ROUTING:
+                # Nothing rang yet (e.g. the database is down): the caller is told the
+                # service is unavailable, not left with silence.
+                await self._unavailable()
+            await self._hangup(self.inbound_id, "congestion", code=34)
             await self._hangup(self.outbound_id, "normal")
             if self.state is not CallState.ENDED:
-                await self._end("failed", "system", None)
+                try:
+                    await self._end("failed", "system", 34)
+                except Exception:  # noqa: BLE001 - the database may be what failed
+                    log.exception("call.row_not_ended")
         finally:
             await self._destroy_bridge()
+
+    async def _unavailable(self) -> None:
+        playback_id = f"{self.id}-unavailable"
+        try:
+            await self.ari.answer(self.inbound_id)
+            await self.ari.play(self.inbound_id, f"sound:{UNAVAILABLE_SOUND}", playback_id)
+        except AriError:
+            return
+        deadline = time.monotonic() + self.settings.announcement_timeout
+        while (event := await self._next(deadline)) is not None:
+            if _gone(event, self.inbound_id) or (
+                event.get("type") == "PlaybackFinished" and event.get("playback", {}).get("id") == playback_id
+            ):
+                return
 
     async def _destroy_bridge(self) -> None:
         # Only once the call has ended: a bridge process that is stopped (task cancelled)

@@ -53,3 +53,28 @@ async def test_restarted_bridge_resumes_a_connected_call_and_finishes_it(stack, 
     assert callee.cause == 16, "the resumed bridge hung up the other leg"
     row = await wait_for_call_row(db, session["id"])
     assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
+async def test_database_down_caller_hears_service_unavailable_then_recovers(stack, carrier, api, real_number):
+    from bridge.devstack import postgres
+
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer")
+    await asyncio.to_thread(postgres.stop, stack)
+    try:
+        leg = await carrier.call(courier, session["pool_number"])
+        await asyncio.wait_for(leg.ended.wait(), 40)
+        await asyncio.wait_for(leg.recorded.wait(), 10)
+        assert carrier.incoming.empty(), "nothing is routed while the database is down"
+        assert leg.answered_at is not None and leg.cause == 34
+        heard, _ = samples(carrier.recording_path(leg))
+        assert rms(heard) > 100, "the caller heard that the service is unavailable"
+    finally:
+        await asyncio.to_thread(postgres.start, stack)
+        await asyncio.to_thread(processes.wait_healthy, stack)
+
+    leg = await carrier.call(courier, session["pool_number"], hangup_after=1.0)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.ended.wait(), 15)
+    assert callee.number == client and callee.answered_at is not None

@@ -640,7 +640,7 @@ async def test_outbound_leg_that_never_enters_stasis_fails_the_call(harness) -> 
     outbound = create.query["channelId"]
 
     in_delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
-    assert in_delete.query["reason"] == "congestion"
+    assert in_delete.query["reason_code"] == "34"  # no circuit/channel available
     await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
@@ -984,3 +984,19 @@ async def test_a_database_failure_while_blocking_keeps_the_call_up(h: Harness) -
     row = await h.store.ended("in-1")
     await h.settle()
     assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "callee", None)
+
+
+async def test_a_database_failure_while_routing_tells_the_caller_the_service_is_unavailable(h: Harness) -> None:
+    async def broken(*_args: Any, **_kw: Any) -> Any:
+        raise asyncpg.PostgresConnectionError("database gone")
+
+    h.store.route = broken  # type: ignore[method-assign]
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    play = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    assert play.query["media"] == "sound:all-circuits-busy-now"
+    assert h.fake.find("POST", "/ari/channels/in-1/answer")
+    await h.fake.finish_playback(play.path.rsplit("/", 1)[1])
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason_code"] == "34"
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create") == []
