@@ -6,31 +6,39 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from bridge.devstack import processes
+from bridge.devstack import postgres, processes
 from bridge.devstack.audio import rms, samples
 from tests.live.conftest import wait_for_call_row
 
 
-async def test_bridge_down_caller_hears_service_unavailable_then_recovers(stack, carrier, api, real_number):
+async def unavailable_then_recovers(stack, carrier, api, real_number, down, up) -> None:
+    """With `down` done, a caller hears that the service is unavailable (cause 34) and nothing
+    rings; once `up` is done, calls are put through again."""
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
     carrier.phone(client, action="answer")
-    processes.stop_bridge(stack)
+    await asyncio.to_thread(down, stack)
     try:
         leg = await carrier.call(courier, session["pool_number"])
-        await asyncio.wait_for(leg.ended.wait(), 30)
+        await asyncio.wait_for(leg.ended.wait(), 40)
         await asyncio.wait_for(leg.recorded.wait(), 10)
-        assert carrier.incoming.empty(), "nothing is routed while the bridge is down"
+        assert carrier.incoming.empty(), "nothing is routed meanwhile"
         assert leg.answered_at is not None and leg.cause == 34
         heard, _ = samples(carrier.recording_path(leg))
-        assert rms(heard) > 100, "the caller heard the announcement"
+        assert rms(heard) > 100, "the caller heard that the service is unavailable"
     finally:
-        processes.start_bridge(stack)
+        await asyncio.to_thread(up, stack)
+        await asyncio.to_thread(processes.wait_healthy, stack)
 
     leg = await carrier.call(courier, session["pool_number"], hangup_after=1.0)
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     await asyncio.wait_for(leg.ended.wait(), 15)
     assert callee.number == client and callee.answered_at is not None
+
+
+async def test_bridge_down_caller_hears_service_unavailable_then_recovers(stack, carrier, api, real_number):
+    """The dialplan's fallback after Stasis."""
+    await unavailable_then_recovers(stack, carrier, api, real_number, processes.stop_bridge, processes.start_bridge)
 
 
 async def test_restarted_bridge_resumes_a_connected_call_and_finishes_it(stack, carrier, api, real_number, db):
@@ -56,25 +64,5 @@ async def test_restarted_bridge_resumes_a_connected_call_and_finishes_it(stack, 
 
 
 async def test_database_down_caller_hears_service_unavailable_then_recovers(stack, carrier, api, real_number):
-    from bridge.devstack import postgres
-
-    courier, client = real_number(), real_number()
-    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer")
-    await asyncio.to_thread(postgres.stop, stack)
-    try:
-        leg = await carrier.call(courier, session["pool_number"])
-        await asyncio.wait_for(leg.ended.wait(), 40)
-        await asyncio.wait_for(leg.recorded.wait(), 10)
-        assert carrier.incoming.empty(), "nothing is routed while the database is down"
-        assert leg.answered_at is not None and leg.cause == 34
-        heard, _ = samples(carrier.recording_path(leg))
-        assert rms(heard) > 100, "the caller heard that the service is unavailable"
-    finally:
-        await asyncio.to_thread(postgres.start, stack)
-        await asyncio.to_thread(processes.wait_healthy, stack)
-
-    leg = await carrier.call(courier, session["pool_number"], hangup_after=1.0)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.ended.wait(), 15)
-    assert callee.number == client and callee.answered_at is not None
+    """The bridge's own: routing fails, the caller is told."""
+    await unavailable_then_recovers(stack, carrier, api, real_number, postgres.stop, postgres.start)
