@@ -48,6 +48,7 @@ def policy_of(settings: Settings) -> Policy:
         calls_per_day=settings.calls_per_day,
         quiet_hours=parse_quiet_setting(settings.quiet_hours),
         max_call_seconds=settings.max_call_duration,
+        default_language=settings.default_language,
     )
 
 
@@ -130,6 +131,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             ring_timeout=settings.ring_timeout,
             duration_warning=settings.duration_warning,
             block_keys=settings.block_keys,
+            default_language=settings.default_language,
         ),
         router=sessions,
     )

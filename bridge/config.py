@@ -54,6 +54,13 @@ def _quiet_hours() -> str:
     return text
 
 
+def _language() -> str:
+    language = os.environ.get("MB_DEFAULT_LANGUAGE", "en")
+    if language not in ("en", "ru"):
+        raise ConfigError("MB_DEFAULT_LANGUAGE must be en or ru")
+    return language
+
+
 def _block_keys() -> str:
     keys = os.environ.get("MB_BLOCK_KEYS", "*9")
     if not 1 <= len(keys) <= 8 or any(k not in "0123456789*#" for k in keys):
@@ -98,6 +105,7 @@ class Settings:
     max_call_duration: int = 0
     duration_warning: float = 30.0
     block_keys: str = "*9"
+    default_language: str = "en"
     webhook_url: str = ""
     webhook_secret: str = ""
 
@@ -136,5 +144,6 @@ class Settings:
             max_call_duration=_int("MB_MAX_CALL_DURATION", 0),
             duration_warning=float(_int("MB_CALL_WARNING", 30)),
             block_keys=_block_keys(),
+            default_language=_language(),
             **_webhook(),
         )

@@ -20,11 +20,13 @@ MAX_IMPORT = 100_000
 STATES = ("active", "cooling", "retired")
 
 
-Entry = tuple[str, object, object]  # (where, for error messages; number; region)
+Entry = tuple[str, object, object, object]  # (where, for error messages; number; region; language)
+LANGUAGES = ("en", "ru")
 
 
 def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
-    """`number[,region]` per line; a header line naming `number` is allowed; # starts a comment."""
+    """`number[,region[,language]]` per line; a header line naming `number` is allowed; #
+    starts a comment."""
     rows: list[Entry] = []
     for line_no, fields in enumerate(csv.reader(io.StringIO(text.removeprefix("\ufeff"))), start=1):
         fields = [f.strip() for f in fields]
@@ -33,7 +35,8 @@ def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
         if line_no == 1 and fields[0].lower() == "number":
             continue
         region = fields[1] if len(fields) > 1 and fields[1] else default_region
-        rows.append((f"line {line_no}", fields[0], region))
+        language = fields[2] if len(fields) > 2 and fields[2] else None
+        rows.append((f"line {line_no}", fields[0], region, language))
     return rows
 
 
@@ -55,10 +58,11 @@ class Pools:
         rows: list[Entry] = []
         problems: list[str] = []
         for i, entry in enumerate(entries, start=1):
-            if not isinstance(entry, dict) or not set(entry) <= {"number", "region"} or "number" not in entry:
-                problems.append(f"entry {i}: must be an object with a number and optionally a region")
+            if not isinstance(entry, dict) or not set(entry) <= {"number", "region", "language"} \
+                    or "number" not in entry:
+                problems.append(f"entry {i}: must be an object with a number and optionally a region and a language")
                 continue
-            rows.append((f"entry {i}", entry["number"], entry.get("region")))
+            rows.append((f"entry {i}", entry["number"], entry.get("region"), entry.get("language")))
         return await self._import(rows, problems)
 
     async def import_csv(self, text: str, default_region: str | None = None) -> dict[str, int]:
@@ -74,8 +78,8 @@ class Pools:
             raise InvalidInput("no numbers to import", field="numbers")
         if len(entries) > MAX_IMPORT:
             raise InvalidInput(f"at most {MAX_IMPORT} numbers per import", field="numbers")
-        rows: dict[str, str | None] = {}
-        for where, raw_number, region in entries:
+        rows: dict[str, tuple[str | None, str | None]] = {}
+        for where, raw_number, region, language in entries:
             try:
                 number = self._canonical(raw_number, where)
             except InvalidInput as exc:
@@ -84,15 +88,18 @@ class Pools:
             if region is not None and (not isinstance(region, str) or not REGION_FORM.match(region)):
                 problems.append(f"{where}: region must look like RU or RU-MOW (ISO 3166)")
                 continue
-            if number in rows and rows[number] != region:
-                problems.append(f"{where}: {number} is listed twice with different regions")
+            if language is not None and language not in LANGUAGES:
+                problems.append(f"{where}: language must be one of {', '.join(LANGUAGES)}")
                 continue
-            rows[number] = region
+            if number in rows and rows[number] != (region, language):
+                problems.append(f"{where}: {number} is listed twice, differently")
+                continue
+            rows[number] = (region, language)  # type: ignore[assignment]
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise InvalidInput("nothing was imported: " + "; ".join(shown), code="invalid_import",
                                problems=len(problems))
-        counts = await self.repo.import_numbers(list(rows.items()))
+        counts = await self.repo.import_numbers([(n, r, lang) for n, (r, lang) in rows.items()])
         log.info("pool.imported", **counts)
         return counts
 

@@ -42,6 +42,7 @@ class Policy:
     calls_per_day: int = 0
     quiet_hours: QuietHours | None = None
     max_call_seconds: int = 0  # 0: no maximum
+    default_language: str = "en"  # of announcements, for pool numbers without one
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class Route:
     shown_number: str | None = None
     pool_known: bool = True  # the dialed number is one of our pool numbers
     max_call_seconds: int | None = None  # after this long connected, the bridge ends the call
+    language: str = "en"  # of what the caller is told
 
 
 def phone_number(field: str, raw: object, region: str) -> str:
@@ -302,12 +304,15 @@ class Sessions:
         so that nothing routes after a session's end, whether or not the sweeper ran."""
         row = await self.repo.route(self.vault.index(caller), pool_number)
         if row is None:
-            return Route("unknown", pool_known=await self.store.pools.get(pool_number) is not None)
+            number = await self.store.pools.get(pool_number)
+            return Route("unknown", pool_known=number is not None,
+                         language=(number.language if number else None) or self.policy.default_language)
+        language = row.language or self.policy.default_language
         finished = Route("finished", session_id=row.session_id, caller_role=row.role,
-                         caller_participant_id=row.participant_id)
+                         caller_participant_id=row.participant_id, language=language)
         if row.caller_blocked or row.other_blocked:
             return Route("blocked", session_id=row.session_id, caller_role=row.role,
-                         caller_participant_id=row.participant_id)
+                         caller_participant_id=row.participant_id, language=language)
         if row.caller_left:
             return finished
         if (row.status == "open" and (row.expired or row.inactive)) or (row.status == "grace" and row.grace_over):
@@ -321,20 +326,20 @@ class Sessions:
                              caller_participant_id=row.participant_id, callee_role="support",
                              callee_number=self.policy.support_number, shown_number=row.pool_number,
                              max_call_seconds=(row.max_call_seconds if row.max_call_seconds is not None
-                                               else self.policy.max_call_seconds) or None)
+                                               else self.policy.max_call_seconds) or None, language=language)
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished
         refused = self._abuse_control(row)
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
-                         caller_participant_id=row.participant_id)
+                         caller_participant_id=row.participant_id, language=language)
         # (the call's row, written next, marks the session active: see Store.insert_call)
         longest = row.max_call_seconds if row.max_call_seconds is not None else self.policy.max_call_seconds
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
-                     shown_number=row.other_pool_number, max_call_seconds=longest or None)
+                     shown_number=row.other_pool_number, max_call_seconds=longest or None, language=language)
 
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
         """The client pressed the block keys: `participant_id` reaches no one on this session."""

@@ -118,6 +118,7 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
     return {
         "number": row.number,
         "region": row.region,
+        "language": row.language,
         "state": row.state,
         "live_sessions": row.live_sessions,
         "cooling_pairs": row.cooling_pairs,

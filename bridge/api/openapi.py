@@ -553,12 +553,17 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "A number of the pool, with its load.",
         "required": [
-            "number", "region", "state", "live_sessions", "cooling_pairs", "cooling_until", "state_changed_at",
-            "created_at",
+            "number", "region", "language", "state", "live_sessions", "cooling_pairs", "cooling_until",
+            "state_changed_at", "created_at",
         ],
         "properties": {
             "number": E164,
             "region": {"type": ["string", "null"]},
+            "language": {
+                "type": ["string", "null"],
+                "enum": ["en", "ru", None],
+                "description": "Language of the announcements its callers hear; null: `MB_DEFAULT_LANGUAGE`.",
+            },
             "state": {
                 "type": "string",
                 "enum": list(STATES),
@@ -566,7 +571,7 @@ SCHEMAS: dict[str, Schema] = {
                 "it and former participants still hear that their order finished, until `cooling_until` (and "
                 "its last live session). `retired`: out of use.",
             },
-            "live_sessions": {"type": "integer", "minimum": 0, "description": "Live participants holding it."},
+            "live_sessions": {"type": "integer", "minimum": 0, "description": "Live sessions it serves."},
             "cooling_pairs": {
                 "type": "integer",
                 "minimum": 0,
@@ -792,6 +797,12 @@ SCHEMAS: dict[str, Schema] = {
                 "examples": ["+74950000001"],
             },
             "region": {**REGION, "type": ["string", "null"], "description": "Null or left out: no region."},
+            "language": {
+                "type": ["string", "null"],
+                "enum": ["en", "ru", None],
+                "description": "The language callers of this number hear announcements in; null or left out: "
+                "`MB_DEFAULT_LANGUAGE`.",
+            },
         },
         "description": "An entry that is not an object, lacks `number` or has any other key is a bad row "
         "(`invalid_import`).",

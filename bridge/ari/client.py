@@ -147,9 +147,11 @@ class AriClient:
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
         await self.request("POST", f"/channels/{channel_id}/variable", {"variable": name, "value": value})
 
-    async def play(self, channel_id: str, media: str, playback_id: str | None = None) -> dict[str, Any]:
+    async def play(
+        self, channel_id: str, media: str, playback_id: str | None = None, lang: str | None = None
+    ) -> dict[str, Any]:
         path = f"/channels/{channel_id}/play" + (f"/{playback_id}" if playback_id else "")
-        return await self.request("POST", path, {"media": media})
+        return await self.request("POST", path, {"media": media, **({"lang": lang} if lang else {})})
 
     async def play_on_bridge(self, bridge_id: str, media: str, playback_id: str | None = None) -> dict[str, Any]:
         """Play to everyone in a bridge."""

@@ -81,6 +81,9 @@ class FlowSettings:
     announcement_timeout: float = 30.0
     duration_warning: float = 30.0  # seconds before a call's maximum duration that both hear the warning
     block_keys: str = "*9"  # the client presses these during a call to block the other party
+    default_language: str = "en"  # of announcements when no route says otherwise
+    # Announcement language -> Asterisk sounds directory (what Debian's sound packages install).
+    sound_languages: tuple[tuple[str, str], ...] = (("en", "en"), ("ru", "ru_RU_f_IvrvoiceRU"))
 
 
 # What both parties hear before the bridge ends a call at its maximum duration: three short
@@ -220,11 +223,16 @@ class MaskedCall:
         finally:
             await self._destroy_bridge()
 
+    def _sounds(self) -> str:
+        """The sounds directory of the language the caller is told things in."""
+        language = self.route.language if self.route is not None else self.settings.default_language
+        return dict(self.settings.sound_languages).get(language, language)
+
     async def _unavailable(self) -> None:
         playback_id = f"{self.id}-unavailable"
         try:
             await self.ari.answer(self.inbound_id)
-            await self.ari.play(self.inbound_id, f"sound:{UNAVAILABLE_SOUND}", playback_id)
+            await self.ari.play(self.inbound_id, f"sound:{UNAVAILABLE_SOUND}", playback_id, self._sounds())
         except AriError:
             return
         deadline = time.monotonic() + self.settings.announcement_timeout
@@ -266,7 +274,8 @@ class MaskedCall:
             self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
             if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
                 route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
-                              caller_participant_id=route.caller_participant_id)
+                              caller_participant_id=route.caller_participant_id, language=route.language)
+            self.route = route
         known = route is not None and route.pool_known
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
@@ -292,7 +301,6 @@ class MaskedCall:
         )
         if route is not None:
             self.max_call_seconds = route.max_call_seconds
-            self.route = route
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
@@ -316,7 +324,7 @@ class MaskedCall:
         try:
             await self.ari.answer(self.inbound_id)
             media = ",".join(f"sound:{name}" for name in sound.split(","))
-            await self.ari.play(self.inbound_id, media, playback_id)
+            await self.ari.play(self.inbound_id, media, playback_id, self._sounds())
         except (AriNotFound, AriConflict):  # the caller hung up meanwhile
             await self._end(outcome, "caller", None)
             return
@@ -497,7 +505,7 @@ class MaskedCall:
         await self._hangup(self.outbound_id if client_is_caller else self.inbound_id)
         playback_id = f"{self.id}-blocked"
         try:
-            await self.ari.play(client_leg, f"sound:{BLOCK_CONFIRMED_SOUND}", playback_id)
+            await self.ari.play(client_leg, f"sound:{BLOCK_CONFIRMED_SOUND}", playback_id, self._sounds())
             deadline = time.monotonic() + self.settings.announcement_timeout
             while (next_event := await self._next(deadline)) is not None:
                 if _gone(next_event, client_leg) or (

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_CALLS_PER_DAY": ("0", "default cap on calls put through per session and day (0: none)"),
     "MB_MAX_CALL_DURATION": ("0", "default maximum call duration in seconds (0: none)"),
     "MB_CALL_WARNING": ("30", "seconds before the maximum duration at which both parties hear a warning tone"),
+    "MB_DEFAULT_LANGUAGE": ("en", "language of announcements for pool numbers without one (en, ru)"),
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call to block the other party for the order"),
     "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
@@ -67,6 +68,7 @@ SESSION_SETTINGS = (
     "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALLS_PER_HOUR", "MB_CALLS_PER_DAY", "MB_QUIET_HOURS",
     "MB_MAX_CALL_DURATION", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
+    "MB_DEFAULT_LANGUAGE",
 )
 
 

@@ -17,6 +17,7 @@ class PoolNumberRow:
     created_at: datetime
     state_changed_at: datetime
     cooling_until: datetime | None
+    language: str | None
     live_sessions: int  # live participants holding it, i.e. live sessions it serves
     cooling_pairs: int  # (real number, this number) pairs in cool-off
 
@@ -33,36 +34,45 @@ class PoolRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def import_numbers(self, rows: list[tuple[str, str | None]]) -> dict[str, int]:
+    async def import_numbers(self, rows: list[tuple[str, str | None, str | None]]) -> dict[str, int]:
         """Add numbers, or update the region of known ones; a cooling or retired number is
         made active again. Atomic, in a few statements whatever the size; returns counts."""
-        wanted = dict(rows)
+        wanted = {number: (region, language) for number, region, language in rows}
         async with self.pool.acquire() as conn, conn.transaction():
             old = {
                 r["number"]: r
                 for r in await conn.fetch(
-                    "SELECT number, region, state FROM pool_numbers WHERE number = ANY($1::text[]) FOR UPDATE",
+                    """SELECT number, region, language, state FROM pool_numbers
+                       WHERE number = ANY($1::text[]) FOR UPDATE""",
                     list(wanted),
                 )
             }
             new = [n for n in wanted if n not in old]
             reactivate = [n for n, r in old.items() if r["state"] != "active"]
-            moved = [n for n, r in old.items() if r["state"] == "active" and r["region"] != wanted[n]]
+            moved = [n for n, r in old.items()
+                     if r["state"] == "active" and (r["region"], r["language"]) != wanted[n]]
+
+            def columns(numbers: list[str]) -> tuple[list[str], list[str | None], list[str | None]]:
+                return numbers, [wanted[n][0] for n in numbers], [wanted[n][1] for n in numbers]
+
             added = await conn.fetch(
-                """INSERT INTO pool_numbers (number, region) SELECT * FROM unnest($1::text[], $2::text[])
+                """INSERT INTO pool_numbers (number, region, language)
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
                    ON CONFLICT (number) DO NOTHING RETURNING number""",
-                new, [wanted[n] for n in new],
+                *columns(new),
             )
             await conn.execute(
-                """UPDATE pool_numbers p SET state = 'active', region = i.region, cooling_until = NULL,
-                          state_changed_at = now()
-                   FROM unnest($1::text[], $2::text[]) AS i(number, region) WHERE p.number = i.number""",
-                reactivate, [wanted[n] for n in reactivate],
+                """UPDATE pool_numbers p SET state = 'active', region = i.region, language = i.language,
+                          cooling_until = NULL, state_changed_at = now()
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS i(number, region, language)
+                   WHERE p.number = i.number""",
+                *columns(reactivate),
             )
             await conn.execute(
-                """UPDATE pool_numbers p SET region = i.region
-                   FROM unnest($1::text[], $2::text[]) AS i(number, region) WHERE p.number = i.number""",
-                moved, [wanted[n] for n in moved],
+                """UPDATE pool_numbers p SET region = i.region, language = i.language
+                   FROM unnest($1::text[], $2::text[], $3::text[]) AS i(number, region, language)
+                   WHERE p.number = i.number""",
+                *columns(moved),
             )
         return {
             "added": len(added),

@@ -108,6 +108,7 @@ class RouteRow:
     max_call_seconds: int | None
     calls_last_hour: int
     calls_last_day: int
+    language: str | None
 
 
 _SESSION_COLUMNS = """
@@ -142,7 +143,8 @@ ROUTE_SQL = f"""
                OR h.blocked_at IS NOT NULL AS caller_blocked,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
            s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds,
-           cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day
+           cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day,
+           (SELECT n.language FROM pool_numbers n WHERE n.number = h.pool_number) AS language
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
     LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL

@@ -574,7 +574,7 @@ async def test_unknown_caller_hears_announcement_then_is_hung_up(h: Harness) -> 
 
     await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
     play = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
-    assert play.query == {"media": "sound:ss-noservice"}
+    assert play.query == {"media": "sound:ss-noservice", "lang": "en"}
     row = await h.store.state("in-1", "announcing")
     # The caller hears the whole announcement before being hung up.
     assert h.fake.find("DELETE", "/ari/channels/in-1") == []

@@ -179,10 +179,10 @@ def test_opening_documents_order_has_open_session(doc):
     assert {"session_id", "field"} <= set(details)
 
 
-def test_pool_number_entries_take_only_number_and_region(doc):
+def test_pool_number_entries_take_only_number_region_and_language(doc):
     entry = doc["components"]["schemas"]["PoolNumberEntry"]
     assert entry["additionalProperties"] is False
-    assert set(entry["properties"]) == {"number", "region"} and entry["required"] == ["number"]
+    assert set(entry["properties"]) == {"number", "region", "language"} and entry["required"] == ["number"]
 
 
 def _last_check(column: str) -> set[str]:
