@@ -129,16 +129,20 @@ class Carrier:
 
     async def call(
         self, from_number: str, to_number: str, *, tone: int = 600, hangup_after: float | None = None,
-        caller_name: str | None = None, listen: bool = True,
+        caller_name: str | None = None, listen: bool = True, headers: dict[str, str] | None = None,
     ) -> Leg:
-        """Place a call from the trunk to the PBX, presenting `from_number` as the caller."""
+        """Place a call from the trunk to the PBX, presenting `from_number` as the caller
+        (with `caller_name` as display name, and extra SIP `headers` such as Diversion)."""
         channel_id = f"carrier-{uuid.uuid4()}"
         leg = Leg(
             "caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after, listen=listen
         )
         self.legs[channel_id] = leg
         caller_id = f'"{caller_name}" <{from_number}>' if caller_name else from_number
-        await self.ari.originate(f"PJSIP/{to_number}@pbx", channel_id, caller_id, ["caller"], timeout=60)
+        variables = {f"PJSIP_HEADER(add,{name})": value for name, value in (headers or {}).items()}
+        await self.ari.originate(
+            f"PJSIP/{to_number}@pbx", channel_id, caller_id, ["caller"], timeout=60, variables=variables
+        )
         # Events before answer (ringing, busy) reach the app only if it subscribes.
         try:
             await self.ari.subscribe(f"channel:{channel_id}")

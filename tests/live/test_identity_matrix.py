@@ -1,0 +1,96 @@
+"""Identity, proven across a matrix: the PBX trunk's identity settings x how the caller
+presents itself (a display name; Diversion and History-Info headers that carry its real
+number) x scenarios (each direction, the callee answering late, the caller hanging up
+while it rings). In each cell every SIP message each phone received is scanned for the
+other side's real number and name.
+
+The cells cover every pair of values of any two dimensions at least once (14 calls
+instead of 36); each cell's settings are in its test id."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from tests.live.siplog import SipLog, national_digits
+from tests.live.test_masked_call import split_by_phone
+
+TRUNKS = {
+    "plain": {},
+    "pai-rpid-trusted": {"MB_TRUNK_SEND_PAI": "yes", "MB_TRUNK_SEND_RPID": "yes", "MB_TRUNK_TRUST_ID_OUTBOUND": "yes"},
+    "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no", "MB_TRUNK_TRUST_CONNECTED_LINE": "no"},
+}
+PRESENTATIONS = ["number-only", "display-name", "diversion-history-info"]
+SCENARIOS = ["courier-to-client", "client-to-courier", "callee-answers-late", "caller-hangs-up-ringing"]
+CALLER_NAME = "Ivan Petrovsky"
+
+
+def _cells() -> list[tuple[str, str, str]]:
+    """Pairwise cover of the three dimensions (see the module's docstring)."""
+    trunks = list(TRUNKS)
+    cells = {(t, p, (t_i + p_i) % 4) for t_i, t in enumerate(trunks) for p_i, p in enumerate(PRESENTATIONS)}
+    cells |= {(t, PRESENTATIONS[0], (t_i + 3) % 4) for t_i, t in enumerate(trunks)}
+    cells |= {(trunks[0], PRESENTATIONS[1], 0), (trunks[0], PRESENTATIONS[2], 1)}
+    ordered = sorted(cells, key=lambda c: (trunks.index(c[0]), PRESENTATIONS.index(c[1]), c[2]))
+    return [(t, p, SCENARIOS[s]) for t, p, s in ordered]
+
+
+CELLS = _cells()
+
+
+def test_the_cells_cover_every_pair():
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        dims = [list(TRUNKS), PRESENTATIONS, SCENARIOS]
+        wanted = {(x, y) for x in dims[a] for y in dims[b]}
+        assert wanted <= {(c[a], c[b]) for c in CELLS}
+
+
+@pytest.mark.parametrize(("trunk", "presentation", "scenario"), CELLS)
+async def test_no_identity_leaks(trunk, presentation, scenario, carrier, api, real_number, sip_log: SipLog,
+                                 trunk_identity):
+    trunk_identity(TRUNKS[trunk])
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    pool = session["pool_number"]
+    caller, callee_number = (client, courier) if scenario == "client-to-courier" else (courier, client)
+    name = CALLER_NAME if presentation == "display-name" else None
+    headers = {}
+    if presentation == "diversion-history-info":
+        headers = {
+            "Diversion": f"<sip:{caller}@carrier.example>;reason=unconditional",
+            "History-Info": f"<sip:{caller}@carrier.example>;index=1",
+        }
+    if scenario == "caller-hangs-up-ringing":
+        carrier.phone(callee_number, action="noanswer", ring_for=60)
+    else:
+        carrier.phone(callee_number, action="answer", answer_after=2.5 if scenario == "callee-answers-late" else 0.3)
+    mark = sip_log.mark()
+
+    leg = await carrier.call(caller, pool, caller_name=name, headers=headers,
+                             hangup_after=None if scenario == "caller-hangs-up-ringing" else 1.0)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    if scenario == "caller-hangs-up-ringing":
+        await asyncio.wait_for(leg.ringing.wait(), 10)
+        await carrier.hangup(leg)
+    await asyncio.wait_for(leg.ended.wait(), 20)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+
+    assert callee.number == callee_number and callee.shown_number == pool and callee.shown_name in ("", pool)
+    if scenario == "caller-hangs-up-ringing":
+        assert callee.answered_at is None
+    else:
+        assert leg.answered_at is not None and callee.answered_at is not None
+
+    calling, called = split_by_phone(sip_log.since(mark), callee_number)
+    assert any(m.first_line.startswith("INVITE") for m in called), "the called phone's INVITE is in the log"
+    if presentation == "diversion-history-info":
+        # The caller's INVITE really carried them (so the PBX had them to leak).
+        sent = [m for m in sip_log.since(mark) if m.direction == "transmitted" and m.first_line.startswith("INVITE")]
+        assert any(m.header("Diversion") and m.header("History-Info") for m in sent)
+    for msg in called:
+        assert national_digits(caller) not in msg.text, f"the caller's number reached the called phone:\n{msg.text}"
+        assert "Petrovsky" not in msg.text, f"the caller's name reached the called phone:\n{msg.text}"
+    for msg in calling:
+        assert national_digits(callee_number) not in msg.text, f"the callee's number reached the caller:\n{msg.text}"
