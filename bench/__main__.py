@@ -83,11 +83,18 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
         "baseline": measure.sustained(results["ramp"], "baseline"),
     }
     results["sustained"]["top"] = results["sustained"]["bridge"] == top_rate == results["sustained"]["baseline"]
-    held = [s["calls"] for s in results["concurrency"] if s["audio_ok"]]
-    results["max_concurrent"] = max(held) if held else 0
-    results["concurrency_top"] = results["max_concurrent"] == max(params["concurrency_steps"])
+    summarise(results)
     results["seconds"] = time.monotonic() - started
     return report.write(results, out)
+
+
+def summarise(results: dict[str, Any]) -> None:
+    """The most simultaneous calls held: every call set up, audio in every sample, and every
+    call ending normally (a step where some calls could not be hung up cleanly has failed)."""
+    held = [s["calls"] for s in results["concurrency"]
+            if s["audio_ok"] and s.get("ended_ok") == s["calls"]]
+    results["max_concurrent"] = max(held) if held else 0
+    results["concurrency_top"] = results["max_concurrent"] == max(results["params"]["concurrency_steps"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="write the report again from OUT/results.json")
     args = parser.parse_args(argv)
     if args.report_only:
-        print(report.write(json.loads((args.out / "results.json").read_text()), args.out))
+        results = json.loads((args.out / "results.json").read_text())
+        summarise(results)
+        print(report.write(results, args.out))
         return 0
     logs.configure("warning")
     stack = load()

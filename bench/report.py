@@ -119,7 +119,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"(p95 {_ms(d['added'], 'p95')}, p99 {_ms(d['added'], 'p99')} ms) over plain Asterisk routing the same call.",
         f"- Highest call rate sustained: bridge **{results['sustained']['bridge']}** calls/s, dialplan baseline "
         f"**{results['sustained']['baseline']}** calls/s.",
-        f"- Simultaneous bridged calls held with audio flowing: **{results['max_concurrent']}**.",
+        f"- Simultaneous bridged calls held with audio flowing, all ending normally: **{results['max_concurrent']}**.",
         f"- Session API: **{api['creates_per_second']:.0f}** creates/s; the routing query takes "
         f"{_ms(results['route_sql'], 'p50')} ms at the median and {_ms(results['route_sql'], 'p99')} ms at p99 "
         "inside Postgres under load.",
@@ -188,7 +188,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
             for s in conc
         ],
         "",
-        f"Held with audio flowing: **{results['max_concurrent']}** simultaneous calls"
+        f"Held with audio flowing and every call ending normally: **{results['max_concurrent']}** simultaneous calls"
         + (" (the largest step tried)." if results["concurrency_top"] else "."),
         "",
         "![memory](memory.png)",
