@@ -12,6 +12,7 @@ import asyncio
 import enum
 import time
 import uuid
+from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -139,6 +140,7 @@ class MaskedCall:
         self._bridge_created = False
         self.participant_ids: set[uuid.UUID] = set()  # who is on this call (pseudonymous)
         self.max_call_seconds: float | None = None
+        self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._client_digits = ""
 
@@ -298,6 +300,7 @@ class MaskedCall:
             caller_participant_id=route.caller_participant_id if route else None,
             callee_role=route.callee_role if route else None,
             callee_participant_id=route.callee_participant_id if route else None,
+            max_seconds=route.max_call_seconds if route and route.kind == "connect" else None,
         )
         if route is not None:
             self.max_call_seconds = route.max_call_seconds
@@ -447,7 +450,7 @@ class MaskedCall:
 
     async def _supervise(self) -> None:
         longest = self.max_call_seconds
-        deadline = time.monotonic() + longest if longest else None
+        deadline = time.monotonic() + longest - self._talked_before if longest else None
         warn_at = deadline - min(self.settings.duration_warning, longest / 2) if deadline and longest else None
         while True:
             event = await self._next(warn_at or deadline)
@@ -539,6 +542,10 @@ class MaskedCall:
             caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
             callee_participant_id=row.get("callee_participant_id"),
         )
+        # Its maximum duration still counts from the answer, however long the restart took.
+        call.max_call_seconds = row.get("max_seconds")
+        if call.max_call_seconds and row.get("answered_at") is not None:
+            call._talked_before = (datetime.now(timezone.utc) - row["answered_at"]).total_seconds()
         call._bridge_created = row["bridge_id"] is not None
         return call
 

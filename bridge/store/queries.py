@@ -38,6 +38,7 @@ class Store:
         caller_participant_id: uuid.UUID | None = None,
         callee_role: str | None = None,
         callee_participant_id: uuid.UUID | None = None,
+        max_seconds: int | None = None,
     ) -> None:
         # A call that is put through is the session's activity (its inactivity expiry
         # counts from here): one statement, one commit, on the call's critical path.
@@ -45,8 +46,8 @@ class Store:
             """
             WITH call AS (
                 INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-                                   caller_participant_id, callee_role, callee_participant_id)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                                   caller_participant_id, callee_role, callee_participant_id, max_seconds)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12)
                 RETURNING calls AS r
             ), hook AS (
                 INSERT INTO webhook_outbox (event, payload)
@@ -57,7 +58,7 @@ class Store:
             FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
             """,
             call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-            caller_participant_id, callee_role, callee_participant_id, self.webhooks,
+            caller_participant_id, callee_role, callee_participant_id, self.webhooks, max_seconds,
         )
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:

@@ -15,7 +15,7 @@ import logging
 import re
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
@@ -111,7 +111,7 @@ class FakeStore:
         assert call_id not in self.rows
         assert set(fields) == {
             "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state",
-            "caller_participant_id", "callee_role", "callee_participant_id",
+            "caller_participant_id", "callee_role", "callee_participant_id", "max_seconds",
         }
         assert fields["pool_number"] and fields["caller_masked"] and fields["inbound_channel_id"]
         self.rows[call_id] = {
@@ -1000,3 +1000,22 @@ async def test_a_database_failure_while_routing_tells_the_caller_the_service_is_
     assert delete.query["reason_code"] == "34"
     await h.settle()
     assert h.fake.find("POST", "/ari/channels/create") == []
+
+
+async def test_a_resumed_call_still_ends_at_its_maximum_duration_counted_from_the_answer(harness) -> None:
+    """Connected 59 s of a 60 s maximum when the earlier process stopped: the new process
+    ends it within about a second, not 60 s later."""
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(
+        id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
+        bridge_id=str(call_id), answered_at=datetime.now(timezone.utc) - timedelta(seconds=59), max_seconds=60,
+    )
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=["in-old", outbound])
+    await h.start()
+    row = await h.store.ended("in-old")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "max_duration")
