@@ -304,9 +304,8 @@ class Sessions:
         so that nothing routes after a session's end, whether or not the sweeper ran."""
         row = await self.repo.route(self.vault.index(caller), pool_number)
         if row is None:
-            number = await self.store.pools.get(pool_number)
-            return Route("unknown", pool_known=number is not None,
-                         language=(number.language if number else None) or self.policy.default_language)
+            known, language = await self.store.pools.language_of(pool_number)
+            return Route("unknown", pool_known=known, language=language or self.policy.default_language)
         language = row.language or self.policy.default_language
         finished = Route("finished", session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)

@@ -138,13 +138,19 @@ class MaskedCall:
         self.state = CallState.ROUTING
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._bridge_created = False
-        self.participant_ids: set[uuid.UUID] = set()  # who is on this call (pseudonymous)
-        self.max_call_seconds: float | None = None
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._client_digits = ""
 
     # --- plumbing ------------------------------------------------------------------
+
+    @property
+    def participant_ids(self) -> set[uuid.UUID]:
+        """Who is on this call (pseudonymous ids), once it is routed: a block of either ends it."""
+        route = self.route
+        if route is None:
+            return set()
+        return {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
 
     def feed(self, event: Event) -> None:
         self._events.put_nowait(event)
@@ -270,14 +276,12 @@ class MaskedCall:
         lookup_began = time.monotonic()
         route = await self.router.route(caller, pool) if caller and pool else None
         route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
-        if route is not None:
-            # Known at once, so that a block from now on finds this call (StasisDispatcher.cut_calls);
-            # and a block that was being applied while we looked the route up is honoured too.
-            self.participant_ids = {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
-            if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
-                route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
-                              caller_participant_id=route.caller_participant_id, language=route.language)
-            self.route = route
+        # Known at once, so that a block from now on finds this call (StasisDispatcher.cut_calls);
+        # and a block that was being applied while the route was looked up is honoured too.
+        self.route = route
+        if route is not None and route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
+            route = self.route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
+                                       caller_participant_id=route.caller_participant_id, language=route.language)
         known = route is not None and route.pool_known
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
@@ -300,10 +304,8 @@ class MaskedCall:
             caller_participant_id=route.caller_participant_id if route else None,
             callee_role=route.callee_role if route else None,
             callee_participant_id=route.callee_participant_id if route else None,
-            max_seconds=route.max_call_seconds if route and route.kind == "connect" else None,
+            max_seconds=route.max_call_seconds if route else None,
         )
-        if route is not None:
-            self.max_call_seconds = route.max_call_seconds
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
@@ -449,7 +451,7 @@ class MaskedCall:
         await self._supervise()
 
     async def _supervise(self) -> None:
-        longest = self.max_call_seconds
+        longest = self.route.max_call_seconds if self.route is not None else None
         deadline = time.monotonic() + longest - self._talked_before if longest else None
         warn_at = deadline - min(self.settings.duration_warning, longest / 2) if deadline and longest else None
         while True:
@@ -534,17 +536,14 @@ class MaskedCall:
         """A call that was connected when an earlier bridge process stopped: supervise it."""
         call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register)
         call.state = CallState.CONNECTED
-        call.participant_ids = {p for p in (row.get("caller_participant_id"), row.get("callee_participant_id")) if p}
-        # Who is who, for the client's keypad block. (The maximum duration is not known
-        # here: a resumed call runs without one.)
+        # Who is who (for blocks and the client's keypad), and the maximum duration, which
+        # still counts from the answer however long the restart took.
         call.route = Route(
             "connect", session_id=row.get("session_id"), caller_role=row.get("caller_role"),
             caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
-            callee_participant_id=row.get("callee_participant_id"),
+            callee_participant_id=row.get("callee_participant_id"), max_call_seconds=row.get("max_seconds"),
         )
-        # Its maximum duration still counts from the answer, however long the restart took.
-        call.max_call_seconds = row.get("max_seconds")
-        if call.max_call_seconds and row.get("answered_at") is not None:
+        if call.route.max_call_seconds and row.get("answered_at") is not None:
             call._talked_before = (datetime.now(timezone.utc) - row["answered_at"]).total_seconds()
         call._bridge_created = row["bridge_id"] is not None
         return call

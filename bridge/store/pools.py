@@ -124,6 +124,12 @@ class PoolRepo:
         )
         return int(result.split()[-1])
 
+    async def language_of(self, number: str) -> tuple[bool, str | None]:
+        """(whether it is one of our pool numbers, its announcement language): one indexed
+        read, for every call that routes nowhere."""
+        row = await self.pool.fetchrow("SELECT language FROM pool_numbers WHERE number = $1", number)
+        return (row is not None, row["language"] if row is not None else None)
+
     async def known_region(self, region: str) -> bool:
         return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM pool_numbers WHERE region = $1)", region))
 

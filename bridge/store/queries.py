@@ -13,6 +13,14 @@ from bridge.store.pools import PoolRepo
 from bridge.store.sessions import SessionRepo
 
 
+# What the API shows of a call: ids and roles, never the caller's (masked) number.
+_CALL_COLUMNS = """
+    c.id, c.session_id, c.pool_number, c.caller_role, c.caller_participant_id, c.callee_role,
+    c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause, c.cut_reason,
+    c.started_at, c.answered_at, c.ended_at, c.duration_seconds
+"""
+
+
 class Store:
     """The call rows, plus the pool and session repositories."""
 
@@ -116,13 +124,10 @@ class Store:
         """Oldest first; `after` is the (started_at, id) of the last row of the previous page.
         Participants appear by id only: the pseudonymous reference that survives retention."""
         rows = await self.pool.fetch(
-            """
-            SELECT id, session_id, pool_number, caller_role, caller_participant_id, callee_role,
-                   callee_participant_id, state, outcome, hangup_by, hangup_cause, cut_reason,
-                   started_at, answered_at, ended_at, duration_seconds
-            FROM calls WHERE session_id = ANY($1::uuid[])
-              AND ($2::timestamptz IS NULL OR (started_at, id) > ($2, $3::uuid))
-            ORDER BY started_at, id LIMIT $4
+            f"""
+            SELECT {_CALL_COLUMNS} FROM calls c WHERE c.session_id = ANY($1::uuid[])
+              AND ($2::timestamptz IS NULL OR (c.started_at, c.id) > ($2, $3::uuid))
+            ORDER BY c.started_at, c.id LIMIT $4
             """,
             session_ids, after[0] if after else None, after[1] if after else None, limit,
         )
@@ -133,11 +138,8 @@ class Store:
     ) -> list[dict[str, Any]]:
         """Every call of an order, across all of its sessions, oldest first."""
         rows = await self.pool.fetch(
-            """
-            SELECT c.id, c.session_id, c.pool_number, c.caller_role, c.caller_participant_id, c.callee_role,
-                   c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause, c.cut_reason,
-                   c.started_at, c.answered_at, c.ended_at, c.duration_seconds
-            FROM calls c JOIN sessions s ON s.id = c.session_id
+            f"""
+            SELECT {_CALL_COLUMNS} FROM calls c JOIN sessions s ON s.id = c.session_id
             WHERE s.order_id = $1 AND ($2::timestamptz IS NULL OR (c.started_at, c.id) > ($2, $3::uuid))
             ORDER BY c.started_at, c.id LIMIT $4
             """,
