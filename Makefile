@@ -9,7 +9,9 @@ PY := $(VENV)/bin/python
 DEVSTACK := $(PY) -m bridge.devstack
 # Tests run the bridge with a short ring timeout so that "nobody answers" takes seconds, and
 # with webhooks sent to the receiver the live tests run (tests/live/conftest.py).
-TEST_ENV := MB_RING_TIMEOUT=6 MB_WEBHOOK_URL=http://127.0.0.1:8099/hooks
+# (Two checkouts can test side by side with their own addresses and ports: MB_TEST_WEBHOOK_URL.)
+MB_TEST_WEBHOOK_URL ?= http://127.0.0.1:8099/hooks
+TEST_ENV := MB_RING_TIMEOUT=6 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
 
 .PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin bench test test-unit typecheck \
         compose-up compose-down clean

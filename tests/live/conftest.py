@@ -9,6 +9,7 @@ import random
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
@@ -283,6 +284,8 @@ async def webhooks(stack: Stack) -> AsyncIterator[WebhookReceiver]:
     app.router.add_post("/hooks", receiver.handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 8099).start()
+    # Where the bridge under test sends them (the Makefile's TEST_ENV sets MB_WEBHOOK_URL).
+    url = urlsplit(stack.env["MB_WEBHOOK_URL"] or "http://127.0.0.1:8099/hooks")
+    await web.TCPSite(runner, url.hostname, url.port).start()
     yield receiver
     await runner.cleanup()
