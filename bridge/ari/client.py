@@ -101,25 +101,23 @@ class AriClient:
         self,
         endpoint: str,
         channel_id: str,
-        caller_id: str,
+        caller_id: str | None,
         app_args: list[str],
         timeout: int = 30,
         variables: dict[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Dial out at once; the channel enters Stasis when answered."""
-        return await self.request(
-            "POST",
-            "/channels",
-            {
-                "endpoint": endpoint,
-                "app": self.app,
-                "appArgs": app_args,
-                "channelId": channel_id,
-                "callerId": caller_id,
-                "timeout": timeout,
-            },
-            {"variables": variables or {}},
-        )
+        """Dial out at once; the channel enters Stasis when answered. Without `caller_id`,
+        the channel's caller ID is what `variables` set (e.g. CALLERID(num), CALLERID(pres))."""
+        params: dict[str, Any] = {
+            "endpoint": endpoint,
+            "app": self.app,
+            "appArgs": app_args,
+            "channelId": channel_id,
+            "timeout": timeout,
+        }
+        if caller_id is not None:
+            params["callerId"] = caller_id
+        return await self.request("POST", "/channels", params, {"variables": variables or {}})
 
     async def dial(self, channel_id: str, timeout: int) -> None:
         await self.request("POST", f"/channels/{channel_id}/dial", {"timeout": timeout})
@@ -129,6 +127,12 @@ class AriClient:
 
     async def ring(self, channel_id: str) -> None:
         await self.request("POST", f"/channels/{channel_id}/ring")
+
+    async def hold(self, channel_id: str) -> None:
+        await self.request("POST", f"/channels/{channel_id}/hold")
+
+    async def unhold(self, channel_id: str) -> None:
+        await self.request("DELETE", f"/channels/{channel_id}/hold")
 
     async def hangup(self, channel_id: str, reason: str = "normal", code: int | None = None) -> None:
         """Hang up with a named reason, or with an exact Q.850 cause `code` (reason_code)."""

@@ -122,10 +122,17 @@ def stop(stack: Stack, instance: str) -> None:
         time.sleep(0.2)  # waiting for a process to exit
 
 
+# Debian packages of the root file system: Asterisk, its English and Russian prompts, and
+# music on hold (what a held party hears).
+ROOTFS_PACKAGES = ("asterisk", "asterisk-core-sounds-en-gsm", "asterisk-core-sounds-ru-gsm", "asterisk-moh-opsound-gsm")
+
+
 def ensure_rootfs(stack: Stack) -> None:
-    """Build the Asterisk 22 root file system with debootstrap if it is not there yet."""
+    """Build the Asterisk 22 root file system with debootstrap if it is not there yet, and
+    add the packages an older one lacks."""
     root = stack.rootfs
     if (root / "usr/sbin/asterisk").exists() and (root / ".maskbridge-complete").exists():
+        _add_missing_packages(root)
         return
     if shutil.which("debootstrap") is None:
         raise RuntimeError("debootstrap is missing: run `make deps` (apt-get install debootstrap)")
@@ -137,7 +144,7 @@ def ensure_rootfs(stack: Stack) -> None:
         [
             "debootstrap",
             "--variant=minbase",
-            "--include=asterisk,asterisk-core-sounds-en-gsm,asterisk-core-sounds-ru-gsm",
+            "--include=" + ",".join(ROOTFS_PACKAGES),
             "forky",
             str(tmp),
             "http://deb.debian.org/debian",
@@ -148,3 +155,23 @@ def ensure_rootfs(stack: Stack) -> None:
     (tmp / ".maskbridge-complete").write_text("debootstrap forky with asterisk\n")
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
+
+
+def _add_missing_packages(root: Path) -> None:
+    installed = subprocess.run(
+        ["chroot", str(root), "dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\\n", *ROOTFS_PACKAGES],
+        capture_output=True, text=True,
+    ).stdout
+    present = {line.split()[0] for line in installed.splitlines() if line.endswith(" installed")}
+    missing = [name for name in ROOTFS_PACKAGES if name not in present]
+    if not missing:
+        return
+    print(f"adding to the Asterisk root file system: {' '.join(missing)} ...", flush=True)
+    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
+    # As debootstrap does, accept a mirror whose Release file is past its Valid-Until date.
+    apt = ["chroot", str(root), "apt-get", "-o", "Acquire::Check-Valid-Until=false"]
+    subprocess.run([*apt, "update", "-q"], check=True, env=env)
+    subprocess.run(
+        [*apt, "install", "-y", "-q", "--no-install-recommends", *missing],
+        check=True, env=env,
+    )

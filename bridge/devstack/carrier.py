@@ -50,6 +50,7 @@ class Leg:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
+    playing: asyncio.Event = field(default_factory=asyncio.Event)  # its tone was started (after answer)
     digits: str = ""  # DTMF this phone received
     digit: asyncio.Event = field(default_factory=asyncio.Event)  # set at each digit received
     answered_at: float | None = None
@@ -130,9 +131,12 @@ class Carrier:
     async def call(
         self, from_number: str, to_number: str, *, tone: int = 600, hangup_after: float | None = None,
         caller_name: str | None = None, listen: bool = True, headers: dict[str, str] | None = None,
+        withheld: bool = False,
     ) -> Leg:
         """Place a call from the trunk to the PBX, presenting `from_number` as the caller
-        (with `caller_name` as display name, and extra SIP `headers` such as Diversion)."""
+        (with `caller_name` as display name, and extra SIP `headers` such as Diversion).
+        `withheld`: the caller withholds their number; the carrier then sends an anonymous
+        From and asserts the number in P-Asserted-Identity with Privacy: id."""
         channel_id = f"carrier-{uuid.uuid4()}"
         leg = Leg(
             "caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after, listen=listen
@@ -140,8 +144,17 @@ class Carrier:
         self.legs[channel_id] = leg
         caller_id = f'"{caller_name}" <{from_number}>' if caller_name else from_number
         variables = {f"PJSIP_HEADER(add,{name})": value for name, value in (headers or {}).items()}
+        if withheld:
+            # chan_pjsip builds From, PAI and Privacy of an outgoing call from the channel's
+            # connected line. (An ARI callerId would be applied after these variables and
+            # reset the presentation to allowed.)
+            variables = {
+                "CALLERID(num)": from_number, "CALLERID(pres)": "prohib",
+                "CONNECTEDLINE(num,i)": from_number, "CONNECTEDLINE(pres,i)": "prohib", **variables,
+            }
         await self.ari.originate(
-            f"PJSIP/{to_number}@pbx", channel_id, caller_id, ["caller"], timeout=60, variables=variables
+            f"PJSIP/{to_number}@pbx", channel_id, None if withheld else caller_id, ["caller"], timeout=60,
+            variables=variables,
         )
         # Events before answer (ringing, busy) reach the app only if it subscribes.
         try:
@@ -150,14 +163,32 @@ class Carrier:
             pass  # already gone: ChannelDestroyed was the only event, and we missed it
         return leg
 
-    async def press(self, leg: Leg, digits: str) -> None:
-        """The phone stops its tone and sends DTMF (RFC 4733 events) on its call. (ARI runs a
-        channel's operations in turn: DTMF would wait for the end of the tone's playback.)"""
+    async def _stop_tone(self, leg: Leg) -> None:
+        """ARI runs a channel's operations in turn: DTMF or a hold sent to a phone would wait
+        for the end of its tone's playback. So the tone is stopped first (once it has started:
+        a stop that comes before the play would be no stop at all)."""
+        if leg.answered.is_set():
+            await asyncio.wait_for(leg.playing.wait(), 10)
         try:
             await self.ari.stop_playback(f"tone-{leg.channel_id}")
         except AriNotFound:
             pass
+
+    async def press(self, leg: Leg, digits: str) -> None:
+        """The phone stops its tone and sends DTMF (RFC 4733 events) on its call."""
+        await self._stop_tone(leg)
         await self.ari.send_dtmf(leg.channel_id, digits)
+
+    async def hold(self, leg: Leg) -> None:
+        """The phone puts its call on hold: its tone stops and a re-INVITE with a=sendonly goes
+        to the PBX."""
+        await self._stop_tone(leg)
+        await self.ari.hold(leg.channel_id)
+
+    async def resume(self, leg: Leg) -> None:
+        """The phone takes its call off hold (a re-INVITE with a=sendrecv) and plays its tone again."""
+        await self.ari.unhold(leg.channel_id)
+        await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
 
     async def wait_digits(self, leg: Leg, digits: str, timeout: float = 10) -> None:
         """Until the phone has received `digits` (at the end of what it received)."""
@@ -293,6 +324,8 @@ class Carrier:
                 await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
             except (AriNotFound, AriConflict):
                 return  # hung up meanwhile
+            finally:
+                leg.playing.set()
             if leg.hangup_after is not None:
                 self._later(leg.hangup_after, lambda: self.hangup(leg))
             return
@@ -307,5 +340,7 @@ class Carrier:
         except (AriNotFound, AriConflict):  # hung up meanwhile
             leg.recorded.set()
             return
+        finally:
+            leg.playing.set()
         if leg.hangup_after is not None:
             self._later(leg.hangup_after, lambda: self.hangup(leg))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -84,3 +85,20 @@ def national_digits(number: str) -> str:
     """The part of a number every form of it contains (+79161234567, 79161234567 and
     89161234567 all contain 9161234567)."""
     return number.lstrip("+")[-10:]
+
+
+async def reinvite_answered(sip_log: SipLog, mark: int, direction: str, timeout: float = 10) -> SipMessage:
+    """The PBX's 200 OK to a re-INVITE with a=`direction` that the carrier sent since `mark`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            messages = sip_log.since(mark)
+            for i, invite in enumerate(messages):
+                if invite.direction != "transmitted" or not invite.first_line.startswith("INVITE") \
+                        or f"a={direction}" not in invite.text:
+                    continue
+                cseq = invite.header("CSeq")
+                for answer in messages[i + 1:]:
+                    if answer.direction == "received" and answer.first_line.startswith("SIP/2.0 200") \
+                            and answer.call_id == invite.call_id and answer.header("CSeq") == cseq:
+                        return answer
+            await asyncio.sleep(0.05)  # wait-ok: polling the carrier's SIP log

@@ -1,11 +1,11 @@
 """Identity, proven across a matrix: the PBX trunk's identity settings x how the caller
-presents itself (a display name; Diversion and History-Info headers that carry its real
-number) x scenarios (each direction, the callee answering late, the caller hanging up
-while it rings). In each cell every SIP message each phone received is scanned for the
-other side's real number and name.
+presents itself (a display name; its number withheld; Diversion and History-Info headers
+that carry its real number) x scenarios (each direction, hold and resume from both
+phones, the callee answering late, the caller hanging up while it rings). In each cell
+every SIP message each phone received is scanned for the other side's real number and name.
 
-The cells cover every pair of values of any two dimensions at least once (14 calls
-instead of 36); each cell's settings are in its test id."""
+The cells cover every pair of values of any two dimensions at least once (20 calls
+instead of 60); each cell's settings are in its test id."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.live.siplog import SipLog, national_digits
+from tests.live.siplog import SipLog, national_digits, reinvite_answered
 from tests.live.test_masked_call import split_by_phone
 
 TRUNKS = {
@@ -22,19 +22,20 @@ TRUNKS = {
     "pai-rpid-trusted": {"MB_TRUNK_SEND_PAI": "yes", "MB_TRUNK_SEND_RPID": "yes", "MB_TRUNK_TRUST_ID_OUTBOUND": "yes"},
     "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no", "MB_TRUNK_TRUST_CONNECTED_LINE": "no"},
 }
-PRESENTATIONS = ["number-only", "display-name", "diversion-history-info"]
-SCENARIOS = ["courier-to-client", "client-to-courier", "callee-answers-late", "caller-hangs-up-ringing"]
+PRESENTATIONS = ["number-only", "display-name", "withheld", "diversion-history-info"]
+SCENARIOS = ["courier-to-client", "client-to-courier", "hold-and-resume", "callee-answers-late",
+             "caller-hangs-up-ringing"]
 CALLER_NAME = "Ivan Petrovsky"
 
 
 def _cells() -> list[tuple[str, str, str]]:
-    """Pairwise cover of the three dimensions (see the module's docstring)."""
+    """Pairwise cover of the three dimensions (see the module's docstring): every
+    (presentation, scenario) pair once, with trunk number (p + s) mod 3. For a fixed
+    presentation the 5 scenarios, and for a fixed scenario the 4 presentations, run
+    through all 3 trunks."""
     trunks = list(TRUNKS)
-    cells = {(t, p, (t_i + p_i) % 4) for t_i, t in enumerate(trunks) for p_i, p in enumerate(PRESENTATIONS)}
-    cells |= {(t, PRESENTATIONS[0], (t_i + 3) % 4) for t_i, t in enumerate(trunks)}
-    cells |= {(trunks[0], PRESENTATIONS[1], 0), (trunks[0], PRESENTATIONS[2], 1)}
-    ordered = sorted(cells, key=lambda c: (trunks.index(c[0]), PRESENTATIONS.index(c[1]), c[2]))
-    return [(t, p, SCENARIOS[s]) for t, p, s in ordered]
+    return [(trunks[(p + s) % len(trunks)], presentation, scenario)
+            for p, presentation in enumerate(PRESENTATIONS) for s, scenario in enumerate(SCENARIOS)]
 
 
 CELLS = _cells()
@@ -68,11 +69,23 @@ async def test_no_identity_leaks(trunk, presentation, scenario, carrier, api, re
         carrier.phone(callee_number, action="answer", answer_after=2.5 if scenario == "callee-answers-late" else 0.3)
     mark = sip_log.mark()
 
-    leg = await carrier.call(caller, pool, caller_name=name, headers=headers,
-                             hangup_after=None if scenario == "caller-hangs-up-ringing" else 1.0)
+    hangup_after = None if scenario in ("caller-hangs-up-ringing", "hold-and-resume") else 1.0
+    leg = await carrier.call(caller, pool, caller_name=name, headers=headers, hangup_after=hangup_after,
+                             withheld=presentation == "withheld")
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     if scenario == "caller-hangs-up-ringing":
         await asyncio.wait_for(leg.ringing.wait(), 10)
+        await carrier.hangup(leg)
+    if scenario == "hold-and-resume":
+        await asyncio.wait_for(callee.answered.wait(), 10)
+        await asyncio.wait_for(leg.answered.wait(), 10)
+        for phone in (leg, callee):
+            step = sip_log.mark()
+            await carrier.hold(phone)
+            await reinvite_answered(sip_log, step, "sendonly")
+            step = sip_log.mark()
+            await carrier.resume(phone)
+            await reinvite_answered(sip_log, step, "sendrecv")
         await carrier.hangup(leg)
     await asyncio.wait_for(leg.ended.wait(), 20)
     await asyncio.wait_for(callee.ended.wait(), 10)
@@ -85,6 +98,14 @@ async def test_no_identity_leaks(trunk, presentation, scenario, carrier, api, re
 
     calling, called = split_by_phone(sip_log.since(mark), callee_number)
     assert any(m.first_line.startswith("INVITE") for m in called), "the called phone's INVITE is in the log"
+    if scenario == "hold-and-resume":
+        reinvites = [m for m in sip_log.since(mark) if m.first_line.startswith("INVITE") and "a=sendonly" in m.text]
+        assert len(reinvites) == 2, "each phone put the call on hold once"
+    if presentation == "withheld":
+        # The caller really withheld its number (anonymous From, the number only in a
+        # P-Asserted-Identity with Privacy: id), and was still put through.
+        sent = next(m for m in sip_log.since(mark) if m.direction == "transmitted" and m.first_line.startswith("INVITE"))
+        assert "anonymous" in sent.header("From")[0].lower() and sent.header("Privacy") == ["id"]
     if presentation == "diversion-history-info":
         # The caller's INVITE really carried them (so the PBX had them to leak).
         sent = [m for m in sip_log.since(mark) if m.direction == "transmitted" and m.first_line.startswith("INVITE")]
