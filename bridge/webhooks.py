@@ -74,7 +74,7 @@ class Deliverer:
         attempts = event.attempts + 1
         retry_in = backoff(attempts) if attempts < ATTEMPTS else None
         await self.repo.failed(event.id, error, retry_in)
-        log.warning("webhook.failed", event_id=str(event.id), event=event.event, attempts=attempts,
+        log.warning("webhook.failed", event_id=str(event.id), kind=event.event, attempts=attempts,
                     error=error, gave_up=retry_in is None)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -427,6 +427,8 @@ class MaskedCall:
             if kind == CUT:
                 await self._cut(event, "blocked")
                 return
+            if kind == "ChannelDtmfReceived" and await self._client_blocks(event, outcome="blocked"):
+                return  # a client calling back blocked the other party while it rang
             if kind == "ChannelDestroyed" and channel == self.outbound_id:
                 cause = _cause(event)
                 outcome = _REFUSALS.get(cause or 0, "failed")
@@ -482,10 +484,13 @@ class MaskedCall:
                 await self._end("answered", "callee", _cause(event))
                 return
 
-    async def _client_blocks(self, event: Event) -> bool:
+    async def _client_blocks(self, event: Event, outcome: str = "answered") -> bool:
         """The client keyed the block code: the other party is blocked for this order, their
         leg is hung up, the client hears a confirmation and the call ends. (Digits pass
-        through to the other party as they are pressed.)"""
+        through to the other party as they are pressed.) This works during the call, and
+        while the other phone still rings when the client is the caller (calling back to
+        block): the PBX gives the caller early media, so their keys reach us. The call's
+        outcome is `outcome` (answered during a call, blocked before)."""
         route = self.route
         if route is None or route.session_id is None or "client" not in (route.caller_role, route.callee_role):
             return False
@@ -521,7 +526,7 @@ class MaskedCall:
         except (AriNotFound, AriConflict):
             pass  # the client hung up meanwhile
         await self._hangup(client_leg)
-        await self._end("answered", "system", None, "blocked_by_client")
+        await self._end(outcome, "system", None, "blocked_by_client")
         return True
 
     @classmethod

@@ -31,6 +31,7 @@ class Phone:
     tone: int = 1000  # Hz the phone plays once connected
     hangup_after: float | None = None  # seconds after answer at which this phone hangs up
     listen: bool = True  # record what the phone hears (off for load: a snoop and a file per leg)
+    early_media: bool = False  # plays its tone while it rings (183 with audio), as a network announcement would
 
 
 @dataclass
@@ -47,6 +48,8 @@ class Leg:
     hangup_after: float | None = None
     listen: bool = True
     ringing: asyncio.Event = field(default_factory=asyncio.Event)
+    in_stasis: asyncio.Event = field(default_factory=asyncio.Event)
+    early_media: bool = False  # the caller got a 183 with SDP (it hears the PBX, and can send keys)
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
@@ -131,36 +134,37 @@ class Carrier:
     async def call(
         self, from_number: str, to_number: str, *, tone: int = 600, hangup_after: float | None = None,
         caller_name: str | None = None, listen: bool = True, headers: dict[str, str] | None = None,
-        withheld: bool = False,
+        withheld: bool = False, keys_on_early_media: str | None = None,
     ) -> Leg:
         """Place a call from the trunk to the PBX, presenting `from_number` as the caller
         (with `caller_name` as display name, and extra SIP `headers` such as Diversion).
         `withheld`: the caller withholds their number; the carrier then sends an anonymous
-        From and asserts the number in P-Asserted-Identity with Privacy: id."""
+        From and asserts the number in P-Asserted-Identity with Privacy: id.
+        `keys_on_early_media`: the phone keys these digits as soon as the PBX gives it early
+        media (183), before any answer; the call then goes through the carrier's dialplan
+        (a Local channel: this leg is its caller side)."""
         channel_id = f"carrier-{uuid.uuid4()}"
         leg = Leg(
             "caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after, listen=listen
         )
         self.legs[channel_id] = leg
-        caller_id = f'"{caller_name}" <{from_number}>' if caller_name else from_number
-        variables = {f"PJSIP_HEADER(add,{name})": value for name, value in (headers or {}).items()}
-        if withheld:
-            # chan_pjsip builds From, PAI and Privacy of an outgoing call from the channel's
-            # connected line. (An ARI callerId would be applied after these variables and
-            # reset the presentation to allowed.)
-            variables = {
-                "CALLERID(num)": from_number, "CALLERID(pres)": "prohib",
-                "CONNECTEDLINE(num,i)": from_number, "CONNECTEDLINE(pres,i)": "prohib", **variables,
-            }
-        await self.ari.originate(
-            f"PJSIP/{to_number}@pbx", channel_id, None if withheld else caller_id, ["caller"], timeout=60,
-            variables=variables,
-        )
-        # Events before answer (ringing, busy) reach the app only if it subscribes.
-        try:
-            await self.ari.subscribe(f"channel:{channel_id}")
-        except AriNotFound:
-            pass  # already gone: ChannelDestroyed was the only event, and we missed it
+        # chan_pjsip builds From (and PAI, Privacy) of an outgoing call from the channel's
+        # connected line; the caller ID is what the carrier itself knows of the call.
+        pres = {"CALLERID(pres)": "prohib", "CONNECTEDLINE(pres,i)": "prohib"} if withheld else {}
+        variables = {
+            "CALLERID(num)": from_number, "CALLERID(name)": caller_name or "",
+            "CONNECTEDLINE(num,i)": from_number, "CONNECTEDLINE(name,i)": caller_name or "", **pres,
+            **{f"PJSIP_HEADER(add,{name})": value for name, value in (headers or {}).items()},
+        }
+        # Created in Stasis, then dialed: the phone can act before it is answered (send its
+        # keys over early media, listen to the ringback).
+        endpoint = f"PJSIP/{to_number}@pbx"
+        if keys_on_early_media:
+            endpoint = f"Local/{to_number}@caller-keys"
+            variables["_KEYS"] = keys_on_early_media
+        await self.ari.create_channel(endpoint, channel_id, ["caller"], variables)
+        await asyncio.wait_for(leg.in_stasis.wait(), 10)  # before that, ARI refuses to dial it
+        await self.ari.dial(channel_id, timeout=60)
         return leg
 
     async def _stop_tone(self, leg: Leg) -> None:
@@ -239,14 +243,15 @@ class Carrier:
 
     async def _handle(self, event: Event) -> None:
         kind = event.get("type")
-        channel = event.get("channel") or {}
+        # (A Dial event names the dialed channel "peer".)
+        channel = event.get("channel") or (event.get("peer") if kind == "Dial" else None) or {}
         cid = channel.get("id", "")
         if kind == "StasisStart":
             args = event.get("args") or []
             if args[:1] == ["callee"]:
                 await self._incoming(channel, args[1] if len(args) > 1 else "")
             elif args[:1] == ["caller"] and cid in self.legs:
-                await self._answered(self.legs[cid])
+                self.legs[cid].in_stasis.set()
             elif args[:1] == ["snoop"] and cid in self._snoops:
                 seconds = self._snoop_seconds.get(cid, 120)
                 await self.ari.record(cid, self._snoops[cid].recording or "", "wav", max_seconds=seconds)
@@ -263,16 +268,18 @@ class Carrier:
         if kind == "ChannelDtmfReceived":
             leg.digits += str(event.get("digit", ""))
             leg.digit.set()
+        elif kind == "Dial" and event.get("dialstatus") in ("RINGING", "PROGRESS"):
+            # The PBX says the other phone rings: 180, or 183 with early media (the PBX's
+            # own ringback, or the other phone's announcement).
+            leg.early_media = leg.early_media or event["dialstatus"] == "PROGRESS"
+            leg.ringing.set()
         elif kind == "ChannelStateChange" and channel.get("state") == "Ringing":
             leg.ringing.set()
-        elif kind == "ChannelStateChange" and channel.get("state") == "Up" and leg.role == "caller" \
-                and not leg.answered.is_set():
-            # Answered; its media starts with StasisStart (an originated channel enters
-            # Stasis just after the answer, and cannot play before).
-            leg.answered_at = time.monotonic()
+        elif kind == "ChannelStateChange" and channel.get("state") == "Up" and leg.role == "caller":
+            await self._answered(leg)
         elif kind == "ChannelHangupRequest" and event.get("cause") is not None:
             leg.cause = int(event["cause"])
-        elif kind in ("ChannelDestroyed", "StasisEnd") and not leg.ended.is_set():
+        elif (kind == "ChannelDestroyed" or (kind == "StasisEnd" and leg.role == "callee")) and not leg.ended.is_set():
             # A called phone's channel leaves Stasis into the dialplan's Hangup(): its
             # StasisEnd is the last event we get for it.
             if kind == "ChannelDestroyed" or leg.cause is None:
@@ -301,6 +308,8 @@ class Carrier:
         else:
             await self.ari.ring(leg.channel_id)
             leg.ringing.set()
+            if phone.early_media:
+                await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"early-{leg.channel_id}")
             if phone.action == "noanswer":
                 self._later(phone.ring_for, lambda: self.hangup(leg, "no_answer"))
             else:
@@ -309,6 +318,10 @@ class Carrier:
     async def _answer(self, leg: Leg) -> None:
         if leg.ended.is_set():
             return
+        try:
+            await self.ari.stop_playback(f"early-{leg.channel_id}")
+        except AriNotFound:
+            pass
         await self.ari.answer(leg.channel_id)
         await self._answered(leg)
 

@@ -54,7 +54,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_CALL_WARNING": ("30", "seconds before the maximum duration at which both parties hear a warning tone"),
     "MB_DEFAULT_LANGUAGE": ("en", "language of announcements for pool numbers without one (en, ru)"),
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
-    "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call to block the other party for the order"),
+    "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party for the order"),
     "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
 }
 

@@ -961,6 +961,22 @@ async def test_the_client_keys_the_block_code(h: Harness) -> None:
     assert delete is not None
 
 
+async def test_a_client_calling_back_keys_the_block_code_while_it_rings(h: Harness) -> None:
+    """The client calls and keys *9 before the courier answers (over early media): the
+    ringing is cancelled, the unanswered client hears the confirmation, the call is blocked."""
+    h.store.add_route(CALLER, POOL, CALLEE, role="client")
+    row, outbound = await h.ringing_call()
+    await h.fake.send(_dtmf("in-1", "*"), _dtmf("in-1", "9"))
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    await h.fake.wait_request("POST", f"/ari/channels/in-1/play/{row['id']}-blocked")
+    assert not h.fake.find("POST", "/ari/channels/in-1/answer"), "the client's call is never answered"
+    await h.fake.finish_playback(f"{row['id']}-blocked")
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("blocked", "system", "blocked_by_client")
+    assert [op[0] for op in h.store.ops].count("block_by_client") == 1
+
+
 async def test_the_courier_keying_the_code_blocks_no_one(h: Harness) -> None:
     row, outbound = await h.connected_call()
     await h.fake.send(_dtmf("in-1", "*"), _dtmf("in-1", "9"))

@@ -1,11 +1,21 @@
-"""Webhook signatures and retry spacing (bridge/webhooks.py)."""
+"""Webhook signatures, retry spacing and a refused delivery (bridge/webhooks.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
+import uuid
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from typing import Any
 
-from bridge.webhooks import ATTEMPTS, backoff, signature
+import pytest
+import structlog
+from aiohttp import web
+
+from bridge.store.webhooks import Pending
+from bridge.webhooks import ATTEMPTS, Deliverer, backoff, signature
 
 
 def test_the_signature_is_an_hmac_of_time_and_body():
@@ -22,3 +32,54 @@ def test_retries_back_off_to_five_minutes_and_end():
     assert waits[:4] == [1, 2, 4, 8]
     assert max(waits) == 300 and waits == sorted(waits)
     assert sum(waits) > 30 * 60, "an order system down for half an hour still gets its events"
+
+
+class _Repo:
+    """The outbox, in memory: what the deliverer marks delivered or failed."""
+
+    def __init__(self, events: list[Any]) -> None:
+        self.due = list(events)
+        self.failures: list[tuple[uuid.UUID, str, float | None]] = []
+        self.done = asyncio.Event()
+
+    async def claim(self, limit: int, lease_seconds: int) -> list[Any]:
+        batch, self.due = self.due[:limit], self.due[limit:]
+        return batch
+
+    async def delivered(self, event_id: uuid.UUID) -> None:
+        raise AssertionError("the receiver refused it")
+
+    async def failed(self, event_id: uuid.UUID, error: str, retry_in: float | None) -> None:
+        self.failures.append((event_id, error, retry_in))
+        self.done.set()
+
+
+async def test_a_refused_delivery_is_recorded_for_retry_and_logged(aiohttp_refusing_url):
+    event = Pending(uuid.uuid4(), 1, "call.ended", '{"call_id": "c"}', datetime.now(timezone.utc), 2)
+    repo = _Repo([event])
+    stop = asyncio.Event()
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(Deliverer(repo, aiohttp_refusing_url, "s" * 20, poll=0.05).run(stop))  # type: ignore[arg-type]
+        await asyncio.wait_for(repo.done.wait(), 5)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert repo.failures == [(event.id, "HTTP 503", backoff(3))]
+    failed = [entry for entry in logs if entry["event"] == "webhook.failed"]
+    assert failed and failed[0]["kind"] == "call.ended" and failed[0]["attempts"] == 3
+    assert not [entry for entry in logs if entry["event"] == "webhook.delivery_failed"], "the failure path itself works"
+
+
+@pytest.fixture
+async def aiohttp_refusing_url() -> AsyncIterator[str]:
+    async def refuse(_request: web.Request) -> web.Response:
+        return web.Response(status=503)
+
+    app = web.Application()
+    app.router.add_post("/hooks", refuse)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield f"http://127.0.0.1:{port}/hooks"
+    await runner.cleanup()
