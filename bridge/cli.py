@@ -87,7 +87,7 @@ class Tool:
             self.out(data)
             return
         for key in ("id", "order_id", "status", "pool_number", "region", "created_at", "expires_at",
-                    "idle_timeout_seconds", "grace_until", "closed_at", "end_reason"):
+                    "idle_timeout_seconds", "grace_until", "closed_at", "end_reason", "record"):
             print(f"{key:22} {_cell(data[key])}")
         for role, p in data["participants"].items():
             state = "live" if p["left_at"] is None else f"left {_cell(p['left_at'])}"

@@ -1217,3 +1217,34 @@ async def test_a_resumed_recorded_call_finishes_its_recording(harness) -> None:
     # Resumed with its recording running: no second announcement, no second recording.
     assert h.fake.find("POST", re.compile(r"/ari/channels/.+/play/.+")) == []
     assert h.fake.find("POST", f"/ari/bridges/{call_id}/record") == []
+
+
+async def test_a_recorded_call_resumed_before_its_recording_began_hears_the_announcement_first(harness) -> None:
+    """The earlier process stopped between the answer and the recording: both parties hear
+    the announcement (again) before they are joined and recorded."""
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
+                    bridge_id=str(call_id), answered_at=datetime.now(timezone.utc), record=True,
+                    recording_name=None)
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id))
+    await h.start()
+
+    await h.fake.wait_request("POST", f"/ari/channels/in-old/play/{call_id}-consent-caller")
+    await h.fake.wait_request("POST", f"/ari/channels/{outbound}/play/{call_id}-consent-callee")
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    await h.fake.finish_playback(f"{call_id}-consent-caller")
+    await h.fake.finish_playback(f"{call_id}-consent-callee")
+    record = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/record")
+    join = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/addChannel",
+                                     where=lambda r: r.query["channel"] == outbound)
+    assert record.index < join.index
+    await h.store.wait(lambda: h.store.calls_of("recording_started", call_id), "recording_started")
+
+    await h.fake.hangup("in-old", 16)
+    assert (await h.store.ended("in-old"))["hangup_by"] == "caller"
+    await h.settle()
+    assert h.store.recordings[call_id]["bytes"] == 16044
