@@ -23,6 +23,7 @@ from bridge.config import Settings
 from bridge.crypto import NumberVault
 from bridge.phone import normalize
 from bridge.pools import Pools
+from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
@@ -49,12 +50,16 @@ def policy_of(settings: Settings) -> Policy:
         quiet_hours=parse_quiet_setting(settings.quiet_hours),
         max_call_seconds=settings.max_call_duration,
         default_language=settings.default_language,
+        record_calls=settings.record_calls,
     )
 
 
-async def housekeeping(sessions: Sessions, interval: float, stop: asyncio.Event) -> None:
+async def housekeeping(
+    sessions: Sessions, interval: float, stop: asyncio.Event, recordings: Recordings | None = None
+) -> None:
     """Expire sessions, end cool-offs and grace periods, retire cooled numbers; purge old
-    real numbers once an hour. Routing checks expiry itself, so a late sweep is harmless."""
+    real numbers and delete old recordings once an hour. Routing checks expiry itself, so a
+    late sweep is harmless."""
     last_purge = -RETENTION_EVERY
     loop = asyncio.get_running_loop()
     while not stop.is_set():
@@ -64,6 +69,8 @@ async def housekeeping(sessions: Sessions, interval: float, stop: asyncio.Event)
                 log.info("housekeeping.swept", **counts)
             if loop.time() - last_purge >= RETENTION_EVERY:
                 await sessions.purge()
+                if recordings is not None:
+                    await recordings.purge()
                 last_purge = loop.time()
         except Exception:  # noqa: BLE001 - a database hiccup must not end housekeeping
             log.exception("housekeeping.failed")
@@ -145,12 +152,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         return {"ari": stream.connected.is_set(), "database": db_ok}
 
     blocklist = Blocklist(store, vault, policy)
-    runner = web.AppRunner(make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health))
+    recordings = Recordings(store, ari, settings.recording_token, settings.api_token,
+                            settings.recording_retention_days)
+    runner = web.AppRunner(
+        make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings)
+    )
     await runner.setup()
     site = web.TCPSite(runner, settings.api_bind, settings.api_port)
     await site.start()
     events = asyncio.create_task(stream.run(), name="ari-events")
-    sweeper = asyncio.create_task(housekeeping(sessions, settings.sweep_interval, stop), name="housekeeping")
+    sweeper = asyncio.create_task(
+        housekeeping(sessions, settings.sweep_interval, stop, recordings), name="housekeeping"
+    )
     blocks = asyncio.create_task(
         blocklist_listener(settings.database_url, store, dispatcher, stop), name="blocklist-listener"
     )

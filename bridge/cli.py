@@ -8,14 +8,14 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin pool list [--region R] [--state active|cooling|retired]
     maskbridge-admin pool retire +74950000001 [...]
     maskbridge-admin pool usage
-    maskbridge-admin session open ORDER COURIER CLIENT [--region R] [--ttl S] [--idle S] [--grace S]
+    maskbridge-admin session open ORDER COURIER CLIENT [--region R] [--ttl S] [--idle S] [--grace S] [--record]
     maskbridge-admin session show SESSION_ID | --order ORDER
     maskbridge-admin session list [--order ORDER] [--status open|grace|closed]
     maskbridge-admin session extend SESSION_ID [--ttl S] [--idle S]
     maskbridge-admin session reassign SESSION_ID NEW_COURIER
     maskbridge-admin session close SESSION_ID [--grace S]
     maskbridge-admin calls ORDER
-    maskbridge-admin housekeeping [--purge] [--older-than DAYS]
+    maskbridge-admin housekeeping [--purge] [--older-than DAYS] [--recordings] [--recordings-older-than DAYS]
     maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
     maskbridge-admin migrate
 
@@ -42,16 +42,21 @@ from bridge.config import ConfigError, Settings
 from bridge.crypto import NumberVault
 from bridge.errors import InvalidInput, NotFound, ServiceError
 from bridge.pools import Pools
+from bridge.recordings import Recordings
+from bridge.ari import AriClient
 from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate, pending
 
 
 class Tool:
-    def __init__(self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool) -> None:
+    def __init__(
+        self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool, recordings: Recordings
+    ) -> None:
         self.sessions = sessions
         self.pools = pools
         self.blocklist = blocklist
         self.as_json = as_json
+        self.recordings = recordings
 
     def out(self, data: Any, table: list[dict[str, Any]] | None = None, columns: list[str] | None = None) -> None:
         if self.as_json or table is None:
@@ -82,7 +87,7 @@ class Tool:
             self.out(data)
             return
         for key in ("id", "order_id", "status", "pool_number", "region", "created_at", "expires_at",
-                    "idle_timeout_seconds", "grace_until", "closed_at", "end_reason"):
+                    "idle_timeout_seconds", "grace_until", "closed_at", "end_reason", "record"):
             print(f"{key:22} {_cell(data[key])}")
         for role, p in data["participants"].items():
             state = "live" if p["left_at"] is None else f"left {_cell(p['left_at'])}"
@@ -113,8 +118,16 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                   "(it migrates) or run `maskbridge-admin migrate`", file=sys.stderr)
             return 2
         store = Store(pool)
-        tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json)
-        await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
+        ari = (AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
+               if settings.ari_url and settings.ari_user and settings.ari_password else None)
+        recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days)
+        tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json,
+                    recordings)
+        try:
+            await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
+        finally:
+            if ari is not None:
+                await ari.close()
         return 0
     finally:
         await pool.close()
@@ -164,7 +177,7 @@ def _session_arg(raw: str, what: str = "session") -> uuid.UUID:
 async def session_open(tool: Tool, a: argparse.Namespace) -> None:
     session, created = await tool.sessions.open(
         a.order, _number(a.courier), _number(a.client), region=a.region, ttl_seconds=a.ttl, idle_timeout_seconds=a.idle,
-        grace_seconds=a.grace,
+        grace_seconds=a.grace, record=True if a.record else None,
     )
     if not tool.as_json:
         print("opened" if created else "already open")
@@ -211,6 +224,9 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
     result = {"swept": await tool.sessions.sweep()}
     if a.purge:
         result["purged"] = await tool.sessions.purge(a.older_than)
+    if a.recordings:
+        # The audio is in Asterisk: this one needs ARI (MB_ARI_URL, MB_ARI_USER, MB_ARI_PASSWORD).
+        result["recordings"] = await tool.recordings.purge(a.recordings_older_than)
     tool.out(result)
 
 
@@ -274,6 +290,7 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--ttl", type=int)
     op.add_argument("--idle", type=int)
     op.add_argument("--grace", type=int)
+    op.add_argument("--record", action="store_true", help="record its calls (after a consent announcement)")
     show = ses.add_parser("show", help="a session, its participants and its history")
     show.add_argument("session", nargs="?")
     show.add_argument("--order", help="the latest session of this order")
@@ -305,6 +322,10 @@ def parser() -> argparse.ArgumentParser:
     hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
     hk.add_argument("--purge", action="store_true")
     hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")
+    hk.add_argument("--recordings", action="store_true",
+                    help="delete recordings past their retention, through ARI (needs MB_ARI_URL/USER/PASSWORD)")
+    hk.add_argument("--recordings-older-than", type=int, dest="recordings_older_than",
+                    help="days (default MB_RECORDING_RETENTION_DAYS)")
     return p
 
 

@@ -68,6 +68,23 @@ def _block_keys() -> str:
     return keys
 
 
+def _yes_no(name: str, default: str) -> bool:
+    value = os.environ.get(name, default).strip().lower()
+    if value not in ("yes", "no"):
+        raise ConfigError(f"{name} must be yes or no")
+    return value == "yes"
+
+
+def _recording_token(api_token: str) -> str:
+    """MB_RECORDING_TOKEN: the only key to recordings (empty: nobody reaches them)."""
+    token = os.environ.get("MB_RECORDING_TOKEN", "")
+    if token and len(token) < 16:
+        raise ConfigError("MB_RECORDING_TOKEN must be at least 16 characters")
+    if token and token == api_token:
+        raise ConfigError("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
+    return token
+
+
 def _number_key() -> str:
     """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
     path = os.environ.get("MB_NUMBER_KEY_FILE")
@@ -108,6 +125,9 @@ class Settings:
     default_language: str = "en"
     webhook_url: str = ""
     webhook_secret: str = ""
+    record_calls: bool = False
+    recording_token: str = ""
+    recording_retention_days: int = 30
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -145,5 +165,8 @@ class Settings:
             duration_warning=float(_int("MB_CALL_WARNING", 30)),
             block_keys=_block_keys(),
             default_language=_language(),
+            record_calls=_yes_no("MB_RECORD_CALLS", "no"),
+            recording_token=_recording_token(token),
+            recording_retention_days=_int("MB_RECORDING_RETENTION_DAYS", 30),
             **_webhook(),
         )

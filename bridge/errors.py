@@ -39,3 +39,23 @@ class TooLarge(ServiceError):
 
 class PoolExhausted(Conflict):
     code = "pool_exhausted"
+
+
+class Unauthorized(ServiceError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(ServiceError):
+    code = "forbidden"
+    http_status = 403
+
+
+class Gone(ServiceError):
+    code = "gone"
+    http_status = 410
+
+
+class Unavailable(ServiceError):
+    code = "unavailable"
+    http_status = 503

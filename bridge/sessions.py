@@ -43,6 +43,7 @@ class Policy:
     quiet_hours: QuietHours | None = None
     max_call_seconds: int = 0  # 0: no maximum
     default_language: str = "en"  # of announcements, for pool numbers without one
+    record_calls: bool = False  # sessions opened without "record" have their calls recorded
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Route:
     pool_known: bool = True  # the dialed number is one of our pool numbers
     max_call_seconds: int | None = None  # after this long connected, the bridge ends the call
     language: str = "en"  # of what the caller is told
+    record: bool = False  # both hear that the call is recorded, then the bridge records it
 
 
 def phone_number(field: str, raw: object, region: str) -> str:
@@ -89,6 +91,14 @@ def seconds(field: str, raw: object, *, minimum: int = 1, default: int | None = 
 
 def _quiet_json(value: QuietHours | bool | None) -> Any:
     return value.to_json() if isinstance(value, QuietHours) else value
+
+
+def _flag(field: str, raw: object, default: bool) -> bool:
+    if raw is None:
+        return default
+    if not isinstance(raw, bool):
+        raise InvalidInput(f"{field} must be true or false", field=field)
+    return raw
 
 
 def region_code(raw: object) -> str | None:
@@ -129,6 +139,7 @@ class Sessions:
         calls_per_day: object = None,
         quiet: object = None,
         max_call_seconds: object = None,
+        record: object = None,
     ) -> tuple[SessionRow, bool]:
         """Open the order's session, or return the one already open. Returns (session, created).
         Everything is checked before anything is written."""
@@ -147,6 +158,7 @@ class Sessions:
             calls_per_day=cap("calls_per_day", calls_per_day),
             quiet_hours=_quiet_json(quiet_hours(quiet)),
             max_call_seconds=seconds("max_call_seconds", max_call_seconds),
+            record=_flag("record", record, self.policy.record_calls),
         )
         if terms.grace_seconds and not self.policy.support_number:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
@@ -325,7 +337,8 @@ class Sessions:
                              caller_participant_id=row.participant_id, callee_role="support",
                              callee_number=self.policy.support_number, shown_number=row.pool_number,
                              max_call_seconds=(row.max_call_seconds if row.max_call_seconds is not None
-                                               else self.policy.max_call_seconds) or None, language=language)
+                                               else self.policy.max_call_seconds) or None, language=language,
+                             record=row.record)
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished
@@ -338,7 +351,8 @@ class Sessions:
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
-                     shown_number=row.other_pool_number, max_call_seconds=longest or None, language=language)
+                     shown_number=row.other_pool_number, max_call_seconds=longest or None, language=language,
+                     record=row.record)
 
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
         """The client pressed the block keys: `participant_id` reaches no one on this session."""

@@ -27,6 +27,7 @@ from bridge.blocklist import Blocklist
 from bridge.errors import InvalidInput, NotFound, ServiceError, TooLarge
 from bridge.phone import mask
 from bridge.pools import Pools
+from bridge.recordings import Recordings, render_recording
 from bridge.sessions import ORDER_ID, REGION_FORM, Sessions
 from bridge.store.blocklist import BlockedRow
 from bridge.store.pools import PoolNumberRow
@@ -39,6 +40,7 @@ HealthCheck = Callable[[], Awaitable[dict[str, Any]]]
 SESSIONS = web.AppKey("sessions", Sessions)
 POOLS = web.AppKey("pools", Pools)
 BLOCKLIST = web.AppKey("blocklist", Blocklist)
+RECORDINGS = web.AppKey("recordings", Recordings)
 HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 
 JSON_BODY_LIMIT = 64 * 1024
@@ -111,6 +113,7 @@ def render_session(sessions: Sessions, s: SessionRow) -> dict[str, Any]:
         "calls_per_day": s.calls_per_day,
         "quiet_hours": s.quiet_hours,
         "max_call_seconds": s.max_call_seconds,  # null: MB_MAX_CALL_DURATION
+        "record": s.record,
     }
 
 
@@ -136,12 +139,19 @@ def render_block(blocklist: Blocklist, entry: BlockedRow) -> dict[str, Any]:
 # --- middlewares ---------------------------------------------------------------------------
 
 
+def _recording_route(request: web.Request) -> bool:
+    """Whether the request is for a recording route (which checks the recording token itself,
+    and audits every attempt)."""
+    resource = getattr(request.match_info.route, "resource", None)
+    return resource is not None and resource.canonical in RECORDING_PATHS
+
+
 def _auth_middleware(token: str) -> Middleware:
     expected = token.encode()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS:
+        if request.path in PUBLIC_PATHS or _recording_route(request):
             return await handler(request)
         scheme, _, given = request.headers.get("Authorization", "").partition(" ")
         # surrogateescape: a header with bytes that are not UTF-8 is a wrong token, not a crash
@@ -161,7 +171,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ServiceError as exc:
-        return _error(exc.http_status, exc.code, str(exc), exc.details)
+        response = _error(exc.http_status, exc.code, str(exc), exc.details)
+        if exc.http_status == 401:
+            response.headers["WWW-Authenticate"] = 'Bearer realm="maskbridge"'
+        return response
     except web.HTTPException as exc:
         if exc.status >= 400:
             code = "body_too_large" if exc.status == 413 else exc.reason.lower().replace(" ", "_")
@@ -258,7 +271,7 @@ def _query(request: web.Request, name: str, pattern: re.Pattern[str]) -> str | N
 # --- sessions ------------------------------------------------------------------------------
 
 OPEN_FIELDS = {"order_id", "courier_number", "client_number", "region", "ttl_seconds", "idle_timeout_seconds",
-               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds"}
+               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record"}
 
 
 async def open_session(request: web.Request) -> web.Response:
@@ -277,6 +290,7 @@ async def open_session(request: web.Request) -> web.Response:
         calls_per_day=body.get("calls_per_day"),
         quiet=body.get("quiet_hours"),
         max_call_seconds=body.get("max_call_seconds"),
+        record=body.get("record"),
     )
     return _json(render_session(sessions, session), 201 if created else 200)
 
@@ -427,6 +441,63 @@ async def unblock(request: web.Request) -> web.Response:
     return _json(render_block(blocklist, await blocklist.remove(entry_id)))
 
 
+# --- recordings ------------------------------------------------------------------------------
+# Only the recording token (MB_RECORDING_TOKEN) reaches these; every request, granted or
+# not, is written to the audit by the Recordings service.
+
+
+def _who(request: web.Request) -> tuple[str, str | None]:
+    """(which token the request holds, where it came from)."""
+    return request.app[RECORDINGS].actor(request.headers.get("Authorization", "")), request.remote
+
+
+def _call_id(request: web.Request) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(request.match_info["call_id"])
+    except ValueError:
+        return None  # no such call; the audit records the attempt all the same
+
+
+async def recording_metadata(request: web.Request) -> web.Response:
+    actor, remote = _who(request)
+    row = await request.app[RECORDINGS].metadata(actor, remote, _call_id(request))
+    return _json(render_recording(row))
+
+
+async def recording_audio(request: web.Request) -> web.StreamResponse:
+    """The recording as one WAV file, streamed from Asterisk."""
+    actor, remote = _who(request)
+    async with request.app[RECORDINGS].audio(actor, remote, _call_id(request)) as (row, stored):
+        response = web.StreamResponse(headers={
+            "Content-Type": "audio/wav",
+            "Content-Disposition": f'attachment; filename="call-{row.call_id}.wav"',
+            "Cache-Control": "no-store",
+        })
+        if stored.length is not None:
+            response.content_length = stored.length
+        await response.prepare(request)
+        async for chunk in stored.chunks:
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+async def recording_access_log(request: web.Request) -> web.Response:
+    actor, remote = _who(request)
+    raw_call = request.query.get("call_id")
+    call_id: uuid.UUID | None = None
+    if raw_call is not None:
+        try:
+            call_id = uuid.UUID(raw_call)
+        except ValueError:
+            raise InvalidInput("call_id is not a valid call_id", field="call_id") from None
+    limit, cursor = _page(request)
+    if cursor is not None and (isinstance(cursor, bool) or not isinstance(cursor, int)):
+        raise InvalidInput("cursor is not one this API gave out", field="cursor")
+    rows = await request.app[RECORDINGS].access_log(actor, remote, call_id, cursor, limit)
+    return _json(_listing(rows, limit, lambda r: r["id"]))
+
+
 # --- service -------------------------------------------------------------------------------
 
 
@@ -460,17 +531,23 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/blocklist", block_number),
     ("GET", "/v1/blocklist", list_blocked),
     ("DELETE", "/v1/blocklist/{entry_id}", unblock),
+    ("GET", "/v1/calls/{call_id}/recording", recording_metadata),
+    ("GET", "/v1/calls/{call_id}/recording/audio", recording_audio),
+    ("GET", "/v1/recordings/access", recording_access_log),
 ]
+RECORDING_PATHS = ("/v1/calls/{call_id}/recording", "/v1/calls/{call_id}/recording/audio", "/v1/recordings/access")
 
 
 def make_app(
-    sessions: Sessions, pools: Pools, blocklist: Blocklist, token: str, health_check: HealthCheck
+    sessions: Sessions, pools: Pools, blocklist: Blocklist, token: str, health_check: HealthCheck,
+    recordings: Recordings,
 ) -> web.Application:
     app = web.Application(middlewares=[_errors, _auth_middleware(token)], client_max_size=IMPORT_BODY_LIMIT)
     app[SESSIONS] = sessions
     app[POOLS] = pools
     app[BLOCKLIST] = blocklist
     app[HEALTH] = health_check
+    app[RECORDINGS] = recordings
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     return app

@@ -121,6 +121,37 @@ RESPONSES: dict[str, Schema] = {
             }
         },
     },
+    "RecordingUnauthorized": {
+        **_error_response(
+            "`unauthorized`: the `Authorization` header is missing, or holds neither the recording token nor the "
+            "API token. The attempt is written to the audit.",
+            {"unauthorized": ("unauthorized", "missing or wrong recording token", None)},
+        ),
+        "headers": {
+            "WWW-Authenticate": {
+                "description": "Always `Bearer realm=\"maskbridge\"`.",
+                "schema": {"type": "string", "const": 'Bearer realm="maskbridge"'},
+            }
+        },
+    },
+    "RecordingForbidden": _error_response(
+        "`recording_token_required`: the API token (`MB_API_TOKEN`) does not reach recordings. The attempt is "
+        "written to the audit.",
+        {"recording_token_required": (
+            "recording_token_required",
+            "the API token does not reach recordings: they take the recording token", None)},
+    ),
+    "RecordingNotFound": _error_response(
+        "`recording_not_found`: the call does not exist, was not recorded, or its audio is missing from "
+        "Asterisk (an id that is not a UUID is not found either). Audited.",
+        {"recording_not_found": ("recording_not_found", "this call has no recording", None)},
+    ),
+    "RecordingDeleted": _error_response(
+        "`recording_deleted`: the recording was deleted under the retention policy "
+        "(`MB_RECORDING_RETENTION_DAYS`). Audited.",
+        {"recording_deleted": ("recording_deleted", "the recording was deleted under the retention policy",
+                               {"deleted_at": "2025-06-12T10:00:00+00:00"})},
+    ),
     "InternalError": _error_response(
         "`internal_error`: the bridge failed (the database is unreachable, for example). The failure is "
         "logged; the request may be retried.",
@@ -194,6 +225,13 @@ PARAMETERS: dict[str, Schema] = {
         "description": "The session's id.",
         "schema": UUID,
     },
+    "CallId": {
+        "name": "call_id",
+        "in": "path",
+        "required": True,
+        "description": "The call's id (`id` of a Call).",
+        "schema": UUID,
+    },
     "BlockEntryId": {
         "name": "entry_id",
         "in": "path",
@@ -216,6 +254,7 @@ PAGE_PARAMETERS = [_parameter_ref("Limit"), _parameter_ref("Cursor")]
 SESSION_PARAMETERS = [_parameter_ref("SessionId")]
 NUMBER_PARAMETERS = [_parameter_ref("PoolNumber")]
 BLOCK_ENTRY_PARAMETERS = [_parameter_ref("BlockEntryId")]
+CALL_PARAMETERS = [_parameter_ref("CallId")]
 
 
 # --- schemas --------------------------------------------------------------------------------
@@ -254,8 +293,10 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 400 `invalid_json`: the body is not a JSON object.
 * 401 `unauthorized`: the bearer token is missing or wrong; the answer has the header
   `WWW-Authenticate: Bearer realm="maskbridge"`.
-* 404 `session_not_found`, `pool_number_not_found`, `block_not_found`; `not_found` for a path that is no
-  route.
+* 403 `recording_token_required`: a recording route was asked with the API token; recordings take the
+  recording token (`MB_RECORDING_TOKEN`).
+* 404 `session_not_found`, `pool_number_not_found`, `block_not_found`, `recording_not_found` (the call has
+  no recording); `not_found` for a path that is no route.
 * 405 `method_not_allowed`: the path exists, the method does not; the `Allow` header lists the methods it has.
 * 409 `order_has_open_session`: the order already has an open session, with another courier or client
   number than the request's. `details`: `session_id` (the open session) and `field` (`courier_number` or
@@ -263,8 +304,10 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 409 `pool_exhausted`: no pool number is free for the pair. `details`: `active_numbers`, `courier_holds`
   and `client_holds` (`{live, cooling}` counts of the numbers each one holds), `numbers_needed`.
 * 409 `contention`: too many concurrent requests raced for the same numbers; retry.
+* 409 `recording_in_progress`: the call is still being recorded; its audio can be fetched once it ended.
 * 409 `session_ended`: the change needs an open session, and the session is in grace or closed, or was
   past its expiry or idle timeout (it is ended then, not revived).
+* 410 `recording_deleted`: the recording was deleted under the retention policy (`details.deleted_at`).
 * 413 `body_too_large`: the body is larger than the endpoint takes (64 KiB for JSON, 4 MiB for a pool
   number import), whether `Content-Length` says so or a chunked body turns out larger.
 * 422 `invalid_input`: a field or parameter is missing, unknown or out of range; `details.field` names it
@@ -273,6 +316,7 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 422 `invalid_import`: a pool number import had bad rows; nothing was imported. The message lists up to 20
   of them; `details.problems` counts them all.
 * 500 `internal_error`: the bridge failed; the failure is logged.
+* 503 `asterisk_unavailable`: the recording's audio could not be fetched from Asterisk.
 
 Messages are for people and may change; never parse them. They never hold a real number."""
 
@@ -313,6 +357,13 @@ QUIET_HOURS: dict[str, Any] = {
 }
 
 
+RECORD_DESCRIPTION = (
+    "Whether the session's calls are recorded. Then, when the called phone answers, both parties hear that the "
+    "call is recorded (each on their own line, before they hear each other), and the call is recorded as one "
+    "WAV file, reached only with the recording token (`MB_RECORDING_TOKEN`) and deleted after "
+    "`MB_RECORDING_RETENTION_DAYS`."
+)
+
 SCHEMAS: dict[str, Schema] = {
     "Error": {
         "type": "object",
@@ -352,6 +403,7 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "`order_has_open_session`: the order's open session.",
             },
             "problems": {"type": "integer", "minimum": 1, "description": "`invalid_import`: how many rows were bad."},
+            "deleted_at": {**TIMESTAMP, "description": "`recording_deleted`: when the retention job deleted it."},
             "active_numbers": {
                 "type": "integer",
                 "minimum": 0,
@@ -403,7 +455,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
             "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
-            "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds",
+            "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record",
         ],
         "properties": {
             "id": UUID,
@@ -449,6 +501,7 @@ SCHEMAS: dict[str, Schema] = {
             "calls_per_day": CALL_CAP,
             "quiet_hours": QUIET_HOURS,
             "max_call_seconds": MAX_CALL_SECONDS,
+            "record": {"type": "boolean", "description": RECORD_DESCRIPTION},
         },
     },
     "SessionList": _list_of("Session", "Sessions, newest first."),
@@ -487,7 +540,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "session_id", "pool_number", "caller_role", "caller_participant_id", "callee_role",
             "callee_participant_id", "state", "outcome", "hangup_by", "hangup_cause", "cut_reason", "started_at",
-            "answered_at", "ended_at", "duration_seconds",
+            "answered_at", "ended_at", "duration_seconds", "record",
         ],
         "properties": {
             "id": UUID,
@@ -539,8 +592,55 @@ SCHEMAS: dict[str, Schema] = {
                 "type": ["number", "null"],
                 "description": "Talk time, from answer to end; null unless the call was answered and has ended.",
             },
+            "record": {
+                "type": "boolean",
+                "description": "Its session records calls: see `GET /v1/calls/{call_id}/recording`. A call "
+                "that ended before it was connected has no recording.",
+            },
         },
     },
+    "Recording": {
+        "type": "object",
+        "description": "The recording of one call: the bridged call from after the consent announcement to its "
+        "end, both parties mixed, in one file.",
+        "required": ["id", "call_id", "session_id", "format", "started_at", "ended_at", "duration_ms", "bytes",
+                     "deleted_at"],
+        "properties": {
+            "id": UUID,
+            "call_id": UUID,
+            "session_id": {"type": ["string", "null"], "format": "uuid"},
+            "format": {"type": "string", "enum": ["wav"], "description": "WAV, 8 kHz 16-bit mono."},
+            "started_at": TIMESTAMP,
+            "ended_at": {**NULLABLE_TIMESTAMP, "description": "Null while the call is still being recorded."},
+            "duration_ms": {"type": ["integer", "null"], "minimum": 0, "description": "Length of the audio."},
+            "bytes": {"type": ["integer", "null"], "minimum": 0, "description": "Size of the WAV file."},
+            "deleted_at": {**NULLABLE_TIMESTAMP, "description": "When retention deleted the audio (then the "
+                           "recording routes answer 410)."},
+        },
+    },
+    "RecordingAccess": {
+        "type": "object",
+        "description": "One access to the recordings, as the audit keeps it: granted or not.",
+        "required": ["id", "at", "recording_id", "call_id", "actor", "remote", "action", "result", "status"],
+        "properties": {
+            "id": {"type": "integer"},
+            "at": TIMESTAMP,
+            "recording_id": {"type": ["string", "null"], "format": "uuid",
+                             "description": "Null when no recording was reached (denied, not found)."},
+            "call_id": {"type": ["string", "null"], "format": "uuid", "description": "The call asked for."},
+            "actor": {
+                "type": "string",
+                "enum": ["recording_token", "api_token", "invalid_token", "no_token", "retention"],
+                "description": "Which token the request held (never the token itself); `retention`: the "
+                "housekeeping deleted the recording.",
+            },
+            "remote": {"type": ["string", "null"], "description": "The address the request came from."},
+            "action": {"type": "string", "enum": ["metadata", "download", "audit", "delete"]},
+            "result": {"type": "string", "enum": ["granted", "denied", "not_found", "gone", "failed"]},
+            "status": {"type": "integer", "description": "The HTTP status answered."},
+        },
+    },
+    "RecordingAccessList": _list_of("RecordingAccess", "The audit, newest first."),
     "CallList": {
         **_list_of("Call", "Calls, oldest first."),
         "properties": {
@@ -703,6 +803,8 @@ SCHEMAS: dict[str, Schema] = {
             "calls_per_day": CALL_CAP,
             "quiet_hours": QUIET_HOURS,
             "max_call_seconds": MAX_CALL_SECONDS,
+            "record": {"type": ["boolean", "null"], "description": RECORD_DESCRIPTION + " Null: the bridge's "
+                       "default (`MB_RECORD_CALLS`, no)."},
         },
         "description": "Null is the same as leaving a field out. Seconds are JSON integers (`5.0` and `true` "
         f"are refused), at most {MAX_SECONDS} (31 days).",
@@ -888,6 +990,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "calls_per_day": None,
     "quiet_hours": {"from": "22:00", "to": "08:00", "timezone": "Europe/Moscow"},
     "max_call_seconds": None,
+    "record": False,
 }
 
 
@@ -1479,6 +1582,94 @@ PATHS: dict[str, Schema] = {
             },
         },
     },
+    "/v1/calls/{call_id}/recording": {
+        "parameters": CALL_PARAMETERS,
+        "get": {
+            "operationId": "getCallRecording",
+            "tags": ["recordings"],
+            "summary": "A call's recording",
+            "description": "What is known of the call's recording (not the audio). Only with the recording token; "
+            "every request, granted or not, is written to the audit.\n\nErrors: 401 `unauthorized`; 403 "
+            "`recording_token_required`; 404 `recording_not_found`; 410 `recording_deleted`; 500 `internal_error`.",
+            "security": [{"recording": []}],
+            "responses": {
+                "200": _json_response("The recording.", _ref("Recording")),
+                "401": _response_ref("RecordingUnauthorized"),
+                "403": _response_ref("RecordingForbidden"),
+                "404": _response_ref("RecordingNotFound"),
+                "410": _response_ref("RecordingDeleted"),
+                "500": INTERNAL,
+            },
+        },
+    },
+    "/v1/calls/{call_id}/recording/audio": {
+        "parameters": CALL_PARAMETERS,
+        "get": {
+            "operationId": "getCallRecordingAudio",
+            "tags": ["recordings"],
+            "summary": "A call's recording: the audio",
+            "description": "The recording as one WAV file (`audio/wav`), streamed from Asterisk. Only with the "
+            "recording token; every request, granted or not, is written to the audit.\n\nErrors: 401 "
+            "`unauthorized`; 403 `recording_token_required`; 404 `recording_not_found`; 409 "
+            "`recording_in_progress`; 410 `recording_deleted`; 500 `internal_error`; 503 `asterisk_unavailable`.",
+            "security": [{"recording": []}],
+            "responses": {
+                "200": {
+                    "description": "The WAV file (8 kHz, 16-bit mono).",
+                    "content": {"audio/wav": {"schema": {"type": "string", "contentMediaType": "audio/wav"}}},
+                },
+                "401": _response_ref("RecordingUnauthorized"),
+                "403": _response_ref("RecordingForbidden"),
+                "404": _response_ref("RecordingNotFound"),
+                "409": _error_response(
+                    "`recording_in_progress`: the call is still being recorded.",
+                    {"recording_in_progress": ("recording_in_progress", "the call is still being recorded", None)},
+                ),
+                "410": _response_ref("RecordingDeleted"),
+                "500": INTERNAL,
+                "503": _error_response(
+                    "`asterisk_unavailable`: Asterisk did not hand out the audio; try again later.",
+                    {"asterisk_unavailable": ("asterisk_unavailable",
+                                              "Asterisk did not hand out the recording: no answer", None)},
+                ),
+            },
+        },
+    },
+    "/v1/recordings/access": {
+        "get": {
+            "operationId": "listRecordingAccess",
+            "tags": ["recordings"],
+            "summary": "The recordings' audit",
+            "description": "Every access to the recordings (granted or not) and every deletion by retention, "
+            "newest first; reading it is written to it too. Only with the recording token. Paginated by "
+            "cursor.\n\nErrors: 401 `unauthorized`; 403 `recording_token_required`; 422 `invalid_input` "
+            "(`call_id`, `limit`, `cursor`); 500 `internal_error`.",
+            "security": [{"recording": []}],
+            "parameters": [
+                {
+                    "name": "call_id",
+                    "in": "query",
+                    "required": False,
+                    "description": "Only the accesses to this call's recording.",
+                    "schema": UUID,
+                },
+                *PAGE_PARAMETERS,
+            ],
+            "responses": {
+                "200": _json_response("A page of the audit.", _ref("RecordingAccessList")),
+                "401": _response_ref("RecordingUnauthorized"),
+                "403": _response_ref("RecordingForbidden"),
+                "422": _invalid(
+                    "`invalid_input`: `call_id` is not a UUID, or `limit` or `cursor` is bad (`details.field` "
+                    "names it).",
+                    call_id=("invalid_input", "call_id is not a valid call_id", {"field": "call_id"}),
+                    limit=("invalid_input", f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
+                    cursor=("invalid_input", "cursor is not one this API gave out", {"field": "cursor"}),
+                ),
+                "500": INTERNAL,
+            },
+        },
+    },
     "/v1/pool-usage": {
         "get": {
             "operationId": "getPoolUsage",
@@ -1529,6 +1720,10 @@ progress are ended by the bridge as soon as it is blocked.
 `Authorization: Bearer <token>` (`MB_API_TOKEN`; the scheme is matched case-insensitively). Without it,
 or with a wrong token: 401 `unauthorized` with `WWW-Authenticate: Bearer realm="maskbridge"`.
 
+**Recordings** (sessions opened with `"record": true`) are reached only with the separate recording token
+(`MB_RECORDING_TOKEN`), never with the API token (403 `recording_token_required`); every access, granted
+or not, is written to an audit that the same token reads.
+
 **Requests**: JSON bodies are objects of at most {JSON_BODY_LIMIT} bytes (larger: 413 `body_too_large`);
 unknown fields are refused.
 
@@ -1559,6 +1754,8 @@ _DOCUMENT: dict[str, Any] = {
         {"name": "pool-numbers", "description": "The pool: import, list, retire, utilisation."},
         {"name": "blocklist", "description": "Real numbers whose calls are refused on every session: block, list, "
          "unblock."},
+        {"name": "recordings", "description": "Recorded calls: metadata, audio, the audit. Only with the recording "
+         "token."},
         {"name": "service", "description": "Health and this document; no token needed."},
     ],
     "paths": PATHS,
@@ -1569,7 +1766,13 @@ _DOCUMENT: dict[str, Any] = {
                 "scheme": "bearer",
                 "description": "The API token (`MB_API_TOKEN`, at least 16 characters): "
                 "`Authorization: Bearer <token>`.",
-            }
+            },
+            "recording": {
+                "type": "http",
+                "scheme": "bearer",
+                "description": "The recording token (`MB_RECORDING_TOKEN`, at least 16 characters, not the API "
+                "token): `Authorization: Bearer <token>`. Only the recording routes take it.",
+            },
         },
         "parameters": PARAMETERS,
         "responses": RESPONSES,

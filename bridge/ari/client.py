@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -23,6 +26,15 @@ def _params(values: dict[str, Any]) -> dict[str, str]:
         else:
             out[key] = str(value)
     return out
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """A stored recording's audio as Asterisk serves it: its size and a stream of chunks."""
+
+    content_type: str
+    length: int | None
+    chunks: AsyncIterator[bytes]
 
 
 class AriClient:
@@ -202,6 +214,54 @@ class AriClient:
 
     async def destroy_bridge(self, bridge_id: str) -> None:
         await self.request("DELETE", f"/bridges/{bridge_id}")
+
+    # --- recordings -----------------------------------------------------------------
+
+    async def record_bridge(self, bridge_id: str, name: str, fmt: str = "wav") -> dict[str, Any]:
+        """Record everything the bridge mixes, as one file `name`.`fmt` in Asterisk's
+        recording spool (never overwriting one)."""
+        return await self.request(
+            "POST",
+            f"/bridges/{bridge_id}/record",
+            {"name": name, "format": fmt, "ifExists": "fail", "beep": False, "terminateOn": "none"},
+        )
+
+    async def stop_recording(self, name: str) -> None:
+        """Stop a live recording and keep what it recorded (RecordingFinished follows)."""
+        await self.request("POST", f"/recordings/live/{name}/stop")
+
+    async def stored_recording(self, name: str) -> dict[str, Any]:
+        return await self.request("GET", f"/recordings/stored/{name}")
+
+    async def delete_stored_recording(self, name: str) -> None:
+        await self.request("DELETE", f"/recordings/stored/{name}")
+
+    @asynccontextmanager
+    async def stored_recording_file(self, name: str, chunk_size: int = 64 * 1024) -> AsyncIterator[StoredFile]:
+        """The audio of a stored recording, streamed (never held in memory whole)."""
+        method, path = "GET", f"/recordings/stored/{name}/file"
+        # No total timeout: a long recording to a slow client takes what it takes; a
+        # stalled read still ends.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+        try:
+            async with self.session.get(f"{self.base_url}/ari{path}", timeout=timeout) as resp:
+                if resp.status >= 400:
+                    message = await resp.text()
+                    try:
+                        message = (await resp.json(content_type=None)).get("message", message)
+                    except (ValueError, AttributeError):
+                        pass
+                    raise from_status(method, path, resp.status, message)
+                yield StoredFile(resp.content_type, resp.content_length, resp.content.iter_chunked(chunk_size))
+        except AriError:
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise AriUnavailable(method, path, None, type(exc).__name__) from exc
+
+    async def stored_recording_size(self, name: str) -> int | None:
+        """The size in bytes of a stored recording's file (read from the headers only)."""
+        async with self.stored_recording_file(name) as stored:
+            return stored.length
 
     # --- application ----------------------------------------------------------------
 

@@ -33,6 +33,9 @@ BLOCKED_SOUND = "cannot-complete-as-dialed"
 UNAVAILABLE_SOUND = "all-circuits-busy-now"  # as the dialplan plays when the bridge is down
 BLOCK_CONFIRMED_SOUND = "auth-thankyou"  # to the client who blocked the other party
 TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours
+CONSENT_SOUND = "conf-now-recording"  # "this call is now being recorded", to both parties
+RECORDING_FORMAT = "wav"  # Asterisk's wav: 8 kHz 16-bit mono after a 44-byte header
+RECORDING_FINISH_TIMEOUT = 5.0  # seconds to wait for Asterisk to close a stopped recording
 CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
 
 # Hangup cause of the other leg (before answer) -> the call's outcome. The caller is hung
@@ -53,6 +56,7 @@ _GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
 class CallState(enum.Enum):
     ROUTING = "routing"  # a few ms of silence while the session is looked up
     RINGING = "ringing"  # the caller hears the other phone ring
+    CONSENT = "consent"  # answered; both hear that the call is recorded, each on their own
     CONNECTED = "connected"  # they talk
     ANNOUNCING = "announcing"  # the caller hears why the call cannot be put through
     ENDED = "ended"
@@ -68,6 +72,8 @@ class CallStore(Protocol):
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
     async def call_announcing(self, call_id: uuid.UUID) -> None: ...
+    async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID: ...
+    async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None: ...
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
     ) -> None: ...
@@ -107,6 +113,19 @@ def _gone(event: Event, channel_id: str) -> bool:
     return event.get("type") in _GONE and _channel_of(event) == channel_id
 
 
+def _finished_playback(event: Event) -> str | None:
+    """The id of the playback an event says has finished, if it says so."""
+    if event.get("type") != "PlaybackFinished":
+        return None
+    playback = event.get("playback")
+    return playback.get("id") if isinstance(playback, dict) else None
+
+
+def wav_duration_ms(size: int) -> int:
+    """The length of an Asterisk wav recording (8 kHz, 16-bit mono) from its file size."""
+    return max(0, size - 44) // 16
+
+
 class MaskedCall:
     """The state machine of one call. Events arrive through `feed`, in order, and are
     handled by the single task running `run`."""
@@ -141,6 +160,7 @@ class MaskedCall:
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._client_digits = ""
+        self._recording: str | None = None  # the name of this call's recording in Asterisk
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -161,6 +181,11 @@ class MaskedCall:
 
     def channel_ids(self) -> list[str]:
         return [self.inbound_id, self.outbound_id]
+
+    def keys(self) -> list[str]:
+        """What the dispatcher finds this call by: its channels, and its bridge (for the
+        events of the bridge's recording)."""
+        return [*self.channel_ids(), f"bridge:{self.bridge_id}"]
 
     async def _next(self, deadline: float | None) -> Event | None:
         """The next event of this call, or None once `deadline` (monotonic) has passed."""
@@ -229,6 +254,7 @@ class MaskedCall:
                 except Exception:  # noqa: BLE001 - the database may be what failed
                     log.exception("call.row_not_ended")
         finally:
+            await self._finish_recording()
             await self._destroy_bridge()
 
     def _sounds(self) -> str:
@@ -305,6 +331,7 @@ class MaskedCall:
             callee_role=route.callee_role if route else None,
             callee_participant_id=route.callee_participant_id if route else None,
             max_seconds=route.max_call_seconds if route else None,
+            record=route.record if route else False,
         )
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
@@ -357,7 +384,10 @@ class MaskedCall:
             await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(name,i)", pool)
             await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
             self._bridge_created = True
-            await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
+            if not route.record:
+                # In the bridge from now on, the caller hears the other phone ring. A recorded
+                # call's legs are joined only after both heard the consent announcement.
+                await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
         except (AriNotFound, AriConflict):  # the caller's channel is gone or leaving
             await self._end("caller_cancelled", "caller", None)
             return
@@ -405,8 +435,15 @@ class MaskedCall:
                 return
             if event.get("type") == "StasisStart" and _channel_of(event) == self.outbound_id:
                 break
-        await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
+        if not route.record:
+            await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
+        if route.record:
+            # Held apart from the other leg, the caller is told it rings by signalling.
+            try:
+                await self.ari.ring(self.inbound_id)
+            except (AriNotFound, AriConflict):
+                pass  # the caller left: the loop below sees it
         log.info("call.ringing", callee=mask(route.callee_number or ""), callee_role=route.callee_role)
 
         deadline = time.monotonic() + self.settings.ring_timeout
@@ -449,8 +486,94 @@ class MaskedCall:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
             pass  # the caller left at the moment of answer; the loop below sees it
+        if self.route is not None and self.route.record:
+            if not await self._consent():
+                return
+            await self._join_and_record()
         log.info("call.connected")
         await self._supervise()
+
+    async def _consent(self) -> bool:
+        """Both parties hear that the call is recorded, each on their own leg while the two
+        are held apart, before they hear each other. False when the call ended meanwhile
+        (either hung up: the call ends as answered, by them)."""
+        self.state = CallState.CONSENT
+        log.info("call.consent_announcement")
+        pending = {f"{self.id}-consent-caller": self.inbound_id, f"{self.id}-consent-callee": self.outbound_id}
+        for playback_id, channel_id in list(pending.items()):
+            try:
+                await self.ari.play(channel_id, f"sound:{CONSENT_SOUND}", playback_id, self._sounds())
+            except (AriNotFound, AriConflict):
+                pass  # that side hung up meanwhile: its hangup is among the events
+        deadline = time.monotonic() + self.settings.announcement_timeout
+        while pending:
+            event = await self._next(deadline)
+            if event is None:
+                raise RuntimeError("the consent announcement did not finish")
+            if event.get("type") == CUT:
+                await self._cut(event, "answered")
+                return False
+            if _gone(event, self.inbound_id):
+                await self._hangup(self.outbound_id)
+                await self._end("answered", "caller", _cause(event))
+                return False
+            if event.get("type") == "ChannelDestroyed" and _channel_of(event) == self.outbound_id:
+                await self._hangup(self.inbound_id)
+                await self._end("answered", "callee", _cause(event))
+                return False
+            pending.pop(_finished_playback(event) or "", None)
+        self.state = CallState.CONNECTED
+        return True
+
+    async def _join_and_record(self) -> None:
+        """Put both legs in the bridge and record it as one file. The recording starts
+        first, on the empty bridge, so that it misses nothing they say."""
+        name = f"maskbridge-{self.id}"
+        self._register(f"bridge:{self.bridge_id}", self)  # the recording's events
+        try:
+            await self.ari.record_bridge(self.bridge_id, name, RECORDING_FORMAT)
+        except AriError as exc:
+            # They were told the call is recorded; a recording that fails to start must
+            # not cost them the call.
+            log.warning("call.recording_failed", error=str(exc))
+        else:
+            self._recording = name
+            await self.store.recording_started(self.id, name, RECORDING_FORMAT)
+            log.info("call.recording_started", recording=name)
+        for channel_id in (self.inbound_id, self.outbound_id):
+            try:
+                await self.ari.add_to_bridge(self.bridge_id, channel_id)
+            except AriError as exc:
+                # Most likely that side hung up meanwhile (Asterisk answers 400 for a channel
+                # that is gone): the supervision sees its hangup.
+                log.warning("call.join_failed", channel=channel_id, error=str(exc))
+
+    async def _finish_recording(self) -> None:
+        """Once the call has ended: stop its recording and store its length and size."""
+        name = self._recording
+        if name is None or self.state is not CallState.ENDED:
+            return  # a stopping bridge process leaves the recording to the next one
+        try:
+            try:
+                await self.ari.stop_recording(name)
+            except AriNotFound:
+                pass  # finished already
+            else:
+                deadline = time.monotonic() + RECORDING_FINISH_TIMEOUT
+                while (event := await self._next(deadline)) is not None:
+                    if event.get("type") in ("RecordingFinished", "RecordingFailed") and \
+                            (event.get("recording") or {}).get("name") == name:
+                        break
+            size: int | None = None
+            try:
+                size = await self.ari.stored_recording_size(name)
+            except AriError as exc:
+                log.warning("call.recording_unreadable", error=str(exc))
+            duration_ms = wav_duration_ms(size) if size is not None else None
+            await self.store.recording_finished(self.id, duration_ms, size)
+            log.info("call.recording_finished", recording=name, bytes=size, duration_ms=duration_ms)
+        except Exception:  # noqa: BLE001 - the call itself has ended already
+            log.exception("call.recording_not_finished", recording=name)
 
     async def _supervise(self) -> None:
         longest = self.route.max_call_seconds if self.route is not None else None
@@ -547,7 +670,9 @@ class MaskedCall:
             "connect", session_id=row.get("session_id"), caller_role=row.get("caller_role"),
             caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
             callee_participant_id=row.get("callee_participant_id"), max_call_seconds=row.get("max_seconds"),
+            record=bool(row.get("record")),
         )
+        call._recording = row.get("recording_name")
         if call.route.max_call_seconds and row.get("answered_at") is not None:
             call._talked_before = (datetime.now(timezone.utc) - row["answered_at"]).total_seconds()
         call._bridge_created = row["bridge_id"] is not None
@@ -557,6 +682,12 @@ class MaskedCall:
         structlog.contextvars.bind_contextvars(call_id=str(self.id))
         log.info("call.resumed")
         try:
+            if self.route is not None and self.route.record and self._recording is None:
+                # The earlier process stopped before the recording began: the parties may not
+                # have heard the whole announcement, so they hear it (again) first.
+                if not await self._consent():
+                    return
+                await self._join_and_record()
             await self._supervise()
         except Exception:
             log.exception("call.failed", state=self.state.value)
@@ -565,4 +696,5 @@ class MaskedCall:
             if self.state is not CallState.ENDED:
                 await self._end("answered", "system", None)
         finally:
+            await self._finish_recording()
             await self._destroy_bridge()

@@ -23,11 +23,14 @@ def _channel_ids(event: Event) -> list[str]:
         value = event.get(key)
         if isinstance(value, dict) and "id" in value:
             ids.append(value["id"])
-    playback = event.get("playback")
-    if isinstance(playback, dict):
-        target = str(playback.get("target_uri", ""))
-        if target.startswith("channel:"):
-            ids.append(target.split(":", 1)[1])
+    for key in ("playback", "recording"):
+        value = event.get(key)
+        if isinstance(value, dict):
+            target = str(value.get("target_uri", ""))
+            if target.startswith("channel:"):
+                ids.append(target.split(":", 1)[1])
+            elif target.startswith("bridge:"):
+                ids.append(target)  # a call registers its bridge as "bridge:<id>"
     return ids
 
 
@@ -47,16 +50,16 @@ class StasisDispatcher:
     def _start(self, call: MaskedCall, resumed: bool = False) -> None:
         # A new call's other leg is registered by the flow once it creates it; a resumed
         # call's legs both exist already.
-        for channel_id in call.channel_ids() if resumed else [call.inbound_id]:
-            self.calls[channel_id] = call
+        for key in call.keys() if resumed else [call.inbound_id]:
+            self.calls[key] = call
         task = asyncio.create_task(call.run_resumed() if resumed else call.run(), name=f"call-{call.id}")
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
-            for channel_id in call.channel_ids():
-                if self.calls.get(channel_id) is call:
-                    del self.calls[channel_id]
+            for key in call.keys():
+                if self.calls.get(key) is call:
+                    del self.calls[key]
 
         task.add_done_callback(done)
 

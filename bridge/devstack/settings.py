@@ -56,11 +56,13 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party for the order"),
     "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
+    "MB_RECORD_CALLS": ("no", "record the calls of sessions opened without \"record\" (yes/no)"),
+    "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted"),
 }
 
 SECRET_NAMES = (
     "MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "MB_DB_PASSWORD", "MB_NUMBER_KEY",
-    "MB_WEBHOOK_SECRET",
+    "MB_WEBHOOK_SECRET", "MB_RECORDING_TOKEN",
 )
 
 
@@ -68,7 +70,7 @@ SESSION_SETTINGS = (
     "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALLS_PER_HOUR", "MB_CALLS_PER_DAY", "MB_QUIET_HOURS",
     "MB_MAX_CALL_DURATION", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
-    "MB_DEFAULT_LANGUAGE",
+    "MB_DEFAULT_LANGUAGE", "MB_RECORD_CALLS", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
 )
 
 

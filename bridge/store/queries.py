@@ -10,6 +10,7 @@ import asyncpg
 
 from bridge.store.blocklist import BlocklistRepo
 from bridge.store.pools import PoolRepo
+from bridge.store.recordings import RecordingRepo
 from bridge.store.sessions import SessionRepo
 
 
@@ -17,7 +18,7 @@ from bridge.store.sessions import SessionRepo
 _CALL_COLUMNS = """
     c.id, c.session_id, c.pool_number, c.caller_role, c.caller_participant_id, c.callee_role,
     c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause, c.cut_reason,
-    c.started_at, c.answered_at, c.ended_at, c.duration_seconds
+    c.started_at, c.answered_at, c.ended_at, c.duration_seconds, c.record
 """
 
 
@@ -30,6 +31,7 @@ class Store:
         self.pools = PoolRepo(pool)
         self.sessions = SessionRepo(pool)
         self.blocklist = BlocklistRepo(pool)
+        self.recordings = RecordingRepo(pool)
 
     # --- calls -------------------------------------------------------------------
 
@@ -47,6 +49,7 @@ class Store:
         callee_role: str | None = None,
         callee_participant_id: uuid.UUID | None = None,
         max_seconds: int | None = None,
+        record: bool = False,
     ) -> None:
         # A call that is put through is the session's activity (its inactivity expiry
         # counts from here): one statement, one commit, on the call's critical path.
@@ -54,8 +57,8 @@ class Store:
             """
             WITH call AS (
                 INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-                                   caller_participant_id, callee_role, callee_participant_id, max_seconds)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12)
+                                   caller_participant_id, callee_role, callee_participant_id, max_seconds, record)
+                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)
                 RETURNING calls AS r
             ), hook AS (
                 INSERT INTO webhook_outbox (event, payload)
@@ -66,7 +69,7 @@ class Store:
             FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
             """,
             call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-            caller_participant_id, callee_role, callee_participant_id, self.webhooks, max_seconds,
+            caller_participant_id, callee_role, callee_participant_id, self.webhooks, max_seconds, record,
         )
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
@@ -104,7 +107,10 @@ class Store:
                 RETURNING calls AS r
             )
             INSERT INTO webhook_outbox (event, payload)
-            SELECT e.event, maskbridge_call_event(call.r) FROM call
+            -- call.ended says whether the call was recorded: the recording's id, never a URL
+            SELECT e.event, maskbridge_call_event(call.r) || CASE WHEN e.event = 'call.ended' THEN jsonb_build_object(
+                       'recording_id', (SELECT r.id FROM recordings r WHERE r.call_id = (call.r).id)) ELSE '{}' END
+            FROM call
             CROSS JOIN LATERAL (VALUES ('call.ended', true),
                                        ('call.blocked', (call.r).outcome = 'blocked'
                                                         OR (call.r).cut_reason IN ('blocked', 'blocked_by_client'))
@@ -114,8 +120,21 @@ class Store:
             call_id, outcome, hangup_by, cause, cut_reason, self.webhooks,
         )
 
+    async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:
+        return await self.recordings.started(call_id, name, fmt)
+
+    async def recording_finished(
+        self, call_id: uuid.UUID, duration_ms: int | None, size: int | None
+    ) -> None:
+        await self.recordings.finished(call_id, duration_ms, size)
+
     async def active_calls(self) -> list[dict[str, Any]]:
-        rows = await self.pool.fetch("SELECT * FROM calls WHERE state <> 'ended' ORDER BY started_at")
+        # With the name of the call's recording, if it is being recorded: a resumed call
+        # finishes it.
+        rows = await self.pool.fetch(
+            """SELECT c.*, r.name AS recording_name FROM calls c LEFT JOIN recordings r ON r.call_id = c.id
+               WHERE c.state <> 'ended' ORDER BY c.started_at"""
+        )
         return [dict(r) for r in rows]
 
     async def session_calls(

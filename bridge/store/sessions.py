@@ -45,6 +45,7 @@ class SessionTerms:
     calls_per_day: int | None = None
     quiet_hours: Any = None  # JSON: {"from", "to", "timezone"}, false, or None (the default)
     max_call_seconds: int | None = None  # None: the bridge's default
+    record: bool = False  # its calls are recorded (after a consent announcement)
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class SessionRow:
     calls_per_day: int | None
     quiet_hours: Any
     max_call_seconds: int | None
+    record: bool
     participants: tuple[ParticipantRow, ...]
 
     def live(self, role: str) -> ParticipantRow | None:
@@ -109,12 +111,13 @@ class RouteRow:
     calls_last_hour: int
     calls_last_day: int
     language: str | None
+    record: bool
 
 
 _SESSION_COLUMNS = """
     s.id, s.order_id, s.pool_number, s.status, s.region, s.created_at, s.expires_at,
     s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason,
-    s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds
+    s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds, s.record
 """
 
 # A hold that still counts: live, or in a cool-off that has not ended.
@@ -144,7 +147,8 @@ ROUTE_SQL = f"""
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
            s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds,
            cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day,
-           (SELECT n.language FROM pool_numbers n WHERE n.number = h.pool_number) AS language
+           (SELECT n.language FROM pool_numbers n WHERE n.number = h.pool_number) AS language,
+           s.record
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
     LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
@@ -315,13 +319,14 @@ class SessionRepo:
                 session_id: uuid.UUID = await conn.fetchval(
                     """
                     INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
-                                          calls_per_hour, calls_per_day, quiet_hours, max_call_seconds)
-                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb, $10)
+                                          calls_per_hour, calls_per_day, quiet_hours, max_call_seconds, record)
+                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb, $10, $11)
                     RETURNING id
                     """,
                     order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
                     terms.grace_seconds, terms.calls_per_hour, terms.calls_per_day,
                     None if terms.quiet_hours is None else json.dumps(terms.quiet_hours), terms.max_call_seconds,
+                    terms.record,
                 )
                 # In index order: two opens that share both people in opposite roles take
                 # the pair locks in the same order, and one waits for the other.
@@ -341,7 +346,7 @@ class SessionRepo:
                     ttl_seconds=terms.ttl_seconds, idle_timeout_seconds=terms.idle_timeout_seconds,
                     grace_seconds=terms.grace_seconds, calls_per_hour=terms.calls_per_hour,
                     calls_per_day=terms.calls_per_day, quiet_hours=terms.quiet_hours,
-                    max_call_seconds=terms.max_call_seconds,
+                    max_call_seconds=terms.max_call_seconds, record=terms.record,
                 )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":

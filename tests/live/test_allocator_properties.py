@@ -23,7 +23,7 @@ from tests.live.conftest import Harness
 PEOPLE = [f"+7916555{i:04d}" for i in range(4)]
 NUMBERS = [f"+7495666{i:04d}" for i in range(5)]
 REGIONS = ["RU-MOW", "RU-SPE"]
-TABLES = "calls, session_events, participants, sessions, pool_numbers"
+TABLES = "recording_access, recordings, calls, session_events, participants, sessions, pool_numbers"
 
 
 @pytest.fixture(scope="module")

@@ -188,6 +188,8 @@ class AriFake:
         self.ring_on_dial = True
         self.held_stasis_starts: dict[str, dict[str, Any]] = {}
         self.playbacks: dict[str, dict[str, Any]] = {}
+        self.live_recordings: dict[str, dict[str, Any]] = {}  # name -> LiveRecording
+        self.stored_recordings: dict[str, bytes] = {}  # name -> the file Asterisk would serve
         self.refuse_websocket = False
         self.connects = 0  # websockets accepted so far
         self._failures: list[Failure] = []
@@ -217,6 +219,11 @@ class AriFake:
         r.add_post("/ari/bridges/{id}", self._create_bridge)
         r.add_post("/ari/bridges/{id}/addChannel", self._add_channel)
         r.add_delete("/ari/bridges/{id}", self._destroy_bridge)
+        r.add_post("/ari/bridges/{id}/record", self._record_bridge)
+        r.add_post("/ari/recordings/live/{name}/stop", self._stop_recording)
+        r.add_get("/ari/recordings/stored/{name}", self._stored_recording)
+        r.add_get("/ari/recordings/stored/{name}/file", self._stored_recording_file)
+        r.add_delete("/ari/recordings/stored/{name}", self._delete_stored_recording)
         r.add_get("/ari/applications/{app}", self._application)
         r.add_route("*", "/{tail:.*}", self._not_implemented)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -658,6 +665,47 @@ class AriFake:
                 events.append({"type": "ChannelLeftBridge", "bridge": bridge.json(), "channel": channel.json()})
         events.append({"type": "BridgeDestroyed", "bridge": {**bridge.json(), "channels": []}})
         await self.send(*events)
+        return web.Response(status=204)
+
+    # --- recordings: a stopped recording is stored as a WAV file of one second of silence
+
+    async def _record_bridge(self, request: web.Request) -> web.Response:
+        bridge = self.bridges.get(request.match_info["id"])
+        if bridge is None:
+            return _error(404, "Bridge not found")
+        name, fmt = request.query.get("name", ""), request.query.get("format", "")
+        if not name or not fmt:
+            return _error(400, "name and format are required")
+        if name in self.live_recordings or (name in self.stored_recordings and request.query.get("ifExists") == "fail"):
+            return _error(422, "Recording with the same name already exists")
+        recording = {"name": name, "format": fmt, "state": "recording", "target_uri": f"bridge:{bridge.id}"}
+        self.live_recordings[name] = recording
+        await self.send({"type": "RecordingStarted", "recording": recording})
+        return web.json_response(recording, status=201)
+
+    async def _stop_recording(self, request: web.Request) -> web.Response:
+        recording = self.live_recordings.pop(request.match_info["name"], None)
+        if recording is None:
+            return _error(404, "Recording not found")
+        self.stored_recordings[recording["name"]] = b"RIFF" + b"\0" * 40 + b"\0" * 16000
+        await self.send({"type": "RecordingFinished", "recording": {**recording, "state": "done", "duration": 1}})
+        return web.Response(status=204)
+
+    async def _stored_recording(self, request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        if name not in self.stored_recordings:
+            return _error(404, "Recording not found")
+        return web.json_response({"name": name, "format": "wav"})
+
+    async def _stored_recording_file(self, request: web.Request) -> web.Response:
+        data = self.stored_recordings.get(request.match_info["name"])
+        if data is None:
+            return _error(404, "Recording not found")
+        return web.Response(body=data, content_type="audio/wav")
+
+    async def _delete_stored_recording(self, request: web.Request) -> web.Response:
+        if self.stored_recordings.pop(request.match_info["name"], None) is None:
+            return _error(404, "Recording not found")
         return web.Response(status=204)
 
     async def _application(self, request: web.Request) -> web.Response:

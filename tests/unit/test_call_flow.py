@@ -62,6 +62,7 @@ class FakeStore:
         self.lookups: list[tuple[str, str]] = []
         self.pool_numbers: set[str] = {POOL}
         self.rows: dict[uuid.UUID, dict[str, Any]] = {}
+        self.recordings: dict[uuid.UUID, dict[str, Any]] = {}  # call id -> its recording
         self.states: dict[uuid.UUID, list[str]] = {}
         self.ops: list[tuple[str, uuid.UUID | None, dict[str, Any]]] = []
         self.route_gate: asyncio.Event | None = None
@@ -111,7 +112,7 @@ class FakeStore:
         assert call_id not in self.rows
         assert set(fields) == {
             "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state",
-            "caller_participant_id", "callee_role", "callee_participant_id", "max_seconds",
+            "caller_participant_id", "callee_role", "callee_participant_id", "max_seconds", "record",
         }
         assert fields["pool_number"] and fields["caller_masked"] and fields["inbound_channel_id"]
         self.rows[call_id] = {
@@ -146,6 +147,17 @@ class FakeStore:
         if self.rows[call_id]["state"] != "ended":
             self._set_state(call_id, "announcing")
         await self._op("call_announcing", call_id)
+
+    async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:
+        recording_id = uuid.uuid4()
+        self.recordings[call_id] = {"id": recording_id, "name": name, "format": fmt, "duration_ms": None,
+                                    "bytes": None}
+        await self._op("recording_started", call_id, recording=name, fmt=fmt)
+        return recording_id
+
+    async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None:
+        self.recordings[call_id].update(duration_ms=duration_ms, bytes=size)
+        await self._op("recording_finished", call_id, duration_ms=duration_ms, size=size)
 
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
@@ -258,6 +270,19 @@ class Harness:
                 return await asyncio.wait_for(self._handled_changed.wait_for(seen), timeout)
             except asyncio.TimeoutError:
                 raise AssertionError(f"timed out waiting for {kind} of {channel_id} to be handled") from None
+
+    async def handled_playback_finished(self, playback_id: str, timeout: float = WAIT) -> None:
+        """Until the dispatcher has been handed the end of this playback."""
+
+        def seen() -> bool:
+            return any(e.get("type") == "PlaybackFinished" and e["playback"]["id"] == playback_id
+                       for e in self.handled)
+
+        async with self._handled_changed:
+            try:
+                await asyncio.wait_for(self._handled_changed.wait_for(seen), timeout)
+            except asyncio.TimeoutError:
+                raise AssertionError(f"timed out waiting for the end of {playback_id} to be handled") from None
 
     async def start(self) -> None:
         await self.fake.start()
@@ -1035,3 +1060,207 @@ async def test_a_resumed_call_still_ends_at_its_maximum_duration_counted_from_th
     row = await h.store.ended("in-old")
     await h.settle()
     assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "max_duration")
+
+
+# --- recorded sessions -------------------------------------------------------------------
+
+
+def _recorded(h: Harness) -> Route:
+    route = dataclasses.replace(h.store.add_route(CALLER, POOL, CALLEE), record=True)
+    h.store.routes[(CALLER, POOL)] = route
+    return route
+
+
+def _consent_playbacks(h: Harness, call_id: uuid.UUID, outbound: str) -> dict[str, Any]:
+    plays = {r.path.rsplit("/", 1)[1]: r for r in h.fake.find("POST", re.compile(r"/ari/channels/.+/play/.+"))}
+    assert set(plays) == {f"{call_id}-consent-caller", f"{call_id}-consent-callee"}
+    assert plays[f"{call_id}-consent-caller"].path == f"/ari/channels/in-1/play/{call_id}-consent-caller"
+    assert plays[f"{call_id}-consent-callee"].path == f"/ari/channels/{outbound}/play/{call_id}-consent-callee"
+    assert all(p.query == {"media": "sound:conf-now-recording", "lang": "en"} for p in plays.values())
+    return plays
+
+
+async def test_a_recorded_call_is_joined_and_recorded_only_after_both_heard_the_consent_announcement(
+    h: Harness,
+) -> None:
+    _recorded(h)
+    row, outbound = await h.ringing_call()
+    call_id = row["id"]
+    assert row["record"] is True
+    # Held apart while it rings: the caller is told it rings by signalling, not by the bridge.
+    await h.fake.wait_request("POST", "/ari/channels/in-1/ring")
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+"))
+    await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    answer = h.fake.find("POST", "/ari/channels/in-1/answer")[0]
+    plays = _consent_playbacks(h, call_id, outbound)
+    assert answer.index < plays[f"{call_id}-consent-caller"].index, "answered before it hears the announcement"
+    assert (await h.store.state("in-1", "connected"))["answered_at"] is not None  # the callee's answer
+
+    # One finished: still nobody is joined, nothing is recorded.
+    await h.fake.finish_playback(f"{call_id}-consent-callee")
+    await h.handled_playback_finished(f"{call_id}-consent-callee")
+    await h.fake.send({"type": "ChannelDtmfReceived", "digit": "1", "channel": {"id": "in-1"}})
+    await h.handled_event("ChannelDtmfReceived", "in-1")  # (events are handled in order)
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/record") == []
+    mark = h.fake.mark()
+    await h.fake.finish_playback(f"{call_id}-consent-caller")
+    record = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/record", since=mark)
+    assert record.query["format"] == "wav" and record.query["ifExists"] == "fail"
+    assert record.query["name"] == f"maskbridge-{call_id}"
+    adds = await h.fake.wait_request(
+        "POST", f"/ari/bridges/{call_id}/addChannel", where=lambda r: r.query["channel"] == outbound
+    )
+    joined = h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel")
+    assert [a.query["channel"] for a in joined] == ["in-1", outbound]
+    assert all(a.index > plays[f"{call_id}-consent-caller"].index for a in joined)
+    assert record.index < joined[0].index < adds.index, "the recording starts on the empty bridge"
+    await h.store.wait(lambda: h.store.calls_of("recording_started", call_id), "recording_started")
+    assert all(a.index > record.index for a in joined)
+
+    # Hung up: the recording is stopped, then its size read, and stored with its length.
+    await h.fake.hangup("in-1", 16)
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"]) == ("answered", "caller")
+    await h.settle()
+    stop = h.fake.find("POST", f"/ari/recordings/live/maskbridge-{call_id}/stop")
+    destroy = h.fake.find("DELETE", f"/ari/bridges/{call_id}")
+    assert stop and destroy and stop[0].index < destroy[0].index
+    assert h.store.recordings[call_id]["bytes"] == 16044
+    assert h.store.recordings[call_id]["duration_ms"] == 1000
+    assert h.store.states[call_id] == ["routing", "ringing", "connected", "ended"]
+
+
+async def test_the_other_leg_is_not_joined_while_the_first_announcement_still_plays(h: Harness) -> None:
+    _recorded(h)
+    row, outbound = await h.ringing_call()
+    call_id = row["id"]
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+"))
+    await h.fake.finish_playback(f"{call_id}-consent-caller")
+    # The dispatcher handed the event over, and the call did nothing with the bridge.
+    await h.handled_playback_finished(f"{call_id}-consent-caller")
+    await h.fake.send({"type": "ChannelDtmfReceived", "digit": "1", "channel": {"id": "in-1"}})
+    await h.handled_event("ChannelDtmfReceived", "in-1")
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/record") == []
+    await h.fake.finish_playback(f"{call_id}-consent-callee")
+    await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/addChannel")
+    await h.fake.hangup(outbound, 16)
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"]) == ("answered", "callee")
+    await h.settle()
+
+
+@pytest.mark.parametrize("who", ["caller", "callee"])
+async def test_a_hangup_during_the_consent_announcement_ends_the_call_unrecorded(h: Harness, who: str) -> None:
+    _recorded(h)
+    row, outbound = await h.ringing_call()
+    call_id = row["id"]
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+"))
+
+    await h.fake.hangup("in-1" if who == "caller" else outbound, 16)
+    other = outbound if who == "caller" else "in-1"
+    delete = await h.fake.wait_request("DELETE", f"/ari/channels/{other}")
+    assert delete.query["reason"] == "normal"
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"], ended["hangup_cause"]) == ("answered", who, 16)
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/record") == []
+    assert call_id not in h.store.recordings
+    assert h.fake.find("DELETE", f"/ari/bridges/{call_id}")
+
+
+async def test_a_recording_that_fails_to_start_does_not_cost_the_call(h: Harness, logs) -> None:
+    _recorded(h)
+    h.fake.fail("POST", re.compile(r"/ari/bridges/.+/record"), status=500)
+    h.fake.auto_finish_playback = True
+    row, outbound = await h.ringing_call()
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", f"/ari/bridges/{row['id']}/addChannel",
+                              where=lambda r: r.query["channel"] == outbound)
+    assert any(e["event"] == "call.recording_failed" for e in logs)
+    await h.fake.hangup(outbound, 16)
+    assert (await h.store.ended("in-1"))["outcome"] == "answered"
+    await h.settle()
+    assert row["id"] not in h.store.recordings
+    assert h.fake.find("POST", re.compile(r"/ari/recordings/.+")) == []
+
+
+async def test_an_unrecorded_call_is_bridged_at_once_and_hears_no_announcement(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    assert row["record"] is False
+    adds = h.fake.find("POST", f"/ari/bridges/{row['id']}/addChannel")
+    dial = h.fake.find("POST", f"/ari/channels/{outbound}/dial")[0]
+    assert [a.query["channel"] for a in adds] == ["in-1", outbound] and all(a.index < dial.index for a in adds)
+    await h.fake.hangup("in-1", 16)
+    await h.store.ended("in-1")
+    await h.settle()
+    assert h.fake.find("POST", re.compile(r"/ari/channels/.+/(play|ring).*")) == []
+    assert h.fake.find("POST", re.compile(r"/ari/(bridges/.+/record|recordings/.+)")) == []
+
+
+async def test_a_resumed_recorded_call_finishes_its_recording(harness) -> None:
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    name = f"maskbridge-{call_id}"
+    h.store.add_row(id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
+                    bridge_id=str(call_id), answered_at=datetime.now(timezone.utc), record=True,
+                    recording_name=name)
+    h.store.recordings[call_id] = {"id": uuid.uuid4(), "name": name, "format": "wav", "duration_ms": None,
+                                   "bytes": None}
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=["in-old", outbound])
+    h.fake.live_recordings[name] = {"name": name, "format": "wav", "state": "recording",
+                                    "target_uri": f"bridge:{call_id}"}
+    await h.start()
+    await h.fake.wait_request("GET", f"/ari/applications/{APP}")
+
+    await h.fake.hangup(outbound, 16)
+    await h.store.ended("in-old")
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/recordings/live/{name}/stop")
+    assert h.store.recordings[call_id]["duration_ms"] == 1000
+    # Resumed with its recording running: no second announcement, no second recording.
+    assert h.fake.find("POST", re.compile(r"/ari/channels/.+/play/.+")) == []
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/record") == []
+
+
+async def test_a_recorded_call_resumed_before_its_recording_began_hears_the_announcement_first(harness) -> None:
+    """The earlier process stopped between the answer and the recording: both parties hear
+    the announcement (again) before they are joined and recorded."""
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
+                    bridge_id=str(call_id), answered_at=datetime.now(timezone.utc), record=True,
+                    recording_name=None)
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id))
+    await h.start()
+
+    await h.fake.wait_request("POST", f"/ari/channels/in-old/play/{call_id}-consent-caller")
+    await h.fake.wait_request("POST", f"/ari/channels/{outbound}/play/{call_id}-consent-callee")
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    await h.fake.finish_playback(f"{call_id}-consent-caller")
+    await h.fake.finish_playback(f"{call_id}-consent-callee")
+    record = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/record")
+    join = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/addChannel",
+                                     where=lambda r: r.query["channel"] == outbound)
+    assert record.index < join.index
+    await h.store.wait(lambda: h.store.calls_of("recording_started", call_id), "recording_started")
+
+    await h.fake.hangup("in-old", 16)
+    assert (await h.store.ended("in-old"))["hangup_by"] == "caller"
+    await h.settle()
+    assert h.store.recordings[call_id]["bytes"] == 16044

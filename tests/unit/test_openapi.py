@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bridge.api import http, openapi
-from bridge.api.http import PUBLIC_PATHS, ROUTES
+from bridge.api.http import PUBLIC_PATHS, RECORDING_PATHS, ROUTES
 from bridge.api.openapi import document
 from bridge.blocklist import Blocklist
 from bridge.crypto import NumberVault
@@ -107,6 +107,10 @@ def test_protected_operations_document_401_and_public_ones_need_no_token(doc):
     for method, path, op in _operations(doc):
         if path in PUBLIC_PATHS:
             assert op.get("security") == [], f"{method} {path} should be public"
+        elif path in RECORDING_PATHS:
+            # The recording routes take only the recording token, never the API token.
+            assert op.get("security") == [{"recording": []}], f"{method} {path} takes the recording token"
+            assert {"401", "403"} <= set(op["responses"]), f"{method} {path}"
         else:
             assert "security" not in op, f"{method} {path} should use the global bearer security"
             assert "401" in op["responses"], f"{method} {path} documents no 401"
@@ -158,8 +162,18 @@ def test_operations_with_a_body_document_400_and_413_body_too_large(doc):
 
 
 def test_unauthorized_documents_the_www_authenticate_header(doc):
-    headers = doc["components"]["responses"]["Unauthorized"]["headers"]
-    assert headers["WWW-Authenticate"]["schema"]["const"] == 'Bearer realm="maskbridge"'
+    for name in ("Unauthorized", "RecordingUnauthorized"):
+        headers = doc["components"]["responses"][name]["headers"]
+        assert headers["WWW-Authenticate"]["schema"]["const"] == 'Bearer realm="maskbridge"'
+
+
+def test_recording_routes_are_the_documented_recording_paths(doc):
+    assert set(RECORDING_PATHS) == {p for _m, p, op in _operations(doc) if "recordings" in op["tags"]}
+    assert doc["components"]["securitySchemes"]["recording"]["scheme"] == "bearer"
+    assert "record" in doc["components"]["schemas"]["Session"]["required"]
+    access = doc["components"]["schemas"]["RecordingAccess"]["properties"]
+    for column in ("actor", "action", "result"):
+        assert set(access[column]["enum"]) == _last_check(column), column
 
 
 def test_reassigning_the_courier_answers_200_or_201_and_names_the_number_field(doc):

@@ -1,0 +1,125 @@
+"""The recording routes' tokens, against the real HTTP app with an in-memory audit: the API
+token never reaches a recording, the recording token never reaches the rest of the API, and
+every attempt is audited."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from bridge.api.http import make_app
+from bridge.calls.flow import wav_duration_ms
+from bridge.recordings import Recordings
+from bridge.store.recordings import RecordingRow
+
+API_TOKEN = "api-token-0123456789abcdef"
+RECORDING_TOKEN = "recording-token-0123456789ab"
+
+
+class FakeRepo:
+    def __init__(self) -> None:
+        self.audit_rows: list[dict[str, Any]] = []
+        self.rows: dict[uuid.UUID, RecordingRow] = {}
+
+    async def audit(self, **row: Any) -> None:
+        self.audit_rows.append(row)
+
+    async def of_call(self, call_id: uuid.UUID) -> RecordingRow | None:
+        return self.rows.get(call_id)
+
+
+@pytest.fixture
+async def app() -> Any:
+    repo = FakeRepo()
+    recordings = Recordings(SimpleNamespace(recordings=repo), None, RECORDING_TOKEN, API_TOKEN)  # type: ignore[arg-type]
+
+    async def health() -> dict[str, Any]:
+        return {"ari": True, "database": True}
+
+    web_app = make_app(None, None, None, API_TOKEN, health, recordings)  # type: ignore[arg-type]
+    async with TestClient(TestServer(web_app)) as client:
+        yield client, repo
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize(
+    ("header", "actor"),
+    [
+        ("", "no_token"),
+        (f"Bearer {RECORDING_TOKEN}", "recording_token"),
+        (f"bearer  {RECORDING_TOKEN} ", "recording_token"),
+        (f"Bearer {API_TOKEN}", "api_token"),
+        (f"Basic {RECORDING_TOKEN}", "invalid_token"),
+        (f"Bearer {RECORDING_TOKEN}x", "invalid_token"),
+        ("Bearer ", "invalid_token"),
+    ],
+)
+def test_which_token_a_request_holds(header: str, actor: str) -> None:
+    recordings = Recordings(SimpleNamespace(recordings=FakeRepo()), None, RECORDING_TOKEN, API_TOKEN)  # type: ignore[arg-type]
+    assert recordings.actor(header) == actor
+
+
+def test_without_a_recording_token_nothing_is_the_recording_token() -> None:
+    recordings = Recordings(SimpleNamespace(recordings=FakeRepo()), None, "", API_TOKEN)  # type: ignore[arg-type]
+    assert recordings.actor("Bearer ") == "invalid_token"
+    assert recordings.actor(f"Bearer {API_TOKEN}") == "api_token"
+
+
+async def test_the_api_token_gets_403_and_no_token_401_and_both_are_audited(app) -> None:
+    client, repo = app
+    call_id = uuid.uuid4()
+    resp = await client.get(f"/v1/calls/{call_id}/recording/audio", headers=bearer(API_TOKEN))
+    assert resp.status == 403 and (await resp.json())["error"]["code"] == "recording_token_required"
+    resp = await client.get(f"/v1/calls/{call_id}/recording")
+    assert resp.status == 401 and resp.headers["WWW-Authenticate"] == 'Bearer realm="maskbridge"'
+    resp = await client.get("/v1/recordings/access", headers=bearer("nope-nope-nope-nope"))
+    assert resp.status == 401
+    assert [(r["actor"], r["action"], r["result"], r["status"], r["call_id"]) for r in repo.audit_rows] == [
+        ("api_token", "download", "denied", 403, call_id),
+        ("no_token", "metadata", "denied", 401, call_id),
+        ("invalid_token", "audit", "denied", 401, None),
+    ]
+
+
+async def test_the_recording_token_does_not_open_the_rest_of_the_api(app) -> None:
+    client, _repo = app
+    resp = await client.get("/v1/sessions", headers=bearer(RECORDING_TOKEN))
+    assert resp.status == 401
+
+
+async def test_a_call_id_that_is_no_uuid_is_not_found_and_audited(app) -> None:
+    client, repo = app
+    resp = await client.get("/v1/calls/not-a-uuid/recording", headers=bearer(RECORDING_TOKEN))
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "recording_not_found"
+    assert [(r["actor"], r["result"], r["status"], r["call_id"]) for r in repo.audit_rows] == [
+        ("recording_token", "not_found", 404, None)
+    ]
+
+
+async def test_a_deleted_recording_is_gone_and_its_metadata_hides_the_spool_name(app) -> None:
+    client, repo = app
+    now = datetime.now(timezone.utc)
+    live, gone = uuid.uuid4(), uuid.uuid4()
+    for call_id, deleted in ((live, None), (gone, now)):
+        repo.rows[call_id] = RecordingRow(uuid.uuid4(), call_id, None, f"maskbridge-{call_id}", "wav", now, now,
+                                          1000, 16044, deleted)
+    resp = await client.get(f"/v1/calls/{gone}/recording/audio", headers=bearer(RECORDING_TOKEN))
+    assert resp.status == 410 and (await resp.json())["error"]["code"] == "recording_deleted"
+    resp = await client.get(f"/v1/calls/{live}/recording", headers=bearer(RECORDING_TOKEN))
+    body = await resp.json()
+    assert resp.status == 200 and body["duration_ms"] == 1000 and "name" not in body
+    assert [(r["result"], r["status"]) for r in repo.audit_rows] == [("gone", 410), ("granted", 200)]
+
+
+def test_the_length_of_a_wav_recording_from_its_size() -> None:
+    assert wav_duration_ms(44) == 0
+    assert wav_duration_ms(44 + 16000) == 1000
+    assert wav_duration_ms(10) == 0
