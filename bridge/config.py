@@ -68,6 +68,13 @@ def _block_keys() -> str:
     return keys
 
 
+def _bounded(name: str, default: int, low: int, high: int) -> int:
+    value = _int(name, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be from {low} to {high}")
+    return value
+
+
 def _number_key() -> str:
     """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
     path = os.environ.get("MB_NUMBER_KEY_FILE")
@@ -108,6 +115,9 @@ class Settings:
     default_language: str = "en"
     webhook_url: str = ""
     webhook_secret: str = ""
+    order_code_length: int = 6
+    order_code_attempts: int = 3
+    order_code_lockout: int = 900
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -145,5 +155,8 @@ class Settings:
             duration_warning=float(_int("MB_CALL_WARNING", 30)),
             block_keys=_block_keys(),
             default_language=_language(),
+            order_code_length=_bounded("MB_ORDER_CODE_LENGTH", 6, 4, 12),
+            order_code_attempts=_bounded("MB_ORDER_CODE_ATTEMPTS", 3, 1, 20),
+            order_code_lockout=_bounded("MB_ORDER_CODE_LOCKOUT", 900, 1, 31 * 24 * 3600),
             **_webhook(),
         )

@@ -56,6 +56,9 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call to block the other party for the order"),
     "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
+    "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
+    "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within MB_ORDER_CODE_LOCKOUT, before a lockout"),
+    "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
 }
 
 SECRET_NAMES = (
@@ -68,7 +71,7 @@ SESSION_SETTINGS = (
     "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALLS_PER_HOUR", "MB_CALLS_PER_DAY", "MB_QUIET_HOURS",
     "MB_MAX_CALL_DURATION", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
-    "MB_DEFAULT_LANGUAGE",
+    "MB_DEFAULT_LANGUAGE", "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
 )
 
 
