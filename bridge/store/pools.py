@@ -39,9 +39,10 @@ class NumbersInUse(Exception):
         self.numbers = numbers
 
 
-# Somebody still holds the number: a live participant, or a pair in cool-off.
+# Somebody still holds the number: a live participant, or a pair in cool-off. (Participants
+# reached by order code are never routed by their pair: their cool-off does not count.)
 _HELD = """EXISTS (SELECT 1 FROM participants h WHERE h.pool_number = p.number AND h.holds
-                   AND (h.held_until IS NULL OR h.held_until > now()))"""
+                   AND (h.held_until IS NULL OR (h.held_until > now() AND NOT h.by_code)))"""
 
 
 class PoolRepo:
