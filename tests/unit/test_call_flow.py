@@ -69,6 +69,7 @@ class FakeStore:
         self.code_callers: dict[tuple[str, str], str] = {}  # (pool, code) -> the caller it routes
         self.wrong_codes: list[tuple[str, str]] = []  # (caller, pool) of every wrong code
         self.lockout_after = 3
+        self.code_gate: asyncio.Event | None = None  # holds route_by_code until set
         self.active_calls_error: Exception | None = None  # raised once by active_calls
         self._changed = asyncio.Condition()
 
@@ -117,6 +118,8 @@ class FakeStore:
     async def route_by_code(self, caller: str, pool_number: str, order_code: str) -> Route:
         """The Router protocol: a code keyed on an order-code number."""
         await self._op("route_by_code", None, caller=caller, pool_number=pool_number, order_code=order_code)
+        if self.code_gate is not None:
+            await self.code_gate.wait()
         route = self.order_codes.get((pool_number, order_code))
         if route is not None and self.code_callers[(pool_number, order_code)] == caller:
             return route

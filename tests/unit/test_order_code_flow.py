@@ -5,8 +5,12 @@ the one of test_call_flow.py."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
+from typing import Any
+
+import asyncpg
 
 from test_call_flow import CALLEE, CALLER, FAST, POOL, Harness, harness, logs  # noqa: F401 - fixtures
 
@@ -171,3 +175,43 @@ async def test_the_right_code_from_someone_outside_the_order_is_a_wrong_code(har
     await h.store.ended("in-1")
     await h.settle()
     assert h.fake.find("POST", "/ari/channels/create") == []
+
+
+async def test_a_caller_hanging_up_while_the_code_is_looked_up_rings_no_one(harness) -> None:
+    h = await harness(QUICK)
+    h.store.add_order_code(CALLER, POOL, CODE, CALLEE)
+    h.store.code_gate = asyncio.Event()
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await _prompted(h, 1)
+    await h.fake.press("in-1", CODE)
+    await h.store.wait(lambda: _code_lookups(h) == [CODE], "the code lookup")
+    await h.fake.hangup("in-1")
+    await h.handled_event("ChannelDestroyed", "in-1")
+    h.store.code_gate.set()  # the right code comes back after the caller left
+
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create") == []
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_a_database_failure_while_looking_up_the_code_tells_the_caller(harness) -> None:
+    h = await harness(QUICK)
+    h.store.add_order_code(CALLER, POOL, CODE, CALLEE)
+
+    async def broken(*_args: Any, **_kw: Any) -> Any:
+        raise asyncpg.PostgresConnectionError("database gone")
+
+    h.store.route_by_code = broken  # type: ignore[method-assign]
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await _prompted(h, 1)
+    await h.fake.press("in-1", CODE)
+    play = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+-unavailable$"))
+    assert play.query["media"] == "sound:all-circuits-busy-now"
+    await h.fake.finish_playback(play.path.rsplit("/", 1)[1])
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason_code"] == "34"
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    await h.settle()
