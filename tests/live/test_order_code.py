@@ -308,3 +308,28 @@ async def test_a_caller_hanging_up_while_keying_leaves_a_clean_row(stack, carrie
     assert callee.number == client
     await carrier.hangup(leg)
     await asyncio.wait_for(callee.ended.wait(), 10)
+
+
+async def test_the_sessions_caps_apply_to_calls_by_code(carrier, api, real_number, db, shared_number):
+    pool, region = shared_number
+    courier, client = real_number(), real_number()
+    session = await open_order(api, courier, client, region, calls_per_day=1)
+    carrier.phone(client, action="answer")
+
+    leg = await call_in(carrier, db, courier, pool)
+    await carrier.press(leg, session["order_code"])
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(callee.answered.wait(), 10)
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    assert (await last_call_of(db, pool, courier))["outcome"] == "answered"
+
+    # The day's one call was put through: the right code now hears "try later".
+    leg = await call_in(carrier, db, courier, pool)
+    await carrier.press(leg, session["order_code"])
+    await asyncio.wait_for(leg.ended.wait(), 30)
+    assert leg.cause == 16 and not leg.hung_up_itself
+    row = await last_call_of(db, pool, courier)
+    assert (row["outcome"], row["hangup_by"]) == ("call_limit", "system")
+    assert str(row["session_id"]) == session["id"] and row["caller_role"] == "courier"
+    assert carrier.incoming.empty(), "no phone rang"

@@ -8,6 +8,7 @@ import asyncio
 
 import pytest
 
+from bridge.blocklist import Blocklist
 from bridge.errors import Conflict, PoolExhausted
 from bridge.sessions import Policy, Sessions
 from tests.live.conftest import Harness
@@ -20,7 +21,7 @@ COURIER, CLIENT, OTHER_CLIENT, STRANGER = "+79165550001", "+79165550002", "+7916
 @pytest.fixture
 def h(scratch_db: Harness) -> Harness:
     scratch_db.run(scratch_db.pool.execute(
-        "TRUNCATE order_code_failures, calls, session_events, participants, sessions, pool_numbers CASCADE"
+        "TRUNCATE order_code_failures, blocked_numbers, calls, session_events, participants, sessions, pool_numbers CASCADE"
     ))
     scratch_db.run(scratch_db.pools.import_numbers([{"number": SHARED, "region": "RU-MOW", "mode": "order_code"}]))
     return scratch_db
@@ -118,3 +119,11 @@ def test_a_reassigned_courier_keeps_the_shared_number(h: Harness) -> None:
     assert changed and {p.pool_number for p in session.participants} == {SHARED}
     assert h.run(s.route_by_code(STRANGER, SHARED, one.order_code or "")).callee_number == CLIENT
     assert h.run(s.route_by_code(COURIER, SHARED, one.order_code or "")).kind == "finished"
+
+
+def test_the_blocklist_applies_to_calls_by_code(h: Harness) -> None:
+    s = sessions_of(h)
+    one, _ = h.run(s.open("order-1", COURIER, CLIENT, mode="order_code"))
+    h.run(Blocklist(h.store, h.vault).add(CLIENT, "test"))
+    assert h.run(s.route_by_code(COURIER, SHARED, one.order_code or "")).kind == "blocked"
+    assert h.run(s.route_by_code(CLIENT, SHARED, one.order_code or "")).kind == "blocked"
