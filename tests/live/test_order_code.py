@@ -333,3 +333,21 @@ async def test_the_sessions_caps_apply_to_calls_by_code(carrier, api, real_numbe
     assert (row["outcome"], row["hangup_by"]) == ("call_limit", "system")
     assert str(row["session_id"]) == session["id"] and row["caller_role"] == "courier"
     assert carrier.incoming.empty(), "no phone rang"
+
+
+async def test_callers_of_a_russian_shared_number_are_asked_in_russian(
+    stack, carrier, api, real_number, db, new_pool_number, fresh_region
+):
+    pool = new_pool_number()
+    status, _ = await api.request("POST", "/v1/pool-numbers", json={"numbers": [
+        {"number": pool, "region": fresh_region, "language": "ru", "mode": "order_code"},
+    ]})
+    assert status == 201
+    caller = real_number()
+    leg = await call_in(carrier, db, caller, pool)
+    heard = envelope(*samples(await carrier.listen_to(leg, 3)))
+    scores = {lang: likeness(heard, prompt_envelope(stack, lang, "confbridge-pin")) for lang in ("en", "ru")}
+    assert scores["ru"] > 0.5 and scores["ru"] > scores["en"] + 0.2, scores
+    await carrier.hangup(leg)
+    row = await last_call_of(db, pool, caller)
+    assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
