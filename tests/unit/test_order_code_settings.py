@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from bridge.config import ConfigError, Settings
@@ -11,8 +13,8 @@ BASE = {"MB_DATABASE_URL": "postgresql://x@127.0.0.1/x", "MB_NUMBER_KEY": "k" * 
 
 @pytest.fixture
 def env(monkeypatch: pytest.MonkeyPatch):
-    for name in ("MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in [n for n in os.environ if n.startswith("MB_")]:  # e.g. make test's MB_WEBHOOK_URL
+        monkeypatch.delenv(name)
     for name, value in BASE.items():
         monkeypatch.setenv(name, value)
     return monkeypatch
