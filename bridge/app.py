@@ -18,6 +18,7 @@ from bridge.api.http import make_app
 from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
 from bridge.calls.flow import FlowSettings
+from bridge.calls.order_code import KeypadTiming
 from bridge.calls.stasis import StasisDispatcher
 from bridge.config import Settings
 from bridge.crypto import NumberVault
@@ -51,6 +52,9 @@ def policy_of(settings: Settings) -> Policy:
         max_call_seconds=settings.max_call_duration,
         default_language=settings.default_language,
         record_calls=settings.record_calls,
+        order_code_length=settings.order_code_length,
+        order_code_attempts=settings.order_code_attempts,
+        order_code_lockout=settings.order_code_lockout,
     )
 
 
@@ -139,6 +143,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             duration_warning=settings.duration_warning,
             block_keys=settings.block_keys,
             default_language=settings.default_language,
+            keypad=KeypadTiming(length=settings.order_code_length),
+            order_code_attempts=settings.order_code_attempts,
         ),
         router=sessions,
     )

@@ -7,8 +7,10 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin pool import numbers.csv [--region RU-MOW]
     maskbridge-admin pool list [--region R] [--state active|cooling|retired]
     maskbridge-admin pool retire +74950000001 [...]
+    maskbridge-admin pool set-mode +74950000001 direct|order_code
     maskbridge-admin pool usage
     maskbridge-admin session open ORDER COURIER CLIENT [--region R] [--ttl S] [--idle S] [--grace S] [--record]
+                                  [--mode order_code [--order-code DIGITS]]
     maskbridge-admin session show SESSION_ID | --order ORDER
     maskbridge-admin session list [--order ORDER] [--status open|grace|closed]
     maskbridge-admin session extend SESSION_ID [--ttl S] [--idle S]
@@ -86,8 +88,8 @@ class Tool:
         if self.as_json:
             self.out(data)
             return
-        for key in ("id", "order_id", "status", "pool_number", "region", "created_at", "expires_at",
-                    "idle_timeout_seconds", "grace_until", "closed_at", "end_reason", "record"):
+        for key in ("id", "order_id", "status", "pool_number", "mode", "order_code", "region", "created_at",
+                    "expires_at", "idle_timeout_seconds", "grace_until", "closed_at", "end_reason", "record"):
             print(f"{key:22} {_cell(data[key])}")
         for role, p in data["participants"].items():
             state = "live" if p["left_at"] is None else f"left {_cell(p['left_at'])}"
@@ -157,6 +159,11 @@ async def pool_retire(tool: Tool, a: argparse.Namespace) -> None:
     tool.out(rows, rows, ["number", "region", "state", "live_sessions", "cooling_until"])
 
 
+async def pool_set_mode(tool: Tool, a: argparse.Namespace) -> None:
+    row = render_pool_number(await tool.pools.set_mode(a.number, a.mode))
+    tool.out(row, [row], ["number", "region", "mode", "state", "live_sessions"])
+
+
 async def pool_usage(tool: Tool, a: argparse.Namespace) -> None:
     rows = await tool.pools.usage()
     tool.out(rows, rows)
@@ -177,7 +184,7 @@ def _session_arg(raw: str, what: str = "session") -> uuid.UUID:
 async def session_open(tool: Tool, a: argparse.Namespace) -> None:
     session, created = await tool.sessions.open(
         a.order, _number(a.courier), _number(a.client), region=a.region, ttl_seconds=a.ttl, idle_timeout_seconds=a.idle,
-        grace_seconds=a.grace, record=True if a.record else None,
+        grace_seconds=a.grace, record=True if a.record else None, mode=a.mode, order_code=a.order_code,
     )
     if not tool.as_json:
         print("opened" if created else "already open")
@@ -250,6 +257,7 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
     ("pool", "import"): pool_import,
     ("pool", "list"): pool_list,
     ("pool", "retire"): pool_retire,
+    ("pool", "set-mode"): pool_set_mode,
     ("pool", "usage"): pool_usage,
     ("session", "open"): session_open,
     ("session", "show"): session_show,
@@ -271,7 +279,8 @@ def parser() -> argparse.ArgumentParser:
     groups = p.add_subparsers(dest="group", required=True)
 
     pool = groups.add_parser("pool", help="pool numbers").add_subparsers(dest="action", required=True)
-    imp = pool.add_parser("import", help="import numbers from a CSV file (number[,region] per line; - for stdin)")
+    imp = pool.add_parser("import", help="import numbers from a CSV file (number[,region[,language[,mode]]] per "
+                          "line; - for stdin)")
     imp.add_argument("file")
     imp.add_argument("--region", help="region for lines that give none")
     lst = pool.add_parser("list", help="pool numbers with their load")
@@ -279,6 +288,9 @@ def parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", choices=["active", "cooling", "retired"])
     ret = pool.add_parser("retire", help="stop handing numbers out (they cool, then retire)")
     ret.add_argument("numbers", nargs="+")
+    sm = pool.add_parser("set-mode", help="direct (routed by the caller) or order_code (shared, callers key a code)")
+    sm.add_argument("number")
+    sm.add_argument("mode", choices=["direct", "order_code"])
     pool.add_parser("usage", help="utilisation per region")
 
     ses = groups.add_parser("session", help="order sessions").add_subparsers(dest="action", required=True)
@@ -291,6 +303,8 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--idle", type=int)
     op.add_argument("--grace", type=int)
     op.add_argument("--record", action="store_true", help="record its calls (after a consent announcement)")
+    op.add_argument("--mode", choices=["direct", "order_code"])
+    op.add_argument("--order-code", dest="order_code", help="the order's own code (mode order_code)")
     show = ses.add_parser("show", help="a session, its participants and its history")
     show.add_argument("session", nargs="?")
     show.add_argument("--order", help="the latest session of this order")

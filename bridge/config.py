@@ -83,6 +83,11 @@ def _recording_token(api_token: str) -> str:
     if token and token == api_token:
         raise ConfigError("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
     return token
+def _bounded(name: str, default: int, low: int, high: int) -> int:
+    value = _int(name, default)
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be from {low} to {high}")
+    return value
 
 
 def _number_key() -> str:
@@ -128,6 +133,9 @@ class Settings:
     record_calls: bool = False
     recording_token: str = ""
     recording_retention_days: int = 30
+    order_code_length: int = 6
+    order_code_attempts: int = 3
+    order_code_lockout: int = 900
 
     @classmethod
     def from_env(cls, services: bool = True) -> "Settings":
@@ -168,5 +176,8 @@ class Settings:
             record_calls=_yes_no("MB_RECORD_CALLS", "no"),
             recording_token=_recording_token(token),
             recording_retention_days=_int("MB_RECORDING_RETENTION_DAYS", 30),
+            order_code_length=_bounded("MB_ORDER_CODE_LENGTH", 6, 4, 12),
+            order_code_attempts=_bounded("MB_ORDER_CODE_ATTEMPTS", 3, 1, 20),
+            order_code_lockout=_bounded("MB_ORDER_CODE_LOCKOUT", 900, 1, 31 * 24 * 3600),
             **_webhook(),
         )

@@ -8,11 +8,11 @@ from typing import Any
 
 import structlog
 
-from bridge.errors import InvalidInput, NotFound
+from bridge.errors import Conflict, InvalidInput, NotFound
 from bridge.phone import InvalidNumber, normalize
 from bridge.sessions import REGION_FORM, Policy
 from bridge.store import Store
-from bridge.store.pools import PoolNumberRow
+from bridge.store.pools import NumbersInUse, PoolNumberRow
 
 log = structlog.get_logger(__name__)
 
@@ -20,13 +20,14 @@ MAX_IMPORT = 100_000
 STATES = ("active", "cooling", "retired")
 
 
-Entry = tuple[str, object, object, object]  # (where, for error messages; number; region; language)
+Entry = tuple[str, object, object, object, object]  # (where, for errors; number; region; language; mode)
 LANGUAGES = ("en", "ru")
+MODES = ("direct", "order_code")  # routed by (caller, number) pair | shared, by order code
 
 
 def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
-    """`number[,region[,language]]` per line; a header line naming `number` is allowed; #
-    starts a comment."""
+    """`number[,region[,language[,mode]]]` per line; a header line naming `number` is
+    allowed; # starts a comment."""
     rows: list[Entry] = []
     for line_no, fields in enumerate(csv.reader(io.StringIO(text.removeprefix("\ufeff"))), start=1):
         fields = [f.strip() for f in fields]
@@ -36,7 +37,8 @@ def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
             continue
         region = fields[1] if len(fields) > 1 and fields[1] else default_region
         language = fields[2] if len(fields) > 2 and fields[2] else None
-        rows.append((f"line {line_no}", fields[0], region, language))
+        mode = fields[3] if len(fields) > 3 and fields[3] else None
+        rows.append((f"line {line_no}", fields[0], region, language, mode))
     return rows
 
 
@@ -54,15 +56,16 @@ class Pools:
             raise InvalidInput(f"{where}: not a valid phone number ({exc})", field="number") from None
 
     async def import_numbers(self, entries: list[Any]) -> dict[str, int]:
-        """JSON entries: {"number": ..., "region": ...} objects."""
+        """JSON entries: {"number", "region"?, "language"?, "mode"?} objects."""
         rows: list[Entry] = []
         problems: list[str] = []
         for i, entry in enumerate(entries, start=1):
-            if not isinstance(entry, dict) or not set(entry) <= {"number", "region", "language"} \
+            if not isinstance(entry, dict) or not set(entry) <= {"number", "region", "language", "mode"} \
                     or "number" not in entry:
-                problems.append(f"entry {i}: must be an object with a number and optionally a region and a language")
+                problems.append(f"entry {i}: must be an object with a number and optionally a region, a language "
+                                "and a mode")
                 continue
-            rows.append((f"entry {i}", entry["number"], entry.get("region"), entry.get("language")))
+            rows.append((f"entry {i}", entry["number"], entry.get("region"), entry.get("language"), entry.get("mode")))
         return await self._import(rows, problems)
 
     async def import_csv(self, text: str, default_region: str | None = None) -> dict[str, int]:
@@ -78,8 +81,8 @@ class Pools:
             raise InvalidInput("no numbers to import", field="numbers")
         if len(entries) > MAX_IMPORT:
             raise InvalidInput(f"at most {MAX_IMPORT} numbers per import", field="numbers")
-        rows: dict[str, tuple[str | None, str | None]] = {}
-        for where, raw_number, region, language in entries:
+        rows: dict[str, tuple[str | None, str | None, str | None]] = {}
+        for where, raw_number, region, language, mode in entries:
             try:
                 number = self._canonical(raw_number, where)
             except InvalidInput as exc:
@@ -91,15 +94,25 @@ class Pools:
             if language is not None and language not in LANGUAGES:
                 problems.append(f"{where}: language must be one of {', '.join(LANGUAGES)}")
                 continue
-            if number in rows and rows[number] != (region, language):
+            if mode is not None and mode not in MODES:
+                problems.append(f"{where}: mode must be one of {', '.join(MODES)}")
+                continue
+            if number in rows and rows[number] != (region, language, mode):
                 problems.append(f"{where}: {number} is listed twice, differently")
                 continue
-            rows[number] = (region, language)  # type: ignore[assignment]
+            rows[number] = (region, language, mode)  # type: ignore[assignment]
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
             raise InvalidInput("nothing was imported: " + "; ".join(shown), code="invalid_import",
                                problems=len(problems))
-        counts = await self.repo.import_numbers([(n, r, lang) for n, (r, lang) in rows.items()])
+        try:
+            counts = await self.repo.import_numbers([(n, r, lang, m) for n, (r, lang, m) in rows.items()])
+        except NumbersInUse as exc:
+            shown_numbers = exc.numbers[:20]
+            raise InvalidInput(
+                "nothing was imported: the mode of a number in use (live sessions or pairs cooling off) cannot "
+                f"change: {', '.join(shown_numbers)}", code="invalid_import", problems=len(exc.numbers),
+            ) from None
         log.info("pool.imported", **counts)
         return counts
 
@@ -121,6 +134,25 @@ class Pools:
         assert retired is not None
         log.info("pool.retired", pool_number=row.number, state=retired.state)
         return retired
+
+    async def set_mode(self, number: object, mode: object) -> PoolNumberRow:
+        """Make a number direct (routed by the caller's pair) or order_code (shared by many
+        orders, told apart by the code the caller keys in). Only while nobody holds it."""
+        if not isinstance(mode, str) or mode not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
+        row = await self.get(number)
+        try:
+            changed = await self.repo.set_mode(row.number, mode)
+        except NumbersInUse:
+            raise Conflict(
+                "the number is in use (live sessions, or pairs cooling off): its mode can change once nobody "
+                "holds it", code="pool_number_in_use", live_sessions=row.live_sessions,
+                cooling_pairs=row.cooling_pairs,
+            ) from None
+        assert changed is not None
+        if changed.mode != row.mode:
+            log.info("pool.mode_changed", pool_number=row.number, mode=mode)
+        return changed
 
     async def usage(self) -> list[dict[str, Any]]:
         return await self.repo.usage()

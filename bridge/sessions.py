@@ -5,7 +5,10 @@ routing decision for a call from (real number, pool number)."""
 from __future__ import annotations
 
 import re
+import secrets
 import uuid
+import dataclasses
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -17,7 +20,9 @@ from bridge.crypto import NumberVault
 from bridge.errors import Conflict, InvalidInput, NotFound, PoolExhausted
 from bridge.phone import InvalidNumber, normalize
 from bridge.store import Store
-from bridge.store.sessions import OrderRace, PairTaken, RouteRow, Sealed, SessionGone, SessionRow, SessionTerms
+from bridge.store.sessions import (
+    CodeTaken, OrderRace, PairTaken, RouteRow, Sealed, SessionGone, SessionRow, SessionTerms,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +30,7 @@ MAX_SECONDS = 31 * 24 * 3600
 REGION_FORM = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
 ORDER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 _ATTEMPTS = 20
+MODES = ("direct", "order_code")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,9 @@ class Policy:
     max_call_seconds: int = 0  # 0: no maximum
     default_language: str = "en"  # of announcements, for pool numbers without one
     record_calls: bool = False  # sessions opened without "record" have their calls recorded
+    order_code_length: int = 6  # digits of an order code
+    order_code_attempts: int = 3  # wrong codes per call, and within the lockout window, before a lockout
+    order_code_lockout: int = 900  # seconds the wrong codes of a caller on a number count
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class Route:
     session, or their part in it, has ended: they hear that the order finished), "blocked"
     (the caller or the other side is on the blocklist), "call_limit" / "quiet_hours" (the
     session's abuse controls refuse it) or "unknown" (nothing routes this pair).
+    For an order-code number: "order_code" (ask the caller for the code, then route_by_code),
+    "locked_out" (too many wrong codes lately: refused without asking); and after a code,
+    "wrong_code" (ask again), or "locked_out" (that wrong code was one too many).
     """
 
     kind: str
@@ -140,15 +152,20 @@ class Sessions:
         quiet: object = None,
         max_call_seconds: object = None,
         record: object = None,
+        mode: object = None,
+        order_code: object = None,
     ) -> tuple[SessionRow, bool]:
         """Open the order's session, or return the one already open. Returns (session, created).
-        Everything is checked before anything is written."""
+        Everything is checked before anything is written. mode "order_code": the session gets
+        a shared order-code number and an order code (`order_code`, or a random one)."""
         if not isinstance(order_id, str) or not ORDER_ID.match(order_id):
             raise InvalidInput("order_id must be 1 to 200 printable characters without spaces", field="order_id")
         courier = phone_number("courier_number", courier_number, self.policy.default_region)
         client = phone_number("client_number", client_number, self.policy.default_region)
         if courier == client:
             raise InvalidInput("courier_number and client_number are the same number", field="client_number")
+        by_code = self._mode(mode) == "order_code"
+        given_code = self._order_code(order_code, by_code)
         terms = SessionTerms(
             region=region_code(region),
             ttl_seconds=seconds("ttl_seconds", ttl_seconds, default=self.policy.session_ttl) or 0,
@@ -166,24 +183,75 @@ class Sessions:
             raise InvalidInput(f"no pool number is in region {terms.region}", code="unknown_region", field="region")
         sealed_courier, sealed_client = self._seal(courier), self._seal(client)
         pair = [sealed_courier.idx, sealed_client.idx]
+        taken: set[str] = set()  # order-code numbers where the given code is in use
         for _attempt in range(_ATTEMPTS):
             existing = await self.repo.open_for_order(order_id)
             if existing is not None:
                 if await self.repo.end_if_due(existing.id, self.policy.pair_cooloff):
                     continue  # it was past its time: the order gets a new session
                 self._same_people(existing, courier, client)
+                self._same_mode(existing, by_code, given_code)
                 return existing, False
-            candidates = await self.repo.candidates(pair, terms.region)
-            if not candidates:
-                raise await self._exhausted(pair)
+            if by_code:
+                candidates = [n for n in await self.repo.order_code_numbers(terms.region) if n not in taken]
+                if not candidates:
+                    raise self._no_order_code_number(given_code, bool(taken))
+                terms = dataclasses.replace(terms, order_code=given_code or self._new_code())
+            else:
+                candidates = await self.repo.candidates(pair, terms.region)
+                if not candidates:
+                    raise await self._exhausted(pair)
             try:
                 session_id = await self.repo.insert(order_id, candidates[0], sealed_courier, sealed_client, terms)
             except (PairTaken, OrderRace):
                 continue  # a racing open took it: look again
+            except CodeTaken:
+                if given_code:
+                    taken.add(candidates[0])  # the order system's code: try another number
+                continue  # a random code met another session's: draw again
             session = await self.get(session_id)
-            log.info("session.opened", session_id=str(session_id), pool_number=session.pool_number)
+            log.info("session.opened", session_id=str(session_id), pool_number=session.pool_number, mode=session.mode)
             return session, True
         raise Conflict("too many opens raced for the same numbers; try again", code="contention")
+
+    @staticmethod
+    def _mode(raw: object) -> str:
+        if raw is None:
+            return "direct"
+        if not isinstance(raw, str) or raw not in MODES:
+            raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
+        return raw
+
+    def _order_code(self, raw: object, by_code: bool) -> str | None:
+        """The order system's own code, checked: exactly MB_ORDER_CODE_LENGTH digits."""
+        if raw is None:
+            return None
+        if not by_code:
+            raise InvalidInput("order_code is only for sessions in mode order_code", field="order_code")
+        length = self.policy.order_code_length
+        if not isinstance(raw, str) or len(raw) != length or not raw.isascii() or not raw.isdigit():
+            raise InvalidInput(f"order_code must be exactly {length} digits (0-9)", field="order_code")
+        return raw
+
+    def _new_code(self) -> str:
+        return "".join(secrets.choice("0123456789") for _ in range(self.policy.order_code_length))
+
+    @staticmethod
+    def _no_order_code_number(given_code: str | None, taken: bool) -> Conflict:
+        if taken:
+            return Conflict("every order-code number has a live session with this order_code; give another",
+                            code="order_code_taken", field="order_code")
+        return PoolExhausted("no active pool number is in mode order_code", active_numbers=0)
+
+    @staticmethod
+    def _same_mode(session: SessionRow, by_code: bool, given_code: str | None) -> None:
+        if (session.mode == "order_code") != by_code or (given_code and session.order_code != given_code):
+            raise Conflict(
+                f"order {session.order_id} has an open session in mode {session.mode}"
+                + (" with another order_code" if by_code and session.mode == "order_code" else "")
+                + "; close it first", code="order_has_open_session", session_id=str(session.id),
+                field="order_code" if by_code and session.mode == "order_code" else "mode",
+            )
 
     def _same_people(self, session: SessionRow, courier: str, client: str) -> None:
         """Asking again for an open order must name the people it has: an order system that
@@ -295,7 +363,9 @@ class Sessions:
             return session, False  # already theirs: nothing to change
         for _attempt in range(_ATTEMPTS):
             # The client's number when it is free for the new courier: then both dial one number.
-            candidates = await self.repo.candidates([sealed.idx], session.region, prefer=client.pool_number)
+            # (An order-code session keeps its shared number: the code tells the orders apart.)
+            candidates = [session.pool_number] if session.mode == "order_code" else await self.repo.candidates(
+                [sealed.idx], session.region, prefer=client.pool_number)
             if not candidates:
                 raise await self._exhausted([sealed.idx])
             try:
@@ -314,10 +384,41 @@ class Sessions:
     async def route(self, caller: str, pool_number: str, *, second_look: bool = False) -> Route:
         """The routing decision for a call; ends a session found past its time on the way,
         so that nothing routes after a session's end, whether or not the sweeper ran."""
-        row = await self.repo.route(self.vault.index(caller), pool_number)
+        idx = self.vault.index(caller)
+        row = await self.repo.route(idx, pool_number)
         if row is None:
-            known, language = await self.store.pools.language_of(pool_number)
-            return Route("unknown", pool_known=known, language=language or self.policy.default_language)
+            known, language, mode = await self.store.pools.routing_facts(pool_number)
+            language = language or self.policy.default_language
+            if mode == "order_code":
+                # Shared by many orders: the caller keys the code in, unless locked out.
+                locked = await self.repo.wrong_codes(idx, pool_number, self.policy.order_code_lockout) \
+                    >= self.policy.order_code_attempts
+                return Route("locked_out" if locked else "order_code", language=language)
+            return Route("unknown", pool_known=known, language=language)
+        return await self._decide(row, lambda: self.route(caller, pool_number, second_look=True), second_look)
+
+    async def route_by_code(self, caller: str, pool_number: str, order_code: str, *, second_look: bool = False) -> Route:
+        """The routing decision for a call to an order-code number once the caller keyed
+        `order_code`: as for a direct call when the caller is a participant of the live
+        session with that code on the number. Otherwise the wrong code is recorded (by the
+        caller's blind index): "wrong_code", or "locked_out" once there were too many."""
+        idx = self.vault.index(caller)
+        row = await self.repo.route_by_code(idx, pool_number, order_code) if order_code else None
+        if row is None:
+            if second_look:  # the session ended between the two looks
+                _known, language, _mode = await self.store.pools.routing_facts(pool_number)
+                return Route("finished", language=language or self.policy.default_language)
+            wrong = await self.repo.add_wrong_code(idx, pool_number, self.policy.order_code_lockout)
+            _known, language, _mode = await self.store.pools.routing_facts(pool_number)
+            log.info("order_code.wrong", pool_number=pool_number, wrong_codes=wrong)
+            kind = "locked_out" if wrong >= self.policy.order_code_attempts else "wrong_code"
+            return Route(kind, language=language or self.policy.default_language)
+        return await self._decide(
+            row, lambda: self.route_by_code(caller, pool_number, order_code, second_look=True), second_look
+        )
+
+    async def _decide(self, row: RouteRow, look_again: Callable[[], Awaitable[Route]], second_look: bool) -> Route:
+        """Where the call of the participant `row` goes (the session's state, blocks, caps)."""
         language = row.language or self.policy.default_language
         finished = Route("finished", session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
@@ -330,7 +431,7 @@ class Sessions:
             # Ended under the session's lock (unless a call or an extend got there first);
             # then decided again on what the database says now.
             await self.repo.end_if_due(row.session_id, self.policy.pair_cooloff)
-            return finished if second_look else await self.route(caller, pool_number, second_look=True)
+            return finished if second_look else await look_again()
         if row.status == "grace":
             if row.role == "client" and self.policy.support_number:
                 return Route("connect", session_id=row.session_id, caller_role="client",
@@ -383,6 +484,7 @@ class Sessions:
         counts = {
             **{f"sessions_{k}": v for k, v in ended.items()},
             "holds_released": await self.repo.release_cooled(),
+            "wrong_codes_forgotten": await self.repo.forget_wrong_codes(self.policy.order_code_lockout),
             "numbers_retired": await self.store.pools.finish_cooling(),
         }
         return {k: v for k, v in counts.items() if v}

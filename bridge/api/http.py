@@ -114,6 +114,10 @@ def render_session(sessions: Sessions, s: SessionRow) -> dict[str, Any]:
         "quiet_hours": s.quiet_hours,
         "max_call_seconds": s.max_call_seconds,  # null: MB_MAX_CALL_DURATION
         "record": s.record,
+        "mode": s.mode,
+        # The code callers of the shared number key in (mode order_code); the order system
+        # tells its people. Never logged.
+        "order_code": s.order_code,
     }
 
 
@@ -122,6 +126,7 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
         "number": row.number,
         "region": row.region,
         "language": row.language,
+        "mode": row.mode,
         "state": row.state,
         "live_sessions": row.live_sessions,
         "cooling_pairs": row.cooling_pairs,
@@ -271,7 +276,8 @@ def _query(request: web.Request, name: str, pattern: re.Pattern[str]) -> str | N
 # --- sessions ------------------------------------------------------------------------------
 
 OPEN_FIELDS = {"order_id", "courier_number", "client_number", "region", "ttl_seconds", "idle_timeout_seconds",
-               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record"}
+               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record",
+               "mode", "order_code"}
 
 
 async def open_session(request: web.Request) -> web.Response:
@@ -291,6 +297,8 @@ async def open_session(request: web.Request) -> web.Response:
         quiet=body.get("quiet_hours"),
         max_call_seconds=body.get("max_call_seconds"),
         record=body.get("record"),
+        mode=body.get("mode"),
+        order_code=body.get("order_code"),
     )
     return _json(render_session(sessions, session), 201 if created else 200)
 
@@ -403,6 +411,17 @@ async def list_pool_numbers(request: web.Request) -> web.Response:
 
 async def get_pool_number(request: web.Request) -> web.Response:
     return _json(render_pool_number(await request.app[POOLS].get(request.match_info["number"])))
+
+
+async def update_pool_number(request: web.Request) -> web.Response:
+    """Change a number's mode (direct or order_code), while nobody holds it."""
+    pools = request.app[POOLS]
+    number = (await pools.get(request.match_info["number"])).number
+    body = await _body(request)
+    _known_fields(body, {"mode"})
+    if "mode" not in body:
+        raise InvalidInput("give the mode (direct or order_code)", field="mode")
+    return _json(render_pool_number(await pools.set_mode(number, body["mode"])))
 
 
 async def retire_pool_number(request: web.Request) -> web.Response:
@@ -526,6 +545,7 @@ ROUTES: list[tuple[str, str, Handler]] = [
     ("POST", "/v1/pool-numbers", import_pool_numbers),
     ("GET", "/v1/pool-numbers", list_pool_numbers),
     ("GET", "/v1/pool-numbers/{number}", get_pool_number),
+    ("PATCH", "/v1/pool-numbers/{number}", update_pool_number),
     ("POST", "/v1/pool-numbers/{number}/retire", retire_pool_number),
     ("GET", "/v1/pool-usage", pool_usage),
     ("POST", "/v1/blocklist", block_number),

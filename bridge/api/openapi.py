@@ -302,7 +302,11 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
   number than the request's. `details`: `session_id` (the open session) and `field` (`courier_number` or
   `client_number`, the number that differs). Close it first, or reassign the courier.
 * 409 `pool_exhausted`: no pool number is free for the pair. `details`: `active_numbers`, `courier_holds`
-  and `client_holds` (`{live, cooling}` counts of the numbers each one holds), `numbers_needed`.
+  and `client_holds` (`{live, cooling}` counts of the numbers each one holds), `numbers_needed`. For a
+  session in mode `order_code`: no active pool number is in mode `order_code` (`details.active_numbers` 0).
+* 409 `order_code_taken`: every order-code number has a live session with the `order_code` given.
+* 409 `pool_number_in_use`: the mode of a pool number cannot change while someone holds it (live sessions,
+  or pairs cooling off). `details`: `live_sessions`, `cooling_pairs`.
 * 409 `contention`: too many concurrent requests raced for the same numbers; retry.
 * 409 `recording_in_progress`: the call is still being recorded; its audio can be fetched once it ended.
 * 409 `session_ended`: the change needs an open session, and the session is in grace or closed, or was
@@ -319,6 +323,20 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 503 `asterisk_unavailable`: the recording's audio could not be fetched from Asterisk.
 
 Messages are for people and may change; never parse them. They never hold a real number."""
+
+ORDER_CODE_PATTERN = "^[0-9]{4,12}$"
+SESSION_MODE: dict[str, Any] = {
+    "type": "string",
+    "enum": ["direct", "order_code"],
+    "description": "`direct`: the pool number routes by the caller's number. `order_code`: the number is shared; "
+    "callers key `order_code`.",
+}
+POOL_MODE: dict[str, Any] = {
+    "type": "string",
+    "enum": ["direct", "order_code"],
+    "description": "`direct`: handed to direct sessions, calls routed by the caller's number. `order_code`: "
+    "shared by order-code sessions, the caller keys the order's code (never handed to a direct session).",
+}
 
 CALL_CAP: dict[str, Any] = {
     "type": ["integer", "null"],
@@ -394,9 +412,10 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "field": {
                 "type": "string",
-                "description": "`invalid_input`, `unknown_region`: the field or parameter at fault. "
-                "`order_has_open_session`: `courier_number` or `client_number`, the number that differs from "
-                "the open session's.",
+                "description": "`invalid_input`, `unknown_region`, `order_code_taken`: the field or parameter "
+                "at fault. `order_has_open_session`: `courier_number` or `client_number`, the number that "
+                "differs from the open session's; `mode` or `order_code` when the session has another mode or "
+                "order code.",
             },
             "session_id": {
                 **UUID,
@@ -407,7 +426,17 @@ SCHEMAS: dict[str, Schema] = {
             "active_numbers": {
                 "type": "integer",
                 "minimum": 0,
-                "description": "`pool_exhausted`: active pool numbers.",
+                "description": "`pool_exhausted`: active pool numbers (in mode `direct`, for a direct session).",
+            },
+            "live_sessions": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "`pool_number_in_use`: live sessions on the number.",
+            },
+            "cooling_pairs": {
+                "type": "integer",
+                "minimum": 0,
+                "description": "`pool_number_in_use`: (real number, pool number) pairs cooling off on it.",
             },
             "courier_holds": {**_ref("HoldCounts"), "description": "`pool_exhausted`: numbers the courier holds."},
             "client_holds": {
@@ -455,7 +484,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
             "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
-            "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record",
+            "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record", "mode", "order_code",
         ],
         "properties": {
             "id": UUID,
@@ -502,6 +531,15 @@ SCHEMAS: dict[str, Schema] = {
             "quiet_hours": QUIET_HOURS,
             "max_call_seconds": MAX_CALL_SECONDS,
             "record": {"type": "boolean", "description": RECORD_DESCRIPTION},
+            "mode": SESSION_MODE,
+            "order_code": {
+                "type": ["string", "null"],
+                "pattern": ORDER_CODE_PATTERN,
+                "description": "Mode `order_code`: the code the courier and the client key in after dialing the "
+                "shared `pool_number` (tell them); unique among the live sessions on that number. Null in mode "
+                "`direct`.",
+                "examples": ["482913"],
+            },
         },
     },
     "SessionList": _list_of("Session", "Sessions, newest first."),
@@ -525,7 +563,7 @@ SCHEMAS: dict[str, Schema] = {
                 "type": "object",
                 "additionalProperties": True,
                 "description": "By kind: `blocked_by_client` {participant: the blocked participant's id, by: "
-                "the client's}; `opened` {pool_number, region, ttl_seconds, idle_timeout_seconds, "
+                "the client's}; `opened` {pool_number, region, mode, ttl_seconds, idle_timeout_seconds, "
                 "grace_seconds}; `extended` {ttl_seconds, idle_timeout_seconds}; `courier_reassigned` "
                 "{previous, participant (participant ids), pool_number}; `grace_started` {grace_seconds}; "
                 "`purged` {participants (how many real numbers were removed)}; `closed`, `expired`, "
@@ -554,14 +592,23 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "`support` for a client's call during a grace period; null when nobody was rung.",
             },
             "callee_participant_id": {"type": ["string", "null"], "format": "uuid"},
-            "state": {"type": "string", "enum": ["routing", "ringing", "connected", "announcing", "ended"]},
+            "state": {
+                "type": "string",
+                "enum": ["routing", "entering_code", "ringing", "connected", "announcing", "ended"],
+                "description": "`entering_code`: a call to an order-code number, whose caller is keying the code.",
+            },
             "outcome": {
                 "type": ["string", "null"],
                 "enum": [
                     "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller",
-                    "session_closed", "blocked", "call_limit", "quiet_hours", "unreachable", None,
+                    "session_closed", "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code",
+                    "locked_out", None,
                 ],
-                "description": "Set once the call ended. `unreachable`: the network could not reach the other "
+                "description": "Set once the call ended. `wrong_code`: a call to an order-code number ended "
+                "after `MB_ORDER_CODE_ATTEMPTS` tries without a right code (the caller heard that there were too "
+                "many). `locked_out`: the caller had keyed `MB_ORDER_CODE_ATTEMPTS` wrong codes on this number "
+                "within `MB_ORDER_CODE_LOCKOUT` seconds, and was told to try later without being asked. "
+                "A call to an order-code number has no session until a right code names it. `unreachable`: the network could not reach the other "
                 "phone (cause 1, 3, 20 or 27; the caller is hung up with the same cause). "
                 "`call_limit` / `quiet_hours`: the session's abuse "
                 "controls refused the call (the caller heard an announcement). `blocked`: the caller's number or the other side's is "
@@ -653,7 +700,7 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "A number of the pool, with its load.",
         "required": [
-            "number", "region", "language", "state", "live_sessions", "cooling_pairs", "cooling_until",
+            "number", "region", "language", "mode", "state", "live_sessions", "cooling_pairs", "cooling_until",
             "state_changed_at", "created_at",
         ],
         "properties": {
@@ -664,6 +711,7 @@ SCHEMAS: dict[str, Schema] = {
                 "enum": ["en", "ru", None],
                 "description": "Language of the announcements its callers hear; null: `MB_DEFAULT_LANGUAGE`.",
             },
+            "mode": POOL_MODE,
             "state": {
                 "type": "string",
                 "enum": list(STATES),
@@ -805,6 +853,22 @@ SCHEMAS: dict[str, Schema] = {
             "max_call_seconds": MAX_CALL_SECONDS,
             "record": {"type": ["boolean", "null"], "description": RECORD_DESCRIPTION + " Null: the bridge's "
                        "default (`MB_RECORD_CALLS`, no)."},
+            "mode": {
+                **SESSION_MODE,
+                "type": ["string", "null"],
+                "enum": ["direct", "order_code", None],
+                "description": "`order_code`: the session gets a shared order-code pool number (the region's "
+                "if one is, then the least loaded) and an order code; callers of that number key the code to "
+                "reach the other participant. Null or left out: `direct`.",
+            },
+            "order_code": {
+                "type": ["string", "null"],
+                "pattern": ORDER_CODE_PATTERN,
+                "description": "Mode `order_code` only: the order system's own code, exactly "
+                "`MB_ORDER_CODE_LENGTH` (default 6) digits, unique among the live sessions on the number (a "
+                "number where it is in use is skipped). Null or left out: a random code.",
+                "examples": ["482913"],
+            },
         },
         "description": "Null is the same as leaving a field out. Seconds are JSON integers (`5.0` and `true` "
         f"are refused), at most {MAX_SECONDS} (31 days).",
@@ -905,9 +969,22 @@ SCHEMAS: dict[str, Schema] = {
                 "description": "The language callers of this number hear announcements in; null or left out: "
                 "`MB_DEFAULT_LANGUAGE`.",
             },
+            "mode": {
+                **POOL_MODE,
+                "type": ["string", "null"],
+                "enum": ["direct", "order_code", None],
+                "description": "Null or left out: a new number is `direct`, a known one keeps its mode. The mode "
+                "of a number someone holds (live sessions, pairs cooling off) cannot change: a bad row.",
+            },
         },
         "description": "An entry that is not an object, lacks `number` or has any other key is a bad row "
         "(`invalid_import`).",
+    },
+    "UpdatePoolNumberRequest": {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["mode"],
+        "properties": {"mode": POOL_MODE},
     },
     "ImportPoolNumbersRequest": {
         "type": "object",
@@ -991,6 +1068,8 @@ SESSION_EXAMPLE: dict[str, Any] = {
     "quiet_hours": {"from": "22:00", "to": "08:00", "timezone": "Europe/Moscow"},
     "max_call_seconds": None,
     "record": False,
+    "mode": "direct",
+    "order_code": None,
 }
 
 
@@ -1053,9 +1132,14 @@ PATHS: dict[str, Schema] = {
             "session's. An open session naming another courier or client number is a bug of the caller: 409 "
             "`order_has_open_session`. An open session found past its expiry or idle timeout is ended first, "
             "and a new one is opened. The whole request is checked before anything is written.\n\n"
+            "With `mode` `order_code`, the session gets a shared order-code number instead (one of the "
+            "requested region if there is one, then the least loaded) and an `order_code` (the order system's, "
+            "or a random one), returned here and in every view of the session. Many orders share the number; "
+            "callers key the code after dialing, and are put through when they are a participant of the "
+            "session with that code.\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 409 `order_has_open_session` (`details.session_id`, "
-            "`details.field`), `pool_exhausted` (with details), `contention`; 413 `body_too_large`; 422 "
-            "`invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
+            "`details.field`), `pool_exhausted` (with details), `order_code_taken`, `contention`; 413 "
+            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
             "requestBody": _json_request("OpenSessionRequest"),
             "responses": {
                 "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE),
@@ -1070,10 +1154,16 @@ PATHS: dict[str, Schema] = {
                     "number (`details.field` says which, `details.session_id` which session). `pool_exhausted`: "
                     "every active pool number is held by the courier or the client (live, or cooling off); "
                     "`details` says how many numbers the pair needs. `contention`: too many opens raced for the "
-                    "same numbers; retry.",
+                    "same numbers; retry. `order_code_taken`: every order-code number has a live session with "
+                    "the `order_code` given.",
                     order_has_open_session=ORDER_HAS_OPEN_SESSION,
                     pool_exhausted=POOL_EXHAUSTED,
                     contention=CONTENTION,
+                    order_code_taken=(
+                        "order_code_taken",
+                        "every order-code number has a live session with this order_code; give another",
+                        {"field": "order_code"},
+                    ),
                 ),
                 "413": TOO_LARGE,
                 "422": _invalid(
@@ -1086,6 +1176,7 @@ PATHS: dict[str, Schema] = {
                         {"field": "courier_number"},
                     ),
                     unknown_region=("unknown_region", "no pool number is in region RU-SPE", {"field": "region"}),
+                    order_code=("invalid_input", "order_code must be exactly 6 digits (0-9)", {"field": "order_code"}),
                 ),
                 "500": INTERNAL,
             },
@@ -1382,11 +1473,13 @@ PATHS: dict[str, Schema] = {
                         "schema": {
                             "type": "string",
                             "description": "UTF-8, optionally starting with a byte order mark. "
-                            "`number[,region]` per line; an optional first line naming the columns "
-                            "(`number,region`); blank lines and lines starting with `#` are skipped; an empty or "
-                            "missing region means none; further columns are ignored. Errors name the line.",
+                            "`number[,region[,language[,mode]]]` per line; an optional first line naming the "
+                            "columns (`number,region,language,mode`); blank lines and lines starting with `#` are "
+                            "skipped; an empty or missing region means none, an empty or missing language or mode "
+                            "as in the JSON entries; further columns are ignored. Errors name the line.",
                         },
-                        "example": "number,region\n+74950000001,RU-MOW\n# no region:\n+74950000002\n",
+                        "example": "number,region,language,mode\n+74950000001,RU-MOW\n# no region:\n+74950000002\n"
+                        "# shared, callers key an order code:\n+74950000003,RU-MOW,ru,order_code\n",
                     },
                     "text/plain": {
                         "schema": {"type": "string", "description": "The same CSV as `text/csv`."},
@@ -1465,6 +1558,43 @@ PATHS: dict[str, Schema] = {
                 "401": UNAUTHORIZED,
                 "404": _response_ref("PoolNumberNotFound"),
                 "422": _response_ref("InvalidPoolNumber"),
+                "500": INTERNAL,
+            },
+        },
+        "patch": {
+            "operationId": "updatePoolNumber",
+            "tags": ["pool-numbers"],
+            "summary": "Set a pool number's mode",
+            "description": "`direct`: calls are routed by the caller's number (one holder per caller and "
+            "number), and the allocator hands the number to direct sessions. `order_code`: the number is shared "
+            "by any number of order-code sessions; callers key the order's code, and the direct allocator never "
+            "hands it out. The mode can change only while nobody holds the number (no live session, no pair "
+            "cooling off): 409 `pool_number_in_use` otherwise. Setting the mode it has changes nothing.\n\n"
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 404 `pool_number_not_found`; 409 "
+            "`pool_number_in_use`; 413 `body_too_large`; 422 `invalid_input` (not a phone number, `mode` missing "
+            "or not a mode, an unknown field; `details.field` names it); 500 `internal_error`.",
+            "requestBody": _json_request("UpdatePoolNumberRequest"),
+            "responses": {
+                "200": _json_response("The pool number, in its new mode.", _ref("PoolNumber")),
+                "400": BAD_BODY,
+                "401": UNAUTHORIZED,
+                "404": _response_ref("PoolNumberNotFound"),
+                "409": _invalid(
+                    "`pool_number_in_use`: someone holds the number.",
+                    pool_number_in_use=(
+                        "pool_number_in_use",
+                        "the number is in use (live sessions, or pairs cooling off): its mode can change once "
+                        "nobody holds it",
+                        {"live_sessions": 2, "cooling_pairs": 0},
+                    ),
+                ),
+                "413": TOO_LARGE,
+                "422": _invalid(
+                    "`invalid_input`: the number is not a phone number, or `mode` is missing or not a mode.",
+                    mode=("invalid_input", "mode must be one of direct, order_code", {"field": "mode"}),
+                    number=("invalid_input", "pool number: not a valid phone number (not a phone number)",
+                            {"field": "number"}),
+                ),
                 "500": INTERNAL,
             },
         },

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
+from bridge.calls.order_code import CodePrompt, KeypadTiming
 from bridge.phone import InvalidNumber, mask, normalize
 from bridge.sessions import Route
 
@@ -32,10 +33,17 @@ SESSION_CLOSED_SOUND = "ss-noservice"
 BLOCKED_SOUND = "cannot-complete-as-dialed"
 UNAVAILABLE_SOUND = "all-circuits-busy-now"  # as the dialplan plays when the bridge is down
 BLOCK_CONFIRMED_SOUND = "auth-thankyou"  # to the client who blocked the other party
-TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours
 CONSENT_SOUND = "conf-now-recording"  # "this call is now being recorded", to both parties
 RECORDING_FORMAT = "wav"  # Asterisk's wav: 8 kHz 16-bit mono after a 44-byte header
 RECORDING_FINISH_TIMEOUT = 5.0  # seconds to wait for Asterisk to close a stopped recording
+TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours, locked out
+# Order-code numbers: "Please enter your personal identification number followed by the
+# pound, or hash key"; after a wrong code "Password incorrect. Please enter your password
+# followed by the pound key"; after the last "You have entered too many invalid personal
+# identification numbers". (In both languages' sound packages.)
+ORDER_CODE_PROMPT = "confbridge-pin"
+WRONG_CODE_SOUND = "auth-incorrect"
+TOO_MANY_WRONG_CODES_SOUND = "confbridge-pin-bad"
 CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
 
 # Hangup cause of the other leg (before answer) -> the call's outcome. The caller is hung
@@ -55,6 +63,7 @@ _GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
 
 class CallState(enum.Enum):
     ROUTING = "routing"  # a few ms of silence while the session is looked up
+    ENTERING_CODE = "entering_code"  # an order-code number: the caller is asked for the order's code
     RINGING = "ringing"  # the caller hears the other phone ring
     CONSENT = "consent"  # answered; both hear that the call is recorded, each on their own
     CONNECTED = "connected"  # they talk
@@ -64,6 +73,7 @@ class CallState(enum.Enum):
 
 class Router(Protocol):
     async def route(self, caller: str, pool_number: str) -> Route: ...
+    async def route_by_code(self, caller: str, pool_number: str, order_code: str) -> Route: ...
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None: ...
 
 
@@ -74,6 +84,8 @@ class CallStore(Protocol):
     async def call_announcing(self, call_id: uuid.UUID) -> None: ...
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID: ...
     async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None: ...
+    async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
+    async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
     ) -> None: ...
@@ -91,6 +103,8 @@ class FlowSettings:
     default_language: str = "en"  # of announcements when no route says otherwise
     # Announcement language -> Asterisk sounds directory (what Debian's sound packages install).
     sound_languages: tuple[tuple[str, str], ...] = (("en", "en"), ("ru", "ru_RU_f_IvrvoiceRU"))
+    keypad: KeypadTiming = KeypadTiming()  # order codes: length and timeouts of the entry
+    order_code_attempts: int = 3  # codes a caller may key in one call
 
 
 # What both parties hear before the bridge ends a call at its maximum duration: three short
@@ -242,7 +256,7 @@ class MaskedCall:
             await self._route()
         except Exception:
             log.exception("call.failed", state=self.state.value)
-            if self.state is CallState.ROUTING:
+            if self.state in (CallState.ROUTING, CallState.ENTERING_CODE):
                 # Nothing rang yet (e.g. the database is down): the caller is told the
                 # service is unavailable, not left with silence.
                 await self._unavailable()
@@ -333,6 +347,20 @@ class MaskedCall:
             max_seconds=route.max_call_seconds if route else None,
             record=route.record if route else False,
         )
+        if route is not None and route.kind == "locked_out":
+            await self._announce("locked_out", TRY_LATER_SOUND)
+            return
+        if route is not None and route.kind == "order_code":
+            assert caller is not None and pool is not None
+            coded = await self._enter_order_code(caller, pool)
+            if coded is None:
+                return  # the call ended (wrong codes, or the caller left)
+            route = coded
+        assert pool is not None or route is None or route.kind == "unknown"
+        await self._put_through(route, pool or "")
+
+    async def _put_through(self, route: Route | None, pool: str) -> None:
+        """Ring the other participant, or tell the caller why not."""
         if route is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
@@ -345,8 +373,60 @@ class MaskedCall:
         if route.kind == "finished":
             await self._announce("session_closed", SESSION_CLOSED_SOUND)
             return
-        assert pool is not None
         await self._ring(route, pool)
+
+    async def _enter_order_code(self, caller: str, pool: str) -> Route | None:
+        """A shared (order-code) number: the caller is answered and asked for the order's
+        code, up to `order_code_attempts` times. Returns the route the right code gave
+        (the call row now names its session), or None once the call has ended: too many
+        wrong codes (outcome wrong_code), or the caller hung up (caller_cancelled)."""
+        assert self.router is not None
+        self.state = CallState.ENTERING_CODE
+        await self.store.call_entering_code(self.id)
+        try:
+            await self.ari.answer(self.inbound_id)
+        except (AriNotFound, AriConflict):  # the caller hung up meanwhile
+            await self._end("caller_cancelled", "caller", None)
+            return None
+        keypad = CodePrompt(self.ari, self.inbound_id, self._next, self.settings.keypad, self._sounds())
+        sound = ORDER_CODE_PROMPT
+        for attempt in range(1, self.settings.order_code_attempts + 1):
+            keyed = await keypad.ask(f"sound:{sound}", f"{self.id}-code-{attempt}")
+            if keyed.left:
+                log.info("call.left_during_code", attempt=attempt)
+                await self._end("caller_cancelled", "caller", None)
+                return None
+            if not keyed.digits:
+                log.info("call.no_code_keyed", attempt=attempt)
+                continue  # nothing keyed in time: asked again (not a wrong code)
+            lookup_began = time.monotonic()
+            route = await self.router.route_by_code(caller, pool, keyed.digits)
+            if route.kind == "locked_out":
+                log.info("call.wrong_code", attempt=attempt, locked_out=True)
+                break
+            if route.kind == "wrong_code":
+                log.info("call.wrong_code", attempt=attempt)
+                sound = WRONG_CODE_SOUND
+                continue
+            self.route = route
+            if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
+                route = self.route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
+                                           caller_participant_id=route.caller_participant_id,
+                                           language=route.language)
+            await self.store.call_routed(
+                self.id,
+                session_id=route.session_id,
+                caller_role=route.caller_role,
+                caller_participant_id=route.caller_participant_id,
+                callee_role=route.callee_role,
+                callee_participant_id=route.callee_participant_id,
+                max_seconds=route.max_call_seconds,
+                record=route.record,
+            )
+            log.info("call.order_code_accepted", route=route.kind, attempt=attempt)
+            return route
+        await self._announce("wrong_code", TOO_MANY_WRONG_CODES_SOUND)
+        return None
 
     async def _announce(self, outcome: str, sound: str) -> None:
         """Tell the caller why the call cannot be put through, then hang up."""

@@ -82,7 +82,7 @@ class Carrier:
         self.phones: dict[str, Phone] = {}
         self.legs: dict[str, Leg] = {}
         self.incoming: asyncio.Queue[Leg] = asyncio.Queue()
-        self._snoops: dict[str, Leg] = {}
+        self._snoops: dict[str, str] = {}  # snoop channel -> the recording it makes
         self._snoop_seconds: dict[str, int] = {}
         self._stream = EventStream(self.ari, self._handle)
         self._task: asyncio.Task[None] | None = None
@@ -192,6 +192,10 @@ class Carrier:
     async def resume(self, leg: Leg) -> None:
         """The phone takes its call off hold (a re-INVITE with a=sendrecv) and plays its tone again."""
         await self.ari.unhold(leg.channel_id)
+        await self.resume_tone(leg)
+
+    async def resume_tone(self, leg: Leg) -> None:
+        """The phone plays its tone again (after `press` stopped it)."""
         await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
 
     async def wait_digits(self, leg: Leg, digits: str, timeout: float = 10) -> None:
@@ -204,10 +208,11 @@ class Carrier:
     async def listen_to(self, leg: Leg, seconds: int) -> Path:
         """Record `seconds` of what an answered phone hears now (for legs placed without
         listening); returns the recording once it is finished."""
-        leg.recording = f"sample-{leg.channel_id}"
+        # A name of its own each time: a phone can be listened to more than once.
+        ear = f"sample-{leg.channel_id}-{uuid.uuid4().hex[:8]}"
+        leg.recording = ear
         leg.recorded.clear()
-        ear = f"sample-{leg.channel_id}"
-        self._snoops[ear] = leg
+        self._snoops[ear] = ear
         self._snoop_seconds[ear] = seconds
         await self.ari.snoop(leg.channel_id, ear, ["snoop"], spy="in")
         try:
@@ -254,7 +259,9 @@ class Carrier:
                 self.legs[cid].in_stasis.set()
             elif args[:1] == ["snoop"] and cid in self._snoops:
                 seconds = self._snoop_seconds.get(cid, 120)
-                await self.ari.record(cid, self._snoops[cid].recording or "", "wav", max_seconds=seconds)
+                # The name given when the snoop was made: a phone listened to (listen_to) while
+                # its first snoop was still starting records twice, under two names.
+                await self.ari.record(cid, self._snoops[cid], "wav", max_seconds=seconds)
             return
         if kind == "RecordingFinished":
             name = (event.get("recording") or {}).get("name")
@@ -346,7 +353,7 @@ class Carrier:
         # A snoop channel records what the phone hears; the phone plays its tone from a
         # sound file. (Asterisk's `tone:` generator on the channel silences the spy.)
         ear = f"ear-{leg.channel_id}"
-        self._snoops[ear] = leg
+        self._snoops[ear] = leg.recording
         try:
             await self.ari.snoop(leg.channel_id, ear, ["snoop"], spy="in")
             await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")

@@ -58,6 +58,9 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
     "MB_RECORD_CALLS": ("no", "record the calls of sessions opened without \"record\" (yes/no)"),
     "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted"),
+    "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
+    "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within MB_ORDER_CODE_LOCKOUT, before a lockout"),
+    "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
 }
 
 SECRET_NAMES = (
@@ -71,6 +74,7 @@ SESSION_SETTINGS = (
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALLS_PER_HOUR", "MB_CALLS_PER_DAY", "MB_QUIET_HOURS",
     "MB_MAX_CALL_DURATION", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
     "MB_DEFAULT_LANGUAGE", "MB_RECORD_CALLS", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
+    "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
 )
 
 

@@ -18,6 +18,7 @@ class PoolNumberRow:
     state_changed_at: datetime
     cooling_until: datetime | None
     language: str | None
+    mode: str  # direct | order_code
     live_sessions: int  # live participants holding it, i.e. live sessions it serves
     cooling_pairs: int  # (real number, this number) pairs in cool-off
 
@@ -30,47 +31,71 @@ _LOAD = """
 """
 
 
+class NumbersInUse(Exception):
+    """The mode of these numbers cannot change: someone holds them (live or cooling off)."""
+
+    def __init__(self, numbers: list[str]) -> None:
+        super().__init__(", ".join(numbers))
+        self.numbers = numbers
+
+
+# Somebody still holds the number: a live participant, or a pair in cool-off. (Participants
+# reached by order code are never routed by their pair: their cool-off does not count.)
+_HELD = """EXISTS (SELECT 1 FROM participants h WHERE h.pool_number = p.number AND h.holds
+                   AND (h.held_until IS NULL OR (h.held_until > now() AND NOT h.by_code)))"""
+
+
 class PoolRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def import_numbers(self, rows: list[tuple[str, str | None, str | None]]) -> dict[str, int]:
-        """Add numbers, or update the region of known ones; a cooling or retired number is
-        made active again. Atomic, in a few statements whatever the size; returns counts."""
-        wanted = {number: (region, language) for number, region, language in rows}
+    async def import_numbers(self, rows: list[tuple[str, str | None, str | None, str | None]]) -> dict[str, int]:
+        """Add numbers, or update the region, language and mode of known ones (mode None:
+        a known number keeps its mode, a new one is direct); a cooling or retired number is
+        made active again. Atomic, in a few statements whatever the size; returns counts.
+        Raises NumbersInUse, importing nothing, when the mode of a number someone holds
+        would change."""
         async with self.pool.acquire() as conn, conn.transaction():
             old = {
                 r["number"]: r
                 for r in await conn.fetch(
-                    """SELECT number, region, language, state FROM pool_numbers
-                       WHERE number = ANY($1::text[]) FOR UPDATE""",
-                    list(wanted),
+                    f"""SELECT p.number, p.region, p.language, p.state, p.mode, {_HELD} AS held FROM pool_numbers p
+                        WHERE p.number = ANY($1::text[]) FOR UPDATE""",
+                    [number for number, *_ in rows],
                 )
             }
+            wanted = {
+                number: (region, language, mode or (old[number]["mode"] if number in old else "direct"))
+                for number, region, language, mode in rows
+            }
+            in_use = sorted(n for n, r in old.items() if r["held"] and r["mode"] != wanted[n][2])
+            if in_use:
+                raise NumbersInUse(in_use)
             new = [n for n in wanted if n not in old]
             reactivate = [n for n, r in old.items() if r["state"] != "active"]
             moved = [n for n, r in old.items()
-                     if r["state"] == "active" and (r["region"], r["language"]) != wanted[n]]
+                     if r["state"] == "active" and (r["region"], r["language"], r["mode"]) != wanted[n]]
 
-            def columns(numbers: list[str]) -> tuple[list[str], list[str | None], list[str | None]]:
-                return numbers, [wanted[n][0] for n in numbers], [wanted[n][1] for n in numbers]
+            def columns(numbers: list[str]) -> tuple[list[str], list[str | None], list[str | None], list[str]]:
+                return (numbers, [wanted[n][0] for n in numbers], [wanted[n][1] for n in numbers],
+                        [wanted[n][2] for n in numbers])
 
             added = await conn.fetch(
-                """INSERT INTO pool_numbers (number, region, language)
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[])
+                """INSERT INTO pool_numbers (number, region, language, mode)
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
                    ON CONFLICT (number) DO NOTHING RETURNING number""",
                 *columns(new),
             )
             await conn.execute(
                 """UPDATE pool_numbers p SET state = 'active', region = i.region, language = i.language,
-                          cooling_until = NULL, state_changed_at = now()
-                   FROM unnest($1::text[], $2::text[], $3::text[]) AS i(number, region, language)
+                          mode = i.mode, cooling_until = NULL, state_changed_at = now()
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(number, region, language, mode)
                    WHERE p.number = i.number""",
                 *columns(reactivate),
             )
             await conn.execute(
-                """UPDATE pool_numbers p SET region = i.region, language = i.language
-                   FROM unnest($1::text[], $2::text[], $3::text[]) AS i(number, region, language)
+                """UPDATE pool_numbers p SET region = i.region, language = i.language, mode = i.mode
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) AS i(number, region, language, mode)
                    WHERE p.number = i.number""",
                 *columns(moved),
             )
@@ -124,11 +149,29 @@ class PoolRepo:
         )
         return int(result.split()[-1])
 
-    async def language_of(self, number: str) -> tuple[bool, str | None]:
-        """(whether it is one of our pool numbers, its announcement language): one indexed
-        read, for every call that routes nowhere."""
-        row = await self.pool.fetchrow("SELECT language FROM pool_numbers WHERE number = $1", number)
-        return (row is not None, row["language"] if row is not None else None)
+    async def set_mode(self, number: str, mode: str) -> PoolNumberRow | None:
+        """Make the number direct or order_code. Raises NumbersInUse when someone holds it
+        (live or cooling off): their calls are routed by the mode they got it in. Opens wait
+        for this (and this for them): the row is locked, and they take it FOR SHARE."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"SELECT p.mode, {_HELD} AS held FROM pool_numbers p WHERE p.number = $1 FOR UPDATE", number
+            )
+            if row is None:
+                return None
+            if row["mode"] != mode:
+                if row["held"]:
+                    raise NumbersInUse([number])
+                await conn.execute("UPDATE pool_numbers SET mode = $2 WHERE number = $1", number, mode)
+        return await self.get(number)
+
+    async def routing_facts(self, number: str) -> tuple[bool, str | None, str]:
+        """(whether it is one of our pool numbers, its announcement language, its mode): one
+        indexed read, for every call that no pair routes."""
+        row = await self.pool.fetchrow("SELECT language, mode FROM pool_numbers WHERE number = $1", number)
+        if row is None:
+            return False, None, "direct"
+        return True, row["language"], row["mode"]
 
     async def known_region(self, region: str) -> bool:
         return bool(await self.pool.fetchval("SELECT EXISTS (SELECT 1 FROM pool_numbers WHERE region = $1)", region))

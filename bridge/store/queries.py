@@ -72,6 +72,45 @@ class Store:
             caller_participant_id, callee_role, callee_participant_id, self.webhooks, max_seconds, record,
         )
 
+    async def call_entering_code(self, call_id: uuid.UUID) -> None:
+        await self.pool.execute(
+            "UPDATE calls SET state = 'entering_code' WHERE id = $1 AND state <> 'ended'", call_id
+        )
+
+    async def call_routed(
+        self,
+        call_id: uuid.UUID,
+        *,
+        session_id: uuid.UUID | None,
+        caller_role: str | None,
+        caller_participant_id: uuid.UUID | None,
+        callee_role: str | None,
+        callee_participant_id: uuid.UUID | None,
+        max_seconds: int | None,
+        record: bool = False,
+    ) -> None:
+        """A call to an order-code number, once its code named the session: the row learns
+        who is calling whom and, as insert_call does for a direct call, a call put through
+        is the session's activity and its call.started webhook."""
+        await self.pool.execute(
+            """
+            WITH call AS (
+                UPDATE calls SET session_id = $2, caller_role = $3, caller_participant_id = $4, callee_role = $5,
+                                 callee_participant_id = $6, max_seconds = $7, record = $9
+                WHERE id = $1 AND state <> 'ended'
+                RETURNING calls AS r
+            ), hook AS (
+                INSERT INTO webhook_outbox (event, payload)
+                SELECT 'call.started', maskbridge_call_event(call.r) FROM call
+                WHERE $8 AND (call.r).session_id IS NOT NULL AND (call.r).callee_role IS NOT NULL
+            )
+            UPDATE sessions s SET last_activity_at = now()
+            FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
+            """,
+            call_id, session_id, caller_role, caller_participant_id, callee_role, callee_participant_id,
+            max_seconds, self.webhooks, record,
+        )
+
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
         await self.pool.execute(
             "UPDATE calls SET state = 'ringing', outbound_channel_id = $2, bridge_id = $3 WHERE id = $1",

@@ -27,6 +27,10 @@ class SessionGone(Exception):
     """The session does not exist, or is not in a state that allows the change."""
 
 
+class CodeTaken(Exception):
+    """A live session on this pool number has this order code already."""
+
+
 @dataclass(frozen=True)
 class Sealed:
     """A real number as stored: its blind index and its ciphertext."""
@@ -46,6 +50,7 @@ class SessionTerms:
     quiet_hours: Any = None  # JSON: {"from", "to", "timezone"}, false, or None (the default)
     max_call_seconds: int | None = None  # None: the bridge's default
     record: bool = False  # its calls are recorded (after a consent announcement)
+    order_code: str | None = None  # set: an order-code session (mode order_code)
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ class SessionRow:
     quiet_hours: Any
     max_call_seconds: int | None
     record: bool
+    mode: str
+    order_code: str | None
     participants: tuple[ParticipantRow, ...]
 
     def live(self, role: str) -> ParticipantRow | None:
@@ -117,7 +124,7 @@ class RouteRow:
 _SESSION_COLUMNS = """
     s.id, s.order_id, s.pool_number, s.status, s.region, s.created_at, s.expires_at,
     s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason,
-    s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds, s.record
+    s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds, s.record, s.mode, s.order_code
 """
 
 # A hold that still counts: live, or in a cool-off that has not ended.
@@ -132,8 +139,7 @@ _OWN_COOLING_HOLD = """
 """
 
 
-# The routing lookup of every call ($1 the caller's blind index, $2 the dialed pool number).
-ROUTE_SQL = f"""
+_ROUTE_SELECT = """
     SELECT h.session_id, h.id AS participant_id, h.role, h.pool_number,
            h.left_at IS NOT NULL AS caller_left, s.status,
            s.expires_at <= now() AS expired,
@@ -160,7 +166,22 @@ ROUTE_SQL = f"""
         FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
           AND c.started_at > now() - interval '1 day' AND c.outcome IS DISTINCT FROM 'failed'
     ) cap
-    WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING}
+"""
+
+# The routing lookup of every call ($1 the caller's blind index, $2 the dialed pool number).
+# Participants of order-code sessions are reached by their code (ROUTE_BY_CODE_SQL) only.
+ROUTE_SQL = f"""{_ROUTE_SELECT}
+    WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING} AND NOT h.by_code
+"""
+
+# The lookup of a call to an order-code number once the caller keyed a code ($3): the
+# caller's participation in the live session that has this code on this number. (The
+# unique index sessions_live_order_code makes the session unambiguous; a participant who
+# left and came back has two rows: the live one first.)
+ROUTE_BY_CODE_SQL = f"""{_ROUTE_SELECT}
+    WHERE h.number_idx = $1 AND h.pool_number = $2 AND {_HOLDING} AND h.by_code
+      AND s.order_code = $3 AND s.status IN ('open', 'grace')
+    ORDER BY h.left_at IS NOT NULL, h.joined_at DESC LIMIT 1
 """
 
 
@@ -247,7 +268,7 @@ class SessionRepo:
                 WHERE h.number_idx = ANY($1::bytea[]) AND {_HOLDING} AND NOT ({_OWN_COOLING_HOLD})
             ), sticky AS ({sticky})
             SELECT p.number FROM pool_numbers p
-            WHERE p.state = 'active' AND p.number NOT IN (SELECT pool_number FROM blocked)
+            WHERE p.state = 'active' AND p.mode = 'direct' AND p.number NOT IN (SELECT pool_number FROM blocked)
             ORDER BY p.number IS NOT DISTINCT FROM $4 DESC,
                      p.number IS NOT DISTINCT FROM (SELECT pool_number FROM sticky) DESC,
                      ($2::text IS NOT NULL AND p.region IS NOT DISTINCT FROM $2) DESC,
@@ -271,7 +292,25 @@ class SessionRepo:
         return int(row["live"]), int(row["cooling"])
 
     async def active_numbers(self) -> int:
-        return int(await self.pool.fetchval("SELECT count(*) FROM pool_numbers WHERE state = 'active'"))
+        """Active numbers the direct allocator hands out (order-code numbers are shared)."""
+        return int(await self.pool.fetchval(
+            "SELECT count(*) FROM pool_numbers WHERE state = 'active' AND mode = 'direct'"))
+
+    async def order_code_numbers(self, region: str | None, limit: int = 8) -> list[str]:
+        """Active order-code numbers, best first: the region's, then the least loaded (live
+        sessions on it), ties broken at random."""
+        rows = await self.pool.fetch(
+            """
+            SELECT p.number FROM pool_numbers p
+            WHERE p.state = 'active' AND p.mode = 'order_code'
+            ORDER BY ($1::text IS NOT NULL AND p.region IS NOT DISTINCT FROM $1) DESC,
+                     (SELECT count(*) FROM sessions s WHERE s.pool_number = p.number AND s.status IN ('open', 'grace')),
+                     random()
+            LIMIT $2
+            """,
+            region, limit,
+        )
+        return [r["number"] for r in rows]
 
     # --- changing sessions -------------------------------------------------------------
 
@@ -289,11 +328,13 @@ class SessionRepo:
         )
 
     @staticmethod
-    async def _still_active(conn: asyncpg.Connection, pool_number: str) -> None:
-        """The number is still active, and stays so until this transaction ends (a retire
-        waits for it): a session is never opened on a number being retired."""
+    async def _still_active(conn: asyncpg.Connection, pool_number: str, mode: str = "direct") -> None:
+        """The number is still active and in `mode`, and stays so until this transaction ends
+        (a retire or a mode change waits for it): a session is never opened on a number being
+        retired, nor a direct session on a number becoming shared."""
         if not await conn.fetchval(
-            "SELECT true FROM pool_numbers WHERE number = $1 AND state = 'active' FOR SHARE", pool_number
+            "SELECT true FROM pool_numbers WHERE number = $1 AND state = 'active' AND mode = $2 FOR SHARE",
+            pool_number, mode,
         ):
             raise PairTaken(pool_number)
 
@@ -309,34 +350,40 @@ class SessionRepo:
     ) -> uuid.UUID:
         """One session and its two participants, atomically.
 
-        Raises PairTaken when either number holds `pool_number` already, and OrderRace when
-        the order got an open session meanwhile.
+        Raises PairTaken when either number holds `pool_number` already, OrderRace when
+        the order got an open session meanwhile, and CodeTaken when an order-code session
+        on `pool_number` has the same code.
         """
+        by_code = terms.order_code is not None
         try:
             async with self.pool.acquire() as conn, conn.transaction():
-                await self._still_active(conn, pool_number)
-                await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
+                await self._still_active(conn, pool_number, "order_code" if by_code else "direct")
+                if not by_code:
+                    await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
                 session_id: uuid.UUID = await conn.fetchval(
                     """
                     INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
-                                          calls_per_hour, calls_per_day, quiet_hours, max_call_seconds, record)
-                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb, $10, $11)
+                                          calls_per_hour, calls_per_day, quiet_hours, max_call_seconds, record,
+                                          mode, order_code)
+                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb, $10, $11,
+                            CASE WHEN $12::text IS NULL THEN 'direct' ELSE 'order_code' END, $12)
                     RETURNING id
                     """,
                     order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
                     terms.grace_seconds, terms.calls_per_hour, terms.calls_per_day,
                     None if terms.quiet_hours is None else json.dumps(terms.quiet_hours), terms.max_call_seconds,
                     terms.record,
+                    terms.order_code,
                 )
                 # In index order: two opens that share both people in opposite roles take
                 # the pair locks in the same order, and one waits for the other.
                 await conn.executemany(
-                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number)
-                       VALUES ($1, $2, $3, $4, $5)""",
+                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
+                       VALUES ($1, $2, $3, $4, $5, $6)""",
                     sorted(
                         [
-                            (session_id, "courier", courier.idx, courier.enc, pool_number),
-                            (session_id, "client", client.idx, client.enc, pool_number),
+                            (session_id, "courier", courier.idx, courier.enc, pool_number, by_code),
+                            (session_id, "client", client.idx, client.enc, pool_number, by_code),
                         ],
                         key=lambda r: r[2],
                     ),
@@ -347,12 +394,15 @@ class SessionRepo:
                     grace_seconds=terms.grace_seconds, calls_per_hour=terms.calls_per_hour,
                     calls_per_day=terms.calls_per_day, quiet_hours=terms.quiet_hours,
                     max_call_seconds=terms.max_call_seconds, record=terms.record,
+                    mode="order_code" if by_code else "direct",
                 )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":
                 raise PairTaken(pool_number) from exc
             if exc.constraint_name == "sessions_one_open_per_order":
                 raise OrderRace(order_id) from exc
+            if exc.constraint_name == "sessions_live_order_code":
+                raise CodeTaken(pool_number) from exc
             raise
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
             raise PairTaken(pool_number) from exc
@@ -459,13 +509,16 @@ class SessionRepo:
                 )
                 if old is not None and old["number_idx"] == courier.idx:
                     return False
-                await self._still_active(conn, pool_number)
+                by_code = row["mode"] == "order_code"
+                if not by_code:  # an order-code session keeps its shared number
+                    await self._still_active(conn, pool_number)
                 await self._leave(conn, session_id, "courier", cooloff)
-                await self._free_pairs(conn, [courier.idx], pool_number)
+                if not by_code:
+                    await self._free_pairs(conn, [courier.idx], pool_number)
                 new: uuid.UUID = await conn.fetchval(
-                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number)
-                       VALUES ($1, 'courier', $2, $3, $4) RETURNING id""",
-                    session_id, courier.idx, courier.enc, pool_number,
+                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
+                       VALUES ($1, 'courier', $2, $3, $4, $5) RETURNING id""",
+                    session_id, courier.idx, courier.enc, pool_number, by_code,
                 )
                 await self._event(
                     conn, session_id, "courier_reassigned", previous=old["id"] if old else None, participant=new,
@@ -488,6 +541,40 @@ class SessionRepo:
         if row is None:
             return None
         return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
+
+    async def route_by_code(self, idx: bytes, pool_number: str, order_code: str) -> RouteRow | None:
+        """The caller's part in the live session with this code on this order-code number."""
+        row = await self.pool.fetchrow(ROUTE_BY_CODE_SQL, idx, pool_number, order_code)
+        if row is None:
+            return None
+        return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
+
+    async def wrong_codes(self, idx: bytes, pool_number: str, window: int) -> int:
+        """Wrong codes this caller keyed on this number in the last `window` seconds."""
+        return int(await self.pool.fetchval(
+            """SELECT count(*) FROM order_code_failures
+               WHERE number_idx = $1 AND pool_number = $2 AND at > now() - make_interval(secs => $3)""",
+            idx, pool_number, window,
+        ))
+
+    async def add_wrong_code(self, idx: bytes, pool_number: str, window: int) -> int:
+        """Record a wrong code; returns how many this caller keyed on this number in the
+        last `window` seconds, this one included."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO order_code_failures (number_idx, pool_number) VALUES ($1, $2)", idx, pool_number
+            )
+            return int(await conn.fetchval(
+                """SELECT count(*) FROM order_code_failures
+                   WHERE number_idx = $1 AND pool_number = $2 AND at > now() - make_interval(secs => $3)""",
+                idx, pool_number, window,
+            ))
+
+    async def forget_wrong_codes(self, window: int) -> int:
+        """Wrong codes older than the lockout window count for nothing any more: deleted."""
+        return _affected(await self.pool.execute(
+            "DELETE FROM order_code_failures WHERE at <= now() - make_interval(secs => $1)", window
+        ))
 
     async def block_participant(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> bool:
         """The other party blocked this participant for the session (from the keypad)."""

@@ -224,6 +224,7 @@ class AriFake:
         r.add_get("/ari/recordings/stored/{name}", self._stored_recording)
         r.add_get("/ari/recordings/stored/{name}/file", self._stored_recording_file)
         r.add_delete("/ari/recordings/stored/{name}", self._delete_stored_recording)
+        r.add_delete("/ari/playbacks/{id}", self._stop_playback)
         r.add_get("/ari/applications/{app}", self._application)
         r.add_route("*", "/{tail:.*}", self._not_implemented)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -461,6 +462,13 @@ class AriFake:
         playback = self.playbacks.pop(playback_id)
         await self.send({"type": "PlaybackFinished", "playback": {**playback, "state": "done"}})
 
+    async def press(self, channel_id: str, digits: str) -> None:
+        """The phone behind this channel keys `digits` (one ChannelDtmfReceived each)."""
+        await self.send(*(
+            {"type": "ChannelDtmfReceived", "digit": d, "duration_ms": 100, "channel": self.channels[channel_id].json()}
+            for d in digits
+        ))
+
     async def _destroy(self, channel: Channel, cause: int) -> None:
         self.channels.pop(channel.id, None)
         events: list[dict[str, Any]] = [
@@ -625,6 +633,14 @@ class AriFake:
         if self.auto_finish_playback:
             await self.finish_playback(playback_id)
         return web.json_response({**playback, "state": "queued"}, status=201)
+
+    async def _stop_playback(self, request: web.Request) -> web.Response:
+        """DELETE /playbacks/{id}: as Asterisk, the playback ends with PlaybackFinished."""
+        playback_id = request.match_info["id"]
+        if playback_id not in self.playbacks:
+            return _error(404, "Playback not found")
+        await self.finish_playback(playback_id)
+        return web.Response(status=204)
 
     async def _create_bridge(self, request: web.Request) -> web.Response:
         bridge_id = request.match_info["id"]

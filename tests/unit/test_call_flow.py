@@ -41,9 +41,9 @@ WAIT = 10.0  # only a guard against hangs: every wait ends on its condition
 
 OUTCOMES = {
     "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller", "session_closed",
-    "blocked", "call_limit", "quiet_hours", "unreachable",
+    "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code", "locked_out",
 }
-STATES = {"routing", "ringing", "connected", "announcing", "ended"}
+STATES = {"routing", "entering_code", "ringing", "connected", "announcing", "ended"}
 
 
 # --- the store ------------------------------------------------------------------------
@@ -66,6 +66,11 @@ class FakeStore:
         self.states: dict[uuid.UUID, list[str]] = {}
         self.ops: list[tuple[str, uuid.UUID | None, dict[str, Any]]] = []
         self.route_gate: asyncio.Event | None = None
+        self.order_codes: dict[tuple[str, str], Route] = {}  # (pool, code) -> route, for its caller
+        self.code_callers: dict[tuple[str, str], str] = {}  # (pool, code) -> the caller it routes
+        self.wrong_codes: list[tuple[str, str]] = []  # (caller, pool) of every wrong code
+        self.lockout_after = 3
+        self.code_gate: asyncio.Event | None = None  # holds route_by_code until set
         self.active_calls_error: Exception | None = None  # raised once by active_calls
         self._changed = asyncio.Condition()
 
@@ -106,7 +111,31 @@ class FakeStore:
             await self.route_gate.wait()
         if (caller, pool_number) in self.closed_sessions:
             return Route("finished", session_id=self.closed_sessions[(caller, pool_number)], caller_role="courier")
+        if any(pool == pool_number for pool, _code in self.order_codes):
+            locked = self.wrong_codes.count((caller, pool_number)) >= self.lockout_after
+            return Route("locked_out" if locked else "order_code")
         return self.routes.get((caller, pool_number), Route("unknown", pool_known=pool_number in self.pool_numbers))
+
+    async def route_by_code(self, caller: str, pool_number: str, order_code: str) -> Route:
+        """The Router protocol: a code keyed on an order-code number."""
+        await self._op("route_by_code", None, caller=caller, pool_number=pool_number, order_code=order_code)
+        if self.code_gate is not None:
+            await self.code_gate.wait()
+        route = self.order_codes.get((pool_number, order_code))
+        if route is not None and self.code_callers[(pool_number, order_code)] == caller:
+            return route
+        self.wrong_codes.append((caller, pool_number))
+        locked = self.wrong_codes.count((caller, pool_number)) >= self.lockout_after
+        return Route("locked_out" if locked else "wrong_code")
+
+    def add_order_code(self, caller: str, pool: str, code: str, callee: str) -> Route:
+        route = Route(
+            "connect", session_id=uuid.uuid4(), caller_role="courier", caller_participant_id=uuid.uuid4(),
+            callee_role="client", callee_participant_id=uuid.uuid4(), callee_number=callee, shown_number=pool,
+        )
+        self.order_codes[(pool, code)] = route
+        self.code_callers[(pool, code)] = caller
+        return route
 
     async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None:
         assert call_id not in self.rows
@@ -158,6 +187,19 @@ class FakeStore:
     async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None:
         self.recordings[call_id].update(duration_ms=duration_ms, bytes=size)
         await self._op("recording_finished", call_id, duration_ms=duration_ms, size=size)
+    async def call_entering_code(self, call_id: uuid.UUID) -> None:
+        if self.rows[call_id]["state"] != "ended":
+            self._set_state(call_id, "entering_code")
+        await self._op("call_entering_code", call_id)
+
+    async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> None:
+        assert set(fields) == {
+            "session_id", "caller_role", "caller_participant_id", "callee_role", "callee_participant_id", "max_seconds",
+            "record",
+        }
+        if self.rows[call_id]["state"] != "ended":
+            self.rows[call_id].update(fields)
+        await self._op("call_routed", call_id, **fields)
 
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None

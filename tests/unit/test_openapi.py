@@ -193,10 +193,27 @@ def test_opening_documents_order_has_open_session(doc):
     assert {"session_id", "field"} <= set(details)
 
 
-def test_pool_number_entries_take_only_number_region_and_language(doc):
+def test_pool_number_entries_take_only_number_region_language_and_mode(doc):
     entry = doc["components"]["schemas"]["PoolNumberEntry"]
     assert entry["additionalProperties"] is False
-    assert set(entry["properties"]) == {"number", "region", "language"} and entry["required"] == ["number"]
+    assert set(entry["properties"]) == {"number", "region", "language", "mode"} and entry["required"] == ["number"]
+    from bridge import pools
+
+    assert set(entry["properties"]["mode"]["enum"]) == set(pools.MODES) | {None}
+
+
+def test_modes_and_order_codes_are_the_ones_the_database_and_the_services_allow(doc):
+    from bridge import sessions
+
+    schemas = doc["components"]["schemas"]
+    assert set(schemas["PoolNumber"]["properties"]["mode"]["enum"]) == _last_check("mode")
+    assert set(schemas["Session"]["properties"]["mode"]["enum"]) == set(sessions.MODES) == _last_check("mode")
+    assert set(schemas["Call"]["properties"]["state"]["enum"]) == _last_check("state")
+    sql = "\n".join(path.read_text() for path in sorted((Path(__file__).parents[2] / "sql").glob("*.sql")))
+    pattern = schemas["Session"]["properties"]["order_code"]["pattern"]
+    assert f"order_code ~ '{pattern}'" in sql
+    assert schemas["OpenSessionRequest"]["properties"]["order_code"]["pattern"] == pattern
+    assert schemas["UpdatePoolNumberRequest"]["required"] == ["mode"]
 
 
 def _last_check(column: str) -> set[str]:
