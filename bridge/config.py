@@ -83,6 +83,8 @@ def _recording_token(api_token: str) -> str:
     if token and token == api_token:
         raise ConfigError("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
     return token
+
+
 def _bounded(name: str, default: int, low: int, high: int) -> int:
     value = _int(name, default)
     if not low <= value <= high:

@@ -146,6 +146,12 @@ class AriClient:
     async def unhold(self, channel_id: str) -> None:
         await self.request("DELETE", f"/channels/{channel_id}/hold")
 
+    async def start_moh(self, channel_id: str) -> None:
+        await self.request("POST", f"/channels/{channel_id}/moh")
+
+    async def stop_moh(self, channel_id: str) -> None:
+        await self.request("DELETE", f"/channels/{channel_id}/moh")
+
     async def hangup(self, channel_id: str, reason: str = "normal", code: int | None = None) -> None:
         """Hang up with a named reason, or with an exact Q.850 cause `code` (reason_code)."""
         params = {"reason_code": str(code)} if code is not None else {"reason": reason}

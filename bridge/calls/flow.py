@@ -566,6 +566,10 @@ class MaskedCall:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
             pass  # the caller left at the moment of answer; the loop below sees it
+        except AriError as exc:
+            # Asterisk answers 500 when the channel is already being hung up (a soft hangup
+            # pending: the caller left just now); its hangup event follows.
+            log.warning("call.answer_failed", error=str(exc))
         if self.route is not None and self.route.record:
             if not await self._consent():
                 return
@@ -678,6 +682,9 @@ class MaskedCall:
                 return
             if event.get("type") == "ChannelDtmfReceived" and await self._client_blocks(event):
                 return
+            if event.get("type") in ("ChannelHold", "ChannelUnhold"):
+                await self._hold_music(event)
+                continue
             if _gone(event, self.inbound_id):
                 await self._hangup(self.outbound_id)
                 await self._end("answered", "caller", _cause(event))
@@ -686,6 +693,23 @@ class MaskedCall:
                 await self._hangup(self.inbound_id)
                 await self._end("answered", "callee", _cause(event))
                 return
+
+    async def _hold_music(self, event: Event) -> None:
+        """One phone put the call on hold (its re-INVITE: a=sendonly) or took it off: the
+        other party hears music on hold meanwhile. (Asterisk's own hold passing through the
+        bridge did start it, but not every time: the held caller sometimes heard silence.)"""
+        holder = _channel_of(event)
+        if holder not in (self.inbound_id, self.outbound_id):
+            return
+        held = self.outbound_id if holder == self.inbound_id else self.inbound_id
+        try:
+            if event["type"] == "ChannelHold":
+                await self.ari.start_moh(held)
+            else:
+                await self.ari.stop_moh(held)
+        except AriError as exc:
+            log.warning("call.hold_music_failed", error=str(exc))
+        log.info("call.hold" if event["type"] == "ChannelHold" else "call.resume", by="caller" if holder == self.inbound_id else "callee")
 
     async def _client_blocks(self, event: Event, outcome: str = "answered") -> bool:
         """The client keyed the block code: the other party is blocked for this order, their

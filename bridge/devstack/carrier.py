@@ -53,7 +53,7 @@ class Leg:
     answered: asyncio.Event = field(default_factory=asyncio.Event)
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     recorded: asyncio.Event = field(default_factory=asyncio.Event)
-    playing: asyncio.Event = field(default_factory=asyncio.Event)  # its tone was started (after answer)
+    playing: asyncio.Event = field(default_factory=asyncio.Event)  # its tone has started playing (after answer)
     digits: str = ""  # DTMF this phone received
     digit: asyncio.Event = field(default_factory=asyncio.Event)  # set at each digit received
     answered_at: float | None = None
@@ -263,6 +263,12 @@ class Carrier:
                 # its first snoop was still starting records twice, under two names.
                 await self.ari.record(cid, self._snoops[cid], "wav", max_seconds=seconds)
             return
+        if kind == "PlaybackStarted":
+            # A playback can be stopped only once it has started (before, ARI answers 500).
+            playback = str((event.get("playback") or {}).get("id", ""))
+            if playback.startswith("tone-") and playback[5:] in self.legs:
+                self.legs[playback[5:]].playing.set()
+            return
         if kind == "RecordingFinished":
             name = (event.get("recording") or {}).get("name")
             for recorded in self.legs.values():
@@ -343,9 +349,8 @@ class Carrier:
             try:
                 await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
             except (AriNotFound, AriConflict):
-                return  # hung up meanwhile
-            finally:
-                leg.playing.set()
+                leg.playing.set()  # hung up meanwhile: nothing will play
+                return
             if leg.hangup_after is not None:
                 self._later(leg.hangup_after, lambda: self.hangup(leg))
             return
@@ -359,8 +364,7 @@ class Carrier:
             await self.ari.play(leg.channel_id, self._tone_media(leg.tone), f"tone-{leg.channel_id}")
         except (AriNotFound, AriConflict):  # hung up meanwhile
             leg.recorded.set()
-            return
-        finally:
             leg.playing.set()
+            return
         if leg.hangup_after is not None:
             self._later(leg.hangup_after, lambda: self.hangup(leg))

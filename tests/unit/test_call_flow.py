@@ -517,6 +517,19 @@ async def test_callee_answer_answers_caller_and_caller_hangup_ends_call(h: Harne
     assert h.fake.channels == {} and h.fake.bridges == {}
 
 
+async def test_a_caller_leaving_as_the_answer_fails_ends_as_answered_not_failed(h: Harness) -> None:
+    """Asterisk refuses to answer a channel whose hangup is pending (500): the caller left
+    at that very moment; the call ends by the caller, not as a failure of the bridge."""
+    row, outbound = await h.ringing_call()
+    h.fake.fail("POST", "/ari/channels/in-1/answer", 500, "Failed to answer channel")
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    await h.fake.hangup("in-1", 16)
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
 async def test_callee_hangup_first_hangs_up_caller(h: Harness) -> None:
     row, outbound = await h.connected_call()
     mark = h.fake.mark()
