@@ -405,7 +405,12 @@ class Sessions:
         idx = self.vault.index(caller)
         row = await self.repo.route_by_code(idx, pool_number, order_code) if order_code else None
         if row is None:
-            if second_look:  # the session ended between the two looks
+            # The session ended between the two looks; or the code is of the caller's own
+            # order, ended lately (the pair's cool-off): they hear the order finished, and it
+            # is no wrong code (a courier keying a delivered order's code must not lock
+            # themselves out of their live orders on the number).
+            if second_look or (order_code and await self.repo.ended_with_code(
+                    idx, pool_number, order_code, self.policy.pair_cooloff)):
                 _known, language, _mode = await self.store.pools.routing_facts(pool_number)
                 return Route("finished", language=language or self.policy.default_language)
             wrong = await self.repo.add_wrong_code(idx, pool_number, self.policy.order_code_lockout)

@@ -549,6 +549,18 @@ class SessionRepo:
             return None
         return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
 
+    async def ended_with_code(self, idx: bytes, pool_number: str, order_code: str, within: int) -> bool:
+        """Whether the caller took part in a session with this code on this number that
+        ended in the last `within` seconds (their own order, delivered)."""
+        return bool(await self.pool.fetchval(
+            """SELECT EXISTS (
+                   SELECT 1 FROM participants p JOIN sessions s ON s.id = p.session_id
+                   WHERE p.number_idx = $1 AND p.pool_number = $2 AND p.by_code AND s.order_code = $3
+                     AND s.status NOT IN ('open', 'grace')
+                     AND s.closed_at > now() - make_interval(secs => $4))""",
+            idx, pool_number, order_code, within,
+        ))
+
     async def wrong_codes(self, idx: bytes, pool_number: str, window: int) -> int:
         """Wrong codes this caller keyed on this number in the last `window` seconds."""
         return int(await self.pool.fetchval(

@@ -103,10 +103,17 @@ def test_the_code_routes_and_the_lockout_counts_and_ends(h: Harness) -> None:
 
 
 def test_a_closed_order_code_session_routes_nothing(h: Harness) -> None:
-    s = sessions_of(h)
+    """Its participants keying its code hear that the order finished, and that is no wrong
+    code: a courier keying a delivered order's code thrice is not locked out of their live
+    orders on the number. To anyone else, the code is wrong."""
+    s = sessions_of(h, order_code_attempts=3)
     one, _ = h.run(s.open("order-1", COURIER, CLIENT, mode="order_code"))
+    live, _ = h.run(s.open("order-live", COURIER, OTHER_CLIENT, mode="order_code"))
     h.run(s.close(one.id))
-    assert h.run(s.route_by_code(COURIER, SHARED, one.order_code or "")).kind == "wrong_code"
+    kinds = [h.run(s.route_by_code(COURIER, SHARED, one.order_code or "")).kind for _ in range(3)]
+    assert kinds == ["finished"] * 3
+    assert h.run(s.route_by_code(COURIER, SHARED, live.order_code or "")).kind == "connect"
+    assert h.run(s.route_by_code(STRANGER, SHARED, one.order_code or "")).kind == "wrong_code"
     # Its code is free again on the number.
     again, _ = h.run(s.open("order-2", COURIER, CLIENT, mode="order_code", order_code=one.order_code))
     assert again.order_code == one.order_code
