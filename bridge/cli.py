@@ -273,6 +273,17 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
 }
 
 
+def _days(raw: str) -> int:
+    """A number of days for a retention cut-off: 0 or less would delete everything."""
+    try:
+        days = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of days: {raw!r}") from None
+    if days < 1:
+        raise argparse.ArgumentTypeError("must be at least 1 day")
+    return days
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="maskbridge-admin", description="Pool numbers and order sessions.")
     p.add_argument("--json", action="store_true", help="print JSON, as the HTTP API answers")
@@ -338,8 +349,8 @@ def parser() -> argparse.ArgumentParser:
     hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")
     hk.add_argument("--recordings", action="store_true",
                     help="delete recordings past their retention, through ARI (needs MB_ARI_URL/USER/PASSWORD)")
-    hk.add_argument("--recordings-older-than", type=int, dest="recordings_older_than",
-                    help="days (default MB_RECORDING_RETENTION_DAYS)")
+    hk.add_argument("--recordings-older-than", type=_days, dest="recordings_older_than",
+                    help="days, at least 1 (default MB_RECORDING_RETENTION_DAYS)")
     return p
 
 

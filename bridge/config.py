@@ -177,7 +177,7 @@ class Settings:
             default_language=_language(),
             record_calls=_yes_no("MB_RECORD_CALLS", "no"),
             recording_token=_recording_token(token),
-            recording_retention_days=_int("MB_RECORDING_RETENTION_DAYS", 30),
+            recording_retention_days=_bounded("MB_RECORDING_RETENTION_DAYS", 30, 1, 3650),
             order_code_length=_bounded("MB_ORDER_CODE_LENGTH", 6, 4, 12),
             order_code_attempts=_bounded("MB_ORDER_CODE_ATTEMPTS", 3, 1, 20),
             order_code_lockout=_bounded("MB_ORDER_CODE_LOCKOUT", 900, 1, 31 * 24 * 3600),

@@ -127,10 +127,16 @@ class Recordings:
                               code="asterisk_unavailable") from None
 
     async def access_log(
-        self, actor: str, remote: str | None, call_id: uuid.UUID | None, after: int | None, limit: int
+        self, actor: str, remote: str | None, call_id: uuid.UUID | None, after: int | None, limit: int,
+        invalid: Exception | None = None,
     ) -> list[dict[str, Any]]:
-        """The audit (itself audited: reading it is an access too)."""
+        """The audit (itself audited: reading it is an access too). `invalid`: what was wrong
+        with the request's parameters; raised once the token was checked, and audited too."""
         await self._deny(actor, remote, "audit", call_id)
+        if invalid is not None:
+            await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action="audit",
+                                  result="failed", status=422)
+            raise invalid
         await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action="audit",
                               result="granted", status=200)
         return await self.repo.access_log(call_id=call_id, after=after, limit=limit)

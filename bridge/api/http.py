@@ -501,19 +501,30 @@ async def recording_audio(request: web.Request) -> web.StreamResponse:
         return response
 
 
+MAX_AUDIT_CURSOR = 2**63  # audit ids are bigint
+
+
 async def recording_access_log(request: web.Request) -> web.Response:
     actor, remote = _who(request)
-    raw_call = request.query.get("call_id")
+    # The token is checked (and the request audited) before the parameters: a request without
+    # the recording token learns nothing from a 422, and is in the audit whatever it asked.
     call_id: uuid.UUID | None = None
-    if raw_call is not None:
-        try:
-            call_id = uuid.UUID(raw_call)
-        except ValueError:
-            raise InvalidInput("call_id is not a valid call_id", field="call_id") from None
-    limit, cursor = _page(request)
-    if cursor is not None and (isinstance(cursor, bool) or not isinstance(cursor, int)):
-        raise InvalidInput("cursor is not one this API gave out", field="cursor")
-    rows = await request.app[RECORDINGS].access_log(actor, remote, call_id, cursor, limit)
+    limit, cursor = DEFAULT_PAGE, None
+    invalid: InvalidInput | None = None
+    try:
+        raw_call = request.query.get("call_id")
+        if raw_call is not None:
+            try:
+                call_id = uuid.UUID(raw_call)
+            except ValueError:
+                raise InvalidInput("call_id is not a valid call_id", field="call_id") from None
+        limit, cursor = _page(request)
+        if cursor is not None and (isinstance(cursor, bool) or not isinstance(cursor, int)
+                                   or not 1 <= cursor < MAX_AUDIT_CURSOR):
+            raise InvalidInput("cursor is not one this API gave out", field="cursor")
+    except InvalidInput as exc:
+        invalid = exc
+    rows = await request.app[RECORDINGS].access_log(actor, remote, call_id, cursor, limit, invalid)
     return _json(_listing(rows, limit, lambda r: r["id"]))
 
 

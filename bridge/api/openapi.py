@@ -1773,7 +1773,8 @@ PATHS: dict[str, Schema] = {
             "description": "Every access to the recordings (granted or not) and every deletion by retention, "
             "newest first; reading it is written to it too. Only with the recording token. Paginated by "
             "cursor.\n\nErrors: 401 `unauthorized`; 403 `recording_token_required`; 422 `invalid_input` "
-            "(`call_id`, `limit`, `cursor`); 500 `internal_error`.",
+            "(`call_id`, `limit`, `cursor`); 500 `internal_error`. The token is checked before the "
+            "parameters: without the recording token a bad parameter gets 401/403; every answer is audited.",
             "security": [{"recording": []}],
             "parameters": [
                 {

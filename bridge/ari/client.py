@@ -218,6 +218,9 @@ class AriClient:
             {"channel": channel_id, "inhibitConnectedLineUpdates": True},
         )
 
+    async def get_bridge(self, bridge_id: str) -> dict[str, Any]:
+        return await self.request("GET", f"/bridges/{bridge_id}")
+
     async def destroy_bridge(self, bridge_id: str) -> None:
         await self.request("DELETE", f"/bridges/{bridge_id}")
 

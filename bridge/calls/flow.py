@@ -84,6 +84,7 @@ class CallStore(Protocol):
     async def call_announcing(self, call_id: uuid.UUID) -> None: ...
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID: ...
     async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None: ...
+    async def recording_discarded(self, call_id: uuid.UUID) -> None: ...
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
     async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_ended(
@@ -609,28 +610,65 @@ class MaskedCall:
         self.state = CallState.CONNECTED
         return True
 
-    async def _join_and_record(self) -> None:
+    async def _join_and_record(self, resumed: bool = False) -> None:
         """Put both legs in the bridge and record it as one file. The recording starts
-        first, on the empty bridge, so that it misses nothing they say."""
-        name = f"maskbridge-{self.id}"
+        first, on the empty bridge, so that it misses nothing they say. (A resumed call
+        joins whichever leg the earlier process did not.)"""
         self._register(f"bridge:{self.bridge_id}", self)  # the recording's events
-        try:
-            await self.ari.record_bridge(self.bridge_id, name, RECORDING_FORMAT)
-        except AriError as exc:
-            # They were told the call is recorded; a recording that fails to start must
-            # not cost them the call.
-            log.warning("call.recording_failed", error=str(exc))
-        else:
-            self._recording = name
-            await self.store.recording_started(self.id, name, RECORDING_FORMAT)
-            log.info("call.recording_started", recording=name)
+        await self._start_recording()
+        joined: set[str] = set()
+        if resumed:
+            try:
+                joined = set((await self.ari.get_bridge(self.bridge_id)).get("channels") or [])
+            except AriError as exc:
+                log.warning("call.bridge_unreadable", error=str(exc))
         for channel_id in (self.inbound_id, self.outbound_id):
+            if channel_id in joined:
+                continue
             try:
                 await self.ari.add_to_bridge(self.bridge_id, channel_id)
             except AriError as exc:
                 # Most likely that side hung up meanwhile (Asterisk answers 400 for a channel
                 # that is gone): the supervision sees its hangup.
                 log.warning("call.join_failed", channel=channel_id, error=str(exc))
+
+    async def _start_recording(self) -> None:
+        """Record the bridge. Its row is written first: whatever Asterisk records has a row
+        (which retention finds), and a recording that cannot be stored is not made. They
+        were told the call is recorded; a recording that fails must not cost them the call."""
+        name = f"maskbridge-{self.id}"
+        if self._recording is None:
+            try:
+                await self.store.recording_started(self.id, name, RECORDING_FORMAT)
+            except Exception:  # noqa: BLE001 - e.g. the database is down: no recording, the call goes on
+                log.exception("call.recording_not_stored")
+                return
+            self._recording = name
+        try:
+            await self.ari.record_bridge(self.bridge_id, name, RECORDING_FORMAT)
+        except AriConflict as exc:
+            # A recording of this name exists already: an earlier bridge process started it
+            # and stopped before the legs were joined. It goes on; this call finishes it.
+            log.info("call.recording_taken_over", recording=name, error=str(exc))
+        except AriError as exc:
+            log.warning("call.recording_failed", error=str(exc))
+            await self._discard_recording(name)
+        else:
+            log.info("call.recording_started", recording=name)
+
+    async def _discard_recording(self, name: str) -> None:
+        """A recording that failed to start: nothing of it stays, neither in Asterisk (the
+        request may have failed after Asterisk began it) nor in the database."""
+        self._recording = None
+        for step in (self.ari.stop_recording, self.ari.delete_stored_recording):
+            try:
+                await step(name)
+            except AriError:
+                pass  # never began, or its answer was lost: what is left is gone now
+        try:
+            await self.store.recording_discarded(self.id)
+        except Exception:  # noqa: BLE001 - the call goes on
+            log.exception("call.recording_row_not_discarded", recording=name)
 
     async def _finish_recording(self) -> None:
         """Once the call has ended: stop its recording and store its length and size."""
@@ -764,9 +802,14 @@ class MaskedCall:
         store: CallStore,
         settings: FlowSettings,
         register: Callable[[str, "MaskedCall"], None],
+        router: Router | None = None,
+        language: str | None = None,
     ) -> "MaskedCall":
-        """A call that was connected when an earlier bridge process stopped: supervise it."""
-        call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register)
+        """A call that was connected when an earlier bridge process stopped: supervise it.
+        `router` carries the client's block (*9); `language` is the pool number's, of what
+        they hear (default MB_DEFAULT_LANGUAGE)."""
+        call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register,
+                   router)
         call.state = CallState.CONNECTED
         # Who is who (for blocks and the client's keypad), and the maximum duration, which
         # still counts from the answer however long the restart took.
@@ -774,7 +817,7 @@ class MaskedCall:
             "connect", session_id=row.get("session_id"), caller_role=row.get("caller_role"),
             caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
             callee_participant_id=row.get("callee_participant_id"), max_call_seconds=row.get("max_seconds"),
-            record=bool(row.get("record")),
+            record=bool(row.get("record")), language=language or settings.default_language,
         )
         call._recording = row.get("recording_name")
         if call.route.max_call_seconds and row.get("answered_at") is not None:
@@ -786,12 +829,16 @@ class MaskedCall:
         structlog.contextvars.bind_contextvars(call_id=str(self.id))
         log.info("call.resumed")
         try:
-            if self.route is not None and self.route.record and self._recording is None:
-                # The earlier process stopped before the recording began: the parties may not
-                # have heard the whole announcement, so they hear it (again) first.
-                if not await self._consent():
-                    return
-                await self._join_and_record()
+            if self.route is not None and self.route.record:
+                if self._recording is None:
+                    # The earlier process stopped before the recording began: the parties may
+                    # not have heard the whole announcement, so they hear it (again) first.
+                    if not await self._consent():
+                        return
+                # It may also have stopped after the recording's row, before Asterisk began
+                # it or before both legs were joined: the recording runs (is started, or
+                # taken over) and both legs are in the bridge.
+                await self._join_and_record(resumed=True)
             await self._supervise()
         except Exception:
             log.exception("call.failed", state=self.state.value)

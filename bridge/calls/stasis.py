@@ -11,8 +11,8 @@ from typing import Any
 
 import structlog
 
-from bridge.ari import AriClient, AriError
-from bridge.calls.flow import Event, FlowSettings, MaskedCall, Router
+from bridge.ari import AriClient, AriError, AriNotFound
+from bridge.calls.flow import Event, FlowSettings, MaskedCall, Router, wav_duration_ms
 
 log = structlog.get_logger(__name__)
 
@@ -109,7 +109,10 @@ class StasisDispatcher:
                 continue
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
             if await self._talking(row, live):
-                call = MaskedCall.resume_connected(row, self.ari, self.store, self.settings, self._register)
+                call = MaskedCall.resume_connected(
+                    row, self.ari, self.store, self.settings, self._register, router=self.router,
+                    language=await self._language_of(row["pool_number"]),
+                )
                 self._start(call, resumed=True)
                 continue
             for channel_id in (inbound, outbound):
@@ -118,9 +121,44 @@ class StasisDispatcher:
                         await self.ari.hangup(channel_id)
                     except AriError:
                         pass
+            # Before the row says ended (a failure here is retried at the next reconcile):
+            # its recording is finished and its bridge destroyed, as the call would have.
+            if row.get("recording_name"):
+                await self._finish_recording_left_behind(row["id"], row["recording_name"])
+            if row.get("bridge_id"):
+                try:
+                    await self.ari.destroy_bridge(row["bridge_id"])
+                except AriError:
+                    pass  # gone already
             outcome = "answered" if row["answered_at"] else "failed"
             await self.store.call_ended(row["id"], outcome, "system", None)
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
+
+    async def _language_of(self, pool_number: str) -> str | None:
+        """The pool number's announcement language, for a resumed call (None: the default)."""
+        try:
+            language: str | None = await self.store.pool_language(pool_number)
+        except Exception:  # noqa: BLE001 - the call is resumed all the same, in the default language
+            log.exception("reconcile.language_unknown")
+            return None
+        return language
+
+    async def _finish_recording_left_behind(self, call_id: uuid.UUID, name: str) -> None:
+        """The recording of a call that ended while no bridge process ran: stopped in
+        Asterisk (it would run on), and its size and length stored (the API serves it then)."""
+        try:
+            await self.ari.stop_recording(name)
+        except AriNotFound:
+            pass  # finished already
+        size: int | None = None
+        try:
+            size = await self.ari.stored_recording_size(name)
+        except AriError as exc:
+            log.warning("reconcile.recording_unreadable", call_id=str(call_id), error=str(exc))
+        duration_ms = wav_duration_ms(size) if size is not None else None
+        await self.store.recording_finished(call_id, duration_ms, size)
+        log.info("reconcile.recording_finished", call_id=str(call_id), recording=name, bytes=size,
+                 duration_ms=duration_ms)
 
     async def _talking(self, row: dict[str, Any], live: set[str]) -> bool:
         """Whether both legs of a call left behind are still there and answered. A call

@@ -167,6 +167,14 @@ class Store:
     ) -> None:
         await self.recordings.finished(call_id, duration_ms, size)
 
+    async def recording_discarded(self, call_id: uuid.UUID) -> None:
+        await self.recordings.discarded(call_id)
+
+    async def pool_language(self, number: str) -> str | None:
+        """The announcement language of a pool number (None: the default), for a resumed call."""
+        _known, language, _mode = await self.pools.routing_facts(number)
+        return language
+
     async def active_calls(self) -> list[dict[str, Any]]:
         # With the name of the call's recording, if it is being recorded: a resumed call
         # finishes it.

@@ -47,6 +47,21 @@ class RecordingRepo:
             call_id, duration_ms, size,
         )
 
+    async def discarded(self, call_id: uuid.UUID) -> None:
+        """A recording that never began in Asterisk: its row goes, unless the audit refers to
+        it already (then it stays, marked deleted)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """DELETE FROM recordings r WHERE r.call_id = $1
+                     AND NOT EXISTS (SELECT 1 FROM recording_access a WHERE a.recording_id = r.id)""",
+                call_id,
+            )
+            await conn.execute(
+                """UPDATE recordings SET deleted_at = now(), ended_at = coalesce(ended_at, now())
+                   WHERE call_id = $1 AND deleted_at IS NULL""",
+                call_id,
+            )
+
     async def of_call(self, call_id: uuid.UUID) -> RecordingRow | None:
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM recordings r WHERE r.call_id = $1", call_id)
         return RecordingRow(**dict(row)) if row is not None else None

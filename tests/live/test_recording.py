@@ -17,7 +17,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from bridge.devstack import asterisk
+from bridge.ari import AriClient, AriNotFound
+from bridge.devstack import asterisk, processes
 from bridge.devstack.audio import rms, samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.settings import PROJECT_DIR, Stack
@@ -293,3 +294,51 @@ async def test_retention_deletes_the_audio_from_asterisk_and_the_api_says_gone(
         ("recording_token", "metadata", "gone", 410),
         ("recording_token", "download", "gone", 410),
     ]
+
+
+async def test_a_recorded_call_that_ends_while_the_bridge_is_down_is_finished_by_the_next_process(
+    stack, carrier, api, db, real_number, new_pool_number, fresh_region, recordings_api
+):
+    """The caller hangs up while no bridge process runs. The next one hangs up the client,
+    stops the recording in Asterisk, stores its size (the API serves it at once, not 409
+    recording_in_progress) and destroys the bridge."""
+    courier, client, session = await recorded_session(api, real_number, new_pool_number, fresh_region)
+    carrier.phone(client, action="answer", tone=CALLEE_TONE)
+    leg = await carrier.call(courier, session["pool_number"], tone=CALLER_TONE)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    call_id = (await wait_for_call_row(db, session["id"], state="connected"))["id"]
+    name = f"maskbridge-{call_id}"
+    env = stack.bridge_env()
+    ari = AriClient(env["MB_ARI_URL"], env["MB_ARI_USER"], env["MB_ARI_PASSWORD"], env["MB_ARI_APP"])
+    try:
+        async with asyncio.timeout(15):  # the consent announcement, then Asterisk records
+            while True:
+                try:
+                    await ari.request("GET", f"/recordings/live/{name}")
+                    break
+                except AriNotFound:
+                    await asyncio.sleep(0.1)  # wait-ok: polling Asterisk for the recording to begin
+
+        await asyncio.to_thread(processes.stop_bridge, stack)
+        try:
+            await carrier.hangup(leg)
+            await asyncio.wait_for(leg.ended.wait(), 10)
+            assert not callee.ended.is_set(), "nobody hangs up the client while the bridge is down"
+        finally:
+            await asyncio.to_thread(processes.start_bridge, stack)
+            await asyncio.to_thread(processes.wait_healthy, stack)
+
+        await asyncio.wait_for(callee.ended.wait(), 15)
+        row = await wait_for_call_row(db, session["id"])
+        assert (row["outcome"], row["hangup_by"]) == ("answered", "system")
+        recording = await recording_row(db, call_id)
+        assert recording["ended_at"] is not None and recording["bytes"] > 44
+        assert recording["duration_ms"] == (recording["bytes"] - 44) // 16
+        status, kind, audio = await recordings_api.get(f"/v1/calls/{call_id}/recording/audio", "recording")
+        assert status == 200 and kind == "audio/wav" and len(audio) == recording["bytes"]
+        with pytest.raises(AriNotFound):
+            await ari.request("GET", f"/recordings/live/{name}")
+        with pytest.raises(AriNotFound):
+            await ari.get_bridge(str(call_id))
+    finally:
+        await ari.close()

@@ -217,6 +217,7 @@ class AriFake:
         r.add_post("/ari/channels/{id}/play", self._play)
         r.add_post("/ari/channels/{id}/play/{playback}", self._play)
         r.add_post("/ari/bridges/{id}", self._create_bridge)
+        r.add_get("/ari/bridges/{id}", self._get_bridge)
         r.add_post("/ari/bridges/{id}/addChannel", self._add_channel)
         r.add_delete("/ari/bridges/{id}", self._destroy_bridge)
         r.add_post("/ari/bridges/{id}/record", self._record_bridge)
@@ -649,6 +650,12 @@ class AriFake:
             bridge = Bridge(bridge_id, request.query.get("name", ""), request.query.get("type", "mixing"))
             self.bridges[bridge_id] = bridge
             await self.send({"type": "BridgeCreated", "bridge": bridge.json()})
+        return web.json_response(bridge.json())
+
+    async def _get_bridge(self, request: web.Request) -> web.Response:
+        bridge = self.bridges.get(request.match_info["id"])
+        if bridge is None:
+            return _error(404, "Bridge not found")
         return web.json_response(bridge.json())
 
     async def _add_channel(self, request: web.Request) -> web.Response:

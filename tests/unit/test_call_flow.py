@@ -72,6 +72,8 @@ class FakeStore:
         self.lockout_after = 3
         self.code_gate: asyncio.Event | None = None  # holds route_by_code until set
         self.active_calls_error: Exception | None = None  # raised once by active_calls
+        self.recording_started_error: Exception | None = None  # raised once by recording_started
+        self.languages: dict[str, str] = {}  # pool number -> its announcement language
         self._changed = asyncio.Condition()
 
     def add_route(self, caller: str, pool: str, callee: str, role: str = "courier") -> Route:
@@ -178,6 +180,11 @@ class FakeStore:
         await self._op("call_announcing", call_id)
 
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:
+        error, self.recording_started_error = self.recording_started_error, None
+        if error is not None:
+            await self._op("recording_started", call_id, recording=name, fmt=fmt, failed=True)
+            raise error
+        assert call_id not in self.recordings, "one recording row per call"
         recording_id = uuid.uuid4()
         self.recordings[call_id] = {"id": recording_id, "name": name, "format": fmt, "duration_ms": None,
                                     "bytes": None}
@@ -187,6 +194,13 @@ class FakeStore:
     async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None:
         self.recordings[call_id].update(duration_ms=duration_ms, bytes=size)
         await self._op("recording_finished", call_id, duration_ms=duration_ms, size=size)
+
+    async def recording_discarded(self, call_id: uuid.UUID) -> None:
+        self.recordings.pop(call_id, None)
+        await self._op("recording_discarded", call_id)
+
+    async def pool_language(self, number: str) -> str | None:
+        return self.languages.get(number)
     async def call_entering_code(self, call_id: uuid.UUID) -> None:
         if self.rows[call_id]["state"] != "ended":
             self._set_state(call_id, "entering_code")
@@ -1245,8 +1259,10 @@ async def test_a_recording_that_fails_to_start_does_not_cost_the_call(h: Harness
     await h.fake.hangup(outbound, 16)
     assert (await h.store.ended("in-1"))["outcome"] == "answered"
     await h.settle()
+    # Its row was written first, and is gone again; nothing of it is left in Asterisk.
+    assert h.store.calls_of("recording_started", row["id"]) and h.store.calls_of("recording_discarded", row["id"])
     assert row["id"] not in h.store.recordings
-    assert h.fake.find("POST", re.compile(r"/ari/recordings/.+")) == []
+    assert h.fake.live_recordings == {} and h.fake.stored_recordings == {}
 
 
 async def test_an_unrecorded_call_is_bridged_at_once_and_hears_no_announcement(h: Harness) -> None:
@@ -1285,9 +1301,12 @@ async def test_a_resumed_recorded_call_finishes_its_recording(harness) -> None:
     await h.settle()
     assert h.fake.find("POST", f"/ari/recordings/live/{name}/stop")
     assert h.store.recordings[call_id]["duration_ms"] == 1000
-    # Resumed with its recording running: no second announcement, no second recording.
+    # Resumed with its recording running: no second announcement, no second recording (the
+    # one asked for was refused: the running one was taken over).
     assert h.fake.find("POST", re.compile(r"/ari/channels/.+/play/.+")) == []
-    assert h.fake.find("POST", f"/ari/bridges/{call_id}/record") == []
+    assert [r.status for r in h.fake.find("POST", f"/ari/bridges/{call_id}/record")] in ([], [422])
+    assert list(h.fake.stored_recordings) == [name] and h.fake.live_recordings == {}
+    assert len(h.store.calls_of("recording_started", call_id)) == 0
 
 
 async def test_a_recorded_call_resumed_before_its_recording_began_hears_the_announcement_first(harness) -> None:
@@ -1319,3 +1338,195 @@ async def test_a_recorded_call_resumed_before_its_recording_began_hears_the_anno
     assert (await h.store.ended("in-old"))["hangup_by"] == "caller"
     await h.settle()
     assert h.store.recordings[call_id]["bytes"] == 16044
+
+
+# --- recorded calls across a restart of the bridge process (review fixes) ----------------
+
+
+def _left_behind_recorded(h: Harness, *, recording: bool, joined: bool, live: bool = True,
+                          **fields: Any) -> tuple[uuid.UUID, str, str]:
+    """A recorded call an earlier process left connected: its recording row (`recording`),
+    its legs in the bridge or not (`joined`), the recording running in Asterisk (`live`)."""
+    call_id = uuid.uuid4()
+    outbound, name = f"{call_id}-callee", f"maskbridge-{call_id}"
+    route = h.store.add_route(CALLER, POOL, CALLEE, role="client")
+    h.store.add_row(id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
+                    bridge_id=str(call_id), answered_at=datetime.now(timezone.utc), record=True,
+                    recording_name=name if recording else None, caller_role="client",
+                    caller_participant_id=route.caller_participant_id, callee_role="courier",
+                    callee_participant_id=route.callee_participant_id, session_id=route.session_id, **fields)
+    if recording:
+        h.store.recordings[call_id] = {"id": uuid.uuid4(), "name": name, "format": "wav", "duration_ms": None,
+                                       "bytes": None}
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    legs = ["in-old", outbound] if joined else []
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=list(legs))
+    for leg in legs:
+        h.fake.channels[leg].bridge_id = str(call_id)
+    if live:
+        h.fake.live_recordings[name] = {"name": name, "format": "wav", "state": "recording",
+                                        "target_uri": f"bridge:{call_id}"}
+    return call_id, outbound, name
+
+
+async def test_a_recorded_call_that_ended_while_the_bridge_was_down_has_its_recording_finished(harness) -> None:
+    """Finding 1: both legs went while no bridge process ran. The next process stops the
+    recording, stores its size and length (the API serves it then) and destroys the bridge."""
+    h = await harness(start=False)
+    call_id, outbound, name = _left_behind_recorded(h, recording=True, joined=True)
+    h.fake.vanish("in-old")
+    h.fake.vanish(outbound)
+    await h.start()
+
+    row = await h.store.ended("in-old")
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "system")
+    stop = h.fake.find("POST", f"/ari/recordings/live/{name}/stop")
+    assert stop and stop[0].status == 204 and h.fake.live_recordings == {}
+    assert h.store.recordings[call_id]["bytes"] == 16044 and h.store.recordings[call_id]["duration_ms"] == 1000
+    destroy = h.fake.find("DELETE", f"/ari/bridges/{call_id}")
+    assert destroy and destroy[0].status == 204 and str(call_id) not in h.fake.bridges
+    assert stop[0].index < destroy[0].index
+
+
+async def test_a_left_behind_recording_that_finished_already_is_still_stored(harness) -> None:
+    h = await harness(start=False)
+    call_id, outbound, name = _left_behind_recorded(h, recording=True, joined=True, live=False)
+    h.fake.stored_recordings[name] = b"RIFF" + b"\0" * 40 + b"\0" * 32000
+    h.fake.vanish("in-old")
+    await h.start()
+
+    await h.store.ended("in-old")
+    assert h.fake.find("POST", f"/ari/recordings/live/{name}/stop")[0].status == 404
+    assert h.store.recordings[call_id]["duration_ms"] == 2000
+    assert h.fake.find("DELETE", f"/ari/channels/{outbound}")  # the leg left behind is hung up
+
+
+async def test_a_recording_whose_row_cannot_be_written_is_not_made_and_does_not_cost_the_call(
+    h: Harness, logs
+) -> None:
+    """Finding 2a: the database fails as the recording would start. The call goes on, joined;
+    Asterisk records nothing (no file without a row, which retention would never delete)."""
+    _recorded(h)
+    h.store.recording_started_error = asyncpg.exceptions.ConnectionDoesNotExistError("connection lost")
+    h.fake.auto_finish_playback = True
+    row, outbound = await h.ringing_call()
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", f"/ari/bridges/{row['id']}/addChannel",
+                              where=lambda r: r.query["channel"] == outbound)
+    assert any(e["event"] == "call.recording_not_stored" for e in logs)
+    await h.fake.press("in-1", "1")
+    await h.handled_event("ChannelDtmfReceived", "in-1")
+    assert h.fake.find("DELETE", "/ari/channels/in-1") == []  # still up
+    await h.fake.hangup(outbound, 16)
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"]) == ("answered", "callee")
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/bridges/{row['id']}/record") == []
+    assert h.fake.live_recordings == {} and h.fake.stored_recordings == {}
+
+
+async def test_a_recording_whose_start_answer_is_lost_is_stopped_and_deleted_with_its_row(h: Harness) -> None:
+    """Asterisk began the recording, the bridge never heard: nothing of it may stay."""
+    _recorded(h)
+    h.fake.auto_finish_playback = True
+    row, outbound = await h.ringing_call()
+    h.fake.cut("POST", f"/ari/bridges/{row['id']}/record")
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", f"/ari/bridges/{row['id']}/addChannel",
+                              where=lambda r: r.query["channel"] == outbound)
+    await h.fake.hangup("in-1", 16)
+    assert (await h.store.ended("in-1"))["outcome"] == "answered"
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/bridges/{row['id']}/record")[0].status == 0  # done, answer lost
+    assert h.fake.live_recordings == {} and h.fake.stored_recordings == {}
+    assert row["id"] not in h.store.recordings
+
+
+async def test_a_resumed_call_takes_over_the_recording_an_earlier_process_started_without_a_row(harness) -> None:
+    """Finding 2b: the earlier process (writing the row after Asterisk began) stopped between
+    the two. The resumed call's recording request meets the name in use: it takes the running
+    recording over, writes its row, and finishes it."""
+    h = await harness(start=False)
+    call_id, outbound, name = _left_behind_recorded(h, recording=False, joined=False)
+    h.fake.auto_finish_playback = True
+    await h.start()
+
+    record = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/record")
+    assert record.status == 422  # the name is in use
+    await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/addChannel",
+                              where=lambda r: r.query["channel"] == outbound)
+    await h.fake.hangup("in-old", 16)
+    assert (await h.store.ended("in-old"))["hangup_by"] == "caller"
+    await h.settle()
+    assert h.store.calls_of("recording_started", call_id)
+    assert h.fake.find("POST", f"/ari/recordings/live/{name}/stop")[0].status == 204
+    assert h.fake.live_recordings == {} and list(h.fake.stored_recordings) == [name]
+    assert h.store.recordings[call_id]["bytes"] == 16044
+
+
+@pytest.mark.parametrize("live", [True, False], ids=["recording_running", "recording_never_began"])
+async def test_a_resumed_recorded_call_whose_legs_were_never_joined_is_joined(harness, live: bool) -> None:
+    """Finding 3: the earlier process stopped after the recording's row, before both legs were
+    in the bridge. The resumed call joins them (and starts the recording if Asterisk has none)."""
+    h = await harness(start=False)
+    call_id, outbound, name = _left_behind_recorded(h, recording=True, joined=False, live=live)
+    await h.start()
+
+    await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/addChannel",
+                              where=lambda r: r.query["channel"] == outbound)
+    assert sorted(h.fake.bridges[str(call_id)].channels) == sorted(["in-old", outbound])
+    assert list(h.fake.live_recordings) == [name]
+    # No second announcement: they heard it before the row was written.
+    assert h.fake.find("POST", re.compile(r"/ari/channels/.+/play/.+")) == []
+    await h.fake.hangup(outbound, 16)
+    await h.store.ended("in-old")
+    await h.settle()
+    assert h.store.recordings[call_id]["bytes"] == 16044
+
+
+async def test_a_resumed_call_already_joined_is_not_joined_again(harness) -> None:
+    h = await harness(start=False)
+    call_id, outbound, _name = _left_behind_recorded(h, recording=True, joined=True)
+    await h.start()
+    await h.fake.wait_request("GET", f"/ari/bridges/{call_id}")
+    await h.fake.hangup(outbound, 16)
+    await h.store.ended("in-old")
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+
+
+async def test_the_client_can_still_block_on_a_resumed_call(harness) -> None:
+    """Finding 4: a resumed call has the router, so the client's *9 still blocks."""
+    h = await harness(start=False)
+    call_id, outbound, _name = _left_behind_recorded(h, recording=True, joined=True)
+    row = h.store.rows[call_id]
+    await h.start()
+    await h.fake.wait_request("GET", f"/ari/bridges/{call_id}")
+
+    await h.fake.press("in-old", "*9")  # the caller is the client
+    blocked = await h.store.wait(lambda: [a for op, _c, a in h.store.ops if op == "block_by_client"], "the block")
+    assert blocked == [{"session_id": row["session_id"], "participant_id": row["callee_participant_id"],
+                        "by": row["caller_participant_id"]}]
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    await h.fake.wait_request("POST", f"/ari/channels/in-old/play/{call_id}-blocked")
+    await h.fake.finish_playback(f"{call_id}-blocked")
+    ended = await h.store.ended("in-old")
+    assert (ended["outcome"], ended["cut_reason"]) == ("answered", "blocked_by_client")
+    await h.settle()
+
+
+async def test_a_resumed_call_speaks_the_pool_numbers_language(harness) -> None:
+    """Finding 4: the consent announcement replayed on a resumed call to a Russian number is
+    in Russian, not in MB_DEFAULT_LANGUAGE."""
+    h = await harness(start=False)
+    h.store.languages[POOL] = "ru"
+    call_id, outbound, _name = _left_behind_recorded(h, recording=False, joined=False, live=False)
+    await h.start()
+
+    plays = [await h.fake.wait_request("POST", f"/ari/channels/in-old/play/{call_id}-consent-caller"),
+             await h.fake.wait_request("POST", f"/ari/channels/{outbound}/play/{call_id}-consent-callee")]
+    assert [p.query["lang"] for p in plays] == ["ru_RU_f_IvrvoiceRU"] * 2
+    await h.fake.hangup("in-old", 16)
+    await h.store.ended("in-old")
+    await h.settle()

@@ -5,6 +5,9 @@ every attempt is audited."""
 from __future__ import annotations
 
 import uuid
+import base64
+import json
+import os
 from datetime import datetime, timezone
 from types import SimpleNamespace
 from typing import Any
@@ -13,6 +16,8 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bridge.api.http import make_app
+from bridge.cli import parser
+from bridge.config import ConfigError, Settings
 from bridge.calls.flow import wav_duration_ms
 from bridge.recordings import Recordings
 from bridge.store.recordings import RecordingRow
@@ -25,12 +30,17 @@ class FakeRepo:
     def __init__(self) -> None:
         self.audit_rows: list[dict[str, Any]] = []
         self.rows: dict[uuid.UUID, RecordingRow] = {}
+        self.asked: list[int | None] = []  # the `after` of every audit listing that reached the database
 
     async def audit(self, **row: Any) -> None:
         self.audit_rows.append(row)
 
     async def of_call(self, call_id: uuid.UUID) -> RecordingRow | None:
         return self.rows.get(call_id)
+
+    async def access_log(self, *, call_id: uuid.UUID | None, after: int | None, limit: int) -> list[dict[str, Any]]:
+        self.asked.append(after)
+        return []
 
 
 @pytest.fixture
@@ -123,3 +133,81 @@ def test_the_length_of_a_wav_recording_from_its_size() -> None:
     assert wav_duration_ms(44) == 0
     assert wav_duration_ms(44 + 16000) == 1000
     assert wav_duration_ms(10) == 0
+
+
+def _cursor(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("query", ["call_id=not-a-uuid", "limit=0", "cursor=%25%25", f"cursor={_cursor(10**30)}"])
+async def test_the_audit_checks_the_token_before_the_parameters_and_audits_the_refusal(app, query: str) -> None:
+    """Without the recording token a bad parameter still gets 401/403, and is audited."""
+    client, repo = app
+    resp = await client.get(f"/v1/recordings/access?{query}")
+    assert resp.status == 401
+    resp = await client.get(f"/v1/recordings/access?{query}", headers=bearer(API_TOKEN))
+    assert resp.status == 403
+    # With it: 422, audited as well; nothing reached the database's listing.
+    resp = await client.get(f"/v1/recordings/access?{query}", headers=bearer(RECORDING_TOKEN))
+    assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_input"
+    assert [(r["actor"], r["action"], r["result"], r["status"]) for r in repo.audit_rows] == [
+        ("no_token", "audit", "denied", 401), ("api_token", "audit", "denied", 403),
+        ("recording_token", "audit", "failed", 422),
+    ]
+    assert repo.asked == []
+
+
+@pytest.mark.parametrize("cursor", [0, -1, 2**63, 10**30, True, "7"])
+async def test_an_audit_cursor_outside_bigint_is_refused_not_a_server_error(app, cursor: Any) -> None:
+    client, repo = app
+    resp = await client.get(f"/v1/recordings/access?cursor={_cursor(cursor)}", headers=bearer(RECORDING_TOKEN))
+    assert resp.status == 422
+    assert (await resp.json())["error"]["details"] == {"field": "cursor"}
+    assert repo.asked == []
+
+
+@pytest.mark.parametrize("cursor", [1, 2**63 - 1])
+async def test_an_audit_cursor_in_range_is_taken(app, cursor: int) -> None:
+    client, repo = app
+    resp = await client.get(f"/v1/recordings/access?cursor={_cursor(cursor)}", headers=bearer(RECORDING_TOKEN))
+    assert resp.status == 200 and repo.asked == [cursor]
+
+
+# --- retention settings ------------------------------------------------------------------
+
+BASE_ENV = {"MB_DATABASE_URL": "postgresql://x@127.0.0.1/x", "MB_NUMBER_KEY": "k" * 40}
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch):
+    for name in [n for n in os.environ if n.startswith("MB_")]:  # e.g. make test's MB_WEBHOOK_URL
+        monkeypatch.delenv(name)
+    for name, value in BASE_ENV.items():
+        monkeypatch.setenv(name, value)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "3651", "thirty"])
+def test_a_recording_retention_outside_1_to_3650_days_is_refused(env, value: str) -> None:
+    env.setenv("MB_RECORDING_RETENTION_DAYS", value)
+    with pytest.raises(ConfigError, match="MB_RECORDING_RETENTION_DAYS"):
+        Settings.from_env(services=False)
+
+
+@pytest.mark.parametrize(("value", "days"), [(None, 30), ("1", 1), ("3650", 3650)])
+def test_a_recording_retention_in_range_is_taken(env, value: str | None, days: int) -> None:
+    if value is not None:
+        env.setenv("MB_RECORDING_RETENTION_DAYS", value)
+    assert Settings.from_env(services=False).recording_retention_days == days
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "x"])
+def test_housekeeping_refuses_recordings_older_than_less_than_a_day(value: str) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        parser().parse_args(["housekeeping", "--recordings", "--recordings-older-than", value])
+    assert exit_.value.code == 2
+
+
+def test_housekeeping_takes_recordings_older_than_a_day_or_more() -> None:
+    args = parser().parse_args(["housekeeping", "--recordings", "--recordings-older-than", "1"])
+    assert args.recordings_older_than == 1
