@@ -239,6 +239,9 @@ class AriClient:
         """Stop a live recording and keep what it recorded (RecordingFinished follows)."""
         await self.request("POST", f"/recordings/live/{name}/stop")
 
+    async def live_recording(self, name: str) -> dict[str, Any]:
+        return await self.request("GET", f"/recordings/live/{name}")
+
     async def stored_recording(self, name: str) -> dict[str, Any]:
         return await self.request("GET", f"/recordings/stored/{name}")
 

@@ -11,8 +11,10 @@ from typing import Any
 
 import structlog
 
-from bridge.ari import AriClient, AriError, AriNotFound
+from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.flow import Event, FlowSettings, MaskedCall, Router, wav_duration_ms
+
+RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
 log = structlog.get_logger(__name__)
 
@@ -148,8 +150,18 @@ class StasisDispatcher:
         Asterisk (it would run on), and its size and length stored (the API serves it then)."""
         try:
             await self.ari.stop_recording(name)
-        except AriNotFound:
-            pass  # finished already
+        except (AriNotFound, AriConflict):
+            pass  # finished already, or finishing (409 "not in session": its bridge emptied)
+        # Its file is complete once Asterisk no longer lists it as live.
+        deadline = time.monotonic() + RECORDING_CLOSE_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                await self.ari.live_recording(name)
+            except AriNotFound:
+                break
+            except AriError:
+                break  # the size read below says what there is
+            await asyncio.sleep(0.1)  # polling Asterisk: this runs once per left-behind recording
         size: int | None = None
         try:
             size = await self.ari.stored_recording_size(name)

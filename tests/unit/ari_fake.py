@@ -222,6 +222,7 @@ class AriFake:
         r.add_delete("/ari/bridges/{id}", self._destroy_bridge)
         r.add_post("/ari/bridges/{id}/record", self._record_bridge)
         r.add_post("/ari/recordings/live/{name}/stop", self._stop_recording)
+        r.add_get("/ari/recordings/live/{name}", self._live_recording)
         r.add_get("/ari/recordings/stored/{name}", self._stored_recording)
         r.add_get("/ari/recordings/stored/{name}/file", self._stored_recording_file)
         r.add_delete("/ari/recordings/stored/{name}", self._delete_stored_recording)
@@ -705,6 +706,12 @@ class AriFake:
         self.live_recordings[name] = recording
         await self.send({"type": "RecordingStarted", "recording": recording})
         return web.json_response(recording, status=201)
+
+    async def _live_recording(self, request: web.Request) -> web.Response:
+        recording = self.live_recordings.get(request.match_info["name"])
+        if recording is None:
+            return _error(404, "Recording not found")
+        return web.json_response(recording)
 
     async def _stop_recording(self, request: web.Request) -> web.Response:
         recording = self.live_recordings.pop(request.match_info["name"], None)

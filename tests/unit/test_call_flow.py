@@ -1389,6 +1389,24 @@ async def test_a_recorded_call_that_ended_while_the_bridge_was_down_has_its_reco
     assert stop[0].index < destroy[0].index
 
 
+async def test_a_left_behind_recording_whose_bridge_emptied_as_it_was_stopped_is_stored(harness) -> None:
+    """Asterisk answers the stop with 409 "Recording not in session" when the recording is
+    closing by itself (its bridge just emptied): the next process waits until it is no longer
+    live, then stores it and ends the call."""
+    h = await harness(start=False)
+    call_id, outbound, name = _left_behind_recorded(h, recording=True, joined=True)
+    h.fake.fail("POST", f"/ari/recordings/live/{name}/stop", 409, "Recording not in session")
+    h.fake.vanish("in-old")
+    h.fake.vanish(outbound)
+    await h.start()
+    await h.fake.wait_request("GET", f"/ari/recordings/live/{name}")
+    finished = h.fake.live_recordings.pop(name)  # Asterisk closes the file by itself
+    h.fake.stored_recordings[name] = b"RIFF" + b"\0" * 40 + b"\0" * 16000
+    row = await h.store.ended("in-old")
+    assert finished is not None and row["outcome"] == "answered"
+    assert h.store.recordings[call_id]["bytes"] == 16044 and h.store.recordings[call_id]["duration_ms"] == 1000
+
+
 async def test_a_left_behind_recording_that_finished_already_is_still_stored(harness) -> None:
     h = await harness(start=False)
     call_id, outbound, name = _left_behind_recorded(h, recording=True, joined=True, live=False)
