@@ -300,6 +300,16 @@ class MaskedCall:
             except AriError:
                 pass
 
+    def _take_route(self, route: Route, lookup_began: float) -> Route:
+        """The call's route, known at once, so that a block from now on finds this call
+        (StasisDispatcher.cut_calls); and a block that was being applied while the route was
+        looked up (since `lookup_began`) is honoured too."""
+        self.route = route
+        if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
+            self.route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
+                               caller_participant_id=route.caller_participant_id, language=route.language)
+        return self.route
+
     async def _route(self) -> None:
         raw_caller = (self.inbound.get("caller") or {}).get("number") or ""
         caller: str | None
@@ -317,12 +327,7 @@ class MaskedCall:
         lookup_began = time.monotonic()
         route = await self.router.route(caller, pool) if caller and pool else None
         route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
-        # Known at once, so that a block from now on finds this call (StasisDispatcher.cut_calls);
-        # and a block that was being applied while the route was looked up is honoured too.
-        self.route = route
-        if route is not None and route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
-            route = self.route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
-                                       caller_participant_id=route.caller_participant_id, language=route.language)
+        route = self._take_route(route, lookup_began) if route is not None else None
         known = route is not None and route.pool_known
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
@@ -409,11 +414,7 @@ class MaskedCall:
                 log.info("call.wrong_code", attempt=attempt)
                 sound = WRONG_CODE_SOUND
                 continue
-            self.route = route
-            if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
-                route = self.route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
-                                           caller_participant_id=route.caller_participant_id,
-                                           language=route.language)
+            route = self._take_route(route, lookup_began)
             await self.store.call_routed(
                 self.id,
                 session_id=route.session_id,
