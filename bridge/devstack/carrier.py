@@ -25,13 +25,14 @@ Event = dict[str, Any]
 class Phone:
     """How the phone behind a number behaves when called."""
 
-    action: str = "answer"  # answer | busy | noanswer | reject | unreachable (cause 27)
+    action: str = "answer"  # answer | busy | noanswer | reject | unreachable (cause 27) | redirect (302)
     answer_after: float = 0.3  # seconds of ringing before answering
     ring_for: float = 2.0  # noanswer: seconds of ringing before the network gives up (480)
     tone: int = 1000  # Hz the phone plays once connected
     hangup_after: float | None = None  # seconds after answer at which this phone hangs up
     listen: bool = True  # record what the phone hears (off for load: a snoop and a file per leg)
     early_media: bool = False  # plays its tone while it rings (183 with audio), as a network announcement would
+    redirect_to: str = ""  # redirect: the 302's Contact (a SIP URI of the network's choosing)
 
 
 @dataclass
@@ -106,7 +107,22 @@ class Carrier:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self._until_unregistered()
         await self.ari.close()
+
+    async def _until_unregistered(self, timeout: float = 5.0) -> None:
+        """Until Asterisk has dropped the application with this websocket. Otherwise the
+        next Carrier's fresh registration could be undone by this one's late teardown, and
+        its first call would find "Stasis app 'phones' doesn't exist"."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                await self.ari.application()
+            except AriNotFound:
+                return
+            except AriError:
+                return  # Asterisk is gone: nothing left to wait for
+            await asyncio.sleep(0.05)  # polling Asterisk: no event says an application went away
 
     def phone(self, number: str, **behaviour: Any) -> None:
         self.phones[number] = Phone(**behaviour)
@@ -134,7 +150,7 @@ class Carrier:
     async def call(
         self, from_number: str, to_number: str, *, tone: int = 600, hangup_after: float | None = None,
         caller_name: str | None = None, listen: bool = True, headers: dict[str, str] | None = None,
-        withheld: bool = False, keys_on_early_media: str | None = None,
+        withheld: bool = False, keys_on_early_media: str | None = None, via_network: bool = False,
     ) -> Leg:
         """Place a call from the trunk to the PBX, presenting `from_number` as the caller
         (with `caller_name` as display name, and extra SIP `headers` such as Diversion).
@@ -142,7 +158,9 @@ class Carrier:
         From and asserts the number in P-Asserted-Identity with Privacy: id.
         `keys_on_early_media`: the phone keys these digits as soon as the PBX gives it early
         media (183), before any answer; the call then goes through the carrier's dialplan
-        (a Local channel: this leg is its caller side)."""
+        (a Local channel: this leg is its caller side).
+        `via_network`: the call goes through the hostile network relay (network.py), which
+        must be running."""
         channel_id = f"carrier-{uuid.uuid4()}"
         leg = Leg(
             "caller", channel_id, from_number, dialed=to_number, tone=tone, hangup_after=hangup_after, listen=listen
@@ -158,7 +176,7 @@ class Carrier:
         }
         # Created in Stasis, then dialed: the phone can act before it is answered (send its
         # keys over early media, listen to the ringback).
-        endpoint = f"PJSIP/{to_number}@pbx"
+        endpoint = f"PJSIP/{to_number}@{'pbx-via-network' if via_network else 'pbx'}"
         if keys_on_early_media:
             endpoint = f"Local/{to_number}@caller-keys"
             variables["_KEYS"] = keys_on_early_media
@@ -223,6 +241,22 @@ class Carrier:
             except AriError:
                 pass
         return self.recording_path(leg)
+
+    async def assert_identity(self, leg: Leg, number: str, name: str = "") -> None:
+        """The phone's network asserts a (new) identity for it in the middle of the call: a
+        connected-line update, which the carrier sends the PBX as an UPDATE or re-INVITE
+        with P-Asserted-Identity (as an IMS network does after a forwarding or a pickup).
+        (ARI would run it only after the phone's tone: the tone stops meanwhile.)"""
+        await self._stop_tone(leg)
+        await self.ari.set_variable(leg.channel_id, "CONNECTEDLINE(name,i)", name)
+        await self.ari.set_variable(leg.channel_id, "CONNECTEDLINE(num)", number)
+        if leg.answered.is_set():
+            await self.resume_tone(leg)
+
+    async def transfer(self, leg: Leg, target: str) -> None:
+        """The phone transfers its call: REFER to the PBX with Refer-To `target` (a SIP URI)
+        once answered; a 302 Moved Temporarily to it while a called phone rings."""
+        await self.ari.request("POST", f"/channels/{leg.channel_id}/redirect", {"endpoint": f"PJSIP/{target}"})
 
     async def hangup(self, leg: Leg, reason: str = "normal", code: int | None = None) -> None:
         """The phone hangs up (or, for a called phone, refuses with `reason` or cause `code`)."""
@@ -318,6 +352,9 @@ class Carrier:
             await self.hangup(leg, "rejected")
         elif phone.action == "unreachable":
             await self.hangup(leg, code=27)  # the network: destination out of order (SIP 502)
+        elif phone.action == "redirect":
+            # A 302 is possible only before the phone rings (chan_pjsip: state Ring).
+            await self.transfer(leg, phone.redirect_to)
         else:
             await self.ari.ring(leg.channel_id)
             leg.ringing.set()
