@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import measure, report
 from bridge import logs
-from bridge.devstack import processes
+from bridge.devstack import asterisk, processes
 from bridge.devstack.carrier import Carrier
 from bridge.devstack.settings import PROJECT_DIR, Stack, load
 
@@ -54,27 +54,28 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
     bridge_log = processes.bridge_log(stack)
     log_offset = bridge_log.stat().st_size
     try:
-        async with Carrier(stack) as carrier:
-            calls = measure.Calls(carrier)
-            try:
-                print("bench: post-dial delay", file=sys.stderr)
-                results["delay"] = await measure.post_dial_delay(
-                    calls, stack, pairs, params["delay_rate"], params["delay_per_path"]
-                )
-                print("bench: throughput ramp", file=sys.stderr)
-                with measure.RouteProbe(stack, pairs, every=0.05) as probe:
-                    results["ramp"] = await measure.ramp(
-                        calls, pairs, params["ramp_rates"], params["ramp_seconds"], params["hold"]
+        with asterisk.bench_route(stack):
+            async with Carrier(stack) as carrier:
+                calls = measure.Calls(carrier)
+                try:
+                    print("bench: post-dial delay", file=sys.stderr)
+                    results["delay"] = await measure.post_dial_delay(
+                        calls, stack, pairs, params["delay_rate"], params["delay_per_path"]
                     )
-                results["route"] = measure.route_lookups(bridge_log, log_offset)
-                results["route_sql"] = measure.percentiles(probe.times)
-                print("bench: simultaneous calls", file=sys.stderr)
-                results["concurrency"] = await measure.concurrency(
-                    calls, carrier, stack, pairs, params["concurrency_steps"], params["setup_rate"],
-                    params["sample"], params["listen_seconds"],
-                )
-            finally:
-                await calls.close()
+                    print("bench: throughput ramp", file=sys.stderr)
+                    with measure.RouteProbe(stack, pairs, every=0.05) as probe:
+                        results["ramp"] = await measure.ramp(
+                            calls, pairs, params["ramp_rates"], params["ramp_seconds"], params["hold"]
+                        )
+                    results["route"] = measure.route_lookups(bridge_log, log_offset)
+                    results["route_sql"] = measure.percentiles(probe.times)
+                    print("bench: simultaneous calls", file=sys.stderr)
+                    results["concurrency"] = await measure.concurrency(
+                        calls, carrier, stack, pairs, params["concurrency_steps"], params["setup_rate"],
+                        params["sample"], params["listen_seconds"],
+                    )
+                finally:
+                    await calls.close()
     finally:
         await measure.close_sessions(stack, token, count)
     top_rate = max(params["ramp_rates"])

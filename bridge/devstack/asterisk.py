@@ -3,10 +3,14 @@ file system with chroot, each with its own asterisk.conf and directories."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bridge.devstack.settings import PROJECT_DIR, Stack
@@ -56,11 +60,37 @@ def write_config(stack: Stack, instance: str, overrides: dict[str, str] | None =
     etc.mkdir(parents=True, exist_ok=True)
     for sub in ("db", "spool", "run", "log", "cache", "spool/recording"):
         host_path(stack, instance, sub).mkdir(parents=True, exist_ok=True)
-    # The PBX of the local stack also gets the benchmark's baseline route (never in production).
-    extra = [CONFIG_DIR / "bench"] if instance == "pbx" else []
-    for src_dir in (CONFIG_DIR / "common", CONFIG_DIR / instance, *extra):
+    for src_dir in (CONFIG_DIR / "common", CONFIG_DIR / instance):
         for src in sorted(src_dir.glob("*.conf")):
             (etc / src.name).write_text(render(src.read_text(), values))
+    # The benchmark's baseline route is the PBX's only while a benchmark runs (bench_route).
+    if instance == "pbx":
+        (etc / BENCH_ROUTE).unlink(missing_ok=True)
+
+
+BENCH_ROUTE = "extensions_bench.conf"
+
+
+@contextmanager
+def bench_route(stack: Stack) -> Iterator[None]:
+    """The benchmark's baseline route (asterisk-config/bench) in the PBX's dialplan while the
+    block runs, and gone after: otherwise any trunk caller dialing +7999... would be put
+    through by it, outside any session (an open relay)."""
+    etc = host_path(stack, "pbx", "etc")
+    source = CONFIG_DIR / "bench" / BENCH_ROUTE
+    (etc / BENCH_ROUTE).write_text(render(source.read_text(), instance_values(stack, "pbx")))
+    _reload_dialplan(stack)
+    try:
+        yield
+    finally:
+        (etc / BENCH_ROUTE).unlink(missing_ok=True)
+        _reload_dialplan(stack)
+
+
+def _reload_dialplan(stack: Stack) -> None:
+    out = rx(stack, "pbx", "dialplan reload")
+    if out.returncode != 0:
+        raise RuntimeError(f"dialplan reload of the PBX failed: {out.stderr or out.stdout}")
 
 
 def _conf(stack: Stack, instance: str) -> str:
@@ -114,12 +144,42 @@ def _reload_config(stack: Stack, instance: str) -> None:
 
 
 def stop(stack: Stack, instance: str) -> None:
-    if not is_running(stack, instance):
-        return
-    rx(stack, instance, "core stop now", timeout=30)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and is_running(stack, instance):
-        time.sleep(0.2)  # waiting for a process to exit
+    """Stop an instance: `core stop now`, and if it is still there after a while (a channel
+    stuck in an application can hold the shutdown forever), SIGTERM, then SIGKILL."""
+    pid = _pid(stack, instance)
+    if is_running(stack, instance):
+        rx(stack, instance, "core stop now", timeout=30)
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None and pid is not None and _alive(pid):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if not _alive(pid) and not is_running(stack, instance):
+                return
+            time.sleep(0.2)  # waiting for a process to exit
+    raise RuntimeError(f"Asterisk {instance} (pid {pid}) would not stop")
+
+
+def _pid(stack: Stack, instance: str) -> int | None:
+    try:
+        return int(host_path(stack, instance, "run", "asterisk.pid").read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    """Whether `pid` is a running Asterisk (not a zombie, not a process that reused the pid)."""
+    if pid is None:
+        return False
+    try:
+        if b"asterisk" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+            return False
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
 
 
 # Debian packages of the root file system: Asterisk, its English and Russian prompts, and
