@@ -602,14 +602,16 @@ SCHEMAS: dict[str, Schema] = {
                 "enum": [
                     "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller",
                     "session_closed", "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code",
-                    "locked_out", None,
+                    "locked_out", "redirected", None,
                 ],
                 "description": "Set once the call ended. `wrong_code`: a call to an order-code number ended "
                 "after `MB_ORDER_CODE_ATTEMPTS` tries without a right code (the caller heard that there were too "
                 "many). `locked_out`: the caller had keyed `MB_ORDER_CODE_ATTEMPTS` wrong codes on this number "
                 "within `MB_ORDER_CODE_LOCKOUT` seconds, and was told to try later without being asked. "
                 "A call to an order-code number has no session until a right code names it. `unreachable`: the network could not reach the other "
-                "phone (cause 1, 3, 20 or 27; the caller is hung up with the same cause). "
+                "phone (cause 1, 3, 20 or 27; the caller is hung up with the same cause). `redirected`: the other "
+                "phone's network answered with a redirect (302, cause 23), which the bridge never follows; the caller "
+                "is hung up as unavailable (cause 20). "
                 "`call_limit` / `quiet_hours`: the session's abuse "
                 "controls refused the call (the caller heard an announcement). `blocked`: the caller's number or the other side's is "
                 "on the blocklist, so the call was refused (the caller heard an announcement), or it was ringing "

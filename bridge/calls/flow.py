@@ -47,7 +47,9 @@ TOO_MANY_WRONG_CODES_SOUND = "confbridge-pin-bad"
 CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
 
 # Hangup cause of the other leg (before answer) -> the call's outcome. The caller is hung
-# up with the same cause, so that their phone says what happened.
+# up with the same cause, so that their phone says what happened; any other cause reaches
+# the caller as 34 (no circuit: SIP 503), never as itself (23 would be a 302 naming where
+# the other network wanted the call to go).
 _REFUSALS: dict[int, str] = {
     17: "busy",
     18: "no_answer",
@@ -58,6 +60,32 @@ _REFUSALS: dict[int, str] = {
     20: "unreachable",  # subscriber absent (switched off, out of coverage)
     27: "unreachable",  # destination out of order
 }
+# The other network answered 302 (cause 23): the redirect is not followed (that would
+# let a network send our call, at our cost and showing the pool number, anywhere it
+# likes); the caller hears the other phone is unavailable (cause 20: SIP 480).
+REDIRECTED_CAUSE = 23
+REDIRECTED_CAUSE_TO_CALLER = 20
+FAILED_CAUSE_TO_CALLER = 34
+# The dialplan hands a call to the bridge only once its leg is masked ([from-trunk] in
+# extensions.conf: MASK_NUMBER and the interception routines), and says so with this argument
+# of Stasis(). A call without it came through a dialplan older than this bridge.
+MASKED_ARG = "masked"
+# On the leg to the other participant: Asterisk runs these routines before it sends the leg
+# an update of the other side's identity ([mb-identity] in extensions.conf); they leave only
+# MASK_NUMBER, the pool number this leg knows the call by.
+IDENTITY_SUBS = {
+    "CONNECTED_LINE_SEND_SUB": "mb-identity,connected,1",
+    "REDIRECTING_SEND_SUB": "mb-identity,redirecting,1",
+}
+
+
+def caller_cause(cause: int | None) -> int:
+    """What the caller is hung up with when the other phone's network refused the call."""
+    if cause in _REFUSALS:
+        return cause
+    return REDIRECTED_CAUSE_TO_CALLER if cause == REDIRECTED_CAUSE else FAILED_CAUSE_TO_CALLER
+
+
 _GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
 
 
@@ -156,8 +184,10 @@ class MaskedCall:
         register: Callable[[str, "MaskedCall"], None],
         router: Router | None = None,
         recently_blocked: Callable[[set[uuid.UUID], float], bool] | None = None,
+        masked: bool = True,
     ) -> None:
         self.id = call_id
+        self.masked = masked  # the dialplan masked the caller's leg (MASKED_ARG)
         self.router = router
         self._recently_blocked = recently_blocked or (lambda _ids, _since: False)
         self.inbound_id: str = inbound["id"]
@@ -311,6 +341,15 @@ class MaskedCall:
         return self.route
 
     async def _route(self) -> None:
+        if not self.masked:
+            # Fail closed: without the dialplan's masking, whatever the other network says
+            # of itself could reach this caller.
+            log.error("call.refused_unmasked_leg", hint="the PBX's extensions.conf is older than the bridge: "
+                      "its [from-trunk] must set MASK_NUMBER and the interception routines and pass 'masked' to Stasis")
+            await self._unavailable()
+            await self._hangup(self.inbound_id, "congestion", code=FAILED_CAUSE_TO_CALLER)
+            self.state = CallState.ENDED
+            return
         raw_caller = (self.inbound.get("caller") or {}).get("number") or ""
         caller: str | None
         pool: str | None
@@ -459,11 +498,8 @@ class MaskedCall:
             await self._end("caller_cancelled", "caller", None)
             return
         try:
-            # The caller's own leg: whatever Asterisk tells the caller about the other side
-            # (PAI/RPID in responses, connected-line updates) is the pool number. 'i': set
-            # it without sending an update now.
-            await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(num,i)", pool)
-            await self.ari.set_variable(self.inbound_id, "CONNECTEDLINE(name,i)", pool)
+            # (The caller's own leg was masked by the dialplan: it knows the other side only
+            # as the number it dialed, whatever the other network says.)
             await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
             self._bridge_created = True
             if not route.record:
@@ -475,8 +511,9 @@ class MaskedCall:
             return
         self._register(self.outbound_id, self)
         # The new leg's only identity is the pool number: chan_pjsip builds From, PAI and
-        # RPID from it. No `originator`, no `caller` on dial: both would copy the caller's
-        # real identity onto this leg.
+        # RPID from it, and the interception routines keep it so whatever updates come.
+        # No `originator`, no `caller` on dial: both would copy the caller's real identity
+        # onto this leg.
         # The callee is shown the pool number they themselves would dial to reach the
         # caller (after a courier reassignment it can differ from the one the caller dialed).
         shown = route.shown_number or pool
@@ -485,6 +522,8 @@ class MaskedCall:
             "CALLERID(name)": shown,
             "CONNECTEDLINE(num)": shown,
             "CONNECTEDLINE(name)": shown,
+            "MASK_NUMBER": shown,
+            **IDENTITY_SUBS,
         }
         try:
             await self.ari.create_channel(
@@ -550,8 +589,8 @@ class MaskedCall:
                 return  # a client calling back blocked the other party while it rang
             if kind == "ChannelDestroyed" and channel == self.outbound_id:
                 cause = _cause(event)
-                outcome = _REFUSALS.get(cause or 0, "failed")
-                await self._hangup(self.inbound_id, "congestion", code=cause)
+                outcome = _REFUSALS.get(cause or 0, "redirected" if cause == REDIRECTED_CAUSE else "failed")
+                await self._hangup(self.inbound_id, "congestion", code=caller_cause(cause))
                 await self._end(outcome, "callee", cause)
                 return
             if kind == "ChannelStateChange" and channel == self.outbound_id and event["channel"]["state"] == "Up":

@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
-from bridge.calls.flow import Event, FlowSettings, MaskedCall, Router, wav_duration_ms
+from bridge.calls.flow import MASKED_ARG, Event, FlowSettings, MaskedCall, Router, wav_duration_ms
 
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
@@ -75,7 +75,7 @@ class StasisDispatcher:
                 self._start(
                     MaskedCall(
                         uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
-                        self.recently_blocked,
+                        self.recently_blocked, masked=MASKED_ARG in args[2:],
                     )
                 )
                 return

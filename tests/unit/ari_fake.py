@@ -425,7 +425,7 @@ class AriFake:
 
     async def inbound_call(self, channel_id: str, caller_number: str, dialed: str) -> Channel:
         """A call from the trunk reaches Stasis(app,inbound,${DIALED}), as in extensions.conf."""
-        channel = self.add_channel(channel_id, caller_number, dialed, args=["inbound", dialed])
+        channel = self.add_channel(channel_id, caller_number, dialed, args=["inbound", dialed, "masked"])
         await self.send({"type": "StasisStart", "args": list(channel.args), "channel": channel.json()})
         return channel
 

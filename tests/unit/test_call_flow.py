@@ -41,7 +41,7 @@ WAIT = 10.0  # only a guard against hangs: every wait ends on its condition
 
 OUTCOMES = {
     "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller", "session_closed",
-    "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code", "locked_out",
+    "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code", "locked_out", "redirected",
 }
 STATES = {"routing", "entering_code", "ringing", "connected", "announcing", "ended"}
 
@@ -481,14 +481,19 @@ async def test_routed_call_outbound_leg_shows_only_the_pool_number(h: Harness) -
             "CALLERID(name)": POOL,
             "CONNECTEDLINE(num)": POOL,
             "CONNECTEDLINE(name)": POOL,
+            # Every later update of the other side's identity is rewritten to the pool
+            # number before Asterisk sends it on this leg (extensions.conf, [mb-identity]).
+            "MASK_NUMBER": POOL,
+            "CONNECTED_LINE_SEND_SUB": "mb-identity,connected,1",
+            "REDIRECTING_SEND_SUB": "mb-identity,redirecting,1",
         }
     }
     dial = await h.fake.wait_request("POST", f"/ari/channels/{outbound}/dial")
     assert "caller" not in dial.query
     assert set(dial.query) == {"timeout"}
 
-    # What the caller is told about the other side is the pool number, too.
-    assert h.fake.channels["in-1"].variables == {"CONNECTEDLINE(num,i)": POOL, "CONNECTEDLINE(name,i)": POOL}
+    # The caller's leg was masked by the dialplan before Stasis: the bridge sets nothing on it.
+    assert h.fake.channels["in-1"].variables == {}
 
     bridge_id = str(row["id"])
     adds = h.fake.find("POST", f"/ari/bridges/{bridge_id}/addChannel")
@@ -592,6 +597,43 @@ async def test_callee_refusal_before_answer_hangs_up_caller_with_the_same_cause(
     assert row["answered_at"] is None
     await h.settle()
     assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+
+
+@pytest.mark.parametrize(("cause", "outcome", "caller_cause"), [
+    (23, "redirected", 20),  # a 302: not followed; the caller hears "unavailable" (480), never a 3xx
+    (22, "failed", 34),  # number changed (410): no hint of the other side's number reaches the caller
+    (31, "failed", 34),
+    (16, "failed", 34),
+])
+async def test_a_refusal_the_caller_must_not_hear_as_such_is_a_plain_failure(
+    h: Harness, cause: int, outcome: str, caller_cause: int
+) -> None:
+    row, outbound = await h.ringing_call()
+
+    await h.fake.hangup(outbound, cause)
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason_code"] == str(caller_cause)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == (outcome, "callee", cause)
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+
+
+async def test_a_call_whose_leg_the_dialplan_did_not_mask_is_refused(h: Harness, logs) -> None:
+    """An extensions.conf older than the bridge hands calls to Stasis without masking the
+    caller's leg (no 'masked' argument): the bridge puts nobody through (fail closed), the
+    caller hears that the service is unavailable and is hung up with cause 34."""
+    h.store.add_route(CALLER, POOL, CALLEE)
+    channel = h.fake.add_channel("in-1", CALLER, POOL, args=["inbound", POOL])
+    await h.fake.send({"type": "StasisStart", "args": list(channel.args), "channel": channel.json()})
+    play = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    assert play.query["media"] == "sound:all-circuits-busy-now"
+    await h.fake.finish_playback(play.path.rsplit("/", 1)[1])
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason_code"] == "34"
+    await h.settle()
+    assert h.store.lookups == [] and h.fake.find("POST", "/ari/channels/create") == []
+    assert any(e["event"] == "call.refused_unmasked_leg" and e["log_level"] == "error" for e in logs)
 
 
 # --- races ----------------------------------------------------------------------------
