@@ -17,7 +17,8 @@ import pytest
 from aiohttp import web
 
 from bridge.crypto import NumberVault
-from bridge.devstack import asterisk, processes
+from bridge.devstack import asterisk, network, processes
+from bridge.devstack.network import HostileNetwork
 from bridge.pools import Pools
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, migrate
@@ -186,15 +187,55 @@ async def last_call_of(db: asyncpg.Connection, pool: str, caller: str) -> dict[s
             await asyncio.sleep(0.05)  # wait-ok: polling the database the bridge writes to
 
 
+class PbxTrunk:
+    """The PBX's trunk settings for the running test: its identity settings (send_pai, ...)
+    and whether it points at the hostile network relay. Each change reloads the PBX."""
+
+    def __init__(self, stack: Stack) -> None:
+        self.stack = stack
+        self.identity: dict[str, str] = {}
+        self.via_relay = False
+
+    def apply(self) -> None:
+        overrides = dict(self.identity)
+        if self.via_relay:
+            overrides["MB_TRUNK_PORT"] = self.stack.env["MB_RELAY_PORT"]
+        asterisk.reload(self.stack, "pbx", overrides)
+
+
 @pytest.fixture(scope="session")
-def trunk_identity(stack: Stack) -> Iterator[Callable[[dict[str, str]], None]]:
-    """Switch the PBX trunk's identity settings (send_pai, ...) for a test; restored after."""
+def pbx_trunk(stack: Stack) -> Iterator[PbxTrunk]:
+    trunk = PbxTrunk(stack)
+    yield trunk
+    trunk.identity, trunk.via_relay = {}, False
+    trunk.apply()
+
+
+@pytest.fixture(scope="session")
+def trunk_identity(pbx_trunk: PbxTrunk) -> Callable[[dict[str, str]], None]:
+    """Switch the PBX trunk's identity settings (send_pai, ...) for a test; restored after
+    the run (each test that cares sets its own)."""
 
     def apply(overrides: dict[str, str]) -> None:
-        asterisk.reload(stack, "pbx", overrides)
+        pbx_trunk.identity = dict(overrides)
+        pbx_trunk.apply()
 
-    yield apply
-    asterisk.reload(stack, "pbx")
+    return apply
+
+
+@pytest.fixture
+async def hostile_network(stack: Stack, pbx_trunk: PbxTrunk) -> AsyncIterator[HostileNetwork]:
+    """The hostile network between the PBX and the simulated carrier for this test
+    (bridge/devstack/network.py): the PBX's trunk points at the relay, and calls the carrier
+    places with `via_network=True` go through it too."""
+    async with network.for_stack(stack.env) as net:
+        pbx_trunk.via_relay = True
+        pbx_trunk.apply()
+        try:
+            yield net
+        finally:
+            pbx_trunk.via_relay = False
+            pbx_trunk.apply()
 
 
 SCRATCH_KEY = "scratch-schema-key-scratch-schema-key-0123"

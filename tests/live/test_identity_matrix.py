@@ -1,11 +1,13 @@
 """Identity, proven across a matrix: the PBX trunk's identity settings x how the caller
 presents itself (a display name; its number withheld; Diversion and History-Info headers
-that carry its real number) x scenarios (each direction, hold and resume from both
+that carry its real number; its network asserting its number and name again in an UPDATE
+or re-INVITE once the call is under way) x scenarios (each direction, hold and resume from both
 phones, the callee answering late, the caller hanging up while it rings). In each cell
 every SIP message each phone received is scanned for the other side's real number and name.
 
-The cells cover every pair of values of any two dimensions at least once (20 calls
-instead of 60); each cell's settings are in its test id."""
+The cells cover every pair of values of any two dimensions at least once (25 calls
+instead of 75); each cell's settings are in its test id. How the *callee's* network
+presents itself is the other matrix (test_identity_callee_network.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import uuid
 
 import pytest
 
-from tests.live.siplog import SipLog, national_digits, reinvite_answered
+from tests.live.siplog import SipLog, SipMessage, ended_by_caller, identity_leaks, logged, reinvite_answered
 from tests.live.test_masked_call import split_by_phone
 
 TRUNKS = {
@@ -22,7 +24,10 @@ TRUNKS = {
     "pai-rpid-trusted": {"MB_TRUNK_SEND_PAI": "yes", "MB_TRUNK_SEND_RPID": "yes", "MB_TRUNK_TRUST_ID_OUTBOUND": "yes"},
     "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no", "MB_TRUNK_TRUST_CONNECTED_LINE": "no"},
 }
-PRESENTATIONS = ["number-only", "display-name", "withheld", "diversion-history-info"]
+# The trunk's identity settings all on, trust of the other network's identity headers
+# included (the worst case for a leak).
+TRUNKS["pai-rpid-trusted"]["MB_TRUNK_TRUST_CONNECTED_LINE"] = "yes"
+PRESENTATIONS = ["number-only", "display-name", "withheld", "diversion-history-info", "pai-in-update"]
 SCENARIOS = ["courier-to-client", "client-to-courier", "hold-and-resume", "callee-answers-late",
              "caller-hangs-up-ringing"]
 CALLER_NAME = "Ivan Petrovsky"
@@ -73,6 +78,16 @@ async def test_no_identity_leaks(trunk, presentation, scenario, carrier, api, re
     leg = await carrier.call(caller, pool, caller_name=name, headers=headers, hangup_after=hangup_after,
                              withheld=presentation == "withheld")
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    if presentation == "pai-in-update":
+        # The caller's network asserts the caller again, by name, once the call is under way
+        # (while it rings, or after the answer): an UPDATE or re-INVITE with P-Asserted-Identity.
+        if scenario == "caller-hangs-up-ringing":
+            await asyncio.wait_for(leg.ringing.wait(), 10)
+        else:
+            await asyncio.wait_for(leg.answered.wait(), 10)
+        step = sip_log.mark()
+        await carrier.assert_identity(leg, caller, CALLER_NAME)
+        await identity_update_answered(sip_log, step, "Petrovsky")
     if scenario == "caller-hangs-up-ringing":
         await asyncio.wait_for(leg.ringing.wait(), 10)
         await carrier.hangup(leg)
@@ -96,7 +111,8 @@ async def test_no_identity_leaks(trunk, presentation, scenario, carrier, api, re
     else:
         assert leg.answered_at is not None and callee.answered_at is not None
 
-    calling, called = split_by_phone(sip_log.since(mark), callee_number)
+    messages = await logged(sip_log, mark, ended_by_caller(callee_number, answered=scenario != "caller-hangs-up-ringing"))
+    calling, called = split_by_phone(messages, callee_number)
     assert any(m.first_line.startswith("INVITE") for m in called), "the called phone's INVITE is in the log"
     if scenario == "hold-and-resume":
         reinvites = [m for m in sip_log.since(mark) if m.first_line.startswith("INVITE") and "a=sendonly" in m.text]
@@ -111,7 +127,22 @@ async def test_no_identity_leaks(trunk, presentation, scenario, carrier, api, re
         sent = [m for m in sip_log.since(mark) if m.direction == "transmitted" and m.first_line.startswith("INVITE")]
         assert any(m.header("Diversion") and m.header("History-Info") for m in sent)
     for msg in called:
-        assert national_digits(caller) not in msg.text, f"the caller's number reached the called phone:\n{msg.text}"
-        assert "Petrovsky" not in msg.text, f"the caller's name reached the called phone:\n{msg.text}"
+        assert not identity_leaks(msg.text, [caller], ["Petrovsky"]), f"the caller reached the called phone:\n{msg.text}"
     for msg in calling:
-        assert national_digits(callee_number) not in msg.text, f"the callee's number reached the caller:\n{msg.text}"
+        assert not identity_leaks(msg.text, [callee_number]), f"the callee's number reached the caller:\n{msg.text}"
+
+
+async def identity_update_answered(sip_log: SipLog, mark: int, name: str, timeout: float = 10) -> SipMessage:
+    """The PBX's answer to an UPDATE or re-INVITE the carrier sent since `mark` asserting `name`."""
+    async with asyncio.timeout(timeout):
+        while True:
+            messages = sip_log.since(mark)
+            for i, request in enumerate(messages):
+                if request.direction != "transmitted" or name not in request.text or not (
+                        request.first_line.startswith("UPDATE ") or request.first_line.startswith("INVITE ")):
+                    continue
+                for answer in messages[i + 1:]:
+                    if answer.direction == "received" and answer.call_id == request.call_id \
+                            and answer.header("CSeq") == request.header("CSeq") and answer.first_line[8:9] in "2":
+                        return answer
+            await asyncio.sleep(0.05)  # wait-ok: polling the carrier's SIP log

@@ -11,7 +11,7 @@ import pytest
 
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.audio import rms, samples, tone_share
-from tests.live.siplog import SipLog, SipMessage, dialogs, national_digits
+from tests.live.siplog import SipLog, SipMessage, dialogs, ended_by_caller, logged, national_digits
 
 IDENTITY_ON = {
     "MB_TRUNK_SEND_PAI": "yes",
@@ -60,7 +60,7 @@ async def test_called_phone_sees_only_the_pool_number(
     assert callee.shown_name in ("", pool)
     assert leg.answered_at is not None and callee.answered_at is not None
 
-    calling, called = split_by_phone(sip_log.since(mark), callee_number)
+    calling, called = split_by_phone(await logged(sip_log, mark, ended_by_caller(callee_number)), callee_number)
     assert any(m.first_line.startswith("INVITE") for m in called), "the called phone's INVITE is in the log"
     assert any(m.first_line.startswith("SIP/2.0 200") for m in calling), "the calling phone got its 200 OK"
     for msg in called:
