@@ -13,7 +13,6 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from bridge.abuse import parse_quiet_setting
 from bridge.api.http import make_app
 from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
@@ -22,7 +21,6 @@ from bridge.calls.order_code import KeypadTiming
 from bridge.calls.stasis import StasisDispatcher
 from bridge.config import Settings
 from bridge.crypto import NumberVault
-from bridge.phone import normalize
 from bridge.pools import Pools
 from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
@@ -37,7 +35,6 @@ RETENTION_EVERY = 3600.0  # seconds between two runs of the retention job
 
 
 def policy_of(settings: Settings) -> Policy:
-    support = normalize(settings.support_number, settings.default_region) if settings.support_number else None
     return Policy(
         default_region=settings.default_region,
         session_ttl=settings.session_ttl,
@@ -45,16 +42,12 @@ def policy_of(settings: Settings) -> Policy:
         pair_cooloff=settings.pair_cooloff,
         number_cooling=settings.number_cooling,
         retention_days=settings.retention_days,
-        support_number=support,
-        calls_per_hour=settings.calls_per_hour,
-        calls_per_day=settings.calls_per_day,
-        quiet_hours=parse_quiet_setting(settings.quiet_hours),
-        max_call_seconds=settings.max_call_duration,
+        support_number=settings.support_number or None,  # normalized by Settings
         default_language=settings.default_language,
-        record_calls=settings.record_calls,
         order_code_length=settings.order_code_length,
         order_code_attempts=settings.order_code_attempts,
         order_code_lockout=settings.order_code_lockout,
+        terms=settings.terms,
     )
 
 

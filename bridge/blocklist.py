@@ -10,7 +10,7 @@ from datetime import datetime
 import structlog
 
 from bridge.crypto import NumberVault
-from bridge.errors import InvalidInput, NotFound
+from bridge.errors import BlockNotFound, InvalidInput
 from bridge.sessions import Policy, phone_number
 from bridge.store import Store
 from bridge.store.blocklist import BlockedRow
@@ -53,7 +53,7 @@ class Blocklist:
     async def remove(self, entry_id: uuid.UUID) -> BlockedRow:
         entry = await self.repo.remove(entry_id)
         if entry is None:
-            raise NotFound("no such blocklist entry", code="block_not_found")
+            raise BlockNotFound()
         log.info("blocklist.removed", entry_id=str(entry_id))
         return entry
 

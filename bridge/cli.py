@@ -9,8 +9,10 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin pool retire +74950000001 [...]
     maskbridge-admin pool set-mode +74950000001 direct|order_code
     maskbridge-admin pool usage
-    maskbridge-admin session open ORDER COURIER CLIENT [--region R] [--ttl S] [--idle S] [--grace S] [--record]
-                                  [--mode order_code [--order-code DIGITS]]
+    maskbridge-admin session open ORDER COURIER CLIENT [--region R] [--ttl S] [--idle S] [--grace S]
+                                  [--mode order_code [--order-code DIGITS]] [--record [yes|no]]
+                                  [--calls-per-hour N] [--quiet-hours "22:00-08:00 Europe/Moscow"] ...
+                                  (every session term, written as its MB_ setting is)
     maskbridge-admin session show SESSION_ID | --order ORDER
     maskbridge-admin session list [--order ORDER] [--status open|grace|closed]
     maskbridge-admin session extend SESSION_ID [--ttl S] [--idle S]
@@ -34,7 +36,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from bridge import logs
 from bridge.api.http import _default, render_block, render_pool_number, render_session
@@ -42,12 +44,14 @@ from bridge.blocklist import Blocklist
 from bridge.app import policy_of
 from bridge.config import ConfigError, Settings
 from bridge.crypto import NumberVault
-from bridge.errors import InvalidInput, NotFound, ServiceError
+from bridge.errors import InvalidInput, ServiceError, SessionNotFound
 from bridge.pools import Pools
 from bridge.recordings import Recordings
 from bridge.ari import AriClient
+from bridge.requests import OpenSession, parse
 from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate, pending
+from bridge.terms import Terms
 
 
 class Tool:
@@ -77,7 +81,7 @@ class Tool:
         if order:
             found = await self.sessions.find(order_id=order, status=None, after=None, limit=1)
             if not found:
-                raise NotFound(f"no session for order {order}", code="session_not_found")
+                raise SessionNotFound(f"no session for order {order}")
             return found[0].id
         if not raw:
             raise InvalidInput("give a session id (a UUID) or --order")
@@ -181,11 +185,26 @@ def _session_arg(raw: str, what: str = "session") -> uuid.UUID:
         raise InvalidInput(f"{raw[:40]!r} is not a {what} id (a UUID)") from None
 
 
+def _term_options(a: argparse.Namespace) -> dict[str, Any]:
+    """The session terms given as options (each as its MB_ setting is written)."""
+    values: dict[str, Any] = {}
+    for name in Terms.names():
+        raw = getattr(a, name)
+        if raw is not None:
+            try:
+                values[name] = Terms.term(name).parse_env(raw)
+            except ValueError as exc:
+                raise InvalidInput(f"--{name.replace('_', '-')} {exc}", field=name) from None
+    return values
+
+
 async def session_open(tool: Tool, a: argparse.Namespace) -> None:
-    session, created = await tool.sessions.open(
-        a.order, _number(a.courier), _number(a.client), region=a.region, ttl_seconds=a.ttl, idle_timeout_seconds=a.idle,
-        grace_seconds=a.grace, record=True if a.record else None, mode=a.mode, order_code=a.order_code,
-    )
+    request = parse(OpenSession, {
+        "order_id": a.order, "courier_number": _number(a.courier), "client_number": _number(a.client),
+        "region": a.region, "ttl_seconds": a.ttl, "idle_timeout_seconds": a.idle, "grace_seconds": a.grace,
+        "mode": a.mode, "order_code": a.order_code, **_term_options(a),
+    })
+    session, created = await tool.sessions.open(request)
     if not tool.as_json:
         print("opened" if created else "already open")
     tool.session(session)
@@ -221,7 +240,7 @@ async def session_close(tool: Tool, a: argparse.Namespace) -> None:
 
 async def order_calls(tool: Tool, a: argparse.Namespace) -> None:
     if not await tool.sessions.find(order_id=a.order, status=None, after=None, limit=1):
-        raise NotFound(f"no session for order {a.order}", code="session_not_found")
+        raise SessionNotFound(f"no session for order {a.order}")
     calls = await tool.sessions.store.order_calls(a.order, None, 100_000)
     tool.out(calls, calls, ["started_at", "caller_role", "callee_role", "outcome", "hangup_by", "hangup_cause",
                             "duration_seconds"])
@@ -313,7 +332,11 @@ def parser() -> argparse.ArgumentParser:
     op.add_argument("--ttl", type=int)
     op.add_argument("--idle", type=int)
     op.add_argument("--grace", type=int)
-    op.add_argument("--record", action="store_true", help="record its calls (after a consent announcement)")
+    for name in Terms.names():  # every session term, written as its MB_ setting is
+        term, flag = Terms.term(name), bool in get_args(Terms.model_fields[name].annotation)
+        op.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs="?" if flag else None,
+                        const="yes" if flag else None, metavar="yes|no" if flag else "VALUE",
+                        help=f"as {term.env}: {term.summary}")
     op.add_argument("--mode", choices=["direct", "order_code"])
     op.add_argument("--order-code", dest="order_code", help="the order's own code (mode order_code)")
     show = ses.add_parser("show", help="a session, its participants and its history")

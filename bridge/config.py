@@ -1,112 +1,172 @@
-"""Settings of the bridge process, read from the environment (see README, "Settings")."""
+"""Settings of the bridge process, read from the environment (see README, "Settings").
+
+Every MB_ setting is typed and bounded here. A bad value stops the process at start: the
+error names every setting that is wrong at once (the bridge exits with status 2), so an
+operator fixes them in one go instead of one per restart.
+"""
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from bridge.envtext import whole
+from bridge.languages import LANGUAGES
+from bridge.limits import MAX_SECONDS, ORDER_CODE_LENGTHS
+from bridge.phone import InvalidNumber, normalize
+from bridge.terms import Terms
+
+DAY = 24 * 3600
+# Characters that would change the meaning of a value rendered into Asterisk's configuration
+# (";" starts a comment there; a line break starts a new line) or cannot be one at all.
+_ASTERISK_UNSAFE = re.compile(r"[;\x00-\x1f\x7f]")
+_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class ConfigError(Exception):
-    pass
+    """Settings that are wrong: one line each."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
 
 
-def _required(name: str) -> str:
-    value = os.environ.get(name)
-    if not value:
-        raise ConfigError(f"{name} is not set")
-    return value
+# --- the value parsers: text -> value, or ValueError saying what is wrong ----------------
 
 
-def _int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a whole number") from None
-    if value < 0:
-        raise ConfigError(f"{name} must not be negative")
-    return value
+def text(*, required: bool = False, pattern: re.Pattern[str] | None = None, min_length: int = 0,
+         what: str = "") -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if not raw:
+            if required:
+                raise ValueError("is not set")
+            return raw
+        if len(raw) < min_length:
+            raise ValueError(f"must be at least {min_length} characters")
+        if pattern is not None and not pattern.match(raw):
+            raise ValueError(f"must be {what or 'of the form ' + pattern.pattern}")
+        return raw
+
+    return parse
 
 
-def _webhook() -> dict[str, str]:
-    url = os.environ.get("MB_WEBHOOK_URL", "")
-    if not url:
-        return {}
-    if not url.startswith(("http://", "https://")):
-        raise ConfigError("MB_WEBHOOK_URL must be an http:// or https:// URL")
-    secret = os.environ.get("MB_WEBHOOK_SECRET", "")
-    if len(secret) < 16:
-        raise ConfigError("MB_WEBHOOK_SECRET (at least 16 characters) signs the webhooks of MB_WEBHOOK_URL")
-    return {"webhook_url": url, "webhook_secret": secret}
+def seconds(low: float, high: float) -> Callable[[str], float]:
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise ValueError("must be a number of seconds") from None
+        if not math.isfinite(value) or not low <= value <= high:
+            raise ValueError(f"must be a number of seconds from {low:g} to {high:g}")
+        return value
+
+    return parse
 
 
-def _quiet_hours() -> str:
-    from bridge.abuse import parse_quiet_setting  # the same rules as the API's
-    from bridge.errors import InvalidInput
+def one_of(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if raw not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return raw
 
-    text = os.environ.get("MB_QUIET_HOURS", "")
-    try:
-        parse_quiet_setting(text)
-    except InvalidInput as exc:
-        raise ConfigError(str(exc)) from None
-    return text
+    return parse
 
 
-def _language() -> str:
-    language = os.environ.get("MB_DEFAULT_LANGUAGE", "en")
-    if language not in ("en", "ru"):
-        raise ConfigError("MB_DEFAULT_LANGUAGE must be en or ru")
-    return language
+def secret(min_length: int, *, required: bool = True) -> Callable[[str], str]:
+    """A secret that is also rendered into Asterisk's configuration or a URL: long enough,
+    and nothing in it that those would cut or misread."""
+
+    def parse(raw: str) -> str:
+        if not raw:
+            if required:
+                raise ValueError("is not set")
+            return raw
+        if len(raw) < min_length:
+            raise ValueError(f"must be at least {min_length} characters")
+        if _ASTERISK_UNSAFE.search(raw) or raw != raw.strip():
+            raise ValueError("must not hold ';', control characters or surrounding spaces "
+                             "(Asterisk's configuration would cut it)")
+        return raw
+
+    return parse
 
 
-def _block_keys() -> str:
-    keys = os.environ.get("MB_BLOCK_KEYS", "*9")
-    if not 1 <= len(keys) <= 8 or any(k not in "0123456789*#" for k in keys):
-        raise ConfigError("MB_BLOCK_KEYS must be 1 to 8 keypad keys (0-9, *, #)")
-    return keys
+def url(*schemes: str, required: bool = True) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        if not raw:
+            if required:
+                raise ValueError("is not set")
+            return raw
+        if not raw.startswith(tuple(f"{s}://" for s in schemes)) or any(c.isspace() for c in raw):
+            raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        return raw
+
+    return parse
 
 
-def _yes_no(name: str, default: str) -> bool:
-    value = os.environ.get(name, default).strip().lower()
-    if value not in ("yes", "no"):
-        raise ConfigError(f"{name} must be yes or no")
-    return value == "yes"
+def keypad(raw: str) -> str:
+    if not 1 <= len(raw) <= 8 or any(k not in "0123456789*#" for k in raw):
+        raise ValueError("must be 1 to 8 keypad keys (0-9, *, #)")
+    return raw
 
 
-def _recording_token(api_token: str) -> str:
-    """MB_RECORDING_TOKEN: the only key to recordings (empty: nobody reaches them)."""
-    token = os.environ.get("MB_RECORDING_TOKEN", "")
-    if token and len(token) < 16:
-        raise ConfigError("MB_RECORDING_TOKEN must be at least 16 characters")
-    if token and token == api_token:
-        raise ConfigError("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
-    return token
+@dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str
+    parse: Callable[[str], Any]
+    service: bool = False  # needed only by the bridge process (not by the admin tool)
 
 
-def _bounded(name: str, default: int, low: int, high: int) -> int:
-    value = _int(name, default)
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be from {low} to {high}")
-    return value
-
-
-def _number_key() -> str:
-    """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
-    path = os.environ.get("MB_NUMBER_KEY_FILE")
-    if path:
-        with open(path, encoding="utf-8") as f:
-            return f.read().strip()
-    return _required("MB_NUMBER_KEY")
+# field of Settings -> its MB_ setting. (The session terms' defaults are read by bridge.terms.)
+SETTINGS: dict[str, Setting] = {
+    "database_url": Setting("MB_DATABASE_URL", "", url("postgresql", "postgres")),
+    "ari_url": Setting("MB_ARI_URL", "", url("http", "https"), service=True),
+    "ari_user": Setting("MB_ARI_USER", "", text(required=True, pattern=_NAME, what="1 to 64 letters, digits, - or _"),
+                        service=True),
+    "ari_password": Setting("MB_ARI_PASSWORD", "", secret(8), service=True),
+    "ari_app": Setting("MB_ARI_APP", "maskbridge", text(required=True, pattern=_NAME,
+                                                        what="1 to 64 letters, digits, - or _")),
+    "api_bind": Setting("MB_API_BIND", "127.0.0.1", text(required=True)),
+    "api_port": Setting("MB_API_PORT", "8080", whole(1, 65535)),
+    "api_token": Setting("MB_API_TOKEN", "", secret(16), service=True),
+    "default_region": Setting("MB_DEFAULT_REGION", "RU", text(required=True, pattern=re.compile(r"^[A-Z]{2}$"),
+                                                              what="a two-letter region code like RU")),
+    "trunk_endpoint": Setting("MB_TRUNK_ENDPOINT", "trunk", text(required=True, pattern=_NAME,
+                                                                 what="a PJSIP endpoint name")),
+    "ring_timeout": Setting("MB_RING_TIMEOUT", "30", seconds(1, 600)),
+    "log_level": Setting("MB_LOG_LEVEL", "info", one_of(LOG_LEVELS)),
+    "session_ttl": Setting("MB_SESSION_TTL", "86400", whole(1, MAX_SECONDS)),
+    "grace_period": Setting("MB_GRACE_PERIOD", "0", whole(0, MAX_SECONDS)),
+    "pair_cooloff": Setting("MB_PAIR_COOLOFF", "86400", whole(0, 365 * DAY)),
+    "number_cooling": Setting("MB_NUMBER_COOLING", "604800", whole(0, 365 * DAY)),
+    "retention_days": Setting("MB_RETENTION_DAYS", "30", whole(1, 3650)),
+    "support_number": Setting("MB_SUPPORT_NUMBER", "", text()),
+    "sweep_interval": Setting("MB_SWEEP_INTERVAL", "30", seconds(1, 3600)),
+    "duration_warning": Setting("MB_CALL_WARNING", "30", seconds(1, 3600)),
+    "block_keys": Setting("MB_BLOCK_KEYS", "*9", keypad),
+    "default_language": Setting("MB_DEFAULT_LANGUAGE", "en", one_of(LANGUAGES)),
+    "webhook_url": Setting("MB_WEBHOOK_URL", "", url("http", "https", required=False)),
+    "webhook_secret": Setting("MB_WEBHOOK_SECRET", "", secret(16, required=False)),
+    "recording_token": Setting("MB_RECORDING_TOKEN", "", secret(16, required=False)),
+    "recording_retention_days": Setting("MB_RECORDING_RETENTION_DAYS", "30", whole(1, 3650)),
+    "order_code_length": Setting("MB_ORDER_CODE_LENGTH", "6", whole(*ORDER_CODE_LENGTHS)),
+    "order_code_attempts": Setting("MB_ORDER_CODE_ATTEMPTS", "3", whole(1, 20)),
+    "order_code_lockout": Setting("MB_ORDER_CODE_LOCKOUT", "900", whole(1, 31 * DAY)),
+}
 
 
 @dataclass(frozen=True)
 class Settings:
     database_url: str
-    ari_url: str
-    ari_user: str
-    ari_password: str
+    ari_url: str = ""
+    ari_user: str = ""
+    ari_password: str = ""
     ari_app: str = "maskbridge"
     api_bind: str = "127.0.0.1"
     api_port: int = 8080
@@ -121,65 +181,78 @@ class Settings:
     pair_cooloff: int = 86400
     number_cooling: int = 604800
     retention_days: int = 30
-    support_number: str | None = None
+    support_number: str = ""
     sweep_interval: float = 30.0
-    calls_per_hour: int = 0
-    calls_per_day: int = 0
-    quiet_hours: str = ""
-    max_call_duration: int = 0
     duration_warning: float = 30.0
     block_keys: str = "*9"
     default_language: str = "en"
     webhook_url: str = ""
     webhook_secret: str = ""
-    record_calls: bool = False
     recording_token: str = ""
     recording_retention_days: int = 30
     order_code_length: int = 6
     order_code_attempts: int = 3
     order_code_lockout: int = 900
+    terms: Terms = field(default_factory=lambda: Terms.defaults_from_env({}))  # the session terms' defaults
 
     @classmethod
-    def from_env(cls, services: bool = True) -> "Settings":
+    def from_env(cls, services: bool = True, environ: Mapping[str, str] | None = None) -> "Settings":
         """The bridge's settings. services=False: only what the admin tool needs (the
-        database, the number key and the session policy), not ARI or the API token."""
-        need = _required if services else (lambda name: os.environ.get(name, ""))
-        token = need("MB_API_TOKEN")
-        if services and len(token) < 16:
-            raise ConfigError("MB_API_TOKEN must be at least 16 characters")
-        return cls(
-            database_url=_required("MB_DATABASE_URL"),
-            ari_url=need("MB_ARI_URL"),
-            ari_user=need("MB_ARI_USER"),
-            ari_password=need("MB_ARI_PASSWORD"),
-            ari_app=os.environ.get("MB_ARI_APP", "maskbridge"),
-            api_bind=os.environ.get("MB_API_BIND", "127.0.0.1"),
-            api_port=int(os.environ.get("MB_API_PORT", "8080")),
-            api_token=token,
-            default_region=os.environ.get("MB_DEFAULT_REGION", "RU"),
-            trunk_endpoint=os.environ.get("MB_TRUNK_ENDPOINT", "trunk"),
-            ring_timeout=float(os.environ.get("MB_RING_TIMEOUT", "30")),
-            log_level=os.environ.get("MB_LOG_LEVEL", "info"),
-            number_key=_number_key(),
-            session_ttl=_int("MB_SESSION_TTL", 86400),
-            grace_period=_int("MB_GRACE_PERIOD", 0),
-            pair_cooloff=_int("MB_PAIR_COOLOFF", 86400),
-            number_cooling=_int("MB_NUMBER_COOLING", 604800),
-            retention_days=_int("MB_RETENTION_DAYS", 30),
-            support_number=os.environ.get("MB_SUPPORT_NUMBER") or None,
-            sweep_interval=float(os.environ.get("MB_SWEEP_INTERVAL", "30")),
-            calls_per_hour=_int("MB_CALLS_PER_HOUR", 0),
-            calls_per_day=_int("MB_CALLS_PER_DAY", 0),
-            quiet_hours=_quiet_hours(),
-            max_call_duration=_int("MB_MAX_CALL_DURATION", 0),
-            duration_warning=float(_int("MB_CALL_WARNING", 30)),
-            block_keys=_block_keys(),
-            default_language=_language(),
-            record_calls=_yes_no("MB_RECORD_CALLS", "no"),
-            recording_token=_recording_token(token),
-            recording_retention_days=_bounded("MB_RECORDING_RETENTION_DAYS", 30, 1, 3650),
-            order_code_length=_bounded("MB_ORDER_CODE_LENGTH", 6, 4, 12),
-            order_code_attempts=_bounded("MB_ORDER_CODE_ATTEMPTS", 3, 1, 20),
-            order_code_lockout=_bounded("MB_ORDER_CODE_LOCKOUT", 900, 1, 31 * 24 * 3600),
-            **_webhook(),
-        )
+        database, the number key and the session policy), not ARI or the API token.
+        Raises ConfigError listing every setting that is wrong."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        problems: list[str] = []
+        for name, setting in SETTINGS.items():
+            raw = env.get(setting.env, "") or setting.default
+            if setting.service and not services and not env.get(setting.env):
+                continue
+            try:
+                values[name] = setting.parse(raw)
+            except ValueError as exc:
+                problems.append(f"{setting.env} {exc}")
+        try:
+            values["number_key"] = _number_key(env)
+        except ValueError as exc:
+            problems.append(str(exc))
+        try:
+            values["terms"] = Terms.defaults_from_env(env)
+        except ValueError as exc:
+            problems += str(exc).split("; ")
+        problems += _together(values, env)
+        if problems:
+            raise ConfigError(problems)
+        return cls(**values)
+
+
+def _number_key(env: Mapping[str, str]) -> str:
+    """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
+    path = env.get("MB_NUMBER_KEY_FILE")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                key = f.read().strip()
+        except OSError as exc:
+            raise ValueError(f"MB_NUMBER_KEY_FILE cannot be read: {exc.strerror}") from None
+    else:
+        key = env.get("MB_NUMBER_KEY", "")
+    if len(key) < 32:
+        raise ValueError("MB_NUMBER_KEY must be at least 32 characters" if key else "MB_NUMBER_KEY is not set")
+    return key
+
+
+def _together(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
+    """Rules between settings."""
+    problems: list[str] = []
+    if values.get("webhook_url") and len(values.get("webhook_secret", "")) < 16:
+        problems.append("MB_WEBHOOK_SECRET (at least 16 characters) signs the webhooks of MB_WEBHOOK_URL")
+    token = values.get("recording_token")
+    if token and token == values.get("api_token"):
+        problems.append("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
+    support = values.get("support_number")
+    if support:
+        try:
+            values["support_number"] = normalize(support, values.get("default_region", "RU"))
+        except InvalidNumber:
+            problems.append("MB_SUPPORT_NUMBER is not a valid phone number")
+    return problems

@@ -1,5 +1,8 @@
-"""Errors the order system or an engineer can cause. Each has a stable machine-readable
-`code`, an HTTP status, a human message that never holds a real number, and details."""
+"""Errors the order system or an engineer can cause: one class per stable `code`.
+
+Each has its HTTP status, a default message (for people; it never holds a real number) and
+optional details. The HTTP API answers them as {"error": {"code", "message", "details"?}};
+its OpenAPI document lists them from here (`CODES`)."""
 
 from __future__ import annotations
 
@@ -9,53 +12,170 @@ from typing import Any
 class ServiceError(Exception):
     code = "bad_request"
     http_status = 400
+    message = "the request cannot be served"
 
-    def __init__(self, message: str, *, code: str | None = None, **details: Any) -> None:
-        super().__init__(message)
-        if code is not None:
-            self.code = code
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        super().__init__(message or self.message)
         self.details = details
 
 
-class InvalidInput(ServiceError):
-    code = "invalid_input"
-    http_status = 422
+# --- 400 / 413 / 422: the request ---------------------------------------------------------
 
 
-class NotFound(ServiceError):
-    code = "not_found"
-    http_status = 404
-
-
-class Conflict(ServiceError):
-    code = "conflict"
-    http_status = 409
+class InvalidJson(ServiceError):
+    code = "invalid_json"
+    message = "the body must be a JSON object"
 
 
 class TooLarge(ServiceError):
     code = "body_too_large"
     http_status = 413
+    message = "the body is too large"
 
 
-class PoolExhausted(Conflict):
-    code = "pool_exhausted"
+class InvalidInput(ServiceError):
+    code = "invalid_input"
+    http_status = 422
+    message = "a field or parameter is missing, unknown or out of range"
+
+
+class UnknownRegion(InvalidInput):
+    code = "unknown_region"
+    message = "no pool number is in this region"
+
+
+class InvalidImport(InvalidInput):
+    code = "invalid_import"
+    message = "the import has bad rows; nothing was imported"
+
+
+# --- 401 / 403: who asks ---------------------------------------------------------------------
 
 
 class Unauthorized(ServiceError):
     code = "unauthorized"
     http_status = 401
+    message = "missing or wrong bearer token"
 
 
 class Forbidden(ServiceError):
     code = "forbidden"
     http_status = 403
+    message = "this token does not reach this resource"
+
+
+class RecordingTokenRequired(Forbidden):
+    code = "recording_token_required"
+    message = "the API token does not reach recordings: they take the recording token"
+
+
+# --- 404 / 410: what is asked for ------------------------------------------------------------
+
+
+class NotFound(ServiceError):
+    code = "not_found"
+    http_status = 404
+    message = "no such resource"
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+    message = "no such session"
+
+
+class PoolNumberNotFound(NotFound):
+    code = "pool_number_not_found"
+    message = "no such pool number"
+
+
+class BlockNotFound(NotFound):
+    code = "block_not_found"
+    message = "no such blocklist entry"
+
+
+class RecordingNotFound(NotFound):
+    code = "recording_not_found"
+    message = "this call has no recording"
 
 
 class Gone(ServiceError):
     code = "gone"
     http_status = 410
+    message = "it existed, and is gone"
+
+
+class RecordingDeleted(Gone):
+    code = "recording_deleted"
+    message = "the recording was deleted under the retention policy"
+
+
+# --- 409: the state of things ---------------------------------------------------------------
+
+
+class Conflict(ServiceError):
+    code = "conflict"
+    http_status = 409
+    message = "the request conflicts with the current state"
+
+
+class OrderHasOpenSession(Conflict):
+    code = "order_has_open_session"
+    message = "the order has an open session with other terms; close it first"
+
+
+class SessionEnded(Conflict):
+    code = "session_ended"
+    message = "only an open session can be changed"
+
+
+class PoolExhausted(Conflict):
+    code = "pool_exhausted"
+    message = "no pool number is free for this pair"
+
+
+class OrderCodeTaken(Conflict):
+    code = "order_code_taken"
+    message = "every order-code number has a live session with this order_code; give another"
+
+
+class PoolNumberInUse(Conflict):
+    code = "pool_number_in_use"
+    message = "the pool number is held; its mode cannot change"
+
+
+class Contention(Conflict):
+    code = "contention"
+    message = "too many concurrent requests raced for the same numbers; try again"
+
+
+class RecordingInProgress(Conflict):
+    code = "recording_in_progress"
+    message = "the call is still being recorded"
+
+
+# --- 5xx ---------------------------------------------------------------------------------------
+
+
+class InternalError(ServiceError):
+    code = "internal_error"
+    http_status = 500
+    message = "the bridge failed to answer; the failure is logged"
 
 
 class Unavailable(ServiceError):
     code = "unavailable"
     http_status = 503
+    message = "a service the bridge needs is unavailable"
+
+
+class AsteriskUnavailable(Unavailable):
+    code = "asterisk_unavailable"
+    message = "the recording's audio could not be fetched from Asterisk"
+
+
+def _classes(base: type[ServiceError]) -> list[type[ServiceError]]:
+    return [base] + [c for sub in base.__subclasses__() for c in _classes(sub)]
+
+
+# Every error the API can answer, by code.
+CODES: dict[str, type[ServiceError]] = {c.code: c for c in _classes(ServiceError)}

@@ -8,21 +8,19 @@ from typing import Any
 
 import structlog
 
-from bridge.errors import Conflict, InvalidInput, NotFound
+from bridge.errors import InvalidImport, InvalidInput, PoolNumberInUse, PoolNumberNotFound
+from bridge.languages import LANGUAGES
+from bridge.limits import MAX_IMPORT, MAX_PHONE_NUMBER_LENGTH, MODES, POOL_STATES, REGION_FORM
 from bridge.phone import InvalidNumber, normalize
-from bridge.sessions import REGION_FORM, Policy
+from bridge.sessions import Policy
 from bridge.store import Store
 from bridge.store.pools import NumbersInUse, PoolNumberRow
 
 log = structlog.get_logger(__name__)
 
-MAX_IMPORT = 100_000
-STATES = ("active", "cooling", "retired")
 
 
 Entry = tuple[str, object, object, object, object]  # (where, for errors; number; region; language; mode)
-LANGUAGES = ("en", "ru")
-MODES = ("direct", "order_code")  # routed by (caller, number) pair | shared, by order code
 
 
 def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
@@ -48,7 +46,7 @@ class Pools:
         self.policy = policy or Policy()
 
     def _canonical(self, raw: object, where: str) -> str:
-        if not isinstance(raw, str) or len(raw) > 32:
+        if not isinstance(raw, str) or len(raw) > MAX_PHONE_NUMBER_LENGTH:
             raise InvalidInput(f"{where}: number must be a string holding a phone number", field="number")
         try:
             return normalize(raw, self.policy.default_region)
@@ -72,7 +70,7 @@ class Pools:
         try:
             rows = parse_csv(text, default_region)
         except csv.Error as exc:
-            raise InvalidInput(f"nothing was imported: the CSV is malformed ({exc})", code="invalid_import") from None
+            raise InvalidImport(f"nothing was imported: the CSV is malformed ({exc})") from None
         return await self._import(rows, [])
 
     async def _import(self, entries: list[Entry], problems: list[str]) -> dict[str, int]:
@@ -103,15 +101,14 @@ class Pools:
             rows[number] = (region, language, mode)  # type: ignore[assignment]
         if problems:
             shown = problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-            raise InvalidInput("nothing was imported: " + "; ".join(shown), code="invalid_import",
-                               problems=len(problems))
+            raise InvalidImport("nothing was imported: " + "; ".join(shown), problems=len(problems))
         try:
             counts = await self.repo.import_numbers([(n, r, lang, m) for n, (r, lang, m) in rows.items()])
         except NumbersInUse as exc:
             shown_numbers = exc.numbers[:20]
-            raise InvalidInput(
+            raise InvalidImport(
                 "nothing was imported: the mode of a number in use (live sessions or pairs cooling off) cannot "
-                f"change: {', '.join(shown_numbers)}", code="invalid_import", problems=len(exc.numbers),
+                f"change: {', '.join(shown_numbers)}", problems=len(exc.numbers),
             ) from None
         log.info("pool.imported", **counts)
         return counts
@@ -120,18 +117,19 @@ class Pools:
         canonical = self._canonical(number, "pool number")
         row = await self.repo.get(canonical)
         if row is None:
-            raise NotFound("no such pool number", code="pool_number_not_found")
+            raise PoolNumberNotFound()
         return row
 
     async def find(self, *, region: str | None, state: str | None, after: str | None, limit: int) -> list[PoolNumberRow]:
-        if state is not None and state not in STATES:
-            raise InvalidInput("state must be active, cooling or retired", field="state")
+        if state is not None and state not in POOL_STATES:
+            raise InvalidInput(f"state must be one of {', '.join(POOL_STATES)}", field="state")
         return await self.repo.page(region=region, state=state, after=after, limit=limit)
 
     async def retire(self, number: object) -> PoolNumberRow:
         row = await self.get(number)
         retired = await self.repo.retire(row.number, self.policy.number_cooling)
-        assert retired is not None
+        if retired is None:  # deleted between the two statements: nobody deletes pool numbers
+            raise PoolNumberNotFound()
         log.info("pool.retired", pool_number=row.number, state=retired.state)
         return retired
 
@@ -144,12 +142,13 @@ class Pools:
         try:
             changed = await self.repo.set_mode(row.number, mode)
         except NumbersInUse:
-            raise Conflict(
+            raise PoolNumberInUse(
                 "the number is in use (live sessions, or pairs cooling off): its mode can change once nobody "
-                "holds it", code="pool_number_in_use", live_sessions=row.live_sessions,
+                "holds it", live_sessions=row.live_sessions,
                 cooling_pairs=row.cooling_pairs,
             ) from None
-        assert changed is not None
+        if changed is None:
+            raise PoolNumberNotFound()
         if changed.mode != row.mode:
             log.info("pool.mode_changed", pool_number=row.number, mode=mode)
         return changed

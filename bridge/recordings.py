@@ -17,7 +17,9 @@ import structlog
 
 from bridge.ari import AriClient, AriError, AriNotFound
 from bridge.ari.client import StoredFile
-from bridge.errors import Conflict, Forbidden, Gone, NotFound, Unauthorized, Unavailable
+from bridge.errors import (
+    AsteriskUnavailable, RecordingDeleted, RecordingInProgress, RecordingNotFound, RecordingTokenRequired, Unauthorized,
+)
 from bridge.store import Store
 from bridge.store.recordings import RecordingRow
 
@@ -68,8 +70,7 @@ class Recordings:
                               result="denied", status=status)
         log.warning("recording.access_denied", actor=actor, action=action, call_id=str(call_id))
         if status == 403:
-            raise Forbidden("the API token does not reach recordings: they take the recording token",
-                            code="recording_token_required")
+            raise RecordingTokenRequired()
         raise Unauthorized("missing or wrong recording token")
 
     async def _recording(self, actor: str, remote: str | None, action: str, call_id: uuid.UUID | None) -> RecordingRow:
@@ -78,12 +79,11 @@ class Recordings:
         if row is None:
             await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action=action,
                                   result="not_found", status=404)
-            raise NotFound("this call has no recording", code="recording_not_found")
+            raise RecordingNotFound()
         if row.deleted_at is not None:
             await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote, action=action,
                                   result="gone", status=410)
-            raise Gone("the recording was deleted under the retention policy", code="recording_deleted",
-                       deleted_at=row.deleted_at.isoformat())
+            raise RecordingDeleted(deleted_at=row.deleted_at.isoformat())
         return row
 
     # --- access ---------------------------------------------------------------------------
@@ -107,11 +107,10 @@ class Recordings:
 
         if row.ended_at is None:
             await fail("failed", 409)
-            raise Conflict("the call is still being recorded", code="recording_in_progress")
+            raise RecordingInProgress()
         if self.ari is None:
             await fail("failed", 503)
-            raise Unavailable("recordings are reached through Asterisk, which is not configured",
-                              code="asterisk_unavailable")
+            raise AsteriskUnavailable("recordings are reached through Asterisk, which is not configured")
         try:
             async with self.ari.stored_recording_file(row.name) as stored:
                 await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote,
@@ -120,11 +119,10 @@ class Recordings:
                 yield row, stored
         except AriNotFound:
             await fail("not_found", 404)
-            raise NotFound("the recording's audio is missing from Asterisk", code="recording_not_found") from None
+            raise RecordingNotFound("the recording's audio is missing from Asterisk") from None
         except AriError as exc:
             await fail("failed", 503)
-            raise Unavailable(f"Asterisk did not hand out the recording: {exc.status or 'no answer'}",
-                              code="asterisk_unavailable") from None
+            raise AsteriskUnavailable(f"Asterisk did not hand out the recording: {exc.status or 'no answer'}") from None
 
     async def access_log(
         self, actor: str, remote: str | None, call_id: uuid.UUID | None, after: int | None, limit: int,
@@ -147,8 +145,7 @@ class Recordings:
         """Delete the audio of recordings whose call ended more than N days ago (default
         MB_RECORDING_RETENTION_DAYS) through ARI, and mark them deleted."""
         if self.ari is None:
-            raise Unavailable("deleting recordings needs ARI (MB_ARI_URL, MB_ARI_USER, MB_ARI_PASSWORD)",
-                              code="asterisk_unavailable")
+            raise AsteriskUnavailable("deleting recordings needs ARI (MB_ARI_URL, MB_ARI_USER, MB_ARI_PASSWORD)")
         days = self.retention_days if older_than_days is None else older_than_days
         deleted = failed = 0
         for row in await self.repo.due_for_deletion(days):

@@ -4,33 +4,33 @@ routing decision for a call from (real number, pool number)."""
 
 from __future__ import annotations
 
-import re
 import secrets
 import uuid
 import dataclasses
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import structlog
 
-from bridge.abuse import QuietHours, cap, quiet_hours
+from bridge.abuse import QuietHours
 from bridge.crypto import NumberVault
-from bridge.errors import Conflict, InvalidInput, NotFound, PoolExhausted
-from bridge.phone import InvalidNumber, normalize
-from bridge.store import Store
-from bridge.store.sessions import (
-    CodeTaken, OrderRace, PairTaken, RouteRow, Sealed, SessionGone, SessionRow, SessionTerms,
+from bridge.errors import (
+    Conflict, Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
+    SessionEnded, SessionNotFound, UnknownRegion,
 )
+from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, REGION_FORM, SESSION_STATUSES
+from bridge.phone import InvalidNumber, normalize
+from bridge.requests import OpenSession
+from bridge.store import Store
+from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
+from bridge.store.sessions import RouteRow, Sealed, SessionRow, SessionTerms
+from bridge.terms import Terms
 
 log = structlog.get_logger(__name__)
 
-MAX_SECONDS = 31 * 24 * 3600
-REGION_FORM = re.compile(r"^[A-Z]{2}(-[A-Z0-9]{1,3})?$")
-ORDER_ID = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 _ATTEMPTS = 20
-MODES = ("direct", "order_code")
 
 
 @dataclass(frozen=True)
@@ -44,15 +44,12 @@ class Policy:
     number_cooling: int = 7 * 24 * 3600
     retention_days: int = 30
     support_number: str | None = None
-    calls_per_hour: int = 0  # 0: no cap
-    calls_per_day: int = 0
-    quiet_hours: QuietHours | None = None
-    max_call_seconds: int = 0  # 0: no maximum
     default_language: str = "en"  # of announcements, for pool numbers without one
-    record_calls: bool = False  # sessions opened without "record" have their calls recorded
     order_code_length: int = 6  # digits of an order code
     order_code_attempts: int = 3  # wrong codes per call, and within the lockout window, before a lockout
     order_code_lockout: int = 900  # seconds the wrong codes of a caller on a number count
+    # The bridge-wide default of every session term (bridge.terms; their MB_ settings).
+    terms: Terms = field(default_factory=lambda: Terms.defaults_from_env({}))
 
 
 @dataclass(frozen=True)
@@ -77,15 +74,14 @@ class Route:
     callee_number: str | None = None
     shown_number: str | None = None
     pool_known: bool = True  # the dialed number is one of our pool numbers
-    max_call_seconds: int | None = None  # after this long connected, the bridge ends the call
     language: str = "en"  # of what the caller is told
-    record: bool = False  # both hear that the call is recorded, then the bridge records it
+    terms: Terms = Terms()  # the session's effective terms (every one resolved; bridge.terms)
 
 
 def phone_number(field: str, raw: object, region: str) -> str:
     if not isinstance(raw, str):
         raise InvalidInput(f"{field} must be a string holding a phone number", field=field)
-    if len(raw) > 32:
+    if len(raw) > MAX_PHONE_NUMBER_LENGTH:
         raise InvalidInput(f"{field} is too long to be a phone number", field=field)
     try:
         return normalize(raw, region)
@@ -98,26 +94,6 @@ def seconds(field: str, raw: object, *, minimum: int = 1, default: int | None = 
         return default
     if isinstance(raw, bool) or not isinstance(raw, int) or not minimum <= raw <= MAX_SECONDS:
         raise InvalidInput(f"{field} must be a whole number of seconds from {minimum} to {MAX_SECONDS}", field=field)
-    return raw
-
-
-def _quiet_json(value: QuietHours | bool | None) -> Any:
-    return value.to_json() if isinstance(value, QuietHours) else value
-
-
-def _flag(field: str, raw: object, default: bool) -> bool:
-    if raw is None:
-        return default
-    if not isinstance(raw, bool):
-        raise InvalidInput(f"{field} must be true or false", field=field)
-    return raw
-
-
-def region_code(raw: object) -> str | None:
-    if raw is None:
-        return None
-    if not isinstance(raw, str) or not REGION_FORM.match(raw):
-        raise InvalidInput("region must look like RU or RU-MOW (ISO 3166)", field="region")
     return raw
 
 
@@ -137,50 +113,28 @@ class Sessions:
 
     # --- open ------------------------------------------------------------------------
 
-    async def open(
-        self,
-        order_id: object,
-        courier_number: object,
-        client_number: object,
-        *,
-        region: object = None,
-        ttl_seconds: object = None,
-        idle_timeout_seconds: object = None,
-        grace_seconds: object = None,
-        calls_per_hour: object = None,
-        calls_per_day: object = None,
-        quiet: object = None,
-        max_call_seconds: object = None,
-        record: object = None,
-        mode: object = None,
-        order_code: object = None,
-    ) -> tuple[SessionRow, bool]:
+    async def open(self, request: OpenSession) -> tuple[SessionRow, bool]:
         """Open the order's session, or return the one already open. Returns (session, created).
         Everything is checked before anything is written. mode "order_code": the session gets
         a shared order-code number and an order code (`order_code`, or a random one)."""
-        if not isinstance(order_id, str) or not ORDER_ID.match(order_id):
-            raise InvalidInput("order_id must be 1 to 200 printable characters without spaces", field="order_id")
-        courier = phone_number("courier_number", courier_number, self.policy.default_region)
-        client = phone_number("client_number", client_number, self.policy.default_region)
+        order_id = request.order_id
+        courier = phone_number("courier_number", request.courier_number, self.policy.default_region)
+        client = phone_number("client_number", request.client_number, self.policy.default_region)
         if courier == client:
             raise InvalidInput("courier_number and client_number are the same number", field="client_number")
-        by_code = self._mode(mode) == "order_code"
-        given_code = self._order_code(order_code, by_code)
+        by_code = (request.mode or "direct") == "order_code"
+        given_code = self._order_code(request.order_code, by_code)
         terms = SessionTerms(
-            region=region_code(region),
-            ttl_seconds=seconds("ttl_seconds", ttl_seconds, default=self.policy.session_ttl) or 0,
-            idle_timeout_seconds=seconds("idle_timeout_seconds", idle_timeout_seconds),
-            grace_seconds=seconds("grace_seconds", grace_seconds, minimum=0, default=self.policy.grace_period) or 0,
-            calls_per_hour=cap("calls_per_hour", calls_per_hour),
-            calls_per_day=cap("calls_per_day", calls_per_day),
-            quiet_hours=_quiet_json(quiet_hours(quiet)),
-            max_call_seconds=seconds("max_call_seconds", max_call_seconds),
-            record=_flag("record", record, self.policy.record_calls),
+            region=request.region,
+            ttl_seconds=request.ttl_seconds or self.policy.session_ttl,
+            idle_timeout_seconds=request.idle_timeout_seconds,
+            grace_seconds=self.policy.grace_period if request.grace_seconds is None else request.grace_seconds,
+            terms=request.terms().at_open(self.policy.terms),
         )
         if terms.grace_seconds and not self.policy.support_number:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
         if terms.region is not None and not await self.store.pools.known_region(terms.region):
-            raise InvalidInput(f"no pool number is in region {terms.region}", code="unknown_region", field="region")
+            raise UnknownRegion(f"no pool number is in region {terms.region}", field="region")
         sealed_courier, sealed_client = self._seal(courier), self._seal(client)
         pair = [sealed_courier.idx, sealed_client.idx]
         taken: set[str] = set()  # order-code numbers where the given code is in use
@@ -205,6 +159,9 @@ class Sessions:
                 session_id = await self.repo.insert(order_id, candidates[0], sealed_courier, sealed_client, terms)
             except (PairTaken, OrderRace):
                 continue  # a racing open took it: look again
+            except Contended:
+                log.info("session.open_contended", order_id_length=len(order_id))
+                continue  # the database gave up on the transaction: nothing was written
             except CodeTaken:
                 if given_code:
                     taken.add(candidates[0])  # the order system's code: try another number
@@ -212,15 +169,7 @@ class Sessions:
             session = await self.get(session_id)
             log.info("session.opened", session_id=str(session_id), pool_number=session.pool_number, mode=session.mode)
             return session, True
-        raise Conflict("too many opens raced for the same numbers; try again", code="contention")
-
-    @staticmethod
-    def _mode(raw: object) -> str:
-        if raw is None:
-            return "direct"
-        if not isinstance(raw, str) or raw not in MODES:
-            raise InvalidInput(f"mode must be one of {', '.join(MODES)}", field="mode")
-        return raw
+        raise Contention("too many opens raced for the same numbers; try again")
 
     def _order_code(self, raw: object, by_code: bool) -> str | None:
         """The order system's own code, checked: exactly MB_ORDER_CODE_LENGTH digits."""
@@ -239,17 +188,16 @@ class Sessions:
     @staticmethod
     def _no_order_code_number(given_code: str | None, taken: bool) -> Conflict:
         if taken:
-            return Conflict("every order-code number has a live session with this order_code; give another",
-                            code="order_code_taken", field="order_code")
+            return OrderCodeTaken(field="order_code")
         return PoolExhausted("no active pool number is in mode order_code", active_numbers=0)
 
     @staticmethod
     def _same_mode(session: SessionRow, by_code: bool, given_code: str | None) -> None:
         if (session.mode == "order_code") != by_code or (given_code and session.order_code != given_code):
-            raise Conflict(
+            raise OrderHasOpenSession(
                 f"order {session.order_id} has an open session in mode {session.mode}"
                 + (" with another order_code" if by_code and session.mode == "order_code" else "")
-                + "; close it first", code="order_has_open_session", session_id=str(session.id),
+                + "; close it first", session_id=str(session.id),
                 field="order_code" if by_code and session.mode == "order_code" else "mode",
             )
 
@@ -260,10 +208,10 @@ class Sessions:
         given = {"courier": courier, "client": client}
         for role, p in live.items():
             if p is None or self.reveal(p.number_enc) != given[role]:
-                raise Conflict(
+                raise OrderHasOpenSession(
                     f"order {session.order_id} has an open session with another {role}; "
                     "close it first, or reassign the courier",
-                    code="order_has_open_session", session_id=str(session.id), field=f"{role}_number",
+                    session_id=str(session.id), field=f"{role}_number",
                 )
 
     async def _exhausted(self, pair: list[bytes]) -> PoolExhausted:
@@ -291,14 +239,14 @@ class Sessions:
     async def get(self, session_id: uuid.UUID) -> SessionRow:
         session = await self.repo.get(session_id)
         if session is None:
-            raise NotFound("no such session", code="session_not_found")
+            raise SessionNotFound()
         return session
 
     async def find(
         self, *, order_id: str | None, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[SessionRow]:
-        if status is not None and status not in ("open", "grace", "closed"):
-            raise InvalidInput("status must be open, grace or closed", field="status")
+        if status is not None and status not in SESSION_STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(SESSION_STATUSES)}", field="status")
         return await self.repo.page(order_id=order_id, status=status, after=after, limit=limit)
 
     async def _live(self, session_id: uuid.UUID, change: str) -> SessionRow:
@@ -308,8 +256,7 @@ class Sessions:
         await self.repo.end_if_due(session_id, self.policy.pair_cooloff)
         session = await self.get(session_id)
         if session.status != "open":
-            raise Conflict(f"only an open session can be {change}: the session is {session.status}",
-                           code="session_ended")
+            raise SessionEnded(f"only an open session can be {change}: the session is {session.status}")
         return session
 
     async def events(self, session_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -327,7 +274,7 @@ class Sessions:
         try:
             await self.repo.extend(session_id, ttl, idle)
         except SessionGone as exc:
-            raise Conflict(f"only an open session can be extended: {exc}", code="session_ended") from None
+            raise SessionEnded(f"only an open session can be extended: {exc}") from None
         log.info("session.extended", session_id=str(session_id), ttl_seconds=ttl, idle_timeout_seconds=idle)
         return await self.get(session_id)
 
@@ -355,7 +302,8 @@ class Sessions:
         session = await self._live(session_id, "reassigned")
         client = session.live("client")
         current = session.live("courier")
-        assert client is not None and current is not None
+        if client is None or current is None:  # an open session has both; the data says otherwise
+            raise InternalError(f"open session {session_id} lacks a live participant")
         sealed = self._seal(courier)
         if self.reveal(client.number_enc) == courier:
             raise InvalidInput("the new courier's number is the client's number", field=field)
@@ -372,12 +320,15 @@ class Sessions:
                 changed = await self.repo.reassign_courier(session_id, sealed, candidates[0], self.policy.pair_cooloff)
             except PairTaken:
                 continue
+            except Contended:
+                log.info("session.reassign_contended", session_id=str(session_id))
+                continue
             except SessionGone as exc:
-                raise Conflict(f"only an open session can be reassigned: {exc}", code="session_ended") from None
+                raise SessionEnded(f"only an open session can be reassigned: {exc}") from None
             if changed:
                 log.info("session.courier_reassigned", session_id=str(session_id), pool_number=candidates[0])
             return await self.get(session_id), changed
-        raise Conflict("too many changes raced for the same numbers; try again", code="contention")
+        raise Contention("too many changes raced for the same numbers; try again")
 
     # --- routing ------------------------------------------------------------------------
 
@@ -425,6 +376,7 @@ class Sessions:
     async def _decide(self, row: RouteRow, look_again: Callable[[], Awaitable[Route]], second_look: bool) -> Route:
         """Where the call of the participant `row` goes (the session's state, blocks, caps)."""
         language = row.language or self.policy.default_language
+        terms = row.terms.effective(self.policy.terms)
         finished = Route("finished", session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
         if row.caller_blocked or row.other_blocked:
@@ -432,7 +384,7 @@ class Sessions:
                          caller_participant_id=row.participant_id, language=language)
         if row.caller_left:
             return finished
-        if (row.status == "open" and (row.expired or row.inactive)) or (row.status == "grace" and row.grace_over):
+        if row.due is not None:
             # Ended under the session's lock (unless a call or an extend got there first);
             # then decided again on what the database says now.
             await self.repo.end_if_due(row.session_id, self.policy.pair_cooloff)
@@ -442,36 +394,32 @@ class Sessions:
                 return Route("connect", session_id=row.session_id, caller_role="client",
                              caller_participant_id=row.participant_id, callee_role="support",
                              callee_number=self.policy.support_number, shown_number=row.pool_number,
-                             max_call_seconds=(row.max_call_seconds if row.max_call_seconds is not None
-                                               else self.policy.max_call_seconds) or None, language=language,
-                             record=row.record)
+                             language=language, terms=terms)
             return finished
         if row.status != "open" or row.other_enc is None:
             return finished
-        refused = self._abuse_control(row)
+        refused = self._abuse_control(row, terms)
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
         # (the call's row, written next, marks the session active: see Store.insert_call)
-        longest = row.max_call_seconds if row.max_call_seconds is not None else self.policy.max_call_seconds
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
-                     shown_number=row.other_pool_number, max_call_seconds=longest or None, language=language,
-                     record=row.record)
+                     shown_number=row.other_pool_number, language=language, terms=terms)
 
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
         """The client pressed the block keys: `participant_id` reaches no one on this session."""
         if await self.repo.block_participant(session_id, participant_id, by):
             log.info("session.blocked_by_client", session_id=str(session_id), participant_id=str(participant_id))
 
-    def _abuse_control(self, row: RouteRow) -> str | None:
-        """"call_limit" or "quiet_hours" when the session's controls refuse this call."""
-        per_hour = self.policy.calls_per_hour if row.calls_per_hour is None else row.calls_per_hour
-        per_day = self.policy.calls_per_day if row.calls_per_day is None else row.calls_per_day
+    @staticmethod
+    def _abuse_control(row: RouteRow, terms: Terms) -> str | None:
+        """"call_limit" or "quiet_hours" when the session's (effective) terms refuse this call."""
+        per_hour, per_day = terms.calls_per_hour, terms.calls_per_day
         if (per_hour and row.calls_last_hour >= per_hour) or (per_day and row.calls_last_day >= per_day):
             return "call_limit"
-        quiet = self.policy.quiet_hours if row.quiet_hours is None else quiet_hours(row.quiet_hours)
+        quiet = terms.quiet_hours
         if row.other_role == "client" and isinstance(quiet, QuietHours) and quiet.covers(datetime.now(timezone.utc)):
             return "quiet_hours"
         return None

@@ -24,11 +24,19 @@ from aiohttp.typedefs import Middleware
 
 from bridge.api.openapi import document
 from bridge.blocklist import Blocklist
-from bridge.errors import InvalidInput, NotFound, ServiceError, TooLarge
+from bridge.errors import (
+    BlockNotFound, InternalError, InvalidInput, InvalidJson, ServiceError, SessionNotFound, TooLarge,
+)
+from bridge.limits import (
+    DEFAULT_PAGE, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_AUDIT_CURSOR, MAX_PAGE, ORDER_ID, REGION_FORM,
+)
 from bridge.phone import mask
 from bridge.pools import Pools
 from bridge.recordings import Recordings, render_recording
-from bridge.sessions import ORDER_ID, REGION_FORM, Sessions
+from bridge.requests import (
+    AddParticipant, BlockNumber, CloseSession, ExtendSession, ImportPoolNumbers, OpenSession, UpdatePoolNumber, parse,
+)
+from bridge.sessions import Sessions
 from bridge.store.blocklist import BlockedRow
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
@@ -43,9 +51,6 @@ BLOCKLIST = web.AppKey("blocklist", Blocklist)
 RECORDINGS = web.AppKey("recordings", Recordings)
 HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 
-JSON_BODY_LIMIT = 64 * 1024
-IMPORT_BODY_LIMIT = 4 * 1024 * 1024
-DEFAULT_PAGE, MAX_PAGE = 50, 500
 PUBLIC_PATHS = ("/healthz", "/v1/openapi.json")
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
@@ -108,12 +113,8 @@ def render_session(sessions: Sessions, s: SessionRow) -> dict[str, Any]:
         "grace_until": s.grace_until,
         "closed_at": s.closed_at,
         "end_reason": s.end_reason,
-        # null: the bridge's defaults apply (MB_CALLS_PER_HOUR, MB_CALLS_PER_DAY, MB_QUIET_HOURS)
-        "calls_per_hour": s.calls_per_hour,
-        "calls_per_day": s.calls_per_day,
-        "quiet_hours": s.quiet_hours,
-        "max_call_seconds": s.max_call_seconds,  # null: MB_MAX_CALL_DURATION
-        "record": s.record,
+        # The session's terms as stored; null: the bridge's default applies (bridge.terms).
+        **s.terms.to_api(),
         "mode": s.mode,
         # The code callers of the shared number key in (mode order_code); the order system
         # tells its people. Never logged.
@@ -190,7 +191,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception:
         log.exception("api.failed", path=request.path, method=request.method)
-        return _error(500, "internal_error", "the bridge failed to answer; the failure is logged")
+        return _error(InternalError.http_status, InternalError.code, InternalError.message)
 
 
 # --- request helpers -----------------------------------------------------------------------
@@ -212,23 +213,17 @@ async def _body(request: web.Request, limit: int = JSON_BODY_LIMIT) -> dict[str,
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
-        raise ServiceError("the body must be a JSON object", code="invalid_json") from None
+        raise InvalidJson() from None
     if not isinstance(data, dict):
-        raise ServiceError("the body must be a JSON object", code="invalid_json")
+        raise InvalidJson()
     return data
-
-
-def _known_fields(body: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise InvalidInput(f"unknown field(s): {', '.join(unknown)[:200]}", field=unknown[0][:100])
 
 
 def _session_id(request: web.Request) -> uuid.UUID:
     try:
         return uuid.UUID(request.match_info["session_id"])
     except ValueError:
-        raise NotFound("no such session", code="session_not_found") from None
+        raise SessionNotFound() from None
 
 
 def _page(request: web.Request) -> tuple[int, Any]:
@@ -275,31 +270,9 @@ def _query(request: web.Request, name: str, pattern: re.Pattern[str]) -> str | N
 
 # --- sessions ------------------------------------------------------------------------------
 
-OPEN_FIELDS = {"order_id", "courier_number", "client_number", "region", "ttl_seconds", "idle_timeout_seconds",
-               "grace_seconds", "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record",
-               "mode", "order_code"}
-
-
 async def open_session(request: web.Request) -> web.Response:
-    body = await _body(request)
-    _known_fields(body, OPEN_FIELDS)
     sessions = request.app[SESSIONS]
-    session, created = await sessions.open(
-        body.get("order_id"),
-        body.get("courier_number"),
-        body.get("client_number"),
-        region=body.get("region"),
-        ttl_seconds=body.get("ttl_seconds"),
-        idle_timeout_seconds=body.get("idle_timeout_seconds"),
-        grace_seconds=body.get("grace_seconds"),
-        calls_per_hour=body.get("calls_per_hour"),
-        calls_per_day=body.get("calls_per_day"),
-        quiet=body.get("quiet_hours"),
-        max_call_seconds=body.get("max_call_seconds"),
-        record=body.get("record"),
-        mode=body.get("mode"),
-        order_code=body.get("order_code"),
-    )
+    session, created = await sessions.open(parse(OpenSession, await _body(request)))
     return _json(render_session(sessions, session), 201 if created else 200)
 
 
@@ -321,18 +294,16 @@ async def get_session(request: web.Request) -> web.Response:
 async def extend_session(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     session_id = (await sessions.get(_session_id(request))).id
-    body = await _body(request)
-    _known_fields(body, {"ttl_seconds", "idle_timeout_seconds"})
-    session = await sessions.extend(session_id, body.get("ttl_seconds"), body.get("idle_timeout_seconds"))
+    body: ExtendSession = parse(ExtendSession, await _body(request))
+    session = await sessions.extend(session_id, body.ttl_seconds, body.idle_timeout_seconds)
     return _json(render_session(sessions, session))
 
 
 async def close_session(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     session_id = (await sessions.get(_session_id(request))).id
-    body = await _body(request)
-    _known_fields(body, {"grace_seconds"})
-    return _json(render_session(sessions, await sessions.close(session_id, body.get("grace_seconds"))))
+    body: CloseSession = parse(CloseSession, await _body(request))
+    return _json(render_session(sessions, await sessions.close(session_id, body.grace_seconds)))
 
 
 async def list_participants(request: web.Request) -> web.Response:
@@ -347,11 +318,8 @@ async def add_participant(request: web.Request) -> web.Response:
     sessions = request.app[SESSIONS]
     session_id = _session_id(request)
     await sessions.get(session_id)
-    body = await _body(request)
-    _known_fields(body, {"role", "number"})
-    if body.get("role") != "courier":
-        raise InvalidInput("only the courier can be replaced: the client keeps their number", field="role")
-    session, changed = await sessions.reassign_courier(session_id, body.get("number"), field="number")
+    body: AddParticipant = parse(AddParticipant, await _body(request))
+    session, changed = await sessions.reassign_courier(session_id, body.number, field="number")
     return _json(render_session(sessions, session), 201 if changed else 200)
 
 
@@ -390,12 +358,8 @@ async def import_pool_numbers(request: web.Request) -> web.Response:
             raise InvalidInput("the CSV must be UTF-8") from None
         counts = await pools.import_csv(text)
     else:
-        body = await _body(request, IMPORT_BODY_LIMIT)
-        _known_fields(body, {"numbers"})
-        numbers = body.get("numbers")
-        if not isinstance(numbers, list):
-            raise InvalidInput("numbers must be a list of {number, region} objects", field="numbers")
-        counts = await pools.import_numbers(numbers)
+        body: ImportPoolNumbers = parse(ImportPoolNumbers, await _body(request, IMPORT_BODY_LIMIT))
+        counts = await pools.import_numbers(body.numbers)
     return _json(counts, 201 if counts["added"] or counts["reactivated"] else 200)
 
 
@@ -417,11 +381,8 @@ async def update_pool_number(request: web.Request) -> web.Response:
     """Change a number's mode (direct or order_code), while nobody holds it."""
     pools = request.app[POOLS]
     number = (await pools.get(request.match_info["number"])).number
-    body = await _body(request)
-    _known_fields(body, {"mode"})
-    if "mode" not in body:
-        raise InvalidInput("give the mode (direct or order_code)", field="mode")
-    return _json(render_pool_number(await pools.set_mode(number, body["mode"])))
+    body: UpdatePoolNumber = parse(UpdatePoolNumber, await _body(request))
+    return _json(render_pool_number(await pools.set_mode(number, body.mode)))
 
 
 async def retire_pool_number(request: web.Request) -> web.Response:
@@ -437,10 +398,9 @@ async def pool_usage(request: web.Request) -> web.Response:
 
 async def block_number(request: web.Request) -> web.Response:
     """Block a real number everywhere, at once: its calls in progress are ended too."""
-    body = await _body(request)
-    _known_fields(body, {"number", "reason"})
+    body: BlockNumber = parse(BlockNumber, await _body(request))
     blocklist = request.app[BLOCKLIST]
-    entry, created = await blocklist.add(body.get("number"), body.get("reason"))
+    entry, created = await blocklist.add(body.number, body.reason)
     return _json(render_block(blocklist, entry), 201 if created else 200)
 
 
@@ -456,7 +416,7 @@ async def unblock(request: web.Request) -> web.Response:
     try:
         entry_id = uuid.UUID(request.match_info["entry_id"])
     except ValueError:
-        raise NotFound("no such blocklist entry", code="block_not_found") from None
+        raise BlockNotFound() from None
     return _json(render_block(blocklist, await blocklist.remove(entry_id)))
 
 
@@ -499,9 +459,6 @@ async def recording_audio(request: web.Request) -> web.StreamResponse:
             await response.write(chunk)
         await response.write_eof()
         return response
-
-
-MAX_AUDIT_CURSOR = 2**63  # audit ids are bigint
 
 
 async def recording_access_log(request: web.Request) -> web.Response:

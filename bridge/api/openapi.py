@@ -1,30 +1,32 @@
 """The OpenAPI 3.1 document of the HTTP API (bridge.api.http), served at /v1/openapi.json.
 
-Written by hand next to the handlers, and checked against them by tests/unit/test_openapi.py
-(every route documented, every documented operation a route, every $ref resolving). The
-limits that live in the services (seconds, regions, import size, pool number states) are
-taken from them; the ones that live in bridge.api.http are repeated here, because that
-module imports this one, and so is the blocklist's reason limit, written inline in
-bridge.blocklist; the test checks they agree.
+The responses and operations are written here next to the handlers, and checked against them
+by tests/unit/test_openapi.py (every route documented, every documented operation a route,
+every $ref resolving). What is defined elsewhere is taken from there, never repeated: the
+request bodies are the JSON schemas of their models (bridge.requests), a session's terms and
+those a call keeps are the schema of bridge.terms.Terms, limits come from bridge.limits,
+languages from bridge.languages, and error codes from bridge.errors.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from bridge.pools import MAX_IMPORT, STATES
-from bridge.sessions import MAX_SECONDS, REGION_FORM
+from pydantic import BaseModel
 
-# Repeated from bridge.api.http (which imports this module); tests/unit/test_openapi.py
-# checks that they agree.
-DEFAULT_PAGE, MAX_PAGE = 50, 500
-JSON_BODY_LIMIT = 64 * 1024
-IMPORT_BODY_LIMIT = 4 * 1024 * 1024
-ORDER_ID_PATTERN = r"^[\x21-\x7e]{1,200}$"  # bridge.sessions.ORDER_ID
-# Repeated from bridge.blocklist.Blocklist.add (the test checks they agree): a reason is at most
-# this many characters, none of them a control character below U+0020.
-BLOCK_REASON_MAX = 500
-BLOCK_REASON_PATTERN = r"^[^\x00-\x1f]*$"
+from bridge.errors import (
+    AsteriskUnavailable, BlockNotFound, Contention, InternalError, InvalidImport, InvalidInput, InvalidJson,
+    NotFound, OrderCodeTaken, OrderHasOpenSession, PoolExhausted, PoolNumberInUse, PoolNumberNotFound,
+    RecordingDeleted, RecordingInProgress, RecordingNotFound, RecordingTokenRequired, SessionEnded,
+    SessionNotFound, TooLarge, Unauthorized, Unavailable, UnknownRegion,
+)
+from bridge.languages import LANGUAGES
+from bridge.limits import (
+    BLOCK_REASON_MAX, DEFAULT_PAGE, ORDER_CODE_PATTERN, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_IMPORT, MAX_PAGE, MAX_PHONE_NUMBER_LENGTH,
+    MAX_SECONDS, MODES, POOL_STATES, REGION_PATTERN,
+)
+from bridge.requests import REQUESTS
+from bridge.terms import Terms
 
 Schema = dict[str, Any]
 
@@ -76,8 +78,8 @@ def _too_large(limit: int) -> Schema:
         "before it is read) or a body sent without it (chunked) turns out larger. A chunked body above the "
         f"server-wide cap ({IMPORT_BODY_LIMIT} bytes) is cut off by the server with the same code.",
         {
-            "body_too_large": ("body_too_large", f"the body must be at most {limit} bytes", None),
-            "chunked_above_the_cap": ("body_too_large", "Request Entity Too Large", None),
+            "body_too_large": (TooLarge.code, f"the body must be at most {limit} bytes", None),
+            "chunked_above_the_cap": (TooLarge.code, "Request Entity Too Large", None),
         },
     )
 
@@ -95,7 +97,7 @@ UUID: Schema = {"type": "string", "format": "uuid"}
 E164: Schema = {"type": "string", "pattern": r"^\+[1-9][0-9]{6,14}$", "examples": ["+74950000001"]}
 REGION: Schema = {
     "type": "string",
-    "pattern": REGION_FORM.pattern,
+    "pattern": REGION_PATTERN,
     "description": "An ISO 3166 country (`RU`) or subdivision (`RU-MOW`) code.",
     "examples": ["RU-MOW"],
 }
@@ -112,7 +114,7 @@ RESPONSES: dict[str, Schema] = {
         **_error_response(
             "`unauthorized`: the `Authorization` header is missing, or is not `Bearer <token>` with the right "
             "token (the scheme `Bearer` is matched case-insensitively).",
-            {"unauthorized": ("unauthorized", "missing or wrong bearer token", None)},
+            {"unauthorized": (Unauthorized.code, "missing or wrong bearer token", None)},
         ),
         "headers": {
             "WWW-Authenticate": {
@@ -125,7 +127,7 @@ RESPONSES: dict[str, Schema] = {
         **_error_response(
             "`unauthorized`: the `Authorization` header is missing, or holds neither the recording token nor the "
             "API token. The attempt is written to the audit.",
-            {"unauthorized": ("unauthorized", "missing or wrong recording token", None)},
+            {"unauthorized": (Unauthorized.code, "missing or wrong recording token", None)},
         ),
         "headers": {
             "WWW-Authenticate": {
@@ -137,50 +139,46 @@ RESPONSES: dict[str, Schema] = {
     "RecordingForbidden": _error_response(
         "`recording_token_required`: the API token (`MB_API_TOKEN`) does not reach recordings. The attempt is "
         "written to the audit.",
-        {"recording_token_required": (
-            "recording_token_required",
-            "the API token does not reach recordings: they take the recording token", None)},
+        {"recording_token_required": (RecordingTokenRequired.code, "the API token does not reach recordings: they take the recording token", None)},
     ),
     "RecordingNotFound": _error_response(
         "`recording_not_found`: the call does not exist, was not recorded, or its audio is missing from "
         "Asterisk (an id that is not a UUID is not found either). Audited.",
-        {"recording_not_found": ("recording_not_found", "this call has no recording", None)},
+        {"recording_not_found": (RecordingNotFound.code, "this call has no recording", None)},
     ),
     "RecordingDeleted": _error_response(
         "`recording_deleted`: the recording was deleted under the retention policy "
         "(`MB_RECORDING_RETENTION_DAYS`). Audited.",
-        {"recording_deleted": ("recording_deleted", "the recording was deleted under the retention policy",
+        {"recording_deleted": (RecordingDeleted.code, "the recording was deleted under the retention policy",
                                {"deleted_at": "2025-06-12T10:00:00+00:00"})},
     ),
     "InternalError": _error_response(
         "`internal_error`: the bridge failed (the database is unreachable, for example). The failure is "
         "logged; the request may be retried.",
-        {"internal_error": ("internal_error", "the bridge failed to answer; the failure is logged", None)},
+        {"internal_error": (InternalError.code, "the bridge failed to answer; the failure is logged", None)},
     ),
     "BadBody": _error_response(
         "`invalid_json`: the body is not a JSON object (an empty body counts as `{}`).",
-        {"invalid_json": ("invalid_json", "the body must be a JSON object", None)},
+        {"invalid_json": (InvalidJson.code, "the body must be a JSON object", None)},
     ),
     "BodyTooLarge": _too_large(JSON_BODY_LIMIT),
     "SessionNotFound": _error_response(
         "`session_not_found`: no session has this id (an id that is not a UUID is not found either).",
-        {"session_not_found": ("session_not_found", "no such session", None)},
+        {"session_not_found": (SessionNotFound.code, "no such session", None)},
     ),
     "BlockNotFound": _error_response(
         "`block_not_found`: no blocklist entry has this id (an id that is not a UUID is not found either); "
         "the number may have been unblocked already.",
-        {"block_not_found": ("block_not_found", "no such blocklist entry", None)},
+        {"block_not_found": (BlockNotFound.code, "no such blocklist entry", None)},
     ),
     "PoolNumberNotFound": _error_response(
         "`pool_number_not_found`: the number is a valid phone number, but not one of the pool.",
-        {"pool_number_not_found": ("pool_number_not_found", "no such pool number", None)},
+        {"pool_number_not_found": (PoolNumberNotFound.code, "no such pool number", None)},
     ),
     "InvalidPoolNumber": _error_response(
         "`invalid_input`: the path does not hold a phone number (`details.field` is `number`).",
         {
-            "invalid_input": (
-                "invalid_input",
-                "pool number: not a valid phone number (not a phone number)",
+            "invalid_input": (InvalidInput.code, "pool number: not a valid phone number (not a phone number)",
                 {"field": "number"},
             )
         },
@@ -191,8 +189,8 @@ RESPONSES: dict[str, Schema] = {
         "does not know. "
         "`details.field` names the parameter.",
         {
-            "limit": ("invalid_input", f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
-            "cursor": ("invalid_input", "cursor is not one this API gave out", {"field": "cursor"}),
+            "limit": (InvalidInput.code, f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
+            "cursor": (InvalidInput.code, "cursor is not one this API gave out", {"field": "cursor"}),
         },
     ),
 }
@@ -324,63 +322,46 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 
 Messages are for people and may change; never parse them. They never hold a real number."""
 
-ORDER_CODE_PATTERN = "^[0-9]{4,12}$"
 SESSION_MODE: dict[str, Any] = {
     "type": "string",
-    "enum": ["direct", "order_code"],
+    "enum": list(MODES),
     "description": "`direct`: the pool number routes by the caller's number. `order_code`: the number is shared; "
     "callers key `order_code`.",
 }
 POOL_MODE: dict[str, Any] = {
     "type": "string",
-    "enum": ["direct", "order_code"],
+    "enum": list(MODES),
     "description": "`direct`: handed to direct sessions, calls routed by the caller's number. `order_code`: "
     "shared by order-code sessions, the caller keys the order's code (never handed to a direct session).",
 }
 
-CALL_CAP: dict[str, Any] = {
-    "type": ["integer", "null"],
-    "minimum": 0,
-    "maximum": 10_000,
-    "description": "Cap on the calls put through in this session (both directions) per hour / per day; 0: "
-    "none. Null: the bridge's default (`MB_CALLS_PER_HOUR` / `MB_CALLS_PER_DAY`). A call over the cap is "
-    "refused: the caller hears that the call cannot be put through now (outcome `call_limit`).",
-}
-MAX_CALL_SECONDS: dict[str, Any] = {
-    "type": ["integer", "null"],
-    "minimum": 1,
-    "maximum": MAX_SECONDS,
-    "description": "The longest a call of this session may last once answered; both parties hear a "
-    "warning tone (`MB_CALL_WARNING` seconds, at most half the maximum, before the end), then the bridge "
-    "ends it (`cut_reason` `max_duration`). Null: the bridge's default (`MB_MAX_CALL_DURATION`, 0 = none).",
-}
-QUIET_HOURS: dict[str, Any] = {
-    "description": "Quiet hours: nobody is put through to the client in this window (in its time "
-    "zone; it may run over midnight). False: none for this session. Null: the bridge's default "
-    "(`MB_QUIET_HOURS`).",
-    "oneOf": [
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["from", "to", "timezone"],
-            "properties": {
-                "from": {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
-                "to": {"type": "string", "pattern": "^([01][0-9]|2[0-3]):[0-5][0-9]$"},
-                "timezone": {"type": "string", "examples": ["Europe/Moscow"]},
-            },
-        },
-        {"const": False},
-        {"type": "null"},
-    ],
-}
 
 
-RECORD_DESCRIPTION = (
-    "Whether the session's calls are recorded. Then, when the called phone answers, both parties hear that the "
-    "call is recorded (each on their own line, before they hear each other), and the call is recorded as one "
-    "WAV file, reached only with the recording token (`MB_RECORDING_TOKEN`) and deleted after "
-    "`MB_RECORDING_RETENTION_DAYS`."
-)
+def _model_schema(model: type[BaseModel]) -> tuple[Schema, dict[str, Schema]]:
+    """A model's JSON schema as pydantic writes it, and the schemas it refers to (its $defs,
+    which go to the document's components)."""
+    schema = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+    return schema, schema.pop("$defs", {})
+
+
+def _term_properties(names: tuple[str, ...] | None = None) -> Schema:
+    """The properties of a session's terms (or of the named ones), as Terms defines them."""
+    properties = _model_schema(Terms)[0]["properties"]
+    return {name: properties[name] for name in names or Terms.names()}
+
+
+def _request_schemas() -> dict[str, Schema]:
+    """Every request body's schema under its document name, and what they refer to."""
+    schemas: dict[str, Schema] = {}
+    for name, model in REQUESTS.items():
+        schema, defs = _model_schema(model)
+        schemas.update(defs)
+        schemas[name] = schema
+    # The import's entries are checked one by one by the pool service (bad ones are listed
+    # in the answer): the model takes any entry; the document says what a good one is.
+    schemas["ImportPoolNumbersRequest"]["properties"]["numbers"]["items"] = _ref("PoolNumberEntry")
+    return schemas
+
 
 SCHEMAS: dict[str, Schema] = {
     "Error": {
@@ -484,7 +465,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
             "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
-            "calls_per_hour", "calls_per_day", "quiet_hours", "max_call_seconds", "record", "mode", "order_code",
+            "mode", "order_code", *Terms.names(),
         ],
         "properties": {
             "id": UUID,
@@ -526,11 +507,7 @@ SCHEMAS: dict[str, Schema] = {
                 "enum": ["closed", "expired", "inactive", None],
                 "description": "Why it ended (also set during `grace`); null while open.",
             },
-            "calls_per_hour": CALL_CAP,
-            "calls_per_day": CALL_CAP,
-            "quiet_hours": QUIET_HOURS,
-            "max_call_seconds": MAX_CALL_SECONDS,
-            "record": {"type": "boolean", "description": RECORD_DESCRIPTION},
+            **_term_properties(),
             "mode": SESSION_MODE,
             "order_code": {
                 "type": ["string", "null"],
@@ -578,7 +555,7 @@ SCHEMAS: dict[str, Schema] = {
         "required": [
             "id", "session_id", "pool_number", "caller_role", "caller_participant_id", "callee_role",
             "callee_participant_id", "state", "outcome", "hangup_by", "hangup_cause", "cut_reason", "started_at",
-            "answered_at", "ended_at", "duration_seconds", "record",
+            "answered_at", "ended_at", "duration_seconds", *Terms.on_call_row_names(),
         ],
         "properties": {
             "id": UUID,
@@ -641,11 +618,10 @@ SCHEMAS: dict[str, Schema] = {
                 "type": ["number", "null"],
                 "description": "Talk time, from answer to end; null unless the call was answered and has ended.",
             },
-            "record": {
-                "type": "boolean",
-                "description": "Its session records calls: see `GET /v1/calls/{call_id}/recording`. A call "
-                "that ended before it was connected has no recording.",
-            },
+            # The session's terms the call was put through with (a recorded call: see
+            # GET /v1/calls/{call_id}/recording; one that ended before it was connected has no
+            # recording). A call routed nowhere has none (false, null).
+            **_term_properties(Terms.on_call_row_names()),
         },
     },
     "Recording": {
@@ -710,13 +686,13 @@ SCHEMAS: dict[str, Schema] = {
             "region": {"type": ["string", "null"]},
             "language": {
                 "type": ["string", "null"],
-                "enum": ["en", "ru", None],
+                "enum": [*LANGUAGES, None],
                 "description": "Language of the announcements its callers hear; null: `MB_DEFAULT_LANGUAGE`.",
             },
             "mode": POOL_MODE,
             "state": {
                 "type": "string",
-                "enum": list(STATES),
+                "enum": list(POOL_STATES),
                 "description": "`active`: handed out to new sessions. `cooling`: retired, but live sessions keep "
                 "it and former participants still hear that their order finished, until `cooling_until` (and "
                 "its last live session). `retired`: out of use.",
@@ -799,159 +775,6 @@ SCHEMAS: dict[str, Schema] = {
             "database": {"type": "boolean", "description": "PostgreSQL answers."},
         },
     },
-    "OpenSessionRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["order_id", "courier_number", "client_number"],
-        "properties": {
-            "order_id": {
-                "type": "string",
-                "minLength": 1,
-                "maxLength": 200,
-                "pattern": ORDER_ID_PATTERN,
-                "description": "1 to 200 printable ASCII characters, no spaces. At most one open session per order.",
-                "examples": ["A-1042"],
-            },
-            "courier_number": {
-                "type": "string",
-                "maxLength": 32,
-                "description": "The courier's real number: E.164, or national form in the bridge's default region "
-                "(`MB_DEFAULT_REGION`); spaces, dashes, dots and brackets are ignored.",
-                "examples": ["+79161234567"],
-            },
-            "client_number": {
-                "type": "string",
-                "maxLength": 32,
-                "description": "The client's real number, read as `courier_number`; must be another number.",
-                "examples": ["89161234568"],
-            },
-            "region": {
-                **REGION,
-                "type": ["string", "null"],
-                "description": "Prefer a pool number of this region (ISO 3166: `RU`, `RU-MOW`). Some pool number "
-                "must have this region (`unknown_region` otherwise); if none of them is free, another region's is "
-                "used. Null: no preference.",
-            },
-            "ttl_seconds": {
-                **_seconds("The session ends this long after opening. Default `MB_SESSION_TTL` (24 hours)."),
-                "type": ["integer", "null"],
-            },
-            "idle_timeout_seconds": {
-                **_seconds("The session ends after this long without a call. Default: no idle timeout."),
-                "type": ["integer", "null"],
-            },
-            "grace_seconds": {
-                **_seconds(
-                    "Grace period at close: the client can still reach support through the pool number this "
-                    "long. Default `MB_GRACE_PERIOD` (0). More than 0 needs a support number "
-                    "(`MB_SUPPORT_NUMBER`).",
-                    minimum=0,
-                ),
-                "type": ["integer", "null"],
-            },
-            "calls_per_hour": CALL_CAP,
-            "calls_per_day": CALL_CAP,
-            "quiet_hours": QUIET_HOURS,
-            "max_call_seconds": MAX_CALL_SECONDS,
-            "record": {"type": ["boolean", "null"], "description": RECORD_DESCRIPTION + " Null: the bridge's "
-                       "default (`MB_RECORD_CALLS`, no)."},
-            "mode": {
-                **SESSION_MODE,
-                "type": ["string", "null"],
-                "enum": ["direct", "order_code", None],
-                "description": "`order_code`: the session gets a shared order-code pool number (the region's "
-                "if one is, then the least loaded) and an order code; callers of that number key the code to "
-                "reach the other participant. Null or left out: `direct`.",
-            },
-            "order_code": {
-                "type": ["string", "null"],
-                "pattern": ORDER_CODE_PATTERN,
-                "description": "Mode `order_code` only: the order system's own code, exactly "
-                "`MB_ORDER_CODE_LENGTH` (default 6) digits, unique among the live sessions on the number (a "
-                "number where it is in use is skipped). Null or left out: a random code.",
-                "examples": ["482913"],
-            },
-        },
-        "description": "Null is the same as leaving a field out. Seconds are JSON integers (`5.0` and `true` "
-        f"are refused), at most {MAX_SECONDS} (31 days).",
-    },
-    "ExtendRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "anyOf": [
-            {"required": ["ttl_seconds"], "properties": {"ttl_seconds": {"type": "integer"}}},
-            {"required": ["idle_timeout_seconds"], "properties": {"idle_timeout_seconds": {"type": "integer"}}},
-        ],
-        "properties": {
-            "ttl_seconds": {
-                **_seconds("The session now ends this long from now (replacing `expires_at`, not adding to it)."),
-                "type": ["integer", "null"],
-            },
-            "idle_timeout_seconds": {
-                **_seconds("The new idle timeout."),
-                "type": ["integer", "null"],
-            },
-        },
-        "description": "At least one of the two, not null. Extending also counts as activity (resets the idle "
-        "timer).",
-    },
-    "CloseRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "grace_seconds": {
-                **_seconds(
-                    "Overrides the grace period set at open (0: none). More than 0 needs a support number "
-                    "(`MB_SUPPORT_NUMBER`).",
-                    minimum=0,
-                ),
-                "type": ["integer", "null"],
-            },
-        },
-        "description": "Optional: an empty body, or `{}`, closes with the grace period set at open.",
-    },
-    "AddParticipantRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["role", "number"],
-        "properties": {
-            "role": {
-                "type": "string",
-                "const": "courier",
-                "description": "Only the courier can be replaced: the client keeps their number.",
-            },
-            "number": {
-                "type": "string",
-                "maxLength": 32,
-                "description": "The new courier's real number, read as `courier_number` at open. Validation "
-                "errors name the field `number` in `details.field`.",
-                "examples": ["+79161234569"],
-            },
-        },
-    },
-    "BlockNumberRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["number"],
-        "properties": {
-            "number": {
-                "type": "string",
-                "maxLength": 32,
-                "description": "The real number to block: E.164, or national form in the bridge's default region "
-                "(`MB_DEFAULT_REGION`), read as `courier_number` at open. Two forms of the same number "
-                "(`89161234567`, `+79161234567`) are the same entry.",
-                "examples": ["+79161234567"],
-            },
-            "reason": {
-                "type": ["string", "null"],
-                "maxLength": BLOCK_REASON_MAX,
-                "pattern": BLOCK_REASON_PATTERN,
-                "description": f"Why, for the people reading the list: at most {BLOCK_REASON_MAX} characters, no "
-                "control characters (tabs and line breaks included). Null or left out: none.",
-                "examples": ["abusive calls to couriers"],
-            },
-        },
-    },
     "PoolNumberEntry": {
         "type": "object",
         "additionalProperties": False,
@@ -959,7 +782,7 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "number": {
                 "type": "string",
-                "maxLength": 32,
+                "maxLength": MAX_PHONE_NUMBER_LENGTH,
                 "description": "The number: E.164, or national form in the bridge's default region "
                 "(`MB_DEFAULT_REGION`).",
                 "examples": ["+74950000001"],
@@ -967,14 +790,14 @@ SCHEMAS: dict[str, Schema] = {
             "region": {**REGION, "type": ["string", "null"], "description": "Null or left out: no region."},
             "language": {
                 "type": ["string", "null"],
-                "enum": ["en", "ru", None],
+                "enum": [*LANGUAGES, None],
                 "description": "The language callers of this number hear announcements in; null or left out: "
                 "`MB_DEFAULT_LANGUAGE`.",
             },
             "mode": {
                 **POOL_MODE,
                 "type": ["string", "null"],
-                "enum": ["direct", "order_code", None],
+                "enum": [*MODES, None],
                 "description": "Null or left out: a new number is `direct`, a known one keeps its mode. The mode "
                 "of a number someone holds (live sessions, pairs cooling off) cannot change: a bad row.",
             },
@@ -982,26 +805,7 @@ SCHEMAS: dict[str, Schema] = {
         "description": "An entry that is not an object, lacks `number` or has any other key is a bad row "
         "(`invalid_import`).",
     },
-    "UpdatePoolNumberRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["mode"],
-        "properties": {"mode": POOL_MODE},
-    },
-    "ImportPoolNumbersRequest": {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["numbers"],
-        "properties": {
-            "numbers": {
-                "type": "array",
-                "minItems": 1,
-                "maxItems": MAX_IMPORT,
-                "items": _ref("PoolNumberEntry"),
-                "description": "A number listed twice must have the same region both times.",
-            },
-        },
-    },
+    **_request_schemas(),
 }
 
 # --- paths ----------------------------------------------------------------------------------
@@ -1011,16 +815,12 @@ INTERNAL = _response_ref("InternalError")
 BAD_BODY = _response_ref("BadBody")
 TOO_LARGE = _response_ref("BodyTooLarge")
 SESSION_NOT_FOUND = _response_ref("SessionNotFound")
-SESSION_ENDED = ("session_ended", "only an open session can be extended: the session is closed", None)
-ORDER_HAS_OPEN_SESSION = (
-    "order_has_open_session",
-    "order A-1042 has an open session with another courier; close it first, or reassign the courier",
+SESSION_ENDED = (SessionEnded.code, "only an open session can be extended: the session is closed", None)
+ORDER_HAS_OPEN_SESSION = (OrderHasOpenSession.code, "order A-1042 has an open session with another courier; close it first, or reassign the courier",
     {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42", "field": "courier_number"},
 )
-CONTENTION = ("contention", "too many opens raced for the same numbers; try again", None)
-POOL_EXHAUSTED = (
-    "pool_exhausted",
-    "the pool is exhausted for this pair: every one of the 3 active numbers is held by the courier or the client "
+CONTENTION = (Contention.code, "too many opens raced for the same numbers; try again", None)
+POOL_EXHAUSTED = (PoolExhausted.code, "the pool is exhausted for this pair: every one of the 3 active numbers is held by the courier or the client "
     "(live or cooling off). For participants with at most 2 live sessions each, 3 numbers always suffice; this "
     "pair needs at least 4 with its cool-offs",
     {
@@ -1161,9 +961,7 @@ PATHS: dict[str, Schema] = {
                     order_has_open_session=ORDER_HAS_OPEN_SESSION,
                     pool_exhausted=POOL_EXHAUSTED,
                     contention=CONTENTION,
-                    order_code_taken=(
-                        "order_code_taken",
-                        "every order-code number has a live session with this order_code; give another",
+                    order_code_taken=(OrderCodeTaken.code, "every order-code number has a live session with this order_code; give another",
                         {"field": "order_code"},
                     ),
                 ),
@@ -1172,13 +970,11 @@ PATHS: dict[str, Schema] = {
                     "`invalid_input`: a field is missing, unknown or out of range (`details.field` names it), "
                     "the two numbers are the same, or a grace period was asked for without a support number. "
                     "`unknown_region`: no pool number has the requested region.",
-                    invalid_input=(
-                        "invalid_input",
-                        "courier_number is not a valid phone number: not a phone number",
+                    invalid_input=(InvalidInput.code, "courier_number is not a valid phone number: not a phone number",
                         {"field": "courier_number"},
                     ),
-                    unknown_region=("unknown_region", "no pool number is in region RU-SPE", {"field": "region"}),
-                    order_code=("invalid_input", "order_code must be exactly 6 digits (0-9)", {"field": "order_code"}),
+                    unknown_region=(UnknownRegion.code, "no pool number is in region RU-SPE", {"field": "region"}),
+                    order_code=(InvalidInput.code, "order_code must be exactly 6 digits (0-9)", {"field": "order_code"}),
                 ),
                 "500": INTERNAL,
             },
@@ -1256,9 +1052,7 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: neither field given, a field out of range, or an unknown field "
                     "(`details.field` names it).",
-                    invalid_input=(
-                        "invalid_input",
-                        "give ttl_seconds, idle_timeout_seconds or both",
+                    invalid_input=(InvalidInput.code, "give ttl_seconds, idle_timeout_seconds or both",
                         {"field": "ttl_seconds"},
                     ),
                 ),
@@ -1289,9 +1083,7 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: `grace_seconds` out of range, an unknown field, or a grace period without "
                     "a support number configured.",
-                    invalid_input=(
-                        "invalid_input",
-                        "a grace period needs a support number (MB_SUPPORT_NUMBER)",
+                    invalid_input=(InvalidInput.code, "a grace period needs a support number (MB_SUPPORT_NUMBER)",
                         {"field": "grace_seconds"},
                     ),
                 ),
@@ -1344,26 +1136,20 @@ PATHS: dict[str, Schema] = {
                     "`session_ended`: the session is in grace or closed, or was past its expiry or idle timeout "
                     "(it is ended now). `pool_exhausted`: no pool number is free for the new courier. "
                     "`contention`: concurrent changes raced; retry.",
-                    session_ended=(
-                        "session_ended",
-                        "only an open session can be reassigned: the session is closed",
+                    session_ended=(SessionEnded.code, "only an open session can be reassigned: the session is closed",
                         None,
                     ),
                     pool_exhausted=POOL_EXHAUSTED,
-                    contention=("contention", "too many changes raced for the same numbers; try again", None),
+                    contention=(Contention.code, "too many changes raced for the same numbers; try again", None),
                 ),
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `role` is not `courier`, the number is not valid or is the client's "
                     "(`details.field` is `number`), or an unknown field.",
-                    role=(
-                        "invalid_input",
-                        "only the courier can be replaced: the client keeps their number",
+                    role=(InvalidInput.code, "only the courier can be replaced: the client keeps their number",
                         {"field": "role"},
                     ),
-                    number=(
-                        "invalid_input",
-                        "number is not a valid phone number: not a phone number",
+                    number=(InvalidInput.code, "number is not a valid phone number: not a phone number",
                         {"field": "number"},
                     ),
                 ),
@@ -1437,9 +1223,9 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: `order_id` is missing, or `limit` or `cursor` is bad (`details.field` "
                     "names it).",
-                    order_id=("invalid_input", "order_id is required", {"field": "order_id"}),
-                    limit=("invalid_input", f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
-                    cursor=("invalid_input", "cursor is not one this API gave out", {"field": "cursor"}),
+                    order_id=(InvalidInput.code, "order_id is required", {"field": "order_id"}),
+                    limit=(InvalidInput.code, f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
+                    cursor=(InvalidInput.code, "cursor is not one this API gave out", {"field": "cursor"}),
                 ),
                 "500": INTERNAL,
             },
@@ -1497,20 +1283,18 @@ PATHS: dict[str, Schema] = {
                 "200": _json_response("Nothing was added or reactivated.", _ref("ImportResult")),
                 "400": _invalid(
                     "`invalid_json`: a JSON body that is not a JSON object.",
-                    invalid_json=("invalid_json", "the body must be a JSON object", None),
+                    invalid_json=(InvalidJson.code, "the body must be a JSON object", None),
                 ),
                 "401": UNAUTHORIZED,
                 "413": _too_large(IMPORT_BODY_LIMIT),
                 "422": _invalid(
                     "`invalid_import`: some rows are bad; nothing was imported. `invalid_input`: the body as a "
                     "whole is unusable.",
-                    invalid_import=(
-                        "invalid_import",
-                        "nothing was imported: line 3: not a valid phone number (not a phone number); line 5: "
+                    invalid_import=(InvalidImport.code, "nothing was imported: line 3: not a valid phone number (not a phone number); line 5: "
                         "region must look like RU or RU-MOW (ISO 3166)",
                         {"problems": 2},
                     ),
-                    invalid_input=("invalid_input", "no numbers to import", {"field": "numbers"}),
+                    invalid_input=(InvalidInput.code, "no numbers to import", {"field": "numbers"}),
                 ),
                 "500": INTERNAL,
             },
@@ -1536,7 +1320,7 @@ PATHS: dict[str, Schema] = {
                     "in": "query",
                     "required": False,
                     "description": "Only numbers in this state.",
-                    "schema": {"type": "string", "enum": list(STATES)},
+                    "schema": {"type": "string", "enum": list(POOL_STATES)},
                 },
             ],
             "responses": {
@@ -1583,9 +1367,7 @@ PATHS: dict[str, Schema] = {
                 "404": _response_ref("PoolNumberNotFound"),
                 "409": _invalid(
                     "`pool_number_in_use`: someone holds the number.",
-                    pool_number_in_use=(
-                        "pool_number_in_use",
-                        "the number is in use (live sessions, or pairs cooling off): its mode can change once "
+                    pool_number_in_use=(PoolNumberInUse.code, "the number is in use (live sessions, or pairs cooling off): its mode can change once "
                         "nobody holds it",
                         {"live_sessions": 2, "cooling_pairs": 0},
                     ),
@@ -1593,8 +1375,8 @@ PATHS: dict[str, Schema] = {
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: the number is not a phone number, or `mode` is missing or not a mode.",
-                    mode=("invalid_input", "mode must be one of direct, order_code", {"field": "mode"}),
-                    number=("invalid_input", "pool number: not a valid phone number (not a phone number)",
+                    mode=(InvalidInput.code, "mode must be one of direct, order_code", {"field": "mode"}),
+                    number=(InvalidInput.code, "pool number: not a valid phone number (not a phone number)",
                             {"field": "number"}),
                 ),
                 "500": INTERNAL,
@@ -1662,17 +1444,13 @@ PATHS: dict[str, Schema] = {
                     "`invalid_input`: `number` is missing or not a phone number, `reason` is not text of at most "
                     f"{BLOCK_REASON_MAX} characters without control characters, or a field is unknown "
                     "(`details.field` names it).",
-                    number=(
-                        "invalid_input",
-                        "number is not a valid phone number: not a phone number",
+                    number=(InvalidInput.code, "number is not a valid phone number: not a phone number",
                         {"field": "number"},
                     ),
-                    reason=(
-                        "invalid_input",
-                        f"reason must be text of at most {BLOCK_REASON_MAX} characters",
+                    reason=(InvalidInput.code, f"reason must be text of at most {BLOCK_REASON_MAX} characters",
                         {"field": "reason"},
                     ),
-                    unknown_field=("invalid_input", "unknown field(s): role", {"field": "role"}),
+                    unknown_field=(InvalidInput.code, "unknown field(s): role", {"field": "role"}),
                 ),
                 "500": INTERNAL,
             },
@@ -1755,14 +1533,13 @@ PATHS: dict[str, Schema] = {
                 "404": _response_ref("RecordingNotFound"),
                 "409": _error_response(
                     "`recording_in_progress`: the call is still being recorded.",
-                    {"recording_in_progress": ("recording_in_progress", "the call is still being recorded", None)},
+                    {"recording_in_progress": (RecordingInProgress.code, "the call is still being recorded", None)},
                 ),
                 "410": _response_ref("RecordingDeleted"),
                 "500": INTERNAL,
                 "503": _error_response(
                     "`asterisk_unavailable`: Asterisk did not hand out the audio; try again later.",
-                    {"asterisk_unavailable": ("asterisk_unavailable",
-                                              "Asterisk did not hand out the recording: no answer", None)},
+                    {"asterisk_unavailable": (AsteriskUnavailable.code, "Asterisk did not hand out the recording: no answer", None)},
                 ),
             },
         },
@@ -1795,9 +1572,9 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: `call_id` is not a UUID, or `limit` or `cursor` is bad (`details.field` "
                     "names it).",
-                    call_id=("invalid_input", "call_id is not a valid call_id", {"field": "call_id"}),
-                    limit=("invalid_input", f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
-                    cursor=("invalid_input", "cursor is not one this API gave out", {"field": "cursor"}),
+                    call_id=(InvalidInput.code, "call_id is not a valid call_id", {"field": "call_id"}),
+                    limit=(InvalidInput.code, f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
+                    cursor=(InvalidInput.code, "cursor is not one this API gave out", {"field": "cursor"}),
                 ),
                 "500": INTERNAL,
             },

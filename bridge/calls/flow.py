@@ -21,8 +21,10 @@ import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.order_code import CodePrompt, KeypadTiming
+from bridge.languages import sounds_of
 from bridge.phone import InvalidNumber, mask, normalize
 from bridge.sessions import Route
+from bridge.terms import Terms
 
 log = structlog.get_logger(__name__)
 
@@ -130,8 +132,6 @@ class FlowSettings:
     duration_warning: float = 30.0  # seconds before a call's maximum duration that both hear the warning
     block_keys: str = "*9"  # the client presses these during a call to block the other party
     default_language: str = "en"  # of announcements when no route says otherwise
-    # Announcement language -> Asterisk sounds directory (what Debian's sound packages install).
-    sound_languages: tuple[tuple[str, str], ...] = (("en", "en"), ("ru", "ru_RU_f_IvrvoiceRU"))
     keypad: KeypadTiming = KeypadTiming()  # order codes: length and timeouts of the entry
     order_code_attempts: int = 3  # codes a caller may key in one call
 
@@ -305,7 +305,7 @@ class MaskedCall:
     def _sounds(self) -> str:
         """The sounds directory of the language the caller is told things in."""
         language = self.route.language if self.route is not None else self.settings.default_language
-        return dict(self.settings.sound_languages).get(language, language)
+        return sounds_of(language)
 
     async def _unavailable(self) -> None:
         playback_id = f"{self.id}-unavailable"
@@ -389,8 +389,7 @@ class MaskedCall:
             caller_participant_id=route.caller_participant_id if route else None,
             callee_role=route.callee_role if route else None,
             callee_participant_id=route.callee_participant_id if route else None,
-            max_seconds=route.max_call_seconds if route else None,
-            record=route.record if route else False,
+            terms=route.terms if route else None,
         )
         if route is not None and route.kind == "locked_out":
             await self._announce("locked_out", TRY_LATER_SOUND)
@@ -461,8 +460,7 @@ class MaskedCall:
                 caller_participant_id=route.caller_participant_id,
                 callee_role=route.callee_role,
                 callee_participant_id=route.callee_participant_id,
-                max_seconds=route.max_call_seconds,
-                record=route.record,
+                terms=route.terms,
             )
             log.info("call.order_code_accepted", route=route.kind, attempt=attempt)
             return route
@@ -502,7 +500,7 @@ class MaskedCall:
             # as the number it dialed, whatever the other network says.)
             await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
             self._bridge_created = True
-            if not route.record:
+            if not route.terms.record:
                 # In the bridge from now on, the caller hears the other phone ring. A recorded
                 # call's legs are joined only after both heard the consent announcement.
                 await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
@@ -556,10 +554,10 @@ class MaskedCall:
                 return
             if event.get("type") == "StasisStart" and _channel_of(event) == self.outbound_id:
                 break
-        if not route.record:
+        if not route.terms.record:
             await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
-        if route.record:
+        if route.terms.record:
             # Held apart from the other leg, the caller is told it rings by signalling.
             try:
                 await self.ari.ring(self.inbound_id)
@@ -611,7 +609,7 @@ class MaskedCall:
             # Asterisk answers 500 when the channel is already being hung up (a soft hangup
             # pending: the caller left just now); its hangup event follows.
             log.warning("call.answer_failed", error=str(exc))
-        if self.route is not None and self.route.record:
+        if self.route is not None and self.route.terms.record:
             if not await self._consent():
                 return
             await self._join_and_record()
@@ -738,7 +736,7 @@ class MaskedCall:
             log.exception("call.recording_not_finished", recording=name)
 
     async def _supervise(self) -> None:
-        longest = self.route.max_call_seconds if self.route is not None else None
+        longest = self.route.terms.max_call_seconds if self.route is not None else None
         deadline = time.monotonic() + longest - self._talked_before if longest else None
         warn_at = deadline - min(self.settings.duration_warning, longest / 2) if deadline and longest else None
         while True:
@@ -856,11 +854,11 @@ class MaskedCall:
         call.route = Route(
             "connect", session_id=row.get("session_id"), caller_role=row.get("caller_role"),
             caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
-            callee_participant_id=row.get("callee_participant_id"), max_call_seconds=row.get("max_seconds"),
-            record=bool(row.get("record")), language=language or settings.default_language,
+            callee_participant_id=row.get("callee_participant_id"), language=language or settings.default_language,
+            terms=Terms.from_columns(row, Terms.on_call_row_names()),
         )
         call._recording = row.get("recording_name")
-        if call.route.max_call_seconds and row.get("answered_at") is not None:
+        if call.route.terms.max_call_seconds and row.get("answered_at") is not None:
             call._talked_before = (datetime.now(timezone.utc) - row["answered_at"]).total_seconds()
         call._bridge_created = row["bridge_id"] is not None
         return call
@@ -869,7 +867,7 @@ class MaskedCall:
         structlog.contextvars.bind_contextvars(call_id=str(self.id))
         log.info("call.resumed")
         try:
-            if self.route is not None and self.route.record:
+            if self.route is not None and self.route.terms.record:
                 if self._recording is None:
                     # The earlier process stopped before the recording began: the parties may
                     # not have heard the whole announcement, so they hear it (again) first.

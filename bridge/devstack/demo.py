@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from bridge.crypto import NumberVault
 from bridge.pools import Pools
-from bridge.sessions import MAX_SECONDS, Sessions
+from bridge.limits import MAX_SECONDS
+from bridge.requests import OpenSession
+from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate
 
 DEMO_POOL = [f"+7495000000{i}" for i in range(1, 10)]
@@ -22,9 +24,10 @@ async def load(database_url: str, number_key: str) -> str:
         await migrate(pool, vault)
         store = Store(pool)
         await Pools(store).import_numbers([{"number": n, "region": DEMO_REGION} for n in DEMO_POOL])
-        session, _ = await Sessions(store, vault).open(
-            DEMO_ORDER, DEMO_COURIER, DEMO_CLIENT, region=DEMO_REGION, ttl_seconds=MAX_SECONDS
-        )
+        session, _ = await Sessions(store, vault).open(OpenSession(
+            order_id=DEMO_ORDER, courier_number=DEMO_COURIER, client_number=DEMO_CLIENT, region=DEMO_REGION,
+            ttl_seconds=MAX_SECONDS,
+        ))
         return session.pool_number
     finally:
         await pool.close()

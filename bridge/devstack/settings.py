@@ -9,6 +9,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from bridge.terms import Terms
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 # name -> (default, meaning). The README's settings table is generated from this list.
@@ -49,20 +51,18 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_NUMBER_COOLING": ("604800", "seconds a retired pool number cools before it is retired for good"),
     "MB_RETENTION_DAYS": ("30", "days after which the real numbers of ended sessions are deleted"),
     "MB_SWEEP_INTERVAL": ("30", "seconds between two runs of session housekeeping"),
-    "MB_CALLS_PER_HOUR": ("0", "default cap on calls put through per session and hour (0: none)"),
-    "MB_CALLS_PER_DAY": ("0", "default cap on calls put through per session and day (0: none)"),
-    "MB_MAX_CALL_DURATION": ("0", "default maximum call duration in seconds (0: none)"),
     "MB_CALL_WARNING": ("30", "seconds before the maximum duration at which both parties hear a warning tone"),
     "MB_DEFAULT_LANGUAGE": ("en", "language of announcements for pool numbers without one (en, ru)"),
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party for the order"),
-    "MB_QUIET_HOURS": ("", "default quiet hours, e.g. \"22:00-08:00 Europe/Moscow\": nobody is put through to the client"),
-    "MB_RECORD_CALLS": ("no", "record the calls of sessions opened without \"record\" (yes/no)"),
     "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted (1 to 3650)"),
     "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
 }
+
+# The session terms' defaults (bridge/terms.py defines each, with its setting).
+DEFAULTS.update({Terms.term(n).env: (Terms.term(n).env_default, Terms.term(n).summary) for n in Terms.names()})
 
 SECRET_NAMES = (
     "MB_ARI_PASSWORD", "MB_CARRIER_ARI_PASSWORD", "MB_API_TOKEN", "MB_DB_PASSWORD", "MB_NUMBER_KEY",
@@ -72,10 +72,10 @@ SECRET_NAMES = (
 
 SESSION_SETTINGS = (
     "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
-    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALLS_PER_HOUR", "MB_CALLS_PER_DAY", "MB_QUIET_HOURS",
-    "MB_MAX_CALL_DURATION", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
-    "MB_DEFAULT_LANGUAGE", "MB_RECORD_CALLS", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
+    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
+    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
     "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
+    *(Terms.term(n).env for n in Terms.names()),
 )
 
 

@@ -8,6 +8,8 @@ from datetime import datetime
 
 import asyncpg
 
+from bridge.store.errors import StoreError
+
 CHANNEL = "maskbridge_blocklist"  # NOTIFY payload: the blocked number's blind index, hex
 
 
@@ -38,7 +40,8 @@ class BlocklistRepo:
                 )
             # Also when it was blocked already: a call that raced the first block is ended too.
             await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, idx.hex())
-        assert row is not None
+        if row is None:  # inserted by nobody, yet conflicting: the transaction would have failed
+            raise StoreError("the blocklist entry vanished while it was written")
         return BlockedRow(**dict(row)), created
 
     async def page(self, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BlockedRow]:

@@ -9,6 +9,7 @@ import asyncpg
 import structlog
 
 from bridge.crypto import NumberVault
+from bridge.languages import LANGUAGES
 
 log = structlog.get_logger(__name__)
 
@@ -18,7 +19,8 @@ _MIGRATION_LOCK = 0x6D61736B  # advisory lock key: one migrator at a time
 
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-    assert pool is not None
+    if pool is None:  # only when create_pool is not awaited; never here
+        raise RuntimeError("asyncpg returned no pool")
     return pool
 
 
@@ -75,6 +77,11 @@ async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DI
                     applied.append(path.name)
             for name in applied:
                 log.info("db.migrated", migration=name)
+            # The languages are the bridge's (bridge.languages): the database learns them
+            # (once it has the table: a database migrated only part of the way has not).
+            if await conn.fetchval("SELECT to_regclass('languages') IS NOT NULL"):
+                await conn.execute("INSERT INTO languages (code) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                                   list(LANGUAGES))
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied

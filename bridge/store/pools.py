@@ -8,6 +8,8 @@ from typing import Any
 
 import asyncpg
 
+from bridge.store.errors import NumbersInUse
+
 
 @dataclass(frozen=True)
 class PoolNumberRow:
@@ -29,14 +31,6 @@ _LOAD = """
     (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number AND h.left_at IS NOT NULL
         AND h.held_until > now()) AS cooling_pairs
 """
-
-
-class NumbersInUse(Exception):
-    """The mode of these numbers cannot change: someone holds them (live or cooling off)."""
-
-    def __init__(self, numbers: list[str]) -> None:
-        super().__init__(", ".join(numbers))
-        self.numbers = numbers
 
 
 # Somebody still holds the number: a live participant, or a pair in cool-off. (Participants

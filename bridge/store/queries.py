@@ -12,14 +12,56 @@ from bridge.store.blocklist import BlocklistRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.recordings import RecordingRepo
 from bridge.store.sessions import SessionRepo
+from bridge.terms import Terms
 
+
+# The session terms a call row keeps (bridge.terms: on_call_row), by the same column names.
+_CALL_TERMS = Terms.on_call_row_names()
 
 # What the API shows of a call: ids and roles, never the caller's (masked) number.
-_CALL_COLUMNS = """
+_CALL_COLUMNS = f"""
     c.id, c.session_id, c.pool_number, c.caller_role, c.caller_participant_id, c.callee_role,
     c.callee_participant_id, c.state, c.outcome, c.hangup_by, c.hangup_cause, c.cut_reason,
-    c.started_at, c.answered_at, c.ended_at, c.duration_seconds, c.record
+    c.started_at, c.answered_at, c.ended_at, c.duration_seconds, {", ".join(f"c.{n}" for n in _CALL_TERMS)}
 """
+
+# After a statement `call` that wrote a call's row: a call put through (someone is rung) is
+# its session's activity (the inactivity expiry counts from here), and its call.started
+# webhook, when webhooks are on (the parameter {webhooks}).
+_PUT_THROUGH = """, hook AS (
+        INSERT INTO webhook_outbox (event, payload)
+        SELECT 'call.started', maskbridge_call_event(call.r) FROM call
+        WHERE {webhooks} AND (call.r).session_id IS NOT NULL AND (call.r).callee_role IS NOT NULL
+    )
+    UPDATE sessions s SET last_activity_at = now()
+    FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
+"""
+
+# $1-$11 the call's own columns (insert_call), then its terms by name.
+_INSERT_CALL = f"""
+    WITH call AS (
+        INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
+                           caller_participant_id, callee_role, callee_participant_id
+                           {"".join(f", {n}" for n in _CALL_TERMS)})
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10 {"".join(f", ${i}" for i in range(12, 12 + len(_CALL_TERMS)))})
+        RETURNING calls AS r
+    ){_PUT_THROUGH.format(webhooks="$11")}"""
+
+# $1-$7 (call_routed), then the terms by name.
+_ROUTE_CALL = f"""
+    WITH call AS (
+        UPDATE calls SET session_id = $2, caller_role = $3, caller_participant_id = $4, callee_role = $5,
+                         callee_participant_id = $6
+                         {"".join(f", {n} = ${i}" for i, n in enumerate(_CALL_TERMS, start=8))}
+        WHERE id = $1 AND state <> 'ended'
+        RETURNING calls AS r
+    ){_PUT_THROUGH.format(webhooks="$7")}"""
+
+
+def _call_terms(terms: Terms | None) -> list[Any]:
+    """The values of the call row's term columns (a call routed nowhere has none: no flag set)."""
+    kept = (terms or Terms()).on_call_row()
+    return [kept[n] if kept[n] is not None else Terms.unset(n) for n in _CALL_TERMS]
 
 
 class Store:
@@ -48,28 +90,15 @@ class Store:
         caller_participant_id: uuid.UUID | None = None,
         callee_role: str | None = None,
         callee_participant_id: uuid.UUID | None = None,
-        max_seconds: int | None = None,
-        record: bool = False,
+        terms: Terms | None = None,
     ) -> None:
-        # A call that is put through is the session's activity (its inactivity expiry
-        # counts from here): one statement, one commit, on the call's critical path.
+        """A new call's row (with the session terms it keeps). A call that is put through is
+        the session's activity (its inactivity expiry counts from here): one statement, one
+        commit, on the call's critical path."""
         await self.pool.execute(
-            """
-            WITH call AS (
-                INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-                                   caller_participant_id, callee_role, callee_participant_id, max_seconds, record)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $13)
-                RETURNING calls AS r
-            ), hook AS (
-                INSERT INTO webhook_outbox (event, payload)
-                SELECT 'call.started', maskbridge_call_event(call.r) FROM call
-                WHERE $11 AND (call.r).session_id IS NOT NULL AND (call.r).callee_role IS NOT NULL
-            )
-            UPDATE sessions s SET last_activity_at = now()
-            FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
-            """,
+            _INSERT_CALL,
             call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-            caller_participant_id, callee_role, callee_participant_id, self.webhooks, max_seconds, record,
+            caller_participant_id, callee_role, callee_participant_id, self.webhooks, *_call_terms(terms),
         )
 
     async def call_entering_code(self, call_id: uuid.UUID) -> None:
@@ -86,29 +115,15 @@ class Store:
         caller_participant_id: uuid.UUID | None,
         callee_role: str | None,
         callee_participant_id: uuid.UUID | None,
-        max_seconds: int | None,
-        record: bool = False,
+        terms: Terms | None = None,
     ) -> None:
         """A call to an order-code number, once its code named the session: the row learns
         who is calling whom and, as insert_call does for a direct call, a call put through
         is the session's activity and its call.started webhook."""
         await self.pool.execute(
-            """
-            WITH call AS (
-                UPDATE calls SET session_id = $2, caller_role = $3, caller_participant_id = $4, callee_role = $5,
-                                 callee_participant_id = $6, max_seconds = $7, record = $9
-                WHERE id = $1 AND state <> 'ended'
-                RETURNING calls AS r
-            ), hook AS (
-                INSERT INTO webhook_outbox (event, payload)
-                SELECT 'call.started', maskbridge_call_event(call.r) FROM call
-                WHERE $8 AND (call.r).session_id IS NOT NULL AND (call.r).callee_role IS NOT NULL
-            )
-            UPDATE sessions s SET last_activity_at = now()
-            FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
-            """,
+            _ROUTE_CALL,
             call_id, session_id, caller_role, caller_participant_id, callee_role, callee_participant_id,
-            max_seconds, self.webhooks, record,
+            self.webhooks, *_call_terms(terms),
         )
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:

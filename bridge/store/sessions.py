@@ -8,27 +8,14 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 
-
-class PairTaken(Exception):
-    """A participant holds this pool number already (live, or in cool-off)."""
-
-
-class OrderRace(Exception):
-    """Another open for the same order won the race."""
-
-
-class SessionGone(Exception):
-    """The session does not exist, or is not in a state that allows the change."""
-
-
-class CodeTaken(Exception):
-    """A live session on this pool number has this order code already."""
+from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
+from bridge.terms import Terms
 
 
 @dataclass(frozen=True)
@@ -41,15 +28,15 @@ class Sealed:
 
 @dataclass(frozen=True)
 class SessionTerms:
+    """What a new session is opened with: its own terms (bridge.terms, as stored) and the
+    rest of what it is opened with."""
+
     region: str | None
     ttl_seconds: int
     idle_timeout_seconds: int | None
     grace_seconds: int
-    calls_per_hour: int | None = None  # None: the bridge's default
-    calls_per_day: int | None = None
-    quiet_hours: Any = None  # JSON: {"from", "to", "timezone"}, false, or None (the default)
-    max_call_seconds: int | None = None  # None: the bridge's default
-    record: bool = False  # its calls are recorded (after a consent announcement)
+    # As stored: the terms that take their default at open have it (bridge.terms).
+    terms: Terms = field(default_factory=lambda: Terms().at_open(Terms.defaults_from_env({})))
     order_code: str | None = None  # set: an order-code session (mode order_code)
 
 
@@ -79,13 +66,9 @@ class SessionRow:
     grace_until: datetime | None
     closed_at: datetime | None
     end_reason: str | None
-    calls_per_hour: int | None
-    calls_per_day: int | None
-    quiet_hours: Any
-    max_call_seconds: int | None
-    record: bool
     mode: str
     order_code: str | None
+    terms: Terms  # as stored: a term left null takes the bridge's default at each call
     participants: tuple[ParticipantRow, ...]
 
     def live(self, role: str) -> ParticipantRow | None:
@@ -102,29 +85,26 @@ class RouteRow:
     pool_number: str
     caller_left: bool
     status: str
-    expired: bool
-    inactive: bool
-    grace_over: bool
+    due: str | None  # the session is past its time: how it ends (maskbridge_session_due)
     other_id: uuid.UUID | None
     other_role: str | None
     other_enc: bytes | None
     other_pool_number: str | None
     caller_blocked: bool
     other_blocked: bool
-    calls_per_hour: int | None
-    calls_per_day: int | None
-    quiet_hours: Any
-    max_call_seconds: int | None
     calls_last_hour: int
     calls_last_day: int
     language: str | None
-    record: bool
+    terms: Terms  # as stored
 
 
-_SESSION_COLUMNS = """
+# Every term of bridge.terms is a column of sessions by the same name.
+_TERM_COLUMNS = ", ".join(f"s.{name}" for name in Terms.names())
+
+_SESSION_COLUMNS = f"""
     s.id, s.order_id, s.pool_number, s.status, s.region, s.created_at, s.expires_at,
     s.idle_timeout_seconds, s.last_activity_at, s.grace_seconds, s.grace_until, s.closed_at, s.end_reason,
-    s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds, s.record, s.mode, s.order_code
+    s.mode, s.order_code, {_TERM_COLUMNS}
 """
 
 # A hold that still counts: live, or in a cool-off that has not ended.
@@ -139,22 +119,17 @@ _OWN_COOLING_HOLD = """
 """
 
 
-_ROUTE_SELECT = """
+_ROUTE_SELECT = f"""
     SELECT h.session_id, h.id AS participant_id, h.role, h.pool_number,
-           h.left_at IS NOT NULL AS caller_left, s.status,
-           s.expires_at <= now() AS expired,
-           coalesce(s.last_activity_at + make_interval(secs => s.idle_timeout_seconds) <= now(), false)
-               AS inactive,
-           coalesce(s.grace_until <= now(), false) AS grace_over,
+           h.left_at IS NOT NULL AS caller_left, s.status, maskbridge_session_due(s) AS due,
            o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
            o.pool_number AS other_pool_number,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx)
                OR h.blocked_at IS NOT NULL AS caller_blocked,
            EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
-           s.calls_per_hour, s.calls_per_day, s.quiet_hours, s.max_call_seconds,
            cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day,
            (SELECT n.language FROM pool_numbers n WHERE n.number = h.pool_number) AS language,
-           s.record
+           {_TERM_COLUMNS}
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
     LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
@@ -166,6 +141,16 @@ _ROUTE_SELECT = """
         FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
           AND c.started_at > now() - interval '1 day' AND c.outcome IS DISTINCT FROM 'failed'
     ) cap
+"""
+
+# A new session: its own columns ($1-$7), then every term by name.
+_INSERT_SESSION = f"""
+    INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
+                          mode, order_code, {", ".join(Terms.names())})
+    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6,
+            CASE WHEN $7::text IS NULL THEN 'direct' ELSE 'order_code' END, $7,
+            {", ".join(f"${i}" for i in range(8, 8 + len(Terms.names())))})
+    RETURNING id
 """
 
 # The routing lookup of every call ($1 the caller's blind index, $2 the dialed pool number).
@@ -185,8 +170,14 @@ ROUTE_BY_CODE_SQL = f"""{_ROUTE_SELECT}
 """
 
 
-def _json_or_none(value: str | None) -> Any:
-    return json.loads(value) if value is not None else None
+def _session_row(r: asyncpg.Record, participants: tuple[ParticipantRow, ...]) -> SessionRow:
+    fields = {k: v for k, v in dict(r).items() if k not in Terms.names()}
+    return SessionRow(**fields, terms=Terms.from_columns(r), participants=participants)
+
+
+def _route_row(r: asyncpg.Record) -> RouteRow:
+    fields = {k: v for k, v in dict(r).items() if k not in Terms.names()}
+    return RouteRow(**fields, terms=Terms.from_columns(r))
 
 
 def _affected(status: str) -> int:
@@ -215,11 +206,7 @@ class SessionRepo:
         for p in parts:
             fields = dict(p)
             by_session.setdefault(fields.pop("session_id"), []).append(ParticipantRow(**fields))
-        return [
-            SessionRow(**{**dict(r), "quiet_hours": _json_or_none(r["quiet_hours"])},
-                       participants=tuple(by_session.get(r["id"], [])))
-            for r in rows
-        ]
+        return [_session_row(r, tuple(by_session.get(r["id"], []))) for r in rows]
 
     async def get(self, session_id: uuid.UUID) -> SessionRow | None:
         found = await self._read(self.pool, "s.id = $1", session_id)
@@ -288,8 +275,7 @@ class SessionRepo:
                 FROM participants h WHERE h.number_idx = $1 AND {_HOLDING}""",
             idx,
         )
-        assert row is not None
-        return int(row["live"]), int(row["cooling"])
+        return (int(row["live"]), int(row["cooling"])) if row is not None else (0, 0)
 
     async def active_numbers(self) -> int:
         """Active numbers the direct allocator hands out (order-code numbers are shared)."""
@@ -361,19 +347,9 @@ class SessionRepo:
                 if not by_code:
                     await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
                 session_id: uuid.UUID = await conn.fetchval(
-                    """
-                    INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
-                                          calls_per_hour, calls_per_day, quiet_hours, max_call_seconds, record,
-                                          mode, order_code)
-                    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6, $7, $8, $9::jsonb, $10, $11,
-                            CASE WHEN $12::text IS NULL THEN 'direct' ELSE 'order_code' END, $12)
-                    RETURNING id
-                    """,
+                    _INSERT_SESSION,
                     order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
-                    terms.grace_seconds, terms.calls_per_hour, terms.calls_per_day,
-                    None if terms.quiet_hours is None else json.dumps(terms.quiet_hours), terms.max_call_seconds,
-                    terms.record,
-                    terms.order_code,
+                    terms.grace_seconds, terms.order_code, *terms.terms.to_columns(),
                 )
                 # In index order: two opens that share both people in opposite roles take
                 # the pair locks in the same order, and one waits for the other.
@@ -391,10 +367,8 @@ class SessionRepo:
                 await self._event(
                     conn, session_id, "opened", pool_number=pool_number, region=terms.region,
                     ttl_seconds=terms.ttl_seconds, idle_timeout_seconds=terms.idle_timeout_seconds,
-                    grace_seconds=terms.grace_seconds, calls_per_hour=terms.calls_per_hour,
-                    calls_per_day=terms.calls_per_day, quiet_hours=terms.quiet_hours,
-                    max_call_seconds=terms.max_call_seconds, record=terms.record,
-                    mode="order_code" if by_code else "direct",
+                    grace_seconds=terms.grace_seconds, mode="order_code" if by_code else "direct",
+                    **terms.terms.to_api(),
                 )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":
@@ -405,7 +379,7 @@ class SessionRepo:
                 raise CodeTaken(pool_number) from exc
             raise
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
-            raise PairTaken(pool_number) from exc
+            raise Contended(str(exc)) from exc
         return session_id
 
     async def _lock(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> asyncpg.Record:
@@ -457,15 +431,7 @@ class SessionRepo:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await self._lock(conn, session_id)
             if reason == "due":
-                due = await conn.fetchval(
-                    """SELECT CASE
-                         WHEN status = 'open' AND expires_at <= now() THEN 'expired'
-                         WHEN status = 'open' AND last_activity_at + make_interval(secs => idle_timeout_seconds)
-                              <= now() THEN 'inactive'
-                         WHEN status = 'grace' AND grace_until <= now() THEN 'closed' END
-                       FROM sessions WHERE id = $1""",
-                    session_id,
-                )
+                due = await conn.fetchval("SELECT maskbridge_session_due(s) FROM sessions s WHERE s.id = $1", session_id)
                 if due is None:
                     return None
                 reason, grace_seconds = due, 0
@@ -530,7 +496,7 @@ class SessionRepo:
                 raise PairTaken(pool_number) from exc
             raise
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
-            raise PairTaken(pool_number) from exc
+            raise Contended(str(exc)) from exc
 
     # --- routing -------------------------------------------------------------------------
 
@@ -538,16 +504,12 @@ class SessionRepo:
         """The holder of (number, pool number), with its session and the live other side.
         One indexed lookup: the unique hold index makes the answer unambiguous."""
         row = await self.pool.fetchrow(ROUTE_SQL, idx, pool_number)
-        if row is None:
-            return None
-        return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
+        return _route_row(row) if row is not None else None
 
     async def route_by_code(self, idx: bytes, pool_number: str, order_code: str) -> RouteRow | None:
         """The caller's part in the live session with this code on this order-code number."""
         row = await self.pool.fetchrow(ROUTE_BY_CODE_SQL, idx, pool_number, order_code)
-        if row is None:
-            return None
-        return RouteRow(**{**dict(row), "quiet_hours": _json_or_none(row["quiet_hours"])})
+        return _route_row(row) if row is not None else None
 
     async def ended_with_code(self, idx: bytes, pool_number: str, order_code: str, within: int) -> bool:
         """Whether the caller took part in a session with this code on this number that
@@ -605,12 +567,7 @@ class SessionRepo:
     async def due(self) -> list[uuid.UUID]:
         """Sessions whose time looks up (end_if_due decides, under the lock)."""
         rows = await self.pool.fetch(
-            """
-            SELECT id FROM sessions WHERE status = 'open' AND (expires_at <= now()
-                OR last_activity_at + make_interval(secs => idle_timeout_seconds) <= now())
-            UNION ALL
-            SELECT id FROM sessions WHERE status = 'grace' AND grace_until <= now()
-            """
+            "SELECT id FROM sessions s WHERE s.status IN ('open', 'grace') AND maskbridge_session_due(s) IS NOT NULL"
         )
         return [r["id"] for r in rows]
 

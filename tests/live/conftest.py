@@ -20,6 +20,7 @@ from bridge.crypto import NumberVault
 from bridge.devstack import asterisk, network, processes
 from bridge.devstack.network import HostileNetwork
 from bridge.pools import Pools
+from bridge.requests import OpenSession, parse
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, migrate
 from bridge.devstack.carrier import Carrier
@@ -236,6 +237,11 @@ async def hostile_network(stack: Stack, pbx_trunk: PbxTrunk) -> AsyncIterator[Ho
         finally:
             pbx_trunk.via_relay = False
             pbx_trunk.apply()
+
+
+def opening(order_id: str, courier: str, client: str, **fields: Any) -> OpenSession:
+    """The request to open an order's session, checked as the API checks it."""
+    return parse(OpenSession, {"order_id": order_id, "courier_number": courier, "client_number": client, **fields})
 
 
 SCRATCH_KEY = "scratch-schema-key-scratch-schema-key-0123"

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bridge.errors import Conflict, InvalidInput, PoolExhausted
-from tests.live.conftest import Harness
+from tests.live.conftest import Harness, opening
 
 PEOPLE = [f"+7916555{i:04d}" for i in range(4)]
 NUMBERS = [f"+7495666{i:04d}" for i in range(5)]
@@ -123,7 +123,7 @@ async def open_session(h: Harness, o: int, courier: str, client: str, region: st
     )
     if courier == client:
         with pytest.raises(InvalidInput):
-            await h.sessions.open(order_id, courier, client, region=region)
+            await h.sessions.open(opening(order_id, courier, client, region=region))
         return
     known_region = region is None or await h.pool.fetchval(
         "SELECT EXISTS (SELECT 1 FROM pool_numbers WHERE region = $1)", region
@@ -131,7 +131,7 @@ async def open_session(h: Harness, o: int, courier: str, client: str, region: st
     free = await free_numbers(h, courier, client)
     sticky = await last_pair_number(h, courier, client)
     try:
-        session, created = await h.sessions.open(order_id, courier, client, region=region)
+        session, created = await h.sessions.open(opening(order_id, courier, client, region=region))
     except InvalidInput as exc:
         assert exc.code == "unknown_region" and not known_region
         return
@@ -220,7 +220,7 @@ def test_racing_opens_over_shared_people_never_collide(harness: Harness) -> None
         await harness.pools.import_numbers([{"number": x} for x in numbers])
         wanted = [(f"race-{i}-{j}", couriers[i], clients[j]) for i in range(n) for j in range(n)]
         requests = wanted + wanted[:36]  # some orders are asked for twice, at the same moment
-        results = await asyncio.gather(*(harness.sessions.open(*r) for r in requests), return_exceptions=True)
+        results = await asyncio.gather(*(harness.sessions.open(opening(*r)) for r in requests), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         assert not failures, failures[:3]
         ids: dict[str, set[uuid.UUID]] = {}
@@ -250,7 +250,7 @@ def test_racing_opens_with_people_in_both_roles_never_deadlock_or_collide(harnes
         await harness.pool.execute(f"TRUNCATE {TABLES}")
         await harness.pools.import_numbers([{"number": x} for x in numbers])
         wanted = [(f"both-{i}-{j}", a, b) for i, a in enumerate(people) for j, b in enumerate(people) if a != b]
-        results = await asyncio.gather(*(harness.sessions.open(*w) for w in wanted), return_exceptions=True)
+        results = await asyncio.gather(*(harness.sessions.open(opening(*w)) for w in wanted), return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         assert not failures, failures[:3]
         await check_invariants(harness)
@@ -263,7 +263,7 @@ def test_a_repeated_reassignment_racing_itself_changes_the_courier_once(harness:
     async def scenario() -> None:
         await harness.pool.execute(f"TRUNCATE {TABLES}")
         await harness.pools.import_numbers([{"number": x} for x in NUMBERS])
-        session, _ = await harness.sessions.open("order-r", PEOPLE[0], PEOPLE[1])
+        session, _ = await harness.sessions.open(opening("order-r", PEOPLE[0], PEOPLE[1]))
         results = await asyncio.gather(*(harness.sessions.reassign_courier(session.id, PEOPLE[2]) for _ in range(6)))
         assert sum(changed for _, changed in results) == 1
         final = await harness.sessions.get(session.id)

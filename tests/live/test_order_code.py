@@ -15,7 +15,7 @@ import pytest
 from bridge.crypto import NumberVault
 from bridge.devstack.audio import rms, samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
-from tests.live.conftest import announced, last_call_of
+from tests.live.conftest import wait_for_call_row, announced, last_call_of
 from tests.live.test_announcements import envelope, prompt_envelope
 
 LANGUAGE = "en"
@@ -217,6 +217,9 @@ async def test_prompts_then_a_wrong_code_then_the_right_one(stack, carrier, api,
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     assert callee.number == client and callee.shown_number == pool
     await asyncio.wait_for(callee.answered.wait(), 10)
+    # (The other phone answered; the bridge connects the two a moment later: the caller
+    # hangs up once the call is connected, not as its answer crosses the hangup.)
+    await wait_for_call_row(db, session["id"], state="connected")
     await carrier.hangup(leg)
     row = await last_call_of(db, pool, courier)
     assert row["outcome"] == "answered" and str(row["session_id"]) == session["id"]

@@ -11,7 +11,7 @@ import pytest
 from bridge.blocklist import Blocklist
 from bridge.errors import Conflict, PoolExhausted
 from bridge.sessions import Policy, Sessions
-from tests.live.conftest import Harness
+from tests.live.conftest import Harness, opening
 
 SHARED = "+74957770001"
 DIRECT = "+74957770002"
@@ -34,11 +34,11 @@ def sessions_of(h: Harness, **policy: int) -> Sessions:
 def test_a_direct_open_never_gets_an_order_code_number(h: Harness) -> None:
     s = sessions_of(h)
     with pytest.raises(PoolExhausted) as exhausted:
-        h.run(s.open("direct-1", COURIER, CLIENT, region="RU-MOW"))
+        h.run(s.open(opening("direct-1", COURIER, CLIENT, region="RU-MOW")))
     assert exhausted.value.details["active_numbers"] == 0
     h.run(h.pools.import_numbers([{"number": DIRECT, "region": "RU-SPE"}]))
     for i in range(3):  # the region asked for has only the shared number: the direct one anyway
-        session, _ = h.run(s.open(f"direct-{i}", f"+7916555200{i}", f"+7916555100{i}", region="RU-MOW"))
+        session, _ = h.run(s.open(opening(f"direct-{i}", f"+7916555200{i}", f"+7916555100{i}", region="RU-MOW")))
         assert (session.pool_number, session.mode, session.order_code) == (DIRECT, "direct", None)
 
 
@@ -47,7 +47,7 @@ def test_racing_opens_with_one_code_on_one_number_give_it_once(h: Harness) -> No
 
     async def race() -> list[object]:
         return await asyncio.gather(
-            *(s.open(f"race-{i}", f"+7916556{i:04d}", f"+7916557{i:04d}", mode="order_code", order_code="777777")
+            *(s.open(opening(f"race-{i}", f"+7916556{i:04d}", f"+7916557{i:04d}", mode="order_code", order_code="777777"))
               for i in range(8)),
             return_exceptions=True,
         )
@@ -65,7 +65,7 @@ def test_random_codes_stay_unique_on_a_shared_number(h: Harness) -> None:
 
     async def many() -> list[object]:
         return await asyncio.gather(
-            *(s.open(f"many-{i}", f"+7916558{i:04d}", f"+7916559{i:04d}", mode="order_code") for i in range(40))
+            *(s.open(opening(f"many-{i}", f"+7916558{i:04d}", f"+7916559{i:04d}", mode="order_code")) for i in range(40))
         )
 
     opened = h.run(many())
@@ -76,8 +76,8 @@ def test_random_codes_stay_unique_on_a_shared_number(h: Harness) -> None:
 
 def test_the_code_routes_and_the_lockout_counts_and_ends(h: Harness) -> None:
     s = sessions_of(h, order_code_attempts=3, order_code_lockout=900)
-    one, _ = h.run(s.open("order-1", COURIER, CLIENT, mode="order_code"))
-    two, _ = h.run(s.open("order-2", COURIER, OTHER_CLIENT, mode="order_code"))
+    one, _ = h.run(s.open(opening("order-1", COURIER, CLIENT, mode="order_code")))
+    two, _ = h.run(s.open(opening("order-2", COURIER, OTHER_CLIENT, mode="order_code")))
     assert one.pool_number == two.pool_number == SHARED  # one courier, two orders, one number
     assert h.run(s.route(COURIER, SHARED)).kind == "order_code"  # a direct lookup: ask for the code
 
@@ -107,21 +107,21 @@ def test_a_closed_order_code_session_routes_nothing(h: Harness) -> None:
     code: a courier keying a delivered order's code thrice is not locked out of their live
     orders on the number. To anyone else, the code is wrong."""
     s = sessions_of(h, order_code_attempts=3)
-    one, _ = h.run(s.open("order-1", COURIER, CLIENT, mode="order_code"))
-    live, _ = h.run(s.open("order-live", COURIER, OTHER_CLIENT, mode="order_code"))
+    one, _ = h.run(s.open(opening("order-1", COURIER, CLIENT, mode="order_code")))
+    live, _ = h.run(s.open(opening("order-live", COURIER, OTHER_CLIENT, mode="order_code")))
     h.run(s.close(one.id))
     kinds = [h.run(s.route_by_code(COURIER, SHARED, one.order_code or "")).kind for _ in range(3)]
     assert kinds == ["finished"] * 3
     assert h.run(s.route_by_code(COURIER, SHARED, live.order_code or "")).kind == "connect"
     assert h.run(s.route_by_code(STRANGER, SHARED, one.order_code or "")).kind == "wrong_code"
     # Its code is free again on the number.
-    again, _ = h.run(s.open("order-2", COURIER, CLIENT, mode="order_code", order_code=one.order_code))
+    again, _ = h.run(s.open(opening("order-2", COURIER, CLIENT, mode="order_code", order_code=one.order_code)))
     assert again.order_code == one.order_code
 
 
 def test_a_reassigned_courier_keeps_the_shared_number(h: Harness) -> None:
     s = sessions_of(h)
-    one, _ = h.run(s.open("order-1", COURIER, CLIENT, mode="order_code"))
+    one, _ = h.run(s.open(opening("order-1", COURIER, CLIENT, mode="order_code")))
     session, changed = h.run(s.reassign_courier(one.id, STRANGER))
     assert changed and {p.pool_number for p in session.participants} == {SHARED}
     assert h.run(s.route_by_code(STRANGER, SHARED, one.order_code or "")).callee_number == CLIENT
@@ -130,7 +130,7 @@ def test_a_reassigned_courier_keeps_the_shared_number(h: Harness) -> None:
 
 def test_the_blocklist_applies_to_calls_by_code(h: Harness) -> None:
     s = sessions_of(h)
-    one, _ = h.run(s.open("order-1", COURIER, CLIENT, mode="order_code"))
+    one, _ = h.run(s.open(opening("order-1", COURIER, CLIENT, mode="order_code")))
     h.run(Blocklist(h.store, h.vault).add(CLIENT, "test"))
     assert h.run(s.route_by_code(COURIER, SHARED, one.order_code or "")).kind == "blocked"
     assert h.run(s.route_by_code(CLIENT, SHARED, one.order_code or "")).kind == "blocked"

@@ -11,7 +11,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from bridge.devstack import postgres
-from tests.live.conftest import Harness
+from tests.live.conftest import Harness, opening
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         await h.pools.import_numbers([{"number": f"+749511100{i:02d}"} for i in range(4)])
         people = [f"+79161110{i:03d}" for i in range(8)]
         old, recent, still_open, reassigned = [
-            (await h.sessions.open(f"order-{i}", people[2 * i], people[2 * i + 1]))[0] for i in range(4)
+            (await h.sessions.open(opening(f"order-{i}", people[2 * i], people[2 * i + 1])))[0] for i in range(4)
         ]
         # The old session's courier called; its call ended 31 days ago with the session.
         courier = old.live("courier")

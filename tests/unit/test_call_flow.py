@@ -28,6 +28,7 @@ from bridge.ari import AriClient, AriError, AriNotFound, EventStream
 from bridge.calls.flow import FlowSettings
 from bridge.calls.stasis import StasisDispatcher
 from bridge.sessions import Route
+from bridge.terms import Terms
 
 APP = "maskbridge"
 CALLER = "+79161234567"  # a courier's real number
@@ -47,6 +48,12 @@ STATES = {"routing", "entering_code", "ringing", "connected", "announcing", "end
 
 
 # --- the store ------------------------------------------------------------------------
+
+
+def _call_terms(terms: Terms | None) -> dict[str, Any]:
+    """The session terms a call row keeps, a column each (as bridge/store/queries.py writes them)."""
+    kept = (terms or Terms()).on_call_row()
+    return {name: value if value is not None else Terms.unset(name) for name, value in kept.items()}
 
 
 class FakeStore:
@@ -143,12 +150,13 @@ class FakeStore:
         assert call_id not in self.rows
         assert set(fields) == {
             "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state",
-            "caller_participant_id", "callee_role", "callee_participant_id", "max_seconds", "record",
+            "caller_participant_id", "callee_role", "callee_participant_id", "terms",
         }
         assert fields["pool_number"] and fields["caller_masked"] and fields["inbound_channel_id"]
         self.rows[call_id] = {
             "id": call_id,
             **fields,
+            **_call_terms(fields["terms"]),  # as the store keeps them: a column each
             "outcome": None,
             "hangup_by": None,
             "hangup_cause": None,
@@ -208,11 +216,10 @@ class FakeStore:
 
     async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> None:
         assert set(fields) == {
-            "session_id", "caller_role", "caller_participant_id", "callee_role", "callee_participant_id", "max_seconds",
-            "record",
+            "session_id", "caller_role", "caller_participant_id", "callee_role", "callee_participant_id", "terms",
         }
         if self.rows[call_id]["state"] != "ended":
-            self.rows[call_id].update(fields)
+            self.rows[call_id].update(fields, **_call_terms(fields["terms"]))
         await self._op("call_routed", call_id, **fields)
 
     async def call_ended(
@@ -256,6 +263,7 @@ class FakeStore:
             "started_at": datetime.now(timezone.utc),
             "answered_at": None,
             "ended_at": None,
+            **_call_terms(None),
             **fields,
         }
         self.rows[call_id] = row
@@ -1065,7 +1073,7 @@ async def test_a_block_applied_before_the_lookup_does_not_outlive_an_unblock(h: 
 
 async def test_the_maximum_duration_ends_a_connected_call(h: Harness) -> None:
     route = h.store.add_route(CALLER, POOL, CALLEE)
-    h.store.routes[(CALLER, POOL)] = dataclasses.replace(route, max_call_seconds=1)
+    h.store.routes[(CALLER, POOL)] = dataclasses.replace(route, terms=Terms(max_call_seconds=1))
     row, outbound = await h.connected_call()
     row = await h.store.ended("in-1")
     await h.settle()
@@ -1162,7 +1170,7 @@ async def test_a_resumed_call_still_ends_at_its_maximum_duration_counted_from_th
     outbound = f"{call_id}-callee"
     h.store.add_row(
         id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
-        bridge_id=str(call_id), answered_at=datetime.now(timezone.utc) - timedelta(seconds=59), max_seconds=60,
+        bridge_id=str(call_id), answered_at=datetime.now(timezone.utc) - timedelta(seconds=59), max_call_seconds=60,
     )
     h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
     h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
@@ -1177,7 +1185,7 @@ async def test_a_resumed_call_still_ends_at_its_maximum_duration_counted_from_th
 
 
 def _recorded(h: Harness) -> Route:
-    route = dataclasses.replace(h.store.add_route(CALLER, POOL, CALLEE), record=True)
+    route = dataclasses.replace(h.store.add_route(CALLER, POOL, CALLEE), terms=Terms(record=True))
     h.store.routes[(CALLER, POOL)] = route
     return route
 

@@ -11,12 +11,14 @@ from typing import Any
 
 import pytest
 
-from bridge.api import http, openapi
+from bridge import limits
 from bridge.api.http import PUBLIC_PATHS, RECORDING_PATHS, ROUTES
 from bridge.api.openapi import document
 from bridge.blocklist import Blocklist
 from bridge.crypto import NumberVault
 from bridge.errors import InvalidInput
+from bridge.requests import REQUESTS
+from bridge.terms import Terms
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -134,14 +136,25 @@ def test_the_document_round_trips_through_json(doc):
     assert doc["info"]["title"] == "maskbridge"
 
 
-def test_limits_repeated_from_the_http_module_agree():
-    assert (openapi.DEFAULT_PAGE, openapi.MAX_PAGE) == (http.DEFAULT_PAGE, http.MAX_PAGE)
-    assert openapi.JSON_BODY_LIMIT == http.JSON_BODY_LIMIT
-    assert openapi.IMPORT_BODY_LIMIT == http.IMPORT_BODY_LIMIT
-    from bridge import sessions
-
-    assert openapi.ORDER_ID_PATTERN == sessions.ORDER_ID.pattern
-    assert http.OPEN_FIELDS == set(document()["components"]["schemas"]["OpenSessionRequest"]["properties"])
+def test_request_bodies_are_the_models_the_handlers_parse_with(doc):
+    """One definition: the document's request schemas are the models' own, and every term of
+    bridge.terms is a property of the open request and of the session (the call, for the
+    terms it keeps)."""
+    schemas = doc["components"]["schemas"]
+    for name, model in REQUESTS.items():
+        expected = model.model_json_schema(by_alias=True, ref_template="#/components/schemas/{model}")
+        expected.pop("$defs", None)
+        documented = {k: v for k, v in schemas[name].items()}
+        if name == "ImportPoolNumbersRequest":
+            documented["properties"] = {**documented["properties"], "numbers": {
+                k: v for k, v in documented["properties"]["numbers"].items() if k != "items"}}
+            expected["properties"]["numbers"].pop("items", None)
+        assert documented == expected, name
+    for name in Terms.names():
+        assert name in schemas["OpenSessionRequest"]["properties"] and name in schemas["Session"]["required"]
+    assert set(Terms.on_call_row_names()) <= set(schemas["Call"]["required"])
+    limit = doc["components"]["parameters"]["Limit"]["schema"]
+    assert (limit["maximum"], limit["default"]) == (limits.MAX_PAGE, limits.DEFAULT_PAGE)
 
 
 def _examples(doc: dict[str, Any], response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -197,23 +210,24 @@ def test_pool_number_entries_take_only_number_region_language_and_mode(doc):
     entry = doc["components"]["schemas"]["PoolNumberEntry"]
     assert entry["additionalProperties"] is False
     assert set(entry["properties"]) == {"number", "region", "language", "mode"} and entry["required"] == ["number"]
-    from bridge import pools
-
-    assert set(entry["properties"]["mode"]["enum"]) == set(pools.MODES) | {None}
+    assert set(entry["properties"]["mode"]["enum"]) == set(limits.MODES) | {None}
 
 
 def test_modes_and_order_codes_are_the_ones_the_database_and_the_services_allow(doc):
-    from bridge import sessions
-
     schemas = doc["components"]["schemas"]
     assert set(schemas["PoolNumber"]["properties"]["mode"]["enum"]) == _last_check("mode")
-    assert set(schemas["Session"]["properties"]["mode"]["enum"]) == set(sessions.MODES) == _last_check("mode")
+    assert set(schemas["Session"]["properties"]["mode"]["enum"]) == set(limits.MODES) == _last_check("mode")
     assert set(schemas["Call"]["properties"]["state"]["enum"]) == _last_check("state")
     sql = "\n".join(path.read_text() for path in sorted((Path(__file__).parents[2] / "sql").glob("*.sql")))
     pattern = schemas["Session"]["properties"]["order_code"]["pattern"]
     assert f"order_code ~ '{pattern}'" in sql
-    assert schemas["OpenSessionRequest"]["properties"]["order_code"]["pattern"] == pattern
+    assert _not_null(schemas["OpenSessionRequest"]["properties"]["order_code"])["pattern"] == pattern
     assert schemas["UpdatePoolNumberRequest"]["required"] == ["mode"]
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema of a nullable property's value (pydantic writes `anyOf: [value, null]`)."""
+    return next((s for s in schema.get("anyOf", []) if s.get("type") != "null"), schema)
 
 
 def _last_check(column: str) -> set[str]:
@@ -259,7 +273,7 @@ class _Repo:
      "trailing line break\n", "\u2028 line separator"],
 )
 async def test_the_documented_reason_is_the_one_the_blocklist_takes(doc, reason):
-    schema = doc["components"]["schemas"]["BlockNumberRequest"]["properties"]["reason"]
+    schema = _not_null(doc["components"]["schemas"]["BlockNumberRequest"]["properties"]["reason"])
     pattern = schema["pattern"]
     assert pattern.startswith("^") and pattern.endswith("$")
     # fullmatch: Python's `$` would also match before a final line break, ECMA-262's does not

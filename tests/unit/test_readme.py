@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 from bridge.devstack.settings import DEFAULTS, SECRET_NAMES
+from bridge.terms import Terms
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -26,6 +27,7 @@ def test_every_generated_secret_is_named():
 
 def test_every_variable_the_bridge_reads_is_documented():
     read = set(re.findall(r'"(MB_[A-Z_]+)"', (ROOT / "bridge" / "config.py").read_text()))
+    read |= {Terms.term(name).env for name in Terms.names()}  # the session terms' defaults
     bridge_table = README.split("The bridge process reads:", 1)[1].split("The local stack", 1)[0]
     assert read, "config.py reads its settings by name"
     for name in read:

@@ -1,0 +1,37 @@
+"""What the store reports besides the database's own errors: one base class, so that a
+caller can tell "the data says no" (a StoreError) from "the database failed"."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """A change the data does not allow, or that lost a race: the caller decides."""
+
+
+class PairTaken(StoreError):
+    """A participant holds this pool number already (live, or in cool-off)."""
+
+
+class OrderRace(StoreError):
+    """Another open for the same order won the race."""
+
+
+class SessionGone(StoreError):
+    """The session does not exist, or is not in a state that allows the change."""
+
+
+class CodeTaken(StoreError):
+    """A live session on this pool number has this order code already."""
+
+
+class NumbersInUse(StoreError):
+    """The mode of these pool numbers cannot change: someone holds them (live or cooling off)."""
+
+    def __init__(self, numbers: list[str]) -> None:
+        super().__init__(", ".join(numbers))
+        self.numbers = numbers
+
+
+class Contended(StoreError):
+    """The database gave up on the transaction (a deadlock, or a serialization failure against
+    a concurrent one): nothing was written, and trying again is safe."""
