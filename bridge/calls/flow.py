@@ -4,6 +4,12 @@ A call from the trunk to a pool number enters Stasis; we look up the live sessio
 (caller's real number, dialed pool number), create the leg to the other participant
 showing only the pool number, bridge the two and supervise them until one side hangs up.
 The states are named after what the caller hears.
+
+Some things end a call in every state: the bridge cuts it (a block, a participant leaving
+the order, its maximum duration), the caller hangs up, the other phone hangs up. They are
+decided in one place (`_common`, with the outcome each state gives them in `_OUTCOMES`),
+which every loop asks first, the order-code prompt's included; each loop then handles only
+what is its own (an answer, a key, the end of a prompt).
 """
 
 from __future__ import annotations
@@ -12,15 +18,18 @@ import asyncio
 import enum
 import time
 import uuid
-from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
+from bridge.calls.events import Answered, CallEvent, Cut, Hangup, Hold, InStasis, Key, PlaybackDone, RawEvent, read
 from bridge.calls.order_code import CodePrompt, KeypadTiming
+from bridge.calls.outcomes import CUT_OUTCOMES
+from bridge.calls.recording import CallRecording, RecordingStore, recording_name
 from bridge.languages import sounds_of
 from bridge.phone import InvalidNumber, mask, normalize
 from bridge.sessions import Route
@@ -28,16 +37,12 @@ from bridge.terms import Terms
 
 log = structlog.get_logger(__name__)
 
-Event = dict[str, Any]
-
 UNKNOWN_CALLER_SOUND = "ss-noservice"
 SESSION_CLOSED_SOUND = "ss-noservice"
 BLOCKED_SOUND = "cannot-complete-as-dialed"
 UNAVAILABLE_SOUND = "all-circuits-busy-now"  # as the dialplan plays when the bridge is down
 BLOCK_CONFIRMED_SOUND = "auth-thankyou"  # to the client who blocked the other party
 CONSENT_SOUND = "conf-now-recording"  # "this call is now being recorded", to both parties
-RECORDING_FORMAT = "wav"  # Asterisk's wav: 8 kHz 16-bit mono after a 44-byte header
-RECORDING_FINISH_TIMEOUT = 5.0  # seconds to wait for Asterisk to close a stopped recording
 TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hours, locked out
 # Order-code numbers: "Please enter your personal identification number followed by the
 # pound, or hash key"; after a wrong code "Password incorrect. Please enter your password
@@ -46,7 +51,9 @@ TRY_LATER_SOUND = "im-sorry,pls-try-call-later"  # call limit reached, quiet hou
 ORDER_CODE_PROMPT = "confbridge-pin"
 WRONG_CODE_SOUND = "auth-incorrect"
 TOO_MANY_WRONG_CODES_SOUND = "confbridge-pin-bad"
-CUT = "MaskbridgeCut"  # our own event: end this call now (e.g. a participant was blocked)
+# confirm_answer: "You have an incoming call. Press 1 to accept this call, or 2 to reject it."
+CONFIRM_PROMPT = "followme/no-recording,followme/options"
+CONFIRM_KEY, REJECT_KEY = "1", "2"
 
 # Hangup cause of the other leg (before answer) -> the call's outcome. The caller is hung
 # up with the same cause, so that their phone says what happened; any other cause reaches
@@ -68,6 +75,7 @@ _REFUSALS: dict[int, str] = {
 REDIRECTED_CAUSE = 23
 REDIRECTED_CAUSE_TO_CALLER = 20
 FAILED_CAUSE_TO_CALLER = 34
+NO_ANSWER_CAUSE, REJECTED_CAUSE = 19, 21
 # The dialplan hands a call to the bridge only once its leg is masked ([from-trunk] in
 # extensions.conf: MASK_NUMBER and the interception routines), and says so with this argument
 # of Stasis(). A call without it came through a dialplan older than this bridge.
@@ -88,17 +96,38 @@ def caller_cause(cause: int | None) -> int:
     return REDIRECTED_CAUSE_TO_CALLER if cause == REDIRECTED_CAUSE else FAILED_CAUSE_TO_CALLER
 
 
-_GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
-
-
 class CallState(enum.Enum):
     ROUTING = "routing"  # a few ms of silence while the session is looked up
     ENTERING_CODE = "entering_code"  # an order-code number: the caller is asked for the order's code
     RINGING = "ringing"  # the caller hears the other phone ring
+    CONFIRMING = "confirming"  # confirm_answer: it answered and is asked to press 1; the caller still hears ringback
     CONSENT = "consent"  # answered; both hear that the call is recorded, each on their own
     CONNECTED = "connected"  # they talk
     ANNOUNCING = "announcing"  # the caller hears why the call cannot be put through
     ENDED = "ended"
+
+
+# What the things that can happen in every state end a call as, by state: the caller
+# leaving (outcome, whether their hangup cause is kept), the other phone leaving (None:
+# decided by the state itself), a cut before the answer (by its reason, CUT_OUTCOMES) or
+# after it ("answered").
+@dataclass(frozen=True)
+class _Outcomes:
+    caller_left: str | None  # None: the announcement's own outcome
+    keep_cause: bool  # the caller's hangup cause is recorded
+    callee_left: str | None  # None: the state decides (the other phone's refusal, or not confirmed)
+    answered: bool  # a cut ends an answered call
+
+
+_OUTCOMES = {
+    CallState.ROUTING: _Outcomes("caller_cancelled", False, None, False),
+    CallState.ENTERING_CODE: _Outcomes("caller_cancelled", False, None, False),
+    CallState.RINGING: _Outcomes("caller_cancelled", False, None, False),
+    CallState.CONFIRMING: _Outcomes("caller_cancelled", False, None, False),
+    CallState.CONSENT: _Outcomes("answered", True, "answered", True),
+    CallState.CONNECTED: _Outcomes("answered", True, "answered", True),
+    CallState.ANNOUNCING: _Outcomes(None, False, None, False),
+}
 
 
 class Router(Protocol):
@@ -107,14 +136,12 @@ class Router(Protocol):
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None: ...
 
 
-class CallStore(Protocol):
+class CallStore(RecordingStore, Protocol):
     async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
+    async def call_confirming(self, call_id: uuid.UUID) -> None: ...
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
     async def call_announcing(self, call_id: uuid.UUID) -> None: ...
-    async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID: ...
-    async def recording_finished(self, call_id: uuid.UUID, duration_ms: int | None, size: int | None) -> None: ...
-    async def recording_discarded(self, call_id: uuid.UUID) -> None: ...
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
     async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_ended(
@@ -134,6 +161,8 @@ class FlowSettings:
     default_language: str = "en"  # of announcements when no route says otherwise
     keypad: KeypadTiming = KeypadTiming()  # order codes: length and timeouts of the entry
     order_code_attempts: int = 3  # codes a caller may key in one call
+    confirm_wait: float = 6.0  # confirm_answer: seconds after the prompt for the called phone's key
+    confirm_prompts: int = 2  # confirm_answer: how many times it is asked
 
 
 # What both parties hear before the bridge ends a call at its maximum duration: three short
@@ -141,32 +170,9 @@ class FlowSettings:
 # ("!" plays a segment once; without it Asterisk repeats the tone until it is stopped.)
 DURATION_WARNING_TONE = "tone:!1400/250,!0/250,!1400/250,!0/250,!1400/250"
 
-def _channel_of(event: Event) -> str | None:
-    channel = event.get("channel")
-    return channel.get("id") if isinstance(channel, dict) else None
 
-
-def _cause(event: Event) -> int | None:
-    """The hangup cause an event carries; None when it carries none (e.g. reconciled)."""
-    cause = event.get("cause")
-    return int(cause) if cause is not None else None
-
-
-def _gone(event: Event, channel_id: str) -> bool:
-    return event.get("type") in _GONE and _channel_of(event) == channel_id
-
-
-def _finished_playback(event: Event) -> str | None:
-    """The id of the playback an event says has finished, if it says so."""
-    if event.get("type") != "PlaybackFinished":
-        return None
-    playback = event.get("playback")
-    return playback.get("id") if isinstance(playback, dict) else None
-
-
-def wav_duration_ms(size: int) -> int:
-    """The length of an Asterisk wav recording (8 kHz, 16-bit mono) from its file size."""
-    return max(0, size - 44) // 16
+class CallFailed(Exception):
+    """The call cannot go on as it should (the flow's own checks): it ends as failed."""
 
 
 class MaskedCall:
@@ -176,20 +182,20 @@ class MaskedCall:
     def __init__(
         self,
         call_id: uuid.UUID,
-        inbound: Event,
+        inbound: RawEvent,
         dialed: str,
         ari: AriClient,
         store: CallStore,
         settings: FlowSettings,
         register: Callable[[str, "MaskedCall"], None],
         router: Router | None = None,
-        recently_blocked: Callable[[set[uuid.UUID], float], bool] | None = None,
+        recently_cut: Callable[[set[uuid.UUID], float], str | None] | None = None,
         masked: bool = True,
     ) -> None:
         self.id = call_id
-        self.masked = masked  # the dialplan masked the caller's leg (MASKED_ARG)
         self.router = router
-        self._recently_blocked = recently_blocked or (lambda _ids, _since: False)
+        self._recently_cut = recently_cut or (lambda _ids, _since: None)
+        self.masked = masked  # the dialplan masked the caller's leg (MASKED_ARG)
         self.inbound_id: str = inbound["id"]
         self.inbound = inbound
         self.dialed = dialed
@@ -200,12 +206,14 @@ class MaskedCall:
         self.settings = settings
         self._register = register
         self.state = CallState.ROUTING
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
         self._bridge_created = False
+        self._outbound_created = False
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
+        self._announcing = "unknown_caller"  # the outcome of the announcement being played
         self._client_digits = ""
-        self._recording: str | None = None  # the name of this call's recording in Asterisk
+        self.recording = CallRecording(call_id, self.bridge_id, ari, store)
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -217,12 +225,12 @@ class MaskedCall:
             return set()
         return {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
 
-    def feed(self, event: Event) -> None:
-        self._events.put_nowait(event)
+    def feed(self, event: RawEvent) -> None:
+        self._events.put_nowait(read(event))
 
     def cut(self, reason: str) -> None:
         """End this call now, whatever its state (it is ended by the bridge: hangup_by system)."""
-        self.feed({"type": CUT, "reason": reason})
+        self._events.put_nowait(Cut(reason))
 
     def channel_ids(self) -> list[str]:
         return [self.inbound_id, self.outbound_id]
@@ -232,7 +240,13 @@ class MaskedCall:
         events of the bridge's recording)."""
         return [*self.channel_ids(), f"bridge:{self.bridge_id}"]
 
-    async def _next(self, deadline: float | None) -> Event | None:
+    def _enter(self, state: CallState) -> None:
+        """The one place the call changes state."""
+        if state is not self.state:
+            log.info("call.state", old=self.state.value, new=state.value)
+            self.state = state
+
+    async def _next(self, deadline: float | None) -> CallEvent | None:
         """The next event of this call, or None once `deadline` (monotonic) has passed."""
         if deadline is None:
             return await self._events.get()
@@ -252,11 +266,11 @@ class MaskedCall:
 
     def _caller_left_already(self) -> bool:
         """Whether a hangup of the caller is among the events queued so far."""
-        pending = []
+        pending: list[CallEvent] = []
         left = False
         while not self._events.empty():
             event = self._events.get_nowait()
-            left = left or _gone(event, self.inbound_id)
+            left = left or (isinstance(event, Hangup) and event.channel == self.inbound_id)
             pending.append(event)
         for event in pending:
             self._events.put_nowait(event)
@@ -268,16 +282,57 @@ class MaskedCall:
         except AriNotFound:
             pass  # already gone: the outcome we wanted
 
+    async def _hang_up_both(self, *, caller_cause: int | None = None) -> None:
+        if self._outbound_created:
+            await self._hangup(self.outbound_id)
+        if caller_cause is None:
+            await self._hangup(self.inbound_id)
+        else:
+            await self._hangup(self.inbound_id, "congestion", code=caller_cause)
+
     async def _end(self, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None) -> None:
-        self.state = CallState.ENDED
+        self._enter(CallState.ENDED)
         await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
-    async def _cut(self, event: Event, outcome: str) -> None:
-        """Both legs are hung up by the bridge (a CUT event)."""
-        await self._hangup(self.outbound_id)
-        await self._hangup(self.inbound_id)
-        await self._end(outcome, "system", None, event.get("reason"))
+    # --- what holds in every state ---------------------------------------------------
+
+    async def _common(self, event: CallEvent) -> bool:
+        """The rules of every state: a cut, the caller leaving, the other phone leaving. True
+        when the event ended the call."""
+        outcomes = _OUTCOMES.get(self.state)
+        if outcomes is None:
+            return False  # ended already
+        if isinstance(event, Cut):
+            log.info("call.cut", reason=event.reason)
+            await self._hang_up_both()
+            outcome = "answered" if outcomes.answered else CUT_OUTCOMES.get(event.reason, "failed")
+            await self._end(outcome, "system", None, event.reason)
+            return True
+        if isinstance(event, Hangup) and event.channel == self.inbound_id:
+            if self._outbound_created:
+                await self._hangup(self.outbound_id)  # (cancels the other phone while it rings)
+            await self._end(outcomes.caller_left or self._announcing, "caller",
+                            event.cause if outcomes.keep_cause else None)
+            return True
+        if isinstance(event, Hangup) and event.final and event.channel == self.outbound_id:
+            if outcomes.callee_left is not None:
+                await self._hangup(self.inbound_id)
+                await self._end(outcomes.callee_left, "callee", event.cause)
+            elif self.state is CallState.RINGING:
+                # The other phone's network refused the call: the caller hears why (a plain
+                # failure for anything but busy, no answer, rejected or unreachable).
+                outcome = _REFUSALS.get(event.cause or 0, "redirected" if event.cause == REDIRECTED_CAUSE else "failed")
+                await self._hangup(self.inbound_id, "congestion", code=caller_cause(event.cause))
+                await self._end(outcome, "callee", event.cause)
+            elif self.state is CallState.CONFIRMING:
+                # It answered and hung up without confirming: as if it never answered.
+                await self._hangup(self.inbound_id, "congestion", code=NO_ANSWER_CAUSE)
+                await self._end("not_confirmed", "callee", event.cause)
+            else:
+                return False
+            return True
+        return False
 
     # --- the flow ------------------------------------------------------------------
 
@@ -291,23 +346,49 @@ class MaskedCall:
                 # Nothing rang yet (e.g. the database is down): the caller is told the
                 # service is unavailable, not left with silence.
                 await self._unavailable()
-            await self._hangup(self.inbound_id, "congestion", code=34)
-            await self._hangup(self.outbound_id, "normal")
+            await self._hang_up_both(caller_cause=FAILED_CAUSE_TO_CALLER)
             if self.state is not CallState.ENDED:
                 try:
-                    await self._end("failed", "system", 34)
+                    await self._end("failed", "system", FAILED_CAUSE_TO_CALLER)
                 except Exception:  # noqa: BLE001 - the database may be what failed
                     log.exception("call.row_not_ended")
         finally:
-            await self._finish_recording()
-            await self._destroy_bridge()
+            await self._after()
+
+    async def _after(self) -> None:
+        """Once the call has ended: its recording finished, its bridge destroyed. (A bridge
+        process that is stopped, task cancelled, leaves both to the next process, which
+        resumes the call: StasisDispatcher.reconcile.)"""
+        if self.state is not CallState.ENDED:
+            return
+        await self.recording.finish(self._next)
+        if self._bridge_created:
+            try:
+                await self.ari.destroy_bridge(self.bridge_id)
+            except AriError:
+                pass
 
     def _sounds(self) -> str:
         """The sounds directory of the language the caller is told things in."""
-        language = self.route.language if self.route is not None else self.settings.default_language
-        return sounds_of(language)
+        return sounds_of(self.route.language if self.route is not None else self.settings.default_language)
+
+    async def _play_and_wait(self, channel_id: str, media: str, playback_id: str) -> bool:
+        """Play to one leg until the end of the playback; False if the call ended meanwhile."""
+        try:
+            await self.ari.play(channel_id, media, playback_id, self._sounds())
+        except (AriNotFound, AriConflict):
+            pass  # that leg hung up meanwhile: its hangup is among the events
+        deadline = time.monotonic() + self.settings.announcement_timeout
+        while (event := await self._next(deadline)) is not None:
+            if await self._common(event):
+                return False
+            if isinstance(event, PlaybackDone) and event.playback == playback_id:
+                break
+        return True
 
     async def _unavailable(self) -> None:
+        """The service cannot take the call (the database is down, the dialplan is too old):
+        the caller hears that all circuits are busy."""
         playback_id = f"{self.id}-unavailable"
         try:
             await self.ari.answer(self.inbound_id)
@@ -316,27 +397,19 @@ class MaskedCall:
             return
         deadline = time.monotonic() + self.settings.announcement_timeout
         while (event := await self._next(deadline)) is not None:
-            if _gone(event, self.inbound_id) or (
-                event.get("type") == "PlaybackFinished" and event.get("playback", {}).get("id") == playback_id
-            ):
+            if (isinstance(event, Hangup) and event.channel == self.inbound_id) or (
+                    isinstance(event, PlaybackDone) and event.playback == playback_id):
                 return
 
-    async def _destroy_bridge(self) -> None:
-        # Only once the call has ended: a bridge process that is stopped (task cancelled)
-        # leaves calls up, for the next process to resume (StasisDispatcher.reconcile).
-        if self._bridge_created and self.state is CallState.ENDED:
-            try:
-                await self.ari.destroy_bridge(self.bridge_id)
-            except AriError:
-                pass
-
     def _take_route(self, route: Route, lookup_began: float) -> Route:
-        """The call's route, known at once, so that a block from now on finds this call
-        (StasisDispatcher.cut_calls); and a block that was being applied while the route was
-        looked up (since `lookup_began`) is honoured too."""
+        """The call's route, known at once, so that a cut from now on finds this call
+        (StasisDispatcher.cut_calls); and a cut applied while the route was looked up (since
+        `lookup_began`: a block, a participant leaving) is honoured too."""
         self.route = route
-        if route.kind == "connect" and self._recently_blocked(self.participant_ids, lookup_began):
-            self.route = Route("blocked", session_id=route.session_id, caller_role=route.caller_role,
+        cut = self._recently_cut(self.participant_ids, lookup_began) if route.kind == "connect" else None
+        if cut is not None:
+            self.route = Route("blocked" if CUT_OUTCOMES.get(cut) == "blocked" else "finished",
+                               session_id=route.session_id, caller_role=route.caller_role,
                                caller_participant_id=route.caller_participant_id, language=route.language)
         return self.route
 
@@ -348,8 +421,10 @@ class MaskedCall:
                       "its [from-trunk] must set MASK_NUMBER and the interception routines and pass 'masked' to Stasis")
             await self._unavailable()
             await self._hangup(self.inbound_id, "congestion", code=FAILED_CAUSE_TO_CALLER)
-            self.state = CallState.ENDED
+            self._enter(CallState.ENDED)
             return
+        if self.router is None:
+            raise CallFailed("a new call needs a router")
         raw_caller = (self.inbound.get("caller") or {}).get("number") or ""
         caller: str | None
         pool: str | None
@@ -361,7 +436,6 @@ class MaskedCall:
             pool = normalize(self.dialed, self.settings.default_region)
         except InvalidNumber:
             pool = None
-        assert self.router is not None, "a new call needs a router"
         looked_up = time.perf_counter()
         lookup_began = time.monotonic()
         route = await self.router.route(caller, pool) if caller and pool else None
@@ -391,31 +465,30 @@ class MaskedCall:
             callee_participant_id=route.callee_participant_id if route else None,
             terms=route.terms if route else None,
         )
-        if route is not None and route.kind == "locked_out":
+        if route is None or caller is None or pool is None or route.kind == "unknown":
+            await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
+            return
+        if route.kind == "locked_out":
             await self._announce("locked_out", TRY_LATER_SOUND)
             return
-        if route is not None and route.kind == "order_code":
-            assert caller is not None and pool is not None
+        if route.kind == "order_code":
             coded = await self._enter_order_code(caller, pool)
             if coded is None:
                 return  # the call ended (wrong codes, or the caller left)
             route = coded
-        assert pool is not None or route is None or route.kind == "unknown"
-        await self._put_through(route, pool or "")
+        await self._put_through(route, pool)
 
-    async def _put_through(self, route: Route | None, pool: str) -> None:
+    async def _put_through(self, route: Route, pool: str) -> None:
         """Ring the other participant, or tell the caller why not."""
-        if route is None or route.kind == "unknown":
-            await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
-            return
-        if route.kind == "blocked":
-            await self._announce("blocked", BLOCKED_SOUND)
-            return
-        if route.kind in ("call_limit", "quiet_hours"):
-            await self._announce(route.kind, TRY_LATER_SOUND)
-            return
-        if route.kind == "finished":
-            await self._announce("session_closed", SESSION_CLOSED_SOUND)
+        announcements = {
+            "unknown": ("unknown_caller", UNKNOWN_CALLER_SOUND),
+            "blocked": ("blocked", BLOCKED_SOUND),
+            "call_limit": ("call_limit", TRY_LATER_SOUND),
+            "quiet_hours": ("quiet_hours", TRY_LATER_SOUND),
+            "finished": ("session_closed", SESSION_CLOSED_SOUND),
+        }
+        if route.kind in announcements:
+            await self._announce(*announcements[route.kind])
             return
         await self._ring(route, pool)
 
@@ -424,27 +497,27 @@ class MaskedCall:
         code, up to `order_code_attempts` times. Returns the route the right code gave
         (the call row now names its session), or None once the call has ended: too many
         wrong codes (outcome wrong_code), or the caller hung up (caller_cancelled)."""
-        assert self.router is not None
-        self.state = CallState.ENTERING_CODE
+        router = self.router
+        if router is None:
+            raise CallFailed("a call to an order-code number needs a router")
+        self._enter(CallState.ENTERING_CODE)
         await self.store.call_entering_code(self.id)
         try:
             await self.ari.answer(self.inbound_id)
-        except (AriNotFound, AriConflict):  # the caller hung up meanwhile
-            await self._end("caller_cancelled", "caller", None)
-            return None
-        keypad = CodePrompt(self.ari, self.inbound_id, self._next, self.settings.keypad, self._sounds())
+        except (AriNotFound, AriConflict):
+            pass  # the caller hung up meanwhile: their hangup is among the events
+        keypad = CodePrompt(self.ari, self.inbound_id, self._next, self._common, self.settings.keypad, self._sounds())
         sound = ORDER_CODE_PROMPT
         for attempt in range(1, self.settings.order_code_attempts + 1):
             keyed = await keypad.ask(f"sound:{sound}", f"{self.id}-code-{attempt}")
-            if keyed.left:
-                log.info("call.left_during_code", attempt=attempt)
-                await self._end("caller_cancelled", "caller", None)
+            if keyed.ended:
+                log.info("call.ended_during_code", attempt=attempt)
                 return None
             if not keyed.digits:
                 log.info("call.no_code_keyed", attempt=attempt)
                 continue  # nothing keyed in time: asked again (not a wrong code)
             lookup_began = time.monotonic()
-            route = await self.router.route_by_code(caller, pool, keyed.digits)
+            route = await router.route_by_code(caller, pool, keyed.digits)
             if route.kind == "locked_out":
                 log.info("call.wrong_code", attempt=attempt, locked_out=True)
                 break
@@ -469,29 +542,25 @@ class MaskedCall:
 
     async def _announce(self, outcome: str, sound: str) -> None:
         """Tell the caller why the call cannot be put through, then hang up."""
-        self.state = CallState.ANNOUNCING
+        self._announcing = outcome
+        self._enter(CallState.ANNOUNCING)
         await self.store.call_announcing(self.id)
-        playback_id = f"{self.id}-announcement"
         try:
             await self.ari.answer(self.inbound_id)
-            media = ",".join(f"sound:{name}" for name in sound.split(","))
-            await self.ari.play(self.inbound_id, media, playback_id, self._sounds())
-        except (AriNotFound, AriConflict):  # the caller hung up meanwhile
-            await self._end(outcome, "caller", None)
+        except (AriNotFound, AriConflict):
+            pass  # the caller hung up meanwhile: their hangup is among the events
+        media = ",".join(f"sound:{name}" for name in sound.split(","))
+        if not await self._play_and_wait(self.inbound_id, media, f"{self.id}-announcement"):
             return
-        deadline = time.monotonic() + self.settings.announcement_timeout
-        while (event := await self._next(deadline)) is not None:
-            if _gone(event, self.inbound_id):
-                await self._end(outcome, "caller", None)
-                return
-            if event.get("type") == "PlaybackFinished" and event.get("playback", {}).get("id") == playback_id:
-                break
         await self._hangup(self.inbound_id, "normal")
         await self._end(outcome, "system", None)
 
     async def _ring(self, route: Route, pool: str) -> None:
-        """Create the leg to the other participant, masked, and let the caller hear it ring."""
-        self.state = CallState.RINGING
+        """Create the leg to the other participant, masked, and let the caller hear it ring.
+        A recorded call's legs, and those of a call the other phone must confirm, are held
+        apart until then: the caller hears the PBX's ringback."""
+        self._enter(CallState.RINGING)
+        apart = bool(route.terms.record or route.terms.confirm_answer)
         if self._caller_left_already():
             await self._end("caller_cancelled", "caller", None)
             return
@@ -500,9 +569,8 @@ class MaskedCall:
             # as the number it dialed, whatever the other network says.)
             await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
             self._bridge_created = True
-            if not route.terms.record:
-                # In the bridge from now on, the caller hears the other phone ring. A recorded
-                # call's legs are joined only after both heard the consent announcement.
+            if not apart:
+                # In the bridge from now on, the caller hears the other phone ring.
                 await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
         except (AriNotFound, AriConflict):  # the caller's channel is gone or leaving
             await self._end("caller_cancelled", "caller", None)
@@ -524,6 +592,7 @@ class MaskedCall:
             **IDENTITY_SUBS,
         }
         try:
+            self._outbound_created = True
             await self.ari.create_channel(
                 f"PJSIP/{route.callee_number}@{self.settings.trunk_endpoint}",
                 self.outbound_id,
@@ -544,26 +613,22 @@ class MaskedCall:
         while True:
             event = await self._next(deadline)
             if event is None:
-                raise RuntimeError("outbound leg never entered Stasis")
-            if _gone(event, self.inbound_id):
-                await self._hangup(self.outbound_id)
-                await self._end("caller_cancelled", "caller", None)
+                raise CallFailed("outbound leg never entered Stasis")
+            if await self._common(event):
                 return
-            if event.get("type") == CUT:
-                await self._cut(event, "blocked")
-                return
-            if event.get("type") == "StasisStart" and _channel_of(event) == self.outbound_id:
+            if isinstance(event, InStasis) and event.channel == self.outbound_id:
                 break
-        if not route.terms.record:
+        if not apart:
             await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
-        if route.terms.record:
+        if apart:
             # Held apart from the other leg, the caller is told it rings by signalling.
             try:
                 await self.ari.ring(self.inbound_id)
             except (AriNotFound, AriConflict):
                 pass  # the caller left: the loop below sees it
         log.info("call.ringing", callee=mask(route.callee_number or ""), callee_role=route.callee_role)
+        await self._forget_callers_identity(shown)
 
         deadline = time.monotonic() + self.settings.ring_timeout
         while True:
@@ -572,55 +637,113 @@ class MaskedCall:
                 log.info("call.ring_timeout", seconds=self.settings.ring_timeout)
                 await self._hangup(self.outbound_id, "no_answer")
                 await self._hangup(self.inbound_id, "no_answer")
-                await self._end("no_answer", "system", 19)
+                await self._end("no_answer", "system", NO_ANSWER_CAUSE)
                 return
-            kind = event.get("type")
-            channel = _channel_of(event)
-            if _gone(event, self.inbound_id):
-                await self._hangup(self.outbound_id)  # cancels the ringing phone
-                await self._end("caller_cancelled", "caller", None)
+            if await self._common(event):
                 return
-            if kind == CUT:
-                await self._cut(event, "blocked")
-                return
-            if kind == "ChannelDtmfReceived" and await self._client_blocks(event, outcome="blocked"):
+            if isinstance(event, Key) and await self._client_blocks(event, outcome="blocked"):
                 return  # a client calling back blocked the other party while it rang
-            if kind == "ChannelDestroyed" and channel == self.outbound_id:
-                cause = _cause(event)
-                outcome = _REFUSALS.get(cause or 0, "redirected" if cause == REDIRECTED_CAUSE else "failed")
-                await self._hangup(self.inbound_id, "congestion", code=caller_cause(cause))
-                await self._end(outcome, "callee", cause)
-                return
-            if kind == "ChannelStateChange" and channel == self.outbound_id and event["channel"]["state"] == "Up":
+            if isinstance(event, Answered) and event.channel == self.outbound_id:
                 break
+        if route.terms.confirm_answer and not await self._confirm():
+            return
         await self._talk()
 
+    async def _forget_callers_identity(self, shown: str) -> None:
+        """The caller's leg keeps the caller's real number as its caller ID, which Asterisk
+        hands the other leg whenever the bridge is rebuilt (the interception routine masks it;
+        this is the layer under it): from now on it holds the pool number only. (After the
+        other phone's INVITE has left: not on the way of the call's setup.)"""
+        try:
+            await self.ari.set_variable(self.inbound_id, "CALLERID(all)", f'"{shown}" <{shown}>')
+        except AriError as exc:
+            log.warning("call.caller_id_not_masked", error=str(exc))
+
+    async def _confirm(self) -> bool:
+        """The other phone answered and must confirm (confirm_answer): it hears that it has
+        a call and is asked to press 1, while the caller still hears ringback. True once it
+        pressed 1; False when the call ended: 2 (rejected), no key in time (not_confirmed: a
+        voicemail or an answering machine, whose greeting never reached the caller), or
+        either side hung up."""
+        self._enter(CallState.CONFIRMING)
+        await self.store.call_confirming(self.id)
+        for attempt in range(1, self.settings.confirm_prompts + 1):
+            playback_id = f"{self.id}-confirm-{attempt}"
+            try:
+                media = ",".join(f"sound:{name}" for name in CONFIRM_PROMPT.split(","))
+                await self.ari.play(self.outbound_id, media, playback_id, self._sounds())
+            except (AriNotFound, AriConflict):
+                pass  # it hung up meanwhile: its hangup is among the events
+            playing, deadline = True, time.monotonic() + self.settings.announcement_timeout
+            while True:
+                event = await self._next(deadline)
+                if event is None:
+                    if playing:  # the prompt never said it ended: the wait counts from now
+                        playing, deadline = False, time.monotonic() + self.settings.confirm_wait
+                        continue
+                    break  # no key in time: asked again
+                if await self._common(event):
+                    return False
+                if isinstance(event, PlaybackDone) and event.playback == playback_id and playing:
+                    playing, deadline = False, time.monotonic() + self.settings.confirm_wait
+                elif isinstance(event, Key) and event.channel == self.outbound_id and event.digit in (
+                        CONFIRM_KEY, REJECT_KEY):
+                    if playing:
+                        try:
+                            await self.ari.stop_playback(playback_id)
+                        except AriError:
+                            pass  # it had just finished
+                    if event.digit == CONFIRM_KEY:
+                        log.info("call.confirmed", attempt=attempt)
+                        return True
+                    log.info("call.rejected_by_callee", attempt=attempt)
+                    await self._hangup(self.outbound_id)
+                    await self._hangup(self.inbound_id, "congestion", code=REJECTED_CAUSE)
+                    await self._end("rejected", "callee", REJECTED_CAUSE)
+                    return False
+                elif isinstance(event, Key):
+                    await self._client_blocks(event, outcome="blocked")
+                    if self.state is CallState.ENDED:
+                        return False
+        log.info("call.not_confirmed", prompts=self.settings.confirm_prompts)
+        await self._hangup(self.outbound_id)
+        await self._hangup(self.inbound_id, "congestion", code=NO_ANSWER_CAUSE)
+        await self._end("not_confirmed", "system", NO_ANSWER_CAUSE)
+        return False
+
     async def _talk(self) -> None:
-        """The other phone answered: connect the caller and wait for either side to hang up."""
-        self.state = CallState.CONNECTED
+        """The other phone answered (and confirmed, where it must): connect the caller and
+        wait for either side to hang up."""
+        self._enter(CallState.CONNECTED)
         # Stored before the caller hears the answer: a bridge process stopped from here on
         # leaves a row that says connected, and the next process resumes the call.
         await self.store.call_connected(self.id)
+        await self._answer_caller()
+        route = self.route
+        if route is not None and route.terms.record:
+            if not await self._consent():
+                return
+            await self._join(record=True)
+        elif route is not None and route.terms.confirm_answer:
+            await self._join(record=False)
+        log.info("call.connected")
+        await self._supervise()
+
+    async def _answer_caller(self) -> None:
         try:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
-            pass  # the caller left at the moment of answer; the loop below sees it
+            pass  # the caller left at the moment of answer; the next loop sees it
         except AriError as exc:
             # Asterisk answers 500 when the channel is already being hung up (a soft hangup
             # pending: the caller left just now); its hangup event follows.
             log.warning("call.answer_failed", error=str(exc))
-        if self.route is not None and self.route.terms.record:
-            if not await self._consent():
-                return
-            await self._join_and_record()
-        log.info("call.connected")
-        await self._supervise()
 
     async def _consent(self) -> bool:
         """Both parties hear that the call is recorded, each on their own leg while the two
         are held apart, before they hear each other. False when the call ended meanwhile
         (either hung up: the call ends as answered, by them)."""
-        self.state = CallState.CONSENT
+        self._enter(CallState.CONSENT)
         log.info("call.consent_announcement")
         pending = {f"{self.id}-consent-caller": self.inbound_id, f"{self.id}-consent-callee": self.outbound_id}
         for playback_id, channel_id in list(pending.items()):
@@ -632,28 +755,21 @@ class MaskedCall:
         while pending:
             event = await self._next(deadline)
             if event is None:
-                raise RuntimeError("the consent announcement did not finish")
-            if event.get("type") == CUT:
-                await self._cut(event, "answered")
+                raise CallFailed("the consent announcement did not finish")
+            if await self._common(event):
                 return False
-            if _gone(event, self.inbound_id):
-                await self._hangup(self.outbound_id)
-                await self._end("answered", "caller", _cause(event))
-                return False
-            if event.get("type") == "ChannelDestroyed" and _channel_of(event) == self.outbound_id:
-                await self._hangup(self.inbound_id)
-                await self._end("answered", "callee", _cause(event))
-                return False
-            pending.pop(_finished_playback(event) or "", None)
-        self.state = CallState.CONNECTED
+            if isinstance(event, PlaybackDone):
+                pending.pop(event.playback, None)
+        self._enter(CallState.CONNECTED)
         return True
 
-    async def _join_and_record(self, resumed: bool = False) -> None:
-        """Put both legs in the bridge and record it as one file. The recording starts
-        first, on the empty bridge, so that it misses nothing they say. (A resumed call
+    async def _join(self, *, record: bool, resumed: bool = False) -> None:
+        """Put both legs in the bridge, recording it as one file when asked: the recording
+        starts first, on the empty bridge, so that it misses nothing they say. (A resumed call
         joins whichever leg the earlier process did not.)"""
-        self._register(f"bridge:{self.bridge_id}", self)  # the recording's events
-        await self._start_recording()
+        if record:
+            self._register(f"bridge:{self.bridge_id}", self)  # the recording's events
+            await self.recording.start()
         joined: set[str] = set()
         if resumed:
             try:
@@ -669,71 +785,6 @@ class MaskedCall:
                 # Most likely that side hung up meanwhile (Asterisk answers 400 for a channel
                 # that is gone): the supervision sees its hangup.
                 log.warning("call.join_failed", channel=channel_id, error=str(exc))
-
-    async def _start_recording(self) -> None:
-        """Record the bridge. Its row is written first: whatever Asterisk records has a row
-        (which retention finds), and a recording that cannot be stored is not made. They
-        were told the call is recorded; a recording that fails must not cost them the call."""
-        name = f"maskbridge-{self.id}"
-        if self._recording is None:
-            try:
-                await self.store.recording_started(self.id, name, RECORDING_FORMAT)
-            except Exception:  # noqa: BLE001 - e.g. the database is down: no recording, the call goes on
-                log.exception("call.recording_not_stored")
-                return
-            self._recording = name
-        try:
-            await self.ari.record_bridge(self.bridge_id, name, RECORDING_FORMAT)
-        except AriConflict as exc:
-            # A recording of this name exists already: an earlier bridge process started it
-            # and stopped before the legs were joined. It goes on; this call finishes it.
-            log.info("call.recording_taken_over", recording=name, error=str(exc))
-        except AriError as exc:
-            log.warning("call.recording_failed", error=str(exc))
-            await self._discard_recording(name)
-        else:
-            log.info("call.recording_started", recording=name)
-
-    async def _discard_recording(self, name: str) -> None:
-        """A recording that failed to start: nothing of it stays, neither in Asterisk (the
-        request may have failed after Asterisk began it) nor in the database."""
-        self._recording = None
-        for step in (self.ari.stop_recording, self.ari.delete_stored_recording):
-            try:
-                await step(name)
-            except AriError:
-                pass  # never began, or its answer was lost: what is left is gone now
-        try:
-            await self.store.recording_discarded(self.id)
-        except Exception:  # noqa: BLE001 - the call goes on
-            log.exception("call.recording_row_not_discarded", recording=name)
-
-    async def _finish_recording(self) -> None:
-        """Once the call has ended: stop its recording and store its length and size."""
-        name = self._recording
-        if name is None or self.state is not CallState.ENDED:
-            return  # a stopping bridge process leaves the recording to the next one
-        try:
-            try:
-                await self.ari.stop_recording(name)
-            except AriNotFound:
-                pass  # finished already
-            else:
-                deadline = time.monotonic() + RECORDING_FINISH_TIMEOUT
-                while (event := await self._next(deadline)) is not None:
-                    if event.get("type") in ("RecordingFinished", "RecordingFailed") and \
-                            (event.get("recording") or {}).get("name") == name:
-                        break
-            size: int | None = None
-            try:
-                size = await self.ari.stored_recording_size(name)
-            except AriError as exc:
-                log.warning("call.recording_unreadable", error=str(exc))
-            duration_ms = wav_duration_ms(size) if size is not None else None
-            await self.store.recording_finished(self.id, duration_ms, size)
-            log.info("call.recording_finished", recording=name, bytes=size, duration_ms=duration_ms)
-        except Exception:  # noqa: BLE001 - the call itself has ended already
-            log.exception("call.recording_not_finished", recording=name)
 
     async def _supervise(self) -> None:
         longest = self.route.terms.max_call_seconds if self.route is not None else None
@@ -751,43 +802,31 @@ class MaskedCall:
                 continue
             if event is None:
                 log.info("call.max_duration", seconds=longest)
-                await self._cut({"type": CUT, "reason": "max_duration"}, "answered")
+                event = Cut("max_duration")
+            if await self._common(event):
                 return
-            if event.get("type") == CUT:
-                await self._cut(event, "answered")
+            if isinstance(event, Key) and await self._client_blocks(event):
                 return
-            if event.get("type") == "ChannelDtmfReceived" and await self._client_blocks(event):
-                return
-            if event.get("type") in ("ChannelHold", "ChannelUnhold"):
+            if isinstance(event, Hold):
                 await self._hold_music(event)
-                continue
-            if _gone(event, self.inbound_id):
-                await self._hangup(self.outbound_id)
-                await self._end("answered", "caller", _cause(event))
-                return
-            if event.get("type") == "ChannelDestroyed" and _channel_of(event) == self.outbound_id:
-                await self._hangup(self.inbound_id)
-                await self._end("answered", "callee", _cause(event))
-                return
 
-    async def _hold_music(self, event: Event) -> None:
+    async def _hold_music(self, event: Hold) -> None:
         """One phone put the call on hold (its re-INVITE: a=sendonly) or took it off: the
         other party hears music on hold meanwhile. (Asterisk's own hold passing through the
         bridge did start it, but not every time: the held caller sometimes heard silence.)"""
-        holder = _channel_of(event)
-        if holder not in (self.inbound_id, self.outbound_id):
+        if event.channel not in (self.inbound_id, self.outbound_id):
             return
-        held = self.outbound_id if holder == self.inbound_id else self.inbound_id
+        held = self.outbound_id if event.channel == self.inbound_id else self.inbound_id
         try:
-            if event["type"] == "ChannelHold":
+            if event.on:
                 await self.ari.start_moh(held)
             else:
                 await self.ari.stop_moh(held)
         except AriError as exc:
             log.warning("call.hold_music_failed", error=str(exc))
-        log.info("call.hold" if event["type"] == "ChannelHold" else "call.resume", by="caller" if holder == self.inbound_id else "callee")
+        log.info("call.hold" if event.on else "call.resume", by="caller" if event.channel == self.inbound_id else "callee")
 
-    async def _client_blocks(self, event: Event, outcome: str = "answered") -> bool:
+    async def _client_blocks(self, event: Key, outcome: str = "answered") -> bool:
         """The client keyed the block code: the other party is blocked for this order, their
         leg is hung up, the client hears a confirmation and the call ends. (Digits pass
         through to the other party as they are pressed.) This works during the call, and
@@ -799,9 +838,9 @@ class MaskedCall:
             return False
         client_is_caller = route.caller_role == "client"
         client_leg = self.inbound_id if client_is_caller else self.outbound_id
-        if _channel_of(event) != client_leg:
+        if event.channel != client_leg:
             return False
-        self._client_digits = (self._client_digits + str(event.get("digit", "")))[-16:]
+        self._client_digits = (self._client_digits + event.digit)[-16:]
         if not self._client_digits.endswith(self.settings.block_keys):
             return False
         client = route.caller_participant_id if client_is_caller else route.callee_participant_id
@@ -821,16 +860,16 @@ class MaskedCall:
             await self.ari.play(client_leg, f"sound:{BLOCK_CONFIRMED_SOUND}", playback_id, self._sounds())
             deadline = time.monotonic() + self.settings.announcement_timeout
             while (next_event := await self._next(deadline)) is not None:
-                if _gone(next_event, client_leg) or (
-                    next_event.get("type") == "PlaybackFinished"
-                    and next_event.get("playback", {}).get("id") == playback_id
-                ):
+                if (isinstance(next_event, Hangup) and next_event.channel == client_leg) or (
+                        isinstance(next_event, PlaybackDone) and next_event.playback == playback_id):
                     break
         except (AriNotFound, AriConflict):
             pass  # the client hung up meanwhile
         await self._hangup(client_leg)
         await self._end(outcome, "system", None, "blocked_by_client")
         return True
+
+    # --- a call an earlier bridge process left connected -------------------------------
 
     @classmethod
     def resume_connected(
@@ -849,15 +888,17 @@ class MaskedCall:
         call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register,
                    router)
         call.state = CallState.CONNECTED
-        # Who is who (for blocks and the client's keypad), and the maximum duration, which
-        # still counts from the answer however long the restart took.
+        call._outbound_created = True
+        # Who is who (for blocks and the client's keypad), and the terms the call keeps (its
+        # maximum duration still counts from the answer, however long the restart took).
         call.route = Route(
             "connect", session_id=row.get("session_id"), caller_role=row.get("caller_role"),
             caller_participant_id=row.get("caller_participant_id"), callee_role=row.get("callee_role"),
             callee_participant_id=row.get("callee_participant_id"), language=language or settings.default_language,
             terms=Terms.from_columns(row, Terms.on_call_row_names()),
         )
-        call._recording = row.get("recording_name")
+        if row.get("recording_name"):
+            call.recording.name = row["recording_name"]
         if call.route.terms.max_call_seconds and row.get("answered_at") is not None:
             call._talked_before = (datetime.now(timezone.utc) - row["answered_at"]).total_seconds()
         call._bridge_created = row["bridge_id"] is not None
@@ -867,8 +908,12 @@ class MaskedCall:
         structlog.contextvars.bind_contextvars(call_id=str(self.id))
         log.info("call.resumed")
         try:
-            if self.route is not None and self.route.terms.record:
-                if self._recording is None:
+            # The earlier process may have stopped between the answer and answering the
+            # caller (the other phone answered while no bridge process ran): answered now.
+            await self._answer_caller()
+            terms = self.route.terms if self.route is not None else Terms()
+            if terms.record:
+                if self.recording.name is None:
                     # The earlier process stopped before the recording began: the parties may
                     # not have heard the whole announcement, so they hear it (again) first.
                     if not await self._consent():
@@ -876,14 +921,17 @@ class MaskedCall:
                 # It may also have stopped after the recording's row, before Asterisk began
                 # it or before both legs were joined: the recording runs (is started, or
                 # taken over) and both legs are in the bridge.
-                await self._join_and_record(resumed=True)
+                await self._join(record=True, resumed=True)
+            elif terms.confirm_answer:
+                await self._join(record=False, resumed=True)
             await self._supervise()
         except Exception:
             log.exception("call.failed", state=self.state.value)
-            await self._hangup(self.inbound_id)
-            await self._hangup(self.outbound_id)
+            await self._hang_up_both()
             if self.state is not CallState.ENDED:
                 await self._end("answered", "system", None)
         finally:
-            await self._finish_recording()
-            await self._destroy_bridge()
+            await self._after()
+
+
+__all__ = ["CallState", "FlowSettings", "MaskedCall", "Router", "caller_cause", "recording_name"]

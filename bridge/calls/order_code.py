@@ -11,13 +11,9 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from bridge.ari import AriClient, AriConflict, AriNotFound
-
-Event = dict[str, Any]
-
-_GONE = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
+from bridge.calls.events import CallEvent, Key, PlaybackDone
 
 
 @dataclass(frozen=True)
@@ -31,32 +27,33 @@ class KeypadTiming:
 
 @dataclass(frozen=True)
 class Keyed:
-    """What came of one prompt: the digits keyed ('' for none in time), or the caller left."""
+    """What came of one prompt: the digits keyed ('' for none in time), or the call ended
+    meanwhile (the caller left, or the bridge cut it)."""
 
     digits: str = ""
-    left: bool = False
+    ended: bool = False
 
 
 class CodePrompt:
-    """One caller's keypad, read through the call's own (ordered) event queue."""
+    """One caller's keypad, read through the call's own (ordered) event queue. Every event
+    that is not the prompt's goes to `common`, the rules that hold in every state of the
+    call (flow.py): when it says the call ended, so does the prompt."""
 
     def __init__(
         self,
         ari: AriClient,
         channel_id: str,
-        next_event: Callable[[float | None], Awaitable[Event | None]],
+        next_event: Callable[[float | None], Awaitable[CallEvent | None]],
+        common: Callable[[CallEvent], Awaitable[bool]],
         timing: KeypadTiming,
         sounds: str,
     ) -> None:
         self.ari = ari
         self.channel_id = channel_id
         self._next = next_event
+        self._common = common
         self.timing = timing
         self.sounds = sounds
-
-    def _gone(self, event: Event) -> bool:
-        channel = event.get("channel")
-        return event.get("type") in _GONE and isinstance(channel, dict) and channel.get("id") == self.channel_id
 
     async def _stop(self, playback_id: str) -> None:
         try:
@@ -68,8 +65,8 @@ class CodePrompt:
         """Play `media` (ARI media URIs, comma separated) and collect the digits keyed."""
         try:
             await self.ari.play(self.channel_id, media, playback_id, self.sounds)
-        except (AriNotFound, AriConflict):  # the caller hung up meanwhile
-            return Keyed(left=True)
+        except (AriNotFound, AriConflict):
+            pass  # the caller hung up meanwhile: their hangup is among the events
         timing = self.timing
         playing = True
         digits = ""
@@ -89,25 +86,23 @@ class CodePrompt:
                     playing, prompt_over, last_key = False, now, now
                     continue
                 return Keyed(digits)
-            if self._gone(event):
-                return Keyed(digits, left=True)
-            kind = event.get("type")
-            if kind == "PlaybackFinished" and (event.get("playback") or {}).get("id") == playback_id and playing:
+            if isinstance(event, PlaybackDone) and event.playback == playback_id and playing:
                 playing, prompt_over, last_key = False, now, now
                 continue
-            if kind != "ChannelDtmfReceived" or (event.get("channel") or {}).get("id") != self.channel_id:
+            if not (isinstance(event, Key) and event.channel == self.channel_id):
+                if await self._common(event):
+                    return Keyed(digits, ended=True)
                 continue
             if playing:  # the caller types over the prompt
                 playing, prompt_over = False, now
                 await self._stop(playback_id)
             last_key = now
-            digit = str(event.get("digit", ""))
-            if digit == "#":
+            if event.digit == "#":
                 return Keyed(digits)
-            if digit == "*":
+            if event.digit == "*":
                 digits = ""  # start again
                 continue
-            if digit.isdigit():
-                digits += digit
+            if event.digit.isdigit():
+                digits += event.digit
                 if len(digits) >= timing.length:
                     return Keyed(digits)

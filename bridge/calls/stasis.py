@@ -12,7 +12,9 @@ from typing import Any
 import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
-from bridge.calls.flow import MASKED_ARG, Event, FlowSettings, MaskedCall, Router, wav_duration_ms
+from bridge.calls.events import RawEvent as Event
+from bridge.calls.flow import MASKED_ARG, FlowSettings, MaskedCall, Router
+from bridge.calls.recording import wav_duration_ms
 
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
@@ -44,7 +46,7 @@ class StasisDispatcher:
         self.settings = settings
         self.calls: dict[str, MaskedCall] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._blocked: dict[uuid.UUID, float] = {}  # participant id -> when its block was applied
+        self._cut: dict[uuid.UUID, tuple[float, str]] = {}  # participant id -> when its calls were cut, and why
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -75,7 +77,7 @@ class StasisDispatcher:
                 self._start(
                     MaskedCall(
                         uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
-                        self.recently_blocked, masked=MASKED_ARG in args[2:],
+                        self.recently_cut, masked=MASKED_ARG in args[2:],
                     )
                 )
                 return
@@ -174,9 +176,13 @@ class StasisDispatcher:
 
     async def _talking(self, row: dict[str, Any], live: set[str]) -> bool:
         """Whether both legs of a call left behind are still there and answered. A call
-        stopped between the answer and its database write says ringing but is up."""
+        stopped between the answer and its database write says ringing but is up; unless
+        its other phone had to confirm (confirm_answer): nobody knows it did, so the call is
+        not put through (it is finished, as one left confirming is)."""
         inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
         if row["state"] not in ("ringing", "connected") or inbound not in live or outbound not in live:
+            return False
+        if row["state"] == "ringing" and row.get("confirm_answer"):
             return False
         if row["state"] == "ringing":
             try:
@@ -187,26 +193,32 @@ class StasisDispatcher:
             await self.store.call_connected(row["id"])
         return True
 
-    def recently_blocked(self, participant_ids: set[uuid.UUID], since: float) -> bool:
-        """Whether a block of one of these participants was applied at or after `since`
-        (monotonic): a call whose route lookup began before the block was committed must
-        not go on to ring. (A block applied earlier was committed before the lookup began,
-        which then saw it.)"""
+    def recently_cut(self, participant_ids: set[uuid.UUID], since: float) -> str | None:
+        """The reason of a cut of one of these participants applied at or after `since`
+        (monotonic): a call whose route lookup began before the change was committed (a
+        block, a courier reassigned, a session ended) must not go on to ring. (A change
+        committed earlier was seen by the lookup itself.)"""
         horizon = time.monotonic() - 60
-        for pid, at in list(self._blocked.items()):
+        for pid, (at, _reason) in list(self._cut.items()):
             if at < horizon:
-                del self._blocked[pid]
-        return any(self._blocked.get(pid, -1.0) >= since for pid in participant_ids)
+                del self._cut[pid]
+        for pid in participant_ids:
+            at, reason = self._cut.get(pid, (-1.0, ""))
+            if at >= since:
+                return reason
+        return None
 
     def live_participant_ids(self) -> set[uuid.UUID]:
         return {pid for call in self.calls.values() for pid in call.participant_ids}
 
     def cut_calls(self, participant_ids: set[uuid.UUID], reason: str) -> int:
-        """End every call one of these participants is on; returns how many."""
-        if reason == "blocked":
-            now = time.monotonic()
-            self._blocked.update({pid: now for pid in participant_ids})
-        calls = {call for call in self.calls.values() if call.participant_ids & participant_ids}
+        """End every call one of these participants is on; returns how many. (A client's
+        call to support in a grace period is not ended by the session's end: support is no
+        participant.)"""
+        now = time.monotonic()
+        self._cut.update({pid: (now, reason) for pid in participant_ids})
+        calls = {call for call in self.calls.values() if call.participant_ids & participant_ids
+                 and not (reason == "session_ended" and call.route is not None and call.route.callee_role == "support")}
         for call in calls:
             call.cut(reason)
         return len(calls)

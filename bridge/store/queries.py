@@ -132,6 +132,9 @@ class Store:
             call_id, outbound_channel_id, bridge_id,
         )
 
+    async def call_confirming(self, call_id: uuid.UUID) -> None:
+        await self.pool.execute("UPDATE calls SET state = 'confirming' WHERE id = $1 AND state <> 'ended'", call_id)
+
     async def call_connected(self, call_id: uuid.UUID) -> None:
         await self.pool.execute(
             """

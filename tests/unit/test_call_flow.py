@@ -25,6 +25,7 @@ from structlog.testing import capture_logs
 
 from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
+from bridge.calls import outcomes
 from bridge.calls.flow import FlowSettings
 from bridge.calls.stasis import StasisDispatcher
 from bridge.sessions import Route
@@ -40,11 +41,8 @@ REAL_DIGITS = ("9161234567", "9261112233")
 FAST = FlowSettings(ring_timeout=30.0, stasis_start_timeout=2.0, announcement_timeout=5.0)
 WAIT = 10.0  # only a guard against hangs: every wait ends on its condition
 
-OUTCOMES = {
-    "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller", "session_closed",
-    "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code", "locked_out", "redirected",
-}
-STATES = {"routing", "entering_code", "ringing", "connected", "announcing", "ended"}
+OUTCOMES = set(outcomes.OUTCOMES)
+STATES = set(outcomes.STATES)
 
 
 # --- the store ------------------------------------------------------------------------
@@ -181,6 +179,11 @@ class FakeStore:
             row["answered_at"] = datetime.now(timezone.utc)
             self._set_state(call_id, "connected")
         await self._op("call_connected", call_id)
+
+    async def call_confirming(self, call_id: uuid.UUID) -> None:
+        if self.rows[call_id]["state"] != "ended":
+            self._set_state(call_id, "confirming")
+        await self._op("call_confirming", call_id)
 
     async def call_announcing(self, call_id: uuid.UUID) -> None:
         if self.rows[call_id]["state"] != "ended":
@@ -500,8 +503,13 @@ async def test_routed_call_outbound_leg_shows_only_the_pool_number(h: Harness) -
     assert "caller" not in dial.query
     assert set(dial.query) == {"timeout"}
 
-    # The caller's leg was masked by the dialplan before Stasis: the bridge sets nothing on it.
-    assert h.fake.channels["in-1"].variables == {}
+    # The caller's leg was masked by the dialplan before Stasis; once the other phone's
+    # INVITE has left, its caller ID (the caller's real number) is replaced by the pool
+    # number: nothing of the caller's identity stays on any channel of the bridge.
+    await h.fake.wait_request("POST", "/ari/channels/in-1/variable")
+    assert h.fake.channels["in-1"].variables == {"CALLERID(all)": f'"{POOL}" <{POOL}>'}
+    creation = h.fake.find("POST", "/ari/channels/create")[0].index
+    assert h.fake.find("POST", "/ari/channels/in-1/variable")[0].index > creation
 
     bridge_id = str(row["id"])
     adds = h.fake.find("POST", f"/ari/bridges/{bridge_id}/addChannel")
@@ -1595,6 +1603,203 @@ async def test_a_resumed_call_speaks_the_pool_numbers_language(harness) -> None:
     plays = [await h.fake.wait_request("POST", f"/ari/channels/in-old/play/{call_id}-consent-caller"),
              await h.fake.wait_request("POST", f"/ari/channels/{outbound}/play/{call_id}-consent-callee")]
     assert [p.query["lang"] for p in plays] == ["ru_RU_f_IvrvoiceRU"] * 2
+    await h.fake.hangup("in-old", 16)
+    await h.store.ended("in-old")
+    await h.settle()
+
+
+# --- the called phone confirms (confirm_answer) ----------------------------------------------
+
+CONFIRMING = FlowSettings(ring_timeout=30.0, stasis_start_timeout=2.0, announcement_timeout=5.0, confirm_wait=0.3,
+                          confirm_prompts=2)
+
+
+def _confirmed_route(h: Harness, **terms: Any) -> Route:
+    route = dataclasses.replace(h.store.add_route(CALLER, POOL, CALLEE),
+                                terms=Terms(confirm_answer=True, **terms))
+    h.store.routes[(CALLER, POOL)] = route
+    return route
+
+
+async def _answered_and_asked(h: Harness) -> tuple[dict[str, Any], str, str]:
+    """A confirm_answer call whose other phone answered and hears the first prompt."""
+    _confirmed_route(h)
+    row, outbound = await h.ringing_call()
+    await h.fake.wait_request("POST", "/ari/channels/in-1/ring")  # held apart: ringback by signalling
+    await h.fake.answer(outbound)
+    prompt = await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+"))
+    assert prompt.query == {"media": "sound:followme/no-recording,sound:followme/options", "lang": "en"}
+    await h.store.state("in-1", "confirming")
+    return row, outbound, prompt.path.rsplit("/", 1)[1]
+
+
+async def test_a_call_the_other_phone_confirms_is_joined_only_once_it_pressed_1(harness) -> None:
+    h = await harness(CONFIRMING)
+    row, outbound, prompt = await _answered_and_asked(h)
+    call_id = row["id"]
+    # It answered, but the caller is not: they still hear ringback, and hear nothing of it.
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+    assert h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    assert h.store.rows[call_id]["answered_at"] is None
+    # Keys of the caller, and other keys of the other phone, do not confirm.
+    await h.fake.press("in-1", "1")
+    await h.fake.press(outbound, "5")
+    await h.handled_event("ChannelDtmfReceived", outbound)
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+
+    await h.fake.press(outbound, "1")
+    answer = await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    joined = await h.fake.wait_request("POST", f"/ari/bridges/{call_id}/addChannel",
+                                       where=lambda r: r.query["channel"] == outbound)
+    assert answer.index < joined.index
+    assert h.fake.find("DELETE", f"/ari/playbacks/{prompt}"), "the prompt stops at the key"
+    connected = await h.store.state("in-1", "connected")
+    assert connected["answered_at"] is not None and connected["confirm_answer"] is True
+    assert h.store.states[call_id] == ["routing", "ringing", "confirming", "connected"]
+    await h.fake.hangup(outbound, 16)
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"]) == ("answered", "callee")
+    await h.settle()
+
+
+async def test_a_phone_that_never_presses_1_is_never_joined(harness) -> None:
+    """A voicemail or answering machine: asked twice, then the call ends as not_confirmed;
+    the caller was never answered (no answer, cause 19) and never joined to it."""
+    h = await harness(CONFIRMING)
+    row, outbound, first = await _answered_and_asked(h)
+    await h.fake.finish_playback(first)
+    second = await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+-confirm-2"))
+    await h.fake.finish_playback(second.path.rsplit("/", 1)[1])
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason_code"] == "19"
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"], ended["hangup_cause"]) == ("not_confirmed", "system", 19)
+    assert ended["answered_at"] is None
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/in-1/answer") == []
+    assert h.fake.find("POST", f"/ari/bridges/{row['id']}/addChannel") == []
+
+
+async def test_a_phone_that_presses_2_rejects_the_call(harness) -> None:
+    h = await harness(CONFIRMING)
+    _row, outbound, _prompt = await _answered_and_asked(h)
+    await h.fake.press(outbound, "2")
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query["reason_code"] == "21"
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"], ended["answered_at"]) == ("rejected", "callee", None)
+    await h.settle()
+
+
+@pytest.mark.parametrize("who", ["caller", "callee"])
+async def test_a_hangup_while_the_other_phone_is_asked_to_confirm(harness, who: str) -> None:
+    h = await harness(CONFIRMING)
+    _row, outbound, _prompt = await _answered_and_asked(h)
+    if who == "caller":
+        await h.fake.hangup("in-1", 16)
+        await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+        expected = ("caller_cancelled", "caller", None)
+    else:
+        await h.fake.hangup(outbound, 16)
+        delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+        assert delete.query["reason_code"] == "19"
+        expected = ("not_confirmed", "callee", 16)
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"], ended["hangup_cause"]) == expected
+    await h.settle()
+
+
+async def test_a_recorded_call_the_other_phone_confirms_hears_the_consent_after_the_key(harness) -> None:
+    h = await harness(CONFIRMING)
+    _confirmed_route(h, record=True)
+    row, outbound = await h.ringing_call()
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+-confirm-1"))
+    assert h.fake.find("POST", re.compile(r"/ari/channels/.+/play/.+-consent-.+")) == []
+    mark = h.fake.mark()
+    await h.fake.press(outbound, "1")
+    await h.fake.wait_request("POST", re.compile(rf"/ari/channels/{outbound}/play/.+-consent-callee"), since=mark)
+    caller = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+-consent-caller"), since=mark)
+    answer = h.fake.find("POST", "/ari/channels/in-1/answer")[0]
+    assert answer.index < caller.index, "answered once confirmed, then told the call is recorded"
+    await h.fake.hangup("in-1", 16)
+    await h.store.ended("in-1")
+    await h.settle()
+
+
+async def test_a_call_left_ringing_whose_other_phone_had_to_confirm_is_not_resumed_as_connected(harness) -> None:
+    """Its other phone is up, but nobody knows whether it pressed 1 (a voicemail, maybe): the
+    restarted bridge does not join it to the caller; it finishes the call."""
+    h = await harness(start=False)
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(id=call_id, state="ringing", inbound_channel_id="in-old", outbound_channel_id=outbound,
+                    bridge_id=str(call_id), confirm_answer=True)
+    h.fake.add_channel("in-old", CALLER, POOL, state="Ring", args=["inbound", POOL, "masked"])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=[])
+    await h.start()
+    await h.fake.wait_request("DELETE", "/ari/channels/in-old")
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    ended = await h.store.ended("in-old")
+    assert ended["outcome"] == "failed" and h.fake.find("POST", f"/ari/bridges/{call_id}/addChannel") == []
+    await h.settle()
+
+
+# --- what holds in every state ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reason", "outcome"), [("blocked", "blocked"), ("reassigned", "session_closed"),
+                                                 ("session_ended", "session_closed")])
+async def test_a_cut_while_it_rings_ends_with_its_own_reason(h: Harness, reason: str, outcome: str) -> None:
+    row, outbound = await h.ringing_call()
+    assert h.dispatcher.cut_calls({h.store.routes[(CALLER, POOL)].caller_participant_id}, reason) == 1
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["hangup_by"], ended["cut_reason"]) == (outcome, "system", reason)
+    await h.settle()
+
+
+async def test_a_cut_while_the_caller_keys_the_order_code_ends_the_call(harness) -> None:
+    """The order-code prompt used to drop every event but a key: a cut (a block) waited
+    until the code was keyed. It is one of the rules of every state now."""
+    h = await harness()
+    route = h.store.add_order_code(CALLER, POOL, "123456", CALLEE)
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-1/play/.+-code-1"))
+    await h.store.state("in-1", "entering_code")
+    h.dispatcher.calls["in-1"].route = route  # (known once a code named it; here: at once)
+    assert h.dispatcher.cut_calls({route.caller_participant_id}, "blocked") == 1
+    delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert delete.query == {"reason": "normal"}
+    ended = await h.store.ended("in-1")
+    assert (ended["outcome"], ended["cut_reason"]) == ("blocked", "blocked")
+    await h.settle()
+
+
+async def test_every_change_of_state_is_logged_from_and_to(h: Harness, logs) -> None:
+    row, outbound = await h.ringing_call()
+    await h.fake.answer(outbound)
+    await h.store.state("in-1", "connected")
+    await h.fake.hangup("in-1", 16)
+    await h.store.ended("in-1")
+    await h.settle()
+    changes = [(e["old"], e["new"]) for e in logs if e["event"] == "call.state"]
+    assert changes == [("routing", "ringing"), ("ringing", "connected"), ("connected", "ended")]
+
+
+async def test_a_resumed_recorded_call_answered_while_the_bridge_was_down_answers_the_caller(harness) -> None:
+    """The other phone answered while no bridge process ran: the caller's leg was never
+    answered. The resumed call answers it (it used to play the announcement and record a
+    call the caller's phone still heard ringing)."""
+    h = await harness(start=False)
+    call_id, outbound, _name = _left_behind_recorded(h, recording=False, joined=False, live=False)
+    h.fake.channels["in-old"].state = "Ring"
+    await h.start()
+    answer = await h.fake.wait_request("POST", "/ari/channels/in-old/answer")
+    consent = await h.fake.wait_request("POST", re.compile(r"/ari/channels/in-old/play/.+-consent-caller"))
+    assert answer.index < consent.index
     await h.fake.hangup("in-old", 16)
     await h.store.ended("in-old")
     await h.settle()

@@ -18,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from bridge.api.http import make_app
 from bridge.cli import parser
 from bridge.config import ConfigError, Settings
-from bridge.calls.flow import wav_duration_ms
+from bridge.calls.recording import wav_duration_ms
 from bridge.recordings import Recordings
 from bridge.store.recordings import RecordingRow
 

@@ -1,0 +1,109 @@
+"""What happens to a call, as small typed events: ARI's JSON events of its channels, bridge
+and recordings, read once here (`read`), plus the bridge's own (`Cut`). The flow matches on
+these; nothing else in it looks inside ARI's JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+RawEvent = dict[str, Any]
+
+# A channel is on its way out at the first of these (each may come without the others).
+_LEAVING = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """Something that happened to a call."""
+
+
+@dataclass(frozen=True)
+class Hangup(CallEvent):
+    """A channel is going: `final` only for ChannelDestroyed, whose cause is the one that
+    counts (a hangup request comes first and may carry none)."""
+
+    channel: str
+    cause: int | None
+    final: bool
+
+
+@dataclass(frozen=True)
+class Answered(CallEvent):
+    channel: str
+
+
+@dataclass(frozen=True)
+class InStasis(CallEvent):
+    channel: str
+
+
+@dataclass(frozen=True)
+class Key(CallEvent):
+    """A DTMF key from a phone."""
+
+    channel: str
+    digit: str
+
+
+@dataclass(frozen=True)
+class PlaybackDone(CallEvent):
+    playback: str
+
+
+@dataclass(frozen=True)
+class Hold(CallEvent):
+    """A phone put its call on hold (`on`), or took it off."""
+
+    channel: str
+    on: bool
+
+
+@dataclass(frozen=True)
+class RecordingDone(CallEvent):
+    """A recording finished (or failed: either way it is closed)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class Cut(CallEvent):
+    """The bridge's own: end this call now (a participant was blocked, or left the order)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Ignored(CallEvent):
+    """Any other event: nothing in the flow waits for it."""
+
+    type: str
+
+
+def _cause(raw: RawEvent) -> int | None:
+    cause = raw.get("cause")
+    return int(cause) if isinstance(cause, (int, str)) and str(cause).isdigit() else None
+
+
+def read(raw: RawEvent) -> CallEvent:
+    """The typed event of one of ARI's JSON events."""
+    kind = str(raw.get("type", ""))
+    channel = raw.get("channel")
+    channel_id = str(channel.get("id", "")) if isinstance(channel, dict) else ""
+    if kind in _LEAVING and channel_id:
+        return Hangup(channel_id, _cause(raw), final=kind == "ChannelDestroyed")
+    if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Up":
+        return Answered(channel_id)
+    if kind == "StasisStart" and channel_id:
+        return InStasis(channel_id)
+    if kind == "ChannelDtmfReceived" and channel_id:
+        return Key(channel_id, str(raw.get("digit", "")))
+    if kind == "PlaybackFinished":
+        playback = raw.get("playback")
+        return PlaybackDone(str(playback.get("id", ""))) if isinstance(playback, dict) else Ignored(kind)
+    if kind in ("ChannelHold", "ChannelUnhold") and channel_id:
+        return Hold(channel_id, on=kind == "ChannelHold")
+    if kind in ("RecordingFinished", "RecordingFailed"):
+        recording = raw.get("recording")
+        return RecordingDone(str(recording.get("name", ""))) if isinstance(recording, dict) else Ignored(kind)
+    return Ignored(kind)
