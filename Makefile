@@ -7,11 +7,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 DEVSTACK := $(PY) -m bridge.devstack
-# Tests run the bridge with a short ring timeout so that "nobody answers" takes seconds, and
+# Tests run the bridge with short ring and confirm timeouts so that "nobody answers" and
+# "nobody presses 1" take seconds, and
 # with webhooks sent to the receiver the live tests run (tests/live/conftest.py).
 # (Two checkouts can test side by side with their own addresses and ports: MB_TEST_WEBHOOK_URL.)
 MB_TEST_WEBHOOK_URL ?= http://127.0.0.1:8099/hooks
-TEST_ENV := MB_RING_TIMEOUT=6 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
+TEST_ENV := MB_RING_TIMEOUT=6 MB_CONFIRM_TIMEOUT=2 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
 
 .PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin bench test test-unit typecheck \
         compose-up compose-down clean

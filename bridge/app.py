@@ -26,6 +26,7 @@ from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
+from bridge.store.sessions import PARTICIPANTS_LEFT
 from bridge.store.webhooks import WebhookRepo
 from bridge.webhooks import Deliverer
 
@@ -76,38 +77,50 @@ async def housekeeping(
                 await stop.wait()
 
 
-async def blocklist_listener(
+async def cut_listener(
     database_url: str, store: Store, dispatcher: StasisDispatcher, stop: asyncio.Event
 ) -> None:
-    """Ends the calls in progress of every number blocked, from this process or any other
-    (the API and maskbridge-admin both notify through Postgres). After every (re)connect it
-    also checks the calls in progress against the blocklist: a block made while it was not
-    listening is applied too."""
+    """Ends the calls in progress of every number blocked, and of every participant who left
+    their order (a courier reassigned, a session closed or expired), from this process or any
+    other (the API, maskbridge-admin and the housekeeping of any bridge all notify through
+    Postgres). After every (re)connect it also checks the calls in progress against the
+    blocklist and the sessions: what happened while it was not listening is applied too."""
     backoff = 0.5
-    blocked: asyncio.Queue[str] = asyncio.Queue()
+    notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
-    async def cut(ids: set[uuid.UUID]) -> None:
-        count = dispatcher.cut_calls(ids, "blocked")
+    def cut(ids: set[uuid.UUID], reason: str) -> None:
+        count = dispatcher.cut_calls(ids, reason)
         if count:
-            log.info("blocklist.calls_cut", calls=count)
+            log.info("calls.cut", calls=count, reason=reason)
+
+    def heard(_conn: object, _pid: int, channel: str, payload: str) -> None:
+        notices.put_nowait((channel, payload))
 
     while not stop.is_set():
         conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(database_url)
-            await conn.add_listener(BLOCKLIST_CHANNEL, lambda _c, _pid, _ch, payload: blocked.put_nowait(payload))
-            await cut(await store.blocklist.blocked_among(dispatcher.live_participant_ids()))
+            await conn.add_listener(BLOCKLIST_CHANNEL, heard)
+            await conn.add_listener(PARTICIPANTS_LEFT, heard)
+            live = dispatcher.live_participant_ids()
+            cut(await store.blocklist.blocked_among(live), "blocked")
+            for participant, reason in (await store.sessions.left_among(live)).items():
+                cut({participant}, reason)
             backoff = 0.5
             while not stop.is_set():
                 try:
                     async with asyncio.timeout(5):
-                        payload = await blocked.get()
+                        channel, payload = await notices.get()
                 except TimeoutError:
                     await conn.fetchval("SELECT 1")  # a dead connection shows here
                     continue
-                await cut(await store.blocklist.participant_ids(bytes.fromhex(payload)))
+                if channel == BLOCKLIST_CHANNEL:
+                    cut(await store.blocklist.participant_ids(bytes.fromhex(payload)), "blocked")
+                else:
+                    reason, _, ids = payload.partition(" ")
+                    cut({uuid.UUID(i) for i in ids.split(",") if i}, reason)
         except Exception:  # noqa: BLE001 - whatever failed, listen again
-            log.exception("blocklist.listener_failed")
+            log.exception("cut_listener.failed")
         finally:
             if conn is not None and not conn.is_closed():
                 await conn.close()
@@ -134,6 +147,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             default_region=settings.default_region,
             ring_timeout=settings.ring_timeout,
             duration_warning=settings.duration_warning,
+            confirm_wait=settings.confirm_timeout,
             block_keys=settings.block_keys,
             default_language=settings.default_language,
             keypad=KeypadTiming(length=settings.order_code_length),
@@ -164,7 +178,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         housekeeping(sessions, settings.sweep_interval, stop, recordings), name="housekeeping"
     )
     blocks = asyncio.create_task(
-        blocklist_listener(settings.database_url, store, dispatcher, stop), name="blocklist-listener"
+        cut_listener(settings.database_url, store, dispatcher, stop), name="cut-listener"
     )
     background = [sweeper, blocks]
     if settings.webhook_url:

@@ -149,6 +149,7 @@ SETTINGS: dict[str, Setting] = {
     "support_number": Setting("MB_SUPPORT_NUMBER", "", text()),
     "sweep_interval": Setting("MB_SWEEP_INTERVAL", "30", seconds(1, 3600)),
     "duration_warning": Setting("MB_CALL_WARNING", "30", seconds(1, 3600)),
+    "confirm_timeout": Setting("MB_CONFIRM_TIMEOUT", "6", seconds(1, 60)),
     "block_keys": Setting("MB_BLOCK_KEYS", "*9", keypad),
     "default_language": Setting("MB_DEFAULT_LANGUAGE", "en", one_of(LANGUAGES)),
     "webhook_url": Setting("MB_WEBHOOK_URL", "", url("http", "https", required=False)),
@@ -184,6 +185,7 @@ class Settings:
     support_number: str = ""
     sweep_interval: float = 30.0
     duration_warning: float = 30.0
+    confirm_timeout: float = 6.0
     block_keys: str = "*9"
     default_language: str = "en"
     webhook_url: str = ""

@@ -90,6 +90,16 @@ class Terms(BaseModel):
     ), Term("MB_RECORD_CALLS", "no", 'record the calls of sessions opened without "record" (yes/no)', yes_no,
             default_at="open", on_call_row=True)] = None
 
+    confirm_answer: Annotated[bool | None, Field(
+        description="Whether the called phone confirms before the two are joined: it answers and hears \"you "
+        "have an incoming call; press 1 to accept this call, or 2 to reject it\" (in the pool number's language) "
+        "while the caller still hears ringback. A voicemail or answering machine, which never presses 1, is never "
+        "joined: its greeting (which often says its owner's name or number) never reaches the caller; the call's "
+        "outcome is `not_confirmed` (`rejected` for 2). Null: the bridge's default (`MB_CONFIRM_ANSWER`), taken "
+        "at open.",
+    ), Term("MB_CONFIRM_ANSWER", "no", 'the called phone presses 1 before it is joined, for sessions opened without '
+            '"confirm_answer" (yes/no)', yes_no, default_at="open", on_call_row=True)] = None
+
     # --- the definition, read -----------------------------------------------------------
 
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from bridge.calls.outcomes import CUT_REASONS, HANGUP_BY, OUTCOMES, STATES
 from bridge.errors import (
     AsteriskUnavailable, BlockNotFound, Contention, InternalError, InvalidImport, InvalidInput, InvalidJson,
     NotFound, OrderCodeTaken, OrderHasOpenSession, PoolExhausted, PoolNumberInUse, PoolNumberNotFound,
@@ -571,16 +572,14 @@ SCHEMAS: dict[str, Schema] = {
             "callee_participant_id": {"type": ["string", "null"], "format": "uuid"},
             "state": {
                 "type": "string",
-                "enum": ["routing", "entering_code", "ringing", "connected", "announcing", "ended"],
-                "description": "`entering_code`: a call to an order-code number, whose caller is keying the code.",
+                "enum": list(STATES),
+                "description": "`entering_code`: a call to an order-code number, whose caller is keying the code. "
+                "`confirming`: the other phone answered and is asked to press 1 (`confirm_answer`); the caller "
+                "still hears ringback.",
             },
             "outcome": {
                 "type": ["string", "null"],
-                "enum": [
-                    "answered", "busy", "no_answer", "rejected", "failed", "caller_cancelled", "unknown_caller",
-                    "session_closed", "blocked", "call_limit", "quiet_hours", "unreachable", "wrong_code",
-                    "locked_out", "redirected", None,
-                ],
+                "enum": [*OUTCOMES, None],
                 "description": "Set once the call ended. `wrong_code`: a call to an order-code number ended "
                 "after `MB_ORDER_CODE_ATTEMPTS` tries without a right code (the caller heard that there were too "
                 "many). `locked_out`: the caller had keyed `MB_ORDER_CODE_ATTEMPTS` wrong codes on this number "
@@ -588,7 +587,11 @@ SCHEMAS: dict[str, Schema] = {
                 "A call to an order-code number has no session until a right code names it. `unreachable`: the network could not reach the other "
                 "phone (cause 1, 3, 20 or 27; the caller is hung up with the same cause). `redirected`: the other "
                 "phone's network answered with a redirect (302, cause 23), which the bridge never follows; the caller "
-                "is hung up as unavailable (cause 20). "
+                "is hung up as unavailable (cause 20). `not_confirmed`: the other phone answered but did not "
+                "press 1 in time (`confirm_answer`: a voicemail or an answering machine, never joined; the caller "
+                "is hung up as no answer, cause 19); `rejected` is also the outcome when it pressed 2. "
+                "`session_closed` is also the outcome of a call that was ringing when its courier was reassigned "
+                "or its session ended (`cut_reason`). "
                 "`call_limit` / `quiet_hours`: the session's abuse "
                 "controls refused the call (the caller heard an announcement). `blocked`: the caller's number or the other side's is "
                 "on the blocklist, so the call was refused (the caller heard an announcement), or it was ringing "
@@ -597,19 +600,21 @@ SCHEMAS: dict[str, Schema] = {
             },
             "hangup_by": {
                 "type": ["string", "null"],
-                "enum": ["caller", "callee", "system", None],
+                "enum": [*HANGUP_BY, None],
                 "description": "`system`: the bridge hung up (no answer in time, the end of an announcement, a "
                 "failure, or a cut: see `cut_reason`).",
             },
             "hangup_cause": {"type": ["integer", "null"], "description": "The Q.850 cause, when known."},
             "cut_reason": {
                 "type": ["string", "null"],
-                "enum": ["blocked", "max_duration", "blocked_by_client", None],
+                "enum": [*CUT_REASONS, None],
                 "description": "Why the bridge itself ended the call while it was ringing or connected "
                 "(`hangup_by` is `system`): `blocked`, the number of the caller or of the other side was "
                 "blocked; `max_duration`, the call reached the session's maximum duration (both parties "
                 "heard a warning tone first); `blocked_by_client`, the client keyed `MB_BLOCK_KEYS` to block the "
-                "other party for this order. Null for every other call.",
+                "other party for this order; `reassigned`, the courier on the call was replaced by another; "
+                "`session_ended`, the session closed or expired (a client's call to support during a grace "
+                "period goes on). Null for every other call.",
             },
             "started_at": TIMESTAMP,
             "answered_at": NULLABLE_TIMESTAMP,

@@ -52,6 +52,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_RETENTION_DAYS": ("30", "days after which the real numbers of ended sessions are deleted"),
     "MB_SWEEP_INTERVAL": ("30", "seconds between two runs of session housekeeping"),
     "MB_CALL_WARNING": ("30", "seconds before the maximum duration at which both parties hear a warning tone"),
+    "MB_CONFIRM_TIMEOUT": ("6", "seconds the called phone has to press 1 after each prompt (confirm_answer)"),
     "MB_DEFAULT_LANGUAGE": ("en", "language of announcements for pool numbers without one (en, ru)"),
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party for the order"),
@@ -72,7 +73,8 @@ SECRET_NAMES = (
 
 SESSION_SETTINGS = (
     "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
-    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALL_WARNING", "MB_BLOCK_KEYS", "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
+    "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALL_WARNING", "MB_CONFIRM_TIMEOUT", "MB_BLOCK_KEYS",
+    "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
     "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
     "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
     *(Terms.term(n).env for n in Terms.names()),

@@ -35,10 +35,12 @@ def likeness(heard: list[float], prompt: list[float]) -> float:
 
 
 def prompt_envelope(stack, language: str, name: str) -> list[float]:
-    out = f"{stack.ast_dir('carrier')}/spool/prompt-{language}-{name}.wav"
+    """The loudness envelope of a prompt (`name` may be in a subdirectory, e.g. followme/options)."""
+    file = f"prompt-{language}-{name.replace('/', '-')}.wav"
+    out = f"{stack.ast_dir('carrier')}/spool/{file}"
     result = asterisk.rx(stack, "carrier", f"file convert /usr/share/asterisk/sounds/{PROMPT_DIRS[language]}/{name}.gsm {out}")
     assert "Converted" in result.stdout, result.stdout + result.stderr
-    values, rate = samples(asterisk.host_path(stack, "carrier", "spool", f"prompt-{language}-{name}.wav"))
+    values, rate = samples(asterisk.host_path(stack, "carrier", "spool", file))
     return envelope(values, rate)
 
 
