@@ -98,6 +98,10 @@ class RouteRow:
     terms: Terms  # as stored
 
 
+# NOTIFY when participants leave a session: "<reason> <participant id>,<participant id>..."
+# (reason: the cut's, "reassigned" or "session_ended"). The bridge ends their calls.
+PARTICIPANTS_LEFT = "maskbridge_participants_left"
+
 # Every term of bridge.terms is a column of sessions by the same name.
 _TERM_COLUMNS = ", ".join(f"s.{name}" for name in Terms.names())
 
@@ -408,13 +412,21 @@ class SessionRepo:
             )
 
     @staticmethod
-    async def _leave(conn: asyncpg.Connection, session_id: uuid.UUID, role: str | None, cooloff: int) -> None:
+    async def _leave(conn: asyncpg.Connection, session_id: uuid.UUID, role: str | None, cooloff: int,
+                     why: str = "session_ended") -> None:
+        """The live participants of a session (or of one role) leave it. Their calls in
+        progress are ended by the bridge (`why` is the cut's reason), told on commit."""
         await conn.execute(
             """
-            UPDATE participants SET left_at = now(), held_until = now() + make_interval(secs => $3), holds = $3 > 0
-            WHERE session_id = $1 AND left_at IS NULL AND ($2::text IS NULL OR role = $2)
+            WITH left_now AS (
+                UPDATE participants SET left_at = now(), held_until = now() + make_interval(secs => $3),
+                                        holds = $3 > 0
+                WHERE session_id = $1 AND left_at IS NULL AND ($2::text IS NULL OR role = $2)
+                RETURNING id
+            )
+            SELECT pg_notify($4, $5 || ' ' || string_agg(id::text, ',')) FROM left_now HAVING count(*) > 0
             """,
-            session_id, role, cooloff,
+            session_id, role, cooloff, PARTICIPANTS_LEFT, why,
         )
 
     async def end_if_due(self, session_id: uuid.UUID, cooloff: int) -> str | None:
@@ -478,7 +490,7 @@ class SessionRepo:
                 by_code = row["mode"] == "order_code"
                 if not by_code:  # an order-code session keeps its shared number
                     await self._still_active(conn, pool_number)
-                await self._leave(conn, session_id, "courier", cooloff)
+                await self._leave(conn, session_id, "courier", cooloff, why="reassigned")
                 if not by_code:
                     await self._free_pairs(conn, [courier.idx], pool_number)
                 new: uuid.UUID = await conn.fetchval(
@@ -570,6 +582,16 @@ class SessionRepo:
             "SELECT id FROM sessions s WHERE s.status IN ('open', 'grace') AND maskbridge_session_due(s) IS NOT NULL"
         )
         return [r["id"] for r in rows]
+
+    async def left_among(self, participant_ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
+        """Which of these participants have left their session, with the reason a call of
+        theirs is cut for: "reassigned" (their session goes on without them) or "session_ended"."""
+        rows = await self.pool.fetch(
+            """SELECT p.id, s.status = 'open' AS session_open FROM participants p JOIN sessions s ON s.id = p.session_id
+               WHERE p.id = ANY($1::uuid[]) AND p.left_at IS NOT NULL""",
+            list(participant_ids),
+        )
+        return {r["id"]: "reassigned" if r["session_open"] else "session_ended" for r in rows}
 
     async def release_cooled(self) -> int:
         return _affected(

@@ -9,8 +9,10 @@ import uuid
 
 import pytest
 
+from bridge.ari import AriClient
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.audio import rms, samples, tone_share
+from tests.live.conftest import wait_for_call_row
 from tests.live.siplog import SipLog, SipMessage, dialogs, ended_by_caller, logged, national_digits
 
 IDENTITY_ON = {
@@ -76,6 +78,30 @@ async def test_called_phone_sees_only_the_pool_number(
         # The settings are really on: the identity headers are there, and carry the pool number.
         assert invite.header("P-Asserted-Identity") and pool in invite.header("P-Asserted-Identity")[0]
         assert invite.header("Remote-Party-ID") and pool in invite.header("Remote-Party-ID")[0]
+
+
+async def test_no_channel_of_a_call_holds_the_callers_real_number(stack, carrier, api, real_number, db):
+    """Asterisk hands each leg the other's caller ID whenever a bridge is rebuilt: once the
+    other phone rings, the caller's own leg holds the pool number as its caller ID, so there
+    is nothing real to hand on (the interception routine is the layer above)."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer", listen=False)
+    leg = await carrier.call(courier, session["pool_number"], listen=False)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    row = await wait_for_call_row(db, session["id"], state="connected")
+    pbx = AriClient(f"http://{stack.env['MB_ARI_BIND']}:{stack.env['MB_ARI_PORT']}", stack.env["MB_ARI_USER"],
+                    stack.env["MB_ARI_PASSWORD"], stack.env["MB_ARI_APP"])
+    try:
+        for channel_id in (row["inbound_channel_id"], row["outbound_channel_id"]):
+            channel = await pbx.get_channel(channel_id)
+            shown = f"{channel['caller']['number']} {channel['caller']['name']} {channel['connected']}"
+            assert national_digits(courier) not in shown and national_digits(client) not in shown, shown
+            assert channel["caller"]["number"] == session["pool_number"]
+    finally:
+        await pbx.close()
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)
 
 
 async def test_audio_flows_both_ways(carrier, api, real_number):

@@ -157,3 +157,39 @@ async def test_grace_period_lets_the_client_reach_support_only(carrier, api, rea
     assert read["status"] == "closed"
     status, events = await api.request("GET", f"/v1/sessions/{session['id']}/events")
     assert [e["kind"] for e in events["items"]] == ["opened", "grace_started", "closed"]
+
+
+async def test_a_courier_reassigned_during_a_call_is_cut_off(carrier, api, real_number, db, webhooks):
+    """The order goes to another courier while the first one talks to the client: their call
+    ends at once (the bridge hangs up both), recorded as cut for `reassigned`."""
+    first, second, client = real_number(), real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", first, client)
+    carrier.phone(client, action="answer", listen=False)
+    leg = await carrier.call(first, session["pool_number"], listen=False)
+    other = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await wait_for_call_row(db, session["id"], state="connected")
+
+    status, _ = await api.request("POST", f"/v1/sessions/{session['id']}/participants",
+                                  json={"role": "courier", "number": second})
+    assert status == 201
+    await asyncio.wait_for(leg.ended.wait(), 10)
+    await asyncio.wait_for(other.ended.wait(), 10)
+    assert not leg.hung_up_itself and not other.hung_up_itself, "the bridge ended it"
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", "reassigned")
+
+
+async def test_a_call_ringing_when_its_session_closes_is_cut_off(carrier, api, real_number, db):
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="noanswer", ring_for=30, listen=False)
+    leg = await carrier.call(courier, session["pool_number"], listen=False)
+    ringing = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await wait_for_call_row(db, session["id"], state="ringing")
+
+    await api.close_session(session["id"])
+    await asyncio.wait_for(ringing.ended.wait(), 10)
+    await asyncio.wait_for(leg.ended.wait(), 10)
+    assert ringing.answered_at is None and not ringing.hung_up_itself
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("session_closed", "system", "session_ended")
