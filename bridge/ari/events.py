@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,9 +23,9 @@ Event = dict[str, Any]
 class EventStream:
     """Delivers every event of the app, in order, to one handler.
 
-    `on_connected` runs after each (re)connect, before events are read, so the owner can
-    reconcile channels that stayed in Stasis while the socket was down (Asterisk queues no
-    events for them).
+    `on_connected` runs after each (re)connect, before events are read and before
+    `connected` is set, so the owner can reconcile channels that stayed in Stasis while the
+    socket was down (Asterisk queues no events for them).
     """
 
     def __init__(
@@ -35,12 +36,14 @@ class EventStream:
         *,
         min_backoff: float = 0.2,
         max_backoff: float = 5.0,
+        stable_after: float = 10.0,
     ) -> None:
         self.client = client
         self.handler = handler
         self.on_connected = on_connected
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
+        self.stable_after = stable_after  # seconds up after which a connection counts as good
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -64,18 +67,22 @@ class EventStream:
         backoff = self.min_backoff
         url = self.client.base_url.replace("http", "ws", 1) + "/ari/events"
         while not self._stopping:
+            up_since: float | None = None
             try:
                 async with self.client.session.ws_connect(
                     url, params={"app": self.client.app, "subscribeAll": "false"}, heartbeat=15
                 ) as ws:
+                    up_since = time.monotonic()
                     log.info("ari.connected", app=self.client.app)
-                    backoff = self.min_backoff
-                    self.connected.set()
+                    # Connected once the owner has caught up with what happened while the
+                    # socket was down (calls left in Stasis resumed or finished): until then
+                    # the bridge does not say it is healthy.
                     if self.on_connected is not None:
                         try:
                             await self.on_connected()
                         except Exception:
                             log.exception("ari.on_connected_failed")
+                    self.connected.set()
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             await self._deliver(msg.data)
@@ -88,6 +95,11 @@ class EventStream:
             self.connected.clear()
             if self._stopping:
                 break
+            # The backoff starts over only after a connection that stayed up a while: one
+            # that Asterisk accepts and drops at once counts as a failure, or the bridge would
+            # reconnect (and reconcile) many times a second.
+            if up_since is not None and time.monotonic() - up_since >= self.stable_after:
+                backoff = self.min_backoff
             log.warning("ari.disconnected", retry_in=round(backoff, 2))
             await asyncio.sleep(backoff * (0.5 + random.random() / 2))
             backoff = min(backoff * 2, self.max_backoff)

@@ -192,6 +192,8 @@ class AriFake:
         self.stored_recordings: dict[str, bytes] = {}  # name -> the file Asterisk would serve
         self.refuse_websocket = False
         self.connects = 0  # websockets accepted so far
+        self.connect_times: list[float] = []  # when each was accepted (monotonic)
+        self.close_at_once = False  # accept each websocket, then close it at once (a sick Asterisk)
         self._failures: list[Failure] = []
         self._cuts: list[tuple[str, str]] = []
         self._sockets: set[web.WebSocketResponse] = set()
@@ -510,6 +512,11 @@ class AriFake:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         self.connects += 1
+        self.connect_times.append(asyncio.get_running_loop().time())
+        if self.close_at_once:
+            await ws.close(code=aiohttp.WSCloseCode.GOING_AWAY, message=b"going away")
+            await self._notify()
+            return ws
         self._sockets.add(ws)
         await self._notify()
         try:

@@ -1,0 +1,61 @@
+"""The ARI event stream against the scripted fake: it says it is connected only once the
+owner has caught up, and an Asterisk that accepts and drops the websocket at once is not
+hammered."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from ari_fake import AriFake
+from bridge.ari import AriClient, EventStream
+
+APP = "maskbridge"
+
+
+@asynccontextmanager
+async def _stream(fake: AriFake, **kw) -> AsyncIterator[EventStream]:
+    """An event stream running against `fake` (started here) for the block."""
+    await fake.start()
+    ari = AriClient(fake.base_url, "bridge", "secret", APP, request_timeout=5.0)
+
+    async def handle(_event: dict) -> None:
+        pass
+
+    stream = EventStream(ari, handle, **kw)
+    task = asyncio.create_task(stream.run())
+    try:
+        yield stream
+    finally:
+        stream.stop()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await ari.close()
+        await fake.stop()
+
+
+async def test_the_backoff_grows_across_connections_that_drop_at_once() -> None:
+    fake = AriFake(app=APP)
+    fake.close_at_once = True
+    async with _stream(fake, min_backoff=0.05, max_backoff=0.4, stable_after=10.0):
+        await fake._wait(lambda: fake.connects >= 5, 10, "five connects")
+    gaps = [b - a for a, b in zip(fake.connect_times, fake.connect_times[1:])]
+    # Each wait is at least half its backoff (jitter): 0.05, 0.1, 0.2, 0.4 -> the fourth
+    # gap is at least 0.2 s. (Reset at every connect, every gap would be 0.025 s or so.)
+    assert gaps[3] >= 0.2, gaps
+
+
+async def test_connected_is_said_only_once_the_owner_has_caught_up() -> None:
+    caught_up = asyncio.Event()
+    release = asyncio.Event()
+
+    async def reconcile() -> None:
+        caught_up.set()
+        await release.wait()
+
+    async with _stream(AriFake(app=APP), on_connected=reconcile) as stream:
+        await asyncio.wait_for(caught_up.wait(), 10)
+        assert not stream.connected.is_set(), "healthy before calls left behind were taken over"
+        release.set()
+        await asyncio.wait_for(stream.connected.wait(), 10)
