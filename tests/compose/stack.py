@@ -103,6 +103,17 @@ class ComposeStack:
         out = self.compose("logs", "--no-color", service)
         return out.stdout + out.stderr
 
+    def wait_log_line(self, service: str, *parts: str, timeout: float = 20) -> str:
+        """The first line of the service's output that holds every one of `parts`, once written."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in self.logs(service).splitlines():
+                if all(part in line for part in parts):
+                    return line
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service} wrote no line with {parts} in {timeout} s")
+            time.sleep(0.2)  # polling the container's output: docker has no event for a line
+
     def wait_healthy(self, timeout: float = 60) -> None:
         """Until the bridge answers /healthz with the database and ARI both up."""
         deadline = time.monotonic() + timeout
