@@ -55,6 +55,7 @@ def compose(engine: None, settings: Stack) -> Iterator[ComposeStack]:
         yield stack
     finally:
         _cleanup("docker compose down", stack.down)
+        _cleanup("removing replaced images", containers.prune_replaced_images)
         _cleanup("stopping the simulated carrier", lambda: compose_stack.stop_carrier(settings))
 
 
