@@ -45,9 +45,10 @@ def _cleanup(what: str, action: Callable[[], None]) -> None:
         warnings.warn(f"compose test: {what} failed: {exc}", stacklevel=1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def compose(engine: None, settings: Stack) -> Iterator[ComposeStack]:
-    """docker-compose.yml up (built and healthy), with the simulated carrier in front of it."""
+    """docker-compose.yml up (built and healthy), with the simulated carrier in front of it;
+    down again once the compose tests are done, not at the end of the whole run."""
     stack = ComposeStack(settings)
     try:
         stack.up()
