@@ -78,7 +78,9 @@ def ensure_engine(rootfs: Path) -> None:
     if not engine_answers():
         if shutil.which("dockerd") is None:
             _install_engine()
-        _start_engine()
+        # (The package may have started one itself, through its init script.)
+        if not engine_answers():
+            _start_engine()
     _ensure_compose(rootfs)
 
 
