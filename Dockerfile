@@ -1,6 +1,10 @@
 # The bridge image: `python -m bridge` with settings from the environment (see
 # docker-compose.yml and docs/production.md). Build context: the repository root.
-FROM python:3.11-slim
+#
+# BASE_IMAGE is python:3.11-slim; the compose test (tests/compose) gives a local stand-in,
+# since no registry is reachable on our machines.
+ARG BASE_IMAGE=python:3.11-slim
+FROM ${BASE_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -28,10 +32,9 @@ RUN useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/
 USER maskbridge
 
 # /healthz needs no token; it answers 503 until both the database and the ARI event
-# stream are up. urllib raises on any non-2xx answer, so the exit status says it all.
-# It asks 127.0.0.1, so MB_API_BIND must be loopback or a wildcard address (it is
-# 127.0.0.1 by default and in docker-compose.yml).
+# stream are up. bridge/healthcheck.py asks the address the API listens on (MB_API_BIND,
+# loopback for a wildcard) and exits 0 only on a 2xx answer.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('MB_API_PORT', '8080'), timeout=4)"]
+    CMD ["python", "-m", "bridge.healthcheck"]
 
 CMD ["python", "-m", "bridge"]

@@ -5,6 +5,12 @@
 # does) into ${MB_AST_DIR}/etc, which asterisk.conf names as astetcdir and /etc/asterisk
 # links to, then runs Asterisk in the foreground as the `asterisk` user.
 #
+# The image runs as `asterisk` (USER in the Dockerfile): then the entrypoint only writes into
+# the instance directory, which may be the only writable place (docker-compose.yml mounts
+# the root file system read-only, with tmpfs and volumes over etc, db, run, cache, log and
+# spool). Started as root (--user root), it takes the directories for `asterisk` first and
+# Asterisk drops to that user itself (-U/-G), as before.
+#
 # Only ${MB_...} names are filled in: envsubst gets an explicit list of the MB_ variables
 # in the environment, so Asterisk's own ${EXTEN}, ${STASISSTATUS}, ${FILTER(...)} ... are
 # left exactly as written.
@@ -56,18 +62,24 @@ if [ "${1:-}" = "--render-only" ]; then
 fi
 
 # Asterisk writes under db, spool, run, log and cache; it only reads etc (ari.conf holds
-# the ARI password, hence root:asterisk 0640).
+# the ARI password, hence 0640, and only the asterisk group may read it).
 for sub in db spool spool/recording run log cache; do
     mkdir -p "$MB_AST_DIR/$sub"
 done
-chown -R asterisk:asterisk "$MB_AST_DIR"
-chown root:asterisk "$etc" "$etc"/*.conf
+# Kept pointing at the rendered files even if MB_AST_DIR was overridden.
+if [ "$(readlink /etc/asterisk)" != "$etc" ]; then
+    ln -sfn "$etc" /etc/asterisk || die "cannot point /etc/asterisk at $etc (read-only root file system?)"
+fi
+run_as=()
+if [ "$(id -u)" = 0 ]; then
+    chown -R asterisk:asterisk "$MB_AST_DIR"
+    chown root:asterisk "$etc" "$etc"/*.conf
+    run_as=(-U asterisk -G asterisk)
+fi
 chmod 0750 "$etc"
 chmod 0640 "$etc"/*.conf
-# Kept pointing at the rendered files even if MB_AST_DIR was overridden.
-ln -sfn "$etc" /etc/asterisk
 
 if [ $# -gt 0 ]; then
     exec "$@"
 fi
-exec asterisk -f -U asterisk -G asterisk -C "$etc/asterisk.conf"
+exec asterisk -f "${run_as[@]}" -C "$etc/asterisk.conf"

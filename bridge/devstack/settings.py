@@ -6,6 +6,7 @@ import hashlib
 import os
 import secrets
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,16 +182,18 @@ def _load_secrets(path: Path) -> dict[str, str]:
     return values
 
 
-def load() -> Stack:
-    """Settings from the environment over the defaults, plus the stack's generated secrets."""
-    env = {name: os.environ.get(name, default) for name, (default, _) in DEFAULTS.items()}
+def load(environ: Mapping[str, str] | None = None) -> Stack:
+    """Settings from the environment (or `environ`) over the defaults, plus the stack's
+    generated secrets."""
+    source = os.environ if environ is None else environ
+    env = {name: source.get(name, default) for name, (default, _) in DEFAULTS.items()}
     stack_dir = Path(env["MB_STACK_DIR"])
     env.update(_load_secrets(stack_dir / "secrets.env"))
     for name in SECRET_NAMES:
-        if os.environ.get(name):
-            env[name] = os.environ[name]
-    env["MB_PG_DIR"] = os.environ.get("MB_PG_DIR") or str(_pg_dir(stack_dir))
-    env["MB_DATABASE_URL"] = os.environ.get("MB_DATABASE_URL") or (
+        if source.get(name):
+            env[name] = source[name]
+    env["MB_PG_DIR"] = source.get("MB_PG_DIR") or str(_pg_dir(stack_dir))
+    env["MB_DATABASE_URL"] = source.get("MB_DATABASE_URL") or (
         f"postgresql://maskbridge:{env['MB_DB_PASSWORD']}@127.0.0.1:{env['MB_PG_PORT']}/maskbridge"
     )
     return Stack(env=env)

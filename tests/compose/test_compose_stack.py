@@ -1,0 +1,190 @@
+"""docker-compose.yml, built and run as users run it: every service healthy and hardened,
+the pinned Asterisk, the API, a real masked call through the compose PBX from a simulated
+carrier, and a call that survives a restart of the bridge's container."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+import uuid
+from typing import Any
+
+import aiohttp
+import pytest
+
+from bridge.devstack import asterisk
+from bridge.devstack.audio import samples, tone_share
+from bridge.devstack.carrier import Carrier, Leg
+from tests.compose.stack import PROJECT_DIR, SERVICES, ComposeStack
+from tests.live.siplog import SipLog, dialogs, ended_by_caller, identity_leaks, logged
+
+pytestmark = pytest.mark.compose
+
+REGION = "RU-MOW"
+# Every real number these tests use; none may reach the bridge's log.
+USED: list[str] = []
+
+
+def real_number() -> str:
+    number = f"+7916{random.randrange(10_000_000):07d}"
+    USED.append(number)
+    return number
+
+
+async def call_json(api: aiohttp.ClientSession, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+    async with api.request(method, path, **kw) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def open_session(api: aiohttp.ClientSession) -> tuple[dict[str, Any], str, str]:
+    """A new order session between two fresh real numbers, on a pool number imported for it."""
+    pool = f"+7495{random.randrange(10_000_000):07d}"
+    status, body = await call_json(api, "POST", "/v1/pool-numbers", json={"numbers": [{"number": pool, "region": REGION}]})
+    assert status in (200, 201), body
+    courier, client = real_number(), real_number()
+    status, session = await call_json(
+        api, "POST", "/v1/sessions",
+        json={"order_id": f"order-{uuid.uuid4()}", "courier_number": courier, "client_number": client, "region": REGION},
+    )
+    assert status == 201, session
+    assert session["pool_number"] == pool
+    return session, courier, client
+
+
+async def last_call(api: aiohttp.ClientSession, session_id: str, state: str, timeout: float = 15) -> dict[str, Any]:
+    """The session's latest call record once it is in `state`, as the API shows it."""
+    async with asyncio.timeout(timeout):
+        while True:
+            status, body = await call_json(api, "GET", f"/v1/sessions/{session_id}/calls")
+            assert status == 200, body
+            if body["items"] and body["items"][0]["state"] == state:
+                return dict(body["items"][0])
+            await asyncio.sleep(0.1)  # wait-ok: polling the bridge's record of the call
+
+
+async def connected_call(carrier: Carrier, caller: str, callee_number: str, pool: str) -> tuple[Leg, Leg]:
+    carrier.phone(callee_number, action="answer", tone=1000)
+    leg = await carrier.call(caller, pool, tone=600)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 15)
+    await asyncio.wait_for(leg.answered.wait(), 15)
+    await asyncio.wait_for(callee.answered.wait(), 15)
+    return leg, callee
+
+
+def pinned_asterisk_version() -> str:
+    dockerfile = (PROJECT_DIR / "asterisk-config" / "Dockerfile").read_text()
+    match = re.search(r"^ARG ASTERISK_VERSION=(\S+)$", dockerfile, re.M)
+    assert match, "asterisk-config/Dockerfile pins Asterisk"
+    return match.group(1).split(":", 1)[-1]  # without the Debian epoch
+
+
+def test_every_service_is_up_healthy_and_hardened(compose: ComposeStack) -> None:
+    for service in SERVICES:
+        inspected = compose.container(service)
+        host, config = inspected["HostConfig"], inspected["Config"]
+        assert inspected["State"]["Health"]["Status"] == "healthy", service
+        assert config["User"] not in ("", "root", "0"), f"{service} runs as root"
+        assert host["ReadonlyRootfs"], service
+        assert host["Init"], service
+        assert host["CapDrop"] == ["ALL"] and not host["CapAdd"], service
+        assert "no-new-privileges:true" in host["SecurityOpt"], service
+        assert host["Memory"] > 0 and host["NanoCpus"] > 0 and host["PidsLimit"] > 0, service
+        assert host["LogConfig"]["Type"] == "json-file" and host["LogConfig"]["Config"].get("max-size"), service
+        assert host["NetworkMode"] == "host", service
+        assert host["RestartPolicy"]["Name"] == "unless-stopped", service
+    # What each really runs as, inside.
+    assert compose.compose("exec", "-T", "bridge", "id", "-un").stdout.strip() == "maskbridge"
+    assert compose.compose("exec", "-T", "asterisk", "id", "-un").stdout.strip() == "asterisk"
+    assert compose.compose("exec", "-T", "postgres", "id", "-un").stdout.strip() == "postgres"
+
+
+def test_the_pbx_runs_the_pinned_asterisk(compose: ComposeStack) -> None:
+    version = compose.compose("exec", "-T", "asterisk", "asterisk", "-rx", "core show version").stdout
+    assert version.startswith(f"Asterisk {pinned_asterisk_version()} "), version
+    # Its configuration came from the templates, with the compose file's settings.
+    endpoints = compose.compose("exec", "-T", "asterisk", "asterisk", "-rx", "pjsip show aor trunk").stdout
+    assert f"sip:{compose.stack.env['MB_TRUNK_HOST']}:{compose.stack.env['MB_TRUNK_PORT']}" in endpoints
+
+
+async def test_the_api_answers(compose: ComposeStack, api: aiohttp.ClientSession) -> None:
+    status, health = await call_json(api, "GET", "/healthz")
+    assert (status, health) == (200, {"ari": True, "database": True})
+    status, document = await call_json(api, "GET", "/v1/openapi.json")
+    assert status == 200 and document["paths"]
+    async with aiohttp.ClientSession(base_url=compose.api) as anonymous:
+        status, refused = await call_json(anonymous, "GET", "/v1/pool-usage")
+    assert status == 401, refused
+    session, _, _ = await open_session(api)
+    status, shown = await call_json(api, "GET", f"/v1/sessions/{session['id']}")
+    assert status == 200 and shown["pool_number"] == session["pool_number"]
+    status, usage = await call_json(api, "GET", "/v1/pool-usage")
+    assert status == 200, usage
+
+
+@pytest.mark.parametrize("direction", ["courier-to-client", "client-to-courier"])
+async def test_a_masked_call_through_the_compose_pbx(
+    compose: ComposeStack, carrier: Carrier, api: aiohttp.ClientSession, direction: str
+) -> None:
+    session, courier, client = await open_session(api)
+    pool = session["pool_number"]
+    caller, callee_number = (courier, client) if direction == "courier-to-client" else (client, courier)
+    sip_log = SipLog(asterisk.host_path(compose.stack, "carrier", "log", "sip.log"))
+    mark = sip_log.mark()
+
+    carrier.phone(callee_number, action="answer", tone=1000)
+    leg = await carrier.call(caller, pool, tone=600, hangup_after=2.0)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 15)
+    await asyncio.wait_for(leg.ended.wait(), 20)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+
+    assert callee.number == callee_number, "the other participant's phone rang"
+    assert callee.shown_number == pool, "the called phone was shown the pool number"
+    assert callee.shown_name in ("", pool)
+    assert callee.answered_at is not None and callee.cause == 16
+    # Media crosses the containerised PBX both ways: each phone hears the other's tone.
+    await asyncio.wait_for(leg.recorded.wait(), 10)
+    await asyncio.wait_for(callee.recorded.wait(), 10)
+    heard_by_caller, rate = samples(carrier.recording_path(leg))
+    heard_by_callee, _ = samples(carrier.recording_path(callee))
+    assert tone_share(heard_by_caller, rate, 1000) > 0.5 and tone_share(heard_by_callee, rate, 600) > 0.5
+    # Every SIP message the called phone received names the pool number, never the caller.
+    messages = await logged(sip_log, mark, ended_by_caller(callee_number))
+    called = [
+        m for d in dialogs(messages).values()
+        if any(m.first_line.startswith(f"INVITE sip:{callee_number}@") for m in d)
+        for m in d if m.direction == "received"
+    ]
+    invite = next(m for m in called if m.first_line.startswith("INVITE"))
+    assert pool in invite.header("From")[0]
+    for message in called:
+        assert not identity_leaks(message.text, [caller]), f"the caller's number reached the callee:\n{message.text}"
+    record = await last_call(api, session["id"], "ended")
+    assert (record["outcome"], record["hangup_by"]) == ("answered", "caller")
+
+
+async def test_a_call_survives_a_restart_of_the_bridge_container(
+    compose: ComposeStack, carrier: Carrier, api: aiohttp.ClientSession
+) -> None:
+    session, courier, client = await open_session(api)
+    leg, callee = await connected_call(carrier, courier, client, session["pool_number"])
+    record = await last_call(api, session["id"], "connected")
+    await asyncio.to_thread(compose.compose, "restart", "bridge")
+    await asyncio.to_thread(compose.wait_healthy)
+    # The new process found the call in the database and the channels alive, and took it over.
+    await asyncio.to_thread(compose.wait_log_line, "bridge", '"call.resumed"', record["id"])
+    assert not leg.ended.is_set() and not callee.ended.is_set(), "the call stayed up across the restart"
+
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    assert callee.cause == 16, "the restarted bridge hung up the other leg"
+    record = await last_call(api, session["id"], "ended")
+    assert (record["outcome"], record["hangup_by"]) == ("answered", "caller")
+
+
+def test_the_bridge_log_holds_no_real_number(compose: ComposeStack) -> None:
+    """What the bridge's container wrote (its JSON log, through docker's log driver)."""
+    log = compose.logs("bridge")
+    assert '"event"' in log, "the bridge logs JSON lines"
+    assert USED, "the tests above used real numbers"
+    assert not identity_leaks(log, USED), "a real number reached the bridge's log"
