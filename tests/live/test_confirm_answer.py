@@ -11,7 +11,8 @@ import uuid
 
 from bridge.devstack.audio import rms, samples, tone_share
 from tests.live.conftest import wait_for_call_row
-from tests.live.test_announcements import envelope, likeness, prompt_envelope
+from tests.live.test_announcements import envelope, prompt_envelope
+from tests.live.test_order_code import likeness  # (either may start first: a sample starts a little into the prompt)
 from tests.live.test_early_media import RINGBACK_HZ
 
 CALLER_TONE, CALLEE_TONE = 600, 1000  # the courier's phone; the client's phone (or its voicemail greeting)

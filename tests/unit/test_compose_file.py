@@ -29,3 +29,17 @@ def test_the_asterisk_tmpfs_mounts_belong_to_the_image_asterisk_user():
     assert mounts
     for path, options in mounts:
         assert f"uid={uid.group(1)},gid={uid.group(1)}," in options, path
+
+
+def test_the_bridge_service_passes_every_setting_the_bridge_reads():
+    """An operator can set, through docker compose, every setting the bridge reads
+    (bridge/config.py, and the session terms' defaults of bridge/terms.py)."""
+    from bridge.config import SETTINGS
+    from bridge.terms import Terms
+
+    compose = (ROOT / "docker-compose.yml").read_text()
+    bridge = compose.split("\n  bridge:\n", 1)[1]
+    passed = set(re.findall(r"^      (MB_[A-Z0-9_]+):", bridge, re.M))
+    read = {s.env for s in SETTINGS.values()} | {Terms.term(n).env for n in Terms.names()}
+    read -= {"MB_DATABASE_URL", "MB_ARI_URL"}  # composed from the others in the file
+    assert read <= passed, sorted(read - passed)
