@@ -14,7 +14,7 @@ DEVSTACK := $(PY) -m bridge.devstack
 MB_TEST_WEBHOOK_URL ?= http://127.0.0.1:8099/hooks
 TEST_ENV := MB_RING_TIMEOUT=6 MB_CONFIRM_TIMEOUT=2 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
 
-.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin bench test test-unit typecheck \
+.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin bench test test-unit typecheck lint \
         compose-check compose-up compose-down clean
 
 help:
@@ -97,7 +97,7 @@ admin: venv
 
 # The stack is (re)started with the test settings, the tests run, and the stack is
 # stopped again whatever the outcome.
-test: deps venv typecheck
+test: deps venv lint typecheck
 	$(DEVSTACK) stop
 	$(TEST_ENV) $(DEVSTACK) start >/dev/null
 	status=0; $(TEST_ENV) $(PY) -m pytest -ra $(PYTEST_ARGS) || status=$$?; \
@@ -105,6 +105,10 @@ test: deps venv typecheck
 
 typecheck: venv
 	$(PY) -m mypy bridge bench
+
+# ruff: pyflakes, pycodestyle, bugbear and the rest of [tool.ruff] in pyproject.toml.
+lint: venv
+	$(PY) -m ruff check bridge bench tests
 
 # The benchmark (bench/): the stack is restarted with default settings, measured, and
 # stopped; the report goes to docs/bench/. BENCH_ARGS=--tiny for a smoke run.

@@ -190,7 +190,7 @@ class Calls:
         self.carrier.phone(route.callee, action="answer", answer_after=0.0, tone=CALLEE_TONE, listen=False)
         try:
             leg = await self.carrier.call(route.caller, route.dialed, tone=CALLER_TONE, listen=False)
-        except Exception as exc:  # noqa: BLE001 - a refused originate is a failed call
+        except Exception as exc:
             self._callee_waiters.pop(route.callee, None)
             return Outcome(route, False, f"originate: {exc}")
         outcome = Outcome(route, False, caller=leg)

@@ -12,11 +12,16 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
-from bridge.devstack import postgres  # noqa: E402
-from bridge.devstack.settings import PROJECT_DIR, Stack  # noqa: E402
+from bridge.devstack import postgres
+from bridge.devstack.settings import PROJECT_DIR, Stack
 
+
+
+def _shares(shares: list[float] | None) -> str:
+    """" (0.91, 0.88)": the tone shares of a step's audio samples, or nothing."""
+    return " (" + ", ".join(f"{x:.2f}" for x in shares) + ")" if shares else ""
 
 def _run(cmd: list[str]) -> str:
     try:
@@ -136,7 +141,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "| --- | --- | --- | --- | --- | --- |",
         *[
             f"| {name} | {p['n']} | {_ms(p, 'p50')} | {_ms(p, 'p95')} | {_ms(p, 'p99')} | {_ms(p, 'max')} |"
-            for name, p in (("baseline", d["baseline"]), ("bridge", d["bridge"]), ("difference, call by call", d["added"]))
+            for name, p in (
+                ("baseline", d["baseline"]), ("bridge", d["bridge"]), ("difference, call by call", d["added"])
+            )
         ],
         "",
         "The difference row pairs each bridge call with the baseline call placed just before it. "
@@ -183,7 +190,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         *[
             f"| {s['calls']} | {s['established']} | "
             f"{'-' if s['audio_ok'] is None else ('yes' if s['audio_ok'] else 'NO')}"
-            f"{' (' + ', '.join(f'{x:.2f}' for x in s.get('tone_shares') or []) + ')' if s.get('tone_shares') else ''} | "
+            f"{_shares(s.get('tone_shares'))} | "
             f"{s.get('ended_ok', '-')} | {(s['bridge_mb'] or 0):.0f} | {(s['pbx_mb'] or 0):.0f} |"
             for s in conc
         ],

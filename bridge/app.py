@@ -70,7 +70,7 @@ async def housekeeping(
                 if recordings is not None:
                     await recordings.purge()
                 last_purge = loop.time()
-        except Exception:  # noqa: BLE001 - a database hiccup must not end housekeeping
+        except Exception:
             log.exception("housekeeping.failed")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
@@ -119,7 +119,7 @@ async def cut_listener(
                 else:
                     reason, _, ids = payload.partition(" ")
                     cut({uuid.UUID(i) for i in ids.split(",") if i}, reason)
-        except Exception:  # noqa: BLE001 - whatever failed, listen again
+        except Exception:
             log.exception("cut_listener.failed")
         finally:
             if conn is not None and not conn.is_closed():

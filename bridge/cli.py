@@ -143,7 +143,8 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def pool_import(tool: Tool, a: argparse.Namespace) -> None:
-    text = sys.stdin.read() if a.file == "-" else Path(a.file).read_text(encoding="utf-8")
+    # (A file read at once, before anything else happens: the admin tool runs one command.)
+    text = sys.stdin.read() if a.file == "-" else Path(a.file).read_text(encoding="utf-8")  # noqa: ASYNC240
     tool.out(await tool.pools.import_csv(text, a.region))
 
 

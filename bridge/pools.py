@@ -120,7 +120,9 @@ class Pools:
             raise PoolNumberNotFound()
         return row
 
-    async def find(self, *, region: str | None, state: str | None, after: str | None, limit: int) -> list[PoolNumberRow]:
+    async def find(
+        self, *, region: str | None, state: str | None, after: str | None, limit: int
+    ) -> list[PoolNumberRow]:
         if state is not None and state not in POOL_STATES:
             raise InvalidInput(f"state must be one of {', '.join(POOL_STATES)}", field="state")
         return await self.repo.page(region=region, state=state, after=after, limit=limit)

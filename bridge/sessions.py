@@ -20,7 +20,7 @@ from bridge.errors import (
     Conflict, Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
     SessionEnded, SessionNotFound, UnknownRegion,
 )
-from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, REGION_FORM, SESSION_STATUSES
+from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
 from bridge.phone import InvalidNumber, normalize
 from bridge.requests import OpenSession
 from bridge.store import Store
@@ -75,7 +75,7 @@ class Route:
     shown_number: str | None = None
     pool_known: bool = True  # the dialed number is one of our pool numbers
     language: str = "en"  # of what the caller is told
-    terms: Terms = Terms()  # the session's effective terms (every one resolved; bridge.terms)
+    terms: Terms = field(default_factory=Terms)  # the session's effective terms (every one resolved; bridge.terms)
 
 
 def phone_number(field: str, raw: object, region: str) -> str:
@@ -348,7 +348,9 @@ class Sessions:
             return Route("unknown", pool_known=known, language=language)
         return await self._decide(row, lambda: self.route(caller, pool_number, second_look=True), second_look)
 
-    async def route_by_code(self, caller: str, pool_number: str, order_code: str, *, second_look: bool = False) -> Route:
+    async def route_by_code(
+        self, caller: str, pool_number: str, order_code: str, *, second_look: bool = False
+    ) -> Route:
         """The routing decision for a call to an order-code number once the caller keyed
         `order_code`: as for a direct call when the caller is a participant of the live
         session with that code on the number. Otherwise the wrong code is recorded (by the

@@ -85,7 +85,7 @@ class Deliverer:
                     if batch:
                         await asyncio.gather(*(self._send(http, e) for e in batch))
                         continue  # maybe more are due
-                except Exception:  # noqa: BLE001 - a database hiccup must not end delivery
+                except Exception:
                     log.exception("webhook.delivery_failed")
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.poll):

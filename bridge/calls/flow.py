@@ -19,7 +19,7 @@ import enum
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
 
@@ -159,7 +159,7 @@ class FlowSettings:
     duration_warning: float = 30.0  # seconds before a call's maximum duration that both hear the warning
     block_keys: str = "*9"  # the client presses these during a call to block the other party
     default_language: str = "en"  # of announcements when no route says otherwise
-    keypad: KeypadTiming = KeypadTiming()  # order codes: length and timeouts of the entry
+    keypad: KeypadTiming = field(default_factory=KeypadTiming)  # order codes: length and timeouts of the entry
     order_code_attempts: int = 3  # codes a caller may key in one call
     confirm_wait: float = 6.0  # confirm_answer: seconds after the prompt for the called phone's key
     confirm_prompts: int = 2  # confirm_answer: how many times it is asked
@@ -350,7 +350,7 @@ class MaskedCall:
             if self.state is not CallState.ENDED:
                 try:
                     await self._end("failed", "system", FAILED_CAUSE_TO_CALLER)
-                except Exception:  # noqa: BLE001 - the database may be what failed
+                except Exception:
                     log.exception("call.row_not_ended")
         finally:
             await self._after()
@@ -824,7 +824,8 @@ class MaskedCall:
                 await self.ari.stop_moh(held)
         except AriError as exc:
             log.warning("call.hold_music_failed", error=str(exc))
-        log.info("call.hold" if event.on else "call.resume", by="caller" if event.channel == self.inbound_id else "callee")
+        by = "caller" if event.channel == self.inbound_id else "callee"
+        log.info("call.hold" if event.on else "call.resume", by=by)
 
     async def _client_blocks(self, event: Key, outcome: str = "answered") -> bool:
         """The client keyed the block code: the other party is blocked for this order, their
@@ -849,7 +850,7 @@ class MaskedCall:
             return False
         try:
             await self.router.block_by_client(route.session_id, other, client)
-        except Exception:  # noqa: BLE001 - the call goes on; the client can key the code again
+        except Exception:
             log.exception("call.block_by_client_failed")
             self._client_digits = ""
             return False

@@ -52,7 +52,7 @@ class CallRecording:
         if self.name is None:
             try:
                 await self.store.recording_started(self.call_id, name, RECORDING_FORMAT)
-            except Exception:  # noqa: BLE001 - e.g. the database is down: no recording, the call goes on
+            except Exception:
                 log.exception("call.recording_not_stored")
                 return
             self.name = name
@@ -79,7 +79,7 @@ class CallRecording:
                 pass  # never began, or its answer was lost: what is left is gone now
         try:
             await self.store.recording_discarded(self.call_id)
-        except Exception:  # noqa: BLE001 - the call goes on
+        except Exception:
             log.exception("call.recording_row_not_discarded", recording=name)
 
     async def finish(self, next_event: Callable[[float | None], Awaitable[CallEvent | None]]) -> None:
@@ -105,5 +105,5 @@ class CallRecording:
             duration_ms = wav_duration_ms(size) if size is not None else None
             await self.store.recording_finished(self.call_id, duration_ms, size)
             log.info("call.recording_finished", recording=name, bytes=size, duration_ms=duration_ms)
-        except Exception:  # noqa: BLE001 - the call itself has ended already
+        except Exception:
             log.exception("call.recording_not_finished", recording=name)

@@ -142,7 +142,7 @@ class StasisDispatcher:
         """The pool number's announcement language, for a resumed call (None: the default)."""
         try:
             language: str | None = await self.store.pool_language(pool_number)
-        except Exception:  # noqa: BLE001 - the call is resumed all the same, in the default language
+        except Exception:
             log.exception("reconcile.language_unknown")
             return None
         return language

@@ -51,7 +51,8 @@ The stack is up.
       make call FROM={demo.DEMO_CLIENT} TO={pool_number}
       make call FROM=+79990000000 TO={pool_number}      # unknown caller: announcement
   The HTTP API ({api}), token in {stack.dir / 'secrets.env'} (MB_API_TOKEN):
-      curl -H "Authorization: Bearer $MB_API_TOKEN" -d '{{"order_id":"42","courier_number":"+79161112233","client_number":"89163334455"}}' {api}/v1/sessions
+      curl -H "Authorization: Bearer $MB_API_TOKEN" \\
+           -d '{{"order_id":"42","courier_number":"+79161112233","client_number":"89163334455"}}' {api}/v1/sessions
   Sessions and pool numbers: make admin ARGS="session show --order {demo.DEMO_ORDER}"    make admin ARGS="pool usage"
   Logs: make logs    Asterisk console: make cli    Database: make psql    Stop: make stop
 """

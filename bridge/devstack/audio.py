@@ -11,7 +11,8 @@ from pathlib import Path
 def samples(path: Path) -> tuple[list[int], int]:
     """The 16-bit samples of a WAV file and its sample rate."""
     with wave.open(str(path), "rb") as w:
-        assert w.getsampwidth() == 2, "expected 16-bit PCM"
+        if w.getsampwidth() != 2:
+            raise ValueError(f"{path}: expected 16-bit PCM, got {8 * w.getsampwidth()}-bit")
         data = array.array("h", w.readframes(w.getnframes()))
         return list(data), w.getframerate()
 

@@ -144,7 +144,8 @@ class Carrier:
         return f"sound:{self.stack.ast_dir('carrier')}/sounds/tone-{freq}"
 
     def recording_path(self, leg: Leg) -> Path:
-        assert leg.recording
+        if not leg.recording:
+            raise ValueError(f"the {leg.role} leg {leg.channel_id} recorded nothing")
         return asterisk.host_path(self.stack, "carrier", "spool", "recording", leg.recording + ".wav")
 
     async def call(

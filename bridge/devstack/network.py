@@ -337,7 +337,8 @@ class HostileNetwork:
 
     def _learn(self, msg: SipMessage, from_pbx: bool) -> None:
         call_id = msg.call_id
-        if msg.is_request and msg.method == "INVITE" and call_id not in self._dialogs and not msg.tag_of(msg.first("To")):
+        initial = msg.is_request and msg.method == "INVITE" and not msg.tag_of(msg.first("To"))
+        if initial and call_id not in self._dialogs:
             self._dialogs[call_id] = _Dialog(call_id, carrier_is_caller=not from_pbx)
         dialog = self._dialogs.get(call_id)
         if dialog is None:

@@ -33,8 +33,10 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_TRUNK_SEND_RPID": ("no", "trunk endpoint send_rpid"),
     "MB_TRUNK_TRUST_ID_OUTBOUND": ("no", "trunk endpoint trust_id_outbound"),
     "MB_TRUNK_SEND_CONNECTED_LINE": ("yes", "trunk endpoint send_connected_line"),
-    "MB_TRUNK_TRUST_CONNECTED_LINE": ("no", "trunk endpoint trust_connected_line: read the other network's identity headers (the bridge masks them either way)"),
-    "MB_RELAY_PORT": ("5070", "port of the tests' hostile network relay, on MB_TRUNK_HOST (facing the PBX) and MB_PBX_SIP_BIND (facing the carrier)"),
+    "MB_TRUNK_TRUST_CONNECTED_LINE": ("no", "trunk endpoint trust_connected_line: read the other network's identity "
+                                      "headers (the bridge masks them either way)"),
+    "MB_RELAY_PORT": ("5070", "port of the tests' hostile network relay, on MB_TRUNK_HOST (facing the PBX) and "
+                      "MB_PBX_SIP_BIND (facing the carrier)"),
     "MB_CARRIER_ARI_PORT": ("8088", "port of the simulated carrier's ARI (on MB_TRUNK_HOST)"),
     "MB_CARRIER_APP": ("phones", "Stasis application of the simulated carrier"),
     "MB_CARRIER_RTP_START": ("25000", "first RTP port of the simulated carrier"),
@@ -56,10 +58,12 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_CONFIRM_TIMEOUT": ("6", "seconds the called phone has to press 1 after each prompt (confirm_answer)"),
     "MB_DEFAULT_LANGUAGE": ("en", "language of announcements for pool numbers without one (en, ru)"),
     "MB_WEBHOOK_URL": ("", "where the order system receives signed call webhooks (empty: none)"),
-    "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party for the order"),
+    "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party "
+                      "for the order"),
     "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted (1 to 3650)"),
     "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
-    "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within MB_ORDER_CODE_LOCKOUT, before a lockout"),
+    "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
+                               "MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
 }
 

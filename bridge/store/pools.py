@@ -26,7 +26,8 @@ class PoolNumberRow:
 
 
 _LOAD = """
-    (SELECT count(DISTINCT h.session_id) FROM participants h WHERE h.holds AND h.pool_number = p.number AND h.left_at IS NULL)
+    (SELECT count(DISTINCT h.session_id) FROM participants h
+     WHERE h.holds AND h.pool_number = p.number AND h.left_at IS NULL)
         AS live_sessions,
     (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number AND h.left_at IS NOT NULL
         AND h.held_until > now()) AS cooling_pairs

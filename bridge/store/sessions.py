@@ -443,7 +443,9 @@ class SessionRepo:
         async with self.pool.acquire() as conn, conn.transaction():
             row = await self._lock(conn, session_id)
             if reason == "due":
-                due = await conn.fetchval("SELECT maskbridge_session_due(s) FROM sessions s WHERE s.id = $1", session_id)
+                due = await conn.fetchval(
+                    "SELECT maskbridge_session_due(s) FROM sessions s WHERE s.id = $1", session_id
+                )
                 if due is None:
                     return None
                 reason, grace_seconds = due, 0

@@ -41,7 +41,7 @@ def _cleanup(what: str, action: Callable[[], None]) -> None:
     run removes what is left (ComposeStack.up starts with `down`)."""
     try:
         action()
-    except Exception as exc:  # noqa: BLE001 - reported, never raised
+    except Exception as exc:
         warnings.warn(f"compose test: {what} failed: {exc}", stacklevel=1)
 
 

@@ -27,7 +27,7 @@ async def finished_recording(db: asyncpg.Connection, session_id: str, timeout: f
 
 
 async def test_a_recorded_session_reached_by_its_order_code_is_recorded(
-    carrier, api, db, real_number, shared_number  # noqa: F811
+    carrier, api, db, real_number, shared_number
 ):
     pool, region = shared_number
     courier, client = real_number(), real_number()

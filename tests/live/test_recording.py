@@ -190,7 +190,7 @@ async def test_only_the_recording_token_reaches_a_recording_and_every_attempt_is
         status, _kind, raw = await recordings_api.get(f"/v1/calls/{call_id}/recording{route}", token)
         assert status == (403 if token == "api" else 401), (token, route, raw)
         assert b"RIFF" not in raw
-    status, _kind, _raw = await recordings_api.get(f"/v1/recordings/access", "api", call_id=str(call_id))
+    status, _kind, _raw = await recordings_api.get("/v1/recordings/access", "api", call_id=str(call_id))
     assert status == 403
     status, _kind, raw = await recordings_api.get(f"/v1/calls/{call_id}/recording/audio", "recording")
     assert status == 200 and raw[:4] == b"RIFF"
