@@ -16,7 +16,7 @@ class ServiceError(Exception):
 
     def __init__(self, message: str | None = None, **details: Any) -> None:
         super().__init__(message or self.message)
-        self.details = details
+        self.details = {key: value for key, value in details.items() if value is not None}
 
 
 # --- 400 / 413 / 422: the request ---------------------------------------------------------

@@ -13,6 +13,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.phone import mask
 
@@ -43,6 +44,21 @@ def redact_phone_numbers(_logger: Any, _method: str, event_dict: dict[str, Any])
     return {k: v if k in PUBLIC_KEYS else _redact(v) for k, v in event_dict.items()}
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (a bad header, a broken request line) as an
+    error with the raw bytes: that is the client's fault, not the bridge's, and the bytes are
+    the client's. Kept as a warning naming the kind of fault only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "http.malformed_request", ()
+            record.exc_info, record.exc_text = None, None
+            record.fault = type(exc).__name__
+        return True
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr by default), for structlog and stdlib logging alike."""
     shared: list[Any] = [
@@ -61,7 +77,8 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(allow=("fault",)),
+                               *shared],
             processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
         )
     )
@@ -69,3 +86,6 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    server = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequests) for f in server.filters):
+        server.addFilter(MalformedRequests())

@@ -30,7 +30,8 @@ def normalize(raw: str, default_region: str = "RU") -> str:
         parsed = phonenumbers.parse(text, None if text.startswith("+") else default_region)
     except phonenumbers.NumberParseException as exc:
         raise InvalidNumber(str(exc)) from exc
-    if not phonenumbers.is_possible_number(parsed):
+    # (Possible "local only" is not enough: +74034835 is a city's 7 digits without the area code.)
+    if phonenumbers.is_possible_number_with_reason(parsed) != phonenumbers.ValidationResult.IS_POSSIBLE:
         raise InvalidNumber("not a possible number")
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 

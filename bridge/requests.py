@@ -11,11 +11,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from bridge.errors import InvalidInput
 from bridge.limits import (
     BLOCK_REASON_MAX, BLOCK_REASON_PATTERN, MAX_IMPORT, MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, ORDER_CODE_PATTERN,
-    ORDER_ID_PATTERN, REGION_PATTERN, Mode,
+    PHONE_NUMBER_PATTERN,
+    ORDER_ID_PATTERN, REGION_PATTERN, Mode, Whole,
 )
 from bridge.terms import Terms
 
 _STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _phone_number(description: str, examples: list[str]) -> Any:
+    return Field(max_length=MAX_PHONE_NUMBER_LENGTH, pattern=PHONE_NUMBER_PATTERN, description=description,
+                 examples=examples)
 
 
 def _seconds(description: str, minimum: int = 1) -> Any:
@@ -25,26 +31,26 @@ def _seconds(description: str, minimum: int = 1) -> Any:
 class OpenSession(Terms):
     """Open the session of an order (or get the one open already): a pool number between its
     courier and its client. Null is the same as leaving a field out. Seconds are JSON integers
-    (`5.0` and `true` are refused)."""
+    (`5.0` reads as 5; `true` and `"5"` are refused)."""
 
     model_config = _STRICT
 
     order_id: str = Field(pattern=ORDER_ID_PATTERN, description="1 to 200 printable ASCII characters, no spaces. "
                           "At most one open session per order.", examples=["A-1042"])
-    courier_number: str = Field(max_length=MAX_PHONE_NUMBER_LENGTH, description="The courier's real number: "
+    courier_number: str = _phone_number("The courier's real number: "
                                 "E.164, or national form in the bridge's default region (`MB_DEFAULT_REGION`); "
-                                "spaces, dashes, dots and brackets are ignored.", examples=["+79161234567"])
-    client_number: str = Field(max_length=MAX_PHONE_NUMBER_LENGTH, description="The client's real number, read as "
-                               "`courier_number`; must be another number.", examples=["89161234568"])
+                                "spaces, dashes, dots and brackets are ignored.", ["+79161234567"])
+    client_number: str = _phone_number("The client's real number, read as "
+                               "`courier_number`; must be another number.", ["89161234568"])
     region: str | None = Field(None, pattern=REGION_PATTERN, description="Prefer a pool number of this region (ISO "
                                "3166: `RU`, `RU-MOW`). Some pool number must have this region (`unknown_region` "
                                "otherwise); if none of them is free, another region's is used. Null: no "
                                "preference.", examples=["RU-MOW"])
-    ttl_seconds: int | None = _seconds("The session ends this long after opening. Default `MB_SESSION_TTL` (24 "
+    ttl_seconds: Whole | None = _seconds("The session ends this long after opening. Default `MB_SESSION_TTL` (24 "
                                        "hours).")
-    idle_timeout_seconds: int | None = _seconds("The session ends after this long without a call. Default: no idle "
+    idle_timeout_seconds: Whole | None = _seconds("The session ends after this long without a call. Default: no idle "
                                                 "timeout.")
-    grace_seconds: int | None = _seconds("Grace period at close: the client can still reach support through the "
+    grace_seconds: Whole | None = _seconds("Grace period at close: the client can still reach support through the "
                                          "pool number this long. Default `MB_GRACE_PERIOD` (0). More than 0 needs a "
                                          "support number (`MB_SUPPORT_NUMBER`).", minimum=0)
     mode: Mode | None = Field(None, description="`order_code`: the session gets a shared order-code pool number "
@@ -68,9 +74,9 @@ class ExtendSession(BaseModel):
         {"required": ["idle_timeout_seconds"], "properties": {"idle_timeout_seconds": {"type": "integer"}}},
     ]})
 
-    ttl_seconds: int | None = _seconds("The session now ends this long from now (replacing `expires_at`, not adding "
+    ttl_seconds: Whole | None = _seconds("The session now ends this long from now (replacing `expires_at`, not adding "
                                        "to it).")
-    idle_timeout_seconds: int | None = _seconds("The new idle timeout.")
+    idle_timeout_seconds: Whole | None = _seconds("The new idle timeout.")
 
 
 class CloseSession(BaseModel):
@@ -78,7 +84,7 @@ class CloseSession(BaseModel):
 
     model_config = _STRICT
 
-    grace_seconds: int | None = _seconds("Overrides the grace period set at open (0: none). More than 0 needs a "
+    grace_seconds: Whole | None = _seconds("Overrides the grace period set at open (0: none). More than 0 needs a "
                                          "support number (`MB_SUPPORT_NUMBER`).", minimum=0)
 
 
@@ -88,9 +94,9 @@ class AddParticipant(BaseModel):
     model_config = _STRICT
 
     role: Literal["courier"] = Field(description="Only the courier can be replaced: the client keeps their number.")
-    number: str = Field(max_length=MAX_PHONE_NUMBER_LENGTH, description="The new courier's real number, read as "
+    number: str = _phone_number("The new courier's real number, read as "
                         "`courier_number` at open. Validation errors name the field `number` in `details.field`.",
-                        examples=["+79161234569"])
+                        ["+79161234569"])
 
 
 class ImportPoolNumbers(BaseModel):
@@ -120,10 +126,10 @@ class BlockNumber(BaseModel):
 
     model_config = _STRICT
 
-    number: str = Field(max_length=MAX_PHONE_NUMBER_LENGTH, description="The real number to block: E.164, or "
+    number: str = _phone_number("The real number to block: E.164, or "
                         "national form in the bridge's default region (`MB_DEFAULT_REGION`), read as "
                         "`courier_number` at open. Two forms of the same number (`89161234567`, `+79161234567`) are "
-                        "the same entry.", examples=["+79161234567"])
+                        "the same entry.", ["+79161234567"])
     reason: str | None = Field(None, max_length=BLOCK_REASON_MAX, pattern=BLOCK_REASON_PATTERN,
                                description=f"Why, for the people reading the list: at most {BLOCK_REASON_MAX} "
                                "characters, no control characters (tabs and line breaks included). Null or left "
@@ -154,7 +160,14 @@ def parse(model: type[BaseModel], data: Any) -> Any:
         field = path[0][:100] if path else None
         where = ".".join(path)[:200] or "the body"
         if first["type"] == "extra_forbidden":
-            raise InvalidInput(f"unknown field: {where}", field=field) from None
+            # (A key that is not a name is not repeated: it may be a phone number.)
+            key = first["loc"][-1] if first["loc"] else None
+            if path and key == path[-1]:
+                raise InvalidInput(f"unknown field: {where}", field=field) from None
+            inside = f" in {where}" if path else ""
+            raise InvalidInput(f"a field{inside} this request does not take", field=field) from None
         if first["type"] == "missing":
             raise InvalidInput(f"{where} is required", field=field) from None
+        if first["type"] == "string_pattern_mismatch":  # (pydantic's message is the regex)
+            raise InvalidInput(f"{where} is not written in the form the API document gives", field=field) from None
         raise InvalidInput(f"{where}: {first['msg']}"[:300], field=field) from None

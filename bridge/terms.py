@@ -24,12 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bridge.abuse import QuietHours, parse_quiet_setting
 from bridge.envtext import whole, yes_no
 from bridge.errors import InvalidInput
-from bridge.limits import MAX_CAP, MAX_SECONDS
+from bridge.limits import MAX_CAP, MAX_SECONDS, Whole
 
 
 @dataclass(frozen=True)
@@ -56,14 +56,14 @@ class Terms(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    calls_per_hour: Annotated[int | None, Field(
+    calls_per_hour: Annotated[Whole | None, Field(
         ge=0, le=MAX_CAP,
         description="Cap on the calls put through in this session (both directions) per hour; 0: none. Null: "
         "the bridge's default (`MB_CALLS_PER_HOUR`). A call over the cap is refused: the caller hears that the "
         "call cannot be put through now (outcome `call_limit`).",
     ), Term("MB_CALLS_PER_HOUR", "0", "default cap on calls put through per session and hour (0: none)",
             whole(0, MAX_CAP))] = None
-    calls_per_day: Annotated[int | None, Field(
+    calls_per_day: Annotated[Whole | None, Field(
         ge=0, le=MAX_CAP,
         description="Cap on the calls put through in this session per day (as `calls_per_hour`). Null: the "
         "bridge's default (`MB_CALLS_PER_DAY`).",
@@ -74,7 +74,7 @@ class Terms(BaseModel):
         "run over midnight). False: none for this session. Null: the bridge's default (`MB_QUIET_HOURS`).",
     ), Term("MB_QUIET_HOURS", "", 'default quiet hours, e.g. "22:00-08:00 Europe/Moscow": nobody is put '
             "through to the client", _quiet)] = None
-    max_call_seconds: Annotated[int | None, Field(
+    max_call_seconds: Annotated[Whole | None, Field(
         ge=1, le=MAX_SECONDS,
         description="The longest a call of this session may last once answered; both parties hear a warning "
         "tone (`MB_CALL_WARNING` seconds, at most half the maximum, before the end), then the bridge ends it "
@@ -99,6 +99,14 @@ class Terms(BaseModel):
         "at open.",
     ), Term("MB_CONFIRM_ANSWER", "no", 'the called phone presses 1 before it is joined, for sessions opened without '
             '"confirm_answer" (yes/no)', yes_no, default_at="open", on_call_row=True)] = None
+
+    @field_validator("quiet_hours", mode="before")
+    @classmethod
+    def _false_is_not_zero(cls, value: Any) -> Any:
+        # (pydantic's Literal[False] takes 0 too, strict or not: 0 == False in Python.)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError("must be an object, false or null")
+        return value
 
     # --- the definition, read -----------------------------------------------------------
 

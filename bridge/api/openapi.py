@@ -16,15 +16,43 @@ from pydantic import BaseModel
 
 from bridge.calls.outcomes import CUT_REASONS, HANGUP_BY, OUTCOMES, STATES
 from bridge.errors import (
-    AsteriskUnavailable, BlockNotFound, Contention, InternalError, InvalidImport, InvalidInput, InvalidJson,
-    NotFound, OrderCodeTaken, OrderHasOpenSession, PoolExhausted, PoolNumberInUse, PoolNumberNotFound,
-    RecordingDeleted, RecordingInProgress, RecordingNotFound, RecordingTokenRequired, SessionEnded,
-    SessionNotFound, TooLarge, Unauthorized, Unavailable, UnknownRegion,
+    AsteriskUnavailable,
+    BlockNotFound,
+    Contention,
+    InternalError,
+    InvalidImport,
+    InvalidInput,
+    InvalidJson,
+    OrderCodeTaken,
+    OrderHasOpenSession,
+    PoolExhausted,
+    PoolNumberInUse,
+    PoolNumberNotFound,
+    RecordingDeleted,
+    RecordingInProgress,
+    RecordingNotFound,
+    RecordingTokenRequired,
+    SessionEnded,
+    SessionNotFound,
+    TooLarge,
+    Unauthorized,
+    UnknownRegion,
 )
 from bridge.languages import LANGUAGES
 from bridge.limits import (
-    BLOCK_REASON_MAX, DEFAULT_PAGE, ORDER_CODE_PATTERN, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_IMPORT, MAX_PAGE, MAX_PHONE_NUMBER_LENGTH,
-    MAX_SECONDS, MODES, POOL_STATES, REGION_PATTERN,
+    BLOCK_REASON_MAX,
+    DEFAULT_PAGE,
+    IMPORT_BODY_LIMIT,
+    JSON_BODY_LIMIT,
+    MAX_IMPORT,
+    MAX_PAGE,
+    MAX_PHONE_NUMBER_LENGTH,
+    PHONE_NUMBER_PATTERN,
+    ORDER_CODE_PATTERN,
+    MAX_SECONDS,
+    MODES,
+    POOL_STATES,
+    REGION_PATTERN,
 )
 from bridge.requests import REQUESTS
 from bridge.terms import Terms
@@ -51,11 +79,26 @@ def _or_null(schema: Schema) -> Schema:
     return {"anyOf": [schema, {"type": "null"}]}
 
 
-def _json_response(description: str, schema: Schema, example: Any = None) -> Schema:
+def _json_response(description: str, schema: Schema, example: Any = None, links: Schema | None = None) -> Schema:
     media: Schema = {"schema": schema}
     if example is not None:
         media["example"] = example
-    return {"description": description, "content": {"application/json": media}}
+    response: Schema = {"description": description, "content": {"application/json": media}}
+    if links:
+        response["links"] = links
+    return response
+
+
+# What a client can do next with the session an answer holds (OpenAPI links: clients and
+# fuzzers follow them from the session just opened).
+SESSION_LINKS: Schema = {
+    operation[0].upper() + operation[1:]: {
+        "operationId": operation,
+        "parameters": {"session_id": "$response.body#/id"},
+    }
+    for operation in ("getSession", "extendSession", "closeSession", "listParticipants", "reassignCourier",
+                      "listSessionEvents", "listSessionCalls")
+}
 
 
 def _error_response(description: str, examples: dict[str, tuple[str, str, dict[str, Any] | None]]) -> Schema:
@@ -119,7 +162,7 @@ RESPONSES: dict[str, Schema] = {
         ),
         "headers": {
             "WWW-Authenticate": {
-                "description": "Always `Bearer realm=\"maskbridge\"`.",
+                "description": 'Always `Bearer realm="maskbridge"`.',
                 "schema": {"type": "string", "const": 'Bearer realm="maskbridge"'},
             }
         },
@@ -132,7 +175,7 @@ RESPONSES: dict[str, Schema] = {
         ),
         "headers": {
             "WWW-Authenticate": {
-                "description": "Always `Bearer realm=\"maskbridge\"`.",
+                "description": 'Always `Bearer realm="maskbridge"`.',
                 "schema": {"type": "string", "const": 'Bearer realm="maskbridge"'},
             }
         },
@@ -140,7 +183,7 @@ RESPONSES: dict[str, Schema] = {
     "RecordingForbidden": _error_response(
         "`recording_token_required`: the API token (`MB_API_TOKEN`) does not reach recordings. The attempt is "
         "written to the audit.",
-        {"recording_token_required": (RecordingTokenRequired.code, "the API token does not reach recordings: they take the recording token", None)},
+        {"recording_token_required": (RecordingTokenRequired.code, RecordingTokenRequired.message, None)},
     ),
     "RecordingNotFound": _error_response(
         "`recording_not_found`: the call does not exist, was not recorded, or its audio is missing from "
@@ -150,8 +193,13 @@ RESPONSES: dict[str, Schema] = {
     "RecordingDeleted": _error_response(
         "`recording_deleted`: the recording was deleted under the retention policy "
         "(`MB_RECORDING_RETENTION_DAYS`). Audited.",
-        {"recording_deleted": (RecordingDeleted.code, "the recording was deleted under the retention policy",
-                               {"deleted_at": "2025-06-12T10:00:00+00:00"})},
+        {
+            "recording_deleted": (
+                RecordingDeleted.code,
+                "the recording was deleted under the retention policy",
+                {"deleted_at": "2025-06-12T10:00:00+00:00"},
+            )
+        },
     ),
     "InternalError": _error_response(
         "`internal_error`: the bridge failed (the database is unreachable, for example). The failure is "
@@ -179,7 +227,9 @@ RESPONSES: dict[str, Schema] = {
     "InvalidPoolNumber": _error_response(
         "`invalid_input`: the path does not hold a phone number (`details.field` is `number`).",
         {
-            "invalid_input": (InvalidInput.code, "pool number: not a valid phone number (not a phone number)",
+            "invalid_input": (
+                InvalidInput.code,
+                "pool number: not a valid phone number (not a phone number)",
                 {"field": "number"},
             )
         },
@@ -245,7 +295,7 @@ PARAMETERS: dict[str, Schema] = {
         "description": "The pool number: E.164 (`+74950000001`; the `+` may be sent as is or as `%2B`) or any "
         "other form the bridge reads as the same number (`84950000001` in the default region). Not a phone "
         "number: 422 `invalid_input` with `details.field` `number`.",
-        "schema": {"type": "string"},
+        "schema": {"type": "string", "maxLength": MAX_PHONE_NUMBER_LENGTH, "pattern": PHONE_NUMBER_PATTERN},
     },
 }
 
@@ -335,7 +385,6 @@ POOL_MODE: dict[str, Any] = {
     "description": "`direct`: handed to direct sessions, calls routed by the caller's number. `order_code`: "
     "shared by order-code sessions, the caller keys the order's code (never handed to a direct session).",
 }
-
 
 
 def _model_schema(model: type[BaseModel]) -> tuple[Schema, dict[str, Schema]]:
@@ -464,9 +513,23 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "The session of one order: a pool number between its courier and its client.",
         "required": [
-            "id", "order_id", "status", "pool_number", "region", "participants", "created_at", "expires_at",
-            "idle_timeout_seconds", "last_activity_at", "grace_seconds", "grace_until", "closed_at", "end_reason",
-            "mode", "order_code", *Terms.names(),
+            "id",
+            "order_id",
+            "status",
+            "pool_number",
+            "region",
+            "participants",
+            "created_at",
+            "expires_at",
+            "idle_timeout_seconds",
+            "last_activity_at",
+            "grace_seconds",
+            "grace_until",
+            "closed_at",
+            "end_reason",
+            "mode",
+            "order_code",
+            *Terms.names(),
         ],
         "properties": {
             "id": UUID,
@@ -533,8 +596,15 @@ SCHEMAS: dict[str, Schema] = {
             "kind": {
                 "type": "string",
                 "enum": [
-                    "opened", "extended", "courier_reassigned", "grace_started", "closed", "expired", "inactive",
-                    "purged", "blocked_by_client",
+                    "opened",
+                    "extended",
+                    "courier_reassigned",
+                    "grace_started",
+                    "closed",
+                    "expired",
+                    "inactive",
+                    "purged",
+                    "blocked_by_client",
                 ],
             },
             "detail": {
@@ -554,9 +624,23 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "One call attempt through a pool number. Participants appear by id only.",
         "required": [
-            "id", "session_id", "pool_number", "caller_role", "caller_participant_id", "callee_role",
-            "callee_participant_id", "state", "outcome", "hangup_by", "hangup_cause", "cut_reason", "started_at",
-            "answered_at", "ended_at", "duration_seconds", *Terms.on_call_row_names(),
+            "id",
+            "session_id",
+            "pool_number",
+            "caller_role",
+            "caller_participant_id",
+            "callee_role",
+            "callee_participant_id",
+            "state",
+            "outcome",
+            "hangup_by",
+            "hangup_cause",
+            "cut_reason",
+            "started_at",
+            "answered_at",
+            "ended_at",
+            "duration_seconds",
+            *Terms.on_call_row_names(),
         ],
         "properties": {
             "id": UUID,
@@ -584,7 +668,8 @@ SCHEMAS: dict[str, Schema] = {
                 "after `MB_ORDER_CODE_ATTEMPTS` tries without a right code (the caller heard that there were too "
                 "many). `locked_out`: the caller had keyed `MB_ORDER_CODE_ATTEMPTS` wrong codes on this number "
                 "within `MB_ORDER_CODE_LOCKOUT` seconds, and was told to try later without being asked. "
-                "A call to an order-code number has no session until a right code names it. `unreachable`: the network could not reach the other "
+                "A call to an order-code number has no session until a right code names it. `unreachable`: the "
+                "network could not reach the other "
                 "phone (cause 1, 3, 20 or 27; the caller is hung up with the same cause). `redirected`: the other "
                 "phone's network answered with a redirect (302, cause 23), which the bridge never follows; the caller "
                 "is hung up as unavailable (cause 20). `not_confirmed`: the other phone answered but did not "
@@ -593,7 +678,8 @@ SCHEMAS: dict[str, Schema] = {
                 "`session_closed` is also the outcome of a call that was ringing when its courier was reassigned "
                 "or its session ended (`cut_reason`). "
                 "`call_limit` / `quiet_hours`: the session's abuse "
-                "controls refused the call (the caller heard an announcement). `blocked`: the caller's number or the other side's is "
+                "controls refused the call (the caller heard an announcement). `blocked`: the caller's number or "
+                "the other side's is "
                 "on the blocklist, so the call was refused (the caller heard an announcement), or it was ringing "
                 "when one of them was blocked and the bridge ended it (`cut_reason` `blocked`). A connected call "
                 "ended by a block keeps `answered`, with `cut_reason` `blocked`.",
@@ -633,8 +719,17 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "The recording of one call: the bridged call from after the consent announcement to its "
         "end, both parties mixed, in one file.",
-        "required": ["id", "call_id", "session_id", "format", "started_at", "ended_at", "duration_ms", "bytes",
-                     "deleted_at"],
+        "required": [
+            "id",
+            "call_id",
+            "session_id",
+            "format",
+            "started_at",
+            "ended_at",
+            "duration_ms",
+            "bytes",
+            "deleted_at",
+        ],
         "properties": {
             "id": UUID,
             "call_id": UUID,
@@ -644,8 +739,10 @@ SCHEMAS: dict[str, Schema] = {
             "ended_at": {**NULLABLE_TIMESTAMP, "description": "Null while the call is still being recorded."},
             "duration_ms": {"type": ["integer", "null"], "minimum": 0, "description": "Length of the audio."},
             "bytes": {"type": ["integer", "null"], "minimum": 0, "description": "Size of the WAV file."},
-            "deleted_at": {**NULLABLE_TIMESTAMP, "description": "When retention deleted the audio (then the "
-                           "recording routes answer 410)."},
+            "deleted_at": {
+                **NULLABLE_TIMESTAMP,
+                "description": "When retention deleted the audio (then the recording routes answer 410).",
+            },
         },
     },
     "RecordingAccess": {
@@ -655,8 +752,11 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "id": {"type": "integer"},
             "at": TIMESTAMP,
-            "recording_id": {"type": ["string", "null"], "format": "uuid",
-                             "description": "Null when no recording was reached (denied, not found)."},
+            "recording_id": {
+                "type": ["string", "null"],
+                "format": "uuid",
+                "description": "Null when no recording was reached (denied, not found).",
+            },
             "call_id": {"type": ["string", "null"], "format": "uuid", "description": "The call asked for."},
             "actor": {
                 "type": "string",
@@ -683,8 +783,16 @@ SCHEMAS: dict[str, Schema] = {
         "type": "object",
         "description": "A number of the pool, with its load.",
         "required": [
-            "number", "region", "language", "mode", "state", "live_sessions", "cooling_pairs", "cooling_until",
-            "state_changed_at", "created_at",
+            "number",
+            "region",
+            "language",
+            "mode",
+            "state",
+            "live_sessions",
+            "cooling_pairs",
+            "cooling_until",
+            "state_changed_at",
+            "created_at",
         ],
         "properties": {
             "number": E164,
@@ -723,8 +831,15 @@ SCHEMAS: dict[str, Schema] = {
     "PoolUsageRegion": {
         "type": "object",
         "description": "One region's numbers (the numbers without a region first, as region null).",
-        "required": ["region", "active", "cooling", "retired", "live_sessions", "cooling_pairs",
-                     "busiest_number_sessions"],
+        "required": [
+            "region",
+            "active",
+            "cooling",
+            "retired",
+            "live_sessions",
+            "cooling_pairs",
+            "busiest_number_sessions",
+        ],
         "properties": {
             "region": {"type": ["string", "null"]},
             "active": {"type": "integer", "minimum": 0, "description": "Numbers in state active."},
@@ -788,6 +903,7 @@ SCHEMAS: dict[str, Schema] = {
             "number": {
                 "type": "string",
                 "maxLength": MAX_PHONE_NUMBER_LENGTH,
+                "pattern": PHONE_NUMBER_PATTERN,
                 "description": "The number: E.164, or national form in the bridge's default region "
                 "(`MB_DEFAULT_REGION`).",
                 "examples": ["+74950000001"],
@@ -821,11 +937,15 @@ BAD_BODY = _response_ref("BadBody")
 TOO_LARGE = _response_ref("BodyTooLarge")
 SESSION_NOT_FOUND = _response_ref("SessionNotFound")
 SESSION_ENDED = (SessionEnded.code, "only an open session can be extended: the session is closed", None)
-ORDER_HAS_OPEN_SESSION = (OrderHasOpenSession.code, "order A-1042 has an open session with another courier; close it first, or reassign the courier",
+ORDER_HAS_OPEN_SESSION = (
+    OrderHasOpenSession.code,
+    "order A-1042 has an open session with another courier; close it first, or reassign the courier",
     {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42", "field": "courier_number"},
 )
 CONTENTION = (Contention.code, "too many opens raced for the same numbers; try again", None)
-POOL_EXHAUSTED = (PoolExhausted.code, "the pool is exhausted for this pair: every one of the 3 active numbers is held by the courier or the client "
+POOL_EXHAUSTED = (
+    PoolExhausted.code,
+    "the pool is exhausted for this pair: every one of the 3 active numbers is held by the courier or the client "
     "(live or cooling off). For participants with at most 2 live sessions each, 3 numbers always suffice; this "
     "pair needs at least 4 with its cool-offs",
     {
@@ -949,10 +1069,11 @@ PATHS: dict[str, Schema] = {
             "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
             "requestBody": _json_request("OpenSessionRequest"),
             "responses": {
-                "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE),
+                "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE, SESSION_LINKS),
                 "200": _json_response(
                     "The order already had an open session with the same numbers: here it is, unchanged.",
                     _ref("Session"),
+                    links=SESSION_LINKS,
                 ),
                 "400": BAD_BODY,
                 "401": UNAUTHORIZED,
@@ -966,7 +1087,9 @@ PATHS: dict[str, Schema] = {
                     order_has_open_session=ORDER_HAS_OPEN_SESSION,
                     pool_exhausted=POOL_EXHAUSTED,
                     contention=CONTENTION,
-                    order_code_taken=(OrderCodeTaken.code, "every order-code number has a live session with this order_code; give another",
+                    order_code_taken=(
+                        OrderCodeTaken.code,
+                        "every order-code number has a live session with this order_code; give another",
                         {"field": "order_code"},
                     ),
                 ),
@@ -975,11 +1098,17 @@ PATHS: dict[str, Schema] = {
                     "`invalid_input`: a field is missing, unknown or out of range (`details.field` names it), "
                     "the two numbers are the same, or a grace period was asked for without a support number. "
                     "`unknown_region`: no pool number has the requested region.",
-                    invalid_input=(InvalidInput.code, "courier_number is not a valid phone number: not a phone number",
+                    invalid_input=(
+                        InvalidInput.code,
+                        "courier_number is not a valid phone number: not a phone number",
                         {"field": "courier_number"},
                     ),
                     unknown_region=(UnknownRegion.code, "no pool number is in region RU-SPE", {"field": "region"}),
-                    order_code=(InvalidInput.code, "order_code must be exactly 6 digits (0-9)", {"field": "order_code"}),
+                    order_code=(
+                        InvalidInput.code,
+                        "order_code must be exactly 6 digits (0-9)",
+                        {"field": "order_code"},
+                    ),
                 ),
                 "500": INTERNAL,
             },
@@ -1057,7 +1186,9 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: neither field given, a field out of range, or an unknown field "
                     "(`details.field` names it).",
-                    invalid_input=(InvalidInput.code, "give ttl_seconds, idle_timeout_seconds or both",
+                    invalid_input=(
+                        InvalidInput.code,
+                        "give ttl_seconds, idle_timeout_seconds or both",
                         {"field": "ttl_seconds"},
                     ),
                 ),
@@ -1088,7 +1219,9 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: `grace_seconds` out of range, an unknown field, or a grace period without "
                     "a support number configured.",
-                    invalid_input=(InvalidInput.code, "a grace period needs a support number (MB_SUPPORT_NUMBER)",
+                    invalid_input=(
+                        InvalidInput.code,
+                        "a grace period needs a support number (MB_SUPPORT_NUMBER)",
                         {"field": "grace_seconds"},
                     ),
                 ),
@@ -1141,7 +1274,9 @@ PATHS: dict[str, Schema] = {
                     "`session_ended`: the session is in grace or closed, or was past its expiry or idle timeout "
                     "(it is ended now). `pool_exhausted`: no pool number is free for the new courier. "
                     "`contention`: concurrent changes raced; retry.",
-                    session_ended=(SessionEnded.code, "only an open session can be reassigned: the session is closed",
+                    session_ended=(
+                        SessionEnded.code,
+                        "only an open session can be reassigned: the session is closed",
                         None,
                     ),
                     pool_exhausted=POOL_EXHAUSTED,
@@ -1151,10 +1286,14 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: `role` is not `courier`, the number is not valid or is the client's "
                     "(`details.field` is `number`), or an unknown field.",
-                    role=(InvalidInput.code, "only the courier can be replaced: the client keeps their number",
+                    role=(
+                        InvalidInput.code,
+                        "only the courier can be replaced: the client keeps their number",
                         {"field": "role"},
                     ),
-                    number=(InvalidInput.code, "number is not a valid phone number: not a phone number",
+                    number=(
+                        InvalidInput.code,
+                        "number is not a valid phone number: not a phone number",
                         {"field": "number"},
                     ),
                 ),
@@ -1226,8 +1365,7 @@ PATHS: dict[str, Schema] = {
                 ),
                 "401": UNAUTHORIZED,
                 "422": _invalid(
-                    "`invalid_input`: `order_id` is missing, or `limit` or `cursor` is bad (`details.field` "
-                    "names it).",
+                    "`invalid_input`: `order_id` is missing, or `limit` or `cursor` is bad (`details.field` names it).",
                     order_id=(InvalidInput.code, "order_id is required", {"field": "order_id"}),
                     limit=(InvalidInput.code, f"limit must be a whole number from 1 to {MAX_PAGE}", {"field": "limit"}),
                     cursor=(InvalidInput.code, "cursor is not one this API gave out", {"field": "cursor"}),
@@ -1263,8 +1401,10 @@ PATHS: dict[str, Schema] = {
                         },
                     },
                     "text/csv": {
+                        # (No "type": a text body is text whatever its characters; a fuzzer told
+                        # "string" sends 1829096640 as a "non-string" and expects it refused.)
                         "schema": {
-                            "type": "string",
+                            "minLength": 1,
                             "description": "UTF-8, optionally starting with a byte order mark. "
                             "`number[,region[,language[,mode]]]` per line; an optional first line naming the "
                             "columns (`number,region,language,mode`); blank lines and lines starting with `#` are "
@@ -1275,7 +1415,7 @@ PATHS: dict[str, Schema] = {
                         "# shared, callers key an order code:\n+74950000003,RU-MOW,ru,order_code\n",
                     },
                     "text/plain": {
-                        "schema": {"type": "string", "description": "The same CSV as `text/csv`."},
+                        "schema": {"minLength": 1, "description": "The same CSV as `text/csv`."},
                     },
                 },
             },
@@ -1295,7 +1435,9 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_import`: some rows are bad; nothing was imported. `invalid_input`: the body as a "
                     "whole is unusable.",
-                    invalid_import=(InvalidImport.code, "nothing was imported: line 3: not a valid phone number (not a phone number); line 5: "
+                    invalid_import=(
+                        InvalidImport.code,
+                        "nothing was imported: line 3: not a valid phone number (not a phone number); line 5: "
                         "region must look like RU or RU-MOW (ISO 3166)",
                         {"problems": 2},
                     ),
@@ -1372,7 +1514,9 @@ PATHS: dict[str, Schema] = {
                 "404": _response_ref("PoolNumberNotFound"),
                 "409": _invalid(
                     "`pool_number_in_use`: someone holds the number.",
-                    pool_number_in_use=(PoolNumberInUse.code, "the number is in use (live sessions, or pairs cooling off): its mode can change once "
+                    pool_number_in_use=(
+                        PoolNumberInUse.code,
+                        "the number is in use (live sessions, or pairs cooling off): its mode can change once "
                         "nobody holds it",
                         {"live_sessions": 2, "cooling_pairs": 0},
                     ),
@@ -1381,8 +1525,11 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: the number is not a phone number, or `mode` is missing or not a mode.",
                     mode=(InvalidInput.code, "mode must be one of direct, order_code", {"field": "mode"}),
-                    number=(InvalidInput.code, "pool number: not a valid phone number (not a phone number)",
-                            {"field": "number"}),
+                    number=(
+                        InvalidInput.code,
+                        "pool number: not a valid phone number (not a phone number)",
+                        {"field": "number"},
+                    ),
                 ),
                 "500": INTERNAL,
             },
@@ -1449,10 +1596,14 @@ PATHS: dict[str, Schema] = {
                     "`invalid_input`: `number` is missing or not a phone number, `reason` is not text of at most "
                     f"{BLOCK_REASON_MAX} characters without control characters, or a field is unknown "
                     "(`details.field` names it).",
-                    number=(InvalidInput.code, "number is not a valid phone number: not a phone number",
+                    number=(
+                        InvalidInput.code,
+                        "number is not a valid phone number: not a phone number",
                         {"field": "number"},
                     ),
-                    reason=(InvalidInput.code, f"reason must be text of at most {BLOCK_REASON_MAX} characters",
+                    reason=(
+                        InvalidInput.code,
+                        f"reason must be text of at most {BLOCK_REASON_MAX} characters",
                         {"field": "reason"},
                     ),
                     unknown_field=(InvalidInput.code, "unknown field(s): role", {"field": "role"}),
@@ -1544,7 +1695,13 @@ PATHS: dict[str, Schema] = {
                 "500": INTERNAL,
                 "503": _error_response(
                     "`asterisk_unavailable`: Asterisk did not hand out the audio; try again later.",
-                    {"asterisk_unavailable": (AsteriskUnavailable.code, "Asterisk did not hand out the recording: no answer", None)},
+                    {
+                        "asterisk_unavailable": (
+                            AsteriskUnavailable.code,
+                            "Asterisk did not hand out the recording: no answer",
+                            None,
+                        )
+                    },
                 ),
             },
         },
@@ -1667,10 +1824,14 @@ _DOCUMENT: dict[str, Any] = {
         {"name": "participants", "description": "The people of a session; reassigning the courier."},
         {"name": "calls", "description": "Call attempts, by session or by order."},
         {"name": "pool-numbers", "description": "The pool: import, list, retire, utilisation."},
-        {"name": "blocklist", "description": "Real numbers whose calls are refused on every session: block, list, "
-         "unblock."},
-        {"name": "recordings", "description": "Recorded calls: metadata, audio, the audit. Only with the recording "
-         "token."},
+        {
+            "name": "blocklist",
+            "description": "Real numbers whose calls are refused on every session: block, list, unblock.",
+        },
+        {
+            "name": "recordings",
+            "description": "Recorded calls: metadata, audio, the audit. Only with the recording token.",
+        },
         {"name": "service", "description": "Health and this document; no token needed."},
     ],
     "paths": PATHS,

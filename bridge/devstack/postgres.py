@@ -63,6 +63,20 @@ def start(stack: Stack) -> None:
         _sql(stack, "CREATE DATABASE maskbridge OWNER maskbridge")
 
 
+def fresh_database(stack: Stack, name: str) -> str:
+    """An empty database `name` owned by the bridge's role (dropped first if it exists), for a
+    second bridge process that must not share the main one's data; its URL."""
+    if not name.replace("_", "").isalnum():
+        raise ValueError(f"not a plain database name: {name!r}")
+    drop_database(stack, name)
+    _sql(stack, f"CREATE DATABASE {name} OWNER maskbridge")
+    return stack.database_url.rsplit("/", 1)[0] + "/" + name
+
+
+def drop_database(stack: Stack, name: str) -> None:
+    _sql(stack, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
 def stop(stack: Stack) -> None:
     if is_running(stack):
         _as_postgres(_bin("pg_ctl"), "-D", str(stack.pg_dir), "-m", "fast", "-w", "stop")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 
 import aiohttp
+from openapi_spec_validator import validate
 import pytest
 
 
@@ -124,6 +125,8 @@ async def test_openapi_document_is_served_without_a_token(api):
             assert resp.status == 200
             doc = await resp.json()
     assert doc["openapi"].startswith("3.") and "/v1/sessions" in doc["paths"]
+    # The document as served, checked against the OpenAPI 3.1 meta-schema (raises on the first fault).
+    validate(doc)
 
 
 GOOD = {"order_id": "o-1", "courier_number": "+79161234567", "client_number": "+79161234568"}

@@ -69,6 +69,11 @@ def test_defaults_from_the_environment_and_caps():
         parse_quiet_setting("nights")
     assert Terms.defaults_from_env({}).calls_per_hour == 0
     assert parse(OpenSession, {**BASE, "calls_per_hour": 0}).calls_per_hour == 0
-    for bad in (-1, True, "3", 10**6, 2.0):
+    # JSON Schema's integer, as the OpenAPI document says: 2.0 is 2; true, "3" and 2.5 are not numbers of calls.
+    assert parse(OpenSession, {**BASE, "calls_per_hour": 2.0}).calls_per_hour == 2
+    for bad in (-1, True, "3", 10**6, 2.5, float("inf"), float("nan")):
         with pytest.raises(InvalidInput):
             parse(OpenSession, {**BASE, "calls_per_hour": bad})
+    for bad in (0, 1, 0.0, "", "22:00-08:00", []):
+        with pytest.raises(InvalidInput):
+            parse(OpenSession, {**BASE, "quiet_hours": bad})

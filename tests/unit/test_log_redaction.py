@@ -40,3 +40,18 @@ def test_numbers_in_any_value_are_masked_and_asterisk_ids_are_not():
     assert lines[0]["asterisk_id"] == "1764071234.56"
     assert lines[0]["pool_number"] == "+74950000001", "the service's own pool numbers stay readable"
     assert lines[1]["event"] == "raw text with 7916***4570 inside"
+
+
+def test_a_request_aiohttp_cannot_parse_is_a_warning_without_its_bytes():
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    try:
+        raise BadHttpMessage("Invalid header value char: X-Probe: 8 (916) 123-45-67\x00")
+    except BadHttpMessage:
+        logging.getLogger("aiohttp.server").exception("Error handling request from %s", "127.0.0.1")
+    [line] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert line["level"] == "warning" and line["event"] == "http.malformed_request"
+    assert line["fault"] == "BadHttpMessage"
+    assert "916" not in stream.getvalue() and "X-Probe" not in stream.getvalue()

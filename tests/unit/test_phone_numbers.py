@@ -16,7 +16,9 @@ def test_moscow_landline_and_foreign_numbers():
     assert normalize("00442071234567") == "+442071234567"
 
 
-@pytest.mark.parametrize("raw", ["", "abc", "+7", "12", "+7916123456789012", "79161234567; DROP", "+79161234567@evil"])
+@pytest.mark.parametrize("raw", ["", "abc", "+7", "12", "+7916123456789012", "79161234567; DROP", "+79161234567@evil",
+                                 # a city's digits without its area code: "possible" only locally
+                                 "-4034835", "+74034835", "4034835"])
 def test_garbage_is_refused(raw):
     with pytest.raises(InvalidNumber):
         normalize(raw)
