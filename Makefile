@@ -14,7 +14,7 @@ DEVSTACK := $(PY) -m bridge.devstack
 MB_TEST_WEBHOOK_URL ?= http://127.0.0.1:8099/hooks
 TEST_ENV := MB_RING_TIMEOUT=6 MB_CONFIRM_TIMEOUT=2 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
 
-.PHONY: help deps venv rootfs run start stop status call cli carrier-cli logs psql admin bench test test-unit typecheck lint \
+.PHONY: help deps venv rootfs run start stop monitor status call cli carrier-cli logs psql admin bench test test-unit typecheck lint \
         compose-check compose-up compose-down clean
 
 help:
@@ -24,6 +24,7 @@ help:
 	@echo "make start / make stop / make status    the stack in the background"
 	@echo "make call FROM=<real number> TO=<pool number>    place a call from the simulated carrier"
 	@echo "make cli | carrier-cli | logs | psql    for engineers"
+	@echo "make monitor                            Prometheus on the running stack, with the alert rules"
 	@echo "make admin ARGS='pool usage'            pool numbers and sessions (maskbridge-admin --help)"
 	@echo "make compose-check                      build and run docker-compose.yml, real calls through it (part of make test)"
 	@echo "make compose-up / compose-down          production-shaped stack (needs a docker engine and a registry)"
@@ -31,20 +32,25 @@ help:
 # --- installation -----------------------------------------------------------------
 
 # Debian packages: debootstrap (builds the Asterisk 22 root file system), Postgres server
-# binaries, Python venv support. Postgres is installed without its default cluster: the
-# project keeps its own.
+# binaries, Python venv support, Prometheus (its promtool checks the alert rules, and the
+# live tests run one against the stack). Postgres is installed without its default cluster:
+# the project keeps its own; no service the packages bring is started (policy-rc.d says no
+# while apt runs).
 deps:
 	@missing=""; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
 	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	command -v runuser >/dev/null || missing="$$missing util-linux"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
+	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  mkdir -p /etc/postgresql-common; \
 	  [ -f /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf; \
 	  export DEBIAN_FRONTEND=noninteractive; \
+	  guard=""; if [ ! -e /usr/sbin/policy-rc.d ]; then printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; guard=1; fi; \
 	  apt-get update -q && apt-get install -y -q --no-install-recommends $$missing ca-certificates debian-archive-keyring gpgv; \
+	  status=$$?; [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; [ $$status -eq 0 ] || exit $$status; \
 	fi; \
 	id postgres >/dev/null 2>&1 || useradd --system --home /var/lib/postgresql --shell /bin/bash postgres
 
@@ -69,6 +75,10 @@ start: deps venv
 
 stop: venv
 	$(DEVSTACK) stop
+
+# Prometheus on the running stack, with the alert rules (monitoring/); Ctrl-C stops it.
+monitor: deps venv
+	$(DEVSTACK) monitor
 
 status: venv
 	$(DEVSTACK) status

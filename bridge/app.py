@@ -6,14 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
 import structlog
 from aiohttp import web
 
+from bridge import metrics
 from bridge.api.http import make_app
+from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
+from bridge.api.server import serve as serve_api
 from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
 from bridge.calls.flow import FlowSettings
@@ -33,6 +38,8 @@ from bridge.webhooks import Deliverer
 log = structlog.get_logger(__name__)
 
 RETENTION_EVERY = 3600.0  # seconds between two runs of the retention job
+METRICS_EVERY = 10.0  # seconds between two reads of the metrics the database holds
+DUE_POLL = 1.0  # seconds between two looks of the housekeeping for a session coming due
 
 
 def policy_of(settings: Settings) -> Policy:
@@ -56,8 +63,10 @@ async def housekeeping(
     sessions: Sessions, interval: float, stop: asyncio.Event, recordings: Recordings | None = None
 ) -> None:
     """Expire sessions, end cool-offs and grace periods, retire cooled numbers; purge old
-    real numbers and delete old recordings once an hour. Routing checks expiry itself, so a
-    late sweep is harmless."""
+    real numbers and delete old recordings once an hour. It sweeps every `interval` seconds,
+    and as soon as a session reaches its expiry or the end of its grace period: a session's
+    end also ends its calls in progress (the participants leave: cut_listener), which must not
+    wait for the next sweep."""
     last_purge = -RETENTION_EVERY
     loop = asyncio.get_running_loop()
     while not stop.is_set():
@@ -65,70 +74,111 @@ async def housekeeping(
             counts = await sessions.sweep()
             if counts:
                 log.info("housekeeping.swept", **counts)
-            if loop.time() - last_purge >= RETENTION_EVERY:
-                await sessions.purge()
-                if recordings is not None:
-                    await recordings.purge()
-                last_purge = loop.time()
+            metrics.HOUSEKEEPING_LAST_RUN.set(time.time())
         except Exception:
             log.exception("housekeeping.failed")
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(interval):
-                await stop.wait()
+        if loop.time() - last_purge >= RETENTION_EVERY:
+            done = await _retention("numbers", sessions.purge, "participants")
+            if recordings is not None:
+                done = await _retention("recordings", recordings.purge, "recordings_deleted") and done
+            if done:
+                last_purge = loop.time()  # (a job that failed runs again at the next sweep)
+        # Until the next sweep, a look every DUE_POLL seconds for a session reaching its expiry
+        # or the end of its grace period (one opened meanwhile too, by any process): it is
+        # swept then, not up to `interval` later, since its calls in progress end with it.
+        next_sweep = loop.time() + interval
+        while not stop.is_set() and loop.time() < next_sweep:
+            wait = min(DUE_POLL, next_sweep - loop.time())
+            try:
+                due_in = await sessions.next_due_in()
+            except Exception:
+                log.exception("housekeeping.next_due_failed")
+                due_in = None
+            if due_in is not None and due_in <= wait:
+                with contextlib.suppress(TimeoutError):
+                    # (never sooner than 0.25 s: a session due that a sweep could not end is not
+                    # swept in a busy loop)
+                    async with asyncio.timeout(max(due_in + 0.05, 0.25)):
+                        await stop.wait()
+                break
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await stop.wait()
+
+
+async def _retention(job: str, purge: Callable[[], Awaitable[dict[str, int]]], deleted: str) -> bool:
+    """One run of a retention job, counted in the metrics; whether it ran to the end."""
+    try:
+        counts = await purge()
+    except Exception:
+        log.exception("retention.failed", job=job)
+        metrics.RETENTION_RUNS.labels(job, "failed").inc()
+        return False
+    metrics.RETENTION_RUNS.labels(job, "ok").inc()
+    metrics.RETENTION_LAST_SUCCESS.labels(job).set(time.time())
+    metrics.RETENTION_DELETED.labels(job).inc(counts.get(deleted, 0))
+    return True
 
 
 async def cut_listener(
-    database_url: str, store: Store, dispatcher: StasisDispatcher, stop: asyncio.Event
+    database_url: str, dispatcher: StasisDispatcher, stop: asyncio.Event
 ) -> None:
     """Ends the calls in progress of every number blocked, and of every participant who left
     their order (a courier reassigned, a session closed or expired), from this process or any
     other (the API, maskbridge-admin and the housekeeping of any bridge all notify through
     Postgres). After every (re)connect it also checks the calls in progress against the
-    blocklist and the sessions: what happened while it was not listening is applied too."""
+    blocklist and the sessions: what happened while it was not listening is applied too. A
+    connection that dies is noticed at once (asyncpg's termination listener), not at the next
+    keepalive."""
     backoff = 0.5
     notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-
-    def cut(ids: set[uuid.UUID], reason: str) -> None:
-        count = dispatcher.cut_calls(ids, reason)
-        if count:
-            log.info("calls.cut", calls=count, reason=reason)
 
     def heard(_conn: object, _pid: int, channel: str, payload: str) -> None:
         notices.put_nowait((channel, payload))
 
+    def lost(_conn: object) -> None:
+        notices.put_nowait((_LOST, ""))
+
     while not stop.is_set():
         conn: asyncpg.Connection | None = None
         try:
-            conn = await asyncpg.connect(database_url)
+            conn = await asyncpg.connect(database_url, server_settings={"application_name": LISTENER_NAME})
+            conn.add_termination_listener(lost)
             await conn.add_listener(BLOCKLIST_CHANNEL, heard)
             await conn.add_listener(PARTICIPANTS_LEFT, heard)
-            live = dispatcher.live_participant_ids()
-            cut(await store.blocklist.blocked_among(live), "blocked")
-            for participant, reason in (await store.sessions.left_among(live)).items():
-                cut({participant}, reason)
+            await dispatcher.cut_departed()
             backoff = 0.5
             while not stop.is_set():
                 try:
                     async with asyncio.timeout(5):
                         channel, payload = await notices.get()
                 except TimeoutError:
-                    await conn.fetchval("SELECT 1")  # a dead connection shows here
+                    await conn.fetchval("SELECT 1")  # a connection that died unnoticed shows here
                     continue
+                if channel == _LOST:
+                    raise ConnectionError("the listening connection was closed")
                 if channel == BLOCKLIST_CHANNEL:
-                    cut(await store.blocklist.participant_ids(bytes.fromhex(payload)), "blocked")
+                    dispatcher.cut_calls(await dispatcher.store.blocklist.participant_ids(bytes.fromhex(payload)),
+                                         "blocked")
                 else:
                     reason, _, ids = payload.partition(" ")
-                    cut({uuid.UUID(i) for i in ids.split(",") if i}, reason)
+                    dispatcher.cut_calls({uuid.UUID(i) for i in ids.split(",") if i}, reason)
         except Exception:
             log.exception("cut_listener.failed")
         finally:
             if conn is not None and not conn.is_closed():
                 await conn.close()
+            while not notices.empty():  # (a lost connection's own notice, left over)
+                notices.get_nowait()
         if not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff):
                     await stop.wait()
             backoff = min(backoff * 2, 10)
+
+
+_LOST = "\0lost"  # cut_listener's own notice: the connection closed
+LISTENER_NAME = "maskbridge-cut-listener"  # its application_name in pg_stat_activity
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
@@ -156,6 +206,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         router=sessions,
     )
     stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile)
+    metrics.CALLS_IN_PROGRESS.source = dispatcher.call_states
 
     async def health() -> dict[str, Any]:
         try:
@@ -167,20 +218,22 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     blocklist = Blocklist(store, vault, policy)
     recordings = Recordings(store, ari, settings.recording_token, settings.api_token,
                             settings.recording_retention_days)
+    guard = ConnectionGuard()
     runner = web.AppRunner(
-        make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings)
+        make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings, guard),
+        keepalive_timeout=REQUEST_TIMEOUT,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.api_bind, settings.api_port)
-    await site.start()
+    listening = await serve_api(runner, settings.api_bind, settings.api_port, guard)
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(
         housekeeping(sessions, settings.sweep_interval, stop, recordings), name="housekeeping"
     )
     blocks = asyncio.create_task(
-        cut_listener(settings.database_url, store, dispatcher, stop), name="cut-listener"
+        cut_listener(settings.database_url, dispatcher, stop), name="cut-listener"
     )
-    background = [sweeper, blocks]
+    gauges = asyncio.create_task(metrics.refresher(store, METRICS_EVERY, stop), name="metrics")
+    background = [sweeper, blocks, gauges]
     if settings.webhook_url:
         deliverer = Deliverer(WebhookRepo(pool), settings.webhook_url, settings.webhook_secret)
         background.append(asyncio.create_task(deliverer.run(stop), name="webhooks"))
@@ -195,6 +248,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             task.cancel()
         await asyncio.gather(events, *background, return_exceptions=True)
         await dispatcher.shutdown()
+        listening.close()
         await runner.cleanup()
         await ari.close()
         await pool.close()

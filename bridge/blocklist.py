@@ -9,6 +9,7 @@ from datetime import datetime
 
 import structlog
 
+from bridge import metrics
 from bridge.crypto import NumberVault
 from bridge.errors import BlockNotFound, InvalidInput
 from bridge.sessions import Policy, phone_number
@@ -45,6 +46,8 @@ class Blocklist:
             raise InvalidInput("reason must not hold a phone number", field="reason")
         entry, created = await self.repo.add(self.vault.index(real), self.vault.seal(real), reason)
         log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id))
+        if created:
+            metrics.BLOCKS.labels("api").inc()
         return entry, created
 
     async def find(self, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BlockedRow]:

@@ -48,7 +48,7 @@ def text(*, required: bool = False, pattern: re.Pattern[str] | None = None, min_
             return raw
         if len(raw) < min_length:
             raise ValueError(f"must be at least {min_length} characters")
-        if pattern is not None and not pattern.match(raw):
+        if pattern is not None and not pattern.fullmatch(raw):
             raise ValueError(f"must be {what or 'of the form ' + pattern.pattern}")
         return raw
 

@@ -33,6 +33,12 @@ class TooLarge(ServiceError):
     message = "the body is too large"
 
 
+class RequestTimeout(ServiceError):
+    code = "request_timeout"
+    http_status = 408
+    message = "the body did not arrive in time"
+
+
 class InvalidInput(ServiceError):
     code = "invalid_input"
     http_status = 422
@@ -166,6 +172,11 @@ class Unavailable(ServiceError):
     code = "unavailable"
     http_status = 503
     message = "a service the bridge needs is unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    code = "database_unavailable"
+    message = "the database cannot be reached just now; try again"
 
 
 class AsteriskUnavailable(Unavailable):

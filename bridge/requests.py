@@ -48,8 +48,9 @@ class OpenSession(Terms):
                                "preference.", examples=["RU-MOW"])
     ttl_seconds: Whole | None = _seconds("The session ends this long after opening. Default `MB_SESSION_TTL` (24 "
                                        "hours).")
-    idle_timeout_seconds: Whole | None = _seconds("The session ends after this long without a call. Default: no idle "
-                                                "timeout.")
+    idle_timeout_seconds: Whole | None = _seconds(
+        "The session ends after this long without a call (counted from the end of the last one; a call in progress "
+        "keeps it open). Default: no idle timeout.")
     grace_seconds: Whole | None = _seconds("Grace period at close: the client can still reach support through the "
                                          "pool number this long. Default `MB_GRACE_PERIOD` (0). More than 0 needs a "
                                          "support number (`MB_SUPPORT_NUMBER`).", minimum=0)

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from bridge import metrics
 from bridge.abuse import QuietHours
 from bridge.crypto import NumberVault
 from bridge.errors import (
@@ -149,11 +150,14 @@ class Sessions:
             if by_code:
                 candidates = [n for n in await self.repo.order_code_numbers(terms.region) if n not in taken]
                 if not candidates:
+                    if not taken:
+                        metrics.POOL_EXHAUSTED.labels("order_code", terms.region or "any").inc()
                     raise self._no_order_code_number(given_code, bool(taken))
                 terms = dataclasses.replace(terms, order_code=given_code or self._new_code())
             else:
                 candidates = await self.repo.candidates(pair, terms.region)
                 if not candidates:
+                    metrics.POOL_EXHAUSTED.labels("direct", terms.region or "any").inc()
                     raise await self._exhausted(pair)
             try:
                 session_id = await self.repo.insert(order_id, candidates[0], sealed_courier, sealed_client, terms)
@@ -168,6 +172,7 @@ class Sessions:
                 continue  # a random code met another session's: draw again
             session = await self.get(session_id)
             log.info("session.opened", session_id=str(session_id), pool_number=session.pool_number, mode=session.mode)
+            metrics.SESSIONS_OPENED.labels(session.mode).inc()
             return session, True
         raise Contention("too many opens raced for the same numbers; try again")
 
@@ -443,6 +448,10 @@ class Sessions:
             "numbers_retired": await self.store.pools.finish_cooling(),
         }
         return {k: v for k, v in counts.items() if v}
+
+    async def next_due_in(self) -> float | None:
+        """Seconds until a session reaches its expiry or the end of its grace period; None: none will."""
+        return await self.repo.next_due_in()
 
     async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
         days = self.policy.retention_days if older_than_days is None else older_than_days

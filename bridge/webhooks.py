@@ -23,6 +23,7 @@ import time
 import aiohttp
 import structlog
 
+from bridge import metrics
 from bridge.store.webhooks import Pending, WebhookRepo
 
 log = structlog.get_logger(__name__)
@@ -67,6 +68,7 @@ class Deliverer:
             async with http.post(self.url, data=body, headers=headers) as resp:
                 if 200 <= resp.status < 300:
                     await self.repo.delivered(event.id)
+                    metrics.WEBHOOK_ATTEMPTS.labels("delivered").inc()
                     return
                 error = f"HTTP {resp.status}"
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -74,6 +76,7 @@ class Deliverer:
         attempts = event.attempts + 1
         retry_in = backoff(attempts) if attempts < ATTEMPTS else None
         await self.repo.failed(event.id, error, retry_in)
+        metrics.WEBHOOK_ATTEMPTS.labels("retry" if retry_in is not None else "gave_up").inc()
         log.warning("webhook.failed", event_id=str(event.id), kind=event.event, attempts=attempts,
                     error=error, gave_up=retry_in is None)
 

@@ -7,11 +7,13 @@ numbers only ever masked. The OpenAPI document is served at /v1/openapi.json.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
 import json
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -22,10 +24,13 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from bridge import metrics
 from bridge.api.openapi import document
+from bridge.api.server import ConnectionGuard
 from bridge.blocklist import Blocklist
 from bridge.errors import (
-    BlockNotFound, InternalError, InvalidInput, InvalidJson, ServiceError, SessionNotFound, TooLarge,
+    BlockNotFound, DatabaseUnavailable, InternalError, InvalidInput, InvalidJson, RequestTimeout, ServiceError,
+    SessionNotFound, TooLarge,
 )
 from bridge.limits import (
     DEFAULT_PAGE, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_AUDIT_CURSOR, MAX_PAGE, ORDER_ID, REGION_FORM,
@@ -38,6 +43,7 @@ from bridge.requests import (
 )
 from bridge.sessions import Sessions
 from bridge.store.blocklist import BlockedRow
+from bridge.store.errors import database_unreachable
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
 
@@ -50,8 +56,11 @@ POOLS = web.AppKey("pools", Pools)
 BLOCKLIST = web.AppKey("blocklist", Blocklist)
 RECORDINGS = web.AppKey("recordings", Recordings)
 HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
+GUARD = web.AppKey("guard", ConnectionGuard)
+BODY_TIMEOUT = 30.0  # seconds a request's body may take to arrive (a 4 MB import, slowly)
 
-PUBLIC_PATHS = ("/healthz", "/v1/openapi.json")
+PUBLIC_PATHS = ("/healthz", "/v1/openapi.json", "/metrics")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 E164 = re.compile(r"\+[1-9][0-9]{6,14}")
 
 
@@ -189,9 +198,40 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response.headers["Allow"] = exc.headers["Allow"]
             return response
         raise
-    except Exception:
+    except Exception as exc:
+        if database_unreachable(exc):
+            log.warning("api.database_unavailable", path=request.path, method=request.method, error=type(exc).__name__)
+            response = _error(DatabaseUnavailable.http_status, DatabaseUnavailable.code, DatabaseUnavailable.message)
+            response.headers["Retry-After"] = "1"
+            return response
         log.exception("api.failed", path=request.path, method=request.method)
         return _error(InternalError.http_status, InternalError.code, InternalError.message)
+
+
+@web.middleware
+async def _measured(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts and times every request by its route's template (never the path: it can hold a
+    pool number or an id) and method (any other method a client makes up: "other")."""
+    began = time.perf_counter()
+    status = 500
+    guard = request.app.get(GUARD)
+    if guard is not None:
+        guard.request_started(request.transport)  # (its line and headers have arrived)
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        if guard is not None:
+            guard.request_answered(request.transport)
+        resource = getattr(request.match_info.route, "resource", None)
+        route = resource.canonical if resource is not None else "unmatched"
+        method = request.method if request.method in _METHODS else "other"
+        metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
+        metrics.HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - began)
 
 
 # --- request helpers -----------------------------------------------------------------------
@@ -200,7 +240,11 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 async def _read(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise TooLarge(f"the body must be at most {limit} bytes")
-    raw = await request.read()
+    try:
+        async with asyncio.timeout(BODY_TIMEOUT):
+            raw = await request.read()
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {BODY_TIMEOUT:.0f} seconds") from None
     if len(raw) > limit:
         raise TooLarge(f"the body must be at most {limit} bytes")
     return raw
@@ -497,9 +541,14 @@ async def openapi(request: web.Request) -> web.Response:
     return _json(document())
 
 
+async def prometheus_metrics(request: web.Request) -> web.Response:
+    return web.Response(body=metrics.render(), headers={"Content-Type": metrics.CONTENT_TYPE})
+
+
 ROUTES: list[tuple[str, str, Handler]] = [
     ("GET", "/healthz", health),
     ("GET", "/v1/openapi.json", openapi),
+    ("GET", "/metrics", prometheus_metrics),
     ("POST", "/v1/sessions", open_session),
     ("GET", "/v1/sessions", list_sessions),
     ("GET", "/v1/sessions/{session_id}", get_session),
@@ -528,9 +577,12 @@ RECORDING_PATHS = ("/v1/calls/{call_id}/recording", "/v1/calls/{call_id}/recordi
 
 def make_app(
     sessions: Sessions, pools: Pools, blocklist: Blocklist, token: str, health_check: HealthCheck,
-    recordings: Recordings,
+    recordings: Recordings, guard: ConnectionGuard | None = None,
 ) -> web.Application:
-    app = web.Application(middlewares=[_errors, _auth_middleware(token)], client_max_size=IMPORT_BODY_LIMIT)
+    """The API. `guard`: the listening socket's (bridge.api.server), told of each request."""
+    app = web.Application(middlewares=[_measured, _errors, _auth_middleware(token)], client_max_size=IMPORT_BODY_LIMIT)
+    if guard is not None:
+        app[GUARD] = guard
     app[SESSIONS] = sessions
     app[POOLS] = pools
     app[BLOCKLIST] = blocklist

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from bridge.calls.outcomes import CUT_REASONS, HANGUP_BY, OUTCOMES, STATES
 from bridge.errors import (
     AsteriskUnavailable,
+    DatabaseUnavailable,
     BlockNotFound,
     Contention,
     InternalError,
@@ -206,6 +207,16 @@ RESPONSES: dict[str, Schema] = {
         "logged; the request may be retried.",
         {"internal_error": (InternalError.code, "the bridge failed to answer; the failure is logged", None)},
     ),
+    "DatabaseUnavailable": {
+        **_error_response(
+            "`database_unavailable`: the database could not be reached, or the connection to it was lost, while "
+            "answering. Nothing was changed unless the change had committed (the request is safe to retry: opens "
+            "are idempotent by `order_id`). `Retry-After` says when.",
+            {"database_unavailable": (DatabaseUnavailable.code, DatabaseUnavailable.message, None)},
+        ),
+        "headers": {"Retry-After": {"description": "Seconds to wait before retrying.",
+                                    "schema": {"type": "integer", "minimum": 0}}},
+    },
     "BadBody": _error_response(
         "`invalid_json`: the body is not a JSON object (an empty body counts as `{}`).",
         {"invalid_json": (InvalidJson.code, "the body must be a JSON object", None)},
@@ -539,9 +550,9 @@ SCHEMAS: dict[str, Schema] = {
                 "enum": ["open", "grace", "closed"],
                 "description": "`open`: the two can call each other. `grace`: closed with a grace period, the "
                 "courier has left and the client can still reach support until `grace_until`. `closed`: ended. "
-                "A session past its `expires_at` or idle timeout may still read `open` until the next "
-                "housekeeping sweep, a call, or a change (extend, reassign, open for its order) ends it; no call "
-                "is routed through it meanwhile, and no change brings it back.",
+                "A session past its `expires_at` or idle timeout is ended by the housekeeping as that moment "
+                "comes (its calls in progress with it); until then it may still read `open`, but no call is routed "
+                "through it, and no change brings it back.",
             },
             "pool_number": {
                 **E164,
@@ -560,9 +571,10 @@ SCHEMAS: dict[str, Schema] = {
             "expires_at": {**TIMESTAMP, "description": "When the session ends at the latest (while it is open)."},
             "idle_timeout_seconds": {
                 "type": ["integer", "null"],
-                "description": "The session ends after this long without a call or an extension; null: never.",
+                "description": "The session ends after this long without a call or an extension (counted from the "
+                "end of the last call; a call in progress keeps it open); null: never.",
             },
-            "last_activity_at": TIMESTAMP,
+            "last_activity_at": {**TIMESTAMP, "description": "The last call's start or end, or the last extension."},
             "grace_seconds": {"type": "integer", "minimum": 0, "description": "The grace period used at close."},
             "grace_until": {**NULLABLE_TIMESTAMP, "description": "Set while the status is `grace`."},
             "closed_at": NULLABLE_TIMESTAMP,
@@ -1040,6 +1052,25 @@ PATHS: dict[str, Schema] = {
             "security": [],
             "responses": {
                 "200": _json_response("The OpenAPI document.", {"type": "object"}),
+                "500": INTERNAL,
+            },
+        }
+    },
+    "/metrics": {
+        "get": {
+            "operationId": "getMetrics",
+            "tags": ["service"],
+            "summary": "Prometheus metrics",
+            "description": "The bridge's metrics in Prometheus' text format (families `maskbridge_*`, plus the "
+            "process's own): calls by outcome and direction, calls in progress, post-dial delay, route lookups, ARI, "
+            "the database pool, webhooks, pool numbers per region, retention. No label holds a real number, an "
+            "order id or an order code. No token needed: keep the API's address private (README: Production).",
+            "security": [],
+            "responses": {
+                "200": {
+                    "description": "The metrics.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
                 "500": INTERNAL,
             },
         }
@@ -1855,6 +1886,15 @@ _DOCUMENT: dict[str, Any] = {
         "schemas": SCHEMAS,
     },
 }
+
+
+# Every operation that reads or writes the database may meet it unreachable.
+for _path, _item in PATHS.items():
+    if _path in ("/v1/openapi.json", "/metrics", "/healthz"):
+        continue
+    for _operation in _item.values():
+        if isinstance(_operation, dict) and "responses" in _operation:
+            _operation["responses"].setdefault("503", _response_ref("DatabaseUnavailable"))
 
 
 def document() -> dict[str, Any]:

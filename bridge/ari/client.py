@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any
 
 import aiohttp
 
+from bridge import metrics
 from bridge.ari.errors import AriError, AriUnavailable, from_status
 
 
@@ -74,10 +76,13 @@ class AriClient:
         body: dict[str, Any] | None = None,
     ) -> Any:
         url = f"{self.base_url}/ari{path}"
+        operation = metrics.ari_operation(method, path)
+        began = time.perf_counter()
         try:
             async with self.session.request(method, url, params=_params(params or {}), json=body) as resp:
                 text = await resp.text()
                 if resp.status >= 400:
+                    metrics.ARI_ERRORS.labels(operation, str(resp.status)).inc()
                     message = text
                     try:
                         message = (await resp.json(content_type=None)).get("message", text)
@@ -90,7 +95,10 @@ class AriClient:
         except AriError:
             raise
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            metrics.ARI_ERRORS.labels(operation, "0").inc()
             raise AriUnavailable(method, path, None, type(exc).__name__) from exc
+        finally:
+            metrics.ARI_REQUEST.labels(operation).observe(time.perf_counter() - began)
 
     # --- channels -------------------------------------------------------------------
 

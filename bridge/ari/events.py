@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from bridge import metrics
 from bridge.ari.client import AriClient
 from bridge.ari.errors import AriError
 
@@ -83,6 +84,7 @@ class EventStream:
                         except Exception:
                             log.exception("ari.on_connected_failed")
                     self.connected.set()
+                    metrics.ARI_CONNECTED.set(1)
                     async for msg in ws:
                         if msg.type == aiohttp.WSMsgType.TEXT:
                             await self._deliver(msg.data)
@@ -93,8 +95,10 @@ class EventStream:
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, AriError) as exc:
                 log.warning("ari.connect_failed", error=type(exc).__name__, retry_in=round(backoff, 2))
             self.connected.clear()
+            metrics.ARI_CONNECTED.set(0)
             if self._stopping:
                 break
+            metrics.ARI_RECONNECTS.inc()
             # The backoff starts over only after a connection that stayed up a while: one
             # that Asterisk accepts and drops at once counts as a failure, or the bridge would
             # reconnect (and reconcile) many times a second.

@@ -34,6 +34,13 @@ class Answered(CallEvent):
 
 
 @dataclass(frozen=True)
+class Ringing(CallEvent):
+    """The phone of a channel rings (its network said 180 or 183)."""
+
+    channel: str
+
+
+@dataclass(frozen=True)
 class InStasis(CallEvent):
     channel: str
 
@@ -94,6 +101,8 @@ def read(raw: RawEvent) -> CallEvent:
         return Hangup(channel_id, _cause(raw), final=kind == "ChannelDestroyed")
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Up":
         return Answered(channel_id)
+    if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Ringing":
+        return Ringing(channel_id)
     if kind == "StasisStart" and channel_id:
         return InStasis(channel_id)
     if kind == "ChannelDtmfReceived" and channel_id:

@@ -26,7 +26,10 @@ from typing import Any, Protocol
 import structlog
 
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
-from bridge.calls.events import Answered, CallEvent, Cut, Hangup, Hold, InStasis, Key, PlaybackDone, RawEvent, read
+from bridge import metrics
+from bridge.calls.events import (
+    Answered, CallEvent, Cut, Hangup, Hold, InStasis, Key, PlaybackDone, RawEvent, Ringing, read,
+)
 from bridge.calls.order_code import CodePrompt, KeypadTiming
 from bridge.calls.outcomes import CUT_OUTCOMES
 from bridge.calls.recording import CallRecording, RecordingStore, recording_name
@@ -75,6 +78,10 @@ _REFUSALS: dict[int, str] = {
 REDIRECTED_CAUSE = 23
 REDIRECTED_CAUSE_TO_CALLER = 20
 FAILED_CAUSE_TO_CALLER = 34
+# A call the bridge ends before the answer (a cut; one a restarted bridge finds unconfirmed):
+# the caller's phone is told "temporarily unavailable" (31, normal unspecified: SIP 480), not
+# "declined" (SIP 603: what Asterisk sends for an unanswered call hung up without a cause).
+CUT_CAUSE_TO_CALLER = 31
 NO_ANSWER_CAUSE, REJECTED_CAUSE = 19, 21
 # The dialplan hands a call to the bridge only once its leg is masked ([from-trunk] in
 # extensions.conf: MASK_NUMBER and the interception routines), and says so with this argument
@@ -214,6 +221,9 @@ class MaskedCall:
         self._announcing = "unknown_caller"  # the outcome of the announcement being played
         self._client_digits = ""
         self.recording = CallRecording(call_id, self.bridge_id, ari, store)
+        self._began = time.monotonic()  # the caller's call reached the bridge (StasisStart)
+        self._rang = False  # the post-dial delay is measured (the other phone rang or answered)
+        self._connected_at: float | None = None
 
     # --- plumbing ------------------------------------------------------------------
 
@@ -292,6 +302,13 @@ class MaskedCall:
 
     async def _end(self, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None) -> None:
         self._enter(CallState.ENDED)
+        route = self.route
+        metrics.CALLS.labels(outcome, metrics.direction(route.caller_role if route else None,
+                                                       route.callee_role if route else None)).inc()
+        if cut_reason:
+            metrics.CALLS_CUT.labels(cut_reason).inc()
+        if outcome == "answered" and self._connected_at is not None:
+            metrics.CALL_DURATION.observe(time.monotonic() - self._connected_at + self._talked_before)
         await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
@@ -305,7 +322,10 @@ class MaskedCall:
             return False  # ended already
         if isinstance(event, Cut):
             log.info("call.cut", reason=event.reason)
-            await self._hang_up_both()
+            # A caller not answered yet is told the other side is unavailable (480), not that it
+            # refused (603, which a plain hangup of an unanswered call would say).
+            unanswered = self.state in (CallState.ROUTING, CallState.RINGING, CallState.CONFIRMING)
+            await self._hang_up_both(caller_cause=CUT_CAUSE_TO_CALLER if unanswered else None)
             outcome = "answered" if outcomes.answered else CUT_OUTCOMES.get(event.reason, "failed")
             await self._end(outcome, "system", None, event.reason)
             return True
@@ -342,18 +362,27 @@ class MaskedCall:
             await self._route()
         except Exception:
             log.exception("call.failed", state=self.state.value)
-            if self.state in (CallState.ROUTING, CallState.ENTERING_CODE):
-                # Nothing rang yet (e.g. the database is down): the caller is told the
-                # service is unavailable, not left with silence.
-                await self._unavailable()
-            await self._hang_up_both(caller_cause=FAILED_CAUSE_TO_CALLER)
+            try:
+                if self.state in (CallState.ROUTING, CallState.ENTERING_CODE):
+                    # Nothing rang yet (e.g. the database is down): the caller is told the
+                    # service is unavailable, not left with silence.
+                    await self._unavailable()
+                await self._hang_up_both(caller_cause=FAILED_CAUSE_TO_CALLER)
+            except Exception:
+                log.warning("call.hangup_failed", exc_info=True)
             if self.state is not CallState.ENDED:
                 try:
                     await self._end("failed", "system", FAILED_CAUSE_TO_CALLER)
                 except Exception:
                     log.exception("call.row_not_ended")
         finally:
+            await self._after_safely()
+
+    async def _after_safely(self) -> None:
+        try:
             await self._after()
+        except Exception:
+            log.exception("call.cleanup_failed")  # (a bridge or recording left: the next reconcile looks again)
 
     async def _after(self) -> None:
         """Once the call has ended: its recording finished, its bridge destroyed. (A bridge
@@ -439,7 +468,10 @@ class MaskedCall:
         looked_up = time.perf_counter()
         lookup_began = time.monotonic()
         route = await self.router.route(caller, pool) if caller and pool else None
-        route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
+        route_seconds = time.perf_counter() - looked_up
+        route_ms = round(route_seconds * 1000, 2)
+        if route is not None:
+            metrics.ROUTE_LOOKUP.labels("number").observe(route_seconds)
         route = self._take_route(route, lookup_began) if route is not None else None
         known = route is not None and route.pool_known
         # A number that is not one of our pool numbers could be a person's number: it is
@@ -518,8 +550,10 @@ class MaskedCall:
                 continue  # nothing keyed in time: asked again (not a wrong code)
             lookup_began = time.monotonic()
             route = await router.route_by_code(caller, pool, keyed.digits)
+            metrics.ROUTE_LOOKUP.labels("order_code").observe(time.monotonic() - lookup_began)
             if route.kind == "locked_out":
                 log.info("call.wrong_code", attempt=attempt, locked_out=True)
+                metrics.ORDER_CODE_LOCKOUTS.inc()
                 break
             if route.kind == "wrong_code":
                 log.info("call.wrong_code", attempt=attempt)
@@ -606,6 +640,7 @@ class MaskedCall:
             await self._hangup(self.inbound_id, "congestion")
             await self._end("failed", "system", None)
             return
+        metrics.CALLS_PUT_THROUGH.labels(metrics.direction(route.caller_role, route.callee_role)).inc()
         await self.store.call_ringing(self.id, self.outbound_id, self.bridge_id)
 
         # The new leg must be in Stasis before it can join the bridge.
@@ -621,6 +656,7 @@ class MaskedCall:
         if not apart:
             await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
+        metrics.CALL_SETUP.observe(time.monotonic() - self._began)
         if apart:
             # Held apart from the other leg, the caller is told it rings by signalling.
             try:
@@ -643,6 +679,9 @@ class MaskedCall:
                 return
             if isinstance(event, Key) and await self._client_blocks(event, outcome="blocked"):
                 return  # a client calling back blocked the other party while it rang
+            if isinstance(event, Ringing | Answered) and event.channel == self.outbound_id and not self._rang:
+                self._rang = True
+                metrics.POST_DIAL_DELAY.observe(time.monotonic() - self._began)
             if isinstance(event, Answered) and event.channel == self.outbound_id:
                 break
         if route.terms.confirm_answer and not await self._confirm():
@@ -715,6 +754,7 @@ class MaskedCall:
         """The other phone answered (and confirmed, where it must): connect the caller and
         wait for either side to hang up."""
         self._enter(CallState.CONNECTED)
+        self._connected_at = time.monotonic()
         # Stored before the caller hears the answer: a bridge process stopped from here on
         # leaves a row that says connected, and the next process resumes the call.
         await self.store.call_connected(self.id)
@@ -855,6 +895,7 @@ class MaskedCall:
             self._client_digits = ""
             return False
         log.info("call.blocked_by_client")
+        metrics.BLOCKS.labels("client").inc()
         await self._hangup(self.outbound_id if client_is_caller else self.inbound_id)
         playback_id = f"{self.id}-blocked"
         try:
@@ -889,6 +930,7 @@ class MaskedCall:
         call = cls(row["id"], {"id": row["inbound_channel_id"]}, row["pool_number"], ari, store, settings, register,
                    router)
         call.state = CallState.CONNECTED
+        call._connected_at = time.monotonic()
         call._outbound_created = True
         # Who is who (for blocks and the client's keypad), and the terms the call keeps (its
         # maximum duration still counts from the answer, however long the restart took).
@@ -900,7 +942,7 @@ class MaskedCall:
         )
         if row.get("recording_name"):
             call.recording.name = row["recording_name"]
-        if call.route.terms.max_call_seconds and row.get("answered_at") is not None:
+        if row.get("answered_at") is not None:
             call._talked_before = (datetime.now(timezone.utc) - row["answered_at"]).total_seconds()
         call._bridge_created = row["bridge_id"] is not None
         return call
@@ -928,11 +970,14 @@ class MaskedCall:
             await self._supervise()
         except Exception:
             log.exception("call.failed", state=self.state.value)
-            await self._hang_up_both()
+            try:
+                await self._hang_up_both()
+            except Exception:
+                log.warning("call.hangup_failed", exc_info=True)
             if self.state is not CallState.ENDED:
                 await self._end("answered", "system", None)
         finally:
-            await self._after()
+            await self._after_safely()
 
 
 __all__ = ["CallState", "FlowSettings", "MaskedCall", "Router", "caller_cause", "recording_name"]

@@ -11,9 +11,10 @@ from typing import Any
 
 import structlog
 
+from bridge import metrics
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.events import RawEvent as Event
-from bridge.calls.flow import MASKED_ARG, FlowSettings, MaskedCall, Router
+from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, FlowSettings, MaskedCall, Router
 from bridge.calls.recording import wav_duration_ms
 
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
@@ -101,6 +102,10 @@ class StasisDispatcher:
                     call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
         try:
             await self._finish_left_behind(live)
+            # What changed while no bridge listened (a block, a courier reassigned, a session
+            # closed with maskbridge-admin while this process was down) reaches the calls it
+            # has just resumed: their NOTIFY was sent to nobody.
+            await self.cut_departed()
         except Exception:
             # A database hiccup must not cost the event stream; the next reconnect retries.
             log.exception("reconcile.store_failed")
@@ -122,7 +127,8 @@ class StasisDispatcher:
             for channel_id in (inbound, outbound):
                 if channel_id and channel_id in live:
                     try:
-                        await self.ari.hangup(channel_id)
+                        # (The caller of an unanswered call hears "unavailable", not "declined".)
+                        await self.ari.hangup(channel_id, code=CUT_CAUSE_TO_CALLER if channel_id == inbound else None)
                     except AriError:
                         pass
             # Before the row says ended (a failure here is retried at the next reconcile):
@@ -136,6 +142,7 @@ class StasisDispatcher:
                     pass  # gone already
             outcome = "answered" if row["answered_at"] else "failed"
             await self.store.call_ended(row["id"], outcome, "system", None)
+            metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
 
     async def _language_of(self, pool_number: str) -> str | None:
@@ -208,8 +215,23 @@ class StasisDispatcher:
                 return reason
         return None
 
+    def call_states(self) -> list[str]:
+        """The state of each call in progress (for the metrics)."""
+        return [call.state.value for call in set(self.calls.values())]
+
     def live_participant_ids(self) -> set[uuid.UUID]:
         return {pid for call in self.calls.values() for pid in call.participant_ids}
+
+    async def cut_departed(self) -> None:
+        """End the calls of participants who are blocked or have left their order, as the
+        database says now (for what may have been missed: notifications sent while no bridge
+        listened, or while the listener reconnected)."""
+        live = self.live_participant_ids()
+        if not live:
+            return
+        self.cut_calls(await self.store.blocklist.blocked_among(live), "blocked")
+        for participant, reason in (await self.store.sessions.left_among(live)).items():
+            self.cut_calls({participant}, reason)
 
     def cut_calls(self, participant_ids: set[uuid.UUID], reason: str) -> int:
         """End every call one of these participants is on; returns how many. (A client's
@@ -221,6 +243,8 @@ class StasisDispatcher:
                  and not (reason == "session_ended" and call.route is not None and call.route.callee_role == "support")}
         for call in calls:
             call.cut(reason)
+        if calls:
+            log.info("calls.cut", calls=len(calls), reason=reason)
         return len(calls)
 
     async def shutdown(self) -> None:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 
 from bridge import logs
-from bridge.devstack import asterisk, carrier, demo, postgres, processes
+from bridge.devstack import asterisk, carrier, demo, monitoring, postgres, processes
 from bridge.devstack.settings import Stack, load
 
 
@@ -58,18 +59,52 @@ The stack is up.
 """
 
 
-def run_foreground(stack: Stack) -> None:
-    pool_number = start_services(stack)
-    processes.stop_bridge(stack)  # a background bridge from `make start` would hold the port
-    print(hint(stack, pool_number), flush=True)
-    proc = subprocess.Popen(processes.bridge_command(), env={**os.environ, **stack.bridge_env()})
+class Stopped(Exception):
+    """SIGTERM or SIGHUP reached `make run`: stop as Ctrl-C does."""
+
+
+def _stop_on_signals() -> None:
+    def stop(signum: int, _frame: object) -> None:
+        raise Stopped(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGHUP, stop)
+    # make, which ran us, does not pass a SIGTERM on to its recipe: when make dies, Linux
+    # sends us SIGTERM (PR_SET_PDEATHSIG), and the stack stops all the same.
     try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass  # not glibc Linux: SIGTERM must reach this process itself
+    if os.getppid() == 1:
+        raise Stopped("the parent process is gone")  # it died before prctl took effect
+
+
+def run_foreground(stack: Stack) -> None:
+    """The stack with the bridge in the foreground, until Ctrl-C, SIGTERM or SIGHUP (or the
+    death of the `make` that ran it): then everything stops, the bridge first."""
+    _stop_on_signals()
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        pool_number = start_services(stack)
+        processes.stop_bridge(stack)  # a background bridge from `make start` would hold the port
+        print(hint(stack, pool_number), flush=True)
+        # (Its pid file, so that `make stop` finds it whatever happens to this process.)
+        proc = subprocess.Popen(processes.bridge_command(), env={**os.environ, **stack.bridge_env()})
+        processes.record_bridge(stack, proc.pid)
         proc.wait()
-    except KeyboardInterrupt:
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=15)
+    except (KeyboardInterrupt, Stopped) as exc:
+        print(f"\n{exc or 'interrupted'}", flush=True)
     finally:
-        print("\nstopping the stack ...", flush=True)
+        # No second signal may cut the stopping short.
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_IGN)
+        print("stopping the stack ...", flush=True)
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
         stop_all(stack)
 
 
@@ -101,6 +136,21 @@ async def place_call(stack: Stack, from_number: str, to_number: str, hangup_afte
     return 0
 
 
+def monitor(stack: Stack) -> int:
+    """Prometheus on the running stack (data under .stack/prometheus), in the foreground."""
+    listen = f"{stack.env['MB_PROMETHEUS_BIND']}:{stack.env['MB_PROMETHEUS_PORT']}"
+    proc = monitoring.start_prometheus(stack, stack.dir / "prometheus")
+    print(f"Prometheus on http://{listen} (alerts: http://{listen}/alerts), scraping the bridge and the PBX "
+          f"every {stack.env['MB_SCRAPE_INTERVAL']}; its log: {stack.dir / 'prometheus' / 'prometheus.log'}\n"
+          "Dashboard for Grafana: monitoring/grafana/maskbridge.json. Ctrl-C stops it.", flush=True)
+    _stop_on_signals()
+    try:
+        return proc.wait()
+    except (KeyboardInterrupt, Stopped):
+        proc.terminate()
+        return proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bridge.devstack")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cli", help="the PBX's Asterisk console")
     sub.add_parser("carrier-cli", help="the simulated carrier's Asterisk console")
     sub.add_parser("psql", help="psql on the bridge's database")
+    sub.add_parser("monitor", help="Prometheus scraping the running stack, with the alert rules; Ctrl-C stops it")
     sub.add_parser("admin", help="maskbridge-admin against the local stack: admin <its arguments>")
     argv = sys.argv[1:] if argv is None else argv
     # Everything after `admin` is maskbridge-admin's, options included.
@@ -160,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         from bridge import cli
 
         return cli.main(admin_args)
+    elif args.command == "monitor":
+        return monitor(stack)
     elif args.command == "psql":
         os.execvp(postgres.psql_command(stack)[0], postgres.psql_command(stack))
     return 0

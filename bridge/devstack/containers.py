@@ -1,7 +1,7 @@
 """A docker engine and the base images for the compose test (tests/compose).
 
 Our machines have no image registry: a docker engine runs, but `FROM python:3.11-slim`,
-`debian:forky-slim` and `postgres:15` cannot be pulled. So this module
+`debian:forky-slim`, `postgres:15` and `prom/prometheus` cannot be pulled. So this module
 
 - installs Debian's docker engine (`docker.io`) if it is missing and starts `dockerd` if
   none answers (there is no systemd), on host networking only (no bridge, no iptables);
@@ -10,7 +10,8 @@ Our machines have no image registry: a docker engine runs, but `FROM python:3.11
   docker-compose 1.29 refuses the compose file's `name:`);
 - makes local stand-ins for the upstream base images: Debian bookworm and forky root file
   systems from debootstrap, imported with `docker import`, and images built from them
-  (tests/compose/images/) that honour the contracts of python:3.11-slim and postgres:15.
+  (tests/compose/images/) that honour the contracts of python:3.11-slim, postgres:15 and
+  prom/prometheus.
 
 Everything is reused when present: the second run costs seconds. The stand-ins trust the
 machine's own CA certificates (pip reaches PyPI through them); they are local test images,
@@ -53,6 +54,7 @@ ROOT_IMAGES = {
 BUILT_IMAGES = {
     "maskbridge-test/python:3.11": "python",
     "maskbridge-test/postgres:15": "postgres",
+    "maskbridge-test/prometheus:2": "prometheus",
 }
 
 

@@ -59,6 +59,12 @@ def bridge_command() -> list[str]:
     return [sys.executable, "-m", "bridge"]
 
 
+def record_bridge(stack: Stack, pid: int) -> None:
+    """The pid file of a bridge process started by someone else (make run)."""
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    _pidfile(stack).write_text(str(pid))
+
+
 def start_bridge(stack: Stack) -> None:
     if bridge_pid(stack) is not None:
         return
@@ -78,22 +84,60 @@ def start_bridge(stack: Stack) -> None:
     wait_healthy(stack)
 
 
-def stop_bridge(stack: Stack, timeout: float = 15) -> None:
+def _bridges_of(stack: Stack) -> set[int]:
+    """Every running bridge process of this checkout's stack: the one in the pid file, and
+    any other (a `make run` killed before it could stop its bridge; a pid file lost) found
+    by its command line and the database it was given (each stack has its own)."""
+    pids = set()
     pid = bridge_pid(stack)
-    if pid is None:
-        return
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    if pid is not None:
+        pids.add(pid)
+    wanted = f"MB_DATABASE_URL={stack.database_url}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
         try:
-            os.kill(pid, 0)
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            if cmdline[1:3] != [b"-m", b"bridge"]:
+                continue
+            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+                pids.add(int(entry.name))
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        os.waitpid(pid, os.WNOHANG)  # our own child: reaped once it exits
+    except ChildProcessError:
+        pass
+    try:
+        return "Z" not in Path(f"/proc/{pid}/stat").read_text().split(")", 1)[1][:3]
+    except OSError:
+        return False
+
+
+def stop_bridge(stack: Stack, timeout: float = 15) -> None:
+    """SIGTERM to every bridge process of the stack (it leaves calls in progress to the
+    next one), SIGKILL to any still running after `timeout` seconds."""
+    pids = _bridges_of(stack)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
-            break
-        try:
-            os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
             pass
-        time.sleep(0.1)  # waiting for a process to exit
-    else:
-        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)  # waiting for processes to exit
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     _pidfile(stack).unlink(missing_ok=True)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import asyncpg.pool
 import structlog
 
+from bridge import metrics
 from bridge.crypto import NumberVault
 from bridge.languages import LANGUAGES
 
@@ -17,10 +21,29 @@ SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 _MIGRATION_LOCK = 0x6D61736B  # advisory lock key: one migrator at a time
 
 
+class MeasuredPool(asyncpg.pool.Pool):
+    """asyncpg's pool, timing each wait for a connection (bridge.metrics). asyncpg has no hook
+    for it; `_acquire` is what every acquire() and every pool.fetch() goes through."""
+
+    async def _acquire(self, timeout: float | None) -> Any:
+        if self.get_idle_size() == 0 and self.get_size() >= self.get_max_size():
+            metrics.DB_WAITS.inc()
+        began = time.perf_counter()
+        try:
+            return await super()._acquire(timeout)  # type: ignore[misc]
+        finally:
+            metrics.DB_ACQUIRE.observe(time.perf_counter() - began)
+
+
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size)
-    if pool is None:  # only when create_pool is not awaited; never here
-        raise RuntimeError("asyncpg returned no pool")
+    # (asyncpg.create_pool, with its defaults, but of the measured class.)
+    pool = MeasuredPool(
+        dsn, min_size=min_size, max_size=max_size, max_queries=50000, max_inactive_connection_lifetime=300.0,
+        connect=None, setup=None, init=None, reset=None, loop=None,
+        connection_class=asyncpg.connection.Connection, record_class=asyncpg.Record,
+    )
+    await pool
+    metrics.DATABASE_POOL.pool = pool
     return pool
 
 

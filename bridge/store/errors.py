@@ -3,6 +3,8 @@ caller can tell "the data says no" (a StoreError) from "the database failed"."""
 
 from __future__ import annotations
 
+import asyncpg
+
 
 class StoreError(Exception):
     """A change the data does not allow, or that lost a race: the caller decides."""
@@ -35,3 +37,15 @@ class NumbersInUse(StoreError):
 class Contended(StoreError):
     """The database gave up on the transaction (a deadlock, or a serialization failure against
     a concurrent one): nothing was written, and trying again is safe."""
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` says the database could not be reached or the connection was lost (the
+    request may be retried), rather than that a statement failed."""
+    return isinstance(exc, (
+        asyncpg.PostgresConnectionError,  # connection failures, "cannot connect now", too many connections
+        asyncpg.ConnectionDoesNotExistError,  # the connection died under the statement
+        asyncpg.InterfaceError,  # the connection (or the pool) is closed
+        asyncpg.TooManyConnectionsError,
+        ConnectionError,  # the pool could not open a connection (refused, reset)
+    ))

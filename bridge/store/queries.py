@@ -162,6 +162,11 @@ class Store:
                                  cut_reason = $5
                 WHERE id = $1 AND state <> 'ended'
                 RETURNING calls AS r
+            ), touched AS (
+                -- The end of a call put through is the session's activity: its idle timeout
+                -- counts from here (maskbridge_session_due).
+                UPDATE sessions s SET last_activity_at = now()
+                FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
             )
             INSERT INTO webhook_outbox (event, payload)
             -- call.ended says whether the call was recorded: the recording's id, never a URL
@@ -234,3 +239,41 @@ class Store:
     async def get_call(self, call_id: uuid.UUID) -> dict[str, Any] | None:
         row = await self.pool.fetchrow("SELECT * FROM calls WHERE id = $1", call_id)
         return dict(row) if row is not None else None
+
+    # --- metrics ---------------------------------------------------------------------
+
+    async def metrics_snapshot(self) -> dict[str, Any]:
+        """What the metrics take from the database (bridge.metrics), in one transaction:
+        pool numbers by region, state and mode; per region, the most of its active direct
+        numbers one real number holds; live sessions by status; the webhook backlog."""
+        async with self.pool.acquire() as conn, conn.transaction(readonly=True):
+            pool_numbers = await conn.fetch(
+                "SELECT region, state, mode, count(*) AS count FROM pool_numbers GROUP BY region, state, mode"
+            )
+            busiest = await conn.fetch(
+                """
+                SELECT region, max(numbers) AS numbers FROM (
+                    SELECT p.region, h.number_idx, count(DISTINCT h.pool_number) AS numbers
+                    FROM participants h JOIN pool_numbers p ON p.number = h.pool_number
+                    WHERE h.holds AND p.state = 'active' AND p.mode = 'direct'
+                    GROUP BY p.region, h.number_idx
+                ) held GROUP BY region
+                """
+            )
+            sessions = await conn.fetch(
+                "SELECT status, count(*) AS count FROM sessions WHERE status IN ('open', 'grace') GROUP BY status"
+            )
+            backlog = await conn.fetchrow(
+                """
+                SELECT count(*) AS waiting,
+                       coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
+                FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL
+                """
+            )
+        return {
+            "pool_numbers": [dict(r) for r in pool_numbers],
+            "busiest_holders": [dict(r) for r in busiest],
+            "sessions": {r["status"]: r["count"] for r in sessions},
+            "webhook_backlog": backlog["waiting"],
+            "webhook_oldest_seconds": backlog["oldest"],
+        }

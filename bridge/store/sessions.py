@@ -585,6 +585,20 @@ class SessionRepo:
         )
         return [r["id"] for r in rows]
 
+    async def next_due_in(self) -> float | None:
+        """Seconds until the next open session reaches its expiry, or the next grace period
+        ends (0 if one is past it already); None if none will. Two index lookups: the
+        housekeeping asks every second. (Idle timeouts are left to the sweep: a session with a
+        call in progress is not idle, so ending one cuts no call.)"""
+        return await self.pool.fetchval(
+            """
+            SELECT greatest(extract(epoch FROM least(
+                (SELECT min(expires_at) FROM sessions WHERE status = 'open'),
+                (SELECT min(grace_until) FROM sessions WHERE status = 'grace')
+            ) - now()), 0)::float8
+            """
+        )
+
     async def left_among(self, participant_ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
         """Which of these participants have left their session, with the reason a call of
         theirs is cut for: "reassigned" (their session goes on without them) or "session_ended"."""

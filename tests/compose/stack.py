@@ -17,7 +17,7 @@ from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
 
 COMPOSE_FILE = PROJECT_DIR / "docker-compose.yml"
 TEST_OVERRIDE = Path(__file__).with_name("docker-compose.test.yml")
-SERVICES = ("postgres", "asterisk", "bridge")
+SERVICES = ("postgres", "asterisk", "bridge", "prometheus")  # (prometheus: the profile `monitoring`)
 
 # Clear of the local stack that `make test` runs at the same time (127.0.0.1 and .2,
 # Postgres on 55432, RTP 20000-29999). MB_COMPOSE_<name without MB_> moves one (e.g.
@@ -28,6 +28,8 @@ SETTINGS = {
     "MB_API_BIND": "127.0.0.41",
     "MB_TRUNK_HOST": "127.0.0.42",  # the compose test's simulated carrier
     "MB_PG_PORT": "55472",
+    "MB_PROMETHEUS_BIND": "127.0.0.41",
+    "MB_SCRAPE_INTERVAL": "1s",
     "MB_RTP_START": "42000",
     "MB_RTP_END": "42999",
     "MB_CARRIER_RTP_START": "43000",
@@ -80,8 +82,9 @@ class ComposeStack:
     def up(self) -> None:
         """Build the images and start the stack; return once every service is healthy."""
         self.write_env_file()
-        self.compose("down", "--volumes", "--remove-orphans", timeout=120)  # what a broken run left
-        out = self.compose("up", "--build", "--wait", "--wait-timeout", "240", timeout=1800, check=False)
+        self.compose("--profile", "monitoring", "down", "--volumes", "--remove-orphans", timeout=120)  # a broken run's
+        out = self.compose("--profile", "monitoring", "up", "--build", "--wait", "--wait-timeout", "240",
+                           timeout=1800, check=False)
         if out.returncode != 0:
             logs = self.compose("logs", "--no-color", "--tail", "60", check=False)
             raise RuntimeError(f"docker compose up failed:\n{out.stderr[-3000:]}\n{logs.stdout[-6000:]}")
@@ -90,7 +93,7 @@ class ComposeStack:
         """Keep the services' output (.stack/compose/compose.log), then remove containers and volumes."""
         logs = self.compose("logs", "--no-color", "--timestamps", check=False)
         (self.stack.dir / "compose.log").write_text(logs.stdout + logs.stderr)
-        self.compose("down", "--volumes", "--remove-orphans", timeout=120)
+        self.compose("--profile", "monitoring", "down", "--volumes", "--remove-orphans", timeout=120)
 
     def container(self, service: str) -> dict[str, Any]:
         """`docker inspect` of the service's container."""

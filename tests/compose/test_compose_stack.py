@@ -97,6 +97,7 @@ def test_every_service_is_up_healthy_and_hardened(compose: ComposeStack) -> None
     assert compose.compose("exec", "-T", "bridge", "id", "-un").stdout.strip() == "maskbridge"
     assert compose.compose("exec", "-T", "asterisk", "id", "-un").stdout.strip() == "asterisk"
     assert compose.compose("exec", "-T", "postgres", "id", "-un").stdout.strip() == "postgres"
+    assert compose.compose("exec", "-T", "prometheus", "id", "-u").stdout.strip() == "65534"
 
 
 def test_the_pbx_runs_the_pinned_asterisk(compose: ComposeStack) -> None:
@@ -180,6 +181,32 @@ async def test_a_call_survives_a_restart_of_the_bridge_container(
     assert callee.cause == 16, "the restarted bridge hung up the other leg"
     record = await last_call(api, session["id"], "ended")
     assert (record["outcome"], record["hangup_by"]) == ("answered", "caller")
+
+
+async def prometheus_query(compose: ComposeStack, path: str, **params: str) -> Any:
+    env = compose.stack.env
+    url = f"http://{env['MB_PROMETHEUS_BIND']}:{env['MB_PROMETHEUS_PORT']}{path}"
+    async with aiohttp.ClientSession() as http, http.get(url, params=params) as resp:
+        body = await resp.json()
+    assert body["status"] == "success", body
+    return body["data"]
+
+
+async def test_the_monitoring_profile_scrapes_the_stack_with_the_alert_rules(compose: ComposeStack) -> None:
+    """The profile's Prometheus (started with the stack by `--profile monitoring`): both
+    targets up, every rule loaded and evaluated, and the calls above counted."""
+    async with asyncio.timeout(60):
+        while True:
+            targets = (await prometheus_query(compose, "/api/v1/targets"))["activeTargets"]
+            if sorted((t["labels"]["job"], t["health"]) for t in targets) == [("asterisk", "up"), ("maskbridge", "up")]:
+                break
+            await asyncio.sleep(0.5)  # wait-ok: Prometheus scrapes every second here
+    groups = (await prometheus_query(compose, "/api/v1/rules"))["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 14 and all(rule["health"] == "ok" for rule in rules), rules
+    answered = (await prometheus_query(
+        compose, "/api/v1/query", query='sum(max_over_time(maskbridge_calls_total{outcome="answered"}[30m]))'))["result"]
+    assert answered and float(answered[0]["value"][1]) >= 1, answered
 
 
 def test_the_bridge_log_holds_no_real_number(compose: ComposeStack) -> None:

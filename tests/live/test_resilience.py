@@ -4,11 +4,28 @@ fallback after Stasis), and the bridge picks up again once it is back."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
+
+import pytest
 
 from bridge.devstack import postgres, processes
 from bridge.devstack.audio import rms, samples
 from tests.live.conftest import wait_for_call_row
+
+
+async def connected_call(carrier, api, real_number, db):
+    """A courier's call to the client of a new session, answered and stored as connected:
+    (session, the courier's number, the courier's leg, the client's leg)."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer")
+    leg = await carrier.call(courier, session["pool_number"])
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(callee.answered.wait(), 10)
+    await wait_for_call_row(db, session["id"], state="connected")
+    return session, courier, leg, callee
 
 
 async def unavailable_then_recovers(stack, carrier, api, real_number, down, up) -> None:
@@ -72,13 +89,7 @@ async def test_the_client_can_still_block_the_courier_on_a_call_resumed_after_a_
     stack, carrier, api, real_number, db
 ):
     """A resumed call carries the router: the client's block keys still block (and end the call)."""
-    courier, client = real_number(), real_number()
-    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer")
-    leg = await carrier.call(courier, session["pool_number"])
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(callee.answered.wait(), 10)
-    await wait_for_call_row(db, session["id"], state="connected")
+    session, courier, leg, callee = await connected_call(carrier, api, real_number, db)
 
     await asyncio.to_thread(processes.stop_bridge, stack)
     await asyncio.to_thread(processes.start_bridge, stack)
@@ -92,3 +103,41 @@ async def test_the_client_can_still_block_the_courier_on_a_call_resumed_after_a_
     status, events = await api.request("GET", f"/v1/sessions/{session['id']}/events")
     blocked = [e for e in events["items"] if e["kind"] == "blocked_by_client"]
     assert len(blocked) == 1 and blocked[0]["detail"]["participant"] == session["participants"]["courier"]["id"]
+
+
+@pytest.mark.parametrize("change", ["reassign", "close", "block"])
+async def test_a_change_made_while_the_bridge_was_down_ends_the_call_it_resumes(
+    change, stack, carrier, api, real_number, db
+):
+    """The courier reassigned, the session closed or the courier blocked with maskbridge-admin
+    while no bridge ran: its notice reached no one, and the bridge that resumes the call must
+    end it all the same, at once."""
+    session, courier, leg, callee = await connected_call(carrier, api, real_number, db)
+
+    await asyncio.to_thread(processes.stop_bridge, stack)
+    try:
+        command = {
+            "reassign": ["session", "reassign", session["id"], real_number()],
+            "close": ["session", "close", session["id"]],
+            "block": ["block", "add", courier, "--reason", "test"],
+        }[change]
+        admin = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge.cli", *command, env={**os.environ, **stack.bridge_env()},
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await admin.communicate()
+        assert admin.returncode == 0, out.decode()
+        assert not leg.ended.is_set() and not callee.ended.is_set(), "no bridge ran to end the call"
+    finally:
+        await asyncio.to_thread(processes.start_bridge, stack)
+        if change == "block":
+            status, entries = await api.request("GET", "/v1/blocklist?limit=500")
+            for entry in entries["items"]:
+                if entry["number"] == courier[:5] + "***" + courier[-4:]:
+                    await api.request("DELETE", f"/v1/blocklist/{entry['id']}")
+
+    await asyncio.wait_for(leg.ended.wait(), 10)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    row = await wait_for_call_row(db, session["id"])
+    expected = {"reassign": "reassigned", "close": "session_ended", "block": "blocked"}[change]
+    assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", expected)

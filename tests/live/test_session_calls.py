@@ -6,6 +6,8 @@ the database, never by sleeping."""
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import uuid
 
 from tests.live.conftest import announced, last_call_of, wait_for_call_row
@@ -191,5 +193,103 @@ async def test_a_call_ringing_when_its_session_closes_is_cut_off(carrier, api, r
     await asyncio.wait_for(ringing.ended.wait(), 10)
     await asyncio.wait_for(leg.ended.wait(), 10)
     assert ringing.answered_at is None and not ringing.hung_up_itself
+    # The caller's phone is told the other side is unavailable (SIP 480), not that it declined (603).
+    assert leg.answered_at is None and leg.cause not in (21, 16), leg.cause
     row = await wait_for_call_row(db, session["id"])
     assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("session_closed", "system", "session_ended")
+
+
+async def connected(carrier, caller: str, dialed: str, callee: str):
+    carrier.phone(callee, action="answer")
+    leg = await carrier.call(caller, dialed)
+    other = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.answered.wait(), 10)
+    await asyncio.wait_for(other.answered.wait(), 10)
+    return leg, other
+
+
+async def housekeeping(stack) -> None:
+    """One sweep, by maskbridge-admin (as an operator would run it; the bridge's own runs too)."""
+    admin = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.cli", "housekeeping", env={**os.environ, **stack.bridge_env()},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+    out, _ = await admin.communicate()
+    assert admin.returncode == 0, out.decode()
+
+
+async def test_a_call_in_progress_keeps_an_idle_session_open_and_its_end_restarts_the_clock(
+    carrier, api, real_number, db, stack
+):
+    """Idle is "nobody called for idle_timeout_seconds", not "the conversation lasted that long"."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client, idle_timeout_seconds=600)
+    leg, other = await connected(carrier, courier, session["pool_number"], client)
+    await wait_for_call_row(db, session["id"], state="connected")
+    # The call has lasted eleven minutes: a sweep leaves the session, and the call, alone.
+    await db.execute("UPDATE sessions SET last_activity_at = now() - interval '11 minutes' WHERE id = $1", session["id"])
+    await housekeeping(stack)
+    status, read = await api.request("GET", f"/v1/sessions/{session['id']}")
+    assert read["status"] == "open"
+    assert not leg.ended.is_set() and not other.ended.is_set()
+
+    await carrier.hangup(leg)
+    await asyncio.wait_for(other.ended.wait(), 10)
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["cut_reason"]) == ("answered", None)
+    assert await db.fetchval("SELECT last_activity_at >= $2 FROM sessions WHERE id = $1", session["id"],
+                             row["ended_at"]), "the idle clock starts at the end of the call"
+    # Eleven minutes after that call: it ends.
+    await db.execute("UPDATE sessions SET last_activity_at = now() - interval '11 minutes' WHERE id = $1", session["id"])
+    await housekeeping(stack)
+    status, read = await api.request("GET", f"/v1/sessions/{session['id']}")
+    assert (read["status"], read["end_reason"]) == ("closed", "inactive")
+
+
+async def test_a_session_reaching_its_expiry_ends_its_call_at_once(carrier, api, real_number, db):
+    """The bridge's housekeeping looks for sessions coming due every second, not only at its
+    sweep (MB_SWEEP_INTERVAL): the call ends within moments of the session's expiry."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    leg, other = await connected(carrier, courier, session["pool_number"], client)
+    await wait_for_call_row(db, session["id"], state="connected")
+    expires = await db.fetchval(
+        "UPDATE sessions SET expires_at = now() + interval '2 seconds' WHERE id = $1 RETURNING expires_at",
+        session["id"],
+    )
+    await asyncio.wait_for(leg.ended.wait(), 10)
+    await asyncio.wait_for(other.ended.wait(), 10)
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["cut_reason"]) == ("answered", "session_ended")
+    assert (row["ended_at"] - expires).total_seconds() < 2.5, "ended at the expiry, not at the next sweep"
+    status, read = await api.request("GET", f"/v1/sessions/{session['id']}")
+    assert (read["status"], read["end_reason"]) == ("closed", "expired")
+
+
+async def test_cuts_survive_the_loss_of_the_listening_connection(carrier, api, real_number, db):
+    """The connection that hears "a participant left" is killed (a Postgres restart, a
+    failover): the bridge notices at once, listens again, and a courier reassigned just then
+    is still cut off."""
+    from bridge.app import LISTENER_NAME
+
+    async def listener() -> int | None:
+        return await db.fetchval("SELECT pid FROM pg_stat_activity WHERE application_name = $1", LISTENER_NAME)
+
+    first, second, client = real_number(), real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", first, client)
+    leg, other = await connected(carrier, first, session["pool_number"], client)
+    await wait_for_call_row(db, session["id"], state="connected")
+
+    old = await listener()
+    assert old is not None
+    await db.execute("SELECT pg_terminate_backend($1)", old)
+    status, _ = await api.request("POST", f"/v1/sessions/{session['id']}/participants",
+                                  json={"role": "courier", "number": second})
+    assert status == 201
+    await asyncio.wait_for(leg.ended.wait(), 10)
+    await asyncio.wait_for(other.ended.wait(), 10)
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["cut_reason"]) == ("answered", "reassigned")
+    async with asyncio.timeout(5):
+        while (await listener()) in (None, old):
+            await asyncio.sleep(0.1)  # wait-ok: polling pg_stat_activity for the new connection

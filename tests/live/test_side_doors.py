@@ -226,3 +226,46 @@ async def test_the_benchmark_route_exists_only_while_a_benchmark_runs(stack, car
         await asyncio.wait_for(leg.ended.wait(), 10)
         await asyncio.wait_for(callee.ended.wait(), 10)
     await announced(carrier, caller, TRANSFER_TARGET)
+
+
+async def test_a_request_from_an_address_that_is_no_trunk_is_refused_and_names_no_one_in_the_pbx_log(
+    stack, real_number
+):
+    """A carrier's second signalling address (another SBC, a failover) is no trunk: its INVITE
+    is refused, and the PBX's log does not keep the caller's number or name from it."""
+    caller = real_number()
+    log_path = asterisk.host_path(stack, "pbx", "log", "messages.log")
+    before = log_path.stat().st_size if log_path.exists() else 0
+    pbx = (stack.env["MB_PBX_SIP_BIND"], int(stack.env["MB_PBX_SIP_PORT"]))
+    source = "127.0.0.23"  # (any loopback address but the trunk's)
+    call_id = f"{uuid.uuid4()}@{source}"
+    invite = (
+        f"INVITE sip:+74950000001@{pbx[0]}:{pbx[1]} SIP/2.0\r\n"
+        f"Via: SIP/2.0/UDP {source}:5099;branch=z9hG4bK{uuid.uuid4().hex[:16]}\r\n"
+        f'From: "Courier Petrov" <sip:{caller}@{source}>;tag={uuid.uuid4().hex[:8]}\r\n'
+        f"To: <sip:+74950000001@{pbx[0]}>\r\n"
+        f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:{caller}@{source}:5099>\r\nMax-Forwards: 70\r\n"
+        f"Content-Type: application/sdp\r\nContent-Length: {len(SDP)}\r\n\r\n"
+    ).encode() + SDP
+    loop = asyncio.get_running_loop()
+    answers: asyncio.Queue[bytes] = asyncio.Queue()
+
+    class Phone(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            answers.put_nowait(data)
+
+    transport, _ = await loop.create_datagram_endpoint(Phone, local_addr=(source, 0))
+    try:
+        transport.sendto(invite, pbx)
+        async with asyncio.timeout(10):
+            while True:
+                answer = (await answers.get()).decode(errors="replace")
+                status = int(answer.split(" ", 2)[1]) if answer.startswith("SIP/2.0 ") else 0
+                if status >= 200 and call_id in answer:
+                    break
+    finally:
+        transport.close()
+    assert status in (401, 403, 404, 407), answer.splitlines()[0]
+    # Asterisk writes its log line before its answer leaves; reading the log now finds it.
+    written = log_path.read_bytes()[before:].decode(errors="replace") if log_path.exists() else ""
+    assert caller[-10:] not in written and "Petrov" not in written, written

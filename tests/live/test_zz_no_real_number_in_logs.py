@@ -1,9 +1,10 @@
 """Runs after every other live test (conftest orders it last): no real number used in any
-call of this run appears in full in the bridge's log."""
+call of this run appears in full in the bridge's log, or in the PBX's own (Asterisk's
+messages.log)."""
 
 from __future__ import annotations
 
-from bridge.devstack import processes
+from bridge.devstack import asterisk, processes
 from tests.live.conftest import USED_NUMBERS
 from tests.live.siplog import national_digits
 
@@ -14,3 +15,11 @@ def test_no_real_number_in_logs(stack):
     assert '"event": "call.connected"' in text, "the log holds this run's calls"
     leaks = sorted({n for n in USED_NUMBERS if national_digits(n) in text})
     assert not leaks, f"{len(leaks)} real numbers appear in full in {processes.bridge_log(stack)}"
+
+
+def test_no_real_number_in_the_pbx_log(stack):
+    assert len(USED_NUMBERS) >= 20
+    path = asterisk.host_path(stack, "pbx", "log", "messages.log")
+    text = path.read_text(errors="replace") if path.exists() else ""
+    leaks = sorted({n for n in USED_NUMBERS if national_digits(n) in text})
+    assert not leaks, f"{len(leaks)} real numbers appear in full in {path}"

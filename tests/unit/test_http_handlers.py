@@ -5,6 +5,7 @@ services themselves are tested against Postgres in tests/live."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -362,3 +363,32 @@ async def test_session_calls_are_paged_by_start_time_and_id(client, services):
 async def test_order_calls_need_a_valid_order_id(client):
     for query, status in (("", 422), ("?order_id=has%20space", 422), ("?order_id=o-1", 200)):
         assert (await client.get(f"/v1/calls{query}", headers=AUTH)).status == status
+
+
+async def test_a_body_that_does_not_arrive_in_time_is_a_408(client, services, monkeypatch):
+    from bridge.api import http
+
+    monkeypatch.setattr(http, "BODY_TIMEOUT", 0.3)
+    stalled = asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b'{"order_id": '
+        await stalled.wait()  # ... and the rest never comes while the test runs
+        yield b"}"
+
+    resp = await client.post("/v1/sessions", data=slow(), headers={**AUTH, "Content-Type": "application/json"})
+    status, body = await answer(resp)
+    stalled.set()
+    assert (status, body["error"]["code"]) == (408, "request_timeout")
+    assert services.sessions.opened == []
+
+
+async def test_a_lost_database_connection_is_a_503_to_retry_not_a_500(client, services):
+    import asyncpg
+
+    services.sessions.open_answer = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+    body = {"order_id": "o-1", "courier_number": COURIER, "client_number": CLIENT}
+    resp = await client.post("/v1/sessions", json=body, headers=AUTH)
+    status, answer_body = await answer(resp)
+    assert (status, answer_body["error"]["code"]) == (503, "database_unavailable")
+    assert resp.headers["Retry-After"] == "1"

@@ -1,0 +1,114 @@
+"""The API's listening socket, guarded: at most MAX_CONNECTIONS at once (one more is closed
+as it arrives), and a connection must bring a whole request (its line and headers) within
+REQUEST_TIMEOUT seconds of opening, and the next one within as long of the last answer.
+
+aiohttp's server has neither: 3000 connections that trickle their headers were all still
+open after 80 s, and a client that opens enough of them exhausts the process's file
+descriptors, which the bridge needs for ARI and Postgres: calls then fail. (The body of a
+request is read by the handlers, with a limit of its own: bridge.api.http._read.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, cast
+
+import structlog
+from aiohttp import web
+
+log = structlog.get_logger(__name__)
+
+MAX_CONNECTIONS = 1000
+REQUEST_TIMEOUT = 10.0  # seconds
+
+
+class ConnectionGuard:
+    def __init__(self, max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT) -> None:
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.connections: dict[asyncio.BaseTransport, _Guarded] = {}
+        self.refused = 0
+        self.timed_out = 0
+
+    def factory(self, server: web.Server) -> Any:
+        return lambda: _Guarded(server(), self)
+
+    # The API's outermost middleware says when a request has arrived whole and when it is answered.
+    def request_started(self, transport: asyncio.BaseTransport | None) -> None:
+        guarded = self.connections.get(transport) if transport is not None else None
+        if guarded is not None:
+            guarded.disarm()
+
+    def request_answered(self, transport: asyncio.BaseTransport | None) -> None:
+        guarded = self.connections.get(transport) if transport is not None else None
+        if guarded is not None:
+            guarded.arm()
+
+
+class _Guarded(asyncio.Protocol):
+    """aiohttp's protocol for one connection, with the guard's limits around it."""
+
+    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+        self.inner = inner
+        self.guard = guard
+        self.transport: asyncio.Transport | None = None
+        self.deadline: asyncio.TimerHandle | None = None
+        self.refused = False
+
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # (a TCP server's transports are)
+        if len(self.guard.connections) >= self.guard.max_connections:
+            self.refused = True
+            self.guard.refused += 1
+            if self.guard.refused % 1000 == 1:
+                log.warning("api.connections_refused", open=len(self.guard.connections), refused=self.guard.refused)
+            transport.abort()
+            return
+        self.transport = transport
+        self.guard.connections[transport] = self
+        self.arm()
+        self.inner.connection_made(transport)
+
+    def arm(self) -> None:
+        self.disarm()
+        self.deadline = asyncio.get_running_loop().call_later(self.guard.request_timeout, self._too_slow)
+
+    def disarm(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _too_slow(self) -> None:
+        self.deadline = None
+        self.guard.timed_out += 1
+        if self.transport is not None:
+            self.transport.abort()
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        result: bool | None = self.inner.eof_received()
+        return result
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.refused:
+            return
+        self.disarm()
+        if self.transport is not None:
+            self.guard.connections.pop(self.transport, None)
+        self.inner.connection_lost(exc)
+
+
+async def serve(runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard) -> asyncio.Server:
+    """Listen for the runner's app (after `runner.setup()`), through the guard."""
+    server = runner.server
+    if server is None:
+        raise RuntimeError("the runner is not set up")
+    return await asyncio.get_running_loop().create_server(guard.factory(server), host, port, reuse_address=True)

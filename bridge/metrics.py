@@ -1,0 +1,271 @@
+"""Prometheus metrics of the bridge, served at GET /metrics (no token) on the API's address.
+
+Every family is named maskbridge_*. No label ever holds a real number, an order id, an order
+code or a call id: labels are outcomes, roles, regions, states, route templates and ARI
+operations, each from a short closed list. (A region is an ISO 3166 code the API checked.)
+
+The families the database holds (pool numbers, sessions, the webhook backlog) are refreshed
+by `refresh_from_store` every few seconds; with several bridges on one database each reports
+the same values: aggregate them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import structlog
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector, disable_created_metrics,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from bridge.calls.outcomes import CUT_REASONS, OUTCOMES, STATES
+
+log = structlog.get_logger(__name__)
+
+disable_created_metrics()  # (the *_created series double the output and no query here needs them)
+REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)
+PlatformCollector(registry=REGISTRY)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# Who called whom: the caller's role and the other phone's, or "unrouted" (an unknown caller,
+# a number that is no pool number, a call refused before its route was known).
+DIRECTIONS = ("courier_to_client", "client_to_courier", "client_to_support", "unrouted")
+
+
+def direction(caller_role: str | None, callee_role: str | None) -> str:
+    name = f"{caller_role}_to_{callee_role}"
+    return name if name in DIRECTIONS else "unrouted"
+
+
+# --- calls ------------------------------------------------------------------------------------
+
+CALLS = Counter("maskbridge_calls", "Calls ended, by outcome and direction.", ["outcome", "direction"],
+                registry=REGISTRY)
+CALLS_PUT_THROUGH = Counter(
+    "maskbridge_calls_put_through", "Calls for which the other phone's leg was created (seizures; the answer-seizure "
+    "ratio is answered calls over these).", ["direction"], registry=REGISTRY)
+CALLS_CUT = Counter("maskbridge_calls_cut", "Calls the bridge ended itself, by reason.", ["reason"],
+                    registry=REGISTRY)
+POST_DIAL_DELAY = Histogram(
+    "maskbridge_post_dial_delay_seconds",
+    "From the caller's call reaching the bridge to the other phone ringing (or answering): the bridge's setup "
+    "plus the other network's.", registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20))
+CALL_SETUP = Histogram(
+    "maskbridge_call_setup_seconds",
+    "The bridge's own share of the post-dial delay: from the caller's call reaching the bridge to the other "
+    "phone's leg being dialed.", registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+ROUTE_LOOKUP = Histogram(
+    "maskbridge_route_lookup_seconds", "Finding where a call goes in the database, by how it was found (the "
+    "caller's number, or an order code).", ["by"], registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1))
+CALL_DURATION = Histogram(
+    "maskbridge_call_duration_seconds", "How long answered calls talked.", registry=REGISTRY,
+    buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 3600))
+
+
+class _CallsInProgress(Collector):
+    """maskbridge_calls_in_progress{state}, read from the dispatcher at scrape time."""
+
+    def __init__(self) -> None:
+        self.source: Callable[[], Iterable[str]] = lambda: ()
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily("maskbridge_calls_in_progress", "Calls in progress in this bridge, by state.",
+                                   labels=["state"])
+        counts = dict.fromkeys((s for s in STATES if s != "ended"), 0)
+        counts["consent"] = 0
+        for state in self.source():
+            if state in counts:
+                counts[state] += 1
+        for state, count in counts.items():
+            family.add_metric([state], count)
+        yield family
+
+
+CALLS_IN_PROGRESS = _CallsInProgress()
+REGISTRY.register(CALLS_IN_PROGRESS)
+
+# --- ARI ------------------------------------------------------------------------------------------
+
+ARI_CONNECTED = Gauge("maskbridge_ari_connected", "1 while the ARI event stream is connected (and caught up).",
+                      registry=REGISTRY)
+ARI_RECONNECTS = Counter("maskbridge_ari_reconnects", "ARI event stream connections lost or refused.",
+                         registry=REGISTRY)
+ARI_REQUEST = Histogram(
+    "maskbridge_ari_request_seconds", "ARI REST requests, by operation (method and path template).",
+    ["operation"], registry=REGISTRY,
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+ARI_ERRORS = Counter("maskbridge_ari_request_errors", "ARI REST requests that failed, by operation and status "
+                     "(0: no answer).", ["operation", "status"], registry=REGISTRY)
+
+# The words of ARI's paths; any other segment is an id (a channel, bridge, playback or
+# recording name), shown as {id}.
+_ARI_WORDS = frozenset({
+    "channels", "create", "dial", "answer", "ring", "hold", "moh", "dtmf", "variable", "play", "snoop", "record",
+    "bridges", "addChannel", "removeChannel", "playbacks", "recordings", "live", "stored", "file", "stop",
+    "applications", "subscription", "asterisk", "info", "events", "endpoints", "redirect", "mute", "silence",
+})
+
+
+def ari_operation(method: str, path: str) -> str:
+    """`POST /channels/{id}/answer` from `POST /channels/1764071234.56/answer`."""
+    parts = [p if p in _ARI_WORDS else "{id}" for p in path.strip("/").split("/") if p]
+    return f"{method} /" + "/".join(parts)
+
+
+# --- the database pool ---------------------------------------------------------------------------
+
+DB_ACQUIRE = Histogram("maskbridge_db_pool_acquire_seconds", "Time to get a database connection from the pool.",
+                       registry=REGISTRY, buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+DB_WAITS = Counter("maskbridge_db_pool_waits", "Connection requests that found no idle connection in the pool.",
+                   registry=REGISTRY)
+
+
+class _DatabasePool(Collector):
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        in_use = GaugeMetricFamily("maskbridge_db_pool_connections", "Database connections of the pool, by state.",
+                                   labels=["state"])
+        biggest = GaugeMetricFamily("maskbridge_db_pool_max_connections", "The most connections the pool opens.")
+        pool = self.pool
+        if pool is not None:
+            size, idle = pool.get_size(), pool.get_idle_size()
+            in_use.add_metric(["in_use"], size - idle)
+            in_use.add_metric(["idle"], idle)
+            biggest.add_metric([], pool.get_max_size())
+        yield in_use
+        yield biggest
+
+
+DATABASE_POOL = _DatabasePool()
+REGISTRY.register(DATABASE_POOL)
+
+
+# --- sessions, pools, blocks, webhooks, retention ---------------------------------------------------
+
+SESSIONS_OPENED = Counter("maskbridge_sessions_opened", "Sessions opened, by mode.", ["mode"], registry=REGISTRY)
+SESSIONS = Gauge("maskbridge_sessions", "Live sessions by status, open or grace (from the database).", ["status"],
+                 registry=REGISTRY)
+POOL_NUMBERS = Gauge("maskbridge_pool_numbers", "Pool numbers by region (\"none\": no region), state and mode "
+                     "(from the database).", ["region", "state", "mode"], registry=REGISTRY)
+POOL_BUSIEST_HOLDER = Gauge(
+    "maskbridge_pool_busiest_holder_numbers",
+    "Per region: the most active direct pool numbers of the region one real number holds (in live sessions or "
+    "cool-off). When it reaches the region's active direct numbers, that person's next session gets a number of "
+    "another region, or none (from the database).", ["region"], registry=REGISTRY)
+POOL_EXHAUSTED = Counter("maskbridge_pool_exhausted", "Session opens refused because no pool number was free "
+                         "(pool_exhausted), by mode and the region asked for (\"any\": none).", ["mode", "region"],
+                         registry=REGISTRY)
+ORDER_CODE_LOCKOUTS = Counter("maskbridge_order_code_lockouts", "Callers locked out of an order-code number after too "
+                              "many wrong codes.", registry=REGISTRY)
+BLOCKS = Counter("maskbridge_blocks", "Numbers blocked, by who blocked them (api: the blocklist; client: a client "
+                 "with the block keys, for one session).", ["source"], registry=REGISTRY)
+WEBHOOK_BACKLOG = Gauge("maskbridge_webhook_backlog", "Webhook events waiting for delivery (from the database).",
+                        registry=REGISTRY)
+WEBHOOK_OLDEST = Gauge("maskbridge_webhook_oldest_pending_seconds", "Age of the oldest webhook event waiting for "
+                       "delivery; 0 when none waits (from the database).", registry=REGISTRY)
+WEBHOOK_ATTEMPTS = Counter("maskbridge_webhook_attempts", "Webhook delivery attempts, by result (delivered; retry: "
+                           "failed, tried again later; gave_up: failed for good).", ["result"], registry=REGISTRY)
+RETENTION_RUNS = Counter("maskbridge_retention_runs", "Runs of the retention jobs (numbers: real numbers of ended "
+                         "sessions; recordings: audio), by result.", ["job", "result"], registry=REGISTRY)
+RETENTION_LAST_SUCCESS = Gauge("maskbridge_retention_last_success_timestamp_seconds", "When each retention job last "
+                               "ran to the end (Unix time).", ["job"], registry=REGISTRY)
+RETENTION_DELETED = Counter("maskbridge_retention_deleted", "What the retention jobs deleted (participants' real "
+                            "numbers, recordings).", ["job"], registry=REGISTRY)
+HOUSEKEEPING_LAST_RUN = Gauge("maskbridge_housekeeping_last_run_timestamp_seconds", "When session housekeeping last "
+                              "ran to the end (Unix time).", registry=REGISTRY)
+
+# --- the HTTP API ---------------------------------------------------------------------------------------
+
+HTTP_REQUESTS = Counter("maskbridge_http_requests", "API requests answered, by route template, method and status.",
+                        ["route", "method", "status"], registry=REGISTRY)
+HTTP_LATENCY = Histogram("maskbridge_http_request_seconds", "API request latency, by route template and method.",
+                         ["route", "method"], registry=REGISTRY,
+                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+
+BUILD = Gauge("maskbridge_build_info", "The bridge's version (value 1).", ["version"], registry=REGISTRY)
+
+
+def _initialise() -> None:
+    """Every series that alerts and the dashboard compute with exists from the start (at 0):
+    a rate over a series that is not there yet is no data, not zero."""
+    for outcome in OUTCOMES:
+        for way in DIRECTIONS:
+            CALLS.labels(outcome, way)
+    for way in DIRECTIONS:
+        CALLS_PUT_THROUGH.labels(way)
+    for reason in CUT_REASONS:
+        CALLS_CUT.labels(reason)
+    for source in ("api", "client"):
+        BLOCKS.labels(source)
+    for result in ("delivered", "retry", "gave_up"):
+        WEBHOOK_ATTEMPTS.labels(result)
+    for job in ("numbers", "recordings"):
+        for result in ("ok", "failed"):
+            RETENTION_RUNS.labels(job, result)
+        RETENTION_DELETED.labels(job)
+        RETENTION_LAST_SUCCESS.labels(job).set(0)  # never, until the first run (at start)
+    for by in ("number", "order_code"):
+        ROUTE_LOOKUP.labels(by)
+    for mode in ("direct", "order_code"):
+        SESSIONS_OPENED.labels(mode)
+        POOL_EXHAUSTED.labels(mode, "any")
+    try:
+        from importlib.metadata import version
+
+        BUILD.labels(version("maskbridge")).set(1)
+    except Exception:  # noqa: BLE001 - not installed as a package (a source tree): no version to show
+        BUILD.labels("unknown").set(1)
+
+
+_initialise()
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
+
+
+# --- what the database holds ------------------------------------------------------------------------
+
+
+async def refresh_from_store(store: Any) -> None:
+    """Set the gauges the database holds (one round of queries)."""
+    stats = await store.metrics_snapshot()
+    POOL_NUMBERS.clear()
+    for row in stats["pool_numbers"]:
+        region = row["region"] or "none"
+        POOL_NUMBERS.labels(region, row["state"], row["mode"]).set(row["count"])
+        # Each region's exhaustion counter exists (at 0) before its first refusal: Prometheus
+        # sees no increase in a series whose first sample is already 1.
+        if row["region"]:
+            POOL_EXHAUSTED.labels(row["mode"], region)
+    POOL_BUSIEST_HOLDER.clear()
+    for row in stats["busiest_holders"]:
+        POOL_BUSIEST_HOLDER.labels(row["region"] or "none").set(row["numbers"])
+    for status in ("open", "grace"):
+        SESSIONS.labels(status).set(stats["sessions"].get(status, 0))
+    WEBHOOK_BACKLOG.set(stats["webhook_backlog"])
+    WEBHOOK_OLDEST.set(stats["webhook_oldest_seconds"])
+
+
+async def refresher(store: Any, interval: float, stop: asyncio.Event) -> None:
+    """refresh_from_store every `interval` seconds until `stop`."""
+    while not stop.is_set():
+        try:
+            await refresh_from_store(store)
+        except Exception:
+            log.exception("metrics.refresh_failed")
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(interval):
+                await stop.wait()

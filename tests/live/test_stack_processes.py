@@ -1,0 +1,126 @@
+"""`make run` and `make stop` as an engineer (or a process supervisor) uses them: SIGTERM or
+SIGHUP stops the whole stack as Ctrl-C does, and `make stop` stops whatever a `make run`
+that was killed outright left behind, its bridge included.
+
+Each scenario runs a stack of its own, on addresses and ports clear of the stack the other
+live tests use (MB_PROCESSES_<name without MB_> moves one, as for the compose test)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bridge.devstack import asterisk, postgres, processes
+from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
+
+SETTINGS = {
+    "MB_PBX_SIP_BIND": "127.0.0.51",
+    "MB_ARI_BIND": "127.0.0.51",
+    "MB_API_BIND": "127.0.0.51",
+    "MB_TRUNK_HOST": "127.0.0.52",
+    "MB_PG_PORT": "55492",
+    "MB_RTP_START": "44000",
+    "MB_RTP_END": "44999",
+    "MB_CARRIER_RTP_START": "45000",
+    "MB_CARRIER_RTP_END": "45999",
+}
+
+
+@pytest.fixture(scope="module")
+def environ(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The environment of the scenarios' stack: only its own MB_ settings (`make test`
+    exports the main stack's)."""
+    values = {name: os.environ.get("MB_PROCESSES_" + name[3:], value) for name, value in SETTINGS.items()}
+    values["MB_STACK_DIR"] = str(tmp_path_factory.mktemp("stack"))
+    values["MB_ROOTFS"] = os.environ.get("MB_ROOTFS", DEFAULTS["MB_ROOTFS"][0])
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MB_")}
+    return {**base, **values}
+
+
+@pytest.fixture
+def own_stack(environ: dict[str, str]) -> Iterator[Stack]:
+    stack = load(environ)
+    yield stack
+    subprocess.run(["make", "stop"], cwd=PROJECT_DIR, env=environ, capture_output=True, timeout=120)
+
+
+def everything_down(stack: Stack) -> dict[str, bool]:
+    """What of the stack still runs (all False: nothing)."""
+    return {
+        "postgres": postgres.is_running(stack),
+        **{f"asterisk {i}": asterisk.is_running(stack, i) for i in asterisk.INSTANCES},
+        "bridge": bool(processes._bridges_of(stack)),
+    }
+
+
+def make_run(environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """`make run` in the background, returned once the stack is up and the bridge healthy."""
+    with open(log, "wb") as out:
+        # (A process group of its own, as a terminal gives a command.)
+        proc = subprocess.Popen(["make", "run"], cwd=PROJECT_DIR, env=environ, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    stack = load(environ)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        status = processes.health(stack)
+        if status and all(status.values()):
+            return proc
+        time.sleep(0.5)  # polling: make run has no readiness signal but the bridge's health
+    raise AssertionError("make run did not bring the stack up:\n" + log.read_text()[-3000:])
+
+
+def children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+# SIGTERM to make alone, as `kill` or a process supervisor sends it (make passes it on to
+# its recipe); SIGTERM and SIGHUP to the whole process group, as a terminal that closes (or a
+# supervisor that signals the group) sends them. (SIGHUP to make alone does nothing GNU make
+# passes on: it waits for its recipe, which a terminal has signalled too.)
+@pytest.mark.parametrize(
+    ("signum", "group"),
+    [(signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGHUP, True)],
+    ids=["SIGTERM-to-make", "SIGTERM-to-group", "SIGHUP-to-group"],
+)
+def test_make_run_stops_the_whole_stack_on_sigterm_and_sighup(environ, own_stack, tmp_path, signum, group):
+    proc = make_run(environ, tmp_path / "run.log")
+    assert all(everything_down(own_stack).values()), "the stack runs"
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
+    proc.wait(timeout=90)
+    log = (tmp_path / "run.log").read_text()
+    assert "stopping the stack" in log, log[-2000:]
+    assert not any(everything_down(own_stack).values()), everything_down(own_stack)
+
+
+def test_make_stop_stops_what_a_killed_make_run_left_the_bridge_included(environ, own_stack, tmp_path):
+    proc = make_run(environ, tmp_path / "run.log")
+    [devstack] = children(proc.pid)
+    bridge = processes.bridge_pid(own_stack)
+    assert bridge is not None
+    # Killed outright: nothing of the own_stack could stop.
+    os.kill(devstack, signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert all(everything_down(own_stack).values()), "the killed make run left its stack running"
+    (own_stack.run_dir / "bridge.pid").unlink()  # and even the bridge's pid file is lost
+    out = subprocess.run(["make", "stop"], cwd=PROJECT_DIR, env=environ, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not any(everything_down(own_stack).values()), everything_down(own_stack)

@@ -1,0 +1,96 @@
+"""The API's guarded socket (bridge.api.server): connections over the limit are closed as they
+arrive, a connection that does not bring a whole request in time is closed, and requests that
+do are answered as usual. Real sockets, a small limit and a short timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+
+from bridge.api import http
+from bridge.api.server import ConnectionGuard, serve
+
+LIMIT, TIMEOUT = 5, 0.5
+
+
+async def hello(_request: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, ConnectionGuard]]:
+    guard = ConnectionGuard(max_connections=LIMIT, request_timeout=TIMEOUT)
+    app = web.Application(middlewares=[http._measured])
+    app[http.GUARD] = guard
+    app.router.add_get("/hello", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    listening = await serve(runner, "127.0.0.1", 0, guard)
+    port = listening.sockets[0].getsockname()[1]
+    yield port, guard
+    listening.close()
+    await runner.cleanup()
+
+
+async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
+    """Whether the server closes the connection within `within` seconds."""
+    try:
+        async with asyncio.timeout(within):
+            return await reader.read() == b""
+    except TimeoutError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def get_hello(port: int) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    return answer
+
+
+async def test_a_connection_trickling_its_headers_is_closed_and_others_are_served(server):
+    port, guard = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n")  # ... and the rest never comes
+    await writer.drain()
+    assert b"hello" in await get_hello(port), "served meanwhile"
+    assert await closed_by_server(reader, TIMEOUT * 10)
+    assert guard.timed_out >= 1
+    writer.close()
+
+
+async def test_connections_over_the_limit_are_closed_as_they_arrive(server):
+    port, guard = server
+    held = [await asyncio.open_connection("127.0.0.1", port) for _ in range(LIMIT)]
+    async with asyncio.timeout(5):
+        while len(guard.connections) < LIMIT:
+            await asyncio.sleep(0.01)  # wait-ok: the server accepts them asynchronously
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    assert await closed_by_server(reader, 5), "the connection over the limit is closed"
+    assert guard.refused >= 1
+    writer.close()
+    # The held ones bring no request: closed after the timeout, and the API serves again.
+    for held_reader, _ in held:
+        assert await closed_by_server(held_reader, TIMEOUT * 10)
+    assert b"hello" in await get_hello(port)
+    for _, held_writer in held:
+        held_writer.close()
+
+
+async def test_a_kept_alive_connection_gets_the_timeout_again_after_each_answer(server):
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for _ in range(3):
+        writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"hello"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+    assert await closed_by_server(reader, TIMEOUT * 10), "idle after its last answer: closed"
+    writer.close()
