@@ -7,6 +7,7 @@ import sys
 
 from bridge import app, logs
 from bridge.config import ConfigError, Settings
+from bridge.nodes import NodeTaken
 
 
 def main() -> None:
@@ -16,7 +17,11 @@ def main() -> None:
         print(f"maskbridge: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     logs.configure(settings.log_level)
-    asyncio.run(app.main(settings))
+    try:
+        asyncio.run(app.main(settings))
+    except NodeTaken as exc:
+        print(f"maskbridge: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

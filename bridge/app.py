@@ -15,7 +15,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from bridge import metrics
+from bridge import metrics, nodes
 from bridge.api.http import make_app
 from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
 from bridge.api.server import serve as serve_api
@@ -31,6 +31,7 @@ from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
+from bridge.store.nodes import SWEEP_LOCK, NodeRepo
 from bridge.store.sessions import PARTICIPANTS_LEFT
 from bridge.store.webhooks import WebhookRepo
 from bridge.webhooks import Deliverer
@@ -59,26 +60,45 @@ def policy_of(settings: Settings) -> Policy:
     )
 
 
+Exclusive = Callable[[int], contextlib.AbstractAsyncContextManager[bool]]
+
+
 async def housekeeping(
-    sessions: Sessions, interval: float, stop: asyncio.Event, recordings: Recordings | None = None
+    sessions: Sessions, interval: float, stop: asyncio.Event, recordings: Recordings | None = None,
+    exclusive: Exclusive | None = None,
 ) -> None:
     """Expire sessions, end cool-offs and grace periods, retire cooled numbers; purge old
     real numbers and delete old recordings once an hour. It sweeps every `interval` seconds,
     and as soon as a session reaches its expiry or the end of its grace period: a session's
     end also ends its calls in progress (the participants leave: cut_listener), which must not
-    wait for the next sweep."""
+    wait for the next sweep.
+
+    With several nodes, one bridge at a time sweeps and purges numbers (`exclusive`, an
+    advisory lock: the others skip that round; whichever comes next takes it); each node
+    deletes the recordings in its own spool."""
     last_purge = -RETENTION_EVERY
     loop = asyncio.get_running_loop()
+    alone: Exclusive = exclusive or (lambda _key: _always())
     while not stop.is_set():
         try:
-            counts = await sessions.sweep()
-            if counts:
-                log.info("housekeeping.swept", **counts)
+            async with alone(SWEEP_LOCK) as leader:
+                if leader:
+                    counts = await sessions.sweep()
+                    if counts:
+                        log.info("housekeeping.swept", **counts)
+            # (a round another bridge swept counts: the housekeeping runs)
             metrics.HOUSEKEEPING_LAST_RUN.set(time.time())
         except Exception:
             log.exception("housekeeping.failed")
         if loop.time() - last_purge >= RETENTION_EVERY:
-            done = await _retention("numbers", sessions.purge, "participants")
+            done = True
+            try:
+                async with alone(SWEEP_LOCK) as leader:
+                    if leader:
+                        done = await _retention("numbers", sessions.purge, "participants")
+            except Exception:
+                log.exception("retention.failed", job="numbers")
+                done = False
             if recordings is not None:
                 done = await _retention("recordings", recordings.purge, "recordings_deleted") and done
             if done:
@@ -104,6 +124,11 @@ async def housekeeping(
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await stop.wait()
+
+
+@contextlib.asynccontextmanager
+async def _always() -> Any:
+    yield True
 
 
 async def _retention(job: str, purge: Callable[[], Awaitable[dict[str, int]]], deleted: str) -> bool:
@@ -186,7 +211,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     policy = policy_of(settings)
     pool = await connect(settings.database_url)
     await migrate(pool, vault)
-    store = Store(pool, webhooks=bool(settings.webhook_url))
+    # This node's claim first: a second bridge for one Asterisk stops here (NodeTaken).
+    claimed = await nodes.claim(settings.database_url, settings.node_id, node_api_url(settings),
+                                settings.node_sip_address or None)
+    store = Store(pool, webhooks=bool(settings.webhook_url), node=settings.node_id)
+    keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,
+                              api_url=node_api_url(settings), sip_address=settings.node_sip_address or None,
+                              timeout=settings.node_timeout, webhooks=bool(settings.webhook_url), conn=claimed)
     sessions = Sessions(store, vault, policy)
     ari = AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
     dispatcher = StasisDispatcher(
@@ -217,7 +248,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
     blocklist = Blocklist(store, vault, policy)
     recordings = Recordings(store, ari, settings.recording_token, settings.api_token,
-                            settings.recording_retention_days)
+                            settings.recording_retention_days, node=settings.node_id)
     guard = ConnectionGuard()
     runner = web.AppRunner(
         make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings, guard),
@@ -227,17 +258,18 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     listening = await serve_api(runner, settings.api_bind, settings.api_port, guard)
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(
-        housekeeping(sessions, settings.sweep_interval, stop, recordings), name="housekeeping"
+        housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive), name="housekeeping"
     )
     blocks = asyncio.create_task(
         cut_listener(settings.database_url, dispatcher, stop), name="cut-listener"
     )
     gauges = asyncio.create_task(metrics.refresher(store, METRICS_EVERY, stop), name="metrics")
-    background = [sweeper, blocks, gauges]
+    background = [sweeper, blocks, gauges, asyncio.create_task(keeper.run(stop), name="node")]
     if settings.webhook_url:
         deliverer = Deliverer(WebhookRepo(pool), settings.webhook_url, settings.webhook_secret)
         background.append(asyncio.create_task(deliverer.run(stop), name="webhooks"))
-    log.info("bridge.started", api=f"{settings.api_bind}:{settings.api_port}", app=settings.ari_app)
+    log.info("bridge.started", api=f"{settings.api_bind}:{settings.api_port}", app=settings.ari_app,
+             node=settings.node_id)
     try:
         await stop.wait()
     finally:
@@ -252,6 +284,19 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await runner.cleanup()
         await ari.close()
         await pool.close()
+    if keeper.taken is not None:
+        raise keeper.taken
+
+
+def node_api_url(settings: Settings) -> str | None:
+    """Where the other nodes' bridges reach this one's API (MB_NODE_API_URL, or the API's own
+    address when it is one they can reach)."""
+    if settings.node_api_url:
+        return settings.node_api_url.rstrip("/")
+    if settings.api_bind in ("0.0.0.0", "::", ""):
+        return None
+    host = f"[{settings.api_bind}]" if ":" in settings.api_bind else settings.api_bind
+    return f"http://{host}:{settings.api_port}"
 
 
 async def main(settings: Settings) -> None:

@@ -123,10 +123,11 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
             print(f"maskbridge-admin: the database lacks migrations {', '.join(behind)}; start the new bridge "
                   "(it migrates) or run `maskbridge-admin migrate`", file=sys.stderr)
             return 2
-        store = Store(pool)
+        store = Store(pool, node=settings.node_id)
         ari = (AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
                if settings.ari_url and settings.ari_user and settings.ari_password else None)
-        recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days)
+        recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days,
+                                node=settings.node_id)
         tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json,
                     recordings)
         try:

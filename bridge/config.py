@@ -26,6 +26,7 @@ DAY = 24 * 3600
 _ASTERISK_UNSAFE = re.compile(r"[;\x00-\x1f\x7f]")
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+_HOST_PORT = re.compile(r"^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$")
 
 
 class ConfigError(Exception):
@@ -159,6 +160,11 @@ SETTINGS: dict[str, Setting] = {
     "order_code_length": Setting("MB_ORDER_CODE_LENGTH", "6", whole(*ORDER_CODE_LENGTHS)),
     "order_code_attempts": Setting("MB_ORDER_CODE_ATTEMPTS", "3", whole(1, 20)),
     "order_code_lockout": Setting("MB_ORDER_CODE_LOCKOUT", "900", whole(1, 31 * DAY)),
+    "node_id": Setting("MB_NODE_ID", "node-1", text(required=True, pattern=_NAME,
+                                                    what="1 to 64 letters, digits, - or _")),
+    "node_timeout": Setting("MB_NODE_TIMEOUT", "15", seconds(3, 600)),
+    "node_api_url": Setting("MB_NODE_API_URL", "", url("http", "https", required=False)),
+    "node_sip_address": Setting("MB_NODE_SIP_ADDRESS", "", text(pattern=_HOST_PORT, what="host:port")),
 }
 
 
@@ -195,6 +201,10 @@ class Settings:
     order_code_length: int = 6
     order_code_attempts: int = 3
     order_code_lockout: int = 900
+    node_id: str = "node-1"
+    node_timeout: float = 15.0
+    node_api_url: str = ""
+    node_sip_address: str = ""
     terms: Terms = field(default_factory=lambda: Terms.defaults_from_env({}))  # the session terms' defaults
 
     @classmethod

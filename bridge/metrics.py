@@ -186,6 +186,13 @@ RETENTION_DELETED = Counter("maskbridge_retention_deleted", "What the retention 
 HOUSEKEEPING_LAST_RUN = Gauge("maskbridge_housekeeping_last_run_timestamp_seconds", "When session housekeeping last "
                               "ran to the end (Unix time).", registry=REGISTRY)
 
+# --- nodes ---------------------------------------------------------------------------------------------
+
+NODE_HEARTBEAT = Gauge("maskbridge_node_heartbeat_timestamp_seconds", "When this bridge last wrote its node's "
+                       "heartbeat to the database (Unix time).", registry=REGISTRY)
+NODE_LOST_CALLS = Counter("maskbridge_node_lost_calls", "Calls of a lost node (silent, its Asterisk not answering) "
+                          "that this bridge's reaper ended as node_lost, by node.", ["node"], registry=REGISTRY)
+
 # --- the HTTP API ---------------------------------------------------------------------------------------
 
 HTTP_REQUESTS = Counter("maskbridge_http_requests", "API requests answered, by route template, method and status.",

@@ -37,9 +37,10 @@ def render_recording(row: RecordingRow) -> dict[str, Any]:
 class Recordings:
     def __init__(
         self, store: Store, ari: AriClient | None, recording_token: str, api_token: str = "",
-        retention_days: int = 30,
+        retention_days: int = 30, node: str = "node-1",
     ) -> None:
         self.repo = store.recordings
+        self.node = node  # whose spool `ari` reaches: this node's recordings only
         self.ari = ari
         self._recording_token = recording_token.encode()
         self._api_token = api_token.encode()
@@ -142,13 +143,14 @@ class Recordings:
     # --- retention ------------------------------------------------------------------------
 
     async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
-        """Delete the audio of recordings whose call ended more than N days ago (default
-        MB_RECORDING_RETENTION_DAYS) through ARI, and mark them deleted."""
+        """Delete the audio of this node's recordings whose call ended more than N days ago
+        (default MB_RECORDING_RETENTION_DAYS) through its ARI, and mark them deleted. (Each
+        node's bridge deletes what its own Asterisk holds.)"""
         if self.ari is None:
             raise AsteriskUnavailable("deleting recordings needs ARI (MB_ARI_URL, MB_ARI_USER, MB_ARI_PASSWORD)")
         days = self.retention_days if older_than_days is None else older_than_days
         deleted = failed = 0
-        for row in await self.repo.due_for_deletion(days):
+        for row in await self.repo.due_for_deletion(days, self.node):
             try:
                 await self.ari.delete_stored_recording(row.name)
             except AriNotFound:

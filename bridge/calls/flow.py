@@ -144,13 +144,13 @@ class Router(Protocol):
 
 
 class CallStore(RecordingStore, Protocol):
-    async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None: ...
+    async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> bool | None: ...
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
     async def call_confirming(self, call_id: uuid.UUID) -> None: ...
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
     async def call_announcing(self, call_id: uuid.UUID) -> None: ...
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
-    async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> None: ...
+    async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> bool | None: ...
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
     ) -> None: ...
@@ -442,6 +442,15 @@ class MaskedCall:
                                caller_participant_id=route.caller_participant_id, language=route.language)
         return self.route
 
+    def _over_cap(self, route: Route) -> Route:
+        """The call's session reached a cap between the route lookup and the call's row (a
+        call on another node, or in another task, got the last one): refused as any call over
+        the cap is."""
+        log.info("call.over_cap_at_commit")
+        self.route = Route("call_limit", session_id=route.session_id, caller_role=route.caller_role,
+                           caller_participant_id=route.caller_participant_id, language=route.language)
+        return self.route
+
     async def _route(self) -> None:
         if not self.masked:
             # Fail closed: without the dialplan's masking, whatever the other network says
@@ -484,7 +493,7 @@ class MaskedCall:
             route=route.kind if route else "unknown",
             route_ms=route_ms,
         )
-        await self.store.insert_call(
+        admitted = await self.store.insert_call(
             self.id,
             session_id=route.session_id if route else None,
             pool_number=dialed,
@@ -497,6 +506,8 @@ class MaskedCall:
             callee_participant_id=route.callee_participant_id if route else None,
             terms=route.terms if route else None,
         )
+        if admitted is False and route is not None:
+            route = self._over_cap(route)
         if route is None or caller is None or pool is None or route.kind == "unknown":
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
@@ -560,7 +571,7 @@ class MaskedCall:
                 sound = WRONG_CODE_SOUND
                 continue
             route = self._take_route(route, lookup_began)
-            await self.store.call_routed(
+            admitted = await self.store.call_routed(
                 self.id,
                 session_id=route.session_id,
                 caller_role=route.caller_role,
@@ -569,6 +580,8 @@ class MaskedCall:
                 callee_participant_id=route.callee_participant_id,
                 terms=route.terms,
             )
+            if admitted is False:
+                route = self._over_cap(route)
             log.info("call.order_code_accepted", route=route.kind, attempt=attempt)
             return route
         await self._announce("wrong_code", TOO_MANY_WRONG_CODES_SOUND)

@@ -16,6 +16,7 @@ OUTCOMES = (
     "caller_cancelled",  # the caller hung up before anyone answered
     "unknown_caller", "session_closed", "blocked", "call_limit", "quiet_hours",  # told why not, then hung up
     "wrong_code", "locked_out",  # order-code numbers
+    "node_lost",  # its node (Asterisk and bridge) died: ended by another node's reaper
 )
 
 # Why the bridge ended a call itself (hangup_by "system"). A cut before the answer is the

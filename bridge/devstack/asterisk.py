@@ -3,6 +3,7 @@ file system with chroot, each with its own asterisk.conf and directories."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -191,6 +192,15 @@ def ensure_rootfs(stack: Stack) -> None:
     """Build the Asterisk 22 root file system with debootstrap if it is not there yet, and
     add the packages an older one lacks."""
     root = stack.rootfs
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # One builder at a time: two checkouts (or `make run` and `make test`) starting together
+    # share the root file system, and one debootstrap would delete the other's work.
+    with open(root.with_name(root.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _build_rootfs(root)
+
+
+def _build_rootfs(root: Path) -> None:
     if (root / "usr/sbin/asterisk").exists() and (root / ".maskbridge-complete").exists():
         _add_missing_packages(root)
         return

@@ -68,6 +68,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
+    "MB_NODE_ID": ("node-1", "the node id of the stack's bridge (every call row names it)"),
+    "MB_NODE_TIMEOUT": ("15", "seconds of silence after which the other nodes give a node up (its calls: node_lost)"),
 }
 
 # The session terms' defaults (bridge/terms.py defines each, with its setting).
@@ -143,6 +145,9 @@ class Stack:
             "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
             "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],
             "MB_NUMBER_KEY": e["MB_NUMBER_KEY"],
+            "MB_NODE_ID": e["MB_NODE_ID"],
+            "MB_NODE_TIMEOUT": e["MB_NODE_TIMEOUT"],
+            "MB_NODE_SIP_ADDRESS": f"{e['MB_PBX_SIP_BIND']}:{e['MB_PBX_SIP_PORT']}",
             **{name: e[name] for name in SESSION_SETTINGS},
         }
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
@@ -37,15 +39,32 @@ _PUT_THROUGH = """, hook AS (
     FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
 """
 
-# $1-$11 the call's own columns (insert_call), then its terms by name.
+# $1-$12 the call's own columns (insert_call), then its terms by name.
 _INSERT_CALL = f"""
     WITH call AS (
         INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-                           caller_participant_id, callee_role, callee_participant_id
+                           caller_participant_id, callee_role, callee_participant_id, node
                            {"".join(f", {n}" for n in _CALL_TERMS)})
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10 {"".join(f", ${i}" for i in range(12, 12 + len(_CALL_TERMS)))})
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12
+                {"".join(f", ${i}" for i in range(13, 13 + len(_CALL_TERMS)))})
         RETURNING calls AS r
     ){_PUT_THROUGH.format(webhooks="$11")}"""
+
+# The calls of a session that count against its caps (as the route lookup counts them: put
+# through in the last hour, and day; the bridge's own failures do not count). $1 the session.
+_CAPPED_CALLS = """
+    SELECT count(*) FILTER (WHERE c.started_at > now() - interval '1 hour'), count(*)
+    FROM calls c WHERE c.session_id = $1 AND c.callee_role IS NOT NULL
+      AND c.started_at > now() - interval '1 day' AND c.outcome IS DISTINCT FROM 'failed'
+"""
+
+
+def _caps(terms: Terms | None) -> tuple[int, int] | None:
+    """A session's caps on calls put through (per hour, per day), when it has any."""
+    if terms is None:
+        return None
+    per_hour, per_day = terms.calls_per_hour or 0, terms.calls_per_day or 0
+    return (per_hour, per_day) if per_hour or per_day else None
 
 # $1-$7 (call_routed), then the terms by name.
 _ROUTE_CALL = f"""
@@ -67,13 +86,26 @@ def _call_terms(terms: Terms | None) -> list[Any]:
 class Store:
     """The call rows, plus the pool and session repositories."""
 
-    def __init__(self, pool: asyncpg.Pool, webhooks: bool = False) -> None:
+    def __init__(self, pool: asyncpg.Pool, webhooks: bool = False, node: str = "node-1") -> None:
         self.pool = pool
         self.webhooks = webhooks  # write webhook events next to the call rows
+        self.node = node  # the node whose calls this process writes (MB_NODE_ID)
         self.pools = PoolRepo(pool)
         self.sessions = SessionRepo(pool)
         self.blocklist = BlocklistRepo(pool)
         self.recordings = RecordingRepo(pool)
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, key: int) -> AsyncIterator[bool]:
+        """Whether this process holds the advisory lock `key` for the body's duration: one
+        process of all that share the database runs what it guards, the others skip it."""
+        async with self.pool.acquire() as conn:
+            held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
+            try:
+                yield held
+            finally:
+                if held:
+                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     # --- calls -------------------------------------------------------------------
 
@@ -91,15 +123,45 @@ class Store:
         callee_role: str | None = None,
         callee_participant_id: uuid.UUID | None = None,
         terms: Terms | None = None,
-    ) -> None:
+    ) -> bool:
         """A new call's row (with the session terms it keeps). A call that is put through is
         the session's activity (its inactivity expiry counts from here): one statement, one
-        commit, on the call's critical path."""
-        await self.pool.execute(
-            _INSERT_CALL,
-            call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
-            caller_participant_id, callee_role, callee_participant_id, self.webhooks, *_call_terms(terms),
-        )
+        commit, on the call's critical path. Returns False when the call is to be put
+        through but its session reached a cap meanwhile (see _admitted): the row is written
+        as a call nobody is rung for."""
+        args = [call_id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
+                caller_participant_id, callee_role, callee_participant_id, self.webhooks, self.node,
+                *_call_terms(terms)]
+        return await self._write_call(_INSERT_CALL, args, callee_at=8, terms=terms)
+
+    async def _write_call(self, sql: str, args: list[Any], callee_at: int, terms: Terms | None) -> bool:
+        """Run `sql` (a call's row put through: args[1] its session, args[callee_at] and the
+        next the callee's role and participant). On a session with caps it runs under the
+        session's lock, and when the caps are reached it is written as a call nobody is rung
+        for (returns False)."""
+        session_id, callee_role = args[1], args[callee_at]
+        caps = _caps(terms) if session_id is not None and callee_role is not None else None
+        if caps is None:
+            await self.pool.execute(sql, *args)
+            return True
+        async with self.pool.acquire() as conn, conn.transaction():
+            admitted = await self._admitted(conn, session_id, caps)
+            if not admitted:
+                args[callee_at] = args[callee_at + 1] = None
+            await conn.execute(sql, *args)
+        return admitted
+
+    @staticmethod
+    async def _admitted(conn: asyncpg.Connection, session_id: uuid.UUID, caps: tuple[int, int]) -> bool:
+        """Whether one more call may be put through on a session with caps, counted under the
+        session's advisory lock (held until the call's row commits): two calls at cap-1 on
+        two nodes, or in two tasks of one, cannot both pass. The route lookup counted too, but
+        without a lock."""
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('maskbridge-caps:' || $1::uuid::text, 0))",
+                           session_id)
+        last_hour, last_day = await conn.fetchrow(_CAPPED_CALLS, session_id)
+        per_hour, per_day = caps
+        return not ((per_hour and last_hour >= per_hour) or (per_day and last_day >= per_day))
 
     async def call_entering_code(self, call_id: uuid.UUID) -> None:
         await self.pool.execute(
@@ -116,15 +178,14 @@ class Store:
         callee_role: str | None,
         callee_participant_id: uuid.UUID | None,
         terms: Terms | None = None,
-    ) -> None:
+    ) -> bool:
         """A call to an order-code number, once its code named the session: the row learns
         who is calling whom and, as insert_call does for a direct call, a call put through
-        is the session's activity and its call.started webhook."""
-        await self.pool.execute(
-            _ROUTE_CALL,
-            call_id, session_id, caller_role, caller_participant_id, callee_role, callee_participant_id,
-            self.webhooks, *_call_terms(terms),
-        )
+        is the session's activity and its call.started webhook. False: the session reached
+        a cap meanwhile (as insert_call)."""
+        args = [call_id, session_id, caller_role, caller_participant_id, callee_role, callee_participant_id,
+                self.webhooks, *_call_terms(terms)]
+        return await self._write_call(_ROUTE_CALL, args, callee_at=4, terms=terms)
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
         await self.pool.execute(
@@ -199,11 +260,12 @@ class Store:
         return language
 
     async def active_calls(self) -> list[dict[str, Any]]:
-        # With the name of the call's recording, if it is being recorded: a resumed call
-        # finishes it.
+        """This node's calls in progress (another node's are its bridge's business), with the
+        name of the call's recording if it is being recorded: a resumed call finishes it."""
         rows = await self.pool.fetch(
             """SELECT c.*, r.name AS recording_name FROM calls c LEFT JOIN recordings r ON r.call_id = c.id
-               WHERE c.state <> 'ended' ORDER BY c.started_at"""
+               WHERE c.state <> 'ended' AND c.node = $1 ORDER BY c.started_at""",
+            self.node,
         )
         return [dict(r) for r in rows]
 

@@ -66,15 +66,16 @@ class RecordingRepo:
         row = await self.pool.fetchrow(f"SELECT {_COLUMNS} FROM recordings r WHERE r.call_id = $1", call_id)
         return RecordingRow(**dict(row)) if row is not None else None
 
-    async def due_for_deletion(self, older_than_days: int, limit: int = 500) -> list[RecordingRow]:
-        """Recordings whose call ended more than N days ago and whose audio still exists.
-        (A recording the bridge never saw finish counts from its start.)"""
+    async def due_for_deletion(self, older_than_days: int, node: str, limit: int = 500) -> list[RecordingRow]:
+        """Recordings of `node` (their audio is in its Asterisk's spool) whose call ended more
+        than N days ago and whose audio still exists. (A recording the bridge never saw
+        finish counts from its start.)"""
         rows = await self.pool.fetch(
-            f"""SELECT {_COLUMNS} FROM recordings r
+            f"""SELECT {_COLUMNS} FROM recordings r JOIN calls c ON c.id = r.call_id
                 WHERE r.deleted_at IS NULL AND coalesce(r.ended_at, r.started_at) < now() - make_interval(days => $1)
-                  AND NOT EXISTS (SELECT 1 FROM calls c WHERE c.id = r.call_id AND c.state <> 'ended')
+                  AND c.state = 'ended' AND c.node = $3
                 ORDER BY r.started_at LIMIT $2""",
-            older_than_days, limit,
+            older_than_days, limit, node,
         )
         return [RecordingRow(**dict(r)) for r in rows]
 

@@ -115,6 +115,12 @@ class Api:
         self.opened.append(body["id"])
         return body
 
+    async def metrics(self) -> str:
+        """The bridge's /metrics (no token needed)."""
+        async with self.http.get(self.base + "/metrics") as resp:
+            assert resp.status == 200
+            return await resp.text()
+
     async def close_session(self, session_id: str, **body: Any) -> dict[str, Any]:
         status, answer = await self.request("POST", f"/v1/sessions/{session_id}/close", json=body)
         assert status == 200, answer

@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from tests.live.conftest import wait_for_call_row
+from bridge.devstack.audio import samples, tone_share
 from tests.live.test_order_code import call_in, open_order, shared_number  # noqa: F401 - a fixture
 
 
@@ -46,6 +47,10 @@ async def test_a_recorded_session_reached_by_its_order_code_is_recorded(
             session["id"],
         ):
             await asyncio.sleep(0.05)  # wait-ok: polling the database the bridge writes to
+    # Audio flows through the recorded bridge: the caller hears the client's tone. Hanging up
+    # the moment the recording row appears could leave a file of its header only.
+    heard, rate = samples(await carrier.listen_to(leg, 1))
+    assert tone_share(heard, rate, 1000) > 0.5, "the courier heard the client through the bridge"
     await carrier.hangup(leg)
     await asyncio.wait_for(callee.ended.wait(), 10)
 

@@ -71,6 +71,7 @@ class FakeStore:
         self.states: dict[uuid.UUID, list[str]] = {}
         self.ops: list[tuple[str, uuid.UUID | None, dict[str, Any]]] = []
         self.route_gate: asyncio.Event | None = None
+        self.full = False  # every session at its cap when the call's row is written (insert_call answers False)
         self.order_codes: dict[tuple[str, str], Route] = {}  # (pool, code) -> route, for its caller
         self.code_callers: dict[tuple[str, str], str] = {}  # (pool, code) -> the caller it routes
         self.wrong_codes: list[tuple[str, str]] = []  # (caller, pool) of every wrong code
@@ -144,8 +145,11 @@ class FakeStore:
         self.code_callers[(pool, code)] = caller
         return route
 
-    async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> None:
+    async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> bool:
         assert call_id not in self.rows
+        admitted = not (self.full and fields["callee_role"] is not None)
+        if not admitted:
+            fields = {**fields, "callee_role": None, "callee_participant_id": None}
         assert set(fields) == {
             "session_id", "pool_number", "caller_role", "caller_masked", "inbound_channel_id", "state",
             "caller_participant_id", "callee_role", "callee_participant_id", "terms",
@@ -166,6 +170,7 @@ class FakeStore:
         }
         self.states[call_id] = [fields["state"]]
         await self._op("insert_call", call_id, **fields)
+        return admitted
 
     async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
         row = self.rows[call_id]
@@ -754,6 +759,20 @@ async def test_caller_of_a_closed_session_hears_announcement(h: Harness) -> None
     assert [p.query["media"] for p in play] == ["sound:ss-noservice"]
     await h.settle()
     assert h.fake.find("POST", "/ari/channels/create") == []
+
+
+async def test_a_call_whose_session_reached_its_cap_as_its_row_was_written_is_refused(h: Harness) -> None:
+    """The route lookup saw the session under its cap, but another call (on another node)
+    took the last one before this call's row committed: it is refused as over the cap."""
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.store.full = True
+    h.fake.auto_finish_playback = True
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["callee_role"]) == ("call_limit", "system", None)
+    await h.settle()
+    assert h.fake.find("POST", "/ari/channels/create") == [], "nobody was rung"
 
 
 async def test_caller_hangup_during_announcement_ends_call_by_caller(h: Harness) -> None:
