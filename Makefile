@@ -12,6 +12,10 @@ DEVSTACK := $(PY) -m bridge.devstack
 # with webhooks sent to the receiver the live tests run (tests/live/conftest.py).
 # (Two checkouts can test side by side with their own addresses and ports: MB_TEST_WEBHOOK_URL.)
 MB_TEST_WEBHOOK_URL ?= http://127.0.0.1:8099/hooks
+# make run NODES=2 (start, status, call, stop too): Kamailio in front of that many nodes.
+ifdef NODES
+export MB_NODES := $(NODES)
+endif
 TEST_ENV := MB_RING_TIMEOUT=6 MB_CONFIRM_TIMEOUT=2 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
 
 .PHONY: help deps venv rootfs run start stop monitor status call cli carrier-cli logs psql admin bench test test-unit typecheck lint \

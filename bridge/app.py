@@ -215,9 +215,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     claimed = await nodes.claim(settings.database_url, settings.node_id, node_api_url(settings),
                                 settings.node_sip_address or None)
     store = Store(pool, webhooks=bool(settings.webhook_url), node=settings.node_id)
-    keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,
-                              api_url=node_api_url(settings), sip_address=settings.node_sip_address or None,
-                              timeout=settings.node_timeout, webhooks=bool(settings.webhook_url), conn=claimed)
+
     sessions = Sessions(store, vault, policy)
     ari = AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
     dispatcher = StasisDispatcher(
@@ -237,6 +235,10 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         router=sessions,
     )
     stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile)
+    keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,
+                              api_url=node_api_url(settings), sip_address=settings.node_sip_address or None,
+                              timeout=settings.node_timeout, webhooks=bool(settings.webhook_url), conn=claimed,
+                              alive=stream.connected.is_set)
     metrics.CALLS_IN_PROGRESS.source = dispatcher.call_states
 
     async def health() -> dict[str, Any]:
@@ -248,7 +250,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
     blocklist = Blocklist(store, vault, policy)
     recordings = Recordings(store, ari, settings.recording_token, settings.api_token,
-                            settings.recording_retention_days, node=settings.node_id)
+                            settings.recording_retention_days, node=settings.node_id,
+                            peers=NodeRepo(pool).api_url)
     guard = ConnectionGuard()
     runner = web.AppRunner(
         make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings, guard),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import Callable
 
 import asyncpg
 import structlog
@@ -111,10 +112,16 @@ async def sip_answers(address: str, timeout: float = PROBE_TIMEOUT, tries: int =
 class NodeKeeper:
     """Holds this node's claim, beats its heart and reaps silent nodes, until `stop`. If the
     claim is lost to another bridge (after a database restart), it says so and stops the
-    process (`taken` is set)."""
+    process (`taken` is set).
+
+    The heart beats only while `alive()` says so (the bridge's ARI connection is up): a
+    bridge whose Asterisk died is a node that is gone, and the others reap its calls once
+    its Asterisk does not answer SIP either."""
 
     def __init__(self, dsn: str, repo: NodeRepo, node: str, *, api_url: str | None, sip_address: str | None,
-                 timeout: float, webhooks: bool, conn: asyncpg.Connection) -> None:
+                 timeout: float, webhooks: bool, conn: asyncpg.Connection,
+                 alive: Callable[[], bool] = lambda: True) -> None:
+        self.alive = alive
         self.dsn = dsn
         self.repo = repo
         self.node = node
@@ -147,8 +154,11 @@ class NodeKeeper:
                 self.conn = None
                 self.conn = await claim(self.dsn, self.node, self.api_url, self.sip_address)
                 log.info("node.claimed_again", node=self.node)
-            await NodeRepo.beat(self.conn, self.node)
-            metrics.NODE_HEARTBEAT.set_to_current_time()
+            if self.alive():
+                await NodeRepo.beat(self.conn, self.node)
+                metrics.NODE_HEARTBEAT.set_to_current_time()
+            else:
+                await self.conn.fetchval("SELECT 1")  # (the claim's connection, kept alive)
         except NodeTaken as exc:
             log.error("node.taken", node=self.node, error=str(exc))
             self.taken = exc

@@ -3,16 +3,22 @@
 The audio stays in Asterisk's recording spool and is reached through ARI only (no shared
 file system). Only the recording token reaches it, never the order system's API token;
 every access, granted or not, is written to the audit (recording_access).
+
+With several nodes, a recording's audio is in the spool of its call's node: a bridge asked
+for another node's recording fetches it from that node's bridge (its API, with the recording
+token), which audits the access too. Nothing is copied: the audio lives and dies where it
+was recorded (each node's retention deletes its own).
 """
 
 from __future__ import annotations
 
 import hmac
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+import aiohttp
 import structlog
 
 from bridge.ari import AriClient, AriError, AriNotFound
@@ -38,7 +44,9 @@ class Recordings:
     def __init__(
         self, store: Store, ari: AriClient | None, recording_token: str, api_token: str = "",
         retention_days: int = 30, node: str = "node-1",
+        peers: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
+        self.peers = peers  # node id -> the base URL of its bridge's API
         self.repo = store.recordings
         self.node = node  # whose spool `ari` reaches: this node's recordings only
         self.ari = ari
@@ -109,6 +117,13 @@ class Recordings:
         if row.ended_at is None:
             await fail("failed", 409)
             raise RecordingInProgress()
+        if row.node != self.node:
+            async with self._from_peer(row, fail) as stored:
+                await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote,
+                                      action="download", result="granted", status=200)
+                log.info("recording.downloaded", recording_id=str(row.id), actor=actor, node=row.node)
+                yield row, stored
+            return
         if self.ari is None:
             await fail("failed", 503)
             raise AsteriskUnavailable("recordings are reached through Asterisk, which is not configured")
@@ -124,6 +139,33 @@ class Recordings:
         except AriError as exc:
             await fail("failed", 503)
             raise AsteriskUnavailable(f"Asterisk did not hand out the recording: {exc.status or 'no answer'}") from None
+
+    @asynccontextmanager
+    async def _from_peer(
+        self, row: RecordingRow, fail: Callable[[str, int], Awaitable[None]]
+    ) -> AsyncIterator[StoredFile]:
+        """The audio of another node's recording, streamed from that node's bridge."""
+        base = await self.peers(row.node) if self.peers is not None else None
+        if not base:
+            await fail("failed", 503)
+            raise AsteriskUnavailable(f"the recording is on node {row.node}, whose API this bridge does not know "
+                                      "(its MB_NODE_API_URL)")
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
+        headers = {"Authorization": f"Bearer {self._recording_token.decode()}", "X-Maskbridge-Node": self.node}
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http, http.get(
+                f"{base}/v1/calls/{row.call_id}/recording/audio", headers=headers
+            ) as resp:
+                if resp.status == 404:
+                    await fail("not_found", 404)
+                    raise RecordingNotFound(f"the recording's audio is missing from node {row.node}")
+                if resp.status != 200:
+                    await fail("failed", 503)
+                    raise AsteriskUnavailable(f"node {row.node} did not hand out the recording: {resp.status}")
+                yield StoredFile("audio/wav", resp.content_length, resp.content.iter_chunked(64 * 1024))
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await fail("failed", 503)
+            raise AsteriskUnavailable(f"node {row.node} did not answer: {type(exc).__name__}") from None
 
     async def access_log(
         self, actor: str, remote: str | None, call_id: uuid.UUID | None, after: int | None, limit: int,

@@ -9,10 +9,14 @@ import os
 import signal
 import subprocess
 import sys
+from datetime import datetime
+
+import asyncpg
 
 from bridge import logs
-from bridge.devstack import asterisk, carrier, demo, monitoring, postgres, processes
+from bridge.devstack import asterisk, carrier, demo, kamailio, monitoring, postgres, processes
 from bridge.devstack.settings import Stack, load
+from bridge.phone import InvalidNumber, mask, normalize
 
 
 CAUSES = {
@@ -26,20 +30,68 @@ CAUSES = {
 
 
 def start_services(stack: Stack) -> str:
-    """Postgres, the PBX and the simulated carrier, migrated and with demo data."""
+    """Postgres, the PBX (or, with MB_NODES above 1, Kamailio and every node's PBX) and the
+    simulated carrier, migrated and with demo data."""
     asterisk.ensure_rootfs(stack)
     postgres.start(stack)
     pool_number = asyncio.run(demo.load(stack.database_url, stack.env["MB_NUMBER_KEY"]))
-    for instance in asterisk.INSTANCES:
-        asterisk.start(stack, instance)
+    _record_size(stack)
+    for node in stack.nodes:
+        asterisk.start(node, "pbx")
+    if stack.size > 1:
+        kamailio.start(stack)
+    asterisk.start(stack, "carrier")
     return pool_number
 
 
+def start_bridges(stack: Stack) -> None:
+    for node in stack.nodes:
+        processes.start_bridge(node)
+
+
+def _record_size(stack: Stack) -> None:
+    """How many nodes were started: `make stop` stops them all, whatever MB_NODES says then."""
+    stack.run_dir.mkdir(parents=True, exist_ok=True)
+    (stack.run_dir / "nodes").write_text(str(max(stack.size, _recorded_size(stack))))
+
+
+def _recorded_size(stack: Stack) -> int:
+    try:
+        return int((stack.run_dir / "nodes").read_text())
+    except (FileNotFoundError, ValueError):
+        return 1
+
+
 def stop_all(stack: Stack) -> None:
-    processes.stop_bridge(stack)
-    for instance in reversed(asterisk.INSTANCES):
-        asterisk.stop(stack, instance)
+    size = max(stack.size, _recorded_size(stack))
+    nodes = [stack] if size <= 1 else [stack.node(i) for i in range(1, size + 1)]
+    for node in nodes:
+        processes.stop_bridge(node)
+    kamailio.stop(stack)
+    for node in nodes:
+        asterisk.stop(node, "pbx")
+    if size > 1:
+        processes.stop_bridge(stack)
+        asterisk.stop(stack, "pbx")  # (a one-node stack's, had one run before)
+    asterisk.stop(stack, "carrier")
     postgres.stop(stack)
+    (stack.run_dir / "nodes").unlink(missing_ok=True)
+
+
+def status(stack: Stack) -> None:
+    print(f"postgres: {'up' if postgres.is_running(stack) else 'down'}")
+    if stack.size > 1:
+        seen = kamailio.node_states(stack)
+        print(f"kamailio: {'up' if kamailio.is_running(stack) else 'down'} "
+              f"({stack.env['MB_PBX_SIP_BIND']}:{stack.env['MB_PBX_SIP_PORT']}, the carrier's peer)")
+        for node in stack.nodes:
+            uri = f"sip:{node.env['MB_PBX_SIP_BIND']}:{node.env['MB_PBX_SIP_PORT']}"
+            print(f"{node.env['MB_NODE_ID']}: asterisk {'up' if asterisk.is_running(node, 'pbx') else 'down'} "
+                  f"({uri}), bridge {processes.health(node) or 'down'}, kamailio sees it {seen.get(uri, 'unknown')}")
+    else:
+        print(f"asterisk pbx: {'up' if asterisk.is_running(stack, 'pbx') else 'down'}")
+        print(f"bridge: {processes.health(stack) or 'down'}")
+    print(f"asterisk carrier: {'up' if asterisk.is_running(stack, 'carrier') else 'down'}")
 
 
 def hint(stack: Stack, pool_number: str) -> str:
@@ -86,11 +138,14 @@ def run_foreground(stack: Stack) -> None:
     proc: subprocess.Popen[bytes] | None = None
     try:
         pool_number = start_services(stack)
-        processes.stop_bridge(stack)  # a background bridge from `make start` would hold the port
+        first, *others = stack.nodes
+        processes.stop_bridge(first)  # a background bridge from `make start` would hold the port
+        for node in others:
+            processes.start_bridge(node)  # (their logs: .stack/nodes/<node>/log/bridge.log)
         print(hint(stack, pool_number), flush=True)
         # (Its pid file, so that `make stop` finds it whatever happens to this process.)
-        proc = subprocess.Popen(processes.bridge_command(), env={**os.environ, **stack.bridge_env()})
-        processes.record_bridge(stack, proc.pid)
+        proc = subprocess.Popen(processes.bridge_command(), env={**os.environ, **first.bridge_env()})
+        processes.record_bridge(first, proc.pid)
         proc.wait()
     except (KeyboardInterrupt, Stopped) as exc:
         print(f"\n{exc or 'interrupted'}", flush=True)
@@ -108,7 +163,36 @@ def run_foreground(stack: Stack) -> None:
         stop_all(stack)
 
 
+async def _node_of_call(stack: Stack, since: datetime, from_number: str, to_number: str) -> str | None:
+    """The node that took the latest call from `from_number` to `to_number` since `since`."""
+    region = stack.env["MB_DEFAULT_REGION"]
+    try:
+        caller, pool = normalize(from_number, region), normalize(to_number, region)
+    except InvalidNumber:
+        return None
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        node: str | None = await conn.fetchval(
+            """SELECT node FROM calls WHERE pool_number = $1 AND caller_masked = $2 AND started_at >= $3
+               ORDER BY started_at DESC LIMIT 1""",
+            pool, mask(caller), since,
+        )
+        return node
+    finally:
+        await conn.close()
+
+
+async def _database_now(stack: Stack) -> datetime:
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        now: datetime = await conn.fetchval("SELECT now()")
+        return now
+    finally:
+        await conn.close()
+
+
 async def place_call(stack: Stack, from_number: str, to_number: str, hangup_after: float, timeout: float) -> int:
+    since = await _database_now(stack)
     async with carrier.Carrier(stack) as net:
         leg = await net.call(from_number, to_number, hangup_after=hangup_after)
         try:
@@ -133,6 +217,8 @@ async def place_call(stack: Stack, from_number: str, to_number: str, hangup_afte
         other = callee if hung_up_by == "caller" and callee else leg
         cause = other.cause
         print(f"  hangup cause:      {cause} ({CAUSES.get(cause or 0, 'other')}), as the {other.role} saw it")
+    # (the line `node: <id>` says which node took the call)
+    print(f"node: {await _node_of_call(stack, since, from_number, to_number) or 'none (no call row)'}")
     return 0
 
 
@@ -184,30 +270,29 @@ def main(argv: list[str] | None = None) -> int:
         start_services(stack)
     elif args.command == "start":
         pool_number = start_services(stack)
-        processes.start_bridge(stack)
+        start_bridges(stack)
         print(hint(stack, pool_number))
     elif args.command == "stop":
         stop_all(stack)
     elif args.command == "run":
         run_foreground(stack)
     elif args.command == "status":
-        print(f"postgres: {'up' if postgres.is_running(stack) else 'down'}")
-        for instance in asterisk.INSTANCES:
-            print(f"asterisk {instance}: {'up' if asterisk.is_running(stack, instance) else 'down'}")
-        print(f"bridge: {processes.health(stack) or 'down'}")
+        status(stack)
     elif args.command == "env":
-        for k, v in stack.bridge_env().items():
+        for k, v in stack.nodes[0].bridge_env().items():
             print(f"export {k}='{v}'")
     elif args.command == "call":
         return asyncio.run(place_call(stack, args.from_number, args.to_number, args.hangup_after, args.timeout))
     elif args.command in ("cli", "carrier-cli"):
         instance = "pbx" if args.command == "cli" else "carrier"
-        conf = f"{stack.ast_dir(instance)}/etc/asterisk.conf"
+        # (with several nodes: NODE=<i> picks the node, node 1 by default)
+        owner = stack.node(int(os.environ.get("MB_NODE", "1"))) if instance == "pbx" and stack.size > 1 else stack
+        conf = f"{owner.ast_dir(instance)}/etc/asterisk.conf"
         os.execvp("chroot", ["chroot", str(stack.rootfs), "asterisk", "-C", conf, "-rvvv"])
     elif args.command == "admin":
         if not postgres.is_running(stack):
             postgres.start(stack)
-        os.environ.update(stack.bridge_env())
+        os.environ.update(stack.nodes[0].bridge_env())
         from bridge import cli
 
         return cli.main(admin_args)

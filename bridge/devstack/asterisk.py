@@ -38,6 +38,8 @@ def instance_values(stack: Stack, instance: str) -> dict[str, str]:
     values["MB_AST_DIR"] = stack.ast_dir(instance)
     if instance == "carrier":
         values.update(
+            MB_SYSTEMNAME="carrier",
+            MB_ENTITYID="02:00:00:00:00:fe",
             MB_ARI_BIND=stack.env["MB_TRUNK_HOST"],
             MB_ARI_PORT=stack.env["MB_CARRIER_ARI_PORT"],
             MB_ARI_USER="carrier",
@@ -183,9 +185,10 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
-# Debian packages of the root file system: Asterisk, its English and Russian prompts, and
-# music on hold (what a held party hears).
-ROOTFS_PACKAGES = ("asterisk", "asterisk-core-sounds-en-gsm", "asterisk-core-sounds-ru-gsm", "asterisk-moh-opsound-gsm")
+# Debian packages of the root file system: Asterisk, its English and Russian prompts, music
+# on hold (what a held party hears), and Kamailio (in front of the nodes: MB_NODES above 1).
+ROOTFS_PACKAGES = ("asterisk", "asterisk-core-sounds-en-gsm", "asterisk-core-sounds-ru-gsm", "asterisk-moh-opsound-gsm",
+                   "kamailio")
 
 
 def ensure_rootfs(stack: Stack) -> None:

@@ -24,12 +24,12 @@ def bridge_log(stack: Stack) -> Path:
 
 
 def bridge_pid(stack: Stack) -> int | None:
+    """The bridge of the pid file, while it runs (a killed one left as a zombie does not)."""
     try:
         pid = int(_pidfile(stack).read_text())
-        os.kill(pid, 0)
-        return pid
-    except (FileNotFoundError, ValueError, ProcessLookupError):
+    except (FileNotFoundError, ValueError):
         return None
+    return pid if _alive(pid) else None
 
 
 def health(stack: Stack) -> dict[str, bool] | None:
@@ -93,6 +93,7 @@ def _bridges_of(stack: Stack) -> set[int]:
     if pid is not None:
         pids.add(pid)
     wanted = f"MB_DATABASE_URL={stack.database_url}".encode()
+    node = f"MB_NODE_ID={stack.env['MB_NODE_ID']}".encode()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -100,7 +101,10 @@ def _bridges_of(stack: Stack) -> set[int]:
             cmdline = (entry / "cmdline").read_bytes().split(b"\0")
             if cmdline[1:3] != [b"-m", b"bridge"]:
                 continue
-            if wanted in (entry / "environ").read_bytes().split(b"\0"):
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            # (the nodes of a stack share its database: each node's bridge by its node id;
+            # a bridge of before node ids had none)
+            if wanted in environ and (node in environ or not any(v.startswith(b"MB_NODE_ID=") for v in environ)):
                 pids.add(int(entry.name))
         except (OSError, IndexError):
             continue  # gone meanwhile, or not ours to read

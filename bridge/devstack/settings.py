@@ -68,6 +68,10 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
+    "MB_NODES": ("1", "nodes of the local stack (make run NODES=2): above 1, Kamailio takes the carrier's calls on "
+                 "MB_PBX_SIP_BIND and spreads them over that many PBX nodes, each with its bridge"),
+    "MB_NODE_NET": ("127.0.1", "with MB_NODES above 1, node i's PBX, ARI (and bridge API, but node 1's) are on "
+                    "<MB_NODE_NET>.i"),
     "MB_NODE_ID": ("node-1", "the node id of the stack's bridge (every call row names it)"),
     "MB_NODE_TIMEOUT": ("15", "seconds of silence after which the other nodes give a node up (its calls: node_lost)"),
 }
@@ -96,6 +100,44 @@ class Stack:
     """Resolved settings and paths of one local stack."""
 
     env: dict[str, str]
+
+    @property
+    def size(self) -> int:
+        """How many nodes (an Asterisk and its bridge each) the stack runs."""
+        return int(self.env["MB_NODES"])
+
+    @property
+    def nodes(self) -> list["Stack"]:
+        """The stack of each node: this one itself when it has one node; with more, each
+        node's PBX, ARI and bridge on addresses of its own (MB_NODE_NET.i), its own RTP
+        ports (a share of MB_RTP_START-MB_RTP_END) and its own state, behind Kamailio (on
+        this stack's MB_PBX_SIP_BIND, which the carrier calls) and sharing its Postgres."""
+        if self.size <= 1:
+            return [self]
+        return [self.node(i) for i in range(1, self.size + 1)]
+
+    def node(self, i: int) -> "Stack":
+        e = self.env
+        address = f"{e['MB_NODE_NET']}.{i}"
+        first, last = int(e["MB_RTP_START"]), int(e["MB_RTP_END"])
+        share = (last - first + 1) // self.size
+        return Stack(env={
+            **e,
+            "MB_STACK_DIR": str(self.dir / "nodes" / f"node-{i}"),
+            "MB_NODE_ID": f"node-{i}",
+            "MB_NODES": "1",
+            "MB_PBX_SIP_BIND": address,
+            "MB_ARI_BIND": address,
+            # (node 1's API stays where the single-node stack has it: make call, make admin)
+            "MB_API_BIND": e["MB_API_BIND"] if i == 1 else address,
+            "MB_RTP_START": str(first + (i - 1) * share),
+            "MB_RTP_END": str(first + i * share - 1),
+            # Each node's trunk is Kamailio: calls come in from it, and go out through it.
+            "MB_TRUNK_HOST": e["MB_PBX_SIP_BIND"],
+            "MB_TRUNK_PORT": e["MB_PBX_SIP_PORT"],
+            "MB_SYSTEMNAME": f"node-{i}",
+            "MB_ENTITYID": f"02:00:00:00:00:{i:02x}",
+        })
 
     @property
     def rootfs(self) -> Path:
@@ -148,6 +190,7 @@ class Stack:
             "MB_NODE_ID": e["MB_NODE_ID"],
             "MB_NODE_TIMEOUT": e["MB_NODE_TIMEOUT"],
             "MB_NODE_SIP_ADDRESS": f"{e['MB_PBX_SIP_BIND']}:{e['MB_PBX_SIP_PORT']}",
+            "MB_NODE_API_URL": f"http://{e['MB_API_BIND']}:{e['MB_API_PORT']}",
             **{name: e[name] for name in SESSION_SETTINGS},
         }
 
@@ -205,6 +248,10 @@ def load(environ: Mapping[str, str] | None = None) -> Stack:
         if source.get(name):
             env[name] = source[name]
     env["MB_PG_DIR"] = source.get("MB_PG_DIR") or str(_pg_dir(stack_dir))
+    env["MB_SYSTEMNAME"] = env["MB_NODE_ID"]
+    env["MB_ENTITYID"] = "02:00:00:00:00:01"
+    if not env["MB_NODES"].isdigit() or not 1 <= int(env["MB_NODES"]) <= 9:
+        raise ValueError("MB_NODES (make NODES=...) must be a number of nodes from 1 to 9")
     env["MB_DATABASE_URL"] = source.get("MB_DATABASE_URL") or (
         f"postgresql://maskbridge:{env['MB_DB_PASSWORD']}@127.0.0.1:{env['MB_PG_PORT']}/maskbridge"
     )

@@ -22,10 +22,11 @@ class RecordingRow:
     duration_ms: int | None
     bytes: int | None
     deleted_at: datetime | None
+    node: str = "node-1"  # whose Asterisk spool holds the audio (its call's node)
 
 
 _COLUMNS = "r.id, r.call_id, r.session_id, r.name, r.format, r.started_at, r.ended_at, r.duration_ms, r.bytes, " \
-           "r.deleted_at"
+           "r.deleted_at, (SELECT n.node FROM calls n WHERE n.id = r.call_id) AS node"
 
 
 class RecordingRepo:

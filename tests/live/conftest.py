@@ -4,6 +4,7 @@ carrier, the bridge's HTTP API, fresh real numbers, and what the carrier receive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import random
 import json
@@ -134,8 +135,10 @@ class Api:
         return body
 
 
-@pytest.fixture
-async def api(stack: Stack) -> AsyncIterator[Api]:
+@contextlib.asynccontextmanager
+async def api_of(stack: Stack) -> AsyncIterator[Api]:
+    """The API of a stack's (first) bridge, with its token; the sessions it opened are
+    closed afterwards."""
     headers = {"Authorization": f"Bearer {stack.env['MB_API_TOKEN']}"}
     base = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}"
     async with aiohttp.ClientSession(headers=headers) as http:
@@ -143,6 +146,12 @@ async def api(stack: Stack) -> AsyncIterator[Api]:
         yield client
         for session_id in client.opened:
             await client.request("POST", f"/v1/sessions/{session_id}/close")
+
+
+@pytest.fixture
+async def api(stack: Stack) -> AsyncIterator[Api]:
+    async with api_of(stack) as client:
+        yield client
 
 
 @pytest.fixture
@@ -332,13 +341,21 @@ class WebhookReceiver:
 @pytest.fixture(scope="session", autouse=True)
 async def webhooks(stack: Stack) -> AsyncIterator[WebhookReceiver]:
     """Listens for the whole live run, so that every call's events are delivered at once."""
+    # Where the bridge under test sends them (the Makefile's TEST_ENV sets MB_WEBHOOK_URL).
+    async with webhook_receiver(stack.env["MB_WEBHOOK_URL"] or "http://127.0.0.1:8099/hooks") as receiver:
+        yield receiver
+
+
+@contextlib.asynccontextmanager
+async def webhook_receiver(where: str) -> AsyncIterator[WebhookReceiver]:
     receiver = WebhookReceiver()
     app = web.Application()
     app.router.add_post("/hooks", receiver.handle)
     runner = web.AppRunner(app)
     await runner.setup()
-    # Where the bridge under test sends them (the Makefile's TEST_ENV sets MB_WEBHOOK_URL).
-    url = urlsplit(stack.env["MB_WEBHOOK_URL"] or "http://127.0.0.1:8099/hooks")
+    url = urlsplit(where)
     await web.TCPSite(runner, url.hostname, url.port).start()
-    yield receiver
-    await runner.cleanup()
+    try:
+        yield receiver
+    finally:
+        await runner.cleanup()

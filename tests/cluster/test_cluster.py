@@ -1,0 +1,359 @@
+"""Real SIP through Kamailio and two nodes: calls spread over both, masked, each row naming
+its node and each webhook delivered once; a node whose bridge or Asterisk is killed costs
+only its own calls (or none); a block cuts calls on every node; caps hold across nodes; a
+recording is deleted by the node whose spool holds it."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+import asyncpg
+from bridge.devstack import asterisk, postgres, processes
+from bridge.devstack.carrier import Carrier, Leg
+from bridge.devstack.settings import PROJECT_DIR, Stack
+from tests.live.conftest import Api, WebhookReceiver
+
+_numbers = itertools.count(random.randrange(0, 1_000_000))
+
+
+def real_number() -> str:
+    return f"+7926{next(_numbers) % 10_000_000:07d}"
+
+
+async def rows_of(db: asyncpg.Connection, session_ids: list[str]) -> list[dict[str, Any]]:
+    return [dict(r) for r in await db.fetch(
+        "SELECT * FROM calls WHERE session_id = ANY($1::uuid[]) ORDER BY started_at", session_ids)]
+
+
+async def until(check, timeout: float, what: str) -> Any:
+    """Poll `check` (a coroutine function) until it returns something true."""
+    async with asyncio.timeout(timeout):
+        while not (result := await check()):
+            await asyncio.sleep(0.1)  # wait-ok: polling the database the bridges write to
+    return result
+
+
+async def connected_calls(carrier: Carrier, api: Api, db: asyncpg.Connection, count: int) -> list[tuple[str, Leg]]:
+    """`count` calls put through and answered, one session each, placed one after the other
+    (round robin: they alternate between the nodes). Returns (session id, caller's leg)."""
+    calls = []
+    for _ in range(count):
+        courier, client = real_number(), real_number()
+        session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+        carrier.phone(client, action="answer", answer_after=0.1, listen=False)
+        leg = await carrier.call(courier, session["pool_number"], listen=False)
+        await asyncio.wait_for(leg.answered.wait(), 15)
+        calls.append((session["id"], leg))
+    ids = [s for s, _ in calls]
+    await until(lambda: _all_connected(db, ids), 15, "every call connected")
+    return calls
+
+
+async def _all_connected(db: asyncpg.Connection, session_ids: list[str]) -> bool:
+    rows = await rows_of(db, session_ids)
+    return len(rows) == len(session_ids) and all(r["state"] == "connected" for r in rows)
+
+
+async def node_of(db: asyncpg.Connection, session_id: str) -> str:
+    return str(await db.fetchval("SELECT node FROM calls WHERE session_id = $1 ORDER BY started_at DESC LIMIT 1",
+                                 uuid.UUID(session_id)))
+
+
+async def test_calls_spread_over_both_nodes_masked_with_each_webhook_once(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection, webhooks: WebhookReceiver
+):
+    """100 calls at 10 a second: each node takes 40-60 % of them, every callee is shown the
+    pool number only, every row names its node, every event reaches the order system once."""
+    pairs = []
+    for _ in range(10):
+        courier, client = real_number(), real_number()
+        session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+        carrier.phone(client, action="answer", answer_after=0.1, hangup_after=0.5, listen=False)
+        pairs.append((session, courier, client))
+    legs = []
+    began = time.monotonic()
+    for i in range(100):
+        session, courier, _client = pairs[i % 10]
+        legs.append(await carrier.call(courier, session["pool_number"], listen=False))
+        # (offered load: 10 calls a second, whatever happens to them)
+        await asyncio.sleep(max(0.0, began + (i + 1) * 0.1 - time.monotonic()))  # wait-ok: pacing
+    callees = [await asyncio.wait_for(carrier.incoming.get(), 30) for _ in range(100)]
+    for leg in legs:
+        await asyncio.wait_for(leg.ended.wait(), 30)
+    shown = {(c.number, c.shown_number, c.shown_name or c.shown_number) for c in callees}
+    expected = {(client, s["pool_number"], s["pool_number"]) for s, _courier, client in pairs}
+    assert shown == expected, "every callee saw the pool number, and only it"
+
+    ids = [s["id"] for s, _c, _cl in pairs]
+    rows = await until(lambda: _ended(db, ids, 100), 30, "every call row ended")
+    per_node = collections.Counter(r["node"] for r in rows)
+    assert set(per_node) == {"node-1", "node-2"}, per_node
+    assert all(40 <= n <= 60 for n in per_node.values()), per_node
+    assert {r["outcome"] for r in rows} == {"answered"}
+
+    # Each event once: both bridges deliver from one outbox.
+    call_ids = [str(r["id"]) for r in rows]
+    for call_id in call_ids:
+        await webhooks.events_of(call_id, {"call.started", "call.answered", "call.ended"}, timeout=30)
+    delivered = collections.Counter(
+        d["body"]["id"] for d in webhooks.deliveries
+        if d["status"] == 204 and d["body"]["data"].get("call_id") in set(call_ids))
+    assert len(delivered) == 300 and set(delivered.values()) == {1}
+
+
+async def _ended(db: asyncpg.Connection, session_ids: list[str], count: int) -> list[dict[str, Any]] | None:
+    rows = await rows_of(db, session_ids)
+    return rows if len(rows) == count and all(r["state"] == "ended" for r in rows) else None
+
+
+async def test_a_killed_bridge_costs_no_call_and_its_successor_resumes_only_its_own(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection, nodes_up: list[Stack]
+):
+    calls = await connected_calls(carrier, api, db, 6)
+    on = {sid: await node_of(db, sid) for sid, _leg in calls}
+    assert collections.Counter(on.values()) == {"node-1": 3, "node-2": 3}
+    node2 = nodes_up[1]
+    pid = processes.bridge_pid(node2)
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    # New calls all go to node 1 (node 2's dialplan answers 503 and Kamailio moves on).
+    more = await connected_calls(carrier, api, db, 4)
+    assert {await node_of(db, sid) for sid, _leg in more} == {"node-1"}
+    assert not any(leg.ended.is_set() for _sid, leg in calls), "node 2's calls stayed up without their bridge"
+
+    before = {r["id"]: (r["state"], r["ended_at"]) for r in await rows_of(db, [s for s, _ in calls + more])
+              if r["node"] == "node-1"}
+    await asyncio.to_thread(processes.start_bridge, node2)
+    # Node 2's calls, resumed: hung up by their callers, they end properly.
+    for sid, leg in calls:
+        if on[sid] == "node-2":
+            await carrier.hangup(leg)
+    for sid, _leg in calls:
+        if on[sid] == "node-2":
+            row = await until(lambda sid=sid: _ended_row(db, sid), 15, "node 2's call ended")
+            assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+    after = {r["id"]: (r["state"], r["ended_at"]) for r in await rows_of(db, [s for s, _ in calls + more])
+             if r["node"] == "node-1"}
+    assert after == before, "the restarted bridge wrote nothing to node 1's calls"
+    for sid, leg in calls + more:
+        if await node_of(db, sid) == "node-1":
+            await carrier.hangup(leg)
+            row = await until(lambda sid=sid: _ended_row(db, sid), 15, "node 1's call ended")
+            assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
+async def _ended_row(db: asyncpg.Connection, session_id: str) -> dict[str, Any] | None:
+    row = await db.fetchrow("SELECT * FROM calls WHERE session_id = $1 ORDER BY started_at DESC LIMIT 1",
+                            uuid.UUID(session_id))
+    return dict(row) if row is not None and row["state"] == "ended" else None
+
+
+async def test_a_killed_asterisk_costs_only_its_own_calls(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection, nodes_up: list[Stack]
+):
+    """Kill -9 of node 2's Asterisk with 20 calls up on each node: node 1's calls carry on,
+    node 2's rows end as node_lost, and calls offered all the while are put through."""
+    calls = await connected_calls(carrier, api, db, 40)
+    on = {sid: await node_of(db, sid) for sid, _leg in calls}
+    assert collections.Counter(on.values()) == {"node-1": 20, "node-2": 20}
+
+    offered: list[tuple[float, Leg, str]] = []
+    stop = asyncio.Event()
+
+    async def offer() -> None:
+        courier, client = real_number(), real_number()
+        session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+        carrier.phone(client, action="answer", answer_after=0.1, hangup_after=0.5, listen=False)
+        while not stop.is_set():
+            offered.append((time.monotonic(), await carrier.call(courier, session["pool_number"], listen=False),
+                            session["id"]))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.5):
+                    await stop.wait()  # (offered load: two calls a second)
+
+    load = asyncio.create_task(offer())
+    killed_at = time.monotonic()
+    dead = asterisk._pid(nodes_up[1], "pbx")
+    assert dead is not None
+    os.kill(dead, signal.SIGKILL)
+
+    lost = [sid for sid, node in on.items() if node == "node-2"]
+    rows = await until(lambda: _ended(db, lost, len(lost)), 30, "node 2's calls given up")
+    assert {r["outcome"] for r in rows} == {"node_lost"}
+    lost_after = time.monotonic() - killed_at
+    kept = [leg for sid, leg in calls if on[sid] == "node-1"]
+    assert not any(leg.ended.is_set() for leg in kept), "node 1's calls carried on"
+    assert all(r["state"] == "connected" for r in await rows_of(db, [s for s in on if on[s] == "node-1"]))
+
+    stop.set()
+    await load
+    for _at, leg, _sid in offered:
+        await asyncio.wait_for(leg.ended.wait(), 30)
+    assert offered and all(leg.answered_at is not None for _at, leg, _sid in offered), \
+        "every call offered while node 2 died was put through"
+    print(f"node 2's calls ended as node_lost {lost_after:.1f} s after its Asterisk was killed; "
+          f"{len(offered)} calls offered meanwhile")
+    for leg in kept:
+        await carrier.hangup(leg)
+
+
+async def test_a_block_cuts_the_numbers_calls_on_every_node(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection
+):
+    courier = real_number()
+    sessions, legs = [], []
+    for _ in range(2):
+        client = real_number()
+        session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+        carrier.phone(client, action="answer", answer_after=0.1, listen=False)
+        legs.append(await carrier.call(courier, session["pool_number"], listen=False))
+        await asyncio.wait_for(legs[-1].answered.wait(), 15)
+        sessions.append(session["id"])
+    await until(lambda: _all_connected(db, sessions), 15, "both connected")
+    assert {await node_of(db, s) for s in sessions} == {"node-1", "node-2"}
+    status, body = await api.request("POST", "/v1/blocklist", json={"number": courier, "reason": "test"})
+    assert status in (200, 201), body
+    blocked_at = time.monotonic()
+    for leg in legs:
+        await asyncio.wait_for(leg.ended.wait(), 10)
+    print(f"both calls cut {time.monotonic() - blocked_at:.2f} s after the block")
+    for sid in sessions:
+        row = await until(lambda sid=sid: _ended_row(db, sid), 10, "cut")
+        assert (row["hangup_by"], row["cut_reason"]) == ("system", "blocked")
+
+
+async def test_caps_hold_across_nodes(cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection):
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client, calls_per_hour=2)
+    carrier.phone(client, action="answer", answer_after=0.1, hangup_after=0.3, listen=False)
+    for _ in range(3):
+        leg = await carrier.call(courier, session["pool_number"], listen=False)
+        await asyncio.wait_for(leg.ended.wait(), 20)
+    rows = await until(lambda: _ended(db, [session["id"]], 3), 15, "three calls ended")
+    assert [r["outcome"] for r in rows] == ["answered", "answered", "call_limit"]
+    assert {r["node"] for r in rows[:2]} == {"node-1", "node-2"}
+
+
+async def test_a_recording_is_deleted_by_the_node_that_holds_it(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection
+):
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client, record=True)
+    carrier.phone(client, action="answer", answer_after=0.1, listen=False)
+    leg = await carrier.call(courier, session["pool_number"], listen=False)
+    await asyncio.wait_for(leg.answered.wait(), 15)
+    recording = await until(lambda: db.fetchrow(
+        "SELECT r.* FROM recordings r JOIN calls c ON c.id = r.call_id WHERE c.session_id = $1",
+        uuid.UUID(session["id"])), 20, "recording started")
+    await carrier.hangup(leg)
+    await until(lambda: db.fetchval("SELECT ended_at IS NOT NULL FROM recordings WHERE id = $1", recording["id"]),
+                20, "recording finished")
+    holder = cluster.node(int((await node_of(db, session["id"])).split("-")[1]))
+    other = cluster.node(3 - int(holder.env["MB_NODE_ID"].split("-")[1]))
+    audio = asterisk.host_path(holder, "pbx", "spool", "recording", recording["name"] + ".wav")
+    assert audio.exists()
+    # Downloaded through either node's API: the other one fetches it from the holder.
+    for node in (holder, other):
+        base = f"http://{node.env['MB_API_BIND']}:{node.env['MB_API_PORT']}"
+        async with aiohttp.ClientSession() as http, http.get(
+            f"{base}/v1/calls/{recording['call_id']}/recording/audio",
+            headers={"Authorization": f"Bearer {cluster.env['MB_RECORDING_TOKEN']}"},
+        ) as resp:
+            assert resp.status == 200, await resp.text()
+            assert await resp.read() == audio.read_bytes()
+    await db.execute("UPDATE recordings SET ended_at = now() - interval '400 days' WHERE id = $1", recording["id"])
+    await db.execute("UPDATE calls SET ended_at = now() - interval '400 days' WHERE id = $1", recording["call_id"])
+
+    def purge(node: Stack) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "bridge.cli", "housekeeping", "--recordings", "--recordings-older-than", "365"],
+            cwd=PROJECT_DIR, env={**os.environ, **node.bridge_env()}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+
+    await asyncio.to_thread(purge, other)
+    assert await db.fetchval("SELECT deleted_at FROM recordings WHERE id = $1", recording["id"]) is None
+    assert audio.exists(), "the other node did not touch it"
+    await asyncio.to_thread(purge, holder)
+    assert await db.fetchval("SELECT deleted_at FROM recordings WHERE id = $1", recording["id"]) is not None
+    assert not audio.exists(), "the audio is gone from the spool of the node that held it"
+
+
+
+async def test_postgres_restarted_under_load(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection, nodes_up: list[Stack]
+):
+    """20 calls up and 5 calls a second offered while Postgres restarts: the calls up carry
+    on and end properly afterwards; a call offered in the gap is told the service is
+    unavailable (cause 34: the announcement, or a 503), never left in silence; service comes
+    back by itself."""
+    calls = await connected_calls(carrier, api, db, 20)
+    await db.close()
+    offered: list[Leg] = []
+    stop = asyncio.Event()
+
+    async def offer() -> None:
+        pairs = []
+        for _ in range(5):
+            courier, client = real_number(), real_number()
+            session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+            carrier.phone(client, action="answer", answer_after=0.1, hangup_after=0.5, listen=False)
+            pairs.append((courier, session["pool_number"]))
+        for i in itertools.count():
+            courier, pool = pairs[i % 5]
+            offered.append(await carrier.call(courier, pool, listen=False))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await stop.wait()  # (offered load: five calls a second)
+            if stop.is_set():
+                return
+
+    load = asyncio.create_task(offer())
+    await until(lambda: _some(offered, 5), 10, "load offered")
+    await asyncio.to_thread(postgres.stop, cluster)
+    gap_began = len(offered)
+    # (down while five calls are offered)
+    await until(lambda: _some(offered, gap_began + 5), 10, "calls offered while Postgres is down")
+    await asyncio.to_thread(postgres.start, cluster)
+    # Service is back once a call offered after the restart is put through and answered.
+    db = await asyncpg.connect(cluster.database_url)
+    restarted = len(offered)
+    since = await db.fetchval("SELECT now()")
+    await until(lambda: db.fetchval("SELECT count(*) FROM calls WHERE started_at > $1 AND answered_at IS NOT NULL "
+                                    "AND callee_role IS NOT NULL", since), 60, "a call put through again")
+    stop.set()
+    await load
+    for leg in offered:
+        await asyncio.wait_for(leg.ended.wait(), 40)
+    silent = [leg for leg in offered if leg.cause not in (16, 34)]
+    assert not silent, [(leg.cause, leg.answered_at) for leg in silent]
+    told = [leg for leg in offered[gap_began:restarted] if leg.cause == 34]
+    assert told, "calls offered while the database was down were told it is unavailable"
+    print(f"{len(offered)} calls offered; {len(offered[gap_began:restarted])} while Postgres restarted, "
+          f"{len(told)} of them told the service is unavailable")
+
+    assert not any(leg.ended.is_set() for _sid, leg in calls), "the calls up survived the restart"
+    try:
+        for _sid, leg in calls:
+            await carrier.hangup(leg)
+        for sid, _leg in calls:
+            row = await until(lambda sid=sid: _ended_row(db, sid), 20, "ended after the restart")
+            assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+    finally:
+        await db.close()
+
+
+async def _some(legs: list[Leg], count: int) -> bool:
+    return len(legs) >= count
