@@ -97,8 +97,9 @@ cli: venv
 carrier-cli: venv
 	$(DEVSTACK) carrier-cli
 
+# (with several nodes, every node's bridge log)
 logs: venv
-	tail -n 50 -F .stack/log/bridge.log
+	tail -n 50 -F $$(ls .stack/nodes/*/log/bridge.log 2>/dev/null || echo .stack/log/bridge.log)
 
 psql: venv
 	$(DEVSTACK) psql
@@ -126,10 +127,12 @@ lint: venv
 
 # The benchmark (bench/): the stack is restarted with default settings, measured, and
 # stopped; the report goes to docs/bench/. BENCH_ARGS=--tiny for a smoke run.
+# NODES=2: the scale-out section instead (bench/scaleout.py; report docs/bench/scaleout.md).
+BENCH_MODULE := $(if $(filter-out 1,$(or $(NODES),1)),bench.scaleout,bench)
 bench: deps venv
 	$(DEVSTACK) stop
 	$(DEVSTACK) start >/dev/null
-	status=0; $(PY) -m bench $(BENCH_ARGS) || status=$$?; \
+	status=0; $(PY) -m $(BENCH_MODULE) $(BENCH_ARGS) || status=$$?; \
 	$(DEVSTACK) stop; exit $$status
 
 test-unit: venv

@@ -335,23 +335,39 @@ async def ramp(calls: Calls, pairs: Pairs, rates: list[float], seconds: float, h
         for path in ("bridge", "baseline"):
             if path not in active:
                 continue
-            routes = pairs.of(path)
-            count = max(1, int(rate * seconds))
-            schedule = Schedule()
-            outcomes = await schedule.run(rate, count, lambda i: calls.place(routes[i % len(routes)], hold=hold))
-            ok = sum(o.ok for o in outcomes)
-            reasons: dict[str, int] = {}
-            for o in outcomes:
-                if not o.ok:
-                    reasons[o.why] = reasons.get(o.why, 0) + 1
-            setups = [o.setup * 1000 for o in outcomes if o.setup is not None]
-            steps.append({"path": path, "rate": rate, "achieved": schedule.achieved, "calls": count, "ok": ok,
-                          "success": ok / count, "failures": reasons, "setup_ms": percentiles(setups)})
-            if ok / count < 0.99:
+            steps.append(await ramp_step(calls, pairs.of(path), rate, seconds, hold, path))
+            if steps[-1]["success"] < 0.99:
                 active.discard(path)
         if not active:
             break
     return steps
+
+
+async def ramp_path(calls: Calls, routes: list[Route], rates: list[float], seconds: float, hold: float,
+                    path: str) -> list[dict[str, Any]]:
+    """One path (named `path` in the steps) up the rates, until fewer than 99 % succeed."""
+    steps: list[dict[str, Any]] = []
+    for rate in rates:
+        steps.append(await ramp_step(calls, routes, rate, seconds, hold, path))
+        if steps[-1]["success"] < 0.99:
+            break
+    return steps
+
+
+async def ramp_step(calls: Calls, routes: list[Route], rate: float, seconds: float, hold: float,
+                    path: str) -> dict[str, Any]:
+    """Calls for `seconds` at `rate`: how many succeeded, why the others failed, setup times."""
+    count = max(1, int(rate * seconds))
+    schedule = Schedule()
+    outcomes = await schedule.run(rate, count, lambda i: calls.place(routes[i % len(routes)], hold=hold))
+    ok = sum(o.ok for o in outcomes)
+    reasons: dict[str, int] = {}
+    for o in outcomes:
+        if not o.ok:
+            reasons[o.why] = reasons.get(o.why, 0) + 1
+    setups = [o.setup * 1000 for o in outcomes if o.setup is not None]
+    return {"path": path, "rate": rate, "achieved": schedule.achieved, "calls": count, "ok": ok,
+            "success": ok / count, "failures": reasons, "setup_ms": percentiles(setups)}
 
 
 def sustained(steps: list[dict[str, Any]], path: str) -> float | None:

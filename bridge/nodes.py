@@ -132,6 +132,7 @@ class NodeKeeper:
         self.conn: asyncpg.Connection | None = conn
         self.taken: NodeTaken | None = None
         self.beat_every = min(2.0, timeout / 4)
+        self._kept: set[str] = set()  # silent nodes whose Asterisk answers (said once each)
 
     async def run(self, stop: asyncio.Event) -> None:
         try:
@@ -171,14 +172,18 @@ class NodeKeeper:
 
     async def _reap(self) -> None:
         try:
+            kept = set()
             for silent in await self.repo.silent(self.node, self.timeout):
                 if silent.sip_address and await sip_answers(silent.sip_address):
-                    log.info("node.bridge_silent_asterisk_alive", node=silent.id, calls=silent.calls)
+                    kept.add(silent.id)
+                    if silent.id not in self._kept:
+                        log.warning("node.bridge_silent_asterisk_alive", node=silent.id, calls=silent.calls)
                     continue
                 ended = await self.repo.end_lost_calls(silent.id, self.timeout, self.webhooks)
                 if ended:
                     metrics.NODE_LOST_CALLS.labels(silent.id).inc(ended)
                     log.warning("node.lost", node=silent.id, calls_ended=ended,
                                 last_heartbeat=silent.heartbeat_at.isoformat())
+            self._kept = kept
         except Exception:
             log.exception("node.reaper_failed")

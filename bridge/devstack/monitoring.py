@@ -51,3 +51,11 @@ def start_prometheus(
              f"--web.listen-address={listen}", "--web.enable-lifecycle"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
+
+
+def rule_count() -> int:
+    """How many rules (recording and alerting) monitoring/alerts.yml defines."""
+    import yaml  # (a dev dependency: only the tests ask)
+
+    groups = yaml.safe_load((MONITORING_DIR / "alerts.yml").read_text())["groups"]
+    return sum(len(group["rules"]) for group in groups)

@@ -9,6 +9,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import json
 import os
 import random
 import signal
@@ -16,14 +17,17 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 from bridge.devstack import asterisk, postgres, processes
 from bridge.devstack.carrier import Carrier, Leg
+from bridge.devstack.demo import DEMO_COURIER, DEMO_ORDER
 from bridge.devstack.settings import PROJECT_DIR, Stack
 from tests.live.conftest import Api, WebhookReceiver
+from tests.live.siplog import SipLog, SipMessage, dialogs, identity_leaks, logged
 
 _numbers = itertools.count(random.randrange(0, 1_000_000))
 
@@ -82,6 +86,8 @@ async def test_calls_spread_over_both_nodes_masked_with_each_webhook_once(
         session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
         carrier.phone(client, action="answer", answer_after=0.1, hangup_after=0.5, listen=False)
         pairs.append((session, courier, client))
+    sip_log = SipLog(asterisk.host_path(cluster, "carrier", "log", "sip.log"))
+    mark = sip_log.mark()
     legs = []
     began = time.monotonic()
     for i in range(100):
@@ -95,6 +101,19 @@ async def test_calls_spread_over_both_nodes_masked_with_each_webhook_once(
     shown = {(c.number, c.shown_number, c.shown_name or c.shown_number) for c in callees}
     expected = {(client, s["pool_number"], s["pool_number"]) for s, _courier, client in pairs}
     assert shown == expected, "every callee saw the pool number, and only it"
+
+    # The identity scan: no SIP message either phone received names the other's real number.
+    numbers = [n for _s, courier, client in pairs for n in (courier, client)]
+    messages = await logged(sip_log, mark, lambda got: _byes(got) >= 100, timeout=30)
+    scanned = 0
+    for dialog in dialogs(messages).values():
+        own = _own_number(dialog)
+        for message in dialog:
+            if message.direction == "received":
+                scanned += 1
+                leaks = identity_leaks(message.text, [n for n in numbers if n != own])
+                assert not leaks, f"{leaks} reached {own}:\n{message.text}"
+    assert scanned > 600
 
     ids = [s["id"] for s, _c, _cl in pairs]
     rows = await until(lambda: _ended(db, ids, 100), 30, "every call row ended")
@@ -111,6 +130,22 @@ async def test_calls_spread_over_both_nodes_masked_with_each_webhook_once(
         d["body"]["id"] for d in webhooks.deliveries
         if d["status"] == 204 and d["body"]["data"].get("call_id") in set(call_ids))
     assert len(delivered) == 300 and set(delivered.values()) == {1}
+
+
+def _byes(messages: list[SipMessage]) -> int:
+    """BYEs the carrier received (each callee leg ends with one: the caller hung up)."""
+    return sum(m.first_line.startswith("BYE ") for m in messages if m.direction == "received")
+
+
+def _own_number(dialog: list[SipMessage]) -> str:
+    """The carrier phone's own number in a dialog: the callee's (the INVITE it received) or
+    the caller's (the From of the INVITE it sent)."""
+    for message in dialog:
+        if message.first_line.startswith("INVITE "):
+            if message.direction == "received":
+                return "+" + message.first_line.split("sip:", 1)[1].split("@", 1)[0].lstrip("+")
+            return "+" + message.header("From")[0].split("sip:", 1)[1].split("@", 1)[0].lstrip("+")
+    return ""
 
 
 async def _ended(db: asyncpg.Connection, session_ids: list[str], count: int) -> list[dict[str, Any]] | None:
@@ -204,8 +239,14 @@ async def test_a_killed_asterisk_costs_only_its_own_calls(
         await asyncio.wait_for(leg.ended.wait(), 30)
     assert offered and all(leg.answered_at is not None for _at, leg, _sid in offered), \
         "every call offered while node 2 died was put through"
+    # (How long the caller waited for the answer, before and after the kill: measured, not asserted.)
+    waits = [(at - killed_at, leg.answered_at - at) for at, leg, _sid in offered if leg.answered_at]
+    worst = max((w for t, w in waits if t >= 0), default=0.0)
+    settled = [w for t, w in waits if t >= 10]
     print(f"node 2's calls ended as node_lost {lost_after:.1f} s after its Asterisk was killed; "
-          f"{len(offered)} calls offered meanwhile")
+          f"{len(offered)} calls offered meanwhile; answer waits: before the kill at most "
+          f"{max((w for t, w in waits if t < 0), default=0.0):.2f} s, after it at most {worst:.2f} s, "
+          f"10 s after it at most {max(settled, default=0.0):.2f} s")
     for leg in kept:
         await carrier.hangup(leg)
 
@@ -357,3 +398,76 @@ async def test_postgres_restarted_under_load(
 
 async def _some(legs: list[Leg], count: int) -> bool:
     return len(legs) >= count
+
+
+def test_the_scale_out_benchmark_runs(cluster: Stack, tmp_path):
+    """`make bench NODES=2` in miniature (timing is measured there, never asserted here):
+    the nodes under CPU quotas, one node then two, CPU per call of every process."""
+    done = subprocess.run([sys.executable, "-m", "bench.scaleout", "--tiny", "--out", str(tmp_path)], cwd=PROJECT_DIR,
+                          env={**{k: v for k, v in os.environ.items() if not k.startswith("MB_")}, **cluster.env},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "scaleout.json").read_text())
+    assert results["one_node"] and results["two_nodes"]
+    assert results["cpu"]["ok"] == results["cpu"]["calls"]
+    assert set(results["cpu"]["ms_per_call"]) >= {"kamailio", "postgres", "node-1 Asterisk", "node-2 bridge"}
+    assert (tmp_path / "scaleout.md").read_text().startswith("# Scale-out")
+    assert not any(Path("/sys/fs/cgroup/cpu").glob(f"maskbridge-{cluster.instance_tag}-*")), "the quotas are gone"
+
+
+async def test_kamailio_refuses_calls_from_anyone_but_the_carrier(cluster: Stack):
+    """An INVITE from an address that is not the carrier's gets 403, as does an OPTIONS."""
+    kam = (cluster.env["MB_PBX_SIP_BIND"], int(cluster.env["MB_PBX_SIP_PORT"]))
+    for method in ("INVITE", "OPTIONS"):
+        answer = await sip_request(kam, method, source="127.0.0.1")
+        assert answer.startswith("SIP/2.0 403"), answer[:200]
+
+
+async def sip_request(to: tuple[str, int], method: str, source: str) -> str:
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    class Peer(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            if not got.done() and not data.startswith(b"SIP/2.0 100"):
+                got.set_result(data)
+
+    transport, _ = await loop.create_datagram_endpoint(Peer, local_addr=(source, 0), remote_addr=to)
+    try:
+        port = transport.get_extra_info("sockname")[1]
+        call_id = uuid.uuid4().hex
+        transport.sendto((
+            f"{method} sip:+74950000001@{to[0]}:{to[1]} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP {source}:{port};branch=z9hG4bK{call_id[:12]};rport\r\n"
+            "Max-Forwards: 70\r\n"
+            f"From: <sip:+79160000001@{source}>;tag={call_id[:8]}\r\n"
+            f"To: <sip:+74950000001@{to[0]}>\r\n"
+            f"Call-ID: {call_id}\r\n"
+            f"CSeq: 1 {method}\r\n"
+            f"Contact: <sip:+79160000001@{source}:{port}>\r\n"
+            "Content-Length: 0\r\n\r\n"
+        ).encode())
+        return (await asyncio.wait_for(got, 5)).decode(errors="replace")
+    finally:
+        transport.close()
+
+
+async def test_make_call_says_which_node_took_the_call_and_make_status_shows_both(
+    cluster: Stack, db: asyncpg.Connection
+):
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MB_")}, **cluster.env}
+    pool = await db.fetchval("SELECT pool_number FROM sessions WHERE order_id = $1 AND status = 'open'", DEMO_ORDER)
+    nodes = set()
+    for _ in range(2):
+        done = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "bridge.devstack", "call", DEMO_COURIER, pool, "--hangup-after",
+                             "0.5"], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"caller ID shown:   {pool}" in done.stdout, done.stdout
+        nodes |= {line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("node: ")}
+    assert nodes == {"node-1", "node-2"}
+    status = subprocess.run([sys.executable, "-m", "bridge.devstack", "status"], cwd=PROJECT_DIR, env=env,
+                            capture_output=True, text=True, timeout=60).stdout
+    for node in ("node-1", "node-2"):
+        line = next(ln for ln in status.splitlines() if ln.startswith(node + ":"))
+        assert "asterisk up" in line and "'ari': True" in line and "kamailio sees it up" in line, status

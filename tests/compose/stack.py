@@ -49,18 +49,22 @@ def settings() -> Stack:
 
 
 class ComposeStack:
-    """`docker compose` on docker-compose.yml with the test's override and settings."""
+    """`docker compose` on docker-compose.yml (and `extra` files after it) with the test's
+    overrides and settings."""
 
-    def __init__(self, stack: Stack) -> None:
+    def __init__(self, stack: Stack, extra: tuple[Path, ...] = (), profiles: tuple[str, ...] = ("monitoring",),
+                 name: str = "test") -> None:
         self.stack = stack
-        self.project = f"maskbridge-test-{stack.instance_tag}"
+        self.project = f"maskbridge-{name}-{stack.instance_tag}"
         self.env_file = stack.dir / "compose.env"
         self.api = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}"
+        self.files = (COMPOSE_FILE, TEST_OVERRIDE, *extra)
+        self.profiles = [arg for profile in profiles for arg in ("--profile", profile)]
 
     def write_env_file(self) -> None:
-        """Every MB_ name docker-compose.yml reads, with the test's values (secrets included:
+        """Every MB_ name the compose files read, with the test's values (secrets included:
         the file is the checkout's own, mode 0600, under the git-ignored .stack/)."""
-        names = sorted(set(re.findall(r"\$\{(MB_[A-Z0-9_]+)", COMPOSE_FILE.read_text())))
+        names = sorted({name for path in self.files for name in re.findall(r"\$\{(MB_[A-Z0-9_]+)", path.read_text())})
         lines = [f"{name}={self.stack.env[name]}\n" for name in names if name in self.stack.env]
         self.env_file.parent.mkdir(parents=True, exist_ok=True)
         self.env_file.touch(mode=0o600)
@@ -69,7 +73,7 @@ class ComposeStack:
     def compose(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         command = [
             "docker", "compose", "--project-name", self.project, "--project-directory", str(PROJECT_DIR),
-            "--file", str(COMPOSE_FILE), "--file", str(TEST_OVERRIDE), "--env-file", str(self.env_file), *args,
+            *(arg for path in self.files for arg in ("--file", str(path))), "--env-file", str(self.env_file), *args,
         ]
         # Only the engine's settings from the environment: the local stack's MB_ values that
         # `make test` exports must not reach the compose file.
@@ -82,8 +86,8 @@ class ComposeStack:
     def up(self) -> None:
         """Build the images and start the stack; return once every service is healthy."""
         self.write_env_file()
-        self.compose("--profile", "monitoring", "down", "--volumes", "--remove-orphans", timeout=120)  # a broken run's
-        out = self.compose("--profile", "monitoring", "up", "--build", "--wait", "--wait-timeout", "240",
+        self.compose(*self.profiles, "down", "--volumes", "--remove-orphans", timeout=120)  # a broken run's
+        out = self.compose(*self.profiles, "up", "--build", "--wait", "--wait-timeout", "240",
                            timeout=1800, check=False)
         if out.returncode != 0:
             logs = self.compose("logs", "--no-color", "--tail", "60", check=False)
@@ -93,7 +97,7 @@ class ComposeStack:
         """Keep the services' output (.stack/compose/compose.log), then remove containers and volumes."""
         logs = self.compose("logs", "--no-color", "--timestamps", check=False)
         (self.stack.dir / "compose.log").write_text(logs.stdout + logs.stderr)
-        self.compose("--profile", "monitoring", "down", "--volumes", "--remove-orphans", timeout=120)
+        self.compose(*self.profiles, "down", "--volumes", "--remove-orphans", timeout=120)
 
     def container(self, service: str) -> dict[str, Any]:
         """`docker inspect` of the service's container."""

@@ -18,7 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from bridge.devstack.carrier import Carrier
-from bridge.devstack.monitoring import start_prometheus
+from bridge.devstack.monitoring import rule_count, start_prometheus
 from bridge.devstack.settings import Stack
 from tests.live.conftest import Api, announced, wait_for_call_row
 from tests.unit.test_monitoring import dashboard_queries
@@ -183,7 +183,7 @@ async def test_prometheus_scrapes_both_evaluates_the_rules_and_every_dashboard_q
     # about itself.
     groups = (await prometheus.get("/api/v1/rules"))["groups"]
     rules = [rule for group in groups for rule in group["rules"]]
-    assert len(rules) == 14
+    assert len(rules) == rule_count()
     assert all(rule["health"] == "ok" and not rule.get("lastError") for rule in rules), rules
     await prometheus.until("maskbridge:answer_seizure_ratio:rate15m")
     active = {alert["labels"]["alertname"] for alert in (await prometheus.get("/api/v1/alerts"))["alerts"]}
