@@ -19,7 +19,7 @@ def main() -> None:
     logs.configure(settings.log_level)
     try:
         asyncio.run(app.main(settings))
-    except NodeTaken as exc:
+    except (NodeTaken, app.StartupError) as exc:
         print(f"maskbridge: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 

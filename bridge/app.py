@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -30,7 +31,9 @@ from bridge.pools import Pools
 from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
+from bridge.store.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
+from bridge.store.errors import database_unreachable
 from bridge.store.nodes import SWEEP_LOCK, NodeRepo
 from bridge.store.sessions import PARTICIPANTS_LEFT
 from bridge.store.webhooks import WebhookRepo
@@ -40,6 +43,7 @@ log = structlog.get_logger(__name__)
 
 RETENTION_EVERY = 3600.0  # seconds between two runs of the retention job
 METRICS_EVERY = 10.0  # seconds between two reads of the metrics the database holds
+HEALTH_TIMEOUT = 2.0  # seconds /healthz waits for the database
 DUE_POLL = 1.0  # seconds between two looks of the housekeeping for a session coming due
 
 
@@ -111,8 +115,11 @@ async def housekeeping(
             wait = min(DUE_POLL, next_sweep - loop.time())
             try:
                 due_in = await sessions.next_due_in()
-            except Exception:
-                log.exception("housekeeping.next_due_failed")
+            except Exception as exc:
+                if database_unreachable(exc):  # (said every second while it lasts: no traceback)
+                    log.warning("housekeeping.database_unavailable", error=type(exc).__name__)
+                else:
+                    log.exception("housekeeping.next_due_failed")
                 due_in = None
             if due_in is not None and due_in <= wait:
                 with contextlib.suppress(TimeoutError):
@@ -167,7 +174,8 @@ async def cut_listener(
     while not stop.is_set():
         conn: asyncpg.Connection | None = None
         try:
-            conn = await asyncpg.connect(database_url, server_settings={"application_name": LISTENER_NAME})
+            conn = await asyncpg.connect(database_url, server_settings={"application_name": LISTENER_NAME},
+                                         timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
             conn.add_termination_listener(lost)
             await conn.add_listener(BLOCKLIST_CHANNEL, heard)
             await conn.add_listener(PARTICIPANTS_LEFT, heard)
@@ -206,10 +214,44 @@ _LOST = "\0lost"  # cut_listener's own notice: the connection closed
 LISTENER_NAME = "maskbridge-cut-listener"  # its application_name in pg_stat_activity
 
 
+class StartupError(Exception):
+    """The bridge cannot start as it is configured: one line saying why (exit status 2)."""
+
+
+DB_START_WAIT = 30.0  # seconds a database that does not answer yet is waited for at start
+
+
+async def connect_at_start(dsn: str, wait: float = DB_START_WAIT) -> asyncpg.Pool:
+    """The pool, once the database answers: a database still starting (refused, no answer)
+    is waited for up to `wait` seconds; one that refuses the bridge, or a URL that cannot be
+    used, is a StartupError at once."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait
+    delay = 0.5
+    while True:
+        try:
+            return await connect(dsn)
+        except asyncpg.InvalidAuthorizationSpecificationError as exc:  # (a wrong password too)
+            raise StartupError(f"the database refused the bridge (MB_DATABASE_URL): {exc}") from None
+        except asyncpg.InvalidCatalogNameError as exc:
+            raise StartupError(f"the database of MB_DATABASE_URL does not exist: {exc}") from None
+        except socket.gaierror as exc:
+            raise StartupError(f"the database's host (MB_DATABASE_URL) is unknown: {exc.strerror}") from None
+        except (ValueError, asyncpg.ClientConfigurationError) as exc:
+            raise StartupError(f"MB_DATABASE_URL cannot be used: {exc}") from None
+        except (OSError, asyncpg.PostgresConnectionError) as exc:
+            if loop.time() + delay > deadline:
+                raise StartupError(f"the database (MB_DATABASE_URL) did not answer for {wait:.0f} s: "
+                                   f"{exc or type(exc).__name__}") from None
+            log.warning("db.unreachable_at_start", error=str(exc) or type(exc).__name__, retry_in=delay)
+            await asyncio.sleep(delay)  # (a database still starting: looked at again shortly)
+            delay = min(delay * 2, 5.0)
+
+
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
-    pool = await connect(settings.database_url)
+    pool = await connect_at_start(settings.database_url)
     await migrate(pool, vault)
     # This node's claim first: a second bridge for one Asterisk stops here (NodeTaken).
     claimed = await nodes.claim(settings.database_url, settings.node_id, node_api_url(settings),
@@ -243,9 +285,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
     async def health() -> dict[str, Any]:
         try:
-            db_ok = await pool.fetchval("SELECT 1") == 1
+            # (a database that hangs is not healthy either: the answer comes within 2 s)
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                db_ok = await pool.fetchval("SELECT 1") == 1
         except Exception:  # noqa: BLE001 - any failure means not healthy
             db_ok = False
+        metrics.DATABASE_UP.set(db_ok)
         return {"ari": stream.connected.is_set(), "database": db_ok}
 
     blocklist = Blocklist(store, vault, policy)
@@ -258,7 +303,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         keepalive_timeout=REQUEST_TIMEOUT,
     )
     await runner.setup()
-    listening = await serve_api(runner, settings.api_bind, settings.api_port, guard)
+    try:
+        listening = await serve_api(runner, settings.api_bind, settings.api_port, guard)
+    except OSError as exc:
+        await runner.cleanup()
+        await claimed.close()
+        await pool.close()
+        raise StartupError(f"the API cannot listen on {settings.api_bind}:{settings.api_port} "
+                           f"(MB_API_BIND, MB_API_PORT): {exc.strerror or exc}") from None
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(
         housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive), name="housekeeping"

@@ -110,7 +110,7 @@ def _cell(value: Any) -> str:
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
     vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
-    pool = await connect(settings.database_url, max_size=2)
+    pool = await connect(settings.database_url, max_size=2, command_timeout=None)
     try:
         if args.group == "migrate":
             applied = await migrate(pool, vault)

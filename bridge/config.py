@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from bridge.envtext import whole
 from bridge.languages import LANGUAGES
@@ -56,12 +57,14 @@ def text(*, required: bool = False, pattern: re.Pattern[str] | None = None, min_
     return parse
 
 
+_DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
+
+
 def seconds(low: float, high: float) -> Callable[[str], float]:
     def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise ValueError("must be a number of seconds") from None
+        if not _DECIMAL.fullmatch(raw.strip()):
+            raise ValueError("must be a number of seconds (like 30 or 2.5)")
+        value = float(raw.strip())
         if not math.isfinite(value) or not low <= value <= high:
             raise ValueError(f"must be a number of seconds from {low:g} to {high:g}")
         return value
@@ -98,6 +101,10 @@ def secret(min_length: int, *, required: bool = True) -> Callable[[str], str]:
 
 
 def url(*schemes: str, required: bool = True) -> Callable[[str], str]:
+    """A URL of one of `schemes` naming a host (a port, if given, from 1 to 65535). A
+    postgresql:// URL may name several hosts (host1:5432,host2:5432: a highly available
+    cluster), and its sslmode must be one Postgres knows."""
+
     def parse(raw: str) -> str:
         if not raw:
             if required:
@@ -105,9 +112,33 @@ def url(*schemes: str, required: bool = True) -> Callable[[str], str]:
             return raw
         if not raw.startswith(tuple(f"{s}://" for s in schemes)) or any(c.isspace() for c in raw):
             raise ValueError(f"must be a {' or '.join(s + '://' for s in schemes)} URL")
+        try:
+            parts = urlsplit(raw)
+        except ValueError as exc:
+            raise ValueError(f"is not a valid URL ({exc})") from None
+        hosts = parts.netloc.rpartition("@")[2]
+        postgres = parts.scheme.startswith("postgres")
+        # (postgresql:///db?host=/run/postgresql: a Unix socket, named in the query)
+        for host in ([] if postgres and not hosts else hosts.split(",") if postgres else [hosts]):
+            _host_and_port(host, parts.scheme)
+        sslmode = dict(parse_qsl(parts.query)).get("sslmode")
+        if sslmode is not None and sslmode not in _SSLMODES:
+            raise ValueError(f"has sslmode={sslmode}: must be one of {', '.join(_SSLMODES)}")
         return raw
 
     return parse
+
+
+_SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_HOST = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+)(:([0-9]{1,5}))?")
+
+
+def _host_and_port(text: str, scheme: str) -> None:
+    match = _HOST.fullmatch(text)
+    if not match:
+        raise ValueError(f"must name a host (a {scheme}:// URL like {scheme}://host:port/...)")
+    if match.group(3) is not None and not 1 <= int(match.group(3)) <= 65535:
+        raise ValueError(f"has port {match.group(3)}: must be from 1 to 65535")
 
 
 def keypad(raw: str) -> str:

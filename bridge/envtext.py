@@ -10,10 +10,11 @@ def whole(low: int, high: int, *, zero_is_none: bool = False) -> Callable[[str],
     """A whole number from `low` to `high` (with zero_is_none, 0 reads as None: "none")."""
 
     def parse(raw: str) -> int | None:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise ValueError("must be a whole number") from None
+        # (ASCII digits only: int() would also take "+8091", "8_091" or other scripts' digits)
+        text = raw.strip()
+        if not text.isascii() or not text.isdigit():
+            raise ValueError("must be a whole number")
+        value = int(text)
         if not low <= value <= high:
             raise ValueError(f"must be from {low} to {high}")
         return None if zero_is_none and value == 0 else value

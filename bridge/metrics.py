@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from bridge.calls.outcomes import CUT_REASONS, OUTCOMES, STATES
+from bridge.store.errors import database_unreachable
 
 log = structlog.get_logger(__name__)
 
@@ -126,6 +127,9 @@ def ari_operation(method: str, path: str) -> str:
 
 DB_ACQUIRE = Histogram("maskbridge_db_pool_acquire_seconds", "Time to get a database connection from the pool.",
                        registry=REGISTRY, buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+DATABASE_UP = Gauge("maskbridge_database_up", "1 while the bridge reaches its database (its last metrics read or "
+                    "health check worked), 0 when not; the families read from the database keep their last "
+                    "values meanwhile.", registry=REGISTRY)
 DB_WAITS = Counter("maskbridge_db_pool_waits", "Connection requests that found no idle connection in the pool.",
                    registry=REGISTRY)
 
@@ -256,7 +260,8 @@ async def refresh_from_store(store: Any) -> None:
         # Each region's exhaustion counter exists (at 0) before its first refusal: Prometheus
         # sees no increase in a series whose first sample is already 1.
         if row["region"]:
-            POOL_EXHAUSTED.labels(row["mode"], region)
+            for mode in ("direct", "order_code"):  # (a region may be asked for a mode it has no number of)
+                POOL_EXHAUSTED.labels(mode, region)
     POOL_BUSIEST_HOLDER.clear()
     for row in stats["busiest_holders"]:
         POOL_BUSIEST_HOLDER.labels(row["region"] or "none").set(row["numbers"])
@@ -267,12 +272,18 @@ async def refresh_from_store(store: Any) -> None:
 
 
 async def refresher(store: Any, interval: float, stop: asyncio.Event) -> None:
-    """refresh_from_store every `interval` seconds until `stop`."""
+    """refresh_from_store every `interval` seconds until `stop`; DATABASE_UP says whether it
+    could (the families it reads keep their last values meanwhile: look at it first)."""
     while not stop.is_set():
         try:
             await refresh_from_store(store)
-        except Exception:
-            log.exception("metrics.refresh_failed")
+            DATABASE_UP.set(1)
+        except Exception as exc:
+            DATABASE_UP.set(0)
+            if database_unreachable(exc):
+                log.warning("metrics.database_unavailable", error=type(exc).__name__)
+            else:
+                log.exception("metrics.refresh_failed")
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(interval):
                 await stop.wait()

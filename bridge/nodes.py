@@ -23,6 +23,7 @@ import asyncpg
 import structlog
 
 from bridge import metrics
+from bridge.store.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT
 from bridge.store.nodes import NodeRepo, node_lock_sql
 
 log = structlog.get_logger(__name__)
@@ -42,7 +43,8 @@ def application_name(node: str) -> str:
 async def claim(dsn: str, node: str, api_url: str | None, sip_address: str | None) -> asyncpg.Connection:
     """The connection that holds this node's claim (and registers the node); raises NodeTaken
     when another bridge holds it."""
-    conn = await asyncpg.connect(dsn, server_settings={"application_name": application_name(node)})
+    conn = await asyncpg.connect(dsn, server_settings={"application_name": application_name(node)},
+                                 timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
     try:
         if not await conn.fetchval(node_lock_sql("pg_try_advisory_lock"), node):
             holder = await conn.fetchrow(

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from datetime import datetime
 
 import asyncpg
@@ -75,6 +78,7 @@ def stop_all(stack: Stack) -> None:
         asterisk.stop(stack, "pbx")  # (a one-node stack's, had one run before)
     asterisk.stop(stack, "carrier")
     postgres.stop(stack)
+    monitoring.stop_prometheus(stack.dir / "prometheus")  # (a `make monitor` whose command was killed)
     (stack.run_dir / "nodes").unlink(missing_ok=True)
 
 
@@ -109,6 +113,27 @@ The stack is up.
   Sessions and pool numbers: make admin ARGS="session show --order {demo.DEMO_ORDER}"    make admin ARGS="pool usage"
   Logs: make logs    Asterisk console: make cli    Database: make psql    Stop: make stop
 """
+
+
+@contextlib.contextmanager
+def only_one(stack: Stack, what: str) -> Iterator[None]:
+    """One `make run` or `make start` of a stack at a time: a second one, started while the
+    first is starting or running, stops at once (exit 2) and touches nothing of the first."""
+    stack.dir.mkdir(parents=True, exist_ok=True)
+    with open(stack.dir / "stack.lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            print(f"make {what}: another `make run` or `make start` of this stack ({stack.dir}) is starting or "
+                  f"running (pid {holder}); `make stop` stops it", file=sys.stderr)
+            raise SystemExit(2) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 class Stopped(Exception):
@@ -225,6 +250,11 @@ async def place_call(stack: Stack, from_number: str, to_number: str, hangup_afte
 def monitor(stack: Stack) -> int:
     """Prometheus on the running stack (data under .stack/prometheus), in the foreground."""
     listen = f"{stack.env['MB_PROMETHEUS_BIND']}:{stack.env['MB_PROMETHEUS_PORT']}"
+    running = monitoring.prometheus_of(stack.dir / "prometheus")
+    if running:
+        print(f"a Prometheus of this stack runs already (pid {min(running)}), on http://{listen}: "
+              "`make stop` stops it with the stack", file=sys.stderr)
+        return 2
     proc = monitoring.start_prometheus(stack, stack.dir / "prometheus")
     print(f"Prometheus on http://{listen} (alerts: http://{listen}/alerts), scraping the bridge and the PBX "
           f"every {stack.env['MB_SCRAPE_INTERVAL']}; its log: {stack.dir / 'prometheus' / 'prometheus.log'}\n"
@@ -267,15 +297,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rootfs":
         asterisk.ensure_rootfs(stack)
     elif args.command == "services":
-        start_services(stack)
+        with only_one(stack, "services"):
+            start_services(stack)
     elif args.command == "start":
-        pool_number = start_services(stack)
-        start_bridges(stack)
+        with only_one(stack, "start"):
+            pool_number = start_services(stack)
+            start_bridges(stack)
         print(hint(stack, pool_number))
     elif args.command == "stop":
         stop_all(stack)
     elif args.command == "run":
-        run_foreground(stack)
+        with only_one(stack, "run"):
+            run_foreground(stack)
     elif args.command == "status":
         status(stack)
     elif args.command == "env":

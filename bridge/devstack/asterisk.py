@@ -148,10 +148,17 @@ def _reload_config(stack: Stack, instance: str) -> None:
 
 def stop(stack: Stack, instance: str) -> None:
     """Stop an instance: `core stop now`, and if it is still there after a while (a channel
-    stuck in an application can hold the shutdown forever), SIGTERM, then SIGKILL."""
+    stuck in an application can hold the shutdown forever), SIGTERM, then SIGKILL. Any other
+    Asterisk running this instance's configuration (started twice at once: its control
+    socket and pid file were taken over by the other, and only /proc still finds it) goes too."""
+    from bridge.devstack.processes import processes_with, terminate
+
     pid = _pid(stack, instance)
     if is_running(stack, instance):
         rx(stack, instance, "core stop now", timeout=30)
+    strays = processes_with(b"asterisk", _conf(stack, instance).encode()) - {pid}
+    if strays:
+        terminate(strays)
     for sig in (None, signal.SIGTERM, signal.SIGKILL):
         if sig is not None and pid is not None and _alive(pid):
             try:

@@ -59,3 +59,18 @@ def rule_count() -> int:
 
     groups = yaml.safe_load((MONITORING_DIR / "alerts.yml").read_text())["groups"]
     return sum(len(group["rules"]) for group in groups)
+
+
+def prometheus_of(workdir: Path) -> set[int]:
+    """The Prometheus processes keeping their data in `workdir` (a `make monitor` of this stack)."""
+    from bridge.devstack.processes import processes_with
+
+    return processes_with(f"--storage.tsdb.path={workdir / 'data'}".encode())
+
+
+def stop_prometheus(workdir: Path) -> None:
+    from bridge.devstack.processes import terminate
+
+    running = prometheus_of(workdir)
+    if running:
+        terminate(running)

@@ -19,6 +19,36 @@ def _pidfile(stack: Stack) -> Path:
     return stack.run_dir / "bridge.pid"
 
 
+def processes_with(*parts: bytes) -> set[int]:
+    """Every process whose command line holds each of `parts` as one of its arguments
+    (found through /proc: what a pid file lost or overwritten no longer names)."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if all(part in argv for part in parts) and int(entry.name) != os.getpid():
+                found.add(int(entry.name))
+    return found
+
+
+def terminate(pids: set[int], timeout: float = 10) -> None:
+    """SIGTERM, and SIGKILL to whatever is still there after `timeout` seconds."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)  # waiting for processes to exit
+        if not any(_alive(pid) for pid in pids):
+            return
+
+
 def bridge_log(stack: Stack) -> Path:
     return stack.log_dir / "bridge.log"
 

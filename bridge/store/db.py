@@ -20,12 +20,23 @@ log = structlog.get_logger(__name__)
 SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
 _MIGRATION_LOCK = 0x6D61736B  # advisory lock key: one migrator at a time
 
+# A database that hangs (a black-holed network, a stopped server) must not hang calls and
+# requests with it: every statement of the bridge has COMMAND_TIMEOUT seconds, a new
+# connection CONNECT_TIMEOUT, and a wait for a free connection of the pool ACQUIRE_TIMEOUT
+# (then asyncio's TimeoutError: a caller hears "service unavailable", a request gets 503).
+# Migrations and retention, which may run long on big tables, say LONG_STATEMENT themselves.
+COMMAND_TIMEOUT = 5.0
+CONNECT_TIMEOUT = 5.0
+ACQUIRE_TIMEOUT = 10.0
+LONG_STATEMENT = 3600.0
+
 
 class MeasuredPool(asyncpg.pool.Pool):
     """asyncpg's pool, timing each wait for a connection (bridge.metrics). asyncpg has no hook
     for it; `_acquire` is what every acquire() and every pool.fetch() goes through."""
 
     async def _acquire(self, timeout: float | None) -> Any:
+        timeout = ACQUIRE_TIMEOUT if timeout is None else timeout
         if self.get_idle_size() == 0 and self.get_size() >= self.get_max_size():
             metrics.DB_WAITS.inc()
         began = time.perf_counter()
@@ -35,12 +46,15 @@ class MeasuredPool(asyncpg.pool.Pool):
             metrics.DB_ACQUIRE.observe(time.perf_counter() - began)
 
 
-async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
+async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10,
+                  command_timeout: float | None = COMMAND_TIMEOUT) -> asyncpg.Pool:
+    """The bridge's pool (command_timeout=None: the admin tool's, whose commands may run long)."""
     # (asyncpg.create_pool, with its defaults, but of the measured class.)
     pool = MeasuredPool(
         dsn, min_size=min_size, max_size=max_size, max_queries=50000, max_inactive_connection_lifetime=300.0,
         connect=None, setup=None, init=None, reset=None, loop=None,
         connection_class=asyncpg.connection.Connection, record_class=asyncpg.Record,
+        command_timeout=command_timeout, timeout=CONNECT_TIMEOUT,
     )
     await pool
     metrics.DATABASE_POOL.pool = pool
@@ -49,10 +63,12 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg
 
 async def _seal_plaintext_numbers(conn: asyncpg.Connection, vault: NumberVault) -> None:
     """After 002: seal every real number stored in plaintext by 001, then empty it."""
-    rows = await conn.fetch("SELECT id, real_number FROM participants WHERE real_number IS NOT NULL")
+    rows = await conn.fetch("SELECT id, real_number FROM participants WHERE real_number IS NOT NULL",
+                            timeout=LONG_STATEMENT)
     await conn.executemany(
         "UPDATE participants SET number_idx = $2, number_enc = $3, real_number = NULL WHERE id = $1",
         [(r["id"], vault.index(r["real_number"]), vault.seal(r["real_number"])) for r in rows],
+        timeout=LONG_STATEMENT,
     )
     if rows:
         log.info("db.sealed_plaintext_numbers", participants=len(rows))
@@ -81,7 +97,7 @@ async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DI
     version never sees a schema half way); returns their names."""
     applied: list[str] = []
     async with pool.acquire() as conn:
-        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK, timeout=LONG_STATEMENT)
         try:
             await conn.execute(
                 "CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -92,7 +108,7 @@ async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DI
                 for path in _migrations(sql_dir):
                     if path.name in done:
                         continue
-                    await conn.execute(path.read_text())
+                    await conn.execute(path.read_text(), timeout=LONG_STATEMENT)
                     step = _PYTHON_STEPS.get(path.name)
                     if step is not None:
                         await step(conn, vault)

@@ -48,4 +48,5 @@ def database_unreachable(exc: BaseException) -> bool:
         asyncpg.InterfaceError,  # the connection (or the pool) is closed
         asyncpg.TooManyConnectionsError,
         ConnectionError,  # the pool could not open a connection (refused, reset)
+        TimeoutError,  # the database did not answer in time (store.db: COMMAND_TIMEOUT and the others)
     ))

@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from bridge.store.db import LONG_STATEMENT
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
 from bridge.terms import Terms
 
@@ -628,7 +629,7 @@ class SessionRepo:
                   AND (NOT holds OR held_until <= now())  -- a cool-off still running is kept
                 RETURNING session_id
                 """,
-                older_than_days,
+                older_than_days, timeout=LONG_STATEMENT,
             )
             sessions: dict[uuid.UUID, int] = {}
             for r in purged:
@@ -639,7 +640,7 @@ class SessionRepo:
                 await conn.execute(
                     """UPDATE calls SET caller_masked = NULL
                        WHERE caller_masked IS NOT NULL AND ended_at < now() - make_interval(days => $1)""",
-                    older_than_days,
+                    older_than_days, timeout=LONG_STATEMENT,
                 )
             )
         return {"participants": len(purged), "sessions": len(sessions), "calls": calls}

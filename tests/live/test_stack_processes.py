@@ -10,13 +10,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from bridge.devstack import asterisk, postgres, processes
+from bridge.devstack import asterisk, monitoring, postgres, processes
 from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
 
 SETTINGS = {
@@ -29,6 +30,7 @@ SETTINGS = {
     "MB_RTP_END": "44999",
     "MB_CARRIER_RTP_START": "45000",
     "MB_CARRIER_RTP_END": "45999",
+    "MB_PROMETHEUS_BIND": "127.0.0.51",
 }
 
 
@@ -51,11 +53,15 @@ def own_stack(environ: dict[str, str]) -> Iterator[Stack]:
 
 
 def everything_down(stack: Stack) -> dict[str, bool]:
-    """What of the stack still runs (all False: nothing)."""
+    """What of the stack still runs (all False: nothing), found by its control sockets and
+    pid files, and by /proc (an Asterisk whose socket another took over; a Prometheus)."""
     return {
         "postgres": postgres.is_running(stack),
         **{f"asterisk {i}": asterisk.is_running(stack, i) for i in asterisk.INSTANCES},
+        **{f"asterisk {i} (any)": bool(processes.processes_with(b"asterisk", asterisk._conf(stack, i).encode()))
+           for i in asterisk.INSTANCES},
         "bridge": bool(processes._bridges_of(stack)),
+        "prometheus": bool(monitoring.prometheus_of(stack.dir / "prometheus")),
     }
 
 
@@ -121,6 +127,43 @@ def test_make_stop_stops_what_a_killed_make_run_left_the_bridge_included(environ
     proc.wait(timeout=30)
     assert all(everything_down(own_stack).values()), "the killed make run left its stack running"
     (own_stack.run_dir / "bridge.pid").unlink()  # and even the bridge's pid file is lost
+    out = subprocess.run(["make", "stop"], cwd=PROJECT_DIR, env=environ, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not any(everything_down(own_stack).values()), everything_down(own_stack)
+
+
+def test_two_make_start_at_once_start_one_stack_and_make_stop_leaves_nothing(environ, own_stack):
+    """The second one, started while the first is starting, stops at once and touches
+    nothing of the first (it used to stop the first one's stack, and leave Asterisks that
+    nothing could see)."""
+    runs = [subprocess.Popen(["make", "start"], cwd=PROJECT_DIR, env=environ, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [(run.wait(timeout=300), *run.communicate()) for run in runs]
+    assert sorted(code for code, _out, _err in outs) == [0, 2], outs
+    refused = next(err for code, _out, err in outs if code == 2)
+    assert "another `make run` or `make start` of this stack" in refused, refused
+    assert processes.health(own_stack) == {"ari": True, "database": True}
+    out = subprocess.run(["make", "stop"], cwd=PROJECT_DIR, env=environ, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not any(everything_down(own_stack).values()), everything_down(own_stack)
+
+
+def test_make_stop_also_stops_a_prometheus_whose_make_monitor_was_killed(environ, own_stack, tmp_path):
+    assert subprocess.run(["make", "start"], cwd=PROJECT_DIR, env=environ, capture_output=True,
+                          timeout=300).returncode == 0
+    with open(tmp_path / "monitor.log", "wb") as log:
+        monitor = subprocess.Popen([sys.executable, "-m", "bridge.devstack", "monitor"], cwd=PROJECT_DIR, env=environ,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while not monitoring.prometheus_of(own_stack.dir / "prometheus") and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling: the monitor command has no readiness signal
+    assert monitoring.prometheus_of(own_stack.dir / "prometheus")
+    os.kill(monitor.pid, signal.SIGKILL)
+    monitor.wait(timeout=10)
+    assert monitoring.prometheus_of(own_stack.dir / "prometheus"), "its Prometheus outlived it"
+    again = subprocess.run([sys.executable, "-m", "bridge.devstack", "monitor"], cwd=PROJECT_DIR, env=environ,
+                           capture_output=True, text=True, timeout=30)
+    assert again.returncode == 2 and "a Prometheus of this stack runs already" in again.stderr, again.stderr
     out = subprocess.run(["make", "stop"], cwd=PROJECT_DIR, env=environ, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     assert not any(everything_down(own_stack).values()), everything_down(own_stack)

@@ -44,8 +44,16 @@ def test_every_bad_value_is_named_at_once_and_the_process_exits_2():
     assert "abc;xyz" not in out.stderr, "a secret is not repeated"
 
 
-@pytest.mark.parametrize(("name", "value"), [("MB_RING_TIMEOUT", "inf"), ("MB_API_PORT", "70000"),
-                                             ("MB_NUMBER_KEY", "short"), ("MB_API_TOKEN", "")])
+@pytest.mark.parametrize(("name", "value"), [
+    ("MB_RING_TIMEOUT", "inf"), ("MB_API_PORT", "70000"), ("MB_NUMBER_KEY", "short"), ("MB_API_TOKEN", ""),
+    # Numbers are written in ASCII digits, nothing else int() or float() would take.
+    ("MB_API_PORT", "+8091"), ("MB_API_PORT", "8_091"), ("MB_API_PORT", "\u0668\u0660\u0669\u0661"),
+    ("MB_RING_TIMEOUT", "1e2"),
+    # URLs name a host, and a port in range.
+    ("MB_DATABASE_URL", "postgresql://u:p@127.0.0.1:99999/db"), ("MB_DATABASE_URL", "postgresql://u:p@127.0.0.1:abc/db"),
+    ("MB_DATABASE_URL", "postgresql://u:p@[::1/db"), ("MB_DATABASE_URL", "postgresql://u:p@db/x?sslmode=bogus"),
+    ("MB_ARI_URL", "http://"), ("MB_ARI_URL", "http://127.0.0.1:99999"),
+])
 def test_one_bad_value_is_refused(monkeypatch, name, value):
     for key in [k for k in os.environ if k.startswith("MB_")]:
         monkeypatch.delenv(key)
@@ -55,3 +63,17 @@ def test_one_bad_value_is_refused(monkeypatch, name, value):
     with pytest.raises(ConfigError) as caught:
         Settings.from_env()
     assert any(problem.startswith(name) for problem in caught.value.problems), caught.value.problems
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://u:p@db1:5432,db2:5432/maskbridge?target_session_attrs=read-write",  # a highly available cluster
+    "postgresql://u:p@[::1]:5432/maskbridge", "postgresql:///maskbridge?host=/run/postgresql",
+    "postgres://u:p@db/maskbridge?sslmode=verify-full",
+])
+def test_database_urls_of_every_supported_shape_are_accepted(monkeypatch, url):
+    for key in [k for k in os.environ if k.startswith("MB_")]:
+        monkeypatch.delenv(key)
+    for key, good in GOOD.items():
+        monkeypatch.setenv(key, good)
+    monkeypatch.setenv("MB_DATABASE_URL", url)
+    assert Settings.from_env(services=False).database_url == url
