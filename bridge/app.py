@@ -311,6 +311,15 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await pool.close()
         raise StartupError(f"the API cannot listen on {settings.api_bind}:{settings.api_port} "
                            f"(MB_API_BIND, MB_API_PORT): {exc.strerror or exc}") from None
+    try:
+        await nodes.guard_asterisk(ari, claimed, settings.node_id, settings.node_timeout)
+    except nodes.NodeTaken:
+        listening.close()
+        await runner.cleanup()
+        await ari.close()
+        await claimed.close()
+        await pool.close()
+        raise
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(
         housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive), name="housekeeping"

@@ -23,7 +23,9 @@ import asyncpg
 import structlog
 
 from bridge import metrics
+from bridge.ari import AriClient, AriError
 from bridge.store.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT
+from bridge.store.errors import database_unreachable
 from bridge.store.nodes import NodeRepo, node_lock_sql
 
 log = structlog.get_logger(__name__)
@@ -66,6 +68,34 @@ async def claim(dsn: str, node: str, api_url: str | None, sip_address: str | Non
         await conn.close()
         raise
     return conn
+
+
+async def guard_asterisk(ari: AriClient, conn: asyncpg.Connection, node: str, timeout: float) -> None:
+    """Refuse (NodeTaken) to drive an Asterisk another live node's bridge drives: two bridges
+    with different node ids on one Asterisk would take its Stasis application from each other.
+    The Asterisk is known by its entity id; one that does not answer yet is looked at by
+    nobody (its bridge connects when it is up, and the other nodes' bridges would have
+    refused first)."""
+    try:
+        entity = await ari.entity_id()
+    except AriError as exc:
+        log.warning("node.asterisk_not_checked", node=node, error=str(exc))
+        return
+    if not entity:
+        return
+    other = await conn.fetchval(
+        """SELECT id FROM nodes WHERE asterisk_entity_id = $1 AND id <> $2
+             AND heartbeat_at > now() - make_interval(secs => $3) LIMIT 1""",
+        entity, node, timeout,
+    )
+    if other is not None:
+        raise NodeTaken(
+            f"node {other!r} already runs a bridge on this Asterisk (entity id {entity}): two bridges on one "
+            f"Asterisk would take the Stasis application from each other. Give this node ({node!r}) its own "
+            "Asterisk (MB_ARI_URL), or stop the other bridge. (Or two Asterisks were given one entityid: each "
+            "node's must be its own, MB_ENTITYID.)"
+        )
+    await conn.execute("UPDATE nodes SET asterisk_entity_id = $1 WHERE id = $2", entity, node)
 
 
 async def sip_answers(address: str, timeout: float = PROBE_TIMEOUT, tries: int = PROBE_TRIES) -> bool:
@@ -187,5 +217,8 @@ class NodeKeeper:
                     log.warning("node.lost", node=silent.id, calls_ended=ended,
                                 last_heartbeat=silent.heartbeat_at.isoformat())
             self._kept = kept
-        except Exception:
-            log.exception("node.reaper_failed")
+        except Exception as exc:
+            if database_unreachable(exc):
+                log.warning("node.reaper_database_unavailable", error=type(exc).__name__)
+            else:
+                log.exception("node.reaper_failed")

@@ -283,6 +283,11 @@ class AriClient:
         async with self.stored_recording_file(name) as stored:
             return stored.length
 
+    async def entity_id(self) -> str:
+        """This Asterisk's entity id (asterisk.conf `entityid`; unique per Asterisk)."""
+        info = await self.request("GET", "/asterisk/info")
+        return str((info.get("system") or {}).get("entity_id", ""))
+
     # --- application ----------------------------------------------------------------
 
     async def application(self) -> dict[str, Any]:

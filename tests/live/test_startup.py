@@ -15,10 +15,16 @@ import pytest
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
 
+def environ(stack: Stack, **settings: str) -> dict[str, str]:
+    """A second bridge's: a node of its own (the stack's bridge holds node-1), another API
+    port, and an ARI nobody answers on (it must not take the stack's Stasis application)."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MB_")}, **stack.bridge_env(),
+            "MB_NODE_ID": "startup-test", "MB_API_PORT": str(int(stack.env["MB_API_PORT"]) + 9),
+            "MB_ARI_URL": "http://127.0.0.1:9", **settings}
+
+
 def bridge(stack: Stack, **settings: str) -> subprocess.Popen[str]:
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MB_")}, **stack.bridge_env(),
-           # (a node of its own: the stack's bridge holds node-1)
-           "MB_NODE_ID": "startup-test", "MB_API_PORT": str(int(stack.env["MB_API_PORT"]) + 9), **settings}
+    env = environ(stack, **settings)
     return subprocess.Popen([sys.executable, "-m", "bridge"], cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 
@@ -47,6 +53,13 @@ def test_an_api_address_it_cannot_listen_on(stack, address):
     assert f"the API cannot listen on {address}" in err, err
 
 
+def test_a_bridge_of_another_node_on_the_stacks_asterisk(stack):
+    """Two node ids, one Asterisk: the second bridge would take the Stasis application from
+    the first. It is refused before it connects its event stream."""
+    err = refused(stack, MB_ARI_URL=stack.bridge_env()["MB_ARI_URL"])
+    assert "node 'node-1' already runs a bridge on this Asterisk" in err, err
+
+
 def test_an_api_port_in_use(stack):
     err = refused(stack, MB_API_PORT=stack.env["MB_API_PORT"])  # the stack's own bridge has it
     assert "the API cannot listen on" in err, err
@@ -60,8 +73,7 @@ async def test_a_database_still_starting_is_waited_for(stack):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     url = stack.database_url.replace(f":{stack.env['MB_PG_PORT']}/", f":{port}/")
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MB_")}, **stack.bridge_env(),
-           "MB_NODE_ID": "startup-test", "MB_API_PORT": str(int(stack.env["MB_API_PORT"]) + 9), "MB_DATABASE_URL": url}
+    env = environ(stack, MB_DATABASE_URL=url)
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bridge", cwd=PROJECT_DIR, env=env,
                                                 stderr=asyncio.subprocess.PIPE)
     forward = None
