@@ -22,12 +22,14 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import pytest
 from bridge.devstack import asterisk, postgres, processes
+from bridge.devstack.audio import samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.demo import DEMO_COURIER, DEMO_ORDER
 from bridge.devstack.settings import PROJECT_DIR, Stack
 from tests.live.conftest import Api, WebhookReceiver
-from tests.live.siplog import SipLog, SipMessage, dialogs, identity_leaks, logged
+from tests.live.siplog import SipLog, SipMessage, dialogs, identity_leaks, logged, reinvite_answered
 
 _numbers = itertools.count(random.randrange(0, 1_000_000))
 
@@ -471,3 +473,34 @@ async def test_make_call_says_which_node_took_the_call_and_make_status_shows_bot
     for node in ("node-1", "node-2"):
         line = next(ln for ln in status.splitlines() if ln.startswith(node + ":"))
         assert "asterisk up" in line and "'ari': True" in line and "kamailio sees it up" in line, status
+
+
+@pytest.mark.parametrize("holder", ["caller", "callee"])
+async def test_hold_and_resume_through_kamailio(cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection,
+                                                holder: str):
+    """In-dialog requests follow the dialog through Kamailio (Record-Route) both ways: the
+    carrier's re-INVITEs to hold and resume reach the node that has the call, for a call in
+    from the carrier (caller) and for the node's call out to it (callee); audio flows again
+    after the resume."""
+    sip_log = SipLog(asterisk.host_path(cluster, "carrier", "log", "sip.log"))
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer", tone=1000, listen=False)
+    leg = await carrier.call(courier, session["pool_number"], tone=600, listen=False)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.answered.wait(), 10)
+    await asyncio.wait_for(callee.answered.wait(), 10)
+    holding, held = (leg, callee) if holder == "caller" else (callee, leg)
+    mark = sip_log.mark()
+    await carrier.hold(holding)
+    assert "a=recvonly" in (await reinvite_answered(sip_log, mark, "sendonly")).text
+    mark = sip_log.mark()
+    await carrier.resume(holding)
+    assert "a=sendrecv" in (await reinvite_answered(sip_log, mark, "sendrecv")).text
+    assert not leg.ended.is_set() and not callee.ended.is_set()
+    heard, rate = samples(await carrier.listen_to(held, 2))
+    assert tone_share(heard, rate, holding.tone) > 0.5, "audio flows again after the resume"
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    row = await until(lambda: _ended_row(db, session["id"]), 10, "ended")
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
