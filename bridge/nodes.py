@@ -83,19 +83,26 @@ async def guard_asterisk(ari: AriClient, conn: asyncpg.Connection, node: str, ti
         return
     if not entity:
         return
-    other = await conn.fetchval(
-        """SELECT id FROM nodes WHERE asterisk_entity_id = $1 AND id <> $2
-             AND heartbeat_at > now() - make_interval(secs => $3) LIMIT 1""",
-        entity, node, timeout,
-    )
-    if other is not None:
-        raise NodeTaken(
-            f"node {other!r} already runs a bridge on this Asterisk (entity id {entity}): two bridges on one "
-            f"Asterisk would take the Stasis application from each other. Give this node ({node!r}) its own "
-            "Asterisk (MB_ARI_URL), or stop the other bridge. (Or two Asterisks were given one entityid: each "
-            "node's must be its own, MB_ENTITYID.)"
+    async with conn.transaction():
+        # (one bridge at a time per Asterisk between the look and the claim: two started at once
+        # would both find nobody)
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended('maskbridge-asterisk:' || $1, 0))",
+                           entity)
+        other = await conn.fetchval(
+            """SELECT id FROM nodes WHERE asterisk_entity_id = $1 AND id <> $2
+                 AND heartbeat_at > now() - make_interval(secs => $3) LIMIT 1""",
+            entity, node, timeout,
         )
-    await conn.execute("UPDATE nodes SET asterisk_entity_id = $1 WHERE id = $2", entity, node)
+        if other is None:
+            await conn.execute("UPDATE nodes SET asterisk_entity_id = $1, heartbeat_at = now() WHERE id = $2",
+                               entity, node)
+            return
+    raise NodeTaken(
+        f"node {other!r} already runs a bridge on this Asterisk (entity id {entity}): two bridges on one "
+        f"Asterisk would take the Stasis application from each other. Give this node ({node!r}) its own "
+        "Asterisk (MB_ARI_URL), or stop the other bridge. (Or two Asterisks were given one entityid: each "
+        "node's must be its own, MB_ENTITYID.)"
+    )
 
 
 async def sip_answers(address: str, timeout: float = PROBE_TIMEOUT, tries: int = PROBE_TRIES) -> bool:

@@ -14,7 +14,7 @@ import structlog
 
 from bridge import metrics
 from bridge.ari.client import AriClient
-from bridge.ari.errors import AriError
+from bridge.ari.errors import AriError, AriNotFound
 
 log = structlog.get_logger(__name__)
 
@@ -38,6 +38,7 @@ class EventStream:
         min_backoff: float = 0.2,
         max_backoff: float = 5.0,
         stable_after: float = 10.0,
+        check_every: float = 5.0,
     ) -> None:
         self.client = client
         self.handler = handler
@@ -45,6 +46,7 @@ class EventStream:
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.stable_after = stable_after  # seconds up after which a connection counts as good
+        self.check_every = check_every  # seconds between two looks that the application is registered
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -60,6 +62,22 @@ class EventStream:
             await self.handler(event)
         except Exception:
             log.exception("ari.handler_failed", event_type=event.get("type"))
+
+    async def _watch(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        """While connected, every `check_every` seconds: is the application still registered,
+        and does Asterisk answer? If not, the websocket is closed (and opened again): a bridge
+        must not stay connected to an Asterisk that no longer delivers it anything, nor say it
+        is healthy meanwhile."""
+        while not ws.closed:
+            await asyncio.sleep(self.check_every)  # (the watch's own pace)
+            try:
+                await self.client.application()
+            except AriError as exc:
+                log.warning("ari.application_lost" if exc.status == 404 else "ari.unresponsive",
+                            app=self.client.app, error=str(exc))
+                self.connected.clear()
+                await ws.close()
+                return
 
     def stop(self) -> None:
         self._stopping = True
@@ -77,19 +95,32 @@ class EventStream:
                     log.info("ari.connected", app=self.client.app)
                     # Connected once the owner has caught up with what happened while the
                     # socket was down (calls left in Stasis resumed or finished): until then
-                    # the bridge does not say it is healthy.
+                    # the bridge does not say it is healthy. A websocket Asterisk accepted is
+                    # not yet an application it delivers to: an Asterisk that hung and came back
+                    # can tear the old connection's application down after registering the new
+                    # one. The owner's catching up reads the application (AriNotFound: connect
+                    # again); without an owner, the stream reads it itself.
                     if self.on_connected is not None:
                         try:
                             await self.on_connected()
+                        except AriNotFound:
+                            raise
                         except Exception:
                             log.exception("ari.on_connected_failed")
+                    else:
+                        await self.client.application()
                     self.connected.set()
                     metrics.ARI_CONNECTED.set(1)
-                    async for msg in ws:
-                        if msg.type == aiohttp.WSMsgType.TEXT:
-                            await self._deliver(msg.data)
-                        elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
-                            break
+                    watch = asyncio.create_task(self._watch(ws), name="ari-watch")
+                    try:
+                        async for msg in ws:
+                            if msg.type == aiohttp.WSMsgType.TEXT:
+                                await self._deliver(msg.data)
+                            elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
+                                break
+                    finally:
+                        watch.cancel()
+                        await asyncio.gather(watch, return_exceptions=True)
             except asyncio.CancelledError:
                 raise
             except (aiohttp.ClientError, OSError, asyncio.TimeoutError, AriError) as exc:

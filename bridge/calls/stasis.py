@@ -93,6 +93,11 @@ class StasisDispatcher:
         calls; calls an earlier bridge process left behind are resumed or finished."""
         try:
             live = set((await self.ari.application()).get("channel_ids", []))
+        except AriNotFound:
+            # The application is not registered: this connection delivers nothing (the event
+            # stream connects again).
+            log.warning("reconcile.application_missing", app=self.ari.app)
+            raise
         except AriError as exc:
             log.warning("reconcile.failed", error=str(exc))
             return

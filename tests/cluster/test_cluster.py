@@ -425,7 +425,31 @@ async def test_kamailio_refuses_calls_from_anyone_but_the_carrier(cluster: Stack
         assert answer.startswith("SIP/2.0 403"), answer[:200]
 
 
-async def sip_request(to: tuple[str, int], method: str, source: str) -> str:
+async def test_kamailio_relays_in_dialog_requests_only_between_the_carrier_and_the_nodes(cluster: Stack):
+    """A request that looks in-dialog (a To tag) with a Route header of the sender's choosing
+    must not make Kamailio an open relay, even from the carrier's address."""
+    loop = asyncio.get_running_loop()
+    received: list[bytes] = []
+
+    class Victim(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: object) -> None:
+            received.append(data)
+
+    victim, _ = await loop.create_datagram_endpoint(Victim, local_addr=("127.0.0.74", 0))
+    try:
+        port = victim.get_extra_info("sockname")[1]
+        kam = (cluster.env["MB_PBX_SIP_BIND"], int(cluster.env["MB_PBX_SIP_PORT"]))
+        answer = await sip_request(
+            kam, "MESSAGE", source=cluster.env["MB_TRUNK_HOST"], uri=f"sip:victim@127.0.0.74:{port}",
+            extra=f"Route: <sip:{kam[0]}:{kam[1]};lr>\r\n", to_tag=True)
+        assert answer.startswith("SIP/2.0 403"), answer[:200]
+        assert received == [], "nothing reached the address the Route pointed at"
+    finally:
+        victim.close()
+
+
+async def sip_request(to: tuple[str, int], method: str, source: str, uri: str | None = None, extra: str = "",
+                      to_tag: bool = False) -> str:
     loop = asyncio.get_running_loop()
     got: asyncio.Future[bytes] = loop.create_future()
 
@@ -439,14 +463,15 @@ async def sip_request(to: tuple[str, int], method: str, source: str) -> str:
         port = transport.get_extra_info("sockname")[1]
         call_id = uuid.uuid4().hex
         transport.sendto((
-            f"{method} sip:+74950000001@{to[0]}:{to[1]} SIP/2.0\r\n"
+            f"{method} {uri or f'sip:+74950000001@{to[0]}:{to[1]}'} SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP {source}:{port};branch=z9hG4bK{call_id[:12]};rport\r\n"
             "Max-Forwards: 70\r\n"
             f"From: <sip:+79160000001@{source}>;tag={call_id[:8]}\r\n"
-            f"To: <sip:+74950000001@{to[0]}>\r\n"
+            f"To: <sip:+74950000001@{to[0]}>{';tag=x' + call_id[8:16] if to_tag else ''}\r\n"
             f"Call-ID: {call_id}\r\n"
             f"CSeq: 1 {method}\r\n"
             f"Contact: <sip:+79160000001@{source}:{port}>\r\n"
+            f"{extra}"
             "Content-Length: 0\r\n\r\n"
         ).encode())
         return (await asyncio.wait_for(got, 5)).decode(errors="replace")
@@ -504,3 +529,46 @@ async def test_hold_and_resume_through_kamailio(cluster: Stack, carrier: Carrier
     await asyncio.wait_for(callee.ended.wait(), 10)
     row = await until(lambda: _ended_row(db, session["id"]), 10, "ended")
     assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
+async def test_a_node_whose_asterisk_hangs_and_comes_back_takes_calls_again(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection, nodes_up: list[Stack]
+):
+    """SIGSTOP of node 2's Asterisk for longer than the bridge waits for ARI, then SIGCONT:
+    meanwhile calls go to node 1; afterwards node 2's bridge is connected to its
+    application again (not to a websocket Asterisk delivers nothing to) and takes calls."""
+    node2 = nodes_up[1]
+    pid = asterisk._pid(node2, "pbx")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        # The bridge notices (its watch of the application times out) and stops saying it is healthy.
+        await until(lambda: _unhealthy(node2), 40, "node 2's bridge says ARI is down")
+        assert {await masked_node(carrier, api, db) for _ in range(2)} == {"node-1"}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await until(lambda: _healthy(node2), 40, "node 2's bridge connected again")
+    seen: set[str] = set()
+    async with asyncio.timeout(60):
+        while "node-2" not in seen:  # (Kamailio's probes mark it up again within seconds)
+            seen.add(await masked_node(carrier, api, db))
+
+
+async def _unhealthy(node: Stack) -> bool:
+    return not ((await asyncio.to_thread(processes.health, node)) or {}).get("ari", False)
+
+
+async def _healthy(node: Stack) -> bool:
+    return (await asyncio.to_thread(processes.health, node)) == {"ari": True, "database": True}
+
+
+async def masked_node(carrier: Carrier, api: Api, db: asyncpg.Connection) -> str:
+    """The node that put through a short masked call (answered, hung up)."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer", answer_after=0.1, hangup_after=0.3, listen=False)
+    leg = await carrier.call(courier, session["pool_number"], listen=False)
+    await asyncio.wait_for(leg.ended.wait(), 30)
+    row = await until(lambda: _ended_row(db, session["id"]), 15, "the call ended")
+    assert row["outcome"] == "answered", row
+    return str(row["node"])

@@ -204,3 +204,26 @@ async def test_each_node_deletes_only_the_recordings_in_its_own_spool(stack, db,
     assert ids["node-1"] in due and ids[other] not in due
     assert ids[other] in theirs and ids["node-1"] not in theirs
     await db.execute("UPDATE recordings SET deleted_at = now() WHERE id = ANY($1)", list(ids.values()))
+
+
+async def test_two_bridges_started_at_once_on_one_asterisk_are_not_both_let_through(stack, db, nodes):
+    """Two node ids, one Asterisk, guarded at the same moment: one goes on, the other is
+    refused. (The carrier's Asterisk plays an Asterisk no node drives yet.)"""
+    from bridge import nodes as node_module
+    from bridge.ari import AriClient
+
+    ids = [node_id(nodes, "racer"), node_id(nodes, "racer")]
+    carrier_ari = f"http://{stack.env['MB_TRUNK_HOST']}:{stack.env['MB_CARRIER_ARI_PORT']}"
+    for _round in range(3):
+        conns = [await node_module.claim(stack.database_url, i, None, None) for i in ids]
+        aris = [AriClient(carrier_ari, "carrier", stack.env["MB_CARRIER_ARI_PASSWORD"], "race") for _ in ids]
+        try:
+            outcomes = await asyncio.gather(*(node_module.guard_asterisk(a, c, i, 15) for a, c, i in zip(aris, conns, ids)),
+                                            return_exceptions=True)
+        finally:
+            for a in aris:
+                await a.close()
+            for c in conns:
+                await c.close()
+        assert sorted(type(o).__name__ for o in outcomes) == ["NodeTaken", "NoneType"], outcomes
+        await db.execute("UPDATE nodes SET asterisk_entity_id = NULL WHERE id = ANY($1)", ids)

@@ -194,6 +194,7 @@ class AriFake:
         self.connects = 0  # websockets accepted so far
         self.connect_times: list[float] = []  # when each was accepted (monotonic)
         self.close_at_once = False  # accept each websocket, then close it at once (a sick Asterisk)
+        self.app_registered = True  # False: GET /applications/<app> answers 404 (an Asterisk that lost it)
         self._failures: list[Failure] = []
         self._cuts: list[tuple[str, str]] = []
         self._sockets: set[web.WebSocketResponse] = set()
@@ -746,7 +747,7 @@ class AriFake:
         return web.Response(status=204)
 
     async def _application(self, request: web.Request) -> web.Response:
-        if request.match_info["app"] != self.app:
+        if request.match_info["app"] != self.app or not self.app_registered:
             return _error(404, "Application not found")
         return web.json_response(
             {

@@ -361,7 +361,8 @@ class Harness:
         self.ari = AriClient(self.fake.base_url, "bridge", "secret", APP, request_timeout=5.0)
         self.dispatcher = StasisDispatcher(self.ari, self.store, self.settings, router=self.store)
         self.stream = EventStream(
-            self.ari, self._handle, on_connected=self.dispatcher.reconcile, min_backoff=0.01, max_backoff=0.05
+            self.ari, self._handle, on_connected=self.dispatcher.reconcile, min_backoff=0.01, max_backoff=0.05,
+            check_every=3600,  # (the application watch has tests of its own: test_event_stream.py)
         )
         self.task = asyncio.create_task(self.stream.run(), name="test-ari-events")
         await self.fake.wait_connected(1)

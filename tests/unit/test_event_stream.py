@@ -59,3 +59,27 @@ async def test_connected_is_said_only_once_the_owner_has_caught_up() -> None:
         assert not stream.connected.is_set(), "healthy before calls left behind were taken over"
         release.set()
         await asyncio.wait_for(stream.connected.wait(), 10)
+
+
+async def test_a_connection_whose_application_is_not_registered_is_made_again() -> None:
+    """An Asterisk that hung and came back can accept the websocket and yet not deliver the
+    application to it (404): the stream connects again until it does, and is not
+    connected meanwhile."""
+    fake = AriFake(app=APP)
+    fake.app_registered = False
+    async with _stream(fake, min_backoff=0.01, max_backoff=0.05) as stream:
+        await fake._wait(lambda: fake.connects >= 3, 10, "three connects")
+        assert not stream.connected.is_set()
+        fake.app_registered = True
+        await asyncio.wait_for(stream.connected.wait(), 10)
+
+
+async def test_an_application_lost_while_connected_is_noticed_and_the_stream_reconnects() -> None:
+    fake = AriFake(app=APP)
+    async with _stream(fake, min_backoff=0.01, max_backoff=0.05, check_every=0.05) as stream:
+        await asyncio.wait_for(stream.connected.wait(), 10)
+        connects = fake.connects
+        fake.app_registered = False
+        await fake._wait(lambda: not stream.connected.is_set(), 10, "the stream no longer says it is connected")
+        fake.app_registered = True
+        await fake._wait(lambda: fake.connects > connects and stream.connected.is_set(), 10, "connected again")
