@@ -19,7 +19,7 @@ endif
 TEST_ENV := MB_RING_TIMEOUT=6 MB_CONFIRM_TIMEOUT=2 MB_WEBHOOK_URL=$(MB_TEST_WEBHOOK_URL)
 
 .PHONY: help deps venv rootfs run start stop monitor status call cli carrier-cli logs psql admin bench test test-unit typecheck lint \
-        compose-check compose-up compose-down clean
+        compose-check compose-up compose-down clean bench-sizes
 
 help:
 	@echo "make run      the whole stack locally with demo data (Ctrl-C stops it)"
@@ -134,6 +134,13 @@ bench: deps venv
 	$(DEVSTACK) start >/dev/null
 	status=0; $(PY) -m $(BENCH_MODULE) $(BENCH_ARGS) || status=$$?; \
 	$(DEVSTACK) stop; exit $$status
+
+# Session opens and the route lookup as the data grows (bench/sizes.py; report docs/bench/sizes.md):
+# a database of its own on the local stack's Postgres, 10,000 pool numbers, up to 1,000,000
+# past participants.
+bench-sizes: deps venv
+	$(DEVSTACK) start >/dev/null
+	$(PY) -m bench.sizes $(BENCH_ARGS)
 
 test-unit: venv
 	$(PY) -m pytest -ra tests/unit $(PYTEST_ARGS)

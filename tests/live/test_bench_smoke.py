@@ -22,3 +22,15 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
     assert all(step["success"] == 1.0 for step in results["ramp"])
     assert results["concurrency"][-1]["audio_ok"] is True
     assert results["route"]["n"] >= TINY["delay_per_path"]
+
+
+async def test_the_size_benchmark_runs(stack, tmp_path):
+    """`make bench-sizes` in miniature: a small pool, two sizes, a few opens each."""
+    from bench import sizes
+
+    results = await sizes.run(stack, sizes.TINY)
+    report = sizes.write(results, tmp_path)
+    assert [s["past_participants"] for s in results["steps"]] == sizes.TINY["sizes"]
+    assert all(s["opens"]["opens"] == sizes.TINY["opens"] and s["route_lookup_ms"]["n"] for s in results["steps"])
+    assert report.read_text().startswith("# Session opens")
+    assert (tmp_path / "sizes.png").read_bytes().startswith(b"\x89PNG")
