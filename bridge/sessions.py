@@ -447,7 +447,12 @@ class Sessions:
             "wrong_codes_forgotten": await self.repo.forget_wrong_codes(self.policy.order_code_lockout),
             "numbers_retired": await self.store.pools.finish_cooling(),
         }
+        await self.repo.fold_holder_changes()  # (the bridges also do every second; the admin tool here)
         return {k: v for k, v in counts.items() if v}
+
+    async def fold_holder_changes(self) -> int:
+        """The allocator's bookkeeping: pending changes of who holds which number, folded."""
+        return await self.repo.fold_holder_changes()
 
     async def next_due_in(self) -> float | None:
         """Seconds until a session reaches its expiry or the end of its grace period; None: none will."""

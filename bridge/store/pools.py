@@ -23,6 +23,7 @@ class PoolNumberRow:
     mode: str  # direct | order_code
     live_sessions: int  # live participants holding it, i.e. live sessions it serves
     cooling_pairs: int  # (real number, this number) pairs in cool-off
+    holders: int = 0  # the allocator's load, as last folded (sql/020)
 
 
 _LOAD = """

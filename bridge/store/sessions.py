@@ -253,24 +253,49 @@ class SessionRepo:
             JOIN sessions s ON s.id = a.session_id
             WHERE a.number_idx = $1[1] ORDER BY s.created_at DESC LIMIT 1
         """ if len(pair) == 2 else "SELECT NULL::text AS pool_number"
+        # Tiers, best first: `prefer`, the pair's last number, the region's least loaded, the
+        # least loaded of any region. A number's load is pool_numbers.holders (read in order
+        # from an index) plus its changes not folded yet (sql/020: the few numbers that have
+        # some are read apart, with their exact load). Ties are broken at random among the
+        # few least loaded read.
         rows = await self.pool.fetch(
             f"""
             WITH blocked AS (
                 SELECT h.pool_number FROM participants h
                 WHERE h.number_idx = ANY($1::bytea[]) AND {_HOLDING} AND NOT ({_OWN_COOLING_HOLD})
-            ), sticky AS ({sticky})
-            SELECT p.number FROM pool_numbers p
-            WHERE p.state = 'active' AND p.mode = 'direct' AND p.number NOT IN (SELECT pool_number FROM blocked)
-            ORDER BY p.number IS NOT DISTINCT FROM $4 DESC,
-                     p.number IS NOT DISTINCT FROM (SELECT pool_number FROM sticky) DESC,
-                     ($2::text IS NOT NULL AND p.region IS NOT DISTINCT FROM $2) DESC,
-                     (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number),
-                     random()
+            ), sticky AS ({sticky}),
+            pending AS (SELECT c.number, sum(c.delta) AS delta FROM pool_number_holder_changes c GROUP BY c.number),
+            free AS NOT MATERIALIZED (
+                SELECT p.number, p.region, p.holders FROM pool_numbers p
+                WHERE p.state = 'active' AND p.mode = 'direct' AND p.number NOT IN (SELECT pool_number FROM blocked)
+            ), tiers AS (
+                (SELECT f.number, 0::bigint AS load, 0 AS tier FROM free f WHERE f.number = $4)
+                UNION ALL
+                (SELECT f.number, 0, 1 FROM free f WHERE f.number = (SELECT pool_number FROM sticky))
+                UNION ALL
+                (SELECT f.number, f.holders, 2 FROM free f
+                 WHERE $2::text IS NOT NULL AND f.region = $2 AND f.number NOT IN (SELECT number FROM pending)
+                 ORDER BY f.holders LIMIT $3 * 4)
+                UNION ALL
+                (SELECT f.number, f.holders + d.delta, 2 FROM free f JOIN pending d ON d.number = f.number
+                 WHERE $2::text IS NOT NULL AND f.region = $2)
+                UNION ALL
+                (SELECT f.number, f.holders, 3 FROM free f WHERE f.number NOT IN (SELECT number FROM pending)
+                 ORDER BY f.holders LIMIT $3 * 4)
+                UNION ALL
+                (SELECT f.number, f.holders + d.delta, 3 FROM free f JOIN pending d ON d.number = f.number)
+            )
+            SELECT number FROM (SELECT DISTINCT ON (number) number, load, tier FROM tiers ORDER BY number, tier) best
+            ORDER BY tier, load, random()
             LIMIT $3
             """,
             pair, region, limit, prefer,
         )
         return [r["number"] for r in rows]
+
+    async def fold_holder_changes(self) -> int:
+        """Fold the allocator's pending holder changes into pool_numbers.holders (sql/020)."""
+        return int(await self.pool.fetchval("SELECT maskbridge_fold_holder_changes()"))
 
     async def hold_counts(self, idx: bytes) -> tuple[int, int]:
         """(live, cooling) pool numbers this real number holds."""

@@ -23,7 +23,8 @@ from tests.live.conftest import Harness, opening
 PEOPLE = [f"+7916555{i:04d}" for i in range(4)]
 NUMBERS = [f"+7495666{i:04d}" for i in range(5)]
 REGIONS = ["RU-MOW", "RU-SPE"]
-TABLES = "recording_access, recordings, calls, session_events, participants, sessions, pool_numbers"
+TABLES = ("recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
+          "pool_number_holder_changes")
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +114,7 @@ op = st.one_of(
     st.tuples(st.just("cool_off_ends")),
     st.tuples(st.just("retire"), st.sampled_from(NUMBERS)),
     st.tuples(st.just("reimport"), st.sampled_from(NUMBERS)),
+    st.tuples(st.just("fold")),  # the bridges' fold of the allocator's pending holder changes (sql/020)
 )
 
 
@@ -188,6 +190,12 @@ async def apply(h: Harness, step: tuple[Any, ...]) -> None:
         if await h.pool.fetchval("SELECT state FROM pool_numbers WHERE number = $1", step[1]) == "active":
             row = await h.pools.retire(step[1])
             assert row.state == "cooling"
+    elif kind == "fold":
+        await h.sessions.fold_holder_changes()
+        assert not await h.pool.fetch(
+            """SELECT p.number FROM pool_numbers p
+               WHERE p.holders <> (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number)"""
+        ), "once folded, every number's holders is its count of holders"
     elif kind == "reimport":
         await h.pools.import_numbers([{"number": step[1], "region": REGIONS[NUMBERS.index(step[1]) % 2]}])
 
