@@ -17,11 +17,28 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from bridge.phone import mask
 
-_PHONE = re.compile(r"(?<![\d.])\+?\d{10,15}(?!\d|\.\d)")
+# 10 to 15 digits, possibly written with separators as people write numbers: spaces,
+# dashes, dots, parentheses (+7 916 123-45-67, 8 (916) 123.45.67). Not part of a longer
+# run of digits or of a decimal, and not a group of a UUID or other hex id (hex digits
+# around it, or joined to it by a dash: a call id stays whole).
+_PHONE = re.compile(
+    r"(?<![\d.+A-Fa-f])(?<![0-9A-Fa-f]-)"
+    r"\+?\(?\d(?:[ .()-]{0,2}\d){9,14}"
+    r"(?!\d|\.\d|[A-Fa-f]|-[0-9A-Fa-f])"
+)
+# What the pattern finds that is no phone number: an Asterisk unique id (epoch.sequence), a
+# decimal with a long fraction (0.7916123456), a date (2026-12-04 19...), an IPv4 address.
+_NOT_A_NUMBER = re.compile(r"\d{9,11}\.\d{1,9}|\d{1,3}\.\d{9,}|.*\d{4}-\d{2}-\d{2}.*|\d{1,3}(\.\d{1,3}){3}")
+
+
+def _mask_found(found: str) -> str:
+    if _NOT_A_NUMBER.fullmatch(found):
+        return found
+    return mask(("+" if found.startswith("+") else "") + re.sub(r"\D", "", found))
 
 
 def redact_text(text: str) -> str:
-    return _PHONE.sub(lambda m: mask(m.group(0)), text)
+    return _PHONE.sub(lambda m: _mask_found(m.group(0)), text)
 
 
 def _redact(value: Any) -> Any:

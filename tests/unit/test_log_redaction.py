@@ -55,3 +55,37 @@ def test_a_request_aiohttp_cannot_parse_is_a_warning_without_its_bytes():
     assert line["level"] == "warning" and line["event"] == "http.malformed_request"
     assert line["fault"] == "BadHttpMessage"
     assert "916" not in stream.getvalue() and "X-Probe" not in stream.getvalue()
+
+
+@pytest.mark.parametrize(("written", "masked"), [
+    ("+7 916 123-45-67", "+7916***4567"),
+    ("8 (916) 123.45.67", "8916***4567"),
+    ("+7(916)1234567", "+7916***4567"),
+    ("call 8-916-123-45-67 now", "call 8916***4567 now"),
+    ("tel:+7 (916) 123 45 67;", "tel:+7916***4567;"),
+    ("caller=79161234567,", "caller=7916***4567,"),
+])
+def test_numbers_written_with_spaces_dashes_dots_or_parentheses_are_masked(written, masked):
+    assert logs.redact_text(written) == masked
+
+
+@pytest.mark.parametrize("kept", [
+    "1764071234.56", "node-2-1796409460.0", "2026-12-04 19:35:09", "port 8080 and 55432", "took 0.7916123456 s",
+    "11111111-2222-3333-4444-555555555555", "carrier-12345678-1234-5678-9999-123456789012-callee",
+    "from 192.168.100.200:5060", "remote 203.113.150.222",
+])
+def test_ids_dates_and_decimals_are_not_mangled(kept):
+    assert logs.redact_text(kept) == kept
+
+
+def test_no_call_id_is_mangled():
+    """Call ids are UUIDs; some are all digits but the dashes, with a 12-digit last group."""
+    import random
+    import uuid
+
+    rng = random.Random(7)
+    for _ in range(20000):
+        call_id = str(uuid.UUID(int=rng.getrandbits(128)))
+        digits_only = "".join(c if c == "-" else str(int(c, 16) % 10) for c in call_id)
+        for text in (call_id, digits_only, f"carrier-{digits_only}-callee", f"{digits_only}-code-1"):
+            assert logs.redact_text(text) == text, text
