@@ -24,7 +24,7 @@ import aiohttp
 import asyncpg
 import pytest
 from bridge.devstack import asterisk, postgres, processes
-from bridge.devstack.audio import samples, tone_share
+from bridge.devstack.audio import rms, samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.demo import DEMO_COURIER, DEMO_ORDER
 from bridge.devstack.settings import PROJECT_DIR, Stack
@@ -317,6 +317,10 @@ async def test_a_recording_is_deleted_by_the_node_that_holds_it(
         ) as resp:
             assert resp.status == 200, await resp.text()
             assert await resp.read() == audio.read_bytes()
+    # Audited where it was asked for, and on the holder when another node fetched it there.
+    assert await db.fetchval(
+        "SELECT count(*) FROM recording_access WHERE recording_id = $1 AND action = 'download' AND result = 'granted'",
+        recording["id"]) == 3
     await db.execute("UPDATE recordings SET ended_at = now() - interval '400 days' WHERE id = $1", recording["id"])
     await db.execute("UPDATE calls SET ended_at = now() - interval '400 days' WHERE id = $1", recording["call_id"])
 
@@ -572,3 +576,21 @@ async def masked_node(carrier: Carrier, api: Api, db: asyncpg.Connection) -> str
     row = await until(lambda: _ended_row(db, session["id"]), 15, "the call ended")
     assert row["outcome"] == "answered", row
     return str(row["node"])
+
+
+async def test_with_no_bridge_anywhere_the_caller_hears_the_service_is_unavailable(
+    cluster: Stack, carrier: Carrier, api: Api, nodes_up: list[Stack]
+):
+    """Every node answers 503 while another is left; the last one tells the caller (an
+    announcement, then cause 34), never a bare failure or silence."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    for node in nodes_up:
+        await asyncio.to_thread(processes.stop_bridge, node)
+    leg = await carrier.call(courier, session["pool_number"])
+    await asyncio.wait_for(leg.ended.wait(), 40)
+    await asyncio.wait_for(leg.recorded.wait(), 10)
+    assert carrier.incoming.empty(), "nothing rang"
+    assert leg.answered_at is not None and leg.cause == 34
+    heard, _ = samples(carrier.recording_path(leg))
+    assert rms(heard) > 100, "the caller heard the announcement"

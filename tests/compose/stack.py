@@ -119,7 +119,7 @@ class ComposeStack:
                     return line
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{service} wrote no line with {parts} in {timeout} s")
-            time.sleep(0.2)  # polling the container's output: docker has no event for a line
+            time.sleep(0.2)  # wait-ok: polling the container's output (docker has no event for a line)
 
     def wait_healthy(self, timeout: float = 60) -> None:
         """Until the bridge answers /healthz with the database and ARI both up."""
@@ -128,7 +128,7 @@ class ComposeStack:
             status = processes.health(self.stack)  # the API's address is the stack's
             if status and all(status.values()):
                 return
-            time.sleep(0.2)  # polling a process that has no readiness signal
+            time.sleep(0.2)  # wait-ok: polling a process that has no readiness signal
         raise RuntimeError(f"the compose bridge is not healthy: {processes.health(self.stack)}")
 
 

@@ -83,7 +83,7 @@ def make_run(environ: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         status = processes.health(stack)
         if status and all(status.values()):
             return proc
-        time.sleep(0.5)  # polling: make run has no readiness signal but the bridge's health
+        time.sleep(0.5)  # wait-ok: polling (make run has no readiness signal but the bridge's health)
     raise AssertionError("make run did not bring the stack up:\n" + log.read_text()[-3000:])
 
 
@@ -161,7 +161,7 @@ def test_make_stop_also_stops_a_prometheus_whose_make_monitor_was_killed(environ
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 30
     while not monitoring.prometheus_of(own_stack.dir / "prometheus") and time.monotonic() < deadline:
-        time.sleep(0.1)  # polling: the monitor command has no readiness signal
+        time.sleep(0.1)  # wait-ok: polling (the monitor command has no readiness signal)
     assert monitoring.prometheus_of(own_stack.dir / "prometheus")
     os.kill(monitor.pid, signal.SIGKILL)
     monitor.wait(timeout=10)

@@ -18,7 +18,7 @@ class FakeRepo:
     async def import_numbers(self, rows: list[Any]) -> dict[str, int]:
         self.running += 1
         self.most_at_once = max(self.most_at_once, self.running)
-        await asyncio.sleep(0)  # (a database round trip)
+        await asyncio.sleep(0)  # wait-ok: a yield standing for a database round trip
         self.imports.append(len(rows))
         self.running -= 1
         return {"added": len(rows), "updated": 0, "reactivated": 0, "unchanged": 0}
@@ -42,10 +42,10 @@ async def test_the_event_loop_runs_while_thousands_of_numbers_are_checked():
         nonlocal ticks
         while not stop.is_set():
             ticks += 1
-            await asyncio.sleep(0)
+            await asyncio.sleep(0)  # wait-ok: a yield (the other work is counting turns)
 
     worker = asyncio.create_task(other_work())
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: a yield, so that the worker starts
     counts = await pools.import_csv(csv_of(5000))
     stop.set()
     await worker
