@@ -25,6 +25,7 @@ from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
 from bridge.phone import InvalidNumber, normalize
 from bridge.requests import OpenSession
 from bridge.store import Store
+from bridge.store.queries import Dialed, NewCall
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
 from bridge.store.sessions import RouteRow, Sealed, SessionRow, SessionTerms
 from bridge.terms import Terms
@@ -337,13 +338,23 @@ class Sessions:
 
     # --- routing ------------------------------------------------------------------------
 
-    async def route(self, caller: str, pool_number: str, *, second_look: bool = False) -> Route:
+    async def route(
+        self, caller: str, pool_number: str, record: NewCall | None = None, *, second_look: bool = False
+    ) -> Route:
         """The routing decision for a call; ends a session found past its time on the way,
-        so that nothing routes after a session's end, whether or not the sweeper ran."""
+        so that nothing routes after a session's end, whether or not the sweeper ran.
+        `record`: the call's row is written by the lookup itself (state routing, naming the
+        session and caller found), in the same round trip."""
         idx = self.vault.index(caller)
-        row = await self.repo.route(idx, pool_number)
+        dialed: Dialed | None = None
+        if record is not None:
+            row, dialed = await self.store.route_and_record(idx, pool_number, record)
+        else:
+            row = await self.repo.route(idx, pool_number)
         if row is None:
-            known, language, mode = await self.store.pools.routing_facts(pool_number)
+            if dialed is None:
+                dialed = Dialed(*await self.store.pools.routing_facts(pool_number))
+            known, language, mode = dialed.known, dialed.language, dialed.mode
             language = language or self.policy.default_language
             if mode == "order_code":
                 # Shared by many orders: the caller keys the code in, unless locked out.
@@ -409,7 +420,7 @@ class Sessions:
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
-        # (the call's row, written next, marks the session active: see Store.insert_call)
+        # (the call's row, once it rings, marks the session active: see Store.call_put_through)
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
                      callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),

@@ -217,7 +217,8 @@ class AriClient:
             "POST", f"/bridges/{bridge_id}", {"type": "mixing,proxy_media", "name": name or None}
         )
 
-    async def add_to_bridge(self, bridge_id: str, channel_id: str) -> None:
+    async def add_to_bridge(self, bridge_id: str, channel_id: str | list[str]) -> None:
+        """One channel, or several in one request (Asterisk checks them all before adding any)."""
         # Connected-line updates are not passed between the legs: they would carry one
         # party's real identity to the other (see ASTERISK-NOTES.md).
         await self.request(

@@ -180,7 +180,7 @@ def _session_row(r: asyncpg.Record, participants: tuple[ParticipantRow, ...]) ->
     return SessionRow(**fields, terms=Terms.from_columns(r), participants=participants)
 
 
-def _route_row(r: asyncpg.Record) -> RouteRow:
+def route_row(r: asyncpg.Record | dict[str, Any]) -> RouteRow:
     fields = {k: v for k, v in dict(r).items() if k not in Terms.names()}
     return RouteRow(**fields, terms=Terms.from_columns(r))
 
@@ -544,12 +544,12 @@ class SessionRepo:
         """The holder of (number, pool number), with its session and the live other side.
         One indexed lookup: the unique hold index makes the answer unambiguous."""
         row = await self.pool.fetchrow(ROUTE_SQL, idx, pool_number)
-        return _route_row(row) if row is not None else None
+        return route_row(row) if row is not None else None
 
     async def route_by_code(self, idx: bytes, pool_number: str, order_code: str) -> RouteRow | None:
         """The caller's part in the live session with this code on this order-code number."""
         row = await self.pool.fetchrow(ROUTE_BY_CODE_SQL, idx, pool_number, order_code)
-        return _route_row(row) if row is not None else None
+        return route_row(row) if row is not None else None
 
     async def ended_with_code(self, idx: bytes, pool_number: str, order_code: str, within: int) -> bool:
         """Whether the caller took part in a session with this code on this number that

@@ -671,18 +671,22 @@ class AriFake:
         bridge = self.bridges.get(request.match_info["id"])
         if bridge is None:
             return _error(404, "Bridge not found")
-        channel_id = request.query.get("channel", "")
-        channel = self.channels.get(channel_id)
-        if channel is None:
-            return _error(400, "Channel not found")
-        if not channel.in_stasis:
-            return _error(422, "Channel not in Stasis application")
-        if channel.bridge_id and channel.bridge_id != bridge.id:
-            return _error(409, "Channel is in another bridge")
-        if channel_id not in bridge.channels:
-            bridge.channels.append(channel_id)
-            channel.bridge_id = bridge.id
-            await self.send({"type": "ChannelEnteredBridge", "bridge": bridge.json(), "channel": channel.json()})
+        # As Asterisk: a comma-separated list, every channel checked before any is added.
+        channel_ids = request.query.get("channel", "").split(",")
+        for channel_id in channel_ids:
+            channel = self.channels.get(channel_id)
+            if channel is None:
+                return _error(400, "Channel not found")
+            if not channel.in_stasis:
+                return _error(422, "Channel not in Stasis application")
+            if channel.bridge_id and channel.bridge_id != bridge.id:
+                return _error(409, "Channel is in another bridge")
+        for channel_id in channel_ids:
+            channel = self.channels[channel_id]
+            if channel_id not in bridge.channels:
+                bridge.channels.append(channel_id)
+                channel.bridge_id = bridge.id
+                await self.send({"type": "ChannelEnteredBridge", "bridge": bridge.json(), "channel": channel.json()})
         return web.Response(status=204)
 
     async def _destroy_bridge(self, request: web.Request) -> web.Response:
