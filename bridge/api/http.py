@@ -184,6 +184,9 @@ def route_scopes() -> dict[tuple[str, str], str]:
     return scopes
 
 
+UNDECLARED = "(undeclared)"  # the scope of a route whose operation declares none: no token has it
+
+
 def _refusal(who: Caller, scope: str | None, limiter: RateLimiter) -> ServiceError | None:
     """Why the request may not go on, if it may not: no valid token (401), over its token's
     rate (429), or a token without the operation's scope (403)."""
@@ -211,7 +214,9 @@ def _auth_middleware(tokens: Tokens, limiter: RateLimiter) -> Middleware:
             REQUEST_TOKEN.set(who.token)
             structlog.contextvars.bind_contextvars(token=who.token)
         route = _route(request)
-        refusal = _refusal(who, scopes.get((request.method, route)) if route else None, limiter)
+        # (a route no operation declares a scope for is refused to every token: closed by default)
+        needed = scopes.get((request.method, route), UNDECLARED) if route else None
+        refusal = _refusal(who, needed, limiter)
         if _recording_route(request):
             request[REFUSAL] = refusal  # the Recordings service audits it, then answers it
         elif refusal is not None:
@@ -284,8 +289,9 @@ def _answered(request: web.Request, status: int, elapsed: float) -> None:
     method = request.method if request.method in _METHODS else "other"
     metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
     metrics.HTTP_LATENCY.labels(route, method).observe(elapsed)
-    log.info("api.request", method=method, route=route, status=status, ms=round(elapsed * 1000, 1),
-             remote=request.remote)
+    # (health checks and scrapes, many a minute, only at debug)
+    say = log.debug if request.path in PUBLIC_PATHS else log.info
+    say("api.request", method=method, route=route, status=status, ms=round(elapsed * 1000, 1), remote=request.remote)
 
 
 # --- request helpers -----------------------------------------------------------------------

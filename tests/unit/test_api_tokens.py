@@ -217,3 +217,19 @@ def test_scopes_are_taken_repeated_or_comma_separated_and_all_is_every_one():
         parse_scopes(["sessions:admin"])
     with pytest.raises(InvalidInput, match="at least one"):
         parse_scopes([" , "])
+
+
+async def test_a_route_whose_operation_declares_no_scope_is_refused_to_every_token():
+    async def health() -> dict[str, Any]:
+        return {"ari": True, "database": True}
+
+    async def undeclared(request: web.Request) -> web.Response:
+        return web.json_response({"reached": True})
+
+    services = Services()
+    app = make_app(services.sessions, services.pools, services.blocklist,  # type: ignore[arg-type]
+                   tokens_with(FakeTokenRepo(), TOKEN), health, FakeRecordings())  # type: ignore[arg-type]
+    app.router.add_route("GET", "/v1/undeclared", undeclared)
+    async with TestClient(TestServer(app)) as client:
+        resp = await client.get("/v1/undeclared", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert resp.status == 403 and (await resp.json())["error"]["code"] == "insufficient_scope"
