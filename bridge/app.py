@@ -18,6 +18,7 @@ from aiohttp import web
 
 from bridge import metrics, nodes
 from bridge.api.http import make_app
+from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
 from bridge.api.server import serve as serve_api
 from bridge.blocklist import Blocklist
@@ -36,7 +37,9 @@ from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
 from bridge.store.errors import database_unreachable
 from bridge.store.nodes import SWEEP_LOCK, NodeRepo
 from bridge.store.sessions import PARTICIPANTS_LEFT
+from bridge.store.tokens import TokenRepo
 from bridge.store.webhooks import WebhookRepo
+from bridge.tokens import Tokens
 from bridge.webhooks import Deliverer
 
 log = structlog.get_logger(__name__)
@@ -296,12 +299,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         return {"ari": stream.connected.is_set(), "database": db_ok}
 
     blocklist = Blocklist(store, vault, policy)
-    recordings = Recordings(store, ari, settings.recording_token, settings.api_token,
-                            settings.recording_retention_days, node=settings.node_id,
-                            peers=NodeRepo(pool).api_url)
+    recordings = Recordings(store, ari, settings.recording_token, settings.recording_retention_days,
+                            node=settings.node_id, peers=NodeRepo(pool).api_url)
+    tokens = Tokens(TokenRepo(pool), settings.api_token, settings.recording_token)
     guard = ConnectionGuard()
     runner = web.AppRunner(
-        make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings, guard),
+        make_app(sessions, Pools(store, policy), blocklist, tokens, health, recordings, guard,
+                 RateLimiter(settings.api_rate, settings.api_burst)),
         keepalive_timeout=REQUEST_TIMEOUT,
     )
     await runner.setup()

@@ -21,6 +21,8 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin calls ORDER
     maskbridge-admin housekeeping [--purge] [--older-than DAYS] [--recordings] [--recordings-older-than DAYS]
     maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
+    maskbridge-admin token add NAME --scope SCOPE [--scope ...] [--expires 90d|2026-12-31] [--rate N]
+    maskbridge-admin token list | token revoke NAME
     maskbridge-admin migrate
 
 A real number given as "-" is read from standard input (one per line), so that it stays out
@@ -35,6 +37,7 @@ import json
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
@@ -51,13 +54,17 @@ from bridge.ari import AriClient
 from bridge.requests import OpenSession, parse
 from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate, pending
+from bridge.store.tokens import TokenRepo, TokenRow
 from bridge.terms import Terms
+from bridge.tokens import PREFIX, SCOPES, Tokens
 
 
 class Tool:
     def __init__(
-        self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool, recordings: Recordings
+        self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool, recordings: Recordings,
+        tokens: Tokens,
     ) -> None:
+        self.tokens = tokens
         self.sessions = sessions
         self.pools = pools
         self.blocklist = blocklist
@@ -129,7 +136,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days,
                                 node=settings.node_id)
         tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json,
-                    recordings)
+                    recordings, Tokens(TokenRepo(pool)))
         try:
             await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
         finally:
@@ -274,6 +281,61 @@ async def block_remove(tool: Tool, a: argparse.Namespace) -> None:
     tool.out(render_block(tool.blocklist, await tool.blocklist.remove(_session_arg(a.entry, "blocklist entry"))))
 
 
+def render_token(row: TokenRow) -> dict[str, Any]:
+    """A token as the tool shows it: never its secret, nor the secret's hash (`starts` is the
+    public beginning of the secret, to tell which one a leaked secret is)."""
+    state = "revoked" if row.revoked_at else "expired" if row.expired else "active"
+    return {"name": row.name, "state": state, "scopes": row.scopes, "starts": f"{PREFIX}{row.key_id}_",
+            "rate_per_second": row.rate_per_second, "created_at": row.created_at, "expires_at": row.expires_at,
+            "revoked_at": row.revoked_at, "last_used_at": row.last_used_at}
+
+
+def _expiry(raw: str | None) -> datetime | None:
+    """--expires: a number of days (90d) or an ISO 8601 date or time (UTC unless it says)."""
+    if raw is None:
+        return None
+    now = datetime.now(UTC)
+    if raw.endswith("d") and raw[:-1].isdigit():
+        when = now + timedelta(days=int(raw[:-1]))
+    else:
+        try:
+            when = datetime.fromisoformat(raw)
+        except ValueError:
+            raise InvalidInput(f"--expires {raw[:40]!r} is neither a number of days (90d) nor an ISO 8601 date "
+                               "or time", field="expires") from None
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when <= now:
+        raise InvalidInput("--expires must be in the future", field="expires")
+    return when
+
+
+async def token_add(tool: Tool, a: argparse.Namespace) -> None:
+    row, secret = await tool.tokens.add(a.name, a.scope, _expiry(a.expires), a.rate)
+    data = {**render_token(row), "secret": secret}
+    if tool.as_json:
+        tool.out(data)
+        return
+    # The secret goes to standard output only, once: it is never logged, nor kept.
+    print(f"token {row.name} added, scopes {', '.join(row.scopes)}"
+          + (f", expires {_cell(row.expires_at)}" if row.expires_at else ""))
+    print("its secret, shown this once (keep it in your secret store; only its hash is kept here):")
+    print(secret)
+
+
+async def token_list(tool: Tool, a: argparse.Namespace) -> None:
+    rows = [render_token(r) for r in await tool.tokens.find()]
+    table = [{**r, "scopes": ",".join(r["scopes"])} for r in rows]
+    tool.out(rows, table, ["name", "state", "scopes", "starts", "created_at", "expires_at", "revoked_at",
+                           "last_used_at"])
+
+
+async def token_revoke(tool: Tool, a: argparse.Namespace) -> None:
+    row = render_token(await tool.tokens.revoke(a.name))
+    if not tool.as_json:
+        print(f"token {a.name} revoked: every bridge refuses it from its next request")
+    tool.out(row, [{**row, "scopes": ",".join(row["scopes"])}], ["name", "state", "scopes", "revoked_at"])
+
+
 COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awaitable[None]]] = {
     ("pool", "import"): pool_import,
     ("pool", "list"): pool_list,
@@ -291,6 +353,9 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
     ("block", "add"): block_add,
     ("block", "list"): block_list,
     ("block", "remove"): block_remove,
+    ("token", "add"): token_add,
+    ("token", "list"): token_list,
+    ("token", "revoke"): token_revoke,
 }
 
 
@@ -369,6 +434,16 @@ def parser() -> argparse.ArgumentParser:
     blk.add_parser("list", help="blocked numbers (masked)")
     br = blk.add_parser("remove", help="unblock")
     br.add_argument("entry", help="the entry's id, from block list")
+    tok = groups.add_parser("token", help="API tokens with scopes").add_subparsers(dest="action", required=True)
+    ta = tok.add_parser("add", help="add a named token; its secret is printed once")
+    ta.add_argument("name", help="a-z, 0-9, '.', '_', '-' (never reused: the audits name tokens by it)")
+    ta.add_argument("--scope", action="append", required=True,
+                    help=f"repeat, or separate with commas; 'all' for every one: {', '.join(SCOPES)}")
+    ta.add_argument("--expires", help="when it stops working: a number of days (90d) or an ISO 8601 date or time")
+    ta.add_argument("--rate", type=float, help="its own rate limit, requests a second (default MB_API_RATE)")
+    tok.add_parser("list", help="the tokens (never their secrets)")
+    tr = tok.add_parser("revoke", help="revoke a token: refused at once by every bridge")
+    tr.add_argument("name")
     hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
     hk.add_argument("--purge", action="store_true")
     hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")

@@ -60,13 +60,13 @@ def text(*, required: bool = False, pattern: re.Pattern[str] | None = None, min_
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 
-def seconds(low: float, high: float) -> Callable[[str], float]:
+def seconds(low: float, high: float, unit: str = "seconds") -> Callable[[str], float]:
     def parse(raw: str) -> float:
         if not _DECIMAL.fullmatch(raw.strip()):
-            raise ValueError("must be a number of seconds (like 30 or 2.5)")
+            raise ValueError(f"must be a number of {unit} (like 30 or 2.5)")
         value = float(raw.strip())
         if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"must be a number of seconds from {low:g} to {high:g}")
+            raise ValueError(f"must be a number of {unit} from {low:g} to {high:g}")
         return value
 
     return parse
@@ -167,6 +167,9 @@ SETTINGS: dict[str, Setting] = {
     "api_bind": Setting("MB_API_BIND", "127.0.0.1", text(required=True)),
     "api_port": Setting("MB_API_PORT", "8080", whole(1, 65535)),
     "api_token": Setting("MB_API_TOKEN", "", secret(16), service=True),
+    "api_rate": Setting("MB_API_RATE", "50", seconds(0, 100_000, "requests a second"),
+                        service=True),
+    "api_burst": Setting("MB_API_BURST", "100", whole(1, 1_000_000), service=True),
     "default_region": Setting("MB_DEFAULT_REGION", "RU", text(required=True, pattern=re.compile(r"^[A-Z]{2}$"),
                                                               what="a two-letter region code like RU")),
     "trunk_endpoint": Setting("MB_TRUNK_ENDPOINT", "trunk", text(required=True, pattern=_NAME,
@@ -209,6 +212,8 @@ class Settings:
     api_bind: str = "127.0.0.1"
     api_port: int = 8080
     api_token: str = ""
+    api_rate: float = 50.0  # requests a second per token and bridge process (0: no limit)
+    api_burst: int = 100
     default_region: str = "RU"
     trunk_endpoint: str = "trunk"
     ring_timeout: float = 30.0

@@ -68,6 +68,9 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
+    "MB_API_RATE": ("50", "requests a second each API token may make per bridge process, after MB_API_BURST "
+                    "(0: no limit)"),
+    "MB_API_BURST": ("100", "requests an API token may make at once before MB_API_RATE applies"),
     "MB_NODES": ("1", "nodes of the local stack (make run NODES=2): above 1, Kamailio takes the carrier's calls on "
                  "MB_PBX_SIP_BIND and spreads them over that many PBX nodes, each with its bridge"),
     "MB_NODE_NET": ("127.0.1", "with MB_NODES above 1, node i's PBX, ARI (and bridge API, but node 1's) are on "
@@ -183,6 +186,8 @@ class Stack:
             "MB_API_BIND": e["MB_API_BIND"],
             "MB_API_PORT": e["MB_API_PORT"],
             "MB_API_TOKEN": e["MB_API_TOKEN"],
+            "MB_API_RATE": e["MB_API_RATE"],
+            "MB_API_BURST": e["MB_API_BURST"],
             "MB_DEFAULT_REGION": e["MB_DEFAULT_REGION"],
             "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
             "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],

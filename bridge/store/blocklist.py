@@ -8,6 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
+from bridge.requester import request_token
 from bridge.store.errors import StoreError
 
 CHANNEL = "maskbridge_blocklist"  # NOTIFY payload: the blocked number's blind index, hex
@@ -29,9 +30,10 @@ class BlocklistRepo:
         """Block a number (or return its entry); every bridge listening ends its calls."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """INSERT INTO blocked_numbers (number_idx, number_enc, reason) VALUES ($1, $2, $3)
+                """INSERT INTO blocked_numbers (number_idx, number_enc, reason, created_by_token)
+                   VALUES ($1, $2, $3, $4)
                    ON CONFLICT (number_idx) DO NOTHING RETURNING id, number_enc, reason, created_at""",
-                idx, enc, reason,
+                idx, enc, reason, request_token(),  # (the API token's name, when the API blocks it)
             )
             created = row is not None
             if row is None:

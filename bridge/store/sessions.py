@@ -14,6 +14,7 @@ from typing import Any
 
 import asyncpg
 
+from bridge.requester import request_token
 from bridge.store.db import LONG_STATEMENT
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
 from bridge.terms import Terms
@@ -235,9 +236,10 @@ class SessionRepo:
 
     async def events(self, session_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            "SELECT at, kind, detail FROM session_events WHERE session_id = $1 ORDER BY id", session_id
+            "SELECT at, kind, detail, token FROM session_events WHERE session_id = $1 ORDER BY id", session_id
         )
-        return [{"at": r["at"], "kind": r["kind"], "detail": json.loads(r["detail"])} for r in rows]
+        return [{"at": r["at"], "kind": r["kind"], "detail": json.loads(r["detail"]), "token": r["token"]}
+                for r in rows]
 
     # --- choosing a pool number ------------------------------------------------------
 
@@ -357,8 +359,8 @@ class SessionRepo:
     @staticmethod
     async def _event(conn: asyncpg.Connection, session_id: uuid.UUID, kind: str, **detail: Any) -> None:
         await conn.execute(
-            "INSERT INTO session_events (session_id, kind, detail) VALUES ($1, $2, $3::jsonb)",
-            session_id, kind, json.dumps(detail, default=str),
+            "INSERT INTO session_events (session_id, kind, detail, token) VALUES ($1, $2, $3::jsonb, $4)",
+            session_id, kind, json.dumps(detail, default=str), request_token(),  # (the API token's name)
         )
 
     async def insert(

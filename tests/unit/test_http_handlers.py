@@ -25,6 +25,7 @@ from bridge.store.blocklist import BlockedRow
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
 from bridge.terms import Terms
+from bridge.tokens import Tokens
 
 TOKEN = "unit-test-token-unit-test-token-0001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -132,8 +133,7 @@ class FakeBlocklist:
 
 
 class FakeRecordings:
-    def actor(self, authorization: str) -> str:
-        return "api_token" if authorization == AUTH["Authorization"] else "no_token"
+    pass
 
 
 class Services:
@@ -154,8 +154,8 @@ async def client(services: Services) -> AsyncIterator[TestClient[web.Request, we
     async def health() -> dict[str, Any]:
         return services.health
 
-    app = make_app(services.sessions, services.pools, services.blocklist, TOKEN, health,  # type: ignore[arg-type]
-                   FakeRecordings())  # type: ignore[arg-type]
+    app = make_app(services.sessions, services.pools, services.blocklist, Tokens(None, TOKEN),  # type: ignore[arg-type]
+                   health, FakeRecordings())  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -190,12 +190,12 @@ async def test_health_and_the_document_need_no_token(client, services):
 
 
 async def test_a_service_error_is_answered_with_its_status_code_and_details(client, services):
-    services.sessions.open_answer = OrderHasOpenSession(session_id=str(uuid.UUID(int=1)), field="client_number")
+    services.sessions.open_answer = OrderHasOpenSession(session_id=str(uuid.UUID(int=1)))
     body = {"order_id": "o-1", "courier_number": COURIER, "client_number": CLIENT}
     status, answer_body = await answer(await client.post("/v1/sessions", json=body, headers=AUTH))
     assert status == 409
     assert answer_body == {"error": {"code": "order_has_open_session", "message": OrderHasOpenSession.message,
-                                     "details": {"session_id": str(uuid.UUID(int=1)), "field": "client_number"}}}
+                                     "details": {"session_id": str(uuid.UUID(int=1))}}}
     services.sessions.open_answer = PoolExhausted()
     status, answer_body = await answer(await client.post("/v1/sessions", json=body, headers=AUTH))
     assert status == 409 and answer_body == {"error": {"code": "pool_exhausted", "message": PoolExhausted.message}}

@@ -12,13 +12,14 @@ from typing import Any
 import pytest
 
 from bridge import limits
-from bridge.api.http import PUBLIC_PATHS, RECORDING_PATHS, ROUTES
+from bridge.api.http import PUBLIC_PATHS, RECORDING_PATHS, ROUTES, route_scopes
 from bridge.api.openapi import document
 from bridge.blocklist import Blocklist
 from bridge.crypto import NumberVault
-from bridge.errors import InvalidInput
+from bridge.errors import InvalidInput, OrderHasOpenSession
 from bridge.requests import REQUESTS
 from bridge.terms import Terms
+from bridge.tokens import ENV_SCOPES, SCOPES
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -109,14 +110,22 @@ def test_protected_operations_document_401_and_public_ones_need_no_token(doc):
     for method, path, op in _operations(doc):
         if path in PUBLIC_PATHS:
             assert op.get("security") == [], f"{method} {path} should be public"
-        elif path in RECORDING_PATHS:
-            # The recording routes take only the recording token, never the API token.
-            assert op.get("security") == [{"recording": []}], f"{method} {path} takes the recording token"
-            assert {"401", "403"} <= set(op["responses"]), f"{method} {path}"
         else:
-            assert "security" not in op, f"{method} {path} should use the global bearer security"
-            assert "401" in op["responses"], f"{method} {path} documents no 401"
+            # Every other operation needs one scope, its security requirement (which the API enforces).
+            [requirement] = op.get("security", [{}])
+            assert list(requirement) == ["bearer"] and len(requirement["bearer"]) == 1, f"{method} {path}"
+            assert requirement["bearer"][0] in SCOPES, f"{method} {path}"
+            assert {"401", "403", "429"} <= set(op["responses"]), f"{method} {path}"
+            assert f"Scope: `{requirement['bearer'][0]}`" in op["description"], f"{method} {path}"
         assert "500" in op["responses"], f"{method} {path} documents no 500"
+
+
+def test_every_route_but_the_public_ones_needs_a_scope_and_every_scope_is_needed_somewhere():
+    scopes = route_scopes()
+    assert set(scopes) == {(m, p) for m, p, _h in ROUTES if p not in PUBLIC_PATHS}
+    assert set(scopes.values()) == set(SCOPES)
+    # MB_API_TOKEN keeps reaching what it reached, and still never a recording.
+    assert {s for (_m, p), s in scopes.items() if p not in RECORDING_PATHS} == ENV_SCOPES
 
 
 def test_error_responses_use_the_error_schema(doc):
@@ -182,7 +191,9 @@ def test_unauthorized_documents_the_www_authenticate_header(doc):
 
 def test_recording_routes_are_the_documented_recording_paths(doc):
     assert set(RECORDING_PATHS) == {p for _m, p, op in _operations(doc) if "recordings" in op["tags"]}
-    assert doc["components"]["securitySchemes"]["recording"]["scheme"] == "bearer"
+    for _m, path, op in _operations(doc):
+        if path in RECORDING_PATHS:  # never a scope of MB_API_TOKEN
+            assert op["security"][0]["bearer"][0] in {"recordings:read", "audit:read"}, path
     assert "record" in doc["components"]["schemas"]["Session"]["required"]
     access = doc["components"]["schemas"]["RecordingAccess"]["properties"]
     for column in ("actor", "action", "result"):
@@ -201,9 +212,11 @@ def test_reassigning_the_courier_answers_200_or_201_and_names_the_number_field(d
 def test_opening_documents_order_has_open_session(doc):
     op = doc["paths"]["/v1/sessions"]["post"]
     conflict = next(e for e in _examples(doc, op["responses"]["409"]) if e["code"] == "order_has_open_session")
-    assert set(conflict["details"]) == {"session_id", "field"}
+    # Only the session: never which party differs (that would tell whether a number is in the order).
+    assert set(conflict["details"]) == {"session_id"}
+    assert conflict["message"] == OrderHasOpenSession.message
     details = doc["components"]["schemas"]["ErrorDetails"]["properties"]
-    assert {"session_id", "field"} <= set(details)
+    assert "session_id" in details and "order_has_open_session" not in details["field"]["description"]
 
 
 def test_pool_number_entries_take_only_number_region_language_and_mode(doc):
