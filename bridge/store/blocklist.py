@@ -25,13 +25,13 @@ class BlocklistRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def add(self, idx: bytes, enc: bytes, reason: str | None) -> tuple[BlockedRow, bool]:
+    async def add(self, entry_id: uuid.UUID, idx: bytes, enc: bytes, reason: str | None) -> tuple[BlockedRow, bool]:
         """Block a number (or return its entry); every bridge listening ends its calls."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """INSERT INTO blocked_numbers (number_idx, number_enc, reason) VALUES ($1, $2, $3)
+                """INSERT INTO blocked_numbers (id, number_idx, number_enc, reason) VALUES ($1, $2, $3, $4)
                    ON CONFLICT (number_idx) DO NOTHING RETURNING id, number_enc, reason, created_at""",
-                idx, enc, reason,
+                entry_id, idx, enc, reason,
             )
             created = row is not None
             if row is None:

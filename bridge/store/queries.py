@@ -11,6 +11,7 @@ from typing import Any
 import asyncpg
 
 from bridge.store.blocklist import BlocklistRepo
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.recordings import RecordingRepo
 from bridge.store.sessions import SessionRepo
@@ -94,6 +95,7 @@ class Store:
         self.sessions = SessionRepo(pool)
         self.blocklist = BlocklistRepo(pool)
         self.recordings = RecordingRepo(pool)
+        self.number_keys = NumberKeyRepo(pool)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[bool]:
