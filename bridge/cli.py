@@ -306,10 +306,10 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
 async def keys_status(keys: NumberKeys, as_json: bool) -> None:
     status = await keys.status()
     if as_json:
-        print(json.dumps(status, default=_default, indent=2))
+        print(json.dumps(status, default=str, indent=2))
         return
     for key, value in status.items():
-        print(f"{key:22} {_cell(value)}")
+        print(f"{key:22} {'-' if value is None else value}")
 
 
 async def keys_rewrap(keys: NumberKeys, as_json: bool) -> None:
