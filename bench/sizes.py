@@ -28,6 +28,7 @@ import asyncpg
 from bench import measure, report
 from bridge import logs
 from bridge.crypto import NumberVault
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.devstack import postgres
 from bridge.devstack.settings import PROJECT_DIR, Stack, load
 from bridge.pools import Pools
@@ -118,8 +119,9 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
                                "params": params, "machine": report.machine(stack), "steps": []}
     pool = await connect(url, max_size=params["in_flight"] + 2, command_timeout=None)
     try:
-        vault = NumberVault(KEY)
+        vault = NumberVault(KEY, NumberKeyRepo(pool))
         await migrate(pool, vault)
+        await vault.start()
         store = Store(pool)
         policy = Policy(pair_cooloff=3600, number_cooling=3600)
         numbers = [f"+7495{n:07d}" for n in range(1, params["numbers"] + 1)]

@@ -10,6 +10,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import date
 from typing import Any
 
 import asyncpg
@@ -27,13 +28,16 @@ from bridge.calls.flow import FlowSettings
 from bridge.calls.order_code import KeypadTiming
 from bridge.calls.stasis import StasisDispatcher
 from bridge.config import Settings
-from bridge.crypto import NumberVault
+from bridge.crypto import MasterKeys, NumberVault, VaultError
+from bridge.number_keys import NumberKeys
 from bridge.pools import Pools
 from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
+from bridge.store.number_keys import CHANNEL as NUMBER_KEYS_CHANNEL
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.errors import database_unreachable
 from bridge.store.nodes import SWEEP_LOCK, NodeRepo
 from bridge.store.sessions import PARTICIPANTS_LEFT
@@ -158,7 +162,7 @@ async def _retention(job: str, purge: Callable[[], Awaitable[dict[str, int]]], d
 
 
 async def cut_listener(
-    database_url: str, dispatcher: StasisDispatcher, stop: asyncio.Event
+    database_url: str, dispatcher: StasisDispatcher, stop: asyncio.Event, vault: NumberVault | None = None
 ) -> None:
     """Ends the calls in progress of every number blocked, and of every participant who left
     their order (a courier reassigned, a session closed or expired), from this process or any
@@ -166,7 +170,7 @@ async def cut_listener(
     Postgres). After every (re)connect it also checks the calls in progress against the
     blocklist and the sessions: what happened while it was not listening is applied too. A
     connection that dies is noticed at once (asyncpg's termination listener), not at the next
-    keepalive."""
+    keepalive. It also makes `vault` forget the data keys that retention destroys."""
     backoff = 0.5
     notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
@@ -184,7 +188,10 @@ async def cut_listener(
             conn.add_termination_listener(lost)
             await conn.add_listener(BLOCKLIST_CHANNEL, heard)
             await conn.add_listener(PARTICIPANTS_LEFT, heard)
+            await conn.add_listener(NUMBER_KEYS_CHANNEL, heard)
             await dispatcher.cut_departed()
+            if vault is not None:  # (keys destroyed while it was not listening: forgotten too)
+                vault.forget(vault.cached_periods() - set(await NumberKeyRepo(conn).periods()))
             backoff = 0.5
             while not stop.is_set():
                 try:
@@ -195,7 +202,10 @@ async def cut_listener(
                     continue
                 if channel == _LOST:
                     raise ConnectionError("the listening connection was closed")
-                if channel == BLOCKLIST_CHANNEL:
+                if channel == NUMBER_KEYS_CHANNEL:
+                    if vault is not None:
+                        vault.forget(date.fromisoformat(p) for p in payload.split(",") if p)
+                elif channel == BLOCKLIST_CHANNEL:
                     dispatcher.cut_calls(await dispatcher.store.blocklist.participant_ids(bytes.fromhex(payload)),
                                          "blocked")
                 else:
@@ -254,10 +264,16 @@ async def connect_at_start(dsn: str, wait: float = DB_START_WAIT) -> asyncpg.Poo
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
     pool = await connect_at_start(settings.database_url)
+    vault = NumberVault(MasterKeys(settings.number_keys), NumberKeyRepo(pool))
     await migrate(pool, vault)
+    try:
+        await NumberKeys(NumberKeyRepo(pool), vault).check_versions()
+        await vault.start()
+    except VaultError as exc:
+        await pool.close()
+        raise StartupError(str(exc)) from None
     # This node's claim first: a second bridge for one Asterisk stops here (NodeTaken).
     claimed = await nodes.claim(settings.database_url, settings.node_id, node_api_url(settings),
                                 settings.node_sip_address or None)
@@ -331,7 +347,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive), name="housekeeping"
     )
     blocks = asyncio.create_task(
-        cut_listener(settings.database_url, dispatcher, stop), name="cut-listener"
+        cut_listener(settings.database_url, dispatcher, stop, vault), name="cut-listener"
     )
     gauges = asyncio.create_task(metrics.refresher(store, METRICS_EVERY, stop), name="metrics")
     background = [sweeper, blocks, gauges, asyncio.create_task(keeper.run(stop), name="node")]

@@ -10,7 +10,7 @@ from datetime import datetime
 import structlog
 
 from bridge import metrics
-from bridge.crypto import NumberVault
+from bridge.crypto import NumberVault, VaultError, blocked_number
 from bridge.errors import BlockNotFound, InvalidInput
 from bridge.sessions import Policy, phone_number
 from bridge.store import Store
@@ -44,21 +44,32 @@ class Blocklist:
         if isinstance(reason, str) and _PHONE_LIKE.search(reason):
             # The reason is kept in plaintext and shown to support staff: no number in it.
             raise InvalidInput("reason must not hold a phone number", field="reason")
-        entry, created = await self.repo.add(self.vault.index(real), self.vault.seal(real), reason)
+        entry_id = uuid.uuid4()  # (made here: the sealed number is bound to its row)
+        sealed = await self.vault.seal(real, blocked_number(entry_id))
+        entry, created = await self.repo.add(entry_id, self.vault.index(real), sealed, reason)
+        await self.vault.load([entry.number_enc])
         log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id))
         if created:
             metrics.BLOCKS.labels("api").inc()
         return entry, created
 
     async def find(self, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BlockedRow]:
-        return await self.repo.page(after, limit)
+        rows = await self.repo.page(after, limit)
+        await self.vault.load(r.number_enc for r in rows)
+        return rows
 
     async def remove(self, entry_id: uuid.UUID) -> BlockedRow:
         entry = await self.repo.remove(entry_id)
         if entry is None:
             raise BlockNotFound()
+        await self.vault.load([entry.number_enc])
         log.info("blocklist.removed", entry_id=str(entry_id))
         return entry
 
     def number_of(self, entry: BlockedRow) -> str:
-        return self.vault.open(entry.number_enc)
+        """The blocked number of an entry this service read (which loaded its key). Retention
+        never destroys the key of a blocked number (bridge.number_keys re-seals it first)."""
+        number = self.vault.open_cached(entry.number_enc, blocked_number(entry.id))
+        if number is None:
+            raise VaultError("the data key of a blocked number is gone")
+        return number

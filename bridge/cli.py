@@ -23,6 +23,7 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
     maskbridge-admin token add NAME --scope SCOPE [--scope ...] [--expires 90d|2026-12-31] [--rate N]
     maskbridge-admin token list | token revoke NAME
+    maskbridge-admin keys status | keys rewrap
     maskbridge-admin migrate
 
 A real number given as "-" is read from standard input (one per line), so that it stays out
@@ -46,7 +47,8 @@ from bridge.api.http import _default, render_block, render_pool_number, render_s
 from bridge.blocklist import Blocklist
 from bridge.app import policy_of
 from bridge.config import ConfigError, Settings
-from bridge.crypto import NumberVault
+from bridge.crypto import MasterKeys, NumberVault, VaultError
+from bridge.number_keys import NumberKeys
 from bridge.errors import InvalidInput, ServiceError, SessionNotFound
 from bridge.pools import Pools
 from bridge.recordings import Recordings
@@ -55,6 +57,7 @@ from bridge.requests import OpenSession, parse
 from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate, pending
 from bridge.store.tokens import TokenRepo, TokenRow
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.terms import Terms
 from bridge.tokens import PREFIX, SCOPES, Tokens
 
@@ -115,10 +118,10 @@ def _cell(value: Any) -> str:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
     pool = await connect(settings.database_url, max_size=2, command_timeout=None)
     try:
+        vault = NumberVault(MasterKeys(settings.number_keys), NumberKeyRepo(pool))
         if args.group == "migrate":
             applied = await migrate(pool, vault)
             print("applied: " + ", ".join(applied) if applied else "the database is up to date")
@@ -131,6 +134,12 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                   "(it migrates) or run `maskbridge-admin migrate`", file=sys.stderr)
             return 2
         store = Store(pool, node=settings.node_id)
+        keys = NumberKeys(store.number_keys, vault)
+        if args.group == "keys":
+            await KEY_COMMANDS[args.action](keys, args.json)
+            return 0
+        await keys.check_versions()
+        await vault.start()
         ari = (AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
                if settings.ari_url and settings.ari_user and settings.ari_password else None)
         recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days,
@@ -359,6 +368,35 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
 }
 
 
+async def keys_status(keys: NumberKeys, as_json: bool) -> None:
+    status = await keys.status()
+    if as_json:
+        print(json.dumps(status, default=str, indent=2))
+        return
+    for key, value in status.items():
+        print(f"{key:22} {'-' if value is None else value}")
+
+
+async def keys_rewrap(keys: NumberKeys, as_json: bool) -> None:
+    """Every key wrapped anew by the newest master key version configured here, which becomes
+    the active one (docs/production.md, "Rotating the master key")."""
+    await keys.check_versions()
+    done = await keys.rewrap()
+    result = {"active_version": done.active_version, "previous_version": done.previous_version,
+              "keys_rewrapped": done.keys_rewrapped}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"master key version {done.active_version} is active (was {done.previous_version}); "
+              f"{done.keys_rewrapped} keys rewrapped")
+
+
+KEY_COMMANDS: dict[str, Callable[[NumberKeys, bool], Awaitable[None]]] = {
+    "status": keys_status,
+    "rewrap": keys_rewrap,
+}
+
+
 def _days(raw: str) -> int:
     """A number of days for a retention cut-off: 0 or less would delete everything."""
     try:
@@ -427,6 +465,11 @@ def parser() -> argparse.ArgumentParser:
     calls = groups.add_parser("calls", help="the calls of an order")
     calls.add_argument("order")
     groups.add_parser("migrate", help="apply the database migrations the bridge would apply at start")
+    keys = groups.add_parser("keys", help="the keys that seal real numbers").add_subparsers(dest="action",
+                                                                                           required=True)
+    keys.add_parser("status", help="the active master key version, the data keys and the versions wrapping them")
+    keys.add_parser("rewrap", help="make the newest configured master key version active and rewrap every key "
+                    "with it (no number is re-sealed; the bridges keep running)")
     blk = groups.add_parser("block", help="the blocklist").add_subparsers(dest="action", required=True)
     ba = blk.add_parser("add", help="block a real number everywhere; its calls in progress end at once")
     ba.add_argument("number", help='the number, or "-" to read it from standard input')
@@ -467,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"maskbridge-admin: {exc.code}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, VaultError) as exc:
         print(f"maskbridge-admin: {exc}", file=sys.stderr)
         return 1
 

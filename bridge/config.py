@@ -218,7 +218,8 @@ class Settings:
     trunk_endpoint: str = "trunk"
     ring_timeout: float = 30.0
     log_level: str = "info"
-    number_key: str = ""
+    number_key: str = ""  # master key version 1 (MB_NUMBER_KEY)
+    number_keys: dict[int, str] = field(default_factory=dict)  # every master key version, 1 included
     session_ttl: int = 86400
     grace_period: int = 0
     pair_cooloff: int = 86400
@@ -260,7 +261,8 @@ class Settings:
             except ValueError as exc:
                 problems.append(f"{setting.env} {exc}")
         try:
-            values["number_key"] = _number_key(env)
+            values["number_keys"] = _number_keys(env)
+            values["number_key"] = values["number_keys"].get(1, "")
         except ValueError as exc:
             problems.append(str(exc))
         try:
@@ -273,20 +275,40 @@ class Settings:
         return cls(**values)
 
 
-def _number_key(env: Mapping[str, str]) -> str:
-    """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
-    path = env.get("MB_NUMBER_KEY_FILE")
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """`name`, or the contents of the file `name`_FILE (a docker secret)."""
+    path = env.get(f"{name}_FILE")
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                key = f.read().strip()
+                return f.read().strip()
         except OSError as exc:
-            raise ValueError(f"MB_NUMBER_KEY_FILE cannot be read: {exc.strerror}") from None
-    else:
-        key = env.get("MB_NUMBER_KEY", "")
-    if len(key) < 32:
-        raise ValueError("MB_NUMBER_KEY must be at least 32 characters" if key else "MB_NUMBER_KEY is not set")
-    return key
+            raise ValueError(f"{name}_FILE cannot be read: {exc.strerror}") from None
+    return env.get(name, "").strip()
+
+
+def _number_keys(env: Mapping[str, str]) -> dict[int, str]:
+    """The master key versions: MB_NUMBER_KEY is version 1; MB_NUMBER_KEYS (or the file
+    MB_NUMBER_KEYS_FILE) adds `VERSION=KEY` items, separated by blanks or lines (# comments)."""
+    keys: dict[int, str] = {}
+    first = _secret(env, "MB_NUMBER_KEY")
+    if first:
+        keys[1] = first
+    for line in _secret(env, "MB_NUMBER_KEYS").splitlines():
+        for item in line.split("#", 1)[0].split():
+            number, sep, key = item.partition("=")
+            if not sep or not number.isdigit() or int(number) < 1:
+                raise ValueError("MB_NUMBER_KEYS must be VERSION=KEY items (VERSION a whole number from 1)")
+            if int(number) in keys:
+                raise ValueError(f"MB_NUMBER_KEYS gives version {int(number)} twice (MB_NUMBER_KEY is version 1)")
+            keys[int(number)] = key
+    if not keys:
+        raise ValueError("MB_NUMBER_KEY is not set")
+    for version, text in keys.items():
+        if len(text) < 32:
+            raise ValueError("MB_NUMBER_KEY must be at least 32 characters" if version == 1
+                             else f"MB_NUMBER_KEYS version {version} must be at least 32 characters")
+    return keys
 
 
 def _together(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:

@@ -16,18 +16,19 @@ import structlog
 
 from bridge import metrics
 from bridge.abuse import QuietHours
-from bridge.crypto import NumberVault
+from bridge.crypto import NumberVault, participant_number
 from bridge.errors import (
     Conflict, Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
     SessionEnded, SessionNotFound, UnknownRegion,
 )
 from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
+from bridge.number_keys import NumberKeys
 from bridge.phone import InvalidNumber, normalize
 from bridge.requests import OpenSession
 from bridge.store import Store
 from bridge.store.queries import Dialed, NewCall
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
-from bridge.store.sessions import RouteRow, Sealed, SessionRow, SessionTerms
+from bridge.store.sessions import ParticipantRow, RouteRow, Sealed, SessionRow, SessionTerms
 from bridge.terms import Terms
 
 log = structlog.get_logger(__name__)
@@ -106,12 +107,20 @@ class Sessions:
         self.vault = vault
         self.policy = policy or Policy()
 
-    def _seal(self, number: str) -> Sealed:
-        return Sealed(idx=self.vault.index(number), enc=self.vault.seal(number))
+    async def _seal(self, number: str) -> Sealed:
+        """The number of a new participant row, sealed for that row (its id made here)."""
+        row = uuid.uuid4()
+        return Sealed(id=row, idx=self.vault.index(number), enc=await self.vault.seal(number, participant_number(row)))
 
-    def reveal(self, sealed: bytes | None) -> str | None:
-        """The real number of a participant; None once the retention job removed it."""
-        return self.vault.open(sealed) if sealed is not None else None
+    def reveal(self, participant: ParticipantRow) -> str | None:
+        """The real number of a participant of a session read by this service (which loaded
+        its key); None once the retention job removed it."""
+        return self.vault.open_cached(participant.number_enc, participant_number(participant.id))
+
+    async def _loaded(self, sessions: list[SessionRow]) -> list[SessionRow]:
+        """The sessions, with the keys of their participants' numbers in memory (reveal())."""
+        await self.vault.load(p.number_enc for s in sessions for p in s.participants)
+        return sessions
 
     # --- open ------------------------------------------------------------------------
 
@@ -137,7 +146,7 @@ class Sessions:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
         if terms.region is not None and not await self.store.pools.known_region(terms.region):
             raise UnknownRegion(f"no pool number is in region {terms.region}", field="region")
-        sealed_courier, sealed_client = self._seal(courier), self._seal(client)
+        sealed_courier, sealed_client = await self._seal(courier), await self._seal(client)
         pair = [sealed_courier.idx, sealed_client.idx]
         taken: set[str] = set()  # order-code numbers where the given code is in use
         for _attempt in range(_ATTEMPTS):
@@ -145,6 +154,7 @@ class Sessions:
             if existing is not None:
                 if await self.repo.end_if_due(existing.id, self.policy.pair_cooloff):
                     continue  # it was past its time: the order gets a new session
+                await self._loaded([existing])
                 self._same_people(existing, courier, client)
                 self._same_mode(existing, by_code, given_code)
                 return existing, False
@@ -208,7 +218,7 @@ class Sessions:
         does not say who differs: it would tell whether a number is in the order."""
         live = [(session.live(role), given) for role, given in (("courier", courier), ("client", client))]
         # (both compared every time: how long the answer takes does not say who differs either)
-        same = [p is not None and self.reveal(p.number_enc) == given for p, given in live]
+        same = [p is not None and self.reveal(p) == given for p, given in live]
         if not all(same):
             raise OrderHasOpenSession(session_id=str(session.id))
 
@@ -238,14 +248,14 @@ class Sessions:
         session = await self.repo.get(session_id)
         if session is None:
             raise SessionNotFound()
-        return session
+        return (await self._loaded([session]))[0]
 
     async def find(
         self, *, order_id: str | None, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[SessionRow]:
         if status is not None and status not in SESSION_STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(SESSION_STATUSES)}", field="status")
-        return await self.repo.page(order_id=order_id, status=status, after=after, limit=limit)
+        return await self._loaded(await self.repo.page(order_id=order_id, status=status, after=after, limit=limit))
 
     async def _live(self, session_id: uuid.UUID, change: str) -> SessionRow:
         """The session, if it is open and not past its time (then it is ended here, and
@@ -302,10 +312,10 @@ class Sessions:
         current = session.live("courier")
         if client is None or current is None:  # an open session has both; the data says otherwise
             raise InternalError(f"open session {session_id} lacks a live participant")
-        sealed = self._seal(courier)
-        if self.reveal(client.number_enc) == courier:
+        sealed = await self._seal(courier)
+        if self.reveal(client) == courier:
             raise InvalidInput("the new courier's number is the client's number", field=field)
-        if self.reveal(current.number_enc) == courier:
+        if self.reveal(current) == courier:
             return session, False  # already theirs: nothing to change
         for _attempt in range(_ATTEMPTS):
             # The client's number when it is free for the new courier: then both dial one number.
@@ -412,10 +422,14 @@ class Sessions:
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
+        callee = await self.vault.open(row.other_enc, participant_number(row.other_id)) if row.other_id else None
+        if callee is None:  # (its key destroyed: retention never does that to a live participant)
+            log.warning("route.callee_number_gone", session_id=str(row.session_id))
+            return finished
         # (the call's row, once it rings, marks the session active: see Store.call_put_through)
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
-                     callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
+                     callee_participant_id=row.other_id, callee_number=callee,
                      shown_number=row.other_pool_number, language=language, terms=terms)
 
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
@@ -464,5 +478,7 @@ class Sessions:
     async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
         days = self.policy.retention_days if older_than_days is None else older_than_days
         counts = await self.repo.purge(days)
+        # (then the data keys whose time came: the numbers of old row versions, the WAL and backups)
+        counts |= await NumberKeys(self.store.number_keys, self.vault).retire(days)
         log.info("retention.purged", older_than_days=days, **counts)
         return counts

@@ -94,7 +94,7 @@ def _error(status: int, code: str, message: str, details: dict[str, Any] | None 
 
 
 def render_participant(sessions: Sessions, p: ParticipantRow) -> dict[str, Any]:
-    real = sessions.reveal(p.number_enc)
+    real = sessions.reveal(p)
     return {
         "id": p.id,
         "role": p.role,

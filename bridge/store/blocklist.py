@@ -26,14 +26,14 @@ class BlocklistRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def add(self, idx: bytes, enc: bytes, reason: str | None) -> tuple[BlockedRow, bool]:
+    async def add(self, entry_id: uuid.UUID, idx: bytes, enc: bytes, reason: str | None) -> tuple[BlockedRow, bool]:
         """Block a number (or return its entry); every bridge listening ends its calls."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
-                """INSERT INTO blocked_numbers (number_idx, number_enc, reason, created_by_token)
-                   VALUES ($1, $2, $3, $4)
+                """INSERT INTO blocked_numbers (id, number_idx, number_enc, reason, created_by_token)
+                   VALUES ($1, $2, $3, $4, $5)
                    ON CONFLICT (number_idx) DO NOTHING RETURNING id, number_enc, reason, created_at""",
-                idx, enc, reason, request_token(),  # (the API token's name, when the API blocks it)
+                entry_id, idx, enc, reason, request_token(),  # (the API token's name, when the API blocks it)
             )
             created = row is not None
             if row is None:

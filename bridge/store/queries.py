@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from bridge.store.blocklist import BlocklistRepo
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.recordings import RecordingRepo
 from bridge.store.sessions import ROUTE_SQL, RouteRow, SessionRepo, route_row
@@ -139,6 +140,7 @@ class Store:
         self.sessions = SessionRepo(pool)
         self.blocklist = BlocklistRepo(pool)
         self.recordings = RecordingRepo(pool)
+        self.number_keys = NumberKeyRepo(pool)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[bool]:

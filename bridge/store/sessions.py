@@ -22,8 +22,10 @@ from bridge.terms import Terms
 
 @dataclass(frozen=True)
 class Sealed:
-    """A real number as stored: its blind index and its ciphertext."""
+    """A real number as stored: its blind index and its ciphertext, sealed for the
+    participant row `id` (bridge.crypto binds it to that row)."""
 
+    id: uuid.UUID
     idx: bytes
     enc: bytes
 
@@ -386,14 +388,14 @@ class SessionRepo:
                 # In index order: two opens that share both people in opposite roles take
                 # the pair locks in the same order, and one waits for the other.
                 await conn.executemany(
-                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
-                       VALUES ($1, $2, $3, $4, $5, $6)""",
+                    """INSERT INTO participants (id, session_id, role, number_idx, number_enc, pool_number, by_code)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7)""",
                     sorted(
                         [
-                            (session_id, "courier", courier.idx, courier.enc, pool_number, by_code),
-                            (session_id, "client", client.idx, client.enc, pool_number, by_code),
+                            (courier.id, session_id, "courier", courier.idx, courier.enc, pool_number, by_code),
+                            (client.id, session_id, "client", client.idx, client.enc, pool_number, by_code),
                         ],
-                        key=lambda r: r[2],
+                        key=lambda r: r[3],
                     ),
                 )
                 await self._event(
@@ -524,9 +526,9 @@ class SessionRepo:
                 if not by_code:
                     await self._free_pairs(conn, [courier.idx], pool_number)
                 new: uuid.UUID = await conn.fetchval(
-                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
-                       VALUES ($1, 'courier', $2, $3, $4, $5) RETURNING id""",
-                    session_id, courier.idx, courier.enc, pool_number, by_code,
+                    """INSERT INTO participants (id, session_id, role, number_idx, number_enc, pool_number, by_code)
+                       VALUES ($1, $2, 'courier', $3, $4, $5, $6) RETURNING id""",
+                    courier.id, session_id, courier.idx, courier.enc, pool_number, by_code,
                 )
                 await self._event(
                     conn, session_id, "courier_reassigned", previous=old["id"] if old else None, participant=new,

@@ -269,8 +269,9 @@ class Harness:
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: asyncpg.Pool) -> None:
         self.loop = loop
         self.pool = pool
-        self.vault = NumberVault(SCRATCH_KEY)
         self.store = Store(pool)
+        self.vault = NumberVault(SCRATCH_KEY, self.store.number_keys)
+        loop.run_until_complete(self.vault.start())
         policy = Policy(pair_cooloff=3600, number_cooling=3600, retention_days=30)
         self.sessions = Sessions(self.store, self.vault, policy)
         self.pools = Pools(self.store, policy)

@@ -73,7 +73,8 @@ class FakeSessions:
         self.open_answer: Exception | tuple[SessionRow, bool] = (session_row(0), True)
         self.store = FakeStore()
 
-    def reveal(self, sealed: bytes | None) -> str | None:
+    def reveal(self, participant: ParticipantRow) -> str | None:
+        sealed = participant.number_enc
         return sealed.decode().removeprefix("sealed:") if sealed else None
 
     async def open(self, request: OpenSession) -> tuple[SessionRow, bool]:

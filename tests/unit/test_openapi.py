@@ -17,6 +17,7 @@ from bridge.api.openapi import document
 from bridge.blocklist import Blocklist
 from bridge.crypto import NumberVault
 from bridge.errors import InvalidInput, OrderHasOpenSession
+from tests.unit.memory_keys import MemoryKeyStore
 from bridge.requests import REQUESTS
 from bridge.terms import Terms
 from bridge.tokens import ENV_SCOPES, SCOPES
@@ -276,7 +277,7 @@ class _Refused(Exception):
 
 
 class _Repo:
-    async def add(self, idx: bytes, enc: bytes, reason: str | None) -> Any:
+    async def add(self, entry_id: Any, idx: bytes, enc: bytes, reason: str | None) -> Any:
         raise _Refused  # the reason got past the checks
 
 
@@ -291,7 +292,7 @@ async def test_the_documented_reason_is_the_one_the_blocklist_takes(doc, reason)
     assert pattern.startswith("^") and pattern.endswith("$")
     # fullmatch: Python's `$` would also match before a final line break, ECMA-262's does not
     documented = len(reason) <= schema["maxLength"] and re.fullmatch(pattern[1:-1], reason) is not None
-    blocklist = Blocklist(SimpleNamespace(blocklist=_Repo()), NumberVault("k" * 64))  # type: ignore[arg-type]
+    blocklist = Blocklist(SimpleNamespace(blocklist=_Repo()), NumberVault("k" * 64, MemoryKeyStore()))  # type: ignore[arg-type]
     with pytest.raises((_Refused, InvalidInput)) as raised:
         await blocklist.add("+79161234567", reason)
     assert (raised.type is _Refused) == documented, repr(reason)
