@@ -372,7 +372,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "on the wire (the RTP the PBX sends to each side, decoded): the caller must hear the callee's "
         "1000 Hz tone and the callee the caller's 600 Hz (share of energy > 0.5 each; caller/callee below).",
         "",
-        "| calls held | established | two-way audio (tone shares, caller/callee) | ended normally | "
+        "| calls held | established | two-way audio (tone shares, caller/callee) | "
+        "set up within 3 s and ended normally | "
         "bridge RSS (MiB) | PBX RSS (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",
         *[
