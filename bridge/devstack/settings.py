@@ -37,6 +37,10 @@ DEFAULTS: dict[str, tuple[str, str]] = {
                                       "headers (the bridge masks them either way)"),
     "MB_RELAY_PORT": ("5070", "port of the tests' hostile network relay, on MB_TRUNK_HOST (facing the PBX) and "
                       "MB_PBX_SIP_BIND (facing the carrier)"),
+    "MB_BENCH_SIP_PORT": ("5080", "port of the benchmark's SIPp phones on MB_TRUNK_HOST: the called side (the PBX's "
+                          "trunk points there while make bench runs), the calling side on the next port"),
+    "MB_BENCH_RTP_PORT": ("40000", "first media port of the benchmark's SIPp phones on MB_TRUNK_HOST (the caller "
+                          "uses it and the next three, the callee the four from the tenth on)"),
     "MB_CARRIER_ARI_PORT": ("8088", "port of the simulated carrier's ARI (on MB_TRUNK_HOST)"),
     "MB_CARRIER_APP": ("phones", "Stasis application of the simulated carrier"),
     "MB_CARRIER_RTP_START": ("25000", "first RTP port of the simulated carrier"),
