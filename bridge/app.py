@@ -24,6 +24,7 @@ from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
 from bridge.api.server import serve as serve_api
 from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
+from bridge.calls.events import WANTED_EVENTS
 from bridge.calls.flow import FlowSettings
 from bridge.calls.order_code import KeypadTiming
 from bridge.calls.stasis import StasisDispatcher
@@ -297,7 +298,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         ),
         router=sessions,
     )
-    stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile)
+    stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile, event_types=WANTED_EVENTS)
     keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,
                               api_url=node_api_url(settings), sip_address=settings.node_sip_address or None,
                               timeout=settings.node_timeout, webhooks=bool(settings.webhook_url), conn=claimed,

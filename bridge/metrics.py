@@ -101,6 +101,7 @@ ARI_CONNECTED = Gauge("maskbridge_ari_connected", "1 while the ARI event stream 
                       registry=REGISTRY)
 ARI_RECONNECTS = Counter("maskbridge_ari_reconnects", "ARI event stream connections lost or refused.",
                          registry=REGISTRY)
+ARI_EVENTS = Counter("maskbridge_ari_events", "ARI events received, by type.", ["type"], registry=REGISTRY)
 ARI_REQUEST = Histogram(
     "maskbridge_ari_request_seconds", "ARI REST requests, by operation (method and path template).",
     ["operation"], registry=REGISTRY,

@@ -294,5 +294,12 @@ class AriClient:
     async def application(self) -> dict[str, Any]:
         return await self.request("GET", f"/applications/{self.app}")
 
+    async def allow_events(self, types: list[str]) -> dict[str, Any]:
+        """Asterisk sends this application only events of these types (until it connects
+        again: the filter is set at every connection)."""
+        return await self.request(
+            "PUT", f"/applications/{self.app}/eventFilter", body={"allowed": [{"type": t} for t in types]}
+        )
+
     async def subscribe(self, event_source: str) -> None:
         await self.request("POST", f"/applications/{self.app}/subscription", {"eventSource": event_source})

@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
 from bridge.calls import outcomes
+from bridge.calls.events import WANTED_EVENTS
 from bridge.calls.flow import FlowSettings
 from bridge.calls.stasis import StasisDispatcher
 from bridge.sessions import Route
@@ -383,6 +384,7 @@ class Harness:
         self.stream = EventStream(
             self.ari, self._handle, on_connected=self.dispatcher.reconcile, min_backoff=0.01, max_backoff=0.05,
             check_every=3600,  # (the application watch has tests of its own: test_event_stream.py)
+            event_types=WANTED_EVENTS,  # as the bridge asks: every flow here works on these events alone
         )
         self.task = asyncio.create_task(self.stream.run(), name="test-ari-events")
         await self.fake.wait_connected(1)
