@@ -27,6 +27,7 @@ from bridge.ari import AriClient, EventStream
 from bridge.calls.events import WANTED_EVENTS
 from bridge.calls.flow import FlowSettings
 from bridge.calls.order_code import KeypadTiming
+from bridge.calls.flood import UnknownCallers
 from bridge.calls.stasis import StasisDispatcher
 from bridge.config import Settings
 from bridge.crypto import MasterKeys, NumberVault, VaultError
@@ -297,6 +298,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             order_code_attempts=settings.order_code_attempts,
         ),
         router=sessions,
+        unknown_callers=UnknownCallers(settings.unknown_caller_limit, settings.unknown_caller_total),
     )
     stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile, event_types=WANTED_EVENTS)
     keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,

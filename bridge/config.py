@@ -194,6 +194,8 @@ SETTINGS: dict[str, Setting] = {
     "order_code_length": Setting("MB_ORDER_CODE_LENGTH", "6", whole(*ORDER_CODE_LENGTHS)),
     "order_code_attempts": Setting("MB_ORDER_CODE_ATTEMPTS", "3", whole(1, 20)),
     "order_code_lockout": Setting("MB_ORDER_CODE_LOCKOUT", "900", whole(1, 31 * DAY)),
+    "unknown_caller_limit": Setting("MB_UNKNOWN_CALLER_LIMIT", "10", whole(0, 1_000_000), service=True),
+    "unknown_caller_total": Setting("MB_UNKNOWN_CALLER_TOTAL", "100", whole(0, 1_000_000), service=True),
     "node_id": Setting("MB_NODE_ID", "node-1", text(required=True, pattern=_NAME,
                                                     what="1 to 64 letters, digits, - or _")),
     "node_timeout": Setting("MB_NODE_TIMEOUT", "15", seconds(3, 600)),
@@ -238,6 +240,8 @@ class Settings:
     order_code_length: int = 6
     order_code_attempts: int = 3
     order_code_lockout: int = 900
+    unknown_caller_limit: int = 10  # unknown callers announced per pool number per minute (0: no limit)
+    unknown_caller_total: int = 100  # unknown callers announced per minute in all, per bridge process (0: no limit)
     node_id: str = "node-1"
     node_timeout: float = 15.0
     node_api_url: str = ""

@@ -52,6 +52,12 @@ CALLS = Counter("maskbridge_calls", "Calls ended, by outcome and direction.", ["
 CALLS_PUT_THROUGH = Counter(
     "maskbridge_calls_put_through", "Calls for which the other phone's leg was created (seizures; the answer-seizure "
     "ratio is answered calls over these).", ["direction"], registry=REGISTRY)
+UNKNOWN_CALLERS_REFUSED = Counter(
+    "maskbridge_unknown_callers_refused", "Unknown callers hung up unanswered (SIP 403) for being too many, by the "
+    "limit they reached (pool_number: MB_UNKNOWN_CALLER_LIMIT; total: MB_UNKNOWN_CALLER_TOTAL).", ["limit"],
+    registry=REGISTRY)
+CALLS_SHED = Counter("maskbridge_calls_shed", "New calls hung up unanswered (SIP 503) before their route lookup, for "
+                     "too many calls being routed at once.", registry=REGISTRY)
 CALLS_CUT = Counter("maskbridge_calls_cut", "Calls the bridge ended itself, by reason.", ["reason"],
                     registry=REGISTRY)
 POST_DIAL_DELAY = Histogram(

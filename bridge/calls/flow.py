@@ -28,8 +28,9 @@ import structlog
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge import metrics
 from bridge.calls.events import (
-    Answered, CallEvent, Cut, Hangup, Hold, InStasis, Key, PlaybackDone, RawEvent, Ringing, read,
+    Answered, CallEvent, Cut, Hangup, Hold, Ignored, InStasis, Key, PlaybackDone, RawEvent, Ringing, read,
 )
+from bridge.calls.flood import FLOOD_CAUSE
 from bridge.calls.order_code import CodePrompt, KeypadTiming
 from bridge.calls.outcomes import CUT_OUTCOMES
 from bridge.calls.recording import CallRecording, RecordingStore, recording_name
@@ -95,6 +96,10 @@ IDENTITY_SUBS = {
     "CONNECTED_LINE_SEND_SUB": "mb-identity,connected,1",
     "REDIRECTING_SEND_SUB": "mb-identity,redirecting,1",
 }
+
+
+# Events one call keeps waiting before it drops a phone's keys and holds (MaskedCall.feed).
+MAX_QUEUED_EVENTS = 256
 
 
 def caller_cause(cause: int | None) -> int:
@@ -198,11 +203,15 @@ class MaskedCall:
         router: Router | None = None,
         recently_cut: Callable[[set[uuid.UUID], float], str | None] | None = None,
         masked: bool = True,
+        unknown_callers: Callable[[str], str | None] | None = None,
     ) -> None:
         self.id = call_id
         self.router = router
         self._recently_cut = recently_cut or (lambda _ids, _since: None)
         self.masked = masked  # the dialplan masked the caller's leg (MASKED_ARG)
+        # Whether an unknown caller of a pool number is announced (None) or refused, and by
+        # which limit (bridge.calls.flood.UnknownCallers.admit).
+        self._unknown_callers = unknown_callers or (lambda _pool: None)
         self.inbound_id: str = inbound["id"]
         self.inbound = inbound
         self.dialed = dialed
@@ -236,7 +245,12 @@ class MaskedCall:
         return {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
 
     def feed(self, event: RawEvent) -> None:
-        self._events.put_nowait(read(event))
+        call_event = read(event)
+        # Bounded: what a phone can send at will (keys, holds) and what the flow never reads
+        # is dropped once this many events wait; a hangup, an answer or a playback's end is not.
+        if self._events.qsize() >= MAX_QUEUED_EVENTS and isinstance(call_event, Key | Hold | Ignored):
+            return
+        self._events.put_nowait(call_event)
 
     def cut(self, reason: str) -> None:
         """End this call now, whatever its state (it is ended by the bridge: hangup_by system)."""
@@ -496,6 +510,10 @@ class MaskedCall:
             route_ms=route_ms,
         )
         if route is None or caller is None or pool is None or route.kind == "unknown":
+            refused_by = self._unknown_callers(pool or self.dialed[:32])
+            if refused_by is not None:
+                await self._refuse_unknown_caller(refused_by)
+                return
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
         if route.kind == "locked_out":
@@ -507,6 +525,14 @@ class MaskedCall:
                 return  # the call ended (wrong codes, or the caller left)
             route = coded
         await self._put_through(route, pool)
+
+    async def _refuse_unknown_caller(self, limit: str) -> None:
+        """Too many unknown callers lately (on this pool number, or in all): this one is
+        hung up unanswered, and their network answers 403; no announcement, no minutes."""
+        log.info("call.unknown_caller_refused", limit=limit)
+        metrics.UNKNOWN_CALLERS_REFUSED.labels(limit).inc()
+        await self._hangup(self.inbound_id, "congestion", code=FLOOD_CAUSE)
+        await self._end("unknown_caller", "system", FLOOD_CAUSE)
 
     async def _put_through(self, route: Route, pool: str) -> None:
         """Ring the other participant, or tell the caller why not."""

@@ -14,7 +14,8 @@ import structlog
 from bridge import metrics
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.events import RawEvent as Event
-from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, FlowSettings, MaskedCall, Router
+from bridge.calls.flood import ROUTING_LIMIT, SHED_CAUSE, UnknownCallers
+from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router
 from bridge.calls.recording import wav_duration_ms
 
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
@@ -40,7 +41,8 @@ def _channel_ids(event: Event) -> list[str]:
 
 
 class StasisDispatcher:
-    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings, router: Router) -> None:
+    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings, router: Router,
+                 unknown_callers: UnknownCallers | None = None) -> None:
         self.ari = ari
         self.store = store
         self.router = router
@@ -48,6 +50,8 @@ class StasisDispatcher:
         self.calls: dict[str, MaskedCall] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut: dict[uuid.UUID, tuple[float, str]] = {}  # participant id -> when its calls were cut, and why
+        self.unknown_callers = unknown_callers or UnknownCallers(0, 0)
+        self._routing: set[MaskedCall] = set()  # new calls not past their route lookup yet (at most ROUTING_LIMIT)
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -74,19 +78,45 @@ class StasisDispatcher:
             args = event.get("args") or []
             channel = event["channel"]
             if args[:1] == ["inbound"] and channel["id"] not in self.calls:
+                if self._too_many_routing():
+                    self._shed(channel["id"])
+                    return
                 dialed = args[1] if len(args) > 1 else channel.get("dialplan", {}).get("exten", "")
-                self._start(
-                    MaskedCall(
-                        uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
-                        self.recently_cut, masked=MASKED_ARG in args[2:],
-                    )
+                call = MaskedCall(
+                    uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
+                    self.recently_cut, masked=MASKED_ARG in args[2:], unknown_callers=self.unknown_callers.admit,
                 )
+                self._routing.add(call)
+                self._start(call)
                 return
         for channel_id in _channel_ids(event):
             owner = self.calls.get(channel_id)
             if owner is not None:
                 owner.feed(event)
                 return
+
+    def _too_many_routing(self) -> bool:
+        """Whether ROUTING_LIMIT calls are waiting for their route lookup (the database)."""
+        if len(self._routing) >= ROUTING_LIMIT:
+            self._routing = {call for call in self._routing if call.state is CallState.ROUTING}
+        return len(self._routing) >= ROUTING_LIMIT
+
+    def _shed(self, channel_id: str) -> None:
+        """A new call beyond ROUTING_LIMIT: hung up unanswered at once (SIP 503), with no
+        call object, no row and no lookup. (In a task of its own: the event stream does not
+        wait for ARI.)"""
+        metrics.CALLS_SHED.inc()
+        log.warning("call.shed", routing=len(self._routing))
+
+        async def hang_up() -> None:
+            try:
+                await self.ari.hangup(channel_id, code=SHED_CAUSE)
+            except AriError:
+                pass  # gone already
+
+        task = asyncio.create_task(hang_up(), name=f"shed-{channel_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def reconcile(self) -> None:
         """After (re)connecting: channels that vanished while the socket was down end their

@@ -75,6 +75,10 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_API_RATE": ("50", "requests a second each API token may make per bridge process, after MB_API_BURST "
                     "(0: no limit)"),
     "MB_API_BURST": ("100", "requests an API token may make at once before MB_API_RATE applies"),
+    "MB_UNKNOWN_CALLER_LIMIT": ("10", "unknown callers announced per pool number per minute; beyond, they are hung "
+                                "up unanswered (SIP 403; 0: no limit)"),
+    "MB_UNKNOWN_CALLER_TOTAL": ("100", "unknown callers announced per minute in all, per bridge process; beyond, as "
+                                "above (0: no limit)"),
     "MB_NODES": ("1", "nodes of the local stack (make run NODES=2): above 1, Kamailio takes the carrier's calls on "
                  "MB_PBX_SIP_BIND and spreads them over that many PBX nodes, each with its bridge"),
     "MB_NODE_NET": ("127.0.1", "with MB_NODES above 1, node i's PBX, ARI (and bridge API, but node 1's) are on "
@@ -98,6 +102,7 @@ SESSION_SETTINGS = (
     "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
     "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
     "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
+    "MB_UNKNOWN_CALLER_LIMIT", "MB_UNKNOWN_CALLER_TOTAL",
     *(Terms.term(n).env for n in Terms.names()),
 )
 
