@@ -179,14 +179,20 @@ async def cut_listener(
     def heard(_conn: object, _pid: int, channel: str, payload: str) -> None:
         notices.put_nowait((channel, payload))
 
-    def lost(_conn: object) -> None:
-        notices.put_nowait((_LOST, ""))
+    current: list[object] = []  # the connection listened on now
+
+    def lost(conn: object) -> None:
+        # (asyncpg calls this soon after a close, when the next connection may already be
+        # listening: a notice of an earlier connection is no news of the current one)
+        if current and conn is current[0]:
+            notices.put_nowait((_LOST, ""))
 
     while not stop.is_set():
         conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(database_url, server_settings={"application_name": LISTENER_NAME},
                                          timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
+            current[:] = [conn]
             conn.add_termination_listener(lost)
             await conn.add_listener(BLOCKLIST_CHANNEL, heard)
             await conn.add_listener(PARTICIPANTS_LEFT, heard)
@@ -216,6 +222,7 @@ async def cut_listener(
         except Exception:
             log.exception("cut_listener.failed")
         finally:
+            current.clear()
             if conn is not None and not conn.is_closed():
                 await conn.close()
             while not notices.empty():  # (a lost connection's own notice, left over)
