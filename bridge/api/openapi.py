@@ -530,8 +530,9 @@ SCHEMAS: dict[str, Schema] = {
             "role": {"type": "string", "enum": ["courier", "client"]},
             "number": {
                 "type": ["string", "null"],
-                "description": "The real number, masked (`+7916***4567`); null once the retention job removed it.",
-                "examples": ["+7916***4567"],
+                "description": "The real number, masked to its last two digits (`+***67`); null once the retention "
+                "job removed it.",
+                "examples": ["+***67"],
             },
             "proxy_number": {
                 **E164,
@@ -928,8 +929,8 @@ SCHEMAS: dict[str, Schema] = {
             "id": {**UUID, "description": "The entry's id: unblock with it."},
             "number": {
                 "type": "string",
-                "description": "The blocked real number, masked (`+7916***4567`).",
-                "examples": ["+7916***4567"],
+                "description": "The blocked real number, masked (`+***67`: the last two digits only).",
+                "examples": ["+***67"],
             },
             "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
             "created_at": {**TIMESTAMP, "description": "When it was blocked."},
@@ -1016,7 +1017,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
         "courier": {
             "id": "0b7e1f0a-7d1c-4f7e-a7a4-5a1d2c3b4e5f",
             "role": "courier",
-            "number": "+7916***4567",
+            "number": "+***67",
             "proxy_number": "+74950000001",
             "joined_at": "2025-05-12T10:00:00+00:00",
             "left_at": None,
@@ -1025,7 +1026,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
         "client": {
             "id": "9c2d4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f",
             "role": "client",
-            "number": "+7916***4568",
+            "number": "+***68",
             "proxy_number": "+74950000001",
             "joined_at": "2025-05-12T10:00:00+00:00",
             "left_at": None,
@@ -1052,7 +1053,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
 
 BLOCK_EXAMPLE: dict[str, Any] = {
     "id": "3d6f8a2c-4b1e-4f9a-9c7d-2e5b8a1f0c64",
-    "number": "+7916***4567",
+    "number": "+***67",
     "reason": "abusive calls to couriers",
     "created_at": "2025-05-12T11:30:00+00:00",
 }
@@ -1856,7 +1857,7 @@ number. A session ends when it is closed (optionally after a grace period in whi
 reach support), expires, or stays idle too long; afterwards the pool number leads nowhere for that pair.
 
 Real numbers are given to the API in requests and are never given back: answers only ever hold them
-masked, like `+7916***4567`. Pool numbers are given in full (E.164).
+masked to their last two digits, like `+***67`. Pool numbers are given in full (E.164).
 
 A real number on the **blocklist** can neither call nor be called through any session, and its calls in
 progress are ended by the bridge as soon as it is blocked.
