@@ -64,6 +64,7 @@ def policy_of(settings: Settings) -> Policy:
         number_cooling=settings.number_cooling,
         retention_days=settings.retention_days,
         support_number=settings.support_number or None,  # normalized by Settings
+        destinations=settings.allowed_destinations,
         default_language=settings.default_language,
         order_code_length=settings.order_code_length,
         order_code_attempts=settings.order_code_attempts,

@@ -20,6 +20,7 @@ from bridge.errors import (
     DatabaseUnavailable,
     BlockNotFound,
     Contention,
+    DestinationNotAllowed,
     InternalError,
     InvalidImport,
     InvalidInput,
@@ -403,6 +404,9 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 422 `invalid_input`: a field or parameter is missing, unknown or out of range; `details.field` names it
   when there is one.
 * 422 `unknown_region`: no pool number is in the requested region (`details.field` is `region`).
+* 422 `destination_not_allowed`: a courier or client number is outside the number ranges the bridge serves
+  (`MB_ALLOWED_DESTINATIONS`), or is a premium-rate or international-network number, which the bridge never
+  dials (`details.field` names it).
 * 429 `rate_limited`: the token made more requests than its rate limit lets it (`MB_API_RATE` a second
   after a burst of `MB_API_BURST`, per bridge process, or the token's own rate); the header `Retry-After`
   and `details.retry_after_seconds` say how many seconds to wait.
@@ -483,8 +487,8 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "field": {
                 "type": "string",
-                "description": "`invalid_input`, `unknown_region`, `order_code_taken`: the field or parameter "
-                "at fault.",
+                "description": "`invalid_input`, `unknown_region`, `destination_not_allowed`, `order_code_taken`: "
+                "the field or parameter at fault.",
             },
             "session_id": {
                 **UUID,
@@ -993,6 +997,11 @@ ORDER_HAS_OPEN_SESSION = (
     OrderHasOpenSession.message,
     {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42"},
 )
+DESTINATION_NOT_ALLOWED = (
+    DestinationNotAllowed.code,
+    "client_number is a premium-rate or international-network number",
+    {"field": "client_number"},
+)
 CONTENTION = (Contention.code, "too many opens raced for the same numbers; try again", None)
 POOL_EXHAUSTED = (
     PoolExhausted.code,
@@ -1138,7 +1147,8 @@ PATHS: dict[str, Schema] = {
             "session with that code.\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 409 `order_has_open_session` (`details.session_id`), "
             "`pool_exhausted` (with details), `order_code_taken`, `contention`; 413 "
-            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
+            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`, `destination_not_allowed` "
+            "(`details.field`); 500 `internal_error`.",
             "requestBody": _json_request("OpenSessionRequest"),
             "responses": {
                 "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE, SESSION_LINKS),
@@ -1170,7 +1180,10 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: a field is missing, unknown or out of range (`details.field` names it), "
                     "the two numbers are the same, or a grace period was asked for without a support number. "
-                    "`unknown_region`: no pool number has the requested region.",
+                    "`unknown_region`: no pool number has the requested region. `destination_not_allowed`: a "
+                    "number is outside `MB_ALLOWED_DESTINATIONS`, or premium-rate or of an international network "
+                    "(never allowed); `details.field` names it.",
+                    destination_not_allowed=DESTINATION_NOT_ALLOWED,
                     invalid_input=(
                         InvalidInput.code,
                         "courier_number is not a valid phone number: not a phone number",
@@ -1332,8 +1345,8 @@ PATHS: dict[str, Schema] = {
             "(409), the number is not the client's (422).\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 404 `session_not_found`; 409 `session_ended`, "
             "`pool_exhausted`, `contention`; 413 `body_too_large`; 422 `invalid_input` (a `role` other than "
-            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field); "
-            "500 `internal_error`.",
+            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field), "
+            "`destination_not_allowed` (the number is outside `MB_ALLOWED_DESTINATIONS`); 500 `internal_error`.",
             "requestBody": _json_request("AddParticipantRequest"),
             "responses": {
                 "201": _json_response("The session, with its new courier.", _ref("Session")),
@@ -1358,7 +1371,13 @@ PATHS: dict[str, Schema] = {
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `role` is not `courier`, the number is not valid or is the client's "
-                    "(`details.field` is `number`), or an unknown field.",
+                    "(`details.field` is `number`), or an unknown field. `destination_not_allowed`: the number is "
+                    "outside `MB_ALLOWED_DESTINATIONS`, or premium-rate or of an international network.",
+                    destination_not_allowed=(
+                        DestinationNotAllowed.code,
+                        "number is outside the number ranges this bridge serves (MB_ALLOWED_DESTINATIONS)",
+                        {"field": "number"},
+                    ),
                     role=(
                         InvalidInput.code,
                         "only the courier can be replaced: the client keeps their number",
