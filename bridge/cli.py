@@ -20,7 +20,7 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin session close SESSION_ID [--grace S]
     maskbridge-admin calls ORDER
     maskbridge-admin housekeeping [--purge] [--older-than DAYS] [--recordings] [--recordings-older-than DAYS]
-    maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
+    maskbridge-admin block add NUMBER [--reason TEXT] [--ttl S] | block list | block remove ENTRY_ID
     maskbridge-admin token add NAME --scope SCOPE [--scope ...] [--expires 90d|2026-12-31] [--rate N]
     maskbridge-admin token list | token revoke NAME
     maskbridge-admin keys status | keys rewrap
@@ -275,7 +275,7 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
 
 
 async def block_add(tool: Tool, a: argparse.Namespace) -> None:
-    entry, created = await tool.blocklist.add(_number(a.number), a.reason)
+    entry, created = await tool.blocklist.add(_number(a.number), a.reason, a.ttl)
     if not tool.as_json:
         print("blocked; calls in progress are being ended" if created else "already blocked")
     tool.out(render_block(tool.blocklist, entry))
@@ -283,7 +283,7 @@ async def block_add(tool: Tool, a: argparse.Namespace) -> None:
 
 async def block_list(tool: Tool, a: argparse.Namespace) -> None:
     rows = [render_block(tool.blocklist, e) for e in await tool.blocklist.find(None, 100_000)]
-    tool.out(rows, rows, ["id", "number", "reason", "created_at"])
+    tool.out(rows, rows, ["id", "number", "reason", "created_at", "expires_at"])
 
 
 async def block_remove(tool: Tool, a: argparse.Namespace) -> None:
@@ -474,6 +474,7 @@ def parser() -> argparse.ArgumentParser:
     ba = blk.add_parser("add", help="block a real number everywhere; its calls in progress end at once")
     ba.add_argument("number", help='the number, or "-" to read it from standard input')
     ba.add_argument("--reason")
+    ba.add_argument("--ttl", type=int, help="seconds until the block ends by itself (default: until removed)")
     blk.add_parser("list", help="blocked numbers (masked)")
     br = blk.add_parser("remove", help="unblock")
     br.add_argument("entry", help="the entry's id, from block list")

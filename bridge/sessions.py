@@ -472,6 +472,7 @@ class Sessions:
             "holds_released": await self.repo.release_cooled(),
             "wrong_codes_forgotten": await self.repo.forget_wrong_codes(self.policy.order_code_lockout),
             "numbers_retired": await self.store.pools.finish_cooling(),
+            "blocks_expired": await self.store.blocklist.remove_expired(),
         }
         await self.repo.fold_holder_changes()  # (the bridges also do every second; the admin tool here)
         return {k: v for k, v in counts.items() if v}

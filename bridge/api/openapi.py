@@ -928,7 +928,7 @@ SCHEMAS: dict[str, Schema] = {
     "BlockedNumber": {
         "type": "object",
         "description": "A real number on the blocklist: its calls are refused on every session.",
-        "required": ["id", "number", "reason", "created_at"],
+        "required": ["id", "number", "reason", "created_at", "expires_at"],
         "properties": {
             "id": {**UUID, "description": "The entry's id: unblock with it."},
             "number": {
@@ -938,6 +938,12 @@ SCHEMAS: dict[str, Schema] = {
             },
             "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
             "created_at": {**TIMESTAMP, "description": "When it was blocked."},
+            "expires_at": {
+                **TIMESTAMP,
+                "type": ["string", "null"],
+                "description": "When the block ends by itself (`ttl_seconds`): from then on it blocks nothing and "
+                "is no longer listed. Null: until unblocked.",
+            },
         },
     },
     "BlockedNumberList": _list_of("BlockedNumber", "Blocked numbers, oldest first."),
@@ -1065,6 +1071,7 @@ BLOCK_EXAMPLE: dict[str, Any] = {
     "number": "+***67",
     "reason": "abusive calls to couriers",
     "created_at": "2025-05-12T11:30:00+00:00",
+    "expires_at": None,
 }
 
 
@@ -1661,33 +1668,41 @@ PATHS: dict[str, Schema] = {
             "* its calls in progress, ringing or connected, are ended by the bridge (`hangup_by` `system`, "
             "`cut_reason` `blocked`; `outcome` `blocked` for a ringing call, `answered` for a connected one).\n\n"
             "Sessions are not changed: they stay open, and new ones can still be opened for the number; only "
-            "its calls are refused, until it is unblocked. Blocks made with `maskbridge-admin` act the same.\n\n"
+            "its calls are refused, until it is unblocked, or until `expires_at` when the block was given "
+            "`ttl_seconds` (an expired block blocks nothing from that moment on, whenever housekeeping deletes "
+            "it). Blocks made with `maskbridge-admin` act the same.\n\n"
             "Idempotent by number: a number already blocked (in any form that reads as the same number) answers "
-            "200 with its entry unchanged (the `reason` given is not stored), and any call of it still in "
-            "progress is ended again.\n\n"
+            "200 with its entry (the `reason` given is not stored; the expiry becomes the later of the entry's "
+            "and the request's, null being the latest: blocking again never shortens a block), and any call of "
+            "it still in progress is ended again. A number whose block expired is blocked anew: 201, a new "
+            "entry.\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 413 `body_too_large`; 422 `invalid_input` (`number` "
             "missing or not a phone number, `reason` not text of at most "
-            f"{BLOCK_REASON_MAX} characters without control characters, an unknown field; `details.field` names "
-            "it); 500 `internal_error`.",
+            f"{BLOCK_REASON_MAX} characters without control characters, `ttl_seconds` out of range, an unknown "
+            "field; `details.field` names it); 500 `internal_error`.",
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/json": {
                         "schema": _ref("BlockNumberRequest"),
-                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers"},
+                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers",
+                                    "ttl_seconds": 604800},
                     }
                 },
             },
             "responses": {
                 "201": _json_response("The number was blocked: its new entry.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
-                "200": _json_response("The number was blocked already: its entry, unchanged.", _ref("BlockedNumber")),
+                "200": _json_response(
+                    "The number was blocked already: its entry (its expiry the later of the two).",
+                    _ref("BlockedNumber"),
+                ),
                 "400": BAD_BODY,
                 "401": UNAUTHORIZED,
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `number` is missing or not a phone number, `reason` is not text of at most "
-                    f"{BLOCK_REASON_MAX} characters without control characters, or a field is unknown "
-                    "(`details.field` names it).",
+                    f"{BLOCK_REASON_MAX} characters without control characters, `ttl_seconds` is out of range, "
+                    "or a field is unknown (`details.field` names it).",
                     number=(
                         InvalidInput.code,
                         "number is not a valid phone number: not a phone number",
@@ -1707,7 +1722,8 @@ PATHS: dict[str, Schema] = {
             "operationId": "listBlockedNumbers",
             "tags": ["blocklist"],
             "summary": "List blocked numbers",
-            "description": "The blocklist, oldest entry first, numbers masked. Paginated by cursor.\n\n"
+            "description": "The blocks in force, oldest entry first, numbers masked, each with its expiry (an "
+            "expired block is not listed). Paginated by cursor.\n\n"
             "Errors: 401 `unauthorized`; 422 `invalid_input` (`limit`, `cursor`); 500 `internal_error`.",
             "parameters": PAGE_PARAMETERS,
             "responses": {
@@ -1731,7 +1747,7 @@ PATHS: dict[str, Schema] = {
             "description": "Removes the entry: calls from and to the number are put through again, from "
             "its next call on; the calls the block refused or ended stay as they were recorded. No body.\n\n"
             "Errors: 401 `unauthorized`; 404 `block_not_found` (also for an id that is not a UUID, or an entry "
-            "removed already); 500 `internal_error`.",
+            "removed already or expired); 500 `internal_error`.",
             "responses": {
                 "200": _json_response("The entry that was removed.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
                 "401": UNAUTHORIZED,
