@@ -200,6 +200,7 @@ SETTINGS: dict[str, Setting] = {
     "webhook_secret": Setting("MB_WEBHOOK_SECRET", "", secret(16, required=False)),
     "recording_token": Setting("MB_RECORDING_TOKEN", "", secret(16, required=False)),
     "recording_retention_days": Setting("MB_RECORDING_RETENTION_DAYS", "30", whole(1, 3650)),
+    "webhook_retention_days": Setting("MB_WEBHOOK_RETENTION_DAYS", "7", whole(1, 3650)),
     "order_code_length": Setting("MB_ORDER_CODE_LENGTH", "6", whole(*ORDER_CODE_LENGTHS)),
     "order_code_attempts": Setting("MB_ORDER_CODE_ATTEMPTS", "3", whole(1, 20)),
     "order_code_lockout": Setting("MB_ORDER_CODE_LOCKOUT", "900", whole(1, 31 * DAY)),
@@ -245,6 +246,7 @@ class Settings:
     webhook_secret: str = ""
     recording_token: str = ""
     recording_retention_days: int = 30
+    webhook_retention_days: int = 7
     order_code_length: int = 6
     order_code_attempts: int = 3
     order_code_lockout: int = 900

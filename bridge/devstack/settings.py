@@ -70,6 +70,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party "
                       "for the order"),
     "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted (1 to 3650)"),
+    "MB_WEBHOOK_RETENTION_DAYS": ("7", "days after which delivered and given-up webhook events are deleted "
+                                  "(1 to 3650)"),
     "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
@@ -99,7 +101,7 @@ SESSION_SETTINGS = (
     "MB_NUMBER_COOLING",
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALL_WARNING", "MB_CONFIRM_TIMEOUT", "MB_BLOCK_KEYS",
     "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
-    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
+    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS", "MB_WEBHOOK_RETENTION_DAYS",
     "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
     *(Terms.term(n).env for n in Terms.names()),
 )
