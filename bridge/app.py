@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import time
@@ -17,7 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from bridge import metrics, nodes
+from bridge import metrics, nodes, webhooks
 from bridge.api.http import make_app
 from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
@@ -65,6 +66,7 @@ def policy_of(settings: Settings) -> Policy:
         number_cooling=settings.number_cooling,
         retention_days=settings.retention_days,
         support_number=settings.support_number or None,  # normalized by Settings
+        destinations=settings.allowed_destinations,
         default_language=settings.default_language,
         order_code_length=settings.order_code_length,
         order_code_attempts=settings.order_code_attempts,
@@ -78,17 +80,17 @@ Exclusive = Callable[[int], contextlib.AbstractAsyncContextManager[bool]]
 
 async def housekeeping(
     sessions: Sessions, interval: float, stop: asyncio.Event, recordings: Recordings | None = None,
-    exclusive: Exclusive | None = None,
+    exclusive: Exclusive | None = None, prune_webhooks: Callable[[], Awaitable[dict[str, int]]] | None = None,
 ) -> None:
     """Expire sessions, end cool-offs and grace periods, retire cooled numbers; purge old
-    real numbers and delete old recordings once an hour. It sweeps every `interval` seconds,
-    and as soon as a session reaches its expiry or the end of its grace period: a session's
-    end also ends its calls in progress (the participants leave: cut_listener), which must not
-    wait for the next sweep.
+    real numbers, delete old recordings and prune the webhook outbox (`prune_webhooks`) once
+    an hour. It sweeps every `interval` seconds, and as soon as a session reaches its expiry
+    or the end of its grace period: a session's end also ends its calls in progress (the
+    participants leave: cut_listener), which must not wait for the next sweep.
 
     With several nodes, one bridge at a time sweeps and purges numbers (`exclusive`, an
-    advisory lock: the others skip that round; whichever comes next takes it); each node
-    deletes the recordings in its own spool."""
+    advisory lock: the others skip that round; whichever comes next takes it) and prunes the
+    webhook outbox; each node deletes the recordings in its own spool."""
     last_purge = -RETENTION_EVERY
     loop = asyncio.get_running_loop()
     alone: Exclusive = exclusive or (lambda _key: _always())
@@ -109,6 +111,8 @@ async def housekeeping(
                 async with alone(SWEEP_LOCK) as leader:
                     if leader:
                         done = await _retention("numbers", sessions.purge, "participants")
+                        if prune_webhooks is not None:
+                            done = await _retention("webhooks", prune_webhooks, "webhooks_deleted") and done
             except Exception:
                 log.exception("retention.failed", job="numbers")
                 done = False
@@ -354,7 +358,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         raise
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(
-        housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive), name="housekeeping"
+        housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive,
+                     functools.partial(webhooks.prune, WebhookRepo(pool), settings.webhook_retention_days)),
+        name="housekeeping",
     )
     blocks = asyncio.create_task(
         cut_listener(settings.database_url, dispatcher, stop, vault), name="cut-listener"

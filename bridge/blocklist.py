@@ -12,7 +12,7 @@ import structlog
 from bridge import metrics
 from bridge.crypto import NumberVault, VaultError, blocked_number
 from bridge.errors import BlockNotFound, InvalidInput
-from bridge.sessions import Policy, phone_number
+from bridge.sessions import Policy, phone_number, seconds
 from bridge.store import Store
 from bridge.store.blocklist import BlockedRow
 
@@ -34,8 +34,13 @@ class Blocklist:
         self.vault = vault
         self.policy = policy or Policy()
 
-    async def add(self, number: object, reason: object = None) -> tuple[BlockedRow, bool]:
+    async def add(
+        self, number: object, reason: object = None, ttl_seconds: int | None = None
+    ) -> tuple[BlockedRow, bool]:
+        """Block a number everywhere, for `ttl_seconds` (None: until unblocked). Blocked
+        already: its entry, whose expiry becomes the later of the two. Returns (entry, created)."""
         real = phone_number("number", number, self.policy.default_region)
+        ttl = seconds("ttl_seconds", ttl_seconds)
         if reason is not None and (
             not isinstance(reason, str) or len(reason) > 500 or any(ord(ch) < 32 for ch in reason)
             or not _encodable(reason)
@@ -46,9 +51,10 @@ class Blocklist:
             raise InvalidInput("reason must not hold a phone number", field="reason")
         entry_id = uuid.uuid4()  # (made here: the sealed number is bound to its row)
         sealed = await self.vault.seal(real, blocked_number(entry_id))
-        entry, created = await self.repo.add(entry_id, self.vault.index(real), sealed, reason)
+        entry, created = await self.repo.add(entry_id, self.vault.index(real), sealed, reason, ttl)
         await self.vault.load([entry.number_enc])
-        log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id))
+        log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id),
+                 expires_at=entry.expires_at.isoformat() if entry.expires_at else None)
         if created:
             metrics.BLOCKS.labels("api").inc()
         return entry, created

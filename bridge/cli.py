@@ -20,7 +20,7 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin session close SESSION_ID [--grace S]
     maskbridge-admin calls ORDER
     maskbridge-admin housekeeping [--purge] [--older-than DAYS] [--recordings] [--recordings-older-than DAYS]
-    maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
+    maskbridge-admin block add NUMBER [--reason TEXT] [--ttl S] | block list | block remove ENTRY_ID
     maskbridge-admin token add NAME --scope SCOPE [--scope ...] [--expires 90d|2026-12-31] [--rate N]
     maskbridge-admin token list | token revoke NAME
     maskbridge-admin keys status | keys rewrap
@@ -42,7 +42,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
-from bridge import logs
+from bridge import logs, webhooks
 from bridge.api.http import _default, render_block, render_pool_number, render_session
 from bridge.blocklist import Blocklist
 from bridge.app import policy_of
@@ -58,6 +58,7 @@ from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate, pending
 from bridge.store.tokens import TokenRepo, TokenRow
 from bridge.store.number_keys import NumberKeyRepo
+from bridge.store.webhooks import WebhookRepo
 from bridge.terms import Terms
 from bridge.tokens import PREFIX, SCOPES, Tokens
 
@@ -65,7 +66,7 @@ from bridge.tokens import PREFIX, SCOPES, Tokens
 class Tool:
     def __init__(
         self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool, recordings: Recordings,
-        tokens: Tokens,
+        tokens: Tokens, webhook_retention_days: int = 7,
     ) -> None:
         self.tokens = tokens
         self.sessions = sessions
@@ -73,6 +74,7 @@ class Tool:
         self.blocklist = blocklist
         self.as_json = as_json
         self.recordings = recordings
+        self.webhook_retention_days = webhook_retention_days
 
     def out(self, data: Any, table: list[dict[str, Any]] | None = None, columns: list[str] | None = None) -> None:
         if self.as_json or table is None:
@@ -145,7 +147,7 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
         recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days,
                                 node=settings.node_id)
         tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json,
-                    recordings, Tokens(TokenRepo(pool)))
+                    recordings, Tokens(TokenRepo(pool)), settings.webhook_retention_days)
         try:
             await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
         finally:
@@ -268,6 +270,7 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
     result = {"swept": await tool.sessions.sweep()}
     if a.purge:
         result["purged"] = await tool.sessions.purge(a.older_than)
+        result["webhooks"] = await webhooks.prune(WebhookRepo(tool.sessions.store.pool), tool.webhook_retention_days)
     if a.recordings:
         # The audio is in Asterisk: this one needs ARI (MB_ARI_URL, MB_ARI_USER, MB_ARI_PASSWORD).
         result["recordings"] = await tool.recordings.purge(a.recordings_older_than)
@@ -275,7 +278,7 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
 
 
 async def block_add(tool: Tool, a: argparse.Namespace) -> None:
-    entry, created = await tool.blocklist.add(_number(a.number), a.reason)
+    entry, created = await tool.blocklist.add(_number(a.number), a.reason, a.ttl)
     if not tool.as_json:
         print("blocked; calls in progress are being ended" if created else "already blocked")
     tool.out(render_block(tool.blocklist, entry))
@@ -283,7 +286,7 @@ async def block_add(tool: Tool, a: argparse.Namespace) -> None:
 
 async def block_list(tool: Tool, a: argparse.Namespace) -> None:
     rows = [render_block(tool.blocklist, e) for e in await tool.blocklist.find(None, 100_000)]
-    tool.out(rows, rows, ["id", "number", "reason", "created_at"])
+    tool.out(rows, rows, ["id", "number", "reason", "created_at", "expires_at"])
 
 
 async def block_remove(tool: Tool, a: argparse.Namespace) -> None:
@@ -474,6 +477,7 @@ def parser() -> argparse.ArgumentParser:
     ba = blk.add_parser("add", help="block a real number everywhere; its calls in progress end at once")
     ba.add_argument("number", help='the number, or "-" to read it from standard input')
     ba.add_argument("--reason")
+    ba.add_argument("--ttl", type=int, help="seconds until the block ends by itself (default: until removed)")
     blk.add_parser("list", help="blocked numbers (masked)")
     br = blk.add_parser("remove", help="unblock")
     br.add_argument("entry", help="the entry's id, from block list")

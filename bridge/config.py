@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from bridge.destinations import DEFAULT as DEFAULT_DESTINATIONS, Destinations
 from bridge.envtext import whole
 from bridge.languages import LANGUAGES
 from bridge.limits import MAX_SECONDS, ORDER_CODE_LENGTHS
@@ -141,6 +142,13 @@ def _host_and_port(text: str, scheme: str) -> None:
         raise ValueError(f"has port {match.group(3)}: must be from 1 to 65535")
 
 
+def destinations(raw: str) -> str:
+    """MB_ALLOWED_DESTINATIONS, checked here; read into Destinations with the default region
+    (a kind without a region is of MB_DEFAULT_REGION) by _together."""
+    Destinations.parse(raw)
+    return raw
+
+
 def keypad(raw: str) -> str:
     if not 1 <= len(raw) <= 8 or any(k not in "0123456789*#" for k in raw):
         raise ValueError("must be 1 to 8 keypad keys (0-9, *, #)")
@@ -182,6 +190,7 @@ SETTINGS: dict[str, Setting] = {
     "number_cooling": Setting("MB_NUMBER_COOLING", "604800", whole(0, 365 * DAY)),
     "retention_days": Setting("MB_RETENTION_DAYS", "30", whole(1, 3650)),
     "support_number": Setting("MB_SUPPORT_NUMBER", "", text()),
+    "allowed_destinations": Setting("MB_ALLOWED_DESTINATIONS", DEFAULT_DESTINATIONS, destinations),
     "sweep_interval": Setting("MB_SWEEP_INTERVAL", "30", seconds(1, 3600)),
     "duration_warning": Setting("MB_CALL_WARNING", "30", seconds(1, 3600)),
     "confirm_timeout": Setting("MB_CONFIRM_TIMEOUT", "6", seconds(1, 60)),
@@ -191,6 +200,7 @@ SETTINGS: dict[str, Setting] = {
     "webhook_secret": Setting("MB_WEBHOOK_SECRET", "", secret(16, required=False)),
     "recording_token": Setting("MB_RECORDING_TOKEN", "", secret(16, required=False)),
     "recording_retention_days": Setting("MB_RECORDING_RETENTION_DAYS", "30", whole(1, 3650)),
+    "webhook_retention_days": Setting("MB_WEBHOOK_RETENTION_DAYS", "7", whole(1, 3650)),
     "order_code_length": Setting("MB_ORDER_CODE_LENGTH", "6", whole(*ORDER_CODE_LENGTHS)),
     "order_code_attempts": Setting("MB_ORDER_CODE_ATTEMPTS", "3", whole(1, 20)),
     "order_code_lockout": Setting("MB_ORDER_CODE_LOCKOUT", "900", whole(1, 31 * DAY)),
@@ -228,6 +238,7 @@ class Settings:
     number_cooling: int = 604800
     retention_days: int = 30
     support_number: str = ""
+    allowed_destinations: Destinations = field(default_factory=Destinations)
     sweep_interval: float = 30.0
     duration_warning: float = 30.0
     confirm_timeout: float = 6.0
@@ -237,6 +248,7 @@ class Settings:
     webhook_secret: str = ""
     recording_token: str = ""
     recording_retention_days: int = 30
+    webhook_retention_days: int = 7
     order_code_length: int = 6
     order_code_attempts: int = 3
     order_code_lockout: int = 900
@@ -323,10 +335,22 @@ def _together(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     token = values.get("recording_token")
     if token and token == values.get("api_token"):
         problems.append("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
+    region = values.get("default_region", "RU")
+    allowed = Destinations()
+    if isinstance(values.get("allowed_destinations"), str):  # (not when it was refused above)
+        try:
+            allowed = Destinations.parse(values["allowed_destinations"], region)
+        except ValueError as exc:  # a kind without a region, and MB_DEFAULT_REGION no region of the plan
+            problems.append(f"MB_ALLOWED_DESTINATIONS {exc} (MB_DEFAULT_REGION)")
+    values["allowed_destinations"] = allowed
     support = values.get("support_number")
     if support:
         try:
-            values["support_number"] = normalize(support, values.get("default_region", "RU"))
+            values["support_number"] = normalize(support, region)
         except InvalidNumber:
             problems.append("MB_SUPPORT_NUMBER is not a valid phone number")
+        else:
+            if not allowed.allows(values["support_number"]):
+                problems.append("MB_SUPPORT_NUMBER is outside MB_ALLOWED_DESTINATIONS (or a premium-rate or "
+                                "international-network number, never allowed): the bridge would dial it")
     return problems

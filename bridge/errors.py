@@ -50,6 +50,11 @@ class UnknownRegion(InvalidInput):
     message = "no pool number is in this region"
 
 
+class DestinationNotAllowed(InvalidInput):
+    code = "destination_not_allowed"
+    message = "the number is outside the number ranges this bridge serves (MB_ALLOWED_DESTINATIONS)"
+
+
 class InvalidImport(InvalidInput):
     code = "invalid_import"
     message = "the import has bad rows; nothing was imported"

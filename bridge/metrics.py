@@ -189,11 +189,12 @@ WEBHOOK_OLDEST = Gauge("maskbridge_webhook_oldest_pending_seconds", "Age of the 
 WEBHOOK_ATTEMPTS = Counter("maskbridge_webhook_attempts", "Webhook delivery attempts, by result (delivered; retry: "
                            "failed, tried again later; gave_up: failed for good).", ["result"], registry=REGISTRY)
 RETENTION_RUNS = Counter("maskbridge_retention_runs", "Runs of the retention jobs (numbers: real numbers of ended "
-                         "sessions; recordings: audio), by result.", ["job", "result"], registry=REGISTRY)
+                         "sessions; recordings: audio; webhooks: delivered or given-up webhook events), by "
+                         "result.", ["job", "result"], registry=REGISTRY)
 RETENTION_LAST_SUCCESS = Gauge("maskbridge_retention_last_success_timestamp_seconds", "When each retention job last "
                                "ran to the end (Unix time).", ["job"], registry=REGISTRY)
 RETENTION_DELETED = Counter("maskbridge_retention_deleted", "What the retention jobs deleted (participants' real "
-                            "numbers, recordings).", ["job"], registry=REGISTRY)
+                            "numbers, recordings, webhook events).", ["job"], registry=REGISTRY)
 HOUSEKEEPING_LAST_RUN = Gauge("maskbridge_housekeeping_last_run_timestamp_seconds", "When session housekeeping last "
                               "ran to the end (Unix time).", registry=REGISTRY)
 
@@ -229,7 +230,7 @@ def _initialise() -> None:
         BLOCKS.labels(source)
     for result in ("delivered", "retry", "gave_up"):
         WEBHOOK_ATTEMPTS.labels(result)
-    for job in ("numbers", "recordings"):
+    for job in ("numbers", "recordings", "webhooks"):
         for result in ("ok", "failed"):
             RETENTION_RUNS.labels(job, result)
         RETENTION_DELETED.labels(job)

@@ -17,6 +17,7 @@ import structlog
 from bridge import metrics
 from bridge.abuse import QuietHours
 from bridge.crypto import NumberVault, participant_number
+from bridge.destinations import Destinations
 from bridge.errors import (
     Conflict, Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
     SessionEnded, SessionNotFound, UnknownRegion,
@@ -47,6 +48,7 @@ class Policy:
     number_cooling: int = 7 * 24 * 3600
     retention_days: int = 30
     support_number: str | None = None
+    destinations: Destinations = field(default_factory=Destinations)  # what the bridge may dial
     default_language: str = "en"  # of announcements, for pool numbers without one
     order_code_length: int = 6  # digits of an order code
     order_code_attempts: int = 3  # wrong codes per call, and within the lockout window, before a lockout
@@ -131,6 +133,7 @@ class Sessions:
         order_id = request.order_id
         courier = phone_number("courier_number", request.courier_number, self.policy.default_region)
         client = phone_number("client_number", request.client_number, self.policy.default_region)
+        self.policy.destinations.check({"courier_number": courier, "client_number": client})
         if courier == client:
             raise InvalidInput("courier_number and client_number are the same number", field="client_number")
         by_code = (request.mode or "direct") == "order_code"
@@ -307,6 +310,7 @@ class Sessions:
         given the session's number when it is free for them, another one otherwise.
         Returns (session, whether the courier changed)."""
         courier = phone_number(field, courier_number, self.policy.default_region)
+        self.policy.destinations.check({field: courier})
         session = await self._live(session_id, "reassigned")
         client = session.live("client")
         current = session.live("courier")
@@ -426,6 +430,11 @@ class Sessions:
         if callee is None:  # (its key destroyed: retention never does that to a live participant)
             log.warning("route.callee_number_gone", session_id=str(row.session_id))
             return finished
+        if not self.policy.destinations.allows(callee):
+            # Opened under a wider MB_ALLOWED_DESTINATIONS: never dialed now; refused as a block is.
+            log.warning("route.destination_not_allowed", session_id=str(row.session_id), callee_role=row.other_role)
+            return Route("blocked", session_id=row.session_id, caller_role=row.role,
+                         caller_participant_id=row.participant_id, language=language)
         # (the call's row, once it rings, marks the session active: see Store.call_put_through)
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
@@ -463,6 +472,7 @@ class Sessions:
             "holds_released": await self.repo.release_cooled(),
             "wrong_codes_forgotten": await self.repo.forget_wrong_codes(self.policy.order_code_lockout),
             "numbers_retired": await self.store.pools.finish_cooling(),
+            "blocks_expired": await self.store.blocklist.remove_expired(),
         }
         await self.repo.fold_holder_changes()  # (the bridges also do every second; the admin tool here)
         return {k: v for k, v in counts.items() if v}

@@ -153,7 +153,7 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
 
 def render_block(blocklist: Blocklist, entry: BlockedRow) -> dict[str, Any]:
     return {"id": entry.id, "number": mask(blocklist.number_of(entry)), "reason": entry.reason,
-            "created_at": entry.created_at}
+            "created_at": entry.created_at, "expires_at": entry.expires_at}
 
 
 # --- middlewares ---------------------------------------------------------------------------
@@ -504,7 +504,7 @@ async def block_number(request: web.Request) -> web.Response:
     """Block a real number everywhere, at once: its calls in progress are ended too."""
     body: BlockNumber = parse(BlockNumber, await _body(request))
     blocklist = request.app[BLOCKLIST]
-    entry, created = await blocklist.add(body.number, body.reason)
+    entry, created = await blocklist.add(body.number, body.reason, body.ttl_seconds)
     return _json(render_block(blocklist, entry), 201 if created else 200)
 
 

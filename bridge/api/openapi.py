@@ -20,6 +20,7 @@ from bridge.errors import (
     DatabaseUnavailable,
     BlockNotFound,
     Contention,
+    DestinationNotAllowed,
     InternalError,
     InvalidImport,
     InvalidInput,
@@ -403,6 +404,9 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 422 `invalid_input`: a field or parameter is missing, unknown or out of range; `details.field` names it
   when there is one.
 * 422 `unknown_region`: no pool number is in the requested region (`details.field` is `region`).
+* 422 `destination_not_allowed`: a courier or client number is outside the number ranges the bridge serves
+  (`MB_ALLOWED_DESTINATIONS`), or is a premium-rate or international-network number, which the bridge never
+  dials (`details.field` names it).
 * 429 `rate_limited`: the token made more requests than its rate limit lets it (`MB_API_RATE` a second
   after a burst of `MB_API_BURST`, per bridge process, or the token's own rate); the header `Retry-After`
   and `details.retry_after_seconds` say how many seconds to wait.
@@ -483,8 +487,8 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "field": {
                 "type": "string",
-                "description": "`invalid_input`, `unknown_region`, `order_code_taken`: the field or parameter "
-                "at fault.",
+                "description": "`invalid_input`, `unknown_region`, `destination_not_allowed`, `order_code_taken`: "
+                "the field or parameter at fault.",
             },
             "session_id": {
                 **UUID,
@@ -530,8 +534,9 @@ SCHEMAS: dict[str, Schema] = {
             "role": {"type": "string", "enum": ["courier", "client"]},
             "number": {
                 "type": ["string", "null"],
-                "description": "The real number, masked (`+7916***4567`); null once the retention job removed it.",
-                "examples": ["+7916***4567"],
+                "description": "The real number, masked to its last two digits (`+***67`); null once the retention "
+                "job removed it.",
+                "examples": ["+***67"],
             },
             "proxy_number": {
                 **E164,
@@ -923,16 +928,22 @@ SCHEMAS: dict[str, Schema] = {
     "BlockedNumber": {
         "type": "object",
         "description": "A real number on the blocklist: its calls are refused on every session.",
-        "required": ["id", "number", "reason", "created_at"],
+        "required": ["id", "number", "reason", "created_at", "expires_at"],
         "properties": {
             "id": {**UUID, "description": "The entry's id: unblock with it."},
             "number": {
                 "type": "string",
-                "description": "The blocked real number, masked (`+7916***4567`).",
-                "examples": ["+7916***4567"],
+                "description": "The blocked real number, masked (`+***67`: the last two digits only).",
+                "examples": ["+***67"],
             },
             "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
             "created_at": {**TIMESTAMP, "description": "When it was blocked."},
+            "expires_at": {
+                **TIMESTAMP,
+                "type": ["string", "null"],
+                "description": "When the block ends by itself (`ttl_seconds`): from then on it blocks nothing and "
+                "is no longer listed. Null: until unblocked.",
+            },
         },
     },
     "BlockedNumberList": _list_of("BlockedNumber", "Blocked numbers, oldest first."),
@@ -992,6 +1003,11 @@ ORDER_HAS_OPEN_SESSION = (
     OrderHasOpenSession.message,
     {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42"},
 )
+DESTINATION_NOT_ALLOWED = (
+    DestinationNotAllowed.code,
+    "client_number is a premium-rate or international-network number",
+    {"field": "client_number"},
+)
 CONTENTION = (Contention.code, "too many opens raced for the same numbers; try again", None)
 POOL_EXHAUSTED = (
     PoolExhausted.code,
@@ -1016,7 +1032,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
         "courier": {
             "id": "0b7e1f0a-7d1c-4f7e-a7a4-5a1d2c3b4e5f",
             "role": "courier",
-            "number": "+7916***4567",
+            "number": "+***67",
             "proxy_number": "+74950000001",
             "joined_at": "2025-05-12T10:00:00+00:00",
             "left_at": None,
@@ -1025,7 +1041,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
         "client": {
             "id": "9c2d4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f",
             "role": "client",
-            "number": "+7916***4568",
+            "number": "+***68",
             "proxy_number": "+74950000001",
             "joined_at": "2025-05-12T10:00:00+00:00",
             "left_at": None,
@@ -1052,9 +1068,10 @@ SESSION_EXAMPLE: dict[str, Any] = {
 
 BLOCK_EXAMPLE: dict[str, Any] = {
     "id": "3d6f8a2c-4b1e-4f9a-9c7d-2e5b8a1f0c64",
-    "number": "+7916***4567",
+    "number": "+***67",
     "reason": "abusive calls to couriers",
     "created_at": "2025-05-12T11:30:00+00:00",
+    "expires_at": None,
 }
 
 
@@ -1137,7 +1154,8 @@ PATHS: dict[str, Schema] = {
             "session with that code.\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 409 `order_has_open_session` (`details.session_id`), "
             "`pool_exhausted` (with details), `order_code_taken`, `contention`; 413 "
-            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
+            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`, `destination_not_allowed` "
+            "(`details.field`); 500 `internal_error`.",
             "requestBody": _json_request("OpenSessionRequest"),
             "responses": {
                 "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE, SESSION_LINKS),
@@ -1169,7 +1187,10 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: a field is missing, unknown or out of range (`details.field` names it), "
                     "the two numbers are the same, or a grace period was asked for without a support number. "
-                    "`unknown_region`: no pool number has the requested region.",
+                    "`unknown_region`: no pool number has the requested region. `destination_not_allowed`: a "
+                    "number is outside `MB_ALLOWED_DESTINATIONS`, or premium-rate or of an international network "
+                    "(never allowed); `details.field` names it.",
+                    destination_not_allowed=DESTINATION_NOT_ALLOWED,
                     invalid_input=(
                         InvalidInput.code,
                         "courier_number is not a valid phone number: not a phone number",
@@ -1331,8 +1352,8 @@ PATHS: dict[str, Schema] = {
             "(409), the number is not the client's (422).\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 404 `session_not_found`; 409 `session_ended`, "
             "`pool_exhausted`, `contention`; 413 `body_too_large`; 422 `invalid_input` (a `role` other than "
-            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field); "
-            "500 `internal_error`.",
+            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field), "
+            "`destination_not_allowed` (the number is outside `MB_ALLOWED_DESTINATIONS`); 500 `internal_error`.",
             "requestBody": _json_request("AddParticipantRequest"),
             "responses": {
                 "201": _json_response("The session, with its new courier.", _ref("Session")),
@@ -1357,7 +1378,13 @@ PATHS: dict[str, Schema] = {
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `role` is not `courier`, the number is not valid or is the client's "
-                    "(`details.field` is `number`), or an unknown field.",
+                    "(`details.field` is `number`), or an unknown field. `destination_not_allowed`: the number is "
+                    "outside `MB_ALLOWED_DESTINATIONS`, or premium-rate or of an international network.",
+                    destination_not_allowed=(
+                        DestinationNotAllowed.code,
+                        "number is outside the number ranges this bridge serves (MB_ALLOWED_DESTINATIONS)",
+                        {"field": "number"},
+                    ),
                     role=(
                         InvalidInput.code,
                         "only the courier can be replaced: the client keeps their number",
@@ -1641,33 +1668,41 @@ PATHS: dict[str, Schema] = {
             "* its calls in progress, ringing or connected, are ended by the bridge (`hangup_by` `system`, "
             "`cut_reason` `blocked`; `outcome` `blocked` for a ringing call, `answered` for a connected one).\n\n"
             "Sessions are not changed: they stay open, and new ones can still be opened for the number; only "
-            "its calls are refused, until it is unblocked. Blocks made with `maskbridge-admin` act the same.\n\n"
+            "its calls are refused, until it is unblocked, or until `expires_at` when the block was given "
+            "`ttl_seconds` (an expired block blocks nothing from that moment on, whenever housekeeping deletes "
+            "it). Blocks made with `maskbridge-admin` act the same.\n\n"
             "Idempotent by number: a number already blocked (in any form that reads as the same number) answers "
-            "200 with its entry unchanged (the `reason` given is not stored), and any call of it still in "
-            "progress is ended again.\n\n"
+            "200 with its entry (the `reason` given is not stored; the expiry becomes the later of the entry's "
+            "and the request's, null being the latest: blocking again never shortens a block), and any call of "
+            "it still in progress is ended again. A number whose block expired is blocked anew: 201, a new "
+            "entry.\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 413 `body_too_large`; 422 `invalid_input` (`number` "
             "missing or not a phone number, `reason` not text of at most "
-            f"{BLOCK_REASON_MAX} characters without control characters, an unknown field; `details.field` names "
-            "it); 500 `internal_error`.",
+            f"{BLOCK_REASON_MAX} characters without control characters, `ttl_seconds` out of range, an unknown "
+            "field; `details.field` names it); 500 `internal_error`.",
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/json": {
                         "schema": _ref("BlockNumberRequest"),
-                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers"},
+                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers",
+                                    "ttl_seconds": 604800},
                     }
                 },
             },
             "responses": {
                 "201": _json_response("The number was blocked: its new entry.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
-                "200": _json_response("The number was blocked already: its entry, unchanged.", _ref("BlockedNumber")),
+                "200": _json_response(
+                    "The number was blocked already: its entry (its expiry the later of the two).",
+                    _ref("BlockedNumber"),
+                ),
                 "400": BAD_BODY,
                 "401": UNAUTHORIZED,
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `number` is missing or not a phone number, `reason` is not text of at most "
-                    f"{BLOCK_REASON_MAX} characters without control characters, or a field is unknown "
-                    "(`details.field` names it).",
+                    f"{BLOCK_REASON_MAX} characters without control characters, `ttl_seconds` is out of range, "
+                    "or a field is unknown (`details.field` names it).",
                     number=(
                         InvalidInput.code,
                         "number is not a valid phone number: not a phone number",
@@ -1687,7 +1722,8 @@ PATHS: dict[str, Schema] = {
             "operationId": "listBlockedNumbers",
             "tags": ["blocklist"],
             "summary": "List blocked numbers",
-            "description": "The blocklist, oldest entry first, numbers masked. Paginated by cursor.\n\n"
+            "description": "The blocks in force, oldest entry first, numbers masked, each with its expiry (an "
+            "expired block is not listed). Paginated by cursor.\n\n"
             "Errors: 401 `unauthorized`; 422 `invalid_input` (`limit`, `cursor`); 500 `internal_error`.",
             "parameters": PAGE_PARAMETERS,
             "responses": {
@@ -1711,7 +1747,7 @@ PATHS: dict[str, Schema] = {
             "description": "Removes the entry: calls from and to the number are put through again, from "
             "its next call on; the calls the block refused or ended stay as they were recorded. No body.\n\n"
             "Errors: 401 `unauthorized`; 404 `block_not_found` (also for an id that is not a UUID, or an entry "
-            "removed already); 500 `internal_error`.",
+            "removed already or expired); 500 `internal_error`.",
             "responses": {
                 "200": _json_response("The entry that was removed.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
                 "401": UNAUTHORIZED,
@@ -1856,7 +1892,7 @@ number. A session ends when it is closed (optionally after a grace period in whi
 reach support), expires, or stays idle too long; afterwards the pool number leads nowhere for that pair.
 
 Real numbers are given to the API in requests and are never given back: answers only ever hold them
-masked, like `+7916***4567`. Pool numbers are given in full (E.164).
+masked to their last two digits, like `+***67`. Pool numbers are given in full (E.164).
 
 A real number on the **blocklist** can neither call nor be called through any session, and its calls in
 progress are ended by the bridge as soon as it is blocked.

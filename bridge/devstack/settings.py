@@ -57,6 +57,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_SESSION_TTL": ("86400", "seconds a session lives when the order system gives no ttl_seconds"),
     "MB_GRACE_PERIOD": ("0", "default grace period (seconds) after close, when the client can still reach support"),
     "MB_SUPPORT_NUMBER": ("+74951230000", "support's number, reached by clients during a grace period"),
+    "MB_ALLOWED_DESTINATIONS": ("mobile,geographic", "the number ranges the bridge may dial: participants' numbers and "
+                                "the support number (E.164 prefixes, or kinds of a region: RU:mobile)"),
     "MB_PAIR_COOLOFF": ("86400", "seconds a (real number, pool number) pair stays reserved after its session"),
     "MB_NUMBER_COOLING": ("604800", "seconds a retired pool number cools before it is retired for good"),
     "MB_RETENTION_DAYS": ("30", "days after which the real numbers of ended sessions are deleted"),
@@ -68,6 +70,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party "
                       "for the order"),
     "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted (1 to 3650)"),
+    "MB_WEBHOOK_RETENTION_DAYS": ("7", "days after which delivered and given-up webhook events are deleted "
+                                  "(1 to 3650)"),
     "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
@@ -97,10 +101,11 @@ SECRET_NAMES = (
 
 
 SESSION_SETTINGS = (
-    "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
+    "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_ALLOWED_DESTINATIONS", "MB_PAIR_COOLOFF",
+    "MB_NUMBER_COOLING",
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALL_WARNING", "MB_CONFIRM_TIMEOUT", "MB_BLOCK_KEYS",
     "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
-    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
+    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS", "MB_WEBHOOK_RETENTION_DAYS",
     "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
     "MB_UNKNOWN_CALLER_LIMIT", "MB_UNKNOWN_CALLER_TOTAL",
     *(Terms.term(n).env for n in Terms.names()),

@@ -132,9 +132,9 @@ _ROUTE_SELECT = f"""
            h.left_at IS NOT NULL AS caller_left, s.status, maskbridge_session_due(s) AS due,
            o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
            o.pool_number AS other_pool_number,
-           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx)
+           EXISTS (SELECT 1 FROM live_blocked_numbers b WHERE b.number_idx = h.number_idx)
                OR h.blocked_at IS NOT NULL AS caller_blocked,
-           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
+           EXISTS (SELECT 1 FROM live_blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
            cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day,
            (SELECT n.language FROM pool_numbers n WHERE n.number = h.pool_number) AS language,
            {_TERM_COLUMNS}

@@ -27,6 +27,7 @@ from bridge.store import Store, migrate
 from bridge.devstack.carrier import Carrier
 from bridge.devstack.settings import Stack, load
 from bridge.devstack.audio import rms, samples
+from bridge.phone import mask
 from tests.live.siplog import SipLog
 
 pytestmark = pytest.mark.live
@@ -191,7 +192,7 @@ async def announced(carrier: Carrier, caller: str, pool: str) -> Any:
 
 async def last_call_of(db: asyncpg.Connection, pool: str, caller: str) -> dict[str, Any]:
     """The latest call row from `caller` (matched by its masked form) to `pool`, once ended."""
-    masked = caller[:5] + "***" + caller[-4:]
+    masked = mask(caller)
     async with asyncio.timeout(10):
         while True:
             row = await db.fetchrow(

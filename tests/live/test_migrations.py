@@ -97,6 +97,8 @@ async def test_a_001_database_upgrades_without_losing_anything(stack, tmp_path):
         events = await pool.fetch("SELECT kind FROM session_events WHERE session_id = $1 ORDER BY id",
                                   sessions["recent"])
         assert [e["kind"] for e in events] == ["opened", "closed"]
+        # Masked as issue 15 asks: the last two digits only (the old form kept eight).
+        assert {r["caller_masked"] for r in await pool.fetch("SELECT caller_masked FROM calls")} == {"+***11"}
         assert await migrate(pool, vault) == [], "a second start applies nothing"
     finally:
         await pool.close()

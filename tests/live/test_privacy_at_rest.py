@@ -65,7 +65,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         call_id = uuid.uuid4()
         await h.store.insert_call(
             call_id, session_id=old.id, pool_number=old.pool_number, caller_role="courier",
-            caller_masked="+7916***0000", inbound_channel_id="in-1", state="routing",
+            caller_masked="+***00", inbound_channel_id="in-1", state="routing",
             caller_participant_id=courier.id,
         )
         await h.store.call_connected(call_id)
@@ -73,7 +73,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         unrouted = uuid.uuid4()
         await h.store.insert_call(
             unrouted, session_id=None, pool_number=old.pool_number, caller_role=None,
-            caller_masked="+7999***0000", inbound_channel_id="in-2", state="routing",
+            caller_masked="+***00", inbound_channel_id="in-2", state="routing",
         )
         await h.store.call_ended(unrouted, "unknown_caller", "system", None)
         await h.sessions.close(old.id)

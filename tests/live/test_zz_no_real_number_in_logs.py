@@ -4,6 +4,8 @@ messages.log), or in any file the PBX wrote under its log and spool directories.
 
 from __future__ import annotations
 
+import re
+
 from bridge.devstack import asterisk, processes
 from tests.live.conftest import USED_NUMBERS
 from tests.live.siplog import identity_leaks, national_digits
@@ -15,6 +17,10 @@ def test_no_real_number_in_logs(stack):
     assert '"event": "call.connected"' in text, "the log holds this run's calls"
     leaks = sorted({n for n in USED_NUMBERS if national_digits(n) in text})
     assert not leaks, f"{len(leaks)} real numbers appear in full in {processes.bridge_log(stack)}"
+    # Masked means the last two digits only (+***67): no more of a number around the stars.
+    assert "+***" in text, "the log holds masked numbers"
+    wide = sorted(set(re.findall(r"[0-9]\*\*\*[0-9]*|\*\*\*[0-9]{3,}", text)))
+    assert not wide, f"masked numbers keep more than two digits: {wide[:5]}"
 
 
 def test_no_real_number_in_the_pbx_log(stack):

@@ -123,14 +123,15 @@ class FakePools:
 
 class FakeBlocklist:
     def __init__(self) -> None:
-        self.added: list[tuple[str, str | None]] = []
+        self.added: list[tuple[str, str | None, int | None]] = []
 
     def number_of(self, entry: BlockedRow) -> str:
         return entry.number_enc.decode()
 
-    async def add(self, number: str, reason: str | None) -> tuple[BlockedRow, bool]:
-        self.added.append((number, reason))
-        return BlockedRow(uuid.UUID(int=7), b"+79161234567", reason, NOW), True
+    async def add(self, number: str, reason: str | None, ttl_seconds: int | None) -> tuple[BlockedRow, bool]:
+        self.added.append((number, reason, ttl_seconds))
+        expires = NOW + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        return BlockedRow(uuid.UUID(int=7), b"+79161234567", reason, NOW, expires), True
 
 
 class FakeRecordings:
@@ -287,9 +288,23 @@ async def test_a_good_body_reaches_the_service_as_its_model(client, services):
 async def test_real_numbers_are_answered_masked(client):
     status, body = await answer(await client.get(f"/v1/sessions/{uuid.UUID(int=1)}", headers=AUTH))
     assert status == 200
-    assert body["participants"]["courier"]["number"] == "+7916***4567"
-    assert body["participants"]["client"]["number"] == "+7916***4568"
+    assert body["participants"]["courier"]["number"] == "+***67"
+    assert body["participants"]["client"]["number"] == "+***68"
     assert COURIER not in json.dumps(body) and CLIENT not in json.dumps(body)
+
+
+async def test_a_block_takes_a_ttl_and_answers_its_expiry(client, services):
+    status, body = await answer(await client.post(
+        "/v1/blocklist", json={"number": "+79161234567", "ttl_seconds": 3600}, headers=AUTH))
+    assert status == 201 and body["number"] == "+***67"
+    assert datetime.fromisoformat(body["expires_at"]) == NOW + timedelta(hours=1)
+    status, body = await answer(await client.post("/v1/blocklist", json={"number": "+79161234567"}, headers=AUTH))
+    assert status == 201 and body["expires_at"] is None, "no ttl: until unblocked"
+    for bad in (0, -5, "60", 1.5, True):
+        status, body = await answer(await client.post(
+            "/v1/blocklist", json={"number": "+79161234567", "ttl_seconds": bad}, headers=AUTH))
+        assert (status, body["error"]["details"]["field"]) == (422, "ttl_seconds"), bad
+    assert [ttl for _n, _r, ttl in services.blocklist.added] == [3600, None]
 
 
 async def test_an_empty_close_body_closes_with_the_grace_set_at_open(client, services):

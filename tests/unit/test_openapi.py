@@ -259,10 +259,13 @@ def test_call_outcomes_and_cut_reasons_are_the_ones_the_database_allows(doc):
         assert set(call["properties"][column]["enum"]) == _last_check(column) | {None}, column
 
 
-def test_blocking_takes_only_number_and_reason_and_answers_200_or_201(doc):
+def test_blocking_takes_only_number_reason_and_ttl_and_answers_200_or_201(doc):
     request = doc["components"]["schemas"]["BlockNumberRequest"]
     assert request["additionalProperties"] is False
-    assert set(request["properties"]) == {"number", "reason"} and request["required"] == ["number"]
+    assert set(request["properties"]) == {"number", "reason", "ttl_seconds"} and request["required"] == ["number"]
+    assert request["properties"]["ttl_seconds"]["anyOf"][0]["type"] == "integer"
+    entry = doc["components"]["schemas"]["BlockedNumber"]
+    assert "expires_at" in entry["required"] and "null" in entry["properties"]["expires_at"]["type"]
     op = doc["paths"]["/v1/blocklist"]["post"]
     assert {"200", "201", "400", "413", "422"} <= set(op["responses"])
     fields = {e.get("details", {}).get("field") for e in _examples(doc, op["responses"]["422"])}
@@ -277,7 +280,7 @@ class _Refused(Exception):
 
 
 class _Repo:
-    async def add(self, entry_id: Any, idx: bytes, enc: bytes, reason: str | None) -> Any:
+    async def add(self, entry_id: Any, idx: bytes, enc: bytes, reason: str | None, ttl_seconds: int | None) -> Any:
         raise _Refused  # the reason got past the checks
 
 
