@@ -157,7 +157,8 @@ class CallStore(RecordingStore, Protocol):
     async def call_announcing(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
     async def call_ended(
-        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
+        *, rung: bool = True,
     ) -> None: ...
 
 
@@ -215,8 +216,8 @@ class MaskedCall:
         self.inbound_id: str = inbound["id"]
         self.inbound = inbound
         self.dialed = dialed
-        self.outbound_id = f"{call_id}-callee"
-        self.bridge_id = str(call_id)
+        self.outbound_id = self.outbound_of(call_id)
+        self.bridge_id = self.bridge_of(call_id)
         self.ari = ari
         self.store = store
         self.settings = settings
@@ -233,8 +234,19 @@ class MaskedCall:
         self._began = time.monotonic()  # the caller's call reached the bridge (StasisStart)
         self._rang = False  # the post-dial delay is measured (the other phone rang or answered)
         self._connected_at: float | None = None
+        self._row_written = False  # the call's row is in the database
+        self._dialed = False  # the other leg was dialed: someone may have been rung
 
     # --- plumbing ------------------------------------------------------------------
+
+    @staticmethod
+    def outbound_of(call_id: uuid.UUID) -> str:
+        """The id of a call's leg to the other participant."""
+        return f"{call_id}-callee"
+
+    @staticmethod
+    def bridge_of(call_id: uuid.UUID) -> str:
+        return str(call_id)
 
     @property
     def participant_ids(self) -> set[uuid.UUID]:
@@ -288,6 +300,21 @@ class MaskedCall:
         except TimeoutError:
             return None
 
+    async def _ended_meanwhile(self) -> bool:
+        """Handle the queued events that end the call (a hangup, a cut); the others stay
+        queued, in order. True when the call has ended."""
+        pending: list[CallEvent] = []
+        while not self._events.empty():
+            pending.append(self._events.get_nowait())
+        kept = []
+        for event in pending:
+            if isinstance(event, (Cut, Hangup)) and await self._common(event):
+                return True
+            kept.append(event)
+        for event in kept:
+            self._events.put_nowait(event)
+        return False
+
     def _caller_left_already(self) -> bool:
         """Whether a hangup of the caller is among the events queued so far."""
         pending: list[CallEvent] = []
@@ -323,7 +350,8 @@ class MaskedCall:
             metrics.CALLS_CUT.labels(cut_reason).inc()
         if outcome == "answered" and self._connected_at is not None:
             metrics.CALL_DURATION.observe(time.monotonic() - self._connected_at + self._talked_before)
-        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason)
+        # (a call that ended before its other leg was dialed rang nobody: it names no callee)
+        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason, rung=self._dialed)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------
@@ -377,15 +405,23 @@ class MaskedCall:
         except Exception:
             log.exception("call.failed", state=self.state.value)
             try:
-                if self.state in (CallState.ROUTING, CallState.ENTERING_CODE):
+                if self.state in (CallState.ROUTING, CallState.ENTERING_CODE) or (
+                        self.state is CallState.RINGING and not self._dialed):
                     # Nothing rang yet (e.g. the database is down): the caller is told the
                     # service is unavailable, not left with silence.
+                    if self._outbound_created:
+                        await self._hangup(self.outbound_id)  # (never dialed: nothing left the PBX)
+                    await self._close_bridge()
                     await self._unavailable()
                 await self._hang_up_both(caller_cause=FAILED_CAUSE_TO_CALLER)
             except Exception:
                 log.warning("call.hangup_failed", exc_info=True)
             if self.state is not CallState.ENDED:
                 try:
+                    if not self._row_written:
+                        # The statement that was to write it failed (the database stalled): the
+                        # attempt is kept all the same, as a call that failed.
+                        await self._write_unrouted_row()
                     await self._end("failed", "system", FAILED_CAUSE_TO_CALLER)
                 except Exception:
                     log.exception("call.row_not_ended")
@@ -440,6 +476,17 @@ class MaskedCall:
                     isinstance(event, PlaybackDone) and event.playback == playback_id):
                 return
 
+    async def _write_unrouted_row(self, caller_masked: str | None = None) -> None:
+        """The row of a call no route lookup wrote (the numbers are no numbers, or the lookup
+        failed)."""
+        raw_caller = (self.inbound.get("caller") or {}).get("number") or ""
+        await self.store.insert_call(
+            self.id, session_id=None, pool_number=mask(self.dialed[:32]), caller_role=None,
+            caller_masked=caller_masked or mask(raw_caller or "anonymous"), inbound_channel_id=self.inbound_id,
+            state=CallState.ROUTING.value,
+        )
+        self._row_written = True
+
     def _take_route(self, route: Route, lookup_began: float) -> Route:
         """The call's route, known at once, so that a cut from now on finds this call
         (StasisDispatcher.cut_calls); and a cut applied while the route was looked up (since
@@ -491,13 +538,11 @@ class MaskedCall:
         if caller and pool:
             # The lookup writes the call's row too (one round trip on the way to the other phone).
             route = await self.router.route(caller, pool, NewCall(self.id, mask(pool), caller_masked, self.inbound_id))
+            self._row_written = True
             metrics.ROUTE_LOOKUP.labels("number").observe(time.perf_counter() - looked_up)
             route = self._take_route(route, lookup_began)
         else:
-            await self.store.insert_call(
-                self.id, session_id=None, pool_number=mask(pool or self.dialed[:32]), caller_role=None,
-                caller_masked=caller_masked, inbound_channel_id=self.inbound_id, state=CallState.ROUTING.value,
-            )
+            await self._write_unrouted_row(caller_masked)
         route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
@@ -727,6 +772,11 @@ class MaskedCall:
             await self._hangup(self.outbound_id)
             await self._end("caller_cancelled", "caller", None)
             return
+        # What happened while the legs were made (the caller hung up, a block or the session's
+        # end cut the call) is handled before anything leaves for the other phone.
+        if await self._ended_meanwhile():
+            return
+        self._dialed = True
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
         metrics.CALL_SETUP.observe(time.monotonic() - self._began)
         if apart:
@@ -1004,6 +1054,8 @@ class MaskedCall:
         call.state = CallState.CONNECTED
         call._connected_at = time.monotonic()
         call._outbound_created = True
+        call._dialed = True
+        call._row_written = True
         # Who is who (for blocks and the client's keypad), and the terms the call keeps (its
         # maximum duration still counts from the answer, however long the restart took).
         call.route = Route(

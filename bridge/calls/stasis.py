@@ -136,7 +136,8 @@ class StasisDispatcher:
                 if self.calls.get(channel_id) is call and channel_id not in live:
                     call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
         try:
-            await self._finish_left_behind(live)
+            owned = await self._finish_left_behind(live)
+            await self._adopt_orphans(live - owned)
             # What changed while no bridge listened (a block, a courier reassigned, a session
             # closed with maskbridge-admin while this process was down) reaches the calls it
             # has just resumed: their NOTIFY was sent to nobody.
@@ -145,13 +146,20 @@ class StasisDispatcher:
             # A database hiccup must not cost the event stream; the next reconnect retries.
             log.exception("reconcile.store_failed")
 
-    async def _finish_left_behind(self, live: set[str]) -> None:
-        """Calls an earlier bridge process left in the database: resume or finish them."""
+    async def _finish_left_behind(self, live: set[str]) -> set[str]:
+        """Calls an earlier bridge process left in the database: resume or finish them.
+        Returns the channels of every call this process knows of now."""
         known = {c.id for c in self.calls.values()}
+        owned = set(self.calls)
         for row in await self.store.active_calls():
             if row["id"] in known:
                 continue
+            # (A process stopped while the other leg and the bridge were being made left a row
+            # that may not name them yet: they are named after the call, as the flow names them.)
+            row = {**row, "outbound_channel_id": row["outbound_channel_id"] or MaskedCall.outbound_of(row["id"]),
+                   "bridge_id": row["bridge_id"] or MaskedCall.bridge_of(row["id"])}
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
+            owned.update((inbound, outbound))
             if await self._talking(row, live):
                 call = MaskedCall.resume_connected(
                     row, self.ari, self.store, self.settings, self._register, router=self.router,
@@ -179,6 +187,34 @@ class StasisDispatcher:
             await self.store.call_ended(row["id"], outcome, "system", None)
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
+        return owned
+
+    async def _adopt_orphans(self, orphans: set[str]) -> None:
+        """Channels in the application that no call row names: a caller whose call an earlier
+        process took in but stopped before writing its row (it hears nothing until someone
+        acts), or one that came in while the event stream was down. A caller's leg is taken
+        up as a new call (its StasisStart, if still on its way, then finds it taken); anything
+        else is hung up."""
+        for channel_id in sorted(orphans):
+            if channel_id in self.calls:
+                continue
+            try:
+                channel = await self.ari.get_channel(channel_id)
+            except AriError:
+                continue  # gone meanwhile
+            app_data = str((channel.get("dialplan") or {}).get("app_data") or "")
+            args = app_data.split(",")
+            if args[:1] == [self.ari.app]:
+                args = args[1:]
+            if args[:1] == ["inbound"]:
+                log.info("reconcile.adopted_caller")
+                await self.handle({"type": "StasisStart", "args": args, "channel": channel})
+                continue
+            log.info("reconcile.orphan_hung_up")
+            try:
+                await self.ari.hangup(channel_id)
+            except AriError:
+                pass
 
     async def _language_of(self, pool_number: str) -> str | None:
         """The pool number's announcement language, for a resumed call (None: the default)."""

@@ -73,6 +73,7 @@ class FakeStore:
         self.states: dict[uuid.UUID, list[str]] = {}
         self.ops: list[tuple[str, uuid.UUID | None, dict[str, Any]]] = []
         self.route_gate: asyncio.Event | None = None
+        self.route_error: Exception | None = None  # raised once by route (nothing written)
         self.full = False  # every session at its cap when the call is put through (call_put_through answers False)
         self.order_codes: dict[tuple[str, str], Route] = {}  # (pool, code) -> route, for its caller
         self.code_callers: dict[tuple[str, str], str] = {}  # (pool, code) -> the caller it routes
@@ -120,6 +121,9 @@ class FakeStore:
         await self._op("route", None, caller=caller, pool_number=pool_number)
         if self.route_gate is not None:
             await self.route_gate.wait()
+        error, self.route_error = self.route_error, None
+        if error is not None:
+            raise error
         route = self._route(caller, pool_number)
         if record is not None:
             known = pool_number in self.pool_numbers or any(p == pool_number for _c, p in self.routes)
@@ -252,7 +256,8 @@ class FakeStore:
         await self._op("call_entering_code", call_id)
 
     async def call_ended(
-        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
+        *, rung: bool = True,
     ) -> None:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
@@ -260,6 +265,8 @@ class FakeStore:
         if row["state"] != "ended":
             row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, cut_reason=cut_reason,
                        ended_at=datetime.now(timezone.utc))
+            if not rung:  # (as the SQL: nobody was rung, the row names no callee)
+                row.update(callee_role=None, callee_participant_id=None)
             self._set_state(call_id, "ended")
         await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause)
 
@@ -867,9 +874,12 @@ async def test_ari_failure_creating_outbound_leg_hangs_up_caller_with_congestion
 
 
 async def test_outbound_leg_that_never_enters_stasis_fails_the_call(harness) -> None:
+    """Nothing was dialed: the caller is told the service is unavailable (not left with
+    silence, then a bare 503), and the call ends as failed, naming no callee."""
     h = await harness(FlowSettings(stasis_start_timeout=0.3))
     h.store.add_route(CALLER, POOL, CALLEE)
     h.fake.auto_stasis_start = False
+    h.fake.auto_finish_playback = True
     await h.fake.inbound_call("in-1", CALLER, POOL)
     create = await h.fake.wait_request("POST", "/ari/channels/create")
     outbound = create.query["channelId"]
@@ -877,8 +887,11 @@ async def test_outbound_leg_that_never_enters_stasis_fails_the_call(harness) -> 
     in_delete = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
     assert in_delete.query["reason_code"] == "34"  # no circuit/channel available
     await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    play = h.fake.find("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    assert [p.query["media"] for p in play] == ["sound:all-circuits-busy-now"]
+    assert h.fake.find("POST", f"/ari/channels/{outbound}/dial") == []
     row = await h.store.ended("in-1")
-    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    assert (row["outcome"], row["hangup_by"], row["callee_role"]) == ("failed", "system", None)
     await h.settle()
     assert h.fake.channels == {} and h.fake.bridges == {}
 
@@ -990,6 +1003,96 @@ async def test_reconcile_finishes_stale_call_left_by_earlier_process(harness) ->
     row = await h.store.ended("in-stale")
     assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
     assert h.fake.find("DELETE", "/ari/channels/gone-callee") == []
+
+
+async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
+    """An earlier process stopped while the other leg and the bridge were being made, before
+    the row named them: the next one finds them by the call's id, hangs the leg up (never
+    dialed) and destroys the bridge."""
+    h = await harness(start=False)
+    row = h.store.add_row(state="routing", inbound_channel_id="in-stale")
+    outbound, bridge = f"{row['id']}-callee", str(row["id"])
+    h.fake.add_channel("in-stale", CALLER, POOL, args=["inbound", POOL, "masked"])
+    h.fake.add_channel(outbound, "", CALLEE, state="Down", args=["outbound", str(row["id"])])
+    h.fake.bridges[bridge] = Bridge(bridge)
+    await h.start()
+
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    await h.fake.wait_request("DELETE", f"/ari/bridges/{bridge}")
+    row = await h.store.ended("in-stale")
+    assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    await h.settle()
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_a_caller_left_in_stasis_with_no_row_is_taken_up_as_a_new_call(harness) -> None:
+    """An earlier process took the call in (its StasisStart is gone with it) and stopped
+    before its row was written: after the restart the caller is not left in silence, the call
+    is routed as any other and leaves its row."""
+    h = await harness(start=False)
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.add_channel("in-orphan", CALLER, POOL, args=["inbound", POOL, "masked"])
+    await h.start()
+
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    outbound = create.query["channelId"]
+    await h.fake.wait_request("POST", f"/ari/channels/{outbound}/dial")
+    row = await h.store.state("in-orphan", "ringing")
+    assert row["callee_role"] == "client"
+    await h.fake.hangup("in-orphan")
+    await h.store.ended("in-orphan")
+    await h.settle()
+
+
+async def test_a_leg_in_stasis_that_no_call_owns_is_hung_up(harness) -> None:
+    h = await harness(start=False)
+    h.fake.add_channel("nobodys-callee", "", CALLEE, state="Down", args=["outbound", str(uuid.uuid4())])
+    await h.start()
+    await h.fake.wait_request("DELETE", "/ari/channels/nobodys-callee")
+    assert h.store.rows == {}
+
+
+async def test_a_cut_that_comes_while_the_legs_are_made_is_honoured_before_the_dial(h: Harness) -> None:
+    """A block (or the session's end) applied while the other leg and the bridge were being
+    made: the other phone is never dialed, and the row names nobody rung."""
+    route = h.store.add_route(CALLER, POOL, CALLEE)
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    # (the new leg's StasisStart is on its way, or queued already: the cut comes after it)
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    outbound = create.query["channelId"]
+    assert h.dispatcher.cut_calls({route.callee_participant_id}, "blocked") == 1
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["cut_reason"], row["callee_role"]) == ("blocked", "blocked", None)
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/channels/{outbound}/dial") == []
+
+
+async def test_a_caller_who_leaves_before_the_dial_uses_up_no_call_of_the_session(h: Harness) -> None:
+    """A caller who hangs up while the call is being set up rang nobody: the row names no
+    callee, so it does not count against the session's caps."""
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.auto_stasis_start = False
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    create = await h.fake.wait_request("POST", "/ari/channels/create")
+    outbound = create.query["channelId"]
+    await h.fake.hangup("in-1", 16)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["callee_role"]) == ("caller_cancelled", "caller", None)
+    await h.settle()
+    assert h.fake.find("POST", f"/ari/channels/{outbound}/dial") == []
+
+
+async def test_a_route_lookup_that_fails_leaves_a_row_and_an_announcement(h: Harness) -> None:
+    """The database failed the lookup (the statement that writes the row too): the caller
+    hears the service is unavailable, and the attempt is kept as a failed call."""
+    h.store.route_error = TimeoutError()
+    h.fake.auto_finish_playback = True
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["session_id"]) == ("failed", "system", None)
+    play = h.fake.find("POST", re.compile(r"/ari/channels/in-1/play/.+"))
+    assert [p.query["media"] for p in play] == ["sound:all-circuits-busy-now"]
+    await h.settle()
 
 
 # --- logs -----------------------------------------------------------------------------
