@@ -18,8 +18,8 @@ from bridge import metrics
 from bridge.abuse import QuietHours
 from bridge.crypto import NumberVault, participant_number
 from bridge.errors import (
-    Conflict, Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
-    SessionEnded, SessionNotFound, UnknownRegion,
+    Conflict, Contention, CourierIsClient, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession,
+    PoolExhausted, SessionEnded, SessionNotFound, UnknownRegion,
 )
 from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
 from bridge.number_keys import NumberKeys
@@ -314,7 +314,7 @@ class Sessions:
             raise InternalError(f"open session {session_id} lacks a live participant")
         sealed = await self._seal(courier)
         if self.reveal(client) == courier:
-            raise InvalidInput("the new courier's number is the client's number", field=field)
+            raise CourierIsClient("the new courier's number is the client's number", field=field)
         if self.reveal(current) == courier:
             return session, False  # already theirs: nothing to change
         for _attempt in range(_ATTEMPTS):
