@@ -290,8 +290,14 @@ class NumberVault:
 
     async def load(self, sealed: Iterable[bytes | None]) -> None:
         """Make sure the keys of these sealed numbers are in memory (one query for those
-        that are not), so that open_cached() can answer."""
-        periods = [period_of(s) for s in sealed if s is not None]
+        that are not), so that open_cached() can answer. (One of an unknown format is left
+        to open_cached(), which says so.)"""
+        periods = set()
+        for s in sealed:
+            try:
+                periods.add(period_of(s) if s is not None else None)
+            except VaultError:
+                continue
         await self.load_periods([p for p in periods if p is not None and p not in self._keys])
 
     def open_cached(self, sealed: bytes | None, binding: Binding) -> str | None:

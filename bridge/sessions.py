@@ -22,7 +22,7 @@ from bridge.errors import (
     PoolExhausted, SessionEnded, SessionNotFound, UnknownRegion,
 )
 from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
-from bridge.number_keys import NumberKeys
+from bridge.number_keys import NumberKeys, readable
 from bridge.phone import InvalidNumber, normalize
 from bridge.requests import OpenSession
 from bridge.store import Store
@@ -114,8 +114,8 @@ class Sessions:
 
     def reveal(self, participant: ParticipantRow) -> str | None:
         """The real number of a participant of a session read by this service (which loaded
-        its key); None once the retention job removed it."""
-        return self.vault.open_cached(participant.number_enc, participant_number(participant.id))
+        its key); None once the retention job removed it, or when it does not open."""
+        return readable(self.vault, participant.number_enc, participant_number(participant.id))
 
     async def _loaded(self, sessions: list[SessionRow]) -> list[SessionRow]:
         """The sessions, with the keys of their participants' numbers in memory (reveal())."""
@@ -422,8 +422,11 @@ class Sessions:
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
-        callee = await self.vault.open(row.other_enc, participant_number(row.other_id)) if row.other_id else None
-        if callee is None:  # (its key destroyed: retention never does that to a live participant)
+        callee = None
+        if row.other_id:
+            await self.vault.load([row.other_enc])
+            callee = readable(self.vault, row.other_enc, participant_number(row.other_id), "route")
+        if callee is None:  # (its key destroyed, or it does not open: retention never destroys a live one's)
             log.warning("route.callee_number_gone", session_id=str(row.session_id))
             return finished
         # (the call's row, once it rings, marks the session active: see Store.call_put_through)

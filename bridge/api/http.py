@@ -152,7 +152,8 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
 
 
 def render_block(blocklist: Blocklist, entry: BlockedRow) -> dict[str, Any]:
-    return {"id": entry.id, "number": mask(blocklist.number_of(entry)), "reason": entry.reason,
+    number = blocklist.number_of(entry)
+    return {"id": entry.id, "number": mask(number) if number else None, "reason": entry.reason,
             "created_at": entry.created_at}
 
 

@@ -932,8 +932,9 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "id": {**UUID, "description": "The entry's id: unblock with it."},
             "number": {
-                "type": "string",
-                "description": "The blocked real number, masked (`+7916***4567`).",
+                "type": ["string", "null"],
+                "description": "The blocked real number, masked (`+7916***4567`); null when its stored form does "
+                "not open (damaged: the block holds all the same).",
                 "examples": ["+7916***4567"],
             },
             "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
