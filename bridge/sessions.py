@@ -480,6 +480,8 @@ class Sessions:
 
     async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
         days = self.policy.retention_days if older_than_days is None else older_than_days
+        if days < 1:  # (0 or less would purge today's numbers, and destroy today's key)
+            raise InvalidInput("the retention cut-off is at least 1 day", field="older_than_days")
         counts = await self.repo.purge(days)
         # (then the data keys whose time came: the numbers of old row versions, the WAL and backups)
         counts |= await NumberKeys(self.store.number_keys, self.vault).retire(days)

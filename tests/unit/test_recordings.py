@@ -264,3 +264,19 @@ def test_housekeeping_refuses_recordings_older_than_less_than_a_day(value: str) 
 def test_housekeeping_takes_recordings_older_than_a_day_or_more() -> None:
     args = parser().parse_args(["housekeeping", "--recordings", "--recordings-older-than", "1"])
     assert args.recordings_older_than == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["housekeeping", "--purge", "--older-than", "-3"], "must be from 1 to 3650 days, not -3"),
+    (["housekeeping", "--purge", "--older-than", "0"], "must be from 1 to 3650 days, not 0"),
+    (["housekeeping", "--purge", "--older-than", "3d"], "not a whole number of days"),
+    (["housekeeping", "--recordings", "--recordings-older-than", "0"], "must be from 1 to 3650 days"),
+    (["session", "list", "--limit", "-1"], "must be from 1 to 500 sessions"),
+])
+def test_the_admin_tool_refuses_a_cut_off_or_limit_out_of_range_before_it_runs(capsys, argv, message):
+    """`housekeeping --purge --older-than -3` once purged today's numbers: refused, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert parser().parse_args(["housekeeping", "--purge", "--older-than", "1"]).older_than == 1
