@@ -290,21 +290,37 @@ async def _within_conflict_budget(
     request: web.Request, handler: Handler, token: str, conflicts: RateLimiter
 ) -> web.StreamResponse:
     """Run a guessable operation on one of the token's conflict budget (taken first, so that
-    requests sent at once cannot all pass), given back unless it was refused as a conflict."""
-    wait = conflicts.take(token)
-    if wait:
-        raise RateLimited(wait, "conflicting session requests with this token")
-    counted = False
+    requests sent at once cannot all pass), given back unless it was refused as a conflict.
+    A reassignment also takes one of its session's budget, kept when the courier changed: a
+    loop of reassignments with candidate numbers would otherwise tell the client's number by
+    the one refused, every other one succeeding."""
+    keys = [token]
+    if "session_id" in request.match_info:
+        keys.append(f"session {request.match_info['session_id']}")  # (no token's name has a space)
+    taken: list[str] = []
+    for key in keys:
+        wait = conflicts.take(key)
+        if wait:
+            for done in taken:
+                conflicts.give_back(done)
+            raise RateLimited(wait, "conflicting session requests with this token" if key == token
+                              else "changes of this session's courier")
+        taken.append(key)
+    spent: list[str] = []
     try:
-        return await handler(request)
+        response = await handler(request)
+        if response.status == 201 and len(keys) > 1:
+            spent = keys[1:]  # (the courier changed)
+        return response
     except ServiceError as exc:
-        counted = exc.confirms_a_guess
-        if counted:
+        if exc.confirms_a_guess:
+            spent = keys
             log.info("api.conflict_counted", code=exc.code)
         raise
     finally:
-        if not counted:
-            conflicts.give_back(token)
+        for key in taken:
+            if key not in spent:
+                conflicts.give_back(key)
 
 
 @web.middleware

@@ -199,7 +199,8 @@ RESPONSES: dict[str, Schema] = {
             "`rate_limited`: the token made more requests than its rate limit lets it (per bridge process: "
             "`MB_API_RATE` a second after a burst of `MB_API_BURST`, or the token's own rate); or, on opening a "
             "session and reassigning the courier, it spent its conflict budget (`MB_API_CONFLICT_RATE` a minute "
-            "after `MB_API_CONFLICT_BURST`); or the request has no valid token and its address made more such "
+            "after `MB_API_CONFLICT_BURST`), or the session's courier changed that often; or the request has no "
+            "valid token and its address made more such "
             "requests than `MB_API_ADDRESS_RATE` a second after `MB_API_ADDRESS_BURST` (not audited). Wait "
             "`Retry-After` seconds. On a recording route an attempt with a token is written to the audit.",
             {"rate_limited": (RateLimited.code, "too many requests with this token; try again in 1 s",
@@ -1892,7 +1893,9 @@ the order system's `MB_API_TOKEN` never has; every access, granted or not, is wr
 the token one of its conflict budget: `MB_API_CONFLICT_BURST` (20) at once, then `MB_API_CONFLICT_RATE`
 (10) a minute, per bridge process. With none left, opening a session and reassigning the courier answer 429
 `rate_limited` before they run. Each of those holds one of the budget while it runs (at most
-`MB_API_CONFLICT_BURST` in flight per token); one that does not conflict gives it back.
+`MB_API_CONFLICT_BURST` in flight per token); one that does not conflict gives it back. Each change of a
+session's courier costs that session one of a budget of the same size, whoever asks (a loop of
+reassignments with candidate numbers would otherwise find the client's number as the one refused).
 
 **Requests without a valid token** (none, a wrong, revoked or expired one) are limited per remote address:
 `MB_API_ADDRESS_BURST` (40) at once, then `MB_API_ADDRESS_RATE` (20) a second; beyond: 429, answered

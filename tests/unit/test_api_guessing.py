@@ -149,21 +149,41 @@ async def test_guesses_sent_at_once_do_not_all_pass_before_the_first_is_counted(
     assert statuses == [409] * 20 + [429] * 30
 
 
-async def test_a_reassignment_to_the_clients_number_counts_and_a_good_one_does_not(stack):
+async def test_a_reassignment_to_the_clients_number_costs_the_token_its_budget(stack):
     s, client = stack
-    path = f"/v1/sessions/{s.sessions.session.id}/participants"
-    for n in range(30):  # good reassignments: no conflict
-        resp = await client.post(path, json={"role": "courier", "number": CANDIDATES[n]}, headers=bearer(s.dispatch))
-        assert resp.status == 201
-    for _ in range(20):
-        resp = await client.post(path, json={"role": "courier", "number": CLIENT}, headers=bearer(s.dispatch))
+    for _ in range(20):  # (each on a session of its own: the token's budget is what runs out)
+        resp = await client.post(f"/v1/sessions/{uuid.uuid4()}/participants", json={"role": "courier", "number": CLIENT},
+                                 headers=bearer(s.dispatch))
         assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_input"
     # The budget is shared with the opens, and both are refused now.
-    resp = await client.post(path, json={"role": "courier", "number": CANDIDATES[0]}, headers=bearer(s.dispatch))
+    resp = await client.post(f"/v1/sessions/{uuid.uuid4()}/participants",
+                             json={"role": "courier", "number": CANDIDATES[0]}, headers=bearer(s.dispatch))
     assert resp.status == 429
     assert (await client.post("/v1/sessions", json=reopen(CLIENT), headers=bearer(s.dispatch))).status == 429
     # Reads are not guessable operations: they go on.
     assert (await client.get(f"/v1/sessions/{s.sessions.session.id}", headers=bearer(s.dispatch))).status == 200
+
+
+async def test_a_reassignment_loop_with_candidate_numbers_learns_nothing_past_the_sessions_burst(stack):
+    """Every wrong candidate would succeed (201) and the client's number alone be refused: so
+    each change of a session's courier costs the session's budget (20 at once, 10 a minute),
+    whoever asks, and past it every reassignment of the session is refused before it runs."""
+    s, client = stack
+    path = f"/v1/sessions/{s.sessions.session.id}/participants"
+    statuses = []
+    for candidate in [*CANDIDATES[:100], CLIENT]:
+        resp = await client.post(path, json={"role": "courier", "number": candidate}, headers=bearer(s.dispatch))
+        statuses.append(resp.status)
+    assert statuses == [201] * 20 + [429] * 81
+    assert (await resp.json())["error"]["message"] == "too many changes of this session's courier; try again in 6 s"
+    # Another token gets no more of this session; other sessions are not held up.
+    resp = await client.post(path, json={"role": "courier", "number": CLIENT}, headers=bearer(s.other))
+    assert resp.status == 429
+    resp = await client.post(f"/v1/sessions/{uuid.uuid4()}/participants", json={"role": "courier",
+                             "number": CANDIDATES[0]}, headers=bearer(s.dispatch))
+    assert resp.status == 201
+    # The token's own budget was not touched by the changes: it still opens.
+    assert (await client.post("/v1/sessions", json=reopen(CLIENT), headers=bearer(s.dispatch))).status == 200
 
 
 # --- requests without a valid token, per address --------------------------------------------------
