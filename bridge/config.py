@@ -176,9 +176,9 @@ SETTINGS: dict[str, Setting] = {
     "api_bind": Setting("MB_API_BIND", "127.0.0.1", text(required=True)),
     "api_port": Setting("MB_API_PORT", "8080", whole(1, 65535)),
     "api_token": Setting("MB_API_TOKEN", "", secret(16), service=True),
-    "api_rate": Setting("MB_API_RATE", "50", seconds(0, 100_000, "requests a second"),
+    "api_rate": Setting("MB_API_RATE", "1000", seconds(0, 100_000, "requests a second"),
                         service=True),
-    "api_burst": Setting("MB_API_BURST", "100", whole(1, 1_000_000), service=True),
+    "api_burst": Setting("MB_API_BURST", "500", whole(1, 1_000_000), service=True),
     "api_conflict_rate": Setting("MB_API_CONFLICT_RATE", "10", seconds(0, 100_000, "conflicts a minute"),
                                  service=True),
     "api_conflict_burst": Setting("MB_API_CONFLICT_BURST", "20", whole(1, 1_000_000), service=True),
@@ -231,8 +231,8 @@ class Settings:
     api_bind: str = "127.0.0.1"
     api_port: int = 8080
     api_token: str = ""
-    api_rate: float = 50.0  # requests a second per token and bridge process (0: no limit)
-    api_burst: int = 100
+    api_rate: float = 1000.0  # requests a second per token and bridge process (0: no limit)
+    api_burst: int = 500
     api_conflict_rate: float = 10.0  # conflicts a minute per token and bridge process (0: no limit)
     api_conflict_burst: int = 20
     api_address_rate: float = 20.0  # requests a second without a valid token, per remote address (0: no limit)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -257,6 +258,7 @@ def _auth_middleware(
 ) -> Middleware:
     scopes = route_scopes()
     gate = AddressGate(addresses, tokens)
+    serial = _Serial()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -280,47 +282,74 @@ def _auth_middleware(
         elif refusal is not None:
             raise refusal
         if who.token is not None and (request.method, route) in GUESSABLE:
-            return await _within_conflict_budget(request, handler, who.token, conflicts)
+            return await _within_conflict_budget(request, handler, who.token, conflicts, serial)
         return await handler(request)
 
     return auth
 
 
+class _Serial:
+    """One guessable request at a time per key (a token and the order, or the session, it
+    names), in this process: a conflict is counted before the next guess at the same order
+    runs, so guesses sent at once cannot all pass; requests for different orders run
+    side by side (an order system opens many at once)."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def one_at_a_time(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users <= 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+
+async def _guessed_at(request: web.Request) -> str:
+    """What a guess is about: the session a reassignment names, or the order an open names
+    (the body is read here once; aiohttp keeps it for the handler)."""
+    if "session_id" in request.match_info:
+        return f"session {request.match_info['session_id']}"
+    # (a body that is no JSON object, too large or too slow is refused here as the handler would)
+    return f"order {(await _body(request)).get('order_id')!r}"[:200]
+
+
 async def _within_conflict_budget(
-    request: web.Request, handler: Handler, token: str, conflicts: RateLimiter
+    request: web.Request, handler: Handler, token: str, conflicts: RateLimiter, serial: _Serial
 ) -> web.StreamResponse:
-    """Run a guessable operation on one of the token's conflict budget (taken first, so that
-    requests sent at once cannot all pass), given back unless it was refused as a conflict.
-    A reassignment also takes one of its session's budget, kept when the courier changed: a
+    """Run a guessable operation while the token has conflict budget left: each refusal that
+    confirms or denies a guess (an open naming other people, a courier who is the client)
+    costs one; with none left these operations are refused (429) before they run, right
+    guesses included. Guesses at one order or session run one at a time (see _Serial). A
+    reassignment also costs its session one of its own budget when the courier changed: a
     loop of reassignments with candidate numbers would otherwise tell the client's number by
     the one refused, every other one succeeding."""
-    keys = [token]
-    if "session_id" in request.match_info:
-        keys.append(f"session {request.match_info['session_id']}")  # (no token's name has a space)
-    taken: list[str] = []
-    for key in keys:
-        wait = conflicts.take(key)
-        if wait:
-            for done in taken:
-                conflicts.give_back(done)
-            raise RateLimited(wait, "conflicting session requests with this token" if key == token
-                              else "changes of this session's courier")
-        taken.append(key)
-    spent: list[str] = []
-    try:
-        response = await handler(request)
+    about = await _guessed_at(request)
+    keys = [token] + ([about] if about.startswith("session ") else [])  # (no token's name has a space)
+    async with serial.one_at_a_time(f"{token} {about}"):
+        for key in keys:
+            wait = conflicts.wait(key)
+            if wait:
+                raise RateLimited(wait, "conflicting session requests with this token" if key == token
+                                  else "changes of this session's courier")
+        try:
+            response = await handler(request)
+        except ServiceError as exc:
+            if exc.confirms_a_guess:
+                for key in keys:
+                    conflicts.take(key)
+                log.info("api.conflict_counted", code=exc.code)
+            raise
         if response.status == 201 and len(keys) > 1:
-            spent = keys[1:]  # (the courier changed)
+            conflicts.take(keys[1])  # (the courier changed)
         return response
-    except ServiceError as exc:
-        if exc.confirms_a_guess:
-            spent = keys
-            log.info("api.conflict_counted", code=exc.code)
-        raise
-    finally:
-        for key in taken:
-            if key not in spent:
-                conflicts.give_back(key)
 
 
 @web.middleware

@@ -69,6 +69,12 @@ def write_config(stack: Stack, instance: str, overrides: dict[str, str] | None =
     # The benchmark's baseline route is the PBX's only while a benchmark runs (bench_route).
     if instance == "pbx":
         (etc / BENCH_ROUTE).unlink(missing_ok=True)
+        # Call records an older configuration let Asterisk write (the PBX keeps none now:
+        # cdr.conf, cel.conf, logger.conf's queue_log = no) go with it.
+        log_dir = host_path(stack, instance, "log")
+        (log_dir / "queue_log").unlink(missing_ok=True)
+        for records in ("cdr-csv", "cdr-custom", "cel-custom"):
+            shutil.rmtree(log_dir / records, ignore_errors=True)
 
 
 BENCH_ROUTE = "extensions_bench.conf"

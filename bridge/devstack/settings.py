@@ -76,9 +76,9 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
-    "MB_API_RATE": ("50", "requests a second each API token may make per bridge process, after MB_API_BURST "
+    "MB_API_RATE": ("1000", "requests a second each API token may make per bridge process, after MB_API_BURST "
                     "(0: no limit)"),
-    "MB_API_BURST": ("100", "requests an API token may make at once before MB_API_RATE applies"),
+    "MB_API_BURST": ("500", "requests an API token may make at once before MB_API_RATE applies"),
     "MB_UNKNOWN_CALLER_LIMIT": ("10", "unknown callers announced per pool number per minute; beyond, they are hung "
                                 "up unanswered (SIP 403; 0: no limit)"),
     "MB_UNKNOWN_CALLER_TOTAL": ("100", "unknown callers announced per minute in all, per bridge process; beyond, as "
