@@ -94,12 +94,6 @@ async def opens(sessions: Sessions, count: int, in_flight: int, run: str) -> tup
             "latency_ms": measure.percentiles([x * 1000 for x in latencies])}, couriers
 
 
-async def fold_every_second(sessions: Sessions) -> None:
-    while True:
-        await sessions.fold_holder_changes()
-        await asyncio.sleep(1)  # (the bridges' pace)
-
-
 async def route_lookups(pool: asyncpg.Pool, vault: NumberVault, couriers: list[str], count: int) -> dict[str, float]:
     """ROUTE_SQL for a sample of the couriers just opened, timed inside Postgres (ms)."""
     times: list[float] = []
@@ -133,13 +127,7 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
             await add_past_participants(pool, numbers, have, size)
             have = size
             loaded = time.perf_counter() - began
-            # (as the bridges do every second: sql/020)
-            folding = asyncio.create_task(fold_every_second(sessions))
-            try:
-                opened, couriers = await opens(sessions, params["opens"], params["in_flight"], f"open-{size}")
-            finally:
-                folding.cancel()
-                await asyncio.gather(folding, return_exceptions=True)
+            opened, couriers = await opens(sessions, params["opens"], params["in_flight"], f"open-{size}")
             lookups = await route_lookups(pool, vault, couriers, params["lookups"])
             participants = await pool.fetchval("SELECT count(*) FROM participants")
             results["steps"].append({"past_participants": size, "participants": participants, "load_seconds": loaded,
