@@ -57,6 +57,18 @@ CREATE TRIGGER participants_holder_changed AFTER UPDATE ON participants
                        OR (OLD.holds AND NOT OLD.by_code AND OLD.pool_number IS DISTINCT FROM NEW.pool_number))
     EXECUTE FUNCTION maskbridge_count_changed_holder();
 
+-- The holds of a number, by number: what a look at one number's holders reads. Its predicate
+-- says "pool_number IS NOT NULL" (always true) so that only a query naming a pool number
+-- can use it: a look for the holds of a person (by number_idx, below) could, and did, when
+-- the statistics were taken before the holds were there (a history imported at once; the
+-- bench): it scanned every live hold, at every open. Those now read participants_held_pair.
+DROP INDEX participants_pool_load;
+CREATE INDEX participants_pool_load ON participants (pool_number) WHERE holds AND pool_number IS NOT NULL;
+-- Likewise the open sessions by expiry (read for the earliest one): the look for an order's
+-- open session scanned every open one, where sessions_one_open_per_order finds it.
+DROP INDEX sessions_open_expiry;
+CREATE INDEX sessions_open_expiry ON sessions (expires_at) WHERE status = 'open' AND expires_at IS NOT NULL;
+
 -- The pool numbers the pair (two blind indexes) may not take: those either holds (live or
 -- in a cool-off not over), except the pair's own cooling holds from a session they had
 -- together. Read from the hold indexes (participants_held_pair, participants_by_code):
