@@ -218,10 +218,16 @@ BEGIN
     session.created_at := now();
     session.last_activity_at := now();
     session.expires_at := now() + make_interval(secs => p_ttl);
-    INSERT INTO sessions SELECT session.*;
-    -- In index order: two opens that share both people in opposite roles take the pair
-    -- locks in the same order, and one waits for the other.
-    WITH added AS (
+    -- One statement for the three inserts (the foreign keys are checked at its end). The
+    -- participants in index order: two opens that share both people in opposite roles take
+    -- the pair locks in the same order, and one waits for the other.
+    WITH added_session AS (
+        INSERT INTO sessions SELECT session.*
+    ), opened AS (
+        INSERT INTO session_events (session_id, kind, detail)
+        VALUES (session.id, 'opened', (p_session - 'order_code') || jsonb_build_object(
+            'pool_number', v_chosen, 'ttl_seconds', p_ttl, 'mode', session.mode))
+    ), added AS (
         INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
         SELECT session.id, m.role, m.idx, m.enc, v_chosen, v_by_code
         FROM (VALUES ('courier', p_courier_idx, p_courier_enc), ('client', p_client_idx, p_client_enc))
@@ -231,9 +237,6 @@ BEGIN
     )
     SELECT array_agg(a.participants ORDER BY (a.participants).joined_at, (a.participants).role) INTO members
     FROM added a;
-    INSERT INTO session_events (session_id, kind, detail)
-    VALUES (session.id, 'opened', (p_session - 'order_code') || jsonb_build_object(
-        'pool_number', v_chosen, 'ttl_seconds', p_ttl, 'mode', session.mode));
     outcome := 'opened';
 END
 $$;
