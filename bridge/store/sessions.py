@@ -152,7 +152,13 @@ _ROUTE_SELECT = f"""
            {_TERM_COLUMNS}
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
-    LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+    -- (A subquery with LIMIT, looked up for the caller's session: a plain join was planned, with
+    -- statistics taken before the live participants were there, as a scan of every live
+    -- participant; issue 14's bench. There is one live other side at most.)
+    LEFT JOIN LATERAL (
+        SELECT * FROM participants o WHERE o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+        LIMIT 1
+    ) o ON true
     -- Calls put through in the last hour and day count against the caps; the bridge's own
     -- failures do not.
     CROSS JOIN LATERAL (
