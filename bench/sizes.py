@@ -4,7 +4,8 @@
 
 In a database of its own on the local stack's Postgres (the stack's data is not touched):
 a pool of --numbers pool numbers, then past participants (closed sessions, their people
-left long ago) added up to each size of --sizes. At each size:
+left long ago) added up to each size of --sizes. At each size, after a few opens of each
+kind not measured (the first on each connection):
   * --opens session opens through the session service (bridge.sessions: the allocator and
     its SQL, no HTTP), --in-flight at a time;
   * --opens more through the HTTP API (POST /v1/sessions) of a second bridge process that
@@ -52,9 +53,9 @@ from bridge.store.sessions import ROUTE_SQL
 
 DATABASE = "maskbridge_bench_sizes"
 KEY = "bench-sizes-key-bench-sizes-key-0123456789"
-FULL: dict[str, Any] = {"numbers": 10_000, "sizes": [10_000, 100_000, 1_000_000], "opens": 2000, "in_flight": 32,
-                        "lookups": 300}
-TINY: dict[str, Any] = {"numbers": 50, "sizes": [200, 1000], "opens": 40, "in_flight": 8, "lookups": 10}
+FULL: dict[str, Any] = {"numbers": 10_000, "sizes": [10_000, 100_000, 1_000_000], "opens": 2000, "warmup": 200,
+                        "in_flight": 32, "lookups": 300}
+TINY: dict[str, Any] = {"numbers": 50, "sizes": [200, 1000], "opens": 40, "warmup": 8, "in_flight": 8, "lookups": 10}
 BATCH = 50_000  # past sessions per statement
 
 
@@ -286,6 +287,10 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
                     await add_past_participants(pool, numbers, have, size)
                     have = size
                     loaded = time.perf_counter() - began
+                    # (Not measured: the first opens on each connection of the two pools, and the
+                    # first reads of what the load just wrote.)
+                    await opens(sessions, params["warmup"], params["in_flight"], f"warm-{size}", {})
+                    await http_opens(bridge, params["warmup"], params["in_flight"], f"api-warm-{size}", {})
                     opened, couriers = await opens(sessions, params["opens"], params["in_flight"], f"open-{size}",
                                                    {"postgres": in_postgres})
                     through_api = await http_opens(bridge, params["opens"], params["in_flight"], f"api-{size}",
@@ -345,7 +350,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "# Session opens and the route lookup as the data grows",
         "",
         f"Run {results['started']} on {results['machine']['cpu']} (commit {results['machine']['maskbridge commit']}): "
-        f"a pool of {params['numbers']} numbers; at each size, {params['opens']} opens of new pairs through the "
+        f"a pool of {params['numbers']} numbers; at each size, after {params['warmup']} opens of each kind not "
+        f"measured, {params['opens']} opens of new pairs through the "
         f"session service ({params['in_flight']} in flight, no HTTP), {params['opens']} more through the HTTP API "
         f"(POST /v1/sessions to a bridge process, {params['in_flight']} kept-alive connections from a light raw "
         "HTTP client), and the route lookup timed inside Postgres (EXPLAIN ANALYZE) for a sample of them. "
