@@ -37,7 +37,8 @@ help:
 
 # Debian packages: debootstrap (builds the Asterisk 22 root file system), Postgres server
 # binaries, Python venv support, Prometheus (its promtool checks the alert rules, and the
-# live tests run one against the stack). Postgres is installed without its default cluster:
+# live tests run one against the stack), SIPp (sip-tester: the benchmark's load generator)
+# and tcpdump (the benchmark's clock for SIP and its ear for RTP). Postgres is installed without its default cluster:
 # the project keeps its own; no service the packages bring is started (policy-rc.d says no
 # while apt runs).
 deps:
@@ -47,6 +48,8 @@ deps:
 	command -v runuser >/dev/null || missing="$$missing util-linux"; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
+	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
+	command -v tcpdump >/dev/null || missing="$$missing tcpdump"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  mkdir -p /etc/postgresql-common; \
@@ -125,14 +128,16 @@ typecheck: venv
 lint: venv
 	$(PY) -m ruff check bridge bench tests
 
-# The benchmark (bench/): the stack is restarted with default settings, measured, and
-# stopped; the report goes to docs/bench/. BENCH_ARGS=--tiny for a smoke run.
+# The benchmark (bench/): the stack is restarted with default settings (but no API rate
+# limit: it measures capacity), measured, and stopped; the report goes to docs/bench/.
+# BENCH_ARGS=--tiny for a smoke run. SIPp places and answers the calls. SOAK=<seconds>: the
+# leak check alone (steady calls that long, e.g. SOAK=1800), then the report again with it.
 # NODES=2: the scale-out section instead (bench/scaleout.py; report docs/bench/scaleout.md).
 BENCH_MODULE := $(if $(filter-out 1,$(or $(NODES),1)),bench.scaleout,bench)
 bench: deps venv
 	$(DEVSTACK) stop
-	$(DEVSTACK) start >/dev/null
-	status=0; $(PY) -m $(BENCH_MODULE) $(BENCH_ARGS) || status=$$?; \
+	MB_API_RATE=0 $(DEVSTACK) start >/dev/null
+	status=0; $(PY) -m $(BENCH_MODULE) $(BENCH_ARGS) $(if $(SOAK),--soak $(SOAK)) || status=$$?; \
 	$(DEVSTACK) stop; exit $$status
 
 # Session opens and the route lookup as the data grows (bench/sizes.py; report docs/bench/sizes.md):

@@ -1,9 +1,12 @@
 """`make bench`: what the bridge costs next to plain Asterisk, in one run.
 
     python -m bench [--tiny] [--out DIR]
+    python -m bench --soak SECONDS [--tiny] [--out DIR]
 
-Needs the local stack running (make bench starts it). --tiny is the smoke run `make test`
-uses: every measurement, a handful of calls each.
+Needs the local stack running (make bench starts it). SIPp places and answers the calls
+(bench/sipp.py); the simulated carrier is left alone. --tiny is the smoke run `make test`
+uses: every measurement, a handful of calls each. --soak runs the leak check alone (steady
+calls for SECONDS) and writes the report again with it.
 """
 
 from __future__ import annotations
@@ -17,25 +20,28 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import measure, report
+from bench import load, measure, report, sipp, soak
 from bridge import logs
 from bridge.devstack import asterisk, processes
-from bridge.devstack.carrier import Carrier
-from bridge.devstack.settings import PROJECT_DIR, Stack, load
+from bridge.devstack.settings import PROJECT_DIR, Stack, load as load_stack
 
 FULL: dict[str, Any] = {
     "sessions": 1000, "api_concurrency": 32,
     "delay_rate": 20.0, "delay_per_path": 150,
-    "ramp_rates": [10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 80.0, 100.0, 120.0, 150.0], "ramp_seconds": 6.0, "hold": 1.0,
-    "concurrency_steps": [25, 50, 100, 150, 200, 300, 400, 500], "setup_rate": 25.0,
-    "sample": 3, "listen_seconds": 2,
+    "ramp_rates": [10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 200.0], "ramp_seconds": 6.0, "hold": 1.0,
+    "ramp_sample": 2,
+    "cpu_rate": 20.0, "cpu_seconds": 30.0, "cpu_hold": 2.0, "idle_seconds": 5.0,
+    "concurrency_steps": [25, 50, 100, 200, 300, 400, 500], "setup_rate": 25.0,
+    "sample": 3, "listen_seconds": 2.0,
 }
 TINY: dict[str, Any] = {
     "sessions": 12, "api_concurrency": 4,
     "delay_rate": 4.0, "delay_per_path": 4,
-    "ramp_rates": [2.0], "ramp_seconds": 2.0, "hold": 0.5,
+    "ramp_rates": [2.0], "ramp_seconds": 2.0, "hold": 1.0,
+    "ramp_sample": 1,
+    "cpu_rate": 2.0, "cpu_seconds": 2.0, "cpu_hold": 0.5, "idle_seconds": 1.0,
     "concurrency_steps": [2], "setup_rate": 4.0,
-    "sample": 1, "listen_seconds": 1,
+    "sample": 1, "listen_seconds": 1.0,
 }
 
 
@@ -54,28 +60,22 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
     bridge_log = processes.bridge_log(stack)
     log_offset = bridge_log.stat().st_size
     try:
-        with asterisk.bench_route(stack):
-            async with Carrier(stack) as carrier:
-                calls = measure.Calls(carrier)
-                try:
-                    print("bench: post-dial delay", file=sys.stderr)
-                    results["delay"] = await measure.post_dial_delay(
-                        calls, stack, pairs, params["delay_rate"], params["delay_per_path"]
-                    )
-                    print("bench: throughput ramp", file=sys.stderr)
-                    with measure.RouteProbe(stack, pairs, every=0.05) as probe:
-                        results["ramp"] = await measure.ramp(
-                            calls, pairs, params["ramp_rates"], params["ramp_seconds"], params["hold"]
-                        )
-                    results["route"] = measure.route_lookups(bridge_log, log_offset)
-                    results["route_sql"] = measure.percentiles(probe.times)
-                    print("bench: simultaneous calls", file=sys.stderr)
-                    results["concurrency"] = await measure.concurrency(
-                        calls, carrier, stack, pairs, params["concurrency_steps"], params["setup_rate"],
-                        params["sample"], params["listen_seconds"],
-                    )
-                finally:
-                    await calls.close()
+        with sipp.phones(stack, load.work_dir(stack)) as (phones, callee), asterisk.bench_route(stack):
+            bench = load.Load(stack, phones, callee, pairs)
+            print("bench: post-dial delay", file=sys.stderr)
+            results["delay"] = await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"])
+            print("bench: throughput ramp", file=sys.stderr)
+            with measure.RouteProbe(stack, pairs, every=0.05) as probe:
+                results["ramp"] = await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"],
+                                                  params["hold"], params["ramp_sample"])
+            results["route"] = measure.route_lookups(bridge_log, log_offset)
+            results["route_sql"] = measure.percentiles(probe.times)
+            print("bench: CPU per call", file=sys.stderr)
+            results["cpu"] = await load.cpu_per_call(bench, params["cpu_rate"], params["cpu_seconds"],
+                                                     params["cpu_hold"], params["idle_seconds"])
+            print("bench: simultaneous calls", file=sys.stderr)
+            results["concurrency"] = await load.concurrency(bench, params["concurrency_steps"], params["setup_rate"],
+                                                            params["sample"], params["listen_seconds"])
     finally:
         await measure.close_sessions(stack, token, count)
     top_rate = max(params["ramp_rates"])
@@ -90,8 +90,9 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
 
 
 def summarise(results: dict[str, Any]) -> None:
-    """The most simultaneous calls held: every call set up, audio in every sample, and every
-    call ending normally (a step where some calls could not be hung up cleanly has failed)."""
+    """The most simultaneous calls held: every call set up, two-way audio in every sample,
+    and every call ending normally (a step where some calls could not be hung up cleanly
+    has failed)."""
     held = [s["calls"] for s in results["concurrency"]
             if s["audio_ok"] and s.get("ended_ok") == s["calls"]]
     results["max_concurrent"] = max(held) if held else 0
@@ -101,6 +102,8 @@ def summarise(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--tiny", action="store_true", help="a smoke run: every measurement, a few calls each")
+    parser.add_argument("--soak", type=float, metavar="SECONDS",
+                        help="the leak check alone: steady calls for SECONDS, then the report again")
     parser.add_argument("--out", type=Path, default=PROJECT_DIR / "docs" / "bench")
     parser.add_argument("--report-only", action="store_true", help="write the report again from OUT/results.json")
     args = parser.parse_args(argv)
@@ -110,8 +113,17 @@ def main(argv: list[str] | None = None) -> int:
         print(report.write(results, args.out))
         return 0
     logs.configure("warning")
-    stack = load()
+    stack = load_stack()
     processes.wait_healthy(stack)
+    if args.soak is not None:
+        params = dict(soak.TINY if args.tiny else soak.FULL, seconds=args.soak)
+        path = asyncio.run(soak.run(stack, params, args.out))
+        print(f"bench: soak written to {path}")
+        if (args.out / "results.json").exists():
+            results = json.loads((args.out / "results.json").read_text())
+            summarise(results)
+            print(f"bench: report written to {report.write(results, args.out)}")
+        return 0
     path = asyncio.run(run(stack, TINY if args.tiny else FULL, "tiny" if args.tiny else "full", args.out))
     print(f"bench: report written to {path}")
     return 0

@@ -1,4 +1,7 @@
-"""The measurements of `make bench`, each over real SIP and RTP from the simulated carrier.
+"""What the benchmarks share: the numbers and sessions of a run, statistics, process
+lookups, the route probe; and calls placed by the simulated carrier (its Asterisk and the
+Python driving it), which `make bench NODES=2` (bench/scaleout.py) still uses. `make bench`
+itself loads the stack with SIPp (bench/load.py).
 
 Two paths carry the same kind of call from a caller to a callee on the carrier:
 - bridge:   courier dials the session's pool number; the bridge routes it over ARI;
@@ -11,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
 import statistics
 import time
 import uuid
@@ -23,10 +25,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from bridge.ari import AriError
 from bridge.crypto import NumberVault
-from bridge.devstack import asterisk, processes
-from bridge.devstack.audio import samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.settings import Stack
 from bridge.store.sessions import ROUTE_SQL
@@ -251,96 +250,7 @@ async def at_rate(rate: float, count: int, start: Callable[[int], Coroutine[Any,
     return await Schedule().run(rate, count, start)
 
 
-# --- post-dial delay -----------------------------------------------------------------------
-
-
-_TS = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3})\]")
-_USER = re.compile(r"sip:(\+?\d+)@")
-
-
-def _invites(sip_log: Path, offset: int) -> tuple[dict[str, float], dict[str, float]]:
-    """From the carrier's SIP log: when each caller's INVITE was sent to the PBX (by From
-    user) and when each callee's INVITE arrived from it (by request URI user)."""
-    from datetime import datetime
-
-    sent: dict[str, float] = {}
-    received: dict[str, float] = {}
-    with open(sip_log, encoding="utf-8", errors="replace") as f:
-        f.seek(offset)
-        block: list[str] = []
-        for line in f:
-            if _TS.match(line):
-                _take(block, sent, received, datetime)
-                block = [line]
-            else:
-                block.append(line)
-        _take(block, sent, received, datetime)
-    return sent, received
-
-
-def _take(block: list[str], sent: dict[str, float], received: dict[str, float], datetime: Any) -> None:
-    if len(block) < 2 or not block[1].startswith("INVITE "):
-        return
-    head = block[0]
-    at = datetime.strptime(_TS.match(head).group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()  # type: ignore[union-attr]
-    if "Transmitting SIP request" in head:
-        from_line = next((ln for ln in block if ln.lower().startswith("from:")), "")
-        m = _USER.search(from_line)
-        if m:
-            sent.setdefault(m.group(1), at)  # the first INVITE, not an authenticated retry
-    elif "Received SIP request" in head:
-        m = _USER.search(block[1])
-        if m:
-            received.setdefault(m.group(1), at)
-
-
-async def post_dial_delay(calls: Calls, stack: Stack, pairs: Pairs, rate: float, per_path: int) -> dict[str, Any]:
-    """Alternate the two paths at `rate` calls per second; the delay of each call is from
-    its INVITE leaving the carrier to the callee's INVITE reaching it (the carrier's clock
-    for both; its SIP log keeps milliseconds)."""
-    sip_log = asterisk.host_path(stack, "carrier", "log", "sip.log")
-    offset = sip_log.stat().st_size
-    order = [r for i in range(per_path) for r in (pairs.bridge[i], pairs.baseline[i])]
-    outcomes = await at_rate(rate, len(order), lambda i: calls.place(order[i], hold=0.5))
-    sent, received = _invites(sip_log, offset)
-    delays: dict[str, list[float]] = {"bridge": [], "baseline": []}
-    for o in outcomes:
-        r = o.route
-        if o.ok and r.caller in sent and r.callee in received:
-            delays[r.path].append((received[r.callee] - sent[r.caller]) * 1000)
-    diffs = [b - a for a, b in zip(delays["baseline"], delays["bridge"])]
-    return {
-        "rate": rate,
-        "calls": len(order),
-        "failed": sum(not o.ok for o in outcomes),
-        "bridge_ms": delays["bridge"],
-        "baseline_ms": delays["baseline"],
-        "bridge": percentiles(delays["bridge"]),
-        "baseline": percentiles(delays["baseline"]),
-        "added": percentiles(diffs),
-        "added_median_ms": (statistics.median(delays["bridge"]) - statistics.median(delays["baseline"]))
-        if delays["bridge"] and delays["baseline"] else None,
-    }
-
-
 # --- throughput ------------------------------------------------------------------------------
-
-
-async def ramp(calls: Calls, pairs: Pairs, rates: list[float], seconds: float, hold: float) -> list[dict[str, Any]]:
-    """For each rate, each path: place calls for `seconds` at that rate; a path stops at the
-    first rate where fewer than 99 % of its calls succeed."""
-    steps: list[dict[str, Any]] = []
-    active = {"bridge", "baseline"}
-    for rate in rates:
-        for path in ("bridge", "baseline"):
-            if path not in active:
-                continue
-            steps.append(await ramp_step(calls, pairs.of(path), rate, seconds, hold, path))
-            if steps[-1]["success"] < 0.99:
-                active.discard(path)
-        if not active:
-            break
-    return steps
 
 
 async def ramp_path(calls: Calls, routes: list[Route], rates: list[float], seconds: float, hold: float,
@@ -406,67 +316,6 @@ def asterisk_pid(stack: Stack, instance: str) -> int | None:
         if cmd and cmd[0].endswith(b"asterisk") and conf in cmd and b"-r" not in cmd and b"-rx" not in cmd:
             return int(entry)
     return None
-
-
-async def concurrency(
-    calls: Calls, carrier: Carrier, stack: Stack, pairs: Pairs, steps: list[int], setup_rate: float,
-    sample: int, listen_seconds: int,
-) -> list[dict[str, Any]]:
-    """Hold N bridged calls at once, for growing N; at each step check that audio flows (a
-    sample of callers hear the callee's tone) and read the bridge's and the PBX's memory."""
-    results: list[dict[str, Any]] = []
-    bridge_pid = processes.bridge_pid(stack)
-    pbx_pid = asterisk_pid(stack, "pbx")
-    results.append({"calls": 0, "established": 0, "audio_ok": None, "bridge_mb": rss_mb(bridge_pid),
-                    "pbx_mb": rss_mb(pbx_pid)})
-    for n in steps:
-        if n > len(pairs.bridge):
-            break
-        all_up = asyncio.Event()
-        release = asyncio.Event()
-        up: list[Outcome] = []
-
-        async def held(outcome: Outcome) -> None:
-            up.append(outcome)
-            if len(up) == n:
-                all_up.set()
-            await release.wait()
-
-        async def start(i: int) -> Outcome:
-            return await calls.place(pairs.bridge[i], hold=0, timeout=60 + n / setup_rate, held=held)
-
-        runner = asyncio.create_task(at_rate(setup_rate, n, start))
-        try:
-            async with asyncio.timeout(30 + n / setup_rate):
-                await all_up.wait()
-        except TimeoutError:
-            pass
-        established = len(up)
-        heard: list[float] = []
-        failures: list[str] = []
-        # Audio is checked once every call of the step is up (a step that could not set them
-        # all up is the limit already, and its carrier is too busy to sample).
-        for outcome in up[: sample if established == n else 0]:
-            assert outcome.caller is not None
-            try:
-                path = await carrier.listen_to(outcome.caller, listen_seconds)
-                values, sr = samples(path)
-                heard.append(tone_share(values, sr, CALLEE_TONE))
-            except (AriError, TimeoutError, OSError) as exc:
-                failures.append(f"sampling: {type(exc).__name__}")
-                heard.append(0.0)
-        audio_ok = established == n and bool(heard) and all(share > 0.5 for share in heard)
-        results.append({
-            "calls": n, "established": established, "audio_ok": audio_ok, "tone_shares": heard,
-            "sampling_failures": failures,
-            "bridge_mb": rss_mb(bridge_pid), "pbx_mb": rss_mb(pbx_pid),
-        })
-        release.set()
-        outcomes = await runner
-        results[-1]["ended_ok"] = sum(o.ok for o in outcomes)
-        if established < n or not audio_ok:
-            break
-    return results
 
 
 # --- route lookups -----------------------------------------------------------------------------

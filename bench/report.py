@@ -14,14 +14,23 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
+from bench import summary
 from bridge.devstack import postgres
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
+PROCESSES = ("bridge", "pbx", "postgres", "load_generator")
+PROCESS_NAMES = {"bridge": "bridge (Python)", "pbx": "PBX (Asterisk)", "postgres": "Postgres (whole cluster)",
+                 "load_generator": "load generator (SIPp, both sides)"}
 
 
-def _shares(shares: list[float] | None) -> str:
-    """" (0.91, 0.88)": the tone shares of a step's audio samples, or nothing."""
-    return " (" + ", ".join(f"{x:.2f}" for x in shares) + ")" if shares else ""
+def _shares(shares: list[Any] | None) -> str:
+    """" (0.99/0.98, 1.00/0.97)": what each sampled call's caller and callee heard of the
+    other's tone (share of energy), or nothing. Older runs kept the caller's share alone."""
+    if not shares:
+        return ""
+    return " (" + ", ".join(
+        f"{x['caller_heard_callee']:.2f}/{x['callee_heard_caller']:.2f}" if isinstance(x, dict) else f"{x:.2f}"
+        for x in shares) + ")"
 
 def _run(cmd: list[str]) -> str:
     try:
@@ -66,10 +75,19 @@ def _figure(out: Path, name: str, title: str, xlabel: str, ylabel: str, draw: An
     return name
 
 
-def plots(results: dict[str, Any], out: Path) -> list[str]:
+def _before(out: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((out / "before.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def plots(results: dict[str, Any], out: Path, before: dict[str, Any] | None) -> list[str]:
     delay, ramp, memory = results["delay"], results["ramp"], results["concurrency"]
     top = max(delay["bridge_ms"] + delay["baseline_ms"] + [1.0])
     bins = [top * i / 40 for i in range(41)]
+    was = before or {}
 
     def delays(ax: Any) -> None:
         ax.hist(delay["baseline_ms"], bins=bins, alpha=0.6, label="baseline: dialplan Dial")
@@ -79,26 +97,178 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         for path in ("bridge", "baseline"):
             steps = [s for s in ramp if s["path"] == path]
             ax.plot([s["rate"] for s in steps], [100 * s["success"] for s in steps], marker="o", label=path)
+            old = [s for s in was.get("ramp", []) if s["path"] == path]
+            if old:
+                ax.plot([s["rate"] for s in old], [100 * s["success"] for s in old], linestyle="--", marker=".",
+                        alpha=0.6, label=f"{path}, before ({was['machine']['maskbridge commit']})")
         ax.axhline(99, color="grey", linestyle="--", linewidth=1)
 
     def rss(ax: Any) -> None:
         calls = [s["calls"] for s in memory]
         ax.plot(calls, [s["bridge_mb"] or 0 for s in memory], marker="o", label="bridge (Python)")
         ax.plot(calls, [s["pbx_mb"] or 0 for s in memory], marker="o", label="PBX (Asterisk)")
+        old = was.get("concurrency", [])
+        if old:
+            ax.plot([s["calls"] for s in old], [s["bridge_mb"] or 0 for s in old], linestyle="--", alpha=0.6,
+                    label="bridge, before")
+            ax.plot([s["calls"] for s in old], [s["pbx_mb"] or 0 for s in old], linestyle="--", alpha=0.6,
+                    label="PBX, before")
+
+    def cpu(ax: Any) -> None:
+        c = results["cpu"]
+        paths = ["bridge", "baseline"]
+        bottom = [0.0, 0.0]
+        for proc in PROCESSES:
+            values = [c[p]["cpu_ms_per_call"][proc] for p in paths]
+            ax.bar(paths, values, bottom=bottom, label=PROCESS_NAMES[proc])
+            bottom = [b + v for b, v in zip(bottom, values, strict=True)]
 
     return [
         _figure(out, "delay.png", f"Post-dial delay at {delay['rate']:g} calls/s, paths alternating",
-                "post-dial delay, INVITE out to INVITE in at the carrier (ms)", "calls", delays),
+                "post-dial delay, caller's INVITE out to callee's INVITE in (ms)", "calls", delays),
         _figure(out, "ramp.png", "Throughput ramp", "offered call rate (calls/s)", "calls that succeeded (%)", success),
+        _figure(out, "cpu.png", f"CPU per call at {results['cpu']['rate']:g} calls/s", "path",
+                "CPU ms per call", cpu),
         _figure(out, "memory.png", "Memory against simultaneous calls", "simultaneous bridged calls",
                 "resident memory (MiB)", rss),
     ]
 
 
+def _num(value: Any, fmt: str = "{:.1f}") -> str:
+    return "-" if value is None else fmt.format(value) if isinstance(value, (int, float)) else str(value)
+
+
+def _comparison(results: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
+    if before is None:
+        return []
+    b = before
+    rows = [
+        ("added post-dial delay p50 (ms)", b["delay"]["added"].get("p50"), results["delay"]["added"].get("p50")),
+        ("added post-dial delay p99 (ms)", b["delay"]["added"].get("p99"), results["delay"]["added"].get("p99")),
+        ("highest rate sustained, bridge (calls/s)", b["sustained"]["bridge"], results["sustained"]["bridge"]),
+        ("highest rate sustained, baseline (calls/s)", b["sustained"]["baseline"], results["sustained"]["baseline"]),
+        ("simultaneous bridged calls with audio", b["max_concurrent"], results["max_concurrent"]),
+        ("session creates over HTTP (per s)", b["sessions"]["creates_per_second"],
+         results["sessions"]["creates_per_second"]),
+        ("routing query inside Postgres under load, p99 (ms)", b["route_sql"].get("p99"),
+         results["route_sql"].get("p99")),
+    ]
+    return [
+        "## Before and after",
+        "",
+        f"*Before*: the report of commit {b['machine']['maskbridge commit']} ({b['started']}, kept as "
+        "`before.json`), when a second Asterisk driven from Python placed and answered every call: the "
+        "load generator cost about as much CPU as the PBX it measured, on the same two cores. *After*: "
+        "this run, with SIPp as the phones. The delay is now stamped by the kernel on the loopback "
+        "(before: the carrier Asterisk's SIP log, to the millisecond), and audio is checked both ways "
+        "(before: the caller's side only). Dashed lines in the plots below are the before run.",
+        "",
+        f"| figure | before ({b['machine']['maskbridge commit']}) | "
+        f"after ({results['machine']['maskbridge commit']}) |",
+        "| --- | --- | --- |",
+        *[f"| {name} | {_num(old)} | {_num(new)} |" for name, old, new in rows],
+        "",
+    ]
+
+
+def _cpu_section(results: dict[str, Any]) -> list[str]:
+    c = results["cpu"]
+    lines = [
+        "## CPU per call",
+        "",
+        f"Each path in turn carries calls at a steady {c['rate']:g} calls/s for {c['seconds']:g} s, each talking "
+        f"{c['hold']:g} s with audio both ways. Every process's CPU time (user + system, from /proc/<pid>/stat; "
+        "for Postgres the postmaster, every backend and the children it reaped; for SIPp the callee's "
+        "/proc and the caller's rusage) is read before and after; what the process spends idle over as "
+        f"long (measured for {c['idle_seconds']:g} s just before) is taken off, and the rest is divided by "
+        "the calls that succeeded. CPU seconds do not depend on what else runs on the machine, so this is "
+        "the figure that carries to a real server. *Calls/s per core* is 1000 divided by what the system "
+        "under test spends per call (the bridge, the PBX and Postgres; not the load generator).",
+        "",
+        "| path | calls ok | " + " | ".join(f"{PROCESS_NAMES[p]} ms/call" for p in PROCESSES)
+        + " | system under test ms/call | calls/s per core |",
+        "| --- | --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- |",
+    ]
+    for path in ("bridge", "baseline"):
+        p = c[path]
+        lines.append(f"| {path} | {p['ok']} / {p['calls']} | "
+                     + " | ".join(f"{p['cpu_ms_per_call'][k]:.2f}" for k in PROCESSES)
+                     + f" | {p['system_ms_per_call']:.2f} | {_num(p['calls_per_second_per_core'], '{:.0f}')} |")
+    lg = c["bridge"]["cpu_ms_per_call"]["load_generator"]
+    sut = c["bridge"]["system_ms_per_call"]
+    lines += [
+        "",
+        f"On the bridge path the load generator costs {lg:.2f} ms per call against {sut:.2f} ms for the "
+        "system under test" + (" (less, as it should)." if lg < sut else " (more: its figures are a floor)."),
+        "",
+        "![cpu](cpu.png)",
+        "",
+    ]
+    return lines
+
+
+def _soak_section(out: Path) -> list[str]:
+    try:
+        soak = json.loads((out / "soak.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return ["## Soak", "", "Not run yet: `make bench SOAK=1800` (30 minutes) writes it.", ""]
+    s, e, p = soak["start"], soak["end"], soak["params"]
+    keys = (("bridge_rss_mb", "bridge RSS (MiB)"), ("pbx_rss_mb", "PBX RSS (MiB)"),
+            ("pg_connections", "Postgres client connections"), ("channels", "PBX channels (ARI)"),
+            ("bridges", "PBX bridges (ARI)"), ("open_calls", "call rows not ended"))
+    return [
+        "## Soak",
+        "",
+        f"`make bench SOAK={p['seconds']:g}` ({soak['started']}): bridged calls at {p['rate']:g} calls/s for "
+        f"{p['seconds']:g} s, each talking {p['hold']:g} s with audio both ways; {soak['calls']['placed']} calls "
+        f"placed, {_num(soak['calls']['successful'], '{}')} ran to their end as SIPp saw them, "
+        f"{_num(soak['calls']['failed'], '{}')} failed. Read at the start, every {p['every']:g} s, and at "
+        "the end once the last call ended.",
+        "",
+        "| | start | end | left behind |",
+        "| --- | --- | --- | --- |",
+        *[f"| {name} | {_num(s[k])} | {_num(e[k])} | {_left(soak, k)} |" for k, name in keys],
+        "",
+        f"Bridge memory: {soak['rss_growth_mb']:+.1f} MiB from start to end; trend over the second half "
+        f"{_num(soak.get('rss_slope_mb_per_hour'), '{:+.1f}')} MiB per hour.",
+        "",
+        "![soak](soak.png)",
+        "",
+    ]
+
+
+def _left(soak: dict[str, Any], key: str) -> str:
+    """What the soak left behind of `key`: its count, or for memory the change."""
+    if key in soak["leaked"]:
+        return _num(soak["leaked"][key], "{}")
+    start, end = soak["start"][key], soak["end"][key]
+    return _num(end - start if start is not None and end is not None else None, "{:+.1f}")
+
+
+def _summary_section(figures: dict[str, Any]) -> list[str]:
+    return [
+        "## Headline figures (summary.json)",
+        "",
+        "`summary.json` holds issue 14's headline figures, each read from the file that measured it "
+        "(null: not measured yet). `sizes.json` is written by `make bench-sizes`, `soak.json` by "
+        "`make bench SOAK=1800`, `results.json` by `make bench`.",
+        "",
+        "| key | value | from |",
+        "| --- | --- | --- |",
+        *[f"| `{k}` | {_num(v, '{:.2f}') if isinstance(v, float) else _num(v, '{}')} | "
+          f"`{summary.SOURCES[k][0]}`: {summary.SOURCES[k][1]} |" for k, v in figures.items()],
+        "",
+    ]
+
+
 def write(results: dict[str, Any], out: Path) -> Path:
+    """The report (README.md), its plots, results.json and summary.json, in `out`. Its
+    comparison is against `out`/before.json when there is one."""
     out.mkdir(parents=True, exist_ok=True)
-    plots(results, out)
+    before = _before(out)
+    plots(results, out, before)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    figures = summary.write(results, out)
     d = results["delay"]
     api = results["sessions"]
     ramp = results["ramp"]
@@ -107,12 +277,15 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "# maskbridge benchmark",
         "",
         f"Run on {results['started']} ({results['mode']} run, {results['seconds']:.0f} s). "
-        "Produced by `make bench`; the raw figures are in `results.json`.",
+        "Produced by `make bench`; the raw figures are in `results.json`, the headline figures in "
+        "`summary.json`.",
         "",
-        "Everything ran on this one machine: Postgres, the PBX (Asterisk), the bridge, and the "
-        "simulated carrier (a second Asterisk plus its Python driver), which places and answers "
-        "every call with real SIP and RTP. The load generator competes with what it measures for "
-        "the same cores, so the rates are a floor for a machine that carries the PBX alone.",
+        "Everything ran on this one machine: Postgres, the PBX (Asterisk) and the bridge, and SIPp "
+        "(`sip-tester`) as the carrier's phones: one SIPp places every call from the trunk's address, "
+        "as the carrier does, another answers every leg the PBX sends to the trunk; both send a tone "
+        "over RTP for as long as the call lasts (the caller 600 Hz, the callee 1000 Hz). SIPp still "
+        "shares the cores with what it measures, so the rates are a floor for a machine that carries "
+        "the PBX alone; CPU per call (below) is the figure that carries over.",
         "",
         "| | |",
         "| --- | --- |",
@@ -124,18 +297,26 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"(p95 {_ms(d['added'], 'p95')}, p99 {_ms(d['added'], 'p99')} ms) over plain Asterisk routing the same call.",
         f"- Highest call rate sustained: bridge **{results['sustained']['bridge']}** calls/s, dialplan baseline "
         f"**{results['sustained']['baseline']}** calls/s.",
-        f"- Simultaneous bridged calls held with audio flowing, all ending normally: **{results['max_concurrent']}**.",
+        f"- CPU per bridged call: bridge {results['cpu']['bridge']['cpu_ms_per_call']['bridge']:.2f} ms, PBX "
+        f"{results['cpu']['bridge']['cpu_ms_per_call']['pbx']:.2f} ms (baseline path: "
+        f"{results['cpu']['baseline']['cpu_ms_per_call']['pbx']:.2f} ms), Postgres "
+        f"{results['cpu']['bridge']['cpu_ms_per_call']['postgres']:.2f} ms: **"
+        f"{_num(results['cpu']['bridge']['calls_per_second_per_core'], '{:.0f}')}** bridged calls/s per core "
+        f"({_num(results['cpu']['baseline']['calls_per_second_per_core'], '{:.0f}')} on the dialplan path).",
+        f"- Simultaneous bridged calls held with two-way audio, all ending normally: **{results['max_concurrent']}**.",
         f"- Session API: **{api['creates_per_second']:.0f}** creates/s; the routing query takes "
         f"{_ms(results['route_sql'], 'p50')} ms at the median and {_ms(results['route_sql'], 'p99')} ms at p99 "
         "inside Postgres under load.",
         "",
+        *_comparison(results, before),
         "## Added post-dial delay",
         "",
         f"{d['calls']} calls at {d['rate']:g} calls/s, alternating the bridge (courier dials the pool "
         "number; the bridge routes it over ARI) and the baseline (the PBX's dialplan alone Dials the "
-        "same kind of callee with the same caller ID). Delay: from the caller's INVITE leaving the "
-        "carrier to the callee's INVITE reaching it, both stamped by the carrier's SIP log (ms). "
-        f"Failed calls: {d['failed']}.",
+        "same kind of callee with the same caller ID). Delay: from the caller's INVITE leaving SIPp's "
+        "caller to the callee's INVITE reaching SIPp's callee, both stamped by the kernel as they cross "
+        f"the loopback (one capture, one clock). Calls that failed: {d['failed']}"
+        + (f" ({', '.join(f'{k}: {v}' for k, v in d['failures'].items())})" if d.get("failures") else "") + ".",
         "",
         "| path | n | p50 | p95 | p99 | max |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -156,18 +337,23 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
         "## Throughput",
         "",
-        "Each step offers calls at a fixed rate for a few seconds; each call is answered, talks "
-        f"{results['params']['hold']:g} s and is hung up by the caller. A call succeeds when both phones were "
-        "when the other phone rang within 3 s of dialing, both phones answered and both legs ended "
-        "normally. A path "
-        "stops at its first step under 99 %. *Achieved* is the rate the load generator really "
-        "offered; a step it could not offer (under 95 % of the target) does not count as sustained.",
+        "Each step offers calls at a fixed rate for a few seconds; each call is answered at once, talks "
+        f"{results['params']['hold']:g} s with audio both ways and is hung up by the caller. A call succeeds "
+        "when the callee's INVITE arrived and the caller was answered within 3 s of dialing, and both legs "
+        "ended normally (the caller's BYE answered, the PBX's BYE to the callee answered). A path stops at "
+        "its first step under 99 %. *Achieved* is the rate SIPp really offered (from its INVITEs on the "
+        "wire); a step it could not offer (under 95 % of the target) does not count as sustained. In each "
+        f"step {results['params'].get('ramp_sample', 0)} call(s) are listened to on the wire for half their "
+        "talk time: *two-way audio* gives the share of the other side's tone each side heard (caller/callee).",
         "",
-        "| rate (calls/s) | achieved | path | calls | succeeded | dial to ring p50 / p99 (ms) | failures |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| rate (calls/s) | achieved | path | calls | succeeded | dial to callee's INVITE p50 / p99 (ms) | "
+        "two-way audio | failures |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
         *[
-            f"| {s['rate']:g} | {s['achieved']:.0f} | {s['path']} | {s['calls']} | {100 * s['success']:.1f} % | "
-            f"{_ms(s['setup_ms'], 'p50')} / {_ms(s['setup_ms'], 'p99')} | "
+            f"| {s['rate']:g} | {_num(s['achieved'], '{:.0f}')} | {s['path']} | {s['calls']} | "
+            f"{100 * s['success']:.1f} % | {_ms(s['setup_ms'], 'p50')} / {_ms(s['setup_ms'], 'p99')} | "
+            f"{'-' if s.get('audio_ok') is None else ('yes' if s['audio_ok'] else 'NO')}"
+            f"{_shares(s.get('tone_shares'))} | "
             f"{', '.join(f'{k}: {v}' for k, v in s['failures'].items()) or '-'} |"
             for s in ramp
         ],
@@ -178,13 +364,16 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
         "![ramp](ramp.png)",
         "",
+        *_cpu_section(results),
         "## Simultaneous calls",
         "",
-        "Bridged calls are set up and held, step by step; at each step a sample of "
-        f"{results['params']['sample']} callers records {results['params']['listen_seconds']} s of what it "
-        "hears and must hear the callee's 1000 Hz tone (share of energy > 0.5).",
+        "Bridged calls are set up and held, step by step; once all of a step's calls are up, "
+        f"{results['params']['sample']} of them are listened to for {results['params']['listen_seconds']:g} s "
+        "on the wire (the RTP the PBX sends to each side, decoded): the caller must hear the callee's "
+        "1000 Hz tone and the callee the caller's 600 Hz (share of energy > 0.5 each; caller/callee below).",
         "",
-        "| calls held | established | audio flowing (tone share of each sample) | ended normally | "
+        "| calls held | established | two-way audio (tone shares, caller/callee) | "
+        "set up within 3 s and ended normally | "
         "bridge RSS (MiB) | PBX RSS (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",
         *[
@@ -195,16 +384,18 @@ def write(results: dict[str, Any], out: Path) -> Path:
             for s in conc
         ],
         "",
-        f"Held with audio flowing and every call ending normally: **{results['max_concurrent']}** simultaneous calls"
+        f"Held with two-way audio and every call ending normally: **{results['max_concurrent']}** simultaneous calls"
         + (" (the largest step tried)." if results["concurrency_top"] else "."),
         "",
         "![memory](memory.png)",
         "",
+        *_soak_section(out),
         "## The session API",
         "",
         f"{api['sessions']} sessions opened over HTTP, {api['concurrency']} at a time: "
         f"**{api['creates_per_second']:.0f} creates/s** (request latency p50 {_ms(api['latency_ms'], 'p50')} ms, "
-        f"p99 {_ms(api['latency_ms'], 'p99')} ms).",
+        f"p99 {_ms(api['latency_ms'], 'p99')} ms). Session opens as the data grows (10,000 pool numbers, up to "
+        "1,000,000 past participants) are measured apart by `make bench-sizes` ([sizes.md](sizes.md)).",
         "",
         "Route lookup, the bridge's decision for an incoming call, measured two ways during the "
         "delay and throughput runs:",
@@ -220,6 +411,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "The second includes every wait of the bridge's event loop and connection pool: under a "
         "load that saturates the machine it measures queueing, not the lookup.",
         "",
+        *_summary_section(figures),
     ]
     report = out / "README.md"
     report.write_text("\n".join(lines))

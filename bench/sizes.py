@@ -43,6 +43,7 @@ import asyncpg
 from bench import measure, report
 from bridge import logs
 from bridge.crypto import NumberVault
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.devstack import postgres
 from bridge.devstack.settings import PROJECT_DIR, Stack, load
 from bridge.pools import Pools
@@ -166,7 +167,9 @@ async def bridge_process(stack: Stack, url: str, log: Path) -> AsyncIterator[Bri
         port = int(sock.getsockname()[1])
     token = secrets.token_urlsafe(24)
     env = {**os.environ, **stack.bridge_env(), "MB_DATABASE_URL": url, "MB_ARI_APP": "maskbridge-bench-sizes",
-           "MB_API_PORT": str(port), "MB_API_TOKEN": token, "MB_NUMBER_KEY": KEY, "MB_WEBHOOK_URL": ""}
+           "MB_API_PORT": str(port), "MB_API_TOKEN": token, "MB_NUMBER_KEY": KEY, "MB_WEBHOOK_URL": "",
+           # (the per-token limit on, but above any rate measured here: its cost is on the path)
+           "MB_API_RATE": "100000", "MB_API_BURST": "100000"}
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bridge", cwd=PROJECT_DIR, env=env,
@@ -269,8 +272,9 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
                                "params": params, "machine": report.machine(stack), "steps": []}
     pool = await connect(url, max_size=params["in_flight"] + 2, command_timeout=None)
     try:
-        vault = NumberVault(KEY)
+        vault = NumberVault(KEY, NumberKeyRepo(pool))
         await migrate(pool, vault)
+        await vault.start()
         store = Store(pool)
         policy = Policy(pair_cooloff=3600, number_cooling=3600)
         numbers = [f"+7495{n:07d}" for n in range(1, params["numbers"] + 1)]

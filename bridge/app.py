@@ -5,38 +5,48 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import date
 from typing import Any
 
 import asyncpg
 import structlog
 from aiohttp import web
 
-from bridge import metrics, nodes
+from bridge import metrics, nodes, webhooks
 from bridge.api.http import make_app
+from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
 from bridge.api.server import serve as serve_api
 from bridge.blocklist import Blocklist
 from bridge.ari import AriClient, EventStream
+from bridge.calls.events import WANTED_EVENTS
 from bridge.calls.flow import FlowSettings
 from bridge.calls.order_code import KeypadTiming
+from bridge.calls.flood import UnknownCallers
 from bridge.calls.stasis import StasisDispatcher
 from bridge.config import Settings
-from bridge.crypto import NumberVault
+from bridge.crypto import MasterKeys, NumberVault, VaultError
+from bridge.number_keys import NumberKeys
 from bridge.pools import Pools
 from bridge.recordings import Recordings
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.db import COMMAND_TIMEOUT, CONNECT_TIMEOUT
 from bridge.store.blocklist import CHANNEL as BLOCKLIST_CHANNEL
+from bridge.store.number_keys import CHANNEL as NUMBER_KEYS_CHANNEL
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.errors import database_unreachable
 from bridge.store.nodes import SWEEP_LOCK, NodeRepo
 from bridge.store.sessions import PARTICIPANTS_LEFT
+from bridge.store.tokens import TokenRepo
 from bridge.store.webhooks import WebhookRepo
+from bridge.tokens import Tokens
 from bridge.webhooks import Deliverer
 
 log = structlog.get_logger(__name__)
@@ -56,6 +66,7 @@ def policy_of(settings: Settings) -> Policy:
         number_cooling=settings.number_cooling,
         retention_days=settings.retention_days,
         support_number=settings.support_number or None,  # normalized by Settings
+        destinations=settings.allowed_destinations,
         default_language=settings.default_language,
         order_code_length=settings.order_code_length,
         order_code_attempts=settings.order_code_attempts,
@@ -69,17 +80,17 @@ Exclusive = Callable[[int], contextlib.AbstractAsyncContextManager[bool]]
 
 async def housekeeping(
     sessions: Sessions, interval: float, stop: asyncio.Event, recordings: Recordings | None = None,
-    exclusive: Exclusive | None = None,
+    exclusive: Exclusive | None = None, prune_webhooks: Callable[[], Awaitable[dict[str, int]]] | None = None,
 ) -> None:
     """Expire sessions, end cool-offs and grace periods, retire cooled numbers; purge old
-    real numbers and delete old recordings once an hour. It sweeps every `interval` seconds,
-    and as soon as a session reaches its expiry or the end of its grace period: a session's
-    end also ends its calls in progress (the participants leave: cut_listener), which must not
-    wait for the next sweep.
+    real numbers, delete old recordings and prune the webhook outbox (`prune_webhooks`) once
+    an hour. It sweeps every `interval` seconds, and as soon as a session reaches its expiry
+    or the end of its grace period: a session's end also ends its calls in progress (the
+    participants leave: cut_listener), which must not wait for the next sweep.
 
     With several nodes, one bridge at a time sweeps and purges numbers (`exclusive`, an
-    advisory lock: the others skip that round; whichever comes next takes it); each node
-    deletes the recordings in its own spool."""
+    advisory lock: the others skip that round; whichever comes next takes it) and prunes the
+    webhook outbox; each node deletes the recordings in its own spool."""
     last_purge = -RETENTION_EVERY
     loop = asyncio.get_running_loop()
     alone: Exclusive = exclusive or (lambda _key: _always())
@@ -100,6 +111,8 @@ async def housekeeping(
                 async with alone(SWEEP_LOCK) as leader:
                     if leader:
                         done = await _retention("numbers", sessions.purge, "participants")
+                        if prune_webhooks is not None:
+                            done = await _retention("webhooks", prune_webhooks, "webhooks_deleted") and done
             except Exception:
                 log.exception("retention.failed", job="numbers")
                 done = False
@@ -153,7 +166,7 @@ async def _retention(job: str, purge: Callable[[], Awaitable[dict[str, int]]], d
 
 
 async def cut_listener(
-    database_url: str, dispatcher: StasisDispatcher, stop: asyncio.Event
+    database_url: str, dispatcher: StasisDispatcher, stop: asyncio.Event, vault: NumberVault | None = None
 ) -> None:
     """Ends the calls in progress of every number blocked, and of every participant who left
     their order (a courier reassigned, a session closed or expired), from this process or any
@@ -161,25 +174,34 @@ async def cut_listener(
     Postgres). After every (re)connect it also checks the calls in progress against the
     blocklist and the sessions: what happened while it was not listening is applied too. A
     connection that dies is noticed at once (asyncpg's termination listener), not at the next
-    keepalive."""
+    keepalive. It also makes `vault` forget the data keys that retention destroys."""
     backoff = 0.5
     notices: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
 
     def heard(_conn: object, _pid: int, channel: str, payload: str) -> None:
         notices.put_nowait((channel, payload))
 
-    def lost(_conn: object) -> None:
-        notices.put_nowait((_LOST, ""))
+    current: list[object] = []  # the connection listened on now
+
+    def lost(conn: object) -> None:
+        # (asyncpg calls this soon after a close, when the next connection may already be
+        # listening: a notice of an earlier connection is no news of the current one)
+        if current and conn is current[0]:
+            notices.put_nowait((_LOST, ""))
 
     while not stop.is_set():
         conn: asyncpg.Connection | None = None
         try:
             conn = await asyncpg.connect(database_url, server_settings={"application_name": LISTENER_NAME},
                                          timeout=CONNECT_TIMEOUT, command_timeout=COMMAND_TIMEOUT)
+            current[:] = [conn]
             conn.add_termination_listener(lost)
             await conn.add_listener(BLOCKLIST_CHANNEL, heard)
             await conn.add_listener(PARTICIPANTS_LEFT, heard)
+            await conn.add_listener(NUMBER_KEYS_CHANNEL, heard)
             await dispatcher.cut_departed()
+            if vault is not None:  # (keys destroyed while it was not listening: forgotten too)
+                vault.forget(vault.cached_periods() - set(await NumberKeyRepo(conn).periods()))
             backoff = 0.5
             while not stop.is_set():
                 try:
@@ -190,7 +212,10 @@ async def cut_listener(
                     continue
                 if channel == _LOST:
                     raise ConnectionError("the listening connection was closed")
-                if channel == BLOCKLIST_CHANNEL:
+                if channel == NUMBER_KEYS_CHANNEL:
+                    if vault is not None:
+                        vault.forget(date.fromisoformat(p) for p in payload.split(",") if p)
+                elif channel == BLOCKLIST_CHANNEL:
                     dispatcher.cut_calls(await dispatcher.store.blocklist.participant_ids(bytes.fromhex(payload)),
                                          "blocked")
                 else:
@@ -199,6 +224,7 @@ async def cut_listener(
         except Exception:
             log.exception("cut_listener.failed")
         finally:
+            current.clear()
             if conn is not None and not conn.is_closed():
                 await conn.close()
             while not notices.empty():  # (a lost connection's own notice, left over)
@@ -249,10 +275,16 @@ async def connect_at_start(dsn: str, wait: float = DB_START_WAIT) -> asyncpg.Poo
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
-    vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
     pool = await connect_at_start(settings.database_url)
+    vault = NumberVault(MasterKeys(settings.number_keys), NumberKeyRepo(pool))
     await migrate(pool, vault)
+    try:
+        await NumberKeys(NumberKeyRepo(pool), vault).check_versions()
+        await vault.start()
+    except VaultError as exc:
+        await pool.close()
+        raise StartupError(str(exc)) from None
     # This node's claim first: a second bridge for one Asterisk stops here (NodeTaken).
     claimed = await nodes.claim(settings.database_url, settings.node_id, node_api_url(settings),
                                 settings.node_sip_address or None)
@@ -275,8 +307,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             order_code_attempts=settings.order_code_attempts,
         ),
         router=sessions,
+        unknown_callers=UnknownCallers(settings.unknown_caller_limit, settings.unknown_caller_total),
     )
-    stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile)
+    stream = EventStream(ari, dispatcher.handle, on_connected=dispatcher.reconcile, event_types=WANTED_EVENTS)
     keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,
                               api_url=node_api_url(settings), sip_address=settings.node_sip_address or None,
                               timeout=settings.node_timeout, webhooks=bool(settings.webhook_url), conn=claimed,
@@ -294,12 +327,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         return {"ari": stream.connected.is_set(), "database": db_ok}
 
     blocklist = Blocklist(store, vault, policy)
-    recordings = Recordings(store, ari, settings.recording_token, settings.api_token,
-                            settings.recording_retention_days, node=settings.node_id,
-                            peers=NodeRepo(pool).api_url)
+    recordings = Recordings(store, ari, settings.recording_token, settings.recording_retention_days,
+                            node=settings.node_id, peers=NodeRepo(pool).api_url)
+    tokens = Tokens(TokenRepo(pool), settings.api_token, settings.recording_token)
     guard = ConnectionGuard()
     runner = web.AppRunner(
-        make_app(sessions, Pools(store, policy), blocklist, settings.api_token, health, recordings, guard),
+        make_app(sessions, Pools(store, policy), blocklist, tokens, health, recordings, guard,
+                 RateLimiter(settings.api_rate, settings.api_burst)),
         keepalive_timeout=REQUEST_TIMEOUT,
     )
     await runner.setup()
@@ -322,10 +356,12 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         raise
     events = asyncio.create_task(stream.run(), name="ari-events")
     sweeper = asyncio.create_task(
-        housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive), name="housekeeping"
+        housekeeping(sessions, settings.sweep_interval, stop, recordings, store.exclusive,
+                     functools.partial(webhooks.prune, WebhookRepo(pool), settings.webhook_retention_days)),
+        name="housekeeping",
     )
     blocks = asyncio.create_task(
-        cut_listener(settings.database_url, dispatcher, stop), name="cut-listener"
+        cut_listener(settings.database_url, dispatcher, stop, vault), name="cut-listener"
     )
     gauges = asyncio.create_task(metrics.refresher(store, METRICS_EVERY, stop), name="metrics")
     background = [sweeper, blocks, gauges, asyncio.create_task(keeper.run(stop), name="node")]

@@ -10,9 +10,9 @@ from datetime import datetime
 import structlog
 
 from bridge import metrics
-from bridge.crypto import NumberVault
+from bridge.crypto import NumberVault, VaultError, blocked_number
 from bridge.errors import BlockNotFound, InvalidInput
-from bridge.sessions import Policy, phone_number
+from bridge.sessions import Policy, phone_number, seconds
 from bridge.store import Store
 from bridge.store.blocklist import BlockedRow
 
@@ -34,8 +34,13 @@ class Blocklist:
         self.vault = vault
         self.policy = policy or Policy()
 
-    async def add(self, number: object, reason: object = None) -> tuple[BlockedRow, bool]:
+    async def add(
+        self, number: object, reason: object = None, ttl_seconds: int | None = None
+    ) -> tuple[BlockedRow, bool]:
+        """Block a number everywhere, for `ttl_seconds` (None: until unblocked). Blocked
+        already: its entry, whose expiry becomes the later of the two. Returns (entry, created)."""
         real = phone_number("number", number, self.policy.default_region)
+        ttl = seconds("ttl_seconds", ttl_seconds)
         if reason is not None and (
             not isinstance(reason, str) or len(reason) > 500 or any(ord(ch) < 32 for ch in reason)
             or not _encodable(reason)
@@ -44,21 +49,33 @@ class Blocklist:
         if isinstance(reason, str) and _PHONE_LIKE.search(reason):
             # The reason is kept in plaintext and shown to support staff: no number in it.
             raise InvalidInput("reason must not hold a phone number", field="reason")
-        entry, created = await self.repo.add(self.vault.index(real), self.vault.seal(real), reason)
-        log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id))
+        entry_id = uuid.uuid4()  # (made here: the sealed number is bound to its row)
+        sealed = await self.vault.seal(real, blocked_number(entry_id))
+        entry, created = await self.repo.add(entry_id, self.vault.index(real), sealed, reason, ttl)
+        await self.vault.load([entry.number_enc])
+        log.info("blocklist.added" if created else "blocklist.already_blocked", entry_id=str(entry.id),
+                 expires_at=entry.expires_at.isoformat() if entry.expires_at else None)
         if created:
             metrics.BLOCKS.labels("api").inc()
         return entry, created
 
     async def find(self, after: tuple[datetime, uuid.UUID] | None, limit: int) -> list[BlockedRow]:
-        return await self.repo.page(after, limit)
+        rows = await self.repo.page(after, limit)
+        await self.vault.load(r.number_enc for r in rows)
+        return rows
 
     async def remove(self, entry_id: uuid.UUID) -> BlockedRow:
         entry = await self.repo.remove(entry_id)
         if entry is None:
             raise BlockNotFound()
+        await self.vault.load([entry.number_enc])
         log.info("blocklist.removed", entry_id=str(entry_id))
         return entry
 
     def number_of(self, entry: BlockedRow) -> str:
-        return self.vault.open(entry.number_enc)
+        """The blocked number of an entry this service read (which loaded its key). Retention
+        never destroys the key of a blocked number (bridge.number_keys re-seals it first)."""
+        number = self.vault.open_cached(entry.number_enc, blocked_number(entry.id))
+        if number is None:
+            raise VaultError("the data key of a blocked number is gone")
+        return number

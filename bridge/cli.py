@@ -20,7 +20,10 @@ shown masked, as in the API. `--json` prints what the API would answer.
     maskbridge-admin session close SESSION_ID [--grace S]
     maskbridge-admin calls ORDER
     maskbridge-admin housekeeping [--purge] [--older-than DAYS] [--recordings] [--recordings-older-than DAYS]
-    maskbridge-admin block add NUMBER [--reason TEXT] | block list | block remove ENTRY_ID
+    maskbridge-admin block add NUMBER [--reason TEXT] [--ttl S] | block list | block remove ENTRY_ID
+    maskbridge-admin token add NAME --scope SCOPE [--scope ...] [--expires 90d|2026-12-31] [--rate N]
+    maskbridge-admin token list | token revoke NAME
+    maskbridge-admin keys status | keys rewrap
     maskbridge-admin migrate
 
 A real number given as "-" is read from standard input (one per line), so that it stays out
@@ -35,15 +38,17 @@ import json
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, get_args
 
-from bridge import logs
+from bridge import logs, webhooks
 from bridge.api.http import _default, render_block, render_pool_number, render_session
 from bridge.blocklist import Blocklist
 from bridge.app import policy_of
 from bridge.config import ConfigError, Settings
-from bridge.crypto import NumberVault
+from bridge.crypto import MasterKeys, NumberVault, VaultError
+from bridge.number_keys import NumberKeys
 from bridge.errors import InvalidInput, ServiceError, SessionNotFound
 from bridge.pools import Pools
 from bridge.recordings import Recordings
@@ -51,18 +56,25 @@ from bridge.ari import AriClient
 from bridge.requests import OpenSession, parse
 from bridge.sessions import Sessions
 from bridge.store import Store, connect, migrate, pending
+from bridge.store.tokens import TokenRepo, TokenRow
+from bridge.store.number_keys import NumberKeyRepo
+from bridge.store.webhooks import WebhookRepo
 from bridge.terms import Terms
+from bridge.tokens import PREFIX, SCOPES, Tokens
 
 
 class Tool:
     def __init__(
-        self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool, recordings: Recordings
+        self, sessions: Sessions, pools: Pools, blocklist: Blocklist, as_json: bool, recordings: Recordings,
+        tokens: Tokens, webhook_retention_days: int = 7,
     ) -> None:
+        self.tokens = tokens
         self.sessions = sessions
         self.pools = pools
         self.blocklist = blocklist
         self.as_json = as_json
         self.recordings = recordings
+        self.webhook_retention_days = webhook_retention_days
 
     def out(self, data: Any, table: list[dict[str, Any]] | None = None, columns: list[str] | None = None) -> None:
         if self.as_json or table is None:
@@ -108,10 +120,10 @@ def _cell(value: Any) -> str:
 
 
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
-    vault = NumberVault(settings.number_key)
     policy = policy_of(settings)
     pool = await connect(settings.database_url, max_size=2, command_timeout=None)
     try:
+        vault = NumberVault(MasterKeys(settings.number_keys), NumberKeyRepo(pool))
         if args.group == "migrate":
             applied = await migrate(pool, vault)
             print("applied: " + ", ".join(applied) if applied else "the database is up to date")
@@ -124,12 +136,18 @@ async def _run(args: argparse.Namespace, settings: Settings) -> int:
                   "(it migrates) or run `maskbridge-admin migrate`", file=sys.stderr)
             return 2
         store = Store(pool, node=settings.node_id)
+        keys = NumberKeys(store.number_keys, vault)
+        if args.group == "keys":
+            await KEY_COMMANDS[args.action](keys, args.json)
+            return 0
+        await keys.check_versions()
+        await vault.start()
         ari = (AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
                if settings.ari_url and settings.ari_user and settings.ari_password else None)
         recordings = Recordings(store, ari, "", retention_days=settings.recording_retention_days,
                                 node=settings.node_id)
         tool = Tool(Sessions(store, vault, policy), Pools(store, policy), Blocklist(store, vault, policy), args.json,
-                    recordings)
+                    recordings, Tokens(TokenRepo(pool)), settings.webhook_retention_days)
         try:
             await COMMANDS[(args.group, getattr(args, "action", None))](tool, args)
         finally:
@@ -252,6 +270,7 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
     result = {"swept": await tool.sessions.sweep()}
     if a.purge:
         result["purged"] = await tool.sessions.purge(a.older_than)
+        result["webhooks"] = await webhooks.prune(WebhookRepo(tool.sessions.store.pool), tool.webhook_retention_days)
     if a.recordings:
         # The audio is in Asterisk: this one needs ARI (MB_ARI_URL, MB_ARI_USER, MB_ARI_PASSWORD).
         result["recordings"] = await tool.recordings.purge(a.recordings_older_than)
@@ -259,7 +278,7 @@ async def housekeeping(tool: Tool, a: argparse.Namespace) -> None:
 
 
 async def block_add(tool: Tool, a: argparse.Namespace) -> None:
-    entry, created = await tool.blocklist.add(_number(a.number), a.reason)
+    entry, created = await tool.blocklist.add(_number(a.number), a.reason, a.ttl)
     if not tool.as_json:
         print("blocked; calls in progress are being ended" if created else "already blocked")
     tool.out(render_block(tool.blocklist, entry))
@@ -267,11 +286,66 @@ async def block_add(tool: Tool, a: argparse.Namespace) -> None:
 
 async def block_list(tool: Tool, a: argparse.Namespace) -> None:
     rows = [render_block(tool.blocklist, e) for e in await tool.blocklist.find(None, 100_000)]
-    tool.out(rows, rows, ["id", "number", "reason", "created_at"])
+    tool.out(rows, rows, ["id", "number", "reason", "created_at", "expires_at"])
 
 
 async def block_remove(tool: Tool, a: argparse.Namespace) -> None:
     tool.out(render_block(tool.blocklist, await tool.blocklist.remove(_session_arg(a.entry, "blocklist entry"))))
+
+
+def render_token(row: TokenRow) -> dict[str, Any]:
+    """A token as the tool shows it: never its secret, nor the secret's hash (`starts` is the
+    public beginning of the secret, to tell which one a leaked secret is)."""
+    state = "revoked" if row.revoked_at else "expired" if row.expired else "active"
+    return {"name": row.name, "state": state, "scopes": row.scopes, "starts": f"{PREFIX}{row.key_id}_",
+            "rate_per_second": row.rate_per_second, "created_at": row.created_at, "expires_at": row.expires_at,
+            "revoked_at": row.revoked_at, "last_used_at": row.last_used_at}
+
+
+def _expiry(raw: str | None) -> datetime | None:
+    """--expires: a number of days (90d) or an ISO 8601 date or time (UTC unless it says)."""
+    if raw is None:
+        return None
+    now = datetime.now(UTC)
+    if raw.endswith("d") and raw[:-1].isdigit():
+        when = now + timedelta(days=int(raw[:-1]))
+    else:
+        try:
+            when = datetime.fromisoformat(raw)
+        except ValueError:
+            raise InvalidInput(f"--expires {raw[:40]!r} is neither a number of days (90d) nor an ISO 8601 date "
+                               "or time", field="expires") from None
+        when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when <= now:
+        raise InvalidInput("--expires must be in the future", field="expires")
+    return when
+
+
+async def token_add(tool: Tool, a: argparse.Namespace) -> None:
+    row, secret = await tool.tokens.add(a.name, a.scope, _expiry(a.expires), a.rate)
+    data = {**render_token(row), "secret": secret}
+    if tool.as_json:
+        tool.out(data)
+        return
+    # The secret goes to standard output only, once: it is never logged, nor kept.
+    print(f"token {row.name} added, scopes {', '.join(row.scopes)}"
+          + (f", expires {_cell(row.expires_at)}" if row.expires_at else ""))
+    print("its secret, shown this once (keep it in your secret store; only its hash is kept here):")
+    print(secret)
+
+
+async def token_list(tool: Tool, a: argparse.Namespace) -> None:
+    rows = [render_token(r) for r in await tool.tokens.find()]
+    table = [{**r, "scopes": ",".join(r["scopes"])} for r in rows]
+    tool.out(rows, table, ["name", "state", "scopes", "starts", "created_at", "expires_at", "revoked_at",
+                           "last_used_at"])
+
+
+async def token_revoke(tool: Tool, a: argparse.Namespace) -> None:
+    row = render_token(await tool.tokens.revoke(a.name))
+    if not tool.as_json:
+        print(f"token {a.name} revoked: every bridge refuses it from its next request")
+    tool.out(row, [{**row, "scopes": ",".join(row["scopes"])}], ["name", "state", "scopes", "revoked_at"])
 
 
 COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awaitable[None]]] = {
@@ -291,6 +365,38 @@ COMMANDS: dict[tuple[str, str | None], Callable[[Tool, argparse.Namespace], Awai
     ("block", "add"): block_add,
     ("block", "list"): block_list,
     ("block", "remove"): block_remove,
+    ("token", "add"): token_add,
+    ("token", "list"): token_list,
+    ("token", "revoke"): token_revoke,
+}
+
+
+async def keys_status(keys: NumberKeys, as_json: bool) -> None:
+    status = await keys.status()
+    if as_json:
+        print(json.dumps(status, default=str, indent=2))
+        return
+    for key, value in status.items():
+        print(f"{key:22} {'-' if value is None else value}")
+
+
+async def keys_rewrap(keys: NumberKeys, as_json: bool) -> None:
+    """Every key wrapped anew by the newest master key version configured here, which becomes
+    the active one (docs/production.md, "Rotating the master key")."""
+    await keys.check_versions()
+    done = await keys.rewrap()
+    result = {"active_version": done.active_version, "previous_version": done.previous_version,
+              "keys_rewrapped": done.keys_rewrapped}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"master key version {done.active_version} is active (was {done.previous_version}); "
+              f"{done.keys_rewrapped} keys rewrapped")
+
+
+KEY_COMMANDS: dict[str, Callable[[NumberKeys, bool], Awaitable[None]]] = {
+    "status": keys_status,
+    "rewrap": keys_rewrap,
 }
 
 
@@ -362,13 +468,29 @@ def parser() -> argparse.ArgumentParser:
     calls = groups.add_parser("calls", help="the calls of an order")
     calls.add_argument("order")
     groups.add_parser("migrate", help="apply the database migrations the bridge would apply at start")
+    keys = groups.add_parser("keys", help="the keys that seal real numbers").add_subparsers(dest="action",
+                                                                                           required=True)
+    keys.add_parser("status", help="the active master key version, the data keys and the versions wrapping them")
+    keys.add_parser("rewrap", help="make the newest configured master key version active and rewrap every key "
+                    "with it (no number is re-sealed; the bridges keep running)")
     blk = groups.add_parser("block", help="the blocklist").add_subparsers(dest="action", required=True)
     ba = blk.add_parser("add", help="block a real number everywhere; its calls in progress end at once")
     ba.add_argument("number", help='the number, or "-" to read it from standard input')
     ba.add_argument("--reason")
+    ba.add_argument("--ttl", type=int, help="seconds until the block ends by itself (default: until removed)")
     blk.add_parser("list", help="blocked numbers (masked)")
     br = blk.add_parser("remove", help="unblock")
     br.add_argument("entry", help="the entry's id, from block list")
+    tok = groups.add_parser("token", help="API tokens with scopes").add_subparsers(dest="action", required=True)
+    ta = tok.add_parser("add", help="add a named token; its secret is printed once")
+    ta.add_argument("name", help="a-z, 0-9, '.', '_', '-' (never reused: the audits name tokens by it)")
+    ta.add_argument("--scope", action="append", required=True,
+                    help=f"repeat, or separate with commas; 'all' for every one: {', '.join(SCOPES)}")
+    ta.add_argument("--expires", help="when it stops working: a number of days (90d) or an ISO 8601 date or time")
+    ta.add_argument("--rate", type=float, help="its own rate limit, requests a second (default MB_API_RATE)")
+    tok.add_parser("list", help="the tokens (never their secrets)")
+    tr = tok.add_parser("revoke", help="revoke a token: refused at once by every bridge")
+    tr.add_argument("name")
     hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
     hk.add_argument("--purge", action="store_true")
     hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")
@@ -392,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
     except ServiceError as exc:
         print(f"maskbridge-admin: {exc.code}: {exc}", file=sys.stderr)
         return 1
-    except OSError as exc:
+    except (OSError, VaultError) as exc:
         print(f"maskbridge-admin: {exc}", file=sys.stderr)
         return 1
 

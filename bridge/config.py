@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+from bridge.destinations import DEFAULT as DEFAULT_DESTINATIONS, Destinations
 from bridge.envtext import whole
 from bridge.languages import LANGUAGES
 from bridge.limits import MAX_SECONDS, ORDER_CODE_LENGTHS
@@ -60,13 +61,13 @@ def text(*, required: bool = False, pattern: re.Pattern[str] | None = None, min_
 _DECIMAL = re.compile(r"[0-9]+(\.[0-9]+)?")
 
 
-def seconds(low: float, high: float) -> Callable[[str], float]:
+def seconds(low: float, high: float, unit: str = "seconds") -> Callable[[str], float]:
     def parse(raw: str) -> float:
         if not _DECIMAL.fullmatch(raw.strip()):
-            raise ValueError("must be a number of seconds (like 30 or 2.5)")
+            raise ValueError(f"must be a number of {unit} (like 30 or 2.5)")
         value = float(raw.strip())
         if not math.isfinite(value) or not low <= value <= high:
-            raise ValueError(f"must be a number of seconds from {low:g} to {high:g}")
+            raise ValueError(f"must be a number of {unit} from {low:g} to {high:g}")
         return value
 
     return parse
@@ -141,6 +142,13 @@ def _host_and_port(text: str, scheme: str) -> None:
         raise ValueError(f"has port {match.group(3)}: must be from 1 to 65535")
 
 
+def destinations(raw: str) -> str:
+    """MB_ALLOWED_DESTINATIONS, checked here; read into Destinations with the default region
+    (a kind without a region is of MB_DEFAULT_REGION) by _together."""
+    Destinations.parse(raw)
+    return raw
+
+
 def keypad(raw: str) -> str:
     if not 1 <= len(raw) <= 8 or any(k not in "0123456789*#" for k in raw):
         raise ValueError("must be 1 to 8 keypad keys (0-9, *, #)")
@@ -167,6 +175,9 @@ SETTINGS: dict[str, Setting] = {
     "api_bind": Setting("MB_API_BIND", "127.0.0.1", text(required=True)),
     "api_port": Setting("MB_API_PORT", "8080", whole(1, 65535)),
     "api_token": Setting("MB_API_TOKEN", "", secret(16), service=True),
+    "api_rate": Setting("MB_API_RATE", "50", seconds(0, 100_000, "requests a second"),
+                        service=True),
+    "api_burst": Setting("MB_API_BURST", "100", whole(1, 1_000_000), service=True),
     "default_region": Setting("MB_DEFAULT_REGION", "RU", text(required=True, pattern=re.compile(r"^[A-Z]{2}$"),
                                                               what="a two-letter region code like RU")),
     "trunk_endpoint": Setting("MB_TRUNK_ENDPOINT", "trunk", text(required=True, pattern=_NAME,
@@ -179,6 +190,7 @@ SETTINGS: dict[str, Setting] = {
     "number_cooling": Setting("MB_NUMBER_COOLING", "604800", whole(0, 365 * DAY)),
     "retention_days": Setting("MB_RETENTION_DAYS", "30", whole(1, 3650)),
     "support_number": Setting("MB_SUPPORT_NUMBER", "", text()),
+    "allowed_destinations": Setting("MB_ALLOWED_DESTINATIONS", DEFAULT_DESTINATIONS, destinations),
     "sweep_interval": Setting("MB_SWEEP_INTERVAL", "30", seconds(1, 3600)),
     "duration_warning": Setting("MB_CALL_WARNING", "30", seconds(1, 3600)),
     "confirm_timeout": Setting("MB_CONFIRM_TIMEOUT", "6", seconds(1, 60)),
@@ -188,9 +200,12 @@ SETTINGS: dict[str, Setting] = {
     "webhook_secret": Setting("MB_WEBHOOK_SECRET", "", secret(16, required=False)),
     "recording_token": Setting("MB_RECORDING_TOKEN", "", secret(16, required=False)),
     "recording_retention_days": Setting("MB_RECORDING_RETENTION_DAYS", "30", whole(1, 3650)),
+    "webhook_retention_days": Setting("MB_WEBHOOK_RETENTION_DAYS", "7", whole(1, 3650)),
     "order_code_length": Setting("MB_ORDER_CODE_LENGTH", "6", whole(*ORDER_CODE_LENGTHS)),
     "order_code_attempts": Setting("MB_ORDER_CODE_ATTEMPTS", "3", whole(1, 20)),
     "order_code_lockout": Setting("MB_ORDER_CODE_LOCKOUT", "900", whole(1, 31 * DAY)),
+    "unknown_caller_limit": Setting("MB_UNKNOWN_CALLER_LIMIT", "10", whole(0, 1_000_000), service=True),
+    "unknown_caller_total": Setting("MB_UNKNOWN_CALLER_TOTAL", "100", whole(0, 1_000_000), service=True),
     "node_id": Setting("MB_NODE_ID", "node-1", text(required=True, pattern=_NAME,
                                                     what="1 to 64 letters, digits, - or _")),
     "node_timeout": Setting("MB_NODE_TIMEOUT", "15", seconds(3, 600)),
@@ -209,17 +224,21 @@ class Settings:
     api_bind: str = "127.0.0.1"
     api_port: int = 8080
     api_token: str = ""
+    api_rate: float = 50.0  # requests a second per token and bridge process (0: no limit)
+    api_burst: int = 100
     default_region: str = "RU"
     trunk_endpoint: str = "trunk"
     ring_timeout: float = 30.0
     log_level: str = "info"
-    number_key: str = ""
+    number_key: str = ""  # master key version 1 (MB_NUMBER_KEY)
+    number_keys: dict[int, str] = field(default_factory=dict)  # every master key version, 1 included
     session_ttl: int = 86400
     grace_period: int = 0
     pair_cooloff: int = 86400
     number_cooling: int = 604800
     retention_days: int = 30
     support_number: str = ""
+    allowed_destinations: Destinations = field(default_factory=Destinations)
     sweep_interval: float = 30.0
     duration_warning: float = 30.0
     confirm_timeout: float = 6.0
@@ -229,9 +248,12 @@ class Settings:
     webhook_secret: str = ""
     recording_token: str = ""
     recording_retention_days: int = 30
+    webhook_retention_days: int = 7
     order_code_length: int = 6
     order_code_attempts: int = 3
     order_code_lockout: int = 900
+    unknown_caller_limit: int = 10  # unknown callers announced per pool number per minute (0: no limit)
+    unknown_caller_total: int = 100  # unknown callers announced per minute in all, per bridge process (0: no limit)
     node_id: str = "node-1"
     node_timeout: float = 15.0
     node_api_url: str = ""
@@ -255,7 +277,8 @@ class Settings:
             except ValueError as exc:
                 problems.append(f"{setting.env} {exc}")
         try:
-            values["number_key"] = _number_key(env)
+            values["number_keys"] = _number_keys(env)
+            values["number_key"] = values["number_keys"].get(1, "")
         except ValueError as exc:
             problems.append(str(exc))
         try:
@@ -268,20 +291,40 @@ class Settings:
         return cls(**values)
 
 
-def _number_key(env: Mapping[str, str]) -> str:
-    """MB_NUMBER_KEY, or the contents of the file MB_NUMBER_KEY_FILE (a docker secret)."""
-    path = env.get("MB_NUMBER_KEY_FILE")
+def _secret(env: Mapping[str, str], name: str) -> str:
+    """`name`, or the contents of the file `name`_FILE (a docker secret)."""
+    path = env.get(f"{name}_FILE")
     if path:
         try:
             with open(path, encoding="utf-8") as f:
-                key = f.read().strip()
+                return f.read().strip()
         except OSError as exc:
-            raise ValueError(f"MB_NUMBER_KEY_FILE cannot be read: {exc.strerror}") from None
-    else:
-        key = env.get("MB_NUMBER_KEY", "")
-    if len(key) < 32:
-        raise ValueError("MB_NUMBER_KEY must be at least 32 characters" if key else "MB_NUMBER_KEY is not set")
-    return key
+            raise ValueError(f"{name}_FILE cannot be read: {exc.strerror}") from None
+    return env.get(name, "").strip()
+
+
+def _number_keys(env: Mapping[str, str]) -> dict[int, str]:
+    """The master key versions: MB_NUMBER_KEY is version 1; MB_NUMBER_KEYS (or the file
+    MB_NUMBER_KEYS_FILE) adds `VERSION=KEY` items, separated by blanks or lines (# comments)."""
+    keys: dict[int, str] = {}
+    first = _secret(env, "MB_NUMBER_KEY")
+    if first:
+        keys[1] = first
+    for line in _secret(env, "MB_NUMBER_KEYS").splitlines():
+        for item in line.split("#", 1)[0].split():
+            number, sep, key = item.partition("=")
+            if not sep or not number.isdigit() or int(number) < 1:
+                raise ValueError("MB_NUMBER_KEYS must be VERSION=KEY items (VERSION a whole number from 1)")
+            if int(number) in keys:
+                raise ValueError(f"MB_NUMBER_KEYS gives version {int(number)} twice (MB_NUMBER_KEY is version 1)")
+            keys[int(number)] = key
+    if not keys:
+        raise ValueError("MB_NUMBER_KEY is not set")
+    for version, text in keys.items():
+        if len(text) < 32:
+            raise ValueError("MB_NUMBER_KEY must be at least 32 characters" if version == 1
+                             else f"MB_NUMBER_KEYS version {version} must be at least 32 characters")
+    return keys
 
 
 def _together(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
@@ -292,10 +335,22 @@ def _together(values: dict[str, Any], env: Mapping[str, str]) -> list[str]:
     token = values.get("recording_token")
     if token and token == values.get("api_token"):
         problems.append("MB_RECORDING_TOKEN must differ from MB_API_TOKEN: the order system must not reach audio")
+    region = values.get("default_region", "RU")
+    allowed = Destinations()
+    if isinstance(values.get("allowed_destinations"), str):  # (not when it was refused above)
+        try:
+            allowed = Destinations.parse(values["allowed_destinations"], region)
+        except ValueError as exc:  # a kind without a region, and MB_DEFAULT_REGION no region of the plan
+            problems.append(f"MB_ALLOWED_DESTINATIONS {exc} (MB_DEFAULT_REGION)")
+    values["allowed_destinations"] = allowed
     support = values.get("support_number")
     if support:
         try:
-            values["support_number"] = normalize(support, values.get("default_region", "RU"))
+            values["support_number"] = normalize(support, region)
         except InvalidNumber:
             problems.append("MB_SUPPORT_NUMBER is not a valid phone number")
+        else:
+            if not allowed.allows(values["support_number"]):
+                problems.append("MB_SUPPORT_NUMBER is outside MB_ALLOWED_DESTINATIONS (or a premium-rate or "
+                                "international-network number, never allowed): the bridge would dial it")
     return problems

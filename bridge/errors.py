@@ -50,6 +50,11 @@ class UnknownRegion(InvalidInput):
     message = "no pool number is in this region"
 
 
+class DestinationNotAllowed(InvalidInput):
+    code = "destination_not_allowed"
+    message = "the number is outside the number ranges this bridge serves (MB_ALLOWED_DESTINATIONS)"
+
+
 class InvalidImport(InvalidInput):
     code = "invalid_import"
     message = "the import has bad rows; nothing was imported"
@@ -70,9 +75,12 @@ class Forbidden(ServiceError):
     message = "this token does not reach this resource"
 
 
-class RecordingTokenRequired(Forbidden):
-    code = "recording_token_required"
-    message = "the API token does not reach recordings: they take the recording token"
+class InsufficientScope(Forbidden):
+    code = "insufficient_scope"
+    message = "this token lacks the scope this operation needs"
+
+    def __init__(self, scope: str, token: str | None = None) -> None:
+        super().__init__(f"the token {token!r} lacks the scope {scope}" if token else None, required_scope=scope)
 
 
 # --- 404 / 410: what is asked for ------------------------------------------------------------
@@ -97,6 +105,11 @@ class PoolNumberNotFound(NotFound):
 class BlockNotFound(NotFound):
     code = "block_not_found"
     message = "no such blocklist entry"
+
+
+class TokenNotFound(NotFound):
+    code = "token_not_found"
+    message = "no such API token"
 
 
 class RecordingNotFound(NotFound):
@@ -126,7 +139,12 @@ class Conflict(ServiceError):
 
 class OrderHasOpenSession(Conflict):
     code = "order_has_open_session"
-    message = "the order has an open session with other terms; close it first"
+    # One answer whatever differs (the courier, the client, the mode or the order code): it
+    # must not tell a caller which of the numbers it tried is in the order.
+    message = "the order has an open session that this request does not match; close it, or reassign the courier"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(session_id=session_id)
 
 
 class SessionEnded(Conflict):
@@ -157,6 +175,20 @@ class Contention(Conflict):
 class RecordingInProgress(Conflict):
     code = "recording_in_progress"
     message = "the call is still being recorded"
+
+
+# --- 429: how often ---------------------------------------------------------------------------
+
+
+class RateLimited(ServiceError):
+    code = "rate_limited"
+    http_status = 429
+    message = "too many requests with this token; try again after Retry-After seconds"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(f"too many requests with this token; try again in {retry_after} s",
+                         retry_after_seconds=retry_after)
+        self.retry_after = retry_after
 
 
 # --- 5xx ---------------------------------------------------------------------------------------

@@ -52,6 +52,12 @@ CALLS = Counter("maskbridge_calls", "Calls ended, by outcome and direction.", ["
 CALLS_PUT_THROUGH = Counter(
     "maskbridge_calls_put_through", "Calls for which the other phone's leg was created (seizures; the answer-seizure "
     "ratio is answered calls over these).", ["direction"], registry=REGISTRY)
+UNKNOWN_CALLERS_REFUSED = Counter(
+    "maskbridge_unknown_callers_refused", "Unknown callers hung up unanswered (SIP 403) for being too many, by the "
+    "limit they reached (pool_number: MB_UNKNOWN_CALLER_LIMIT; total: MB_UNKNOWN_CALLER_TOTAL).", ["limit"],
+    registry=REGISTRY)
+CALLS_SHED = Counter("maskbridge_calls_shed", "New calls hung up unanswered (SIP 503) before their route lookup, for "
+                     "too many calls being routed at once.", registry=REGISTRY)
 CALLS_CUT = Counter("maskbridge_calls_cut", "Calls the bridge ended itself, by reason.", ["reason"],
                     registry=REGISTRY)
 POST_DIAL_DELAY = Histogram(
@@ -101,6 +107,7 @@ ARI_CONNECTED = Gauge("maskbridge_ari_connected", "1 while the ARI event stream 
                       registry=REGISTRY)
 ARI_RECONNECTS = Counter("maskbridge_ari_reconnects", "ARI event stream connections lost or refused.",
                          registry=REGISTRY)
+ARI_EVENTS = Counter("maskbridge_ari_events", "ARI events received, by type.", ["type"], registry=REGISTRY)
 ARI_REQUEST = Histogram(
     "maskbridge_ari_request_seconds", "ARI REST requests, by operation (method and path template).",
     ["operation"], registry=REGISTRY,
@@ -182,11 +189,12 @@ WEBHOOK_OLDEST = Gauge("maskbridge_webhook_oldest_pending_seconds", "Age of the 
 WEBHOOK_ATTEMPTS = Counter("maskbridge_webhook_attempts", "Webhook delivery attempts, by result (delivered; retry: "
                            "failed, tried again later; gave_up: failed for good).", ["result"], registry=REGISTRY)
 RETENTION_RUNS = Counter("maskbridge_retention_runs", "Runs of the retention jobs (numbers: real numbers of ended "
-                         "sessions; recordings: audio), by result.", ["job", "result"], registry=REGISTRY)
+                         "sessions; recordings: audio; webhooks: delivered or given-up webhook events), by "
+                         "result.", ["job", "result"], registry=REGISTRY)
 RETENTION_LAST_SUCCESS = Gauge("maskbridge_retention_last_success_timestamp_seconds", "When each retention job last "
                                "ran to the end (Unix time).", ["job"], registry=REGISTRY)
 RETENTION_DELETED = Counter("maskbridge_retention_deleted", "What the retention jobs deleted (participants' real "
-                            "numbers, recordings).", ["job"], registry=REGISTRY)
+                            "numbers, recordings, webhook events).", ["job"], registry=REGISTRY)
 HOUSEKEEPING_LAST_RUN = Gauge("maskbridge_housekeeping_last_run_timestamp_seconds", "When session housekeeping last "
                               "ran to the end (Unix time).", registry=REGISTRY)
 
@@ -222,7 +230,7 @@ def _initialise() -> None:
         BLOCKS.labels(source)
     for result in ("delivered", "retry", "gave_up"):
         WEBHOOK_ATTEMPTS.labels(result)
-    for job in ("numbers", "recordings"):
+    for job in ("numbers", "recordings", "webhooks"):
         for result in ("ok", "failed"):
             RETENTION_RUNS.labels(job, result)
         RETENTION_DELETED.labels(job)

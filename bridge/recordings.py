@@ -1,8 +1,9 @@
 """Call recordings: who may reach them, the audit of every access, and retention.
 
 The audio stays in Asterisk's recording spool and is reached through ARI only (no shared
-file system). Only the recording token reaches it, never the order system's API token;
-every access, granted or not, is written to the audit (recording_access).
+file system). Only a token with the scope recordings:read reaches it (the audit: audit:read),
+never the order system's MB_API_TOKEN; every access, granted or not, is written to the audit
+(recording_access) with the name of the token that asked.
 
 With several nodes, a recording's audio is in the spool of its call's node: a bridge asked
 for another node's recording fetches it from that node's bridge (its API, with the recording
@@ -12,7 +13,6 @@ was recorded (each node's retention deletes its own).
 
 from __future__ import annotations
 
-import hmac
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -24,10 +24,11 @@ import structlog
 from bridge.ari import AriClient, AriError, AriNotFound
 from bridge.ari.client import StoredFile
 from bridge.errors import (
-    AsteriskUnavailable, RecordingDeleted, RecordingInProgress, RecordingNotFound, RecordingTokenRequired, Unauthorized,
+    AsteriskUnavailable, RecordingDeleted, RecordingInProgress, RecordingNotFound, ServiceError,
 )
 from bridge.store import Store
 from bridge.store.recordings import RecordingRow
+from bridge.tokens import Caller
 
 log = structlog.get_logger(__name__)
 
@@ -42,86 +43,76 @@ def render_recording(row: RecordingRow) -> dict[str, Any]:
 
 class Recordings:
     def __init__(
-        self, store: Store, ari: AriClient | None, recording_token: str, api_token: str = "",
-        retention_days: int = 30, node: str = "node-1",
-        peers: Callable[[str], Awaitable[str | None]] | None = None,
+        self, store: Store, ari: AriClient | None, recording_token: str, retention_days: int = 30,
+        node: str = "node-1", peers: Callable[[str], Awaitable[str | None]] | None = None,
     ) -> None:
         self.peers = peers  # node id -> the base URL of its bridge's API
         self.repo = store.recordings
         self.node = node  # whose spool `ari` reaches: this node's recordings only
         self.ari = ari
-        self._recording_token = recording_token.encode()
-        self._api_token = api_token.encode()
+        self._recording_token = recording_token  # (what this bridge shows another node's bridge)
         self.retention_days = retention_days
+
+    async def _audit(
+        self, who: Caller, remote: str | None, call_id: uuid.UUID | None, action: str, result: str, status: int,
+        recording_id: uuid.UUID | None,
+    ) -> None:
+        await self.repo.audit(recording_id=recording_id, call_id=call_id, actor=who.kind, token=who.token,
+                              remote=remote, action=action, result=result, status=status)
 
     # --- who is asking --------------------------------------------------------------------
 
-    def actor(self, authorization: str) -> str:
-        """Which token a request's Authorization header holds: recording_token, api_token,
-        invalid_token or no_token (compared in constant time)."""
-        scheme, _, given = authorization.partition(" ")
-        if not authorization:
-            return "no_token"
-        presented = given.strip().encode("utf-8", "surrogateescape")
-        if scheme.lower() == "bearer":
-            if self._recording_token and hmac.compare_digest(presented, self._recording_token):
-                return "recording_token"
-            if self._api_token and hmac.compare_digest(presented, self._api_token):
-                return "api_token"
-        return "invalid_token"
-
-    async def _deny(self, actor: str, remote: str | None, action: str, call_id: uuid.UUID | None) -> None:
-        """Raise what a request without the recording token gets; audited first."""
-        if actor == "recording_token":
+    async def _deny(
+        self, who: Caller, remote: str | None, action: str, call_id: uuid.UUID | None, refusal: ServiceError | None
+    ) -> None:
+        """Raise `refusal`, what the API found wrong with the request's token (none, a wrong
+        one, one without the scope, one over its rate limit), audited first."""
+        if refusal is None:
             return
-        status = 403 if actor == "api_token" else 401
-        await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action=action,
-                              result="denied", status=status)
-        log.warning("recording.access_denied", actor=actor, action=action, call_id=str(call_id))
-        if status == 403:
-            raise RecordingTokenRequired()
-        raise Unauthorized("missing or wrong recording token")
+        await self._audit(who, remote, call_id, action, "denied", refusal.http_status, None)
+        log.warning("recording.access_denied", actor=who.kind, action=action, call_id=str(call_id),
+                    status=refusal.http_status)
+        raise refusal
 
-    async def _recording(self, actor: str, remote: str | None, action: str, call_id: uuid.UUID | None) -> RecordingRow:
-        await self._deny(actor, remote, action, call_id)
+    async def _recording(
+        self, who: Caller, remote: str | None, action: str, call_id: uuid.UUID | None, refusal: ServiceError | None
+    ) -> RecordingRow:
+        await self._deny(who, remote, action, call_id, refusal)
         row = await self.repo.of_call(call_id) if call_id is not None else None
         if row is None:
-            await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action=action,
-                                  result="not_found", status=404)
+            await self._audit(who, remote, call_id, action, "not_found", 404, None)
             raise RecordingNotFound()
         if row.deleted_at is not None:
-            await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote, action=action,
-                                  result="gone", status=410)
+            await self._audit(who, remote, call_id, action, "gone", 410, row.id)
             raise RecordingDeleted(deleted_at=row.deleted_at.isoformat())
         return row
 
     # --- access ---------------------------------------------------------------------------
 
-    async def metadata(self, actor: str, remote: str | None, call_id: uuid.UUID | None) -> RecordingRow:
-        row = await self._recording(actor, remote, "metadata", call_id)
-        await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote, action="metadata",
-                              result="granted", status=200)
+    async def metadata(
+        self, who: Caller, remote: str | None, call_id: uuid.UUID | None, refusal: ServiceError | None = None
+    ) -> RecordingRow:
+        row = await self._recording(who, remote, "metadata", call_id, refusal)
+        await self._audit(who, remote, call_id, "metadata", "granted", 200, row.id)
         return row
 
     @asynccontextmanager
     async def audio(
-        self, actor: str, remote: str | None, call_id: uuid.UUID | None
+        self, who: Caller, remote: str | None, call_id: uuid.UUID | None, refusal: ServiceError | None = None
     ) -> AsyncIterator[tuple[RecordingRow, StoredFile]]:
         """The recording's audio, streamed from Asterisk; audited before a byte is sent."""
-        row = await self._recording(actor, remote, "download", call_id)
+        row = await self._recording(who, remote, "download", call_id, refusal)
 
         async def fail(result: str, status: int) -> None:
-            await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote,
-                                  action="download", result=result, status=status)
+            await self._audit(who, remote, call_id, "download", result, status, row.id)
 
         if row.ended_at is None:
             await fail("failed", 409)
             raise RecordingInProgress()
         if row.node != self.node:
             async with self._from_peer(row, fail) as stored:
-                await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote,
-                                      action="download", result="granted", status=200)
-                log.info("recording.downloaded", recording_id=str(row.id), actor=actor, node=row.node)
+                await self._audit(who, remote, call_id, "download", "granted", 200, row.id)
+                log.info("recording.downloaded", recording_id=str(row.id), token=who.token, node=row.node)
                 yield row, stored
             return
         if self.ari is None:
@@ -129,9 +120,8 @@ class Recordings:
             raise AsteriskUnavailable("recordings are reached through Asterisk, which is not configured")
         try:
             async with self.ari.stored_recording_file(row.name) as stored:
-                await self.repo.audit(recording_id=row.id, call_id=call_id, actor=actor, remote=remote,
-                                      action="download", result="granted", status=200)
-                log.info("recording.downloaded", recording_id=str(row.id), actor=actor)
+                await self._audit(who, remote, call_id, "download", "granted", 200, row.id)
+                log.info("recording.downloaded", recording_id=str(row.id), token=who.token)
                 yield row, stored
         except AriNotFound:
             await fail("not_found", 404)
@@ -151,7 +141,7 @@ class Recordings:
             raise AsteriskUnavailable(f"the recording is on node {row.node}, whose API this bridge does not know "
                                       "(its MB_NODE_API_URL)")
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
-        headers = {"Authorization": f"Bearer {self._recording_token.decode()}", "X-Maskbridge-Node": self.node}
+        headers = {"Authorization": f"Bearer {self._recording_token}", "X-Maskbridge-Node": self.node}
         try:
             async with aiohttp.ClientSession(timeout=timeout) as http, http.get(
                 f"{base}/v1/calls/{row.call_id}/recording/audio", headers=headers
@@ -168,18 +158,16 @@ class Recordings:
             raise AsteriskUnavailable(f"node {row.node} did not answer: {type(exc).__name__}") from None
 
     async def access_log(
-        self, actor: str, remote: str | None, call_id: uuid.UUID | None, after: int | None, limit: int,
-        invalid: Exception | None = None,
+        self, who: Caller, remote: str | None, call_id: uuid.UUID | None, after: int | None, limit: int,
+        invalid: Exception | None = None, refusal: ServiceError | None = None,
     ) -> list[dict[str, Any]]:
         """The audit (itself audited: reading it is an access too). `invalid`: what was wrong
         with the request's parameters; raised once the token was checked, and audited too."""
-        await self._deny(actor, remote, "audit", call_id)
+        await self._deny(who, remote, "audit", call_id, refusal)
         if invalid is not None:
-            await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action="audit",
-                                  result="failed", status=422)
+            await self._audit(who, remote, call_id, "audit", "failed", 422, None)
             raise invalid
-        await self.repo.audit(recording_id=None, call_id=call_id, actor=actor, remote=remote, action="audit",
-                              result="granted", status=200)
+        await self._audit(who, remote, call_id, "audit", "granted", 200, None)
         return await self.repo.access_log(call_id=call_id, after=after, limit=limit)
 
     # --- retention ------------------------------------------------------------------------

@@ -135,6 +135,9 @@ class BlockNumber(BaseModel):
                                description=f"Why, for the people reading the list: at most {BLOCK_REASON_MAX} "
                                "characters, no control characters (tabs and line breaks included). Null or left "
                                "out: none.", examples=["abusive calls to couriers"])
+    ttl_seconds: Whole | None = _seconds("The block ends this long from now (`expires_at`): from then on it blocks "
+                                         "nothing and is no longer listed. Null or left out: until unblocked. For a "
+                                         "number blocked already, its expiry becomes the later of the two.")
 
 
 # The OpenAPI document's name of each request body.

@@ -16,17 +16,20 @@ import structlog
 
 from bridge import metrics
 from bridge.abuse import QuietHours
-from bridge.crypto import NumberVault
+from bridge.crypto import NumberVault, participant_number
+from bridge.destinations import Destinations
 from bridge.errors import (
     Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
     SessionEnded, SessionNotFound, UnknownRegion,
 )
 from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
+from bridge.number_keys import NumberKeys
 from bridge.phone import InvalidNumber, normalize
 from bridge.requests import OpenSession
 from bridge.store import Store
+from bridge.store.queries import Dialed, NewCall
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
-from bridge.store.sessions import RouteRow, Sealed, SessionRow, SessionTerms
+from bridge.store.sessions import ParticipantRow, RouteRow, Sealed, SessionRow, SessionTerms
 from bridge.terms import Terms
 
 log = structlog.get_logger(__name__)
@@ -45,6 +48,7 @@ class Policy:
     number_cooling: int = 7 * 24 * 3600
     retention_days: int = 30
     support_number: str | None = None
+    destinations: Destinations = field(default_factory=Destinations)  # what the bridge may dial
     default_language: str = "en"  # of announcements, for pool numbers without one
     order_code_length: int = 6  # digits of an order code
     order_code_attempts: int = 3  # wrong codes per call, and within the lockout window, before a lockout
@@ -105,12 +109,20 @@ class Sessions:
         self.vault = vault
         self.policy = policy or Policy()
 
-    def _seal(self, number: str) -> Sealed:
-        return Sealed(idx=self.vault.index(number), enc=self.vault.seal(number))
+    async def _seal(self, number: str) -> Sealed:
+        """The number of a new participant row, sealed for that row (its id made here)."""
+        row = uuid.uuid4()
+        return Sealed(id=row, idx=self.vault.index(number), enc=await self.vault.seal(number, participant_number(row)))
 
-    def reveal(self, sealed: bytes | None) -> str | None:
-        """The real number of a participant; None once the retention job removed it."""
-        return self.vault.open(sealed) if sealed is not None else None
+    def reveal(self, participant: ParticipantRow) -> str | None:
+        """The real number of a participant of a session read by this service (which loaded
+        its key); None once the retention job removed it."""
+        return self.vault.open_cached(participant.number_enc, participant_number(participant.id))
+
+    async def _loaded(self, sessions: list[SessionRow]) -> list[SessionRow]:
+        """The sessions, with the keys of their participants' numbers in memory (reveal())."""
+        await self.vault.load(p.number_enc for s in sessions for p in s.participants)
+        return sessions
 
     # --- open ------------------------------------------------------------------------
 
@@ -121,6 +133,7 @@ class Sessions:
         order_id = request.order_id
         courier = phone_number("courier_number", request.courier_number, self.policy.default_region)
         client = phone_number("client_number", request.client_number, self.policy.default_region)
+        self.policy.destinations.check({"courier_number": courier, "client_number": client})
         if courier == client:
             raise InvalidInput("courier_number and client_number are the same number", field="client_number")
         by_code = (request.mode or "direct") == "order_code"
@@ -134,7 +147,7 @@ class Sessions:
         )
         if terms.grace_seconds and not self.policy.support_number:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
-        sealed_courier, sealed_client = self._seal(courier), self._seal(client)
+        sealed_courier, sealed_client = await self._seal(courier), await self._seal(client)
         for _attempt in range(_ATTEMPTS):
             if by_code:
                 terms = dataclasses.replace(terms, order_code=given_code or self._new_code())
@@ -150,10 +163,12 @@ class Sessions:
             if opening.outcome == "open_already" and session is not None:
                 if opening.due and await self.repo.end_if_due(session.id, self.policy.pair_cooloff):
                     continue  # it was past its time: the order gets a new session
+                await self._loaded([session])
                 self._same_people(session, courier, client)
                 self._same_mode(session, by_code, given_code)
                 return session, False
             if opening.outcome == "opened" and session is not None:
+                await self._loaded([session])  # (its numbers' key, for reveal(): in memory, it sealed them)
                 log.info("session.opened", session_id=str(session.id), pool_number=session.pool_number,
                          mode=session.mode)
                 metrics.SESSIONS_OPENED.labels(session.mode).inc()
@@ -185,25 +200,17 @@ class Sessions:
     @staticmethod
     def _same_mode(session: SessionRow, by_code: bool, given_code: str | None) -> None:
         if (session.mode == "order_code") != by_code or (given_code and session.order_code != given_code):
-            raise OrderHasOpenSession(
-                f"order {session.order_id} has an open session in mode {session.mode}"
-                + (" with another order_code" if by_code and session.mode == "order_code" else "")
-                + "; close it first", session_id=str(session.id),
-                field="order_code" if by_code and session.mode == "order_code" else "mode",
-            )
+            raise OrderHasOpenSession(session_id=str(session.id))
 
     def _same_people(self, session: SessionRow, courier: str, client: str) -> None:
         """Asking again for an open order must name the people it has: an order system that
-        sends other numbers for the same order has a bug we must not paper over."""
-        live = {role: session.live(role) for role in ("courier", "client")}
-        given = {"courier": courier, "client": client}
-        for role, p in live.items():
-            if p is None or self.reveal(p.number_enc) != given[role]:
-                raise OrderHasOpenSession(
-                    f"order {session.order_id} has an open session with another {role}; "
-                    "close it first, or reassign the courier",
-                    session_id=str(session.id), field=f"{role}_number",
-                )
+        sends other numbers for the same order has a bug we must not paper over. The answer
+        does not say who differs: it would tell whether a number is in the order."""
+        live = [(session.live(role), given) for role, given in (("courier", courier), ("client", client))]
+        # (both compared every time: how long the answer takes does not say who differs either)
+        same = [p is not None and self.reveal(p) == given for p, given in live]
+        if not all(same):
+            raise OrderHasOpenSession(session_id=str(session.id))
 
     async def _exhausted(self, pair: list[bytes]) -> PoolExhausted:
         counts = [await self.repo.hold_counts(idx) for idx in pair]
@@ -231,14 +238,14 @@ class Sessions:
         session = await self.repo.get(session_id)
         if session is None:
             raise SessionNotFound()
-        return session
+        return (await self._loaded([session]))[0]
 
     async def find(
         self, *, order_id: str | None, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[SessionRow]:
         if status is not None and status not in SESSION_STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(SESSION_STATUSES)}", field="status")
-        return await self.repo.page(order_id=order_id, status=status, after=after, limit=limit)
+        return await self._loaded(await self.repo.page(order_id=order_id, status=status, after=after, limit=limit))
 
     async def _live(self, session_id: uuid.UUID, change: str) -> SessionRow:
         """The session, if it is open and not past its time (then it is ended here, and
@@ -290,15 +297,16 @@ class Sessions:
         given the session's number when it is free for them, another one otherwise.
         Returns (session, whether the courier changed)."""
         courier = phone_number(field, courier_number, self.policy.default_region)
+        self.policy.destinations.check({field: courier})
         session = await self._live(session_id, "reassigned")
         client = session.live("client")
         current = session.live("courier")
         if client is None or current is None:  # an open session has both; the data says otherwise
             raise InternalError(f"open session {session_id} lacks a live participant")
-        sealed = self._seal(courier)
-        if self.reveal(client.number_enc) == courier:
+        sealed = await self._seal(courier)
+        if self.reveal(client) == courier:
             raise InvalidInput("the new courier's number is the client's number", field=field)
-        if self.reveal(current.number_enc) == courier:
+        if self.reveal(current) == courier:
             return session, False  # already theirs: nothing to change
         for _attempt in range(_ATTEMPTS):
             # The client's number when it is free for the new courier: then both dial one number.
@@ -323,13 +331,23 @@ class Sessions:
 
     # --- routing ------------------------------------------------------------------------
 
-    async def route(self, caller: str, pool_number: str, *, second_look: bool = False) -> Route:
+    async def route(
+        self, caller: str, pool_number: str, record: NewCall | None = None, *, second_look: bool = False
+    ) -> Route:
         """The routing decision for a call; ends a session found past its time on the way,
-        so that nothing routes after a session's end, whether or not the sweeper ran."""
+        so that nothing routes after a session's end, whether or not the sweeper ran.
+        `record`: the call's row is written by the lookup itself (state routing, naming the
+        session and caller found), in the same round trip."""
         idx = self.vault.index(caller)
-        row = await self.repo.route(idx, pool_number)
+        dialed: Dialed | None = None
+        if record is not None:
+            row, dialed = await self.store.route_and_record(idx, pool_number, record)
+        else:
+            row = await self.repo.route(idx, pool_number)
         if row is None:
-            known, language, mode = await self.store.pools.routing_facts(pool_number)
+            if dialed is None:
+                dialed = Dialed(*await self.store.pools.routing_facts(pool_number))
+            known, language, mode = dialed.known, dialed.language, dialed.mode
             language = language or self.policy.default_language
             if mode == "order_code":
                 # Shared by many orders: the caller keys the code in, unless locked out.
@@ -395,10 +413,19 @@ class Sessions:
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
-        # (the call's row, written next, marks the session active: see Store.insert_call)
+        callee = await self.vault.open(row.other_enc, participant_number(row.other_id)) if row.other_id else None
+        if callee is None:  # (its key destroyed: retention never does that to a live participant)
+            log.warning("route.callee_number_gone", session_id=str(row.session_id))
+            return finished
+        if not self.policy.destinations.allows(callee):
+            # Opened under a wider MB_ALLOWED_DESTINATIONS: never dialed now; refused as a block is.
+            log.warning("route.destination_not_allowed", session_id=str(row.session_id), callee_role=row.other_role)
+            return Route("blocked", session_id=row.session_id, caller_role=row.role,
+                         caller_participant_id=row.participant_id, language=language)
+        # (the call's row, once it rings, marks the session active: see Store.call_put_through)
         return Route("connect", session_id=row.session_id, caller_role=row.role,
                      caller_participant_id=row.participant_id, callee_role=row.other_role,
-                     callee_participant_id=row.other_id, callee_number=self.vault.open(row.other_enc),
+                     callee_participant_id=row.other_id, callee_number=callee,
                      shown_number=row.other_pool_number, language=language, terms=terms)
 
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None:
@@ -432,6 +459,7 @@ class Sessions:
             "holds_released": await self.repo.release_cooled(),
             "wrong_codes_forgotten": await self.repo.forget_wrong_codes(self.policy.order_code_lockout),
             "numbers_retired": await self.store.pools.finish_cooling(),
+            "blocks_expired": await self.store.blocklist.remove_expired(),
         }
         return {k: v for k, v in counts.items() if v}
 
@@ -442,5 +470,7 @@ class Sessions:
     async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
         days = self.policy.retention_days if older_than_days is None else older_than_days
         counts = await self.repo.purge(days)
+        # (then the data keys whose time came: the numbers of old row versions, the WAL and backups)
+        counts |= await NumberKeys(self.store.number_keys, self.vault).retire(days)
         log.info("retention.purged", older_than_days=days, **counts)
         return counts

@@ -38,6 +38,14 @@ def signature(secret: str, timestamp: int, body: bytes) -> str:
     return f"t={timestamp},v1={mac}"
 
 
+async def prune(repo: WebhookRepo, retention_days: int) -> dict[str, int]:
+    """The outbox's retention: events delivered or given up more than `retention_days` ago
+    are deleted (their payloads hold ids and times of calls: kept no longer than needed)."""
+    deleted = await repo.prune(retention_days)
+    log.info("retention.webhooks_pruned", older_than_days=retention_days, webhooks_deleted=deleted)
+    return {"webhooks_deleted": deleted}
+
+
 def backoff(attempts: int) -> float:
     """Seconds before the next attempt after `attempts` failed ones."""
     return float(min(2 ** max(attempts - 1, 0), 300))

@@ -1,6 +1,7 @@
 """REST under /v1 for the order system and engineers.
 
-Bearer-token auth; JSON errors {"error": {"code", "message", "details"?}} with a stable
+Bearer-token auth, each operation needing one scope of the token (bridge.tokens), and a rate
+limit per token; JSON errors {"error": {"code", "message", "details"?}} with a stable
 code; lists paginated by an opaque cursor ({"items": [...], "next_cursor": ...}); real
 numbers only ever masked. The OpenAPI document is served at /v1/openapi.json.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hmac
 import json
 import re
 import time
@@ -26,11 +26,12 @@ from aiohttp.typedefs import Middleware
 
 from bridge import metrics
 from bridge.api.openapi import document
+from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import ConnectionGuard
 from bridge.blocklist import Blocklist
 from bridge.errors import (
-    BlockNotFound, DatabaseUnavailable, InternalError, InvalidInput, InvalidJson, RequestTimeout, ServiceError,
-    SessionNotFound, TooLarge,
+    BlockNotFound, DatabaseUnavailable, InsufficientScope, InternalError, InvalidInput, InvalidJson, RateLimited,
+    RequestTimeout, ServiceError, SessionNotFound, TooLarge, Unauthorized,
 )
 from bridge.limits import (
     DEFAULT_PAGE, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_AUDIT_CURSOR, MAX_PAGE, ORDER_ID, REGION_FORM,
@@ -38,6 +39,7 @@ from bridge.limits import (
 from bridge.phone import mask
 from bridge.pools import Pools
 from bridge.recordings import Recordings, render_recording
+from bridge.requester import REQUEST_TOKEN
 from bridge.requests import (
     AddParticipant, BlockNumber, CloseSession, ExtendSession, ImportPoolNumbers, OpenSession, UpdatePoolNumber, parse,
 )
@@ -46,6 +48,7 @@ from bridge.store.blocklist import BlockedRow
 from bridge.store.errors import database_unreachable
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
+from bridge.tokens import NO_TOKEN, Caller, Tokens
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +60,8 @@ BLOCKLIST = web.AppKey("blocklist", Blocklist)
 RECORDINGS = web.AppKey("recordings", Recordings)
 HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 GUARD = web.AppKey("guard", ConnectionGuard)
+CALLER = web.RequestKey("caller", Caller)  # who the request is from
+REFUSAL: web.RequestKey[ServiceError | None] = web.RequestKey("refusal")  # on recording routes: what its token gets
 BODY_TIMEOUT = 30.0  # seconds a request's body may take to arrive (a 4 MB import, slowly)
 
 PUBLIC_PATHS = ("/healthz", "/v1/openapi.json", "/metrics")
@@ -89,7 +94,7 @@ def _error(status: int, code: str, message: str, details: dict[str, Any] | None 
 
 
 def render_participant(sessions: Sessions, p: ParticipantRow) -> dict[str, Any]:
-    real = sessions.reveal(p.number_enc)
+    real = sessions.reveal(p)
     return {
         "id": p.id,
         "role": p.role,
@@ -148,34 +153,74 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
 
 def render_block(blocklist: Blocklist, entry: BlockedRow) -> dict[str, Any]:
     return {"id": entry.id, "number": mask(blocklist.number_of(entry)), "reason": entry.reason,
-            "created_at": entry.created_at}
+            "created_at": entry.created_at, "expires_at": entry.expires_at}
 
 
 # --- middlewares ---------------------------------------------------------------------------
 
 
-def _recording_route(request: web.Request) -> bool:
-    """Whether the request is for a recording route (which checks the recording token itself,
-    and audits every attempt)."""
+def _route(request: web.Request) -> str | None:
+    """The template of the request's route (never the path: it can hold a pool number)."""
     resource = getattr(request.match_info.route, "resource", None)
-    return resource is not None and resource.canonical in RECORDING_PATHS
+    return resource.canonical if resource is not None else None
 
 
-def _auth_middleware(token: str) -> Middleware:
-    expected = token.encode()
+def _recording_route(request: web.Request) -> bool:
+    """Whether the request is for a recording route (whose service audits every attempt,
+    refused ones too)."""
+    return _route(request) in RECORDING_PATHS
+
+
+def route_scopes() -> dict[tuple[str, str], str]:
+    """(method, route) -> the scope its operation needs: from the OpenAPI document, where each
+    operation declares it as its security requirement (so what is enforced is what is
+    documented)."""
+    scopes: dict[tuple[str, str], str] = {}
+    for path, item in document()["paths"].items():
+        for method, operation in item.items():
+            for requirement in operation.get("security", []) if isinstance(operation, dict) else []:
+                for needed in requirement.values():
+                    scopes[(method.upper(), path)] = needed[0]
+    return scopes
+
+
+UNDECLARED = "(undeclared)"  # the scope of a route whose operation declares none: no token has it
+
+
+def _refusal(who: Caller, scope: str | None, limiter: RateLimiter) -> ServiceError | None:
+    """Why the request may not go on, if it may not: no valid token (401), over its token's
+    rate (429), or a token without the operation's scope (403)."""
+    if who.kind != "token" or who.token is None:
+        return Unauthorized(who.why)
+    wait = limiter.take(who.token, who.rate)
+    if wait:
+        return RateLimited(wait)
+    if scope is not None and not who.may(scope):
+        return InsufficientScope(scope, who.token)
+    return None
+
+
+def _auth_middleware(tokens: Tokens, limiter: RateLimiter) -> Middleware:
+    scopes = route_scopes()
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in PUBLIC_PATHS or _recording_route(request):
+        if request.path in PUBLIC_PATHS:
             return await handler(request)
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        # surrogateescape: a header with bytes that are not UTF-8 is a wrong token, not a crash
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), expected
-        ):
-            response = _error(401, "unauthorized", "missing or wrong bearer token")
-            response.headers["WWW-Authenticate"] = 'Bearer realm="maskbridge"'
-            return response
+        who = await tokens.caller(request.headers.get("Authorization", ""))
+        request[CALLER] = who
+        if who.kind == "token":
+            # Every log line of the request, and every audit row it writes, names its token.
+            REQUEST_TOKEN.set(who.token)
+            structlog.contextvars.bind_contextvars(token=who.token)
+        route = _route(request)
+        # (a route no operation declares a scope for is refused to every token: closed by default)
+        needed = scopes.get((request.method, route), UNDECLARED) if route else None
+        refusal = _refusal(who, needed, limiter)
+        if _recording_route(request):
+            request[REFUSAL] = refusal  # the Recordings service audits it, then answers it
+        elif refusal is not None:
+            raise refusal
         return await handler(request)
 
     return auth
@@ -189,6 +234,8 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = _error(exc.http_status, exc.code, str(exc), exc.details)
         if exc.http_status == 401:
             response.headers["WWW-Authenticate"] = 'Bearer realm="maskbridge"'
+        if isinstance(exc, RateLimited):
+            response.headers["Retry-After"] = str(exc.retry_after)
         return response
     except web.HTTPException as exc:
         if exc.status >= 400:
@@ -211,27 +258,40 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 @web.middleware
 async def _measured(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Counts and times every request by its route's template (never the path: it can hold a
-    pool number or an id) and method (any other method a client makes up: "other")."""
+    pool number or an id) and method (any other method a client makes up: "other"), and logs
+    it (api.request, with its token's name). The request's token is bound for its own log
+    lines and audits only."""
     began = time.perf_counter()
     status = 500
     guard = request.app.get(GUARD)
     if guard is not None:
         guard.request_started(request.transport)  # (its line and headers have arrived)
+    requester = REQUEST_TOKEN.set(None)
     try:
-        response = await handler(request)
-        status = response.status
-        return response
-    except web.HTTPException as exc:
-        status = exc.status
-        raise
+        with structlog.contextvars.bound_contextvars(token=None):
+            try:
+                response = await handler(request)
+                status = response.status
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                _answered(request, status, time.perf_counter() - began)  # (while its token is bound)
     finally:
+        REQUEST_TOKEN.reset(requester)
         if guard is not None:
             guard.request_answered(request.transport)
-        resource = getattr(request.match_info.route, "resource", None)
-        route = resource.canonical if resource is not None else "unmatched"
-        method = request.method if request.method in _METHODS else "other"
-        metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
-        metrics.HTTP_LATENCY.labels(route, method).observe(time.perf_counter() - began)
+
+
+def _answered(request: web.Request, status: int, elapsed: float) -> None:
+    route = _route(request) or "unmatched"
+    method = request.method if request.method in _METHODS else "other"
+    metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
+    metrics.HTTP_LATENCY.labels(route, method).observe(elapsed)
+    # (health checks and scrapes, many a minute, only at debug)
+    say = log.debug if request.path in PUBLIC_PATHS else log.info
+    say("api.request", method=method, route=route, status=status, ms=round(elapsed * 1000, 1), remote=request.remote)
 
 
 # --- request helpers -----------------------------------------------------------------------
@@ -444,7 +504,7 @@ async def block_number(request: web.Request) -> web.Response:
     """Block a real number everywhere, at once: its calls in progress are ended too."""
     body: BlockNumber = parse(BlockNumber, await _body(request))
     blocklist = request.app[BLOCKLIST]
-    entry, created = await blocklist.add(body.number, body.reason)
+    entry, created = await blocklist.add(body.number, body.reason, body.ttl_seconds)
     return _json(render_block(blocklist, entry), 201 if created else 200)
 
 
@@ -465,13 +525,13 @@ async def unblock(request: web.Request) -> web.Response:
 
 
 # --- recordings ------------------------------------------------------------------------------
-# Only the recording token (MB_RECORDING_TOKEN) reaches these; every request, granted or
-# not, is written to the audit by the Recordings service.
+# Only tokens with recordings:read (the audit: audit:read) reach these; every request, granted
+# or not, is written to the audit by the Recordings service, with its token's name.
 
 
-def _who(request: web.Request) -> tuple[str, str | None]:
-    """(which token the request holds, where it came from)."""
-    return request.app[RECORDINGS].actor(request.headers.get("Authorization", "")), request.remote
+def _who(request: web.Request) -> tuple[Caller, str | None]:
+    """(who the request says it is from, where it came from)."""
+    return request.get(CALLER, NO_TOKEN), request.remote
 
 
 def _call_id(request: web.Request) -> uuid.UUID | None:
@@ -482,15 +542,15 @@ def _call_id(request: web.Request) -> uuid.UUID | None:
 
 
 async def recording_metadata(request: web.Request) -> web.Response:
-    actor, remote = _who(request)
-    row = await request.app[RECORDINGS].metadata(actor, remote, _call_id(request))
+    who, remote = _who(request)
+    row = await request.app[RECORDINGS].metadata(who, remote, _call_id(request), request.get(REFUSAL))
     return _json(render_recording(row))
 
 
 async def recording_audio(request: web.Request) -> web.StreamResponse:
     """The recording as one WAV file, streamed from Asterisk."""
-    actor, remote = _who(request)
-    async with request.app[RECORDINGS].audio(actor, remote, _call_id(request)) as (row, stored):
+    who, remote = _who(request)
+    async with request.app[RECORDINGS].audio(who, remote, _call_id(request), request.get(REFUSAL)) as (row, stored):
         response = web.StreamResponse(headers={
             "Content-Type": "audio/wav",
             "Content-Disposition": f'attachment; filename="call-{row.call_id}.wav"',
@@ -506,7 +566,7 @@ async def recording_audio(request: web.Request) -> web.StreamResponse:
 
 
 async def recording_access_log(request: web.Request) -> web.Response:
-    actor, remote = _who(request)
+    who, remote = _who(request)
     # The token is checked (and the request audited) before the parameters: a request without
     # the recording token learns nothing from a 422, and is in the audit whatever it asked.
     call_id: uuid.UUID | None = None
@@ -525,7 +585,8 @@ async def recording_access_log(request: web.Request) -> web.Response:
             raise InvalidInput("cursor is not one this API gave out", field="cursor")
     except InvalidInput as exc:
         invalid = exc
-    rows = await request.app[RECORDINGS].access_log(actor, remote, call_id, cursor, limit, invalid)
+    rows = await request.app[RECORDINGS].access_log(who, remote, call_id, cursor, limit, invalid,
+                                                    request.get(REFUSAL))
     return _json(_listing(rows, limit, lambda r: r["id"]))
 
 
@@ -576,11 +637,15 @@ RECORDING_PATHS = ("/v1/calls/{call_id}/recording", "/v1/calls/{call_id}/recordi
 
 
 def make_app(
-    sessions: Sessions, pools: Pools, blocklist: Blocklist, token: str, health_check: HealthCheck,
-    recordings: Recordings, guard: ConnectionGuard | None = None,
+    sessions: Sessions, pools: Pools, blocklist: Blocklist, tokens: Tokens, health_check: HealthCheck,
+    recordings: Recordings, guard: ConnectionGuard | None = None, limiter: RateLimiter | None = None,
 ) -> web.Application:
-    """The API. `guard`: the listening socket's (bridge.api.server), told of each request."""
-    app = web.Application(middlewares=[_measured, _errors, _auth_middleware(token)], client_max_size=IMPORT_BODY_LIMIT)
+    """The API. `guard`: the listening socket's (bridge.api.server), told of each request;
+    `limiter`: the requests' rate per token (none: no limit)."""
+    app = web.Application(
+        middlewares=[_measured, _errors, _auth_middleware(tokens, limiter or RateLimiter(0, 0))],
+        client_max_size=IMPORT_BODY_LIMIT,
+    )
     if guard is not None:
         app[GUARD] = guard
     app[SESSIONS] = sessions

@@ -20,6 +20,7 @@ from bridge.errors import (
     DatabaseUnavailable,
     BlockNotFound,
     Contention,
+    DestinationNotAllowed,
     InternalError,
     InvalidImport,
     InvalidInput,
@@ -32,7 +33,8 @@ from bridge.errors import (
     RecordingDeleted,
     RecordingInProgress,
     RecordingNotFound,
-    RecordingTokenRequired,
+    InsufficientScope,
+    RateLimited,
     SessionEnded,
     SessionNotFound,
     TooLarge,
@@ -57,6 +59,7 @@ from bridge.limits import (
 )
 from bridge.requests import REQUESTS
 from bridge.terms import Terms
+from bridge.tokens import SCOPES
 
 Schema = dict[str, Any]
 
@@ -170,9 +173,9 @@ RESPONSES: dict[str, Schema] = {
     },
     "RecordingUnauthorized": {
         **_error_response(
-            "`unauthorized`: the `Authorization` header is missing, or holds neither the recording token nor the "
-            "API token. The attempt is written to the audit.",
-            {"unauthorized": (Unauthorized.code, "missing or wrong recording token", None)},
+            "`unauthorized`: the `Authorization` header is missing, or holds no valid token (a wrong, revoked or "
+            "expired one). The attempt is written to the audit.",
+            {"unauthorized": (Unauthorized.code, "missing or wrong bearer token", None)},
         ),
         "headers": {
             "WWW-Authenticate": {
@@ -182,10 +185,32 @@ RESPONSES: dict[str, Schema] = {
         },
     },
     "RecordingForbidden": _error_response(
-        "`recording_token_required`: the API token (`MB_API_TOKEN`) does not reach recordings. The attempt is "
-        "written to the audit.",
-        {"recording_token_required": (RecordingTokenRequired.code, RecordingTokenRequired.message, None)},
+        "`insufficient_scope`: the token lacks the operation's scope (`recordings:read`, or `audit:read` for the "
+        "audit); the order system's `MB_API_TOKEN` never has them. The attempt is written to the audit.",
+        {"insufficient_scope": (InsufficientScope.code, "the token 'env' lacks the scope recordings:read",
+                                {"required_scope": "recordings:read"})},
     ),
+    "Forbidden": _error_response(
+        "`insufficient_scope`: the token lacks the scope this operation needs (`details.required_scope`).",
+        {"insufficient_scope": (InsufficientScope.code, "the token 'reports' lacks the scope sessions:write",
+                                {"required_scope": "sessions:write"})},
+    ),
+    "RateLimited": {
+        **_error_response(
+            "`rate_limited`: the token made more requests than its rate limit lets it (per bridge process: "
+            "`MB_API_RATE` a second after a burst of `MB_API_BURST`, or the token's own rate). Wait "
+            "`Retry-After` seconds. On a recording route the attempt is written to the audit.",
+            {"rate_limited": (RateLimited.code, "too many requests with this token; try again in 1 s",
+                              {"retry_after_seconds": 1})},
+        ),
+        "headers": {
+            "Retry-After": {
+                "description": "Whole seconds after which the token may make a request again.",
+                "required": True,
+                "schema": {"type": "integer", "minimum": 1},
+            }
+        },
+    },
     "RecordingNotFound": _error_response(
         "`recording_not_found`: the call does not exist, was not recorded, or its audio is missing from "
         "Asterisk (an id that is not a UUID is not found either). Audited.",
@@ -353,14 +378,16 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 400 `invalid_json`: the body is not a JSON object.
 * 401 `unauthorized`: the bearer token is missing or wrong; the answer has the header
   `WWW-Authenticate: Bearer realm="maskbridge"`.
-* 403 `recording_token_required`: a recording route was asked with the API token; recordings take the
-  recording token (`MB_RECORDING_TOKEN`).
+* 401 also for a token that was revoked or expired (the message says which).
+* 403 `insufficient_scope`: the token lacks the scope the operation needs; `details.required_scope` names
+  it (each operation's scope is its security requirement in this document).
 * 404 `session_not_found`, `pool_number_not_found`, `block_not_found`, `recording_not_found` (the call has
   no recording); `not_found` for a path that is no route.
 * 405 `method_not_allowed`: the path exists, the method does not; the `Allow` header lists the methods it has.
-* 409 `order_has_open_session`: the order already has an open session, with another courier or client
-  number than the request's. `details`: `session_id` (the open session) and `field` (`courier_number` or
-  `client_number`, the number that differs). Close it first, or reassign the courier.
+* 409 `order_has_open_session`: the order already has an open session that the request does not match
+  (another courier, client, mode or order code). `details`: `session_id` (the open session) only: the
+  answer is the same whatever differs, so that it never tells whether a number is in the order. Close it
+  first, or reassign the courier (`POST /v1/sessions/{session_id}/participants`).
 * 409 `pool_exhausted`: no pool number is free for the pair. `details`: `active_numbers`, `courier_holds`
   and `client_holds` (`{live, cooling}` counts of the numbers each one holds), `numbers_needed`. For a
   session in mode `order_code`: no active pool number is in mode `order_code` (`details.active_numbers` 0).
@@ -377,6 +404,12 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 * 422 `invalid_input`: a field or parameter is missing, unknown or out of range; `details.field` names it
   when there is one.
 * 422 `unknown_region`: no pool number is in the requested region (`details.field` is `region`).
+* 422 `destination_not_allowed`: a courier or client number is outside the number ranges the bridge serves
+  (`MB_ALLOWED_DESTINATIONS`), or is a premium-rate or international-network number, which the bridge never
+  dials (`details.field` names it).
+* 429 `rate_limited`: the token made more requests than its rate limit lets it (`MB_API_RATE` a second
+  after a burst of `MB_API_BURST`, per bridge process, or the token's own rate); the header `Retry-After`
+  and `details.retry_after_seconds` say how many seconds to wait.
 * 422 `invalid_import`: a pool number import had bad rows; nothing was imported. The message lists up to 20
   of them; `details.problems` counts them all.
 * 500 `internal_error`: the bridge failed; the failure is logged.
@@ -454,10 +487,8 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "field": {
                 "type": "string",
-                "description": "`invalid_input`, `unknown_region`, `order_code_taken`: the field or parameter "
-                "at fault. `order_has_open_session`: `courier_number` or `client_number`, the number that "
-                "differs from the open session's; `mode` or `order_code` when the session has another mode or "
-                "order code.",
+                "description": "`invalid_input`, `unknown_region`, `destination_not_allowed`, `order_code_taken`: "
+                "the field or parameter at fault.",
             },
             "session_id": {
                 **UUID,
@@ -503,8 +534,9 @@ SCHEMAS: dict[str, Schema] = {
             "role": {"type": "string", "enum": ["courier", "client"]},
             "number": {
                 "type": ["string", "null"],
-                "description": "The real number, masked (`+7916***4567`); null once the retention job removed it.",
-                "examples": ["+7916***4567"],
+                "description": "The real number, masked to its last two digits (`+***67`); null once the retention "
+                "job removed it.",
+                "examples": ["+***67"],
             },
             "proxy_number": {
                 **E164,
@@ -602,7 +634,7 @@ SCHEMAS: dict[str, Schema] = {
     "SessionEvent": {
         "type": "object",
         "description": "One change in a session's life.",
-        "required": ["at", "kind", "detail"],
+        "required": ["at", "kind", "detail", "token"],
         "properties": {
             "at": TIMESTAMP,
             "kind": {
@@ -628,6 +660,11 @@ SCHEMAS: dict[str, Schema] = {
                 "{previous, participant (participant ids), pool_number}; `grace_started` {grace_seconds}; "
                 "`purged` {participants (how many real numbers were removed)}; `closed`, `expired`, "
                 "`inactive`: {}. Sessions from before events were recorded have an empty `opened` and `closed`.",
+            },
+            "token": {
+                "type": ["string", "null"],
+                "description": "The name of the API token whose request made the change; null when "
+                "maskbridge-admin or the bridge itself (expiry, the client's keypad, retention) made it.",
             },
         },
     },
@@ -760,7 +797,7 @@ SCHEMAS: dict[str, Schema] = {
     "RecordingAccess": {
         "type": "object",
         "description": "One access to the recordings, as the audit keeps it: granted or not.",
-        "required": ["id", "at", "recording_id", "call_id", "actor", "remote", "action", "result", "status"],
+        "required": ["id", "at", "recording_id", "call_id", "actor", "token", "remote", "action", "result", "status"],
         "properties": {
             "id": {"type": "integer"},
             "at": TIMESTAMP,
@@ -772,9 +809,15 @@ SCHEMAS: dict[str, Schema] = {
             "call_id": {"type": ["string", "null"], "format": "uuid", "description": "The call asked for."},
             "actor": {
                 "type": "string",
-                "enum": ["recording_token", "api_token", "invalid_token", "no_token", "retention"],
-                "description": "Which token the request held (never the token itself); `retention`: the "
-                "housekeeping deleted the recording.",
+                "enum": ["token", "invalid_token", "no_token", "retention"],
+                "description": "What the request held: a valid `token` (named in `token`), a wrong, revoked or "
+                "expired one, or none; `retention`: the housekeeping deleted the recording.",
+            },
+            "token": {
+                "type": ["string", "null"],
+                "description": "The name of the valid token the request held (never the secret): `env` "
+                "(`MB_API_TOKEN`), `recording` (`MB_RECORDING_TOKEN`) or a token added with maskbridge-admin. "
+                "Null for any other actor.",
             },
             "remote": {"type": ["string", "null"], "description": "The address the request came from."},
             "action": {"type": "string", "enum": ["metadata", "download", "audit", "delete"]},
@@ -885,16 +928,22 @@ SCHEMAS: dict[str, Schema] = {
     "BlockedNumber": {
         "type": "object",
         "description": "A real number on the blocklist: its calls are refused on every session.",
-        "required": ["id", "number", "reason", "created_at"],
+        "required": ["id", "number", "reason", "created_at", "expires_at"],
         "properties": {
             "id": {**UUID, "description": "The entry's id: unblock with it."},
             "number": {
                 "type": "string",
-                "description": "The blocked real number, masked (`+7916***4567`).",
-                "examples": ["+7916***4567"],
+                "description": "The blocked real number, masked (`+***67`: the last two digits only).",
+                "examples": ["+***67"],
             },
             "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
             "created_at": {**TIMESTAMP, "description": "When it was blocked."},
+            "expires_at": {
+                **TIMESTAMP,
+                "type": ["string", "null"],
+                "description": "When the block ends by itself (`ttl_seconds`): from then on it blocks nothing and "
+                "is no longer listed. Null: until unblocked.",
+            },
         },
     },
     "BlockedNumberList": _list_of("BlockedNumber", "Blocked numbers, oldest first."),
@@ -951,8 +1000,13 @@ SESSION_NOT_FOUND = _response_ref("SessionNotFound")
 SESSION_ENDED = (SessionEnded.code, "only an open session can be extended: the session is closed", None)
 ORDER_HAS_OPEN_SESSION = (
     OrderHasOpenSession.code,
-    "order A-1042 has an open session with another courier; close it first, or reassign the courier",
-    {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42", "field": "courier_number"},
+    OrderHasOpenSession.message,
+    {"session_id": "5f0c6d3e-8a51-4c1e-9d0b-3f7a2b1c9e42"},
+)
+DESTINATION_NOT_ALLOWED = (
+    DestinationNotAllowed.code,
+    "client_number is a premium-rate or international-network number",
+    {"field": "client_number"},
 )
 CONTENTION = (Contention.code, "too many opens raced for the same numbers; try again", None)
 POOL_EXHAUSTED = (
@@ -978,7 +1032,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
         "courier": {
             "id": "0b7e1f0a-7d1c-4f7e-a7a4-5a1d2c3b4e5f",
             "role": "courier",
-            "number": "+7916***4567",
+            "number": "+***67",
             "proxy_number": "+74950000001",
             "joined_at": "2025-05-12T10:00:00+00:00",
             "left_at": None,
@@ -987,7 +1041,7 @@ SESSION_EXAMPLE: dict[str, Any] = {
         "client": {
             "id": "9c2d4e6f-1a3b-4c5d-8e7f-0a1b2c3d4e5f",
             "role": "client",
-            "number": "+7916***4568",
+            "number": "+***68",
             "proxy_number": "+74950000001",
             "joined_at": "2025-05-12T10:00:00+00:00",
             "left_at": None,
@@ -1014,9 +1068,10 @@ SESSION_EXAMPLE: dict[str, Any] = {
 
 BLOCK_EXAMPLE: dict[str, Any] = {
     "id": "3d6f8a2c-4b1e-4f9a-9c7d-2e5b8a1f0c64",
-    "number": "+7916***4567",
+    "number": "+***67",
     "reason": "abusive calls to couriers",
     "created_at": "2025-05-12T11:30:00+00:00",
+    "expires_at": None,
 }
 
 
@@ -1088,16 +1143,19 @@ PATHS: dict[str, Schema] = {
             "changes; numbers count as the same when they read as the same number (`89161234567` and "
             "`+79161234567`). The terms of the request (region, seconds) are checked, but not compared with the "
             "session's. An open session naming another courier or client number is a bug of the caller: 409 "
-            "`order_has_open_session`. An open session found past its expiry or idle timeout is ended first, "
-            "and a new one is opened. The whole request is checked before anything is written.\n\n"
+            "`order_has_open_session`, the same answer whichever number differs (so that it cannot tell "
+            "whether a number is in an order); to change the courier, reassign it. An open session found past "
+            "its expiry or idle timeout is ended first, and a new one is opened. The whole request is checked "
+            "before anything is written.\n\n"
             "With `mode` `order_code`, the session gets a shared order-code number instead (one of the "
             "requested region if there is one, then the least loaded) and an `order_code` (the order system's, "
             "or a random one), returned here and in every view of the session. Many orders share the number; "
             "callers key the code after dialing, and are put through when they are a participant of the "
             "session with that code.\n\n"
-            "Errors: 400 `invalid_json`; 401 `unauthorized`; 409 `order_has_open_session` (`details.session_id`, "
-            "`details.field`), `pool_exhausted` (with details), `order_code_taken`, `contention`; 413 "
-            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`; 500 `internal_error`.",
+            "Errors: 400 `invalid_json`; 401 `unauthorized`; 409 `order_has_open_session` (`details.session_id`), "
+            "`pool_exhausted` (with details), `order_code_taken`, `contention`; 413 "
+            "`body_too_large`; 422 `invalid_input` (`details.field`), `unknown_region`, `destination_not_allowed` "
+            "(`details.field`); 500 `internal_error`.",
             "requestBody": _json_request("OpenSessionRequest"),
             "responses": {
                 "201": _json_response("The session was opened.", _ref("Session"), SESSION_EXAMPLE, SESSION_LINKS),
@@ -1109,8 +1167,9 @@ PATHS: dict[str, Schema] = {
                 "400": BAD_BODY,
                 "401": UNAUTHORIZED,
                 "409": _invalid(
-                    "`order_has_open_session`: the order has an open session with another courier or client "
-                    "number (`details.field` says which, `details.session_id` which session). `pool_exhausted`: "
+                    "`order_has_open_session`: the order has an open session that the request does not match "
+                    "(another courier, client, mode or order code: the answer does not say which; "
+                    "`details.session_id` is the session). `pool_exhausted`: "
                     "every active pool number is held by the courier or the client (live, or cooling off); "
                     "`details` says how many numbers the pair needs. `contention`: too many opens raced for the "
                     "same numbers; retry. `order_code_taken`: every order-code number has a live session with "
@@ -1128,7 +1187,10 @@ PATHS: dict[str, Schema] = {
                 "422": _invalid(
                     "`invalid_input`: a field is missing, unknown or out of range (`details.field` names it), "
                     "the two numbers are the same, or a grace period was asked for without a support number. "
-                    "`unknown_region`: no pool number has the requested region.",
+                    "`unknown_region`: no pool number has the requested region. `destination_not_allowed`: a "
+                    "number is outside `MB_ALLOWED_DESTINATIONS`, or premium-rate or of an international network "
+                    "(never allowed); `details.field` names it.",
+                    destination_not_allowed=DESTINATION_NOT_ALLOWED,
                     invalid_input=(
                         InvalidInput.code,
                         "courier_number is not a valid phone number: not a phone number",
@@ -1290,8 +1352,8 @@ PATHS: dict[str, Schema] = {
             "(409), the number is not the client's (422).\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 404 `session_not_found`; 409 `session_ended`, "
             "`pool_exhausted`, `contention`; 413 `body_too_large`; 422 `invalid_input` (a `role` other than "
-            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field); "
-            "500 `internal_error`.",
+            "`courier`, a bad number or the client's number with `details.field` `number`, an unknown field), "
+            "`destination_not_allowed` (the number is outside `MB_ALLOWED_DESTINATIONS`); 500 `internal_error`.",
             "requestBody": _json_request("AddParticipantRequest"),
             "responses": {
                 "201": _json_response("The session, with its new courier.", _ref("Session")),
@@ -1316,7 +1378,13 @@ PATHS: dict[str, Schema] = {
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `role` is not `courier`, the number is not valid or is the client's "
-                    "(`details.field` is `number`), or an unknown field.",
+                    "(`details.field` is `number`), or an unknown field. `destination_not_allowed`: the number is "
+                    "outside `MB_ALLOWED_DESTINATIONS`, or premium-rate or of an international network.",
+                    destination_not_allowed=(
+                        DestinationNotAllowed.code,
+                        "number is outside the number ranges this bridge serves (MB_ALLOWED_DESTINATIONS)",
+                        {"field": "number"},
+                    ),
                     role=(
                         InvalidInput.code,
                         "only the courier can be replaced: the client keeps their number",
@@ -1600,33 +1668,41 @@ PATHS: dict[str, Schema] = {
             "* its calls in progress, ringing or connected, are ended by the bridge (`hangup_by` `system`, "
             "`cut_reason` `blocked`; `outcome` `blocked` for a ringing call, `answered` for a connected one).\n\n"
             "Sessions are not changed: they stay open, and new ones can still be opened for the number; only "
-            "its calls are refused, until it is unblocked. Blocks made with `maskbridge-admin` act the same.\n\n"
+            "its calls are refused, until it is unblocked, or until `expires_at` when the block was given "
+            "`ttl_seconds` (an expired block blocks nothing from that moment on, whenever housekeeping deletes "
+            "it). Blocks made with `maskbridge-admin` act the same.\n\n"
             "Idempotent by number: a number already blocked (in any form that reads as the same number) answers "
-            "200 with its entry unchanged (the `reason` given is not stored), and any call of it still in "
-            "progress is ended again.\n\n"
+            "200 with its entry (the `reason` given is not stored; the expiry becomes the later of the entry's "
+            "and the request's, null being the latest: blocking again never shortens a block), and any call of "
+            "it still in progress is ended again. A number whose block expired is blocked anew: 201, a new "
+            "entry.\n\n"
             "Errors: 400 `invalid_json`; 401 `unauthorized`; 413 `body_too_large`; 422 `invalid_input` (`number` "
             "missing or not a phone number, `reason` not text of at most "
-            f"{BLOCK_REASON_MAX} characters without control characters, an unknown field; `details.field` names "
-            "it); 500 `internal_error`.",
+            f"{BLOCK_REASON_MAX} characters without control characters, `ttl_seconds` out of range, an unknown "
+            "field; `details.field` names it); 500 `internal_error`.",
             "requestBody": {
                 "required": True,
                 "content": {
                     "application/json": {
                         "schema": _ref("BlockNumberRequest"),
-                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers"},
+                        "example": {"number": "+79161234567", "reason": "abusive calls to couriers",
+                                    "ttl_seconds": 604800},
                     }
                 },
             },
             "responses": {
                 "201": _json_response("The number was blocked: its new entry.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
-                "200": _json_response("The number was blocked already: its entry, unchanged.", _ref("BlockedNumber")),
+                "200": _json_response(
+                    "The number was blocked already: its entry (its expiry the later of the two).",
+                    _ref("BlockedNumber"),
+                ),
                 "400": BAD_BODY,
                 "401": UNAUTHORIZED,
                 "413": TOO_LARGE,
                 "422": _invalid(
                     "`invalid_input`: `number` is missing or not a phone number, `reason` is not text of at most "
-                    f"{BLOCK_REASON_MAX} characters without control characters, or a field is unknown "
-                    "(`details.field` names it).",
+                    f"{BLOCK_REASON_MAX} characters without control characters, `ttl_seconds` is out of range, "
+                    "or a field is unknown (`details.field` names it).",
                     number=(
                         InvalidInput.code,
                         "number is not a valid phone number: not a phone number",
@@ -1646,7 +1722,8 @@ PATHS: dict[str, Schema] = {
             "operationId": "listBlockedNumbers",
             "tags": ["blocklist"],
             "summary": "List blocked numbers",
-            "description": "The blocklist, oldest entry first, numbers masked. Paginated by cursor.\n\n"
+            "description": "The blocks in force, oldest entry first, numbers masked, each with its expiry (an "
+            "expired block is not listed). Paginated by cursor.\n\n"
             "Errors: 401 `unauthorized`; 422 `invalid_input` (`limit`, `cursor`); 500 `internal_error`.",
             "parameters": PAGE_PARAMETERS,
             "responses": {
@@ -1670,7 +1747,7 @@ PATHS: dict[str, Schema] = {
             "description": "Removes the entry: calls from and to the number are put through again, from "
             "its next call on; the calls the block refused or ended stay as they were recorded. No body.\n\n"
             "Errors: 401 `unauthorized`; 404 `block_not_found` (also for an id that is not a UUID, or an entry "
-            "removed already); 500 `internal_error`.",
+            "removed already or expired); 500 `internal_error`.",
             "responses": {
                 "200": _json_response("The entry that was removed.", _ref("BlockedNumber"), BLOCK_EXAMPLE),
                 "401": UNAUTHORIZED,
@@ -1685,10 +1762,10 @@ PATHS: dict[str, Schema] = {
             "operationId": "getCallRecording",
             "tags": ["recordings"],
             "summary": "A call's recording",
-            "description": "What is known of the call's recording (not the audio). Only with the recording token; "
-            "every request, granted or not, is written to the audit.\n\nErrors: 401 `unauthorized`; 403 "
-            "`recording_token_required`; 404 `recording_not_found`; 410 `recording_deleted`; 500 `internal_error`.",
-            "security": [{"recording": []}],
+            "description": "What is known of the call's recording (not the audio). Only with the scope "
+            "`recordings:read`; every request, granted or not, is written to the audit.\n\nErrors: 401 "
+            "`unauthorized`; 403 "
+            "`insufficient_scope`; 404 `recording_not_found`; 410 `recording_deleted`; 500 `internal_error`.",
             "responses": {
                 "200": _json_response("The recording.", _ref("Recording")),
                 "401": _response_ref("RecordingUnauthorized"),
@@ -1706,10 +1783,9 @@ PATHS: dict[str, Schema] = {
             "tags": ["recordings"],
             "summary": "A call's recording: the audio",
             "description": "The recording as one WAV file (`audio/wav`), streamed from Asterisk. Only with the "
-            "recording token; every request, granted or not, is written to the audit.\n\nErrors: 401 "
-            "`unauthorized`; 403 `recording_token_required`; 404 `recording_not_found`; 409 "
+            "scope `recordings:read`; every request, granted or not, is written to the audit.\n\nErrors: 401 "
+            "`unauthorized`; 403 `insufficient_scope`; 404 `recording_not_found`; 409 "
             "`recording_in_progress`; 410 `recording_deleted`; 500 `internal_error`; 503 `asterisk_unavailable`.",
-            "security": [{"recording": []}],
             "responses": {
                 "200": {
                     "description": "The WAV file (8 kHz, 16-bit mono).",
@@ -1743,11 +1819,11 @@ PATHS: dict[str, Schema] = {
             "tags": ["recordings"],
             "summary": "The recordings' audit",
             "description": "Every access to the recordings (granted or not) and every deletion by retention, "
-            "newest first; reading it is written to it too. Only with the recording token. Paginated by "
-            "cursor.\n\nErrors: 401 `unauthorized`; 403 `recording_token_required`; 422 `invalid_input` "
+            "newest first; reading it is written to it too. Only with the scope `audit:read`. Paginated by "
+            "cursor.\n\nErrors: 401 `unauthorized`; 403 `insufficient_scope`; 422 `invalid_input` "
             "(`call_id`, `limit`, `cursor`); 500 `internal_error`. The token is checked before the "
-            "parameters: without the recording token a bad parameter gets 401/403; every answer is audited.",
-            "security": [{"recording": []}],
+            "parameters: without a valid token with `audit:read` a bad parameter gets 401/403 (or 429); "
+            "every answer is audited.",
             "parameters": [
                 {
                     "name": "call_id",
@@ -1805,6 +1881,8 @@ PATHS: dict[str, Schema] = {
     },
 }
 
+_SCOPE_LIST = "; ".join(f"`{scope}`: {what}" for scope, what in SCOPES.items()) + "."
+
 DESCRIPTION = f"""The API of maskbridge, a number-masking VoIP bridge for deliveries.
 
 For each order the order system opens a **session**: the bridge chooses a number from its pool
@@ -1814,18 +1892,30 @@ number. A session ends when it is closed (optionally after a grace period in whi
 reach support), expires, or stays idle too long; afterwards the pool number leads nowhere for that pair.
 
 Real numbers are given to the API in requests and are never given back: answers only ever hold them
-masked, like `+7916***4567`. Pool numbers are given in full (E.164).
+masked to their last two digits, like `+***67`. Pool numbers are given in full (E.164).
 
 A real number on the **blocklist** can neither call nor be called through any session, and its calls in
 progress are ended by the bridge as soon as it is blocked.
 
-**Authentication**: every endpoint except `/healthz` and `/v1/openapi.json` needs the header
-`Authorization: Bearer <token>` (`MB_API_TOKEN`; the scheme is matched case-insensitively). Without it,
-or with a wrong token: 401 `unauthorized` with `WWW-Authenticate: Bearer realm="maskbridge"`.
+**Authentication**: every endpoint except `/healthz`, `/metrics` and `/v1/openapi.json` needs the header
+`Authorization: Bearer <token>` (the scheme is matched case-insensitively). Without it, or with a wrong,
+revoked or expired token: 401 `unauthorized` with `WWW-Authenticate: Bearer realm="maskbridge"`.
 
-**Recordings** (sessions opened with `"record": true`) are reached only with the separate recording token
-(`MB_RECORDING_TOKEN`), never with the API token (403 `recording_token_required`); every access, granted
-or not, is written to an audit that the same token reads.
+**Tokens and scopes**: each operation needs one scope, its security requirement here; a token without it
+gets 403 `insufficient_scope` (`details.required_scope`). The scopes: {_SCOPE_LIST}
+
+Tokens are named: `env` is `MB_API_TOKEN` (every scope but `recordings:read` and `audit:read`),
+`recording` is `MB_RECORDING_TOKEN` (`recordings:read` and `audit:read`), and any number of others are
+added and revoked with `maskbridge-admin token add|revoke` (secrets `mbt_...`), at once on every bridge.
+Every request is logged with its token's name; the audits (recording access, a session's history) name
+it too.
+
+**Recordings** (sessions opened with `"record": true`) are reached only with `recordings:read`, which
+the order system's `MB_API_TOKEN` never has; every access, granted or not, is written to an audit
+(read with `audit:read`).
+
+**Rate limit**: each token may make `MB_API_RATE` requests a second per bridge process, after a burst of
+`MB_API_BURST` (a token may have a rate of its own); beyond it: 429 `rate_limited` with `Retry-After`.
 
 **Requests**: JSON bodies are objects of at most {JSON_BODY_LIMIT} bytes (larger: 413 `body_too_large`);
 unknown fields are refused.
@@ -1861,7 +1951,8 @@ _DOCUMENT: dict[str, Any] = {
         },
         {
             "name": "recordings",
-            "description": "Recorded calls: metadata, audio, the audit. Only with the recording token.",
+            "description": "Recorded calls: metadata, audio, the audit. Only with `recordings:read` / "
+            "`audit:read`.",
         },
         {"name": "service", "description": "Health and this document; no token needed."},
     ],
@@ -1871,14 +1962,9 @@ _DOCUMENT: dict[str, Any] = {
             "bearer": {
                 "type": "http",
                 "scheme": "bearer",
-                "description": "The API token (`MB_API_TOKEN`, at least 16 characters): "
-                "`Authorization: Bearer <token>`.",
-            },
-            "recording": {
-                "type": "http",
-                "scheme": "bearer",
-                "description": "The recording token (`MB_RECORDING_TOKEN`, at least 16 characters, not the API "
-                "token): `Authorization: Bearer <token>`. Only the recording routes take it.",
+                "description": "An API token: `Authorization: Bearer <token>`. `MB_API_TOKEN` (the token `env`), "
+                "`MB_RECORDING_TOKEN` (`recording`) or one added with `maskbridge-admin token add` "
+                "(`mbt_...`). An operation's security requirement names the scope it needs.",
             },
         },
         "parameters": PARAMETERS,
@@ -1887,6 +1973,44 @@ _DOCUMENT: dict[str, Any] = {
     },
 }
 
+
+# The scope each operation needs (bridge.tokens.SCOPES), by operationId: its security
+# requirement, which the API enforces (bridge.api.http.route_scopes). The others need no token.
+OPERATION_SCOPES: dict[str, str] = {
+    "openSession": "sessions:write",
+    "listSessions": "sessions:read",
+    "getSession": "sessions:read",
+    "extendSession": "sessions:write",
+    "closeSession": "sessions:write",
+    "listParticipants": "sessions:read",
+    "reassignCourier": "sessions:write",
+    "listSessionEvents": "sessions:read",
+    "listSessionCalls": "sessions:read",
+    "listOrderCalls": "sessions:read",
+    "importPoolNumbers": "pools:admin",
+    "listPoolNumbers": "pools:read",
+    "getPoolNumber": "pools:read",
+    "updatePoolNumber": "pools:admin",
+    "retirePoolNumber": "pools:admin",
+    "getPoolUsage": "pools:read",
+    "blockNumber": "blocklist:write",
+    "listBlockedNumbers": "blocklist:read",
+    "unblockNumber": "blocklist:write",
+    "getCallRecording": "recordings:read",
+    "getCallRecordingAudio": "recordings:read",
+    "listRecordingAccess": "audit:read",
+}
+
+for _item in PATHS.values():
+    for _operation in _item.values():
+        if not isinstance(_operation, dict) or _operation.get("operationId") not in OPERATION_SCOPES:
+            continue
+        _scope = OPERATION_SCOPES[_operation["operationId"]]
+        _operation["security"] = [{"bearer": [_scope]}]
+        _operation["description"] += (f"\n\nScope: `{_scope}`. Also 403 `insufficient_scope` without it, 429 "
+                                      "`rate_limited` over the token's rate limit.")
+        _operation["responses"].setdefault("403", _response_ref("Forbidden"))
+        _operation["responses"].setdefault("429", _response_ref("RateLimited"))
 
 # Every operation that reads or writes the database may meet it unreachable.
 for _path, _item in PATHS.items():

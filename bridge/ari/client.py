@@ -217,7 +217,8 @@ class AriClient:
             "POST", f"/bridges/{bridge_id}", {"type": "mixing,proxy_media", "name": name or None}
         )
 
-    async def add_to_bridge(self, bridge_id: str, channel_id: str) -> None:
+    async def add_to_bridge(self, bridge_id: str, channel_id: str | list[str]) -> None:
+        """One channel, or several in one request (Asterisk checks them all before adding any)."""
         # Connected-line updates are not passed between the legs: they would carry one
         # party's real identity to the other (see ASTERISK-NOTES.md).
         await self.request(
@@ -292,6 +293,13 @@ class AriClient:
 
     async def application(self) -> dict[str, Any]:
         return await self.request("GET", f"/applications/{self.app}")
+
+    async def allow_events(self, types: list[str]) -> dict[str, Any]:
+        """Asterisk sends this application only events of these types (until it connects
+        again: the filter is set at every connection)."""
+        return await self.request(
+            "PUT", f"/applications/{self.app}/eventFilter", body={"allowed": [{"type": t} for t in types]}
+        )
 
     async def subscribe(self, event_source: str) -> None:
         await self.request("POST", f"/applications/{self.app}/subscription", {"eventSource": event_source})

@@ -35,6 +35,7 @@ class EventStream:
         handler: Callable[[Event], Awaitable[None]],
         on_connected: Callable[[], Awaitable[None]] | None = None,
         *,
+        event_types: tuple[str, ...] | None = None,
         min_backoff: float = 0.2,
         max_backoff: float = 5.0,
         stable_after: float = 10.0,
@@ -47,6 +48,7 @@ class EventStream:
         self.max_backoff = max_backoff
         self.stable_after = stable_after  # seconds up after which a connection counts as good
         self.check_every = check_every  # seconds between two looks that the application is registered
+        self.event_types = event_types  # the only events Asterisk is to send (None: all of them)
         self.connected = asyncio.Event()
         self._stopping = False
 
@@ -58,10 +60,22 @@ class EventStream:
         except ValueError:
             log.error("ari.bad_event")
             return
+        metrics.ARI_EVENTS.labels(str(event.get("type", ""))[:64]).inc()
         try:
             await self.handler(event)
         except Exception:
             log.exception("ari.handler_failed", event_type=event.get("type"))
+
+    async def _filter(self) -> None:
+        """Only the events the owner reads (set at every connection: Asterisk forgets the
+        filter with the application). A filter refused is a cost, not a fault: events then
+        all come, and the owner ignores what it does not read."""
+        try:
+            await self.client.allow_events(list(self.event_types or ()))
+        except AriNotFound:
+            raise  # the application is not registered: this connection delivers nothing
+        except AriError as exc:
+            log.warning("ari.event_filter_refused", error=str(exc))
 
     async def _watch(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         """While connected, every `check_every` seconds: is the application still registered,
@@ -93,6 +107,8 @@ class EventStream:
                 ) as ws:
                     up_since = time.monotonic()
                     log.info("ari.connected", app=self.client.app)
+                    if self.event_types is not None:
+                        await self._filter()
                     # Connected once the owner has caught up with what happened while the
                     # socket was down (calls left in Stasis resumed or finished): until then
                     # the bridge does not say it is healthy. A websocket Asterisk accepted is

@@ -28,14 +28,16 @@ import structlog
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge import metrics
 from bridge.calls.events import (
-    Answered, CallEvent, Cut, Hangup, Hold, InStasis, Key, PlaybackDone, RawEvent, Ringing, read,
+    Answered, CallEvent, Cut, Hangup, Hold, Ignored, InStasis, Key, PlaybackDone, RawEvent, Ringing, read,
 )
+from bridge.calls.flood import FLOOD_CAUSE
 from bridge.calls.order_code import CodePrompt, KeypadTiming
 from bridge.calls.outcomes import CUT_OUTCOMES
 from bridge.calls.recording import CallRecording, RecordingStore, recording_name
 from bridge.languages import sounds_of
 from bridge.phone import InvalidNumber, mask, normalize
 from bridge.sessions import Route
+from bridge.store.queries import NewCall
 from bridge.terms import Terms
 
 log = structlog.get_logger(__name__)
@@ -96,6 +98,10 @@ IDENTITY_SUBS = {
 }
 
 
+# Events one call keeps waiting before it drops a phone's keys and holds (MaskedCall.feed).
+MAX_QUEUED_EVENTS = 256
+
+
 def caller_cause(cause: int | None) -> int:
     """What the caller is hung up with when the other phone's network refused the call."""
     if cause in _REFUSALS:
@@ -138,21 +144,21 @@ _OUTCOMES = {
 
 
 class Router(Protocol):
-    async def route(self, caller: str, pool_number: str) -> Route: ...
+    async def route(self, caller: str, pool_number: str, record: NewCall | None = None) -> Route: ...
     async def route_by_code(self, caller: str, pool_number: str, order_code: str) -> Route: ...
     async def block_by_client(self, session_id: uuid.UUID, participant_id: uuid.UUID, by: uuid.UUID) -> None: ...
 
 
 class CallStore(RecordingStore, Protocol):
     async def insert_call(self, call_id: uuid.UUID, **fields: Any) -> bool | None: ...
-    async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None: ...
+    async def call_put_through(self, call_id: uuid.UUID, **fields: Any) -> bool | None: ...
     async def call_confirming(self, call_id: uuid.UUID) -> None: ...
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
-    async def call_announcing(self, call_id: uuid.UUID) -> None: ...
+    async def call_announcing(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
-    async def call_routed(self, call_id: uuid.UUID, **fields: Any) -> bool | None: ...
     async def call_ended(
-        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
+        *, rung: bool = True,
     ) -> None: ...
 
 
@@ -198,16 +204,20 @@ class MaskedCall:
         router: Router | None = None,
         recently_cut: Callable[[set[uuid.UUID], float], str | None] | None = None,
         masked: bool = True,
+        unknown_callers: Callable[[str], str | None] | None = None,
     ) -> None:
         self.id = call_id
         self.router = router
         self._recently_cut = recently_cut or (lambda _ids, _since: None)
         self.masked = masked  # the dialplan masked the caller's leg (MASKED_ARG)
+        # Whether an unknown caller of a pool number is announced (None) or refused, and by
+        # which limit (bridge.calls.flood.UnknownCallers.admit).
+        self._unknown_callers = unknown_callers or (lambda _pool: None)
         self.inbound_id: str = inbound["id"]
         self.inbound = inbound
         self.dialed = dialed
-        self.outbound_id = f"{call_id}-callee"
-        self.bridge_id = str(call_id)
+        self.outbound_id = self.outbound_of(call_id)
+        self.bridge_id = self.bridge_of(call_id)
         self.ari = ari
         self.store = store
         self.settings = settings
@@ -224,8 +234,19 @@ class MaskedCall:
         self._began = time.monotonic()  # the caller's call reached the bridge (StasisStart)
         self._rang = False  # the post-dial delay is measured (the other phone rang or answered)
         self._connected_at: float | None = None
+        self._row_written = False  # the call's row is in the database
+        self._dialed = False  # the other leg was dialed: someone may have been rung
 
     # --- plumbing ------------------------------------------------------------------
+
+    @staticmethod
+    def outbound_of(call_id: uuid.UUID) -> str:
+        """The id of a call's leg to the other participant."""
+        return f"{call_id}-callee"
+
+    @staticmethod
+    def bridge_of(call_id: uuid.UUID) -> str:
+        return str(call_id)
 
     @property
     def participant_ids(self) -> set[uuid.UUID]:
@@ -236,7 +257,12 @@ class MaskedCall:
         return {p for p in (route.caller_participant_id, route.callee_participant_id) if p}
 
     def feed(self, event: RawEvent) -> None:
-        self._events.put_nowait(read(event))
+        call_event = read(event)
+        # Bounded: what a phone can send at will (keys, holds) and what the flow never reads
+        # is dropped once this many events wait; a hangup, an answer or a playback's end is not.
+        if self._events.qsize() >= MAX_QUEUED_EVENTS and isinstance(call_event, Key | Hold | Ignored):
+            return
+        self._events.put_nowait(call_event)
 
     def cut(self, reason: str) -> None:
         """End this call now, whatever its state (it is ended by the bridge: hangup_by system)."""
@@ -274,6 +300,21 @@ class MaskedCall:
         except TimeoutError:
             return None
 
+    async def _ended_meanwhile(self) -> bool:
+        """Handle the queued events that end the call (a hangup, a cut); the others stay
+        queued, in order. True when the call has ended."""
+        pending: list[CallEvent] = []
+        while not self._events.empty():
+            pending.append(self._events.get_nowait())
+        kept = []
+        for event in pending:
+            if isinstance(event, (Cut, Hangup)) and await self._common(event):
+                return True
+            kept.append(event)
+        for event in kept:
+            self._events.put_nowait(event)
+        return False
+
     def _caller_left_already(self) -> bool:
         """Whether a hangup of the caller is among the events queued so far."""
         pending: list[CallEvent] = []
@@ -309,7 +350,8 @@ class MaskedCall:
             metrics.CALLS_CUT.labels(cut_reason).inc()
         if outcome == "answered" and self._connected_at is not None:
             metrics.CALL_DURATION.observe(time.monotonic() - self._connected_at + self._talked_before)
-        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason)
+        # (a call that ended before its other leg was dialed rang nobody: it names no callee)
+        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason, rung=self._dialed)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------
@@ -363,15 +405,23 @@ class MaskedCall:
         except Exception:
             log.exception("call.failed", state=self.state.value)
             try:
-                if self.state in (CallState.ROUTING, CallState.ENTERING_CODE):
+                if self.state in (CallState.ROUTING, CallState.ENTERING_CODE) or (
+                        self.state is CallState.RINGING and not self._dialed):
                     # Nothing rang yet (e.g. the database is down): the caller is told the
                     # service is unavailable, not left with silence.
+                    if self._outbound_created:
+                        await self._hangup(self.outbound_id)  # (never dialed: nothing left the PBX)
+                    await self._close_bridge()
                     await self._unavailable()
                 await self._hang_up_both(caller_cause=FAILED_CAUSE_TO_CALLER)
             except Exception:
                 log.warning("call.hangup_failed", exc_info=True)
             if self.state is not CallState.ENDED:
                 try:
+                    if not self._row_written:
+                        # The statement that was to write it failed (the database stalled): the
+                        # attempt is kept all the same, as a call that failed.
+                        await self._write_unrouted_row()
                     await self._end("failed", "system", FAILED_CAUSE_TO_CALLER)
                 except Exception:
                     log.exception("call.row_not_ended")
@@ -391,11 +441,7 @@ class MaskedCall:
         if self.state is not CallState.ENDED:
             return
         await self.recording.finish(self._next)
-        if self._bridge_created:
-            try:
-                await self.ari.destroy_bridge(self.bridge_id)
-            except AriError:
-                pass
+        await self._close_bridge()
 
     def _sounds(self) -> str:
         """The sounds directory of the language the caller is told things in."""
@@ -429,6 +475,17 @@ class MaskedCall:
             if (isinstance(event, Hangup) and event.channel == self.inbound_id) or (
                     isinstance(event, PlaybackDone) and event.playback == playback_id):
                 return
+
+    async def _write_unrouted_row(self, caller_masked: str | None = None) -> None:
+        """The row of a call no route lookup wrote (the numbers are no numbers, or the lookup
+        failed)."""
+        raw_caller = (self.inbound.get("caller") or {}).get("number") or ""
+        await self.store.insert_call(
+            self.id, session_id=None, pool_number=mask(self.dialed[:32]), caller_role=None,
+            caller_masked=caller_masked or mask(raw_caller or "anonymous"), inbound_channel_id=self.inbound_id,
+            state=CallState.ROUTING.value,
+        )
+        self._row_written = True
 
     def _take_route(self, route: Route, lookup_began: float) -> Route:
         """The call's route, known at once, so that a cut from now on finds this call
@@ -476,39 +533,32 @@ class MaskedCall:
             pool = None
         looked_up = time.perf_counter()
         lookup_began = time.monotonic()
-        route = await self.router.route(caller, pool) if caller and pool else None
-        route_seconds = time.perf_counter() - looked_up
-        route_ms = round(route_seconds * 1000, 2)
-        if route is not None:
-            metrics.ROUTE_LOOKUP.labels("number").observe(route_seconds)
-        route = self._take_route(route, lookup_began) if route is not None else None
-        known = route is not None and route.pool_known
+        caller_masked = mask(caller or raw_caller or "anonymous")
+        route: Route | None = None
+        if caller and pool:
+            # The lookup writes the call's row too (one round trip on the way to the other phone).
+            route = await self.router.route(caller, pool, NewCall(self.id, mask(pool), caller_masked, self.inbound_id))
+            self._row_written = True
+            metrics.ROUTE_LOOKUP.labels("number").observe(time.perf_counter() - looked_up)
+            route = self._take_route(route, lookup_began)
+        else:
+            await self._write_unrouted_row(caller_masked)
+        route_ms = round((time.perf_counter() - looked_up) * 1000, 2)
         # A number that is not one of our pool numbers could be a person's number: it is
         # kept masked.
-        dialed = pool if pool and known else mask(pool or self.dialed[:32])
+        known = route is not None and route.pool_known
         log.info(
             "call.started",
-            caller=mask(caller or raw_caller or "anonymous"),
-            pool_number=dialed,
+            caller=caller_masked,
+            pool_number=pool if pool and known else mask(pool or self.dialed[:32]),
             route=route.kind if route else "unknown",
             route_ms=route_ms,
         )
-        admitted = await self.store.insert_call(
-            self.id,
-            session_id=route.session_id if route else None,
-            pool_number=dialed,
-            caller_role=route.caller_role if route else None,
-            caller_masked=mask(caller or raw_caller or "anonymous"),
-            inbound_channel_id=self.inbound_id,
-            state=CallState.ROUTING.value,
-            caller_participant_id=route.caller_participant_id if route else None,
-            callee_role=route.callee_role if route else None,
-            callee_participant_id=route.callee_participant_id if route else None,
-            terms=route.terms if route else None,
-        )
-        if admitted is False and route is not None:
-            route = self._over_cap(route)
         if route is None or caller is None or pool is None or route.kind == "unknown":
+            refused_by = self._unknown_callers(pool or self.dialed[:32])
+            if refused_by is not None:
+                await self._refuse_unknown_caller(refused_by)
+                return
             await self._announce("unknown_caller", UNKNOWN_CALLER_SOUND)
             return
         if route.kind == "locked_out":
@@ -520,6 +570,14 @@ class MaskedCall:
                 return  # the call ended (wrong codes, or the caller left)
             route = coded
         await self._put_through(route, pool)
+
+    async def _refuse_unknown_caller(self, limit: str) -> None:
+        """Too many unknown callers lately (on this pool number, or in all): this one is
+        hung up unanswered, and their network answers 403; no announcement, no minutes."""
+        log.info("call.unknown_caller_refused", limit=limit)
+        metrics.UNKNOWN_CALLERS_REFUSED.labels(limit).inc()
+        await self._hangup(self.inbound_id, "congestion", code=FLOOD_CAUSE)
+        await self._end("unknown_caller", "system", FLOOD_CAUSE)
 
     async def _put_through(self, route: Route, pool: str) -> None:
         """Ring the other participant, or tell the caller why not."""
@@ -571,17 +629,6 @@ class MaskedCall:
                 sound = WRONG_CODE_SOUND
                 continue
             route = self._take_route(route, lookup_began)
-            admitted = await self.store.call_routed(
-                self.id,
-                session_id=route.session_id,
-                caller_role=route.caller_role,
-                caller_participant_id=route.caller_participant_id,
-                callee_role=route.callee_role,
-                callee_participant_id=route.callee_participant_id,
-                terms=route.terms,
-            )
-            if admitted is False:
-                route = self._over_cap(route)
             log.info("call.order_code_accepted", route=route.kind, attempt=attempt)
             return route
         await self._announce("wrong_code", TOO_MANY_WRONG_CODES_SOUND)
@@ -591,7 +638,11 @@ class MaskedCall:
         """Tell the caller why the call cannot be put through, then hang up."""
         self._announcing = outcome
         self._enter(CallState.ANNOUNCING)
-        await self.store.call_announcing(self.id)
+        route = self.route
+        await self.store.call_announcing(
+            self.id, session_id=route.session_id if route else None, caller_role=route.caller_role if route else None,
+            caller_participant_id=route.caller_participant_id if route else None,
+        )
         try:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
@@ -602,6 +653,39 @@ class MaskedCall:
         await self._hangup(self.inbound_id, "normal")
         await self._end(outcome, "system", None)
 
+    async def _open_bridge(self) -> None:
+        await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
+        self._bridge_created = True
+
+    async def _join_both(self) -> bool:
+        """Both legs into the bridge, in one request: from now on the caller hears the other
+        phone ring (its network's ringing and early media pass through). False when the
+        caller has gone meanwhile. (The caller's own leg was masked by the dialplan: it knows
+        the other side only as the number it dialed, whatever the other network says.)"""
+        try:
+            await self.ari.add_to_bridge(self.bridge_id, [self.inbound_id, self.outbound_id])
+            return True
+        except AriError as exc:
+            log.info("call.join_retried", error=str(exc))  # one leg is gone: which one?
+        try:
+            await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
+        except (AriNotFound, AriConflict):
+            return False
+        except AriError as exc:
+            if exc.status == 400:  # "Channel not found"
+                return False
+            raise
+        await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
+        return True
+
+    async def _close_bridge(self) -> None:
+        if self._bridge_created:
+            try:
+                await self.ari.destroy_bridge(self.bridge_id)
+            except AriError:
+                pass  # gone already
+            self._bridge_created = False
+
     async def _ring(self, route: Route, pool: str) -> None:
         """Create the leg to the other participant, masked, and let the caller hear it ring.
         A recorded call's legs, and those of a call the other phone must confirm, are held
@@ -609,17 +693,6 @@ class MaskedCall:
         self._enter(CallState.RINGING)
         apart = bool(route.terms.record or route.terms.confirm_answer)
         if self._caller_left_already():
-            await self._end("caller_cancelled", "caller", None)
-            return
-        try:
-            # (The caller's own leg was masked by the dialplan: it knows the other side only
-            # as the number it dialed, whatever the other network says.)
-            await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
-            self._bridge_created = True
-            if not apart:
-                # In the bridge from now on, the caller hears the other phone ring.
-                await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
-        except (AriNotFound, AriConflict):  # the caller's channel is gone or leaving
             await self._end("caller_cancelled", "caller", None)
             return
         self._register(self.outbound_id, self)
@@ -638,23 +711,52 @@ class MaskedCall:
             "MASK_NUMBER": shown,
             **IDENTITY_SUBS,
         }
-        try:
-            self._outbound_created = True
-            await self.ari.create_channel(
+        # Three things at once, none waiting for another (each is a round trip): the call's
+        # row says whom it rings (and whether the session's caps still let it), the bridge
+        # is made, and the new leg is created. Nothing has left the PBX yet: the leg is
+        # dialed once all three are done and both legs are in the bridge.
+        self._outbound_created = True
+        admitted, bridged, created = await asyncio.gather(
+            self.store.call_put_through(
+                self.id, session_id=route.session_id, caller_role=route.caller_role,
+                caller_participant_id=route.caller_participant_id, callee_role=route.callee_role,
+                callee_participant_id=route.callee_participant_id, terms=route.terms,
+                outbound_channel_id=self.outbound_id, bridge_id=self.bridge_id,
+            ),
+            self._open_bridge(),
+            self.ari.create_channel(
                 f"PJSIP/{route.callee_number}@{self.settings.trunk_endpoint}",
                 self.outbound_id,
                 ["outbound", str(self.id)],
                 masked_identity,
-            )
-        except AriError as exc:
-            log.warning("call.outbound_failed", error=str(exc))
+            ),
+            return_exceptions=True,
+        )
+        if isinstance(admitted, BaseException):
+            await self._hangup(self.outbound_id)  # (never dialed: nothing left the PBX)
+            raise admitted
+        if isinstance(created, BaseException):
+            if not isinstance(created, AriError):
+                raise created
+            log.warning("call.outbound_failed", error=str(created))
             # The request may have failed after Asterisk created the leg (a lost answer).
             await self._hangup(self.outbound_id)
             await self._hangup(self.inbound_id, "congestion")
             await self._end("failed", "system", None)
             return
+        if isinstance(bridged, BaseException):
+            await self._hangup(self.outbound_id)
+            raise bridged
+        if admitted is False:
+            # The session reached a cap since the lookup (a call on another node, or in
+            # another task, got the last one): the undialed leg and the bridge go, and the
+            # caller hears why, as any call over the cap does.
+            await self._hangup(self.outbound_id)
+            self._outbound_created = False
+            await self._close_bridge()
+            await self._put_through(self._over_cap(route), pool)
+            return
         metrics.CALLS_PUT_THROUGH.labels(metrics.direction(route.caller_role, route.callee_role)).inc()
-        await self.store.call_ringing(self.id, self.outbound_id, self.bridge_id)
 
         # The new leg must be in Stasis before it can join the bridge.
         deadline = time.monotonic() + self.settings.stasis_start_timeout
@@ -666,8 +768,15 @@ class MaskedCall:
                 return
             if isinstance(event, InStasis) and event.channel == self.outbound_id:
                 break
-        if not apart:
-            await self.ari.add_to_bridge(self.bridge_id, self.outbound_id)
+        if not apart and not await self._join_both():
+            await self._hangup(self.outbound_id)
+            await self._end("caller_cancelled", "caller", None)
+            return
+        # What happened while the legs were made (the caller hung up, a block or the session's
+        # end cut the call) is handled before anything leaves for the other phone.
+        if await self._ended_meanwhile():
+            return
+        self._dialed = True
         await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
         metrics.CALL_SETUP.observe(time.monotonic() - self._began)
         if apart:
@@ -945,6 +1054,8 @@ class MaskedCall:
         call.state = CallState.CONNECTED
         call._connected_at = time.monotonic()
         call._outbound_created = True
+        call._dialed = True
+        call._row_written = True
         # Who is who (for blocks and the client's keypad), and the terms the call keeps (its
         # maximum duration still counts from the answer, however long the restart took).
         call.route = Route(

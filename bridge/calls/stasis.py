@@ -14,7 +14,8 @@ import structlog
 from bridge import metrics
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.events import RawEvent as Event
-from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, FlowSettings, MaskedCall, Router
+from bridge.calls.flood import ROUTING_LIMIT, SHED_CAUSE, UnknownCallers
+from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router
 from bridge.calls.recording import wav_duration_ms
 
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
@@ -40,7 +41,8 @@ def _channel_ids(event: Event) -> list[str]:
 
 
 class StasisDispatcher:
-    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings, router: Router) -> None:
+    def __init__(self, ari: AriClient, store: Any, settings: FlowSettings, router: Router,
+                 unknown_callers: UnknownCallers | None = None) -> None:
         self.ari = ari
         self.store = store
         self.router = router
@@ -48,6 +50,8 @@ class StasisDispatcher:
         self.calls: dict[str, MaskedCall] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut: dict[uuid.UUID, tuple[float, str]] = {}  # participant id -> when its calls were cut, and why
+        self.unknown_callers = unknown_callers or UnknownCallers(0, 0)
+        self._routing: set[MaskedCall] = set()  # new calls not past their route lookup yet (at most ROUTING_LIMIT)
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -74,19 +78,45 @@ class StasisDispatcher:
             args = event.get("args") or []
             channel = event["channel"]
             if args[:1] == ["inbound"] and channel["id"] not in self.calls:
+                if self._too_many_routing():
+                    self._shed(channel["id"])
+                    return
                 dialed = args[1] if len(args) > 1 else channel.get("dialplan", {}).get("exten", "")
-                self._start(
-                    MaskedCall(
-                        uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
-                        self.recently_cut, masked=MASKED_ARG in args[2:],
-                    )
+                call = MaskedCall(
+                    uuid.uuid4(), channel, dialed, self.ari, self.store, self.settings, self._register, self.router,
+                    self.recently_cut, masked=MASKED_ARG in args[2:], unknown_callers=self.unknown_callers.admit,
                 )
+                self._routing.add(call)
+                self._start(call)
                 return
         for channel_id in _channel_ids(event):
             owner = self.calls.get(channel_id)
             if owner is not None:
                 owner.feed(event)
                 return
+
+    def _too_many_routing(self) -> bool:
+        """Whether ROUTING_LIMIT calls are waiting for their route lookup (the database)."""
+        if len(self._routing) >= ROUTING_LIMIT:
+            self._routing = {call for call in self._routing if call.state is CallState.ROUTING}
+        return len(self._routing) >= ROUTING_LIMIT
+
+    def _shed(self, channel_id: str) -> None:
+        """A new call beyond ROUTING_LIMIT: hung up unanswered at once (SIP 503), with no
+        call object, no row and no lookup. (In a task of its own: the event stream does not
+        wait for ARI.)"""
+        metrics.CALLS_SHED.inc()
+        log.warning("call.shed", routing=len(self._routing))
+
+        async def hang_up() -> None:
+            try:
+                await self.ari.hangup(channel_id, code=SHED_CAUSE)
+            except AriError:
+                pass  # gone already
+
+        task = asyncio.create_task(hang_up(), name=f"shed-{channel_id}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def reconcile(self) -> None:
         """After (re)connecting: channels that vanished while the socket was down end their
@@ -106,7 +136,8 @@ class StasisDispatcher:
                 if self.calls.get(channel_id) is call and channel_id not in live:
                     call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
         try:
-            await self._finish_left_behind(live)
+            owned = await self._finish_left_behind(live)
+            await self._adopt_orphans(live - owned)
             # What changed while no bridge listened (a block, a courier reassigned, a session
             # closed with maskbridge-admin while this process was down) reaches the calls it
             # has just resumed: their NOTIFY was sent to nobody.
@@ -115,13 +146,20 @@ class StasisDispatcher:
             # A database hiccup must not cost the event stream; the next reconnect retries.
             log.exception("reconcile.store_failed")
 
-    async def _finish_left_behind(self, live: set[str]) -> None:
-        """Calls an earlier bridge process left in the database: resume or finish them."""
+    async def _finish_left_behind(self, live: set[str]) -> set[str]:
+        """Calls an earlier bridge process left in the database: resume or finish them.
+        Returns the channels of every call this process knows of now."""
         known = {c.id for c in self.calls.values()}
+        owned = set(self.calls)
         for row in await self.store.active_calls():
             if row["id"] in known:
                 continue
+            # (A process stopped while the other leg and the bridge were being made left a row
+            # that may not name them yet: they are named after the call, as the flow names them.)
+            row = {**row, "outbound_channel_id": row["outbound_channel_id"] or MaskedCall.outbound_of(row["id"]),
+                   "bridge_id": row["bridge_id"] or MaskedCall.bridge_of(row["id"])}
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
+            owned.update((inbound, outbound))
             if await self._talking(row, live):
                 call = MaskedCall.resume_connected(
                     row, self.ari, self.store, self.settings, self._register, router=self.router,
@@ -149,6 +187,34 @@ class StasisDispatcher:
             await self.store.call_ended(row["id"], outcome, "system", None)
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
+        return owned
+
+    async def _adopt_orphans(self, orphans: set[str]) -> None:
+        """Channels in the application that no call row names: a caller whose call an earlier
+        process took in but stopped before writing its row (it hears nothing until someone
+        acts), or one that came in while the event stream was down. A caller's leg is taken
+        up as a new call (its StasisStart, if still on its way, then finds it taken); anything
+        else is hung up."""
+        for channel_id in sorted(orphans):
+            if channel_id in self.calls:
+                continue
+            try:
+                channel = await self.ari.get_channel(channel_id)
+            except AriError:
+                continue  # gone meanwhile
+            app_data = str((channel.get("dialplan") or {}).get("app_data") or "")
+            args = app_data.split(",")
+            if args[:1] == [self.ari.app]:
+                args = args[1:]
+            if args[:1] == ["inbound"]:
+                log.info("reconcile.adopted_caller")
+                await self.handle({"type": "StasisStart", "args": args, "channel": channel})
+                continue
+            log.info("reconcile.orphan_hung_up")
+            try:
+                await self.ari.hangup(channel_id)
+            except AriError:
+                pass
 
     async def _language_of(self, pool_number: str) -> str | None:
         """The pool number's announcement language, for a resumed call (None: the default)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from bridge.crypto import NumberVault
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.pools import Pools
 from bridge.limits import MAX_SECONDS
 from bridge.requests import OpenSession
@@ -18,10 +19,11 @@ DEMO_CLIENT = "+79160000002"
 
 async def load(database_url: str, number_key: str) -> str:
     """Migrate, add the demo pool, open the demo session; returns its pool number."""
-    vault = NumberVault(number_key)
     pool = await connect(database_url, max_size=2)
     try:
+        vault = NumberVault(number_key, NumberKeyRepo(pool))
         await migrate(pool, vault)
+        await vault.start()
         store = Store(pool)
         await Pools(store).import_numbers([{"number": n, "region": DEMO_REGION} for n in DEMO_POOL])
         session, _ = await Sessions(store, vault).open(OpenSession(

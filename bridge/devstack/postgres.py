@@ -86,6 +86,13 @@ def psql_command(stack: Stack) -> list[str]:
     return [_bin("psql"), stack.database_url]
 
 
-def dump_command(stack: Stack) -> list[str]:
-    """pg_dump of the bridge's database, data and schema, as plain SQL on stdout."""
-    return [_bin("pg_dump"), "--no-owner", stack.database_url]
+def dump_command(stack: Stack, schema: str | None = None) -> list[str]:
+    """pg_dump of the bridge's database (or of one schema of it), data and schema, as plain
+    SQL on stdout."""
+    return [_bin("pg_dump"), "--no-owner", *([f"--schema={schema}"] if schema else []), stack.database_url]
+
+
+def restore_command(database_url: str) -> list[str]:
+    """psql replaying a plain-SQL dump (dump_command's) from stdin into `database_url`,
+    stopping at the first error."""
+    return [_bin("psql"), "--quiet", "--no-psqlrc", "-v", "ON_ERROR_STOP=1", database_url]

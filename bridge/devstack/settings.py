@@ -37,6 +37,10 @@ DEFAULTS: dict[str, tuple[str, str]] = {
                                       "headers (the bridge masks them either way)"),
     "MB_RELAY_PORT": ("5070", "port of the tests' hostile network relay, on MB_TRUNK_HOST (facing the PBX) and "
                       "MB_PBX_SIP_BIND (facing the carrier)"),
+    "MB_BENCH_SIP_PORT": ("5080", "port of the benchmark's SIPp phones on MB_TRUNK_HOST: the called side (the PBX's "
+                          "trunk points there while make bench runs), the calling side on the next port"),
+    "MB_BENCH_RTP_PORT": ("40000", "first media port of the benchmark's SIPp phones on MB_TRUNK_HOST (the caller "
+                          "uses it and the next three, the callee the four from the tenth on)"),
     "MB_CARRIER_ARI_PORT": ("8088", "port of the simulated carrier's ARI (on MB_TRUNK_HOST)"),
     "MB_CARRIER_APP": ("phones", "Stasis application of the simulated carrier"),
     "MB_CARRIER_RTP_START": ("25000", "first RTP port of the simulated carrier"),
@@ -53,6 +57,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_SESSION_TTL": ("86400", "seconds a session lives when the order system gives no ttl_seconds"),
     "MB_GRACE_PERIOD": ("0", "default grace period (seconds) after close, when the client can still reach support"),
     "MB_SUPPORT_NUMBER": ("+74951230000", "support's number, reached by clients during a grace period"),
+    "MB_ALLOWED_DESTINATIONS": ("mobile,geographic", "the number ranges the bridge may dial: participants' numbers and "
+                                "the support number (E.164 prefixes, or kinds of a region: RU:mobile)"),
     "MB_PAIR_COOLOFF": ("86400", "seconds a (real number, pool number) pair stays reserved after its session"),
     "MB_NUMBER_COOLING": ("604800", "seconds a retired pool number cools before it is retired for good"),
     "MB_RETENTION_DAYS": ("30", "days after which the real numbers of ended sessions are deleted"),
@@ -64,10 +70,19 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_BLOCK_KEYS": ("*9", "keys the client presses during a call (or while calling back) to block the other party "
                       "for the order"),
     "MB_RECORDING_RETENTION_DAYS": ("30", "days after a call's end at which its recording is deleted (1 to 3650)"),
+    "MB_WEBHOOK_RETENTION_DAYS": ("7", "days after which delivered and given-up webhook events are deleted "
+                                  "(1 to 3650)"),
     "MB_ORDER_CODE_LENGTH": ("6", "digits of an order code (4 to 12)"),
     "MB_ORDER_CODE_ATTEMPTS": ("3", "wrong order codes per call, and per caller and number within "
                                "MB_ORDER_CODE_LOCKOUT, before a lockout"),
     "MB_ORDER_CODE_LOCKOUT": ("900", "seconds a caller's wrong order codes on a number count towards the lockout"),
+    "MB_API_RATE": ("50", "requests a second each API token may make per bridge process, after MB_API_BURST "
+                    "(0: no limit)"),
+    "MB_API_BURST": ("100", "requests an API token may make at once before MB_API_RATE applies"),
+    "MB_UNKNOWN_CALLER_LIMIT": ("10", "unknown callers announced per pool number per minute; beyond, they are hung "
+                                "up unanswered (SIP 403; 0: no limit)"),
+    "MB_UNKNOWN_CALLER_TOTAL": ("100", "unknown callers announced per minute in all, per bridge process; beyond, as "
+                                "above (0: no limit)"),
     "MB_NODES": ("1", "nodes of the local stack (make run NODES=2): above 1, Kamailio takes the carrier's calls on "
                  "MB_PBX_SIP_BIND and spreads them over that many PBX nodes, each with its bridge"),
     "MB_NODE_NET": ("127.0.1", "with MB_NODES above 1, node i's PBX, ARI (and bridge API, but node 1's) are on "
@@ -86,11 +101,13 @@ SECRET_NAMES = (
 
 
 SESSION_SETTINGS = (
-    "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_PAIR_COOLOFF", "MB_NUMBER_COOLING",
+    "MB_SESSION_TTL", "MB_GRACE_PERIOD", "MB_SUPPORT_NUMBER", "MB_ALLOWED_DESTINATIONS", "MB_PAIR_COOLOFF",
+    "MB_NUMBER_COOLING",
     "MB_RETENTION_DAYS", "MB_SWEEP_INTERVAL", "MB_CALL_WARNING", "MB_CONFIRM_TIMEOUT", "MB_BLOCK_KEYS",
     "MB_WEBHOOK_URL", "MB_WEBHOOK_SECRET",
-    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS",
+    "MB_DEFAULT_LANGUAGE", "MB_RECORDING_TOKEN", "MB_RECORDING_RETENTION_DAYS", "MB_WEBHOOK_RETENTION_DAYS",
     "MB_ORDER_CODE_LENGTH", "MB_ORDER_CODE_ATTEMPTS", "MB_ORDER_CODE_LOCKOUT",
+    "MB_UNKNOWN_CALLER_LIMIT", "MB_UNKNOWN_CALLER_TOTAL",
     *(Terms.term(n).env for n in Terms.names()),
 )
 
@@ -183,6 +200,8 @@ class Stack:
             "MB_API_BIND": e["MB_API_BIND"],
             "MB_API_PORT": e["MB_API_PORT"],
             "MB_API_TOKEN": e["MB_API_TOKEN"],
+            "MB_API_RATE": e["MB_API_RATE"],
+            "MB_API_BURST": e["MB_API_BURST"],
             "MB_DEFAULT_REGION": e["MB_DEFAULT_REGION"],
             "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
             "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],

@@ -88,22 +88,40 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10,
 
 
 async def _seal_plaintext_numbers(conn: asyncpg.Connection, vault: NumberVault) -> None:
-    """After 002: seal every real number stored in plaintext by 001, then empty it."""
+    """After 002: seal every real number stored in plaintext by 001, then empty it (in
+    format 1: sql/023's step re-seals it)."""
     rows = await conn.fetch("SELECT id, real_number FROM participants WHERE real_number IS NOT NULL",
                             timeout=LONG_STATEMENT)
     await conn.executemany(
         "UPDATE participants SET number_idx = $2, number_enc = $3, real_number = NULL WHERE id = $1",
-        [(r["id"], vault.index(r["real_number"]), vault.seal(r["real_number"])) for r in rows],
+        [(r["id"], vault.index(r["real_number"]), vault.masters.seal_legacy(r["real_number"])) for r in rows],
         timeout=LONG_STATEMENT,
     )
     if rows:
         log.info("db.sealed_plaintext_numbers", participants=len(rows))
 
 
+async def _seal_with_data_keys(conn: asyncpg.Connection, vault: NumberVault) -> None:
+    """After 023: the active master version, the blind index key (the one the numbers are
+    indexed with), and every number of format 1 re-sealed with today's data key, bound to its
+    row. (A bridge older than 023 still running may seal some more: retention re-seals them.)"""
+    from bridge.number_keys import NumberKeys  # (these two need this module: imported late)
+    from bridge.store.number_keys import NumberKeyRepo
+
+    repo = NumberKeyRepo(conn)
+    await repo.start_versions(vault.masters.newest)
+    bound = vault.bound_to(repo)
+    await bound.start()
+    resealed = await NumberKeys(repo, bound).reseal([], True, None)
+    if resealed:
+        log.info("db.resealed_numbers", numbers=resealed)
+
+
 # Data steps that need what the database must not hold (the number key); each runs in the
 # transaction of the SQL file it is named after, right after it.
 _PYTHON_STEPS: dict[str, Callable[[asyncpg.Connection, NumberVault], Awaitable[None]]] = {
     "002_pools_sessions_sealed_numbers.sql": _seal_plaintext_numbers,
+    "023_number_data_keys.sql": _seal_with_data_keys,
 }
 
 

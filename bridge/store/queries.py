@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
+from dataclasses import dataclass
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
@@ -12,9 +13,10 @@ import asyncpg
 
 from bridge.store.blocklist import BlocklistRepo
 from bridge.store.db import keeps_session_state
+from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.recordings import RecordingRepo
-from bridge.store.sessions import SessionRepo
+from bridge.store.sessions import ROUTE_SQL, RouteRow, SessionRepo, route_row
 from bridge.terms import Terms
 
 
@@ -67,15 +69,59 @@ def _caps(terms: Terms | None) -> tuple[int, int] | None:
     per_hour, per_day = terms.calls_per_hour or 0, terms.calls_per_day or 0
     return (per_hour, per_day) if per_hour or per_day else None
 
-# $1-$7 (call_routed), then the terms by name.
-_ROUTE_CALL = f"""
+# $1-$9 (call_put_through), then the terms by name. A call put through (a callee, $5) is
+# ringing from here: its other leg and bridge ($8, $9) are named before the leg is dialed,
+# so that a bridge process stopped at any moment leaves a row that says what to hang up.
+_PUT_THROUGH_CALL = f"""
     WITH call AS (
         UPDATE calls SET session_id = $2, caller_role = $3, caller_participant_id = $4, callee_role = $5,
-                         callee_participant_id = $6
-                         {"".join(f", {n} = ${i}" for i, n in enumerate(_CALL_TERMS, start=8))}
+                         callee_participant_id = $6, outbound_channel_id = $8, bridge_id = $9,
+                         state = CASE WHEN $5::text IS NULL THEN state ELSE 'ringing' END
+                         {"".join(f", {n} = ${i}" for i, n in enumerate(_CALL_TERMS, start=10))}
         WHERE id = $1 AND state <> 'ended'
         RETURNING calls AS r
     ){_PUT_THROUGH.format(webhooks="$7")}"""
+
+# The route lookup of a call and its row, in one statement (one round trip on the call's
+# critical path): ROUTE_SQL's first row ($1 the caller's blind index, $2 the dialed number),
+# what the dialed number is (routing_facts), and the call's row in state routing naming
+# the session and the caller the lookup found ($3-$7: id, the dialed number masked, the
+# caller masked, the inbound channel, the node; then the call's terms, unset). Whom the
+# call rings, if anyone, is written once the flow decided (call_put_through).
+_ROUTE_AND_RECORD = f"""
+    WITH route AS ({ROUTE_SQL} LIMIT 1),
+    dialed AS (SELECT language, mode FROM pool_numbers WHERE number = $2),
+    call AS (
+        INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
+                           caller_participant_id, node {"".join(f", {n}" for n in _CALL_TERMS)})
+        SELECT $3, route.session_id, CASE WHEN EXISTS (SELECT 1 FROM dialed) THEN $2 ELSE $4 END, route.role,
+               $5, $6, 'routing', route.participant_id, $7
+               {"".join(f", ${i}" for i in range(8, 8 + len(_CALL_TERMS)))}
+        FROM (VALUES (1)) AS one (x) LEFT JOIN route ON true
+    )
+    SELECT route.*, dialed.language AS dialed_language, dialed.mode AS dialed_mode,
+           dialed.mode IS NOT NULL AS dialed_known
+    FROM (VALUES (1)) AS one (x) LEFT JOIN route ON true LEFT JOIN dialed ON true
+"""
+
+
+@dataclass(frozen=True)
+class NewCall:
+    """A call's row as the route lookup writes it (Store.route_and_record)."""
+
+    id: uuid.UUID
+    pool_masked: str  # the dialed number as the row keeps it when it is none of ours
+    caller_masked: str
+    inbound_channel_id: str
+
+
+@dataclass(frozen=True)
+class Dialed:
+    """What the dialed number is: one of our pool numbers or not, its language and mode."""
+
+    known: bool
+    language: str | None
+    mode: str
 
 
 def _call_terms(terms: Terms | None) -> list[Any]:
@@ -95,6 +141,7 @@ class Store:
         self.sessions = SessionRepo(pool)
         self.blocklist = BlocklistRepo(pool)
         self.recordings = RecordingRepo(pool)
+        self.number_keys = NumberKeyRepo(pool)
 
     @contextlib.asynccontextmanager
     async def exclusive(self, key: int) -> AsyncIterator[bool]:
@@ -170,7 +217,17 @@ class Store:
             "UPDATE calls SET state = 'entering_code' WHERE id = $1 AND state <> 'ended'", call_id
         )
 
-    async def call_routed(
+    async def route_and_record(self, idx: bytes, pool_number: str, call: NewCall) -> tuple[RouteRow | None, Dialed]:
+        """The route of a call from (caller's blind index, dialed number), what the dialed
+        number is, and the call's row written (state routing): one round trip."""
+        row = await self.pool.fetchrow(_ROUTE_AND_RECORD, idx, pool_number, call.id, call.pool_masked,
+                                       call.caller_masked, call.inbound_channel_id, self.node, *_call_terms(None))
+        fields = dict(row) if row is not None else {}  # (one row, whatever matched)
+        dialed = Dialed(bool(fields.pop("dialed_known", False)), fields.pop("dialed_language", None),
+                        fields.pop("dialed_mode", None) or "direct")
+        return (route_row(fields) if fields.get("session_id") is not None else None), dialed
+
+    async def call_put_through(
         self,
         call_id: uuid.UUID,
         *,
@@ -179,21 +236,17 @@ class Store:
         caller_participant_id: uuid.UUID | None,
         callee_role: str | None,
         callee_participant_id: uuid.UUID | None,
-        terms: Terms | None = None,
+        terms: Terms | None,
+        outbound_channel_id: str,
+        bridge_id: str,
     ) -> bool:
-        """A call to an order-code number, once its code named the session: the row learns
-        who is calling whom and, as insert_call does for a direct call, a call put through
-        is the session's activity and its call.started webhook. False: the session reached
-        a cap meanwhile (as insert_call)."""
+        """The call rings the other participant: the row learns who calls whom, its other leg
+        and bridge, and says ringing; a call put through is the session's activity and its
+        call.started webhook. False: the session reached a cap meanwhile (see _admitted): the
+        row names nobody rung and stays routing."""
         args = [call_id, session_id, caller_role, caller_participant_id, callee_role, callee_participant_id,
-                self.webhooks, *_call_terms(terms)]
-        return await self._write_call(_ROUTE_CALL, args, callee_at=4, terms=terms)
-
-    async def call_ringing(self, call_id: uuid.UUID, outbound_channel_id: str, bridge_id: str) -> None:
-        await self.pool.execute(
-            "UPDATE calls SET state = 'ringing', outbound_channel_id = $2, bridge_id = $3 WHERE id = $1",
-            call_id, outbound_channel_id, bridge_id,
-        )
+                self.webhooks, outbound_channel_id, bridge_id, *_call_terms(terms)]
+        return await self._write_call(_PUT_THROUGH_CALL, args, callee_at=4, terms=terms)
 
     async def call_confirming(self, call_id: uuid.UUID) -> None:
         await self.pool.execute("UPDATE calls SET state = 'confirming' WHERE id = $1 AND state <> 'ended'", call_id)
@@ -212,17 +265,31 @@ class Store:
             call_id, self.webhooks,
         )
 
-    async def call_announcing(self, call_id: uuid.UUID) -> None:
-        await self.pool.execute("UPDATE calls SET state = 'announcing' WHERE id = $1 AND state <> 'ended'", call_id)
+    async def call_announcing(
+        self, call_id: uuid.UUID, *, session_id: uuid.UUID | None = None, caller_role: str | None = None,
+        caller_participant_id: uuid.UUID | None = None,
+    ) -> None:
+        """The caller is told why the call is not put through; the row names the session
+        and the caller the final decision was about (none: an unknown caller)."""
+        await self.pool.execute(
+            """UPDATE calls SET state = 'announcing', session_id = $2, caller_role = $3, caller_participant_id = $4
+               WHERE id = $1 AND state <> 'ended'""",
+            call_id, session_id, caller_role, caller_participant_id,
+        )
 
     async def call_ended(
-        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None
+        self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
+        *, rung: bool = True,
     ) -> None:
+        """The call's end. `rung` False: it ended before its other leg was dialed, so nobody
+        was rung: the row names no callee (it does not count against the session's caps)."""
         await self.pool.execute(
             """
             WITH call AS (
                 UPDATE calls SET state = 'ended', ended_at = now(), outcome = $2, hangup_by = $3, hangup_cause = $4,
-                                 cut_reason = $5
+                                 cut_reason = $5,
+                                 callee_role = CASE WHEN $7 THEN callee_role END,
+                                 callee_participant_id = CASE WHEN $7 THEN callee_participant_id END
                 WHERE id = $1 AND state <> 'ended'
                 RETURNING calls AS r
             ), touched AS (
@@ -242,7 +309,7 @@ class Store:
                                ) AS e(event, wanted)
             WHERE $6 AND (call.r).session_id IS NOT NULL AND e.wanted
             """,
-            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks,
+            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks, rung,
         )
 
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:

@@ -88,35 +88,35 @@ class RecordingRepo:
                    WHERE id = $1 AND deleted_at IS NULL""",
                 recording_id,
             )
-            await self._audit(conn, recording_id, None, "retention", None, "delete", "granted", 200)
+            await self._audit(conn, recording_id, None, "retention", None, None, "delete", "granted", 200)
 
     # --- the audit ----------------------------------------------------------------------
 
     @staticmethod
     async def _audit(
         conn: asyncpg.Connection | asyncpg.Pool, recording_id: uuid.UUID | None, call_id: uuid.UUID | None,
-        actor: str, remote: str | None, action: str, result: str, status: int,
+        actor: str, token: str | None, remote: str | None, action: str, result: str, status: int,
     ) -> None:
         if call_id is None and recording_id is not None:
             call_id = await conn.fetchval("SELECT call_id FROM recordings WHERE id = $1", recording_id)
         await conn.execute(
-            """INSERT INTO recording_access (recording_id, call_id, actor, remote, action, result, status)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)""",
-            recording_id, call_id, actor, remote, action, result, status,
+            """INSERT INTO recording_access (recording_id, call_id, actor, token, remote, action, result, status)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+            recording_id, call_id, actor, token, remote, action, result, status,
         )
 
     async def audit(
-        self, *, recording_id: uuid.UUID | None, call_id: uuid.UUID | None, actor: str, remote: str | None,
-        action: str, result: str, status: int,
+        self, *, recording_id: uuid.UUID | None, call_id: uuid.UUID | None, actor: str, token: str | None,
+        remote: str | None, action: str, result: str, status: int,
     ) -> None:
-        await self._audit(self.pool, recording_id, call_id, actor, remote, action, result, status)
+        await self._audit(self.pool, recording_id, call_id, actor, token, remote, action, result, status)
 
     async def access_log(
         self, *, call_id: uuid.UUID | None, after: int | None, limit: int
     ) -> list[dict[str, Any]]:
         """The audit, newest first; `after` is the id of the last row of the previous page."""
         rows = await self.pool.fetch(
-            """SELECT id, at, recording_id, call_id, actor, remote, action, result, status FROM recording_access
+            """SELECT id, at, recording_id, call_id, actor, token, remote, action, result, status FROM recording_access
                WHERE ($1::uuid IS NULL OR call_id = $1) AND ($2::bigint IS NULL OR id < $2)
                ORDER BY id DESC LIMIT $3""",
             call_id, after, limit,

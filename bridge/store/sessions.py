@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 
+from bridge.requester import request_token
 from bridge.store.db import LONG_STATEMENT
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
 from bridge.terms import Terms
@@ -22,8 +23,10 @@ from bridge.terms import Terms
 
 @dataclass(frozen=True)
 class Sealed:
-    """A real number as stored: its blind index and its ciphertext."""
+    """A real number as stored: its blind index and its ciphertext, sealed for the
+    participant row `id` (bridge.crypto binds it to that row)."""
 
+    id: uuid.UUID
     idx: bytes
     enc: bytes
 
@@ -102,7 +105,7 @@ class RouteRow:
 
 @dataclass(frozen=True)
 class Opening:
-    """What an open found (maskbridge_open_session, sql/021).
+    """What an open found (maskbridge_open_session, sql/027).
 
     outcome: "opened" (`session` as written), "open_already" (the order's open session;
     `due`: how it ends if it is past its time), "unknown_region", "exhausted" (nothing is free
@@ -144,9 +147,9 @@ _ROUTE_SELECT = f"""
            h.left_at IS NOT NULL AS caller_left, s.status, maskbridge_session_due(s) AS due,
            o.id AS other_id, o.role AS other_role, o.number_enc AS other_enc,
            o.pool_number AS other_pool_number,
-           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = h.number_idx)
+           EXISTS (SELECT 1 FROM live_blocked_numbers b WHERE b.number_idx = h.number_idx)
                OR h.blocked_at IS NOT NULL AS caller_blocked,
-           EXISTS (SELECT 1 FROM blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
+           EXISTS (SELECT 1 FROM live_blocked_numbers b WHERE b.number_idx = o.number_idx) AS other_blocked,
            cap.last_hour AS calls_last_hour, cap.last_day AS calls_last_day,
            (SELECT n.language FROM pool_numbers n WHERE n.number = h.pool_number) AS language,
            {_TERM_COLUMNS}
@@ -200,7 +203,7 @@ def _participant_row(p: asyncpg.Record) -> ParticipantRow:
                           held_until=p["held_until"] if p["holds"] else None)
 
 
-def _route_row(r: asyncpg.Record) -> RouteRow:
+def route_row(r: asyncpg.Record | dict[str, Any]) -> RouteRow:
     fields = {k: v for k, v in dict(r).items() if k not in Terms.names()}
     return RouteRow(**fields, terms=Terms.from_columns(r))
 
@@ -251,9 +254,10 @@ class SessionRepo:
 
     async def events(self, session_id: uuid.UUID) -> list[dict[str, Any]]:
         rows = await self.pool.fetch(
-            "SELECT at, kind, detail FROM session_events WHERE session_id = $1 ORDER BY id", session_id
+            "SELECT at, kind, detail, token FROM session_events WHERE session_id = $1 ORDER BY id", session_id
         )
-        return [{"at": r["at"], "kind": r["kind"], "detail": json.loads(r["detail"])} for r in rows]
+        return [{"at": r["at"], "kind": r["kind"], "detail": json.loads(r["detail"]), "token": r["token"]}
+                for r in rows]
 
     # --- choosing a pool number ------------------------------------------------------
 
@@ -270,9 +274,9 @@ class SessionRepo:
             WHERE a.number_idx = $1[1] ORDER BY s.created_at DESC LIMIT 1
         """ if len(pair) == 2 else "SELECT NULL::text AS pool_number"
         # Tiers, best first: `prefer`, the pair's last number, the region's least loaded, the
-        # least loaded of any region. A number's load is pool_numbers.holders (exact: sql/021),
+        # least loaded of any region. A number's load is pool_numbers.holders (exact: sql/027),
         # read in order from an index; ties are broken at random among the few least loaded read.
-        # (An open does the same in maskbridge_open_session, sql/021.)
+        # (An open does the same in maskbridge_open_session, sql/027.)
         rows = await self.pool.fetch(
             f"""
             WITH blocked AS (SELECT unnest(maskbridge_numbers_held($1::bytea[])) AS pool_number),
@@ -346,14 +350,14 @@ class SessionRepo:
     @staticmethod
     async def _event(conn: asyncpg.Connection, session_id: uuid.UUID, kind: str, **detail: Any) -> None:
         await conn.execute(
-            "INSERT INTO session_events (session_id, kind, detail) VALUES ($1, $2, $3::jsonb)",
-            session_id, kind, json.dumps(detail, default=str),
+            "INSERT INTO session_events (session_id, kind, detail, token) VALUES ($1, $2, $3::jsonb, $4)",
+            session_id, kind, json.dumps(detail, default=str), request_token(),  # (the API token's name)
         )
 
     async def open(
         self, order_id: str, courier: Sealed, client: Sealed, terms: SessionTerms, *, code_given: bool = False
     ) -> Opening:
-        """Open the order's session, or find the one open already: one statement (sql/021)
+        """Open the order's session, or find the one open already: one statement (sql/027)
         that picks the pool number (see `candidates` for the order of preference), writes
         the session, its two participants and its event, and returns them as written.
 
@@ -369,8 +373,8 @@ class SessionRepo:
         }
         try:
             row = await self.pool.fetchrow(
-                "SELECT * FROM maskbridge_open_session($1, $2, $3, $4, $5, $6::jsonb, $7, $8)",
-                order_id, courier.idx, courier.enc, client.idx, client.enc, json.dumps(session),
+                "SELECT * FROM maskbridge_open_session($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10)",
+                order_id, courier.id, courier.idx, courier.enc, client.id, client.idx, client.enc, json.dumps(session),
                 terms.ttl_seconds, code_given,
             )
         except asyncpg.UniqueViolationError as exc:
@@ -498,9 +502,9 @@ class SessionRepo:
                 if not by_code:
                     await self._free_pairs(conn, [courier.idx], pool_number)
                 new: uuid.UUID = await conn.fetchval(
-                    """INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
-                       VALUES ($1, 'courier', $2, $3, $4, $5) RETURNING id""",
-                    session_id, courier.idx, courier.enc, pool_number, by_code,
+                    """INSERT INTO participants (id, session_id, role, number_idx, number_enc, pool_number, by_code)
+                       VALUES ($1, $2, 'courier', $3, $4, $5, $6) RETURNING id""",
+                    courier.id, session_id, courier.idx, courier.enc, pool_number, by_code,
                 )
                 await self._event(
                     conn, session_id, "courier_reassigned", previous=old["id"] if old else None, participant=new,
@@ -520,12 +524,12 @@ class SessionRepo:
         """The holder of (number, pool number), with its session and the live other side.
         One indexed lookup: the unique hold index makes the answer unambiguous."""
         row = await self.pool.fetchrow(ROUTE_SQL, idx, pool_number)
-        return _route_row(row) if row is not None else None
+        return route_row(row) if row is not None else None
 
     async def route_by_code(self, idx: bytes, pool_number: str, order_code: str) -> RouteRow | None:
         """The caller's part in the live session with this code on this order-code number."""
         row = await self.pool.fetchrow(ROUTE_BY_CODE_SQL, idx, pool_number, order_code)
-        return _route_row(row) if row is not None else None
+        return route_row(row) if row is not None else None
 
     async def ended_with_code(self, idx: bytes, pool_number: str, order_code: str, within: int) -> bool:
         """Whether the caller took part in a session with this code on this number that

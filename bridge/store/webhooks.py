@@ -1,4 +1,5 @@
-"""The webhook outbox: events waiting for delivery, claimed in batches, marked as they go."""
+"""The webhook outbox: events waiting for delivery, claimed in batches, marked as they go;
+deleted once delivered (or given up) longer ago than the retention."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 
 import asyncpg
 
+PRUNE_BATCH = 1000  # events deleted per statement: a short lock each, never the whole backlog at once
 
 @dataclass(frozen=True)
 class Pending:
@@ -55,3 +57,23 @@ class WebhookRepo:
             """,
             event_id, error[:500], retry_in,
         )
+
+    async def prune(self, older_than_days: int, batch: int = PRUNE_BATCH) -> int:
+        """Delete the events delivered or given up more than `older_than_days` ago, `batch`
+        at a time (pending ones stay, however old); how many."""
+        deleted = 0
+        while True:
+            status = await self.pool.execute(
+                """
+                DELETE FROM webhook_outbox WHERE id IN (
+                    SELECT id FROM webhook_outbox
+                    WHERE (delivered_at IS NOT NULL OR failed_at IS NOT NULL)
+                      AND coalesce(delivered_at, failed_at) < now() - make_interval(days => $1)
+                    LIMIT $2 FOR UPDATE SKIP LOCKED)
+                """,
+                older_than_days, batch,
+            )
+            count = int(status.split()[-1])
+            deleted += count
+            if count < batch:
+                return deleted

@@ -27,6 +27,7 @@ from bridge.store import Store, migrate
 from bridge.devstack.carrier import Carrier
 from bridge.devstack.settings import Stack, load
 from bridge.devstack.audio import rms, samples
+from bridge.phone import mask
 from tests.live.siplog import SipLog
 
 pytestmark = pytest.mark.live
@@ -191,7 +192,7 @@ async def announced(carrier: Carrier, caller: str, pool: str) -> Any:
 
 async def last_call_of(db: asyncpg.Connection, pool: str, caller: str) -> dict[str, Any]:
     """The latest call row from `caller` (matched by its masked form) to `pool`, once ended."""
-    masked = caller[:5] + "***" + caller[-4:]
+    masked = mask(caller)
     async with asyncio.timeout(10):
         while True:
             row = await db.fetchrow(
@@ -269,8 +270,9 @@ class Harness:
     def __init__(self, loop: asyncio.AbstractEventLoop, pool: asyncpg.Pool) -> None:
         self.loop = loop
         self.pool = pool
-        self.vault = NumberVault(SCRATCH_KEY)
         self.store = Store(pool)
+        self.vault = NumberVault(SCRATCH_KEY, self.store.number_keys)
+        loop.run_until_complete(self.vault.start())
         policy = Policy(pair_cooloff=3600, number_cooling=3600, retention_days=30)
         self.sessions = Sessions(self.store, self.vault, policy)
         self.pools = Pools(self.store, policy)

@@ -102,7 +102,7 @@ async def check_invariants(h: Harness) -> None:
     assert not await h.pool.fetch(
         """SELECT p.number FROM pool_numbers p WHERE p.holders <> (
                SELECT count(*) FROM participants h WHERE h.holds AND NOT h.by_code AND h.pool_number = p.number)"""
-    ), "every number's holders (the allocator's load, sql/021) is its count of direct holders, at every commit"
+    ), "every number's holders (the allocator's load, sql/027) is its count of direct holders, at every commit"
 
 
 # --- operations ---------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ async def apply(h: Harness, step: tuple[Any, ...]) -> None:
         except (InvalidInput, PoolExhausted):
             return
         courier = session.live("courier")
-        assert courier is not None and h.sessions.reveal(courier.number_enc) == step[2]
+        assert courier is not None and h.sessions.reveal(courier) == step[2]
     elif kind == "expire" and current is not None:
         await h.pool.execute("UPDATE sessions SET expires_at = now() - interval '1 second' WHERE id = $1", current)
         await h.sessions.sweep()
@@ -272,7 +272,7 @@ def test_a_repeated_reassignment_racing_itself_changes_the_courier_once(harness:
         assert sum(changed for _, changed in results) == 1
         final = await harness.sessions.get(session.id)
         courier = final.live("courier")
-        assert courier is not None and harness.sessions.reveal(courier.number_enc) == PEOPLE[2]
+        assert courier is not None and harness.sessions.reveal(courier) == PEOPLE[2]
         assert courier.pool_number == session.pool_number, "the new courier gets the client's number when free"
         assert [p.role for p in final.participants].count("courier") == 2
         await check_invariants(harness)
@@ -284,10 +284,15 @@ def test_two_opens_with_the_same_people_in_opposite_roles_queue_instead_of_deadl
     """(A courier, B client) and (B courier, A client) on the same number (the only one) at the
     same moment: one wins, the other is told the pair is taken, and neither is aborted as a
     deadlock."""
+    from bridge.crypto import participant_number
     from bridge.store.sessions import PairTaken, Sealed, SessionTerms
 
     a, b = PEOPLE[0], PEOPLE[1]
-    sealed = {p: Sealed(harness.vault.index(p), harness.vault.seal(p)) for p in (a, b)}
+
+    async def sealed(person: str) -> Sealed:  # (a new participant row each time: its id is bound in)
+        row = uuid.uuid4()
+        return Sealed(row, harness.vault.index(person), await harness.vault.seal(person, participant_number(row)))
+
     terms = SessionTerms(region=None, ttl_seconds=3600, idle_timeout_seconds=None, grace_seconds=0)
 
     async def scenario() -> None:
@@ -300,9 +305,10 @@ def test_two_opens_with_the_same_people_in_opposite_roles_queue_instead_of_deadl
             tx = gate.transaction()
             await tx.start()
             await gate.execute("SELECT 1 FROM pool_numbers WHERE number = $1 FOR UPDATE", NUMBERS[0])
+            x, y = [await sealed(a), await sealed(b)], [await sealed(b), await sealed(a)]
             opens = asyncio.gather(
-                harness.sessions.repo.open(f"x-{round_}", sealed[a], sealed[b], terms),
-                harness.sessions.repo.open(f"y-{round_}", sealed[b], sealed[a], terms),
+                harness.sessions.repo.open(f"x-{round_}", *x, terms),
+                harness.sessions.repo.open(f"y-{round_}", *y, terms),
                 return_exceptions=True,
             )
             async with asyncio.timeout(10):

@@ -1,27 +1,56 @@
-"""`make bench` still runs: every measurement, a handful of real calls each. The figures
-are read from the report, never asserted here."""
+"""`make bench` still runs: every measurement, a handful of real calls each, placed and
+answered by SIPp. The figures are read from the report, never asserted here."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
+from bench import soak, summary
 from bench.__main__ import TINY, run
+from bridge.devstack import asterisk
+from bridge.devstack.settings import PROJECT_DIR
 
 
 async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
+    shutil.copy(PROJECT_DIR / "docs" / "bench" / "before.json", tmp_path / "before.json")
+    trunk = asterisk.host_path(stack, "pbx", "etc", "pjsip.conf").read_text()
     report = await run(stack, TINY, "tiny", tmp_path)
+    # The PBX's trunk points at the carrier again, exactly as before.
+    assert asterisk.host_path(stack, "pbx", "etc", "pjsip.conf").read_text() == trunk
     text = report.read_text()
-    for section in ("## Added post-dial delay", "## Throughput", "## Simultaneous calls", "## The session API"):
+    for section in ("## Before and after", "## Added post-dial delay", "## Throughput", "## CPU per call",
+                    "## Simultaneous calls", "## Soak", "## The session API", "## Headline figures"):
         assert section in text
-    for plot in ("delay.png", "ramp.png", "memory.png"):
+    for plot in ("delay.png", "ramp.png", "cpu.png", "memory.png"):
         assert (tmp_path / plot).read_bytes().startswith(b"\x89PNG")
     results = json.loads((tmp_path / "results.json").read_text())
     # Every call of the smoke run was measured on both paths and went through.
     assert results["delay"]["failed"] == 0
     assert results["delay"]["bridge"]["n"] == results["delay"]["baseline"]["n"] == TINY["delay_per_path"]
     assert all(step["success"] == 1.0 for step in results["ramp"])
+    # Two-way audio: each sampled side heard the other's tone.
+    assert all(step["audio_ok"] for step in results["ramp"])
     assert results["concurrency"][-1]["audio_ok"] is True
+    assert results["concurrency"][-1]["ended_ok"] == TINY["concurrency_steps"][-1]
+    for path in ("bridge", "baseline"):
+        assert results["cpu"][path]["ok"] == results["cpu"][path]["calls"]
+        assert set(results["cpu"][path]["cpu_ms_per_call"]) == {"bridge", "pbx", "postgres", "load_generator"}
     assert results["route"]["n"] >= TINY["delay_per_path"]
+    figures = json.loads((tmp_path / "summary.json").read_text())
+    assert tuple(figures) == summary.KEYS and len(figures) == 14
+
+
+async def test_the_soak_runs(stack, tmp_path):
+    """`make bench SOAK=...` in miniature: a few seconds of calls, read at start, during and end."""
+    path = await soak.run(stack, dict(soak.TINY, seconds=4.0), tmp_path)
+    result = json.loads(path.read_text())
+    assert result["samples"], "read during the soak"
+    for key in ("bridge_rss_mb", "pg_connections", "channels", "bridges", "open_calls"):
+        assert key in result["start"] and key in result["end"]
+    assert set(result["leaked"]) == {"channels", "bridges", "open_calls", "pg_connections"}
+    assert result["calls"]["placed"] == int(soak.TINY["rate"] * 4.0)
+    assert (tmp_path / "soak.png").read_bytes().startswith(b"\x89PNG")
 
 
 async def test_the_size_benchmark_runs(stack, tmp_path):

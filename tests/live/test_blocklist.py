@@ -8,9 +8,12 @@ import asyncio
 import subprocess
 import sys
 import uuid
+from datetime import datetime, timedelta, timezone
 
+from bridge.blocklist import Blocklist
 from bridge.devstack.settings import PROJECT_DIR
-from tests.live.conftest import announced, last_call_of, wait_for_call_row
+from bridge.phone import mask
+from tests.live.conftest import Harness, announced, last_call_of, wait_for_call_row
 
 
 async def block(api, number: str, reason: str = "harassment reported") -> dict:
@@ -29,7 +32,7 @@ async def test_a_blocked_number_is_refused_on_every_session_until_unblocked(carr
     first = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
     second = await api.open_session(f"order-{uuid.uuid4()}", courier, other_client)
     entry = await block(api, courier)
-    assert entry["number"] == courier[:5] + "***" + courier[-4:] and courier not in str(entry)
+    assert entry["number"] == mask(courier) and courier not in str(entry)
     try:
         for session in (first, second):
             carrier.phone(client, action="answer")
@@ -141,3 +144,73 @@ async def test_the_client_blocks_the_courier_from_the_keypad(carrier, api, real_
     assert len(blocked) == 1 and blocked[0]["detail"]["participant"] == session["participants"]["courier"]["id"]
     await announced(carrier, courier, pool)
     assert (await last_call_of(db, pool, courier))["outcome"] == "blocked"
+
+
+async def test_a_block_with_a_ttl_is_listed_with_its_expiry_and_never_shortened(api, real_number):
+    number = real_number()
+    status, entry = await api.request("POST", "/v1/blocklist", json={"number": number, "ttl_seconds": 3600})
+    assert status == 201 and entry["expires_at"] is not None
+    try:
+        expires = datetime.fromisoformat(entry["expires_at"])
+        assert timedelta(minutes=59) < expires - datetime.now(timezone.utc) <= timedelta(hours=1)
+        status, listed = await api.request("GET", "/v1/blocklist?limit=500")
+        assert {e["id"]: e["expires_at"] for e in listed["items"]}[entry["id"]] == entry["expires_at"]
+        # Blocking again: the later expiry wins, null (until unblocked) being the latest.
+        status, shorter = await api.request("POST", "/v1/blocklist", json={"number": number, "ttl_seconds": 60})
+        assert (status, shorter["id"], shorter["expires_at"]) == (200, entry["id"], entry["expires_at"])
+        status, longer = await api.request("POST", "/v1/blocklist", json={"number": number, "ttl_seconds": 7200})
+        assert status == 200 and datetime.fromisoformat(longer["expires_at"]) > expires
+        status, forever = await api.request("POST", "/v1/blocklist", json={"number": number})
+        assert (status, forever["expires_at"]) == (200, None)
+        status, still = await api.request("POST", "/v1/blocklist", json={"number": number, "ttl_seconds": 60})
+        assert (status, still["expires_at"]) == (200, None), "a block until unblocked is not shortened"
+    finally:
+        await unblock(api, entry)
+
+
+async def test_an_expired_block_stops_blocking_before_any_housekeeping(carrier, api, real_number, db):
+    """The entry is still in the table (no sweep ran): from its expiry on it blocks nothing,
+    is not listed, cannot be removed, and blocking the number again makes a new entry."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    status, entry = await api.request("POST", "/v1/blocklist", json={"number": courier, "ttl_seconds": 3600})
+    assert status == 201
+    await announced(carrier, courier, session["pool_number"])
+    assert (await last_call_of(db, session["pool_number"], courier))["outcome"] == "blocked"
+    # Its hour has passed (written so, rather than waited for).
+    await db.execute("UPDATE blocked_numbers SET expires_at = now() - interval '1 second' WHERE id = $1",
+                     uuid.UUID(entry["id"]))
+
+    carrier.phone(client, action="answer")
+    leg = await carrier.call(courier, session["pool_number"], hangup_after=0.5)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.ended.wait(), 15)
+    assert callee.number == client and callee.answered_at is not None, "expired: put through again"
+    assert await db.fetchval("SELECT count(*) FROM blocked_numbers WHERE id = $1", uuid.UUID(entry["id"])) == 1
+    status, listed = await api.request("GET", "/v1/blocklist?limit=500")
+    assert entry["id"] not in [e["id"] for e in listed["items"]]
+    status, gone = await api.request("DELETE", f"/v1/blocklist/{entry['id']}")
+    assert (status, gone["error"]["code"]) == (404, "block_not_found")
+    again = await block(api, courier)  # (201: a new entry)
+    assert again["id"] != entry["id"] and again["expires_at"] is None
+    await unblock(api, again)
+
+
+def test_housekeeping_deletes_expired_blocks_in_batches(scratch_db: Harness) -> None:
+    h = scratch_db
+    h.run(h.pool.execute("TRUNCATE blocked_numbers"))
+    blocklist = Blocklist(h.store, h.vault)
+    for i in range(5):
+        h.run(blocklist.add(f"+7916444000{i}", None, 60))
+    h.run(blocklist.add("+79164440010", None, 3600))  # not yet expired
+    h.run(blocklist.add("+79164440011"))  # until unblocked
+    expire = ("UPDATE blocked_numbers SET expires_at = now() - interval '1 second' "
+              "WHERE expires_at < now() + interval '2 minutes'")
+    h.run(h.pool.execute(expire))
+    assert h.run(h.store.blocklist.remove_expired(batch=2)) == 5
+    assert h.run(h.pool.fetchval("SELECT count(*) FROM blocked_numbers")) == 2
+    # The session housekeeping (the bridges' sweep, maskbridge-admin housekeeping) runs it.
+    h.run(blocklist.add("+79164440012", None, 60))
+    h.run(h.pool.execute(expire))
+    assert h.run(h.sessions.sweep()).get("blocks_expired") == 1
+    assert h.run(h.pool.fetchval("SELECT count(*) FROM blocked_numbers")) == 2

@@ -9,6 +9,7 @@ import uuid
 import pytest
 
 from bridge.devstack.audio import samples, tone_share
+from bridge.phone import mask
 from tests.live.conftest import announced, wait_for_call_row
 
 
@@ -107,7 +108,7 @@ async def test_unknown_caller_hears_an_announcement_and_nothing_is_routed(carrie
     await announced(carrier, stranger, session["pool_number"])
     row = await db.fetchrow(
         "SELECT * FROM calls WHERE session_id IS NULL AND caller_masked = $1 ORDER BY started_at DESC LIMIT 1",
-        stranger[:5] + "***" + stranger[-4:],
+        mask(stranger),
     )
     assert row is not None and row["outcome"] == "unknown_caller" and row["state"] == "ended"
 
@@ -119,7 +120,7 @@ async def test_call_after_the_session_closed_is_not_routed(carrier, api, real_nu
     row = await db.fetchrow(
         "SELECT * FROM calls WHERE pool_number = $1 AND caller_masked = $2 ORDER BY started_at DESC LIMIT 1",
         session["pool_number"],
-        courier[:5] + "***" + courier[-4:],
+        mask(courier),
     )
     assert row is not None and row["outcome"] == "session_closed"
     assert str(row["session_id"]) == session["id"], "the attempt is linked to the closed session"

@@ -7,10 +7,11 @@ import shutil
 
 import asyncpg
 
-from bridge.crypto import NumberVault
+from bridge.crypto import NumberVault, participant_number, period_of
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, migrate
 from bridge.store.db import SQL_DIR
+from bridge.store.number_keys import NumberKeyRepo
 
 SCHEMA = "scratch_migration_from_001"
 KEY = "migration-test-key-migration-test-key-01"
@@ -70,8 +71,15 @@ async def test_a_001_database_upgrades_without_losing_anything(stack, tmp_path):
             SCHEMA,
         )}
         assert "real_number" not in columns and {"number_idx", "number_enc"} <= columns
-        for row in await pool.fetch("SELECT number_enc FROM participants"):
-            assert vault.open(row["number_enc"]).startswith("+7916000")
+        # Sealed with today's data key (sql/023), each bound to its row; found by the same index.
+        keys = NumberVault(KEY, NumberKeyRepo(pool))
+        await keys.start()
+        assert await pool.fetchval("SELECT count(*) FROM number_data_keys") == 1
+        for row in await pool.fetch("SELECT id, number_enc, number_idx FROM participants"):
+            assert period_of(row["number_enc"]) is not None, "no number is left in format 1"
+            number = await keys.open(row["number_enc"], participant_number(row["id"]))
+            assert number is not None and number.startswith("+7916000")
+            assert row["number_idx"] == keys.index(number)
         regions = dict(await pool.fetch("SELECT number, region FROM pool_numbers ORDER BY number"))
         assert regions == {"+74950000001": "RU-MOW", "+74950000002": None, "+74950000003": None}
         assert await pool.fetchval("SELECT cooling_until > now() FROM pool_numbers WHERE state = 'cooling'")
@@ -79,7 +87,7 @@ async def test_a_001_database_upgrades_without_losing_anything(stack, tmp_path):
             "SELECT count(*) FROM calls WHERE caller_participant_id IS NOT NULL AND callee_role = 'client'"
         ) == 3
 
-        service = Sessions(Store(pool), vault, Policy())
+        service = Sessions(Store(pool), keys, Policy())
         route = await service.route(people["open"][0], "+74950000001")
         assert (route.kind, route.callee_number, route.callee_role) == ("connect", people["open"][1], "client")
         # Closed an hour ago: still cooling off, told that the order finished.
@@ -89,6 +97,8 @@ async def test_a_001_database_upgrades_without_losing_anything(stack, tmp_path):
         events = await pool.fetch("SELECT kind FROM session_events WHERE session_id = $1 ORDER BY id",
                                   sessions["recent"])
         assert [e["kind"] for e in events] == ["opened", "closed"]
+        # Masked as issue 15 asks: the last two digits only (the old form kept eight).
+        assert {r["caller_masked"] for r in await pool.fetch("SELECT caller_masked FROM calls")} == {"+***11"}
         assert await migrate(pool, vault) == [], "a second start applies nothing"
     finally:
         await pool.close()

@@ -34,7 +34,7 @@ async def fake_call(db: asyncpg.Connection, node: str, session_id: str | None = 
     await db.execute(
         """INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, state, inbound_channel_id,
                               outbound_channel_id, node, answered_at, callee_role)
-           VALUES ($1, $2, '+74950000000', 'courier', '+7916***00', $3, $4, $5, $6, now(), 'client')""",
+           VALUES ($1, $2, '+74950000000', 'courier', '+***00', $3, $4, $5, $6, now(), 'client')""",
         call_id, session_id and uuid.UUID(session_id), state, f"gone-{call_id}", f"gone-out-{call_id}", node,
     )
     return call_id
@@ -132,7 +132,7 @@ async def test_caps_hold_for_calls_committed_at_once_on_two_nodes(stack, db, api
         async def call(node: str) -> bool:
             return await Store(pool, node=node).insert_call(
                 uuid.uuid4(), session_id=uuid.UUID(session["id"]), pool_number=session["pool_number"],
-                caller_role="courier", caller_masked="+7916***00", inbound_channel_id=f"in-{uuid.uuid4()}",
+                caller_role="courier", caller_masked="+***00", inbound_channel_id=f"in-{uuid.uuid4()}",
                 state="routing", caller_participant_id=participants["courier"], callee_role="client",
                 callee_participant_id=participants["client"], terms=Terms(calls_per_hour=2),
             )

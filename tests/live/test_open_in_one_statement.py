@@ -1,4 +1,4 @@
-"""A session open in one statement (sql/021), against the real Postgres of the stack in a
+"""A session open in one statement (sql/027), against the real Postgres of the stack in a
 schema of its own: what it returns is what it wrote, the load it keeps is exact, and a
 retire or a mode change that races it is never overtaken."""
 
@@ -58,7 +58,7 @@ def test_what_an_open_returns_is_what_it_wrote(harness: Harness) -> None:
 
 def test_racing_opens_of_distinct_pairs_keep_the_load_exact_and_spread_out(harness: Harness) -> None:
     """200 opens at once on 40 numbers: every one opens, and each number's load (holders,
-    counted in place by the triggers of sql/021) is its count of holders when they are done."""
+    counted in place by the triggers of sql/027) is its count of holders when they are done."""
     async def scenario() -> None:
         await fresh(harness, NUMBERS)
         results = await asyncio.gather(*(

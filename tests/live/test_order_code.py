@@ -15,6 +15,7 @@ import pytest
 from bridge.crypto import NumberVault
 from bridge.devstack.audio import rms, samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
+from bridge.phone import mask
 from tests.live.conftest import wait_for_call_row, announced, last_call_of
 from tests.live.test_announcements import envelope, prompt_envelope
 
@@ -55,7 +56,7 @@ async def open_order(api, courier: str, client: str, region: str, **terms: Any) 
 
 async def entering_code(db: asyncpg.Connection, pool: str, caller: str) -> None:
     """Until the bridge asks `caller`'s latest call to `pool` for the code."""
-    masked = caller[:5] + "***" + caller[-4:]
+    masked = mask(caller)
     async with asyncio.timeout(10):
         while await db.fetchval(
             "SELECT state FROM calls WHERE pool_number = $1 AND caller_masked = $2 ORDER BY started_at DESC LIMIT 1",

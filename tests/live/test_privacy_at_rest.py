@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
+import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from bridge.blocklist import Blocklist
+from bridge.crypto import MasterKeys, NumberVault, VaultError, participant_number
 from bridge.devstack import postgres
-from tests.live.conftest import Harness, opening
+from bridge.number_keys import NumberKeys
+from bridge.sessions import Sessions
+from bridge.store.number_keys import NumberKeyRepo
+from tests.live.conftest import SCRATCH_KEY, Harness, opening
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +64,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         call_id = uuid.uuid4()
         await h.store.insert_call(
             call_id, session_id=old.id, pool_number=old.pool_number, caller_role="courier",
-            caller_masked="+7916***0000", inbound_channel_id="in-1", state="routing",
+            caller_masked="+***00", inbound_channel_id="in-1", state="routing",
             caller_participant_id=courier.id,
         )
         await h.store.call_connected(call_id)
@@ -66,7 +72,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         unrouted = uuid.uuid4()
         await h.store.insert_call(
             unrouted, session_id=None, pool_number=old.pool_number, caller_role=None,
-            caller_masked="+7999***0000", inbound_channel_id="in-2", state="routing",
+            caller_masked="+***00", inbound_channel_id="in-2", state="routing",
         )
         await h.store.call_ended(unrouted, "unknown_caller", "system", None)
         await h.sessions.close(old.id)
@@ -90,7 +96,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
 
         with capture_logs() as logs:
             counts = await h.sessions.purge()
-        assert counts == {"participants": 3, "sessions": 2, "calls": 2}
+        assert counts == {"participants": 3, "sessions": 2, "calls": 2, "keys_destroyed": 0, "numbers_resealed": 0}
         assert [e for e in logs if e["event"] == "retention.purged"] == [
             {"event": "retention.purged", "log_level": "info", "older_than_days": 30, **counts}
         ]
@@ -109,15 +115,100 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         assert (await h.store.get_call(unrouted))["caller_masked"] is None  # type: ignore[index]
         # The API shows a purged participant without a number; the session and its history stay.
         session = await h.sessions.get(old.id)
-        assert all(h.sessions.reveal(p.number_enc) is None for p in session.participants)
+        assert all(h.sessions.reveal(p) is None for p in session.participants)
         assert [e["kind"] for e in await h.sessions.events(old.id)] == ["opened", "closed", "purged"]
         # The purge is idempotent.
-        assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0}
+        assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0, "keys_destroyed": 0,
+                                           "numbers_resealed": 0}
         # A pair whose cool-off still runs keeps its number, however long ago it left: the
         # former participant must go on hearing that the order finished.
         await h.pool.execute(
             "UPDATE participants SET left_at = left_at - interval '40 days' WHERE session_id = $1", recent.id
         )
-        assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0}
+        assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0, "keys_destroyed": 0,
+                                           "numbers_resealed": 0}
 
     harness.run(scenario())
+
+
+def test_a_backup_taken_before_retention_holds_no_purged_number_the_current_keys_open(
+    harness: Harness, stack
+) -> None:
+    """Crypto-shredding (issue 15): numbers are sealed with their day's data key, and
+    retention destroys the key of a day whose numbers are all past retention. A dump taken
+    before retention, restored into a fresh database, still holds the purged numbers'
+    ciphertexts (as old row versions and the WAL do): the current keys open none of them,
+    while they open every number retention keeps. The dump's own copy of the day key, wrapped
+    by master key version 1, is shredded when version 1 is retired after a rotation."""
+    h = harness
+    schema = f"scratch_{__name__.rsplit('.', 1)[-1]}"
+    month_ago = datetime.now(timezone.utc) - timedelta(days=31)
+    then = NumberVault(SCRATCH_KEY, h.store.number_keys, clock=lambda: month_ago)
+    before = Sessions(h.store, then, h.sessions.policy)  # (a bridge of 31 days ago)
+    restored_db = "privacy_restored"
+
+    async def scenario() -> None:
+        await h.pool.execute(
+            "TRUNCATE recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
+            "blocked_numbers"
+        )
+        await h.pools.import_numbers([{"number": f"+749511200{i:02d}"} for i in range(4)])
+        # Opened 31 days ago: one ended then, one still open (an order that lasts); one recent.
+        old, _ = await before.open(opening("order-old", "+79161120001", "+79161120002"))
+        lasting, _ = await before.open(opening("order-lasting", "+79161120003", "+79161120004"))
+        recent, _ = await h.sessions.open(opening("order-recent", "+79161120005", "+79161120006"))
+        blocked, _ = await Blocklist(h.store, then).add("+79161120007")
+        await h.sessions.close(old.id)
+        await h.sessions.close(recent.id)
+        await h.pool.execute(
+            "UPDATE participants SET left_at = left_at - interval '31 days', held_until = held_until - interval "
+            "'31 days' WHERE session_id = $1", old.id)
+        dump = subprocess.run(postgres.dump_command(stack, schema), capture_output=True, check=True).stdout
+
+        counts = await h.sessions.purge()
+        assert counts == {"participants": 2, "sessions": 1, "calls": 0, "keys_destroyed": 1,
+                          "numbers_resealed": 3}, "the lasting session and the blocked number were re-sealed"
+        assert await h.pool.fetchval("SELECT count(*) FROM number_data_keys WHERE period = $1",
+                                     month_ago.date()) == 0
+
+        url = postgres.fresh_database(stack, restored_db)
+        subprocess.run(postgres.restore_command(url), input=dump, capture_output=True, check=True)
+        restored = await asyncpg.connect(url, server_settings={"search_path": schema})
+        try:
+            in_dump = {r["id"]: r["number_enc"] for r in await restored.fetch("SELECT id, number_enc FROM participants")}
+            # The current keys (the live database's, unwrapped by the configured master key):
+            current = NumberVault(SCRATCH_KEY, h.store.number_keys)
+            for p in old.participants + lasting.participants:
+                assert in_dump[p.id] is not None, "the dump holds the ciphertext retention since emptied"
+                assert await current.open(in_dump[p.id], participant_number(p.id)) is None
+            for p in recent.participants:
+                assert await current.open(in_dump[p.id], participant_number(p.id)) == h.sessions.reveal(p)
+            live = await h.sessions.get(lasting.id)
+            assert {h.sessions.reveal(p) for p in live.participants} == {"+79161120003", "+79161120004"}, \
+                "a session still open keeps its numbers (re-sealed with today's key)"
+            assert [Blocklist(h.store, current).number_of(e) for e in await Blocklist(h.store, current).find(None, 9)] \
+                == ["+79161120007"] and blocked.id
+
+            # The dump's own key table still wraps the destroyed day key with master version 1 ...
+            dumped_keys = NumberVault(SCRATCH_KEY, NumberKeyRepo(restored))
+            assert await dumped_keys.open(in_dump[old.participants[0].id], participant_number(old.participants[0].id))
+            # ... until version 1 is retired: version 2 is configured, made active, every key
+            # rewrapped (maskbridge-admin keys rewrap), and version 1 removed.
+            rotated = MasterKeys({1: SCRATCH_KEY, 2: "second-master-key-second-master-key-0123"})
+            done = await NumberKeys(h.store.number_keys, NumberVault(rotated, h.store.number_keys)).rewrap()
+            assert (done.active_version, done.previous_version) == (2, 1) and done.keys_rewrapped == 2
+            only_v2 = MasterKeys({2: "second-master-key-second-master-key-0123"})
+            now_current = NumberVault(only_v2, h.store.number_keys)
+            await now_current.start()
+            for p in recent.participants:  # (the dump's copies)
+                assert await now_current.open(in_dump[p.id], participant_number(p.id)) is not None
+            for p in live.participants:  # (the live database's)
+                assert await now_current.open(p.number_enc, participant_number(p.id)) is not None
+            with pytest.raises(VaultError, match="version 1 is not configured"):
+                await NumberVault(only_v2, NumberKeyRepo(restored)).open(
+                    in_dump[old.participants[0].id], participant_number(old.participants[0].id))
+        finally:
+            await restored.close()
+            postgres.drop_database(stack, restored_db)
+
+    h.run(scenario())

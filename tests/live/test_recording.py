@@ -196,15 +196,15 @@ async def test_only_the_recording_token_reaches_a_recording_and_every_attempt_is
     assert status == 200 and raw[:4] == b"RIFF"
 
     audit = await db.fetch(
-        "SELECT actor, action, result, status, recording_id, remote FROM recording_access WHERE call_id = $1 "
+        "SELECT coalesce(token, actor) AS actor, action, result, status, recording_id, remote FROM recording_access WHERE call_id = $1 "
         "ORDER BY id", call_id,
     )
     expected = [
-        *[({None: "no_token", "api": "api_token", "wrong": "invalid_token"}[token],
+        *[({None: "no_token", "api": "env", "wrong": "invalid_token"}[token],
            "metadata" if not route else "download", "denied", 403 if token == "api" else 401)
           for token, route in attempts],
-        ("api_token", "audit", "denied", 403),
-        ("recording_token", "download", "granted", 200),
+        ("env", "audit", "denied", 403),
+        ("recording", "download", "granted", 200),
     ]
     assert [(a["actor"], a["action"], a["result"], a["status"]) for a in audit] == expected
     assert audit[-1]["recording_id"] == recording["id"]
@@ -233,7 +233,7 @@ async def test_an_unrecorded_session_hears_no_announcement_and_records_nothing(
     status, _kind, raw = await recordings_api.get(f"/v1/calls/{row['id']}/recording", "recording")
     assert status == 404 and b"recording_not_found" in raw
     audit = await db.fetchrow("SELECT * FROM recording_access WHERE call_id = $1", row["id"])
-    assert (audit["actor"], audit["result"], audit["status"]) == ("recording_token", "not_found", 404)
+    assert (audit["actor"], audit["token"], audit["result"], audit["status"]) == ("token", "recording", "not_found", 404)
 
 
 @pytest.mark.parametrize("who", ["caller", "callee"])
@@ -286,13 +286,13 @@ async def test_retention_deletes_the_audio_from_asterisk_and_the_api_says_gone(
         status, _kind, raw = await recordings_api.get(f"/v1/calls/{call_id}/recording{route}", "recording")
         assert status == 410 and b"recording_deleted" in raw, raw
     audit = await db.fetch(
-        "SELECT actor, action, result, status FROM recording_access WHERE recording_id = $1 ORDER BY id",
+        "SELECT coalesce(token, actor) AS actor, action, result, status FROM recording_access WHERE recording_id = $1 ORDER BY id",
         recording["id"],
     )
     assert [tuple(a) for a in audit] == [
         ("retention", "delete", "granted", 200),
-        ("recording_token", "metadata", "gone", 410),
-        ("recording_token", "download", "gone", 410),
+        ("recording", "metadata", "gone", 410),
+        ("recording", "download", "gone", 410),
     ]
 
 

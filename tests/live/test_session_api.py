@@ -10,9 +10,7 @@ import aiohttp
 from openapi_spec_validator import validate
 import pytest
 
-
-def masked(number: str) -> str:
-    return number[:5] + "***" + number[-4:]
+from bridge.phone import mask
 
 
 async def test_open_is_idempotent_by_order_id_and_accepts_national_forms(api, real_number):
@@ -29,7 +27,7 @@ async def test_open_is_idempotent_by_order_id_and_accepts_national_forms(api, re
     assert status == 200
     assert again["id"] == first["id"] and again["pool_number"] == first["pool_number"]
     # Real numbers are shown masked only.
-    assert first["participants"]["client"]["number"] == masked(client)
+    assert first["participants"]["client"]["number"] == mask(client)
     assert courier not in str(first) and client not in str(first)
     # The same order with other people is a conflict, not a silent answer.
     status, other = await api.request(
@@ -46,7 +44,7 @@ async def test_session_life_is_recorded_event_by_event(api, real_number):
     assert status == 200 and extended["expires_at"] > session["expires_at"]
     new_courier = real_number()
     status, moved = await api.request("POST", f"{path}/participants", json={"role": "courier", "number": new_courier})
-    assert status == 201 and moved["participants"]["courier"]["number"] == masked(new_courier)
+    assert status == 201 and moved["participants"]["courier"]["number"] == mask(new_courier)
     status, same = await api.request("POST", f"{path}/participants", json={"role": "courier", "number": new_courier})
     assert status == 200, "the same courier again changes nothing"
     status, parts = await api.request("GET", f"{path}/participants")

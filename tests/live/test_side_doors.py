@@ -241,7 +241,9 @@ async def test_a_request_from_an_address_that_is_no_trunk_is_refused_and_names_n
     call_id = f"{uuid.uuid4()}@{source}"
     invite = (
         f"INVITE sip:+74950000001@{pbx[0]}:{pbx[1]} SIP/2.0\r\n"
-        f"Via: SIP/2.0/UDP {source}:5099;branch=z9hG4bK{uuid.uuid4().hex[:16]}\r\n"
+        # (rport: the refusal is stateless, sent where the Via says, and this phone listens
+        # on the port it was given.)
+        f"Via: SIP/2.0/UDP {source}:5099;branch=z9hG4bK{uuid.uuid4().hex[:16]};rport\r\n"
         f'From: "Courier Petrov" <sip:{caller}@{source}>;tag={uuid.uuid4().hex[:8]}\r\n'
         f"To: <sip:+74950000001@{pbx[0]}>\r\n"
         f"Call-ID: {call_id}\r\nCSeq: 1 INVITE\r\nContact: <sip:{caller}@{source}:5099>\r\nMax-Forwards: 70\r\n"

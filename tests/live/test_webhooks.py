@@ -8,7 +8,8 @@ import hashlib
 import hmac
 import uuid
 
-from tests.live.conftest import announced, wait_for_call_row
+from bridge.store.webhooks import WebhookRepo
+from tests.live.conftest import Harness, announced, wait_for_call_row
 
 
 def verify(secret: str, delivery: dict) -> None:
@@ -82,3 +83,30 @@ async def test_a_refused_blocked_call_is_reported(carrier, api, real_number, db,
         assert (blocked["outcome"], blocked["caller_role"]) == ("blocked", "courier")
     finally:
         await api.request("DELETE", f"/v1/blocklist/{entry['id']}")
+
+
+def test_the_outbox_keeps_finished_events_for_the_retention_only(scratch_db: Harness) -> None:
+    """Against the real Postgres, in a schema of its own: events delivered or given up before
+    the retention are deleted, in batches; newer ones, and pending ones however old, stay."""
+    h = scratch_db
+    h.run(h.pool.execute("TRUNCATE webhook_outbox"))
+    rows = {  # (delivered, failed) that many days ago; None: not
+        "delivered_old": (8, None), "gave_up_old": (None, 8), "delivered_recently": (6, None),
+        "gave_up_recently": (None, 0), "pending_old": (None, None),
+    }
+    copies = 3  # with batches of 2, the old ones take three statements
+    for name, (delivered, failed) in rows.items():
+        for _ in range(copies):
+            h.run(h.pool.execute(
+                """INSERT INTO webhook_outbox (event, payload, created_at, delivered_at, failed_at)
+                   VALUES ('call.ended', jsonb_build_object('name', $1::text), now() - interval '9 days',
+                           now() - make_interval(days => $2), now() - make_interval(days => $3))""",
+                name, delivered, failed,
+            ))
+    repo = WebhookRepo(h.pool)
+    assert h.run(repo.prune(7, batch=2)) == 2 * copies
+    left = h.run(h.pool.fetch("SELECT payload->>'name' AS name, count(*) AS n FROM webhook_outbox GROUP BY 1"))
+    assert {r["name"]: r["n"] for r in left} == {"delivered_recently": copies, "gave_up_recently": copies,
+                                                "pending_old": copies}
+    assert h.run(repo.prune(7)) == 0, "nothing more is due"
+    assert h.run(repo.prune(1, batch=2)) == copies, "a shorter retention reaches the newer ones"

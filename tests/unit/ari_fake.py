@@ -195,6 +195,8 @@ class AriFake:
         self.connect_times: list[float] = []  # when each was accepted (monotonic)
         self.close_at_once = False  # accept each websocket, then close it at once (a sick Asterisk)
         self.app_registered = True  # False: GET /applications/<app> answers 404 (an Asterisk that lost it)
+        self.events_allowed: set[str] | None = None  # PUT /applications/<app>/eventFilter: only these are sent
+        self.filtered_events: list[dict[str, Any]] = []
         self._failures: list[Failure] = []
         self._cuts: list[tuple[str, str]] = []
         self._sockets: set[web.WebSocketResponse] = set()
@@ -231,6 +233,7 @@ class AriFake:
         r.add_delete("/ari/recordings/stored/{name}", self._delete_stored_recording)
         r.add_delete("/ari/playbacks/{id}", self._stop_playback)
         r.add_get("/ari/applications/{app}", self._application)
+        r.add_put("/ari/applications/{app}/eventFilter", self._event_filter)
         r.add_route("*", "/{tail:.*}", self._not_implemented)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
         await self._runner.setup()
@@ -395,6 +398,9 @@ class AriFake:
                     **event,
                 }
                 self.sent_events.append(full)
+                if self.events_allowed is not None and full.get("type") not in self.events_allowed:
+                    self.filtered_events.append(full)  # (Asterisk's event filter: never sent)
+                    continue
                 if not self._sockets:
                     self.lost_events.append(full)
                 for ws in list(self._sockets):
@@ -671,18 +677,22 @@ class AriFake:
         bridge = self.bridges.get(request.match_info["id"])
         if bridge is None:
             return _error(404, "Bridge not found")
-        channel_id = request.query.get("channel", "")
-        channel = self.channels.get(channel_id)
-        if channel is None:
-            return _error(400, "Channel not found")
-        if not channel.in_stasis:
-            return _error(422, "Channel not in Stasis application")
-        if channel.bridge_id and channel.bridge_id != bridge.id:
-            return _error(409, "Channel is in another bridge")
-        if channel_id not in bridge.channels:
-            bridge.channels.append(channel_id)
-            channel.bridge_id = bridge.id
-            await self.send({"type": "ChannelEnteredBridge", "bridge": bridge.json(), "channel": channel.json()})
+        # As Asterisk: a comma-separated list, every channel checked before any is added.
+        channel_ids = request.query.get("channel", "").split(",")
+        for channel_id in channel_ids:
+            channel = self.channels.get(channel_id)
+            if channel is None:
+                return _error(400, "Channel not found")
+            if not channel.in_stasis:
+                return _error(422, "Channel not in Stasis application")
+            if channel.bridge_id and channel.bridge_id != bridge.id:
+                return _error(409, "Channel is in another bridge")
+        for channel_id in channel_ids:
+            channel = self.channels[channel_id]
+            if channel_id not in bridge.channels:
+                bridge.channels.append(channel_id)
+                channel.bridge_id = bridge.id
+                await self.send({"type": "ChannelEnteredBridge", "bridge": bridge.json(), "channel": channel.json()})
         return web.Response(status=204)
 
     async def _destroy_bridge(self, request: web.Request) -> web.Response:
@@ -746,6 +756,17 @@ class AriFake:
             return _error(404, "Recording not found")
         return web.Response(status=204)
 
+    async def _event_filter(self, request: web.Request) -> web.Response:
+        if request.match_info["app"] != self.app or not self.app_registered:
+            return _error(404, "Application not found")
+        body = await request.json()
+        allowed = body.get("allowed")
+        if not isinstance(allowed, list) or not all(isinstance(a, dict) and isinstance(a.get("type"), str)
+                                                    for a in allowed):
+            return _error(400, "Invalid filter")
+        self.events_allowed = {a["type"] for a in allowed} or None
+        return await self._application(request)
+
     async def _application(self, request: web.Request) -> web.Response:
         if request.match_info["app"] != self.app or not self.app_registered:
             return _error(404, "Application not found")
@@ -756,7 +777,7 @@ class AriFake:
                 "bridge_ids": list(self.bridges),
                 "endpoint_ids": [],
                 "device_names": [],
-                "events_allowed": [],
+                "events_allowed": [{"type": t} for t in sorted(self.events_allowed or ())],
                 "events_disallowed": [],
             }
         )

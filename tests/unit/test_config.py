@@ -26,6 +26,14 @@ def run_bridge(**settings: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "bridge"], env=env, capture_output=True, text=True, timeout=30)
 
 
+def good_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The process environment holds the good settings, and no other MB_ one."""
+    for key in [k for k in os.environ if k.startswith("MB_")]:
+        monkeypatch.delenv(key)
+    for key, good in GOOD.items():
+        monkeypatch.setenv(key, good)
+
+
 def test_every_bad_value_is_named_at_once_and_the_process_exits_2():
     bad = {
         "MB_API_PORT": "abc",
@@ -55,10 +63,7 @@ def test_every_bad_value_is_named_at_once_and_the_process_exits_2():
     ("MB_ARI_URL", "http://"), ("MB_ARI_URL", "http://127.0.0.1:99999"),
 ])
 def test_one_bad_value_is_refused(monkeypatch, name, value):
-    for key in [k for k in os.environ if k.startswith("MB_")]:
-        monkeypatch.delenv(key)
-    for key, good in GOOD.items():
-        monkeypatch.setenv(key, good)
+    good_env(monkeypatch)
     monkeypatch.setenv(name, value)
     with pytest.raises(ConfigError) as caught:
         Settings.from_env()
@@ -71,9 +76,6 @@ def test_one_bad_value_is_refused(monkeypatch, name, value):
     "postgres://u:p@db/maskbridge?sslmode=verify-full",
 ])
 def test_database_urls_of_every_supported_shape_are_accepted(monkeypatch, url):
-    for key in [k for k in os.environ if k.startswith("MB_")]:
-        monkeypatch.delenv(key)
-    for key, good in GOOD.items():
-        monkeypatch.setenv(key, good)
+    good_env(monkeypatch)
     monkeypatch.setenv("MB_DATABASE_URL", url)
     assert Settings.from_env(services=False).database_url == url

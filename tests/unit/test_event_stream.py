@@ -83,3 +83,27 @@ async def test_an_application_lost_while_connected_is_noticed_and_the_stream_rec
         await fake._wait(lambda: not stream.connected.is_set(), 10, "the stream no longer says it is connected")
         fake.app_registered = True
         await fake._wait(lambda: fake.connects > connects and stream.connected.is_set(), 10, "connected again")
+
+
+async def test_asterisk_is_asked_for_the_wanted_events_alone_at_every_connection() -> None:
+    """The filter is set at each connection, before the stream says it is connected: events
+    of other types are never sent (a bridged call raised about 80, of which the bridge reads
+    about 18)."""
+    fake = AriFake(app=APP)
+    async with _stream(fake, event_types=("StasisStart", "ChannelDestroyed")) as stream:
+        await asyncio.wait_for(stream.connected.wait(), 10)
+        assert fake.events_allowed == {"StasisStart", "ChannelDestroyed"}
+        fake.events_allowed = None  # (as if Asterisk forgot it with the application)
+        await fake.drop(refuse=False)
+        await fake._wait(lambda: fake.connects >= 2 and fake.events_allowed is not None, 10, "a second filter")
+        assert fake.events_allowed == {"StasisStart", "ChannelDestroyed"}
+
+
+async def test_a_refused_event_filter_costs_cpu_not_the_stream() -> None:
+    """Asterisk refusing the filter (an old version, a hiccup): the stream connects anyway
+    and the owner gets every event."""
+    fake = AriFake(app=APP)
+    fake.fail("PUT", f"/ari/applications/{APP}/eventFilter", 500, "Internal Server Error", times=None)
+    async with _stream(fake, event_types=("StasisStart",)) as stream:
+        await asyncio.wait_for(stream.connected.wait(), 10)
+        assert fake.events_allowed is None and fake.connects == 1

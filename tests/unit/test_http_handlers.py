@@ -25,6 +25,7 @@ from bridge.store.blocklist import BlockedRow
 from bridge.store.pools import PoolNumberRow
 from bridge.store.sessions import ParticipantRow, SessionRow
 from bridge.terms import Terms
+from bridge.tokens import Tokens
 
 TOKEN = "unit-test-token-unit-test-token-0001"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -72,7 +73,8 @@ class FakeSessions:
         self.open_answer: Exception | tuple[SessionRow, bool] = (session_row(0), True)
         self.store = FakeStore()
 
-    def reveal(self, sealed: bytes | None) -> str | None:
+    def reveal(self, participant: ParticipantRow) -> str | None:
+        sealed = participant.number_enc
         return sealed.decode().removeprefix("sealed:") if sealed else None
 
     async def open(self, request: OpenSession) -> tuple[SessionRow, bool]:
@@ -121,19 +123,19 @@ class FakePools:
 
 class FakeBlocklist:
     def __init__(self) -> None:
-        self.added: list[tuple[str, str | None]] = []
+        self.added: list[tuple[str, str | None, int | None]] = []
 
     def number_of(self, entry: BlockedRow) -> str:
         return entry.number_enc.decode()
 
-    async def add(self, number: str, reason: str | None) -> tuple[BlockedRow, bool]:
-        self.added.append((number, reason))
-        return BlockedRow(uuid.UUID(int=7), b"+79161234567", reason, NOW), True
+    async def add(self, number: str, reason: str | None, ttl_seconds: int | None) -> tuple[BlockedRow, bool]:
+        self.added.append((number, reason, ttl_seconds))
+        expires = NOW + timedelta(seconds=ttl_seconds) if ttl_seconds else None
+        return BlockedRow(uuid.UUID(int=7), b"+79161234567", reason, NOW, expires), True
 
 
 class FakeRecordings:
-    def actor(self, authorization: str) -> str:
-        return "api_token" if authorization == AUTH["Authorization"] else "no_token"
+    pass
 
 
 class Services:
@@ -154,8 +156,8 @@ async def client(services: Services) -> AsyncIterator[TestClient[web.Request, we
     async def health() -> dict[str, Any]:
         return services.health
 
-    app = make_app(services.sessions, services.pools, services.blocklist, TOKEN, health,  # type: ignore[arg-type]
-                   FakeRecordings())  # type: ignore[arg-type]
+    app = make_app(services.sessions, services.pools, services.blocklist, Tokens(None, TOKEN),  # type: ignore[arg-type]
+                   health, FakeRecordings())  # type: ignore[arg-type]
     async with TestClient(TestServer(app)) as test_client:
         yield test_client
 
@@ -190,12 +192,12 @@ async def test_health_and_the_document_need_no_token(client, services):
 
 
 async def test_a_service_error_is_answered_with_its_status_code_and_details(client, services):
-    services.sessions.open_answer = OrderHasOpenSession(session_id=str(uuid.UUID(int=1)), field="client_number")
+    services.sessions.open_answer = OrderHasOpenSession(session_id=str(uuid.UUID(int=1)))
     body = {"order_id": "o-1", "courier_number": COURIER, "client_number": CLIENT}
     status, answer_body = await answer(await client.post("/v1/sessions", json=body, headers=AUTH))
     assert status == 409
     assert answer_body == {"error": {"code": "order_has_open_session", "message": OrderHasOpenSession.message,
-                                     "details": {"session_id": str(uuid.UUID(int=1)), "field": "client_number"}}}
+                                     "details": {"session_id": str(uuid.UUID(int=1))}}}
     services.sessions.open_answer = PoolExhausted()
     status, answer_body = await answer(await client.post("/v1/sessions", json=body, headers=AUTH))
     assert status == 409 and answer_body == {"error": {"code": "pool_exhausted", "message": PoolExhausted.message}}
@@ -286,9 +288,23 @@ async def test_a_good_body_reaches_the_service_as_its_model(client, services):
 async def test_real_numbers_are_answered_masked(client):
     status, body = await answer(await client.get(f"/v1/sessions/{uuid.UUID(int=1)}", headers=AUTH))
     assert status == 200
-    assert body["participants"]["courier"]["number"] == "+7916***4567"
-    assert body["participants"]["client"]["number"] == "+7916***4568"
+    assert body["participants"]["courier"]["number"] == "+***67"
+    assert body["participants"]["client"]["number"] == "+***68"
     assert COURIER not in json.dumps(body) and CLIENT not in json.dumps(body)
+
+
+async def test_a_block_takes_a_ttl_and_answers_its_expiry(client, services):
+    status, body = await answer(await client.post(
+        "/v1/blocklist", json={"number": "+79161234567", "ttl_seconds": 3600}, headers=AUTH))
+    assert status == 201 and body["number"] == "+***67"
+    assert datetime.fromisoformat(body["expires_at"]) == NOW + timedelta(hours=1)
+    status, body = await answer(await client.post("/v1/blocklist", json={"number": "+79161234567"}, headers=AUTH))
+    assert status == 201 and body["expires_at"] is None, "no ttl: until unblocked"
+    for bad in (0, -5, "60", 1.5, True):
+        status, body = await answer(await client.post(
+            "/v1/blocklist", json={"number": "+79161234567", "ttl_seconds": bad}, headers=AUTH))
+        assert (status, body["error"]["details"]["field"]) == (422, "ttl_seconds"), bad
+    assert [ttl for _n, _r, ttl in services.blocklist.added] == [3600, None]
 
 
 async def test_an_empty_close_body_closes_with_the_grace_set_at_open(client, services):

@@ -12,13 +12,15 @@ from typing import Any
 import pytest
 
 from bridge import limits
-from bridge.api.http import PUBLIC_PATHS, RECORDING_PATHS, ROUTES
+from bridge.api.http import PUBLIC_PATHS, RECORDING_PATHS, ROUTES, route_scopes
 from bridge.api.openapi import document
 from bridge.blocklist import Blocklist
 from bridge.crypto import NumberVault
-from bridge.errors import InvalidInput
+from bridge.errors import InvalidInput, OrderHasOpenSession
+from tests.unit.memory_keys import MemoryKeyStore
 from bridge.requests import REQUESTS
 from bridge.terms import Terms
+from bridge.tokens import ENV_SCOPES, SCOPES
 
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 
@@ -109,14 +111,22 @@ def test_protected_operations_document_401_and_public_ones_need_no_token(doc):
     for method, path, op in _operations(doc):
         if path in PUBLIC_PATHS:
             assert op.get("security") == [], f"{method} {path} should be public"
-        elif path in RECORDING_PATHS:
-            # The recording routes take only the recording token, never the API token.
-            assert op.get("security") == [{"recording": []}], f"{method} {path} takes the recording token"
-            assert {"401", "403"} <= set(op["responses"]), f"{method} {path}"
         else:
-            assert "security" not in op, f"{method} {path} should use the global bearer security"
-            assert "401" in op["responses"], f"{method} {path} documents no 401"
+            # Every other operation needs one scope, its security requirement (which the API enforces).
+            [requirement] = op.get("security", [{}])
+            assert list(requirement) == ["bearer"] and len(requirement["bearer"]) == 1, f"{method} {path}"
+            assert requirement["bearer"][0] in SCOPES, f"{method} {path}"
+            assert {"401", "403", "429"} <= set(op["responses"]), f"{method} {path}"
+            assert f"Scope: `{requirement['bearer'][0]}`" in op["description"], f"{method} {path}"
         assert "500" in op["responses"], f"{method} {path} documents no 500"
+
+
+def test_every_route_but_the_public_ones_needs_a_scope_and_every_scope_is_needed_somewhere():
+    scopes = route_scopes()
+    assert set(scopes) == {(m, p) for m, p, _h in ROUTES if p not in PUBLIC_PATHS}
+    assert set(scopes.values()) == set(SCOPES)
+    # MB_API_TOKEN keeps reaching what it reached, and still never a recording.
+    assert {s for (_m, p), s in scopes.items() if p not in RECORDING_PATHS} == ENV_SCOPES
 
 
 def test_error_responses_use_the_error_schema(doc):
@@ -182,7 +192,9 @@ def test_unauthorized_documents_the_www_authenticate_header(doc):
 
 def test_recording_routes_are_the_documented_recording_paths(doc):
     assert set(RECORDING_PATHS) == {p for _m, p, op in _operations(doc) if "recordings" in op["tags"]}
-    assert doc["components"]["securitySchemes"]["recording"]["scheme"] == "bearer"
+    for _m, path, op in _operations(doc):
+        if path in RECORDING_PATHS:  # never a scope of MB_API_TOKEN
+            assert op["security"][0]["bearer"][0] in {"recordings:read", "audit:read"}, path
     assert "record" in doc["components"]["schemas"]["Session"]["required"]
     access = doc["components"]["schemas"]["RecordingAccess"]["properties"]
     for column in ("actor", "action", "result"):
@@ -201,9 +213,11 @@ def test_reassigning_the_courier_answers_200_or_201_and_names_the_number_field(d
 def test_opening_documents_order_has_open_session(doc):
     op = doc["paths"]["/v1/sessions"]["post"]
     conflict = next(e for e in _examples(doc, op["responses"]["409"]) if e["code"] == "order_has_open_session")
-    assert set(conflict["details"]) == {"session_id", "field"}
+    # Only the session: never which party differs (that would tell whether a number is in the order).
+    assert set(conflict["details"]) == {"session_id"}
+    assert conflict["message"] == OrderHasOpenSession.message
     details = doc["components"]["schemas"]["ErrorDetails"]["properties"]
-    assert {"session_id", "field"} <= set(details)
+    assert "session_id" in details and "order_has_open_session" not in details["field"]["description"]
 
 
 def test_pool_number_entries_take_only_number_region_language_and_mode(doc):
@@ -245,10 +259,13 @@ def test_call_outcomes_and_cut_reasons_are_the_ones_the_database_allows(doc):
         assert set(call["properties"][column]["enum"]) == _last_check(column) | {None}, column
 
 
-def test_blocking_takes_only_number_and_reason_and_answers_200_or_201(doc):
+def test_blocking_takes_only_number_reason_and_ttl_and_answers_200_or_201(doc):
     request = doc["components"]["schemas"]["BlockNumberRequest"]
     assert request["additionalProperties"] is False
-    assert set(request["properties"]) == {"number", "reason"} and request["required"] == ["number"]
+    assert set(request["properties"]) == {"number", "reason", "ttl_seconds"} and request["required"] == ["number"]
+    assert request["properties"]["ttl_seconds"]["anyOf"][0]["type"] == "integer"
+    entry = doc["components"]["schemas"]["BlockedNumber"]
+    assert "expires_at" in entry["required"] and "null" in entry["properties"]["expires_at"]["type"]
     op = doc["paths"]["/v1/blocklist"]["post"]
     assert {"200", "201", "400", "413", "422"} <= set(op["responses"])
     fields = {e.get("details", {}).get("field") for e in _examples(doc, op["responses"]["422"])}
@@ -263,7 +280,7 @@ class _Refused(Exception):
 
 
 class _Repo:
-    async def add(self, idx: bytes, enc: bytes, reason: str | None) -> Any:
+    async def add(self, entry_id: Any, idx: bytes, enc: bytes, reason: str | None, ttl_seconds: int | None) -> Any:
         raise _Refused  # the reason got past the checks
 
 
@@ -278,7 +295,7 @@ async def test_the_documented_reason_is_the_one_the_blocklist_takes(doc, reason)
     assert pattern.startswith("^") and pattern.endswith("$")
     # fullmatch: Python's `$` would also match before a final line break, ECMA-262's does not
     documented = len(reason) <= schema["maxLength"] and re.fullmatch(pattern[1:-1], reason) is not None
-    blocklist = Blocklist(SimpleNamespace(blocklist=_Repo()), NumberVault("k" * 64))  # type: ignore[arg-type]
+    blocklist = Blocklist(SimpleNamespace(blocklist=_Repo()), NumberVault("k" * 64, MemoryKeyStore()))  # type: ignore[arg-type]
     with pytest.raises((_Refused, InvalidInput)) as raised:
         await blocklist.add("+79161234567", reason)
     assert (raised.type is _Refused) == documented, repr(reason)

@@ -27,8 +27,11 @@ def test_garbage_is_refused(raw):
 
 
 def test_mask_keeps_only_what_a_person_recognises():
-    assert mask("+79161234567") == "+7916***4567"
-    assert "9161234567" not in mask("+79161234567")
+    assert mask("+79161234567") == "+***67"
+    assert mask("89161234567") == "***67"
+    assert "916" not in mask("+79161234567") and "45" not in mask("+79161234567")
+    assert mask("anonymous") == "***" and mask("7") == "***", "fewer than three digits keep none"
+    assert mask("+7916***4567") == "+***67", "an older masked form is masked again"
     assert mask("12345") == "***45"
 
 

@@ -1,6 +1,6 @@
 """The recording routes' tokens, against the real HTTP app with an in-memory audit: the API
-token never reaches a recording, the recording token never reaches the rest of the API, and
-every attempt is audited."""
+token never reaches a recording, the recording token never reaches the rest of the API, named
+tokens reach what their scopes say, and every attempt is audited with the token's name."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from bridge.config import ConfigError, Settings
 from bridge.calls.recording import wav_duration_ms
 from bridge.recordings import Recordings
 from bridge.store.recordings import RecordingRow
+from token_fake import FakeTokenRepo, tokens_with
 
 API_TOKEN = "api-token-0123456789abcdef"
 RECORDING_TOKEN = "recording-token-0123456789ab"
@@ -46,14 +47,22 @@ class FakeRepo:
 @pytest.fixture
 async def app() -> Any:
     repo = FakeRepo()
-    recordings = Recordings(SimpleNamespace(recordings=repo), None, RECORDING_TOKEN, API_TOKEN)  # type: ignore[arg-type]
+    recordings = Recordings(SimpleNamespace(recordings=repo), None, RECORDING_TOKEN)  # type: ignore[arg-type]
+    named = FakeTokenRepo()
+    NAMED["auditor"] = named.add("auditor", ["audit:read"])
+    NAMED["listener"] = named.add("listener", ["recordings:read"])
+    NAMED["revoked"] = named.add("revoked", ["recordings:read", "audit:read"], revoked=True)
 
     async def health() -> dict[str, Any]:
         return {"ari": True, "database": True}
 
-    web_app = make_app(None, None, None, API_TOKEN, health, recordings)  # type: ignore[arg-type]
+    tokens = tokens_with(named, API_TOKEN, RECORDING_TOKEN)
+    web_app = make_app(None, None, None, tokens, health, recordings)  # type: ignore[arg-type]
     async with TestClient(TestServer(web_app)) as client:
         yield client, repo
+
+
+NAMED: dict[str, str] = {}  # name -> secret, of the fixture's named tokens
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -61,48 +70,80 @@ def bearer(token: str) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(
-    ("header", "actor"),
+    ("header", "who"),
     [
-        ("", "no_token"),
-        (f"Bearer {RECORDING_TOKEN}", "recording_token"),
-        (f"bearer  {RECORDING_TOKEN} ", "recording_token"),
-        (f"Bearer {API_TOKEN}", "api_token"),
-        (f"Basic {RECORDING_TOKEN}", "invalid_token"),
-        (f"Bearer {RECORDING_TOKEN}x", "invalid_token"),
-        ("Bearer ", "invalid_token"),
+        ("", ("no_token", None)),
+        (f"Bearer {RECORDING_TOKEN}", ("token", "recording")),
+        (f"bearer  {RECORDING_TOKEN} ", ("token", "recording")),
+        (f"Bearer {API_TOKEN}", ("token", "env")),
+        (f"Basic {RECORDING_TOKEN}", ("invalid_token", None)),
+        (f"Bearer {RECORDING_TOKEN}x", ("invalid_token", None)),
+        ("Bearer ", ("invalid_token", None)),
     ],
 )
-def test_which_token_a_request_holds(header: str, actor: str) -> None:
-    recordings = Recordings(SimpleNamespace(recordings=FakeRepo()), None, RECORDING_TOKEN, API_TOKEN)  # type: ignore[arg-type]
-    assert recordings.actor(header) == actor
+async def test_which_token_a_request_holds(header: str, who: tuple[str, str | None]) -> None:
+    caller = await tokens_with(FakeTokenRepo(), API_TOKEN, RECORDING_TOKEN).caller(header)
+    assert (caller.kind, caller.token) == who
 
 
-def test_without_a_recording_token_nothing_is_the_recording_token() -> None:
-    recordings = Recordings(SimpleNamespace(recordings=FakeRepo()), None, "", API_TOKEN)  # type: ignore[arg-type]
-    assert recordings.actor("Bearer ") == "invalid_token"
-    assert recordings.actor(f"Bearer {API_TOKEN}") == "api_token"
+async def test_the_settings_tokens_have_their_scopes_and_an_empty_one_is_none() -> None:
+    tokens = tokens_with(FakeTokenRepo(), API_TOKEN, "")
+    assert (await tokens.caller("Bearer ")).kind == "invalid_token"
+    env = await tokens.caller(f"Bearer {API_TOKEN}")
+    assert not env.may("recordings:read") and not env.may("audit:read")
+    assert env.may("sessions:write") and env.may("pools:admin") and env.may("blocklist:write")
+    recording = await tokens_with(FakeTokenRepo(), API_TOKEN, RECORDING_TOKEN).caller(f"Bearer {RECORDING_TOKEN}")
+    assert recording.scopes == {"recordings:read", "audit:read"}
 
 
 async def test_the_api_token_gets_403_and_no_token_401_and_both_are_audited(app) -> None:
     client, repo = app
     call_id = uuid.uuid4()
     resp = await client.get(f"/v1/calls/{call_id}/recording/audio", headers=bearer(API_TOKEN))
-    assert resp.status == 403 and (await resp.json())["error"]["code"] == "recording_token_required"
+    assert resp.status == 403
+    assert (await resp.json())["error"] == {
+        "code": "insufficient_scope", "message": "the token 'env' lacks the scope recordings:read",
+        "details": {"required_scope": "recordings:read"},
+    }
     resp = await client.get(f"/v1/calls/{call_id}/recording")
     assert resp.status == 401 and resp.headers["WWW-Authenticate"] == 'Bearer realm="maskbridge"'
     resp = await client.get("/v1/recordings/access", headers=bearer("nope-nope-nope-nope"))
     assert resp.status == 401
-    assert [(r["actor"], r["action"], r["result"], r["status"], r["call_id"]) for r in repo.audit_rows] == [
-        ("api_token", "download", "denied", 403, call_id),
-        ("no_token", "metadata", "denied", 401, call_id),
-        ("invalid_token", "audit", "denied", 401, None),
+    assert [(r["actor"], r["token"], r["action"], r["result"], r["status"], r["call_id"])
+            for r in repo.audit_rows] == [
+        ("token", "env", "download", "denied", 403, call_id),
+        ("no_token", None, "metadata", "denied", 401, call_id),
+        ("invalid_token", None, "audit", "denied", 401, None),
+    ]
+
+
+async def test_named_tokens_reach_what_their_scopes_say_and_the_audit_names_them(app) -> None:
+    client, repo = app
+    call_id = uuid.uuid4()
+    resp = await client.get(f"/v1/calls/{call_id}/recording", headers=bearer(NAMED["listener"]))
+    assert resp.status == 404  # reached the recordings: this call has none
+    resp = await client.get("/v1/recordings/access", headers=bearer(NAMED["listener"]))
+    assert resp.status == 403 and (await resp.json())["error"]["details"] == {"required_scope": "audit:read"}
+    resp = await client.get(f"/v1/calls/{call_id}/recording/audio", headers=bearer(NAMED["auditor"]))
+    assert resp.status == 403
+    resp = await client.get("/v1/recordings/access", headers=bearer(NAMED["auditor"]))
+    assert resp.status == 200
+    resp = await client.get("/v1/recordings/access", headers=bearer(NAMED["revoked"]))
+    assert resp.status == 401 and (await resp.json())["error"]["message"] == "the token was revoked"
+    assert [(r["actor"], r["token"], r["action"], r["result"], r["status"]) for r in repo.audit_rows] == [
+        ("token", "listener", "metadata", "not_found", 404),
+        ("token", "listener", "audit", "denied", 403),
+        ("token", "auditor", "download", "denied", 403),
+        ("token", "auditor", "audit", "granted", 200),
+        ("invalid_token", None, "audit", "denied", 401),
     ]
 
 
 async def test_the_recording_token_does_not_open_the_rest_of_the_api(app) -> None:
     client, _repo = app
     resp = await client.get("/v1/sessions", headers=bearer(RECORDING_TOKEN))
-    assert resp.status == 401
+    assert resp.status == 403
+    assert (await resp.json())["error"]["details"] == {"required_scope": "sessions:read"}
 
 
 async def test_a_call_id_that_is_no_uuid_is_not_found_and_audited(app) -> None:
@@ -110,7 +151,7 @@ async def test_a_call_id_that_is_no_uuid_is_not_found_and_audited(app) -> None:
     resp = await client.get("/v1/calls/not-a-uuid/recording", headers=bearer(RECORDING_TOKEN))
     assert resp.status == 404 and (await resp.json())["error"]["code"] == "recording_not_found"
     assert [(r["actor"], r["result"], r["status"], r["call_id"]) for r in repo.audit_rows] == [
-        ("recording_token", "not_found", 404, None)
+        ("token", "not_found", 404, None)
     ]
 
 
@@ -141,7 +182,7 @@ def _cursor(value: Any) -> str:
 
 @pytest.mark.parametrize("query", ["call_id=not-a-uuid", "limit=0", "cursor=%25%25", f"cursor={_cursor(10**30)}"])
 async def test_the_audit_checks_the_token_before_the_parameters_and_audits_the_refusal(app, query: str) -> None:
-    """Without the recording token a bad parameter still gets 401/403, and is audited."""
+    """Without a token with audit:read a bad parameter still gets 401/403, and is audited."""
     client, repo = app
     resp = await client.get(f"/v1/recordings/access?{query}")
     assert resp.status == 401
@@ -150,9 +191,9 @@ async def test_the_audit_checks_the_token_before_the_parameters_and_audits_the_r
     # With it: 422, audited as well; nothing reached the database's listing.
     resp = await client.get(f"/v1/recordings/access?{query}", headers=bearer(RECORDING_TOKEN))
     assert resp.status == 422 and (await resp.json())["error"]["code"] == "invalid_input"
-    assert [(r["actor"], r["action"], r["result"], r["status"]) for r in repo.audit_rows] == [
-        ("no_token", "audit", "denied", 401), ("api_token", "audit", "denied", 403),
-        ("recording_token", "audit", "failed", 422),
+    assert [(r["actor"], r["token"], r["action"], r["result"], r["status"]) for r in repo.audit_rows] == [
+        ("no_token", None, "audit", "denied", 401), ("token", "env", "audit", "denied", 403),
+        ("token", "recording", "audit", "failed", 422),
     ]
     assert repo.asked == []
 

@@ -1,4 +1,4 @@
-"""Webhook signatures, retry spacing and a refused delivery (bridge/webhooks.py)."""
+"""Webhook signatures, retry spacing, a refused delivery and the outbox's retention (bridge/webhooks.py)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ import pytest
 import structlog
 from aiohttp import web
 
+from bridge import metrics
+from bridge.app import housekeeping
 from bridge.store.webhooks import Pending
-from bridge.webhooks import ATTEMPTS, Deliverer, backoff, signature
+from bridge.webhooks import ATTEMPTS, Deliverer, backoff, prune, signature
 
 
 def test_the_signature_is_an_hmac_of_time_and_body():
@@ -83,3 +85,55 @@ async def aiohttp_refusing_url() -> AsyncIterator[str]:
     port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
     yield f"http://127.0.0.1:{port}/hooks"
     await runner.cleanup()
+
+
+class _Outbox:
+    """The outbox's retention, in memory: what prune was asked."""
+
+    def __init__(self, deleted: int) -> None:
+        self.deleted = deleted
+        self.asked: list[int] = []
+
+    async def prune(self, older_than_days: int) -> int:
+        self.asked.append(older_than_days)
+        return self.deleted
+
+
+async def test_pruning_the_outbox_is_logged_with_its_count():
+    outbox = _Outbox(deleted=1234)
+    with structlog.testing.capture_logs() as logged:
+        assert await prune(outbox, 7) == {"webhooks_deleted": 1234}  # type: ignore[arg-type]
+    assert outbox.asked == [7]
+    assert {"event": "retention.webhooks_pruned", "older_than_days": 7, "webhooks_deleted": 1234,
+            "log_level": "info"} in logged
+
+
+class _Sessions:
+    """Session housekeeping with nothing to do."""
+
+    async def sweep(self) -> dict[str, int]:
+        return {}
+
+    async def purge(self) -> dict[str, int]:
+        return {"participants": 0}
+
+    async def next_due_in(self) -> float | None:
+        return None
+
+
+async def test_the_housekeeping_prunes_the_outbox_hourly_and_counts_it_in_the_metrics():
+    stop = asyncio.Event()
+    runs: list[str] = []
+
+    async def prune_webhooks() -> dict[str, int]:
+        runs.append("pruned")
+        stop.set()  # one round is enough
+        return {"webhooks_deleted": 5}
+
+    deleted = metrics.RETENTION_DELETED.labels("webhooks")._value.get()
+    ok = metrics.RETENTION_RUNS.labels("webhooks", "ok")._value.get()
+    await asyncio.wait_for(housekeeping(_Sessions(), 30, stop, prune_webhooks=prune_webhooks), 5)  # type: ignore[arg-type]
+    assert runs == ["pruned"]
+    assert metrics.RETENTION_DELETED.labels("webhooks")._value.get() == deleted + 5
+    assert metrics.RETENTION_RUNS.labels("webhooks", "ok")._value.get() == ok + 1
+    assert metrics.RETENTION_LAST_SUCCESS.labels("webhooks")._value.get() > 0

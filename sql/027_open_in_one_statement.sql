@@ -89,8 +89,8 @@ BEGIN
 END
 $$;
 
--- Opens the session of order p_order_id between the courier and the client (blind index and
--- sealed number each), or finds the one open already. p_session holds the session's own
+-- Opens the session of order p_order_id between the courier and the client (participant id,
+-- blind index and number sealed for that row, each), or finds the one open already. p_session holds the session's own
 -- columns by name (region, idle_timeout_seconds, grace_seconds, mode, order_code and every
 -- term: bridge/terms.py), p_ttl its seconds to live. p_code_given: the order code is the
 -- order system's own (an order-code number where a live session has it is not taken; a
@@ -105,8 +105,8 @@ $$;
 -- sessions_one_open_per_order, sessions_live_order_code; a deadlock): nothing is written
 -- then, and the caller looks again.
 CREATE FUNCTION maskbridge_open_session(
-    p_order_id text, p_courier_idx bytea, p_courier_enc bytea, p_client_idx bytea, p_client_enc bytea,
-    p_session jsonb, p_ttl integer, p_code_given boolean,
+    p_order_id text, p_courier_id uuid, p_courier_idx bytea, p_courier_enc bytea,
+    p_client_id uuid, p_client_idx bytea, p_client_enc bytea, p_session jsonb, p_ttl integer, p_code_given boolean,
     OUT outcome text, OUT due text, OUT session sessions, OUT members participants[]
 ) LANGUAGE plpgsql AS $$
 DECLARE
@@ -228,10 +228,10 @@ BEGIN
         VALUES (session.id, 'opened', (p_session - 'order_code') || jsonb_build_object(
             'pool_number', v_chosen, 'ttl_seconds', p_ttl, 'mode', session.mode))
     ), added AS (
-        INSERT INTO participants (session_id, role, number_idx, number_enc, pool_number, by_code)
-        SELECT session.id, m.role, m.idx, m.enc, v_chosen, v_by_code
-        FROM (VALUES ('courier', p_courier_idx, p_courier_enc), ('client', p_client_idx, p_client_enc))
-            AS m(role, idx, enc)
+        INSERT INTO participants (id, session_id, role, number_idx, number_enc, pool_number, by_code)
+        SELECT m.id, session.id, m.role, m.idx, m.enc, v_chosen, v_by_code
+        FROM (VALUES (p_courier_id, 'courier', p_courier_idx, p_courier_enc),
+                     (p_client_id, 'client', p_client_idx, p_client_enc)) AS m(id, role, idx, enc)
         ORDER BY m.idx
         RETURNING participants
     )

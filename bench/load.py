@@ -1,0 +1,284 @@
+"""The measurements of `make bench` under SIPp's load (bench/sipp.py), read off the wire
+(bench/capture.py) and /proc (bench/cpu.py).
+
+Two paths carry the same kind of call from a caller to a callee on the trunk:
+- bridge:   courier dials the session's pool number; the bridge routes it over ARI;
+- baseline: caller dials +7999NNNNNNN; the PBX's dialplan alone Dials +7916NNNNNNN
+            (asterisk-config/bench), showing the same pool number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import capture, cpu, sipp
+from bench.capture import Call, Capture
+from bench.measure import Pairs, Route, percentiles, rss_mb
+from bench.sipp import CALLEE_TONE, CALLER_TONE, Callee, CallerRun, Phones
+from bridge.devstack.audio import tone_share
+from bridge.devstack.settings import Stack
+
+HEARD = 0.5  # share of a side's received energy in the other side's tone, at least
+
+
+@dataclass
+class Load:
+    """SIPp's phones on the stack, and the numbers they call with."""
+
+    stack: Stack
+    phones: Phones
+    callee: Callee
+    pairs: Pairs
+
+    @property
+    def callees(self) -> dict[str, str]:
+        return {r.caller: r.callee for r in self.pairs.bridge + self.pairs.baseline}
+
+    def sip_capture(self, tag: str) -> Capture:
+        p = self.phones
+        return Capture(p.work / f"{tag}.pcap",
+                       f"udp and host {p.host} and (port {p.caller_port} or port {p.callee_port})")
+
+    def read(self, cap: Capture) -> list[Call]:
+        return capture.calls(cap.path, self.phones, self.callees)
+
+    async def place(self, routes: list[Route], rate: float, hold_ms: int, tag: str, sample: int = 0,
+                    listen_seconds: float = 0.0) -> tuple[list[Call], CallerRun, dict[str, Any] | None]:
+        """Place the calls at `rate` per second, each talking `hold_ms`; returns them as SIP
+        showed them once all ended, what SIPp's caller reported, and, with `sample`, what
+        both sides of that many calls heard while they were up."""
+        cap = self.sip_capture(tag).start()
+        try:
+            runner = asyncio.create_task(asyncio.to_thread(
+                sipp.caller_run, self.phones, [(r.caller, r.dialed) for r in routes], rate, hold_ms, tag))
+            heard = None
+            if sample:
+                up = await self.up_at_once(cap, sample, timeout=len(routes) / rate + 5, stop=runner)
+                heard = await listen(self, up, sample, listen_seconds, tag)
+            run = await runner
+            await self.settled(cap)
+        finally:
+            cap.stop()
+        return self.read(cap), run, heard
+
+    async def up_at_once(self, cap: Capture, n: int, timeout: float,
+                         stop: "asyncio.Task[Any] | None" = None) -> list[Call]:
+        """The calls up at once, as soon as `n` are (or what is up at `timeout`, or when
+        `stop` is done)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            up = [c for c in self.read(cap) if c.up]
+            if len(up) >= n or time.monotonic() >= deadline or (stop is not None and stop.done()):
+                return up
+            await asyncio.sleep(0.2)  # wait-ok: polling the capture as calls are set up
+
+    async def settled(self, cap: Capture, timeout: float = 5.0) -> None:
+        """Until every leg that was answered, on either side, has had its BYE answered (the
+        PBX hangs the callee up just after the caller), or `timeout`: tcpdump is stopped
+        only once it has written the last hangups."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            legs = [leg for c in self.read(cap) for leg in (c.caller, c.callee) if leg is not None and leg.answered]
+            if all(leg.bye_ok for leg in legs):
+                return
+            await asyncio.sleep(0.2)  # wait-ok: polling the capture for the last hangups
+
+
+def achieved(calls: list[Call]) -> float | None:
+    """The rate SIPp really offered: calls placed over the span of their INVITEs."""
+    times = sorted(c.caller.invite for c in calls if c.caller.invite is not None)
+    if len(times) < 2 or times[-1] <= times[0]:
+        return None
+    return (len(times) - 1) / (times[-1] - times[0])
+
+
+def failures(calls: list[Call]) -> dict[str, int]:
+    reasons: dict[str, int] = {}
+    for c in calls:
+        why = c.why_not()
+        if why:
+            reasons[why] = reasons.get(why, 0) + 1
+    return reasons
+
+
+# --- post-dial delay ----------------------------------------------------------------------------
+
+
+async def post_dial_delay(load: Load, rate: float, per_path: int) -> dict[str, Any]:
+    """Alternate the two paths at `rate` calls per second; each call's delay runs from its
+    INVITE leaving the caller to the callee's INVITE reaching the callee (one clock: the
+    kernel's, on the loopback both cross)."""
+    pairs = load.pairs
+    order = [r for i in range(per_path) for r in (pairs.bridge[i], pairs.baseline[i])]
+    path_of = {r.caller: r.path for r in order}
+    calls, run, _ = await load.place(order, rate, 500, "delay")
+    delays: dict[str, list[float]] = {"bridge": [], "baseline": []}
+    placed: list[tuple[str, float]] = []
+    for c in calls:
+        setup = c.setup_ms
+        if not c.why_not() and setup is not None:
+            delays[path_of[c.caller.number]].append(setup)
+            placed.append((path_of[c.caller.number], setup))
+    # Each bridge call against the baseline call placed just before it.
+    diffs = [b - a for (pa, a), (pb, b) in itertools.pairwise(placed) if pa == "baseline" and pb == "bridge"]
+    return {
+        "rate": rate,
+        "calls": len(order),
+        "failed": len(order) - sum(len(v) for v in delays.values()),
+        "failures": failures(calls),
+        "bridge_ms": delays["bridge"],
+        "baseline_ms": delays["baseline"],
+        "bridge": percentiles(delays["bridge"]),
+        "baseline": percentiles(delays["baseline"]),
+        "added": percentiles(diffs),
+        "added_median_ms": (statistics.median(delays["bridge"]) - statistics.median(delays["baseline"]))
+        if delays["bridge"] and delays["baseline"] else None,
+        "load_generator_exit": run.returncode,
+    }
+
+
+# --- throughput ---------------------------------------------------------------------------------
+
+
+async def ramp(load: Load, rates: list[float], seconds: float, hold: float, sample: int) -> list[dict[str, Any]]:
+    """For each rate, each path: calls for `seconds` at that rate; a path stops at the
+    first rate where fewer than 99 % of its calls succeed. In each step, both sides of
+    `sample` calls are listened to for half their talk time."""
+    steps: list[dict[str, Any]] = []
+    active = {"bridge", "baseline"}
+    for rate in rates:
+        for path in ("bridge", "baseline"):
+            if path not in active:
+                continue
+            routes = load.pairs.of(path)
+            count = max(1, int(rate * seconds))
+            chosen = [routes[i % len(routes)] for i in range(count)]
+            calls, run, heard = await load.place(chosen, rate, int(hold * 1000), f"ramp-{path}-{rate:g}",
+                                                 sample=sample, listen_seconds=hold / 2)
+            ok = sum(not c.why_not() for c in calls)
+            steps.append({
+                "path": path, "rate": rate, "achieved": achieved(calls), "calls": count, "ok": ok,
+                "success": ok / count, "failures": failures(calls),
+                "setup_ms": percentiles([s for c in calls if (s := c.setup_ms) is not None]),
+                "answer_ms": percentiles([s for c in calls if (s := c.answer_ms) is not None]),
+                "load_generator_cpu_s": run.cpu_seconds,
+                "audio_ok": heard["audio_ok"] if heard else None,
+                "tone_shares": heard["tone_shares"] if heard else [],
+            })
+            if steps[-1]["success"] < 0.99:
+                active.discard(path)
+        if not active:
+            break
+    return steps
+
+
+# --- CPU per call ---------------------------------------------------------------------------------
+
+
+async def cpu_per_call(load: Load, rate: float, seconds: float, hold: float, idle_seconds: float) -> dict[str, Any]:
+    """Per path: the CPU seconds of each process over a window of calls at a steady `rate`,
+    less what the process spends idle over as long (measured just before), per call that
+    succeeded; and the calls per second one core carries at that cost."""
+    pids = cpu.Pids.of(load.stack)
+    out: dict[str, Any] = {"rate": rate, "seconds": seconds, "hold": hold, "idle_seconds": idle_seconds}
+    for path in ("bridge", "baseline"):
+        before = cpu.snapshot(load.stack, pids, load.callee.pid)
+        await asyncio.sleep(idle_seconds)  # wait-ok: the idle window the busy one is compared to
+        idle = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
+        idle_rate = {k: v / idle_seconds for k, v in idle.items()}
+        routes = load.pairs.of(path)
+        count = max(1, int(rate * seconds))
+        chosen = [routes[i % len(routes)] for i in range(count)]
+        started = time.monotonic()
+        before = cpu.snapshot(load.stack, pids, load.callee.pid)
+        calls, run, _ = await load.place(chosen, rate, int(hold * 1000), f"cpu-{path}")
+        busy = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
+        wall = time.monotonic() - started
+        busy["load_generator"] += run.cpu_seconds
+        ok = sum(not c.why_not() for c in calls)
+        per_call = {k: max(0.0, busy[k] - idle_rate[k] * wall) * 1000 / max(ok, 1) for k in busy}
+        system = per_call["pbx"] + per_call["postgres"] + (per_call["bridge"] if path == "bridge" else 0.0)
+        out[path] = {
+            "calls": count, "ok": ok, "wall_seconds": wall,
+            "cpu_seconds": busy, "idle_cpu_per_second": idle_rate,
+            "cpu_ms_per_call": per_call,
+            "system_ms_per_call": system,
+            "calls_per_second_per_core": 1000 / system if system > 0 else None,
+        }
+    return out
+
+
+# --- simultaneous calls -----------------------------------------------------------------------------
+
+
+async def concurrency(load: Load, steps: list[int], setup_rate: float, sample: int,
+                      listen_seconds: float) -> list[dict[str, Any]]:
+    """Hold N bridged calls at once, for growing N; once all are up, a sample of calls is
+    listened to on the wire: each side must hear the other's tone. The step's calls then
+    end, and count if they ended normally."""
+    pids = cpu.Pids.of(load.stack)
+    results: list[dict[str, Any]] = [{"calls": 0, "established": 0, "audio_ok": None,
+                                      "bridge_mb": rss_mb(pids.bridge), "pbx_mb": rss_mb(pids.pbx)}]
+    for n in steps:
+        if n > len(load.pairs.bridge):
+            break
+        setup_window = n / setup_rate + 10
+        hold_ms = int((setup_window + listen_seconds + 5) * 1000)
+        cap = load.sip_capture(f"concurrency-{n}").start()
+        try:
+            runner = asyncio.create_task(asyncio.to_thread(
+                sipp.caller_run, load.phones, [(r.caller, r.dialed) for r in load.pairs.bridge[:n]],
+                setup_rate, hold_ms, f"concurrency-{n}"))
+            up = await load.up_at_once(cap, n, setup_window)
+            step: dict[str, Any] = {"calls": n, "established": len(up)}
+            step.update(await listen(load, up if len(up) == n else [], sample, listen_seconds, f"{n}"))
+            step["audio_ok"] = len(up) == n and step["audio_ok"]
+            step["bridge_mb"], step["pbx_mb"] = rss_mb(pids.bridge), rss_mb(pids.pbx)
+            await runner
+            await load.settled(cap)
+        finally:
+            cap.stop()
+        calls = load.read(cap)
+        step["ended_ok"] = sum(not c.why_not() for c in calls)
+        step["failures"] = failures(calls)
+        results.append(step)
+        if len(up) < n or not step["audio_ok"]:
+            break
+    return results
+
+
+async def listen(load: Load, up: list[Call], sample: int, seconds: float, tag: str) -> dict[str, Any]:
+    """Record `seconds` of what the PBX sends to both sides of `sample` of the calls in
+    `up` (spread over them) and check that the caller heard the callee's tone and the callee
+    the caller's."""
+    chosen = up[:: max(1, len(up) // sample)][:sample] if sample else []
+    legs: dict[int, tuple[str, str]] = {}
+    for c in chosen:
+        if c.caller.pbx_media and c.callee and c.callee.pbx_media:
+            legs[c.caller.pbx_media] = (c.caller.number, "caller")
+            legs[c.callee.pbx_media] = (c.caller.number, "callee")
+    if not legs:
+        return {"audio_ok": False, "tone_shares": [], "sampled": 0}
+    path = load.phones.work / f"audio-{tag}.pcap"
+    with Capture(path, capture.rtp_filter(load.phones.pbx[0], sorted(legs))):
+        await asyncio.sleep(seconds)  # wait-ok: the listening window itself
+    heard = capture.audio(path, load.phones.pbx[0], legs)
+    shares: list[dict[str, float]] = []
+    for c in chosen:
+        h = heard.get(c.caller.number)
+        shares.append({
+            "caller_heard_callee": tone_share(h.caller_heard, 8000, CALLEE_TONE) if h else 0.0,
+            "callee_heard_caller": tone_share(h.callee_heard, 8000, CALLER_TONE) if h else 0.0,
+        })
+    ok = bool(shares) and all(min(s.values()) > HEARD for s in shares)
+    return {"audio_ok": ok, "tone_shares": shares, "sampled": len(chosen)}
+
+
+def work_dir(stack: Stack) -> Path:
+    return stack.dir / "bench"

@@ -1,0 +1,106 @@
+"""The numbers the bridge may dial: the ranges a deployment serves (MB_ALLOWED_DESTINATIONS).
+
+Every courier call to a client, and back, is paid by the deployment: a "client" number in a
+premium-rate or international-network range would make each of those calls pay whoever
+holds it. So a participant's number (at open and at reassignment) and the support number
+(at start) must be in the listed ranges, and the routing decision checks the number it is
+about to dial once more (a list narrowed since the session opened).
+
+The setting is a comma-separated list of entries:
+
+* a kind of number of a region, by the numbering plan (libphonenumber's metadata):
+  `RU:mobile`, `RU:geographic` (fixed-line numbers of an area code), `RU:toll_free`
+  (8-800 and 8-804: free for the caller, so a support line may be one); a kind without a
+  region (`mobile`) is of MB_DEFAULT_REGION;
+* an E.164 prefix: `+7916`, `+4420`.
+
+Default `mobile,geographic`. Whatever the list says, premium-rate, shared-cost and personal
+numbers, and the international networks' own country codes (satellite and global services
+such as +870, +881, +882, +883, +979), are never allowed: no order needs one, and each is a
+known revenue-share fraud target.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import phonenumbers
+from phonenumbers import PhoneNumberType
+
+from bridge.errors import DestinationNotAllowed
+
+DEFAULT = "mobile,geographic"
+KINDS: dict[str, frozenset[int]] = {
+    "mobile": frozenset({PhoneNumberType.MOBILE, PhoneNumberType.FIXED_LINE_OR_MOBILE}),
+    "geographic": frozenset({PhoneNumberType.FIXED_LINE, PhoneNumberType.FIXED_LINE_OR_MOBILE}),
+    "toll_free": frozenset({PhoneNumberType.TOLL_FREE}),
+}
+NEVER_TYPES = frozenset({PhoneNumberType.PREMIUM_RATE, PhoneNumberType.SHARED_COST, PhoneNumberType.PERSONAL_NUMBER})
+# Named here as well as found by type, so that an older or newer numbering plan cannot let one
+# through: Russia's premium-rate 8-809, and the country codes of no country.
+NEVER_PREFIXES = ("+7809", "+800", "+808", "+870", "+878", "+881", "+882", "+883", "+888", "+979")
+_PREFIX = re.compile(r"\+[1-9][0-9]{0,14}")
+_KIND = re.compile(r"(?:([A-Z]{2}):)?([a-z_]+)")
+
+
+def never(number: str) -> bool:
+    """A premium-rate, shared-cost or personal number, or one of an international network:
+    refused whatever MB_ALLOWED_DESTINATIONS lists."""
+    if number.startswith(NEVER_PREFIXES):
+        return True
+    try:
+        parsed = phonenumbers.parse(number)
+    except phonenumbers.NumberParseException:
+        return True
+    return (phonenumbers.region_code_for_country_code(parsed.country_code or 0) == "001"
+            or phonenumbers.number_type(parsed) in NEVER_TYPES)
+
+
+@dataclass(frozen=True)
+class Destinations:
+    """The allowed ranges: (region, kind) pairs and E.164 prefixes."""
+
+    kinds: frozenset[tuple[str, str]] = frozenset({("RU", "mobile"), ("RU", "geographic")})
+    prefixes: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: str, default_region: str = "RU") -> "Destinations":
+        """MB_ALLOWED_DESTINATIONS; ValueError naming the first bad entry."""
+        kinds: set[tuple[str, str]] = set()
+        prefixes: list[str] = []
+        for entry in (e.strip() for e in (raw or DEFAULT).split(",")):
+            if _PREFIX.fullmatch(entry):
+                if entry.startswith(NEVER_PREFIXES):  # (a wider prefix, like +8, is fine: never() still holds)
+                    raise ValueError(f"lists {entry}, a premium-rate or international-network range: those are "
+                                     "never allowed")
+                prefixes.append(entry)
+                continue
+            match = _KIND.fullmatch(entry)
+            if not entry or match is None or match.group(2) not in KINDS:
+                raise ValueError(f"has {entry[:40]!r}: each entry must be an E.164 prefix (+7916) or a kind of "
+                                 f"number ({', '.join(KINDS)}), optionally of a region (RU:mobile)")
+            region = match.group(1) or default_region
+            if region not in phonenumbers.SUPPORTED_REGIONS:
+                raise ValueError(f"has {entry}: {region} is not a region of the numbering plan")
+            kinds.add((region, match.group(2)))
+        return cls(frozenset(kinds), tuple(prefixes))
+
+    def allows(self, number: str) -> bool:
+        """Whether the bridge may dial `number` (E.164, as normalize() gives it)."""
+        if never(number):
+            return False
+        if number.startswith(self.prefixes):
+            return True
+        parsed = phonenumbers.parse(number)
+        region = phonenumbers.region_code_for_number(parsed)
+        kind = phonenumbers.number_type(parsed)
+        return any(region == r and kind in KINDS[k] for r, k in self.kinds)
+
+    def check(self, numbers: dict[str, str]) -> None:
+        """DestinationNotAllowed for the first of these numbers (by request field) that is not allowed."""
+        for field, number in numbers.items():
+            if not self.allows(number):
+                why = ("a premium-rate or international-network number" if never(number)
+                       else "outside the number ranges this bridge serves (MB_ALLOWED_DESTINATIONS)")
+                raise DestinationNotAllowed(f"{field} is {why}", field=field)

@@ -1,0 +1,32 @@
+"""The named tokens' table in memory, for the HTTP layer's tests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from bridge.store.tokens import TokenRow
+from bridge.tokens import Tokens, new_secret, secret_hash
+
+
+class FakeTokenRepo:
+    def __init__(self) -> None:
+        self.rows: dict[str, TokenRow] = {}
+        self.touched: list[str] = []
+
+    async def by_key_id(self, key_id: str) -> TokenRow | None:
+        return next((r for r in self.rows.values() if r.key_id == key_id), None)
+
+    async def touch(self, name: str) -> None:
+        self.touched.append(name)
+
+    def add(self, name: str, scopes: list[str], *, revoked: bool = False, expired: bool = False,
+            rate: float | None = None) -> str:
+        """A token straight into the table; its secret."""
+        key_id, secret = new_secret()
+        self.rows[name] = TokenRow(name, key_id, secret_hash(secret), scopes, rate, datetime.now(UTC), None,
+                                   datetime.now(UTC) if revoked else None, None, expired)
+        return secret
+
+
+def tokens_with(repo: FakeTokenRepo, api_token: str = "", recording_token: str = "") -> Tokens:
+    return Tokens(repo, api_token, recording_token)  # type: ignore[arg-type]
