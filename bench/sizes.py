@@ -5,7 +5,8 @@
 In a database of its own on the local stack's Postgres (the stack's data is not touched):
 a pool of --numbers pool numbers, then past participants (closed sessions, their people
 left long ago) added up to each size of --sizes. At each size, after a few opens of each
-kind not measured (the first on each connection):
+kind not measured (the first on each connection), the first two of these taking turns three
+times (the run of median opens/s is reported, with the opens/s of every run):
   * --opens session opens through the session service (bridge.sessions: the allocator and
     its SQL, no HTTP), --in-flight at a time;
   * --opens more through the HTTP API (POST /v1/sessions) of a second bridge process that
@@ -55,8 +56,9 @@ from bridge.store.sessions import ROUTE_SQL
 DATABASE = "maskbridge_bench_sizes"
 KEY = "bench-sizes-key-bench-sizes-key-0123456789"
 FULL: dict[str, Any] = {"numbers": 10_000, "sizes": [10_000, 100_000, 1_000_000], "opens": 2000, "warmup": 200,
-                        "in_flight": 32, "lookups": 300}
-TINY: dict[str, Any] = {"numbers": 50, "sizes": [200, 1000], "opens": 40, "warmup": 8, "in_flight": 8, "lookups": 10}
+                        "repeats": 3, "in_flight": 32, "lookups": 300}
+TINY: dict[str, Any] = {"numbers": 50, "sizes": [200, 1000], "opens": 40, "warmup": 8, "repeats": 1,
+                        "in_flight": 8, "lookups": 10}
 BATCH = 50_000  # past sessions per statement
 
 
@@ -149,6 +151,12 @@ async def opens(sessions: Sessions, count: int, in_flight: int, run: str,
     return {"opens": count, "per_second": count / spent,
             "latency_ms": measure.percentiles([x * 1000 for x in latencies]),
             "cpu_ms_per_open": meter.per_open_ms(count)}, couriers
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median opens/s, with every run's opens/s."""
+    ordered = sorted(runs, key=lambda r: r["per_second"])
+    return {**ordered[len(ordered) // 2], "per_second_of_each_run": [r["per_second"] for r in runs]}
 
 
 @dataclass(frozen=True)
@@ -297,10 +305,18 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
                     # first reads of what the load just wrote.)
                     await opens(sessions, params["warmup"], params["in_flight"], f"warm-{size}", {})
                     await http_opens(bridge, params["warmup"], params["in_flight"], f"api-warm-{size}", {})
-                    opened, couriers = await opens(sessions, params["opens"], params["in_flight"], f"open-{size}",
-                                                   {"postgres": in_postgres})
-                    through_api = await http_opens(bridge, params["opens"], params["in_flight"], f"api-{size}",
-                                                   {"bridge process": lambda: [bridge.pid], "postgres": in_postgres})
+                    # Each kind --repeats times, taking turns; the run of median opens/s is reported
+                    # (the machine may be shared: the others show how much that moved).
+                    service_runs, api_runs, couriers = [], [], []
+                    for i in range(params["repeats"]):
+                        opened, opened_for = await opens(sessions, params["opens"], params["in_flight"],
+                                                         f"open-{size}-{i}", {"postgres": in_postgres})
+                        service_runs.append(opened)
+                        couriers += opened_for
+                        api_runs.append(await http_opens(
+                            bridge, params["opens"], params["in_flight"], f"api-{size}-{i}",
+                            {"bridge process": lambda: [bridge.pid], "postgres": in_postgres}))
+                    opened, through_api = _median_run(service_runs), _median_run(api_runs)
                     lookups = await route_lookups(pool, vault, couriers, params["lookups"])
                     participants = await pool.fetchval("SELECT count(*) FROM participants")
                     results["steps"].append({"past_participants": size, "participants": participants,
@@ -321,6 +337,10 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
         "route_lookup_p99_ms": last["route_lookup_ms"]["p99"],
     }
     return results
+
+
+def _runs(phase: dict[str, Any]) -> str:
+    return ", ".join(f"{x:.0f}" for x in phase.get("per_second_of_each_run", [phase["per_second"]]))
 
 
 def _cpu(step: dict[str, Any], phase: str, name: str) -> str:
@@ -357,10 +377,11 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
         f"Run {results['started']} on {results['machine']['cpu']} (commit {results['machine']['maskbridge commit']}): "
         f"a pool of {params['numbers']} numbers; at each size, after {params['warmup']} opens of each kind not "
-        f"measured, {params['opens']} opens of new pairs through the "
-        f"session service ({params['in_flight']} in flight, no HTTP), {params['opens']} more through the HTTP API "
+        f"measured, {params['repeats']} runs (taking turns) of {params['opens']} opens of new pairs through the "
+        f"session service ({params['in_flight']} in flight, no HTTP) and as many through the HTTP API "
         f"(POST /v1/sessions to a bridge process, {params['in_flight']} kept-alive connections from a light raw "
-        "HTTP client), and the route lookup timed inside Postgres (EXPLAIN ANALYZE) for a sample of them. "
+        "HTTP client), the run of median opens/s of each kind shown; and the route lookup timed inside Postgres "
+        "(EXPLAIN ANALYZE) for a sample of them. "
         "The machine's cores may be shared with other work: the load average at the start of each phase, and the "
         "CPU each process took per open, say how much.",
         "",
@@ -372,6 +393,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
           f" | {s['http_opens']['per_second']:.0f}"
           f" | {s['http_opens']['latency_ms'].get('p50', 0):.1f} | {s['http_opens']['latency_ms'].get('p99', 0):.1f}"
           f" | {s['route_lookup_ms'].get('p50', 0):.2f} | {s['route_lookup_ms'].get('p99', 0):.2f} |" for s in steps),
+        "",
+        "Opens/s of every run, service and HTTP: " + "; ".join(
+            f"{s['past_participants']:,}: {_runs(s['opens'])} and {_runs(s['http_opens'])}" for s in steps) + ".",
         "",
         "CPU per open, ms (service: this process is the caller and the session service; HTTP: this process is the "
         "client only), and the 1-minute load average at the start of the phase:",
