@@ -100,9 +100,9 @@ cli: venv
 carrier-cli: venv
 	$(DEVSTACK) carrier-cli
 
-# (with several nodes, every node's bridge log)
+# (the stack's in MB_STACK_DIR; with several nodes, every node's bridge log)
 logs: venv
-	tail -n 50 -F $$(ls .stack/nodes/*/log/bridge.log 2>/dev/null || echo .stack/log/bridge.log)
+	$(DEVSTACK) logs
 
 psql: venv
 	$(DEVSTACK) psql

@@ -178,8 +178,10 @@ async def bridge_process(stack: Stack, url: str, log: Path) -> AsyncIterator[Bri
     token = secrets.token_urlsafe(24)
     env = {**os.environ, **stack.bridge_env(), "MB_DATABASE_URL": url, "MB_ARI_APP": "maskbridge-bench-sizes",
            "MB_API_PORT": str(port), "MB_API_TOKEN": token, "MB_NUMBER_KEY": KEY, "MB_WEBHOOK_URL": "",
-           # (the per-token limit on, but above any rate measured here: its cost is on the path)
-           "MB_API_RATE": "100000", "MB_API_BURST": "100000"}
+           # (the per-token limits on, but above any rate measured here: their cost is on the path;
+           # the conflict budget is taken by every open in flight, 32 here)
+           "MB_API_RATE": "100000", "MB_API_BURST": "100000",
+           "MB_API_CONFLICT_RATE": "100000", "MB_API_CONFLICT_BURST": "100000"}
     with log.open("wb") as out:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "bridge", cwd=PROJECT_DIR, env=env,

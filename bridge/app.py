@@ -333,7 +333,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     guard = ConnectionGuard()
     runner = web.AppRunner(
         make_app(sessions, Pools(store, policy), blocklist, tokens, health, recordings, guard,
-                 RateLimiter(settings.api_rate, settings.api_burst)),
+                 RateLimiter(settings.api_rate, settings.api_burst),
+                 conflicts=RateLimiter(settings.api_conflict_rate / 60, settings.api_conflict_burst),
+                 addresses=RateLimiter(settings.api_address_rate, settings.api_address_burst)),
         keepalive_timeout=REQUEST_TIMEOUT,
     )
     await runner.setup()

@@ -10,7 +10,8 @@ from datetime import datetime
 import structlog
 
 from bridge import metrics
-from bridge.crypto import NumberVault, VaultError, blocked_number
+from bridge.crypto import NumberVault, blocked_number
+from bridge.number_keys import readable
 from bridge.errors import BlockNotFound, InvalidInput
 from bridge.sessions import Policy, phone_number, seconds
 from bridge.store import Store
@@ -72,10 +73,9 @@ class Blocklist:
         log.info("blocklist.removed", entry_id=str(entry_id))
         return entry
 
-    def number_of(self, entry: BlockedRow) -> str:
-        """The blocked number of an entry this service read (which loaded its key). Retention
-        never destroys the key of a blocked number (bridge.number_keys re-seals it first)."""
-        number = self.vault.open_cached(entry.number_enc, blocked_number(entry.id))
-        if number is None:
-            raise VaultError("the data key of a blocked number is gone")
-        return number
+    def number_of(self, entry: BlockedRow) -> str | None:
+        """The blocked number of an entry this service read (which loaded its key); None when
+        it does not open (damaged: the block still holds, by the number's blind index).
+        Retention never destroys the key of a readable blocked number (bridge.number_keys
+        re-seals it first)."""
+        return readable(self.vault, entry.number_enc, blocked_number(entry.id))

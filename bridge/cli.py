@@ -34,7 +34,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
+import os
+import re
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
@@ -50,8 +53,10 @@ from bridge.config import ConfigError, Settings
 from bridge.crypto import MasterKeys, NumberVault, VaultError
 from bridge.number_keys import NumberKeys
 from bridge.errors import InvalidInput, ServiceError, SessionNotFound
+from bridge.limits import MAX_PAGE
 from bridge.pools import Pools
 from bridge.recordings import Recordings
+from bridge.requester import REQUEST_TOKEN
 from bridge.ari import AriClient
 from bridge.requests import OpenSession, parse
 from bridge.sessions import Sessions
@@ -119,7 +124,19 @@ def _cell(value: Any) -> str:
     return str(text)
 
 
+def admin_actor() -> str:
+    """Who the changes of this run are attributed to, where the API would name its token
+    (a session's history, the blocklist): "admin:<unix user>"."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # (no name for this uid)
+        user = str(os.getuid())
+    user = re.sub(r"[^A-Za-z0-9_.-]", "_", user)[:32]
+    return f"admin:{user}" if user else "admin"
+
+
 async def _run(args: argparse.Namespace, settings: Settings) -> int:
+    REQUEST_TOKEN.set(admin_actor())
     policy = policy_of(settings)
     pool = await connect(settings.database_url, max_size=2, command_timeout=None)
     try:
@@ -400,15 +417,21 @@ KEY_COMMANDS: dict[str, Callable[[NumberKeys, bool], Awaitable[None]]] = {
 }
 
 
-def _days(raw: str) -> int:
-    """A number of days for a retention cut-off: 0 or less would delete everything."""
-    try:
-        days = int(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number of days: {raw!r}") from None
-    if days < 1:
-        raise argparse.ArgumentTypeError("must be at least 1 day")
-    return days
+def _whole(low: int, high: int, unit: str) -> Callable[[str], int]:
+    """An argument that is a whole number from `low` to `high` (argparse refuses anything else
+    with exit status 2, before anything runs)."""
+    def parse(raw: str) -> int:
+        if not raw.isascii() or not raw.strip().lstrip("-").isdigit():
+            raise argparse.ArgumentTypeError(f"not a whole number of {unit}: {raw[:40]!r}")
+        value = int(raw)
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be from {low} to {high} {unit}, not {value}")
+        return value
+    return parse
+
+
+# A number of days for a retention cut-off: 0 or less would delete everything, today's included.
+_days = _whole(1, 3650, "days")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -453,7 +476,7 @@ def parser() -> argparse.ArgumentParser:
     sl = ses.add_parser("list", help="sessions, newest first")
     sl.add_argument("--order")
     sl.add_argument("--status", choices=["open", "grace", "closed"])
-    sl.add_argument("--limit", type=int, default=50)
+    sl.add_argument("--limit", type=_whole(1, MAX_PAGE, "sessions"), default=50)
     ex = ses.add_parser("extend", help="move the expiry (seconds from now) or the inactivity timeout")
     ex.add_argument("session")
     ex.add_argument("--ttl", type=int)
@@ -493,7 +516,8 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("name")
     hk = groups.add_parser("housekeeping", help="expire sessions, end cool-offs; --purge runs the retention job")
     hk.add_argument("--purge", action="store_true")
-    hk.add_argument("--older-than", type=int, dest="older_than", help="days (default MB_RETENTION_DAYS)")
+    hk.add_argument("--older-than", type=_days, dest="older_than",
+                    help="days, at least 1 (default MB_RETENTION_DAYS)")
     hk.add_argument("--recordings", action="store_true",
                     help="delete recordings past their retention, through ARI (needs MB_ARI_URL/USER/PASSWORD)")
     hk.add_argument("--recordings-older-than", type=_days, dest="recordings_older_than",

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from bridge.destinations import DEFAULT as DEFAULT_DESTINATIONS, Destinations
+from bridge.crypto import MAX_KEY_VERSION
 from bridge.envtext import whole
 from bridge.languages import LANGUAGES
 from bridge.limits import MAX_SECONDS, ORDER_CODE_LENGTHS
@@ -178,6 +179,12 @@ SETTINGS: dict[str, Setting] = {
     "api_rate": Setting("MB_API_RATE", "50", seconds(0, 100_000, "requests a second"),
                         service=True),
     "api_burst": Setting("MB_API_BURST", "100", whole(1, 1_000_000), service=True),
+    "api_conflict_rate": Setting("MB_API_CONFLICT_RATE", "10", seconds(0, 100_000, "conflicts a minute"),
+                                 service=True),
+    "api_conflict_burst": Setting("MB_API_CONFLICT_BURST", "20", whole(1, 1_000_000), service=True),
+    "api_address_rate": Setting("MB_API_ADDRESS_RATE", "20", seconds(0, 100_000, "requests a second"),
+                                service=True),
+    "api_address_burst": Setting("MB_API_ADDRESS_BURST", "40", whole(1, 1_000_000), service=True),
     "default_region": Setting("MB_DEFAULT_REGION", "RU", text(required=True, pattern=re.compile(r"^[A-Z]{2}$"),
                                                               what="a two-letter region code like RU")),
     "trunk_endpoint": Setting("MB_TRUNK_ENDPOINT", "trunk", text(required=True, pattern=_NAME,
@@ -226,6 +233,10 @@ class Settings:
     api_token: str = ""
     api_rate: float = 50.0  # requests a second per token and bridge process (0: no limit)
     api_burst: int = 100
+    api_conflict_rate: float = 10.0  # conflicts a minute per token and bridge process (0: no limit)
+    api_conflict_burst: int = 20
+    api_address_rate: float = 20.0  # requests a second without a valid token, per remote address (0: no limit)
+    api_address_burst: int = 40
     default_region: str = "RU"
     trunk_endpoint: str = "trunk"
     ring_timeout: float = 30.0
@@ -313,8 +324,9 @@ def _number_keys(env: Mapping[str, str]) -> dict[int, str]:
     for line in _secret(env, "MB_NUMBER_KEYS").splitlines():
         for item in line.split("#", 1)[0].split():
             number, sep, key = item.partition("=")
-            if not sep or not number.isdigit() or int(number) < 1:
-                raise ValueError("MB_NUMBER_KEYS must be VERSION=KEY items (VERSION a whole number from 1)")
+            if not sep or not number.isascii() or not number.isdigit() or not 1 <= int(number) <= MAX_KEY_VERSION:
+                raise ValueError(f"MB_NUMBER_KEYS must be VERSION=KEY items (VERSION a whole number from 1 to "
+                                 f"{MAX_KEY_VERSION})")
             if int(number) in keys:
                 raise ValueError(f"MB_NUMBER_KEYS gives version {int(number)} twice (MB_NUMBER_KEY is version 1)")
             keys[int(number)] = key

@@ -47,6 +47,7 @@ _LEGACY_AAD = b"maskbridge real number v1"
 EPOCH = date(1970, 1, 1)
 MIN_KEY_CHARS = 32
 DATA_KEY_BYTES = 32
+MAX_KEY_VERSION = 2**31 - 1  # master key versions are Postgres integers (number_master, the keys' rows)
 
 
 class VaultError(Exception):
@@ -119,8 +120,8 @@ class MasterKeys:
         if not versions:
             raise VaultError("no number key is configured (MB_NUMBER_KEY or MB_NUMBER_KEYS)")
         for version, key in versions.items():
-            if version < 1:
-                raise VaultError("number key versions are whole numbers from 1")
+            if not 1 <= version <= MAX_KEY_VERSION:
+                raise VaultError(f"number key versions are whole numbers from 1 to {MAX_KEY_VERSION}")
             if len(key) < MIN_KEY_CHARS:
                 raise VaultError(f"number key version {version} must be at least {MIN_KEY_CHARS} characters "
                                  "of random text")
@@ -289,8 +290,14 @@ class NumberVault:
 
     async def load(self, sealed: Iterable[bytes | None]) -> None:
         """Make sure the keys of these sealed numbers are in memory (one query for those
-        that are not), so that open_cached() can answer."""
-        periods = [period_of(s) for s in sealed if s is not None]
+        that are not), so that open_cached() can answer. (One of an unknown format is left
+        to open_cached(), which says so.)"""
+        periods = set()
+        for s in sealed:
+            try:
+                periods.add(period_of(s) if s is not None else None)
+            except VaultError:
+                continue
         await self.load_periods([p for p in periods if p is not None and p not in self._keys])
 
     def open_cached(self, sealed: bytes | None, binding: Binding) -> str | None:

@@ -13,6 +13,11 @@ class ServiceError(Exception):
     code = "bad_request"
     http_status = 400
     message = "the request cannot be served"
+    # A refusal that says whether a number the caller gave is one of a session's people (an
+    # open that names other people, a courier who is the client): the API counts each against
+    # the token's conflict budget (MB_API_CONFLICT_RATE), so that guessing a masked number
+    # one candidate at a time takes days.
+    confirms_a_guess = False
 
     def __init__(self, message: str | None = None, **details: Any) -> None:
         super().__init__(message or self.message)
@@ -43,6 +48,13 @@ class InvalidInput(ServiceError):
     code = "invalid_input"
     http_status = 422
     message = "a field or parameter is missing, unknown or out of range"
+
+
+class CourierIsClient(InvalidInput):
+    """The new courier's number is the client's (still `invalid_input`: the order system
+    learns what to fix), counted as a conflict."""
+
+    confirms_a_guess = True
 
 
 class UnknownRegion(InvalidInput):
@@ -142,6 +154,7 @@ class OrderHasOpenSession(Conflict):
     # One answer whatever differs (the courier, the client, the mode or the order code): it
     # must not tell a caller which of the numbers it tried is in the order.
     message = "the order has an open session that this request does not match; close it, or reassign the courier"
+    confirms_a_guess = True
 
     def __init__(self, session_id: str) -> None:
         super().__init__(session_id=session_id)
@@ -185,9 +198,8 @@ class RateLimited(ServiceError):
     http_status = 429
     message = "too many requests with this token; try again after Retry-After seconds"
 
-    def __init__(self, retry_after: int) -> None:
-        super().__init__(f"too many requests with this token; try again in {retry_after} s",
-                         retry_after_seconds=retry_after)
+    def __init__(self, retry_after: int, what: str = "requests with this token") -> None:
+        super().__init__(f"too many {what}; try again in {retry_after} s", retry_after_seconds=retry_after)
         self.retry_after = retry_after
 
 
@@ -220,5 +232,8 @@ def _classes(base: type[ServiceError]) -> list[type[ServiceError]]:
     return [base] + [c for sub in base.__subclasses__() for c in _classes(sub)]
 
 
-# Every error the API can answer, by code.
-CODES: dict[str, type[ServiceError]] = {c.code: c for c in _classes(ServiceError)}
+# Every error the API can answer, by code (the first class of each: a subclass that keeps its
+# parent's code, such as CourierIsClient, is that answer).
+CODES: dict[str, type[ServiceError]] = {}
+for _class in _classes(ServiceError):
+    CODES.setdefault(_class.code, _class)

@@ -195,6 +195,10 @@ RETENTION_LAST_SUCCESS = Gauge("maskbridge_retention_last_success_timestamp_seco
                                "ran to the end (Unix time).", ["job"], registry=REGISTRY)
 RETENTION_DELETED = Counter("maskbridge_retention_deleted", "What the retention jobs deleted (participants' real "
                             "numbers, recordings, webhook events).", ["job"], registry=REGISTRY)
+NUMBERS_UNREADABLE = Counter("maskbridge_numbers_unreadable", "Sealed real numbers that did not open (damaged, or "
+                             "moved into another row), by table and by who met them (read: the API or a call; "
+                             "retention: the key retention, which leaves them and destroys their key).",
+                             ["table", "where"], registry=REGISTRY)
 HOUSEKEEPING_LAST_RUN = Gauge("maskbridge_housekeeping_last_run_timestamp_seconds", "When session housekeeping last "
                               "ran to the end (Unix time).", registry=REGISTRY)
 

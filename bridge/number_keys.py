@@ -15,16 +15,33 @@ long a session lives. Format-1 numbers (sealed before sql/023) are re-sealed the
 from __future__ import annotations
 
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import date, timedelta, timezone
 from typing import Any
 
 import structlog
 
-from bridge.crypto import Binding, NumberVault, VaultError, period_header
+from bridge import metrics
+from bridge.crypto import Binding, KeyNotLoaded, NumberVault, VaultError, period_header
 from bridge.store.number_keys import SEALED_COLUMNS, NumberKeyRepo, SealedRow
 
 log = structlog.get_logger(__name__)
+
+
+def readable(vault: NumberVault, sealed: bytes | None, binding: Binding, where: str = "read") -> str | None:
+    """vault.open_cached(), with a number that does not open (damaged, or another row's
+    ciphertext) read as None, as a purged one: logged (its table and row, never a number) and
+    counted. One bad row must not fail every listing it is in, nor the retention of every
+    other number."""
+    try:
+        return vault.open_cached(sealed, binding)
+    except KeyNotLoaded:
+        raise  # (a bug of the caller: load() first)
+    except VaultError as exc:
+        log.warning("number.unreadable", table=binding.table, row_id=str(binding.row), where=where, error=str(exc))
+        metrics.NUMBERS_UNREADABLE.labels(binding.table, where).inc()
+        return None
 
 
 @dataclass(frozen=True)
@@ -53,39 +70,46 @@ class NumberKeys:
                 return left
         return today
 
-    async def reseal(self, periods: list[date], legacy: bool, retention_days: int | None) -> int:
+    async def reseal(
+        self, periods: list[date], legacy: bool, retention_days: int | None
+    ) -> tuple[int, list[uuid.UUID]]:
         """Re-seal every number sealed with these periods' keys (and format-1 numbers when
-        `legacy`) with a key that lives on; returns how many."""
+        `legacy`) with a key that lives on; returns how many, and the rows whose number does
+        not open (left as they are: what cannot be read cannot be re-sealed)."""
         today = self.vault.today()
         headers = [period_header(p) for p in periods]
         total = 0
+        unreadable: list[uuid.UUID] = []
         for table in SEALED_COLUMNS:
             rows = await self.repo.sealed_with(table, headers, legacy)
             await self.vault.load(r.number_enc for r in rows)
             changes = []
             for row in rows:
                 binding = Binding(table, "number_enc", row.id)
-                number = self.vault.open_cached(row.number_enc, binding)
-                if number is None:  # (its key is gone already: nothing left to keep)
+                number = readable(self.vault, row.number_enc, binding, "retention")
+                if number is None:  # (its key is gone already, or it is damaged: nothing to keep)
+                    unreadable.append(row.id)
                     continue
                 new = await self.vault.seal(number, binding, self._target(row, today, retention_days))
                 changes.append((row.id, row.number_enc, new))
             await self.repo.reseal(table, changes)
             total += len(changes)
-        return total
+        return total, unreadable
 
     async def retire(self, retention_days: int) -> dict[str, int]:
-        """Destroy the data keys whose time has come (after the purge of the same run)."""
+        """Destroy the data keys whose time has come (after the purge of the same run). A
+        number sealed with one of them that does not open does not keep its key: it is
+        unreadable with or without it."""
         due = self.due(await self.repo.periods(), self.vault.today(), retention_days)
-        resealed = await self.reseal(due, True, retention_days)
-        destroyed = await self.repo.destroy(due, [period_header(p) for p in due]) if due else []
+        resealed, unreadable = await self.reseal(due, True, retention_days)
+        destroyed = await self.repo.destroy(due, [period_header(p) for p in due], unreadable) if due else []
         self.vault.forget(destroyed)
         if due and len(destroyed) < len(due):
             # (a row sealed with one of them appeared meanwhile: the next run takes it)
             log.warning("number_keys.kept", periods=[p.isoformat() for p in due if p not in destroyed])
         if destroyed or resealed:
             log.info("number_keys.destroyed", periods=[p.isoformat() for p in destroyed], numbers_resealed=resealed)
-        return {"keys_destroyed": len(destroyed), "numbers_resealed": resealed}
+        return {"keys_destroyed": len(destroyed), "numbers_resealed": resealed, "numbers_unreadable": len(unreadable)}
 
     async def rewrap(self) -> Rewrapped:
         """Make this process's newest master key version the active one, and rewrap every

@@ -70,8 +70,8 @@ class Recordings:
         if refusal is None:
             return
         await self._audit(who, remote, call_id, action, "denied", refusal.http_status, None)
-        log.warning("recording.access_denied", actor=who.kind, action=action, call_id=str(call_id),
-                    status=refusal.http_status)
+        log.warning("recording.access_denied", actor=who.kind, token=who.token, action=action,
+                    call_id=str(call_id), status=refusal.http_status)
         raise refusal
 
     async def _recording(

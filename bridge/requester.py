@@ -1,8 +1,8 @@
 """Who the request being served is from: the name of its API token, for the audits it writes.
 
 Set by the HTTP API once it has checked the request's token, for that request only (a
-context variable: each request is served in its own context); None outside a request, and
-in maskbridge-admin and the bridge's own work.
+context variable: each request is served in its own context); by maskbridge-admin to
+"admin:<unix user>" for its run; None in the bridge's own work (housekeeping, calls).
 """
 
 from __future__ import annotations

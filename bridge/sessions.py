@@ -19,11 +19,11 @@ from bridge.abuse import QuietHours
 from bridge.crypto import NumberVault, participant_number
 from bridge.destinations import Destinations
 from bridge.errors import (
-    Contention, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession, PoolExhausted,
-    SessionEnded, SessionNotFound, UnknownRegion,
+    Contention, CourierIsClient, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession,
+    PoolExhausted, SessionEnded, SessionNotFound, UnknownRegion,
 )
 from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
-from bridge.number_keys import NumberKeys
+from bridge.number_keys import NumberKeys, readable
 from bridge.phone import InvalidNumber, normalize
 from bridge.requests import OpenSession
 from bridge.store import Store
@@ -116,8 +116,8 @@ class Sessions:
 
     def reveal(self, participant: ParticipantRow) -> str | None:
         """The real number of a participant of a session read by this service (which loaded
-        its key); None once the retention job removed it."""
-        return self.vault.open_cached(participant.number_enc, participant_number(participant.id))
+        its key); None once the retention job removed it, or when it does not open."""
+        return readable(self.vault, participant.number_enc, participant_number(participant.id))
 
     async def _loaded(self, sessions: list[SessionRow]) -> list[SessionRow]:
         """The sessions, with the keys of their participants' numbers in memory (reveal())."""
@@ -305,7 +305,7 @@ class Sessions:
             raise InternalError(f"open session {session_id} lacks a live participant")
         sealed = await self._seal(courier)
         if self.reveal(client) == courier:
-            raise InvalidInput("the new courier's number is the client's number", field=field)
+            raise CourierIsClient("the new courier's number is the client's number", field=field)
         if self.reveal(current) == courier:
             return session, False  # already theirs: nothing to change
         for _attempt in range(_ATTEMPTS):
@@ -413,8 +413,11 @@ class Sessions:
         if refused is not None:
             return Route(refused, session_id=row.session_id, caller_role=row.role,
                          caller_participant_id=row.participant_id, language=language)
-        callee = await self.vault.open(row.other_enc, participant_number(row.other_id)) if row.other_id else None
-        if callee is None:  # (its key destroyed: retention never does that to a live participant)
+        callee = None
+        if row.other_id:
+            await self.vault.load([row.other_enc])
+            callee = readable(self.vault, row.other_enc, participant_number(row.other_id), "route")
+        if callee is None:  # (its key destroyed, or it does not open: retention never destroys a live one's)
             log.warning("route.callee_number_gone", session_id=str(row.session_id))
             return finished
         if not self.policy.destinations.allows(callee):
@@ -469,6 +472,8 @@ class Sessions:
 
     async def purge(self, older_than_days: int | None = None) -> dict[str, int]:
         days = self.policy.retention_days if older_than_days is None else older_than_days
+        if days < 1:  # (0 or less would purge today's numbers, and destroy today's key)
+            raise InvalidInput("the retention cut-off is at least 1 day", field="older_than_days")
         counts = await self.repo.purge(days)
         # (then the data keys whose time came: the numbers of old row versions, the WAL and backups)
         counts |= await NumberKeys(self.store.number_keys, self.vault).retire(days)

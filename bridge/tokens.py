@@ -19,6 +19,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import datetime
 from typing import Literal
 
@@ -59,7 +60,7 @@ class Caller:
     one (wrong, revoked, expired), or none."""
 
     kind: Literal["token", "invalid_token", "no_token"]
-    token: str | None = None
+    token: str | None = None  # the token's name; of an invalid one, when it names one (revoked, expired)
     scopes: frozenset[str] = frozenset()
     rate: float | None = None  # the token's own rate limit (requests per second); None: the default
     why: str = "missing or wrong bearer token"  # for an invalid one, what the 401 says
@@ -105,9 +106,16 @@ class Tokens:
         self._env = [(name, secret.encode(), scopes) for name, secret, scopes in (
             (ENV_TOKEN, api_token, ENV_SCOPES), (RECORDING_TOKEN, recording_token, RECORDING_SCOPES)) if secret]
         self._touched: dict[str, float] = {}
+        self._valid_keys: set[str] = set()  # key ids this process found valid lately
 
-    async def caller(self, authorization: str) -> Caller:
-        """Who the Authorization header says the request is from (compared in constant time)."""
+    def known(self, key_id: str) -> bool:
+        """Whether the token of `key_id` was valid at its last request here."""
+        return key_id in self._valid_keys
+
+    async def caller(self, authorization: str, before_lookup: Callable[[str], None] | None = None) -> Caller:
+        """Who the Authorization header says the request is from (compared in constant time).
+        `before_lookup(key id)` is called before a named token is looked up in the database,
+        and may raise to refuse the request without the lookup."""
         if not authorization:
             return NO_TOKEN
         scheme, _, given = authorization.partition(" ")
@@ -124,13 +132,20 @@ class Tokens:
         match = _SECRET.fullmatch(presented.decode("utf-8", "replace"))
         if match is None or self.repo is None:
             return INVALID
-        row = await self.repo.by_key_id(match.group(1))
+        key_id = match.group(1)
+        if before_lookup is not None:
+            before_lookup(key_id)
+        row = await self.repo.by_key_id(key_id)
         if row is None or not hmac.compare_digest(secret_hash(presented), row.secret_hash):
             return INVALID
+        # A revoked or expired token presented with its secret is that token: the audit names it.
         if row.revoked_at is not None:
-            return Caller("invalid_token", why="the token was revoked")
+            self._valid_keys.discard(key_id)
+            return Caller("invalid_token", row.name, why="the token was revoked")
         if row.expired:
-            return Caller("invalid_token", why="the token expired")
+            self._valid_keys.discard(key_id)
+            return Caller("invalid_token", row.name, why="the token expired")
+        self._valid_keys.add(key_id)
         await self._touch(row.name)
         return Caller("token", row.name, frozenset(row.scopes), row.rate_per_second)
 

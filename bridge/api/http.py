@@ -152,7 +152,8 @@ def render_pool_number(row: PoolNumberRow) -> dict[str, Any]:
 
 
 def render_block(blocklist: Blocklist, entry: BlockedRow) -> dict[str, Any]:
-    return {"id": entry.id, "number": mask(blocklist.number_of(entry)), "reason": entry.reason,
+    number = blocklist.number_of(entry)
+    return {"id": entry.id, "number": mask(number) if number else None, "reason": entry.reason,
             "created_at": entry.created_at, "expires_at": entry.expires_at}
 
 
@@ -185,6 +186,12 @@ def route_scopes() -> dict[tuple[str, str], str]:
 
 
 UNDECLARED = "(undeclared)"  # the scope of a route whose operation declares none: no token has it
+# The operations whose refusals can confirm a guessed number (an open naming other people, a
+# courier who is the client): each refusal costs the token one of its conflict budget, and
+# with none left they are refused (429) before they run, right guesses included.
+GUESSABLE = frozenset({("POST", "/v1/sessions"), ("POST", "/v1/sessions/{session_id}/participants")})
+HELD_BACK = web.RequestKey("held_back", bool)  # refused by its address's bucket: logged per window only
+HELD_BACK_WINDOW = 60.0  # seconds between two log lines of one address's held-back requests
 
 
 def _refusal(who: Caller, scope: str | None, limiter: RateLimiter) -> ServiceError | None:
@@ -200,18 +207,69 @@ def _refusal(who: Caller, scope: str | None, limiter: RateLimiter) -> ServiceErr
     return None
 
 
-def _auth_middleware(tokens: Tokens, limiter: RateLimiter) -> Middleware:
+class AddressGate:
+    """The requests without a valid token, per remote address: a bucket each, consulted
+    before the database is asked about a named token and before any audit is written.
+    Beyond it the request is refused (429) with one log line per address and minute."""
+
+    def __init__(self, limiter: RateLimiter, tokens: Tokens) -> None:
+        self.limiter = limiter
+        self.tokens = tokens
+        self._held: dict[str, tuple[float, int]] = {}  # address -> (its window's start, requests held)
+
+    def before_lookup(self, request: web.Request) -> Callable[[str], None]:
+        """For Tokens.caller: a named token this process has not seen valid waits for its
+        address's bucket before it costs a lookup (one it knows goes on: a flood of wrong ones
+        from a proxy's address must not lock out the tokens behind it)."""
+        def check(key_id: str) -> None:
+            if not self.tokens.known(key_id):
+                self._raise_if(request, self.limiter.wait(_address(request)))
+        return check
+
+    def count(self, request: web.Request) -> None:
+        """A request without a valid token: counted; refused beyond the address's rate."""
+        self._raise_if(request, self.limiter.take(_address(request)))
+
+    def _raise_if(self, request: web.Request, wait: int) -> None:
+        if not wait:
+            return
+        request[HELD_BACK] = True
+        address, now = _address(request), self.limiter.clock()
+        # (each line counts the requests held back since the line before, this one included)
+        last = self._held.get(address)
+        if last is None or now - last[0] >= HELD_BACK_WINDOW:
+            log.warning("api.address_limited", remote=address, requests_held=(last[1] if last else 0) + 1)
+            self._held[address] = (now, 0)
+        else:
+            self._held[address] = (last[0], last[1] + 1)
+        if len(self._held) > 10_000:  # (a flood of addresses: the oldest windows go)
+            for stale in sorted(self._held, key=lambda a: self._held[a][0])[:5_000]:
+                del self._held[stale]
+        raise RateLimited(wait, "requests without a valid token from this address")
+
+
+def _address(request: web.Request) -> str:
+    return request.remote or "unknown"
+
+
+def _auth_middleware(
+    tokens: Tokens, limiter: RateLimiter, conflicts: RateLimiter, addresses: RateLimiter
+) -> Middleware:
     scopes = route_scopes()
+    gate = AddressGate(addresses, tokens)
 
     @web.middleware
     async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in PUBLIC_PATHS:
             return await handler(request)
-        who = await tokens.caller(request.headers.get("Authorization", ""))
+        who = await tokens.caller(request.headers.get("Authorization", ""), gate.before_lookup(request))
+        if who.kind != "token":
+            gate.count(request)  # (over its address's rate: 429 here, before any audit)
         request[CALLER] = who
         if who.kind == "token":
             # Every log line of the request, and every audit row it writes, names its token.
             REQUEST_TOKEN.set(who.token)
+        if who.token is not None:  # (a revoked or expired one is named in the log too)
             structlog.contextvars.bind_contextvars(token=who.token)
         route = _route(request)
         # (a route no operation declares a scope for is refused to every token: closed by default)
@@ -221,9 +279,48 @@ def _auth_middleware(tokens: Tokens, limiter: RateLimiter) -> Middleware:
             request[REFUSAL] = refusal  # the Recordings service audits it, then answers it
         elif refusal is not None:
             raise refusal
+        if who.token is not None and (request.method, route) in GUESSABLE:
+            return await _within_conflict_budget(request, handler, who.token, conflicts)
         return await handler(request)
 
     return auth
+
+
+async def _within_conflict_budget(
+    request: web.Request, handler: Handler, token: str, conflicts: RateLimiter
+) -> web.StreamResponse:
+    """Run a guessable operation on one of the token's conflict budget (taken first, so that
+    requests sent at once cannot all pass), given back unless it was refused as a conflict.
+    A reassignment also takes one of its session's budget, kept when the courier changed: a
+    loop of reassignments with candidate numbers would otherwise tell the client's number by
+    the one refused, every other one succeeding."""
+    keys = [token]
+    if "session_id" in request.match_info:
+        keys.append(f"session {request.match_info['session_id']}")  # (no token's name has a space)
+    taken: list[str] = []
+    for key in keys:
+        wait = conflicts.take(key)
+        if wait:
+            for done in taken:
+                conflicts.give_back(done)
+            raise RateLimited(wait, "conflicting session requests with this token" if key == token
+                              else "changes of this session's courier")
+        taken.append(key)
+    spent: list[str] = []
+    try:
+        response = await handler(request)
+        if response.status == 201 and len(keys) > 1:
+            spent = keys[1:]  # (the courier changed)
+        return response
+    except ServiceError as exc:
+        if exc.confirms_a_guess:
+            spent = keys
+            log.info("api.conflict_counted", code=exc.code)
+        raise
+    finally:
+        for key in taken:
+            if key not in spent:
+                conflicts.give_back(key)
 
 
 @web.middleware
@@ -289,7 +386,10 @@ def _answered(request: web.Request, status: int, elapsed: float) -> None:
     method = request.method if request.method in _METHODS else "other"
     metrics.HTTP_REQUESTS.labels(route, method, str(status)).inc()
     metrics.HTTP_LATENCY.labels(route, method).observe(elapsed)
-    # (health checks and scrapes, many a minute, only at debug)
+    # (health checks and scrapes, many a minute, only at debug; requests held back by their
+    # address's bucket not at all: AddressGate logs them once a minute)
+    if request.get(HELD_BACK):
+        return
     say = log.debug if request.path in PUBLIC_PATHS else log.info
     say("api.request", method=method, route=route, status=status, ms=round(elapsed * 1000, 1), remote=request.remote)
 
@@ -639,11 +739,16 @@ RECORDING_PATHS = ("/v1/calls/{call_id}/recording", "/v1/calls/{call_id}/recordi
 def make_app(
     sessions: Sessions, pools: Pools, blocklist: Blocklist, tokens: Tokens, health_check: HealthCheck,
     recordings: Recordings, guard: ConnectionGuard | None = None, limiter: RateLimiter | None = None,
+    conflicts: RateLimiter | None = None, addresses: RateLimiter | None = None,
 ) -> web.Application:
     """The API. `guard`: the listening socket's (bridge.api.server), told of each request;
-    `limiter`: the requests' rate per token (none: no limit)."""
+    `limiter`: the requests' rate per token; `conflicts`: each token's conflicts (refusals that
+    confirm a guessed number); `addresses`: the requests without a valid token per remote
+    address (each none: no limit)."""
+    unlimited = RateLimiter(0, 0)
     app = web.Application(
-        middlewares=[_measured, _errors, _auth_middleware(tokens, limiter or RateLimiter(0, 0))],
+        middlewares=[_measured, _errors, _auth_middleware(tokens, limiter or unlimited, conflicts or unlimited,
+                                                          addresses or unlimited)],
         client_max_size=IMPORT_BODY_LIMIT,
     )
     if guard is not None:

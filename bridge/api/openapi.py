@@ -198,8 +198,12 @@ RESPONSES: dict[str, Schema] = {
     "RateLimited": {
         **_error_response(
             "`rate_limited`: the token made more requests than its rate limit lets it (per bridge process: "
-            "`MB_API_RATE` a second after a burst of `MB_API_BURST`, or the token's own rate). Wait "
-            "`Retry-After` seconds. On a recording route the attempt is written to the audit.",
+            "`MB_API_RATE` a second after a burst of `MB_API_BURST`, or the token's own rate); or, on opening a "
+            "session and reassigning the courier, it spent its conflict budget (`MB_API_CONFLICT_RATE` a minute "
+            "after `MB_API_CONFLICT_BURST`), or the session's courier changed that often; or the request has no "
+            "valid token and its address made more such "
+            "requests than `MB_API_ADDRESS_RATE` a second after `MB_API_ADDRESS_BURST` (not audited). Wait "
+            "`Retry-After` seconds. On a recording route an attempt with a token is written to the audit.",
             {"rate_limited": (RateLimited.code, "too many requests with this token; try again in 1 s",
                               {"retry_after_seconds": 1})},
         ),
@@ -408,8 +412,10 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
   (`MB_ALLOWED_DESTINATIONS`), or is a premium-rate or international-network number, which the bridge never
   dials (`details.field` names it).
 * 429 `rate_limited`: the token made more requests than its rate limit lets it (`MB_API_RATE` a second
-  after a burst of `MB_API_BURST`, per bridge process, or the token's own rate); the header `Retry-After`
-  and `details.retry_after_seconds` say how many seconds to wait.
+  after a burst of `MB_API_BURST`, per bridge process, or the token's own rate); or it spent its conflict
+  budget (below); or a request without a valid token came from an address over `MB_API_ADDRESS_RATE` a
+  second (after `MB_API_ADDRESS_BURST`; such a request is answered before its token is looked up, and not
+  audited). The header `Retry-After` and `details.retry_after_seconds` say how many seconds to wait.
 * 422 `invalid_import`: a pool number import had bad rows; nothing was imported. The message lists up to 20
   of them; `details.problems` counts them all.
 * 500 `internal_error`: the bridge failed; the failure is logged.
@@ -932,8 +938,9 @@ SCHEMAS: dict[str, Schema] = {
         "properties": {
             "id": {**UUID, "description": "The entry's id: unblock with it."},
             "number": {
-                "type": "string",
-                "description": "The blocked real number, masked (`+***67`: the last two digits only).",
+                "type": ["string", "null"],
+                "description": "The blocked real number, masked (`+***67`: the last two digits only); null when "
+                "its stored form does not open (damaged: the block holds all the same).",
                 "examples": ["+***67"],
             },
             "reason": {"type": ["string", "null"], "description": "As given when it was blocked; null: none."},
@@ -1916,6 +1923,19 @@ the order system's `MB_API_TOKEN` never has; every access, granted or not, is wr
 
 **Rate limit**: each token may make `MB_API_RATE` requests a second per bridge process, after a burst of
 `MB_API_BURST` (a token may have a rate of its own); beyond it: 429 `rate_limited` with `Retry-After`.
+
+**Conflicts cost more**: a refusal that tells whether a number is one of a session's people (409
+`order_has_open_session` on opening; 422 `invalid_input` for a courier whose number is the client's) costs
+the token one of its conflict budget: `MB_API_CONFLICT_BURST` (20) at once, then `MB_API_CONFLICT_RATE`
+(10) a minute, per bridge process. With none left, opening a session and reassigning the courier answer 429
+`rate_limited` before they run. Each of those holds one of the budget while it runs (at most
+`MB_API_CONFLICT_BURST` in flight per token); one that does not conflict gives it back. Each change of a
+session's courier costs that session one of a budget of the same size, whoever asks (a loop of
+reassignments with candidate numbers would otherwise find the client's number as the one refused).
+
+**Requests without a valid token** (none, a wrong, revoked or expired one) are limited per remote address:
+`MB_API_ADDRESS_BURST` (40) at once, then `MB_API_ADDRESS_RATE` (20) a second; beyond: 429, answered
+before the token is looked up and without an audit row.
 
 **Requests**: JSON bodies are objects of at most {JSON_BODY_LIMIT} bytes (larger: 413 `body_too_large`);
 unknown fields are refused.

@@ -285,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("cli", help="the PBX's Asterisk console")
     sub.add_parser("carrier-cli", help="the simulated carrier's Asterisk console")
     sub.add_parser("psql", help="psql on the bridge's database")
+    sub.add_parser("logs", help="follow the bridge's log (every node's), in MB_STACK_DIR")
     sub.add_parser("monitor", help="Prometheus scraping the running stack, with the alert rules; Ctrl-C stops it")
     sub.add_parser("admin", help="maskbridge-admin against the local stack: admin <its arguments>")
     argv = sys.argv[1:] if argv is None else argv
@@ -316,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {k}='{v}'")
     elif args.command == "call":
         return asyncio.run(place_call(stack, args.from_number, args.to_number, args.hangup_after, args.timeout))
+    elif args.command == "logs":
+        os.execvp("tail", ["tail", "-n", "50", "-F", *map(str, processes.bridge_logs(stack))])
     elif args.command in ("cli", "carrier-cli"):
         instance = "pbx" if args.command == "cli" else "carrier"
         # (with several nodes: NODE=<i> picks the node, node 1 by default)

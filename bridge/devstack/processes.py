@@ -53,6 +53,12 @@ def bridge_log(stack: Stack) -> Path:
     return stack.log_dir / "bridge.log"
 
 
+def bridge_logs(stack: Stack) -> list[Path]:
+    """The bridge logs of the stack in MB_STACK_DIR: each node's when it ran several (make
+    run NODES=2, whether or not NODES is given again), else its one bridge's."""
+    return sorted(stack.dir.glob("nodes/*/log/bridge.log")) or [bridge_log(stack)]
+
+
 def bridge_pid(stack: Stack) -> int | None:
     """The bridge of the pid file, while it runs (a killed one left as a zombie does not)."""
     try:

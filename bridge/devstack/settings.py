@@ -83,6 +83,12 @@ DEFAULTS: dict[str, tuple[str, str]] = {
                                 "up unanswered (SIP 403; 0: no limit)"),
     "MB_UNKNOWN_CALLER_TOTAL": ("100", "unknown callers announced per minute in all, per bridge process; beyond, as "
                                 "above (0: no limit)"),
+    "MB_API_CONFLICT_RATE": ("10", "conflicts a minute each API token may cause per bridge process, after "
+                             "MB_API_CONFLICT_BURST (0: no limit)"),
+    "MB_API_CONFLICT_BURST": ("20", "conflicts an API token may cause at once before MB_API_CONFLICT_RATE applies"),
+    "MB_API_ADDRESS_RATE": ("20", "requests a second each remote address may make without a valid token, per bridge "
+                            "process, after MB_API_ADDRESS_BURST (0: no limit)"),
+    "MB_API_ADDRESS_BURST": ("40", "requests without a valid token a remote address may make at once"),
     "MB_NODES": ("1", "nodes of the local stack (make run NODES=2): above 1, Kamailio takes the carrier's calls on "
                  "MB_PBX_SIP_BIND and spreads them over that many PBX nodes, each with its bridge"),
     "MB_NODE_NET": ("127.0.1", "with MB_NODES above 1, node i's PBX, ARI (and bridge API, but node 1's) are on "
@@ -202,6 +208,10 @@ class Stack:
             "MB_API_TOKEN": e["MB_API_TOKEN"],
             "MB_API_RATE": e["MB_API_RATE"],
             "MB_API_BURST": e["MB_API_BURST"],
+            "MB_API_CONFLICT_RATE": e["MB_API_CONFLICT_RATE"],
+            "MB_API_CONFLICT_BURST": e["MB_API_CONFLICT_BURST"],
+            "MB_API_ADDRESS_RATE": e["MB_API_ADDRESS_RATE"],
+            "MB_API_ADDRESS_BURST": e["MB_API_ADDRESS_BURST"],
             "MB_DEFAULT_REGION": e["MB_DEFAULT_REGION"],
             "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
             "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],

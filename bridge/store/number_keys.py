@@ -177,12 +177,13 @@ class NumberKeyRepo:
             timeout=LONG_STATEMENT,
         )
 
-    async def destroy(self, periods: list[date], headers: list[bytes]) -> list[date]:
-        """Delete these periods' data keys, each only if no row is sealed with it any more;
-        every bridge is told to forget them. Returns the periods destroyed."""
+    async def destroy(self, periods: list[date], headers: list[bytes], ignore: Sequence[uuid.UUID] = ()) -> list[date]:
+        """Delete these periods' data keys, each only if no row is sealed with it any more
+        (but the rows `ignore`: numbers that do not open); every bridge is told to forget
+        them. Returns the periods destroyed."""
         in_use = " OR ".join(
             f"EXISTS (SELECT 1 FROM {table} WHERE number_enc IS NOT NULL "
-            "AND substring(number_enc FROM 1 FOR 5) = h.header)"
+            "AND substring(number_enc FROM 1 FOR 5) = h.header AND id <> ALL($3::uuid[]))"
             for table in SEALED_COLUMNS
         )
         async with self._transaction() as conn:
@@ -196,7 +197,7 @@ class NumberKeyRepo:
                 )
                 SELECT period FROM gone ORDER BY period
                 """,
-                periods, headers, timeout=LONG_STATEMENT,
+                periods, headers, list(ignore), timeout=LONG_STATEMENT,
             )
             destroyed = [r["period"] for r in rows]
             if destroyed:

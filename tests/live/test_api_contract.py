@@ -90,6 +90,9 @@ async def bridge(stack: Stack, bridge_database: str, tmp_path: Path) -> AsyncIte
         # The fuzzer sends thousands of requests a minute with one token: unlimited here, so that
         # each gets its real answer (429 is documented and unit-tested: tests/unit/test_api_tokens.py).
         "MB_API_RATE": "0",
+        # (nor its conflicts, nor its requests without a valid token: tests/unit/test_api_guessing.py)
+        "MB_API_CONFLICT_RATE": "0",
+        "MB_API_ADDRESS_RATE": "0",
     }
     log = tmp_path / "bridge.log"
     with open(log, "wb") as out:

@@ -17,6 +17,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bridge.cli import admin_actor
 from bridge.devstack import processes
 from bridge.devstack.settings import Stack
 from bridge.tokens import secret_hash
@@ -179,3 +180,70 @@ async def test_a_conflicting_open_answers_the_same_whoever_differs(api, real_num
     assert all(a == answers[0] for a in answers), answers
     assert answers[0]["error"]["details"] == {"session_id": first["id"]}
     assert answers[0]["error"]["code"] == "order_has_open_session"
+
+
+async def test_a_guessing_loop_against_the_real_bridge_learns_nothing_past_the_conflict_burst(
+        stack, client, api, real_number):
+    """The tester's attack: a token with sessions:read and sessions:write opens the order again
+    with its own courier number and each candidate client number; the right one would answer
+    200. The conflict budget (MB_API_CONFLICT_BURST, then MB_API_CONFLICT_RATE a minute)
+    answers 429 before the open runs, the right guess included."""
+    burst = int(stack.env["MB_API_CONFLICT_BURST"])
+    secret = (await add_token(stack, _name(), "--scope", "sessions:read,sessions:write"))["secret"]
+    courier, client_number = real_number(), real_number()
+    order = f"order-{uuid.uuid4()}"
+    await api.open_session(order, courier, client_number)
+    candidates = [real_number() for _ in range(burst + 5)]
+    candidates.insert(burst + 2, client_number)  # the right guess, past the burst
+    statuses = []
+    for candidate in candidates:
+        status, answer, headers = await client.request(secret, "POST", "/v1/sessions", json={
+            "order_id": order, "courier_number": courier, "client_number": candidate})
+        statuses.append(status)
+        if status == 429:
+            assert answer["error"]["code"] == "rate_limited" and int(headers["Retry-After"]) >= 1
+    # (one more 409 could slip in if the loop took a refill's 6 seconds; a 200 never)
+    assert statuses[:burst] == [409] * burst and 200 not in statuses and statuses.count(429) >= 5, statuses
+    # A reassignment is refused with it too; reads go on.
+    session_id = (await client.request(secret, "GET", f"/v1/sessions?order_id={order}"))[1]["items"][0]["id"]
+    status, _, _ = await client.request(secret, "POST", f"/v1/sessions/{session_id}/participants",
+                                        json={"role": "courier", "number": client_number})
+    assert status == 429
+
+
+async def test_requests_without_a_valid_token_are_held_back_per_address_without_audit_rows(stack, client, db):
+    burst = int(stack.env["MB_API_ADDRESS_BURST"])
+    call_id = uuid.uuid4()
+    made_up = "mbt_" + uuid.uuid4().hex[:12] + "_" + "x" * 43
+    statuses = [(await client.request(made_up, "GET", f"/v1/calls/{call_id}/recording"))[0]
+                for _ in range(burst * 3)]
+    held = statuses.count(429)
+    assert statuses[:burst] == [401] * burst and held >= burst, statuses
+    audited = await db.fetchval("SELECT count(*) FROM recording_access WHERE call_id = $1", call_id)
+    assert audited == len(statuses) - held  # none for the requests held back
+
+
+async def test_changes_made_with_the_admin_tool_are_attributed_to_it(stack, api, db, real_number):
+    order = f"order-{uuid.uuid4()}"
+    number = real_number()
+    code, out = await admin(stack, "--json", "session", "open", order, real_number(), real_number())
+    assert code == 0, out
+    session_id = json.loads(out)["id"]
+    code, out = await admin(stack, "session", "close", session_id)
+    assert code == 0, out
+    status, events = await api.request("GET", f"/v1/sessions/{session_id}/events")
+    assert status == 200
+    user = admin_actor().removeprefix("admin:")  # (the unix user running the tests)
+    assert [(e["kind"], e["token"]) for e in events["items"]] == [("opened", f"admin:{user}"),
+                                                                   ("closed", f"admin:{user}")]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "bridge.cli", "--json", "block", "add", "-", env={**os.environ, **stack.bridge_env()},
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out, _ = await proc.communicate(number.encode() + b"\n")
+    assert proc.returncode == 0, out
+    entry = json.loads(out.decode()[out.decode().index("{"):])
+    try:
+        assert await db.fetchval("SELECT created_by_token FROM blocked_numbers WHERE id = $1",
+                                 uuid.UUID(entry["id"])) == f"admin:{user}"
+    finally:
+        await admin(stack, "block", "remove", entry["id"])

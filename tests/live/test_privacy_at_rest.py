@@ -11,6 +11,8 @@ import asyncpg
 import pytest
 from structlog.testing import capture_logs
 
+from bridge import metrics
+from bridge.api.http import render_session
 from bridge.blocklist import Blocklist
 from bridge.crypto import MasterKeys, NumberVault, VaultError, participant_number
 from bridge.devstack import postgres
@@ -96,7 +98,8 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
 
         with capture_logs() as logs:
             counts = await h.sessions.purge()
-        assert counts == {"participants": 3, "sessions": 2, "calls": 2, "keys_destroyed": 0, "numbers_resealed": 0}
+        assert counts == {"participants": 3, "sessions": 2, "calls": 2, "keys_destroyed": 0, "numbers_resealed": 0,
+                          "numbers_unreadable": 0}
         assert [e for e in logs if e["event"] == "retention.purged"] == [
             {"event": "retention.purged", "log_level": "info", "older_than_days": 30, **counts}
         ]
@@ -119,16 +122,102 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
         assert [e["kind"] for e in await h.sessions.events(old.id)] == ["opened", "closed", "purged"]
         # The purge is idempotent.
         assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0, "keys_destroyed": 0,
-                                           "numbers_resealed": 0}
+                                           "numbers_resealed": 0, "numbers_unreadable": 0}
         # A pair whose cool-off still runs keeps its number, however long ago it left: the
         # former participant must go on hearing that the order finished.
         await h.pool.execute(
             "UPDATE participants SET left_at = left_at - interval '40 days' WHERE session_id = $1", recent.id
         )
         assert await h.sessions.purge() == {"participants": 0, "sessions": 0, "calls": 0, "keys_destroyed": 0,
-                                           "numbers_resealed": 0}
+                                           "numbers_resealed": 0, "numbers_unreadable": 0}
 
     harness.run(scenario())
+
+
+def _month_ago(h: Harness) -> tuple[datetime, NumberVault, Sessions]:
+    """A bridge of 31 days ago over the harness's database: (then, its vault, its sessions)."""
+    month_ago = datetime.now(timezone.utc) - timedelta(days=31)
+    then = NumberVault(SCRATCH_KEY, h.store.number_keys, clock=lambda: month_ago)
+    return month_ago, then, Sessions(h.store, then, h.sessions.policy)
+
+
+async def _start_over(h: Harness, pool_prefix: str) -> None:
+    """Every row of the scratch schema gone, four pool numbers imported."""
+    await h.pool.execute(
+        "TRUNCATE recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
+        "blocked_numbers"
+    )
+    await h.pools.import_numbers([{"number": f"{pool_prefix}{i:02d}"} for i in range(4)])
+
+
+async def _swap_numbers(db: asyncpg.Connection | asyncpg.Pool, a: uuid.UUID, b: uuid.UUID) -> None:
+    """Two participants' sealed numbers swapped, as a bad restore or a hand edit would: each
+    ciphertext is bound to its own row, so neither opens any more."""
+    await db.execute(
+        """UPDATE participants p SET number_enc = o.number_enc FROM participants o
+           WHERE (p.id, o.id) IN (($1::uuid, $2::uuid), ($2::uuid, $1::uuid))""", a, b)
+
+
+def test_an_unreadable_number_is_skipped_by_retention_and_does_not_keep_other_keys(harness: Harness) -> None:
+    """Two rows' ciphertexts swapped: retention logs and counts them (table and row id, no
+    number), re-seals every other number of their day, and destroys the day's key all the
+    same (what does not open cannot be re-sealed, and is unreadable with or without its key).
+    Reading them meanwhile shows null, as a purged number, never an error."""
+    h = harness
+    month_ago, _then, before = _month_ago(h)
+
+    async def scenario() -> None:
+        await _start_over(h, "+749511300")
+        damaged, _ = await before.open(opening("order-damaged", "+79161130001", "+79161130002"))
+        lasting, _ = await before.open(opening("order-lasting", "+79161130003", "+79161130004"))
+        courier, client = damaged.live("courier"), damaged.live("client")
+        assert courier is not None and client is not None
+        await _swap_numbers(h.pool, courier.id, client.id)
+
+        # Read: null, logged by row, never a 500.
+        with capture_logs() as logs:
+            rows = await h.sessions.find(order_id=None, status=None, after=None, limit=10)
+            rendered = {s.order_id: render_session(h.sessions, s) for s in rows}
+        assert {p["number"] for p in rendered["order-damaged"]["participants"].values()} == {None}
+        assert {p["number"] for p in rendered["order-lasting"]["participants"].values()} == {"+7916***0003",
+                                                                                            "+7916***0004"}
+        unreadable = [e for e in logs if e["event"] == "number.unreadable"]
+        assert {(e["table"], e["row_id"], e["where"]) for e in unreadable} == {
+            ("participants", str(courier.id), "read"), ("participants", str(client.id), "read")}
+        assert "+7916113" not in str(logs)
+
+        # Retention: the other numbers of the day re-sealed, the bad ones skipped, the key gone.
+        counted = metrics.NUMBERS_UNREADABLE.labels("participants", "retention")._value.get()
+        with capture_logs() as logs:
+            counts = await h.sessions.purge()
+        assert counts == {"participants": 0, "sessions": 0, "calls": 0, "keys_destroyed": 1, "numbers_resealed": 2,
+                          "numbers_unreadable": 2}
+        assert metrics.NUMBERS_UNREADABLE.labels("participants", "retention")._value.get() == counted + 2
+        assert {(e["table"], e["row_id"]) for e in logs if e["event"] == "number.unreadable"} == {
+            ("participants", str(courier.id)), ("participants", str(client.id))}
+        assert "+7916113" not in str(logs)
+        assert await h.pool.fetchval("SELECT count(*) FROM number_data_keys WHERE period = $1",
+                                     month_ago.date()) == 0
+        live = await h.sessions.get(lasting.id)
+        assert {h.sessions.reveal(p) for p in live.participants} == {"+79161130003", "+79161130004"}
+        assert {h.sessions.reveal(p) for p in (await h.sessions.get(damaged.id)).participants} == {None}
+        # The next run finds nothing left to do.
+        assert (await h.sessions.purge())["numbers_unreadable"] == 0
+
+    h.run(scenario())
+
+
+async def test_a_listing_with_an_unreadable_number_answers_200_with_null(api, real_number, db):
+    courier, client = real_number(), real_number()
+    order = f"order-{uuid.uuid4()}"
+    session = await api.open_session(order, courier, client)
+    ids = [p["id"] for p in session["participants"].values()]
+    await _swap_numbers(db, uuid.UUID(ids[0]), uuid.UUID(ids[1]))
+    status, listing = await api.request("GET", f"/v1/sessions?order_id={order}")
+    assert status == 200
+    assert [p["number"] for p in listing["items"][0]["participants"].values()] == [None, None]
+    status, one = await api.request("GET", f"/v1/sessions/{session['id']}")
+    assert status == 200 and [p["number"] for p in one["participants"].values()] == [None, None]
 
 
 def test_a_backup_taken_before_retention_holds_no_purged_number_the_current_keys_open(
@@ -142,17 +231,11 @@ def test_a_backup_taken_before_retention_holds_no_purged_number_the_current_keys
     by master key version 1, is shredded when version 1 is retired after a rotation."""
     h = harness
     schema = f"scratch_{__name__.rsplit('.', 1)[-1]}"
-    month_ago = datetime.now(timezone.utc) - timedelta(days=31)
-    then = NumberVault(SCRATCH_KEY, h.store.number_keys, clock=lambda: month_ago)
-    before = Sessions(h.store, then, h.sessions.policy)  # (a bridge of 31 days ago)
+    month_ago, then, before = _month_ago(h)  # (a bridge of 31 days ago)
     restored_db = "privacy_restored"
 
     async def scenario() -> None:
-        await h.pool.execute(
-            "TRUNCATE recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
-            "blocked_numbers"
-        )
-        await h.pools.import_numbers([{"number": f"+749511200{i:02d}"} for i in range(4)])
+        await _start_over(h, "+749511200")
         # Opened 31 days ago: one ended then, one still open (an order that lasts); one recent.
         old, _ = await before.open(opening("order-old", "+79161120001", "+79161120002"))
         lasting, _ = await before.open(opening("order-lasting", "+79161120003", "+79161120004"))
@@ -167,7 +250,7 @@ def test_a_backup_taken_before_retention_holds_no_purged_number_the_current_keys
 
         counts = await h.sessions.purge()
         assert counts == {"participants": 2, "sessions": 1, "calls": 0, "keys_destroyed": 1,
-                          "numbers_resealed": 3}, "the lasting session and the blocked number were re-sealed"
+                          "numbers_resealed": 3, "numbers_unreadable": 0}, "the lasting session and the blocked number were re-sealed"
         assert await h.pool.fetchval("SELECT count(*) FROM number_data_keys WHERE period = $1",
                                      month_ago.date()) == 0
 
@@ -212,3 +295,4 @@ def test_a_backup_taken_before_retention_holds_no_purged_number_the_current_keys
             postgres.drop_database(stack, restored_db)
 
     h.run(scenario())
+

@@ -79,3 +79,23 @@ def test_database_urls_of_every_supported_shape_are_accepted(monkeypatch, url):
     good_env(monkeypatch)
     monkeypatch.setenv("MB_DATABASE_URL", url)
     assert Settings.from_env(services=False).database_url == url
+
+
+@pytest.mark.parametrize("versions", ["2147483648=" + "k" * 40, "0=" + "k" * 40, "99999999999999999999=" + "k" * 40])
+def test_a_master_key_version_beyond_a_postgres_integer_is_refused_at_start(versions):
+    """Versions are stored as Postgres integers: a larger one would pass the start and fail in
+    the middle of `keys rewrap` with a driver error. One line, exit 2, before any connection."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MB_")}
+    env.update(GOOD, MB_ARI_URL="http://127.0.0.1:1", MB_ARI_USER="maskbridge")
+    env["MB_NUMBER_KEYS"] = versions
+    for command in (["-m", "bridge"], ["-m", "bridge.cli", "keys", "rewrap"]):
+        out = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and "k" * 40 not in out.stderr
+        assert "MB_NUMBER_KEYS must be VERSION=KEY items (VERSION a whole number from 1 to 2147483647)" in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+def test_the_highest_master_key_version_is_taken():
+    settings = Settings.from_env(services=False, environ={**GOOD, "MB_NUMBER_KEYS": "2147483647=" + "v" * 40})
+    assert sorted(settings.number_keys) == [1, 2147483647]

@@ -179,3 +179,33 @@ def test_short_or_missing_master_keys_are_refused():
         MasterKeys({})
     with pytest.raises(VaultError):
         MasterKeys({0: KEY})
+
+
+def test_a_number_that_does_not_open_reads_as_none_logged_by_row_never_by_number():
+    """Another row's ciphertext, a damaged one, one of an unknown format: readable() says None
+    (as for a purged number), logs the table and row, and counts it; load() is not stopped by
+    them either, so the readable numbers of the same listing still open."""
+    from structlog.testing import capture_logs
+
+    from bridge import metrics
+    from bridge.crypto import participant_number
+    from bridge.number_keys import readable
+
+    v = vault()
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    sealed_a = run(v.seal("+79161234567", participant_number(a)))
+    sealed_c = run(v.seal("+79161234569", participant_number(c)))
+    damaged = sealed_c[:-1] + bytes([sealed_c[-1] ^ 1])
+    fresh = vault(v.store)  # type: ignore[arg-type]  # (another process: nothing in memory)
+    run(fresh.load([b"\x07garbage", sealed_a, damaged]))
+    before = metrics.NUMBERS_UNREADABLE.labels("participants", "read")._value.get()
+    with capture_logs() as logged:
+        assert readable(fresh, sealed_a, participant_number(b)) is None  # a's number in b's row
+        assert readable(fresh, damaged, participant_number(c)) is None
+        assert readable(fresh, b"\x07garbage", participant_number(c)) is None
+        assert readable(fresh, sealed_a, participant_number(a)) == "+79161234567"
+    assert metrics.NUMBERS_UNREADABLE.labels("participants", "read")._value.get() == before + 3
+    assert [(e["event"], e["table"], e["row_id"]) for e in logged] == [
+        ("number.unreadable", "participants", str(b)), ("number.unreadable", "participants", str(c)),
+        ("number.unreadable", "participants", str(c))]
+    assert "+7916" not in str(logged)

@@ -13,7 +13,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import structlog
 from aiohttp.test_utils import TestClient, TestServer
+from structlog.testing import capture_logs
 
 from bridge.api.http import make_app
 from bridge.cli import parser
@@ -52,6 +54,7 @@ async def app() -> Any:
     NAMED["auditor"] = named.add("auditor", ["audit:read"])
     NAMED["listener"] = named.add("listener", ["recordings:read"])
     NAMED["revoked"] = named.add("revoked", ["recordings:read", "audit:read"], revoked=True)
+    NAMED["expired"] = named.add("expired", ["recordings:read"], expired=True)
 
     async def health() -> dict[str, Any]:
         return {"ari": True, "database": True}
@@ -128,15 +131,24 @@ async def test_named_tokens_reach_what_their_scopes_say_and_the_audit_names_them
     assert resp.status == 403
     resp = await client.get("/v1/recordings/access", headers=bearer(NAMED["auditor"]))
     assert resp.status == 200
-    resp = await client.get("/v1/recordings/access", headers=bearer(NAMED["revoked"]))
-    assert resp.status == 401 and (await resp.json())["error"]["message"] == "the token was revoked"
+    with capture_logs(processors=[structlog.contextvars.merge_contextvars]) as logged:
+        resp = await client.get("/v1/recordings/access", headers=bearer(NAMED["revoked"]))
+        assert resp.status == 401 and (await resp.json())["error"]["message"] == "the token was revoked"
+        resp = await client.get(f"/v1/calls/{call_id}/recording", headers=bearer(NAMED["expired"]))
+        assert resp.status == 401 and (await resp.json())["error"]["message"] == "the token expired"
+    # A revoked or expired token, presented with its secret, is still that token: the audit
+    # and the log name it (actor invalid_token: it was refused).
     assert [(r["actor"], r["token"], r["action"], r["result"], r["status"]) for r in repo.audit_rows] == [
         ("token", "listener", "metadata", "not_found", 404),
         ("token", "listener", "audit", "denied", 403),
         ("token", "auditor", "download", "denied", 403),
         ("token", "auditor", "audit", "granted", 200),
-        ("invalid_token", None, "audit", "denied", 401),
+        ("invalid_token", "revoked", "audit", "denied", 401),
+        ("invalid_token", "expired", "metadata", "denied", 401),
     ]
+    denied = [(e["actor"], e["token"]) for e in logged if e["event"] == "recording.access_denied"]
+    assert denied == [("invalid_token", "revoked"), ("invalid_token", "expired")]
+    assert [e.get("token") for e in logged if e["event"] == "api.request"] == ["revoked", "expired"]
 
 
 async def test_the_recording_token_does_not_open_the_rest_of_the_api(app) -> None:
@@ -252,3 +264,19 @@ def test_housekeeping_refuses_recordings_older_than_less_than_a_day(value: str) 
 def test_housekeeping_takes_recordings_older_than_a_day_or_more() -> None:
     args = parser().parse_args(["housekeeping", "--recordings", "--recordings-older-than", "1"])
     assert args.recordings_older_than == 1
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["housekeeping", "--purge", "--older-than", "-3"], "must be from 1 to 3650 days, not -3"),
+    (["housekeeping", "--purge", "--older-than", "0"], "must be from 1 to 3650 days, not 0"),
+    (["housekeeping", "--purge", "--older-than", "3d"], "not a whole number of days"),
+    (["housekeeping", "--recordings", "--recordings-older-than", "0"], "must be from 1 to 3650 days"),
+    (["session", "list", "--limit", "-1"], "must be from 1 to 500 sessions"),
+])
+def test_the_admin_tool_refuses_a_cut_off_or_limit_out_of_range_before_it_runs(capsys, argv, message):
+    """`housekeeping --purge --older-than -3` once purged today's numbers: refused, exit 2."""
+    with pytest.raises(SystemExit) as exited:
+        parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
+    assert parser().parse_args(["housekeeping", "--purge", "--older-than", "1"]).older_than == 1

@@ -12,8 +12,10 @@ class FakeTokenRepo:
     def __init__(self) -> None:
         self.rows: dict[str, TokenRow] = {}
         self.touched: list[str] = []
+        self.lookups = 0  # by_key_id calls: what would each be a database query
 
     async def by_key_id(self, key_id: str) -> TokenRow | None:
+        self.lookups += 1
         return next((r for r in self.rows.values() if r.key_id == key_id), None)
 
     async def touch(self, name: str) -> None:
