@@ -4,21 +4,37 @@
 
 In a database of its own on the local stack's Postgres (the stack's data is not touched):
 a pool of --numbers pool numbers, then past participants (closed sessions, their people
-left long ago) added up to each size of --sizes; at each size, --opens session opens through
-the session service (bridge.sessions: the allocator and its SQL, no HTTP), 32 in flight, and
-the route lookup of every call (bridge.store.sessions.ROUTE_SQL) timed inside Postgres
-(EXPLAIN ANALYZE's execution time) for a sample of the participants just opened. Writes
-sizes.json, sizes.md and sizes.png to --out (default docs/bench).
+left long ago) added up to each size of --sizes. At each size, after a few opens of each
+kind not measured (the first on each connection), the first two of these taking turns three
+times (the run of median opens/s is reported, with the opens/s of every run):
+  * --opens session opens through the session service (bridge.sessions: the allocator and
+    its SQL, no HTTP), --in-flight at a time;
+  * --opens more through the HTTP API (POST /v1/sessions) of a second bridge process that
+    serves this database, from a light client of our own (raw HTTP/1.1 on kept-alive
+    connections, requests written beforehand), --in-flight connections;
+  * the route lookup of every call (bridge.store.sessions.ROUTE_SQL) timed inside Postgres
+    (EXPLAIN ANALYZE's execution time) for a sample of the participants just opened.
+The CPU each phase took (this process, the bridge process, the stack's Postgres) is read
+from /proc, per open, with the machine's load average: the machine may be shared. Writes
+sizes.json (its "summary": the figures at the largest size), sizes.md and sizes.png to
+--out (default docs/bench).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
+import secrets
+import socket
 import sys
+import tempfile
 import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,9 +55,10 @@ from bridge.store.sessions import ROUTE_SQL
 
 DATABASE = "maskbridge_bench_sizes"
 KEY = "bench-sizes-key-bench-sizes-key-0123456789"
-FULL: dict[str, Any] = {"numbers": 10_000, "sizes": [10_000, 100_000, 1_000_000], "opens": 2000, "in_flight": 32,
-                        "lookups": 300}
-TINY: dict[str, Any] = {"numbers": 50, "sizes": [200, 1000], "opens": 40, "in_flight": 8, "lookups": 10}
+FULL: dict[str, Any] = {"numbers": 10_000, "sizes": [10_000, 100_000, 1_000_000], "opens": 2000, "warmup": 200,
+                        "repeats": 3, "in_flight": 32, "lookups": 300}
+TINY: dict[str, Any] = {"numbers": 50, "sizes": [200, 1000], "opens": 40, "warmup": 8, "repeats": 1,
+                        "in_flight": 8, "lookups": 10}
 BATCH = 50_000  # past sessions per statement
 
 
@@ -69,18 +86,57 @@ async def add_past_participants(pool: asyncpg.Pool, numbers: list[str], have: in
             """,
             numbers, first, last, timeout=3600,
         )
-    await pool.execute("ANALYZE", timeout=3600)
+    # (What autovacuum would have done by then to a history that grew over months: else its
+    # vacuum of the rows just loaded runs during the opens measured, and takes their CPU.)
+    await pool.execute("VACUUM ANALYZE", timeout=3600)
 
 
-async def opens(sessions: Sessions, count: int, in_flight: int, run: str) -> tuple[dict[str, Any], list[str]]:
-    """`count` opens of new pairs, `in_flight` at a time: opens per second, latency, and the
-    couriers' numbers (for the route lookups)."""
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_pids(stack: Stack) -> Callable[[], list[int]]:
+    """The stack's Postgres as it is when asked: its postmaster and every process it runs."""
+    postmaster = int((stack.pg_dir / "postmaster.pid").read_text().split()[0])
+
+    def pids() -> list[int]:
+        return [postmaster, *map(int, Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split())]
+    return pids
+
+
+class Cpu:
+    """CPU per open of the processes of a phase (those that start during it counted whole),
+    and the machine's load when it began."""
+
+    def __init__(self, named: dict[str, Callable[[], list[int]]]) -> None:
+        self.named = named
+        self.load = os.getloadavg()[0]
+        self.began = {name: {pid: _cpu_seconds(pid) for pid in pids()} for name, pids in named.items()}
+        self.process_began = time.process_time()
+
+    def per_open_ms(self, count: int) -> dict[str, float]:
+        spent = {name: sum(_cpu_seconds(pid) - self.began[name].get(pid, 0.0) for pid in pids())
+                 for name, pids in self.named.items()}
+        spent["this process"] = time.process_time() - self.process_began
+        return {"load_average_1m_at_start": self.load, **{name: 1000 * v / count for name, v in spent.items()}}
+
+
+async def opens(sessions: Sessions, count: int, in_flight: int, run: str,
+                cpu: dict[str, Callable[[], list[int]]]) -> tuple[dict[str, Any], list[str]]:
+    """`count` opens of new pairs through the session service, `in_flight` at a time: opens
+    per second, latency, CPU per open, and the couriers' numbers (for the route lookups)."""
     gate = asyncio.Semaphore(in_flight)
     latencies: list[float] = []
     couriers: list[str] = []
+    requests = [(f"+7926{random.randrange(10**7):07d}", f"+7936{random.randrange(10**7):07d}") for _ in range(count)]
 
     async def one(i: int) -> None:
-        courier, client = f"+7926{random.randrange(10**7):07d}", f"+7936{random.randrange(10**7):07d}"
+        courier, client = requests[i]
         request = parse(OpenSession, {"order_id": f"{run}-{i}", "courier_number": courier, "client_number": client})
         async with gate:
             began = time.perf_counter()
@@ -88,17 +144,126 @@ async def opens(sessions: Sessions, count: int, in_flight: int, run: str) -> tup
             latencies.append(time.perf_counter() - began)
         couriers.append(courier)
 
+    meter = Cpu(cpu)
     began = time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(count)))
     spent = time.perf_counter() - began
     return {"opens": count, "per_second": count / spent,
-            "latency_ms": measure.percentiles([x * 1000 for x in latencies])}, couriers
+            "latency_ms": measure.percentiles([x * 1000 for x in latencies]),
+            "cpu_ms_per_open": meter.per_open_ms(count)}, couriers
 
 
-async def fold_every_second(sessions: Sessions) -> None:
-    while True:
-        await sessions.fold_holder_changes()
-        await asyncio.sleep(1)  # (the bridges' pace)
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run of median opens/s, with every run's opens/s."""
+    ordered = sorted(runs, key=lambda r: r["per_second"])
+    return {**ordered[len(ordered) // 2], "per_second_of_each_run": [r["per_second"] for r in runs]}
+
+
+@dataclass(frozen=True)
+class Bridge:
+    host: str
+    port: int
+    token: str
+    pid: int
+
+
+@contextlib.asynccontextmanager
+async def bridge_process(stack: Stack, url: str, log: Path) -> AsyncIterator[Bridge]:
+    """A second bridge (python -m bridge) on the bench's database, with the bench's number
+    key, on a free port of the stack's API address and an ARI application of its own."""
+    host = stack.env["MB_API_BIND"]
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port = int(sock.getsockname()[1])
+    token = secrets.token_urlsafe(24)
+    env = {**os.environ, **stack.bridge_env(), "MB_DATABASE_URL": url, "MB_ARI_APP": "maskbridge-bench-sizes",
+           "MB_API_PORT": str(port), "MB_API_TOKEN": token, "MB_NUMBER_KEY": KEY, "MB_WEBHOOK_URL": "",
+           # (the per-token limits on, but above any rate measured here: their cost is on the path;
+           # the conflict budget is taken by every open in flight, 32 here)
+           "MB_API_RATE": "100000", "MB_API_BURST": "100000",
+           "MB_API_CONFLICT_RATE": "100000", "MB_API_CONFLICT_BURST": "100000"}
+    with log.open("wb") as out:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "bridge", cwd=PROJECT_DIR, env=env,
+            stdout=out, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL)
+    try:
+        async with asyncio.timeout(60):
+            while True:
+                if proc.returncode is not None:
+                    raise RuntimeError(f"the bridge under test exited: see {log}")
+                with contextlib.suppress(OSError):
+                    status, _ = await _request(host, port, b"GET /healthz HTTP/1.1\r\nHost: bench\r\n\r\n")
+                    if status == 200:
+                        break
+                await asyncio.sleep(0.2)  # (polling a process that is starting)
+        yield Bridge(host, port, token, proc.pid)
+    finally:
+        await _stop(proc)
+
+
+async def _stop(proc: asyncio.subprocess.Process) -> None:
+    """SIGTERM; SIGKILL if it has not exited 15 s later."""
+    proc.terminate()
+    exited = asyncio.ensure_future(proc.wait())
+    if not (await asyncio.wait([exited], timeout=15))[0]:
+        proc.kill()
+        await exited
+
+
+async def _answer(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return int(head.split(b" ", 2)[1]), await reader.readexactly(length)
+
+
+async def _request(host: str, port: int, request: bytes) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(request)
+        return await _answer(reader)
+    finally:
+        writer.close()
+
+
+async def http_opens(bridge: Bridge, count: int, in_flight: int, run: str,
+                     cpu: dict[str, Callable[[], list[int]]]) -> dict[str, Any]:
+    """`count` POST /v1/sessions of new pairs on `in_flight` kept-alive connections: opens
+    per second, latency, CPU per open. The client is raw HTTP/1.1 with every request written
+    beforehand, so that it takes little of the CPU the bridge and Postgres need."""
+    requests = []
+    for i in range(count):
+        body = json.dumps({"order_id": f"{run}-{i}", "courier_number": f"+7946{random.randrange(10**7):07d}",
+                           "client_number": f"+7956{random.randrange(10**7):07d}"}).encode()
+        requests.append(b"POST /v1/sessions HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer "
+                        + bridge.token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                        + str(len(body)).encode() + b"\r\n\r\n" + body)
+    latencies: list[float] = []
+    failures: list[tuple[int, bytes]] = []
+    pending = iter(requests)
+
+    async def connection() -> None:
+        reader, writer = await asyncio.open_connection(bridge.host, bridge.port)
+        try:
+            for request in pending:
+                began = time.perf_counter()
+                writer.write(request)
+                status, body = await _answer(reader)
+                latencies.append(time.perf_counter() - began)
+                if status != 201:
+                    failures.append((status, body[:300]))
+        finally:
+            writer.close()
+
+    meter = Cpu(cpu)
+    began = time.perf_counter()
+    await asyncio.gather(*(connection() for _ in range(in_flight)))
+    spent = time.perf_counter() - began
+    if failures:
+        raise RuntimeError(f"{len(failures)} opens through the API failed, e.g. {failures[:2]}")
+    return {"opens": count, "connections": in_flight, "per_second": count / spent,
+            "latency_ms": measure.percentiles([x * 1000 for x in latencies]),
+            "cpu_ms_per_open": meter.per_open_ms(count)}
 
 
 async def route_lookups(pool: asyncpg.Pool, vault: NumberVault, couriers: list[str], count: int) -> dict[str, float]:
@@ -128,28 +293,60 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
         await Pools(store, policy).import_numbers(
             [{"number": n, "region": ("RU-MOW", "RU-SPE")[i % 2]} for i, n in enumerate(numbers)])
         sessions = Sessions(store, vault, policy)
+        in_postgres = postgres_pids(stack)
         have = 0
-        for size in params["sizes"]:
-            print(f"bench.sizes: {size} past participants", file=sys.stderr)
-            began = time.perf_counter()
-            await add_past_participants(pool, numbers, have, size)
-            have = size
-            loaded = time.perf_counter() - began
-            # (as the bridges do every second: sql/020)
-            folding = asyncio.create_task(fold_every_second(sessions))
-            try:
-                opened, couriers = await opens(sessions, params["opens"], params["in_flight"], f"open-{size}")
-            finally:
-                folding.cancel()
-                await asyncio.gather(folding, return_exceptions=True)
-            lookups = await route_lookups(pool, vault, couriers, params["lookups"])
-            participants = await pool.fetchval("SELECT count(*) FROM participants")
-            results["steps"].append({"past_participants": size, "participants": participants, "load_seconds": loaded,
-                                     "opens": opened, "route_lookup_ms": lookups})
+        with tempfile.TemporaryDirectory() as tmp:
+            async with bridge_process(stack, url, Path(tmp) / "bridge.log") as bridge:
+                for size in params["sizes"]:
+                    print(f"bench.sizes: {size} past participants", file=sys.stderr)
+                    began = time.perf_counter()
+                    await add_past_participants(pool, numbers, have, size)
+                    have = size
+                    loaded = time.perf_counter() - began
+                    # (Not measured: the first opens on each connection of the two pools, and the
+                    # first reads of what the load just wrote.)
+                    await opens(sessions, params["warmup"], params["in_flight"], f"warm-{size}", {})
+                    await http_opens(bridge, params["warmup"], params["in_flight"], f"api-warm-{size}", {})
+                    # Each kind --repeats times, taking turns; the run of median opens/s is reported
+                    # (the machine may be shared: the others show how much that moved).
+                    service_runs, api_runs, couriers = [], [], []
+                    for i in range(params["repeats"]):
+                        opened, opened_for = await opens(sessions, params["opens"], params["in_flight"],
+                                                         f"open-{size}-{i}", {"postgres": in_postgres})
+                        service_runs.append(opened)
+                        couriers += opened_for
+                        api_runs.append(await http_opens(
+                            bridge, params["opens"], params["in_flight"], f"api-{size}-{i}",
+                            {"bridge process": lambda: [bridge.pid], "postgres": in_postgres}))
+                    opened, through_api = _median_run(service_runs), _median_run(api_runs)
+                    lookups = await route_lookups(pool, vault, couriers, params["lookups"])
+                    participants = await pool.fetchval("SELECT count(*) FROM participants")
+                    results["steps"].append({"past_participants": size, "participants": participants,
+                                             "load_seconds": loaded, "opens": opened, "http_opens": through_api,
+                                             "route_lookup_ms": lookups})
     finally:
         await pool.close()
         postgres.drop_database(stack, DATABASE)
+    last = results["steps"][-1]
+    # What a summary reads: the figures at the largest size.
+    results["summary"] = {
+        "past_participants": last["past_participants"],
+        "opens_per_second": last["opens"]["per_second"],
+        "open_p50_ms": last["opens"]["latency_ms"]["p50"],
+        "open_p99_ms": last["opens"]["latency_ms"]["p99"],
+        "http_opens_per_second": last["http_opens"]["per_second"],
+        "http_open_p99_ms": last["http_opens"]["latency_ms"]["p99"],
+        "route_lookup_p99_ms": last["route_lookup_ms"]["p99"],
+    }
     return results
+
+
+def _runs(phase: dict[str, Any]) -> str:
+    return ", ".join(f"{x:.0f}" for x in phase.get("per_second_of_each_run", [phase["per_second"]]))
+
+
+def _cpu(step: dict[str, Any], phase: str, name: str) -> str:
+    return f"{step[phase]['cpu_ms_per_open'].get(name, 0):.2f}"
 
 
 def write(results: dict[str, Any], out: Path) -> Path:
@@ -160,14 +357,17 @@ def write(results: dict[str, Any], out: Path) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "sizes.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    steps = results["steps"]
+    steps, params = results["steps"], results["params"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     sizes = [s["past_participants"] for s in steps]
-    left.plot(sizes, [s["opens"]["per_second"] for s in steps], marker="o")
+    left.plot(sizes, [s["opens"]["per_second"] for s in steps], marker="o", label="session service")
+    left.plot(sizes, [s["http_opens"]["per_second"] for s in steps], marker="o", label="HTTP API")
     left.set(xscale="log", xlabel="past participants", ylabel="session opens per second",
-             title=f"Opens ({results['params']['in_flight']} in flight)")
+             title=f"Opens ({params['in_flight']} in flight)")
     left.set_ylim(bottom=0)
-    right.plot(sizes, [s["opens"]["latency_ms"].get("p99", 0) for s in steps], marker="o", label="open p99")
+    left.legend()
+    right.plot(sizes, [s["opens"]["latency_ms"].get("p99", 0) for s in steps], marker="o", label="open p99 (service)")
+    right.plot(sizes, [s["http_opens"]["latency_ms"].get("p99", 0) for s in steps], marker="o", label="open p99 (HTTP)")
     right.plot(sizes, [s["route_lookup_ms"].get("p99", 0) for s in steps], marker="o", label="route lookup p99")
     right.set(xscale="log", yscale="log", xlabel="past participants", ylabel="ms", title="Latency")
     right.legend()
@@ -178,15 +378,37 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "# Session opens and the route lookup as the data grows",
         "",
         f"Run {results['started']} on {results['machine']['cpu']} (commit {results['machine']['maskbridge commit']}): "
-        f"a pool of {results['params']['numbers']} numbers; at each size, {results['params']['opens']} opens of new "
-        f"pairs through the session service, {results['params']['in_flight']} in flight (no HTTP), and the route "
-        "lookup timed inside Postgres (EXPLAIN ANALYZE) for a sample of them.",
+        f"a pool of {params['numbers']} numbers; at each size, after {params['warmup']} opens of each kind not "
+        f"measured, {params['repeats']} runs (taking turns) of {params['opens']} opens of new pairs through the "
+        f"session service ({params['in_flight']} in flight, no HTTP) and as many through the HTTP API "
+        f"(POST /v1/sessions to a bridge process, {params['in_flight']} kept-alive connections from a light raw "
+        "HTTP client), the run of median opens/s of each kind shown; and the route lookup timed inside Postgres "
+        "(EXPLAIN ANALYZE) for a sample of them. "
+        "The machine's cores may be shared with other work: the load average at the start of each phase, and the "
+        "CPU each process took per open, say how much.",
         "",
-        "| past participants | opens/s | open p50 ms | open p99 ms | route lookup p50 ms | route lookup p99 ms |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| past participants | opens/s | open p50 ms | open p99 ms | opens/s HTTP | HTTP p50 ms | HTTP p99 ms "
+        "| route lookup p50 ms | route lookup p99 ms |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(f"| {s['past_participants']:,} | {s['opens']['per_second']:.0f}"
           f" | {s['opens']['latency_ms'].get('p50', 0):.1f} | {s['opens']['latency_ms'].get('p99', 0):.1f}"
+          f" | {s['http_opens']['per_second']:.0f}"
+          f" | {s['http_opens']['latency_ms'].get('p50', 0):.1f} | {s['http_opens']['latency_ms'].get('p99', 0):.1f}"
           f" | {s['route_lookup_ms'].get('p50', 0):.2f} | {s['route_lookup_ms'].get('p99', 0):.2f} |" for s in steps),
+        "",
+        "Opens/s of every run, service and HTTP: " + "; ".join(
+            f"{s['past_participants']:,}: {_runs(s['opens'])} and {_runs(s['http_opens'])}" for s in steps) + ".",
+        "",
+        "CPU per open, ms (service: this process is the caller and the session service; HTTP: this process is the "
+        "client only), and the 1-minute load average at the start of the phase:",
+        "",
+        "| past participants | service: this process | service: Postgres | service: load | HTTP: client "
+        "| HTTP: bridge | HTTP: Postgres | HTTP: load |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        *(f"| {s['past_participants']:,} | {_cpu(s, 'opens', 'this process')} | {_cpu(s, 'opens', 'postgres')}"
+          f" | {_cpu(s, 'opens', 'load_average_1m_at_start')} | {_cpu(s, 'http_opens', 'this process')}"
+          f" | {_cpu(s, 'http_opens', 'bridge process')} | {_cpu(s, 'http_opens', 'postgres')}"
+          f" | {_cpu(s, 'http_opens', 'load_average_1m_at_start')} |" for s in steps),
         "",
         "![opens and lookups against size](sizes.png)",
         "",

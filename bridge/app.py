@@ -127,8 +127,6 @@ async def housekeeping(
         while not stop.is_set() and loop.time() < next_sweep:
             wait = min(DUE_POLL, next_sweep - loop.time())
             try:
-                # (the allocator's pending holder changes, every second: sql/020)
-                await sessions.fold_holder_changes()
                 due_in = await sessions.next_due_in()
             except Exception as exc:
                 if database_unreachable(exc):  # (said every second while it lasts: no traceback)

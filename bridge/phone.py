@@ -14,9 +14,22 @@ class InvalidNumber(ValueError):
 _SEPARATORS = re.compile(r"[\s\-().]")
 
 
+# +7 and ten digits, the form the order system sends and the one stored: every such number
+# is possible in the +7 plan (whose one rule is the length) and is its own E.164, so it needs
+# no parsing; phonenumbers' parse cost more than the rest of a session open in Python (issue
+# 14). tests/unit/test_phone_numbers.py checks that both ways agree.
+_RU_E164 = re.compile(r"\+7[0-9]{10}")
+
+
 def normalize(raw: str, default_region: str = "RU") -> str:
     """E.164 with '+'. Carriers deliver Russian numbers as +79161234567, 79161234567 or
     89161234567: all three are the same number."""
+    if raw and _RU_E164.fullmatch(raw):
+        return raw
+    return _parsed(raw, default_region)
+
+
+def _parsed(raw: str, default_region: str) -> str:
     text = _SEPARATORS.sub("", raw or "")
     if not text:
         raise InvalidNumber("empty number")

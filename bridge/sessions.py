@@ -19,7 +19,7 @@ from bridge.abuse import QuietHours
 from bridge.crypto import NumberVault, participant_number
 from bridge.destinations import Destinations
 from bridge.errors import (
-    Conflict, Contention, CourierIsClient, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession,
+    Contention, CourierIsClient, InternalError, InvalidInput, OrderCodeTaken, OrderHasOpenSession,
     PoolExhausted, SessionEnded, SessionNotFound, UnknownRegion,
 )
 from bridge.limits import MAX_PHONE_NUMBER_LENGTH, MAX_SECONDS, SESSION_STATUSES
@@ -147,47 +147,40 @@ class Sessions:
         )
         if terms.grace_seconds and not self.policy.support_number:
             raise InvalidInput("a grace period needs a support number (MB_SUPPORT_NUMBER)", field="grace_seconds")
-        if terms.region is not None and not await self.store.pools.known_region(terms.region):
-            raise UnknownRegion(f"no pool number is in region {terms.region}", field="region")
         sealed_courier, sealed_client = await self._seal(courier), await self._seal(client)
-        pair = [sealed_courier.idx, sealed_client.idx]
-        taken: set[str] = set()  # order-code numbers where the given code is in use
         for _attempt in range(_ATTEMPTS):
-            existing = await self.repo.open_for_order(order_id)
-            if existing is not None:
-                if await self.repo.end_if_due(existing.id, self.policy.pair_cooloff):
-                    continue  # it was past its time: the order gets a new session
-                await self._loaded([existing])
-                self._same_people(existing, courier, client)
-                self._same_mode(existing, by_code, given_code)
-                return existing, False
             if by_code:
-                candidates = [n for n in await self.repo.order_code_numbers(terms.region) if n not in taken]
-                if not candidates:
-                    if not taken:
-                        metrics.POOL_EXHAUSTED.labels("order_code", terms.region or "any").inc()
-                    raise self._no_order_code_number(given_code, bool(taken))
                 terms = dataclasses.replace(terms, order_code=given_code or self._new_code())
-            else:
-                candidates = await self.repo.candidates(pair, terms.region)
-                if not candidates:
-                    metrics.POOL_EXHAUSTED.labels("direct", terms.region or "any").inc()
-                    raise await self._exhausted(pair)
             try:
-                session_id = await self.repo.insert(order_id, candidates[0], sealed_courier, sealed_client, terms)
-            except (PairTaken, OrderRace):
-                continue  # a racing open took it: look again
+                opening = await self.repo.open(order_id, sealed_courier, sealed_client, terms,
+                                               code_given=given_code is not None)
+            except (PairTaken, OrderRace, CodeTaken):
+                continue  # a racing open took it (or a code of our own met another's): look again
             except Contended:
                 log.info("session.open_contended", order_id_length=len(order_id))
-                continue  # the database gave up on the transaction: nothing was written
-            except CodeTaken:
-                if given_code:
-                    taken.add(candidates[0])  # the order system's code: try another number
-                continue  # a random code met another session's: draw again
-            session = await self.get(session_id)
-            log.info("session.opened", session_id=str(session_id), pool_number=session.pool_number, mode=session.mode)
-            metrics.SESSIONS_OPENED.labels(session.mode).inc()
-            return session, True
+                continue  # the database gave up on the statement: nothing was written
+            session = opening.session
+            if opening.outcome == "open_already" and session is not None:
+                if opening.due and await self.repo.end_if_due(session.id, self.policy.pair_cooloff):
+                    continue  # it was past its time: the order gets a new session
+                await self._loaded([session])
+                self._same_people(session, courier, client)
+                self._same_mode(session, by_code, given_code)
+                return session, False
+            if opening.outcome == "opened" and session is not None:
+                await self._loaded([session])  # (its numbers' key, for reveal(): in memory, it sealed them)
+                log.info("session.opened", session_id=str(session.id), pool_number=session.pool_number,
+                         mode=session.mode)
+                metrics.SESSIONS_OPENED.labels(session.mode).inc()
+                return session, True
+            if opening.outcome == "unknown_region":
+                raise UnknownRegion(f"no pool number is in region {terms.region}", field="region")
+            if opening.outcome == "code_taken":
+                raise OrderCodeTaken(field="order_code")
+            metrics.POOL_EXHAUSTED.labels("order_code" if by_code else "direct", terms.region or "any").inc()
+            if by_code:
+                raise PoolExhausted("no active pool number is in mode order_code", active_numbers=0)
+            raise await self._exhausted([sealed_courier.idx, sealed_client.idx])
         raise Contention("too many opens raced for the same numbers; try again")
 
     def _order_code(self, raw: object, by_code: bool) -> str | None:
@@ -203,12 +196,6 @@ class Sessions:
 
     def _new_code(self) -> str:
         return "".join(secrets.choice("0123456789") for _ in range(self.policy.order_code_length))
-
-    @staticmethod
-    def _no_order_code_number(given_code: str | None, taken: bool) -> Conflict:
-        if taken:
-            return OrderCodeTaken(field="order_code")
-        return PoolExhausted("no active pool number is in mode order_code", active_numbers=0)
 
     @staticmethod
     def _same_mode(session: SessionRow, by_code: bool, given_code: str | None) -> None:
@@ -477,12 +464,7 @@ class Sessions:
             "numbers_retired": await self.store.pools.finish_cooling(),
             "blocks_expired": await self.store.blocklist.remove_expired(),
         }
-        await self.repo.fold_holder_changes()  # (the bridges also do every second; the admin tool here)
         return {k: v for k, v in counts.items() if v}
-
-    async def fold_holder_changes(self) -> int:
-        """The allocator's bookkeeping: pending changes of who holds which number, folded."""
-        return await self.repo.fold_holder_changes()
 
     async def next_due_in(self) -> float | None:
         """Seconds until a session reaches its expiry or the end of its grace period; None: none will."""

@@ -19,6 +19,7 @@ option for each. Adding a term: a field here, its migration, and the code that a
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -115,6 +116,7 @@ class Terms(BaseModel):
         return tuple(cls.model_fields)
 
     @classmethod
+    @functools.cache  # (read for every term at every open and call: the definition never changes)
     def term(cls, name: str) -> Term:
         return next(m for m in cls.model_fields[name].metadata if isinstance(m, Term))
 
@@ -167,6 +169,7 @@ class Terms(BaseModel):
     # --- the database --------------------------------------------------------------------
 
     @classmethod
+    @functools.cache
     def json_names(cls) -> tuple[str, ...]:
         """Terms stored as JSON (jsonb columns): those whose value can be an object."""
         return tuple(n for n, info in cls.model_fields.items()

@@ -31,13 +31,39 @@ ACQUIRE_TIMEOUT = 10.0
 LONG_STATEMENT = 3600.0
 
 
+# asyncpg takes every connection back into its pool with a reset query (advisory locks,
+# cursors, LISTEN, settings): a round trip more for every statement run through the pool,
+# half of a session open's (issue 14). The bridge leaves none of that on a pool connection
+# but the session advisory locks of Store.exclusive and migrate (which unlock them
+# themselves): those connections are marked, and get asyncpg's reset query as before. (A
+# transaction left open is rolled back by asyncpg whatever the reset; listeners are on
+# connections of their own.)
+_SESSION_STATE: set[int] = set()  # server pids of pool connections marked
+
+
+def keeps_session_state(conn: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy) -> None:
+    """Mark a pool connection that takes session state (a session advisory lock): asyncpg's
+    reset query runs when it goes back to the pool."""
+    _SESSION_STATE.add(conn.get_server_pid())
+
+
+async def _reset(conn: asyncpg.Connection) -> None:
+    pid = conn.get_server_pid()
+    if pid in _SESSION_STATE:
+        _SESSION_STATE.discard(pid)
+        await conn.execute(conn.get_reset_query())
+
+
 class MeasuredPool(asyncpg.pool.Pool):
     """asyncpg's pool, timing each wait for a connection (bridge.metrics). asyncpg has no hook
     for it; `_acquire` is what every acquire() and every pool.fetch() goes through."""
 
     async def _acquire(self, timeout: float | None) -> Any:
         timeout = ACQUIRE_TIMEOUT if timeout is None else timeout
-        if self.get_idle_size() == 0 and self.get_size() >= self.get_max_size():
+        # (Every connection is in use: asyncpg's queue of free ones, which holds one entry per
+        # connection the pool may have, connected or not, is empty. get_idle_size() and
+        # get_size() look at every connection, on every acquire.)
+        if self._queue.empty():
             metrics.DB_WAITS.inc()
         began = time.perf_counter()
         try:
@@ -52,7 +78,7 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10,
     # (asyncpg.create_pool, with its defaults, but of the measured class.)
     pool = MeasuredPool(
         dsn, min_size=min_size, max_size=max_size, max_queries=50000, max_inactive_connection_lifetime=300.0,
-        connect=None, setup=None, init=None, reset=None, loop=None,
+        connect=None, setup=None, init=None, reset=_reset, loop=None,
         connection_class=asyncpg.connection.Connection, record_class=asyncpg.Record,
         command_timeout=command_timeout, timeout=CONNECT_TIMEOUT,
     )
@@ -115,6 +141,7 @@ async def migrate(pool: asyncpg.Pool, vault: NumberVault, sql_dir: Path = SQL_DI
     version never sees a schema half way); returns their names."""
     applied: list[str] = []
     async with pool.acquire() as conn:
+        keeps_session_state(conn)
         await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK, timeout=LONG_STATEMENT)
         try:
             await conn.execute(

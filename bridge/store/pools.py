@@ -23,7 +23,7 @@ class PoolNumberRow:
     mode: str  # direct | order_code
     live_sessions: int  # live participants holding it, i.e. live sessions it serves
     cooling_pairs: int  # (real number, this number) pairs in cool-off
-    holders: int = 0  # the allocator's load, as last folded (sql/020)
+    holders: int = 0  # the allocator's load: direct holds of the number, live or cooling (sql/027)
 
 
 _LOAD = """
@@ -148,7 +148,8 @@ class PoolRepo:
     async def set_mode(self, number: str, mode: str) -> PoolNumberRow | None:
         """Make the number direct or order_code. Raises NumbersInUse when someone holds it
         (live or cooling off): their calls are routed by the mode they got it in. Opens wait
-        for this (and this for them): the row is locked, and they take it FOR SHARE."""
+        for this (and this for them): the row is locked FOR UPDATE, and they lock it too
+        (sql/027)."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"SELECT p.mode, {_HELD} AS held FROM pool_numbers p WHERE p.number = $1 FOR UPDATE", number

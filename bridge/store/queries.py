@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from bridge.store.blocklist import BlocklistRepo
+from bridge.store.db import keeps_session_state
 from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.recordings import RecordingRepo
@@ -147,6 +148,7 @@ class Store:
         """Whether this process holds the advisory lock `key` for the body's duration: one
         process of all that share the database runs what it guards, the others skip it."""
         async with self.pool.acquire() as conn:
+            keeps_session_state(conn)
             held = bool(await conn.fetchval("SELECT pg_try_advisory_lock($1)", key))
             try:
                 yield held

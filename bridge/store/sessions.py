@@ -6,6 +6,7 @@ number (`number_enc`) and its keyed blind index (`number_idx`) computed by bridg
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -102,6 +103,20 @@ class RouteRow:
     terms: Terms  # as stored
 
 
+@dataclass(frozen=True)
+class Opening:
+    """What an open found (maskbridge_open_session, sql/027).
+
+    outcome: "opened" (`session` as written), "open_already" (the order's open session;
+    `due`: how it ends if it is past its time), "unknown_region", "exhausted" (nothing is free
+    for the pair, or no order-code number is active) or "code_taken" (every order-code number
+    has a live session with the given code)."""
+
+    outcome: str
+    session: SessionRow | None = None
+    due: str | None = None
+
+
 # NOTIFY when participants leave a session: "<reason> <participant id>,<participant id>..."
 # (reason: the cut's, "reassigned" or "session_ended"). The bridge ends their calls.
 PARTICIPANTS_LEFT = "maskbridge_participants_left"
@@ -140,7 +155,13 @@ _ROUTE_SELECT = f"""
            {_TERM_COLUMNS}
     FROM participants h
     JOIN sessions s ON s.id = h.session_id
-    LEFT JOIN participants o ON o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+    -- (A subquery with LIMIT, looked up for the caller's session: a plain join was planned, with
+    -- statistics taken before the live participants were there, as a scan of every live
+    -- participant; issue 14's bench. There is one live other side at most.)
+    LEFT JOIN LATERAL (
+        SELECT * FROM participants o WHERE o.session_id = h.session_id AND o.role <> h.role AND o.left_at IS NULL
+        LIMIT 1
+    ) o ON true
     -- Calls put through in the last hour and day count against the caps; the bridge's own
     -- failures do not.
     CROSS JOIN LATERAL (
@@ -149,16 +170,6 @@ _ROUTE_SELECT = f"""
         FROM calls c WHERE c.session_id = h.session_id AND c.callee_role IS NOT NULL
           AND c.started_at > now() - interval '1 day' AND c.outcome IS DISTINCT FROM 'failed'
     ) cap
-"""
-
-# A new session: its own columns ($1-$7), then every term by name.
-_INSERT_SESSION = f"""
-    INSERT INTO sessions (order_id, pool_number, region, expires_at, idle_timeout_seconds, grace_seconds,
-                          mode, order_code, {", ".join(Terms.names())})
-    VALUES ($1, $2, $3, now() + make_interval(secs => $4), $5, $6,
-            CASE WHEN $7::text IS NULL THEN 'direct' ELSE 'order_code' END, $7,
-            {", ".join(f"${i}" for i in range(8, 8 + len(Terms.names())))})
-    RETURNING id
 """
 
 # The routing lookup of every call ($1 the caller's blind index, $2 the dialed pool number).
@@ -178,9 +189,18 @@ ROUTE_BY_CODE_SQL = f"""{_ROUTE_SELECT}
 """
 
 
+_SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(SessionRow) if f.name not in ("terms", "participants"))
+
+
 def _session_row(r: asyncpg.Record, participants: tuple[ParticipantRow, ...]) -> SessionRow:
-    fields = {k: v for k, v in dict(r).items() if k not in Terms.names()}
-    return SessionRow(**fields, terms=Terms.from_columns(r), participants=participants)
+    return SessionRow(**{k: r[k] for k in _SESSION_FIELDS}, terms=Terms.from_columns(r), participants=participants)
+
+
+def _participant_row(p: asyncpg.Record) -> ParticipantRow:
+    """A participant from a whole row of participants (held_until only while it holds)."""
+    return ParticipantRow(id=p["id"], role=p["role"], number_enc=p["number_enc"], pool_number=p["pool_number"],
+                          joined_at=p["joined_at"], left_at=p["left_at"],
+                          held_until=p["held_until"] if p["holds"] else None)
 
 
 def route_row(r: asyncpg.Record | dict[str, Any]) -> RouteRow:
@@ -220,10 +240,6 @@ class SessionRepo:
         found = await self._read(self.pool, "s.id = $1", session_id)
         return found[0] if found else None
 
-    async def open_for_order(self, order_id: str) -> SessionRow | None:
-        found = await self._read(self.pool, "s.order_id = $1 AND s.status = 'open'", order_id)
-        return found[0] if found else None
-
     async def page(
         self, *, order_id: str | None, status: str | None, after: tuple[datetime, uuid.UUID] | None, limit: int
     ) -> list[SessionRow]:
@@ -258,36 +274,25 @@ class SessionRepo:
             WHERE a.number_idx = $1[1] ORDER BY s.created_at DESC LIMIT 1
         """ if len(pair) == 2 else "SELECT NULL::text AS pool_number"
         # Tiers, best first: `prefer`, the pair's last number, the region's least loaded, the
-        # least loaded of any region. A number's load is pool_numbers.holders (read in order
-        # from an index) plus its changes not folded yet (sql/020: the few numbers that have
-        # some are read apart, with their exact load). Ties are broken at random among the
-        # few least loaded read.
+        # least loaded of any region. A number's load is pool_numbers.holders (exact: sql/027),
+        # read in order from an index; ties are broken at random among the few least loaded read.
+        # (An open does the same in maskbridge_open_session, sql/027.)
         rows = await self.pool.fetch(
             f"""
-            WITH blocked AS (
-                SELECT h.pool_number FROM participants h
-                WHERE h.number_idx = ANY($1::bytea[]) AND {_HOLDING} AND NOT ({_OWN_COOLING_HOLD})
-            ), sticky AS ({sticky}),
-            pending AS (SELECT c.number, sum(c.delta) AS delta FROM pool_number_holder_changes c GROUP BY c.number),
+            WITH blocked AS (SELECT unnest(maskbridge_numbers_held($1::bytea[])) AS pool_number),
+            sticky AS ({sticky}),
             free AS NOT MATERIALIZED (
                 SELECT p.number, p.region, p.holders FROM pool_numbers p
                 WHERE p.state = 'active' AND p.mode = 'direct' AND p.number NOT IN (SELECT pool_number FROM blocked)
             ), tiers AS (
-                (SELECT f.number, 0::bigint AS load, 0 AS tier FROM free f WHERE f.number = $4)
+                (SELECT f.number, 0 AS load, 0 AS tier FROM free f WHERE f.number = $4)
                 UNION ALL
                 (SELECT f.number, 0, 1 FROM free f WHERE f.number = (SELECT pool_number FROM sticky))
                 UNION ALL
-                (SELECT f.number, f.holders, 2 FROM free f
-                 WHERE $2::text IS NOT NULL AND f.region = $2 AND f.number NOT IN (SELECT number FROM pending)
+                (SELECT f.number, f.holders, 2 FROM free f WHERE $2::text IS NOT NULL AND f.region = $2
                  ORDER BY f.holders LIMIT $3 * 4)
                 UNION ALL
-                (SELECT f.number, f.holders + d.delta, 2 FROM free f JOIN pending d ON d.number = f.number
-                 WHERE $2::text IS NOT NULL AND f.region = $2)
-                UNION ALL
-                (SELECT f.number, f.holders, 3 FROM free f WHERE f.number NOT IN (SELECT number FROM pending)
-                 ORDER BY f.holders LIMIT $3 * 4)
-                UNION ALL
-                (SELECT f.number, f.holders + d.delta, 3 FROM free f JOIN pending d ON d.number = f.number)
+                (SELECT f.number, f.holders, 3 FROM free f ORDER BY f.holders LIMIT $3 * 4)
             )
             SELECT number FROM (SELECT DISTINCT ON (number) number, load, tier FROM tiers ORDER BY number, tier) best
             ORDER BY tier, load, random()
@@ -296,10 +301,6 @@ class SessionRepo:
             pair, region, limit, prefer,
         )
         return [r["number"] for r in rows]
-
-    async def fold_holder_changes(self) -> int:
-        """Fold the allocator's pending holder changes into pool_numbers.holders (sql/020)."""
-        return int(await self.pool.fetchval("SELECT maskbridge_fold_holder_changes()"))
 
     async def hold_counts(self, idx: bytes) -> tuple[int, int]:
         """(live, cooling) pool numbers this real number holds."""
@@ -315,22 +316,6 @@ class SessionRepo:
         """Active numbers the direct allocator hands out (order-code numbers are shared)."""
         return int(await self.pool.fetchval(
             "SELECT count(*) FROM pool_numbers WHERE state = 'active' AND mode = 'direct'"))
-
-    async def order_code_numbers(self, region: str | None, limit: int = 8) -> list[str]:
-        """Active order-code numbers, best first: the region's, then the least loaded (live
-        sessions on it), ties broken at random."""
-        rows = await self.pool.fetch(
-            """
-            SELECT p.number FROM pool_numbers p
-            WHERE p.state = 'active' AND p.mode = 'order_code'
-            ORDER BY ($1::text IS NOT NULL AND p.region IS NOT DISTINCT FROM $1) DESC,
-                     (SELECT count(*) FROM sessions s WHERE s.pool_number = p.number AND s.status IN ('open', 'grace')),
-                     random()
-            LIMIT $2
-            """,
-            region, limit,
-        )
-        return [r["number"] for r in rows]
 
     # --- changing sessions -------------------------------------------------------------
 
@@ -352,8 +337,12 @@ class SessionRepo:
         """The number is still active and in `mode`, and stays so until this transaction ends
         (a retire or a mode change waits for it): a session is never opened on a number being
         retired, nor a direct session on a number becoming shared."""
+        # (A direct number's row is updated by this transaction anyway, its holders counted
+        # in place: locked for that at once, so that two changes on it queue instead of
+        # deadlocking. A shared order-code number's holders are not counted.)
+        lock = "FOR NO KEY UPDATE" if mode == "direct" else "FOR SHARE"
         if not await conn.fetchval(
-            "SELECT true FROM pool_numbers WHERE number = $1 AND state = 'active' AND mode = $2 FOR SHARE",
+            f"SELECT true FROM pool_numbers WHERE number = $1 AND state = 'active' AND mode = $2 {lock}",
             pool_number, mode,
         ):
             raise PairTaken(pool_number)
@@ -365,56 +354,43 @@ class SessionRepo:
             session_id, kind, json.dumps(detail, default=str), request_token(),  # (the API token's name)
         )
 
-    async def insert(
-        self, order_id: str, pool_number: str, courier: Sealed, client: Sealed, terms: SessionTerms
-    ) -> uuid.UUID:
-        """One session and its two participants, atomically.
+    async def open(
+        self, order_id: str, courier: Sealed, client: Sealed, terms: SessionTerms, *, code_given: bool = False
+    ) -> Opening:
+        """Open the order's session, or find the one open already: one statement (sql/027)
+        that picks the pool number (see `candidates` for the order of preference), writes
+        the session, its two participants and its event, and returns them as written.
 
-        Raises PairTaken when either number holds `pool_number` already, OrderRace when
-        the order got an open session meanwhile, and CodeTaken when an order-code session
-        on `pool_number` has the same code.
+        Raises PairTaken when a racing open took the number for one of the two, OrderRace
+        when the order got an open session meanwhile, CodeTaken when a racing order-code
+        session on the number has the same code, and Contended when the database gave up on
+        the statement: nothing is written then, and looking again is safe.
         """
-        by_code = terms.order_code is not None
+        session = {
+            "region": terms.region, "idle_timeout_seconds": terms.idle_timeout_seconds,
+            "grace_seconds": terms.grace_seconds, "mode": "direct" if terms.order_code is None else "order_code",
+            "order_code": terms.order_code, **terms.terms.to_api(),
+        }
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
-                await self._still_active(conn, pool_number, "order_code" if by_code else "direct")
-                if not by_code:
-                    await self._free_pairs(conn, [courier.idx, client.idx], pool_number)
-                session_id: uuid.UUID = await conn.fetchval(
-                    _INSERT_SESSION,
-                    order_id, pool_number, terms.region, terms.ttl_seconds, terms.idle_timeout_seconds,
-                    terms.grace_seconds, terms.order_code, *terms.terms.to_columns(),
-                )
-                # In index order: two opens that share both people in opposite roles take
-                # the pair locks in the same order, and one waits for the other.
-                await conn.executemany(
-                    """INSERT INTO participants (id, session_id, role, number_idx, number_enc, pool_number, by_code)
-                       VALUES ($1, $2, $3, $4, $5, $6, $7)""",
-                    sorted(
-                        [
-                            (courier.id, session_id, "courier", courier.idx, courier.enc, pool_number, by_code),
-                            (client.id, session_id, "client", client.idx, client.enc, pool_number, by_code),
-                        ],
-                        key=lambda r: r[3],
-                    ),
-                )
-                await self._event(
-                    conn, session_id, "opened", pool_number=pool_number, region=terms.region,
-                    ttl_seconds=terms.ttl_seconds, idle_timeout_seconds=terms.idle_timeout_seconds,
-                    grace_seconds=terms.grace_seconds, mode="order_code" if by_code else "direct",
-                    **terms.terms.to_api(),
-                )
+            row = await self.pool.fetchrow(
+                "SELECT * FROM maskbridge_open_session($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10)",
+                order_id, courier.id, courier.idx, courier.enc, client.id, client.idx, client.enc, json.dumps(session),
+                terms.ttl_seconds, code_given,
+            )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":
-                raise PairTaken(pool_number) from exc
+                raise PairTaken(exc.constraint_name) from exc
             if exc.constraint_name == "sessions_one_open_per_order":
                 raise OrderRace(order_id) from exc
             if exc.constraint_name == "sessions_live_order_code":
-                raise CodeTaken(pool_number) from exc
+                raise CodeTaken(exc.constraint_name) from exc
             raise
         except (asyncpg.DeadlockDetectedError, asyncpg.SerializationError) as exc:
             raise Contended(str(exc)) from exc
-        return session_id
+        if row is None or row["session"] is None:
+            return Opening(row["outcome"] if row is not None else "exhausted")
+        members = tuple(_participant_row(p) for p in row["members"] or ())
+        return Opening(row["outcome"], _session_row(row["session"], members), row["due"])
 
     async def _lock(self, conn: asyncpg.Connection, session_id: uuid.UUID) -> asyncpg.Record:
         row = await conn.fetchrow("SELECT * FROM sessions WHERE id = $1 FOR UPDATE", session_id)

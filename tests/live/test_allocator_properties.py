@@ -23,8 +23,7 @@ from tests.live.conftest import Harness, opening
 PEOPLE = [f"+7916555{i:04d}" for i in range(4)]
 NUMBERS = [f"+7495666{i:04d}" for i in range(5)]
 REGIONS = ["RU-MOW", "RU-SPE"]
-TABLES = ("recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
-          "pool_number_holder_changes")
+TABLES = "recording_access, recordings, calls, session_events, participants, sessions, pool_numbers"
 
 
 @pytest.fixture(scope="module")
@@ -100,6 +99,10 @@ async def check_invariants(h: Harness) -> None:
            WHERE p.left_at IS NULL AND n.state = 'retired'"""
     ), "a live participant on a retired number"
     assert all(r["left_at"] is None or r["held_until"] is not None for r in rows)
+    assert not await h.pool.fetch(
+        """SELECT p.number FROM pool_numbers p WHERE p.holders <> (
+               SELECT count(*) FROM participants h WHERE h.holds AND NOT h.by_code AND h.pool_number = p.number)"""
+    ), "every number's holders (the allocator's load, sql/027) is its count of direct holders, at every commit"
 
 
 # --- operations ---------------------------------------------------------------------------------
@@ -114,7 +117,6 @@ op = st.one_of(
     st.tuples(st.just("cool_off_ends")),
     st.tuples(st.just("retire"), st.sampled_from(NUMBERS)),
     st.tuples(st.just("reimport"), st.sampled_from(NUMBERS)),
-    st.tuples(st.just("fold")),  # the bridges' fold of the allocator's pending holder changes (sql/020)
 )
 
 
@@ -190,12 +192,6 @@ async def apply(h: Harness, step: tuple[Any, ...]) -> None:
         if await h.pool.fetchval("SELECT state FROM pool_numbers WHERE number = $1", step[1]) == "active":
             row = await h.pools.retire(step[1])
             assert row.state == "cooling"
-    elif kind == "fold":
-        await h.sessions.fold_holder_changes()
-        assert not await h.pool.fetch(
-            """SELECT p.number FROM pool_numbers p
-               WHERE p.holders <> (SELECT count(*) FROM participants h WHERE h.holds AND h.pool_number = p.number)"""
-        ), "once folded, every number's holders is its count of holders"
     elif kind == "reimport":
         await h.pools.import_numbers([{"number": step[1], "region": REGIONS[NUMBERS.index(step[1]) % 2]}])
 
@@ -285,8 +281,9 @@ def test_a_repeated_reassignment_racing_itself_changes_the_courier_once(harness:
 
 
 def test_two_opens_with_the_same_people_in_opposite_roles_queue_instead_of_deadlocking(harness: Harness) -> None:
-    """(A courier, B client) and (B courier, A client) on the same number at the same moment:
-    one wins, the other is told the pair is taken, and neither is aborted as a deadlock."""
+    """(A courier, B client) and (B courier, A client) on the same number (the only one) at the
+    same moment: one wins, the other is told the pair is taken, and neither is aborted as a
+    deadlock."""
     from bridge.crypto import participant_number
     from bridge.store.sessions import PairTaken, Sealed, SessionTerms
 
@@ -310,8 +307,8 @@ def test_two_opens_with_the_same_people_in_opposite_roles_queue_instead_of_deadl
             await gate.execute("SELECT 1 FROM pool_numbers WHERE number = $1 FOR UPDATE", NUMBERS[0])
             x, y = [await sealed(a), await sealed(b)], [await sealed(b), await sealed(a)]
             opens = asyncio.gather(
-                harness.sessions.repo.insert(f"x-{round_}", NUMBERS[0], *x, terms),
-                harness.sessions.repo.insert(f"y-{round_}", NUMBERS[0], *y, terms),
+                harness.sessions.repo.open(f"x-{round_}", *x, terms),
+                harness.sessions.repo.open(f"y-{round_}", *y, terms),
                 return_exceptions=True,
             )
             async with asyncio.timeout(10):

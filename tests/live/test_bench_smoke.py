@@ -61,5 +61,8 @@ async def test_the_size_benchmark_runs(stack, tmp_path):
     report = sizes.write(results, tmp_path)
     assert [s["past_participants"] for s in results["steps"]] == sizes.TINY["sizes"]
     assert all(s["opens"]["opens"] == sizes.TINY["opens"] and s["route_lookup_ms"]["n"] for s in results["steps"])
+    assert all(s["http_opens"]["opens"] == sizes.TINY["opens"] for s in results["steps"])
+    # (another report reads these: the figures at the largest size)
+    assert {"opens_per_second", "open_p99_ms", "route_lookup_p99_ms", "http_opens_per_second"} <= set(results["summary"])
     assert report.read_text().startswith("# Session opens")
     assert (tmp_path / "sizes.png").read_bytes().startswith(b"\x89PNG")

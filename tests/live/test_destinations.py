@@ -46,8 +46,7 @@ async def test_a_reassignment_outside_the_allowed_destinations_is_refused(api, r
 @pytest.fixture
 def h(scratch_db: Harness) -> Harness:
     scratch_db.run(scratch_db.pool.execute(
-        "TRUNCATE blocked_numbers, calls, session_events, participants, sessions, pool_numbers, "
-        "pool_number_holder_changes CASCADE"
+        "TRUNCATE blocked_numbers, calls, session_events, participants, sessions, pool_numbers CASCADE"
     ))
     scratch_db.run(scratch_db.pools.import_numbers([{"number": "+74957780001", "region": "RU-MOW"}]))
     return scratch_db

@@ -21,8 +21,7 @@ COURIER, CLIENT, OTHER_CLIENT, STRANGER = "+79165550001", "+79165550002", "+7916
 @pytest.fixture
 def h(scratch_db: Harness) -> Harness:
     scratch_db.run(scratch_db.pool.execute(
-        "TRUNCATE order_code_failures, blocked_numbers, calls, session_events, participants, sessions, pool_numbers, "
-        "pool_number_holder_changes CASCADE"
+        "TRUNCATE order_code_failures, blocked_numbers, calls, session_events, participants, sessions, pool_numbers CASCADE"
     ))
     scratch_db.run(scratch_db.pools.import_numbers([{"number": SHARED, "region": "RU-MOW", "mode": "order_code"}]))
     return scratch_db

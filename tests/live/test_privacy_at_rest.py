@@ -53,8 +53,7 @@ def test_retention_removes_old_real_numbers_and_keeps_the_call_records(harness: 
     async def scenario() -> None:
         h = harness
         await h.pool.execute(
-            "TRUNCATE recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
-            "pool_number_holder_changes"
+            "TRUNCATE recording_access, recordings, calls, session_events, participants, sessions, pool_numbers"
         )
         await h.pools.import_numbers([{"number": f"+749511100{i:02d}"} for i in range(4)])
         people = [f"+79161110{i:03d}" for i in range(8)]
@@ -146,7 +145,7 @@ async def _start_over(h: Harness, pool_prefix: str) -> None:
     """Every row of the scratch schema gone, four pool numbers imported."""
     await h.pool.execute(
         "TRUNCATE recording_access, recordings, calls, session_events, participants, sessions, pool_numbers, "
-        "pool_number_holder_changes, blocked_numbers"
+        "blocked_numbers"
     )
     await h.pools.import_numbers([{"number": f"{pool_prefix}{i:02d}"} for i in range(4)])
 

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import random
+
 import pytest
 
-from bridge.phone import InvalidNumber, mask, normalize
+from bridge.phone import InvalidNumber, _parsed, mask, normalize
 
 
 @pytest.mark.parametrize("raw", ["+79161234567", "79161234567", "89161234567", "8 (916) 123-45-67", "+7 916 123 45 67"])
@@ -31,3 +33,13 @@ def test_mask_keeps_only_what_a_person_recognises():
     assert mask("anonymous") == "***" and mask("7") == "***", "fewer than three digits keep none"
     assert mask("+7916***4567") == "+***67", "an older masked form is masked again"
     assert mask("12345") == "***45"
+
+
+def test_numbers_in_the_stored_form_are_taken_as_they_are_and_that_is_what_parsing_gives():
+    """normalize takes +7 and ten digits without parsing them: phonenumbers says the same of
+    each (possible, and its own E.164), whatever the digits."""
+    draw = random.Random(14)
+    numbers = [f"+7{d}{n:09d}" for d in range(10) for n in (0, 1, 999999999)]
+    numbers += [f"+7{draw.randrange(10**10):010d}" for _ in range(5000)]
+    for number in numbers:
+        assert normalize(number) == _parsed(number, "RU") == number

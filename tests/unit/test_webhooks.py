@@ -117,9 +117,6 @@ class _Sessions:
     async def purge(self) -> dict[str, int]:
         return {"participants": 0}
 
-    async def fold_holder_changes(self) -> int:
-        return 0
-
     async def next_due_in(self) -> float | None:
         return None
 
