@@ -19,6 +19,13 @@ from bridge.store.blocklist import BlockedRow
 
 log = structlog.get_logger(__name__)
 _PHONE_LIKE = re.compile(r"\d[\d\s().-]{5,}\d")
+_NOT_LETTER_OR_DIGIT = re.compile(r"[\W_]")  # every separator a number may be written with
+
+
+def _holds_a_number(text: str) -> bool:
+    """Seven digits or more, whatever separates them (spaces, dashes, underscores, slashes,
+    quotes, dashes of other widths...): a number written to slip past a pattern."""
+    return bool(_PHONE_LIKE.search(text) or re.search(r"\d{7,}", _NOT_LETTER_OR_DIGIT.sub("", text)))
 
 
 def _encodable(text: str) -> bool:
@@ -47,7 +54,7 @@ class Blocklist:
             or not _encodable(reason)
         ):
             raise InvalidInput("reason must be text of at most 500 characters", field="reason")
-        if isinstance(reason, str) and _PHONE_LIKE.search(reason):
+        if isinstance(reason, str) and _holds_a_number(reason):
             # The reason is kept in plaintext and shown to support staff: no number in it.
             raise InvalidInput("reason must not hold a phone number", field="reason")
         entry_id = uuid.uuid4()  # (made here: the sealed number is bound to its row)

@@ -14,7 +14,9 @@ The setting is a comma-separated list of entries:
   region (`mobile`) is of MB_DEFAULT_REGION;
 * an E.164 prefix: `+7916`, `+4420`.
 
-Default `mobile,geographic`. Whatever the list says, premium-rate, shared-cost and personal
+Default `mobile,geographic`. A region's kinds leave out the ranges other networks run inside
+its numbering plan (+7 840 and +7 940: Abkhazia's, billed as international); a prefix entry
+naming one lets it in. Whatever the list says, premium-rate, shared-cost and personal
 numbers, and the international networks' own country codes (satellite and global services
 such as +870, +881, +882, +883, +979), are never allowed: no order needs one, and each is a
 known revenue-share fraud target.
@@ -40,6 +42,10 @@ NEVER_TYPES = frozenset({PhoneNumberType.PREMIUM_RATE, PhoneNumberType.SHARED_CO
 # Named here as well as found by type, so that an older or newer numbering plan cannot let one
 # through: Russia's premium-rate 8-809, and the country codes of no country.
 NEVER_PREFIXES = ("+7809", "+800", "+808", "+870", "+878", "+881", "+882", "+883", "+888", "+979")
+# Ranges the numbering plan counts as a region's own kinds though other networks run them,
+# billed as international (and so a revenue-share target): a region's kinds leave them out;
+# only a prefix entry naming them lets them in. +7 840 and +7 940: Abkhazia's networks.
+FOREIGN_IN_PLAN: dict[str, tuple[str, ...]] = {"RU": ("+7840", "+7940")}
 _PREFIX = re.compile(r"\+[1-9][0-9]{0,14}")
 _KIND = re.compile(r"(?:([A-Z]{2}):)?([a-z_]+)")
 
@@ -94,6 +100,8 @@ class Destinations:
             return True
         parsed = phonenumbers.parse(number)
         region = phonenumbers.region_code_for_number(parsed)
+        if number.startswith(FOREIGN_IN_PLAN.get(region or "", ())):
+            return False
         kind = phonenumbers.number_type(parsed)
         return any(region == r and kind in KINDS[k] for r, k in self.kinds)
 

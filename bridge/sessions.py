@@ -79,6 +79,7 @@ class Route:
     callee_number: str | None = None
     shown_number: str | None = None
     pool_known: bool = True  # the dialed number is one of our pool numbers
+    known_caller: bool = False  # order_code: the caller is one of the number's orders' people
     language: str = "en"  # of what the caller is told
     terms: Terms = field(default_factory=Terms)  # the session's effective terms (every one resolved; bridge.terms)
 
@@ -353,7 +354,8 @@ class Sessions:
                 # Shared by many orders: the caller keys the code in, unless locked out.
                 locked = await self.repo.wrong_codes(idx, pool_number, self.policy.order_code_lockout) \
                     >= self.policy.order_code_attempts
-                return Route("locked_out" if locked else "order_code", language=language)
+                return Route("locked_out" if locked else "order_code", language=language,
+                             known_caller=dialed.caller_holds)
             return Route("unknown", pool_known=known, language=language)
         return await self._decide(row, lambda: self.route(caller, pool_number, second_look=True), second_look)
 

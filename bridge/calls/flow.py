@@ -566,6 +566,13 @@ class MaskedCall:
             await self._announce("locked_out", TRY_LATER_SOUND)
             return
         if route.kind == "order_code":
+            # A caller who is none of the number's orders' people can key no code that routes:
+            # a stranger there, counted as unknown callers are (a flood on a shared number is
+            # refused unanswered as one on any other).
+            refused_by = None if route.known_caller else self._unknown_callers(pool)
+            if refused_by is not None:
+                await self._refuse_unknown_caller(refused_by)
+                return
             coded = await self._enter_order_code(caller, pool)
             if coded is None:
                 return  # the call ended (wrong codes, or the caller left)

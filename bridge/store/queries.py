@@ -90,7 +90,13 @@ _PUT_THROUGH_CALL = f"""
 # call rings, if anyone, is written once the flow decided (call_put_through).
 _ROUTE_AND_RECORD = f"""
     WITH route AS ({ROUTE_SQL} LIMIT 1),
-    dialed AS (SELECT language, mode FROM pool_numbers WHERE number = $2),
+    dialed AS (SELECT language, mode,
+                      -- (on an order-code number: whether the caller holds it, i.e. is one of its
+                      -- orders' people; the others are strangers there, as unknown callers are)
+                      mode = 'order_code' AND EXISTS (
+                          SELECT 1 FROM participants h WHERE h.number_idx = $1 AND h.pool_number = $2 AND h.by_code
+                            AND h.holds AND (h.held_until IS NULL OR h.held_until > now())) AS caller_holds
+               FROM pool_numbers WHERE number = $2),
     call AS (
         INSERT INTO calls (id, session_id, pool_number, caller_role, caller_masked, inbound_channel_id, state,
                            caller_participant_id, node {"".join(f", {n}" for n in _CALL_TERMS)})
@@ -100,7 +106,7 @@ _ROUTE_AND_RECORD = f"""
         FROM (VALUES (1)) AS one (x) LEFT JOIN route ON true
     )
     SELECT route.*, dialed.language AS dialed_language, dialed.mode AS dialed_mode,
-           dialed.mode IS NOT NULL AS dialed_known
+           dialed.mode IS NOT NULL AS dialed_known, coalesce(dialed.caller_holds, false) AS dialed_caller_holds
     FROM (VALUES (1)) AS one (x) LEFT JOIN route ON true LEFT JOIN dialed ON true
 """
 
@@ -122,6 +128,7 @@ class Dialed:
     known: bool
     language: str | None
     mode: str
+    caller_holds: bool = False  # an order-code number: the caller is one of its orders' people
 
 
 def _call_terms(terms: Terms | None) -> list[Any]:
@@ -224,7 +231,7 @@ class Store:
                                        call.caller_masked, call.inbound_channel_id, self.node, *_call_terms(None))
         fields = dict(row) if row is not None else {}  # (one row, whatever matched)
         dialed = Dialed(bool(fields.pop("dialed_known", False)), fields.pop("dialed_language", None),
-                        fields.pop("dialed_mode", None) or "direct")
+                        fields.pop("dialed_mode", None) or "direct", bool(fields.pop("dialed_caller_holds", False)))
         return (route_row(fields) if fields.get("session_id") is not None else None), dialed
 
     async def call_put_through(

@@ -34,6 +34,8 @@ pytestmark = pytest.mark.live
 
 # Every real number a live test used; the log test checks none of them reached a log line.
 USED_NUMBERS: list[str] = []
+# Where the bridge's log stood when this run began (a checkout's log outlives its runs).
+BRIDGE_LOG_START: list[int] = []
 _counter = itertools.count(random.randrange(0, 10_000_000))  # runs on one database rarely meet
 
 
@@ -51,6 +53,8 @@ def stack() -> Stack:
         start_services(stack)
         processes.start_bridge(stack)
     processes.wait_healthy(stack)
+    log = processes.bridge_log(stack)
+    BRIDGE_LOG_START[:] = [log.stat().st_size if log.exists() else 0]
     return stack
 
 

@@ -108,6 +108,10 @@ async def test_bad_blocklist_requests_get_their_4xx(api, db):
     for body, code in (
         ({"number": "junk"}, "invalid_input"),
         ({"number": "+79161234567", "reason": "x" * 501}, "invalid_input"),
+        # A number in the reason, however it is written (the reason is shown as it is).
+        *(({"number": "+79161234567", "reason": f"calls from {written}"}, "invalid_input")
+          for written in ("+7 916 777-77-77", "8_916_777_77_77", "+7916'777'7777", "+7916/777/7777",
+                          "+7916\u2014777\u20147777", "8~916~777~77~77")),
         ({"number": "+79161234567", "extra": 1}, "invalid_input"),
         ({}, "invalid_input"),
     ):

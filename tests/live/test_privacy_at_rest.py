@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from bridge import metrics
 from bridge.api.http import render_session
+from bridge.phone import mask
 from bridge.blocklist import Blocklist
 from bridge.crypto import MasterKeys, NumberVault, VaultError, participant_number
 from bridge.devstack import postgres
@@ -179,8 +180,8 @@ def test_an_unreadable_number_is_skipped_by_retention_and_does_not_keep_other_ke
             rows = await h.sessions.find(order_id=None, status=None, after=None, limit=10)
             rendered = {s.order_id: render_session(h.sessions, s) for s in rows}
         assert {p["number"] for p in rendered["order-damaged"]["participants"].values()} == {None}
-        assert {p["number"] for p in rendered["order-lasting"]["participants"].values()} == {"+7916***0003",
-                                                                                            "+7916***0004"}
+        assert {p["number"] for p in rendered["order-lasting"]["participants"].values()} == {
+            mask("+79161130003"), mask("+79161130004")}
         unreadable = [e for e in logs if e["event"] == "number.unreadable"]
         assert {(e["table"], e["row_id"], e["where"]) for e in unreadable} == {
             ("participants", str(courier.id), "read"), ("participants", str(client.id), "read")}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from bridge.devstack import asterisk, processes
-from tests.live.conftest import USED_NUMBERS
+from tests.live.conftest import BRIDGE_LOG_START, USED_NUMBERS
 from tests.live.siplog import identity_leaks, national_digits
 
 
@@ -17,9 +17,11 @@ def test_no_real_number_in_logs(stack):
     assert '"event": "call.connected"' in text, "the log holds this run's calls"
     leaks = sorted({n for n in USED_NUMBERS if national_digits(n) in text})
     assert not leaks, f"{len(leaks)} real numbers appear in full in {processes.bridge_log(stack)}"
-    # Masked means the last two digits only (+***67): no more of a number around the stars.
-    assert "+***" in text, "the log holds masked numbers"
-    wide = sorted(set(re.findall(r"[0-9]\*\*\*[0-9]*|\*\*\*[0-9]{3,}", text)))
+    # Masked means the last two digits only (+***67): no more of a number around the stars
+    # (in this run's lines: an older version's masks may stay in a checkout's log).
+    this_run = processes.bridge_log(stack).read_bytes()[BRIDGE_LOG_START[0] if BRIDGE_LOG_START else 0:].decode()
+    assert "+***" in this_run, "the log holds masked numbers"
+    wide = sorted(set(re.findall(r"[0-9]\*\*\*[0-9]*|\*\*\*[0-9]{3,}", this_run)))
     assert not wide, f"masked numbers keep more than two digits: {wide[:5]}"
 
 

@@ -141,7 +141,8 @@ class FakeStore:
             return Route("finished", session_id=self.closed_sessions[(caller, pool_number)], caller_role="courier")
         if any(pool == pool_number for pool, _code in self.order_codes):
             locked = self.wrong_codes.count((caller, pool_number)) >= self.lockout_after
-            return Route("locked_out" if locked else "order_code")
+            return Route("locked_out" if locked else "order_code",
+                         known_caller=caller in self.code_callers.values())
         return self.routes.get((caller, pool_number), Route("unknown", pool_known=pool_number in self.pool_numbers))
 
     async def route_by_code(self, caller: str, pool_number: str, order_code: str) -> Route:

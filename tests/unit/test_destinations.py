@@ -107,3 +107,14 @@ async def test_reassignment_refuses_a_number_outside_the_list():
     with pytest.raises(DestinationNotAllowed) as refused:
         await _sessions("RU:mobile").reassign_courier(uuid.uuid4(), MOSCOW, field="number")
     assert refused.value.details == {"field": "number"}
+
+
+def test_abkhazias_ranges_inside_the_russian_plan_are_not_russian_numbers():
+    """+7 840 and +7 940 are typed RU geographic and mobile by the numbering plan, but other
+    networks run them and calls to them are billed as international: not in RU:mobile or
+    RU:geographic; a deployment that serves them names them."""
+    default = Destinations.parse("mobile,geographic")
+    for number in ("+78402212345", "+78402312345", "+79401234567", "+79409876543"):
+        assert not default.allows(number), number
+    assert Destinations.parse("mobile,geographic,+7940").allows("+79401234567")
+    assert default.allows("+79161234567") and default.allows("+74951234567")

@@ -14,6 +14,7 @@ import asyncpg
 
 from test_call_flow import CALLEE, CALLER, FAST, POOL, Harness, harness, logs  # noqa: F401 - fixtures
 
+from bridge.calls.flood import UnknownCallers
 from bridge.calls.order_code import KeypadTiming
 
 CODE = "482913"
@@ -214,4 +215,29 @@ async def test_a_database_failure_while_looking_up_the_code_tells_the_caller(har
     assert delete.query["reason_code"] == "34"
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    await h.settle()
+
+
+async def test_strangers_flooding_a_shared_number_are_refused_unanswered_its_people_are_not(harness) -> None:
+    """Callers who are none of an order-code number's orders' people can key no code that
+    routes: they count as unknown callers do, and beyond the limit (10 a minute per number)
+    they are hung up unanswered (cause 21: SIP 403), never prompted. One of the orders'
+    people is still asked for the code."""
+    h = await harness(QUICK)
+    h.dispatcher.unknown_callers = UnknownCallers(10, 100)  # (the bridge's defaults)
+    h.store.add_order_code(CALLER, POOL, CODE, CALLEE)
+    for i in range(10):
+        await h.fake.inbound_call(f"in-s{i}", f"+7926000{i:04d}", POOL)
+        await _prompted(h, inbound=f"in-s{i}")
+    await h.fake.inbound_call("in-s10", "+79260000010", POOL)
+    refused = await h.fake.wait_request("DELETE", "/ari/channels/in-s10")
+    assert refused.query["reason_code"] == "21"
+    assert h.fake.find("POST", "/ari/channels/in-s10/answer") == []
+    assert h.fake.find("POST", re.compile(r"/ari/channels/in-s10/play/.+")) == []
+
+    await h.fake.inbound_call("in-1", CALLER, POOL)
+    await _prompted(h)
+    for i in range(10):
+        await h.fake.hangup(f"in-s{i}")
+    await h.fake.hangup("in-1")
     await h.settle()
