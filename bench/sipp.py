@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.measure import CALLEE_TONE, CALLER_TONE, SETUP_LIMIT
-from bridge.devstack import asterisk
+from bridge.devstack import asterisk, processes
 from bridge.devstack.settings import Stack
 
 SCENARIOS = Path(__file__).resolve().parent / "sipp"
@@ -201,12 +201,23 @@ def _counts(stats: Path) -> tuple[int | None, int | None]:
         return None, None
 
 
+def kill_leftovers(work: Path) -> int:
+    """SIPp phones of an earlier bench of this stack that was killed (its children outlive
+    it, holding their ports: the next SIPp could not bind and exited at once). Returns how
+    many were ended."""
+    leftovers = set().union(*(processes.processes_with(b"sipp", str(work / scenario).encode())
+                              for scenario in ("caller.xml", "callee.xml")))
+    processes.terminate(leftovers)
+    return len(leftovers)
+
+
 @contextmanager
 def phones(stack: Stack, work: Path) -> Iterator[tuple[Phones, Callee]]:
     """The PBX's trunk pointed at SIPp's callee for the block, and the callee running;
     both undone at the end: the PBX's trunk configuration is put back byte for byte, so
     whatever a test had set on it (identity settings, the relay) is as it was."""
     work.mkdir(parents=True, exist_ok=True)
+    kill_leftovers(work)
     p = Phones.of(stack, work)
     pjsip = asterisk.host_path(stack, "pbx", "etc", "pjsip.conf")
     saved = pjsip.read_text()
