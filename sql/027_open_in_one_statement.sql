@@ -224,9 +224,11 @@ BEGIN
     WITH added_session AS (
         INSERT INTO sessions SELECT session.*
     ), opened AS (
-        INSERT INTO session_events (session_id, kind, detail)
-        VALUES (session.id, 'opened', (p_session - 'order_code') || jsonb_build_object(
-            'pool_number', v_chosen, 'ttl_seconds', p_ttl, 'mode', session.mode))
+        -- (who opened it, the API token's name or admin:<user>, comes in p_session's "token":
+        -- kept out of the event's detail and of the session row)
+        INSERT INTO session_events (session_id, kind, detail, token)
+        VALUES (session.id, 'opened', (p_session - 'order_code' - 'token') || jsonb_build_object(
+            'pool_number', v_chosen, 'ttl_seconds', p_ttl, 'mode', session.mode), p_session->>'token')
     ), added AS (
         INSERT INTO participants (id, session_id, role, number_idx, number_enc, pool_number, by_code)
         SELECT m.id, session.id, m.role, m.idx, m.enc, v_chosen, v_by_code

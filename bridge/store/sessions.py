@@ -357,7 +357,7 @@ class SessionRepo:
     async def open(
         self, order_id: str, courier: Sealed, client: Sealed, terms: SessionTerms, *, code_given: bool = False
     ) -> Opening:
-        """Open the order's session, or find the one open already: one statement (sql/027, 028)
+        """Open the order's session, or find the one open already: one statement (sql/027)
         that picks the pool number (see `candidates` for the order of preference), writes
         the session, its two participants and its event, and returns them as written.
 
@@ -370,7 +370,7 @@ class SessionRepo:
             "region": terms.region, "idle_timeout_seconds": terms.idle_timeout_seconds,
             "grace_seconds": terms.grace_seconds, "mode": "direct" if terms.order_code is None else "order_code",
             "order_code": terms.order_code, **terms.terms.to_api(),
-            "token": request_token(),  # (who opened it: the event names it, sql/028)
+            "token": request_token(),  # (who opened it: the event names it, sql/027)
         }
         try:
             row = await self.pool.fetchrow(
