@@ -277,9 +277,12 @@ class StasisDispatcher:
         block, a courier reassigned, a session ended) must not go on to ring. (A change
         committed earlier was seen by the lookup itself.)"""
         horizon = time.monotonic() - 60
-        for pid, (at, _reason) in list(self._cut.items()):
-            if at < horizon:
-                del self._cut[pid]
+        # (Oldest first: cut_calls moves a participant cut again to the end.)
+        while self._cut:
+            pid, (at, _reason) = next(iter(self._cut.items()))
+            if at >= horizon:
+                break
+            del self._cut[pid]
         for pid in participant_ids:
             at, reason = self._cut.get(pid, (-1.0, ""))
             if at >= since:
@@ -309,7 +312,9 @@ class StasisDispatcher:
         call to support in a grace period is not ended by the session's end: support is no
         participant.)"""
         now = time.monotonic()
-        self._cut.update({pid: (now, reason) for pid in participant_ids})
+        for pid in participant_ids:
+            self._cut.pop(pid, None)
+            self._cut[pid] = (now, reason)
         calls = {call for call in self.calls.values() if call.participant_ids & participant_ids
                  and not (reason == "session_ended" and call.route is not None and call.route.callee_role == "support")}
         for call in calls:
