@@ -72,8 +72,9 @@ class AriClient:
         # carried out one after the other, in the order sent. Attached by the EventStream once
         # its reader runs; until then (and with an Asterisk that does not answer), HTTP.
         self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._pending: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], float]] = {}  # id -> (answer, deadline)
         self._ids = itertools.count(1)
+        self._expiry: asyncio.Task[None] | None = None  # fails requests past their deadline (no timer each)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -82,6 +83,9 @@ class AriClient:
         return self._session
 
     async def close(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+            await asyncio.gather(self._expiry, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
 
@@ -100,15 +104,24 @@ class AriClient:
         HTTP answer does (AriUnavailable: it may or may not have been carried out)."""
         if self._ws is ws:
             self._ws = None
-        for future in list(self._pending.values()):
+        for future, _deadline in list(self._pending.values()):
             if not future.done():
                 future.set_exception(ConnectionResetError("the ARI websocket closed"))
 
+    async def _expire(self) -> None:
+        """Every quarter second: requests unanswered past their deadline fail (TimeoutError)."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for future, deadline in list(self._pending.values()):
+                if deadline <= now and not future.done():
+                    future.set_exception(asyncio.TimeoutError())
+
     def answered(self, message: dict[str, Any]) -> None:
         """A RESTResponse read from the websocket: to the request waiting for it."""
-        future = self._pending.get(str(message.get("request_id")))
-        if future is not None and not future.done():
-            future.set_result(message)
+        pending = self._pending.get(str(message.get("request_id")))
+        if pending is not None and not pending[0].done():
+            pending[0].set_result(message)
 
     async def probe_websocket(self, ws: aiohttp.ClientWebSocketResponse, timeout: float = 2.0) -> bool:
         """Whether this Asterisk answers REST over `ws` (its reader must be running)."""
@@ -120,12 +133,13 @@ class AriClient:
 
     async def _over_ws(self, ws: aiohttp.ClientWebSocketResponse, method: str, path: str,
                        params: dict[str, Any] | None, body: dict[str, Any] | None, timeout: float) -> Any:
-        future = await self._ws_send(ws, method, path, params, body)
-        return await self._ws_reply(method, path, future, timeout)
+        future = await self._ws_send(ws, method, path, params, body, timeout)
+        return await self._ws_reply(method, path, future)
 
     async def _ws_send(self, ws: aiohttp.ClientWebSocketResponse, method: str, path: str,
-                       params: dict[str, Any] | None, body: dict[str, Any] | None) -> asyncio.Future[dict[str, Any]]:
-        """Sends one request; returns what its answer will be set on."""
+                       params: dict[str, Any] | None, body: dict[str, Any] | None,
+                       timeout: float) -> asyncio.Future[dict[str, Any]]:
+        """Sends one request; returns what its answer (or its failure) will be set on."""
         request_id = f"r{next(self._ids)}"
         uri = path.lstrip("/")
         query = _params(params or {})
@@ -136,7 +150,9 @@ class AriClient:
             message["content_type"] = "application/json"
             message["message_body"] = json.dumps(body)
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = future
+        self._pending[request_id] = (future, time.monotonic() + timeout)
+        if self._expiry is None or self._expiry.done():
+            self._expiry = asyncio.create_task(self._expire(), name="ari-expiry")
         future.add_done_callback(lambda _f: self._pending.pop(request_id, None))
         try:
             await ws.send_str(json.dumps(message))
@@ -145,9 +161,9 @@ class AriClient:
             raise AriUnavailable(method, path, None, type(exc).__name__) from exc
         return future
 
-    async def _ws_reply(self, method: str, path: str, future: asyncio.Future[dict[str, Any]], timeout: float) -> Any:
+    async def _ws_reply(self, method: str, path: str, future: asyncio.Future[dict[str, Any]]) -> Any:
         try:
-            reply = await asyncio.wait_for(future, timeout)
+            reply = await future
         except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
             raise AriUnavailable(method, path, None, type(exc).__name__) from exc
         status = int(reply.get("status_code") or 0)

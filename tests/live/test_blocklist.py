@@ -10,6 +10,8 @@ import sys
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import asyncpg
+
 from bridge.blocklist import Blocklist
 from bridge.devstack.settings import PROJECT_DIR
 from bridge.phone import mask
@@ -172,7 +174,7 @@ async def test_a_block_with_a_ttl_is_listed_with_its_expiry_and_never_shortened(
         await unblock(api, entry)
 
 
-async def test_an_expired_block_stops_blocking_before_any_housekeeping(carrier, api, real_number, db):
+async def test_an_expired_block_stops_blocking_before_any_housekeeping(carrier, api, real_number, db, stack):
     """The entry is still in the table (no sweep ran): from its expiry on it blocks nothing,
     is not listed, cannot be removed, and blocking the number again makes a new entry."""
     courier, client = real_number(), real_number()
@@ -181,16 +183,26 @@ async def test_an_expired_block_stops_blocking_before_any_housekeeping(carrier, 
     assert status == 201
     await announced(carrier, courier, session["pool_number"])
     assert (await last_call_of(db, session["pool_number"], courier))["outcome"] == "blocked"
-    # Its hour has passed (written so, rather than waited for).
+    # Its hour has passed (written so, rather than waited for). The entry is then held locked
+    # until the call is over: the 30 s housekeeping skips locked entries (FOR UPDATE SKIP
+    # LOCKED), so that "no sweep ran" holds whenever this test runs; reads are not held up.
     await db.execute("UPDATE blocked_numbers SET expires_at = now() - interval '1 second' WHERE id = $1",
                      uuid.UUID(entry["id"]))
-
-    carrier.phone(client, action="answer")
-    leg = await carrier.call(courier, session["pool_number"], hangup_after=0.5)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.ended.wait(), 15)
-    assert callee.number == client and callee.answered_at is not None, "expired: put through again"
-    assert await db.fetchval("SELECT count(*) FROM blocked_numbers WHERE id = $1", uuid.UUID(entry["id"])) == 1
+    holder = await asyncpg.connect(stack.database_url)
+    try:
+        async with holder.transaction():
+            held = await holder.fetchval("SELECT count(*) FROM (SELECT 1 FROM blocked_numbers WHERE id = $1 "
+                                         "FOR UPDATE) AS entry", uuid.UUID(entry["id"]))
+            assert held == 1, "housekeeping deleted the entry before it could be held"
+            carrier.phone(client, action="answer")
+            leg = await carrier.call(courier, session["pool_number"], hangup_after=0.5)
+            callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+            await asyncio.wait_for(leg.ended.wait(), 15)
+            assert callee.number == client and callee.answered_at is not None, "expired: put through again"
+            assert await db.fetchval("SELECT count(*) FROM blocked_numbers WHERE id = $1",
+                                     uuid.UUID(entry["id"])) == 1
+    finally:
+        await holder.close()
     status, listed = await api.request("GET", "/v1/blocklist?limit=500")
     assert entry["id"] not in [e["id"] for e in listed["items"]]
     status, gone = await api.request("DELETE", f"/v1/blocklist/{entry['id']}")

@@ -16,10 +16,10 @@ APP = "maskbridge"
 
 
 @asynccontextmanager
-async def _stream(fake: AriFake, **kw) -> AsyncIterator[EventStream]:
+async def _stream(fake: AriFake, request_timeout: float = 5.0, **kw) -> AsyncIterator[EventStream]:
     """An event stream running against `fake` (started here) for the block."""
     await fake.start()
-    ari = AriClient(fake.base_url, "bridge", "secret", APP, request_timeout=5.0)
+    ari = AriClient(fake.base_url, "bridge", "secret", APP, request_timeout=request_timeout)
 
     async def handle(_event: dict) -> None:
         pass
@@ -149,3 +149,19 @@ async def test_a_request_unanswered_when_the_websocket_drops_fails_at_once() -> 
         except AriUnavailable:
             pass
         assert asyncio.get_running_loop().time() - began < 2.0
+
+
+async def test_a_request_asterisk_never_answers_over_the_websocket_fails_after_its_timeout() -> None:
+    fake = AriFake(app=APP)
+    async with _stream(fake, request_timeout=0.5) as stream:
+        await fake._wait(lambda: stream.client.over_websocket, 10, "requests over the websocket")
+        fake.rest_over_websocket = False  # (asked, never answered; the websocket stays up)
+        began = asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(stream.client.request("GET", "/asterisk/ping"), 10)
+            raise AssertionError("answered by an Asterisk that does not answer")
+        except AriUnavailable:
+            pass
+        waited = asyncio.get_running_loop().time() - began
+        assert 0.5 <= waited < 2.0, waited
+        assert not stream.client._pending, "the request is still waiting"
