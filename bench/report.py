@@ -333,10 +333,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "the call rings (and whether the session's caps let it), the bridge is made and the new "
         "leg is created; both legs join the bridge in one request; the leg is dialed. (Before "
         "issue 14 there were nine: the lookup, the row, the bridge, the caller joining it, the "
-        "new leg, the row again, the leg joining it and the dial, one after the other.) The ARI "
-        "requests go over the event websocket (Asterisk 22's REST over WebSocket), not one HTTP "
-        "request each. Each step costs a loopback round trip plus the work at both ends, and a "
-        "queue behind the other calls' work in the bridge's one event loop; the rest of the "
+        "new leg, the row again, the leg joining it and the dial, one after the other.) Each "
+        "step costs a loopback round trip plus the work at both ends, and a queue behind the "
+        "other calls' work in the bridge's one event loop; the rest of the "
         "difference is Asterisk's own: taking the call into Stasis and telling the bridge, "
         "making the new leg and its StasisStart (about 1.5 ms together, kernel stamps), and "
         "building the INVITE once dialed (0.5 to 1.4 ms).",

@@ -54,14 +54,21 @@ _KIND = re.compile(r"(?:([A-Z]{2}):)?([a-z_]+)")
 def never(number: str) -> bool:
     """A premium-rate, shared-cost or personal number, or one of an international network:
     refused whatever MB_ALLOWED_DESTINATIONS lists."""
+    return _never(number)[0]
+
+
+def _never(number: str) -> tuple[bool, phonenumbers.PhoneNumber | None, int | None]:
+    """never(number), and the number parsed and its type when it could be (parsed once)."""
     if number.startswith(NEVER_PREFIXES):
-        return True
+        return True, None, None
     try:
         parsed = phonenumbers.parse(number)
     except phonenumbers.NumberParseException:
-        return True
-    return (phonenumbers.region_code_for_country_code(parsed.country_code or 0) == "001"
-            or phonenumbers.number_type(parsed) in NEVER_TYPES)
+        return True, None, None
+    kind = phonenumbers.number_type(parsed)
+    refused = (phonenumbers.region_code_for_country_code(parsed.country_code or 0) == "001"
+               or kind in NEVER_TYPES)
+    return refused, parsed, kind
 
 
 VERDICTS = 10_000  # Destinations.allows: verdicts kept (a digest and a bool each)
@@ -110,15 +117,14 @@ class Destinations:
         return verdict
 
     def _allows(self, number: str) -> bool:
-        if never(number):
+        refused, parsed, kind = _never(number)
+        if refused or parsed is None:
             return False
         if number.startswith(self.prefixes):
             return True
-        parsed = phonenumbers.parse(number)
         region = phonenumbers.region_code_for_number(parsed)
         if number.startswith(FOREIGN_IN_PLAN.get(region or "", ())):
             return False
-        kind = phonenumbers.number_type(parsed)
         return any(region == r and kind in KINDS[k] for r, k in self.kinds)
 
     def check(self, numbers: dict[str, str]) -> None:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import itertools
-import json
 import time
-import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -31,12 +28,6 @@ def _params(values: dict[str, Any]) -> dict[str, str]:
         else:
             out[key] = str(value)
     return out
-
-
-def _add_channel(channel_id: str | list[str]) -> dict[str, Any]:
-    # Connected-line updates are not passed between the legs: they would carry one party's
-    # real identity to the other (see ASTERISK-NOTES.md).
-    return {"channel": channel_id, "inhibitConnectedLineUpdates": True}
 
 
 @dataclass(frozen=True)
@@ -65,16 +56,7 @@ class AriClient:
         credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {credentials}"}
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
-        self._request_timeout = request_timeout
         self._session: aiohttp.ClientSession | None = None
-        # REST over the event websocket (Asterisk 22 answers a RESTRequest there with a
-        # RESTResponse): no HTTP request per call step, and the requests of one websocket are
-        # carried out one after the other, in the order sent. Attached by the EventStream once
-        # its reader runs; until then (and with an Asterisk that does not answer), HTTP.
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
-        self._pending: dict[str, tuple[asyncio.Future[dict[str, Any]], float]] = {}  # id -> (answer, deadline)
-        self._ids = itertools.count(1)
-        self._expiry: asyncio.Task[None] | None = None  # fails requests past their deadline (no timer each)
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -83,99 +65,8 @@ class AriClient:
         return self._session
 
     async def close(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-            await asyncio.gather(self._expiry, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
-
-    # --- REST over the websocket ---------------------------------------------------------
-
-    @property
-    def over_websocket(self) -> bool:
-        """Whether requests now go over the event websocket (and so run in the order sent)."""
-        return self._ws is not None and not self._ws.closed
-
-    def attach(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        self._ws = ws
-
-    def detach(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """The websocket is gone: what was asked over it and not answered fails as a lost
-        HTTP answer does (AriUnavailable: it may or may not have been carried out)."""
-        if self._ws is ws:
-            self._ws = None
-        for future, _deadline in list(self._pending.values()):
-            if not future.done():
-                future.set_exception(ConnectionResetError("the ARI websocket closed"))
-
-    async def _expire(self) -> None:
-        """Every quarter second: requests unanswered past their deadline fail (TimeoutError)."""
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for future, deadline in list(self._pending.values()):
-                if deadline <= now and not future.done():
-                    future.set_exception(asyncio.TimeoutError())
-
-    def answered(self, message: dict[str, Any]) -> None:
-        """A RESTResponse read from the websocket: to the request waiting for it."""
-        pending = self._pending.get(str(message.get("request_id")))
-        if pending is not None and not pending[0].done():
-            pending[0].set_result(message)
-
-    async def probe_websocket(self, ws: aiohttp.ClientWebSocketResponse, timeout: float = 2.0) -> bool:
-        """Whether this Asterisk answers REST over `ws` (its reader must be running)."""
-        try:
-            await self._over_ws(ws, "GET", "/asterisk/ping", None, None, timeout)
-            return True
-        except (AriError, asyncio.TimeoutError):
-            return False
-
-    async def _over_ws(self, ws: aiohttp.ClientWebSocketResponse, method: str, path: str,
-                       params: dict[str, Any] | None, body: dict[str, Any] | None, timeout: float) -> Any:
-        future = await self._ws_send(ws, method, path, params, body, timeout)
-        return await self._ws_reply(method, path, future)
-
-    async def _ws_send(self, ws: aiohttp.ClientWebSocketResponse, method: str, path: str,
-                       params: dict[str, Any] | None, body: dict[str, Any] | None,
-                       timeout: float) -> asyncio.Future[dict[str, Any]]:
-        """Sends one request; returns what its answer (or its failure) will be set on."""
-        request_id = f"r{next(self._ids)}"
-        uri = path.lstrip("/")
-        query = _params(params or {})
-        if query:
-            uri += "?" + urllib.parse.urlencode(query, quote_via=urllib.parse.quote, safe=",")
-        message: dict[str, Any] = {"type": "RESTRequest", "request_id": request_id, "method": method, "uri": uri}
-        if body is not None:
-            message["content_type"] = "application/json"
-            message["message_body"] = json.dumps(body)
-        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (future, time.monotonic() + timeout)
-        if self._expiry is None or self._expiry.done():
-            self._expiry = asyncio.create_task(self._expire(), name="ari-expiry")
-        future.add_done_callback(lambda _f: self._pending.pop(request_id, None))
-        try:
-            await ws.send_str(json.dumps(message))
-        except (ConnectionError, RuntimeError) as exc:
-            future.cancel()
-            raise AriUnavailable(method, path, None, type(exc).__name__) from exc
-        return future
-
-    async def _ws_reply(self, method: str, path: str, future: asyncio.Future[dict[str, Any]]) -> Any:
-        try:
-            reply = await future
-        except (ConnectionError, RuntimeError, asyncio.TimeoutError) as exc:
-            raise AriUnavailable(method, path, None, type(exc).__name__) from exc
-        status = int(reply.get("status_code") or 0)
-        text = reply.get("message_body") or ""
-        if status >= 400 or status == 0:
-            message_text = text
-            try:
-                message_text = json.loads(text).get("message", text)
-            except (ValueError, AttributeError):
-                pass
-            raise from_status(method, path, status, message_text)
-        return json.loads(text) if text else None
 
     async def request(
         self,
@@ -184,18 +75,9 @@ class AriClient:
         params: dict[str, Any] | None = None,
         body: dict[str, Any] | None = None,
     ) -> Any:
+        url = f"{self.base_url}/ari{path}"
         operation = metrics.ari_operation(method, path)
         began = time.perf_counter()
-        ws = self._ws
-        if ws is not None and not ws.closed:
-            try:
-                return await self._over_ws(ws, method, path, params, body, self._request_timeout)
-            except AriError as exc:
-                metrics.ARI_ERRORS.labels(operation, str(exc.status or 0)).inc()
-                raise
-            finally:
-                metrics.ARI_REQUEST.labels(operation).observe(time.perf_counter() - began)
-        url = f"{self.base_url}/ari{path}"
         try:
             async with self.session.request(method, url, params=_params(params or {}), json=body) as resp:
                 text = await resp.text()
@@ -256,6 +138,10 @@ class AriClient:
         if caller_id is not None:
             params["callerId"] = caller_id
         return await self.request("POST", "/channels", params, {"variables": variables or {}})
+
+    async def list_channels(self) -> list[dict[str, Any]]:
+        """Every channel Asterisk has, each with its state."""
+        return list(await self.request("GET", "/channels") or [])
 
     async def dial(self, channel_id: str, timeout: int) -> None:
         await self.request("POST", f"/channels/{channel_id}/dial", {"timeout": timeout})
@@ -337,7 +223,13 @@ class AriClient:
 
     async def add_to_bridge(self, bridge_id: str, channel_id: str | list[str]) -> None:
         """One channel, or several in one request (Asterisk checks them all before adding any)."""
-        await self.request("POST", f"/bridges/{bridge_id}/addChannel", _add_channel(channel_id))
+        # Connected-line updates are not passed between the legs: they would carry one
+        # party's real identity to the other (see ASTERISK-NOTES.md).
+        await self.request(
+            "POST",
+            f"/bridges/{bridge_id}/addChannel",
+            {"channel": channel_id, "inhibitConnectedLineUpdates": True},
+        )
 
     async def get_bridge(self, bridge_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/bridges/{bridge_id}")

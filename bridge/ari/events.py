@@ -50,20 +50,16 @@ class EventStream:
         self.check_every = check_every  # seconds between two looks that the application is registered
         self.event_types = event_types  # the only events Asterisk is to send (None: all of them)
         self.connected = asyncio.Event()
-        self.transport_known = asyncio.Event()  # set once it is known how REST requests go (each connection)
         self._stopping = False
 
-    async def _deliver(self, data: str | Event) -> None:
+    async def _deliver(self, data: str) -> None:
         # One bad event or a failing handler must not cost the connection: every later
         # event of every call would be lost with it.
-        if isinstance(data, str):
-            try:
-                event = json.loads(data)
-            except ValueError:
-                log.error("ari.bad_event")
-                return
-        else:
-            event = data
+        try:
+            event = json.loads(data)
+        except ValueError:
+            log.error("ari.bad_event")
+            return
         metrics.ARI_EVENTS.labels(str(event.get("type", ""))[:64]).inc()
         try:
             await self.handler(event)
@@ -75,8 +71,7 @@ class EventStream:
         filter with the application). A filter refused is a cost, not a fault: events then
         all come, and the owner ignores what it does not read."""
         try:
-            # (Asterisk filters the answers to REST requests over the websocket as events.)
-            await self.client.allow_events([*(self.event_types or ()), "RESTResponse"])
+            await self.client.allow_events(list(self.event_types or ()))
         except AriNotFound:
             raise  # the application is not registered: this connection delivers nothing
         except AriError as exc:
@@ -100,57 +95,6 @@ class EventStream:
 
     def stop(self) -> None:
         self._stopping = True
-
-    async def _consume(self, events: asyncio.Queue[Event | None]) -> None:
-        """The events, in order, to the handler (apart from the reader: a handler that waits
-        on an ARI request over the websocket must not stop its answer from being read)."""
-        while (event := await events.get()) is not None:
-            await self._deliver(event)
-
-    async def _rest_over(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """From now on, REST requests go over this websocket, if Asterisk answers there."""
-        if await self.client.probe_websocket(ws):
-            self.client.attach(ws)
-            log.info("ari.rest_over_websocket")
-        elif not ws.closed:
-            log.info("ari.rest_over_http", reason="no answer to a REST request on the websocket")
-        self.transport_known.set()
-
-    async def _read(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Reads the websocket until it closes: answers to the requests waiting for them,
-        events to the consumer."""
-        self.transport_known.clear()
-        events: asyncio.Queue[Event | None] = asyncio.Queue()
-        consumer = asyncio.create_task(self._consume(events), name="ari-events")
-        rest = asyncio.create_task(self._rest_over(ws), name="ari-rest")
-        try:
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    try:
-                        event = json.loads(msg.data)
-                    except ValueError:
-                        log.error("ari.bad_event")
-                        continue
-                    if not isinstance(event, dict):
-                        log.error("ari.bad_event")
-                        continue
-                    if event.get("type") == "RESTResponse":
-                        self.client.answered(event)
-                    else:
-                        events.put_nowait(event)
-                elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
-                    break
-        finally:
-            self.client.detach(ws)
-            rest.cancel()
-            events.put_nowait(None)  # what was read is still delivered
-            try:
-                await asyncio.shield(consumer)
-            except asyncio.CancelledError:
-                consumer.cancel()
-                raise
-            finally:
-                await asyncio.gather(rest, return_exceptions=True)
 
     async def run(self) -> None:
         backoff = self.min_backoff
@@ -185,7 +129,11 @@ class EventStream:
                     metrics.ARI_CONNECTED.set(1)
                     watch = asyncio.create_task(self._watch(ws), name="ari-watch")
                     try:
-                        await self._read(ws)
+                        async for msg in ws:
+                            if msg.type == aiohttp.WSMsgType.TEXT:
+                                await self._deliver(msg.data)
+                            elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
+                                break
                     finally:
                         watch.cancel()
                         await asyncio.gather(watch, return_exceptions=True)

@@ -814,6 +814,7 @@ class MaskedCall:
             except (AriNotFound, AriConflict):
                 pass  # the caller left: the loop below sees it
         log.info("call.ringing", callee=mask(route.callee_number or ""), callee_role=route.callee_role)
+        await self._forget_callers_identity(shown)
 
         deadline = time.monotonic() + self.settings.ring_timeout
         while True:
@@ -831,10 +832,6 @@ class MaskedCall:
             if isinstance(event, Ringing | Answered) and event.channel == self.outbound_id and not self._rang:
                 self._rang = True
                 metrics.POST_DIAL_DELAY.observe(time.monotonic() - self._began)
-                # (Once the other phone answered the INVITE: a request to the PBX while it
-                # sends it would only hold the INVITE up. Before any answer, so before the
-                # bridge is ever rebuilt.)
-                await self._forget_callers_identity(shown)
             if isinstance(event, Answered) and event.channel == self.outbound_id:
                 break
         if route.terms.confirm_answer and not await self._confirm():

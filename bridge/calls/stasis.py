@@ -131,10 +131,20 @@ class StasisDispatcher:
         except AriError as exc:
             log.warning("reconcile.failed", error=str(exc))
             return
+        states = await self._channel_states() if self.calls else {}
         for call in set(self.calls.values()):
             for channel_id in call.channel_ids():
-                if self.calls.get(channel_id) is call and channel_id not in live:
+                if self.calls.get(channel_id) is not call:
+                    continue
+                if channel_id not in live:
                     call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
+                elif states.get(channel_id) in ("Ringing", "Up"):
+                    # An answer (or ringing) while the socket was down: its event was sent to
+                    # nobody, and a call answered meanwhile must not be taken for one that still
+                    # rings (cut at the ring timeout, or ended as the caller's, while both talk).
+                    # (A call that knew it already makes nothing of it.)
+                    call.feed({"type": "ChannelStateChange", "reconciled": True,
+                               "channel": {"id": channel_id, "state": states[channel_id]}})
         try:
             owned = await self._finish_left_behind(live)
             await self._adopt_orphans(live - owned)
@@ -145,6 +155,16 @@ class StasisDispatcher:
         except Exception:
             # A database hiccup must not cost the event stream; the next reconnect retries.
             log.exception("reconcile.store_failed")
+
+    async def _channel_states(self) -> dict[str, str]:
+        """Each channel's state as Asterisk says it now (one request; none if it fails: then
+        only vanished channels are caught up with)."""
+        try:
+            return {str(c.get("id")): str(c.get("state")) for c in await self.ari.list_channels()
+                    if isinstance(c, dict)}
+        except AriError as exc:
+            log.warning("reconcile.channel_states_unread", error=str(exc))
+            return {}
 
     async def _finish_left_behind(self, live: set[str]) -> set[str]:
         """Calls an earlier bridge process left in the database: resume or finish them.

@@ -5,13 +5,11 @@ real number, with the trunk's identity settings off and on."""
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 
 import pytest
 
 from bridge.ari import AriClient
-from bridge.devstack import processes
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.audio import rms, samples, tone_share
 from tests.live.conftest import wait_for_call_row
@@ -123,20 +121,3 @@ async def test_audio_flows_both_ways(carrier, api, real_number):
     assert tone_share(heard_by_caller, rate, 600) < 0.1
     assert tone_share(heard_by_callee, rate2, 600) > 0.5
     assert tone_share(heard_by_callee, rate2, 1000) < 0.1
-
-
-async def test_the_bridge_asks_asterisk_over_its_event_websocket(stack, carrier, api, real_number):
-    """Asterisk 22 answers REST requests on the ARI event websocket: the bridge's latest
-    connection took that up (no HTTP request per step of a call), and a call made over it
-    connects as any other."""
-    courier, client = real_number(), real_number()
-    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer", tone=1000)
-    leg, callee = await talk(carrier, courier, session["pool_number"], hangup_after=0.5)
-    assert callee.number == client and callee.shown_number == session["pool_number"]
-    assert leg.answered_at is not None
-    events = [json.loads(line).get("event") for line in processes.bridge_log(stack).read_text().splitlines()
-              if line.startswith("{") and '"ari.' in line]
-    latest = len(events) - 1 - events[::-1].index("ari.connected")
-    assert "ari.rest_over_websocket" in events[latest:], events[latest:]
-    assert "ari.rest_over_http" not in events[latest:], events[latest:]

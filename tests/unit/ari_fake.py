@@ -191,7 +191,6 @@ class AriFake:
         self.live_recordings: dict[str, dict[str, Any]] = {}  # name -> LiveRecording
         self.stored_recordings: dict[str, bytes] = {}  # name -> the file Asterisk would serve
         self.refuse_websocket = False
-        self.rest_over_websocket = True  # answer RESTRequests on the event websocket (Asterisk 22)
         self.connects = 0  # websockets accepted so far
         self.connect_times: list[float] = []  # when each was accepted (monotonic)
         self.close_at_once = False  # accept each websocket, then close it at once (a sick Asterisk)
@@ -214,6 +213,7 @@ class AriFake:
         r = app.router
         r.add_get("/ari/events", self._events)
         r.add_post("/ari/channels/create", self._create_channel)
+        r.add_get("/ari/channels", self._list_channels)
         r.add_get("/ari/channels/{id}", self._get_channel)
         r.add_delete("/ari/channels/{id}", self._delete_channel)
         r.add_post("/ari/channels/{id}/dial", self._dial)
@@ -234,7 +234,6 @@ class AriFake:
         r.add_delete("/ari/recordings/stored/{name}", self._delete_stored_recording)
         r.add_delete("/ari/playbacks/{id}", self._stop_playback)
         r.add_get("/ari/applications/{app}", self._application)
-        r.add_get("/ari/asterisk/ping", self._ping)
         r.add_put("/ari/applications/{app}/eventFilter", self._event_filter)
         r.add_route("*", "/{tail:.*}", self._not_implemented)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -529,40 +528,15 @@ class AriFake:
         self._sockets.add(ws)
         await self._notify()
         try:
-            async for msg in ws:
-                if msg.type == aiohttp.WSMsgType.TEXT and self.rest_over_websocket:
-                    await self._rest_request(ws, request, json.loads(msg.data))
+            async for _msg in ws:
+                pass
         finally:
             self._sockets.discard(ws)
             await self._notify()
         return ws
 
-    async def _rest_request(self, ws: web.WebSocketResponse, request: web.Request, message: dict[str, Any]) -> None:
-        """A RESTRequest on the event websocket, answered as Asterisk 22 does: carried out as the
-        same HTTP request would be (one at a time, in the order received), its RESTResponse
-        sent back on the websocket, subject to the application's event filter."""
-        if message.get("type") != "RESTRequest":
-            return
-        body = message.get("message_body")
-        async with aiohttp.ClientSession() as http, http.request(
-            message["method"], f"{self.base_url}/ari/{message['uri']}",
-            data=body.encode() if body else None,
-            headers={"Authorization": request.headers.get("Authorization", ""),
-                     **({"Content-Type": message["content_type"]} if message.get("content_type") else {})},
-        ) as resp:
-            text = await resp.text()
-            reply = {"type": "RESTResponse", "request_id": message.get("request_id", ""),
-                     "transaction_id": message.get("transaction_id", ""), "status_code": resp.status,
-                     "reason_phrase": resp.reason or "", "uri": message["uri"].split("?")[0]}
-            if text:
-                reply.update(content_type="application/json", message_body=text)
-        if self.events_allowed is not None and "RESTResponse" not in self.events_allowed:
-            return
-        if not ws.closed:
-            await ws.send_str(json.dumps(reply))
-
-    async def _ping(self, request: web.Request) -> web.Response:
-        return web.json_response({"ping": "pong", "asterisk_id": "fake", "timestamp": "2026-01-01T00:00:00.000+0000"})
+    async def _list_channels(self, request: web.Request) -> web.Response:
+        return web.json_response([c.json() for c in self.channels.values()])
 
     async def _create_channel(self, request: web.Request) -> web.Response:
         q = request.query

@@ -921,6 +921,27 @@ async def test_reconnect_reconcile_ends_call_whose_channel_vanished(h: Harness) 
     assert h.fake.channels == {} and h.fake.bridges == {}
 
 
+async def test_an_answer_while_the_websocket_was_down_is_caught_up_with_at_reconnect(h: Harness) -> None:
+    """The other phone answers while the socket is down (its event sent to nobody): once
+    connected again, the bridge reads the channels' states and the call is connected, not left
+    ringing until the ring timeout cuts two people talking."""
+    row, outbound = await h.ringing_call()
+    await h.fake.drop(refuse=True)
+    await h.fake.answer(outbound)  # nobody hears it: the socket is down
+    lost = h.fake.lost_events[-1]
+    assert (lost["type"], lost["channel"]["id"], lost["channel"]["state"]) == ("ChannelStateChange", outbound, "Up")
+    assert h.store.rows[row["id"]]["state"] == "ringing"
+
+    h.fake.accept()
+    await h.fake.wait_connected(2)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    await h.store.wait(lambda: h.store.rows[row["id"]]["state"] == "connected", "the call connected")
+    await h.fake.hangup("in-1", 16)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    await h.settle()
+
+
 async def test_call_survives_websocket_drop_when_its_channels_live(h: Harness) -> None:
     row, outbound = await h.connected_call()
     mark = h.fake.mark()

@@ -10,16 +10,15 @@ from contextlib import asynccontextmanager
 
 from ari_fake import AriFake
 from bridge.ari import AriClient, EventStream
-from bridge.ari.errors import AriNotFound, AriUnavailable
 
 APP = "maskbridge"
 
 
 @asynccontextmanager
-async def _stream(fake: AriFake, request_timeout: float = 5.0, **kw) -> AsyncIterator[EventStream]:
+async def _stream(fake: AriFake, **kw) -> AsyncIterator[EventStream]:
     """An event stream running against `fake` (started here) for the block."""
     await fake.start()
-    ari = AriClient(fake.base_url, "bridge", "secret", APP, request_timeout=request_timeout)
+    ari = AriClient(fake.base_url, "bridge", "secret", APP, request_timeout=5.0)
 
     async def handle(_event: dict) -> None:
         pass
@@ -93,11 +92,11 @@ async def test_asterisk_is_asked_for_the_wanted_events_alone_at_every_connection
     fake = AriFake(app=APP)
     async with _stream(fake, event_types=("StasisStart", "ChannelDestroyed")) as stream:
         await asyncio.wait_for(stream.connected.wait(), 10)
-        assert fake.events_allowed == {"StasisStart", "ChannelDestroyed", "RESTResponse"}
+        assert fake.events_allowed == {"StasisStart", "ChannelDestroyed"}
         fake.events_allowed = None  # (as if Asterisk forgot it with the application)
         await fake.drop(refuse=False)
         await fake._wait(lambda: fake.connects >= 2 and fake.events_allowed is not None, 10, "a second filter")
-        assert fake.events_allowed == {"StasisStart", "ChannelDestroyed", "RESTResponse"}
+        assert fake.events_allowed == {"StasisStart", "ChannelDestroyed"}
 
 
 async def test_a_refused_event_filter_costs_cpu_not_the_stream() -> None:
@@ -108,60 +107,3 @@ async def test_a_refused_event_filter_costs_cpu_not_the_stream() -> None:
     async with _stream(fake, event_types=("StasisStart",)) as stream:
         await asyncio.wait_for(stream.connected.wait(), 10)
         assert fake.events_allowed is None and fake.connects == 1
-
-
-async def test_requests_go_over_the_websocket_once_asterisk_answers_there() -> None:
-    """REST over the event websocket (Asterisk 22): taken up once a request there is answered
-    (the event filter lets the answers through); an Asterisk that does not answer there is
-    asked over HTTP; either way the same answers and errors come back."""
-    fake = AriFake(app=APP)
-    async with _stream(fake, event_types=("StasisStart",)) as stream:
-        await fake._wait(lambda: stream.client.over_websocket, 10, "requests over the websocket")
-        assert await stream.client.request("GET", "/asterisk/ping") == {
-            "ping": "pong", "asterisk_id": "fake", "timestamp": "2026-01-01T00:00:00.000+0000"}
-        try:
-            await stream.client.get_bridge("nope")
-            raise AssertionError("a bridge that is not there was found")
-        except AriNotFound:
-            pass
-    fake = AriFake(app=APP)
-    fake.rest_over_websocket = False
-    async with _stream(fake) as stream:
-        await asyncio.wait_for(stream.transport_known.wait(), 10)
-        assert not stream.client.over_websocket
-        assert (await stream.client.request("GET", "/asterisk/ping"))["ping"] == "pong"
-
-
-async def test_a_request_unanswered_when_the_websocket_drops_fails_at_once() -> None:
-    """What was asked over the websocket and not answered when it closed fails as a lost HTTP
-    answer does (AriUnavailable), at once, not after the request timeout."""
-    fake = AriFake(app=APP)
-    async with _stream(fake) as stream:
-        await fake._wait(lambda: stream.client.over_websocket, 10, "requests over the websocket")
-        fake.rest_over_websocket = False  # (asked, never answered)
-        asking = asyncio.create_task(stream.client.request("GET", "/asterisk/ping"))
-        await fake._wait(lambda: bool(stream.client._pending), 10, "a request waiting")
-        began = asyncio.get_running_loop().time()
-        await fake.drop(refuse=False)
-        try:
-            await asking
-            raise AssertionError("answered over a closed websocket")
-        except AriUnavailable:
-            pass
-        assert asyncio.get_running_loop().time() - began < 2.0
-
-
-async def test_a_request_asterisk_never_answers_over_the_websocket_fails_after_its_timeout() -> None:
-    fake = AriFake(app=APP)
-    async with _stream(fake, request_timeout=0.5) as stream:
-        await fake._wait(lambda: stream.client.over_websocket, 10, "requests over the websocket")
-        fake.rest_over_websocket = False  # (asked, never answered; the websocket stays up)
-        began = asyncio.get_running_loop().time()
-        try:
-            await asyncio.wait_for(stream.client.request("GET", "/asterisk/ping"), 10)
-            raise AssertionError("answered by an Asterisk that does not answer")
-        except AriUnavailable:
-            pass
-        waited = asyncio.get_running_loop().time() - began
-        assert 0.5 <= waited < 2.0, waited
-        assert not stream.client._pending, "the request is still waiting"
