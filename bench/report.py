@@ -261,6 +261,17 @@ def _summary_section(figures: dict[str, Any]) -> list[str]:
     ]
 
 
+def _held_any(results: dict[str, Any]) -> str:
+    """A larger step that passed after a smaller one failed (the machine at its edge), said."""
+    held, held_any = results["max_concurrent"], results.get("max_concurrent_any", results["max_concurrent"])
+    if held_any <= held:
+        return ""
+    failed = next(s for s in results["concurrency"] if s["calls"] > held)
+    why = ", ".join(f"{n} {reason}" for reason, n in (failed.get("failures") or {}).items()) or "no two-way audio"
+    return (f"; the {failed['calls']} step failed ({why}) and a larger step, {held_any}, passed: the machine is at "
+            f"its edge there")
+
+
 def write(results: dict[str, Any], out: Path) -> Path:
     """The report (README.md), its plots, results.json and summary.json, in `out`. Its
     comparison is against `out`/before.json when there is one."""
@@ -303,7 +314,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"{results['cpu']['bridge']['cpu_ms_per_call']['postgres']:.2f} ms: **"
         f"{_num(results['cpu']['bridge']['calls_per_second_per_core'], '{:.0f}')}** bridged calls/s per core "
         f"({_num(results['cpu']['baseline']['calls_per_second_per_core'], '{:.0f}')} on the dialplan path).",
-        f"- Simultaneous bridged calls held with two-way audio, all ending normally: **{results['max_concurrent']}**.",
+        f"- Simultaneous bridged calls held with two-way audio, all ending normally (at that step and every "
+        f"smaller one): **{results['max_concurrent']}**{_held_any(results)}.",
         f"- Session API: **{api['creates_per_second']:.0f}** creates/s; the routing query takes "
         f"{_ms(results['route_sql'], 'p50')} ms at the median and {_ms(results['route_sql'], 'p99')} ms at p99 "
         "inside Postgres under load.",
@@ -391,8 +403,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
             for s in conc
         ],
         "",
-        f"Held with two-way audio and every call ending normally: **{results['max_concurrent']}** simultaneous calls"
-        + (" (the largest step tried)." if results["concurrency_top"] else "."),
+        f"Held with two-way audio and every call ending normally, at that step and every smaller one: "
+        f"**{results['max_concurrent']}** simultaneous calls"
+        + (" (the largest step tried)" if results["concurrency_top"] else "") + _held_any(results) + ".",
         "",
         "![memory](memory.png)",
         "",

@@ -17,7 +17,7 @@ SOURCES: dict[str, tuple[str, str]] = {
                    "and ended normally"),
     "cps_baseline": ("results.json", "sustained.baseline"),
     "concurrent_calls_bridge": ("results.json", "max_concurrent: most simultaneous bridged calls, two-way audio "
-                                "in every sample, all ended normally"),
+                                "in every sample, all ended normally, at that step and every smaller one"),
     "cpu_ms_per_call_bridge": ("results.json", "cpu.bridge.cpu_ms_per_call.bridge: the bridge process, per call, "
                                "idle subtracted"),
     "cpu_ms_per_call_pbx_bridge_path": ("results.json", "cpu.bridge.cpu_ms_per_call.pbx: the PBX Asterisk, per "
