@@ -73,6 +73,7 @@ def _never(number: str) -> tuple[bool, phonenumbers.PhoneNumber | None, int | No
 
 VERDICTS = 10_000  # Destinations.allows: verdicts kept (a digest and a bool each)
 
+
 @dataclass(frozen=True)
 class Destinations:
     """The allowed ranges: (region, kind) pairs and E.164 prefixes."""

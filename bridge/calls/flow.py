@@ -737,8 +737,8 @@ class MaskedCall:
         # is created, the bridge is made, and the call's row says whom it rings (and whether
         # the session's caps still let it). Nothing has left the PBX yet: the leg is dialed
         # once all three are done and both legs are in the bridge. (The leg is asked for
-        # first: its StasisStart is what the dial waits on, and the first asked is the first
-        # sent.)
+        # first, as its StasisStart is what the dial waits on; aiohttp may still put the
+        # bridge's request on the wire first, about 0.2 ms apart in a kernel trace.)
         self._outbound_created = True
         created, bridged, admitted = await asyncio.gather(
             self.ari.create_channel(
