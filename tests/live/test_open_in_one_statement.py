@@ -77,6 +77,29 @@ def test_racing_opens_of_distinct_pairs_keep_the_load_exact_and_spread_out(harne
     harness.run(scenario())
 
 
+def test_an_open_takes_the_one_number_of_its_tier_no_racing_open_holds(harness: Harness) -> None:
+    """An open locks one of four numbers of its tier drawn at random (sql/028); when racing
+    opens hold those four, it takes one of the rest at once rather than waiting for them.
+    Four of five equally loaded numbers are held: the open takes the fifth, without waiting
+    (drawn again eight times: the four drawn miss the fifth 41 % of the time)."""
+    async def scenario() -> None:
+        for attempt in range(8):
+            await fresh(harness, NUMBERS[:5])
+            gate = await harness.pool.acquire()
+            try:
+                async with gate.transaction():
+                    await gate.execute("SELECT 1 FROM pool_numbers WHERE number = ANY($1) FOR UPDATE", NUMBERS[:4])
+                    async with asyncio.timeout(10):
+                        session, created = await harness.sessions.open(
+                            opening(f"tier-{attempt}", "+79161230031", "+79161230032"))
+            finally:
+                await harness.pool.release(gate)
+            assert created and session.pool_number == NUMBERS[4], session.pool_number
+            await exact_load(harness)
+
+    harness.run(scenario())
+
+
 async def _held_at_a_lock(h: Harness, change: str, args: tuple[Any, ...], open_: Awaitable[Any]) -> Any:
     """Run `change` in a transaction, let the open start and wait at its lock, then commit
     `change`: the open sees what committed."""
