@@ -78,6 +78,7 @@ class MalformedRequests(logging.Filter):
 
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr by default), for structlog and stdlib logging alike."""
+    out = stream or sys.stderr
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
@@ -85,13 +86,17 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
         structlog.processors.format_exc_info,
     ]
     renderer: list[Any] = [redact_phone_numbers, structlog.processors.JSONRenderer()]
+    # The bridge's own lines are rendered and written by structlog itself: through stdlib
+    # logging (a LogRecord, a handler and a formatter for each line) they cost twice as much,
+    # about 30 us more for the two lines of every session open.
     structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*shared, *renderer],
+        logger_factory=structlog.WriteLoggerFactory(file=out),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         cache_logger_on_first_use=False,
     )
-    handler = logging.StreamHandler(stream or sys.stderr)
+    # Other libraries' lines (aiohttp, asyncpg): stdlib logging, rendered alike.
+    handler = logging.StreamHandler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.stdlib.ExtraAdder(allow=("fault",)),
