@@ -63,6 +63,7 @@ HEALTH: web.AppKey[HealthCheck] = web.AppKey("health")
 GUARD = web.AppKey("guard", ConnectionGuard)
 CALLER = web.RequestKey("caller", Caller)  # who the request is from
 REFUSAL: web.RequestKey[ServiceError | None] = web.RequestKey("refusal")  # on recording routes: what its token gets
+BODY: web.RequestKey[dict[str, Any]] = web.RequestKey("body")  # the JSON body, once parsed (see _body)
 BODY_TIMEOUT = 30.0  # seconds a request's body may take to arrive (a 4 MB import, slowly)
 
 PUBLIC_PATHS = ("/healthz", "/v1/openapi.json", "/metrics")
@@ -440,6 +441,10 @@ async def _read(request: web.Request, limit: int) -> bytes:
 
 
 async def _body(request: web.Request, limit: int = JSON_BODY_LIMIT) -> dict[str, Any]:
+    """The request's JSON object; parsed once (the conflict budget reads an open's body
+    before its handler does)."""
+    if limit == JSON_BODY_LIMIT and BODY in request:
+        return request[BODY]
     raw = await _read(request, limit)
     if not raw:
         return {}
@@ -449,6 +454,8 @@ async def _body(request: web.Request, limit: int = JSON_BODY_LIMIT) -> dict[str,
         raise InvalidJson() from None
     if not isinstance(data, dict):
         raise InvalidJson()
+    if limit == JSON_BODY_LIMIT:
+        request[BODY] = data
     return data
 
 

@@ -63,11 +63,20 @@ class MeasuredPool(asyncpg.pool.Pool):
         # (Every connection is in use: asyncpg's queue of free ones, which holds one entry per
         # connection the pool may have, connected or not, is empty. get_idle_size() and
         # get_size() look at every connection, on every acquire.)
-        if self._queue.empty():
+        free = not self._queue.empty()
+        if not free:
             metrics.DB_WAITS.inc()
         began = time.perf_counter()
         try:
-            return await super()._acquire(timeout)  # type: ignore[misc]
+            if not free:
+                return await super()._acquire(timeout)  # type: ignore[misc]
+            # A free one is taken at once: no timeout, which spares the task and the timer
+            # asyncio's wait_for makes on every acquire (3 % of a session open's CPU). Its
+            # connecting, when it has no connection yet, has the connect timeout; its release
+            # keeps the time limit an acquire gives it (asyncpg reads it from the holder).
+            proxy = await super()._acquire(None)  # type: ignore[misc]
+            proxy._holder._timeout = timeout
+            return proxy
         finally:
             metrics.DB_ACQUIRE.observe(time.perf_counter() - began)
 
