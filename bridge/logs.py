@@ -76,6 +76,29 @@ class MalformedRequests(logging.Filter):
         return True
 
 
+class _LineWriter(structlog.WriteLogger):
+    """structlog's WriteLogger, except that a line that cannot be written (a full disk, a
+    closed pipe) is dropped, as stdlib logging's handlers drop it: logging never raises into
+    the request or the call that logs."""
+
+    def msg(self, message: str) -> None:
+        try:
+            super().msg(message)
+        except (OSError, ValueError):
+            pass
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _LineWriterFactory:
+    def __init__(self, file: TextIO) -> None:
+        self.file = file
+
+    def __call__(self, *args: Any) -> _LineWriter:
+        return _LineWriter(self.file)
+
+
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr by default), for structlog and stdlib logging alike."""
     out = stream or sys.stderr
@@ -88,10 +111,11 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     renderer: list[Any] = [redact_phone_numbers, structlog.processors.JSONRenderer()]
     # The bridge's own lines are rendered and written by structlog itself: through stdlib
     # logging (a LogRecord, a handler and a formatter for each line) they cost twice as much,
-    # about 30 us more for the two lines of every session open.
+    # about 30 us more for the two lines of every session open. (Both paths write whole lines,
+    # each under its own lock: only the event loop's thread logs.)
     structlog.configure(
         processors=[*shared, *renderer],
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=_LineWriterFactory(out),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         cache_logger_on_first_use=False,
     )

@@ -42,6 +42,35 @@ def test_numbers_in_any_value_are_masked_and_asterisk_ids_are_not():
     assert lines[1]["event"] == "raw text with ***70 inside"
 
 
+@pytest.mark.parametrize("level", ["debug", "info", "warning", "error"])
+def test_each_level_keeps_its_lines_and_drops_the_lower_ones(level):
+    stream = io.StringIO()
+    logs.configure(level, stream)
+    log = structlog.get_logger("t")
+    log.debug("d")
+    log.info("i")
+    log.warning("w")
+    try:
+        raise ValueError("broken 79161234571")
+    except ValueError:
+        log.exception("e")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    order = ["debug", "info", "warning", "error"]
+    assert [line["level"] for line in lines] == order[order.index(level):]
+    assert "ValueError: broken ***71" in lines[-1]["exception"]
+    assert "9161234571" not in stream.getvalue()
+
+
+def test_a_line_that_cannot_be_written_is_dropped_not_raised_into_the_caller():
+    """A full disk or a closed pipe: the request or the call that logs goes on."""
+    stream = io.StringIO()
+    logs.configure("info", stream)
+    stream.close()
+    structlog.get_logger("t").info("lost")
+    structlog.get_logger("t").error("lost too")
+    logging.getLogger("stdlib").warning("lost as well")
+
+
 def test_a_request_aiohttp_cannot_parse_is_a_warning_without_its_bytes():
     from aiohttp.http_exceptions import BadHttpMessage
 
