@@ -31,8 +31,8 @@ RUN pip install --no-cache-dir -e /app \
 RUN useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin maskbridge
 USER maskbridge
 
-# /healthz needs no token; it answers 503 until both the database and the ARI event
-# stream are up. bridge/healthcheck.py asks the address the API listens on (MB_API_BIND,
+# /healthz needs no token; it answers 503 unless the database answers and Asterisk does
+# (its ARI event stream connected, a ping answered), each within 2 s. bridge/healthcheck.py asks the address the API listens on (MB_API_BIND,
 # loopback for a wildcard) and exits 0 only on a 2xx answer.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "bridge.healthcheck"]

@@ -53,8 +53,31 @@ log = structlog.get_logger(__name__)
 
 RETENTION_EVERY = 3600.0  # seconds between two runs of the retention job
 METRICS_EVERY = 10.0  # seconds between two reads of the metrics the database holds
-HEALTH_TIMEOUT = 2.0  # seconds /healthz waits for the database
+HEALTH_TIMEOUT = 2.0  # seconds /healthz waits for the database, and for Asterisk
 DUE_POLL = 1.0  # seconds between two looks of the housekeeping for a session coming due
+
+
+class SharedCheck:
+    """A health check run once at a time: callers that come while it runs wait for that run
+    and share its answer. /healthz needs no token, so a flood of it costs Asterisk and the
+    database one check at a time, never an ARI or database connection each. (No answer is
+    kept once given: the next caller runs the check again, so a PBX that hangs is seen by
+    the first check after it does.)"""
+
+    def __init__(self, check: Callable[[], Awaitable[bool]]) -> None:
+        self._check = check
+        self._running: asyncio.Future[bool] | None = None
+
+    async def __call__(self) -> bool:
+        if self._running is None:
+            running = self._running = asyncio.ensure_future(self._check())
+            running.add_done_callback(self._done)
+        # (a caller that goes away, its request cancelled, leaves the run to the others)
+        return await asyncio.shield(self._running)
+
+    def _done(self, finished: asyncio.Future[bool]) -> None:
+        if self._running is finished:
+            self._running = None
 
 
 def policy_of(settings: Settings) -> Policy:
@@ -316,15 +339,33 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
                               alive=stream.connected.is_set)
     metrics.CALLS_IN_PROGRESS.source = dispatcher.call_states
 
-    async def health() -> dict[str, Any]:
+    async def database_up() -> bool:
         try:
             # (a database that hangs is not healthy either: the answer comes within 2 s)
             async with asyncio.timeout(HEALTH_TIMEOUT):
-                db_ok = await pool.fetchval("SELECT 1") == 1
+                return bool(await pool.fetchval("SELECT 1") == 1)
         except Exception:  # noqa: BLE001 - any failure means not healthy
-            db_ok = False
+            return False
+
+    async def asterisk_up() -> bool:
+        """The event stream is connected and Asterisk answers within 2 s. (A connected stream
+        alone is not enough: the socket of an Asterisk that hangs stays open until the
+        websocket's heartbeat misses, 15 s and more.)"""
+        if not stream.connected.is_set():
+            return False
+        try:
+            async with asyncio.timeout(HEALTH_TIMEOUT):
+                await ari.ping()
+        except Exception:  # noqa: BLE001 - any failure means not healthy
+            return False
+        return True
+
+    ari_check, db_check = SharedCheck(asterisk_up), SharedCheck(database_up)
+
+    async def health() -> dict[str, Any]:
+        ari_ok, db_ok = await asyncio.gather(ari_check(), db_check())
         metrics.DATABASE_UP.set(db_ok)
-        return {"ari": stream.connected.is_set(), "database": db_ok}
+        return {"ari": ari_ok, "database": db_ok}
 
     blocklist = Blocklist(store, vault, policy)
     recordings = Recordings(store, ari, settings.recording_token, settings.recording_retention_days,

@@ -1,5 +1,5 @@
 """`python -m bridge.healthcheck`: the bridge image's health check. Exit status 0 when the
-bridge's /healthz answers 2xx (database and ARI event stream both up), 1 otherwise.
+bridge's /healthz answers 2xx (database and Asterisk both answer), 1 otherwise.
 
 It asks the address the API listens on (MB_API_BIND, MB_API_PORT), or loopback when the
 API listens on a wildcard address."""

@@ -120,7 +120,7 @@ ARI_ERRORS = Counter("maskbridge_ari_request_errors", "ARI REST requests that fa
 _ARI_WORDS = frozenset({
     "channels", "create", "dial", "answer", "ring", "hold", "moh", "dtmf", "variable", "play", "snoop", "record",
     "bridges", "addChannel", "removeChannel", "playbacks", "recordings", "live", "stored", "file", "stop",
-    "applications", "subscription", "asterisk", "info", "events", "endpoints", "redirect", "mute", "silence",
+    "applications", "subscription", "asterisk", "info", "ping", "events", "endpoints", "redirect", "mute", "silence",
 })
 
 

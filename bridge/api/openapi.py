@@ -1092,7 +1092,8 @@ PATHS: dict[str, Schema] = {
             "operationId": "getHealth",
             "tags": ["service"],
             "summary": "Health of the bridge",
-            "description": "Whether the bridge reaches Asterisk (ARI) and PostgreSQL. No token needed.",
+            "description": ("Whether the bridge reaches Asterisk (ARI: its event stream is connected and Asterisk "
+                            "answers a ping) and PostgreSQL, each within 2 s. No token needed."),
             "security": [],
             "responses": {
                 "200": _json_response("Both reachable.", _ref("HealthStatus"), {"ari": True, "database": True}),

@@ -293,6 +293,10 @@ class AriClient:
         info = await self.request("GET", "/asterisk/info")
         return str((info.get("system") or {}).get("entity_id", ""))
 
+    async def ping(self) -> None:
+        """Asterisk answers (GET /asterisk/ping): its REST side is not hung."""
+        await self.request("GET", "/asterisk/ping")
+
     # --- application ----------------------------------------------------------------
 
     async def application(self) -> dict[str, Any]:

@@ -71,7 +71,8 @@ def bridge_pid(stack: Stack) -> int | None:
 def health(stack: Stack) -> dict[str, bool] | None:
     url = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}/healthz"
     try:
-        with urllib.request.urlopen(url, timeout=2) as resp:
+        # (the bridge's own checks of Asterisk and of the database take up to 2 s each)
+        with urllib.request.urlopen(url, timeout=5) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return json.loads(exc.read() or b"{}")

@@ -4,13 +4,17 @@ fallback after Stasis), and the bridge picks up again once it is back."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
 import sys
+import urllib.error
+import urllib.request
 import uuid
 
 import pytest
 
-from bridge.devstack import postgres, processes
+from bridge.devstack import asterisk, postgres, processes
 from bridge.devstack.audio import rms, samples
 from bridge.phone import mask
 from tests.live.conftest import wait_for_call_row
@@ -142,3 +146,30 @@ async def test_a_change_made_while_the_bridge_was_down_ends_the_call_it_resumes(
     row = await wait_for_call_row(db, session["id"])
     expected = {"reassign": "reassigned", "close": "session_ended", "block": "blocked"}[change]
     assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("answered", "system", expected)
+
+
+def _health(stack) -> tuple[int, dict]:
+    """GET /healthz, waiting long enough for its own 2 s checks: (status, body)."""
+    url = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}/healthz"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+async def test_health_says_asterisk_is_down_while_it_hangs_and_up_once_it_answers_again(stack):
+    """An Asterisk that hangs (SIGSTOP) keeps the event websocket open until its heartbeat
+    misses, 15 s and more: /healthz asks Asterisk itself, so the first health check says ARI
+    is down (503), and once Asterisk runs again, up."""
+    await asyncio.to_thread(processes.wait_healthy, stack)
+    assert await asyncio.to_thread(_health, stack) == (200, {"ari": True, "database": True})
+    pid = asterisk._pid(stack, "pbx")
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await asyncio.to_thread(_health, stack) == (503, {"ari": False, "database": True})
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.to_thread(processes.wait_healthy, stack)
+    assert await asyncio.to_thread(_health, stack) == (200, {"ari": True, "database": True})
