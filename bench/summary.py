@@ -24,7 +24,8 @@ SOURCES: dict[str, tuple[str, str]] = {
                                         "bridged call"),
     "cpu_ms_per_call_pbx_baseline_path": ("results.json", "cpu.baseline.cpu_ms_per_call.pbx: the PBX Asterisk, per "
                                           "dialplan call"),
-    "session_opens_per_s": ("sizes.json", "steps[largest past_participants].opens.per_second (make bench-sizes)"),
+    "session_opens_per_s": ("sizes.json", "steps[largest past_participants].opens.per_second (make bench-sizes): "
+                            "through the session service, no HTTP; through the HTTP API: http_opens, in sizes.md"),
     "session_open_p99_ms": ("sizes.json", "steps[largest past_participants].opens.latency_ms.p99"),
     "route_lookup_p99_ms_at_1m": ("sizes.json", "steps[past_participants = 1,000,000].route_lookup_ms.p99"),
     "soak_leaked_channels": ("soak.json", "leaked.channels: PBX channels at the end minus at the start "

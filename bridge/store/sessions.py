@@ -105,7 +105,7 @@ class RouteRow:
 
 @dataclass(frozen=True)
 class Opening:
-    """What an open found (maskbridge_open_session, sql/027).
+    """What an open found (maskbridge_open_session, sql/027 and 028).
 
     outcome: "opened" (`session` as written), "open_already" (the order's open session;
     `due`: how it ends if it is past its time), "unknown_region", "exhausted" (nothing is free
@@ -276,7 +276,7 @@ class SessionRepo:
         # Tiers, best first: `prefer`, the pair's last number, the region's least loaded, the
         # least loaded of any region. A number's load is pool_numbers.holders (exact: sql/027),
         # read in order from an index; ties are broken at random among the few least loaded read.
-        # (An open does the same in maskbridge_open_session, sql/027.)
+        # (An open does the same in maskbridge_open_session, sql/027 and 028.)
         rows = await self.pool.fetch(
             f"""
             WITH blocked AS (SELECT unnest(maskbridge_numbers_held($1::bytea[])) AS pool_number),
@@ -357,9 +357,10 @@ class SessionRepo:
     async def open(
         self, order_id: str, courier: Sealed, client: Sealed, terms: SessionTerms, *, code_given: bool = False
     ) -> Opening:
-        """Open the order's session, or find the one open already: one statement (sql/027)
-        that picks the pool number (see `candidates` for the order of preference), writes
-        the session, its two participants and its event, and returns them as written.
+        """Open the order's session, or find the one open already: one statement (sql/027;
+        how it locks the number, sql/028) that picks the pool number (see `candidates` for the
+        order of preference), writes the session, its two participants and its event, and
+        returns them as written.
 
         Raises PairTaken when a racing open took the number for one of the two, OrderRace
         when the order got an open session meanwhile, CodeTaken when a racing order-code
