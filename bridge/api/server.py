@@ -1,6 +1,7 @@
-"""The API's listening socket, guarded: at most MAX_CONNECTIONS at once (one more is closed
-as it arrives), and a connection must bring a whole request (its line and headers) within
-REQUEST_TIMEOUT seconds of opening, and the next one within as long of the last answer.
+"""The API's listening socket, guarded: at most MAX_CONNECTIONS at once, and at most
+MAX_PER_ADDRESS of them from one address (one more is closed as it arrives), and a
+connection must bring a whole request (its line and headers) within REQUEST_TIMEOUT seconds
+of opening, and the next one within as long of the last answer.
 
 aiohttp's server has neither: 3000 connections that trickle their headers were all still
 open after 80 s, and a client that opens enough of them exhausts the process's file
@@ -19,16 +20,42 @@ from aiohttp import web
 log = structlog.get_logger(__name__)
 
 MAX_CONNECTIONS = 1000
+# One address may hold a quarter of them: a client that holds every connection it may (slow
+# or idle ones, re-opened as they are cut) leaves the rest to the order system and to health
+# checks. (Without it, one address held all 1000 and every other client was refused.)
+MAX_PER_ADDRESS = MAX_CONNECTIONS // 4
 REQUEST_TIMEOUT = 10.0  # seconds
 
 
 class ConnectionGuard:
-    def __init__(self, max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT) -> None:
+    def __init__(self, max_connections: int = MAX_CONNECTIONS, request_timeout: float = REQUEST_TIMEOUT,
+                 max_per_address: int = MAX_PER_ADDRESS) -> None:
         self.max_connections = max_connections
+        self.max_per_address = max_per_address
         self.request_timeout = request_timeout
         self.connections: dict[asyncio.BaseTransport, _Guarded] = {}
+        self.by_address: dict[str, int] = {}
         self.refused = 0
         self.timed_out = 0
+
+    def admit(self, address: str) -> bool:
+        """Whether a connection from `address` may open (counted if so: see release)."""
+        held = self.by_address.get(address, 0)
+        if len(self.connections) >= self.max_connections or held >= self.max_per_address:
+            self.refused += 1
+            if self.refused % 1000 == 1:
+                log.warning("api.connections_refused", open=len(self.connections), refused=self.refused,
+                            from_this_address=held, limit="per_address" if held >= self.max_per_address else "all")
+            return False
+        self.by_address[address] = held + 1
+        return True
+
+    def release(self, address: str) -> None:
+        held = self.by_address.get(address, 0) - 1
+        if held > 0:
+            self.by_address[address] = held
+        else:
+            self.by_address.pop(address, None)
 
     def factory(self, server: web.Server) -> Any:
         return lambda: _Guarded(server(), self)
@@ -54,14 +81,14 @@ class _Guarded(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.deadline: asyncio.TimerHandle | None = None
         self.refused = False
+        self.address = ""
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # (a TCP server's transports are)
-        if len(self.guard.connections) >= self.guard.max_connections:
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+        if not self.guard.admit(self.address):
             self.refused = True
-            self.guard.refused += 1
-            if self.guard.refused % 1000 == 1:
-                log.warning("api.connections_refused", open=len(self.guard.connections), refused=self.guard.refused)
             transport.abort()
             return
         self.transport = transport
@@ -101,6 +128,7 @@ class _Guarded(asyncio.Protocol):
         if self.refused:
             return
         self.disarm()
+        self.guard.release(self.address)
         if self.transport is not None:
             self.guard.connections.pop(self.transport, None)
         self.inner.connection_lost(exc)

@@ -5,6 +5,7 @@ do are answered as usual. Real sockets, a small limit and a short timeout."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -20,19 +21,27 @@ async def hello(_request: web.Request) -> web.Response:
     return web.Response(text="hello")
 
 
-@pytest.fixture
-async def server() -> AsyncIterator[tuple[int, ConnectionGuard]]:
-    guard = ConnectionGuard(max_connections=LIMIT, request_timeout=TIMEOUT)
+@contextlib.asynccontextmanager
+async def serving(guard: ConnectionGuard) -> AsyncIterator[int]:
+    """An app answering GET /hello behind `guard`, on a free port of 127.0.0.1: the port."""
     app = web.Application(middlewares=[http._measured])
     app[http.GUARD] = guard
     app.router.add_get("/hello", hello)
     runner = web.AppRunner(app)
     await runner.setup()
     listening = await serve(runner, "127.0.0.1", 0, guard)
-    port = listening.sockets[0].getsockname()[1]
-    yield port, guard
-    listening.close()
-    await runner.cleanup()
+    try:
+        yield listening.sockets[0].getsockname()[1]
+    finally:
+        listening.close()
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[tuple[int, ConnectionGuard]]:
+    guard = ConnectionGuard(max_connections=LIMIT, request_timeout=TIMEOUT, max_per_address=LIMIT)
+    async with serving(guard) as port:
+        yield port, guard
 
 
 async def closed_by_server(reader: asyncio.StreamReader, within: float) -> bool:
@@ -94,3 +103,25 @@ async def test_a_kept_alive_connection_gets_the_timeout_again_after_each_answer(
         assert head.startswith(b"HTTP/1.1 200")
     assert await closed_by_server(reader, TIMEOUT * 10), "idle after its last answer: closed"
     writer.close()
+
+
+async def test_one_address_holds_at_most_its_share_and_others_are_still_served():
+    """A client holding every connection it may (slow or idle ones) from one address leaves
+    the rest to other clients (127.0.0.2 here: another address on the loopback)."""
+    guard = ConnectionGuard(max_connections=8, request_timeout=5.0, max_per_address=3)
+    async with serving(guard) as port:
+        held = [await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0)) for _ in range(3)]
+        async with asyncio.timeout(5):
+            while guard.by_address.get("127.0.0.3") != 3:
+                await asyncio.sleep(0.01)  # wait-ok: the server accepts them asynchronously
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.3", 0))
+        assert await closed_by_server(reader, 5), "a fourth from the same address is closed"
+        assert guard.refused == 1
+        writer.close()
+        assert b"hello" in await get_hello(port), "another address is served meanwhile"
+        for _, held_writer in held:
+            held_writer.close()
+        async with asyncio.timeout(5):
+            while "127.0.0.3" in guard.by_address:
+                await asyncio.sleep(0.01)  # wait-ok: the server sees them close asynchronously
+        assert all(g.address != "127.0.0.3" for g in guard.connections.values())
