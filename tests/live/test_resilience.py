@@ -173,3 +173,26 @@ async def test_health_says_asterisk_is_down_while_it_hangs_and_up_once_it_answer
         os.kill(pid, signal.SIGCONT)
     await asyncio.to_thread(processes.wait_healthy, stack)
     assert await asyncio.to_thread(_health, stack) == (200, {"ari": True, "database": True})
+
+
+def _postgres_processes(stack) -> list[int]:
+    """The stack's Postgres: its postmaster, then every process it runs."""
+    postmaster = int((stack.pg_dir / "postmaster.pid").read_text().split()[0])
+    with open(f"/proc/{postmaster}/task/{postmaster}/children") as children:
+        return [postmaster, *map(int, children.read().split())]
+
+
+async def test_health_says_the_database_is_down_while_it_hangs_within_a_probes_patience(stack):
+    """A database that hangs (its processes SIGSTOPped): the health check gives up on its
+    query and answers, within the 5 s a probe waits (devstack's; docker's waits 4 s), that
+    the database is down; then up again once it runs."""
+    await asyncio.to_thread(processes.wait_healthy, stack)
+    frozen = _postgres_processes(stack)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert await asyncio.to_thread(processes.health, stack) == {"ari": True, "database": False}
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    await asyncio.to_thread(processes.wait_healthy, stack)
