@@ -91,14 +91,6 @@ class _LineWriter(structlog.WriteLogger):
     fatal = failure = err = error = critical = exception = msg
 
 
-class _LineWriterFactory:
-    def __init__(self, file: TextIO) -> None:
-        self.file = file
-
-    def __call__(self, *args: Any) -> _LineWriter:
-        return _LineWriter(self.file)
-
-
 def configure(level: str = "info", stream: TextIO | None = None) -> None:
     """JSON lines on `stream` (stderr by default), for structlog and stdlib logging alike."""
     out = stream or sys.stderr
@@ -115,7 +107,7 @@ def configure(level: str = "info", stream: TextIO | None = None) -> None:
     # each under its own lock: only the event loop's thread logs.)
     structlog.configure(
         processors=[*shared, *renderer],
-        logger_factory=_LineWriterFactory(out),
+        logger_factory=lambda *_args: _LineWriter(out),
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelNamesMapping()[level.upper()]),
         cache_logger_on_first_use=False,
     )

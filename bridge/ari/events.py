@@ -58,6 +58,8 @@ class EventStream:
         try:
             event = json.loads(data)
         except ValueError:
+            event = None
+        if not isinstance(event, dict):  # (JSON, but no event: a list, a string)
             log.error("ari.bad_event")
             return
         metrics.ARI_EVENTS.labels(str(event.get("type", ""))[:64]).inc()

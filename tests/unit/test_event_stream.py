@@ -107,3 +107,15 @@ async def test_a_refused_event_filter_costs_cpu_not_the_stream() -> None:
     async with _stream(fake, event_types=("StasisStart",)) as stream:
         await asyncio.wait_for(stream.connected.wait(), 10)
         assert fake.events_allowed is None and fake.connects == 1
+
+
+async def test_a_message_that_is_json_but_no_event_is_dropped_and_the_next_one_delivered() -> None:
+    delivered: list[dict] = []
+
+    async def handle(event: dict) -> None:
+        delivered.append(event)
+
+    stream = EventStream(AriClient("http://127.0.0.1:1", "bridge", "secret", APP), handle)
+    for data in ("[1, 2]", '"StasisStart"', "null", "not json", '{"type": "StasisStart"}'):
+        await stream._deliver(data)
+    assert delivered == [{"type": "StasisStart"}]
