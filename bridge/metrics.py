@@ -186,6 +186,9 @@ WEBHOOK_BACKLOG = Gauge("maskbridge_webhook_backlog", "Webhook events waiting fo
                         registry=REGISTRY)
 WEBHOOK_OLDEST = Gauge("maskbridge_webhook_oldest_pending_seconds", "Age of the oldest webhook event waiting for "
                        "delivery; 0 when none waits (from the database).", registry=REGISTRY)
+WEBHOOK_ENDPOINT_DOWN = Gauge("maskbridge_webhook_endpoint_down", "1 while webhook deliveries pause, the order "
+                              "system's endpoint having failed every recent attempt (one event at a time probes "
+                              "it); 0 while it answers.", registry=REGISTRY)
 WEBHOOK_ATTEMPTS = Counter("maskbridge_webhook_attempts", "Webhook delivery attempts, by result (delivered; retry: "
                            "failed, tried again later; gave_up: failed for good).", ["result"], registry=REGISTRY)
 RETENTION_RUNS = Counter("maskbridge_retention_runs", "Runs of the retention jobs (numbers: real numbers of ended "

@@ -137,3 +137,144 @@ async def test_the_housekeeping_prunes_the_outbox_hourly_and_counts_it_in_the_me
     assert metrics.RETENTION_DELETED.labels("webhooks")._value.get() == deleted + 5
     assert metrics.RETENTION_RUNS.labels("webhooks", "ok")._value.get() == ok + 1
     assert metrics.RETENTION_LAST_SUCCESS.labels("webhooks")._value.get() > 0
+
+
+# --- an endpoint that is down ---------------------------------------------------------------------
+
+
+class _Outbox2:
+    """The outbox, in memory, as the database keeps it: a failed event is due again (at
+    once: the pause is the deliverer's own), a delivered one is done; every claim's limit kept."""
+
+    def __init__(self, count: int, requeue: bool = True) -> None:
+        self.requeue = requeue
+        now = datetime.now(timezone.utc)
+        self.due = [Pending(uuid.uuid4(), i, "call.ended", '{"call_id": "c"}', now, 0) for i in range(count)]
+        self.limits: list[int] = []
+        self.delivered_ids: list[uuid.UUID] = []
+        self.failed_ids: list[uuid.UUID] = []
+        self.changed = asyncio.Event()
+
+    async def claim(self, limit: int, lease_seconds: int) -> list[Any]:
+        self.limits.append(limit)
+        batch, self.due = self.due[:limit], self.due[limit:]
+        return batch
+
+    async def delivered(self, event_id: uuid.UUID) -> None:
+        self.delivered_ids.append(event_id)
+        self.changed.set()
+
+    async def failed(self, event_id: uuid.UUID, error: str, retry_in: float | None) -> None:
+        self.failed_ids.append(event_id)
+        if self.requeue:
+            self.due.append(Pending(event_id, 0, "call.ended", '{"call_id": "c"}', datetime.now(timezone.utc),
+                                    self.failed_ids.count(event_id)))
+        self.changed.set()
+
+
+class _Receiver:
+    """An order system's endpoint that refuses (503) until told to answer; it counts the
+    requests and the most it had in flight at once."""
+
+    def __init__(self) -> None:
+        self.up = False
+        self.refused: set[uuid.UUID] = set()  # refused (400) even while up
+        self.requests = 0
+        self.in_flight = 0
+        self.most_in_flight_while_down = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.requests += 1
+        self.in_flight += 1
+        try:
+            await asyncio.sleep(0)  # wait-ok: lets requests sent together overlap, as on a network
+            if not self.up:
+                self.most_in_flight_while_down = max(self.most_in_flight_while_down, self.in_flight)
+            if uuid.UUID(request.headers["X-Maskbridge-Delivery"]) in self.refused:
+                return web.Response(status=400)
+            return web.Response(status=204 if self.up else 503)
+        finally:
+            self.in_flight -= 1
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[tuple[_Receiver, str]]:
+    state = _Receiver()
+    app = web.Application()
+    app.router.add_post("/hooks", state.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    yield state, f"http://127.0.0.1:{port}/hooks"
+    await runner.cleanup()
+
+
+async def _until(condition: Any, outbox: _Outbox2, timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not condition():
+            outbox.changed.clear()
+            await outbox.changed.wait()
+
+
+async def test_an_endpoint_that_fails_every_attempt_is_probed_one_event_at_a_time(receiver):
+    """A batch that all failed pauses deliveries: then one event at a time is tried, the
+    pauses doubling; the events waiting meanwhile are not tried (they keep their attempts)."""
+    state, url = receiver
+    outbox = _Outbox2(40)
+    stop = asyncio.Event()
+    metrics.WEBHOOK_ENDPOINT_DOWN.set(0)
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01, pause_max=0.04)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(stop))
+        await _until(lambda: len(outbox.failed_ids) >= 32 + 6, outbox)
+        assert deliverer.paused and metrics.WEBHOOK_ENDPOINT_DOWN._value.get() == 1
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert outbox.limits[0] == 32 and set(outbox.limits[1:]) == {1}, "after the first batch, one event a claim"
+    assert state.requests == len(outbox.failed_ids), "every attempt reached the endpoint and was recorded"
+    assert state.most_in_flight_while_down >= 2, "the first batch went out together"
+    down = [e for e in logs if e["event"] == "webhook.endpoint_down"]
+    assert len(down) == 1 and down[0]["error"] == "HTTP 503" and down[0]["failed_in_row"] >= 5
+    assert not [e for e in logs if e["event"] == "webhook.endpoint_up"]
+
+
+async def test_the_first_delivered_probe_resumes_every_delivery(receiver):
+    state, url = receiver
+    outbox = _Outbox2(40)
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01, pause_max=0.04)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(stop))
+        await _until(lambda: len(outbox.failed_ids) >= 32 + 3, outbox)
+        assert deliverer.paused
+        state.up = True
+        await _until(lambda: len(outbox.delivered_ids) == 40, outbox)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert sorted(outbox.delivered_ids) == sorted(set(outbox.delivered_ids)), "each event delivered once"
+    assert not deliverer.paused and metrics.WEBHOOK_ENDPOINT_DOWN._value.get() == 0
+    resumed = outbox.limits.index(1) + outbox.limits[outbox.limits.index(1):].index(32)
+    assert resumed > 0 and all(limit == 32 for limit in outbox.limits[resumed:]), "batches again once it answered"
+    events = [e["event"] for e in logs if e["event"].startswith("webhook.endpoint_")]
+    assert events == ["webhook.endpoint_down", "webhook.endpoint_up"]
+
+
+async def test_refused_events_among_delivered_ones_pause_nothing(receiver):
+    """An endpoint that refuses some events (say their payload) but takes the others is up:
+    its refusals are retried on their own schedule, the rest go on in batches."""
+    state, url = receiver
+    outbox = _Outbox2(20, requeue=False)
+    refused = state.refused = {e.id for e in outbox.due[3::4]}
+    state.up = True
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(stop))
+        await _until(lambda: len(outbox.delivered_ids) + len(outbox.failed_ids) == 20, outbox)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert set(outbox.failed_ids) == refused and len(outbox.delivered_ids) == 15
+    assert not deliverer.paused
+    assert not [e for e in logs if e["event"] == "webhook.endpoint_down"]
