@@ -181,37 +181,82 @@ async def ramp(load: Load, rates: list[float], seconds: float, hold: float, samp
 # --- CPU per call ---------------------------------------------------------------------------------
 
 
-async def cpu_per_call(load: Load, rate: float, seconds: float, hold: float, idle_seconds: float) -> dict[str, Any]:
+PATHS = ("bridge", "baseline")
+
+
+async def cpu_per_call(load: Load, rate: float, seconds: float, hold: float, idle_seconds: float,
+                       long_hold: float | None = None) -> dict[str, Any]:
     """Per path: the CPU seconds of each process over a window of calls at a steady `rate`,
     less what the process spends idle over as long (measured just before), per call that
-    succeeded; and the calls per second one core carries at that cost."""
+    succeeded; and the calls per second one core carries at that cost.
+
+    With `long_hold`, each path carries the same calls again, talking `long_hold` seconds
+    instead of `hold`: the difference is what a second of talk costs (the audio both ways),
+    and what is left of a call's cost without it is its setup and hangup (`split`). The two
+    differ in kind: setup bounds calls per second, talk bounds calls held at once."""
     pids = cpu.Pids.of(load.stack)
     out: dict[str, Any] = {"rate": rate, "seconds": seconds, "hold": hold, "idle_seconds": idle_seconds}
-    for path in ("bridge", "baseline"):
-        before = cpu.snapshot(load.stack, pids, load.callee.pid)
-        await asyncio.sleep(idle_seconds)  # wait-ok: the idle window the busy one is compared to
-        idle = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
-        idle_rate = {k: v / idle_seconds for k, v in idle.items()}
-        routes = load.pairs.of(path)
-        count = max(1, int(rate * seconds))
-        chosen = [routes[i % len(routes)] for i in range(count)]
-        started = time.monotonic()
-        before = cpu.snapshot(load.stack, pids, load.callee.pid)
-        calls, run, _ = await load.place(chosen, rate, int(hold * 1000), f"cpu-{path}")
-        busy = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
-        wall = time.monotonic() - started
-        busy["load_generator"] += run.cpu_seconds
-        ok = sum(not c.why_not() for c in calls)
-        per_call = {k: max(0.0, busy[k] - idle_rate[k] * wall) * 1000 / max(ok, 1) for k in busy}
-        system = per_call["pbx"] + per_call["postgres"] + (per_call["bridge"] if path == "bridge" else 0.0)
-        out[path] = {
-            "calls": count, "ok": ok, "wall_seconds": wall,
-            "cpu_seconds": busy, "idle_cpu_per_second": idle_rate,
-            "cpu_ms_per_call": per_call,
-            "system_ms_per_call": system,
-            "calls_per_second_per_core": 1000 / system if system > 0 else None,
-        }
+    for path in PATHS:
+        out[path] = await _cpu_window(load, pids, path, rate, seconds, hold, idle_seconds)
+    if long_hold is not None and long_hold > hold:
+        out["long"] = {"hold": long_hold}
+        for path in PATHS:
+            out["long"][path] = await _cpu_window(load, pids, path, rate, seconds, long_hold, idle_seconds)
+        out["split"] = {path: talk_split(out[path], out["long"][path], hold, long_hold) for path in PATHS}
     return out
+
+
+
+def _system(per_call: dict[str, float], path: str) -> float:
+    """What the system under test spends: the PBX and Postgres, and the bridge on its path."""
+    return per_call["pbx"] + per_call["postgres"] + (per_call["bridge"] if path == "bridge" else 0.0)
+
+
+def talk_split(short: dict[str, Any], long: dict[str, Any], hold: float, long_hold: float) -> dict[str, Any]:
+    """A call's CPU as a straight line in its talk time, through the two windows' figures:
+    the slope is a second of talk, the intercept the call without talk (setup and hangup).
+    A slope under zero is noise (a process that does no work per second of talk): 0."""
+    talk = {k: max(0.0, (long["cpu_ms_per_call"][k] - short["cpu_ms_per_call"][k]) / (long_hold - hold))
+            for k in short["cpu_ms_per_call"]}
+    setup = {k: max(0.0, short["cpu_ms_per_call"][k] - talk[k] * hold) for k in talk}
+    path = short["path"]
+    system_setup, system_talk = _system(setup, path), _system(talk, path)
+    return {
+        "setup_ms_per_call": setup,
+        "talk_ms_per_second": talk,
+        "system_setup_ms_per_call": system_setup,
+        "system_talk_ms_per_second": system_talk,
+        "setups_per_second_per_core": 1000 / system_setup if system_setup > 0 else None,
+        "talking_calls_per_core": 1000 / system_talk if system_talk > 0 else None,
+    }
+
+
+async def _cpu_window(load: Load, pids: cpu.Pids, path: str, rate: float, seconds: float, hold: float,
+                      idle_seconds: float) -> dict[str, Any]:
+    before = cpu.snapshot(load.stack, pids, load.callee.pid)
+    await asyncio.sleep(idle_seconds)  # wait-ok: the idle window the busy one is compared to
+    idle = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
+    idle_rate = {k: v / idle_seconds for k, v in idle.items()}
+    routes = load.pairs.of(path)
+    count = max(1, int(rate * seconds))
+    chosen = [routes[i % len(routes)] for i in range(count)]
+    started = time.monotonic()
+    before = cpu.snapshot(load.stack, pids, load.callee.pid)
+    calls, run, _ = await load.place(chosen, rate, int(hold * 1000), f"cpu-{path}-{hold:g}")
+    busy = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
+    wall = time.monotonic() - started
+    busy["load_generator"] += run.cpu_seconds
+    ok = sum(not c.why_not() for c in calls)
+    per_call = {k: max(0.0, busy[k] - idle_rate[k] * wall) * 1000 / max(ok, 1) for k in busy}
+    system = _system(per_call, path)
+    return {
+        "path": path, "hold": hold,
+        "calls": count, "ok": ok, "wall_seconds": wall,
+        "cpu_seconds": busy, "idle_cpu_per_second": idle_rate,
+        "cpu_ms_per_call": per_call,
+        "system_ms_per_call": system,
+        "calls_per_second_per_core": 1000 / system if system > 0 else None,
+    }
 
 
 # --- simultaneous calls -----------------------------------------------------------------------------

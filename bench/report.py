@@ -185,15 +185,16 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         "the figure that carries to a real server. *Calls/s per core* is 1000 divided by what the system "
         "under test spends per call (the bridge, the PBX and Postgres; not the load generator).",
         "",
-        "| path | calls ok | " + " | ".join(f"{PROCESS_NAMES[p]} ms/call" for p in PROCESSES)
+        "| path | talking | calls ok | " + " | ".join(f"{PROCESS_NAMES[p]} ms/call" for p in PROCESSES)
         + " | system under test ms/call | calls/s per core |",
-        "| --- | --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- |",
     ]
     for path in ("bridge", "baseline"):
-        p = c[path]
-        lines.append(f"| {path} | {p['ok']} / {p['calls']} | "
-                     + " | ".join(f"{p['cpu_ms_per_call'][k]:.2f}" for k in PROCESSES)
-                     + f" | {p['system_ms_per_call']:.2f} | {_num(p['calls_per_second_per_core'], '{:.0f}')} |")
+        # (with the setup and talk apart, the same calls talking longer follow)
+        for p in (c[path], c["long"][path]) if "long" in c else (c[path],):
+            lines.append(f"| {path} | {p.get('hold', c['hold']):g} s | {p['ok']} / {p['calls']} | "
+                         + " | ".join(f"{p['cpu_ms_per_call'][k]:.2f}" for k in PROCESSES)
+                         + f" | {p['system_ms_per_call']:.2f} | {_num(p['calls_per_second_per_core'], '{:.0f}')} |")
     lg = c["bridge"]["cpu_ms_per_call"]["load_generator"]
     sut = c["bridge"]["system_ms_per_call"]
     lines += [
@@ -202,6 +203,61 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         "system under test" + (" (less, as it should)." if lg < sut else " (more: its figures are a floor)."),
         "",
         "![cpu](cpu.png)",
+        "",
+        *_talk_split_section(c),
+    ]
+    return lines
+
+
+def _split_headline(c: dict[str, Any]) -> list[str]:
+    if "split" not in c:
+        return []
+    b, d = c["split"]["bridge"], c["split"]["baseline"]
+    return [
+        f"- Setup and talk apart (system under test): a bridged call's setup and hangup "
+        f"{b['system_setup_ms_per_call']:.2f} ms and {b['system_talk_ms_per_second']:.2f} ms per second of talk; "
+        f"on the dialplan path {d['system_setup_ms_per_call']:.2f} ms and {d['system_talk_ms_per_second']:.2f} ms "
+        "(the bridge's audio passes through Asterisk's core so that the client's keys reach it; see *CPU per "
+        "call*).",
+    ]
+
+
+def _talk_split_section(c: dict[str, Any]) -> list[str]:
+    """Setup and talk apart, from the same calls talking two lengths of time."""
+    if "split" not in c:
+        return []
+    hold, long_hold = c["hold"], c["long"]["hold"]
+    lines = [
+        "### Setup and talk apart",
+        "",
+        f"The same calls again, each talking {long_hold:g} s instead of {hold:g} s (the table above): what "
+        f"the longer talk costs more, divided by the {long_hold - hold:g} s, is a second of talk (the audio "
+        "both ways); what is left of a call without it is its setup and hangup. Setup bounds the calls per "
+        "second a core carries; talk bounds the calls a core holds at once. (A process whose figures differ "
+        "by noise alone gets 0 per second of talk.)",
+        "",
+        "| path | " + " | ".join(f"{PROCESS_NAMES[p]}: setup ms / talk ms per s" for p in PROCESSES)
+        + " | system under test: setup ms / talk ms per s | setups/s per core | calls held per core |",
+        "| --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- | --- |",
+    ]
+    for path in ("bridge", "baseline"):
+        sp = c["split"][path]
+        lines.append(f"| {path} | "
+                     + " | ".join(f"{sp['setup_ms_per_call'][k]:.2f} / {sp['talk_ms_per_second'][k]:.2f}"
+                                  for k in PROCESSES)
+                     + f" | {sp['system_setup_ms_per_call']:.2f} / {sp['system_talk_ms_per_second']:.2f}"
+                     + f" | {_num(sp['setups_per_second_per_core'], '{:.0f}')}"
+                     + f" | {_num(sp['talking_calls_per_core'], '{:.0f}')} |")
+    b, d = c["split"]["bridge"], c["split"]["baseline"]
+    lines += [
+        "",
+        f"The PBX spends {b['talk_ms_per_second']['pbx']:.2f} ms per second of a bridged call's talk against "
+        f"{d['talk_ms_per_second']['pbx']:.2f} ms on the dialplan path. The dialplan's Dial lets Asterisk "
+        "forward the RTP between the legs natively (packet to packet, never through its core); the bridge's "
+        "legs carry their audio through Asterisk's core, because the client's keys (the keypad block) must "
+        "reach the bridge and each leg's stream must be re-originated by the PBX (bridge type "
+        "`mixing,proxy_media`; bridge/ari/client.py). Natively forwarded, the keys would pass to the other "
+        "phone unseen.",
         "",
     ]
     return lines
@@ -314,6 +370,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"{results['cpu']['bridge']['cpu_ms_per_call']['postgres']:.2f} ms: **"
         f"{_num(results['cpu']['bridge']['calls_per_second_per_core'], '{:.0f}')}** bridged calls/s per core "
         f"({_num(results['cpu']['baseline']['calls_per_second_per_core'], '{:.0f}')} on the dialplan path).",
+        *_split_headline(results["cpu"]),
         f"- Simultaneous bridged calls held with two-way audio, all ending normally (at that step and every "
         f"smaller one): **{results['max_concurrent']}**{_held_any(results)}.",
         f"- Session API: **{api['creates_per_second']:.0f}** creates/s; the routing query takes "

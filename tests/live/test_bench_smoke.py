@@ -36,6 +36,12 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
     for path in ("bridge", "baseline"):
         assert results["cpu"][path]["ok"] == results["cpu"][path]["calls"]
         assert set(results["cpu"][path]["cpu_ms_per_call"]) == {"bridge", "pbx", "postgres", "load_generator"}
+        # The same calls talking longer: setup and talk apart.
+        longer = results["cpu"]["long"][path]
+        assert longer["hold"] == TINY["cpu_long_hold"] and longer["ok"] == longer["calls"]
+        assert set(results["cpu"]["split"][path]["talk_ms_per_second"]) == {"bridge", "pbx", "postgres",
+                                                                          "load_generator"}
+    assert "### Setup and talk apart" in text
     assert results["route"]["n"] >= TINY["delay_per_path"]
     figures = json.loads((tmp_path / "summary.json").read_text())
     assert tuple(figures) == summary.KEYS and len(figures) == 14
