@@ -293,6 +293,13 @@ class AriClient:
         info = await self.request("GET", "/asterisk/info")
         return str((info.get("system") or {}).get("entity_id", ""))
 
+    async def startup_time(self) -> str | None:
+        """When this Asterisk process started (GET /asterisk/info): another value at a
+        reconnect means it was restarted meanwhile, and every channel it had is gone."""
+        info = await self.request("GET", "/asterisk/info")
+        started = (info.get("status") or {}).get("startup_time")
+        return str(started) if started else None
+
     async def ping(self) -> None:
         """Asterisk answers (GET /asterisk/ping): its REST side is not hung."""
         await self.request("GET", "/asterisk/ping")

@@ -31,11 +31,13 @@ class CallEvent:
 @dataclass(frozen=True)
 class Hangup(CallEvent):
     """A channel is going: `final` only for ChannelDestroyed, whose cause is the one that
-    counts (a hangup request comes first and may carry none)."""
+    counts (a hangup request comes first and may carry none). `pbx_lost`: nobody hung it up,
+    the Asterisk it was on died (found gone at a reconnect to an Asterisk started since)."""
 
     channel: str
     cause: int | None
     final: bool
+    pbx_lost: bool = False
 
 
 @dataclass(frozen=True)
@@ -108,7 +110,7 @@ def read(raw: RawEvent) -> CallEvent:
     channel = raw.get("channel")
     channel_id = str(channel.get("id", "")) if isinstance(channel, dict) else ""
     if kind in _LEAVING and channel_id:
-        return Hangup(channel_id, _cause(raw), final=kind == "ChannelDestroyed")
+        return Hangup(channel_id, _cause(raw), final=kind == "ChannelDestroyed", pbx_lost=raw.get("pbx_lost") is True)
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Up":
         return Answered(channel_id)
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Ringing":

@@ -380,6 +380,13 @@ class MaskedCall:
             outcome = "answered" if outcomes.answered else CUT_OUTCOMES.get(event.reason, "failed")
             await self._end(outcome, "system", None, event.reason)
             return True
+        if isinstance(event, Hangup) and event.pbx_lost:
+            # Its Asterisk died under it and was started again: neither phone hung up, and
+            # both legs are gone with the process. (Not the caller's hangup: support would
+            # read the row as the caller's doing.)
+            log.warning("call.pbx_lost", state=self.state.value)
+            await self._end("node_lost", "system", None)
+            return True
         if isinstance(event, Hangup) and event.channel == self.inbound_id:
             if self._outbound_created:
                 await self._hangup(self.outbound_id)  # (cancels the other phone while it rings)

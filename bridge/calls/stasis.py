@@ -52,6 +52,7 @@ class StasisDispatcher:
         self._cut: dict[uuid.UUID, tuple[float, str]] = {}  # participant id -> when its calls were cut, and why
         self.unknown_callers = unknown_callers or UnknownCallers(0, 0)
         self._routing: set[MaskedCall] = set()  # new calls not past their route lookup yet (at most ROUTING_LIMIT)
+        self._pbx_started: str | None = None  # Asterisk's startup time at the last connection
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -131,13 +132,17 @@ class StasisDispatcher:
         except AriError as exc:
             log.warning("reconcile.failed", error=str(exc))
             return
+        restarted = await self._pbx_restarted()
         states = await self._channel_states() if self.calls else {}
+        if restarted and self.calls:
+            log.warning("reconcile.pbx_restarted", calls=len(set(self.calls.values())))
         for call in set(self.calls.values()):
             for channel_id in call.channel_ids():
                 if self.calls.get(channel_id) is not call:
                     continue
                 if channel_id not in live:
-                    call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
+                    call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True,
+                               "pbx_lost": restarted})
                 elif states.get(channel_id) in ("Ringing", "Up"):
                     # An answer (or ringing) while the socket was down: its event was sent to
                     # nobody, and a call answered meanwhile must not be taken for one that still
@@ -155,6 +160,21 @@ class StasisDispatcher:
         except Exception:
             # A database hiccup must not cost the event stream; the next reconnect retries.
             log.exception("reconcile.store_failed")
+
+    async def _pbx_restarted(self) -> bool:
+        """Whether Asterisk was started again since the last connection (its startup time
+        changed): then the calls' vanished channels went with it, nobody hung them up. False
+        at the first connection, and when Asterisk does not say."""
+        try:
+            started = await self.ari.startup_time()
+        except AriError as exc:
+            log.warning("reconcile.startup_time_unread", error=str(exc))
+            return False
+        if started is None:
+            return False
+        restarted = self._pbx_started is not None and started != self._pbx_started
+        self._pbx_started = started
+        return restarted
 
     async def _channel_states(self) -> dict[str, str]:
         """Each channel's state as Asterisk says it now (one request; none if it fails: then

@@ -4,6 +4,7 @@ fallback after Stasis), and the bridge picks up again once it is back."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -156,6 +157,34 @@ def _health(stack) -> tuple[int, dict]:
             return resp.status, json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         return exc.code, json.loads(exc.read())
+
+
+async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers(stack, carrier, api, real_number, db):
+    """Asterisk killed (-9) during a call and started again: once the bridge is back on it, the
+    call's row ends as node_lost by the system (it said the caller hung up before: support read
+    a crash as the courier's doing). Calls go through again afterwards."""
+    session, courier, leg, callee = await connected_call(carrier, api, real_number, db)
+    pid = asterisk._pid(stack, "pbx")
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    try:
+        while asterisk._alive(pid):
+            await asyncio.sleep(0.05)  # wait-ok: a killed process has no exit event we can await here
+    finally:
+        await asyncio.to_thread(asterisk.start, stack, "pbx")
+        await asyncio.to_thread(processes.wait_healthy, stack)
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("node_lost", "system", None)
+    assert row["ended_at"] is not None
+    # (The carrier's own legs never heard a BYE from the dead PBX: hung up here.)
+    for stale in (leg, callee):
+        with contextlib.suppress(Exception):
+            await carrier.hangup(stale)
+
+    leg = await carrier.call(courier, session["pool_number"], hangup_after=1.0)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.ended.wait(), 15)
+    assert callee.answered_at is not None
 
 
 async def test_health_says_asterisk_is_down_while_it_hangs_and_up_once_it_answers_again(stack):

@@ -195,6 +195,7 @@ class AriFake:
         self.connect_times: list[float] = []  # when each was accepted (monotonic)
         self.close_at_once = False  # accept each websocket, then close it at once (a sick Asterisk)
         self.app_registered = True  # False: GET /applications/<app> answers 404 (an Asterisk that lost it)
+        self.startup_time = "2026-12-01T08:00:00.000+0000"  # GET /asterisk/info: when this "Asterisk" started
         self.events_allowed: set[str] | None = None  # PUT /applications/<app>/eventFilter: only these are sent
         self.filtered_events: list[dict[str, Any]] = []
         self._failures: list[Failure] = []
@@ -234,6 +235,7 @@ class AriFake:
         r.add_delete("/ari/recordings/stored/{name}", self._delete_stored_recording)
         r.add_delete("/ari/playbacks/{id}", self._stop_playback)
         r.add_get("/ari/applications/{app}", self._application)
+        r.add_get("/ari/asterisk/info", self._info)
         r.add_put("/ari/applications/{app}/eventFilter", self._event_filter)
         r.add_route("*", "/{tail:.*}", self._not_implemented)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -461,6 +463,13 @@ class AriFake:
         channel = self.channels.pop(channel_id)
         if channel.bridge_id in self.bridges:
             self.bridges[channel.bridge_id].channels.remove(channel_id)
+
+    def restart(self) -> None:
+        """Asterisk killed and started again (the socket must be down): every channel and
+        bridge gone without a word, a new startup time."""
+        self.channels.clear()
+        self.bridges.clear()
+        self.startup_time = "2026-12-01T09:00:00.000+0000"
 
     async def release_stasis_start(self, channel_id: str) -> None:
         """Send the StasisStart held back for a created channel (auto_stasis_start False)."""
@@ -785,6 +794,10 @@ class AriFake:
                 "events_disallowed": [],
             }
         )
+
+    async def _info(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": {"startup_time": self.startup_time, "last_reload_time": self.startup_time},
+                                  "system": {"entity_id": "00:00:00:00:00:01", "version": "22.0.0"}})
 
     async def _not_implemented(self, request: web.Request) -> web.Response:
         return _error(501, f"not implemented by the ARI fake: {request.method} {request.path}")

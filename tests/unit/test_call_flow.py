@@ -921,6 +921,40 @@ async def test_reconnect_reconcile_ends_call_whose_channel_vanished(h: Harness) 
     assert h.fake.channels == {} and h.fake.bridges == {}
 
 
+@pytest.mark.parametrize("state", ["connected", "ringing"])
+async def test_a_call_whose_asterisk_was_restarted_meanwhile_ends_as_node_lost_not_as_anyones_hangup(
+        h: Harness, state: str) -> None:
+    """Asterisk killed and started again while the socket was down: the call's channels are
+    gone with nobody hanging up. The row says the system lost it (node_lost), not that the
+    caller hung up (what support would have read before)."""
+    row, _outbound = await (h.connected_call() if state == "connected" else h.ringing_call())
+    mark = h.fake.mark()
+    await h.fake.drop(refuse=True)
+    h.fake.restart()
+    h.fake.accept()
+    await h.fake.wait_connected(2)
+    await h.fake.wait_request("GET", "/ari/asterisk/info", since=mark)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("node_lost", "system", None)
+    await h.settle()
+    assert h.stream.connected.is_set()
+
+
+async def test_a_caller_gone_while_the_socket_was_down_is_still_the_callers_hangup(h: Harness) -> None:
+    """The same vanishing on the same Asterisk (no restart): the caller's leg went, so the caller
+    hung up, and the other phone is hung up by the bridge."""
+    row, outbound = await h.connected_call()
+    mark = h.fake.mark()
+    await h.fake.drop(refuse=True)
+    h.fake.vanish("in-1")
+    h.fake.accept()
+    await h.fake.wait_connected(2)
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}", since=mark)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+    await h.settle()
+
+
 async def test_an_answer_while_the_websocket_was_down_is_caught_up_with_at_reconnect(h: Harness) -> None:
     """The other phone answers while the socket is down (its event sent to nobody): once
     connected again, the bridge reads the channels' states and the call is connected, not left
