@@ -10,13 +10,22 @@ A 2xx answer delivers it; anything else, or no answer within 10 s, is retried af
 1, 2, 4 ... seconds (at most 5 minutes apart), 15 attempts in all. `data` carries
 pseudonymous references only (participant and session ids), never a real number.
 
-An order system that is down is not hammered: after OPEN_AFTER failed attempts in a row
-(none delivered between), deliveries pause and one event at a time probes the endpoint,
-1, 2, 4 ... seconds apart (at most PAUSE_MAX); the first one delivered resumes them all.
-The events waiting meanwhile are not tried, so they spend none of their attempts. (Before,
-every event went on being tried on its own schedule: with the endpoint down, each call's
-events cost a connection attempt, an outbox write and a log line every few seconds, about
-as much of the bridge's CPU as its calls.)
+A redirect is not followed: a 3xx is a failed attempt like any other non-2xx (followed, the
+POST became a GET without the event, and a page answering 200 to it took the event for
+delivered).
+
+An order system that is down is not hammered: after OPEN_AFTER failed attempts in a row at
+events never tried before, each failed by no answer, a redirect, 401, 403, 404, 405, 410,
+429 or a 5xx (none delivered between; a batch already on its way fails whole),
+deliveries pause and one event at a time probes the endpoint, 1, 2, 4 ... seconds apart (at
+most PAUSE_MAX), taking events never tried first; the first one delivered resumes them all.
+The events waiting meanwhile are not tried, so they spend none of their attempts. Another
+4xx (400, 422 ...) refuses that one event, and an event refused before and refused again
+says little of the endpoint: neither pauses anything. An order system that refuses some
+events (a type it does not know, say) and takes the others is up, and the refused ones are
+retried on their own schedule. (Before the pause, every event went on being tried on its
+own schedule: with the endpoint down, each call's events cost a connection attempt, an outbox
+write and a log line every few seconds, about as much of the bridge's CPU as its calls.)
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ import json
 import time
 
 import aiohttp
+import asyncpg
 import structlog
 
 from bridge import metrics
@@ -39,8 +49,9 @@ log = structlog.get_logger(__name__)
 ATTEMPTS = 15
 BATCH = 32
 TIMEOUT = 10.0
-OPEN_AFTER = 5  # failed attempts in a row, none delivered between, that pause deliveries
-PAUSE_MAX = 30.0  # seconds between two probes of an endpoint that is down, at most
+OPEN_AFTER = 5  # failed attempts in a row at events never tried before, none delivered between: a pause
+PAUSE_MAX = 10.0  # seconds between two probes of an endpoint that is down, at most
+OUTBOX_WAIT_MAX = 10.0  # seconds between two reads of an outbox that could not be read, at most
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -54,6 +65,18 @@ async def prune(repo: WebhookRepo, retention_days: int) -> dict[str, int]:
     deleted = await repo.prune(retention_days)
     log.info("retention.webhooks_pruned", older_than_days=retention_days, webhooks_deleted=deleted)
     return {"webhooks_deleted": deleted}
+
+
+# Answers about the endpoint, not the event: it is not there (404, 405, 410, a redirect), it
+# turns the bridge away (401, 403, 429) or it is in trouble (5xx). Any other 4xx refuses this
+# event (its payload, its type): the endpoint is up.
+_ENDPOINT_STATUSES = {401, 403, 404, 405, 410, 429}
+
+
+def endpoint_trouble(status: int) -> bool:
+    """Whether a non-2xx answer says the endpoint is down or misconfigured, rather than that
+    it refused this one event."""
+    return status in _ENDPOINT_STATUSES or 300 <= status < 400 or status >= 500
 
 
 def backoff(attempts: int) -> float:
@@ -70,7 +93,8 @@ class Deliverer:
         self.poll = poll
         self.pause_first = pause_first
         self.pause_max = pause_max
-        self._failed_in_row = 0  # attempts failed since the last one delivered
+        self._failed_in_row = 0  # attempts at events never tried before, failed since the last one delivered
+        self._unreadable = 0  # claims failed in a row (the database down)
         self._pauses = 0  # pauses since the last delivery: 0 while the endpoint answers
         self._down_since = 0.0
         self._last_error = ""
@@ -96,16 +120,19 @@ class Deliverer:
             "X-Maskbridge-Signature": signature(self.secret, int(time.time()), body),
         }
         try:
-            async with http.post(self.url, data=body, headers=headers) as resp:
+            async with http.post(self.url, data=body, headers=headers, allow_redirects=False) as resp:
                 if 200 <= resp.status < 300:
                     await self.repo.delivered(event.id)
                     metrics.WEBHOOK_ATTEMPTS.labels("delivered").inc()
                     self._answered()
                     return True
-                error = f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            error = f"{type(exc).__name__}: {exc}"[:200]
-        self._failed_in_row += 1
+                error, trouble = f"HTTP {resp.status}", endpoint_trouble(resp.status)
+        except TimeoutError:
+            error, trouble = f"no answer within {TIMEOUT:g} s", True
+        except aiohttp.ClientError as exc:
+            error, trouble = f"{type(exc).__name__}: {exc}"[:200], True
+        if trouble and event.attempts == 0:
+            self._failed_in_row += 1
         self._last_error = error
         attempts = event.attempts + 1
         retry_in = backoff(attempts) if attempts < ATTEMPTS else None
@@ -132,13 +159,31 @@ class Deliverer:
         self._pauses += 1
         return min(self.pause_first * 2.0 ** (self._pauses - 1), self.pause_max)
 
+    async def _claim(self) -> list[Pending] | None:
+        """The next due events (one, fresh first, while paused); None when the outbox could
+        not be read (the database down: said once, not with a traceback every poll)."""
+        try:
+            batch = await self.repo.claim(1 if self.paused else BATCH, lease_seconds=int(TIMEOUT) + 5,
+                                          fresh_first=self.paused)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            self._unreadable += 1
+            if self._unreadable == 1:
+                log.warning("webhook.outbox_unreadable", error=f"{type(exc).__name__}: {exc}"[:200])
+            return None
+        if self._unreadable:
+            log.info("webhook.outbox_readable", after_failures=self._unreadable)
+            self._unreadable = 0
+        return batch
+
     async def run(self, stop: asyncio.Event) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as http:
             while not stop.is_set():
                 wait = self.poll
                 try:
-                    batch = await self.repo.claim(1 if self.paused else BATCH, lease_seconds=int(TIMEOUT) + 5)
-                    if batch:
+                    batch = await self._claim()
+                    if batch is None:
+                        wait = min(self.poll * 2.0 ** self._unreadable, OUTBOX_WAIT_MAX)
+                    elif batch:
                         delivered = await asyncio.gather(*(self._send(http, e) for e in batch))
                         if any(delivered) or self._failed_in_row < OPEN_AFTER:
                             continue  # maybe more are due

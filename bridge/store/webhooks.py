@@ -26,14 +26,17 @@ class WebhookRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
-    async def claim(self, limit: int, lease_seconds: int) -> list[Pending]:
-        """Due events, oldest first, leased so that another deliverer skips them meanwhile."""
+    async def claim(self, limit: int, lease_seconds: int, fresh_first: bool = False) -> list[Pending]:
+        """Due events, oldest first, leased so that another deliverer skips them meanwhile.
+        `fresh_first`: events never tried before the others (a probe of an endpoint taken to be
+        down: an event it refused already would say little about it)."""
+        order = "attempts > 0, next_attempt_at, seq" if fresh_first else "next_attempt_at, seq"
         rows = await self.pool.fetch(
-            """
+            f"""
             UPDATE webhook_outbox SET next_attempt_at = now() + make_interval(secs => $2)
             WHERE id IN (SELECT id FROM webhook_outbox
                          WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
-                         ORDER BY next_attempt_at, seq LIMIT $1 FOR UPDATE SKIP LOCKED)
+                         ORDER BY {order} LIMIT $1 FOR UPDATE SKIP LOCKED)
             RETURNING id, seq, event, payload, created_at, attempts
             """,
             limit, lease_seconds,

@@ -44,7 +44,7 @@ class _Repo:
         self.failures: list[tuple[uuid.UUID, str, float | None]] = []
         self.done = asyncio.Event()
 
-    async def claim(self, limit: int, lease_seconds: int) -> list[Any]:
+    async def claim(self, limit: int, lease_seconds: int, fresh_first: bool = False) -> list[Any]:
         batch, self.due = self.due[:limit], self.due[limit:]
         return batch
 
@@ -146,29 +146,44 @@ class _Outbox2:
     """The outbox, in memory, as the database keeps it: a failed event is due again (at
     once: the pause is the deliverer's own), a delivered one is done; every claim's limit kept."""
 
-    def __init__(self, count: int, requeue: bool = True) -> None:
+    def __init__(self, count: int, requeue: bool = True, kind: str = "call.ended", front: bool = False) -> None:
         self.requeue = requeue
-        now = datetime.now(timezone.utc)
-        self.due = [Pending(uuid.uuid4(), i, "call.ended", '{"call_id": "c"}', now, 0) for i in range(count)]
+        self.front = front  # a failed event due again before the others (its retry time came first)
+        self.due: list[Pending] = []
+        self.add(count, kind)
         self.limits: list[int] = []
         self.delivered_ids: list[uuid.UUID] = []
         self.failed_ids: list[uuid.UUID] = []
+        self.errors: list[str] = []
+        self.outcomes: list[str] = []  # "delivered" or "failed", attempt after attempt
         self.changed = asyncio.Event()
 
-    async def claim(self, limit: int, lease_seconds: int) -> list[Any]:
+    def add(self, count: int, kind: str) -> list[uuid.UUID]:
+        now = datetime.now(timezone.utc)
+        events = [Pending(uuid.uuid4(), len(self.due) + i, kind, '{"call_id": "c"}', now, 0) for i in range(count)]
+        self.due += events
+        return [e.id for e in events]
+
+    async def claim(self, limit: int, lease_seconds: int, fresh_first: bool = False) -> list[Any]:
         self.limits.append(limit)
+        if fresh_first:
+            self.due.sort(key=lambda e: e.attempts > 0)  # (stable: oldest first within each)
         batch, self.due = self.due[:limit], self.due[limit:]
         return batch
 
     async def delivered(self, event_id: uuid.UUID) -> None:
         self.delivered_ids.append(event_id)
+        self.outcomes.append("delivered")
         self.changed.set()
 
     async def failed(self, event_id: uuid.UUID, error: str, retry_in: float | None) -> None:
         self.failed_ids.append(event_id)
+        self.outcomes.append("failed")
+        self.errors.append(error)
         if self.requeue:
-            self.due.append(Pending(event_id, 0, "call.ended", '{"call_id": "c"}', datetime.now(timezone.utc),
-                                    self.failed_ids.count(event_id)))
+            again = Pending(event_id, 0, "call.ended", '{"call_id": "c"}', datetime.now(timezone.utc),
+                            self.failed_ids.count(event_id))
+            self.due.insert(0, again) if self.front else self.due.append(again)
         self.changed.set()
 
 
@@ -179,6 +194,10 @@ class _Receiver:
     def __init__(self) -> None:
         self.up = False
         self.refused: set[uuid.UUID] = set()  # refused (400) even while up
+        self.refused_kinds: set[str] = set()  # refused (422) even while up
+        self.redirect = False  # answer 302 to /sink, which takes anything with 200
+        self.down_status = 503  # the answer while down
+        self.sink: list[tuple[str, int]] = []  # (method, body length) of what reached /sink
         self.requests = 0
         self.in_flight = 0
         self.most_in_flight_while_down = 0
@@ -190,9 +209,15 @@ class _Receiver:
             await asyncio.sleep(0)  # wait-ok: lets requests sent together overlap, as on a network
             if not self.up:
                 self.most_in_flight_while_down = max(self.most_in_flight_while_down, self.in_flight)
+            if not self.up:
+                return web.Response(status=self.down_status)
+            if self.redirect:
+                raise web.HTTPFound("/sink")
             if uuid.UUID(request.headers["X-Maskbridge-Delivery"]) in self.refused:
                 return web.Response(status=400)
-            return web.Response(status=204 if self.up else 503)
+            if request.headers["X-Maskbridge-Event"] in self.refused_kinds:
+                return web.Response(status=422)
+            return web.Response(status=204)
         finally:
             self.in_flight -= 1
 
@@ -202,6 +227,12 @@ async def receiver() -> AsyncIterator[tuple[_Receiver, str]]:
     state = _Receiver()
     app = web.Application()
     app.router.add_post("/hooks", state.handle)
+
+    async def sink(request: web.Request) -> web.Response:
+        state.sink.append((request.method, len(await request.read())))
+        return web.Response(status=200)
+
+    app.router.add_route("*", "/sink", sink)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -278,3 +309,113 @@ async def test_refused_events_among_delivered_ones_pause_nothing(receiver):
     assert set(outbox.failed_ids) == refused and len(outbox.delivered_ids) == 15
     assert not deliverer.paused
     assert not [e for e in logs if e["event"] == "webhook.endpoint_down"]
+
+
+async def test_a_refused_kind_of_event_pauses_nothing_and_the_others_go_on_at_once(receiver):
+    """An order system that answers 422 to every call.ended and takes the rest is up: fresh
+    call.ended events refused six in a row pause nothing, and call.started events that come
+    after them are delivered in the next batch (adversary finding: they waited ~3 minutes
+    behind the refused ones' probes)."""
+    state, url = receiver
+    state.up = True
+    state.refused_kinds = {"call.ended"}
+    outbox = _Outbox2(0, requeue=False)
+    ended = outbox.add(8, "call.ended")
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(stop))
+        await _until(lambda: len(outbox.failed_ids) == 8, outbox)
+        started = outbox.add(3, "call.started")
+        await _until(lambda: len(outbox.delivered_ids) == 3, outbox)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert set(outbox.failed_ids) == set(ended) and set(outbox.errors) == {"HTTP 422"}
+    assert sorted(outbox.delivered_ids) == sorted(started)
+    assert not deliverer.paused and 1 not in outbox.limits, "never paused: batches all along"
+    assert not [e for e in logs if e["event"] == "webhook.endpoint_down"]
+
+
+@pytest.mark.parametrize("status", [404, 401, 500, 503])
+async def test_fresh_events_failing_as_an_endpoint_that_is_not_there_pause_deliveries(receiver, status):
+    """No such URL, no access, a server in trouble: five fresh events failed in a row pause it."""
+    state, url = receiver
+    outbox = _Outbox2(6, requeue=False)
+    state.down_status = status
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01)  # type: ignore[arg-type]
+    task = asyncio.create_task(deliverer.run(stop))
+    await _until(lambda: len(outbox.failed_ids) == 6, outbox)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert deliverer.paused and set(outbox.errors) == {f"HTTP {status}"}
+
+
+async def test_a_redirect_is_a_failed_attempt_never_a_delivery(receiver):
+    """302 to a page that answers 200: followed, the POST became a GET with no body and the
+    event counted as delivered though the order system never got it (adversary finding)."""
+    state, url = receiver
+    state.up = True
+    state.redirect = True
+    outbox = _Outbox2(3, requeue=False)
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01)  # type: ignore[arg-type]
+    task = asyncio.create_task(deliverer.run(stop))
+    await _until(lambda: len(outbox.failed_ids) == 3, outbox)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert outbox.delivered_ids == [] and state.sink == []
+    assert set(outbox.errors) == {"HTTP 302"}
+
+
+class _UnreadableOutbox(_Outbox2):
+    """An outbox whose database is down for the first `down` claims."""
+
+    def __init__(self, down: int) -> None:
+        super().__init__(2, requeue=False, kind="call.started")
+        self.down = down
+
+    async def claim(self, limit: int, lease_seconds: int, fresh_first: bool = False) -> list[Any]:
+        if self.down:
+            self.down -= 1
+            self.changed.set()
+            raise ConnectionRefusedError("connection refused")
+        return await super().claim(limit, lease_seconds, fresh_first)
+
+
+async def test_an_outbox_that_cannot_be_read_is_said_once_without_a_traceback(receiver):
+    state, url = receiver
+    state.up = True
+    outbox = _UnreadableOutbox(down=4)
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.001)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(stop))
+        await _until(lambda: len(outbox.delivered_ids) == 2, outbox)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    events = [e["event"] for e in logs if e["event"].startswith("webhook.")]
+    assert events.count("webhook.outbox_unreadable") == 1 and events.count("webhook.outbox_readable") == 1
+    assert "webhook.delivery_failed" not in events, "no traceback for a database that is down"
+
+
+async def test_a_probe_takes_an_event_never_tried_before_the_ones_refused_already(receiver):
+    """Paused, with events refused before due first: the probe is a fresh event, so an
+    endpoint back up (that still refuses the old ones) resumes at the first probe."""
+    state, url = receiver
+    state.refused_kinds = {"call.ended"}
+    outbox = _Outbox2(6, front=True)  # six call.ended, failed while the endpoint is down: due first again
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.05)  # type: ignore[arg-type]
+    task = asyncio.create_task(deliverer.run(stop))
+    await _until(lambda: len(outbox.failed_ids) >= 6 and deliverer.paused, outbox)
+    state.up = True
+    started = outbox.add(2, "call.started")
+    attempts_before = len(outbox.outcomes)
+    await _until(lambda: len(outbox.delivered_ids) == 2, outbox)
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    # (at most one probe was on its way when it came up)
+    first = outbox.outcomes[attempts_before:].index("delivered")
+    assert first <= 1, "no probe spent on an event refused already"
+    assert outbox.delivered_ids[0] in started and not deliverer.paused
