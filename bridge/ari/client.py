@@ -214,9 +214,16 @@ class AriClient:
     # --- bridges --------------------------------------------------------------------
 
     async def create_bridge(self, bridge_id: str, name: str = "") -> dict[str, Any]:
-        # proxy_media: each leg's RTP ends at the PBX and is re-originated with the PBX's
-        # own SSRC and timing. With native RTP forwarding the other leg's packets (and
-        # their SSRC) went through as they were, and a phone heard only the first 100 ms.
+        # proxy_media: each leg's RTP ends at the PBX and its audio passes through Asterisk's
+        # core. Two reasons, each enough:
+        # - the keys a phone presses (RFC 4733 events) reach the bridge as ChannelDtmfReceived:
+        #   the client's keypad block needs them. Forwarded natively, they went to the other
+        #   phone unseen (tried: the keypad block test fails);
+        # - the PBX re-originates each stream with its own SSRC and timing. With native RTP
+        #   forwarding the other leg's packets (and their SSRC) went through as they were, and
+        #   a phone heard only the first 100 ms.
+        # The price is CPU: the PBX spends about 5 ms per second of talk against 2.5 when the
+        # dialplan's Dial forwards natively (docs/bench, "Setup and talk apart").
         return await self.request(
             "POST", f"/bridges/{bridge_id}", {"type": "mixing,proxy_media", "name": name or None}
         )
