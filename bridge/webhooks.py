@@ -20,8 +20,9 @@ events never tried before, each failed by no answer, a redirect, 401, 403, 404, 
 deliveries pause and one event at a time probes the endpoint, 1, 2, 4 ... seconds apart (at
 most PAUSE_MAX), taking events never tried first; the first one delivered resumes them all.
 The events waiting meanwhile are not tried, so they spend none of their attempts. Another
-4xx (400, 422 ...) refuses that one event, and an event refused before and refused again
-says little of the endpoint: neither pauses anything. An order system that refuses some
+4xx (400, 422 ...) refuses that one event: the endpoint answers, so it pauses nothing (and
+ends a pause); an event that failed before and fails again says little of the endpoint and
+counts for nothing. An order system that refuses some
 events (a type it does not know, say) and takes the others is up, and the refused ones are
 retried on their own schedule. (Before the pause, every event went on being tried on its
 own schedule: with the endpoint down, each call's events cost a connection attempt, an outbox
@@ -131,7 +132,9 @@ class Deliverer:
             error, trouble = f"no answer within {TIMEOUT:g} s", True
         except aiohttp.ClientError as exc:
             error, trouble = f"{type(exc).__name__}: {exc}"[:200], True
-        if trouble and event.attempts == 0:
+        if not trouble:
+            self._answered()  # it refused this event, but it is there and answers
+        elif event.attempts == 0:
             self._failed_in_row += 1
         self._last_error = error
         attempts = event.attempts + 1

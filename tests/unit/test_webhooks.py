@@ -419,3 +419,32 @@ async def test_a_probe_takes_an_event_never_tried_before_the_ones_refused_alread
     first = outbox.outcomes[attempts_before:].index("delivered")
     assert first <= 1, "no probe spent on an event refused already"
     assert outbox.delivered_ids[0] in started and not deliverer.paused
+
+
+async def test_a_probe_refused_as_one_event_ends_the_pause(receiver):
+    """Paused, the endpoint comes back refusing call.ended (422) and the probe is one: the
+    endpoint answered, so deliveries resume at once and the call.started behind it go."""
+    state, url = receiver
+    outbox = _Outbox2(6, requeue=False)
+    stop = asyncio.Event()
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.02)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(stop))
+        await _until(lambda: len(outbox.failed_ids) == 6, outbox)
+        for _ in range(1000):
+            if deliverer.paused:
+                break
+            await asyncio.sleep(0)  # wait-ok: yields to the deliverer, which pauses once its batch is done
+        assert deliverer.paused
+        state.up = True
+        state.refused_kinds = {"call.ended"}
+        ended = outbox.add(1, "call.ended")  # the oldest fresh event: the next probe
+        started = outbox.add(2, "call.started")
+        await _until(lambda: len(outbox.delivered_ids) == 2, outbox)
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert outbox.failed_ids[-1] == ended[0] and sorted(outbox.delivered_ids) == sorted(started)
+    assert not deliverer.paused
+    ends = [e for e in logs if e["event"].startswith("webhook.endpoint_")]
+    assert [e["event"] for e in ends] == ["webhook.endpoint_down", "webhook.endpoint_up"]
+    assert ends[1]["probes"] == 1, "the refused probe itself ended the pause (no second pause)"
