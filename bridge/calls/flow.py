@@ -100,6 +100,10 @@ IDENTITY_SUBS = {
 
 # Events one call keeps waiting before it drops a phone's keys and holds (MaskedCall.feed).
 MAX_QUEUED_EVENTS = 256
+# Asterisk not answering when the ring timeout falls due: its answer is waited for so long, again
+# and again, before the call is taken for unanswered (PBX_PING_SECONDS for the ping itself).
+PBX_GRACE_SECONDS = 2.0
+PBX_PING_SECONDS = 2.0
 
 
 def caller_cause(cause: int | None) -> int:
@@ -824,8 +828,18 @@ class MaskedCall:
         await self._forget_callers_identity(shown)
 
         deadline = time.monotonic() + self.settings.ring_timeout
+        deferred = False
         while True:
             event = await self._next(deadline)
+            if event is None and not await self._pbx_answers():
+                # Asterisk does not answer (killed, or hung): whether the other phone rang out or
+                # went down with it is known once it is back (a restarted one: node_lost, from
+                # the reconnect). A ring timeout taken meanwhile would say no_answer.
+                if not deferred:
+                    log.warning("call.ring_timeout_deferred", reason="pbx_not_answering")
+                deferred = True
+                deadline = time.monotonic() + PBX_GRACE_SECONDS
+                continue
             if event is None:
                 log.info("call.ring_timeout", seconds=self.settings.ring_timeout)
                 await self._hangup(self.outbound_id, "no_answer")
@@ -844,6 +858,15 @@ class MaskedCall:
         if route.terms.confirm_answer and not await self._confirm():
             return
         await self._talk()
+
+    async def _pbx_answers(self) -> bool:
+        """Whether Asterisk answers a ping now (within PBX_PING_SECONDS)."""
+        try:
+            async with asyncio.timeout(PBX_PING_SECONDS):
+                await self.ari.ping()
+            return True
+        except (AriError, TimeoutError):
+            return False
 
     async def _forget_callers_identity(self, shown: str) -> None:
         """The caller's leg keeps the caller's real number as its caller ID, which Asterisk
