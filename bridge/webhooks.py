@@ -19,7 +19,9 @@ events never tried before, each failed by no answer, a redirect, 401, 403, 404, 
 429 or a 5xx (none delivered between; a batch already on its way fails whole),
 deliveries pause and one event at a time probes the endpoint, 1, 2, 4 ... seconds apart (at
 most PAUSE_MAX), taking events never tried first; the first one delivered resumes them all.
-The events waiting meanwhile are not tried, so they spend none of their attempts. Another
+The events waiting meanwhile are not tried, so they spend none of their attempts. A
+deliverer that has just started sends one event first: a batch follows once the endpoint
+has answered, and a failure (of the kind above) pauses at once. Another
 4xx (400, 422 ...) refuses that one event: the endpoint answers, so it pauses nothing (and
 ends a pause); an event that failed before and fails again says little of the endpoint and
 counts for nothing. An order system that refuses some
@@ -97,6 +99,9 @@ class Deliverer:
         self._failed_in_row = 0  # attempts at events never tried before, failed since the last one delivered
         self._unreadable = 0  # claims failed in a row (the database down)
         self._pauses = 0  # pauses since the last delivery: 0 while the endpoint answers
+        # Until the endpoint has answered once, one event at a time: a bridge restarted while
+        # it is down (or restarting again and again) spends one attempt, not a batch's.
+        self._unproven = True
         self._down_since = 0.0
         self._last_error = ""
 
@@ -147,6 +152,7 @@ class Deliverer:
 
     def _answered(self) -> None:
         self._failed_in_row = 0
+        self._unproven = False
         if self._pauses:
             log.info("webhook.endpoint_up", down_seconds=round(time.monotonic() - self._down_since, 1),
                      probes=self._pauses)
@@ -166,8 +172,8 @@ class Deliverer:
         """The next due events (one, fresh first, while paused); None when the outbox could
         not be read (the database down: said once, not with a traceback every poll)."""
         try:
-            batch = await self.repo.claim(1 if self.paused else BATCH, lease_seconds=int(TIMEOUT) + 5,
-                                          fresh_first=self.paused)
+            batch = await self.repo.claim(1 if self.paused or self._unproven else BATCH,
+                                          lease_seconds=int(TIMEOUT) + 5, fresh_first=self.paused)
         except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
             self._unreadable += 1
             if self._unreadable == 1:
@@ -188,9 +194,9 @@ class Deliverer:
                         wait = min(self.poll * 2.0 ** self._unreadable, OUTBOX_WAIT_MAX)
                     elif batch:
                         delivered = await asyncio.gather(*(self._send(http, e) for e in batch))
-                        if any(delivered) or self._failed_in_row < OPEN_AFTER:
+                        if any(delivered) or (self._failed_in_row < OPEN_AFTER and not self._unproven):
                             continue  # maybe more are due
-                        wait = self._pause()
+                        wait = self._pause()  # (or the first attempt since the start failed)
                 except Exception:
                     log.exception("webhook.delivery_failed")
                 with contextlib.suppress(TimeoutError):

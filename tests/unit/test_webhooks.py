@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import uuid
@@ -249,22 +250,40 @@ async def _until(condition: Any, outbox: _Outbox2, timeout: float = 10) -> None:
             await outbox.changed.wait()
 
 
+async def _proven(deliverer: Deliverer, outbox: _Outbox2, state: _Receiver) -> asyncio.Task[None]:
+    """The deliverer running, past its first delivery (it sends batches from then on); the
+    receiver down again after it."""
+    state.up = True
+    outbox.add(1, "call.started")
+    task = asyncio.create_task(deliverer.run(asyncio.Event()))
+    await _until(lambda: len(outbox.delivered_ids) == 1, outbox)
+    state.up = False
+    return task
+
+
+async def _stopped(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
 async def test_an_endpoint_that_fails_every_attempt_is_probed_one_event_at_a_time(receiver):
     """A batch that all failed pauses deliveries: then one event at a time is tried, the
     pauses doubling; the events waiting meanwhile are not tried (they keep their attempts)."""
     state, url = receiver
-    outbox = _Outbox2(40)
-    stop = asyncio.Event()
+    outbox = _Outbox2(0)
     metrics.WEBHOOK_ENDPOINT_DOWN.set(0)
     deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01, pause_max=0.04)  # type: ignore[arg-type]
     with structlog.testing.capture_logs() as logs:
-        task = asyncio.create_task(deliverer.run(stop))
+        task = await _proven(deliverer, outbox, state)
+        proven = len(outbox.limits)
+        outbox.add(40, "call.ended")
         await _until(lambda: len(outbox.failed_ids) >= 32 + 6, outbox)
         assert deliverer.paused and metrics.WEBHOOK_ENDPOINT_DOWN._value.get() == 1
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert outbox.limits[0] == 32 and set(outbox.limits[1:]) == {1}, "after the first batch, one event a claim"
-    assert state.requests == len(outbox.failed_ids), "every attempt reached the endpoint and was recorded"
+        await _stopped(task)
+    limits = [n for n in outbox.limits[proven:]]
+    assert limits[0] == 32 and set(limits[1:]) == {1}, "after the first batch, one event a claim"
+    assert state.requests == len(outbox.failed_ids) + 1, "every attempt reached the endpoint and was recorded"
     assert state.most_in_flight_while_down >= 2, "the first batch went out together"
     down = [e for e in logs if e["event"] == "webhook.endpoint_down"]
     assert len(down) == 1 and down[0]["error"] == "HTTP 503" and down[0]["failed_in_row"] >= 5
@@ -273,23 +292,44 @@ async def test_an_endpoint_that_fails_every_attempt_is_probed_one_event_at_a_tim
 
 async def test_the_first_delivered_probe_resumes_every_delivery(receiver):
     state, url = receiver
-    outbox = _Outbox2(40)
-    stop = asyncio.Event()
+    outbox = _Outbox2(0)
     deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01, pause_max=0.04)  # type: ignore[arg-type]
     with structlog.testing.capture_logs() as logs:
-        task = asyncio.create_task(deliverer.run(stop))
+        task = await _proven(deliverer, outbox, state)
+        proven = len(outbox.limits)
+        outbox.add(40, "call.ended")
         await _until(lambda: len(outbox.failed_ids) >= 32 + 3, outbox)
         assert deliverer.paused
         state.up = True
-        await _until(lambda: len(outbox.delivered_ids) == 40, outbox)
-        stop.set()
-        await asyncio.wait_for(task, 5)
+        await _until(lambda: len(outbox.delivered_ids) == 41, outbox)
+        await _stopped(task)
     assert sorted(outbox.delivered_ids) == sorted(set(outbox.delivered_ids)), "each event delivered once"
     assert not deliverer.paused and metrics.WEBHOOK_ENDPOINT_DOWN._value.get() == 0
-    resumed = outbox.limits.index(1) + outbox.limits[outbox.limits.index(1):].index(32)
-    assert resumed > 0 and all(limit == 32 for limit in outbox.limits[resumed:]), "batches again once it answered"
+    limits = outbox.limits[proven:]
+    resumed = limits.index(1) + limits[limits.index(1):].index(32)
+    assert resumed > 0 and all(limit == 32 for limit in limits[resumed:]), "batches again once it answered"
     events = [e["event"] for e in logs if e["event"].startswith("webhook.endpoint_")]
     assert events == ["webhook.endpoint_down", "webhook.endpoint_up"]
+
+
+async def test_a_deliverer_just_started_sends_one_event_first(receiver):
+    """Started (or restarted) while the endpoint is down, with a backlog: one event is tried and
+    fails, and deliveries pause at once; the backlog spends no attempt (adversary finding: each
+    restart during an outage cost a batch of 32 events an attempt)."""
+    state, url = receiver
+    outbox = _Outbox2(40, requeue=False)
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=5.0)  # type: ignore[arg-type]
+    with structlog.testing.capture_logs() as logs:
+        task = asyncio.create_task(deliverer.run(asyncio.Event()))
+        await _until(lambda: len(outbox.failed_ids) == 1, outbox)
+        for _ in range(1000):
+            if deliverer.paused:
+                break
+            await asyncio.sleep(0)  # wait-ok: yields to the deliverer, which pauses once its attempt is done
+        assert deliverer.paused
+        await _stopped(task)
+    assert outbox.limits == [1] and len(outbox.failed_ids) == 1 and len(outbox.due) == 39
+    assert [e["event"] for e in logs if e["event"].startswith("webhook.endpoint_")] == ["webhook.endpoint_down"]
 
 
 async def test_refused_events_among_delivered_ones_pause_nothing(receiver):
@@ -332,7 +372,7 @@ async def test_a_refused_kind_of_event_pauses_nothing_and_the_others_go_on_at_on
         await asyncio.wait_for(task, 5)
     assert set(outbox.failed_ids) == set(ended) and set(outbox.errors) == {"HTTP 422"}
     assert sorted(outbox.delivered_ids) == sorted(started)
-    assert not deliverer.paused and 1 not in outbox.limits, "never paused: batches all along"
+    assert not deliverer.paused and 1 not in outbox.limits[1:], "never paused: batches all along"
     assert not [e for e in logs if e["event"] == "webhook.endpoint_down"]
 
 
@@ -359,7 +399,7 @@ async def test_a_redirect_is_a_failed_attempt_never_a_delivery(receiver):
     state.redirect = True
     outbox = _Outbox2(3, requeue=False)
     stop = asyncio.Event()
-    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01)  # type: ignore[arg-type]
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.01)  # type: ignore[arg-type]
     task = asyncio.create_task(deliverer.run(stop))
     await _until(lambda: len(outbox.failed_ids) == 3, outbox)
     stop.set()
@@ -406,7 +446,7 @@ async def test_a_probe_takes_an_event_never_tried_before_the_ones_refused_alread
     state.refused_kinds = {"call.ended"}
     outbox = _Outbox2(6, front=True)  # six call.ended, failed while the endpoint is down: due first again
     stop = asyncio.Event()
-    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.05)  # type: ignore[arg-type]
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.05, pause_max=0.1)  # type: ignore[arg-type]
     task = asyncio.create_task(deliverer.run(stop))
     await _until(lambda: len(outbox.failed_ids) >= 6 and deliverer.paused, outbox)
     state.up = True
@@ -425,11 +465,11 @@ async def test_a_probe_refused_as_one_event_ends_the_pause(receiver):
     """Paused, the endpoint comes back refusing call.ended (422) and the probe is one: the
     endpoint answered, so deliveries resume at once and the call.started behind it go."""
     state, url = receiver
-    outbox = _Outbox2(6, requeue=False)
-    stop = asyncio.Event()
+    outbox = _Outbox2(0, requeue=False)
     deliverer = Deliverer(outbox, url, "s" * 20, poll=0.01, pause_first=0.02)  # type: ignore[arg-type]
     with structlog.testing.capture_logs() as logs:
-        task = asyncio.create_task(deliverer.run(stop))
+        task = await _proven(deliverer, outbox, state)
+        outbox.add(6, "call.ended")
         await _until(lambda: len(outbox.failed_ids) == 6, outbox)
         for _ in range(1000):
             if deliverer.paused:
@@ -440,10 +480,9 @@ async def test_a_probe_refused_as_one_event_ends_the_pause(receiver):
         state.refused_kinds = {"call.ended"}
         ended = outbox.add(1, "call.ended")  # the oldest fresh event: the next probe
         started = outbox.add(2, "call.started")
-        await _until(lambda: len(outbox.delivered_ids) == 2, outbox)
-        stop.set()
-        await asyncio.wait_for(task, 5)
-    assert outbox.failed_ids[-1] == ended[0] and sorted(outbox.delivered_ids) == sorted(started)
+        await _until(lambda: len(outbox.delivered_ids) == 3, outbox)
+        await _stopped(task)
+    assert outbox.failed_ids[-1] == ended[0] and sorted(outbox.delivered_ids[1:]) == sorted(started)
     assert not deliverer.paused
     ends = [e for e in logs if e["event"].startswith("webhook.endpoint_")]
     assert [e["event"] for e in ends] == ["webhook.endpoint_down", "webhook.endpoint_up"]
