@@ -261,6 +261,16 @@ async def _proven(deliverer: Deliverer, outbox: _Outbox2, state: _Receiver) -> a
     return task
 
 
+async def _until_paused(deliverer: Deliverer) -> None:
+    """Until the deliverer pauses, once the attempt or batch that failed is done (it has no
+    event of its own to wait on)."""
+    for _ in range(1000):
+        if deliverer.paused:
+            return
+        await asyncio.sleep(0)  # wait-ok: yields to the deliverer, which pauses once its batch is done
+    raise AssertionError("the deliverer did not pause")
+
+
 async def _stopped(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -322,11 +332,7 @@ async def test_a_deliverer_just_started_sends_one_event_first(receiver):
     with structlog.testing.capture_logs() as logs:
         task = asyncio.create_task(deliverer.run(asyncio.Event()))
         await _until(lambda: len(outbox.failed_ids) == 1, outbox)
-        for _ in range(1000):
-            if deliverer.paused:
-                break
-            await asyncio.sleep(0)  # wait-ok: yields to the deliverer, which pauses once its attempt is done
-        assert deliverer.paused
+        await _until_paused(deliverer)
         await _stopped(task)
     assert outbox.limits == [1] and len(outbox.failed_ids) == 1 and len(outbox.due) == 39
     assert [e["event"] for e in logs if e["event"].startswith("webhook.endpoint_")] == ["webhook.endpoint_down"]
@@ -471,11 +477,7 @@ async def test_a_probe_refused_as_one_event_ends_the_pause(receiver):
         task = await _proven(deliverer, outbox, state)
         outbox.add(6, "call.ended")
         await _until(lambda: len(outbox.failed_ids) == 6, outbox)
-        for _ in range(1000):
-            if deliverer.paused:
-                break
-            await asyncio.sleep(0)  # wait-ok: yields to the deliverer, which pauses once its batch is done
-        assert deliverer.paused
+        await _until_paused(deliverer)
         state.up = True
         state.refused_kinds = {"call.ended"}
         ended = outbox.add(1, "call.ended")  # the oldest fresh event: the next probe
