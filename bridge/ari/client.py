@@ -57,6 +57,9 @@ class AriClient:
         self._headers = {"Authorization": f"Basic {credentials}"}
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._session: aiohttp.ClientSession | None = None
+        # Asterisk's startup time as the event stream found it at its last (re)connect (set by
+        # the dispatcher): another one now means Asterisk was restarted since.
+        self.connected_startup_time: str | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:

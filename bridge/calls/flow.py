@@ -101,7 +101,7 @@ IDENTITY_SUBS = {
 # Events one call keeps waiting before it drops a phone's keys and holds (MaskedCall.feed).
 MAX_QUEUED_EVENTS = 256
 # Asterisk not answering when the ring timeout falls due: its answer is waited for so long, again
-# and again, before the call is taken for unanswered (PBX_PING_SECONDS for the ping itself).
+# and again, before the call is taken for unanswered (PBX_PING_SECONDS for the question itself).
 PBX_GRACE_SECONDS = 2.0
 PBX_PING_SECONDS = 2.0
 
@@ -831,15 +831,21 @@ class MaskedCall:
         deferred = False
         while True:
             event = await self._next(deadline)
-            if event is None and not await self._pbx_answers():
+            pbx = await self._pbx_state() if event is None else "up"
+            if pbx == "down":
                 # Asterisk does not answer (killed, or hung): whether the other phone rang out or
-                # went down with it is known once it is back (a restarted one: node_lost, from
-                # the reconnect). A ring timeout taken meanwhile would say no_answer.
+                # went down with it is known once it is back. A ring timeout taken meanwhile
+                # would say no_answer, the other phone's doing.
                 if not deferred:
                     log.warning("call.ring_timeout_deferred", reason="pbx_not_answering")
                 deferred = True
                 deadline = time.monotonic() + PBX_GRACE_SECONDS
                 continue
+            if pbx == "restarted":
+                # Back, but another process (the event stream has not reconnected yet to say
+                # so): this call's legs went down with the old one.
+                await self._common(Hangup(self.inbound_id, None, final=True, pbx_lost=True))
+                return
             if event is None:
                 log.info("call.ring_timeout", seconds=self.settings.ring_timeout)
                 await self._hangup(self.outbound_id, "no_answer")
@@ -859,14 +865,16 @@ class MaskedCall:
             return
         await self._talk()
 
-    async def _pbx_answers(self) -> bool:
-        """Whether Asterisk answers a ping now (within PBX_PING_SECONDS)."""
+    async def _pbx_state(self) -> str:
+        """Asterisk now: "down" (no answer within PBX_PING_SECONDS), "restarted" (it answers
+        with another startup time than the event stream's last connection found), or "up"."""
         try:
             async with asyncio.timeout(PBX_PING_SECONDS):
-                await self.ari.ping()
-            return True
+                started = await self.ari.startup_time()
         except (AriError, TimeoutError):
-            return False
+            return "down"
+        known = self.ari.connected_startup_time
+        return "restarted" if known and started and started != known else "up"
 
     async def _forget_callers_identity(self, shown: str) -> None:
         """The caller's leg keeps the caller's real number as its caller ID, which Asterisk

@@ -173,7 +173,7 @@ class StasisDispatcher:
         if started is None:
             return False
         restarted = self._pbx_started is not None and started != self._pbx_started
-        self._pbx_started = started
+        self._pbx_started = self.ari.connected_startup_time = started
         return restarted
 
     async def _channel_states(self) -> dict[str, str]:

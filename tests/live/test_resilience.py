@@ -12,7 +12,6 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -160,27 +159,30 @@ def _health(stack) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-def _exited(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][:1] == "Z"
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return True
-
-
-async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers(stack, carrier, api, real_number, db):
+@pytest.mark.parametrize("when", ["connected", "ringing"])
+async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers(
+        stack, carrier, api, real_number, db, when):
     """Asterisk killed (-9) during a call and started again: once the bridge is back on it, the
-    call's row ends as node_lost by the system (it said the caller hung up before: support read
-    a crash as the courier's doing). Calls go through again afterwards."""
-    session, courier, leg, callee = await connected_call(carrier, api, real_number, db)
+    call's row ends as node_lost by the system. (Connected, it said the caller hung up: support
+    read a crash as the courier's doing; ringing, no_answer, when the ring timeout fell due before
+    the bridge had reconnected.) Calls go through again afterwards."""
+    if when == "connected":
+        session, courier, leg, callee = await connected_call(carrier, api, real_number, db)
+    else:
+        courier, client = real_number(), real_number()
+        session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+        carrier.phone(client, action="answer", answer_after=60)
+        leg = await carrier.call(courier, session["pool_number"])
+        callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+        await wait_for_call_row(db, session["id"], state="ringing")
     pid = asterisk._pid(stack, "pbx")
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     try:
-        # Until it has exited for good (no such process, or a zombie: its sockets closed). Its
-        # command line empties while it still exits, and its control socket may still take a
-        # connection then: started too early, the start took the dying one for running.
-        while not _exited(pid):
-            await asyncio.sleep(0.05)  # wait-ok: a killed process has no exit event we can await here
+        # Until it has exited for good: its threads still hold its control socket for a while
+        # after its main thread is gone, and a start then took the dying one for running (and
+        # failed to reload it). stop() waits for the process and the socket both.
+        await asyncio.to_thread(asterisk.stop, stack, "pbx")
     finally:
         await asyncio.to_thread(asterisk.start, stack, "pbx")
         await asyncio.to_thread(processes.wait_healthy, stack)
@@ -192,6 +194,7 @@ async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers
         with contextlib.suppress(Exception):
             await carrier.hangup(stale)
 
+    carrier.phone(callee.number, action="answer")
     leg = await carrier.call(courier, session["pool_number"], hangup_after=1.0)
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     await asyncio.wait_for(leg.ended.wait(), 15)

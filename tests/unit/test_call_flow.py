@@ -942,23 +942,25 @@ async def test_a_call_whose_asterisk_was_restarted_meanwhile_ends_as_node_lost_n
 
 async def test_a_ring_timeout_while_asterisk_is_down_waits_for_it_and_a_restarted_one_says_node_lost(
         harness) -> None:
-    """The ring timeout falls due while Asterisk is killed (the socket down, pings refused): the
-    call is not taken for unanswered (no_answer, the other phone's doing); once Asterisk is back,
-    started again, the call ends as node_lost (adversary finding)."""
+    """The ring timeout falls due while Asterisk is killed (the socket down, requests refused):
+    the call is not taken for unanswered (no_answer, the other phone's doing). Asterisk comes
+    back, started again, before the event stream has reconnected: the call ends as node_lost
+    (adversary finding: it said no_answer)."""
     h = await harness(FlowSettings(ring_timeout=0.3, stasis_start_timeout=2.0))
     row, _outbound = await h.ringing_call()
     mark = h.fake.mark()
     await h.fake.drop(refuse=True)
     h.fake.restart()
-    h.fake.fail("GET", "/ari/asterisk/ping", status=503, times=None)
-    first = await h.fake.wait_request("GET", "/ari/asterisk/ping", since=mark)  # the ring timeout fell due
-    await h.fake.wait_request("GET", "/ari/asterisk/ping", since=first.index + 1)  # and again, still down
+    h.fake.fail("GET", "/ari/asterisk/info", status=503, times=None)
+    first = await h.fake.wait_request("GET", "/ari/asterisk/info", since=mark)  # the ring timeout fell due
+    await h.fake.wait_request("GET", "/ari/asterisk/info", since=first.index + 1)  # and again, still down
     assert h.store.rows[row["id"]]["state"] == "ringing"
-    h.fake.clear_failures()
-    h.fake.accept()
-    await h.fake.wait_connected(2)
+    h.fake.clear_failures()  # back, another process; the socket still refused
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"]) == ("node_lost", "system")
+    assert h.fake.connects == 1, "decided before the event stream reconnected"
+    h.fake.accept()
+    await h.fake.wait_connected(2)
     await h.settle()
 
 
