@@ -101,9 +101,9 @@ IDENTITY_SUBS = {
 # Events one call keeps waiting before it drops a phone's keys and holds (MaskedCall.feed).
 MAX_QUEUED_EVENTS = 256
 # Asterisk not answering when the ring timeout falls due: its answer is waited for so long, again
-# and again, before the call is taken for unanswered (PBX_PING_SECONDS for the question itself).
+# and again, before the call is taken for unanswered (PBX_ANSWER_SECONDS for the question itself).
 PBX_GRACE_SECONDS = 2.0
-PBX_PING_SECONDS = 2.0
+PBX_ANSWER_SECONDS = 2.0
 
 
 def caller_cause(cause: int | None) -> int:
@@ -866,10 +866,10 @@ class MaskedCall:
         await self._talk()
 
     async def _pbx_state(self) -> str:
-        """Asterisk now: "down" (no answer within PBX_PING_SECONDS), "restarted" (it answers
+        """Asterisk now: "down" (no answer within PBX_ANSWER_SECONDS), "restarted" (it answers
         with another startup time than the event stream's last connection found), or "up"."""
         try:
-            async with asyncio.timeout(PBX_PING_SECONDS):
+            async with asyncio.timeout(PBX_ANSWER_SECONDS):
                 started = await self.ari.startup_time()
         except (AriError, TimeoutError):
             return "down"

@@ -52,7 +52,6 @@ class StasisDispatcher:
         self._cut: dict[uuid.UUID, tuple[float, str]] = {}  # participant id -> when its calls were cut, and why
         self.unknown_callers = unknown_callers or UnknownCallers(0, 0)
         self._routing: set[MaskedCall] = set()  # new calls not past their route lookup yet (at most ROUTING_LIMIT)
-        self._pbx_started: str | None = None  # Asterisk's startup time at the last connection
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -172,9 +171,9 @@ class StasisDispatcher:
             return False
         if started is None:
             return False
-        restarted = self._pbx_started is not None and started != self._pbx_started
-        self._pbx_started = self.ari.connected_startup_time = started
-        return restarted
+        known = self.ari.connected_startup_time
+        self.ari.connected_startup_time = started
+        return known is not None and started != known
 
     async def _channel_states(self) -> dict[str, str]:
         """Each channel's state as Asterisk says it now (one request; none if it fails: then

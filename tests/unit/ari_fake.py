@@ -236,7 +236,6 @@ class AriFake:
         r.add_delete("/ari/playbacks/{id}", self._stop_playback)
         r.add_get("/ari/applications/{app}", self._application)
         r.add_get("/ari/asterisk/info", self._info)
-        r.add_get("/ari/asterisk/ping", self._ping)
         r.add_put("/ari/applications/{app}/eventFilter", self._event_filter)
         r.add_route("*", "/{tail:.*}", self._not_implemented)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -799,10 +798,6 @@ class AriFake:
                 "events_disallowed": [],
             }
         )
-
-    async def _ping(self, request: web.Request) -> web.Response:
-        return web.json_response({"ping": "pong", "asterisk_id": "00:00:00:00:00:01",
-                                  "timestamp": "2026-12-01T09:00:00.000+0000"})
 
     async def _info(self, request: web.Request) -> web.Response:
         return web.json_response({"status": {"startup_time": self.startup_time, "last_reload_time": self.startup_time},

@@ -291,7 +291,7 @@ async def test_an_endpoint_that_fails_every_attempt_is_probed_one_event_at_a_tim
         await _until(lambda: len(outbox.failed_ids) >= 32 + 6, outbox)
         assert deliverer.paused and metrics.WEBHOOK_ENDPOINT_DOWN._value.get() == 1
         await _stopped(task)
-    limits = [n for n in outbox.limits[proven:]]
+    limits = outbox.limits[proven:]
     assert limits[0] == 32 and set(limits[1:]) == {1}, "after the first batch, one event a claim"
     assert state.requests == len(outbox.failed_ids) + 1, "every attempt reached the endpoint and was recorded"
     assert state.most_in_flight_while_down >= 2, "the first batch went out together"
