@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -60,6 +61,9 @@ class AriClient:
         # Asterisk's startup time as the event stream found it at its last (re)connect (set by
         # the dispatcher): another one now means Asterisk was restarted since.
         self.connected_startup_time: str | None = None
+        # When the event stream lost a connection that was up (set by the stream; cleared once
+        # a new one has caught up): channels of an Asterisk found restarted since went then.
+        self.lost_at: datetime | None = None
 
     @property
     def session(self) -> aiohttp.ClientSession:

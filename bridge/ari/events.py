@@ -7,6 +7,7 @@ import json
 import random
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from typing import Any
 
 import aiohttp
@@ -128,6 +129,7 @@ class EventStream:
                     else:
                         await self.client.application()
                     self.connected.set()
+                    self.client.lost_at = None
                     metrics.ARI_CONNECTED.set(1)
                     watch = asyncio.create_task(self._watch(ws), name="ari-watch")
                     try:
@@ -137,6 +139,8 @@ class EventStream:
                             elif msg.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSED):
                                 break
                     finally:
+                        if self.client.lost_at is None:
+                            self.client.lost_at = datetime.now(timezone.utc)
                         watch.cancel()
                         await asyncio.gather(watch, return_exceptions=True)
             except asyncio.CancelledError:

@@ -5,12 +5,20 @@ these; nothing else in it looks inside ARI's JSON."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 RawEvent = dict[str, Any]
 
 # A channel is on its way out at the first of these (each may come without the others).
 _LEAVING = ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest")
+
+# A soft hangup request is Asterisk's own (an ARI or CLI hangup, its shutdown, a timeout), never
+# a phone's: its "cause" is why, as an AST_SOFTHANGUP_* bit, not a Q.850 cause. These two bits
+# say the Asterisk itself is going away (`core stop now`, `core restart now`: a shutdown, and its
+# modules unloading), and every channel with it.
+_SOFTHANGUP_SHUTDOWN = 1 << 2
+_SOFTHANGUP_APPUNLOAD = 1 << 4
 
 # Every ARI event type `read` makes something of: the bridge asks Asterisk for these alone.
 # (Of about 80 events a bridged call raised, 62 were of no use to it: a ChannelVarset for every
@@ -32,12 +40,17 @@ class CallEvent:
 class Hangup(CallEvent):
     """A channel is going: `final` only for ChannelDestroyed, whose cause is the one that
     counts (a hangup request comes first and may carry none). `pbx_lost`: nobody hung it up,
-    the Asterisk it was on died (found gone at a reconnect to an Asterisk started since)."""
+    the Asterisk it was on died (found gone at a reconnect to an Asterisk started since) or
+    is shutting down. `soft`: Asterisk itself asked for the hangup (no phone did; no cause).
+    `at`: when it went, where that is known to be earlier than now (the moment the bridge
+    lost its Asterisk)."""
 
     channel: str
     cause: int | None
     final: bool
     pbx_lost: bool = False
+    soft: bool = False
+    at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +123,12 @@ def read(raw: RawEvent) -> CallEvent:
     channel = raw.get("channel")
     channel_id = str(channel.get("id", "")) if isinstance(channel, dict) else ""
     if kind in _LEAVING and channel_id:
-        return Hangup(channel_id, _cause(raw), final=kind == "ChannelDestroyed", pbx_lost=raw.get("pbx_lost") is True)
+        soft = kind == "ChannelHangupRequest" and raw.get("soft") is True
+        going = soft and bool((_cause(raw) or 0) & (_SOFTHANGUP_SHUTDOWN | _SOFTHANGUP_APPUNLOAD))
+        at = raw.get("lost_at")
+        return Hangup(channel_id, None if soft else _cause(raw), final=kind == "ChannelDestroyed",
+                      pbx_lost=raw.get("pbx_lost") is True or going, soft=soft,
+                      at=at if isinstance(at, datetime) else None)
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Up":
         return Answered(channel_id)
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Ringing":

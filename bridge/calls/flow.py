@@ -162,7 +162,7 @@ class CallStore(RecordingStore, Protocol):
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-        *, rung: bool = True,
+        *, rung: bool = True, ended_at: datetime | None = None,
     ) -> None: ...
 
 
@@ -230,6 +230,7 @@ class MaskedCall:
         self._events: asyncio.Queue[CallEvent] = asyncio.Queue()
         self._bridge_created = False
         self._outbound_created = False
+        self._hung_up: set[str] = set()  # channels this call hung up itself
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._announcing = "unknown_caller"  # the outcome of the announcement being played
@@ -334,6 +335,7 @@ class MaskedCall:
         return left
 
     async def _hangup(self, channel_id: str, reason: str = "normal", code: int | None = None) -> None:
+        self._hung_up.add(channel_id)  # (before the request: its event may come before its answer)
         try:
             await self.ari.hangup(channel_id, reason, code)
         except AriNotFound:
@@ -353,7 +355,8 @@ class MaskedCall:
             log.info("call.started", **self._started)
             self._started = None
 
-    async def _end(self, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None) -> None:
+    async def _end(self, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
+                   *, ended_at: datetime | None = None) -> None:
         self._log_started()
         self._enter(CallState.ENDED)
         route = self.route
@@ -364,7 +367,8 @@ class MaskedCall:
         if outcome == "answered" and self._connected_at is not None:
             metrics.CALL_DURATION.observe(time.monotonic() - self._connected_at + self._talked_before)
         # (a call that ended before its other leg was dialed rang nobody: it names no callee)
-        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason, rung=self._dialed)
+        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason, rung=self._dialed,
+                                    ended_at=ended_at)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------
@@ -388,8 +392,16 @@ class MaskedCall:
             # Its Asterisk died under it and was started again: neither phone hung up, and
             # both legs are gone with the process. (Not the caller's hangup: support would
             # read the row as the caller's doing.)
-            log.warning("call.pbx_lost", state=self.state.value)
-            await self._end("node_lost", "system", None)
+            log.warning("call.pbx_lost", state=self.state.value, shutdown=event.soft)
+            await self._end("node_lost", "system", None, ended_at=event.at)
+            return True
+        if isinstance(event, Hangup) and event.soft and event.channel == self.inbound_id \
+                and event.channel not in self._hung_up:
+            # Asterisk hung the caller's leg up itself, not the caller (an operator's `channel
+            # request hangup`, an ARI client other than this bridge, a timeout): the system's.
+            log.warning("call.hung_up_by_pbx", state=self.state.value)
+            await self._hang_up_both()
+            await self._end("answered" if outcomes.answered else "failed", "system", None)
             return True
         if isinstance(event, Hangup) and event.channel == self.inbound_id:
             if self._outbound_created:
@@ -844,7 +856,7 @@ class MaskedCall:
             if pbx == "restarted":
                 # Back, but another process (the event stream has not reconnected yet to say
                 # so): this call's legs went down with the old one.
-                await self._common(Hangup(self.inbound_id, None, final=True, pbx_lost=True))
+                await self._common(Hangup(self.inbound_id, None, final=True, pbx_lost=True, at=self.ari.lost_at))
                 return
             if event is None:
                 log.info("call.ring_timeout", seconds=self.settings.ring_timeout)

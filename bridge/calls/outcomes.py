@@ -16,8 +16,9 @@ OUTCOMES = (
     "caller_cancelled",  # the caller hung up before anyone answered
     "unknown_caller", "session_closed", "blocked", "call_limit", "quiet_hours",  # told why not, then hung up
     "wrong_code", "locked_out",  # order-code numbers
-    "node_lost",  # its node's Asterisk died: ended by another node's reaper, or by its own bridge once
-    # that Asterisk was back (restarted: the call's channels gone with nobody hanging up)
+    "node_lost",  # its node's Asterisk died or was stopped: ended by another node's reaper, by its own
+    # bridge once that Asterisk was back (restarted: the call's channels gone with nobody hanging up),
+    # or as that Asterisk shut down (its own hangups, for the shutdown)
 )
 
 # Why the bridge ended a call itself (hangup_by "system"). A cut before the answer is the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import datetime
 from typing import Any
 
 import structlog
@@ -21,6 +22,16 @@ from bridge.calls.recording import wav_duration_ms
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
 log = structlog.get_logger(__name__)
+
+
+def _moment(text: str | None) -> datetime | None:
+    """A time as Asterisk writes it ("2026-12-05T08:50:51.514+0000"); None if it is not one."""
+    if not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
+    except ValueError:
+        return None
 
 
 def _channel_ids(event: Event) -> list[str]:
@@ -141,7 +152,7 @@ class StasisDispatcher:
                     continue
                 if channel_id not in live:
                     call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True,
-                               "pbx_lost": restarted})
+                               "pbx_lost": restarted, "lost_at": self.ari.lost_at if restarted else None})
                 elif states.get(channel_id) in ("Ringing", "Up"):
                     # An answer (or ringing) while the socket was down: its event was sent to
                     # nobody, and a call answered meanwhile must not be taken for one that still
@@ -190,6 +201,7 @@ class StasisDispatcher:
         Returns the channels of every call this process knows of now."""
         known = {c.id for c in self.calls.values()}
         owned = set(self.calls)
+        pbx_started = _moment(self.ari.connected_startup_time)
         for row in await self.store.active_calls():
             if row["id"] in known:
                 continue
@@ -222,8 +234,13 @@ class StasisDispatcher:
                     await self.ari.destroy_bridge(row["bridge_id"])
                 except AriError:
                     pass  # gone already
-            outcome = "answered" if row["answered_at"] else "failed"
-            await self.store.call_ended(row["id"], outcome, "system", None)
+            outcome, ended_at = ("answered" if row["answered_at"] else "failed"), None
+            if pbx_started is not None and row["started_at"] < pbx_started:
+                # Its Asterisk was started after the call (a bridge killed with its Asterisk,
+                # say): the call went down with the one before, no later than this one started,
+                # and nobody hung it up.
+                outcome, ended_at = "node_lost", pbx_started
+            await self.store.call_ended(row["id"], outcome, "system", None, ended_at=ended_at)
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
         return owned

@@ -81,7 +81,13 @@ class NodeRepo:
             ended: int = await conn.fetchval(
                 """
                 WITH call AS (
-                    UPDATE calls SET state = 'ended', ended_at = now(), outcome = 'node_lost', hangup_by = 'system'
+                    -- Ended when the node was last known to carry them: its last heartbeat (it
+                    -- beats while its bridge is connected to its Asterisk), not the reaping
+                    -- MB_NODE_TIMEOUT and more later.
+                    UPDATE calls SET state = 'ended', outcome = 'node_lost', hangup_by = 'system',
+                                     ended_at = greatest(
+                                         coalesce((SELECT heartbeat_at FROM nodes WHERE id = $1), now()),
+                                         started_at, answered_at)
                     WHERE node = $1 AND state <> 'ended'
                     RETURNING calls AS r
                 ), touched AS (

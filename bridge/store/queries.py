@@ -286,15 +286,17 @@ class Store:
 
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-        *, rung: bool = True,
+        *, rung: bool = True, ended_at: datetime | None = None,
     ) -> None:
         """The call's end. `rung` False: it ended before its other leg was dialed, so nobody
-        was rung: the row names no callee (it does not count against the session's caps)."""
+        was rung: the row names no callee (it does not count against the session's caps).
+        `ended_at`: when it ended, where that was before now (never before its start)."""
         await self.pool.execute(
             """
             WITH call AS (
-                UPDATE calls SET state = 'ended', ended_at = now(), outcome = $2, hangup_by = $3, hangup_cause = $4,
-                                 cut_reason = $5,
+                UPDATE calls SET state = 'ended', outcome = $2,
+                                 ended_at = greatest(coalesce($8::timestamptz, now()), started_at, answered_at),
+                                 hangup_by = $3, hangup_cause = $4, cut_reason = $5,
                                  callee_role = CASE WHEN $7 THEN callee_role END,
                                  callee_participant_id = CASE WHEN $7 THEN callee_participant_id END
                 WHERE id = $1 AND state <> 'ended'
@@ -316,7 +318,7 @@ class Store:
                                ) AS e(event, wanted)
             WHERE $6 AND (call.r).session_id IS NOT NULL AND e.wanted
             """,
-            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks, rung,
+            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks, rung, ended_at,
         )
 
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:

@@ -83,10 +83,17 @@ async def test_the_calls_of_a_silent_node_end_as_node_lost_with_one_webhook_each
                      "'127.0.0.1:9')", ghost)
     talking = await fake_call(db, ghost, session["id"])
     ringing = await fake_call(db, ghost, session["id"], state="ringing")
+    # (The talking call began before the node's last heartbeat, the ringing one after it.)
+    await db.execute("UPDATE calls SET started_at = now() - interval '2 hours', answered_at = now() - interval "
+                     "'2 hours' WHERE id = $1", talking)
     assert await outcome_of(db, talking) == "node_lost"
     assert await outcome_of(db, ringing) == "node_lost"
+    heartbeat = await db.fetchval("SELECT heartbeat_at FROM nodes WHERE id = $1", ghost)
     row = await db.fetchrow("SELECT hangup_by, ended_at FROM calls WHERE id = $1", talking)
-    assert row["hangup_by"] == "system" and row["ended_at"] is not None
+    # It ended when its node was last known to carry it, not when it was reaped an hour on.
+    assert (row["hangup_by"], row["ended_at"]) == ("system", heartbeat)
+    row = await db.fetchrow("SELECT ended_at, started_at, answered_at FROM calls WHERE id = $1", ringing)
+    assert row["ended_at"] == max(row["started_at"], row["answered_at"]), "never before the call began"
     for call_id in (talking, ringing):
         assert await db.fetchval(
             "SELECT count(*) FROM webhook_outbox WHERE event = 'call.ended' AND payload->>'call_id' = $1",

@@ -12,6 +12,7 @@ import sys
 import urllib.error
 import urllib.request
 import uuid
+from datetime import datetime, timezone
 
 import pytest
 
@@ -159,14 +160,17 @@ def _health(stack) -> tuple[int, dict]:
         return exc.code, json.loads(exc.read())
 
 
-@pytest.mark.parametrize("when", ["connected", "ringing"])
+@pytest.mark.parametrize("when", ["connected", "ringing", "connected, stopped gracefully"])
 async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers(
         stack, carrier, api, real_number, db, when):
     """Asterisk killed (-9) during a call and started again: once the bridge is back on it, the
     call's row ends as node_lost by the system. (Connected, it said the caller hung up: support
     read a crash as the courier's doing; ringing, no_answer, when the ring timeout fell due before
-    the bridge had reconnected.) Calls go through again afterwards."""
-    if when == "connected":
+    the bridge had reconnected.) Stopped gracefully instead (`core stop now`, as `core restart
+    now` does first: Asterisk hangs every channel up itself), the same (it said the caller hung
+    up, cause 4). The row's end is when Asterisk went, not when the bridge was back on it. Calls
+    go through again afterwards."""
+    if when != "ringing":
         session, courier, leg, callee = await connected_call(carrier, api, real_number, db)
     else:
         courier, client = real_number(), real_number()
@@ -177,18 +181,21 @@ async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers
         await wait_for_call_row(db, session["id"], state="ringing")
     pid = asterisk._pid(stack, "pbx")
     assert pid is not None
-    os.kill(pid, signal.SIGKILL)
+    if "gracefully" not in when:
+        os.kill(pid, signal.SIGKILL)
     try:
         # Until it has exited for good: its threads still hold its control socket for a while
         # after its main thread is gone, and a start then took the dying one for running (and
-        # failed to reload it). stop() waits for the process and the socket both.
+        # failed to reload it). stop() waits for the process and the socket both (and stops a
+        # running one with `core stop now`).
         await asyncio.to_thread(asterisk.stop, stack, "pbx")
     finally:
+        restarted_at = datetime.now(timezone.utc)
         await asyncio.to_thread(asterisk.start, stack, "pbx")
         await asyncio.to_thread(processes.wait_healthy, stack)
     row = await wait_for_call_row(db, session["id"])
     assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("node_lost", "system", None)
-    assert row["ended_at"] is not None
+    assert row["ended_at"] is not None and row["ended_at"] < restarted_at
     # (The carrier's own legs never heard a BYE from the dead PBX: hung up here.)
     for stale in (leg, callee):
         with contextlib.suppress(Exception):

@@ -37,6 +37,11 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+# AST_SOFTHANGUP_* reasons: the "cause" of a soft hangup request (channel.h)
+SOFTHANGUP_SHUTDOWN = 1 << 2
+SOFTHANGUP_APPUNLOAD = 1 << 4
+SOFTHANGUP_EXPLICIT = 1 << 5
+
 # DELETE /channels/{id}?reason= -> the hangup cause Asterisk gives the channel
 # (res/ari/resource_channels.c).
 HANGUP_REASONS: dict[str, int] = {
@@ -494,11 +499,29 @@ class AriFake:
             for d in digits
         ))
 
-    async def _destroy(self, channel: Channel, cause: int) -> None:
+    async def hang_up_from_asterisk(self, channel_id: str, reason: int = SOFTHANGUP_EXPLICIT, cause: int = 16) -> None:
+        """Asterisk hangs the channel up itself, no phone: a CLI `channel request hangup` or
+        another ARI client (EXPLICIT), a timeout. Its hangup request is soft and names the
+        AST_SOFTHANGUP_* reason as its cause."""
+        await self._destroy(self.channels[channel_id], cause, soft_reason=reason)
+
+    async def shut_down(self) -> None:
+        """`core stop now` / `core restart now`: every channel's soft hangup request, for the
+        shutdown (SHUTDOWN), then their ends; the websocket then goes (drop() after this)."""
+        channels = list(self.channels.values())
+        await self.send(*({"type": "ChannelHangupRequest", "cause": SOFTHANGUP_SHUTDOWN, "soft": True,
+                           "channel": c.json()} for c in channels))
+        for channel in channels:
+            await self._destroy(channel, 16, soft_reason=SOFTHANGUP_APPUNLOAD)
+
+    async def _destroy(self, channel: Channel, cause: int, soft_reason: int | None = None) -> None:
         self.channels.pop(channel.id, None)
-        events: list[dict[str, Any]] = [
-            {"type": "ChannelHangupRequest", "cause": cause, "soft": False, "channel": channel.json()}
-        ]
+        # A hangup from the far end is queued with its Q.850 cause; one Asterisk asks for
+        # itself (ARI DELETE, CLI, shutdown) is soft, its "cause" the AST_SOFTHANGUP_* reason.
+        request = {"type": "ChannelHangupRequest", "cause": cause, "channel": channel.json()} \
+            if soft_reason is None else \
+            {"type": "ChannelHangupRequest", "cause": soft_reason, "soft": True, "channel": channel.json()}
+        events: list[dict[str, Any]] = [request]
         bridge = self.bridges.get(channel.bridge_id or "")
         if bridge is not None and channel.id in bridge.channels:
             bridge.channels.remove(channel.id)
@@ -603,7 +626,7 @@ class AriFake:
             cause = HANGUP_REASONS[reason]
         # Asterisk answers 204 and the events follow; here they go out first, which the
         # bridge must cope with as well.
-        await self._destroy(channel, cause)
+        await self._destroy(channel, cause, soft_reason=SOFTHANGUP_EXPLICIT)
         return web.Response(status=204)
 
     async def _dial(self, request: web.Request) -> web.Response:

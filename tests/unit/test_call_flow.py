@@ -258,14 +258,14 @@ class FakeStore:
 
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-        *, rung: bool = True,
+        *, rung: bool = True, ended_at: datetime | None = None,
     ) -> None:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
         row = self.rows[call_id]
         if row["state"] != "ended":
             row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, cut_reason=cut_reason,
-                       ended_at=datetime.now(timezone.utc))
+                       ended_at=ended_at or datetime.now(timezone.utc), ended_at_given=ended_at)
             if not rung:  # (as the SQL: nobody was rung, the row names no callee)
                 row.update(callee_role=None, callee_participant_id=None)
             self._set_state(call_id, "ended")
@@ -499,10 +499,12 @@ async def test_fake_hangup_by_request_emits_asterisk_events_with_the_cause(h: Ha
 
     await h.ari.hangup("leg-1", "busy")
     sent = h.fake.sent_events[mark:]
-    assert [(e["type"], e.get("cause")) for e in sent] == [
-        ("ChannelHangupRequest", 17),
-        ("StasisEnd", None),
-        ("ChannelDestroyed", 17),
+    # (As Asterisk: the request is soft, its cause the reason EXPLICIT; the channel's end
+    # carries the cause asked for.)
+    assert [(e["type"], e.get("cause"), e.get("soft")) for e in sent] == [
+        ("ChannelHangupRequest", 32, True),
+        ("StasisEnd", None, None),
+        ("ChannelDestroyed", 17, None),
     ]
     assert all(e["channel"]["id"] == "leg-1" and e["application"] == APP for e in sent)
     assert (await h.ari.application())["channel_ids"] == []
@@ -958,10 +960,80 @@ async def test_a_ring_timeout_while_asterisk_is_down_waits_for_it_and_a_restarte
     h.fake.clear_failures()  # back, another process; the socket still refused
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"]) == ("node_lost", "system")
+    assert row["ended_at_given"] is not None and row["ended_at_given"] == h.ari.lost_at  # (when the stream lost it)
     assert h.fake.connects == 1, "decided before the event stream reconnected"
     h.fake.accept()
     await h.fake.wait_connected(2)
     await h.settle()
+
+
+@pytest.mark.parametrize("state", ["connected", "ringing"])
+async def test_a_call_cut_by_asterisk_shutting_down_ends_as_node_lost_not_as_the_callers_hangup(
+        h: Harness, state: str) -> None:
+    """`core restart now` (or `core stop now`) mid-call: Asterisk hangs every channel up itself,
+    each hangup request soft, its "cause" 4 the SHUTDOWN reason, no Q.850 cause. The row said
+    the caller hung up with cause 4 (adversary finding); it says node_lost, by the system."""
+    row, _outbound = await (h.connected_call() if state == "connected" else h.ringing_call())
+    await h.fake.shut_down()
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("node_lost", "system", None)
+    await h.settle()
+
+
+@pytest.mark.parametrize("state", ["connected", "ringing"])
+async def test_a_callers_leg_hung_up_by_asterisk_itself_is_the_systems_doing_not_the_callers(
+        h: Harness, state: str) -> None:
+    """An operator's `channel request hangup` (or another ARI client's DELETE) on the caller's
+    leg: a soft hangup request, reason EXPLICIT (32), which no phone sends. The call ends by
+    the system, without a cause (32 is none), and the other phone is hung up. (The bridge's own
+    hangups are soft too: they stay what the flow says, as every other test here shows.)"""
+    row, outbound = await (h.connected_call() if state == "connected" else h.ringing_call())
+    await h.fake.hang_up_from_asterisk("in-1")
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    row = await h.store.ended("in-1")
+    expected = "answered" if state == "connected" else "failed"
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == (expected, "system", None)
+    await h.settle()
+
+
+async def test_a_call_lost_with_a_restarted_asterisk_ends_when_the_bridge_lost_it_not_when_it_found_out(
+        h: Harness) -> None:
+    """Its end is the moment the event stream lost Asterisk (a killed Asterisk closes it at
+    once), not the reconnect seconds later."""
+    row, _outbound = await h.connected_call()
+    before = datetime.now(timezone.utc)
+    await h.fake.drop(refuse=True)
+    async with asyncio.timeout(WAIT):
+        while h.ari.lost_at is None:
+            await asyncio.sleep(0.01)  # wait-ok: the stream's reader notices the close on its own
+    lost = h.ari.lost_at
+    assert before <= lost <= datetime.now(timezone.utc)
+    h.fake.restart()
+    h.fake.accept()
+    await h.fake.wait_connected(2)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["ended_at_given"]) == ("node_lost", lost)
+    await h.settle()
+    assert h.ari.lost_at is None, "cleared once connected again"
+
+
+@pytest.mark.parametrize("started", ["before", "after"])
+async def test_a_call_left_behind_from_before_asterisks_start_ends_as_node_lost(harness, started: str) -> None:
+    """The bridge and its Asterisk killed together: the next bridge finds the row of a call
+    whose channels are gone. Started before this Asterisk did, the call went down with the one
+    before: node_lost, ended no later than this one started. (It said failed, or answered, by
+    the system.) A call started after it still ends as before."""
+    h = await harness(start=False)
+    pbx_started = datetime(2026, 12, 1, 8, 0, tzinfo=timezone.utc)  # the fake's startup time
+    began = pbx_started + (timedelta(minutes=-5) if started == "before" else timedelta(minutes=5))
+    row = h.store.add_row(state="connected", inbound_channel_id="in-stale", outbound_channel_id="gone-callee",
+                          started_at=began, answered_at=began + timedelta(seconds=10))
+    await h.start()
+    row = await h.store.ended("in-stale")
+    if started == "before":
+        assert (row["outcome"], row["hangup_by"], row["ended_at_given"]) == ("node_lost", "system", pbx_started)
+    else:
+        assert (row["outcome"], row["hangup_by"], row["ended_at_given"]) == ("answered", "system", None)
 
 
 async def test_a_caller_gone_while_the_socket_was_down_is_still_the_callers_hangup(h: Harness) -> None:
