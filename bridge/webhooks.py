@@ -184,6 +184,11 @@ class Deliverer:
             self._unreadable = 0
         return batch
 
+    def _outbox_wait(self) -> float:
+        """Seconds until the outbox is read again, after as many failed reads in a row: twice
+        as long each time, at most OUTBOX_WAIT_MAX."""
+        return min(self.poll * 2.0 ** self._unreadable, OUTBOX_WAIT_MAX)
+
     async def run(self, stop: asyncio.Event) -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=TIMEOUT)) as http:
             while not stop.is_set():
@@ -191,7 +196,7 @@ class Deliverer:
                 try:
                     batch = await self._claim()
                     if batch is None:
-                        wait = min(self.poll * 2.0 ** self._unreadable, OUTBOX_WAIT_MAX)
+                        wait = self._outbox_wait()
                     elif batch:
                         delivered = await asyncio.gather(*(self._send(http, e) for e in batch))
                         if any(delivered) or (self._failed_in_row < OPEN_AFTER and not self._unproven):

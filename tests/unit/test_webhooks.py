@@ -18,7 +18,7 @@ from aiohttp import web
 from bridge import metrics
 from bridge.app import housekeeping
 from bridge.store.webhooks import Pending
-from bridge.webhooks import ATTEMPTS, Deliverer, backoff, prune, signature
+from bridge.webhooks import ATTEMPTS, OUTBOX_WAIT_MAX, Deliverer, backoff, prune, signature
 
 
 def test_the_signature_is_an_hmac_of_time_and_body():
@@ -443,6 +443,21 @@ async def test_an_outbox_that_cannot_be_read_is_said_once_without_a_traceback(re
     events = [e["event"] for e in logs if e["event"].startswith("webhook.")]
     assert events.count("webhook.outbox_unreadable") == 1 and events.count("webhook.outbox_readable") == 1
     assert "webhook.delivery_failed" not in events, "no traceback for a database that is down"
+
+
+async def test_an_outbox_that_cannot_be_read_is_read_again_twice_as_late_each_time_at_most_10_s(receiver):
+    """The database down for long (poll 0.5 s): the outbox is read again after 1, 2, 4, 8 s, then every
+    10 s (OUTBOX_WAIT_MAX), never later; and as usual once it could be read."""
+    state, url = receiver
+    outbox = _UnreadableOutbox(down=8)
+    deliverer = Deliverer(outbox, url, "s" * 20, poll=0.5)  # type: ignore[arg-type]
+    waits = []
+    for _ in range(8):
+        assert await deliverer._claim() is None
+        waits.append(deliverer._outbox_wait())
+    assert waits == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0, 10.0]
+    assert OUTBOX_WAIT_MAX == 10.0
+    assert await deliverer._claim() is not None and deliverer._unreadable == 0
 
 
 async def test_a_probe_takes_an_event_never_tried_before_the_ones_refused_already(receiver):
