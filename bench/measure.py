@@ -357,6 +357,68 @@ class RouteProbe:
             self._task.cancel()
 
 
+# --- what a hop costs on this machine ------------------------------------------------------------
+
+_ECHO = "import socket,sys\ns=socket.socket(fileno=int(sys.argv[1]))\nwhile d:=s.recv(64): s.send(d)\n"
+
+
+def _socket_round_trips(samples: int, idle: float) -> list[float]:
+    """ms per round trip of one byte to another process and back over a local socket, `idle` s
+    apart (0: back to back)."""
+    import socket
+    import subprocess
+    import sys
+
+    mine, theirs = socket.socketpair()
+    echo = subprocess.Popen([sys.executable, "-c", _ECHO, str(theirs.fileno())], pass_fds=[theirs.fileno()])
+    theirs.close()
+    try:
+        mine.send(b"x")
+        mine.recv(64)  # (it runs)
+        times = []
+        for _ in range(samples):
+            if idle:
+                time.sleep(idle)  # the idleness measured
+            began = time.perf_counter()
+            mine.send(b"x")
+            mine.recv(64)
+            times.append((time.perf_counter() - began) * 1000)
+        return times
+    finally:
+        mine.close()
+        echo.wait(10)
+
+
+async def hop_costs(stack: Stack, pairs: Pairs, samples: int, idle: float = 0.05) -> dict[str, Any]:
+    """What one round trip to another process costs on this machine (p50, ms), back to back and
+    after `idle` s with nothing to do, as the bridge's path meets it between calls: a bare
+    socket, `SELECT 1`, and the bridge's routing query (ROUTE_SQL, read only) from asyncpg as
+    the bridge uses it. The dialplan path makes no such hop before its INVITE leaves."""
+    out: dict[str, Any] = {"idle_ms": idle * 1000, "samples": samples}
+    for gap, key in ((0.0, "warm"), (idle, "idle")):
+        out.setdefault("socket", {})[key] = percentiles(await asyncio.to_thread(_socket_round_trips, samples, gap))
+    vault = NumberVault(stack.env["MB_NUMBER_KEY"])
+    route = pairs.bridge[0]
+    conn = await asyncpg.connect(stack.database_url)
+    try:
+        for name, sql, args in (("select_1", "SELECT 1", ()),
+                                ("route", ROUTE_SQL, (vault.index(route.caller), route.dialed))):
+            statement = await conn.prepare(sql)
+            await statement.fetch(*args)
+            for gap, key in ((0.0, "warm"), (idle, "idle")):
+                times = []
+                for _ in range(samples):
+                    if gap:
+                        await asyncio.sleep(gap)  # the idleness measured
+                    began = time.perf_counter()
+                    await statement.fetch(*args)
+                    times.append((time.perf_counter() - began) * 1000)
+                out.setdefault(name, {})[key] = percentiles(times)
+    finally:
+        await conn.close()
+    return out
+
+
 def route_lookups(bridge_log: Path, offset: int) -> dict[str, float]:
     """The bridge's route lookup times (call.started route_ms) logged since `offset`."""
     values: list[float] = []

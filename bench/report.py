@@ -58,8 +58,8 @@ def machine(stack: Stack) -> dict[str, str]:
     }
 
 
-def _ms(p: dict[str, Any], key: str) -> str:
-    return f"{p[key]:.1f}" if key in p else "-"
+def _ms(p: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
+    return fmt.format(p[key]) if key in p else "-"
 
 
 def _figure(out: Path, name: str, title: str, xlabel: str, ylabel: str, draw: Any) -> str:
@@ -136,6 +136,37 @@ def plots(results: dict[str, Any], out: Path, before: dict[str, Any] | None) -> 
 
 def _num(value: Any, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value) if isinstance(value, (int, float)) else str(value)
+
+
+def _hops(hops: dict[str, Any] | None) -> list[str]:
+    """What one round trip to another process costs on this machine (measure.hop_costs)."""
+    if not hops:
+        return []
+    idle = f"{hops['idle_ms']:g}"
+    rows = (("one byte over a local socket, to another process and back", "socket"),
+            ("`SELECT 1` from asyncpg, as the bridge queries", "select_1"),
+            ("the bridge's routing query (read only) from asyncpg", "route"))
+
+    def ratio(entry: dict[str, Any]) -> str:
+        warm, cold = entry["warm"].get("p50"), entry["idle"].get("p50")
+        return f"{cold / warm:.1f}x" if warm and cold else "-"
+
+    return [
+        f"What one hop to another process costs on this machine: the round trip's p50 in ms, back to back and "
+        f"after {idle} ms with nothing to do (as between two calls at 20 calls/s), {hops['samples']} of each:",
+        "",
+        f"| round trip | back to back | after {idle} ms idle | idle / back to back |",
+        "| --- | --- | --- | --- |",
+        *[f"| {label} | {_ms(hops[key]['warm'], 'p50', '{:.3f}')} | {_ms(hops[key]['idle'], 'p50', '{:.3f}')} "
+          f"| {ratio(hops[key])} |" for label, key in rows if key in hops],
+        "",
+        *([f"After {idle} ms of idleness the routing query's round trip takes "
+           f"{hops['route']['idle']['p50'] - hops['route']['warm']['p50']:.2f} ms more than back to back "
+           f"({ratio(hops['route'])}): the same work, started cold. A call on the bridge path makes that "
+           "round trip, and three to Asterisk, between the caller's INVITE and the callee's; the dialplan path "
+           "crosses to no other process before its INVITE leaves.", ""]
+          if hops.get("route", {}).get("warm", {}).get("p50") and hops["route"].get("idle", {}).get("p50") else []),
+    ]
 
 
 def _comparison(results: dict[str, Any], before: dict[str, Any] | None) -> list[str]:
@@ -409,6 +440,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "making the new leg and its StasisStart (about 1.5 ms together, kernel stamps), and "
         "building the INVITE once dialed (0.5 to 1.4 ms).",
         "",
+        *_hops(results.get("hops")),
         "![delay](delay.png)",
         "",
         "## Throughput",
