@@ -737,13 +737,16 @@ SCHEMAS: dict[str, Schema] = {
                 "the other side's is "
                 "on the blocklist, so the call was refused (the caller heard an announcement), or it was ringing "
                 "when one of them was blocked and the bridge ended it (`cut_reason` `blocked`). A connected call "
-                "ended by a block keeps `answered`, with `cut_reason` `blocked`.",
+                "ended by a block keeps `answered`, with `cut_reason` `blocked`. `node_lost`: the Asterisk "
+                "that carried the call died, or was stopped or restarted, under it; nobody hung up (`hangup_by` "
+                "`system`, no cause).",
             },
             "hangup_by": {
                 "type": ["string", "null"],
                 "enum": [*HANGUP_BY, None],
                 "description": "`system`: the bridge hung up (no answer in time, the end of an announcement, a "
-                "failure, or a cut: see `cut_reason`).",
+                "failure, or a cut: see `cut_reason`), or Asterisk itself did (an operator hung a leg up, "
+                "Asterisk stopped: `node_lost`).",
             },
             "hangup_cause": {"type": ["integer", "null"], "description": "The Q.850 cause, when known."},
             "cut_reason": {
@@ -759,7 +762,9 @@ SCHEMAS: dict[str, Schema] = {
             },
             "started_at": TIMESTAMP,
             "answered_at": NULLABLE_TIMESTAMP,
-            "ended_at": NULLABLE_TIMESTAMP,
+            "ended_at": {**NULLABLE_TIMESTAMP, "description": "When the call ended. For `node_lost`, when the "
+                         "bridge lost the call's Asterisk, or that node's last heartbeat; for a call found "
+                         "after its Asterisk was started again, no later than that start."},
             "duration_seconds": {
                 "type": ["number", "null"],
                 "description": "Talk time, from answer to end; null unless the call was answered and has ended.",
