@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import aiohttp
 
@@ -29,6 +31,53 @@ def _params(values: dict[str, Any]) -> dict[str, str]:
         else:
             out[key] = str(value)
     return out
+
+
+# A kept-alive connection of `AriClient.in_turn` idle longer than this is closed, not used
+# again: Asterisk closes an idle one after http.conf's session_keep_alive (15 s by default),
+# and a request written as it does would be lost unseen.
+PIPE_IDLE_MAX = 5.0
+PIPE_ANSWER_MAX = 1 << 20  # bytes of one answer, at most (a channel or bridge is a few KB)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One ARI request, for AriClient.in_turn."""
+
+    method: str
+    path: str
+    params: dict[str, Any]
+
+
+class _Pipe:
+    """One raw HTTP/1.1 connection to Asterisk that writes several requests at once."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.idle_since = time.monotonic()
+        self.reused = False
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def answer(self) -> tuple[int, bytes, bool]:
+        """The next answer: its status, its body, and whether Asterisk keeps the connection."""
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length: int | None = None
+        keep = True
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value.strip())
+            elif name.strip().lower() == b"connection" and value.strip().lower() == b"close":
+                keep = False
+        if length is None and (status in (204, 304) or status < 200):
+            length = 0  # (no body by definition: a server may leave the length out)
+        if length is None or not 0 <= length <= PIPE_ANSWER_MAX:
+            raise ValueError(f"answer without a usable Content-Length ({length})")
+        return status, (await self.reader.readexactly(length) if length else b""), keep
 
 
 @dataclass(frozen=True)
@@ -56,6 +105,7 @@ class AriClient:
         self.app = app
         credentials = base64.b64encode(f"{user}:{password}".encode()).decode()
         self._headers = {"Authorization": f"Basic {credentials}"}
+        self._host = urlsplit(self.base_url).netloc
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
         self._session: aiohttp.ClientSession | None = None
         # Asterisk's startup time as the event stream found it at its last (re)connect (set by
@@ -64,6 +114,7 @@ class AriClient:
         # When the event stream lost a connection that was up (set by the stream; cleared once
         # a new one has caught up): channels of an Asterisk found restarted since went then.
         self.lost_at: datetime | None = None
+        self._pipes: list[_Pipe] = []  # kept-alive connections of in_turn, idle
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -72,6 +123,9 @@ class AriClient:
         return self._session
 
     async def close(self) -> None:
+        for pipe in self._pipes:
+            pipe.close()
+        self._pipes.clear()
         if self._session is not None:
             await self._session.close()
 
@@ -106,6 +160,100 @@ class AriClient:
             raise AriUnavailable(method, path, None, type(exc).__name__) from exc
         finally:
             metrics.ARI_REQUEST.labels(operation).observe(time.perf_counter() - began)
+
+    async def in_turn(self, calls: list[Call]) -> list[Any]:
+        """Several requests that must run one after the other, without a round trip between
+        them: written at once on one kept-alive connection, which Asterisk serves one request
+        at a time, each once the one before is done (its answer written). Each request's
+        result in order: its answer (JSON, or None), or the AriError it met (returned, not
+        raised: the later requests ran anyway). AriUnavailable when the connection failed:
+        then what ran is not known. (Over plain HTTP; over TLS, one after the other.)"""
+        if not self.base_url.startswith("http://"):
+            results: list[Any] = []
+            for call in calls:
+                try:
+                    results.append(await self.request(call.method, call.path, call.params))
+                except AriUnavailable:
+                    raise
+                except AriError as exc:
+                    results.append(exc)
+            return results
+        began = time.perf_counter()
+        data = b"".join(self._request_bytes(call) for call in calls)
+        first = calls[0]
+        try:
+            async with asyncio.timeout(self._timeout.total):
+                pipe = await self._pipe()
+                try:
+                    pipe.writer.write(data)
+                    try:
+                        answer = await pipe.answer()
+                    except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                        if not pipe.reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                            raise
+                        # A kept-alive connection Asterisk had closed meanwhile: nothing was read
+                        # from it, nothing ran. Once more, on a new one.
+                        pipe.close()
+                        pipe = await self._pipe(fresh=True)
+                        pipe.writer.write(data)
+                        answer = await pipe.answer()
+                    answers = [answer]
+                    for _ in calls[1:]:
+                        answers.append(await pipe.answer())
+                except BaseException:
+                    pipe.close()
+                    raise
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError) as exc:
+            for call in calls:
+                metrics.ARI_ERRORS.labels(metrics.ari_operation(call.method, call.path), "0").inc()
+            raise AriUnavailable(first.method, first.path, None, type(exc).__name__) from exc
+        if all(keep for _status, _body, keep in answers):
+            pipe.idle_since = time.monotonic()
+            pipe.reused = True
+            self._pipes.append(pipe)
+        else:
+            pipe.close()
+        elapsed = time.perf_counter() - began
+        results = []
+        for call, (status, body, _keep) in zip(calls, answers):
+            operation = metrics.ari_operation(call.method, call.path)
+            metrics.ARI_REQUEST.labels(operation).observe(elapsed)
+            results.append(self._result(call, operation, status, body))
+        return results
+
+    def _request_bytes(self, call: Call) -> bytes:
+        query = urlencode(_params(call.params))
+        return (f"{call.method} /ari{call.path}{'?' + query if query else ''} HTTP/1.1\r\n"
+                f"Host: {self._host}\r\nAuthorization: {self._headers['Authorization']}\r\n"
+                "Content-Length: 0\r\n\r\n").encode()
+
+    @staticmethod
+    def _result(call: Call, operation: str, status: int, body: bytes) -> Any:
+        if status >= 400:
+            metrics.ARI_ERRORS.labels(operation, str(status)).inc()
+            message = body.decode("utf-8", "replace")
+            try:
+                decoded = json.loads(body)
+                if isinstance(decoded, dict):
+                    message = str(decoded.get("message", message))
+            except ValueError:
+                pass
+            return from_status(call.method, call.path, status, message)
+        try:
+            return json.loads(body) if body else None
+        except ValueError:
+            return AriUnavailable(call.method, call.path, status, "an answer that is no JSON")
+
+    async def _pipe(self, fresh: bool = False) -> _Pipe:
+        """A kept-alive connection idle for less than PIPE_IDLE_MAX, or a new one."""
+        while self._pipes and not fresh:
+            pipe = self._pipes.pop()
+            if time.monotonic() - pipe.idle_since < PIPE_IDLE_MAX and not pipe.reader.at_eof():
+                return pipe
+            pipe.close()
+        host, _, port = self._host.partition(":")
+        reader, writer = await asyncio.open_connection(host, int(port or 80))
+        return _Pipe(reader, writer)
 
     # --- channels -------------------------------------------------------------------
 
@@ -150,8 +298,13 @@ class AriClient:
         """Every channel Asterisk has, each with its state."""
         return list(await self.request("GET", "/channels") or [])
 
+    @staticmethod
+    def dial_call(channel_id: str, timeout: int) -> Call:
+        return Call("POST", f"/channels/{channel_id}/dial", {"timeout": timeout})
+
     async def dial(self, channel_id: str, timeout: int) -> None:
-        await self.request("POST", f"/channels/{channel_id}/dial", {"timeout": timeout})
+        call = self.dial_call(channel_id, timeout)
+        await self.request(call.method, call.path, call.params)
 
     async def answer(self, channel_id: str) -> None:
         await self.request("POST", f"/channels/{channel_id}/answer")
@@ -235,15 +388,17 @@ class AriClient:
             "POST", f"/bridges/{bridge_id}", {"type": "mixing,proxy_media", "name": name or None}
         )
 
-    async def add_to_bridge(self, bridge_id: str, channel_id: str | list[str]) -> None:
+    @staticmethod
+    def join_call(bridge_id: str, channel_id: str | list[str]) -> Call:
         """One channel, or several in one request (Asterisk checks them all before adding any)."""
         # Connected-line updates are not passed between the legs: they would carry one
         # party's real identity to the other (see ASTERISK-NOTES.md).
-        await self.request(
-            "POST",
-            f"/bridges/{bridge_id}/addChannel",
-            {"channel": channel_id, "inhibitConnectedLineUpdates": True},
-        )
+        return Call("POST", f"/bridges/{bridge_id}/addChannel",
+                    {"channel": channel_id, "inhibitConnectedLineUpdates": True})
+
+    async def add_to_bridge(self, bridge_id: str, channel_id: str | list[str]) -> None:
+        call = self.join_call(bridge_id, channel_id)
+        await self.request(call.method, call.path, call.params)
 
     async def get_bridge(self, bridge_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/bridges/{bridge_id}")

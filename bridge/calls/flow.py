@@ -702,16 +702,29 @@ class MaskedCall:
         await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
         self._bridge_created = True
 
-    async def _join_both(self) -> bool:
-        """Both legs into the bridge, in one request: from now on the caller hears the other
-        phone ring (its network's ringing and early media pass through). False when the
-        caller has gone meanwhile. (The caller's own leg was masked by the dialplan: it knows
-        the other side only as the number it dialed, whatever the other network says.)"""
-        try:
-            await self.ari.add_to_bridge(self.bridge_id, [self.inbound_id, self.outbound_id])
-            return True
-        except AriError as exc:
-            log.info("call.join_retried", error=str(exc))  # one leg is gone: which one?
+    async def _join_and_dial(self) -> bool:
+        """Both legs into the bridge, in one request, and then the other leg dialed: from then
+        on the caller hears the other phone ring (its network's ringing and early media pass
+        through). The two requests go in one write on one connection, which Asterisk serves
+        one request at a time: the dial runs once the join is done, without the round trip
+        to the bridge and back between them (0.8 ms of post-dial delay). False when the caller
+        had gone: the join failed, and the other phone, dialed anyway, is to be hung up. (The
+        caller's own leg was masked by the dialplan: it knows the other side only as the
+        number it dialed, whatever the other network says.)"""
+        joined, dialed = await self.ari.in_turn([
+            self.ari.join_call(self.bridge_id, [self.inbound_id, self.outbound_id]),
+            self.ari.dial_call(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5),
+        ])
+        if isinstance(joined, AriError) and not await self._join_apart(joined):
+            return False
+        if isinstance(dialed, AriError):
+            raise dialed
+        return True
+
+    async def _join_apart(self, failed: AriError) -> bool:
+        """Both legs joining at once failed: one of them is gone. Each on its own: False when it
+        is the caller's."""
+        log.info("call.join_retried", error=str(failed))
         try:
             await self.ari.add_to_bridge(self.bridge_id, self.inbound_id)
         except (AriNotFound, AriConflict):
@@ -816,18 +829,19 @@ class MaskedCall:
                 return
             if isinstance(event, InStasis) and event.channel == self.outbound_id:
                 break
-        if not apart and not await self._join_both():
-            await self._hangup(self.outbound_id)
-            await self._end("caller_cancelled", "caller", None)
-            return
         # What happened while the legs were made (the caller hung up, a block or the session's
-        # end cut the call) is handled before anything leaves for the other phone. (The dial
-        # waits for the join's answer: sent at once, a dial would ring the other phone for a
-        # caller whose leg the join found gone.)
+        # end cut the call) is handled before anything leaves for the other phone.
         if await self._ended_meanwhile():
             return
         self._dialed = True
-        await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
+        if apart:
+            await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
+        elif not await self._join_and_dial():
+            # The caller left within the last round trip: the other phone saw the call come
+            # and go.
+            await self._hangup(self.outbound_id)
+            await self._end("caller_cancelled", "caller", None)
+            return
         metrics.CALL_SETUP.observe(time.monotonic() - self._began)
         self._log_started()
         if apart:

@@ -745,21 +745,25 @@ async def test_caller_hangup_before_outbound_stasis_start(h: Harness) -> None:
     assert outbound not in h.fake.channels
 
 
-async def test_a_caller_gone_as_both_legs_join_is_a_cancelled_call_and_nobody_is_dialed(h: Harness) -> None:
+async def test_a_caller_gone_as_both_legs_join_is_a_cancelled_call_and_the_other_phone_is_hung_up(
+        h: Harness) -> None:
     """The two legs join the bridge in one request; Asterisk refuses it when one of them is
-    gone (it checks every channel first). The flow then finds out which: the caller's leg is
-    gone, so the other leg is hung up undialed and the call ends as the caller's."""
+    gone (it checks every channel first). The dial went out in the same write, and ran after
+    the join: the other phone is hung up at once. The flow finds out which leg is gone: the
+    caller's, so the call ends as the caller's (and names the phone it rang)."""
     h.store.add_route(CALLER, POOL, CALLEE)
     h.fake.fail("POST", re.compile(r"/ari/bridges/.+/addChannel"), 400, "Channel not found", times=2)
     await h.fake.inbound_call("in-1", CALLER, POOL)
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"]) == ("caller_cancelled", "caller")
+    assert row["callee_role"] == "client", "it rang the other phone, however briefly"
     await h.settle()
     outbound = h.fake.find("POST", "/ari/channels/create")[0].query["channelId"]
-    adds = [a.query["channel"] for a in h.fake.find("POST", f"/ari/bridges/{row['id']}/addChannel")]
-    assert adds == [f"in-1,{outbound}", "in-1"]
-    assert h.fake.find("POST", f"/ari/channels/{outbound}/dial") == []
-    assert h.fake.find("DELETE", f"/ari/channels/{outbound}")
+    adds = h.fake.find("POST", f"/ari/bridges/{row['id']}/addChannel")
+    assert [a.query["channel"] for a in adds] == [f"in-1,{outbound}", "in-1"]
+    dial = h.fake.find("POST", f"/ari/channels/{outbound}/dial")
+    delete = h.fake.find("DELETE", f"/ari/channels/{outbound}")
+    assert len(dial) == 1 and delete and adds[0].index < dial[0].index < delete[0].index
 
 
 async def test_a_refused_join_of_both_legs_is_retried_one_by_one(h: Harness) -> None:
@@ -768,8 +772,11 @@ async def test_a_refused_join_of_both_legs_is_retried_one_by_one(h: Harness) -> 
     h.store.add_route(CALLER, POOL, CALLEE)
     h.fake.fail("POST", re.compile(r"/ari/bridges/.+/addChannel"), 422, "Channel not in Stasis application")
     row, outbound = await h.ringing_call()
-    adds = [a.query["channel"] for a in h.fake.find("POST", f"/ari/bridges/{row['id']}/addChannel")]
-    assert adds == [f"in-1,{outbound}", "in-1", outbound]
+    path = f"/ari/bridges/{row['id']}/addChannel"
+    first = await h.fake.wait_request("POST", path)
+    second = await h.fake.wait_request("POST", path, since=first.index + 1)
+    third = await h.fake.wait_request("POST", path, since=second.index + 1)
+    assert [a.query["channel"] for a in (first, second, third)] == [f"in-1,{outbound}", "in-1", outbound]
     assert h.fake.bridges[str(row["id"])].channels == ["in-1", outbound]
     await h.fake.hangup("in-1")
     await h.store.ended("in-1")

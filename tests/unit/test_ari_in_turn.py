@@ -1,0 +1,174 @@
+"""AriClient.in_turn: requests written at once on one kept-alive connection, served in turn,
+against a raw HTTP/1.1 server scripted here (as Asterisk's: one request at a time per
+connection, each answered with a Content-Length)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from bridge.ari import client as ari_client
+from bridge.ari.client import AriClient, Call
+from bridge.ari.errors import AriConflict, AriUnavailable
+
+Answer = Callable[[str, str], bytes | None]  # (method, target) -> the raw answer, or None: no answer
+
+
+def ok(body: Any = None, status: int = 200, close: bool = False) -> bytes:
+    data = json.dumps(body).encode() if body is not None else b""
+    reason = {200: "OK", 204: "No Content"}.get(status, "Error")
+    head = f"HTTP/1.1 {status} {reason}\r\nContent-Length: {len(data)}\r\n"
+    return (head + ("Connection: close\r\n" if close else "") + "\r\n").encode() + data
+
+
+class RawServer:
+    """Serves each connection's requests one at a time, in order, and records them."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.requests: list[tuple[int, str, str]] = []  # (connection number, method, target)
+        self.connections = 0
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        self.writers.append(writer)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
+                self.requests.append((number, method, target))
+                answer = self.answer(method, target)
+                if answer is None:
+                    await asyncio.Event().wait()  # hangs
+                writer.write(answer)
+                await writer.drain()
+                if b"Connection: close" in answer:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    def drop_idle(self) -> None:
+        """Close every connection (as Asterisk closes one idle past its keep-alive)."""
+        for writer in self.writers:
+            writer.close()
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[Callable[[Answer], Any]]:
+    servers: list[asyncio.Server] = []
+    clients: list[AriClient] = []
+
+    async def make(answer: Answer) -> tuple[RawServer, AriClient]:
+        state = RawServer(answer)
+        server = await asyncio.start_server(state._serve, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        client = AriClient(f"http://127.0.0.1:{port}", "bridge", "secret", "maskbridge", request_timeout=1.0)
+        clients.append(client)
+        return state, client
+
+    yield make
+    for client in clients:
+        await client.close()
+    for server in servers:
+        server.close()
+
+
+JOIN = Call("POST", "/bridges/b-1/addChannel", {"channel": ["in-1", "out-1"], "inhibitConnectedLineUpdates": True})
+DIAL = Call("POST", "/channels/out-1/dial", {"timeout": 11})
+
+
+async def test_both_run_in_order_on_one_connection_and_each_answer_comes_back(raw) -> None:
+    state, client = await raw(lambda m, t: ok(status=204) if "addChannel" in t else ok({"dialed": True}))
+    assert await client.in_turn([JOIN, DIAL]) == [None, {"dialed": True}]
+    assert [(c, m, t.split("?")[0]) for c, m, t in state.requests] == [
+        (1, "POST", "/ari/bridges/b-1/addChannel"), (1, "POST", "/ari/channels/out-1/dial")]
+    # The parameters as the HTTP client sends them: both legs, connected-line updates held back.
+    assert "channel=in-1%2Cout-1" in state.requests[0][2] and "inhibitConnectedLineUpdates=true" in state.requests[0][2]
+
+
+async def test_a_refused_request_is_returned_not_raised_and_the_next_one_ran(raw) -> None:
+    refused = ok({"message": "Channel not in Stasis application"}, status=422)
+    state, client = await raw(lambda m, t: refused if "addChannel" in t else ok(status=204))
+    joined, dialed = await client.in_turn([JOIN, DIAL])
+    assert isinstance(joined, AriConflict) and joined.status == 422 and "not in Stasis" in str(joined)
+    assert dialed is None and len(state.requests) == 2
+
+
+async def test_the_connection_is_kept_and_used_again(raw) -> None:
+    state, client = await raw(lambda m, t: ok(status=204))
+    await client.in_turn([JOIN, DIAL])
+    await client.in_turn([JOIN, DIAL])
+    assert state.connections == 1 and [c for c, _m, _t in state.requests] == [1, 1, 1, 1]
+
+
+async def test_a_kept_connection_the_server_closed_meanwhile_is_replaced_and_nothing_runs_twice(raw) -> None:
+    state, client = await raw(lambda m, t: ok(status=204))
+    await client.in_turn([JOIN, DIAL])
+    state.drop_idle()
+    pipe = client._pipes[0]
+    async with asyncio.timeout(5):
+        while not pipe.reader.at_eof():
+            await asyncio.sleep(0.01)  # wait-ok: polling the client socket's state until the close is there
+    pipe.reader.at_eof = lambda: False  # type: ignore[method-assign]  # (the close still on its way: the race)
+    assert await client.in_turn([JOIN, DIAL]) == [None, None]
+    assert state.connections == 2 and [c for c, _m, _t in state.requests] == [1, 1, 2, 2]
+
+
+async def test_a_connection_idle_too_long_is_not_used_again(raw, monkeypatch) -> None:
+    monkeypatch.setattr(ari_client, "PIPE_IDLE_MAX", 0.0)
+    state, client = await raw(lambda m, t: ok(status=204))
+    await client.in_turn([JOIN, DIAL])
+    await client.in_turn([JOIN, DIAL])
+    assert state.connections == 2
+
+
+async def test_an_answer_that_closes_the_connection_is_not_used_again(raw) -> None:
+    state, client = await raw(lambda m, t: ok(status=204, close="dial" in t))
+    await client.in_turn([JOIN, DIAL])
+    await client.in_turn([JOIN, DIAL])
+    assert state.connections == 2
+
+
+async def test_a_server_that_does_not_answer_is_unavailable_within_the_timeout(raw) -> None:
+    state, client = await raw(lambda m, t: ok(status=204) if "addChannel" in t else None)
+    with pytest.raises(AriUnavailable) as failed:
+        await client.in_turn([JOIN, DIAL])
+    assert failed.value.status is None and "TimeoutError" in str(failed.value)
+    assert client._pipes == [], "the connection that hung is not kept"
+
+
+async def test_an_answer_without_a_length_or_a_connection_refused_is_unavailable(raw) -> None:
+    state, client = await raw(lambda m, t: b"HTTP/1.1 200 OK\r\n\r\n{}")
+    with pytest.raises(AriUnavailable):
+        await client.in_turn([JOIN, DIAL])
+    assert client._pipes == []
+    closed = AriClient("http://127.0.0.1:9", "bridge", "secret", "maskbridge", request_timeout=1.0)
+    with pytest.raises(AriUnavailable):
+        await closed.in_turn([JOIN, DIAL])
+    await closed.close()
+
+
+async def test_over_tls_the_requests_go_one_after_the_other(monkeypatch) -> None:
+    client = AriClient("https://pbx.example:8089", "bridge", "secret", "maskbridge")
+    sent: list[str] = []
+
+    async def request(method: str, path: str, params: dict[str, Any] | None = None, body: Any = None) -> Any:
+        sent.append(path)
+        if "addChannel" in path:
+            raise AriConflict(method, path, 422, "Channel not in Stasis application")
+        return None
+
+    monkeypatch.setattr(client, "request", request)
+    joined, dialed = await client.in_turn([JOIN, DIAL])
+    assert isinstance(joined, AriConflict) and dialed is None
+    assert sent == ["/bridges/b-1/addChannel", "/channels/out-1/dial"]
+    await client.close()
