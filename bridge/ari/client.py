@@ -38,6 +38,10 @@ def _params(values: dict[str, Any]) -> dict[str, str]:
 # and a request written as it does would be lost unseen.
 PIPE_IDLE_MAX = 5.0
 PIPE_ANSWER_MAX = 1 << 20  # bytes of one answer, at most (a channel or bridge is a few KB)
+# Connections of in_turn in use at once, at most (and as many kept idle): Asterisk serves at
+# most http.conf's sessionlimit (100) connections, the websocket and aiohttp's pool among them.
+# Beyond it, the requests go one after the other on the pool's connections.
+PIPES_MAX = 8
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,7 @@ class AriClient:
         # a new one has caught up): channels of an Asterisk found restarted since went then.
         self.lost_at: datetime | None = None
         self._pipes: list[_Pipe] = []  # kept-alive connections of in_turn, idle
+        self._pipes_busy = 0  # and in use
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -167,17 +172,28 @@ class AriClient:
         at a time, each once the one before is done (its answer written). Each request's
         result in order: its answer (JSON, or None), or the AriError it met (returned, not
         raised: the later requests ran anyway). AriUnavailable when the connection failed:
-        then what ran is not known. (Over plain HTTP; over TLS, one after the other.)"""
-        if not self.base_url.startswith("http://"):
-            results: list[Any] = []
-            for call in calls:
-                try:
-                    results.append(await self.request(call.method, call.path, call.params))
-                except AriUnavailable:
-                    raise
-                except AriError as exc:
-                    results.append(exc)
-            return results
+        then what ran is not known. (Over plain HTTP; over TLS, or with PIPES_MAX connections
+        in use, one after the other, each once the one before has answered.)"""
+        if not self.base_url.startswith("http://") or (not self._pipes and self._pipes_busy >= PIPES_MAX):
+            return await self._one_by_one(calls)
+        self._pipes_busy += 1
+        try:
+            return await self._in_turn(calls)
+        finally:
+            self._pipes_busy -= 1
+
+    async def _one_by_one(self, calls: list[Call]) -> list[Any]:
+        results: list[Any] = []
+        for call in calls:
+            try:
+                results.append(await self.request(call.method, call.path, call.params))
+            except AriUnavailable:
+                raise
+            except AriError as exc:
+                results.append(exc)
+        return results
+
+    async def _in_turn(self, calls: list[Call]) -> list[Any]:
         began = time.perf_counter()
         data = b"".join(self._request_bytes(call) for call in calls)
         first = calls[0]
@@ -207,7 +223,7 @@ class AriClient:
             for call in calls:
                 metrics.ARI_ERRORS.labels(metrics.ari_operation(call.method, call.path), "0").inc()
             raise AriUnavailable(first.method, first.path, None, type(exc).__name__) from exc
-        if all(keep for _status, _body, keep in answers):
+        if all(keep for _status, _body, keep in answers) and len(self._pipes) < PIPES_MAX:
             pipe.idle_since = time.monotonic()
             pipe.reused = True
             self._pipes.append(pipe)

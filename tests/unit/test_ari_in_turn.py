@@ -172,3 +172,31 @@ async def test_over_tls_the_requests_go_one_after_the_other(monkeypatch) -> None
     assert isinstance(joined, AriConflict) and dialed is None
     assert sent == ["/bridges/b-1/addChannel", "/channels/out-1/dial"]
     await client.close()
+
+
+async def test_with_every_connection_in_use_the_requests_go_one_after_the_other(raw, monkeypatch) -> None:
+    """PIPES_MAX connections writing at once: the next ones do not open more (Asterisk serves a
+    limited number of connections), they go one by one on the HTTP pool, each once the one
+    before has answered; and no more than PIPES_MAX are kept idle."""
+    monkeypatch.setattr(ari_client, "PIPES_MAX", 2)
+    release = asyncio.Event()
+    waiting: list[str] = []
+
+    state, client = await raw(lambda m, t: ok(status=204))
+    original = ari_client._Pipe.answer
+
+    async def slow_answer(pipe: Any) -> tuple[int, bytes, bool]:
+        waiting.append("pipe")
+        await release.wait()
+        return await original(pipe)
+
+    monkeypatch.setattr(ari_client._Pipe, "answer", slow_answer)
+    busy = [asyncio.create_task(client.in_turn([JOIN, DIAL])) for _ in range(2)]
+    async with asyncio.timeout(5):
+        while len(waiting) < 2:
+            await asyncio.sleep(0.01)  # wait-ok: until both connections wait for their answers
+    assert await client.in_turn([JOIN, DIAL]) == [None, None], "one by one, not waiting for a connection"
+    assert state.connections == 3  # (two raw ones, and the HTTP pool's)
+    release.set()
+    assert await asyncio.gather(*busy) == [[None, None], [None, None]]
+    assert len(client._pipes) == 2
