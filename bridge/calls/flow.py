@@ -395,13 +395,19 @@ class MaskedCall:
             log.warning("call.pbx_lost", state=self.state.value, shutdown=event.soft)
             await self._end("node_lost", "system", None, ended_at=event.at)
             return True
-        if isinstance(event, Hangup) and event.soft and event.channel == self.inbound_id \
-                and event.channel not in self._hung_up:
-            # Asterisk hung the caller's leg up itself, not the caller (an operator's `channel
-            # request hangup`, an ARI client other than this bridge, a timeout): the system's.
-            log.warning("call.hung_up_by_pbx", state=self.state.value)
-            await self._hang_up_both()
-            await self._end("answered" if outcomes.answered else "failed", "system", None)
+        if isinstance(event, Hangup) and event.soft and event.channel not in self._hung_up and (
+                event.channel == self.inbound_id or (self._outbound_created and event.channel == self.outbound_id)):
+            # Asterisk hung a leg up itself, neither phone did (an operator's `channel request
+            # hangup`, an ARI client other than this bridge, a timeout): the system's doing, and
+            # no cause, whichever leg (not a busy, a refusal or an unconfirmed answer of the other
+            # phone: those come as its network's answer, never as a soft hangup).
+            log.warning("call.hung_up_by_pbx", leg="caller" if event.channel == self.inbound_id else "callee",
+                        state=self.state.value)
+            unanswered = self.state in (CallState.ROUTING, CallState.RINGING, CallState.CONFIRMING)
+            await self._hang_up_both(caller_cause=CUT_CAUSE_TO_CALLER if unanswered else None)
+            outcome = "answered" if outcomes.answered else \
+                self._announcing if self.state is CallState.ANNOUNCING else "failed"
+            await self._end(outcome, "system", None)
             return True
         if isinstance(event, Hangup) and event.channel == self.inbound_id:
             if self._outbound_created:

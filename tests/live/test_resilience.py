@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 
 import pytest
 
+from bridge.ari import AriClient
 from bridge.devstack import asterisk, postgres, processes
 from bridge.devstack.audio import rms, samples
 from bridge.phone import mask
@@ -206,6 +207,28 @@ async def test_a_call_lost_with_a_killed_asterisk_is_the_systems_not_the_callers
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     await asyncio.wait_for(leg.ended.wait(), 15)
     assert callee.answered_at is not None
+
+
+@pytest.mark.parametrize("leg", ["caller", "callee"])
+async def test_a_leg_an_operator_hangs_up_on_the_pbx_is_the_systems_not_a_phones(
+        stack, carrier, api, real_number, db, leg):
+    """`channel request hangup` on the PBX's console, on either leg of a connected call: no
+    phone hung up, the system did (the row said the caller, or the callee, with cause 16). The
+    other phone is hung up."""
+    session, _courier, caller, callee = await connected_call(carrier, api, real_number, db)
+    row = await wait_for_call_row(db, session["id"], state="connected")
+    pbx = AriClient(f"http://{stack.env['MB_ARI_BIND']}:{stack.env['MB_ARI_PORT']}", stack.env["MB_ARI_USER"],
+                    stack.env["MB_ARI_PASSWORD"], stack.env["MB_ARI_APP"])
+    try:
+        channel = await pbx.get_channel(row["inbound_channel_id" if leg == "caller" else "outbound_channel_id"])
+    finally:
+        await pbx.close()
+    done = await asyncio.to_thread(asterisk.rx, stack, "pbx", f"channel request hangup {channel['name']}")
+    assert done.returncode == 0, done.stderr
+    await asyncio.wait_for(caller.ended.wait(), 10)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "system", None)
 
 
 async def test_health_says_asterisk_is_down_while_it_hangs_and_up_once_it_answers_again(stack):

@@ -27,7 +27,7 @@ from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
 from bridge.calls import outcomes
 from bridge.calls.events import WANTED_EVENTS
-from bridge.calls.flow import FlowSettings
+from bridge.calls.flow import CUT_CAUSE_TO_CALLER, FlowSettings
 from bridge.calls.stasis import StasisDispatcher
 from bridge.sessions import Route
 from bridge.store.queries import NewCall
@@ -987,19 +987,41 @@ async def test_a_call_cut_by_asterisk_shutting_down_ends_as_node_lost_not_as_the
     await h.settle()
 
 
+@pytest.mark.parametrize("leg", ["caller", "callee"])
 @pytest.mark.parametrize("state", ["connected", "ringing"])
-async def test_a_callers_leg_hung_up_by_asterisk_itself_is_the_systems_doing_not_the_callers(
-        h: Harness, state: str) -> None:
-    """An operator's `channel request hangup` (or another ARI client's DELETE) on the caller's
-    leg: a soft hangup request, reason EXPLICIT (32), which no phone sends. The call ends by
-    the system, without a cause (32 is none), and the other phone is hung up. (The bridge's own
-    hangups are soft too: they stay what the flow says, as every other test here shows.)"""
+async def test_a_leg_hung_up_by_asterisk_itself_is_the_systems_doing_not_a_phones(
+        h: Harness, state: str, leg: str) -> None:
+    """An operator's `channel request hangup` (or another ARI client's DELETE) on either leg: a
+    soft hangup request, reason EXPLICIT (32), which no phone sends. The call ends by the system,
+    without a cause (32 is none; the channel's end says 16), and the other leg is hung up; a
+    caller not answered yet hears "unavailable". (It said the caller or the callee hung up: on
+    the callee's leg as it rang, a failure of the other phone, and with reason=busy a busy
+    phone. The bridge's own hangups are soft too: they stay what the flow says, as every other
+    test here shows.)"""
     row, outbound = await (h.connected_call() if state == "connected" else h.ringing_call())
-    await h.fake.hang_up_from_asterisk("in-1")
-    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    gone, other = ("in-1", outbound) if leg == "caller" else (outbound, "in-1")
+    await h.fake.hang_up_from_asterisk(gone, cause=17)  # (as `DELETE ...?reason=busy` would)
+    hangup = await h.fake.wait_request("DELETE", f"/ari/channels/{other}")
+    if state == "ringing" and leg == "callee":
+        assert hangup.query["reason_code"] == str(CUT_CAUSE_TO_CALLER)
     row = await h.store.ended("in-1")
     expected = "answered" if state == "connected" else "failed"
     assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == (expected, "system", None)
+    await h.settle()
+
+
+async def test_the_other_phones_leg_hung_up_by_asterisk_while_it_is_asked_to_confirm_is_no_unconfirmed_answer(
+        harness) -> None:
+    """The callee's leg hung up by Asterisk itself during the press-1 prompt: not an answer
+    that was never confirmed (not_confirmed, by the callee, as a voicemail's), a failure of the
+    system's; the caller hears "unavailable"."""
+    h = await harness(CONFIRMING)
+    row, outbound, _prompt = await _answered_and_asked(h)
+    await h.fake.hang_up_from_asterisk(outbound)
+    hangup = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    assert hangup.query["reason_code"] == str(CUT_CAUSE_TO_CALLER)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("failed", "system", None)
     await h.settle()
 
 
