@@ -342,7 +342,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     keeper = nodes.NodeKeeper(settings.database_url, NodeRepo(pool), settings.node_id,
                               api_url=node_api_url(settings), sip_address=settings.node_sip_address or None,
                               timeout=settings.node_timeout, webhooks=bool(settings.webhook_url), conn=claimed,
-                              alive=stream.connected.is_set)
+                              alive=stream.connected.is_set, after_silence=dispatcher.end_reaped)
     metrics.CALLS_IN_PROGRESS.source = dispatcher.call_states
 
     async def database_up() -> bool:

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import structlog
@@ -159,8 +160,14 @@ class NodeKeeper:
 
     def __init__(self, dsn: str, repo: NodeRepo, node: str, *, api_url: str | None, sip_address: str | None,
                  timeout: float, webhooks: bool, conn: asyncpg.Connection,
-                 alive: Callable[[], bool] = lambda: True) -> None:
+                 alive: Callable[[], bool] = lambda: True,
+                 after_silence: Callable[[], Awaitable[None]] | None = None) -> None:
         self.alive = alive
+        # Run at the first heartbeats after one missed for `timeout` s or more (the others may
+        # have reaped this node's calls meanwhile): the bridge ends those still up here.
+        self.after_silence = after_silence
+        self._last_beat: float | None = None  # (monotonic) the last heartbeat written
+        self._look_again = 0  # heartbeats at which after_silence runs still
         self.dsn = dsn
         self.repo = repo
         self.node = node
@@ -180,6 +187,7 @@ class NodeKeeper:
                 if self.taken is not None:
                     stop.set()
                     return
+                await self._after_silence()
                 await self._reap()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.beat_every):
@@ -197,6 +205,13 @@ class NodeKeeper:
             if self.alive():
                 await NodeRepo.beat(self.conn, self.node)
                 metrics.NODE_HEARTBEAT.set_to_current_time()
+                now = time.monotonic()
+                if self._last_beat is not None and now - self._last_beat >= self.timeout:
+                    # (Three times: a reaper that found this node silent just before this beat
+                    # may still be ending its calls, in a transaction not committed yet.)
+                    log.warning("node.heart_was_silent", node=self.node, seconds=round(now - self._last_beat, 1))
+                    self._look_again = 3
+                self._last_beat = now
             else:
                 await self.conn.fetchval("SELECT 1")  # (the claim's connection, kept alive)
         except NodeTaken as exc:
@@ -208,6 +223,19 @@ class NodeKeeper:
                 with contextlib.suppress(Exception):
                     await self.conn.close()
                 self.conn = None
+
+    async def _after_silence(self) -> None:
+        if not self._look_again or self.after_silence is None:
+            return
+        self._look_again -= 1
+        try:
+            await self.after_silence()
+        except Exception as exc:
+            if database_unreachable(exc):
+                log.warning("node.reaped_calls_unread", node=self.node, error=type(exc).__name__)
+                self._look_again += 1  # (again at the next heartbeat)
+            else:
+                log.exception("node.reaped_calls_failed")
 
     async def _reap(self) -> None:
         try:

@@ -106,6 +106,12 @@ class Cut(CallEvent):
 
 
 @dataclass(frozen=True)
+class Reaped(CallEvent):
+    """The bridge's own: another node's reaper ended this call's row (node_lost) while this
+    bridge was silent, frozen or cut off from the database; its phones may still be up."""
+
+
+@dataclass(frozen=True)
 class Ignored(CallEvent):
     """Any other event: nothing in the flow waits for it."""
 

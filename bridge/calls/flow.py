@@ -28,7 +28,7 @@ import structlog
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge import metrics
 from bridge.calls.events import (
-    Answered, CallEvent, Cut, Hangup, Hold, Ignored, InStasis, Key, PlaybackDone, RawEvent, Ringing, read,
+    Answered, CallEvent, Cut, Hangup, Hold, Ignored, InStasis, Key, PlaybackDone, RawEvent, Reaped, Ringing, read,
 )
 from bridge.calls.flood import FLOOD_CAUSE
 from bridge.calls.order_code import CodePrompt, KeypadTiming
@@ -160,6 +160,7 @@ class CallStore(RecordingStore, Protocol):
     async def call_connected(self, call_id: uuid.UUID) -> None: ...
     async def call_announcing(self, call_id: uuid.UUID, **fields: Any) -> None: ...
     async def call_entering_code(self, call_id: uuid.UUID) -> None: ...
+    async def ended_calls(self, call_ids: list[uuid.UUID]) -> set[uuid.UUID]: ...
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
         *, rung: bool = True, ended_at: datetime | None = None,
@@ -274,6 +275,10 @@ class MaskedCall:
         """End this call now, whatever its state (it is ended by the bridge: hangup_by system)."""
         self._events.put_nowait(Cut(reason))
 
+    def reaped(self) -> None:
+        """Its row was ended by another node's reaper: hang its phones up, leave the row."""
+        self._events.put_nowait(Reaped())
+
     def channel_ids(self) -> list[str]:
         return [self.inbound_id, self.outbound_id]
 
@@ -315,7 +320,7 @@ class MaskedCall:
             pending.append(self._events.get_nowait())
         kept = []
         for event in pending:
-            if isinstance(event, (Cut, Hangup)) and await self._common(event):
+            if isinstance(event, (Cut, Hangup, Reaped)) and await self._common(event):
                 return True
             kept.append(event)
         for event in kept:
@@ -379,11 +384,19 @@ class MaskedCall:
         outcomes = _OUTCOMES.get(self.state)
         if outcomes is None:
             return False  # ended already
+        unanswered = self.state in (CallState.ROUTING, CallState.RINGING, CallState.CONFIRMING)
+        if isinstance(event, Reaped):
+            # Given up by another node while this bridge was silent (its row says node_lost,
+            # its call.ended was sent): it must not go on unrecorded. The row stays as written.
+            log.warning("call.reaped", state=self.state.value)
+            await self._hang_up_both(caller_cause=CUT_CAUSE_TO_CALLER if unanswered else None)
+            self._log_started()
+            self._enter(CallState.ENDED)
+            return True
         if isinstance(event, Cut):
             log.info("call.cut", reason=event.reason)
             # A caller not answered yet is told the other side is unavailable (480), not that it
             # refused (603, which a plain hangup of an unanswered call would say).
-            unanswered = self.state in (CallState.ROUTING, CallState.RINGING, CallState.CONFIRMING)
             await self._hang_up_both(caller_cause=CUT_CAUSE_TO_CALLER if unanswered else None)
             outcome = "answered" if outcomes.answered else CUT_OUTCOMES.get(event.reason, "failed")
             await self._end(outcome, "system", None, event.reason)
@@ -403,7 +416,6 @@ class MaskedCall:
             # phone: those come as its network's answer, never as a soft hangup).
             log.warning("call.hung_up_by_pbx", leg="caller" if event.channel == self.inbound_id else "callee",
                         state=self.state.value)
-            unanswered = self.state in (CallState.ROUTING, CallState.RINGING, CallState.CONFIRMING)
             await self._hang_up_both(caller_cause=CUT_CAUSE_TO_CALLER if unanswered else None)
             outcome = "answered" if outcomes.answered else \
                 self._announcing if self.state is CallState.ANNOUNCING else "failed"

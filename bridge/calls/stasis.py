@@ -352,6 +352,17 @@ class StasisDispatcher:
     def live_participant_ids(self) -> set[uuid.UUID]:
         return {pid for call in self.calls.values() for pid in call.participant_ids}
 
+    async def end_reaped(self) -> None:
+        """After a silence long enough for another node to give this one up (its heartbeat
+        stopped: the bridge frozen, or cut off from the database): the calls whose rows that
+        node's reaper ended (node_lost) are hung up. Their phones were still up; the rows stay
+        as written."""
+        live = {call.id: call for call in set(self.calls.values())}
+        if not live:
+            return
+        for call_id in await self.store.ended_calls(list(live)):
+            live[call_id].reaped()
+
     async def cut_departed(self) -> None:
         """End the calls of participants who are blocked or have left their order, as the
         database says now (for what may have been missed: notifications sent while no bridge

@@ -337,6 +337,11 @@ class Store:
         _known, language, _mode = await self.pools.routing_facts(number)
         return language
 
+    async def ended_calls(self, call_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        """Which of these calls' rows say they ended."""
+        rows = await self.pool.fetch("SELECT id FROM calls WHERE id = ANY($1::uuid[]) AND state = 'ended'", call_ids)
+        return {r["id"] for r in rows}
+
     async def active_calls(self) -> list[dict[str, Any]]:
         """This node's calls in progress (another node's are its bridge's business), with the
         name of the call's recording if it is being recorded: a resumed call finishes it."""

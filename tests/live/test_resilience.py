@@ -231,6 +231,30 @@ async def test_a_leg_an_operator_hangs_up_on_the_pbx_is_the_systems_not_a_phones
     assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "system", None)
 
 
+async def test_a_call_reaped_while_its_bridge_was_frozen_is_hung_up_once_it_runs_again(
+        stack, carrier, api, real_number, db):
+    """The bridge frozen longer than the node timeout (15 s) while the call talks, and the call
+    given up meanwhile by another node's reaper (here its row is ended as that reaper ends it):
+    once the bridge runs again, its first heartbeat finds the silence, and it hangs up the phones
+    that went on talking unrecorded (adversary finding). The row stays as the reaper wrote it."""
+    session, _courier, caller, callee = await connected_call(carrier, api, real_number, db)
+    row = await wait_for_call_row(db, session["id"], state="connected")
+    pid = processes.bridge_pid(stack)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await db.execute("UPDATE calls SET state = 'ended', outcome = 'node_lost', hangup_by = 'system', "
+                         "ended_at = now() WHERE id = $1", row["id"])
+        await asyncio.sleep(float(stack.env["MB_NODE_TIMEOUT"]) + 1)  # wait-ok: the silence is what is tested
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.wait_for(caller.ended.wait(), 15)
+    await asyncio.wait_for(callee.ended.wait(), 15)
+    row = await db.fetchrow("SELECT state, outcome, hangup_by FROM calls WHERE id = $1", row["id"])
+    assert (row["state"], row["outcome"], row["hangup_by"]) == ("ended", "node_lost", "system")
+    await asyncio.to_thread(processes.wait_healthy, stack)
+
+
 async def test_health_says_asterisk_is_down_while_it_hangs_and_up_once_it_answers_again(stack):
     """An Asterisk that hangs (SIGSTOP) keeps the event websocket open until its heartbeat
     misses, 15 s and more: /healthz asks Asterisk itself, so the first health check says ARI

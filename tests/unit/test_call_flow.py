@@ -251,6 +251,9 @@ class FakeStore:
 
     async def pool_language(self, number: str) -> str | None:
         return self.languages.get(number)
+    async def ended_calls(self, call_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+        return {i for i in call_ids if i in self.rows and self.rows[i]["state"] == "ended"}
+
     async def call_entering_code(self, call_id: uuid.UUID) -> None:
         if self.rows[call_id]["state"] != "ended":
             self._set_state(call_id, "entering_code")
@@ -1063,6 +1066,38 @@ async def test_a_call_left_behind_from_before_asterisks_start_ends_as_node_lost(
         assert (row["outcome"], row["hangup_by"], row["ended_at_given"]) == ("node_lost", "system", pbx_started)
     else:
         assert (row["outcome"], row["hangup_by"], row["ended_at_given"]) == ("answered", "system", None)
+
+
+@pytest.mark.parametrize("state", ["connected", "ringing"])
+async def test_a_call_another_nodes_reaper_ended_while_this_bridge_was_silent_is_hung_up_and_its_row_kept(
+        h: Harness, state: str) -> None:
+    """This node was frozen long enough for another to give it up: the reaper ended the call's
+    row (node_lost, its call.ended sent), but the phones were still up when it came back, talking
+    unrecorded (adversary finding). Once the heartbeat is back, the bridge hangs them up; the
+    row stays as the reaper wrote it (no second end, no other outcome)."""
+    row, outbound = await (h.connected_call() if state == "connected" else h.ringing_call())
+    reaped = h.store.rows[row["id"]]
+    reaped.update(state="ended", outcome="node_lost", hangup_by="system", hangup_cause=None)
+    ends_before = [op for op in h.store.ops if op[0] == "call_ended"]
+    await h.dispatcher.end_reaped()
+    caller = await h.fake.wait_request("DELETE", "/ari/channels/in-1")
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    if state == "ringing":
+        assert caller.query["reason_code"] == str(CUT_CAUSE_TO_CALLER)  # (unavailable)
+    await h.settle()
+    assert (reaped["outcome"], reaped["hangup_by"]) == ("node_lost", "system")
+    assert [op for op in h.store.ops if op[0] == "call_ended"] == ends_before
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_calls_whose_rows_are_live_are_left_alone_after_a_silence(h: Harness) -> None:
+    row, outbound = await h.connected_call()
+    await h.dispatcher.end_reaped()
+    await h.dispatcher.end_reaped()
+    assert h.fake.find("DELETE", "/ari/channels/in-1") == [] and h.store.rows[row["id"]]["state"] == "connected"
+    await h.fake.hangup("in-1")
+    await h.store.ended("in-1")
+    await h.settle()
 
 
 async def test_a_caller_gone_while_the_socket_was_down_is_still_the_callers_hangup(h: Harness) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from datetime import datetime, timezone
 from typing import Any
 
@@ -111,3 +112,37 @@ async def test_the_reaper_gives_up_only_nodes_whose_asterisk_is_silent_too(monke
     assert repo.ended == ["node-3", "node-4", "node-3", "node-4"]
     said = [e for e in logs if e["event"] == "node.bridge_silent_asterisk_alive"]
     assert [e["node"] for e in said] == ["node-2"], "said once, not at every round"
+
+
+async def test_after_a_silent_heart_the_bridge_looks_for_its_reaped_calls_at_three_beats(monkeypatch) -> None:
+    """A heartbeat after none for the node timeout or more (the bridge frozen, the database
+    gone): the others may have reaped this node's calls, maybe in a transaction still open,
+    so the bridge looks for them at that beat and the two after. Not otherwise; and again at
+    the next beat when the database did not answer."""
+    async def beat(conn: Any, node: str) -> None:
+        return None
+
+    monkeypatch.setattr(nodes.NodeRepo, "beat", staticmethod(beat))
+    looked: list[int] = []
+    failing = [ConnectionRefusedError("refused")]
+
+    async def after_silence() -> None:
+        looked.append(len(looked))
+        if failing:
+            raise failing.pop()
+
+    conn = type("Conn", (), {"is_closed": lambda self: False})()
+    keeper = nodes.NodeKeeper("postgresql://unused", FakeRepo([]), "node-1", api_url=None, sip_address=None,  # type: ignore[arg-type]
+                              timeout=15, webhooks=False, conn=conn, after_silence=after_silence)
+    for _ in range(3):  # (beats in time)
+        await keeper._beat()
+        await keeper._after_silence()
+    assert looked == []
+    keeper._last_beat = time.monotonic() - 16  # (the last one 16 s ago)
+    with capture_logs() as logs:
+        for _ in range(6):
+            await keeper._beat()
+            await keeper._after_silence()
+    assert len(looked) == 4, "three looks, one more for the one the database refused"
+    assert [e["event"] for e in logs].count("node.heart_was_silent") == 1
+    assert [e["event"] for e in logs].count("node.reaped_calls_unread") == 1
