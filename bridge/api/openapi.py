@@ -762,9 +762,10 @@ SCHEMAS: dict[str, Schema] = {
             },
             "started_at": TIMESTAMP,
             "answered_at": NULLABLE_TIMESTAMP,
-            "ended_at": {**NULLABLE_TIMESTAMP, "description": "When the call ended. For `node_lost`, when the "
-                         "bridge lost the call's Asterisk, or that node's last heartbeat; for a call found "
-                         "after its Asterisk was started again, no later than that start."},
+            "ended_at": {**NULLABLE_TIMESTAMP, "description": "When the call ended: a phone's hangup as Asterisk "
+                         "stamped it. For `node_lost`, when the bridge lost the call's Asterisk, or that node's "
+                         "last heartbeat; for a call found after its Asterisk was started again, no later than "
+                         "that start. Never before the call's start or answer."},
             "duration_seconds": {
                 "type": ["number", "null"],
                 "description": "Talk time, from answer to end; null unless the call was answered and has ended.",

@@ -42,8 +42,8 @@ class Hangup(CallEvent):
     counts (a hangup request comes first and may carry none). `pbx_lost`: nobody hung it up,
     the Asterisk it was on died (found gone at a reconnect to an Asterisk started since) or
     is shutting down. `soft`: Asterisk itself asked for the hangup (no phone did; no cause).
-    `at`: when it went, where that is known to be earlier than now (the moment the bridge
-    lost its Asterisk)."""
+    `at`: when it went, as Asterisk stamped it, or when the bridge lost its Asterisk (None:
+    when the bridge reads it)."""
 
     channel: str
     cause: int | None
@@ -118,6 +118,16 @@ class Ignored(CallEvent):
     type: str
 
 
+def moment(text: Any) -> datetime | None:
+    """A time as Asterisk writes it ("2026-12-05T08:50:51.514+0000"); None if it is not one."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
+    except ValueError:
+        return None
+
+
 def _cause(raw: RawEvent) -> int | None:
     cause = raw.get("cause")
     return int(cause) if isinstance(cause, (int, str)) and str(cause).isdigit() else None
@@ -131,10 +141,12 @@ def read(raw: RawEvent) -> CallEvent:
     if kind in _LEAVING and channel_id:
         soft = kind == "ChannelHangupRequest" and raw.get("soft") is True
         going = soft and bool((_cause(raw) or 0) & (_SOFTHANGUP_SHUTDOWN | _SOFTHANGUP_APPUNLOAD))
-        at = raw.get("lost_at")
+        # When it went: when the bridge lost its Asterisk, for a channel found gone with it; else
+        # when Asterisk says (the event's timestamp), however late the bridge reads it.
+        lost = raw.get("lost_at")
+        at = lost if isinstance(lost, datetime) else moment(raw.get("timestamp"))
         return Hangup(channel_id, None if soft else _cause(raw), final=kind == "ChannelDestroyed",
-                      pbx_lost=raw.get("pbx_lost") is True or going, soft=soft,
-                      at=at if isinstance(at, datetime) else None)
+                      pbx_lost=raw.get("pbx_lost") is True or going, soft=soft, at=at)
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Up":
         return Answered(channel_id)
     if kind == "ChannelStateChange" and channel_id and isinstance(channel, dict) and channel.get("state") == "Ringing":

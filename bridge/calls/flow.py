@@ -419,28 +419,28 @@ class MaskedCall:
             await self._hang_up_both(caller_cause=CUT_CAUSE_TO_CALLER if unanswered else None)
             outcome = "answered" if outcomes.answered else \
                 self._announcing if self.state is CallState.ANNOUNCING else "failed"
-            await self._end(outcome, "system", None)
+            await self._end(outcome, "system", None, ended_at=event.at)
             return True
         if isinstance(event, Hangup) and event.channel == self.inbound_id:
             if self._outbound_created:
                 await self._hangup(self.outbound_id)  # (cancels the other phone while it rings)
             await self._end(outcomes.caller_left or self._announcing, "caller",
-                            event.cause if outcomes.keep_cause else None)
+                            event.cause if outcomes.keep_cause else None, ended_at=event.at)
             return True
         if isinstance(event, Hangup) and event.final and event.channel == self.outbound_id:
             if outcomes.callee_left is not None:
                 await self._hangup(self.inbound_id)
-                await self._end(outcomes.callee_left, "callee", event.cause)
+                await self._end(outcomes.callee_left, "callee", event.cause, ended_at=event.at)
             elif self.state is CallState.RINGING:
                 # The other phone's network refused the call: the caller hears why (a plain
                 # failure for anything but busy, no answer, rejected or unreachable).
                 outcome = _REFUSALS.get(event.cause or 0, "redirected" if event.cause == REDIRECTED_CAUSE else "failed")
                 await self._hangup(self.inbound_id, "congestion", code=caller_cause(event.cause))
-                await self._end(outcome, "callee", event.cause)
+                await self._end(outcome, "callee", event.cause, ended_at=event.at)
             elif self.state is CallState.CONFIRMING:
                 # It answered and hung up without confirming: as if it never answered.
                 await self._hangup(self.inbound_id, "congestion", code=NO_ANSWER_CAUSE)
-                await self._end("not_confirmed", "callee", event.cause)
+                await self._end("not_confirmed", "callee", event.cause, ended_at=event.at)
             else:
                 return False
             return True

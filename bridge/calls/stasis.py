@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from datetime import datetime
 from typing import Any
 
 import structlog
@@ -15,6 +14,7 @@ import structlog
 from bridge import metrics
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.events import RawEvent as Event
+from bridge.calls.events import moment
 from bridge.calls.flood import ROUTING_LIMIT, SHED_CAUSE, UnknownCallers
 from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router
 from bridge.calls.recording import wav_duration_ms
@@ -22,16 +22,6 @@ from bridge.calls.recording import wav_duration_ms
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
 log = structlog.get_logger(__name__)
-
-
-def _moment(text: str | None) -> datetime | None:
-    """A time as Asterisk writes it ("2026-12-05T08:50:51.514+0000"); None if it is not one."""
-    if not text:
-        return None
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f%z")
-    except ValueError:
-        return None
 
 
 def _channel_ids(event: Event) -> list[str]:
@@ -201,7 +191,7 @@ class StasisDispatcher:
         Returns the channels of every call this process knows of now."""
         known = {c.id for c in self.calls.values()}
         owned = set(self.calls)
-        pbx_started = _moment(self.ari.connected_startup_time)
+        pbx_started = moment(self.ari.connected_startup_time)
         for row in await self.store.active_calls():
             if row["id"] in known:
                 continue

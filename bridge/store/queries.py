@@ -290,12 +290,14 @@ class Store:
     ) -> None:
         """The call's end. `rung` False: it ended before its other leg was dialed, so nobody
         was rung: the row names no callee (it does not count against the session's caps).
-        `ended_at`: when it ended, where that was before now (never before its start)."""
+        `ended_at`: when it ended, as Asterisk said or the bridge found (never after now, nor
+        before the call's start or answer: the clocks of two machines may differ)."""
         await self.pool.execute(
             """
             WITH call AS (
                 UPDATE calls SET state = 'ended', outcome = $2,
-                                 ended_at = greatest(coalesce($8::timestamptz, now()), started_at, answered_at),
+                                 ended_at = greatest(least(coalesce($8::timestamptz, now()), now()), started_at,
+                                                     answered_at),
                                  hangup_by = $3, hangup_cause = $4, cut_reason = $5,
                                  callee_role = CASE WHEN $7 THEN callee_role END,
                                  callee_participant_id = CASE WHEN $7 THEN callee_participant_id END

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
 from bridge.calls import outcomes
-from bridge.calls.events import WANTED_EVENTS
+from bridge.calls.events import WANTED_EVENTS, Hangup, read
 from bridge.calls.flow import CUT_CAUSE_TO_CALLER, FlowSettings
 from bridge.calls.stasis import StasisDispatcher
 from bridge.sessions import Route
@@ -1098,6 +1098,23 @@ async def test_calls_whose_rows_are_live_are_left_alone_after_a_silence(h: Harne
     await h.fake.hangup("in-1")
     await h.store.ended("in-1")
     await h.settle()
+
+
+async def test_a_hangup_read_late_ends_the_call_when_asterisk_says_it_happened(h: Harness) -> None:
+    """The bridge busy or frozen a while: the caller's hangup is read 3 s after it happened. The
+    row's end is the event's own time, as Asterisk stamped it, not when the bridge read it (a
+    frozen bridge made a 3.7 s call 13.7 s long: adversary finding). A stamp that is no time
+    leaves it to the bridge's clock."""
+    row, _outbound = await h.connected_call()
+    then = (datetime.now(timezone.utc) - timedelta(seconds=3)).replace(microsecond=123000)
+    channel = h.fake.channels["in-1"].json()
+    await h.fake.send({"type": "ChannelHangupRequest", "cause": 16, "channel": channel,
+                       "timestamp": then.strftime("%Y-%m-%dT%H:%M:%S.123+0000")})
+    row = await h.store.ended("in-1")
+    assert (row["hangup_by"], row["ended_at_given"]) == ("caller", then)
+    await h.settle()
+    assert read({"type": "ChannelDestroyed", "channel": {"id": "x"}, "timestamp": "yesterday"}) == \
+        Hangup("x", None, final=True)
 
 
 async def test_a_caller_gone_while_the_socket_was_down_is_still_the_callers_hangup(h: Harness) -> None:
