@@ -428,12 +428,14 @@ def write(results: dict[str, Any], out: Path) -> Path:
         ],
         "",
         "The difference row pairs each bridge call with the baseline call placed just before it. "
-        "Before the bridge's INVITE leaves, four round trips follow each other: one statement "
+        "Before the bridge's INVITE leaves, three round trips follow each other: one statement "
         "looks the route up and writes the call's row; then, at the same time, the row says whom "
         "the call rings (and whether the session's caps let it), the bridge is made and the new "
-        "leg is created; both legs join the bridge in one request; the leg is dialed. (Before "
-        "issue 14 there were nine: the lookup, the row, the bridge, the caller joining it, the "
-        "new leg, the row again, the leg joining it and the dial, one after the other.) Each "
+        "leg is created; once the new leg is in Stasis, both legs join the bridge and the leg is "
+        "dialed, two requests in one write on one connection, which Asterisk serves in turn (the "
+        "dial once the join is done). (Before issue 14 there were nine: the lookup, the row, the "
+        "bridge, the caller joining it, the new leg, the row again, the leg joining it and the "
+        "dial, one after the other.) Each "
         "step costs a loopback round trip plus the work at both ends, and a queue behind the "
         "other calls' work in the bridge's one event loop; the rest of the "
         "difference is Asterisk's own: taking the call into Stasis and telling the bridge, "
