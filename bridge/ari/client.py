@@ -77,9 +77,9 @@ class _Pipe:
                 length = int(value.strip())
             elif name.strip().lower() == b"connection" and value.strip().lower() == b"close":
                 keep = False
-        if length is None and (status in (204, 304) or status < 200):
+        if length is None and status in (204, 304):
             length = 0  # (no body by definition: a server may leave the length out)
-        if length is None or not 0 <= length <= PIPE_ANSWER_MAX:
+        if status < 200 or length is None or not 0 <= length <= PIPE_ANSWER_MAX:
             raise ValueError(f"answer without a usable Content-Length ({length})")
         return status, (await self.reader.readexactly(length) if length else b""), keep
 
@@ -219,7 +219,8 @@ class AriClient:
                 except BaseException:
                     pipe.close()
                     raise
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError, TimeoutError) as exc:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError,
+                TimeoutError) as exc:
             for call in calls:
                 metrics.ARI_ERRORS.labels(metrics.ari_operation(call.method, call.path), "0").inc()
             raise AriUnavailable(first.method, first.path, None, type(exc).__name__) from exc

@@ -146,8 +146,14 @@ async def test_a_server_that_does_not_answer_is_unavailable_within_the_timeout(r
     assert client._pipes == [], "the connection that hung is not kept"
 
 
-async def test_an_answer_without_a_length_or_a_connection_refused_is_unavailable(raw) -> None:
-    state, client = await raw(lambda m, t: b"HTTP/1.1 200 OK\r\n\r\n{}")
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\n\r\n{}",  # no length
+    b"HTTP/1.1 100 Continue\r\n\r\n",  # (never asked for)
+    b"HTTP/1.1 200 OK\r\nX-Long: " + b"x" * 70000 + b"\r\nContent-Length: 0\r\n\r\n",  # a head past 64 KB
+    b"garbage\r\n\r\n",
+])
+async def test_an_answer_it_cannot_read_or_a_connection_refused_is_unavailable(raw, answer: bytes) -> None:
+    state, client = await raw(lambda m, t: answer)
     with pytest.raises(AriUnavailable):
         await client.in_turn([JOIN, DIAL])
     assert client._pipes == []
