@@ -104,6 +104,12 @@ MAX_QUEUED_EVENTS = 256
 # and again, before the call is taken for unanswered (PBX_ANSWER_SECONDS for the question itself).
 PBX_GRACE_SECONDS = 2.0
 PBX_ANSWER_SECONDS = 2.0
+# A deadline noticed this much late (the bridge was frozen, or its event loop held up) is not
+# taken at once: what happened meanwhile may still wait unread in the event stream's socket (an
+# answer, a hangup, a key), and it comes first; CATCH_UP_SECONDS at most for it to arrive (the
+# stream may have to reconnect).
+LATE_SECONDS = 1.0
+CATCH_UP_SECONDS = 2.0
 
 
 def caller_cause(cause: int | None) -> int:
@@ -232,6 +238,7 @@ class MaskedCall:
         self._bridge_created = False
         self._outbound_created = False
         self._hung_up: set[str] = set()  # channels this call hung up itself
+        self._late = False  # a deadline was noticed late (said once)
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._announcing = "unknown_caller"  # the outcome of the announcement being played
@@ -299,15 +306,29 @@ class MaskedCall:
         if deadline is None:
             return await self._events.get()
         remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            # What already happened comes before the deadline: a hangup or an answer that
-            # is queued when it passes is handled as such.
-            return self._events.get_nowait() if not self._events.empty() else None
-        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
-        # arrives together with an event, and a stopping bridge would then go on to hang
-        # up calls it should leave up for the next process.
+        if remaining > 0:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that
+            # arrives together with an event, and a stopping bridge would then go on to hang
+            # up calls it should leave up for the next process.
+            try:
+                async with asyncio.timeout(remaining):
+                    return await self._events.get()
+            except TimeoutError:
+                pass
+        # What already happened comes before the deadline: a hangup or an answer that is
+        # queued when it passes is handled as such.
+        if not self._events.empty():
+            return self._events.get_nowait()
+        late = time.monotonic() - deadline
+        if late < LATE_SECONDS:
+            return None
+        # Noticed late (the bridge frozen, its loop held up): what happened meanwhile may still
+        # be unread in the event stream's socket, and comes first.
+        if not self._late:
+            self._late = True
+            log.warning("call.deadline_late", seconds=round(late, 1), state=self.state.value)
         try:
-            async with asyncio.timeout(remaining):
+            async with asyncio.timeout(CATCH_UP_SECONDS):
                 return await self._events.get()
         except TimeoutError:
             return None

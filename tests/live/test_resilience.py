@@ -255,6 +255,34 @@ async def test_a_call_reaped_while_its_bridge_was_frozen_is_hung_up_once_it_runs
     await asyncio.to_thread(processes.wait_healthy, stack)
 
 
+async def test_an_answer_while_the_bridge_was_frozen_past_the_ring_timeout_connects_the_call(
+        stack, carrier, api, real_number, db):
+    """The bridge frozen while the other phone rings, past the ring timeout, and the other phone
+    answers meanwhile: once the bridge runs again, the answer waiting in its event socket comes
+    before the timeout it notices late. The call is connected, not cut as unanswered (adversary
+    finding: the callee was hung up after talking to nobody, the row said no_answer)."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="answer", answer_after=1.0)
+    leg = await carrier.call(courier, session["pool_number"])
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    pid = processes.bridge_pid(stack)
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        await asyncio.wait_for(callee.answered.wait(), 10)
+        await asyncio.sleep(float(stack.env["MB_RING_TIMEOUT"]) + 1)  # wait-ok: the freeze is what is tested
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await wait_for_call_row(db, session["id"], state="connected")
+    await asyncio.wait_for(leg.answered.wait(), 10)
+    assert not callee.ended.is_set()
+    await carrier.hangup(leg)
+    await asyncio.wait_for(callee.ended.wait(), 10)
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
 async def test_health_says_asterisk_is_down_while_it_hangs_and_up_once_it_answers_again(stack):
     """An Asterisk that hangs (SIGSTOP) keeps the event websocket open until its heartbeat
     misses, 15 s and more: /healthz asks Asterisk itself, so the first health check says ARI

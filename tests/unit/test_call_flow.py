@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -25,9 +26,9 @@ from structlog.testing import capture_logs
 
 from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
-from bridge.calls import outcomes
-from bridge.calls.events import WANTED_EVENTS, Hangup, read
-from bridge.calls.flow import CUT_CAUSE_TO_CALLER, FlowSettings
+from bridge.calls import flow, outcomes
+from bridge.calls.events import WANTED_EVENTS, Answered, Hangup, read
+from bridge.calls.flow import CUT_CAUSE_TO_CALLER, FlowSettings, MaskedCall
 from bridge.calls.stasis import StasisDispatcher
 from bridge.sessions import Route
 from bridge.store.queries import NewCall
@@ -784,6 +785,26 @@ async def test_a_refused_join_of_both_legs_is_retried_one_by_one(h: Harness) -> 
     await h.fake.hangup("in-1")
     await h.store.ended("in-1")
     await h.settle()
+
+
+async def test_a_deadline_noticed_late_waits_for_what_the_event_stream_has_not_read_yet() -> None:
+    """The bridge frozen (SIGSTOP, its loop held up) past a deadline, the ring timeout say,
+    while the other phone answered or refused: once it runs again, the timer and the event's
+    bytes in the socket are ready at once, and the timer won (a phone that had answered was cut,
+    one that refused was told no_answer: adversary finding). A deadline noticed LATE_SECONDS or
+    more late waits CATCH_UP_SECONDS at most for what the stream delivers first; one noticed in
+    time does not wait."""
+    call = MaskedCall(uuid.uuid4(), {"id": "in-1"}, POOL, None, None, FAST,  # type: ignore[arg-type]
+                      lambda _channel, _call: None)
+    now = time.monotonic()
+    asyncio.get_running_loop().call_later(0.2, call.feed, {"type": "ChannelStateChange",
+                                                           "channel": {"id": "out-1", "state": "Up"}})
+    assert await call._next(now - flow.LATE_SECONDS - 1) == Answered("out-1")
+    began = time.monotonic()
+    assert await call._next(now - 0.1) is None and time.monotonic() - began < 0.1, "in time: no wait"
+    began = time.monotonic()
+    assert await call._next(now - flow.LATE_SECONDS - 1) is None
+    assert time.monotonic() - began >= flow.CATCH_UP_SECONDS, "late, and nothing came: the deadline holds"
 
 
 async def test_ring_timeout_hangs_up_both_legs_with_no_answer(harness) -> None:
