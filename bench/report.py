@@ -163,8 +163,8 @@ def _hops(hops: dict[str, Any] | None) -> list[str]:
         *([f"After {idle} ms of idleness the routing query's round trip takes "
            f"{hops['route']['idle']['p50'] - hops['route']['warm']['p50']:.2f} ms more than back to back "
            f"({ratio(hops['route'])}): the same work, started cold. A call on the bridge path makes that "
-           "round trip, and three to Asterisk, between the caller's INVITE and the callee's; the dialplan path "
-           "crosses to no other process before its INVITE leaves.", ""]
+           "round trip, two to Asterisk, and waits for two of Asterisk's events, between the caller's INVITE and "
+           "the callee's; the dialplan path crosses to no other process before its INVITE leaves.", ""]
           if hops.get("route", {}).get("warm", {}).get("p50") and hops["route"].get("idle", {}).get("p50") else []),
     ]
 
