@@ -486,6 +486,12 @@ class AriClient:
         started = (info.get("status") or {}).get("startup_time")
         return str(started) if started else None
 
+    def restarted(self, started: str | None) -> bool:
+        """Whether Asterisk's startup time `started` (startup_time()) says it was started
+        again since the event stream's last connection."""
+        known = self.connected_startup_time
+        return known is not None and started is not None and started != known
+
     async def ping(self) -> None:
         """Asterisk answers (GET /asterisk/ping): its REST side is not hung."""
         await self.request("GET", "/asterisk/ping")

@@ -938,8 +938,7 @@ class MaskedCall:
                 started = await self.ari.startup_time()
         except (AriError, TimeoutError):
             return "down"
-        known = self.ari.connected_startup_time
-        return "restarted" if known and started and started != known else "up"
+        return "restarted" if self.ari.restarted(started) else "up"
 
     async def _forget_callers_identity(self, shown: str) -> None:
         """The caller's leg keeps the caller's real number as its caller ID, which Asterisk

@@ -13,8 +13,7 @@ import structlog
 
 from bridge import metrics
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
-from bridge.calls.events import RawEvent as Event
-from bridge.calls.events import moment
+from bridge.calls.events import RawEvent as Event, moment
 from bridge.calls.flood import ROUTING_LIMIT, SHED_CAUSE, UnknownCallers
 from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router
 from bridge.calls.recording import wav_duration_ms
@@ -172,9 +171,9 @@ class StasisDispatcher:
             return False
         if started is None:
             return False
-        known = self.ari.connected_startup_time
+        restarted = self.ari.restarted(started)
         self.ari.connected_startup_time = started
-        return known is not None and started != known
+        return restarted
 
     async def _channel_states(self) -> dict[str, str]:
         """Each channel's state as Asterisk says it now (one request; none if it fails: then
