@@ -17,7 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from bridge import logs
-from bridge.devstack import asterisk, carrier, demo, kamailio, monitoring, postgres, processes
+from bridge.devstack import asterisk, carrier, demo, kamailio, monitoring, ports, postgres, processes
 from bridge.devstack.settings import Stack, load
 from bridge.phone import InvalidNumber, mask, normalize
 
@@ -35,6 +35,7 @@ CAUSES = {
 def start_services(stack: Stack) -> str:
     """Postgres, the PBX (or, with MB_NODES above 1, Kamailio and every node's PBX) and the
     simulated carrier, migrated and with demo data."""
+    ports.reserve(stack.env)  # before anything listens: see bridge/devstack/ports.py
     asterisk.ensure_rootfs(stack)
     postgres.start(stack)
     pool_number = asyncio.run(demo.load(stack.database_url, stack.env["MB_NUMBER_KEY"]))

@@ -27,7 +27,7 @@ SETTINGS = {
     "MB_API_BIND": "127.0.0.71",  # node 1's API
     "MB_TRUNK_HOST": "127.0.0.72",  # the simulated carrier
     "MB_NODE_NET": "127.0.7",  # node i on 127.0.7.i
-    "MB_PG_PORT": "55482",
+    "MB_PG_PORT": "15482",
     "MB_RTP_START": "48000",
     "MB_RTP_END": "49999",
     "MB_CARRIER_RTP_START": "50000",

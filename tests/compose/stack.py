@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge.devstack import asterisk, processes
+from bridge.devstack import asterisk, ports, processes
 from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
 
 COMPOSE_FILE = PROJECT_DIR / "docker-compose.yml"
@@ -27,7 +27,7 @@ SETTINGS = {
     "MB_ARI_BIND": "127.0.0.41",
     "MB_API_BIND": "127.0.0.41",
     "MB_TRUNK_HOST": "127.0.0.42",  # the compose test's simulated carrier
-    "MB_PG_PORT": "55472",
+    "MB_PG_PORT": "15472",
     "MB_PROMETHEUS_BIND": "127.0.0.41",
     "MB_SCRAPE_INTERVAL": "1s",
     "MB_RTP_START": "42000",
@@ -86,6 +86,7 @@ class ComposeStack:
     def up(self) -> None:
         """Build the images and start the stack; return once every service is healthy."""
         self.write_env_file()
+        ports.reserve(self.stack.env)  # (Postgres listens on the host's network)
         self.compose(*self.profiles, "down", "--volumes", "--remove-orphans", timeout=120)  # a broken run's
         out = self.compose(*self.profiles, "up", "--build", "--wait", "--wait-timeout", "240",
                            timeout=1800, check=False)

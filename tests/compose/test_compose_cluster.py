@@ -37,7 +37,7 @@ SETTINGS = {
     "MB_API_BIND": "127.0.0.46",
     "MB_NODE2_ADDRESS": "127.0.0.47",  # node 2
     "MB_TRUNK_HOST": "127.0.0.48",  # the simulated carrier
-    "MB_PG_PORT": "55473",
+    "MB_PG_PORT": "15473",
     "MB_RTP_START": "52000",
     "MB_RTP_END": "52499",
     "MB_NODE2_RTP_START": "52500",

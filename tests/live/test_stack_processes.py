@@ -25,7 +25,7 @@ SETTINGS = {
     "MB_ARI_BIND": "127.0.0.51",
     "MB_API_BIND": "127.0.0.51",
     "MB_TRUNK_HOST": "127.0.0.52",
-    "MB_PG_PORT": "55492",
+    "MB_PG_PORT": "15492",
     "MB_RTP_START": "44000",
     "MB_RTP_END": "44999",
     "MB_CARRIER_RTP_START": "45000",

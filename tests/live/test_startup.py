@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from bridge.devstack import ports
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
 
@@ -115,3 +116,13 @@ async def main():
     await server.serve_forever()
 asyncio.run(main())
 """
+
+
+def test_the_stack_s_postgres_port_is_never_given_to_an_outgoing_connection(stack):
+    """`make run` / `make test` reserve the stack's listening ports of the ephemeral range
+    (bridge/devstack/ports.py): a Postgres restarted mid-run finds its port free."""
+    low, high = (int(v) for v in ports.PORT_RANGE.read_text().split())
+    port = int(stack.env["MB_PG_PORT"])
+    if not low <= port <= high:
+        pytest.skip(f"Postgres's port {port} is outside the ephemeral range {low}-{high}")
+    assert port in ports.parse(ports.RESERVED.read_text())
