@@ -30,7 +30,8 @@ FULL: dict[str, Any] = {
     "delay_rate": 20.0, "delay_per_path": 150, "hop_samples": 100,
     "ramp_rates": [10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 200.0], "ramp_seconds": 6.0, "hold": 1.0,
     "ramp_sample": 2,
-    "cpu_rate": 20.0, "cpu_seconds": 30.0, "cpu_hold": 2.0, "cpu_long_hold": 6.0, "idle_seconds": 5.0,
+    "cpu_rate": 20.0, "cpu_seconds": 20.0, "cpu_hold": 2.0, "cpu_long_hold": 6.0, "idle_seconds": 5.0,
+    "cpu_rounds": 3,
     "concurrency_steps": [25, 50, 100, 200, 300, 400, 500], "setup_rate": 25.0,
     "sample": 3, "listen_seconds": 2.0,
 }
@@ -40,6 +41,7 @@ TINY: dict[str, Any] = {
     "ramp_rates": [2.0], "ramp_seconds": 2.0, "hold": 1.0,
     "ramp_sample": 1,
     "cpu_rate": 2.0, "cpu_seconds": 2.0, "cpu_hold": 0.5, "cpu_long_hold": 1.5, "idle_seconds": 1.0,
+    "cpu_rounds": 2,
     "concurrency_steps": [2], "setup_rate": 4.0,
     "sample": 1, "listen_seconds": 1.0,
 }
@@ -74,7 +76,7 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
             print("bench: CPU per call", file=sys.stderr)
             results["cpu"] = await load.cpu_per_call(bench, params["cpu_rate"], params["cpu_seconds"],
                                                      params["cpu_hold"], params["idle_seconds"],
-                                                     params.get("cpu_long_hold"))
+                                                     params.get("cpu_long_hold"), params.get("cpu_rounds", 1))
             print("bench: simultaneous calls", file=sys.stderr)
             results["concurrency"] = await load.concurrency(bench, params["concurrency_steps"], params["setup_rate"],
                                                             params["sample"], params["listen_seconds"])

@@ -208,7 +208,8 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         "## CPU per call",
         "",
         f"Each path in turn carries calls at a steady {c['rate']:g} calls/s for {c['seconds']:g} s, each talking "
-        f"{c['hold']:g} s with audio both ways. Every process's CPU time (user + system, from /proc/<pid>/stat; "
+        f"{c['hold']:g} s with audio both ways{_rounds_text(c)}. Every process's CPU time (user + system, "
+        "from /proc/<pid>/stat; "
         "for Postgres the postmaster, every backend and the children it reaped; for SIPp the callee's "
         "/proc and the caller's rusage) is read before and after; what the process spends idle over as "
         f"long (measured for {c['idle_seconds']:g} s just before) is taken off, and the rest is divided by "
@@ -217,15 +218,17 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         "under test spends per call (the bridge, the PBX and Postgres; not the load generator).",
         "",
         "| path | talking | calls ok | " + " | ".join(f"{PROCESS_NAMES[p]} ms/call" for p in PROCESSES)
-        + " | system under test ms/call | calls/s per core |",
-        "| --- | --- | --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- |",
+        + " | system under test ms/call | calls/s per core | system ms/call, each round |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- | --- |",
     ]
     for path in ("bridge", "baseline"):
         # (with the setup and talk apart, the same calls talking longer follow)
         for p in (c[path], c["long"][path]) if "long" in c else (c[path],):
+            each = ", ".join(f"{r['system_ms_per_call']:.1f}" for r in p.get("rounds", [p]))
             lines.append(f"| {path} | {p.get('hold', c['hold']):g} s | {p['ok']} / {p['calls']} | "
                          + " | ".join(f"{p['cpu_ms_per_call'][k]:.2f}" for k in PROCESSES)
-                         + f" | {p['system_ms_per_call']:.2f} | {_num(p['calls_per_second_per_core'], '{:.0f}')} |")
+                         + f" | {p['system_ms_per_call']:.2f} | {_num(p['calls_per_second_per_core'], '{:.0f}')} "
+                         + f"| {each} |")
     lg = c["bridge"]["cpu_ms_per_call"]["load_generator"]
     sut = c["bridge"]["system_ms_per_call"]
     lines += [
@@ -238,6 +241,15 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         *_talk_split_section(c),
     ]
     return lines
+
+
+def _rounds_text(c: dict[str, Any]) -> str:
+    rounds = int(c.get("rounds", 1))
+    if rounds < 2:
+        return ""
+    return (f"; every window is measured {rounds} times, in turn, and each process's figure is the median of "
+            "its rounds (the same window measured again differs by up to 20 % on this machine, for every "
+            "process at once: the last column shows each round)")
 
 
 def _split_headline(c: dict[str, Any]) -> list[str]:

@@ -35,6 +35,8 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
     assert results["concurrency"][-1]["ended_ok"] == TINY["concurrency_steps"][-1]
     for path in ("bridge", "baseline"):
         assert results["cpu"][path]["ok"] == results["cpu"][path]["calls"]
+        # Each window measured in rounds, each kept; the figure is their median.
+        assert len(results["cpu"][path]["rounds"]) == TINY["cpu_rounds"] == results["cpu"]["rounds"]
         assert set(results["cpu"][path]["cpu_ms_per_call"]) == {"bridge", "pbx", "postgres", "load_generator"}
         # The same calls talking longer: setup and talk apart.
         longer = results["cpu"]["long"][path]
@@ -42,6 +44,7 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
         assert set(results["cpu"]["split"][path]["talk_ms_per_second"]) == {"bridge", "pbx", "postgres",
                                                                           "load_generator"}
     assert "### Setup and talk apart" in text
+    assert f"every window is measured {TINY['cpu_rounds']} times" in text
     assert results["route"]["n"] >= TINY["delay_per_path"]
     figures = json.loads((tmp_path / "summary.json").read_text())
     assert tuple(figures) == summary.KEYS and len(figures) == 14
