@@ -125,4 +125,6 @@ def test_the_stack_s_postgres_port_is_never_given_to_an_outgoing_connection(stac
     port = int(stack.env["MB_PG_PORT"])
     if not low <= port <= high:
         pytest.skip(f"Postgres's port {port} is outside the ephemeral range {low}-{high}")
+    if not os.access(ports.RESERVED, os.W_OK):
+        pytest.skip(f"{ports.RESERVED} is read-only here: the stack could only warn")
     assert port in ports.parse(ports.RESERVED.read_text())

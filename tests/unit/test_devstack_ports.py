@@ -41,15 +41,22 @@ def test_ports_are_written_as_the_kernel_writes_them():
     assert ports.format_ports([55432, 40001, 40000, 40002, 8080, 55432]) == "8080,40000-40002,55432"
 
 
-def test_only_ports_in_the_ephemeral_range_are_reserved_and_what_was_there_stays(tmp_path):
+def test_only_ports_in_the_ephemeral_range_are_reserved_and_what_was_there_stays(tmp_path, monkeypatch):
     port_range, reserved = files(tmp_path, reserved="9999,50000-50001")
     env = {"MB_PG_PORT": "55432", "MB_API_PORT": "8080", "MB_BENCH_RTP_PORT": "40000"}
-    added = ports.reserve(env, port_range=port_range, reserved=reserved)
+    lock = tmp_path / "lock"
+    added = ports.reserve(env, port_range=port_range, reserved=reserved, lock=lock)
     assert added == {55432, *range(40000, 40020)}
     assert reserved.read_text() == "9999,40000-40019,50000-50001,55432\n"
     # Twice is the same, and writes nothing.
-    reserved.chmod(0o444)
-    assert ports.reserve(env, port_range=port_range, reserved=reserved) == set()
+    real_write = Path.write_text
+
+    def no_second_write(self: Path, *args: object, **kwargs: object) -> int:
+        assert self != reserved, "the list was written again"
+        return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Path, "write_text", no_second_write)
+    assert ports.reserve(env, port_range=port_range, reserved=reserved, lock=lock) == set()
     assert reserved.read_text() == "9999,40000-40019,50000-50001,55432\n"
 
 
@@ -63,11 +70,23 @@ def test_a_kernel_that_refuses_is_a_warning_not_a_failure(tmp_path, capsys, monk
         return real_write(self, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Path, "write_text", refused)
-    assert ports.reserve({"MB_PG_PORT": "55432"}, port_range=port_range, reserved=reserved) == set()
-    assert "could not reserve ports 55432" in capsys.readouterr().out
+    lock = tmp_path / "lock"
+    assert ports.reserve({"MB_PG_PORT": "55432"}, port_range=port_range, reserved=reserved, lock=lock) == set()
+    assert "could not reserve ports 55432" in capsys.readouterr().err  # (make test sends stdout away)
     assert reserved.read_text() == "\n"
     # No such files (not Linux): nothing to do.
-    assert ports.reserve({"MB_PG_PORT": "55432"}, port_range=tmp_path / "none", reserved=reserved) == set()
+    assert ports.reserve({"MB_PG_PORT": "55432"}, port_range=tmp_path / "none", reserved=reserved, lock=lock) == set()
+
+
+def test_a_list_not_read_whole_is_never_written_back(tmp_path, capsys):
+    """The kernel's value ends in a newline: without it the read was cut, and writing back
+    what was read would drop the rest (other programs' reservations)."""
+    port_range, reserved = files(tmp_path)
+    reserved.write_text("8080,9000-90")
+    assert ports.reserve({"MB_PG_PORT": "55432"}, port_range=port_range, reserved=reserved,
+                         lock=tmp_path / "lock") == set()
+    assert reserved.read_text() == "8080,9000-90"
+    assert "was not read whole" in capsys.readouterr().err
 
 
 # Run in a network namespace of its own, where the ephemeral range is two ports: first what
@@ -105,6 +124,8 @@ print(json.dumps(out))
 def test_the_kernel_never_gives_a_reserved_port_to_an_outgoing_connection():
     if os.geteuid() != 0 or shutil.which("unshare") is None or shutil.which("ip") is None:
         pytest.skip("needs root, unshare and ip (a network namespace of its own)")
+    if subprocess.run(["unshare", "--net", "true"], capture_output=True, timeout=30).returncode != 0:
+        pytest.skip("no network namespace can be made here (a container without CAP_SYS_ADMIN)")
     done = subprocess.run(["unshare", "--net", "sh", "-c", f"ip link set lo up && exec {sys.executable} -c \"$0\"",
                            IN_NAMESPACE], capture_output=True, text=True, timeout=60, cwd=PROJECT_DIR)
     assert done.returncode == 0, done.stderr[-2000:]
