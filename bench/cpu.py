@@ -84,13 +84,14 @@ def snapshot(stack: Stack, pids: Pids, load_generator: int | None) -> dict[str, 
     }
 
 
-def steal_seconds() -> float:
-    """CPU time the hypervisor took from this machine so far, all CPUs (/proc/stat: steal)."""
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor took from this machine so far, all CPUs (/proc/stat: steal);
+    None where it cannot be read."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
     except OSError:
-        return 0.0
-    return int(fields[8]) / _TICK if len(fields) > 8 else 0.0
+        return None
+    return int(fields[8]) / _TICK if len(fields) > 8 and fields[0] == "cpu" else None
 
 
 def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:

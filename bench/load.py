@@ -214,8 +214,30 @@ async def cpu_per_call(load: Load, rate: float, seconds: float, hold: float, idl
         out[path] = median_window(windows[(path, hold)])
     if len(holds) > 1:
         out["long"] = {"hold": long_hold, **{path: median_window(windows[(path, holds[1])]) for path in PATHS}}
-        out["split"] = {path: talk_split(out[path], out["long"][path], hold, holds[1]) for path in PATHS}
+        out["split"] = {path: paired_split(out[path]["rounds"], out["long"][path]["rounds"], hold, holds[1])
+                        for path in PATHS}
     return out
+
+
+def paired_split(shorts: list[dict[str, Any]], longs: list[dict[str, Any]], hold: float,
+                 long_hold: float) -> dict[str, Any]:
+    """Setup and talk apart, round by round (a round's short and long windows follow each
+    other, so a drift of the machine's speed between rounds cancels out), then each process's
+    median over the rounds; every round's split kept under `rounds`."""
+    splits = [talk_split(short, long, hold, long_hold) for short, long in zip(shorts, longs, strict=True)]
+    path = shorts[0]["path"]
+    setup = {k: statistics.median(sp["setup_ms_per_call"][k] for sp in splits) for k in splits[0]["setup_ms_per_call"]}
+    talk = {k: statistics.median(sp["talk_ms_per_second"][k] for sp in splits) for k in splits[0]["talk_ms_per_second"]}
+    system_setup, system_talk = _system(setup, path), _system(talk, path)
+    return {
+        "setup_ms_per_call": setup,
+        "talk_ms_per_second": talk,
+        "system_setup_ms_per_call": system_setup,
+        "system_talk_ms_per_second": system_talk,
+        "setups_per_second_per_core": 1000 / system_setup if system_setup > 0 else None,
+        "talking_calls_per_core": 1000 / system_talk if system_talk > 0 else None,
+        "rounds": [{k: sp[k] for k in ("system_setup_ms_per_call", "system_talk_ms_per_second")} for sp in splits],
+    }
 
 
 def median_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -229,11 +251,12 @@ def median_window(windows: list[dict[str, Any]]) -> dict[str, Any]:
         "path": first["path"], "hold": first["hold"],
         "calls": sum(w["calls"] for w in windows), "ok": sum(w["ok"] for w in windows),
         "wall_seconds": sum(w["wall_seconds"] for w in windows),
-        "steal_seconds": sum(w.get("steal_seconds", 0.0) for w in windows),
+        "steal_seconds": None if any(w.get("steal_seconds") is None for w in windows)
+        else sum(w["steal_seconds"] for w in windows),
         "cpu_ms_per_call": per_call,
         "system_ms_per_call": system,
         "calls_per_second_per_core": 1000 / system if system > 0 else None,
-        "rounds": [{k: w[k] for k in ("calls", "ok", "wall_seconds", "steal_seconds", "cpu_seconds",
+        "rounds": [{k: w[k] for k in ("path", "hold", "calls", "ok", "wall_seconds", "steal_seconds", "cpu_seconds",
                                       "idle_cpu_per_second", "cpu_ms_per_call", "system_ms_per_call") if k in w}
                    for w in windows],
     }
@@ -274,10 +297,11 @@ async def _cpu_window(load: Load, pids: cpu.Pids, path: str, rate: float, second
     chosen = [routes[i % len(routes)] for i in range(count)]
     started = time.monotonic()
     before = cpu.snapshot(load.stack, pids, load.callee.pid)
-    steal = cpu.steal_seconds()
+    stolen = cpu.steal_seconds()
     calls, run, _ = await load.place(chosen, rate, int(hold * 1000), f"cpu-{path}-{hold:g}")
     busy = cpu.since(before, cpu.snapshot(load.stack, pids, load.callee.pid))
-    steal = cpu.steal_seconds() - steal
+    stolen_after = cpu.steal_seconds()
+    steal = None if stolen is None or stolen_after is None else stolen_after - stolen
     wall = time.monotonic() - started
     busy["load_generator"] += run.cpu_seconds
     ok = sum(not c.why_not() for c in calls)

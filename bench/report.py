@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -217,7 +218,8 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         "the figure that carries to a real server. *Calls/s per core* is 1000 divided by what the system "
         "under test spends per call (the bridge, the PBX and Postgres; not the load generator).",
         "",
-        "| path | talking | calls ok | " + " | ".join(f"{PROCESS_NAMES[p]} ms/call" for p in PROCESSES)
+        f"| path | talking | calls ok{' (all rounds)' if int(c.get('rounds', 1)) > 1 else ''} | "
+        + " | ".join(f"{PROCESS_NAMES[p]} ms/call" for p in PROCESSES)
         + " | system under test ms/call | calls/s per core | system ms/call, each round |",
         "| --- | --- | --- | " + " | ".join("---" for _ in PROCESSES) + " | --- | --- | --- |",
     ]
@@ -243,13 +245,26 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _windows(c: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c[path] for path in ("bridge", "baseline")] + (
+        [c["long"][path] for path in ("bridge", "baseline")] if "long" in c else [])
+
+
 def _rounds_text(c: dict[str, Any]) -> str:
     rounds = int(c.get("rounds", 1))
     if rounds < 2:
         return ""
+    spread = max(
+        (max(each) - min(each)) / statistics.median(each) * 100
+        for w in _windows(c) if (each := [r["system_ms_per_call"] for r in w["rounds"]]) and min(each) > 0
+    )
+    steals = [w.get("steal_seconds") for w in _windows(c)]
+    steal = ("the host reported no steal time" if all(x == 0 for x in steals) else
+             "steal time could not be read" if any(x is None for x in steals) else
+             f"the host reported {sum(x or 0.0 for x in steals):.2f} s of steal time over all the windows")
     return (f"; every window is measured {rounds} times, in turn, and each process's figure is the median of "
-            "its rounds (the same window measured again differs by up to 20 % on this machine, for every "
-            "process at once: the last column shows each round)")
+            f"its rounds, the system's the sum of the processes' medians (in this run the same window measured "
+            f"again differed by up to {spread:.0f} %, the last column shows each round; {steal})")
 
 
 def _split_headline(c: dict[str, Any]) -> list[str]:

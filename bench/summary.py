@@ -19,11 +19,11 @@ SOURCES: dict[str, tuple[str, str]] = {
     "concurrent_calls_bridge": ("results.json", "max_concurrent: most simultaneous bridged calls, two-way audio "
                                 "in every sample, all ended normally, at that step and every smaller one"),
     "cpu_ms_per_call_bridge": ("results.json", "cpu.bridge.cpu_ms_per_call.bridge: the bridge process, per call, "
-                               "idle subtracted"),
+                               "idle subtracted, the median of cpu.rounds windows"),
     "cpu_ms_per_call_pbx_bridge_path": ("results.json", "cpu.bridge.cpu_ms_per_call.pbx: the PBX Asterisk, per "
-                                        "bridged call"),
+                                        "bridged call (median of the rounds)"),
     "cpu_ms_per_call_pbx_baseline_path": ("results.json", "cpu.baseline.cpu_ms_per_call.pbx: the PBX Asterisk, per "
-                                          "dialplan call"),
+                                          "dialplan call (median of the rounds)"),
     "session_opens_per_s": ("sizes.json", "steps[largest past_participants].opens.per_second (make bench-sizes): "
                             "through the session service, no HTTP; through the HTTP API: http_opens, in sizes.md"),
     "session_open_p99_ms": ("sizes.json", "steps[largest past_participants].opens.latency_ms.p99"),

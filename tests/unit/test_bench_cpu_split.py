@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from bench.load import median_window, talk_split
+from bench.load import median_window, paired_split, talk_split
+from bench.report import _rounds_text
 
 
 def _run(path: str, hold: float, **per_call: float) -> dict:
@@ -58,3 +59,44 @@ def test_a_window_measured_in_rounds_is_the_median_of_each_process():
     assert [r["system_ms_per_call"] for r in window["rounds"]] == [r["system_ms_per_call"] for r in rounds]
     # One round: its own figures.
     assert median_window(rounds[:1])["cpu_ms_per_call"] == rounds[0]["cpu_ms_per_call"]
+
+
+def test_setup_and_talk_are_split_round_by_round_then_the_median_taken():
+    """Each round's short and long window are paired: the slope of each round, then the median.
+    Here round 1 ran at the machine's usual speed (10 ms setup + 2 ms per second of talk), round
+    2 20 % slower throughout, and round 3 sped up between its two windows."""
+    def rounds(hold: float, *pbx: float) -> list[dict]:
+        return [{"path": "baseline", "hold": hold, "cpu_ms_per_call": {"bridge": 0.0, "pbx": v, "postgres": 0.0,
+                                                                       "load_generator": 1.0}} for v in pbx]
+    shorts = rounds(2.0, 14.0, 16.8, 14.7)
+    longs = rounds(6.0, 22.0, 26.4, 20.9)
+    split = paired_split(shorts, longs, 2.0, 6.0)
+    assert [r["system_talk_ms_per_second"] for r in split["rounds"]] == pytest.approx([2.0, 2.4, 1.55])
+    assert split["talk_ms_per_second"]["pbx"] == pytest.approx(2.0)
+    assert split["setup_ms_per_call"]["pbx"] == pytest.approx(11.6)  # the median of 10, 12 and 11.6
+    assert split["system_setup_ms_per_call"] == pytest.approx(11.6)  # (the bridge is not on this path)
+    # The windows' medians taken apart (14.7 and 22.0, from different rounds) would give 1.825.
+    assert talk_split(median_window_of(shorts), median_window_of(longs), 2.0, 6.0)["talk_ms_per_second"]["pbx"] \
+        == pytest.approx(1.825)
+    with pytest.raises(ValueError):
+        paired_split(shorts, longs[:2], 2.0, 6.0)  # rounds must pair up
+
+
+def median_window_of(rounds: list[dict]) -> dict:
+    return median_window([{**r, "calls": 1, "ok": 1, "wall_seconds": 1.0, "system_ms_per_call": 0.0}
+                          for r in rounds])
+
+
+def test_the_report_says_how_far_the_rounds_spread_in_this_run():
+    def window(path: str, *system: float, steal: float | None = 0.0) -> dict:
+        return {"path": path, "steal_seconds": steal, "rounds": [{"system_ms_per_call": v} for v in system]}
+    c = {"rounds": 3, "bridge": window("bridge", 30.0, 33.0, 36.0), "baseline": window("baseline", 10.0, 10.5, 11.0),
+         "long": {"bridge": window("bridge", 45.0, 46.0, 47.0), "baseline": window("baseline", 20.0, 21.0, 22.0)}}
+    text = _rounds_text(c)
+    assert "measured 3 times" in text and "differed by up to 18 %" in text  # (36 - 30) / 33
+    assert "no steal time" in text
+    c["long"]["bridge"]["steal_seconds"] = 0.25
+    assert "0.25 s of steal time" in _rounds_text(c)
+    c["baseline"]["steal_seconds"] = None
+    assert "could not be read" in _rounds_text(c)
+    assert _rounds_text({"rounds": 1}) == ""
