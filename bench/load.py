@@ -228,14 +228,8 @@ def paired_split(shorts: list[dict[str, Any]], longs: list[dict[str, Any]], hold
     path = shorts[0]["path"]
     setup = {k: statistics.median(sp["setup_ms_per_call"][k] for sp in splits) for k in splits[0]["setup_ms_per_call"]}
     talk = {k: statistics.median(sp["talk_ms_per_second"][k] for sp in splits) for k in splits[0]["talk_ms_per_second"]}
-    system_setup, system_talk = _system(setup, path), _system(talk, path)
     return {
-        "setup_ms_per_call": setup,
-        "talk_ms_per_second": talk,
-        "system_setup_ms_per_call": system_setup,
-        "system_talk_ms_per_second": system_talk,
-        "setups_per_second_per_core": 1000 / system_setup if system_setup > 0 else None,
-        "talking_calls_per_core": 1000 / system_talk if system_talk > 0 else None,
+        **_split_figures(setup, talk, path),
         "rounds": [{k: sp[k] for k in ("system_setup_ms_per_call", "system_talk_ms_per_second")} for sp in splits],
     }
 
@@ -274,7 +268,12 @@ def talk_split(short: dict[str, Any], long: dict[str, Any], hold: float, long_ho
     talk = {k: max(0.0, (long["cpu_ms_per_call"][k] - short["cpu_ms_per_call"][k]) / (long_hold - hold))
             for k in short["cpu_ms_per_call"]}
     setup = {k: max(0.0, short["cpu_ms_per_call"][k] - talk[k] * hold) for k in talk}
-    path = short["path"]
+    return _split_figures(setup, talk, short["path"])
+
+
+def _split_figures(setup: dict[str, float], talk: dict[str, float], path: str) -> dict[str, Any]:
+    """Each process's setup (ms per call) and talk (ms per second of talk), with the system
+    under test's and what one core carries of each."""
     system_setup, system_talk = _system(setup, path), _system(talk, path)
     return {
         "setup_ms_per_call": setup,
