@@ -242,7 +242,6 @@ class MaskedCall:
         self._outbound_created = False
         self._hung_up: set[str] = set()  # channels this call hung up itself
         self._late = False  # a deadline was noticed late (said once)
-        self._caller_up = False  # Asterisk said the caller's leg was answered
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._announcing = "unknown_caller"  # the outcome of the announcement being played
@@ -306,15 +305,7 @@ class MaskedCall:
             self.state = state
 
     async def _next(self, deadline: float | None) -> CallEvent | None:
-        """The next event of this call, or None once `deadline` (monotonic) has passed. (Notes
-        when Asterisk says the caller's leg is answered: with both legs in the bridge, its core
-        answers the caller as soon as the other phone answers, before the bridge asks it to.)"""
-        event = await self._next_event(deadline)
-        if isinstance(event, Answered) and event.channel == self.inbound_id:
-            self._caller_up = True
-        return event
-
-    async def _next_event(self, deadline: float | None) -> CallEvent | None:
+        """The next event of this call, or None once `deadline` (monotonic) has passed."""
         if deadline is None:
             return await self._events.get()
         remaining = deadline - time.monotonic()
@@ -1053,18 +1044,14 @@ class MaskedCall:
     async def _caller_gone(self) -> bool:
         """After the caller's leg refused its answer: True once the call ended (the caller's
         hangup, handled as in the state the call is still in: ringing, or confirming);
-        False when no event ended it within CALLER_GONE_SECONDS, and the call goes on. Also
-        False once Asterisk said the caller's leg was answered (its own answer, passed on
-        from the other leg in the bridge, went out first: the caller got the 200 OK, and the
-        call counts as answered, however soon it then hangs up)."""
+        False when no event ended it within CALLER_GONE_SECONDS, and the call goes on."""
         deadline = time.monotonic() + CALLER_GONE_SECONDS
-        while not self._caller_up:
+        while True:
             event = await self._next(deadline)
-            if event is None or self._caller_up:  # (the caller's answer itself needs no handling)
+            if event is None:
                 return False
             if await self._common(event):
                 return True
-        return False
 
     async def _consent(self) -> bool:
         """Both parties hear that the call is recorded, each on their own leg while the two

@@ -618,23 +618,6 @@ async def test_a_caller_leaving_as_the_other_phone_answers_ends_as_cancelled(h: 
     assert h.fake.find("DELETE", f"/ari/channels/{outbound}", since=mark)
 
 
-async def test_a_caller_asterisk_answered_before_its_hangup_counts_as_answered(h: Harness) -> None:
-    """With both legs in the bridge, Asterisk's core answers the caller as soon as the other
-    phone answers: the caller got its 200 OK, then hung up within milliseconds, and the
-    bridge's own answer request is refused (a hangup pending). The caller was connected: the
-    call is answered, by the caller (as the wire says; the carrier bills it so)."""
-    row, outbound = await h.ringing_call()
-    h.fake.fail("POST", "/ari/channels/in-1/answer", 500, "Failed to answer channel")
-    await h.fake.answer(outbound)
-    await h.fake.answer("in-1")  # (Asterisk's ChannelStateChange: the caller's leg is Up)
-    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
-    await h.fake.hangup("in-1", 16)
-    row = await h.store.ended("in-1")
-    await h.settle()
-    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
-    assert row["answered_at"] is not None
-
-
 async def test_a_caller_leg_that_refuses_its_answer_and_stays_is_connected_all_the_same(
         h: Harness, monkeypatch) -> None:
     """No hangup follows the refused answer (a 500 for another reason): after a while the
