@@ -104,9 +104,6 @@ MAX_QUEUED_EVENTS = 256
 # and again, before the call is taken for unanswered (PBX_ANSWER_SECONDS for the question itself).
 PBX_GRACE_SECONDS = 2.0
 PBX_ANSWER_SECONDS = 2.0
-# The caller's leg refused to be answered (its hangup crossed the other phone's answer): how
-# long its hangup event may take to follow.
-CALLER_GONE_SECONDS = 2.0
 # A deadline noticed this much late (the bridge was frozen, or its event loop held up) is not
 # taken at once: what happened meanwhile may still wait unread in the event stream's socket (an
 # answer, a hangup, a key), and it comes first; CATCH_UP_SECONDS at most for it to arrive (the
@@ -1007,16 +1004,13 @@ class MaskedCall:
 
     async def _talk(self) -> None:
         """The other phone answered (and confirmed, where it must): connect the caller and
-        wait for either side to hang up. The call is answered once the caller's leg is: a
-        caller whose hangup crossed the other phone's answer was never connected to it, and
-        the call ends as the caller's cancel (the other phone is hung up), not as answered.
-        (A bridge process stopped between the caller's answer and the row saying so leaves a
-        row that says ringing with both legs up: the next process resumes it as connected.)"""
-        if not await self._answer_caller() and await self._caller_gone():
-            return
+        wait for either side to hang up."""
         self._enter(CallState.CONNECTED)
         self._connected_at = time.monotonic()
+        # Stored before the caller hears the answer: a bridge process stopped from here on
+        # leaves a row that says connected, and the next process resumes the call.
         await self.store.call_connected(self.id)
+        await self._answer_caller()
         route = self.route
         if route is not None and route.terms.record:
             if not await self._consent():
@@ -1027,31 +1021,15 @@ class MaskedCall:
         log.info("call.connected")
         await self._supervise()
 
-    async def _answer_caller(self) -> bool:
-        """Answer the caller's leg; False when Asterisk would not: the caller left at that
-        moment (its hangup event follows)."""
+    async def _answer_caller(self) -> None:
         try:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
-            return False  # the caller's leg is gone, or going
+            pass  # the caller left at the moment of answer; the next loop sees it
         except AriError as exc:
             # Asterisk answers 500 when the channel is already being hung up (a soft hangup
-            # pending: the caller left just now).
+            # pending: the caller left just now); its hangup event follows.
             log.warning("call.answer_failed", error=str(exc))
-            return False
-        return True
-
-    async def _caller_gone(self) -> bool:
-        """After the caller's leg refused its answer: True once the call ended (the caller's
-        hangup, handled as in the state the call is still in: ringing, or confirming);
-        False when no event ended it within CALLER_GONE_SECONDS, and the call goes on."""
-        deadline = time.monotonic() + CALLER_GONE_SECONDS
-        while True:
-            event = await self._next(deadline)
-            if event is None:
-                return False
-            if await self._common(event):
-                return True
 
     async def _consent(self) -> bool:
         """Both parties hear that the call is recorded, each on their own leg while the two
