@@ -104,6 +104,9 @@ MAX_QUEUED_EVENTS = 256
 # and again, before the call is taken for unanswered (PBX_ANSWER_SECONDS for the question itself).
 PBX_GRACE_SECONDS = 2.0
 PBX_ANSWER_SECONDS = 2.0
+# The caller's leg refused to be answered (its hangup crossed the other phone's answer): how
+# long its hangup event may take to follow.
+CALLER_GONE_SECONDS = 2.0
 # A deadline noticed this much late (the bridge was frozen, or its event loop held up) is not
 # taken at once: what happened meanwhile may still wait unread in the event stream's socket (an
 # answer, a hangup, a key), and it comes first; CATCH_UP_SECONDS at most for it to arrive (the
@@ -169,7 +172,7 @@ class CallStore(RecordingStore, Protocol):
     async def ended_calls(self, call_ids: list[uuid.UUID]) -> set[uuid.UUID]: ...
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-        *, rung: bool = True, ended_at: datetime | None = None,
+        *, rung: bool = True, ended_at: datetime | None = None, unanswered: bool = False,
     ) -> None: ...
 
 
@@ -239,6 +242,7 @@ class MaskedCall:
         self._outbound_created = False
         self._hung_up: set[str] = set()  # channels this call hung up itself
         self._late = False  # a deadline was noticed late (said once)
+        self._caller_up = False  # Asterisk said the caller's leg was answered
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._announcing = "unknown_caller"  # the outcome of the announcement being played
@@ -302,7 +306,15 @@ class MaskedCall:
             self.state = state
 
     async def _next(self, deadline: float | None) -> CallEvent | None:
-        """The next event of this call, or None once `deadline` (monotonic) has passed."""
+        """The next event of this call, or None once `deadline` (monotonic) has passed. (Notes
+        when Asterisk says the caller's leg is answered: with both legs in the bridge, its core
+        answers the caller as soon as the other phone answers, before the bridge asks it to.)"""
+        event = await self._next_event(deadline)
+        if isinstance(event, Answered) and event.channel == self.inbound_id:
+            self._caller_up = True
+        return event
+
+    async def _next_event(self, deadline: float | None) -> CallEvent | None:
         if deadline is None:
             return await self._events.get()
         remaining = deadline - time.monotonic()
@@ -382,7 +394,7 @@ class MaskedCall:
             self._started = None
 
     async def _end(self, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-                   *, ended_at: datetime | None = None) -> None:
+                   *, ended_at: datetime | None = None, unanswered: bool = False) -> None:
         self._log_started()
         self._enter(CallState.ENDED)
         route = self.route
@@ -394,7 +406,7 @@ class MaskedCall:
             metrics.CALL_DURATION.observe(time.monotonic() - self._connected_at + self._talked_before)
         # (a call that ended before its other leg was dialed rang nobody: it names no callee)
         await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason, rung=self._dialed,
-                                    ended_at=ended_at)
+                                    ended_at=ended_at, unanswered=unanswered)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------
@@ -1010,7 +1022,8 @@ class MaskedCall:
         # Stored before the caller hears the answer: a bridge process stopped from here on
         # leaves a row that says connected, and the next process resumes the call.
         await self.store.call_connected(self.id)
-        await self._answer_caller()
+        if not await self._answer_caller() and await self._caller_gone():
+            return
         route = self.route
         if route is not None and route.terms.record:
             if not await self._consent():
@@ -1021,15 +1034,41 @@ class MaskedCall:
         log.info("call.connected")
         await self._supervise()
 
-    async def _answer_caller(self) -> None:
+    async def _answer_caller(self) -> bool:
+        """Answer the caller's leg; False when Asterisk would not: the caller left at that
+        moment (its hangup event follows)."""
         try:
             await self.ari.answer(self.inbound_id)
         except (AriNotFound, AriConflict):
-            pass  # the caller left at the moment of answer; the next loop sees it
+            return False  # the caller's leg is gone, or going
         except AriError as exc:
             # Asterisk answers 500 when the channel is already being hung up (a soft hangup
             # pending: the caller left just now); its hangup event follows.
             log.warning("call.answer_failed", error=str(exc))
+            return False
+        return True
+
+    async def _caller_gone(self) -> bool:
+        """After the caller's leg refused its answer, unless Asterisk had answered it itself
+        (its core passes the other leg's answer on; the caller got its 200 OK: answered,
+        however soon it hangs up): the caller's hangup crossed the other phone's answer, and
+        the caller never heard it. True once that hangup ended the call as the caller's
+        cancel (no answer time; the other phone hung up); False when another event ended it
+        (handled as in a connected call), or none came within CALLER_GONE_SECONDS (the call
+        goes on as connected)."""
+        deadline = time.monotonic() + CALLER_GONE_SECONDS
+        while not self._caller_up:
+            event = await self._next(deadline)
+            if event is None or self._caller_up:  # (the caller's answer itself needs no handling)
+                return False
+            if isinstance(event, Hangup) and event.channel == self.inbound_id and not event.pbx_lost and not (
+                    event.soft and event.channel not in self._hung_up):
+                await self._hangup(self.outbound_id)
+                await self._end("caller_cancelled", "caller", None, ended_at=event.at, unanswered=True)
+                return True
+            if await self._common(event):
+                return True
+        return False
 
     async def _consent(self) -> bool:
         """Both parties hear that the call is recorded, each on their own leg while the two

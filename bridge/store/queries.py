@@ -286,10 +286,12 @@ class Store:
 
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-        *, rung: bool = True, ended_at: datetime | None = None,
+        *, rung: bool = True, ended_at: datetime | None = None, unanswered: bool = False,
     ) -> None:
         """The call's end. `rung` False: it ended before its other leg was dialed, so nobody
         was rung: the row names no callee (it does not count against the session's caps).
+        `unanswered`: the row said connected, but the caller's leg was never answered (its
+        hangup crossed the other phone's answer): no answer time.
         `ended_at`: when it ended, as Asterisk said or the bridge found (never after now, nor
         before the call's start or answer: the clocks of two machines may differ)."""
         await self.pool.execute(
@@ -299,6 +301,7 @@ class Store:
                                  ended_at = greatest(least(coalesce($8::timestamptz, now()), now()), started_at,
                                                      answered_at),
                                  hangup_by = $3, hangup_cause = $4, cut_reason = $5,
+                                 answered_at = CASE WHEN $9 THEN NULL ELSE answered_at END,
                                  callee_role = CASE WHEN $7 THEN callee_role END,
                                  callee_participant_id = CASE WHEN $7 THEN callee_participant_id END
                 WHERE id = $1 AND state <> 'ended'
@@ -320,7 +323,7 @@ class Store:
                                ) AS e(event, wanted)
             WHERE $6 AND (call.r).session_id IS NOT NULL AND e.wanted
             """,
-            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks, rung, ended_at,
+            call_id, outcome, hangup_by, cause, cut_reason, self.webhooks, rung, ended_at, unanswered,
         )
 
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:

@@ -262,7 +262,7 @@ class FakeStore:
 
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
-        *, rung: bool = True, ended_at: datetime | None = None,
+        *, rung: bool = True, ended_at: datetime | None = None, unanswered: bool = False,
     ) -> None:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
@@ -272,6 +272,8 @@ class FakeStore:
                        ended_at=ended_at or datetime.now(timezone.utc), ended_at_given=ended_at)
             if not rung:  # (as the SQL: nobody was rung, the row names no callee)
                 row.update(callee_role=None, callee_participant_id=None)
+            if unanswered:  # (as the SQL: the caller was never answered)
+                row.update(answered_at=None)
             self._set_state(call_id, "ended")
         await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause)
 
@@ -596,17 +598,59 @@ async def test_callee_answer_answers_caller_and_caller_hangup_ends_call(h: Harne
     assert h.fake.channels == {} and h.fake.bridges == {}
 
 
-async def test_a_caller_leaving_as_the_answer_fails_ends_as_answered_not_failed(h: Harness) -> None:
-    """Asterisk refuses to answer a channel whose hangup is pending (500): the caller left
-    at that very moment; the call ends by the caller, not as a failure of the bridge."""
+@pytest.mark.parametrize("status, message", [(500, "Failed to answer channel"), (404, "Channel not found")])
+async def test_a_caller_leaving_as_the_other_phone_answers_ends_as_cancelled(h: Harness, status, message) -> None:
+    """The caller's hangup crosses the other phone's answer: Asterisk reports the answer
+    first, then refuses to answer the caller's leg, whose hangup is pending (500), or gone
+    (404). The caller never heard the other phone: the call ends as the caller's cancel, by
+    the caller, with no answer time, the other phone hung up; not as an answered call of no
+    length, nor as a failure of the bridge. (It happened in a `make test` run: the live test
+    of an answer after the caller left read 'answered'.)"""
     row, outbound = await h.ringing_call()
-    h.fake.fail("POST", "/ari/channels/in-1/answer", 500, "Failed to answer channel")
+    mark = h.fake.mark()
+    h.fake.fail("POST", "/ari/channels/in-1/answer", status, message)
     await h.fake.answer(outbound)
     await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
     await h.fake.hangup("in-1", 16)
     row = await h.store.ended("in-1")
     await h.settle()
-    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+    assert (row["outcome"], row["hangup_by"], row["answered_at"]) == ("caller_cancelled", "caller", None)
+    assert h.fake.find("DELETE", f"/ari/channels/{outbound}", since=mark)
+
+
+async def test_a_caller_asterisk_answered_before_its_hangup_counts_as_answered(h: Harness) -> None:
+    """With both legs in the bridge, Asterisk's core answers the caller as soon as the other
+    phone answers: the caller got its 200 OK, then hung up within milliseconds, and the
+    bridge's own answer request is refused (a hangup pending). The caller was connected: the
+    call is answered, by the caller (as the wire says; the carrier bills it so)."""
+    row, outbound = await h.ringing_call()
+    h.fake.fail("POST", "/ari/channels/in-1/answer", 500, "Failed to answer channel")
+    await h.fake.answer(outbound)
+    await h.fake.answer("in-1")  # (Asterisk's ChannelStateChange: the caller's leg is Up)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    await h.fake.hangup("in-1", 16)
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    assert row["answered_at"] is not None
+
+
+async def test_a_caller_leg_that_refuses_its_answer_and_stays_is_connected_all_the_same(
+        h: Harness, monkeypatch) -> None:
+    """No caller hangup follows the refused answer (a 500 for another reason): the call is a
+    connected one, as before (here the other phone's hangup ends it as answered)."""
+    monkeypatch.setattr(flow, "CALLER_GONE_SECONDS", 0.2)
+    row, outbound = await h.ringing_call()
+    h.fake.fail("POST", "/ari/channels/in-1/answer", 500, "Failed to answer channel")
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    mark = h.fake.mark()
+    await h.fake.hangup(outbound, 16)  # (later: handled by the connected call)
+    await h.fake.wait_request("DELETE", "/ari/channels/in-1", since=mark)
+    row = await h.store.ended("in-1")
+    await h.settle()
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "callee", 16)
+    assert row["answered_at"] is not None
 
 
 async def test_callee_hangup_first_hangs_up_caller(h: Harness) -> None:
