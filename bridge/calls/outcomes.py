@@ -13,7 +13,8 @@ OUTCOMES = (
     "redirected",  # the other network answered 302: never followed
     "not_confirmed",  # the other phone answered but never pressed 1 (confirm_answer)
     "failed",  # the bridge or the network failed
-    "caller_cancelled",  # the caller hung up before anyone answered
+    "caller_cancelled",  # the caller hung up before the call was answered (an answer that crossed
+    # the caller's hangup included: the caller never heard it, the other phone is hung up)
     "unknown_caller", "session_closed", "blocked", "call_limit", "quiet_hours",  # told why not, then hung up
     "wrong_code", "locked_out",  # order-code numbers
     "node_lost",  # its node's Asterisk died or was stopped: ended by another node's reaper, by its own
