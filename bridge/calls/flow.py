@@ -243,6 +243,7 @@ class MaskedCall:
         self._hung_up: set[str] = set()  # channels this call hung up itself
         self._late = False  # a deadline was noticed late (said once)
         self._caller_up = False  # Asterisk said the caller's leg was answered
+        self._answer_refused = False  # the caller's leg refused its answer, and the call waits on it
         self._talked_before = 0.0  # seconds a resumed call had been connected before this process
         self.route: Route | None = None
         self._announcing = "unknown_caller"  # the outcome of the announcement being played
@@ -457,6 +458,10 @@ class MaskedCall:
         if isinstance(event, Hangup) and event.channel == self.inbound_id:
             if self._outbound_created:
                 await self._hangup(self.outbound_id)  # (cancels the other phone while it rings)
+            if self._answer_refused:
+                # Its hangup crossed the other phone's answer: the caller never heard it.
+                await self._end("caller_cancelled", "caller", None, ended_at=event.at, unanswered=True)
+                return True
             await self._end(outcomes.caller_left or self._announcing, "caller",
                             event.cause if outcomes.keep_cause else None, ended_at=event.at)
             return True
@@ -1052,23 +1057,21 @@ class MaskedCall:
         """After the caller's leg refused its answer, unless Asterisk had answered it itself
         (its core passes the other leg's answer on; the caller got its 200 OK: answered,
         however soon it hangs up): the caller's hangup crossed the other phone's answer, and
-        the caller never heard it. True once that hangup ended the call as the caller's
-        cancel (no answer time; the other phone hung up); False when another event ended it
-        (handled as in a connected call), or none came within CALLER_GONE_SECONDS (the call
-        goes on as connected)."""
+        the caller never heard it. True once an event ended the call (that hangup: the
+        caller's cancel, no answer time, the other phone hung up; any other: as in a connected
+        call); False when none came within CALLER_GONE_SECONDS (the call goes on as connected)."""
         deadline = time.monotonic() + CALLER_GONE_SECONDS
-        while not self._caller_up:
-            event = await self._next(deadline)
-            if event is None or self._caller_up:  # (the caller's answer itself needs no handling)
-                return False
-            if isinstance(event, Hangup) and event.channel == self.inbound_id and not event.pbx_lost and not (
-                    event.soft and event.channel not in self._hung_up):
-                await self._hangup(self.outbound_id)
-                await self._end("caller_cancelled", "caller", None, ended_at=event.at, unanswered=True)
-                return True
-            if await self._common(event):
-                return True
-        return False
+        self._answer_refused = True  # (_common ends the caller's own hangup as its cancel)
+        try:
+            while not self._caller_up:
+                event = await self._next(deadline)
+                if event is None or self._caller_up:  # (the caller's answer itself needs no handling)
+                    return False
+                if await self._common(event):
+                    return True
+            return False
+        finally:
+            self._answer_refused = False
 
     async def _consent(self) -> bool:
         """Both parties hear that the call is recorded, each on their own leg while the two
