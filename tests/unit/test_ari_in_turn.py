@@ -15,7 +15,9 @@ from bridge.ari import client as ari_client
 from bridge.ari.client import AriClient, Call
 from bridge.ari.errors import AriConflict, AriUnavailable
 
-Answer = Callable[[str, str], bytes | None]  # (method, target) -> the raw answer, or None: no answer
+# (method, target) -> the raw answer; None: no answer (it hangs); b"": the connection is closed
+# without one (the request was carried out, the answer lost)
+Answer = Callable[[str, str], bytes | None]
 
 
 def ok(body: Any = None, status: int = 200, close: bool = False) -> bytes:
@@ -31,6 +33,7 @@ class RawServer:
     def __init__(self, answer: Answer) -> None:
         self.answer = answer
         self.requests: list[tuple[int, str, str]] = []  # (connection number, method, target)
+        self.bodies: list[bytes] = []  # each request's body, in order
         self.connections = 0
         self.writers: list[asyncio.StreamWriter] = []
 
@@ -43,9 +46,14 @@ class RawServer:
                 head = await reader.readuntil(b"\r\n\r\n")
                 method, target, _ = head.split(b"\r\n", 1)[0].decode().split(" ", 2)
                 self.requests.append((number, method, target))
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                self.bodies.append(await reader.readexactly(length))
                 answer = self.answer(method, target)
                 if answer is None:
                     await asyncio.Event().wait()  # hangs
+                if answer == b"":
+                    break
                 writer.write(answer)
                 await writer.drain()
                 if b"Connection: close" in answer:
@@ -123,6 +131,39 @@ async def test_a_kept_connection_the_server_closed_meanwhile_is_replaced_and_not
     assert state.connections == 2 and [c for c, _m, _t in state.requests] == [1, 1, 2, 2]
 
 
+async def test_a_single_request_goes_on_a_kept_connection_with_its_json_body(raw) -> None:
+    state, client = await raw(lambda m, t: ok({"id": "out-1"}))
+    made = await client.request("POST", "/channels/create", {"endpoint": "PJSIP/+79160000001@trunk"},
+                                {"variables": {"MASK_NUMBER": "+74950000001"}})
+    assert made == {"id": "out-1"}
+    assert await client.request("GET", "/channels/out-1") == {"id": "out-1"}
+    assert state.connections == 1
+    assert [t for _c, _m, t in state.requests] == [
+        "/ari/channels/create?endpoint=PJSIP%2F%2B79160000001%40trunk", "/ari/channels/out-1"]
+    assert json.loads(state.bodies[0]) == {"variables": {"MASK_NUMBER": "+74950000001"}} and state.bodies[1] == b""
+
+
+async def test_a_request_that_changes_something_runs_once_when_its_answer_is_lost(raw) -> None:
+    """On a kept-alive connection closed with nothing read, a GET is asked again on a new
+    connection; a POST is not (Asterisk may have carried it out before going down): the
+    caller hears that Asterisk is unavailable, and it ran once."""
+    served = 0
+
+    def answer(method: str, target: str) -> bytes:
+        nonlocal served
+        served += 1
+        return b"" if served in (2, 4) else ok({"ok": served})
+
+    state, client = await raw(answer)
+    await client.request("GET", "/asterisk/ping")
+    with pytest.raises(AriUnavailable):
+        await client.request("POST", "/bridges/b-1/record", {"name": "r-1"})
+    assert [(c, m) for c, m, _t in state.requests] == [(1, "GET"), (1, "POST")]
+    await client.request("GET", "/asterisk/ping")  # (a new connection, kept)
+    assert await client.request("GET", "/asterisk/ping") == {"ok": 5}
+    assert [(c, m) for c, m, _t in state.requests][2:] == [(2, "GET"), (2, "GET"), (3, "GET")]
+
+
 async def test_a_connection_idle_too_long_is_not_used_again(raw, monkeypatch) -> None:
     monkeypatch.setattr(ari_client, "PIPE_IDLE_MAX", 0.0)
     state, client = await raw(lambda m, t: ok(status=204))
@@ -173,7 +214,7 @@ async def test_over_tls_the_requests_go_one_after_the_other(monkeypatch) -> None
             raise AriConflict(method, path, 422, "Channel not in Stasis application")
         return None
 
-    monkeypatch.setattr(client, "request", request)
+    monkeypatch.setattr(client, "_request_aiohttp", request)
     joined, dialed = await client.in_turn([JOIN, DIAL])
     assert isinstance(joined, AriConflict) and dialed is None
     assert sent == ["/bridges/b-1/addChannel", "/channels/out-1/dial"]
