@@ -386,8 +386,13 @@ class AriClient:
     async def get_channel(self, channel_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/channels/{channel_id}")
 
+    @staticmethod
+    def set_variable_call(channel_id: str, name: str, value: str) -> Call:
+        return Call("POST", f"/channels/{channel_id}/variable", {"variable": name, "value": value})
+
     async def set_variable(self, channel_id: str, name: str, value: str) -> None:
-        await self.request("POST", f"/channels/{channel_id}/variable", {"variable": name, "value": value})
+        call = self.set_variable_call(channel_id, name, value)
+        await self.request(call.method, call.path, call.params)
 
     async def play(
         self, channel_id: str, media: str, playback_id: str | None = None, lang: str | None = None

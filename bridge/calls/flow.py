@@ -202,6 +202,11 @@ class CallFailed(Exception):
     """The call cannot go on as it should (the flow's own checks): it ends as failed."""
 
 
+def _caller_id(number: str) -> str:
+    """A leg's caller ID (CALLERID(all)) that is this number alone, as name and number."""
+    return f'"{number}" <{number}>'
+
+
 class MaskedCall:
     """The state machine of one call. Events arrive through `feed`, in order, and are
     handled by the single task running `run`."""
@@ -758,23 +763,28 @@ class MaskedCall:
         await self.ari.create_bridge(self.bridge_id, name=f"call-{self.id}")
         self._bridge_created = True
 
-    async def _join_and_dial(self) -> bool:
+    async def _join_and_dial(self, shown: str) -> bool:
         """Both legs into the bridge, in one request, and then the other leg dialed: from then
         on the caller hears the other phone ring (its network's ringing and early media pass
-        through). The two requests go in one write on one connection, which Asterisk serves
-        one request at a time: the dial runs once the join is done, without the round trip
-        to the bridge and back between them (0.8 ms of post-dial delay). False when the caller
-        had gone: the join failed, and the other phone, dialed anyway, is to be hung up. (The
-        caller's own leg was masked by the dialplan: it knows the other side only as the
-        number it dialed, whatever the other network says.)"""
-        joined, dialed = await self.ari.in_turn([
+        through). The requests go in one write on one connection, which Asterisk serves one
+        request at a time: the dial runs once the join is done, without the round trip to
+        the bridge and back between them (0.8 ms of post-dial delay); then the caller's leg
+        forgets its caller's identity (_forget_callers_identity, after the dial: not on the
+        way of the call's setup, and no request of its own). False when the caller had gone:
+        the join failed, and the other phone, dialed anyway, is to be hung up. (The caller's
+        own leg was masked by the dialplan: it knows the other side only as the number it
+        dialed, whatever the other network says.)"""
+        joined, dialed, forgot = await self.ari.in_turn([
             self.ari.join_call(self.bridge_id, [self.inbound_id, self.outbound_id]),
             self.ari.dial_call(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5),
+            self.ari.set_variable_call(self.inbound_id, "CALLERID(all)", _caller_id(shown)),
         ])
         if isinstance(joined, AriError) and not await self._join_apart(joined):
             return False
         if isinstance(dialed, AriError):
             raise dialed
+        if isinstance(forgot, AriError) and not isinstance(forgot, AriNotFound):
+            log.warning("call.caller_id_not_masked", error=str(forgot))  # (not found: the caller left)
         return True
 
     async def _join_apart(self, failed: AriError) -> bool:
@@ -892,7 +902,7 @@ class MaskedCall:
         self._dialed = True
         if apart:
             await self.ari.dial(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5)
-        elif not await self._join_and_dial():
+        elif not await self._join_and_dial(shown):
             # The caller left within the last round trip: the other phone saw the call come
             # and go.
             await self._hangup(self.outbound_id)
@@ -907,7 +917,8 @@ class MaskedCall:
             except (AriNotFound, AriConflict):
                 pass  # the caller left: the loop below sees it
         log.info("call.ringing", callee=mask(route.callee_number or ""), callee_role=route.callee_role)
-        await self._forget_callers_identity(shown)
+        if apart:
+            await self._forget_callers_identity(shown)  # (joined: with the join and the dial)
 
         deadline = time.monotonic() + self.settings.ring_timeout
         deferred = False
@@ -963,7 +974,7 @@ class MaskedCall:
         this is the layer under it): from now on it holds the pool number only. (After the
         other phone's INVITE has left: not on the way of the call's setup.)"""
         try:
-            await self.ari.set_variable(self.inbound_id, "CALLERID(all)", f'"{shown}" <{shown}>')
+            await self.ari.set_variable(self.inbound_id, "CALLERID(all)", _caller_id(shown))
         except AriError as exc:
             log.warning("call.caller_id_not_masked", error=str(exc))
 

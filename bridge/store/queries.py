@@ -88,6 +88,12 @@ _PUT_THROUGH_CALL = f"""
 # the session and the caller the lookup found ($3-$7: id, the dialed number masked, the
 # caller masked, the inbound channel, the node; then the call's terms, unset). Whom the
 # call rings, if anyone, is written once the flow decided (call_put_through).
+# Its commit does not wait for the WAL to reach the disk (synchronous_commit off for this
+# statement alone: 0.6 ms less of post-dial delay at the median, measured): every path of a
+# call writes its row again within milliseconds (put through, announcing, entering a code,
+# ended), with a commit that does wait, and that flushes this one with it. Only a Postgres
+# crash between the two could lose the row, and then the second write fails too: the call
+# fails as any call does while the database is down.
 _ROUTE_AND_RECORD = f"""
     WITH route AS ({ROUTE_SQL} LIMIT 1),
     dialed AS (SELECT language, mode,
@@ -106,7 +112,8 @@ _ROUTE_AND_RECORD = f"""
         FROM (VALUES (1)) AS one (x) LEFT JOIN route ON true
     )
     SELECT route.*, dialed.language AS dialed_language, dialed.mode AS dialed_mode,
-           dialed.mode IS NOT NULL AS dialed_known, coalesce(dialed.caller_holds, false) AS dialed_caller_holds
+           dialed.mode IS NOT NULL AS dialed_known, coalesce(dialed.caller_holds, false) AS dialed_caller_holds,
+           set_config('synchronous_commit', 'off', true) AS commit_mode
     FROM (VALUES (1)) AS one (x) LEFT JOIN route ON true LEFT JOIN dialed ON true
 """
 
@@ -230,6 +237,7 @@ class Store:
         row = await self.pool.fetchrow(_ROUTE_AND_RECORD, idx, pool_number, call.id, call.pool_masked,
                                        call.caller_masked, call.inbound_channel_id, self.node, *_call_terms(None))
         fields = dict(row) if row is not None else {}  # (one row, whatever matched)
+        fields.pop("commit_mode", None)
         dialed = Dialed(bool(fields.pop("dialed_known", False)), fields.pop("dialed_language", None),
                         fields.pop("dialed_mode", None) or "direct", bool(fields.pop("dialed_caller_holds", False)))
         return (route_row(fields) if fields.get("session_id") is not None else None), dialed

@@ -554,6 +554,7 @@ async def test_routed_call_outbound_leg_shows_only_the_pool_number(h: Harness) -
     assert h.fake.channels["in-1"].variables == {"CALLERID(all)": f'"{POOL}" <{POOL}>'}
     creation = h.fake.find("POST", "/ari/channels/create")[0].index
     assert h.fake.find("POST", "/ari/channels/in-1/variable")[0].index > creation
+    assert h.fake.find("POST", "/ari/channels/in-1/variable")[0].index > dial.index  # (not on the setup's way)
 
     bridge_id = str(row["id"])
     adds = h.fake.find("POST", f"/ari/bridges/{bridge_id}/addChannel")

@@ -119,3 +119,15 @@ async def test_a_message_that_is_json_but_no_event_is_dropped_and_the_next_one_d
     for data in ("[1, 2]", '"StasisStart"', "null", "not json", '{"type": "StasisStart"}'):
         await stream._deliver(data)
     assert delivered == [{"type": "StasisStart"}]
+
+
+def test_an_asterisk_time_is_read_with_its_offset_and_anything_else_is_no_time() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from bridge.calls.events import moment
+
+    assert moment("2026-12-05T08:50:51.514+0000") == datetime(2026, 12, 5, 8, 50, 51, 514000, tzinfo=UTC)
+    assert moment("2026-12-05T11:50:51.514+0300") == datetime(2026, 12, 5, 8, 50, 51, 514000, tzinfo=UTC)
+    assert moment("2026-12-05T08:50:51.514+0300").utcoffset() == timedelta(hours=3)
+    for nothing in ("2026-12-05T08:50:51.514", "yesterday", "", None, 17):
+        assert moment(nothing) is None
