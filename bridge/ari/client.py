@@ -42,6 +42,12 @@ PIPE_ANSWER_MAX = 1 << 26  # bytes of one answer, at most (a channel is about 1.
 # most http.conf's sessionlimit (100) connections, the websocket and aiohttp's pool among them.
 # Beyond it, the requests go one after the other on the pool's connections.
 PIPES_MAX = 8
+ASTERISK_SESSION_LIMIT = 100  # http.conf's sessionlimit (Asterisk's default; the stack keeps it)
+# aiohttp's connections at most, the event stream's websocket among them: with the pipes (in
+# use and idle) a few below Asterisk's limit, so that a burst (every call's requests at once
+# after Asterisk was frozen for seconds) waits for a connection instead of being refused by
+# Asterisk (aiohttp's own default is 100 on its own).
+HTTP_POOL_MAX = ASTERISK_SESSION_LIMIT - 2 * PIPES_MAX - 4
 
 
 @dataclass(frozen=True)
@@ -125,7 +131,9 @@ class AriClient:
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout)
+            self._session = aiohttp.ClientSession(
+                headers=self._headers, timeout=self._timeout, connector=aiohttp.TCPConnector(limit=HTTP_POOL_MAX)
+            )
         return self._session
 
     async def close(self) -> None:
@@ -455,6 +463,10 @@ class AriClient:
 
     async def get_bridge(self, bridge_id: str) -> dict[str, Any]:
         return await self.request("GET", f"/bridges/{bridge_id}")
+
+    async def list_bridges(self) -> list[dict[str, Any]]:
+        """Every bridge Asterisk has, each with its channels."""
+        return list(await self.request("GET", "/bridges") or [])
 
     async def destroy_bridge(self, bridge_id: str) -> None:
         await self.request("DELETE", f"/bridges/{bridge_id}")

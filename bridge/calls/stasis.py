@@ -152,6 +152,7 @@ class StasisDispatcher:
         try:
             owned = await self._finish_left_behind(live)
             await self._adopt_orphans(live - owned)
+            await self._destroy_left_bridges()
             # What changed while no bridge listened (a block, a courier reassigned, a session
             # closed with maskbridge-admin while this process was down) reaches the calls it
             # has just resumed: their NOTIFY was sent to nobody.
@@ -233,6 +234,29 @@ class StasisDispatcher:
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
         return owned
+
+    async def _destroy_left_bridges(self) -> None:
+        """A call's bridge (named "call-<id>") that holds no channel and no call of this process
+        holds: left by a call that ended while Asterisk did not answer (frozen: the bridge's
+        destruction timed out with it), or by a process stopped once its call had ended.
+        Nothing else would ever remove it."""
+        try:
+            bridges = await self.ari.list_bridges()
+        except AriError as exc:
+            log.warning("reconcile.bridges_unread", error=str(exc))
+            return
+        held = {call.bridge_id for call in set(self.calls.values())}
+        for bridge in bridges:
+            if not isinstance(bridge, dict) or bridge.get("channels"):
+                continue
+            bridge_id = str(bridge.get("id"))
+            if bridge_id in held or not str(bridge.get("name") or "").startswith("call-"):
+                continue
+            try:
+                await self.ari.destroy_bridge(bridge_id)
+            except AriError:
+                continue  # gone meanwhile
+            log.info("reconcile.left_bridge_destroyed", bridge_id=bridge_id)
 
     async def _adopt_orphans(self, orphans: set[str]) -> None:
         """Channels in the application that no call row names: a caller whose call an earlier

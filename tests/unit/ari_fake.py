@@ -228,6 +228,7 @@ class AriFake:
         r.add_post("/ari/channels/{id}/variable", self._set_variable)
         r.add_post("/ari/channels/{id}/play", self._play)
         r.add_post("/ari/channels/{id}/play/{playback}", self._play)
+        r.add_get("/ari/bridges", self._list_bridges)
         r.add_post("/ari/bridges/{id}", self._create_bridge)
         r.add_get("/ari/bridges/{id}", self._get_bridge)
         r.add_post("/ari/bridges/{id}/addChannel", self._add_channel)
@@ -706,6 +707,9 @@ class AriFake:
             self.bridges[bridge_id] = bridge
             await self.send({"type": "BridgeCreated", "bridge": bridge.json()})
         return web.json_response(bridge.json())
+
+    async def _list_bridges(self, request: web.Request) -> web.Response:
+        return web.json_response([b.json() for b in self.bridges.values()])
 
     async def _get_bridge(self, request: web.Request) -> web.Response:
         bridge = self.bridges.get(request.match_info["id"])

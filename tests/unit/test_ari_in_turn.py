@@ -247,3 +247,17 @@ async def test_with_every_connection_in_use_the_requests_go_one_after_the_other(
     release.set()
     assert await asyncio.gather(*busy) == [[None, None], [None, None]]
     assert len(client._pipes) == 2
+
+
+async def test_the_bridge_never_opens_more_connections_than_asterisk_serves() -> None:
+    """Asterisk refuses connections past http.conf's sessionlimit: aiohttp's pool (the event
+    stream's websocket in it) and the pipes, in use and idle, stay under it together, so that a
+    burst after Asterisk was frozen waits for a connection instead."""
+    client = AriClient("http://127.0.0.1:8088", "bridge", "secret", "maskbridge")
+    try:
+        assert client.session.connector is not None
+        pool = client.session.connector.limit
+        assert 0 < pool <= ari_client.HTTP_POOL_MAX
+        assert pool + 2 * ari_client.PIPES_MAX < ari_client.ASTERISK_SESSION_LIMIT
+    finally:
+        await client.close()

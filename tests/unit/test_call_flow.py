@@ -999,6 +999,28 @@ async def test_reconnect_reconcile_ends_call_whose_channel_vanished(h: Harness) 
     assert h.fake.channels == {} and h.fake.bridges == {}
 
 
+async def test_a_calls_bridge_left_empty_while_asterisk_did_not_answer_is_destroyed_at_the_reconnect(
+        h: Harness) -> None:
+    """A call that ended while Asterisk was frozen could not destroy its bridge (the request
+    timed out): the reconcile after the reconnect does. A live call's bridge, a bridge with a
+    channel in it and a bridge that is no call's stay."""
+    row, _outbound = await h.connected_call()
+    live_bridge = str(row["id"])
+    h.fake.bridges["gone-1"] = Bridge("gone-1", "call-gone-1")
+    h.fake.bridges["busy-1"] = Bridge("busy-1", "call-busy-1", channels=["someone"])
+    h.fake.bridges["other-1"] = Bridge("other-1", "conference")
+    mark = h.fake.mark()
+    await h.fake.drop(refuse=False)
+    await h.fake.wait_connected(2)
+    await h.fake.wait_request("DELETE", "/ari/bridges/gone-1", since=mark)
+    ended = h.fake.mark()
+    await h.fake.hangup("in-1", 16)  # (the live call ends as it would: its own bridge goes then)
+    assert (await h.store.ended("in-1"))["outcome"] == "answered"
+    await h.settle()
+    assert set(h.fake.bridges) == {"busy-1", "other-1"}
+    assert all(r.index >= ended for r in h.fake.find("DELETE", f"/ari/bridges/{live_bridge}"))
+
+
 @pytest.mark.parametrize("state", ["connected", "ringing"])
 async def test_a_call_whose_asterisk_was_restarted_meanwhile_ends_as_node_lost_not_as_anyones_hangup(
         h: Harness, state: str) -> None:
