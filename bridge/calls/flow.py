@@ -207,6 +207,13 @@ def _caller_id(number: str) -> str:
     return f'"{number}" <{number}>'
 
 
+def _caller_id_not_masked(failed: AriError) -> None:
+    """The caller's leg refused its new caller ID: said, unless the leg is gone (the caller
+    left: nothing of it is left to mask)."""
+    if not isinstance(failed, AriNotFound):
+        log.warning("call.caller_id_not_masked", error=str(failed))
+
+
 class MaskedCall:
     """The state machine of one call. Events arrive through `feed`, in order, and are
     handled by the single task running `run`."""
@@ -783,8 +790,8 @@ class MaskedCall:
             return False
         if isinstance(dialed, AriError):
             raise dialed
-        if isinstance(forgot, AriError) and not isinstance(forgot, AriNotFound):
-            log.warning("call.caller_id_not_masked", error=str(forgot))  # (not found: the caller left)
+        if isinstance(forgot, AriError):
+            _caller_id_not_masked(forgot)
         return True
 
     async def _join_apart(self, failed: AriError) -> bool:
@@ -976,7 +983,7 @@ class MaskedCall:
         try:
             await self.ari.set_variable(self.inbound_id, "CALLERID(all)", _caller_id(shown))
         except AriError as exc:
-            log.warning("call.caller_id_not_masked", error=str(exc))
+            _caller_id_not_masked(exc)
 
     async def _confirm(self) -> bool:
         """The other phone answered and must confirm (confirm_answer): it hears that it has
