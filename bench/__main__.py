@@ -27,8 +27,9 @@ from bridge.devstack.settings import PROJECT_DIR, Stack, load as load_stack
 
 FULL: dict[str, Any] = {
     "sessions": 1000, "api_concurrency": 32,
-    "delay_rate": 20.0, "delay_per_path": 150, "hop_samples": 100,
-    "ramp_rates": [10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 200.0], "ramp_seconds": 6.0, "hold": 1.0,
+    # (delay_rate: each path's own rate; the two paths alternate, so the PBX carries twice that)
+    "delay_rate": 20.0, "delay_per_path": 600, "hop_samples": 100,
+    "ramp_rates": [10.0, 20.0, 40.0, 60.0, 80.0, 100.0, 120.0, 150.0, 200.0], "ramp_seconds": 20.0, "hold": 1.0,
     "ramp_sample": 2,
     "cpu_rate": 20.0, "cpu_seconds": 20.0, "cpu_hold": 2.0, "cpu_long_hold": 6.0, "idle_seconds": 5.0,
     "cpu_rounds": 3,
@@ -37,7 +38,7 @@ FULL: dict[str, Any] = {
 }
 TINY: dict[str, Any] = {
     "sessions": 12, "api_concurrency": 4,
-    "delay_rate": 4.0, "delay_per_path": 4, "hop_samples": 5,
+    "delay_rate": 2.0, "delay_per_path": 4, "hop_samples": 5,
     "ramp_rates": [2.0], "ramp_seconds": 2.0, "hold": 1.0,
     "ramp_sample": 1,
     "cpu_rate": 2.0, "cpu_seconds": 2.0, "cpu_hold": 0.5, "cpu_long_hold": 1.5, "idle_seconds": 1.0,

@@ -111,13 +111,13 @@ def failures(calls: list[Call]) -> dict[str, int]:
 
 
 async def post_dial_delay(load: Load, rate: float, per_path: int) -> dict[str, Any]:
-    """Alternate the two paths at `rate` calls per second; each call's delay runs from its
-    INVITE leaving the caller to the callee's INVITE reaching the callee (one clock: the
-    kernel's, on the loopback both cross)."""
+    """Each path at `rate` calls per second, the two alternating (the PBX carries 2 x `rate`);
+    each call's delay runs from its INVITE leaving the caller to the callee's INVITE reaching
+    the callee (one clock: the kernel's, on the loopback both cross)."""
     pairs = load.pairs
     order = [r for i in range(per_path) for r in (pairs.bridge[i], pairs.baseline[i])]
     path_of = {r.caller: r.path for r in order}
-    calls, run, _ = await load.place(order, rate, 500, "delay")
+    calls, run, _ = await load.place(order, 2 * rate, 500, "delay")
     delays: dict[str, list[float]] = {"bridge": [], "baseline": []}
     placed: list[tuple[str, float]] = []
     for c in calls:
@@ -128,7 +128,8 @@ async def post_dial_delay(load: Load, rate: float, per_path: int) -> dict[str, A
     # Each bridge call against the baseline call placed just before it.
     diffs = [b - a for (pa, a), (pb, b) in itertools.pairwise(placed) if pa == "baseline" and pb == "bridge"]
     return {
-        "rate": rate,
+        "rate": rate,  # each path's
+        "offered": 2 * rate,
         "calls": len(order),
         "failed": len(order) - sum(len(v) for v in delays.values()),
         "failures": failures(calls),

@@ -282,9 +282,10 @@ async def ramp_step(calls: Calls, routes: list[Route], rate: float, seconds: flo
 
 def sustained(steps: list[dict[str, Any]], path: str) -> float | None:
     """The highest rate the path carried with >= 99 % success, counting only steps where the
-    load generator really offered (>= 95 % of) that rate."""
+    load generator really offered (>= 95 % of) that rate, and where the calls listened to
+    (if any) had audio both ways."""
     good = [s["rate"] for s in steps if s["path"] == path and s["success"] >= 0.99
-            and (s.get("achieved") or 0) >= 0.95 * s["rate"]]
+            and (s.get("achieved") or 0) >= 0.95 * s["rate"] and s.get("audio_ok") is not False]
     return max(good) if good else None
 
 

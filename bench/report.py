@@ -20,6 +20,8 @@ from bridge.devstack import postgres
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
 PROCESSES = ("bridge", "pbx", "postgres", "load_generator")
+# What a run measures: a commit after the last that touched these measures the same system.
+MEASURED = ("bridge", "sql", "asterisk-config", "pyproject.toml")
 PROCESS_NAMES = {"bridge": "bridge (Python)", "pbx": "PBX (Asterisk)", "postgres": "Postgres (whole cluster)",
                  "load_generator": "load generator (SIPp, both sides)"}
 
@@ -56,7 +58,14 @@ def machine(stack: Stack) -> dict[str, str]:
         "Postgres": _run([postgres._bin("postgres"), "--version"]),
         "Python": platform.python_version(),
         "maskbridge commit": _run(["git", "-C", str(PROJECT_DIR), "rev-parse", "--short", "HEAD"]),
+        # (the last commit that changed what is measured: the bridge, its SQL, the PBX's
+        # configuration; a commit after it that touched only the bench or the docs measures the same)
+        "code commit": code_commit(),
     }
+
+
+def code_commit() -> str:
+    return _run(["git", "-C", str(PROJECT_DIR), "log", "-1", "--format=%h", "--", *MEASURED])
 
 
 def _ms(p: dict[str, Any], key: str, fmt: str = "{:.1f}") -> str:
@@ -77,8 +86,13 @@ def _figure(out: Path, name: str, title: str, xlabel: str, ylabel: str, draw: An
 
 
 def _before(out: Path) -> dict[str, Any] | None:
+    return _read_json(out / "before.json")
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A json file of the report's directory, or None."""
     try:
-        data = json.loads((out / "before.json").read_text())
+        data = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return data if isinstance(data, dict) else None
@@ -125,7 +139,7 @@ def plots(results: dict[str, Any], out: Path, before: dict[str, Any] | None) -> 
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
 
     return [
-        _figure(out, "delay.png", f"Post-dial delay at {delay['rate']:g} calls/s, paths alternating",
+        _figure(out, "delay.png", f"Post-dial delay, each path at {delay['rate']:g} calls/s, alternating",
                 "post-dial delay, caller's INVITE out to callee's INVITE in (ms)", "calls", delays),
         _figure(out, "ramp.png", "Throughput ramp", "offered call rate (calls/s)", "calls that succeeded (%)", success),
         _figure(out, "cpu.png", f"CPU per call at {results['cpu']['rate']:g} calls/s", "path",
@@ -154,7 +168,8 @@ def _hops(hops: dict[str, Any] | None) -> list[str]:
 
     return [
         f"What one hop to another process costs on this machine: the round trip's p50 in ms, back to back and "
-        f"after {idle} ms with nothing to do (as between two calls at 20 calls/s), {hops['samples']} of each:",
+        f"after {idle} ms with nothing to do (as between two calls at {1000 / float(idle):g} calls/s), "
+        f"{hops['samples']} of each:",
         "",
         f"| round trip | back to back | after {idle} ms idle | idle / back to back |",
         "| --- | --- | --- | --- |",
@@ -179,6 +194,8 @@ def _comparison(results: dict[str, Any], before: dict[str, Any] | None) -> list[
         ("added post-dial delay p99 (ms)", b["delay"]["added"].get("p99"), results["delay"]["added"].get("p99")),
         ("highest rate sustained, bridge (calls/s)", b["sustained"]["bridge"], results["sustained"]["bridge"]),
         ("highest rate sustained, baseline (calls/s)", b["sustained"]["baseline"], results["sustained"]["baseline"]),
+        ("bridge / baseline rate", _num(_ratio(b["sustained"]), "{:.2f}"),
+         _num(_ratio(results["sustained"]), "{:.2f}")),
         ("simultaneous bridged calls with audio", b["max_concurrent"], results["max_concurrent"]),
         ("session creates over HTTP (per s)", b["sessions"]["creates_per_second"],
          results["sessions"]["creates_per_second"]),
@@ -189,11 +206,16 @@ def _comparison(results: dict[str, Any], before: dict[str, Any] | None) -> list[
         "## Before and after",
         "",
         f"*Before*: the report of commit {b['machine']['maskbridge commit']} ({b['started']}, kept as "
-        "`before.json`), when a second Asterisk driven from Python placed and answered every call: the "
-        "load generator cost about as much CPU as the PBX it measured, on the same two cores. *After*: "
+        "`before.json`), when a second Asterisk driven from Python placed and answered every call (it "
+        "burned about as much CPU as the PBX it measured, on the same two cores, as issue 14 found; that "
+        "run measured no CPU per call, so there is no before for it). *After*: "
         "this run, with SIPp as the phones. The delay is now stamped by the kernel on the loopback "
         "(before: the carrier Asterisk's SIP log, to the millisecond), and audio is checked both ways "
-        "(before: the caller's side only). Dashed lines in the plots below are the before run.",
+        "(before: the caller's side only). Dashed lines in the plots below are the before run. The two "
+        "runs are not like for like: another day, another kernel build of the host "
+        f"({b['machine'].get('kernel', '?')} then, {results['machine'].get('kernel', '?')} now), and the "
+        "baseline path, whose code is Asterisk's alone, moved as much as the bridge did: compare the "
+        "ratio row, not the rates.",
         "",
         f"| figure | before ({b['machine']['maskbridge commit']}) | "
         f"after ({results['machine']['maskbridge commit']}) |",
@@ -201,6 +223,11 @@ def _comparison(results: dict[str, Any], before: dict[str, Any] | None) -> list[
         *[f"| {name} | {_num(old)} | {_num(new)} |" for name, old, new in rows],
         "",
     ]
+
+
+def _ratio(sustained: dict[str, Any]) -> float | None:
+    bridge, baseline = sustained.get("bridge"), sustained.get("baseline")
+    return round(bridge / baseline, 2) if bridge and baseline else None
 
 
 def _cpu_section(results: dict[str, Any]) -> list[str]:
@@ -214,8 +241,10 @@ def _cpu_section(results: dict[str, Any]) -> list[str]:
         "for Postgres the postmaster, every backend and the children it reaped; for SIPp the callee's "
         "/proc and the caller's rusage) is read before and after; what the process spends idle over as "
         f"long (measured for {c['idle_seconds']:g} s just before) is taken off, and the rest is divided by "
-        "the calls that succeeded. CPU seconds do not depend on what else runs on the machine, so this is "
-        "the figure that carries to a real server. *Calls/s per core* is 1000 divided by what the system "
+        "the calls that succeeded. CPU seconds depend far less than rates on what else runs on the "
+        "machine, so this is the figure that carries to a real server; far less is not at all: a shared "
+        "host's caches and frequency move them too (see the rounds below). *Calls/s per core* is 1000 "
+        "divided by what the system "
         "under test spends per call (the bridge, the PBX and Postgres; not the load generator).",
         "",
         f"| path | talking | calls ok{' (all rounds)' if int(c.get('rounds', 1)) > 1 else ''} | "
@@ -333,7 +362,8 @@ def _soak_section(out: Path) -> list[str]:
     return [
         "## Soak",
         "",
-        f"`make bench SOAK={p['seconds']:g}` ({soak['started']}): bridged calls at {p['rate']:g} calls/s for "
+        f"`make bench SOAK={p['seconds']:g}` ({soak['started']}, code commit "
+        f"{summary.dig(soak, 'machine', 'code commit') or 'not recorded'}): bridged calls at {p['rate']:g} calls/s for "
         f"{p['seconds']:g} s, each talking {p['hold']:g} s with audio both ways; {soak['calls']['placed']} calls "
         f"placed, {_num(soak['calls']['successful'], '{}')} ran to their end as SIPp saw them, "
         f"{_num(soak['calls']['failed'], '{}')} failed. Read at the start, every {p['every']:g} s, and at "
@@ -359,12 +389,92 @@ def _left(soak: dict[str, Any], key: str) -> str:
     return _num(end - start if start is not None and end is not None else None, "{:+.1f}")
 
 
+def targets(results: dict[str, Any], figures: dict[str, Any], sizes: dict[str, Any] | None,
+            soak: dict[str, Any] | None) -> list[tuple[str, str, bool | None]]:
+    """Issue 14's targets against this run: (target, measured, met); met None: not measured."""
+    def at_most(value: Any, limit: float) -> bool | None:
+        return None if value is None else value <= limit
+
+    ratio = _ratio(results.get("sustained") or {})
+    c = results.get("cpu") or {}
+    lg = summary.dig(c, "bridge", "cpu_ms_per_call", "load_generator")
+    sut = summary.dig(c, "bridge", "system_ms_per_call")
+    steps = (sizes or {}).get("steps") or []
+    at_1m = next((s for s in steps if s.get("past_participants") == 1_000_000), None)
+    service = summary.dig(at_1m, "opens", "per_second")
+    flat = growth(steps)
+    slope = summary.dig(soak, "rss_slope_mb_per_hour")
+    half = None if slope is None or soak is None else slope * soak["params"]["seconds"] / 2 / 3600
+    left = None if soak is None or figures["soak_leaked_channels"] is None else sum(
+        soak["leaked"][k] for k in ("channels", "bridges", "open_calls"))
+    concurrent = figures["concurrent_calls_bridge"]
+    return [
+        ("post-dial delay added, p50 <= 3 ms", _num(figures["pdd_added_p50_ms"], "{:.1f} ms"),
+         at_most(figures["pdd_added_p50_ms"], 3)),
+        ("post-dial delay added, p99 <= 15 ms", _num(figures["pdd_added_p99_ms"], "{:.1f} ms"),
+         at_most(figures["pdd_added_p99_ms"], 15)),
+        ("highest call rate, bridge >= 0.9 x dialplan",
+         f"{_num(figures['cps_bridge'], '{:g}')} / {_num(figures['cps_baseline'], '{:g}')} = {_num(ratio, '{:.2f}')}",
+         None if ratio is None else ratio >= 0.9),
+        ("500 simultaneous bridged calls with audio", _num(concurrent, "{}")
+         + (" (the largest step tried)" if results.get("concurrency_top") else ""),
+         None if concurrent is None else concurrent >= 500),
+        ("load generator costs less than the system under test", f"{_num(lg, '{:.2f}')} against "
+         f"{_num(sut, '{:.2f}')} ms per call", None if lg is None or sut is None else lg < sut),
+        ("1,000 session opens/s at 1M past participants (HTTP)",
+         "-" if figures["session_opens_per_s"] is None else
+         f"{figures['session_opens_per_s']:.0f}/s (session service without HTTP: {_num(service, '{:.0f}/s')})",
+         None if figures["session_opens_per_s"] is None else figures["session_opens_per_s"] >= 1000),
+        ("route lookup p99 <= 2 ms inside Postgres at 1M (opens running)",
+         _num(figures["route_lookup_p99_ms_at_1m"], "{:.2f} ms"), at_most(figures["route_lookup_p99_ms_at_1m"], 2)),
+        ("cost per open flat with size (largest / smallest <= 1.25)", _num(flat, "{:.2f}"), at_most(flat, 1.25)),
+        ("soak: nothing left behind (channels, bridges, open calls)", _num(left, "{}"),
+         None if left is None else left == 0),
+        ("soak: bridge memory flat (<= 1 MiB over the second half)",
+         "-" if half is None else
+         f"{half:+.1f} MiB ({_num(figures['soak_rss_growth_mb'], '{:+.1f}')} from start to end)",
+         at_most(half, 1.0)),
+    ]
+
+
+def open_cost(step: dict[str, Any], phase: str) -> float:
+    """CPU ms per open of the system under test in a bench-sizes step: Postgres and the process
+    that opens (the session service's caller for "opens", the bridge behind HTTP for
+    "http_opens"); not the HTTP client."""
+    each = summary.dig(step, phase, "cpu_ms_per_open") or {}
+    return float(each.get("postgres", 0) + each.get("this process" if phase == "opens" else "bridge process", 0))
+
+
+def growth(steps: list[dict[str, Any]], phase: str = "http_opens") -> float | None:
+    """CPU per open at the largest size over that at the smallest: 1.0 is flat."""
+    if len(steps) < 2 or not open_cost(steps[0], phase):
+        return None
+    return open_cost(steps[-1], phase) / open_cost(steps[0], phase)
+
+
+def _targets_section(rows: list[tuple[str, str, bool | None]]) -> list[str]:
+    met = sum(1 for *_, ok in rows if ok)
+    return [
+        "## Issue 14's targets",
+        "",
+        f"{met} of {len(rows)} met in this run (each from the figures below; summary.json's code commit "
+        "for sizes and soak, or not measured).",
+        "",
+        "| target | measured | met |",
+        "| --- | --- | --- |",
+        *[f"| {name} | {value} | {'-' if ok is None else 'yes' if ok else '**no**'} |" for name, value, ok in rows],
+        "",
+    ]
+
+
 def _summary_section(figures: dict[str, Any]) -> list[str]:
     return [
         "## Headline figures (summary.json)",
         "",
         "`summary.json` holds issue 14's headline figures, each read from the file that measured it "
-        "(null: not measured yet). `sizes.json` is written by `make bench-sizes`, `soak.json` by "
+        "(null: not measured yet, or not by a full run, or on other code: each file's machine names its "
+        "code commit, the last that changed the bridge, its SQL or the PBX's configuration). "
+        "`sizes.json` is written by `make bench-sizes`, `soak.json` by "
         "`make bench SOAK=1800`, `results.json` by `make bench`.",
         "",
         "| key | value | from |",
@@ -394,6 +504,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
     plots(results, out, before)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     figures = summary.write(results, out)
+    sizes = _read_json(out / "sizes.json")
+    soak = _read_json(out / "soak.json")
+    aimed = targets(results, figures, sizes if summary.same_code(results, sizes) else None,
+                    soak if figures["soak_leaked_channels"] is not None else None)
     d = results["delay"]
     api = results["sessions"]
     ramp = results["ramp"]
@@ -435,10 +549,12 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"{_ms(results['route_sql'], 'p50')} ms at the median and {_ms(results['route_sql'], 'p99')} ms at p99 "
         "inside Postgres under load.",
         "",
+        *_targets_section(aimed),
         *_comparison(results, before),
         "## Added post-dial delay",
         "",
-        f"{d['calls']} calls at {d['rate']:g} calls/s, alternating the bridge (courier dials the pool "
+        f"{d['calls']} calls, each path at {d['rate']:g} calls/s ({_num(d.get('offered'), '{:g}')} calls/s in "
+        "all), alternating the bridge (courier dials the pool "
         "number; the bridge routes it over ARI) and the baseline (the PBX's dialplan alone Dials the "
         "same kind of callee with the same caller ID). Delay: from the caller's INVITE leaving SIPp's "
         "caller to the callee's INVITE reaching SIPp's callee, both stamped by the kernel as they cross "
@@ -462,13 +578,14 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "the new leg is in Stasis, both legs join the bridge and the leg is dialed, in one write on "
         "one connection, which Asterisk serves in turn (the dial once the join is done; the caller's "
         "leg then forgets its caller's identity, in the same write). (Before issue 14 there were "
-        "nine: the lookup, the row, the bridge, the caller joining it, the new leg, the row again, "
-        "the leg joining it and the dial, one after the other.) Timed inside the bridge once "
-        "(150 calls at 20 calls/s, commit edf2c55, medians): the lookup and the row 2.95 ms "
-        "(the statement 2.7 ms seen from the bridge, about 1 ms of it executing inside Postgres, "
-        "0.5 ms the commit's wait for the disk, which the next commit removed); the three at once "
-        "2.9 ms (the new leg 1.8 ms, the bridge 0.7 ms, the row 1.6 ms); the join and the dial "
-        "2.0 ms. Each step costs a loopback round trip plus the work at both ends, and a queue "
+        "eight, one after the other: the lookup, the row, the bridge, the caller joining it, the new "
+        "leg, the row again, the leg joining it, and the dial.) Not measured by this run: timed "
+        "once in an instrumented build (150 calls at 20 calls/s, commit edf2c55, before the lookup's "
+        "commit stopped waiting for the disk, medians): the lookup and the row 2.95 ms (the "
+        "statement 2.7 ms seen from the bridge, about 1 ms of it executing inside Postgres, 0.5 ms "
+        "the commit's wait for the disk); the three at once 2.9 ms (the new leg 1.8 ms, the bridge "
+        "0.7 ms, the row 1.6 ms); the join and the dial 2.0 ms. Each step costs a loopback round trip "
+        "plus the work at both ends, and a queue "
         "behind the other calls' work in the bridge's one event loop; the rest of the "
         "difference is Asterisk's own: taking the call into Stasis and telling the bridge, "
         "making the new leg and its StasisStart (about 1.5 ms together, kernel stamps), and "
@@ -479,11 +596,13 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
         "## Throughput",
         "",
-        "Each step offers calls at a fixed rate for a few seconds; each call is answered at once, talks "
+        f"Each step offers calls at a fixed rate for {results['params']['ramp_seconds']:g} s; each call is "
+        "answered at once, talks "
         f"{results['params']['hold']:g} s with audio both ways and is hung up by the caller. A call succeeds "
         "when the callee's INVITE arrived and the caller was answered within 3 s of dialing, and both legs "
         "ended normally (the caller's BYE answered, the PBX's BYE to the callee answered). A path stops at "
-        "its first step under 99 %. *Achieved* is the rate SIPp really offered (from its INVITEs on the "
+        "its first step under 99 %; a step is sustained when at least 99 % succeeded and the calls listened "
+        "to had audio both ways. *Achieved* is the rate SIPp really offered (from its INVITEs on the "
         "wire); a step it could not offer (under 95 % of the target) does not count as sustained. In each "
         f"step {results['params'].get('ramp_sample', 0)} call(s) are listened to on the wire for half their "
         "talk time: *two-way audio* gives the share of the other side's tone each side heard (caller/callee).",

@@ -267,15 +267,39 @@ async def http_opens(bridge: Bridge, count: int, in_flight: int, run: str,
 
 
 async def route_lookups(pool: asyncpg.Pool, vault: NumberVault, couriers: list[str], count: int) -> dict[str, float]:
-    """ROUTE_SQL for a sample of the couriers just opened, timed inside Postgres (ms)."""
-    times: list[float] = []
+    """ROUTE_SQL for a sample of the couriers just opened, timed inside Postgres (ms), with
+    nothing else running."""
+    times = [await _lookup_ms(pool, idx, pool_number)
+             for idx, pool_number in await lookup_targets(pool, vault, couriers, count)]
+    return measure.percentiles(times)
+
+
+async def _lookup_ms(pool: asyncpg.Pool, idx: bytes, pool_number: str) -> float:
+    plan = await pool.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {ROUTE_SQL}", idx, pool_number)
+    return float(json.loads(plan)[0]["Execution Time"])
+
+
+async def lookup_targets(pool: asyncpg.Pool, vault: NumberVault, couriers: list[str],
+                         count: int) -> list[tuple[bytes, str]]:
+    """(blind index, pool number) of a sample of the couriers just opened, for route lookups."""
+    targets = []
     for courier in random.sample(couriers, min(count, len(couriers))):
         idx = vault.index(courier)
         pool_number = await pool.fetchval(
             "SELECT pool_number FROM participants WHERE number_idx = $1 AND left_at IS NULL", idx)
-        plan = await pool.fetchval(f"EXPLAIN (ANALYZE, FORMAT JSON) {ROUTE_SQL}", idx, pool_number)
-        times.append(float(json.loads(plan)[0]["Execution Time"]))
-    return measure.percentiles(times)
+        targets.append((idx, pool_number))
+    return targets
+
+
+async def lookups_while(pool: asyncpg.Pool, targets: list[tuple[bytes, str]], done: asyncio.Event) -> list[float]:
+    """ROUTE_SQL timed inside Postgres (ms), one every 50 ms until `done`: the lookup while
+    the opens run (their locks, their writes, their CPU)."""
+    times: list[float] = []
+    while targets and not done.is_set():
+        times.append(await _lookup_ms(pool, *random.choice(targets)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done.wait(), 0.05)  # the probe's own schedule
+    return times
 
 
 async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
@@ -310,20 +334,30 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
                     # Each kind --repeats times, taking turns; the run of median opens/s is reported
                     # (the machine may be shared: the others show how much that moved).
                     service_runs, api_runs, couriers = [], [], []
+                    under_load: list[float] = []
                     for i in range(params["repeats"]):
                         opened, opened_for = await opens(sessions, params["opens"], params["in_flight"],
                                                          f"open-{size}-{i}", {"postgres": in_postgres})
                         service_runs.append(opened)
                         couriers += opened_for
-                        api_runs.append(await http_opens(
-                            bridge, params["opens"], params["in_flight"], f"api-{size}-{i}",
-                            {"bridge process": lambda: [bridge.pid], "postgres": in_postgres}))
+                        # (the route lookup timed inside Postgres meanwhile, every 50 ms)
+                        targets = await lookup_targets(pool, vault, couriers, params["lookups"])
+                        done = asyncio.Event()
+                        probe = asyncio.create_task(lookups_while(pool, targets, done))
+                        try:
+                            api_runs.append(await http_opens(
+                                bridge, params["opens"], params["in_flight"], f"api-{size}-{i}",
+                                {"bridge process": lambda: [bridge.pid], "postgres": in_postgres}))
+                        finally:
+                            done.set()
+                            under_load += await probe
                     opened, through_api = _median_run(service_runs), _median_run(api_runs)
                     lookups = await route_lookups(pool, vault, couriers, params["lookups"])
                     participants = await pool.fetchval("SELECT count(*) FROM participants")
                     results["steps"].append({"past_participants": size, "participants": participants,
                                              "load_seconds": loaded, "opens": opened, "http_opens": through_api,
-                                             "route_lookup_ms": lookups})
+                                             "route_lookup_ms": lookups,
+                                             "route_lookup_under_load_ms": measure.percentiles(under_load)})
     finally:
         await pool.close()
         postgres.drop_database(stack, DATABASE)
@@ -337,6 +371,7 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
         "http_opens_per_second": last["http_opens"]["per_second"],
         "http_open_p99_ms": last["http_opens"]["latency_ms"]["p99"],
         "route_lookup_p99_ms": last["route_lookup_ms"]["p99"],
+        "route_lookup_under_load_p99_ms": last["route_lookup_under_load_ms"].get("p99"),
     }
     return results
 
@@ -358,7 +393,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sizes.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     steps, params = results["steps"], results["params"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right, cost) = plt.subplots(1, 3, figsize=(14, 4))
     sizes = [s["past_participants"] for s in steps]
     left.plot(sizes, [s["opens"]["per_second"] for s in steps], marker="o", label="session service")
     left.plot(sizes, [s["http_opens"]["per_second"] for s in steps], marker="o", label="HTTP API")
@@ -369,8 +404,16 @@ def write(results: dict[str, Any], out: Path) -> Path:
     right.plot(sizes, [s["opens"]["latency_ms"].get("p99", 0) for s in steps], marker="o", label="open p99 (service)")
     right.plot(sizes, [s["http_opens"]["latency_ms"].get("p99", 0) for s in steps], marker="o", label="open p99 (HTTP)")
     right.plot(sizes, [s["route_lookup_ms"].get("p99", 0) for s in steps], marker="o", label="route lookup p99")
-    right.set(xscale="log", yscale="log", xlabel="past participants", ylabel="ms", title="Latency")
+    right.plot(sizes, [s.get("route_lookup_under_load_ms", {}).get("p99", 0) for s in steps], marker="o",
+               label="route lookup p99, opens running")
+    right.set(xscale="log", xlabel="past participants", ylabel="ms", title="Latency (p99)")
+    right.set_ylim(bottom=0)
     right.legend()
+    cost.plot(sizes, [report.open_cost(s, "opens") for s in steps], marker="o", label="service + Postgres")
+    cost.plot(sizes, [report.open_cost(s, "http_opens") for s in steps], marker="o", label="bridge + Postgres (HTTP)")
+    cost.set(xscale="log", xlabel="past participants", ylabel="CPU ms per open", title="Cost per open")
+    cost.set_ylim(bottom=0)
+    cost.legend()
     fig.tight_layout()
     fig.savefig(out / "sizes.png", dpi=100)
     plt.close(fig)
@@ -383,18 +426,22 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"session service ({params['in_flight']} in flight, no HTTP) and as many through the HTTP API "
         f"(POST /v1/sessions to a bridge process, {params['in_flight']} kept-alive connections from a light raw "
         "HTTP client), the run of median opens/s of each kind shown; and the route lookup timed inside Postgres "
-        "(EXPLAIN ANALYZE) for a sample of them. "
+        "(EXPLAIN ANALYZE) for a sample of them, with nothing else running and, every 50 ms, while the HTTP "
+        "opens ran. A size is the past participants loaded before its opens; the opens add their own (the "
+        "table's last column counts them all). "
         "The machine's cores may be shared with other work: the load average at the start of each phase, and the "
         "CPU each process took per open, say how much.",
         "",
         "| past participants | opens/s | open p50 ms | open p99 ms | opens/s HTTP | HTTP p50 ms | HTTP p99 ms "
-        "| route lookup p50 ms | route lookup p99 ms |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| route lookup p50 ms | route lookup p99 ms | lookup p99 ms, opens running | participants |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *(f"| {s['past_participants']:,} | {s['opens']['per_second']:.0f}"
           f" | {s['opens']['latency_ms'].get('p50', 0):.1f} | {s['opens']['latency_ms'].get('p99', 0):.1f}"
           f" | {s['http_opens']['per_second']:.0f}"
           f" | {s['http_opens']['latency_ms'].get('p50', 0):.1f} | {s['http_opens']['latency_ms'].get('p99', 0):.1f}"
-          f" | {s['route_lookup_ms'].get('p50', 0):.2f} | {s['route_lookup_ms'].get('p99', 0):.2f} |" for s in steps),
+          f" | {s['route_lookup_ms'].get('p50', 0):.2f} | {s['route_lookup_ms'].get('p99', 0):.2f}"
+          f" | {s.get('route_lookup_under_load_ms', {}).get('p99', 0):.2f} | {s.get('participants', 0):,} |"
+          for s in steps),
         "",
         "Opens/s of every run, service and HTTP: " + "; ".join(
             f"{s['past_participants']:,}: {_runs(s['opens'])} and {_runs(s['http_opens'])}" for s in steps) + ".",
@@ -410,12 +457,21 @@ def write(results: dict[str, Any], out: Path) -> Path:
           f" | {_cpu(s, 'http_opens', 'bridge process')} | {_cpu(s, 'http_opens', 'postgres')}"
           f" | {_cpu(s, 'http_opens', 'load_average_1m_at_start')} |" for s in steps),
         "",
+        "CPU per open of the system under test (Postgres and the process that opens), largest size over "
+        f"smallest: {_num(report.growth(steps, 'opens'))} through the session service, "
+        f"{_num(report.growth(steps, 'http_opens'))} through HTTP (1.00 is flat; the same code at every size, so "
+        "what moves it is the data, the index depths, and the host).",
+        "",
         "![opens and lookups against size](sizes.png)",
         "",
     ]
     path = out / "sizes.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -426,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("warning")
     results = asyncio.run(run(load(), TINY if args.tiny else FULL))
     print(f"bench.sizes: report written to {write(results, args.out)}")
+    if (args.out / "results.json").exists():
+        # summary.json and the main report read sizes.json: written again with it
+        print(f"bench.sizes: {report.write(json.loads((args.out / 'results.json').read_text()), args.out)} "
+              "written again")
     return 0
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import asyncpg
 
-from bench import cpu, load, measure, sipp
+from bench import cpu, load, measure, report, sipp
 from bridge.devstack.settings import Stack
 
 FULL: dict[str, Any] = {"rate": 20.0, "hold": 3.0, "every": 30.0, "sessions": 200}
@@ -48,6 +48,7 @@ async def run(stack: Stack, params: dict[str, Any], out: Path) -> Path:
     t0 = time.monotonic()
     result: dict[str, Any] = {
         "started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "params": params, "samples": [],
+        "machine": report.machine(stack),
     }
     try:
         result["start"] = await sample(stack, pids, db, t0)

@@ -1,5 +1,7 @@
 """docs/bench/summary.json: issue 14's headline figures, exactly these keys, each read from
-the file that measured it (SOURCES says which); a figure not measured yet is null."""
+the file that measured it (SOURCES says which). A figure is null when it was not measured
+yet, or not by a full run, or on other code than results.json's (its machine's "code commit":
+the last commit that changed the bridge, its SQL or the PBX's configuration)."""
 
 from __future__ import annotations
 
@@ -24,12 +26,15 @@ SOURCES: dict[str, tuple[str, str]] = {
                                         "bridged call (median of the rounds)"),
     "cpu_ms_per_call_pbx_baseline_path": ("results.json", "cpu.baseline.cpu_ms_per_call.pbx: the PBX Asterisk, per "
                                           "dialplan call (median of the rounds)"),
-    "session_opens_per_s": ("sizes.json", "steps[largest past_participants].opens.per_second (make bench-sizes): "
-                            "through the session service, no HTTP; through the HTTP API: http_opens, in sizes.md"),
-    "session_open_p99_ms": ("sizes.json", "steps[largest past_participants].opens.latency_ms.p99"),
-    "route_lookup_p99_ms_at_1m": ("sizes.json", "steps[past_participants = 1,000,000].route_lookup_ms.p99"),
+    "session_opens_per_s": ("sizes.json", "steps[past_participants = 1,000,000].http_opens.per_second (make "
+                            "bench-sizes): POST /v1/sessions, as the order system opens them; through the "
+                            "session service without HTTP: opens, in sizes.md"),
+    "session_open_p99_ms": ("sizes.json", "steps[past_participants = 1,000,000].http_opens.latency_ms.p99"),
+    "route_lookup_p99_ms_at_1m": ("sizes.json", "steps[past_participants = 1,000,000].route_lookup_under_load_ms"
+                                  ".p99: inside Postgres while the HTTP opens run (with nothing else running: "
+                                  "route_lookup_ms, in sizes.md)"),
     "soak_leaked_channels": ("soak.json", "leaked.channels: PBX channels at the end minus at the start "
-                             "(make bench SOAK=1800)"),
+                             "(make bench SOAK=1800; a soak of at least 1800 s)"),
     "soak_rss_growth_mb": ("soak.json", "rss_growth_mb: the bridge's RSS at the end minus at the start"),
 }
 KEYS = tuple(SOURCES)
@@ -43,7 +48,8 @@ def _read(path: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def _dig(data: Any, *keys: Any) -> Any:
+def dig(data: Any, *keys: Any) -> Any:
+    """data[keys[0]][keys[1]]...; None where a level is missing."""
     for key in keys:
         if not isinstance(data, dict) or key not in data:
             return None
@@ -55,25 +61,37 @@ def _round(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
 
 
+SOAK_SECONDS = 1800
+
+
+def same_code(results: dict[str, Any], other: dict[str, Any] | None) -> bool:
+    """Whether `other` (sizes.json, soak.json) measured the code results.json measured."""
+    code = dig(results, "machine", "code commit")
+    return other is not None and code is not None and dig(other, "machine", "code commit") == code
+
+
 def figures(results: dict[str, Any], sizes: dict[str, Any] | None, soak: dict[str, Any] | None) -> dict[str, Any]:
-    steps = [s for s in (_dig(sizes, "steps") or []) if isinstance(s, dict) and "past_participants" in s]
-    largest = max(steps, key=lambda s: s["past_participants"]) if steps else None
+    if results.get("mode") != "full":
+        results = {"machine": results.get("machine")}  # (a smoke run's figures are no headline)
+    sizes = sizes if same_code(results, sizes) else None
+    soak = soak if same_code(results, soak) and (dig(soak, "params", "seconds") or 0) >= SOAK_SECONDS else None
+    steps = [s for s in (dig(sizes, "steps") or []) if isinstance(s, dict) and "past_participants" in s]
     at_1m = next((s for s in steps if s["past_participants"] == 1_000_000), None)
     out = {
-        "commit": _dig(results, "machine", "maskbridge commit"),
-        "pdd_added_p50_ms": _dig(results, "delay", "added", "p50"),
-        "pdd_added_p99_ms": _dig(results, "delay", "added", "p99"),
-        "cps_bridge": _dig(results, "sustained", "bridge"),
-        "cps_baseline": _dig(results, "sustained", "baseline"),
+        "commit": dig(results, "machine", "maskbridge commit"),
+        "pdd_added_p50_ms": dig(results, "delay", "added", "p50"),
+        "pdd_added_p99_ms": dig(results, "delay", "added", "p99"),
+        "cps_bridge": dig(results, "sustained", "bridge"),
+        "cps_baseline": dig(results, "sustained", "baseline"),
         "concurrent_calls_bridge": results.get("max_concurrent"),
-        "cpu_ms_per_call_bridge": _dig(results, "cpu", "bridge", "cpu_ms_per_call", "bridge"),
-        "cpu_ms_per_call_pbx_bridge_path": _dig(results, "cpu", "bridge", "cpu_ms_per_call", "pbx"),
-        "cpu_ms_per_call_pbx_baseline_path": _dig(results, "cpu", "baseline", "cpu_ms_per_call", "pbx"),
-        "session_opens_per_s": _dig(largest, "opens", "per_second"),
-        "session_open_p99_ms": _dig(largest, "opens", "latency_ms", "p99"),
-        "route_lookup_p99_ms_at_1m": _dig(at_1m, "route_lookup_ms", "p99"),
-        "soak_leaked_channels": _dig(soak, "leaked", "channels"),
-        "soak_rss_growth_mb": _dig(soak, "rss_growth_mb"),
+        "cpu_ms_per_call_bridge": dig(results, "cpu", "bridge", "cpu_ms_per_call", "bridge"),
+        "cpu_ms_per_call_pbx_bridge_path": dig(results, "cpu", "bridge", "cpu_ms_per_call", "pbx"),
+        "cpu_ms_per_call_pbx_baseline_path": dig(results, "cpu", "baseline", "cpu_ms_per_call", "pbx"),
+        "session_opens_per_s": dig(at_1m, "http_opens", "per_second"),
+        "session_open_p99_ms": dig(at_1m, "http_opens", "latency_ms", "p99"),
+        "route_lookup_p99_ms_at_1m": dig(at_1m, "route_lookup_under_load_ms", "p99"),
+        "soak_leaked_channels": dig(soak, "leaked", "channels"),
+        "soak_rss_growth_mb": dig(soak, "rss_growth_mb"),
     }
     if tuple(out) != KEYS:
         raise RuntimeError(f"summary keys out of step with SOURCES: {sorted(set(out) ^ set(KEYS))}")
