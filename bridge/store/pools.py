@@ -110,8 +110,9 @@ class PoolRepo:
             # 1.1-2.0 once analyzed). ANALYZE makes every connection plan them again.
             try:
                 await self.pool.execute("ANALYZE pool_numbers")
-            except asyncpg.PostgresError as exc:  # (the import itself committed: it stands)
-                log.warning("pool.analyze_failed", error=str(exc))
+            except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+                # (the import itself committed: it stands, and autovacuum analyzes in time)
+                log.warning("pool.analyze_failed", error=str(exc) or type(exc).__name__)
         return {
             "added": len(added),
             "updated": len(moved),
