@@ -26,7 +26,8 @@ Entry = tuple[str, object, object, object, object]  # (where, for errors; number
 
 def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
     """`number[,region[,language[,mode]]]` per line; a header line naming `number` is
-    allowed; # starts a comment."""
+    allowed; # starts a comment. A line with more columns (not empty) is an error (csv.Error),
+    as an unknown field of a JSON import is: it is not silently dropped."""
     rows: list[Entry] = []
     for line_no, fields in enumerate(csv.reader(io.StringIO(text.removeprefix("\ufeff"))), start=1):
         fields = [f.strip() for f in fields]
@@ -34,6 +35,8 @@ def parse_csv(text: str, default_region: str | None = None) -> list[Entry]:
             continue
         if line_no == 1 and fields[0].lower() == "number":
             continue
+        if any(fields[4:]):
+            raise csv.Error(f"line {line_no} has {len(fields)} columns; at most 4: number, region, language, mode")
         region = fields[1] if len(fields) > 1 and fields[1] else default_region
         language = fields[2] if len(fields) > 2 and fields[2] else None
         mode = fields[3] if len(fields) > 3 and fields[3] else None

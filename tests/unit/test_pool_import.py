@@ -59,3 +59,19 @@ async def test_imports_run_one_at_a_time():
     results = await asyncio.gather(*(pools.import_csv(csv_of(1000, first=1000 * i)) for i in range(4)))
     assert [r["added"] for r in results] == [1000] * 4
     assert store.pools.most_at_once == 1
+
+
+def test_a_csv_line_with_more_columns_than_it_may_have_imports_nothing():
+    """number, region, language, mode: a fifth column is refused, as an unknown field of a
+    JSON import is (it used to be dropped silently); empty trailing columns are fine."""
+    import pytest
+
+    from bridge.errors import InvalidImport
+    from bridge.pools import parse_csv
+
+    assert parse_csv("+74958100900,RU-MOW,en,direct,,\n") == [("line 1", "+74958100900", "RU-MOW", "en", "direct")]
+    store = FakeStore()
+    pools = Pools(store)  # type: ignore[arg-type]
+    with pytest.raises(InvalidImport, match="line 2 has 5 columns; at most 4"):
+        asyncio.run(pools.import_csv("+74958100901\n+74958100900,ZZ-ADV,en,direct,extra\n"))
+    assert store.pools.imports == []
