@@ -86,16 +86,7 @@ def _figure(out: Path, name: str, title: str, xlabel: str, ylabel: str, draw: An
 
 
 def _before(out: Path) -> dict[str, Any] | None:
-    return _read_json(out / "before.json")
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    """A json file of the report's directory, or None."""
-    try:
-        data = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
+    return summary.read(out / "before.json")
 
 
 def plots(results: dict[str, Any], out: Path, before: dict[str, Any] | None) -> list[str]:
@@ -350,10 +341,8 @@ def _talk_split_section(c: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _soak_section(out: Path) -> list[str]:
-    try:
-        soak = json.loads((out / "soak.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+def _soak_section(soak: dict[str, Any] | None) -> list[str]:
+    if soak is None:
         return ["## Soak", "", "Not run yet: `make bench SOAK=1800` (30 minutes) writes it.", ""]
     s, e, p = soak["start"], soak["end"], soak["params"]
     keys = (("bridge_rss_mb", "bridge RSS (MiB)"), ("pbx_rss_mb", "PBX RSS (MiB)"),
@@ -503,11 +492,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
     before = _before(out)
     plots(results, out, before)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    figures = summary.write(results, out)
-    sizes = _read_json(out / "sizes.json")
-    soak = _read_json(out / "soak.json")
-    aimed = targets(results, figures, sizes if summary.same_code(results, sizes) else None,
-                    soak if figures["soak_leaked_channels"] is not None else None)
+    sizes, soak = summary.read(out / "sizes.json"), summary.read(out / "soak.json")
+    figures = summary.write(results, sizes, soak, out)
+    aimed = targets(results, figures, *summary.usable(results, sizes, soak))
     d = results["delay"]
     api = results["sessions"]
     ramp = results["ramp"]
@@ -651,7 +638,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "",
         "![memory](memory.png)",
         "",
-        *_soak_section(out),
+        *_soak_section(soak),
         "## The session API",
         "",
         f"{api['sessions']} sessions opened over HTTP, {api['concurrency']} at a time: "

@@ -40,7 +40,8 @@ SOURCES: dict[str, tuple[str, str]] = {
 KEYS = tuple(SOURCES)
 
 
-def _read(path: Path) -> dict[str, Any] | None:
+def read(path: Path) -> dict[str, Any] | None:
+    """A json object of the report's directory; None when missing or not one."""
     try:
         data = json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -70,11 +71,18 @@ def same_code(results: dict[str, Any], other: dict[str, Any] | None) -> bool:
     return other is not None and code is not None and dig(other, "machine", "code commit") == code
 
 
+def usable(results: dict[str, Any], sizes: dict[str, Any] | None,
+           soak: dict[str, Any] | None) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """sizes.json and soak.json as the headline may use them: each only when it measured the
+    code results.json measured, the soak only when it ran SOAK_SECONDS or more."""
+    return (sizes if same_code(results, sizes) else None,
+            soak if same_code(results, soak) and (dig(soak, "params", "seconds") or 0) >= SOAK_SECONDS else None)
+
+
 def figures(results: dict[str, Any], sizes: dict[str, Any] | None, soak: dict[str, Any] | None) -> dict[str, Any]:
     if results.get("mode") != "full":
         results = {"machine": results.get("machine")}  # (a smoke run's figures are no headline)
-    sizes = sizes if same_code(results, sizes) else None
-    soak = soak if same_code(results, soak) and (dig(soak, "params", "seconds") or 0) >= SOAK_SECONDS else None
+    sizes, soak = usable(results, sizes, soak)
     steps = [s for s in (dig(sizes, "steps") or []) if isinstance(s, dict) and "past_participants" in s]
     at_1m = next((s for s in steps if s["past_participants"] == 1_000_000), None)
     out = {
@@ -98,8 +106,9 @@ def figures(results: dict[str, Any], sizes: dict[str, Any] | None, soak: dict[st
     return {k: _round(v) for k, v in out.items()}
 
 
-def write(results: dict[str, Any], out: Path) -> dict[str, Any]:
-    """Write OUT/summary.json from the run's results and OUT/sizes.json, OUT/soak.json."""
-    summary = figures(results, _read(out / "sizes.json"), _read(out / "soak.json"))
+def write(results: dict[str, Any], sizes: dict[str, Any] | None, soak: dict[str, Any] | None,
+          out: Path) -> dict[str, Any]:
+    """Write OUT/summary.json from the run's results and its sizes.json and soak.json."""
+    summary = figures(results, sizes, soak)
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
