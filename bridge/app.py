@@ -318,6 +318,17 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     claimed = await nodes.claim(settings.database_url, settings.node_id, node_api_url(settings),
                                 settings.node_sip_address or None)
     store = Store(pool, webhooks=bool(settings.webhook_url), node=settings.node_id)
+    # The HTTP API's requests run on a pool of their own, of MB_API_DB_CONNECTIONS: an order
+    # system's burst waits its turn there, and never takes the connection a call's route
+    # lookup needs; more of its statements at once would only fight for the database's cores
+    # (README "Database connections": measured with make bench-sizes).
+    try:
+        api_pool = await connect(settings.database_url, max_size=settings.api_db_connections, name="api")
+    except BaseException:
+        await claimed.close()
+        await pool.close()
+        raise
+    api_store = Store(api_pool, webhooks=bool(settings.webhook_url), node=settings.node_id)
 
     sessions = Sessions(store, vault, policy)
     ari = AriClient(settings.ari_url, settings.ari_user, settings.ari_password, settings.ari_app)
@@ -376,13 +387,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         metrics.DATABASE_UP.set(db_ok)
         return {"ari": ari_ok, "database": db_ok}
 
-    blocklist = Blocklist(store, vault, policy)
+    blocklist = Blocklist(api_store, vault, policy)
     recordings = Recordings(store, ari, settings.recording_token, settings.recording_retention_days,
                             node=settings.node_id, peers=NodeRepo(pool).api_url)
-    tokens = Tokens(TokenRepo(pool), settings.api_token, settings.recording_token)
+    tokens = Tokens(TokenRepo(api_pool), settings.api_token, settings.recording_token)
     guard = ConnectionGuard()
     runner = web.AppRunner(
-        make_app(sessions, Pools(store, policy), blocklist, tokens, health, recordings, guard,
+        make_app(Sessions(api_store, vault, policy), Pools(api_store, policy), blocklist, tokens, health,
+                 recordings, guard,
                  RateLimiter(settings.api_rate, settings.api_burst),
                  conflicts=RateLimiter(settings.api_conflict_rate / 60, settings.api_conflict_burst),
                  addresses=RateLimiter(settings.api_address_rate, settings.api_address_burst)),
@@ -394,6 +406,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     except OSError as exc:
         await runner.cleanup()
         await claimed.close()
+        await api_pool.close()
         await pool.close()
         raise StartupError(f"the API cannot listen on {settings.api_bind}:{settings.api_port} "
                            f"(MB_API_BIND, MB_API_PORT): {exc.strerror or exc}") from None
@@ -404,6 +417,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await runner.cleanup()
         await ari.close()
         await claimed.close()
+        await api_pool.close()
         await pool.close()
         raise
     events = asyncio.create_task(stream.run(), name="ari-events")
@@ -435,6 +449,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         listening.close()
         await runner.cleanup()
         await ari.close()
+        await api_pool.close()
         await pool.close()
     if keeper.taken is not None:
         raise keeper.taken

@@ -185,6 +185,7 @@ SETTINGS: dict[str, Setting] = {
     "api_address_rate": Setting("MB_API_ADDRESS_RATE", "20", seconds(0, 100_000, "requests a second"),
                                 service=True),
     "api_address_burst": Setting("MB_API_ADDRESS_BURST", "40", whole(1, 1_000_000), service=True),
+    "api_db_connections": Setting("MB_API_DB_CONNECTIONS", "2", whole(1, 100), service=True),
     "default_region": Setting("MB_DEFAULT_REGION", "RU", text(required=True, pattern=re.compile(r"^[A-Z]{2}$"),
                                                               what="a two-letter region code like RU")),
     "trunk_endpoint": Setting("MB_TRUNK_ENDPOINT", "trunk", text(required=True, pattern=_NAME,
@@ -237,6 +238,7 @@ class Settings:
     api_conflict_burst: int = 20
     api_address_rate: float = 20.0  # requests a second without a valid token, per remote address (0: no limit)
     api_address_burst: int = 40
+    api_db_connections: int = 2
     default_region: str = "RU"
     trunk_endpoint: str = "trunk"
     ring_timeout: float = 30.0

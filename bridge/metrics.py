@@ -132,35 +132,38 @@ def ari_operation(method: str, path: str) -> str:
 
 # --- the database pool ---------------------------------------------------------------------------
 
+# The bridge has two pools (bridge.store.db.connect): "calls", for calls, housekeeping and
+# everything else of the process, and "api", for the HTTP API's requests (MB_API_DB_CONNECTIONS).
 DB_ACQUIRE = Histogram("maskbridge_db_pool_acquire_seconds", "Time to get a database connection from the pool.",
-                       registry=REGISTRY, buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
+                       ["pool"], registry=REGISTRY,
+                       buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5))
 DATABASE_UP = Gauge("maskbridge_database_up", "1 while the bridge reaches its database (its last metrics read or "
                     "health check worked), 0 when not; the families read from the database keep their last "
                     "values meanwhile.", registry=REGISTRY)
 DB_WAITS = Counter("maskbridge_db_pool_waits", "Connection requests that found no idle connection in the pool.",
-                   registry=REGISTRY)
+                   ["pool"], registry=REGISTRY)
 
 
-class _DatabasePool(Collector):
+class _DatabasePools(Collector):
     def __init__(self) -> None:
-        self.pool: Any = None
+        self.pools: dict[str, Any] = {}  # pool name -> asyncpg pool
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        in_use = GaugeMetricFamily("maskbridge_db_pool_connections", "Database connections of the pool, by state.",
-                                   labels=["state"])
-        biggest = GaugeMetricFamily("maskbridge_db_pool_max_connections", "The most connections the pool opens.")
-        pool = self.pool
-        if pool is not None:
+        in_use = GaugeMetricFamily("maskbridge_db_pool_connections", "Database connections of each pool, by state.",
+                                   labels=["pool", "state"])
+        biggest = GaugeMetricFamily("maskbridge_db_pool_max_connections", "The most connections each pool opens.",
+                                    labels=["pool"])
+        for name, pool in list(self.pools.items()):
             size, idle = pool.get_size(), pool.get_idle_size()
-            in_use.add_metric(["in_use"], size - idle)
-            in_use.add_metric(["idle"], idle)
-            biggest.add_metric([], pool.get_max_size())
+            in_use.add_metric([name, "in_use"], size - idle)
+            in_use.add_metric([name, "idle"], idle)
+            biggest.add_metric([name], pool.get_max_size())
         yield in_use
         yield biggest
 
 
-DATABASE_POOL = _DatabasePool()
-REGISTRY.register(DATABASE_POOL)
+DATABASE_POOLS = _DatabasePools()
+REGISTRY.register(DATABASE_POOLS)
 
 
 # --- sessions, pools, blocks, webhooks, retention ---------------------------------------------------

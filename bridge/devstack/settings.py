@@ -89,6 +89,7 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_API_ADDRESS_RATE": ("20", "requests a second each remote address may make without a valid token, per bridge "
                             "process, after MB_API_ADDRESS_BURST (0: no limit)"),
     "MB_API_ADDRESS_BURST": ("40", "requests without a valid token a remote address may make at once"),
+    "MB_API_DB_CONNECTIONS": ("2", "database connections of the HTTP API, per bridge process (calls have their own)"),
     "MB_NODES": ("1", "nodes of the local stack (make run NODES=2): above 1, Kamailio takes the carrier's calls on "
                  "MB_PBX_SIP_BIND and spreads them over that many PBX nodes, each with its bridge"),
     "MB_NODE_NET": ("127.0.1", "with MB_NODES above 1, node i's PBX, ARI (and bridge API, but node 1's) are on "
@@ -212,6 +213,7 @@ class Stack:
             "MB_API_CONFLICT_BURST": e["MB_API_CONFLICT_BURST"],
             "MB_API_ADDRESS_RATE": e["MB_API_ADDRESS_RATE"],
             "MB_API_ADDRESS_BURST": e["MB_API_ADDRESS_BURST"],
+            "MB_API_DB_CONNECTIONS": e["MB_API_DB_CONNECTIONS"],
             "MB_DEFAULT_REGION": e["MB_DEFAULT_REGION"],
             "MB_RING_TIMEOUT": e["MB_RING_TIMEOUT"],
             "MB_LOG_LEVEL": e["MB_LOG_LEVEL"],

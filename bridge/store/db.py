@@ -58,6 +58,8 @@ class MeasuredPool(asyncpg.pool.Pool):
     """asyncpg's pool, timing each wait for a connection (bridge.metrics). asyncpg has no hook
     for it; `_acquire` is what every acquire() and every pool.fetch() goes through."""
 
+    name = "calls"  # the pool's label in the metrics (connect's `name`)
+
     async def _acquire(self, timeout: float | None) -> Any:
         timeout = ACQUIRE_TIMEOUT if timeout is None else timeout
         # (Every connection is in use: asyncpg's queue of free ones, which holds one entry per
@@ -65,7 +67,7 @@ class MeasuredPool(asyncpg.pool.Pool):
         # get_size() look at every connection, on every acquire.)
         free = not self._queue.empty()
         if not free:
-            metrics.DB_WAITS.inc()
+            metrics.DB_WAITS.labels(self.name).inc()
         began = time.perf_counter()
         try:
             if not free:
@@ -78,12 +80,14 @@ class MeasuredPool(asyncpg.pool.Pool):
             proxy._holder._timeout = timeout
             return proxy
         finally:
-            metrics.DB_ACQUIRE.observe(time.perf_counter() - began)
+            metrics.DB_ACQUIRE.labels(self.name).observe(time.perf_counter() - began)
 
 
 async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10,
-                  command_timeout: float | None = COMMAND_TIMEOUT) -> asyncpg.Pool:
-    """The bridge's pool (command_timeout=None: the admin tool's, whose commands may run long)."""
+                  command_timeout: float | None = COMMAND_TIMEOUT, name: str = "calls") -> asyncpg.Pool:
+    """A pool of the bridge (command_timeout=None: the admin tool's, whose commands may run
+    long), measured in the metrics as `name`: "calls" for the process's own work (calls,
+    housekeeping), "api" for the HTTP API's (bridge.app)."""
     # (asyncpg.create_pool, with its defaults, but of the measured class.)
     pool = MeasuredPool(
         dsn, min_size=min_size, max_size=max_size, max_queries=50000, max_inactive_connection_lifetime=300.0,
@@ -91,8 +95,9 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10,
         connection_class=asyncpg.connection.Connection, record_class=asyncpg.Record,
         command_timeout=command_timeout, timeout=CONNECT_TIMEOUT,
     )
+    pool.name = name
     await pool
-    metrics.DATABASE_POOL.pool = pool
+    metrics.DATABASE_POOLS.pools[name] = pool
     return pool
 
 

@@ -61,6 +61,8 @@ def test_every_bad_value_is_named_at_once_and_the_process_exits_2():
     ("MB_DATABASE_URL", "postgresql://u:p@127.0.0.1:99999/db"), ("MB_DATABASE_URL", "postgresql://u:p@127.0.0.1:abc/db"),
     ("MB_DATABASE_URL", "postgresql://u:p@[::1/db"), ("MB_DATABASE_URL", "postgresql://u:p@db/x?sslmode=bogus"),
     ("MB_ARI_URL", "http://"), ("MB_ARI_URL", "http://127.0.0.1:99999"),
+    # The HTTP API's own database connections: at least one, and not more than a server takes.
+    ("MB_API_DB_CONNECTIONS", "0"), ("MB_API_DB_CONNECTIONS", "101"), ("MB_API_DB_CONNECTIONS", "two"),
 ])
 def test_one_bad_value_is_refused(monkeypatch, name, value):
     good_env(monkeypatch)
