@@ -389,12 +389,14 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
     blocklist = Blocklist(api_store, vault, policy)
     recordings = Recordings(store, ari, settings.recording_token, settings.recording_retention_days,
-                            node=settings.node_id, peers=NodeRepo(pool).api_url)
+                            node=settings.node_id, peers=NodeRepo(pool).api_url)  # (housekeeping's)
     tokens = Tokens(TokenRepo(api_pool), settings.api_token, settings.recording_token)
     guard = ConnectionGuard()
     runner = web.AppRunner(
         make_app(Sessions(api_store, vault, policy), Pools(api_store, policy), blocklist, tokens, health,
-                 recordings, guard,
+                 Recordings(api_store, ari, settings.recording_token, settings.recording_retention_days,
+                            node=settings.node_id, peers=NodeRepo(api_pool).api_url),
+                 guard,
                  RateLimiter(settings.api_rate, settings.api_burst),
                  conflicts=RateLimiter(settings.api_conflict_rate / 60, settings.api_conflict_burst),
                  addresses=RateLimiter(settings.api_address_rate, settings.api_address_burst)),

@@ -54,11 +54,39 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute(conn.get_reset_query())
 
 
+# A statement that failed because its connection broke (the server terminated the backend or
+# shut down, the socket closed) can leave asyncpg's connection still reading the error as it
+# goes back to the pool; the reset query would have found out, but the bridge skips it
+# (_reset): the next statement on it failed with asyncpg's "cannot switch to state 12;
+# another operation (2) is in progress", a 500 (adversary, issue 14). Such a connection is
+# closed as it goes back instead, and the pool opens a new one when it needs it.
+BROKEN_CONNECTION = (
+    asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
+    asyncpg.InternalClientError, ConnectionError,
+)
+
+
+class _Acquired(asyncpg.pool.PoolAcquireContext):
+    """`async with pool.acquire()` (and pool.fetch() and the others, which use it): a
+    connection whose statement failed as one of BROKEN_CONNECTION is closed, not reused."""
+
+    __slots__ = ()
+
+    async def __aexit__(self, *exc: Any) -> None:
+        if isinstance(exc[1], BROKEN_CONNECTION) and self.connection is not None:
+            self.connection.terminate()
+        await super().__aexit__(*exc)
+
+
 class MeasuredPool(asyncpg.pool.Pool):
     """asyncpg's pool, timing each wait for a connection (bridge.metrics). asyncpg has no hook
     for it; `_acquire` is what every acquire() and every pool.fetch() goes through."""
 
     name = "calls"  # the pool's label in the metrics (connect's `name`)
+
+    def acquire(self, *, timeout: float | None = None) -> _Acquired:
+        return _Acquired(self, timeout)
 
     async def _acquire(self, timeout: float | None) -> Any:
         timeout = ACQUIRE_TIMEOUT if timeout is None else timeout
@@ -98,6 +126,8 @@ async def connect(dsn: str, *, min_size: int = 1, max_size: int = 10,
     pool.name = name
     await pool
     metrics.DATABASE_POOLS.pools[name] = pool
+    metrics.DB_WAITS.labels(name)  # (both families at 0 from the start, not from their first sample)
+    metrics.DB_ACQUIRE.labels(name)
     return pool
 
 

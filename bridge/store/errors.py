@@ -43,7 +43,10 @@ def database_unreachable(exc: BaseException) -> bool:
     """Whether `exc` says the database could not be reached or the connection was lost (the
     request may be retried), rather than that a statement failed."""
     return isinstance(exc, (
-        asyncpg.PostgresConnectionError,  # connection failures, "cannot connect now", too many connections
+        asyncpg.PostgresConnectionError,  # connection failures, too many connections
+        asyncpg.CannotConnectNowError,  # the server is starting up or shutting down
+        asyncpg.AdminShutdownError,  # the server shut down, or terminated the backend, under the statement
+        asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
         asyncpg.ConnectionDoesNotExistError,  # the connection died under the statement
         asyncpg.InterfaceError,  # the connection (or the pool) is closed
         asyncpg.TooManyConnectionsError,

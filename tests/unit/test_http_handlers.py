@@ -399,10 +399,20 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(client, services, mo
     assert services.sessions.opened == []
 
 
-async def test_a_lost_database_connection_is_a_503_to_retry_not_a_500(client, services):
+@pytest.mark.parametrize("lost", [
+    "ConnectionDoesNotExistError: connection was closed in the middle",
+    # A restart of Postgres: the statements it ends, the connections it refuses meanwhile
+    # (these answered 500 before: adversary, issue 14).
+    "AdminShutdownError: terminating connection due to administrator command",
+    "CannotConnectNowError: the database system is shutting down",
+    "CannotConnectNowError: the database system is starting up",
+    "CrashShutdownError: terminating connection because of crash of another server process",
+])
+async def test_a_lost_database_connection_is_a_503_to_retry_not_a_500(client, services, lost):
     import asyncpg
 
-    services.sessions.open_answer = asyncpg.ConnectionDoesNotExistError("connection was closed in the middle")
+    kind, message = lost.split(": ", 1)
+    services.sessions.open_answer = getattr(asyncpg, kind)(message)
     body = {"order_id": "o-1", "courier_number": COURIER, "client_number": CLIENT}
     resp = await client.post("/v1/sessions", json=body, headers=AUTH)
     status, answer_body = await answer(resp)

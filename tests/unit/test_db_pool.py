@@ -1,0 +1,72 @@
+"""The bridge's pool (bridge.store.db): a connection whose statement failed because the
+connection broke is closed as it goes back, never handed to the next statement (the pool
+skips asyncpg's reset query, which would have found it out); one whose statement failed
+for any other reason goes back as it is."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+import pytest
+
+from bridge.store.db import _Acquired
+
+
+class Connection:
+    def __init__(self) -> None:
+        self.terminated = False
+
+    def terminate(self) -> None:
+        self.terminated = True
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.connection = Connection()
+        self.released: list[Any] = []
+
+    async def _acquire(self, timeout: float | None) -> Connection:
+        return self.connection
+
+    async def release(self, connection: Connection) -> None:
+        self.released.append(connection)
+
+
+BROKEN = [
+    asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.CannotConnectNowError("the database system is shutting down"),
+    asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"),
+    asyncpg.InternalClientError("cannot switch to state 12; another operation (2) is in progress"),
+    ConnectionResetError(),
+]
+
+
+@pytest.mark.parametrize("error", BROKEN, ids=lambda e: type(e).__name__)
+async def test_a_connection_broken_under_its_statement_is_closed_as_it_goes_back(error):
+    pool = Pool()
+    with pytest.raises(type(error)):
+        async with _Acquired(pool, None):  # type: ignore[arg-type]
+            raise error
+    assert pool.connection.terminated
+    assert pool.released == [pool.connection], "and released to the pool, which drops it"
+
+
+@pytest.mark.parametrize("error", [
+    asyncpg.UniqueViolationError("duplicate key"), asyncpg.QueryCanceledError("statement timeout"),
+    asyncpg.SerializationError("could not serialize"), ValueError("the caller's own"),
+], ids=lambda e: type(e).__name__)
+async def test_a_connection_whose_statement_failed_otherwise_goes_back_as_it_is(error):
+    pool = Pool()
+    with pytest.raises(type(error)):
+        async with _Acquired(pool, None):  # type: ignore[arg-type]
+            raise error
+    assert not pool.connection.terminated
+    assert pool.released == [pool.connection]
+
+
+async def test_a_connection_whose_statements_went_well_goes_back_as_it_is():
+    pool = Pool()
+    async with _Acquired(pool, None) as conn:  # type: ignore[arg-type]
+        assert conn is pool.connection
+    assert not pool.connection.terminated and pool.released == [pool.connection]
