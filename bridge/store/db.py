@@ -67,6 +67,26 @@ BROKEN_CONNECTION = (
 )
 
 
+def refused_unsent(exc: BaseException) -> bool:
+    """Whether asyncpg refused a statement before sending it: the connection was still busy
+    with an earlier operation's end (a backend the server killed while the connection sat
+    idle in the pool, whose error came in but not yet its close). Nothing reached the
+    database: the statement may be sent again on another connection."""
+    return isinstance(exc, asyncpg.InternalClientError) and str(exc).startswith("cannot switch to state")
+
+
+async def once_more_if_refused_unsent(op: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any) -> Any:
+    """op(*args, **kwargs), and once more if asyncpg refused it unsent (refused_unsent): the
+    first connection is closed by then (_Acquired), and the second try takes another."""
+    try:
+        return await op(*args, **kwargs)
+    except asyncpg.InternalClientError as exc:
+        if not refused_unsent(exc):
+            raise
+        log.warning("db.statement_sent_again", error=str(exc))
+        return await op(*args, **kwargs)
+
+
 class _Acquired(asyncpg.pool.PoolAcquireContext):
     """`async with pool.acquire()` (and pool.fetch() and the others, which use it): a
     connection whose statement failed as one of BROKEN_CONNECTION is closed, not reused."""
@@ -87,6 +107,26 @@ class MeasuredPool(asyncpg.pool.Pool):
 
     def acquire(self, *, timeout: float | None = None) -> _Acquired:
         return _Acquired(self, timeout)
+
+    # The pool's one-statement shortcuts (most of the bridge's statements, the route lookup's
+    # among them) send a statement refused unsent again, once; a statement in a transaction
+    # of its own (`async with pool.acquire()`) is not: its caller sees the error (503).
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        return await once_more_if_refused_unsent(super().execute, query, *args, timeout=timeout)  # type: ignore[no-any-return]
+
+    async def executemany(self, command: str, args: Any, *, timeout: float | None = None) -> None:
+        await once_more_if_refused_unsent(super().executemany, command, args, timeout=timeout)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> list[Any]:
+        return await once_more_if_refused_unsent(  # type: ignore[no-any-return]
+            super().fetch, query, *args, timeout=timeout, record_class=record_class)
+
+    async def fetchval(self, query: str, *args: Any, column: int = 0, timeout: float | None = None) -> Any:
+        return await once_more_if_refused_unsent(super().fetchval, query, *args, column=column, timeout=timeout)
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None, record_class: Any = None) -> Any:
+        return await once_more_if_refused_unsent(
+            super().fetchrow, query, *args, timeout=timeout, record_class=record_class)
 
     async def _acquire(self, timeout: float | None) -> Any:
         timeout = ACQUIRE_TIMEOUT if timeout is None else timeout

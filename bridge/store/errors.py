@@ -48,6 +48,7 @@ def database_unreachable(exc: BaseException) -> bool:
         asyncpg.AdminShutdownError,  # the server shut down, or terminated the backend, under the statement
         asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
         asyncpg.ConnectionDoesNotExistError,  # the connection died under the statement
+        asyncpg.InternalClientError,  # asyncpg's connection was left mid-operation by one that died (store.db)
         asyncpg.InterfaceError,  # the connection (or the pool) is closed
         asyncpg.TooManyConnectionsError,
         ConnectionError,  # the pool could not open a connection (refused, reset)

@@ -10,7 +10,7 @@ from typing import Any
 import asyncpg
 import pytest
 
-from bridge.store.db import _Acquired
+from bridge.store.db import MeasuredPool, _Acquired
 
 
 class Connection:
@@ -70,3 +70,48 @@ async def test_a_connection_whose_statements_went_well_goes_back_as_it_is():
     async with _Acquired(pool, None) as conn:  # type: ignore[arg-type]
         assert conn is pool.connection
     assert not pool.connection.terminated and pool.released == [pool.connection]
+
+
+REFUSED = "cannot switch to state 12; another operation (2) is in progress"
+
+
+@pytest.mark.parametrize("method", ["execute", "fetch", "fetchval", "fetchrow"])
+async def test_a_statement_refused_unsent_is_sent_once_more(monkeypatch, method):
+    """asyncpg refuses a statement before sending it when the connection still ends an
+    operation that died (a backend killed while idle in the pool): the pool's shortcuts send
+    it again on another connection, once."""
+    sent: list[tuple[Any, ...]] = []
+
+    async def flaky(self: Any, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.append((query, *args))
+        if len(sent) == 1:
+            raise asyncpg.InternalClientError(REFUSED)
+        return "answer"
+
+    monkeypatch.setattr(asyncpg.pool.Pool, method, flaky)
+    pool = MeasuredPool.__new__(MeasuredPool)
+    assert await getattr(pool, method)("SELECT $1", 1) == "answer"
+    assert sent == [("SELECT $1", 1)] * 2
+
+
+async def test_a_statement_refused_twice_or_failing_otherwise_is_not_sent_again(monkeypatch):
+    sent: list[str] = []
+
+    async def refused(self: Any, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.append(query)
+        raise asyncpg.InternalClientError(REFUSED)
+
+    async def other(self: Any, query: str, *args: Any, **kwargs: Any) -> str:
+        sent.append(query)
+        raise asyncpg.InternalClientError("unexpected message")
+
+    pool = MeasuredPool.__new__(MeasuredPool)
+    monkeypatch.setattr(asyncpg.pool.Pool, "fetchrow", refused)
+    with pytest.raises(asyncpg.InternalClientError):
+        await pool.fetchrow("SELECT 1")
+    assert len(sent) == 2, "once more, not more"
+    sent.clear()
+    monkeypatch.setattr(asyncpg.pool.Pool, "fetchrow", other)
+    with pytest.raises(asyncpg.InternalClientError):
+        await pool.fetchrow("SELECT 1")
+    assert len(sent) == 1, "what may have reached the database is not sent again"
