@@ -305,7 +305,8 @@ async def lookups_while(pool: asyncpg.Pool, targets: list[tuple[bytes, str]], do
 async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
     url = postgres.fresh_database(stack, DATABASE)
     results: dict[str, Any] = {"started": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                               "params": params, "machine": report.machine(stack), "steps": []}
+                               "params": params, "machine": report.machine(stack), "steps": [],
+                               "api_db_connections": int(stack.env["MB_API_DB_CONNECTIONS"])}
     pool = await connect(url, max_size=params["in_flight"] + 2, command_timeout=None)
     try:
         vault = NumberVault(KEY, NumberKeyRepo(pool))
@@ -376,6 +377,12 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
     return results
 
 
+def _api_pool(results: dict[str, Any]) -> str:
+    """What the bridge's API had of database connections (MB_API_DB_CONNECTIONS), when the run says."""
+    n = results.get("api_db_connections")
+    return f"; the bridge's API runs its statements on {n} database connections, MB_API_DB_CONNECTIONS" if n else ""
+
+
 def _runs(phase: dict[str, Any]) -> str:
     return ", ".join(f"{x:.0f}" for x in phase.get("per_second_of_each_run", [phase["per_second"]]))
 
@@ -425,10 +432,10 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"measured, {params['repeats']} runs (taking turns) of {params['opens']} opens of new pairs through the "
         f"session service ({params['in_flight']} in flight, no HTTP) and as many through the HTTP API "
         f"(POST /v1/sessions to a bridge process, {params['in_flight']} kept-alive connections from a light raw "
-        "HTTP client), the run of median opens/s of each kind shown; and the route lookup timed inside Postgres "
-        "(EXPLAIN ANALYZE) for a sample of them, with nothing else running and, every 50 ms, while the HTTP "
-        "opens ran. A size is the past participants loaded before its opens; the opens add their own (the "
-        "table's last column counts them all). "
+        f"HTTP client{_api_pool(results)}), the run of median opens/s of each kind shown; and the route lookup "
+        "timed inside Postgres (EXPLAIN ANALYZE) for a sample of them, with nothing else running and, every "
+        "50 ms, while the HTTP opens ran. A size is the past participants loaded before its opens; the opens "
+        "add their own (the table's last column counts them all). "
         "The machine's cores may be shared with other work: the load average at the start of each phase, and the "
         "CPU each process took per open, say how much.",
         "",
