@@ -33,8 +33,6 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_TRUNK_SEND_RPID": ("no", "trunk endpoint send_rpid"),
     "MB_TRUNK_TRUST_ID_OUTBOUND": ("no", "trunk endpoint trust_id_outbound"),
     "MB_TRUNK_SEND_CONNECTED_LINE": ("yes", "trunk endpoint send_connected_line"),
-    "MB_TRUNK_TRUST_CONNECTED_LINE": ("no", "trunk endpoint trust_connected_line: read the other network's identity "
-                                      "headers (the bridge masks them either way)"),
     "MB_RELAY_PORT": ("5070", "port of the tests' hostile network relay, on MB_TRUNK_HOST (facing the PBX) and "
                       "MB_PBX_SIP_BIND (facing the carrier)"),
     "MB_BENCH_SIP_PORT": ("5080", "port of the benchmark's SIPp phones on MB_TRUNK_HOST: the called side (the PBX's "

@@ -14,6 +14,7 @@ import uuid
 
 import pytest
 
+from bridge.devstack import asterisk
 from bridge.devstack.network import HostileNetwork, SipMessage, add_headers, forwarded_first
 from tests.live.conftest import wait_for_call_row
 from tests.live.siplog import SipLog, SipMessage as LoggedMessage, ended_by_caller, identity_leaks, logged
@@ -21,13 +22,13 @@ from tests.live.test_masked_call import split_by_phone
 
 TRUNKS = {
     "plain": {},
-    # Everything on: identity headers sent, trusted outbound, and the other network's
-    # identity headers read and turned into connected-line updates (the worst case).
+    # Everything the trunk can send on: identity headers sent, trusted outbound. (The other
+    # network's identity headers are never read: pjsip.conf, trust_connected_line.)
     "pai-rpid-trusted": {
         "MB_TRUNK_SEND_PAI": "yes", "MB_TRUNK_SEND_RPID": "yes", "MB_TRUNK_TRUST_ID_OUTBOUND": "yes",
-        "MB_TRUNK_SEND_CONNECTED_LINE": "yes", "MB_TRUNK_TRUST_CONNECTED_LINE": "yes",
+        "MB_TRUNK_SEND_CONNECTED_LINE": "yes",
     },
-    "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no", "MB_TRUNK_TRUST_CONNECTED_LINE": "no"},
+    "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no"},
 }
 CALLEE_NETWORKS = ["none", "pai-18x", "pai-200", "pai-update", "forwarded-181", "redirect-302"]
 DIRECTIONS = ["courier-to-client", "client-to-courier"]
@@ -68,6 +69,22 @@ def in_dialog_requests_of(number: str, headers: list[tuple[str, str]]):
 
 
 CELLS = [(t, n, d) for t in TRUNKS for n in CALLEE_NETWORKS for d in DIRECTIONS]
+
+
+@pytest.mark.parametrize("trunk", list(TRUNKS))
+def test_the_pbx_never_reads_the_other_networks_identity_headers(trunk, stack, trunk_identity):
+    """The other network's P-Asserted-Identity and Remote-Party-ID are never turned into a
+    connected-line update: Asterisk writes an update into the other leg before the
+    interception routine masks it, and a hangup meanwhile stops the routine, leaving the
+    real identity in that leg's final response (a 302 with P-Asserted-Identity once gave the
+    caller's 480 the callee's name and number, with the trust on). Whatever the trunk's
+    identity settings, and with the setting that once turned the trust on given as well."""
+    trunk_identity({**TRUNKS[trunk], "MB_TRUNK_TRUST_CONNECTED_LINE": "yes"})
+    shown = asterisk.rx(stack, "pbx", "pjsip show endpoint trunk").stdout
+    endpoint = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in shown.splitlines()) if v}
+    assert endpoint.get("trust_connected_line") == "no", shown
+    # (nor sent on: the redirection, the other source of identity updates)
+    assert endpoint.get("send_diversion") == "false" and endpoint.get("redirect_method") == "user", shown
 
 
 def _requests_to(messages: list[LoggedMessage], method: str) -> list[LoggedMessage]:
@@ -183,6 +200,6 @@ async def update_identity_mid_call(net: HostileNetwork, carrier, callee, callee_
     final, _ = await net.send_in_dialog(dialog, "UPDATE", asserted(callee_number),
                                         from_party=f'"{CALLEE_NAME}" <sip:{callee_number}@ims.example>')
     assert final.status == 200, f"the PBX accepted the UPDATE:\n{final.text}"
-    # (With trust_connected_line the PBX turns these into connected-line updates for the
-    # caller's leg; [mb-identity] rewrites each to the pool number, which the leg already
-    # has, and Asterisk drops a redundant update: the caller is sent nothing at all.)
+    # (The PBX does not read these: trust_connected_line is off, whatever the settings. Read,
+    # each became a connected-line update of the caller's leg, which [mb-identity] rewrote to
+    # the pool number, unless a hangup stopped it first.)

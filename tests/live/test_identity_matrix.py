@@ -22,11 +22,8 @@ from tests.live.test_masked_call import split_by_phone
 TRUNKS = {
     "plain": {},
     "pai-rpid-trusted": {"MB_TRUNK_SEND_PAI": "yes", "MB_TRUNK_SEND_RPID": "yes", "MB_TRUNK_TRUST_ID_OUTBOUND": "yes"},
-    "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no", "MB_TRUNK_TRUST_CONNECTED_LINE": "no"},
+    "no-connected-line": {"MB_TRUNK_SEND_CONNECTED_LINE": "no"},
 }
-# The trunk's identity settings all on, trust of the other network's identity headers
-# included (the worst case for a leak).
-TRUNKS["pai-rpid-trusted"]["MB_TRUNK_TRUST_CONNECTED_LINE"] = "yes"
 PRESENTATIONS = ["number-only", "display-name", "withheld", "diversion-history-info", "pai-in-update"]
 SCENARIOS = ["courier-to-client", "client-to-courier", "hold-and-resume", "callee-answers-late",
              "caller-hangs-up-ringing"]
