@@ -439,6 +439,12 @@ class MaskedCall:
             self._log_started()
             self._enter(CallState.ENDED)
             return True
+        if isinstance(event, Cut) and event.reason == "session_ended" and self.state is CallState.ANNOUNCING:
+            # The caller is being told why the call cannot go through (the order finished, most
+            # likely the very end this cut is about: a periodic check of the departed, or the
+            # sweep closing the session, comes while it plays): the announcement goes on. It
+            # had been cut to silence (make test, once).
+            return False
         if isinstance(event, Cut):
             log.info("call.cut", reason=event.reason)
             # A caller not answered yet is told the other side is unavailable (480), not that it

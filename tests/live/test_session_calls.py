@@ -10,6 +10,8 @@ import os
 import sys
 import uuid
 
+from bridge.devstack.audio import rms, samples
+from bridge.app import LISTENER_NAME
 from bridge.phone import mask
 from tests.live.conftest import announced, last_call_of, wait_for_call_row
 
@@ -160,6 +162,35 @@ async def test_grace_period_lets_the_client_reach_support_only(carrier, api, rea
     assert read["status"] == "closed"
     status, events = await api.request("GET", f"/v1/sessions/{session['id']}/events")
     assert [e["kind"] for e in events["items"]] == ["opened", "grace_started", "closed"]
+
+
+async def test_the_end_of_the_session_does_not_cut_its_announcement_short(carrier, api, real_number, db):
+    """A client calling once the grace period is over hears that the order is finished; the
+    session's end (which that very call's lookup commits) reaching the bridge while the
+    announcement plays lets it play to its end. (It had cut it to silence, make test, once:
+    the end's notification came after the call had its route.) Here the end comes again from
+    the bridge's check of departed participants, which runs each time its listening
+    connection to the database is made anew."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    await api.close_session(session["id"], grace_seconds=600)
+    await db.execute("UPDATE sessions SET grace_until = now() - interval '1 second' WHERE id = $1", session["id"])
+    leg = await carrier.call(client, session["pool_number"])
+    await wait_for_call_row(db, session["id"], state="announcing")
+    listener = "SELECT pid FROM pg_stat_activity WHERE application_name = $1"
+    old = await db.fetchval(listener, LISTENER_NAME)
+    assert await db.fetchval("SELECT pg_terminate_backend($1)", old)
+    async with asyncio.timeout(10):
+        while (await db.fetchval(listener, LISTENER_NAME)) in (None, old):
+            await asyncio.sleep(0.05)  # wait-ok: polling pg_stat_activity for the new listener
+    assert not leg.ended.is_set(), "the announcement still played when the bridge looked again"
+    await asyncio.wait_for(leg.ended.wait(), 30)
+    await asyncio.wait_for(leg.recorded.wait(), 10)
+    assert leg.answered_at is not None and leg.cause == 16, "answered, and hung up after the announcement"
+    heard, _ = samples(carrier.recording_path(leg))
+    assert rms(heard) > 100, "the client heard the announcement, not silence"
+    row = await wait_for_call_row(db, session["id"])
+    assert (row["outcome"], row["cut_reason"]) == ("session_closed", None)
 
 
 async def test_a_courier_reassigned_during_a_call_is_cut_off(carrier, api, real_number, db, webhooks):
