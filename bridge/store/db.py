@@ -14,6 +14,7 @@ import structlog
 from bridge import metrics
 from bridge.crypto import NumberVault
 from bridge.languages import LANGUAGES
+from bridge.store.errors import CONNECTION_LOST
 
 log = structlog.get_logger(__name__)
 
@@ -54,19 +55,6 @@ async def _reset(conn: asyncpg.Connection) -> None:
         await conn.execute(conn.get_reset_query())
 
 
-# A statement that failed because its connection broke (the server terminated the backend or
-# shut down, the socket closed) can leave asyncpg's connection still reading the error as it
-# goes back to the pool; the reset query would have found out, but the bridge skips it
-# (_reset): the next statement on it failed with asyncpg's "cannot switch to state 12;
-# another operation (2) is in progress", a 500 (adversary, issue 14). Such a connection is
-# closed as it goes back instead, and the pool opens a new one when it needs it.
-BROKEN_CONNECTION = (
-    asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError, asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError,
-    asyncpg.InternalClientError, ConnectionError,
-)
-
-
 def refused_unsent(exc: BaseException) -> bool:
     """Whether asyncpg refused a statement before sending it: the connection was still busy
     with an earlier operation's end (a backend the server killed while the connection sat
@@ -87,14 +75,21 @@ async def once_more_if_refused_unsent(op: Callable[..., Awaitable[Any]], *args: 
         return await op(*args, **kwargs)
 
 
+# A statement that failed because its connection broke (errors.CONNECTION_LOST: the server
+# terminated the backend or shut down, the socket closed) can leave asyncpg's connection
+# still reading the error as it goes back to the pool; the reset query would have found out,
+# but the bridge skips it (_reset): the next statement on it failed with asyncpg's "cannot
+# switch to state 12; another operation (2) is in progress", a 500 (adversary, issue 14).
+# Such a connection is closed as it goes back instead, and the pool opens a new one when it
+# needs it.
 class _Acquired(asyncpg.pool.PoolAcquireContext):
     """`async with pool.acquire()` (and pool.fetch() and the others, which use it): a
-    connection whose statement failed as one of BROKEN_CONNECTION is closed, not reused."""
+    connection whose statement failed as one of CONNECTION_LOST is closed, not reused."""
 
     __slots__ = ()
 
     async def __aexit__(self, *exc: Any) -> None:
-        if isinstance(exc[1], BROKEN_CONNECTION) and self.connection is not None:
+        if isinstance(exc[1], CONNECTION_LOST) and self.connection is not None:
             self.connection.terminate()
         await super().__aexit__(*exc)
 

@@ -39,18 +39,26 @@ class Contended(StoreError):
     a concurrent one): nothing was written, and trying again is safe."""
 
 
+# The connection is gone, or no longer usable: store.db closes a pool connection whose
+# statement failed so, rather than hand it to the next statement.
+CONNECTION_LOST: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresConnectionError,  # connection failures
+    asyncpg.CannotConnectNowError,  # the server is starting up or shutting down
+    asyncpg.AdminShutdownError,  # the server shut down, or terminated the backend, under the statement
+    asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
+    asyncpg.ConnectionDoesNotExistError,  # the connection died under the statement
+    asyncpg.InternalClientError,  # asyncpg's connection was left mid-operation by one that died (store.db)
+    asyncpg.InterfaceError,  # the connection (or the pool) is closed
+    ConnectionError,  # the pool could not open a connection (refused, reset)
+)
+_UNREACHABLE = (
+    *CONNECTION_LOST,
+    asyncpg.TooManyConnectionsError,
+    TimeoutError,  # the database did not answer in time (store.db: COMMAND_TIMEOUT and the others)
+)
+
+
 def database_unreachable(exc: BaseException) -> bool:
     """Whether `exc` says the database could not be reached or the connection was lost (the
     request may be retried), rather than that a statement failed."""
-    return isinstance(exc, (
-        asyncpg.PostgresConnectionError,  # connection failures, too many connections
-        asyncpg.CannotConnectNowError,  # the server is starting up or shutting down
-        asyncpg.AdminShutdownError,  # the server shut down, or terminated the backend, under the statement
-        asyncpg.CrashShutdownError,  # another backend crashed: the server restarts
-        asyncpg.ConnectionDoesNotExistError,  # the connection died under the statement
-        asyncpg.InternalClientError,  # asyncpg's connection was left mid-operation by one that died (store.db)
-        asyncpg.InterfaceError,  # the connection (or the pool) is closed
-        asyncpg.TooManyConnectionsError,
-        ConnectionError,  # the pool could not open a connection (refused, reset)
-        TimeoutError,  # the database did not answer in time (store.db: COMMAND_TIMEOUT and the others)
-    ))
+    return isinstance(exc, _UNREACHABLE)
