@@ -18,7 +18,7 @@ import asyncpg
 import structlog
 from aiohttp import web
 
-from bridge import metrics, nodes, webhooks
+from bridge import memory, metrics, nodes, webhooks
 from bridge.api.http import make_app
 from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import REQUEST_TIMEOUT, ConnectionGuard
@@ -432,7 +432,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         cut_listener(settings.database_url, dispatcher, stop, vault), name="cut-listener"
     )
     gauges = asyncio.create_task(metrics.refresher(store, METRICS_EVERY, stop), name="metrics")
-    background = [sweeper, blocks, gauges, asyncio.create_task(keeper.run(stop), name="node")]
+    background = [sweeper, blocks, gauges, asyncio.create_task(keeper.run(stop), name="node"),
+                  asyncio.create_task(memory.trim_freed(stop), name="memory")]
     if settings.webhook_url:
         deliverer = Deliverer(WebhookRepo(pool), settings.webhook_url, settings.webhook_secret)
         background.append(asyncio.create_task(deliverer.run(stop), name="webhooks"))
