@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -37,6 +38,7 @@ from bridge.calls.recording import CallRecording, RecordingStore, recording_name
 from bridge.languages import sounds_of
 from bridge.phone import InvalidNumber, mask, normalize
 from bridge.sessions import Route
+from bridge.store.errors import database_unreachable
 from bridge.store.queries import NewCall
 from bridge.terms import Terms
 
@@ -212,6 +214,36 @@ def _caller_id_not_masked(failed: AriError) -> None:
     left: nothing of it is left to mask)."""
     if not isinstance(failed, AriNotFound):
         log.warning("call.caller_id_not_masked", error=str(failed))
+
+
+LATE_WRITE_FIRST_WAIT = 1.0  # seconds before a call's end is written again; doubling, up to
+LATE_WRITE_LONGEST_WAIT = 30.0
+_late_writes: set[asyncio.Task[None]] = set()
+
+
+async def write_late(write: Callable[[], Awaitable[None]], first_wait: float = LATE_WRITE_FIRST_WAIT) -> None:
+    """Send `write` (a call's end) again until the database takes it. A bridge stopped first
+    leaves the row to the next one's reconcile, as a call it finds still open."""
+    wait, attempts = first_wait, 1
+    while True:
+        await asyncio.sleep(wait)  # the database did not answer: give it time
+        attempts += 1
+        try:
+            await write()
+        except Exception as exc:
+            if not database_unreachable(exc):
+                log.exception("call.end_not_written", attempts=attempts)
+                return
+            wait = min(wait * 2, LATE_WRITE_LONGEST_WAIT)
+            continue
+        log.info("call.end_written", attempts=attempts)
+        return
+
+
+def _later(write: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(write, name="call-end-late")
+    _late_writes.add(task)
+    task.add_done_callback(_late_writes.discard)
 
 
 class MaskedCall:
@@ -418,8 +450,19 @@ class MaskedCall:
         if outcome == "answered" and self._connected_at is not None:
             metrics.CALL_DURATION.observe(time.monotonic() - self._connected_at + self._talked_before)
         # (a call that ended before its other leg was dialed rang nobody: it names no callee)
-        await self.store.call_ended(self.id, outcome, hangup_by, cause, cut_reason, rung=self._dialed,
-                                    ended_at=ended_at, unanswered=unanswered)
+        write = functools.partial(self.store.call_ended, self.id, outcome, hangup_by, cause, cut_reason,
+                                  rung=self._dialed, unanswered=unanswered)
+        ending = datetime.now(timezone.utc)
+        try:
+            await write(ended_at=ended_at)
+        except Exception as exc:
+            if not database_unreachable(exc):
+                raise
+            # The database did not take it (stalled, restarting): the row would say the call
+            # goes on until a bridge connects to Asterisk again. It is written as soon as the
+            # database answers, with the moment it ended (the write is idempotent).
+            log.warning("call.end_deferred", error=type(exc).__name__)
+            _later(write_late(functools.partial(write, ended_at=ended_at or ending)))
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------

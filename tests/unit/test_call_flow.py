@@ -83,6 +83,7 @@ class FakeStore:
         self.code_gate: asyncio.Event | None = None  # holds route_by_code until set
         self.active_calls_error: Exception | None = None  # raised once by active_calls
         self.recording_started_error: Exception | None = None  # raised once by recording_started
+        self.call_ended_errors: list[Exception] = []  # raised by the next call_ended, one each
         self.languages: dict[str, str] = {}  # pool number -> its announcement language
         self._changed = asyncio.Condition()
 
@@ -266,6 +267,10 @@ class FakeStore:
     ) -> None:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
+        if self.call_ended_errors:
+            await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause, failed=True,
+                           ended_at=ended_at)
+            raise self.call_ended_errors.pop(0)
         row = self.rows[call_id]
         if row["state"] != "ended":
             row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, cut_reason=cut_reason,
@@ -573,6 +578,44 @@ async def test_routed_call_outbound_leg_shows_only_the_pool_number(h: Harness) -
     await h.fake.hangup("in-1")
     await h.store.ended("in-1")
     await h.settle()
+
+
+async def test_an_end_the_database_did_not_take_is_written_once_it_does(h: Harness, monkeypatch) -> None:
+    """The database stalls as the call ends: the row is written when it answers again (not left
+    saying the call goes on until a bridge reconnects to Asterisk), with the moment it ended."""
+    monkeypatch.setattr(flow, "LATE_WRITE_FIRST_WAIT", 0.01)
+    row, outbound = await h.ringing_call()
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    await h.store.state("in-1", "connected")
+    h.store.call_ended_errors = [TimeoutError(), asyncpg.exceptions.ConnectionDoesNotExistError("gone")]
+    ended = datetime.now(timezone.utc)
+
+    await h.fake.hangup("in-1", 16)
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    attempts = h.store.calls_of("call_ended", row["id"])
+    assert len(attempts) == 3
+    assert [a.get("failed", False) for a in attempts] == [True, True, False]
+    # Sent again with the moment it ended (here Asterisk's, of the hangup), not when it got through.
+    assert attempts[0]["ended_at"] is not None and attempts[1]["ended_at"] == attempts[0]["ended_at"]
+    assert abs(attempts[1]["ended_at"] - ended) < timedelta(seconds=1)
+    assert row["ended_at_given"] == attempts[1]["ended_at"]
+    await h.settle()
+    assert h.fake.channels == {} and h.fake.bridges == {}
+
+
+async def test_an_end_the_database_refuses_is_not_sent_again(h: Harness, monkeypatch) -> None:
+    monkeypatch.setattr(flow, "LATE_WRITE_FIRST_WAIT", 0.01)
+    row, outbound = await h.ringing_call()
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
+    await h.store.state("in-1", "connected")
+    h.store.call_ended_errors = [asyncpg.exceptions.CheckViolationError("no")]
+    await h.fake.hangup("in-1", 16)
+    await h.settle()
+    assert len(h.store.calls_of("call_ended", row["id"])) == 1  # a statement that failed fails again
+    assert h.fake.channels == {} and h.fake.bridges == {}
 
 
 async def test_callee_answer_answers_caller_and_caller_hangup_ends_call(h: Harness) -> None:
