@@ -218,13 +218,19 @@ def _caller_id_not_masked(failed: AriError) -> None:
 
 LATE_WRITE_FIRST_WAIT = 1.0  # seconds before a call's end is written again; doubling, up to
 LATE_WRITE_LONGEST_WAIT = 30.0
-_late_writes: set[asyncio.Task[None]] = set()
+_late_writes: dict[asyncio.Task[None], uuid.UUID] = {}  # -> the call whose end it writes
 
 
-async def write_late(write: Callable[[], Awaitable[None]], first_wait: float = LATE_WRITE_FIRST_WAIT) -> None:
+def ends_pending() -> set[uuid.UUID]:
+    """The calls whose end this process is still to write: a reconcile leaves their rows alone
+    (it would say the system ended them)."""
+    return set(_late_writes.values())
+
+
+async def write_late(write: Callable[[], Awaitable[None]]) -> None:
     """Send `write` (a call's end) again until the database takes it. A bridge stopped first
     leaves the row to the next one's reconcile, as a call it finds still open."""
-    wait, attempts = first_wait, 1
+    wait, attempts = LATE_WRITE_FIRST_WAIT, 1
     while True:
         await asyncio.sleep(wait)  # the database did not answer: give it time
         attempts += 1
@@ -240,10 +246,10 @@ async def write_late(write: Callable[[], Awaitable[None]], first_wait: float = L
         return
 
 
-def _later(write: Coroutine[Any, Any, None]) -> None:
+def _later(call_id: uuid.UUID, write: Coroutine[Any, Any, None]) -> None:
     task = asyncio.create_task(write, name="call-end-late")
-    _late_writes.add(task)
-    task.add_done_callback(_late_writes.discard)
+    _late_writes[task] = call_id
+    task.add_done_callback(lambda done: _late_writes.pop(done, None))
 
 
 class MaskedCall:
@@ -462,7 +468,7 @@ class MaskedCall:
             # goes on until a bridge connects to Asterisk again. It is written as soon as the
             # database answers, with the moment it ended (the write is idempotent).
             log.warning("call.end_deferred", error=type(exc).__name__)
-            _later(write_late(functools.partial(write, ended_at=ended_at or ending)))
+            _later(self.id, write_late(functools.partial(write, ended_at=ended_at or ending)))
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------

@@ -15,7 +15,9 @@ from bridge import metrics
 from bridge.ari import AriClient, AriConflict, AriError, AriNotFound
 from bridge.calls.events import RawEvent as Event, moment
 from bridge.calls.flood import ROUTING_LIMIT, SHED_CAUSE, UnknownCallers
-from bridge.calls.flow import CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router
+from bridge.calls.flow import (
+    CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router, ends_pending,
+)
 from bridge.calls.recording import wav_duration_ms
 
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
@@ -189,7 +191,7 @@ class StasisDispatcher:
     async def _finish_left_behind(self, live: set[str]) -> set[str]:
         """Calls an earlier bridge process left in the database: resume or finish them.
         Returns the channels of every call this process knows of now."""
-        known = {c.id for c in self.calls.values()}
+        known = {c.id for c in self.calls.values()} | ends_pending()
         owned = set(self.calls)
         pbx_started = moment(self.ari.connected_startup_time)
         for row in await self.store.active_calls():

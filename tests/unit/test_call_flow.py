@@ -605,6 +605,27 @@ async def test_an_end_the_database_did_not_take_is_written_once_it_does(h: Harne
     assert h.fake.channels == {} and h.fake.bridges == {}
 
 
+async def test_a_reconcile_leaves_an_end_still_to_be_written_alone(h: Harness, monkeypatch) -> None:
+    """The event stream reconnects while the database still refuses a call's end: the reconcile
+    does not finish the row as the system's (it is the caller's, and is written once it can)."""
+    monkeypatch.setattr(flow, "LATE_WRITE_FIRST_WAIT", 0.01)
+    monkeypatch.setattr(flow, "LATE_WRITE_LONGEST_WAIT", 0.02)
+    row, outbound = await h.connected_call()
+    h.store.call_ended_errors = [TimeoutError()] * 1000
+    await h.fake.hangup("in-1", 16)
+    await h.store.wait(lambda: len(h.store.calls_of("call_ended", row["id"])) >= 3, "the end sent again")
+    mark = h.fake.mark()
+    await h.fake.drop(refuse=False)
+    await h.fake.wait_connected(2)
+    await h.fake.wait_request("GET", f"/ari/applications/{APP}", since=mark)
+    await h.store.wait(lambda: sum(op == "active_calls" for op, _, _ in h.store.ops) >= 2, "the second reconcile")
+    assert {a["hangup_by"] for a in h.store.calls_of("call_ended", row["id"])} == {"caller"}
+    h.store.call_ended_errors = []
+    row = await h.store.ended("in-1")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    assert not flow.ends_pending()
+
+
 async def test_an_end_the_database_refuses_is_not_sent_again(h: Harness, monkeypatch) -> None:
     monkeypatch.setattr(flow, "LATE_WRITE_FIRST_WAIT", 0.01)
     row, outbound = await h.ringing_call()
