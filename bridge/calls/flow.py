@@ -19,7 +19,7 @@ import enum
 import functools
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Protocol
@@ -218,13 +218,43 @@ def _caller_id_not_masked(failed: AriError) -> None:
 
 LATE_WRITE_FIRST_WAIT = 1.0  # seconds before a call's end is written again; doubling, up to
 LATE_WRITE_LONGEST_WAIT = 30.0
-_late_writes: dict[asyncio.Task[None], uuid.UUID] = {}  # -> the call whose end it writes
+LATE_WRITE_LAST_TRY = 5.0  # seconds the bridge's stop gives the ends still to be written
+_late_writes: dict[asyncio.Task[None], tuple[uuid.UUID, Callable[[], Awaitable[None]]]] = {}
 
 
 def ends_pending() -> set[uuid.UUID]:
     """The calls whose end this process is still to write: a reconcile leaves their rows alone
     (it would say the system ended them)."""
-    return set(_late_writes.values())
+    return {call_id for call_id, _ in _late_writes.values()}
+
+
+async def last_try_of_late_ends(timeout: float | None = None) -> None:
+    """At the bridge's stop: each end still to be written is sent once more, all at once,
+    within `timeout` seconds. Those the database still does not take are left to the next
+    bridge's reconcile (which can only say the system ended them, when it finds them)."""
+    pending = dict(_late_writes)
+    if not pending:
+        return
+    for waiting in pending:
+        waiting.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+
+    async def once(write: Callable[[], Awaitable[None]]) -> bool:
+        try:
+            await write()
+        except Exception as exc:  # noqa: BLE001 - any failure leaves it to the next bridge (said below)
+            log.warning("call.end_not_written_at_stop", error=type(exc).__name__)
+            return False
+        return True
+
+    tries = {asyncio.create_task(once(write)): call_id for call_id, write in pending.values()}
+    done, late = await asyncio.wait(tries, timeout=LATE_WRITE_LAST_TRY if timeout is None else timeout)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*late, return_exceptions=True)
+    lost = sorted(str(tries[t]) for t in tries if t not in done or not t.result())
+    (log.warning if lost else log.info)("call.ends_at_stop", written=len(tries) - len(lost), lost=len(lost),
+                                        call_ids=lost)
 
 
 async def write_late(write: Callable[[], Awaitable[None]]) -> None:
@@ -246,9 +276,9 @@ async def write_late(write: Callable[[], Awaitable[None]]) -> None:
         return
 
 
-def _later(call_id: uuid.UUID, write: Coroutine[Any, Any, None]) -> None:
-    task = asyncio.create_task(write, name="call-end-late")
-    _late_writes[task] = call_id
+def _later(call_id: uuid.UUID, write: Callable[[], Awaitable[None]]) -> None:
+    task = asyncio.create_task(write_late(write), name="call-end-late")
+    _late_writes[task] = (call_id, write)
     task.add_done_callback(lambda done: _late_writes.pop(done, None))
 
 
@@ -468,7 +498,7 @@ class MaskedCall:
             # goes on until a bridge connects to Asterisk again. It is written as soon as the
             # database answers, with the moment it ended (the write is idempotent).
             log.warning("call.end_deferred", error=type(exc).__name__)
-            _later(self.id, write_late(functools.partial(write, ended_at=ended_at or ending)))
+            _later(self.id, functools.partial(write, ended_at=ended_at or ending))
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------

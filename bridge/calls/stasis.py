@@ -17,9 +17,12 @@ from bridge.calls.events import RawEvent as Event, moment
 from bridge.calls.flood import ROUTING_LIMIT, SHED_CAUSE, UnknownCallers
 from bridge.calls.flow import (
     CUT_CAUSE_TO_CALLER, MASKED_ARG, CallState, FlowSettings, MaskedCall, Router, ends_pending,
+    last_try_of_late_ends,
 )
 from bridge.calls.recording import wav_duration_ms
 
+RECONCILE_RETRY_FIRST_WAIT = 2.0  # seconds before a reconcile the database failed is caught up with
+RECONCILE_RETRY_LONGEST_WAIT = 60.0  # (doubling, up to)
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
 log = structlog.get_logger(__name__)
@@ -54,6 +57,8 @@ class StasisDispatcher:
         self._cut: dict[uuid.UUID, tuple[float, str]] = {}  # participant id -> when its calls were cut, and why
         self.unknown_callers = unknown_callers or UnknownCallers(0, 0)
         self._routing: set[MaskedCall] = set()  # new calls not past their route lookup yet (at most ROUTING_LIMIT)
+        self._left_behind = asyncio.Lock()  # one look at the calls left in the database at a time
+        self._catching_up: asyncio.Task[None] | None = None
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
         self.calls[channel_id] = call
@@ -160,8 +165,33 @@ class StasisDispatcher:
             # has just resumed: their NOTIFY was sent to nobody.
             await self.cut_departed()
         except Exception:
-            # A database hiccup must not cost the event stream; the next reconnect retries.
+            # A database hiccup must not cost the event stream: the calls left in the database
+            # are looked at again until it answers (a bridge started while it stalled left them
+            # open until the next reconnect: adversary, issue 14).
             log.exception("reconcile.store_failed")
+            self._catch_up_later()
+
+    def _catch_up_later(self) -> None:
+        if self._catching_up is None or self._catching_up.done():
+            self._catching_up = asyncio.create_task(self._catch_up(), name="reconcile-catch-up")
+
+    async def _catch_up(self) -> None:
+        """What a reconcile the database failed did not: the calls left in the database are
+        resumed or finished, and what changed meanwhile reaches the calls (every
+        RECONCILE_RETRY_FIRST_WAIT seconds, doubling, until it can)."""
+        wait = RECONCILE_RETRY_FIRST_WAIT
+        while True:
+            await asyncio.sleep(wait)  # the database did not answer: give it time
+            try:
+                live = set((await self.ari.application()).get("channel_ids", []))
+                await self._finish_left_behind(live)
+                await self.cut_departed()
+            except Exception as exc:  # noqa: BLE001 - said, and tried again
+                log.warning("reconcile.store_failed_again", error=type(exc).__name__)
+                wait = min(wait * 2, RECONCILE_RETRY_LONGEST_WAIT)
+                continue
+            log.info("reconcile.caught_up")
+            return
 
     async def _pbx_restarted(self) -> bool:
         """Whether Asterisk was started again since the last connection (its startup time
@@ -191,6 +221,10 @@ class StasisDispatcher:
     async def _finish_left_behind(self, live: set[str]) -> set[str]:
         """Calls an earlier bridge process left in the database: resume or finish them.
         Returns the channels of every call this process knows of now."""
+        async with self._left_behind:  # (a reconnect's and a catch-up's: one resumes a call, once)
+            return await self._finish_left_behind_now(live)
+
+    async def _finish_left_behind_now(self, live: set[str]) -> set[str]:
         known = {c.id for c in self.calls.values()} | ends_pending()
         owned = set(self.calls)
         pbx_started = moment(self.ari.connected_startup_time)
@@ -406,7 +440,11 @@ class StasisDispatcher:
         return len(calls)
 
     async def shutdown(self) -> None:
+        if self._catching_up is not None:
+            self._catching_up.cancel()
+            await asyncio.gather(self._catching_up, return_exceptions=True)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        await last_try_of_late_ends()

@@ -55,6 +55,10 @@ _UNREACHABLE = (
     *CONNECTION_LOST,
     asyncpg.TooManyConnectionsError,
     TimeoutError,  # the database did not answer in time (store.db: COMMAND_TIMEOUT and the others)
+    # The server gave up on the statement (a statement_timeout or lock_timeout set on the role,
+    # an operator's pg_cancel_backend of a stuck query): nothing of it was written.
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
 )
 
 

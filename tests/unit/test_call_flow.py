@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 
 from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
-from bridge.calls import flow, outcomes
+from bridge.calls import flow, outcomes, stasis
 from bridge.calls.events import WANTED_EVENTS, Answered, Hangup, read
 from bridge.calls.flow import CUT_CAUSE_TO_CALLER, FlowSettings, MaskedCall
 from bridge.calls.stasis import StasisDispatcher
@@ -588,15 +588,16 @@ async def test_an_end_the_database_did_not_take_is_written_once_it_does(h: Harne
     await h.fake.answer(outbound)
     await h.fake.wait_request("POST", "/ari/channels/in-1/answer")
     await h.store.state("in-1", "connected")
-    h.store.call_ended_errors = [TimeoutError(), asyncpg.exceptions.ConnectionDoesNotExistError("gone")]
+    h.store.call_ended_errors = [TimeoutError(), asyncpg.exceptions.ConnectionDoesNotExistError("gone"),
+                                 asyncpg.QueryCanceledError("canceling statement due to statement timeout")]
     ended = datetime.now(timezone.utc)
 
     await h.fake.hangup("in-1", 16)
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
     attempts = h.store.calls_of("call_ended", row["id"])
-    assert len(attempts) == 3
-    assert [a.get("failed", False) for a in attempts] == [True, True, False]
+    assert len(attempts) == 4
+    assert [a.get("failed", False) for a in attempts] == [True, True, True, False]
     # Sent again with the moment it ended (here Asterisk's, of the hangup), not when it got through.
     assert attempts[0]["ended_at"] is not None and attempts[1]["ended_at"] == attempts[0]["ended_at"]
     assert abs(attempts[1]["ended_at"] - ended) < timedelta(seconds=1)
@@ -623,6 +624,42 @@ async def test_a_reconcile_leaves_an_end_still_to_be_written_alone(h: Harness, m
     h.store.call_ended_errors = []
     row = await h.store.ended("in-1")
     assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    assert not flow.ends_pending()
+
+
+async def pending_end(h: Harness) -> dict[str, Any]:
+    """A connected call the caller hangs up while the database refuses its end."""
+    row, _outbound = await h.connected_call()
+    h.store.call_ended_errors = [asyncpg.QueryCanceledError("canceling statement due to user request")]
+    await h.fake.hangup("in-1", 16)
+    async with asyncio.timeout(WAIT):
+        while row["id"] not in flow.ends_pending():
+            await asyncio.sleep(0.01)  # wait-ok: polling for the end's write to be put off
+    return row
+
+
+async def test_the_bridges_stop_sends_the_ends_still_to_be_written_once_more(h: Harness, monkeypatch) -> None:
+    monkeypatch.setattr(flow, "LATE_WRITE_FIRST_WAIT", 60.0)  # (its next try would come long after)
+    row = await pending_end(h)
+    with capture_logs() as logs:
+        await h.dispatcher.shutdown()
+    row = h.store.rows[row["id"]]
+    assert (row["state"], row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("ended", "answered", "caller", 16)
+    assert not flow.ends_pending()
+    assert [(e["written"], e["lost"]) for e in logs if e["event"] == "call.ends_at_stop"] == [(1, 0)]
+
+
+async def test_an_end_the_database_still_refuses_at_the_stop_is_left_to_the_next_bridge(
+        h: Harness, monkeypatch) -> None:
+    monkeypatch.setattr(flow, "LATE_WRITE_FIRST_WAIT", 60.0)
+    monkeypatch.setattr(flow, "LATE_WRITE_LAST_TRY", 0.2)
+    row = await pending_end(h)
+    h.store.call_ended_errors = [TimeoutError()]
+    with capture_logs() as logs:
+        await h.dispatcher.shutdown()
+    assert h.store.rows[row["id"]]["state"] == "connected"  # (the next bridge's reconcile finishes it)
+    stop = [e for e in logs if e["event"] == "call.ends_at_stop"]
+    assert [(e["written"], e["lost"], e["call_ids"]) for e in stop] == [(0, 1, [str(row["id"])])]
     assert not flow.ends_pending()
 
 
@@ -1388,6 +1425,34 @@ async def test_reconcile_finishes_stale_call_left_by_earlier_process(harness) ->
     row = await h.store.ended("in-stale")
     assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
     assert h.fake.find("DELETE", "/ari/channels/gone-callee") == []
+
+
+async def test_calls_left_behind_are_finished_once_the_database_answers_after_a_failed_reconcile(
+        harness, monkeypatch) -> None:
+    """A bridge started while the database stalled: its reconcile fails, and the rows an
+    earlier process left (one still talking, one that went with it) are looked at again until
+    the database answers, not only at the next reconnect (adversary, issue 14)."""
+    monkeypatch.setattr(stasis, "RECONCILE_RETRY_FIRST_WAIT", 0.01)
+    h = await harness(start=False)
+    stale = h.store.add_row(state="ringing", inbound_channel_id="in-stale", outbound_channel_id="gone-callee")
+    call_id = uuid.uuid4()
+    outbound = f"{call_id}-callee"
+    h.store.add_row(id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
+                    bridge_id=str(call_id), answered_at=datetime.now(timezone.utc))
+    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
+    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=["in-old", outbound])
+    h.store.active_calls_error = TimeoutError()
+    with capture_logs() as logs:
+        await h.start()
+        row = await h.store.ended("in-stale")
+    assert "reconcile.store_failed" in [e["event"] for e in logs]
+    assert row["id"] == stale["id"] and (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    assert "reconcile.caught_up" in [e["event"] for e in logs]
+    # The call still talking was resumed: the caller's hangup ends it as the caller's.
+    await h.fake.hangup("in-old", 16)
+    row = await h.store.ended("in-old")
+    assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
 
 
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:

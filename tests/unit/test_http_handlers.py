@@ -409,6 +409,11 @@ async def test_a_body_that_does_not_arrive_in_time_is_a_408(client, services, mo
     "CrashShutdownError: terminating connection because of crash of another server process",
     # asyncpg's connection left mid-operation by a backend killed meanwhile (adversary, issue 14)
     "InternalClientError: cannot switch to state 12; another operation (2) is in progress",
+    # The server gave up on the statement: a statement_timeout or lock_timeout on the role, an
+    # operator's pg_cancel_backend (adversary, issue 14: a call's end was not written again)
+    "QueryCanceledError: canceling statement due to statement timeout",
+    "QueryCanceledError: canceling statement due to user request",
+    "LockNotAvailableError: canceling statement due to lock timeout",
 ])
 async def test_a_lost_database_connection_is_a_503_to_retry_not_a_500(client, services, lost):
     import asyncpg
