@@ -491,6 +491,11 @@ class MaskedCall:
         ending = datetime.now(timezone.utc)
         try:
             await write(ended_at=ended_at)
+        except asyncio.CancelledError:
+            # The bridge stops while the database takes its time: the stop tries it once more
+            # (last_try_of_late_ends), with the others (adversary, issue 14).
+            _later(self.id, functools.partial(write, ended_at=ended_at or ending))
+            raise
         except Exception as exc:
             if not database_unreachable(exc):
                 raise

@@ -84,6 +84,7 @@ class FakeStore:
         self.active_calls_error: Exception | None = None  # raised once by active_calls
         self.recording_started_error: Exception | None = None  # raised once by recording_started
         self.call_ended_errors: list[Exception] = []  # raised by the next call_ended, one each
+        self.call_ended_gate: asyncio.Event | None = None  # the next call_ended waits for it
         self.languages: dict[str, str] = {}  # pool number -> its announcement language
         self._changed = asyncio.Condition()
 
@@ -267,6 +268,10 @@ class FakeStore:
     ) -> None:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
+        if self.call_ended_gate is not None:
+            gate, self.call_ended_gate = self.call_ended_gate, None
+            await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause, waiting=True)
+            await gate.wait()
         if self.call_ended_errors:
             await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause, failed=True,
                            ended_at=ended_at)
@@ -646,6 +651,21 @@ async def test_the_bridges_stop_sends_the_ends_still_to_be_written_once_more(h: 
     row = h.store.rows[row["id"]]
     assert (row["state"], row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("ended", "answered", "caller", 16)
     assert not flow.ends_pending()
+    assert [(e["written"], e["lost"]) for e in logs if e["event"] == "call.ends_at_stop"] == [(1, 0)]
+
+
+async def test_the_bridges_stop_sends_an_end_whose_first_write_it_cut_short_once_more(h: Harness) -> None:
+    """The stop comes while a call's end waits on the database the first time (adversary,
+    issue 14: it was lost, and the next bridge wrote the call as the system's)."""
+    row, _outbound = await h.connected_call()
+    h.store.call_ended_gate = asyncio.Event()  # (never set: the database does not answer)
+    await h.fake.hangup("in-1", 16)
+    await h.store.wait(lambda: any(a.get("waiting") for a in h.store.calls_of("call_ended", row["id"])),
+                       "the end waiting on the database")
+    with capture_logs() as logs:
+        await h.dispatcher.shutdown()
+    row = h.store.rows[row["id"]]
+    assert (row["state"], row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("ended", "answered", "caller", 16)
     assert [(e["written"], e["lost"]) for e in logs if e["event"] == "call.ends_at_stop"] == [(1, 0)]
 
 
