@@ -228,9 +228,9 @@ def ends_pending() -> set[uuid.UUID]:
     return {call_id for call_id, _ in _late_writes.values()}
 
 
-async def last_try_of_late_ends(timeout: float | None = None) -> None:
+async def last_try_of_late_ends() -> None:
     """At the bridge's stop: each end still to be written is sent once more, all at once,
-    within `timeout` seconds. Those the database still does not take are left to the next
+    within LATE_WRITE_LAST_TRY seconds. Those the database still does not take are left to the next
     bridge's reconcile (which can only say the system ended them, when it finds them)."""
     pending = dict(_late_writes)
     if not pending:
@@ -248,7 +248,7 @@ async def last_try_of_late_ends(timeout: float | None = None) -> None:
         return True
 
     tries = {asyncio.create_task(once(write)): call_id for call_id, write in pending.values()}
-    done, late = await asyncio.wait(tries, timeout=LATE_WRITE_LAST_TRY if timeout is None else timeout)
+    done, late = await asyncio.wait(tries, timeout=LATE_WRITE_LAST_TRY)
     for task in late:
         task.cancel()
     await asyncio.gather(*late, return_exceptions=True)
@@ -488,13 +488,14 @@ class MaskedCall:
         # (a call that ended before its other leg was dialed rang nobody: it names no callee)
         write = functools.partial(self.store.call_ended, self.id, outcome, hangup_by, cause, cut_reason,
                                   rung=self._dialed, unanswered=unanswered)
-        ending = datetime.now(timezone.utc)
+        # (sent again, it says when the call ended, not when the database took it)
+        again = functools.partial(write, ended_at=ended_at or datetime.now(timezone.utc))
         try:
             await write(ended_at=ended_at)
         except asyncio.CancelledError:
             # The bridge stops while the database takes its time: the stop tries it once more
             # (last_try_of_late_ends), with the others (adversary, issue 14).
-            _later(self.id, functools.partial(write, ended_at=ended_at or ending))
+            _later(self.id, again)
             raise
         except Exception as exc:
             if not database_unreachable(exc):
@@ -503,7 +504,7 @@ class MaskedCall:
             # goes on until a bridge connects to Asterisk again. It is written as soon as the
             # database answers, with the moment it ended (the write is idempotent).
             log.warning("call.end_deferred", error=type(exc).__name__)
-            _later(self.id, functools.partial(write, ended_at=ended_at or ending))
+            _later(self.id, again)
         log.info("call.ended", outcome=outcome, hangup_by=hangup_by, cause=cause, cut_reason=cut_reason)
 
     # --- what holds in every state ---------------------------------------------------
