@@ -175,7 +175,7 @@ class CallStore(RecordingStore, Protocol):
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
         *, rung: bool = True, ended_at: datetime | None = None, unanswered: bool = False,
-    ) -> None: ...
+    ) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -219,7 +219,7 @@ def _caller_id_not_masked(failed: AriError) -> None:
 LATE_WRITE_FIRST_WAIT = 1.0  # seconds before a call's end is written again; doubling, up to
 LATE_WRITE_LONGEST_WAIT = 30.0
 LATE_WRITE_LAST_TRY = 5.0  # seconds the bridge's stop gives the ends still to be written
-_late_writes: dict[asyncio.Task[None], tuple[uuid.UUID, Callable[[], Awaitable[None]]]] = {}
+_late_writes: dict[asyncio.Task[None], tuple[uuid.UUID, Callable[[], Awaitable[object]]]] = {}
 
 
 def ends_pending() -> set[uuid.UUID]:
@@ -239,7 +239,7 @@ async def last_try_of_late_ends() -> None:
         waiting.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
 
-    async def once(write: Callable[[], Awaitable[None]]) -> bool:
+    async def once(write: Callable[[], Awaitable[object]]) -> bool:
         try:
             await write()
         except Exception as exc:  # noqa: BLE001 - any failure leaves it to the next bridge (said below)
@@ -257,7 +257,7 @@ async def last_try_of_late_ends() -> None:
                                         call_ids=lost)
 
 
-async def write_late(write: Callable[[], Awaitable[None]]) -> None:
+async def write_late(write: Callable[[], Awaitable[object]]) -> None:
     """Send `write` (a call's end) again until the database takes it. A bridge stopped first
     leaves the row to the next one's reconcile, as a call it finds still open."""
     wait, attempts = LATE_WRITE_FIRST_WAIT, 1
@@ -276,7 +276,7 @@ async def write_late(write: Callable[[], Awaitable[None]]) -> None:
         return
 
 
-def _later(call_id: uuid.UUID, write: Callable[[], Awaitable[None]]) -> None:
+def _later(call_id: uuid.UUID, write: Callable[[], Awaitable[object]]) -> None:
     task = asyncio.create_task(write_late(write), name="call-end-late")
     _late_writes[task] = (call_id, write)
     task.add_done_callback(lambda done: _late_writes.pop(done, None))

@@ -266,7 +266,11 @@ class StasisDispatcher:
                 # say): the call went down with the one before, no later than this one started,
                 # and nobody hung it up.
                 outcome, ended_at = "node_lost", pbx_started
-            await self.store.call_ended(row["id"], outcome, "system", None, ended_at=ended_at)
+            if not await self.store.call_ended(row["id"], outcome, "system", None, ended_at=ended_at):
+                # Ended since it was read: by the end statement of a process stopped (killed)
+                # while Postgres held it behind a lock, say. That end stands, counted once.
+                log.info("reconcile.stale_call_ended_meanwhile", call_id=str(row["id"]))
+                continue
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
         return owned

@@ -295,14 +295,16 @@ class Store:
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
         *, rung: bool = True, ended_at: datetime | None = None, unanswered: bool = False,
-    ) -> None:
-        """The call's end. `rung` False: it ended before its other leg was dialed, so nobody
-        was rung: the row names no callee (it does not count against the session's caps).
+    ) -> bool:
+        """The call's end; False when the row had ended already (another write came first: a
+        stopped process's statement that Postgres still held, say). `rung` False: it ended
+        before its other leg was dialed, so nobody was rung: the row names no callee (it does
+        not count against the session's caps).
         `unanswered`: the row said connected, but the caller's leg was never answered (its
         hangup crossed the other phone's answer): no answer time.
         `ended_at`: when it ended, as Asterisk said or the bridge found (never after now, nor
         before the call's start or answer: the clocks of two machines may differ)."""
-        await self.pool.execute(
+        return bool(await self.pool.fetchval(
             """
             WITH call AS (
                 UPDATE calls SET state = 'ended', outcome = $2,
@@ -319,20 +321,23 @@ class Store:
                 -- counts from here (maskbridge_session_due).
                 UPDATE sessions s SET last_activity_at = now()
                 FROM call WHERE s.id = (call.r).session_id AND (call.r).callee_role IS NOT NULL AND s.status = 'open'
+            ), told AS (
+                INSERT INTO webhook_outbox (event, payload)
+                -- call.ended says whether the call was recorded: the recording's id, never a URL
+                SELECT e.event, maskbridge_call_event(call.r) || CASE WHEN e.event = 'call.ended' THEN
+                           jsonb_build_object('recording_id', (SELECT r.id FROM recordings r
+                                                               WHERE r.call_id = (call.r).id)) ELSE '{}' END
+                FROM call
+                CROSS JOIN LATERAL (VALUES ('call.ended', true),
+                                           ('call.blocked', (call.r).outcome = 'blocked'
+                                                            OR (call.r).cut_reason IN ('blocked', 'blocked_by_client'))
+                                   ) AS e(event, wanted)
+                WHERE $6 AND (call.r).session_id IS NOT NULL AND e.wanted
             )
-            INSERT INTO webhook_outbox (event, payload)
-            -- call.ended says whether the call was recorded: the recording's id, never a URL
-            SELECT e.event, maskbridge_call_event(call.r) || CASE WHEN e.event = 'call.ended' THEN jsonb_build_object(
-                       'recording_id', (SELECT r.id FROM recordings r WHERE r.call_id = (call.r).id)) ELSE '{}' END
-            FROM call
-            CROSS JOIN LATERAL (VALUES ('call.ended', true),
-                                       ('call.blocked', (call.r).outcome = 'blocked'
-                                                        OR (call.r).cut_reason IN ('blocked', 'blocked_by_client'))
-                               ) AS e(event, wanted)
-            WHERE $6 AND (call.r).session_id IS NOT NULL AND e.wanted
+            SELECT EXISTS (SELECT FROM call)
             """,
             call_id, outcome, hangup_by, cause, cut_reason, self.webhooks, rung, ended_at, unanswered,
-        )
+        ))
 
     async def recording_started(self, call_id: uuid.UUID, name: str, fmt: str) -> uuid.UUID:
         return await self.recordings.started(call_id, name, fmt)

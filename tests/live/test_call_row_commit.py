@@ -32,9 +32,15 @@ def test_the_route_lookup_commits_without_waiting_and_the_next_statement_waits(h
                 assert await conn.fetchval("SHOW synchronous_commit") == "off"
             assert route is not None and route.session_id == session.id and dialed.known
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
-            await store.call_ended(call.id, "caller_cancelled", "caller", None, rung=False)
+            assert await store.call_ended(call.id, "caller_cancelled", "caller", None, rung=False) is True
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
+            # A second end (a reconcile's, after a stopped process's statement committed) changes
+            # nothing, and says so.
+            assert await store.call_ended(call.id, "failed", "system", None) is False
         row = await harness.pool.fetchrow("SELECT session_id, state, outcome FROM calls WHERE id = $1", call.id)
         assert dict(row) == {"session_id": session.id, "state": "ended", "outcome": "caller_cancelled"}
+        ended = await harness.pool.fetchval(
+            "SELECT count(*) FROM webhook_outbox WHERE event = 'call.ended' AND payload->>'call_id' = $1", str(call.id))
+        assert ended == (1 if harness.store.webhooks else 0)
 
     harness.run(scenario())

@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from ari_fake import AriFake, Bridge
 from bridge.ari import AriClient, AriError, AriNotFound, EventStream
+from bridge import metrics
 from bridge.calls import flow, outcomes, stasis
 from bridge.calls.events import WANTED_EVENTS, Answered, Hangup, read
 from bridge.calls.flow import CUT_CAUSE_TO_CALLER, FlowSettings, MaskedCall
@@ -85,6 +86,9 @@ class FakeStore:
         self.recording_started_error: Exception | None = None  # raised once by recording_started
         self.call_ended_errors: list[Exception] = []  # raised by the next call_ended, one each
         self.call_ended_gate: asyncio.Event | None = None  # the next call_ended waits for it
+        # call id -> the end another writer commits just before this process's call_ended (a
+        # killed process's statement that Postgres held behind a lock)
+        self.ended_meanwhile: dict[uuid.UUID, dict[str, Any]] = {}
         self.languages: dict[str, str] = {}  # pool number -> its announcement language
         self._changed = asyncio.Condition()
 
@@ -265,9 +269,12 @@ class FakeStore:
     async def call_ended(
         self, call_id: uuid.UUID, outcome: str, hangup_by: str, cause: int | None, cut_reason: str | None = None,
         *, rung: bool = True, ended_at: datetime | None = None, unanswered: bool = False,
-    ) -> None:
+    ) -> bool:
         assert outcome in OUTCOMES, outcome
         assert hangup_by in {"caller", "callee", "system"}, hangup_by
+        if call_id in self.ended_meanwhile:
+            self.rows[call_id].update(self.ended_meanwhile.pop(call_id))
+            self._set_state(call_id, "ended")
         if self.call_ended_gate is not None:
             gate, self.call_ended_gate = self.call_ended_gate, None
             await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause, waiting=True)
@@ -277,7 +284,8 @@ class FakeStore:
                            ended_at=ended_at)
             raise self.call_ended_errors.pop(0)
         row = self.rows[call_id]
-        if row["state"] != "ended":
+        ended = row["state"] != "ended"
+        if ended:
             row.update(outcome=outcome, hangup_by=hangup_by, hangup_cause=cause, cut_reason=cut_reason,
                        ended_at=ended_at or datetime.now(timezone.utc), ended_at_given=ended_at)
             if not rung:  # (as the SQL: nobody was rung, the row names no callee)
@@ -286,6 +294,7 @@ class FakeStore:
                 row.update(answered_at=None)
             self._set_state(call_id, "ended")
         await self._op("call_ended", call_id, outcome=outcome, hangup_by=hangup_by, cause=cause)
+        return ended
 
     async def active_calls(self) -> list[dict[str, Any]]:
         error, self.active_calls_error = self.active_calls_error, None
@@ -1445,6 +1454,27 @@ async def test_reconcile_finishes_stale_call_left_by_earlier_process(harness) ->
     row = await h.store.ended("in-stale")
     assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
     assert h.fake.find("DELETE", "/ari/channels/gone-callee") == []
+
+
+async def test_a_stale_call_a_stopped_process_ended_meanwhile_keeps_its_end_and_is_not_counted_again(
+        harness) -> None:
+    """A process killed while Postgres held its end statement behind a lock: the statement
+    commits after the next process read the row as left behind. That end stands (the caller's
+    hangup), and the reconcile neither says it finished the call nor counts it (adversary,
+    issue 14: it logged finished_stale_call and counted a failed call by the system)."""
+    h = await harness(start=False)
+    row = h.store.add_row(state="connected", inbound_channel_id="in-stale", outbound_channel_id="gone-callee",
+                          answered_at=datetime.now(timezone.utc), caller_role="courier", callee_role="client")
+    h.store.ended_meanwhile[row["id"]] = {"outcome": "answered", "hangup_by": "caller", "hangup_cause": 16}
+    counted = {o: metrics.CALLS.labels(o, "courier_to_client")._value.get() for o in ("answered", "failed")}
+    with capture_logs() as logs:
+        await h.start()
+        row = await h.store.ended("in-stale")
+        await h.store.wait(lambda: h.store.calls_of("call_ended", row["id"]), "the reconcile's end")
+    assert (row["outcome"], row["hangup_by"], row["hangup_cause"]) == ("answered", "caller", 16)
+    events = [e["event"] for e in logs]
+    assert "reconcile.stale_call_ended_meanwhile" in events and "reconcile.finished_stale_call" not in events
+    assert {o: metrics.CALLS.labels(o, "courier_to_client")._value.get() for o in counted} == counted
 
 
 async def test_calls_left_behind_are_finished_once_the_database_answers_after_a_failed_reconcile(
