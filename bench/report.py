@@ -365,7 +365,26 @@ def _soak_section(soak: dict[str, Any] | None) -> list[str]:
         f"Bridge memory: {soak['rss_growth_mb']:+.1f} MiB from start to end; trend over the second half "
         f"{_num(soak.get('rss_slope_mb_per_hour'), '{:+.1f}')} MiB per hour.",
         "",
+        *_pbx_memory(soak),
         "![soak](soak.png)",
+        "",
+    ]
+
+
+def _pbx_memory(soak: dict[str, Any]) -> list[str]:
+    """The PBX's memory over the soak: the table's start is Asterisk idle before the first
+    call, its end after the last one; the trend says whether it still grew once warmed up."""
+    from bench.soak import slope_second_half
+
+    samples = soak.get("samples") or []
+    calls = [x["pbx_rss_mb"] for x in samples if x.get("pbx_rss_mb") is not None]
+    if not calls:
+        return []
+    return [
+        f"PBX memory (Asterisk): {_num(soak['start'].get('pbx_rss_mb'), '{:.1f}')} MiB idle before the first call, "
+        f"{min(calls):.1f} to {max(calls):.1f} MiB while the calls ran, "
+        f"{_num(soak['end'].get('pbx_rss_mb'), '{:.1f}')} once the last call ended; trend over the second half "
+        f"{_num(slope_second_half(samples, 'pbx_rss_mb'), '{:+.1f}')} MiB per hour.",
         "",
     ]
 

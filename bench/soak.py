@@ -79,7 +79,7 @@ async def run(stack: Stack, params: dict[str, Any], out: Path) -> Path:
     s, e = result["start"], result["end"]
     result["leaked"] = {k: max(0, e[k] - s[k]) for k in ("channels", "bridges", "open_calls", "pg_connections")}
     result["rss_growth_mb"] = (e["bridge_rss_mb"] or 0) - (s["bridge_rss_mb"] or 0)
-    result["rss_slope_mb_per_hour"] = _slope_second_half(result["samples"])
+    result["rss_slope_mb_per_hour"] = slope_second_half(result["samples"])
     save(result, out)
     return out / "soak.json"
 
@@ -90,10 +90,10 @@ def save(result: dict[str, Any], out: Path) -> None:
     plot(result, out)
 
 
-def _slope_second_half(samples: list[dict[str, Any]]) -> float | None:
-    """The bridge's memory trend over the second half of the soak (MB per hour, least
-    squares): what is left once the process has warmed up."""
-    half = [(x["t"], x["bridge_rss_mb"]) for x in samples[len(samples) // 2:] if x["bridge_rss_mb"] is not None]
+def slope_second_half(samples: list[dict[str, Any]], key: str = "bridge_rss_mb") -> float | None:
+    """A process's memory trend over the second half of the soak (MB per hour, least
+    squares; the bridge's unless `key` names another): what is left once it has warmed up."""
+    half = [(x["t"], x[key]) for x in samples[len(samples) // 2:] if x.get(key) is not None]
     if len(half) < 3:
         return None
     n = len(half)
@@ -110,6 +110,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     t = [x["t"] / 60 for x in samples]
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     top.plot(t, [x["bridge_rss_mb"] or 0 for x in samples], marker=".", label="bridge RSS (MiB)")
+    top.plot(t, [x.get("pbx_rss_mb") or 0 for x in samples], marker=".", label="PBX RSS (MiB)")
     top.set_ylabel("MiB")
     top.set_title(f"Soak: {result['params']['rate']:g} calls/s for {result['params']['seconds'] / 60:.0f} min")
     top.legend()

@@ -100,3 +100,18 @@ def test_cost_growth_with_size():
     assert growth(_sizes()["steps"]) == (1.3 + 1.2) / (1.0 + 1.2)
     assert growth(_sizes()["steps"], "opens") == 1.0
     assert growth(_sizes()["steps"][:1]) is None
+
+
+def test_the_soak_reports_the_pbx_memory_idle_while_calls_ran_after_and_its_trend():
+    """Asterisk idle before the first call, the range while the calls ran, after the last one,
+    and the trend of the second half (flat here once warmed up: the growth is early)."""
+    from bench.report import _pbx_memory
+
+    samples = [{"t": t, "pbx_rss_mb": rss} for t, rss in
+               ((30, 216.0), (60, 240.0), (90, 260.0), (120, 280.0), (150, 281.0), (180, 280.0), (210, 281.0))]
+    soak = {"start": {"pbx_rss_mb": 75.3}, "end": {"pbx_rss_mb": 281.2}, "samples": samples}
+    (line, _) = _pbx_memory(soak)
+    assert line.startswith("PBX memory (Asterisk): 75.3 MiB idle before the first call, 216.0 to 281.0 MiB "
+                           "while the calls ran, 281.2 once the last call ended; trend over the second half ")
+    assert line.endswith(" MiB per hour.") and abs(float(line.split("half ")[1].split(" ")[0])) < 30
+    assert _pbx_memory({"start": {}, "end": {}, "samples": [{"t": 30, "pbx_rss_mb": None}]}) == []
