@@ -81,6 +81,25 @@ async def test_a_client_calling_back_blocks_the_courier_while_it_rings(carrier, 
     assert (await last_call_of(db, pool, courier))["outcome"] == "blocked"
 
 
+async def _ringing_through_the_relay(carrier, api, real_number, net):
+    """A courier's call to the client, placed through the relay and ringing: the session, the
+    caller's and the callee's legs, and the Call-IDs of the calling and the called dialog."""
+    courier, client = real_number(), real_number()
+    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+    carrier.phone(client, action="noanswer", ring_for=30)
+    leg = await carrier.call(courier, session["pool_number"], via_network=True)
+    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
+    await asyncio.wait_for(leg.ringing.wait(), 10)
+    return session, leg, callee, net.dialog_of(courier), net.dialog_of(client)
+
+
+def _relayed(net, mark: int, towards: str, call_id: str, first_line: str, method: str | None = None) -> bool:
+    """Whether the relay passed, since `mark` and `towards` the PBX or the carrier, a message of
+    the dialog `call_id` beginning with `first_line` (of the CSeq method `method`, if given)."""
+    return any(r.towards == towards and r.message.call_id == call_id and r.message.text.startswith(first_line)
+               and method in (None, r.message.cseq[1]) for r in net.since(mark))
+
+
 async def test_an_answer_after_the_caller_left_is_hung_up(carrier, api, real_number, db, hostile_network):
     """The other phone answers after the caller left: the PBX has answered the caller's CANCEL
     (487) and sent its own CANCEL to the other phone, which the network loses, so the other
@@ -89,33 +108,23 @@ async def test_an_answer_after_the_caller_left_is_hung_up(carrier, api, real_num
     answered. (The order is made on the wire by the relay: with the two phones on their own,
     the 200 OK could reach the PBX before the caller's CANCEL, and the caller be answered.)"""
     net = hostile_network
-    courier, client = real_number(), real_number()
-    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="noanswer", ring_for=30)
-    leg = await carrier.call(courier, session["pool_number"], via_network=True)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.ringing.wait(), 10)
-    calling, called, mark = net.dialog_of(courier), net.dialog_of(client), net.mark()
-
-    def from_pbx(call_id: str, first_line: str, method: str | None = None, towards: str = "to_carrier") -> bool:
-        return any(r.towards == towards and r.message.call_id == call_id
-                   and r.message.text.startswith(first_line) and method in (None, r.message.cseq[1])
-                   for r in net.since(mark))
-
+    session, leg, callee, calling, called = await _ringing_through_the_relay(carrier, api, real_number, net)
+    mark = net.mark()
     lose_cancels = net.rewrite(lambda msg, towards: [] if towards == "to_carrier" and msg.is_request
                                and msg.method == "CANCEL" and msg.call_id == called else None)
     try:
         await carrier.hangup(leg)
-        await net.wait_for(lambda: from_pbx(calling, "SIP/2.0 487", "INVITE") and from_pbx(called, "CANCEL "))
+        await net.wait_for(lambda: _relayed(net, mark, "to_carrier", calling, "SIP/2.0 487", "INVITE")
+                           and _relayed(net, mark, "to_carrier", called, "CANCEL "))
         await carrier.ari.answer(callee.channel_id)  # the 200 OK crosses the PBX's CANCEL
-        await net.wait_for(lambda: from_pbx(called, "BYE "))
+        await net.wait_for(lambda: _relayed(net, mark, "to_carrier", called, "BYE "))
     finally:
         net.stop_rewriting(lose_cancels)
     await asyncio.wait_for(callee.ended.wait(), 10)
     await asyncio.wait_for(leg.ended.wait(), 10)
-    assert from_pbx(called, "SIP/2.0 200", "INVITE", towards="to_pbx"), "the other phone answered"
+    assert _relayed(net, mark, "to_pbx", called, "SIP/2.0 200", "INVITE"), "the other phone answered"
     assert not callee.hung_up_itself, "the PBX ended the other phone's call"
-    assert not from_pbx(calling, "SIP/2.0 200", "INVITE"), "the caller was never answered"
+    assert not _relayed(net, mark, "to_carrier", calling, "SIP/2.0 200", "INVITE"), "the caller was never answered"
     row = await wait_for_call_row(db, session["id"])
     assert (row["outcome"], row["hangup_by"], row["answered_at"]) == ("caller_cancelled", "caller", None)
 
@@ -128,28 +137,19 @@ async def test_an_answer_that_reached_the_caller_before_its_cancel_counts(carrie
     call was answered, for an instant, and counts so (answered, by the caller), as the caller's
     network bills it."""
     net = hostile_network
-    courier, client = real_number(), real_number()
-    session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="noanswer", ring_for=30)
-    leg = await carrier.call(courier, session["pool_number"], via_network=True)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.ringing.wait(), 10)
-    calling, mark = net.dialog_of(courier), net.mark()
-
-    def seen(towards: str, first_line: str, method: str) -> bool:
-        return any(r.towards == towards and r.message.call_id == calling and r.message.text.startswith(first_line)
-                   and r.message.cseq[1] == method for r in net.since(mark))
-
+    session, leg, callee, calling, _ = await _ringing_through_the_relay(carrier, api, real_number, net)
+    mark = net.mark()
     hold_cancels = net.rewrite(lambda msg, towards: [] if towards == "to_pbx" and msg.is_request
                                and msg.method == "CANCEL" and msg.call_id == calling else None)
     try:
         await carrier.hangup(leg)
         await asyncio.wait_for(leg.ended.wait(), 10)
         await carrier.ari.answer(callee.channel_id)
-        await net.wait_for(lambda: seen("to_carrier", "SIP/2.0 200", "INVITE"))  # the caller is answered
+        # the caller is answered
+        await net.wait_for(lambda: _relayed(net, mark, "to_carrier", calling, "SIP/2.0 200", "INVITE"))
     finally:
         net.stop_rewriting(hold_cancels)
-    await net.wait_for(lambda: seen("to_pbx", "BYE ", "BYE"))  # and its phone ends that call
+    await net.wait_for(lambda: _relayed(net, mark, "to_pbx", calling, "BYE ", "BYE"))  # and its phone ends that call
     await asyncio.wait_for(callee.ended.wait(), 10)
     assert not callee.hung_up_itself, "the PBX ended the other phone's call"
     row = await wait_for_call_row(db, session["id"])
