@@ -128,6 +128,7 @@ class StasisDispatcher:
     async def reconcile(self) -> None:
         """After (re)connecting: channels that vanished while the socket was down end their
         calls; calls an earlier bridge process left behind are resumed or finished."""
+        ours = set(self.calls)
         try:
             live = set((await self.ari.application()).get("channel_ids", []))
         except AriNotFound:
@@ -157,13 +158,7 @@ class StasisDispatcher:
                     call.feed({"type": "ChannelStateChange", "reconciled": True,
                                "channel": {"id": channel_id, "state": states[channel_id]}})
         try:
-            owned = await self._finish_left_behind(live)
-            await self._adopt_orphans(live - owned)
-            await self._destroy_left_bridges()
-            # What changed while no bridge listened (a block, a courier reassigned, a session
-            # closed with maskbridge-admin while this process was down) reaches the calls it
-            # has just resumed: their NOTIFY was sent to nobody.
-            await self.cut_departed()
+            await self._reconcile_with_store(live, ours)
         except Exception:
             # A database hiccup must not cost the event stream: the calls left in the database
             # are looked at again until it answers (a bridge started while it stalled left them
@@ -176,22 +171,37 @@ class StasisDispatcher:
             self._catching_up = asyncio.create_task(self._catch_up(), name="reconcile-catch-up")
 
     async def _catch_up(self) -> None:
-        """What a reconcile the database failed did not: the calls left in the database are
-        resumed or finished, and what changed meanwhile reaches the calls (every
-        RECONCILE_RETRY_FIRST_WAIT seconds, doubling, until it can)."""
+        """What a reconcile the database failed did not (all of its database part: a caller
+        that came in while the event stream was down is taken up here too, not left in
+        silence until the next reconnect), every RECONCILE_RETRY_FIRST_WAIT seconds,
+        doubling, until it can."""
         wait = RECONCILE_RETRY_FIRST_WAIT
         while True:
             await asyncio.sleep(wait)  # the database did not answer: give it time
             try:
-                live = set((await self.ari.application()).get("channel_ids", []))
-                await self._finish_left_behind(live)
-                await self.cut_departed()
+                ours = set(self.calls)
+                await self._reconcile_with_store(set((await self.ari.application()).get("channel_ids", [])), ours)
             except Exception as exc:  # noqa: BLE001 - said, and tried again
                 log.warning("reconcile.store_failed_again", error=type(exc).__name__)
                 wait = min(wait * 2, RECONCILE_RETRY_LONGEST_WAIT)
                 continue
             log.info("reconcile.caught_up")
             return
+
+    async def _reconcile_with_store(self, live: set[str], ours: set[str]) -> None:
+        """The part of a reconcile that needs the database, the same after a (re)connection
+        and in a catch-up (`live`: the application's channels; `ours`: the channels this
+        process's calls held just before they were read). The calls left in the database are
+        resumed or finished; callers in the application that no row and no call of ours names
+        are taken up (only once every row was read; and not a channel of a call of ours that
+        ended meanwhile: in a catch-up, calls come and go while the rows are read); bridges
+        left empty are destroyed; and what changed while no bridge listened (a block, a
+        courier reassigned, a session closed with maskbridge-admin while this process was
+        down) reaches the calls it has just resumed: their NOTIFY was sent to nobody."""
+        owned = await self._finish_left_behind(live)
+        await self._adopt_orphans(live - owned - ours)
+        await self._destroy_left_bridges()
+        await self.cut_departed()
 
     async def _pbx_restarted(self) -> bool:
         """Whether Asterisk was started again since the last connection (its startup time

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import types
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
@@ -90,7 +91,17 @@ class FakeStore:
         # killed process's statement that Postgres held behind a lock)
         self.ended_meanwhile: dict[uuid.UUID, dict[str, Any]] = {}
         self.languages: dict[str, str] = {}  # pool number -> its announcement language
+        self.blocked: set[uuid.UUID] = set()  # participants blocked (cut_departed reads them)
+        self.departed: dict[uuid.UUID, str] = {}  # participant -> why it left its order
+        self.blocklist = types.SimpleNamespace(blocked_among=self._blocked_among)
+        self.sessions = types.SimpleNamespace(left_among=self._left_among)
         self._changed = asyncio.Condition()
+
+    async def _blocked_among(self, ids: set[uuid.UUID]) -> set[uuid.UUID]:
+        return ids & self.blocked
+
+    async def _left_among(self, ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
+        return {pid: why for pid, why in self.departed.items() if pid in ids}
 
     def add_route(self, caller: str, pool: str, callee: str, role: str = "courier") -> Route:
         route = Route(
@@ -423,6 +434,12 @@ class Harness:
         await self.fake.wait_connected(1)
         # The first reconcile has asked the store (events are read once it is done).
         await self.store.wait(lambda: any(op == "active_calls" for op, _, _ in self.store.ops), "reconcile")
+
+    async def caught_up(self, timeout: float = WAIT) -> None:
+        """Until the catch-up after a reconcile the database failed has finished."""
+        task = self.dispatcher._catching_up
+        assert task is not None, "no catch-up was started"
+        await asyncio.wait_for(asyncio.shield(task), timeout)
 
     async def settle(self, timeout: float = WAIT) -> None:
         """Until every call task has finished (bridge destroyed, channels unregistered)."""
@@ -1496,6 +1513,7 @@ async def test_calls_left_behind_are_finished_once_the_database_answers_after_a_
     with capture_logs() as logs:
         await h.start()
         row = await h.store.ended("in-stale")
+        await h.caught_up()
     assert "reconcile.store_failed" in [e["event"] for e in logs]
     assert row["id"] == stale["id"] and (row["outcome"], row["hangup_by"]) == ("failed", "system")
     assert "reconcile.caught_up" in [e["event"] for e in logs]
@@ -1503,6 +1521,35 @@ async def test_calls_left_behind_are_finished_once_the_database_answers_after_a_
     await h.fake.hangup("in-old", 16)
     row = await h.store.ended("in-old")
     assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
+async def test_a_catch_up_also_takes_up_a_caller_no_row_names_and_destroys_left_bridges(
+        harness, monkeypatch) -> None:
+    """The catch-up after a reconcile the database failed does all of the reconcile's
+    database part: a caller in the application that no row names (its StasisStart came
+    while the event stream was down) is routed as any call, and a call's bridge left empty
+    is destroyed, not left until the next reconnect (review, issue 14: the catch-up only
+    finished rows and passed on cuts). The orphan is taken up only after the rows were read:
+    the stalled read adopts nobody."""
+    monkeypatch.setattr(stasis, "RECONCILE_RETRY_FIRST_WAIT", 0.01)
+    h = await harness(start=False)
+    h.store.add_route(CALLER, POOL, CALLEE)
+    h.fake.add_channel("in-orphan", CALLER, POOL, args=["inbound", POOL, "masked"])
+    h.fake.bridges["gone-1"] = Bridge("gone-1", "call-gone-1")
+    h.store.active_calls_error = TimeoutError()
+    with capture_logs() as logs:
+        await h.start()
+        create = await h.fake.wait_request("POST", "/ari/channels/create")
+        await h.fake.wait_request("DELETE", "/ari/bridges/gone-1")
+        row = await h.store.state("in-orphan", "ringing")
+        await h.caught_up()
+    events = [e["event"] for e in logs]
+    assert events.index("reconcile.store_failed") < events.index("reconcile.adopted_caller")
+    assert events.count("reconcile.adopted_caller") == 1 and "reconcile.caught_up" in events
+    assert row["callee_role"] == "client" and create.query["channelId"] == f"{row['id']}-callee"
+    await h.fake.hangup("in-orphan")
+    await h.store.ended("in-orphan")
+    await h.settle()
 
 
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
