@@ -37,10 +37,11 @@ help:
 
 # Debian packages: debootstrap (builds the Asterisk 22 root file system), Postgres server
 # binaries, Python venv support, Prometheus (its promtool checks the alert rules, and the
-# live tests run one against the stack), SIPp (sip-tester: the benchmark's load generator)
-# and tcpdump (the benchmark's clock for SIP and its ear for RTP). Postgres is installed without its default cluster:
-# the project keeps its own; no service the packages bring is started (policy-rc.d says no
-# while apt runs).
+# live tests run one against the stack), SIPp (sip-tester: the benchmark's load generator),
+# tcpdump (the benchmark's clock for SIP and its ear for RTP) and gettext-base (envsubst: the
+# PBX image's entrypoint renders its templates with it, and a unit test runs it here).
+# Postgres is installed without its default cluster: the project keeps its own; no service
+# the packages bring is started (policy-rc.d says no while apt runs).
 deps:
 	@missing=""; \
 	command -v debootstrap >/dev/null || missing="$$missing debootstrap"; \
@@ -50,6 +51,7 @@ deps:
 	command -v promtool >/dev/null && command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v tcpdump >/dev/null || missing="$$missing tcpdump"; \
+	command -v envsubst >/dev/null || missing="$$missing gettext-base"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  mkdir -p /etc/postgresql-common; \

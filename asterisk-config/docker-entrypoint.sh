@@ -42,6 +42,8 @@ for name in $(grep -ohE '\$\{MB_[A-Z0-9_]+\}' "${templates[@]}" | sed -E 's/^\$\
     [ -n "${!name:-}" ] || missing+=("$name")
 done
 [ ${#missing[@]} -eq 0 ] || die "not set: ${missing[*]}"
+# (the dialplan compares it as a number: anything else would let every call in unlimited)
+[[ "${MB_PBX_MAX_CALLS:-}" =~ ^[0-9]+$ ]] || die "MB_PBX_MAX_CALLS must be a whole number of calls (0: no limit)"
 
 # '${MB_A} ${MB_B} ...': the only names envsubst may replace.
 shell_format=$(env | grep -oE '^MB_[A-Za-z0-9_]+=' | sed -E 's/^(.*)=$/${\1}/' | sort -u | tr '\n' ' ')

@@ -21,6 +21,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_PBX_SIP_BIND": ("127.0.0.1", "address of the PBX (SIP and RTP)"),
     "MB_PBX_SIP_PORT": ("5060", "SIP port of the PBX"),
     "MB_PBX_SIP_DEBUG": ("no", "log every SIP message in the PBX (yes/no)"),
+    "MB_PBX_MAX_CALLS": ("600", "calls from the trunk a PBX holds at once; beyond, a new one is refused with SIP 503 "
+                         "before anything is played (behind Kamailio: tried on the next node; 0: no limit)"),
     "MB_ARI_BIND": ("127.0.0.1", "address of the PBX's ARI/HTTP server"),
     "MB_ARI_PORT": ("8088", "port of the PBX's ARI/HTTP server"),
     "MB_ARI_APP": ("maskbridge", "name of the bridge's Stasis application"),
@@ -279,6 +281,8 @@ def load(environ: Mapping[str, str] | None = None) -> Stack:
     env["MB_PG_DIR"] = source.get("MB_PG_DIR") or str(_pg_dir(stack_dir))
     env["MB_SYSTEMNAME"] = env["MB_NODE_ID"]
     env["MB_ENTITYID"] = "02:00:00:00:00:01"
+    if not env["MB_PBX_MAX_CALLS"].isascii() or not env["MB_PBX_MAX_CALLS"].isdigit():
+        raise ValueError("MB_PBX_MAX_CALLS must be a whole number of calls (0: no limit)")
     if not env["MB_NODES"].isdigit() or not 1 <= int(env["MB_NODES"]) <= 9:
         raise ValueError("MB_NODES (make NODES=...) must be a number of nodes from 1 to 9")
     env["MB_DATABASE_URL"] = source.get("MB_DATABASE_URL") or (

@@ -28,7 +28,7 @@ from bridge.devstack.audio import rms, samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.demo import DEMO_COURIER, DEMO_ORDER
 from bridge.devstack.settings import PROJECT_DIR, Stack
-from tests.live.conftest import Api, WebhookReceiver
+from tests.live.conftest import Api, WebhookReceiver, max_calls
 from tests.live.siplog import SipLog, SipMessage, dialogs, identity_leaks, logged, reinvite_answered
 
 _numbers = itertools.count(random.randrange(0, 1_000_000))
@@ -194,6 +194,34 @@ async def test_a_killed_bridge_costs_no_call_and_its_successor_resumes_only_its_
             await carrier.hangup(leg)
             row = await until(lambda sid=sid: _ended_row(db, sid), 15, "node 1's call ended")
             assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
+
+
+async def test_a_node_at_its_call_limit_passes_new_calls_to_the_other(
+    cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection
+):
+    """Node 2 holding MB_PBX_MAX_CALLS calls refuses the next with 503 before anything is
+    played, and Kamailio puts it through node 1: the caller never hears the refusal. Once
+    node 2's call ends, it takes a call again, and only one."""
+    calls = await connected_calls(carrier, api, db, 2)
+    on = {sid: await node_of(db, sid) for sid, _leg in calls}
+    assert sorted(on.values()) == ["node-1", "node-2"]
+    async with max_calls(cluster.nodes[1], 1):
+        more = await connected_calls(carrier, api, db, 4)  # (round robin: two went to node 2 first)
+        assert {await node_of(db, sid) for sid, _leg in more} == {"node-1"}
+        assert not any(leg.ended.is_set() for _sid, leg in calls + more)
+        for sid, leg in calls:
+            if on[sid] == "node-2":
+                await carrier.hangup(leg)
+                await until(lambda sid=sid: _ended_row(db, sid), 15, "node 2's call ended")
+        # Room for one call on node 2 again: it takes the first that comes to it, and then
+        # is full again (the second that would have gone there goes to node 1).
+        again = await connected_calls(carrier, api, db, 4)
+        assert collections.Counter([await node_of(db, sid) for sid, _leg in again]) == {"node-1": 3, "node-2": 1}
+    for _sid, leg in calls + more + again:
+        if not leg.ended.is_set():
+            await carrier.hangup(leg)
+    for sid, _leg in calls + more + again:
+        await until(lambda sid=sid: _ended_row(db, sid), 15, "every call ended")
 
 
 async def _socket_closed_by(node: Stack) -> bool:

@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 from aiohttp import web
 
+from bridge.ari import AriClient
 from bridge.crypto import NumberVault
 from bridge.devstack import asterisk, network, processes
 from bridge.devstack.network import HostileNetwork
@@ -365,3 +366,21 @@ async def webhook_receiver(where: str) -> AsyncIterator[WebhookReceiver]:
         yield receiver
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def max_calls(stack: Stack, value: int) -> AsyncIterator[None]:
+    """The PBX's MAX_CALLS set to `value` while the block runs, then what it was."""
+    env = stack.env
+    pbx = AriClient(f"http://{env['MB_ARI_BIND']}:{env['MB_ARI_PORT']}", env["MB_ARI_USER"], env["MB_ARI_PASSWORD"],
+                    env["MB_ARI_APP"])
+    try:
+        before = (await pbx.request("GET", "/asterisk/variable", {"variable": "MAX_CALLS"}))["value"]
+        assert before == env["MB_PBX_MAX_CALLS"], "the dialplan holds the configured limit"
+        await pbx.request("POST", "/asterisk/variable", {"variable": "MAX_CALLS", "value": str(value)})
+        try:
+            yield
+        finally:
+            await pbx.request("POST", "/asterisk/variable", {"variable": "MAX_CALLS", "value": before})
+    finally:
+        await pbx.close()
