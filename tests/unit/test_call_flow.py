@@ -84,6 +84,7 @@ class FakeStore:
         self.lockout_after = 3
         self.code_gate: asyncio.Event | None = None  # holds route_by_code until set
         self.active_calls_error: Exception | None = None  # raised once by active_calls
+        self.active_calls_gate: asyncio.Event | None = None  # the next active_calls (not failing) waits for it
         self.recording_started_error: Exception | None = None  # raised once by recording_started
         self.call_ended_errors: list[Exception] = []  # raised by the next call_ended, one each
         self.call_ended_gate: asyncio.Event | None = None  # the next call_ended waits for it
@@ -312,6 +313,10 @@ class FakeStore:
         await self._op("active_calls", None, failed=error is not None)
         if error is not None:
             raise error
+        if self.active_calls_gate is not None:
+            gate, self.active_calls_gate = self.active_calls_gate, None
+            await self._op("active_calls", None, waiting=True)
+            await gate.wait()
         rows = [dict(r) for r in self.rows.values() if r["state"] != "ended"]
         return sorted(rows, key=lambda r: r["started_at"])
 
@@ -1550,6 +1555,37 @@ async def test_a_catch_up_also_takes_up_a_caller_no_row_names_and_destroys_left_
     await h.fake.hangup("in-orphan")
     await h.store.ended("in-orphan")
     await h.settle()
+
+
+async def test_a_call_that_ended_while_a_catch_up_read_the_rows_is_not_taken_for_an_orphan(
+        h: Harness, monkeypatch) -> None:
+    """A catch-up runs while calls come and go. A call of this process that ends while the
+    catch-up reads the rows, its caller's leg still in the application (Asterisk failed the
+    hangup, or was slow to let it go), is no orphan: it is not taken up as a new call (it would
+    ring the other phone again, and leave a second row). (The calls of this process are
+    taken before the rows are read: taken after, this test fails. The ones it held before the
+    application's channels were read are left out too, for the instants in between.)"""
+    monkeypatch.setattr(stasis, "RECONCILE_RETRY_FIRST_WAIT", 0.01)
+    row, outbound = await h.connected_call()
+    h.store.active_calls_error = TimeoutError()  # (the reconcile at the reconnect fails...)
+    gate = h.store.active_calls_gate = asyncio.Event()  # (...and its catch-up waits for the rows)
+    with capture_logs() as logs:
+        await h.fake.drop(refuse=False)
+        await h.fake.wait_connected(2)
+        await h.store.wait(lambda: any(a.get("waiting") for op, _, a in h.store.ops if op == "active_calls"),
+                           "the catch-up reading the rows")
+        # (Asterisk answers the caller's hangup "not found" and keeps the leg a moment longer)
+        h.fake.fail("DELETE", "/ari/channels/in-1", status=404, message="Channel not found", times=None)
+        await h.fake.hangup(outbound, 16)  # (the call ends; its caller's leg stays)
+        assert (await h.store.ended("in-1"))["outcome"] == "answered"
+        await h.settle()
+        gate.set()
+        await h.caught_up()
+    events = [e["event"] for e in logs]
+    assert "reconcile.caught_up" in events and "reconcile.adopted_caller" not in events
+    assert [r["id"] for r in h.store.rows.values() if r["inbound_channel_id"] == "in-1"] == [row["id"]]
+    assert len(h.fake.find("POST", "/ari/channels/create")) == 1, "the other phone was rung once"
+    h.fake.clear_failures()
 
 
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
