@@ -21,8 +21,11 @@ from bridge.calls.flow import (
 )
 from bridge.calls.recording import wav_duration_ms
 
-RECONCILE_RETRY_FIRST_WAIT = 2.0  # seconds before a reconcile the database failed is caught up with
-RECONCILE_RETRY_LONGEST_WAIT = 60.0  # (doubling, up to)
+RECONCILE_RETRY_FIRST_WAIT = 1.0  # seconds before a reconcile the database failed is caught up with
+# (doubling, up to): a caller the catch-up is to take up waits in silence until it runs, so it
+# runs soon after the database is back (up to 60 s, a caller was dropped by its own network
+# first: adversary, issue 14); one look every 5 s while the database is down costs nothing.
+RECONCILE_RETRY_LONGEST_WAIT = 5.0
 RECORDING_CLOSE_TIMEOUT = 5.0  # seconds a stopped recording left behind may take to close its file
 
 log = structlog.get_logger(__name__)
@@ -58,6 +61,8 @@ class StasisDispatcher:
         self.unknown_callers = unknown_callers or UnknownCallers(0, 0)
         self._routing: set[MaskedCall] = set()  # new calls not past their route lookup yet (at most ROUTING_LIMIT)
         self._left_behind = asyncio.Lock()  # one look at the calls left in the database at a time
+        self._reading_rows = False  # a look at them is reading the rows now
+        self._ended_while_read: set[uuid.UUID] = set()  # calls of this process that ended meanwhile
         self._catching_up: asyncio.Task[None] | None = None
 
     def _register(self, channel_id: str, call: MaskedCall) -> None:
@@ -73,6 +78,8 @@ class StasisDispatcher:
 
         def done(t: asyncio.Task[None]) -> None:
             self._tasks.discard(t)
+            if self._reading_rows:
+                self._ended_while_read.add(call.id)
             for key in call.keys():
                 if self.calls.get(key) is call:
                     del self.calls[key]
@@ -235,10 +242,22 @@ class StasisDispatcher:
             return await self._finish_left_behind_now(live)
 
     async def _finish_left_behind_now(self, live: set[str]) -> set[str]:
-        known = {c.id for c in self.calls.values()} | ends_pending()
         owned = set(self.calls)
         pbx_started = moment(self.ari.connected_startup_time)
-        for row in await self.store.active_calls():
+        # The rows of this process's own calls are not left behind: those it had when the
+        # rows were asked for, those that ended while they were read, and those that began
+        # meanwhile (a catch-up runs while calls come and go: a call whose row was written
+        # before the read was taken for one left behind, its bridge destroyed and its row
+        # ended while both phones talked on: adversary, issue 14).
+        known = {c.id for c in self.calls.values()} | ends_pending()
+        self._reading_rows, self._ended_while_read = True, set()
+        try:
+            rows = await self.store.active_calls()
+        finally:
+            self._reading_rows = False
+        known |= {c.id for c in self.calls.values()} | self._ended_while_read | ends_pending()
+        self._ended_while_read = set()
+        for row in rows:
             if row["id"] in known:
                 continue
             # (A process stopped while the other leg and the bridge were being made left a row

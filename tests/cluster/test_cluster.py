@@ -200,8 +200,9 @@ async def test_a_node_at_its_call_limit_passes_new_calls_to_the_other(
     cluster: Stack, carrier: Carrier, api: Api, db: asyncpg.Connection
 ):
     """Node 2 holding MB_PBX_MAX_CALLS calls refuses the next with 503 before anything is
-    played, and Kamailio puts it through node 1: the caller never hears the refusal. Once
-    node 2's call ends, it takes a call again, and only one."""
+    played, and Kamailio puts it through node 1: the caller never hears the refusal. Both
+    full, the carrier gets a 503. Once node 2's call ends, it takes a call again, and only
+    one."""
     calls = await connected_calls(carrier, api, db, 2)
     on = {sid: await node_of(db, sid) for sid, _leg in calls}
     assert sorted(on.values()) == ["node-1", "node-2"]
@@ -209,6 +210,17 @@ async def test_a_node_at_its_call_limit_passes_new_calls_to_the_other(
         more = await connected_calls(carrier, api, db, 4)  # (round robin: two went to node 2 first)
         assert {await node_of(db, sid) for sid, _leg in more} == {"node-1"}
         assert not any(leg.ended.is_set() for _sid, leg in calls + more)
+        # Both nodes full (node 1 holds five): the carrier is told 503, by Kamailio (a 503 it
+        # relayed would have reached the carrier as a 500: adversary, issue 14).
+        async with max_calls(cluster.nodes[0], 5):
+            courier, client = real_number(), real_number()
+            session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
+            carrier.phone(client, action="answer", listen=False)
+            refused = await carrier.call(courier, session["pool_number"], listen=False)
+            await asyncio.wait_for(refused.ended.wait(), 15)
+            assert refused.cause == 34 and not refused.answered.is_set(), refused.cause
+            assert client not in [leg.number for leg in carrier.legs.values() if leg.role == "callee"]
+            assert await rows_of(db, [session["id"]]) == []
         for sid, leg in calls:
             if on[sid] == "node-2":
                 await carrier.hangup(leg)

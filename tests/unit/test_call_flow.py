@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import re
+import sys
 import time
 import types
 import uuid
@@ -85,6 +86,7 @@ class FakeStore:
         self.code_gate: asyncio.Event | None = None  # holds route_by_code until set
         self.active_calls_error: Exception | None = None  # raised once by active_calls
         self.active_calls_gate: asyncio.Event | None = None  # the next active_calls (not failing) waits for it
+        self.active_calls_errors: list[Exception] = []  # then raised by the next active_calls, one each
         self.recording_started_error: Exception | None = None  # raised once by recording_started
         self.call_ended_errors: list[Exception] = []  # raised by the next call_ended, one each
         self.call_ended_gate: asyncio.Event | None = None  # the next call_ended waits for it
@@ -310,6 +312,8 @@ class FakeStore:
 
     async def active_calls(self) -> list[dict[str, Any]]:
         error, self.active_calls_error = self.active_calls_error, None
+        if error is None and self.active_calls_errors:
+            error = self.active_calls_errors.pop(0)
         await self._op("active_calls", None, failed=error is not None)
         if error is not None:
             raise error
@@ -1528,6 +1532,28 @@ async def test_calls_left_behind_are_finished_once_the_database_answers_after_a_
     assert (row["outcome"], row["hangup_by"]) == ("answered", "caller")
 
 
+async def test_a_catch_up_looks_again_at_least_every_five_seconds(harness, monkeypatch) -> None:
+    """A caller the catch-up is to take up waits in silence until it runs: while the database
+    fails, it looks again after 1, 2, 4, then every 5 seconds, not up to a minute later (a
+    caller was dropped by its own network first: adversary, issue 14)."""
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(seconds: float, *args: Any) -> None:
+        if sys._getframe(1).f_code.co_name == "_catch_up":  # (the catch-up's waits; not others')
+            waits.append(seconds)
+            seconds = 0
+        await real_sleep(seconds, *args)
+
+    monkeypatch.setattr(stasis.asyncio, "sleep", sleep)
+    h = await harness(start=False)
+    h.store.active_calls_error = TimeoutError()
+    h.store.active_calls_errors = [TimeoutError() for _ in range(5)]
+    await h.start()
+    await h.caught_up()
+    assert waits[:6] == [1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+
+
 async def test_a_catch_up_also_takes_up_a_caller_no_row_names_and_destroys_left_bridges(
         harness, monkeypatch) -> None:
     """The catch-up after a reconcile the database failed does all of the reconcile's
@@ -1586,6 +1612,34 @@ async def test_a_call_that_ended_while_a_catch_up_read_the_rows_is_not_taken_for
     assert [r["id"] for r in h.store.rows.values() if r["inbound_channel_id"] == "in-1"] == [row["id"]]
     assert len(h.fake.find("POST", "/ari/channels/create")) == 1, "the other phone was rung once"
     h.fake.clear_failures()
+
+
+async def test_a_call_that_begins_while_a_catch_up_reads_the_rows_is_left_alone(h: Harness, monkeypatch) -> None:
+    """A catch-up runs while calls come and go: a call that begins while it reads the rows,
+    its row written by then, is this process's own, not one left behind (it was finished:
+    its bridge destroyed and its row ended by the system while both phones talked on:
+    adversary, issue 14)."""
+    monkeypatch.setattr(stasis, "RECONCILE_RETRY_FIRST_WAIT", 0.01)
+    h.store.active_calls_error = TimeoutError()
+    gate = h.store.active_calls_gate = asyncio.Event()
+    with capture_logs() as logs:
+        await h.fake.drop(refuse=False)
+        await h.fake.wait_connected(2)
+        await h.store.wait(lambda: any(a.get("waiting") for op, _, a in h.store.ops if op == "active_calls"),
+                           "the catch-up reading the rows")
+        row, outbound = await h.ringing_call("in-new")
+        gate.set()
+        await h.caught_up()
+    events = [e["event"] for e in logs]
+    assert "reconcile.caught_up" in events and "reconcile.finished_stale_call" not in events
+    assert h.store.rows[row["id"]]["state"] == "ringing"
+    assert h.fake.find("DELETE", f"/ari/bridges/{row['id']}") == []
+    await h.fake.answer(outbound)
+    await h.fake.wait_request("POST", "/ari/channels/in-new/answer")
+    await h.store.state("in-new", "connected")
+    await h.fake.hangup("in-new", 16)
+    ended = await h.store.ended("in-new")
+    assert (ended["outcome"], ended["hangup_by"]) == ("answered", "caller")
 
 
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
