@@ -159,7 +159,10 @@ async def test_one_bridge_at_a_time_sweeps(stack, db, api, real_number):
     left to it; once released, this bridge sweeps it."""
     holder = await asyncpg.connect(stack.database_url)
     try:
-        assert await holder.fetchval("SELECT pg_try_advisory_lock($1)", SWEEP_LOCK)
+        # (taken as soon as the stack's own bridge is not sweeping: a sweep running just now
+        # holds it for a moment, and a try at that moment failed this test once)
+        await holder.execute("SET lock_timeout = '10s'")
+        await holder.execute("SELECT pg_advisory_lock($1)", SWEEP_LOCK)
         session = await api.open_session(f"order-{uuid.uuid4()}", real_number(), real_number(), ttl_seconds=1)
         # (past its expiry, the session is due: the bridge would sweep it within about a second)
         async with asyncio.timeout(10):
