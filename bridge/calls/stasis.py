@@ -265,7 +265,14 @@ class StasisDispatcher:
             row = {**row, "outbound_channel_id": row["outbound_channel_id"] or MaskedCall.outbound_of(row["id"]),
                    "bridge_id": row["bridge_id"] or MaskedCall.bridge_of(row["id"])}
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
-            owned.update((inbound, outbound))
+            # A call that never got past its route lookup (the other leg was never made), its
+            # caller still waiting: the caller is taken up as a new call below (looked up again,
+            # a row of its own), not hung up: nothing was rung (a process killed while
+            # Postgres held its lookup's row, which committed after it died: adversary, issue 14).
+            # This row is finished as the system's failure, as any other left behind.
+            again = (row["state"] == "routing" and inbound in live and outbound not in live
+                     and not row["answered_at"] and inbound not in self.calls)
+            owned.update((outbound,) if again else (inbound, outbound))
             if await self._talking(row, live):
                 call = MaskedCall.resume_connected(
                     row, self.ari, self.store, self.settings, self._register, router=self.router,
@@ -274,7 +281,10 @@ class StasisDispatcher:
                 self._start(call, resumed=True)
                 continue
             for channel_id in (inbound, outbound):
-                if channel_id and channel_id in live:
+                # (Not a leg a call of this process holds: a stale row's channel may be one
+                # this process took up since, as an orphan; nor a caller taken up again.)
+                if channel_id and channel_id in live and channel_id not in self.calls and not (
+                        again and channel_id == inbound):
                     try:
                         # (The caller of an unanswered call hears "unavailable", not "declined".)
                         await self.ari.hangup(channel_id, code=CUT_CAUSE_TO_CALLER if channel_id == inbound else None)

@@ -1642,6 +1642,48 @@ async def test_a_call_that_begins_while_a_catch_up_reads_the_rows_is_left_alone(
     assert (ended["outcome"], ended["hangup_by"]) == ("answered", "caller")
 
 
+async def test_a_caller_whose_call_never_got_past_its_lookup_is_taken_up_again(harness) -> None:
+    """An earlier process wrote the call's row with its route lookup, then stopped (killed
+    while Postgres held the statement, which committed after it died): nothing was rung, the
+    caller still waits. The row is finished as the system's failure and the caller is taken
+    up as a new call, not hung up (adversary, issue 14: the caller was cut though nothing had
+    ever rung)."""
+    h = await harness(start=False)
+    h.store.add_route(CALLER, POOL, CALLEE)
+    stale = h.store.add_row(state="routing", inbound_channel_id="in-stale")
+    h.fake.add_channel("in-stale", CALLER, POOL, args=["inbound", POOL, "masked"])
+    with capture_logs() as logs:
+        await h.start()
+        create = await h.fake.wait_request("POST", "/ari/channels/create")
+        new = await h.store.wait(lambda: next((r for r in h.store.rows.values() if r["id"] != stale["id"]
+                                               and "ringing" in h.store.states[r["id"]]), None), "the new call")
+    assert (stale["state"], stale["outcome"], stale["hangup_by"]) == ("ended", "failed", "system")
+    assert new["inbound_channel_id"] == "in-stale" and create.query["channelId"] == f"{new['id']}-callee"
+    assert h.fake.find("DELETE", "/ari/channels/in-stale") == []
+    assert [e["event"] for e in logs].count("reconcile.adopted_caller") == 1
+    await h.fake.hangup("in-stale")
+    await h.store.wait(lambda: h.store.rows[new["id"]]["state"] == "ended", "the new call's end")
+    await h.settle()
+
+
+async def test_a_stale_row_naming_a_leg_a_call_of_this_process_holds_does_not_hang_it_up(h: Harness) -> None:
+    """A row left behind can name a caller's leg that a call of this process holds now (taken
+    up as an orphan while that row's statement was still held by Postgres): finishing the row
+    leaves the live call alone."""
+    row, _outbound = await h.connected_call()
+    stale = h.store.add_row(state="ringing", inbound_channel_id="in-1", outbound_channel_id="gone-callee")
+    mark = h.fake.mark()
+    await h.fake.drop(refuse=False)
+    await h.fake.wait_connected(2)
+    await h.store.wait(lambda: stale["state"] == "ended", "the stale row finished")
+    assert (stale["outcome"], stale["hangup_by"]) == ("failed", "system")
+    assert h.fake.find("DELETE", "/ari/channels/in-1", since=mark) == []
+    assert h.store.rows[row["id"]]["state"] == "connected"
+    await h.fake.hangup("in-1", 16)
+    await h.store.wait(lambda: h.store.rows[row["id"]]["state"] == "ended", "the live call's end")
+    assert (h.store.rows[row["id"]]["outcome"], h.store.rows[row["id"]]["hangup_by"]) == ("answered", "caller")
+
+
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
     """An earlier process stopped while the other leg and the bridge were being made, before
     the row named them: the next one finds them by the call's id, hangs the leg up (never
