@@ -279,6 +279,7 @@ class StasisDispatcher:
                     language=await self._language_of(row["pool_number"]),
                 )
                 self._start(call, resumed=True)
+                await self._gone_meanwhile(call, (inbound, outbound))
                 continue
             for channel_id in (inbound, outbound):
                 # (Not a leg a call of this process holds: a stale row's channel may be one
@@ -313,6 +314,20 @@ class StasisDispatcher:
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
         return owned
+
+    async def _gone_meanwhile(self, call: MaskedCall, channel_ids: tuple[str, ...]) -> None:
+        """A call just taken up (resumed, or a caller adopted) whose leg went while it was
+        being taken up: the leg's end came before the call was there to be told (a catch-up
+        runs while events are read; a caller hanging up during its read was resumed onto a
+        dead leg, the other phone left in silence: adversary, issue 14). Asked once the call
+        is registered: an end after that reaches it as any event."""
+        for channel_id in channel_ids:
+            try:
+                await self.ari.get_channel(channel_id)
+            except AriNotFound:
+                call.feed({"type": "ChannelDestroyed", "channel": {"id": channel_id}, "reconciled": True})
+            except AriError:
+                pass  # (Asterisk did not say: its events will)
 
     async def _destroy_left_bridges(self) -> None:
         """A call's bridge (named "call-<id>") that holds no channel and no call of this process
@@ -357,6 +372,8 @@ class StasisDispatcher:
             if args[:1] == ["inbound"]:
                 log.info("reconcile.adopted_caller")
                 await self.handle({"type": "StasisStart", "args": args, "channel": channel})
+                if (call := self.calls.get(channel_id)) is not None:
+                    await self._gone_meanwhile(call, (channel_id,))
                 continue
             log.info("reconcile.orphan_hung_up")
             try:

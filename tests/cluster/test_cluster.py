@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
-from bridge.devstack import asterisk, postgres, processes
+from bridge.devstack import asterisk, kamailio, postgres, processes
 from bridge.devstack.audio import rms, samples, tone_share
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.demo import DEMO_COURIER, DEMO_ORDER
@@ -221,6 +221,19 @@ async def test_a_node_at_its_call_limit_passes_new_calls_to_the_other(
             assert refused.cause == 34 and not refused.answered.is_set(), refused.cause
             assert client not in [leg.number for leg in carrier.legs.values() if leg.role == "callee"]
             assert await rows_of(db, [session["id"]]) == []
+            # Node 1 full and node 2 silent (its Asterisk frozen): 503 too, whichever node is
+            # tried first (a last node that timed out after a full one made it a 408).
+            frozen = asterisk._pid(cluster.nodes[1], "pbx")
+            assert frozen is not None
+            os.kill(frozen, signal.SIGSTOP)
+            try:
+                refused = [await carrier.call(courier, session["pool_number"], listen=False) for _ in range(2)]
+                for leg in refused:
+                    await asyncio.wait_for(leg.ended.wait(), 15)
+                assert [leg.cause for leg in refused] == [34, 34]
+            finally:
+                os.kill(frozen, signal.SIGCONT)
+            await until(lambda: _node_up_again(cluster), 20, "Kamailio to probe node 2 up again")
         for sid, leg in calls:
             if on[sid] == "node-2":
                 await carrier.hangup(leg)
@@ -234,6 +247,12 @@ async def test_a_node_at_its_call_limit_passes_new_calls_to_the_other(
             await carrier.hangup(leg)
     for sid, _leg in calls + more + again:
         await until(lambda sid=sid: _ended_row(db, sid), 15, "every call ended")
+
+
+async def _node_up_again(cluster: Stack) -> bool:
+    """Whether Kamailio's dispatcher has every node up (its OPTIONS probes answered)."""
+    states = await asyncio.to_thread(kamailio.node_states, cluster)
+    return len(states) == len(cluster.nodes) and set(states.values()) == {"up"}
 
 
 async def _socket_closed_by(node: Stack) -> bool:

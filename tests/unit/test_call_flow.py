@@ -450,6 +450,18 @@ class Harness:
         assert task is not None, "no catch-up was started"
         await asyncio.wait_for(asyncio.shield(task), timeout)
 
+    def left_behind_talking(self, inbound_id: str) -> tuple[uuid.UUID, str]:
+        """A call an earlier process left connected: its row, both legs up in the application
+        and in its bridge (before start()). Returns (call id, outbound id)."""
+        call_id = uuid.uuid4()
+        outbound = f"{call_id}-callee"
+        self.store.add_row(id=call_id, state="connected", inbound_channel_id=inbound_id, outbound_channel_id=outbound,
+                           bridge_id=str(call_id), answered_at=datetime.now(timezone.utc))
+        self.fake.add_channel(inbound_id, CALLER, POOL, state="Up", args=["inbound", POOL])
+        self.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
+        self.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=[inbound_id, outbound])
+        return call_id, outbound
+
     async def settle(self, timeout: float = WAIT) -> None:
         """Until every call task has finished (bridge destroyed, channels unregistered)."""
         tasks = list(self.dispatcher._tasks)
@@ -1511,13 +1523,7 @@ async def test_calls_left_behind_are_finished_once_the_database_answers_after_a_
     monkeypatch.setattr(stasis, "RECONCILE_RETRY_FIRST_WAIT", 0.01)
     h = await harness(start=False)
     stale = h.store.add_row(state="ringing", inbound_channel_id="in-stale", outbound_channel_id="gone-callee")
-    call_id = uuid.uuid4()
-    outbound = f"{call_id}-callee"
-    h.store.add_row(id=call_id, state="connected", inbound_channel_id="in-old", outbound_channel_id=outbound,
-                    bridge_id=str(call_id), answered_at=datetime.now(timezone.utc))
-    h.fake.add_channel("in-old", CALLER, POOL, state="Up", args=["inbound", POOL])
-    h.fake.add_channel(outbound, POOL, "s", state="Up", args=["outbound", str(call_id)])
-    h.fake.bridges[str(call_id)] = Bridge(str(call_id), channels=["in-old", outbound])
+    _call_id, outbound = h.left_behind_talking("in-old")
     h.store.active_calls_error = TimeoutError()
     with capture_logs() as logs:
         await h.start()
@@ -1682,6 +1688,30 @@ async def test_a_stale_row_naming_a_leg_a_call_of_this_process_holds_does_not_ha
     await h.fake.hangup("in-1", 16)
     await h.store.wait(lambda: h.store.rows[row["id"]]["state"] == "ended", "the live call's end")
     assert (h.store.rows[row["id"]]["outcome"], h.store.rows[row["id"]]["hangup_by"]) == ("answered", "caller")
+
+
+async def test_a_call_left_behind_whose_caller_hangs_up_while_a_catch_up_reads_the_rows_ends(
+        harness, monkeypatch) -> None:
+    """A catch-up reads the rows while events come: the caller of a call left behind hangs up
+    meanwhile, before the call is taken up (its end reaches nobody). The call is resumed, and
+    finds its caller gone: it ends, and the other phone is hung up, not left in silence
+    (adversary, issue 14)."""
+    monkeypatch.setattr(stasis, "RECONCILE_RETRY_FIRST_WAIT", 0.01)
+    h = await harness(start=False)
+    _call_id, outbound = h.left_behind_talking("in-old")
+    h.store.active_calls_error = TimeoutError()
+    gate = h.store.active_calls_gate = asyncio.Event()
+    await h.start()
+    await h.store.wait(lambda: any(a.get("waiting") for op, _, a in h.store.ops if op == "active_calls"),
+                       "the catch-up reading the rows")
+    await h.fake.hangup("in-old", 16)
+    await h.handled_event("ChannelDestroyed", "in-old")
+    gate.set()
+    await h.caught_up()
+    await h.fake.wait_request("DELETE", f"/ari/channels/{outbound}")
+    row = await h.store.ended("in-old")
+    assert row["outcome"] == "answered"
+    await h.settle()
 
 
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
