@@ -265,13 +265,15 @@ class StasisDispatcher:
             row = {**row, "outbound_channel_id": row["outbound_channel_id"] or MaskedCall.outbound_of(row["id"]),
                    "bridge_id": row["bridge_id"] or MaskedCall.bridge_of(row["id"])}
             inbound, outbound = row["inbound_channel_id"], row["outbound_channel_id"]
-            # A call that never got past its route lookup (the other leg was never made), its
-            # caller still waiting: the caller is taken up as a new call below (looked up again,
-            # a row of its own), not hung up: nothing was rung (a process killed while
-            # Postgres held its lookup's row, which committed after it died: adversary, issue 14).
-            # This row is finished as the system's failure, as any other left behind.
-            again = (row["state"] == "routing" and inbound in live and outbound not in live
-                     and not row["answered_at"] and inbound not in self.calls)
+            # A call that never got past its route lookup, its caller still waiting: the caller
+            # is taken up as a new call below (looked up again, a row of its own), not hung up:
+            # nothing was rung (a process killed while Postgres held its lookup's row, which
+            # committed after it died; or while the write that takes the row to ringing waited,
+            # its other leg made but not dialed: the dial waits for that write. Adversary, issue
+            # 14). This row is finished as the system's failure, and its undialed leg hung up,
+            # as any other left behind.
+            again = (row["state"] == "routing" and inbound in live and not row["answered_at"]
+                     and inbound not in self.calls and await self._never_dialed(outbound, live))
             owned.update((outbound,) if again else (inbound, outbound))
             if await self._talking(row, live):
                 call = MaskedCall.resume_connected(
@@ -314,6 +316,17 @@ class StasisDispatcher:
             metrics.CALLS.labels(outcome, metrics.direction(row.get("caller_role"), row.get("callee_role"))).inc()
             log.info("reconcile.finished_stale_call", call_id=str(row["id"]), outcome=outcome)
         return owned
+
+    async def _never_dialed(self, outbound: str, live: set[str]) -> bool:
+        """Whether a call's other leg was never dialed: not made, or made and still Down."""
+        if outbound not in live:
+            return True
+        try:
+            return (await self.ari.get_channel(outbound)).get("state") == "Down"
+        except AriNotFound:
+            return True
+        except AriError:
+            return False  # (not known: the caller is not rung a second time)
 
     async def _gone_meanwhile(self, call: MaskedCall, channel_ids: tuple[str, ...]) -> None:
         """A call just taken up (resumed, or a caller adopted) whose leg went while it was

@@ -1648,16 +1648,20 @@ async def test_a_call_that_begins_while_a_catch_up_reads_the_rows_is_left_alone(
     assert (ended["outcome"], ended["hangup_by"]) == ("answered", "caller")
 
 
-async def test_a_caller_whose_call_never_got_past_its_lookup_is_taken_up_again(harness) -> None:
+@pytest.mark.parametrize("other_leg", ["never made", "made, not dialed"])
+async def test_a_caller_whose_call_never_got_past_its_lookup_is_taken_up_again(harness, other_leg: str) -> None:
     """An earlier process wrote the call's row with its route lookup, then stopped (killed
-    while Postgres held the statement, which committed after it died): nothing was rung, the
-    caller still waits. The row is finished as the system's failure and the caller is taken
-    up as a new call, not hung up (adversary, issue 14: the caller was cut though nothing had
-    ever rung)."""
+    while Postgres held the statement, which committed after it died; or while the write that
+    takes the row to ringing waited, the other leg made but not dialed): nothing was rung, the
+    caller still waits. The row is finished as the system's failure (its undialed leg hung
+    up) and the caller is taken up as a new call, not hung up (adversary, issue 14: the caller
+    was cut though nothing had ever rung)."""
     h = await harness(start=False)
     h.store.add_route(CALLER, POOL, CALLEE)
     stale = h.store.add_row(state="routing", inbound_channel_id="in-stale")
     h.fake.add_channel("in-stale", CALLER, POOL, args=["inbound", POOL, "masked"])
+    if other_leg == "made, not dialed":
+        h.fake.add_channel(f"{stale['id']}-callee", "", CALLEE, state="Down", args=["outbound", str(stale["id"])])
     with capture_logs() as logs:
         await h.start()
         create = await h.fake.wait_request("POST", "/ari/channels/create")
@@ -1667,6 +1671,7 @@ async def test_a_caller_whose_call_never_got_past_its_lookup_is_taken_up_again(h
     assert new["inbound_channel_id"] == "in-stale" and create.query["channelId"] == f"{new['id']}-callee"
     assert h.fake.find("DELETE", "/ari/channels/in-stale") == []
     assert [e["event"] for e in logs].count("reconcile.adopted_caller") == 1
+    assert f"{stale['id']}-callee" not in h.fake.channels
     await h.fake.hangup("in-stale")
     await h.store.wait(lambda: h.store.rows[new["id"]]["state"] == "ended", "the new call's end")
     await h.settle()
@@ -1717,8 +1722,10 @@ async def test_a_call_left_behind_whose_caller_hangs_up_while_a_catch_up_reads_t
 async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_up(harness) -> None:
     """An earlier process stopped while the other leg and the bridge were being made, before
     the row named them: the next one finds them by the call's id, hangs the leg up (never
-    dialed) and destroys the bridge."""
+    dialed) and destroys the bridge. (Its caller is taken up again as a new call: the test
+    above.)"""
     h = await harness(start=False)
+    h.store.add_route(CALLER, POOL, CALLEE)
     row = h.store.add_row(state="routing", inbound_channel_id="in-stale")
     outbound, bridge = f"{row['id']}-callee", str(row["id"])
     h.fake.add_channel("in-stale", CALLER, POOL, args=["inbound", POOL, "masked"])
@@ -1730,6 +1737,10 @@ async def test_a_row_that_names_no_other_leg_yet_has_its_leg_and_bridge_cleaned_
     await h.fake.wait_request("DELETE", f"/ari/bridges/{bridge}")
     row = await h.store.ended("in-stale")
     assert (row["outcome"], row["hangup_by"]) == ("failed", "system")
+    assert outbound not in h.fake.channels and bridge not in h.fake.bridges
+    await h.fake.wait_request("POST", "/ari/channels/create")  # (the caller, taken up again)
+    await h.fake.hangup("in-stale")
+    await h.store.wait(lambda: all(r["state"] == "ended" for r in h.store.rows.values()), "every call's end")
     await h.settle()
     assert h.fake.channels == {} and h.fake.bridges == {}
 
