@@ -14,7 +14,7 @@ import pytest
 from bench import measure
 from bridge.devstack.settings import Stack
 
-SLEEP = "import time; time.sleep(60)"
+SLEEP = "import time; time.sleep(60)"  # wait-ok: a stand-in process that only has to exist (killed after)
 
 
 @pytest.fixture
