@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import load, measure, report, sipp, soak
+from bench import floor, load, measure, report, sipp, soak
 from bridge import logs
 from bridge.devstack import asterisk, processes
 from bridge.devstack.settings import PROJECT_DIR, Stack, load as load_stack
@@ -81,6 +81,16 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
             print("bench: simultaneous calls", file=sys.stderr)
             results["concurrency"] = await load.concurrency(bench, params["concurrency_steps"], params["setup_rate"],
                                                             params["sample"], params["listen_seconds"])
+            # Last: the bridge is stopped meanwhile, and started again after.
+            print("bench: the ARI floor", file=sys.stderr)
+            async with floor.standing_in(stack, [(r.caller, r.dialed, r.callee) for r in pairs.bridge],
+                                         load.work_dir(stack)):
+                results["floor"] = {
+                    "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
+                    "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],
+                                            params["ramp_sample"], paths=("bridge",)),
+                }
+            results["floor"]["sustained"] = measure.sustained(results["floor"]["ramp"], "bridge")
     finally:
         await measure.close_sessions(stack, token, count)
     top_rate = max(params["ramp_rates"])

@@ -147,14 +147,15 @@ async def post_dial_delay(load: Load, rate: float, per_path: int) -> dict[str, A
 # --- throughput ---------------------------------------------------------------------------------
 
 
-async def ramp(load: Load, rates: list[float], seconds: float, hold: float, sample: int) -> list[dict[str, Any]]:
+async def ramp(load: Load, rates: list[float], seconds: float, hold: float, sample: int,
+               paths: tuple[str, ...] = ("bridge", "baseline")) -> list[dict[str, Any]]:
     """For each rate, each path: calls for `seconds` at that rate; a path stops at the
     first rate where fewer than 99 % of its calls succeed. In each step, both sides of
     `sample` calls are listened to for half their talk time."""
     steps: list[dict[str, Any]] = []
-    active = {"bridge", "baseline"}
+    active = set(paths)
     for rate in rates:
-        for path in ("bridge", "baseline"):
+        for path in paths:
             if path not in active:
                 continue
             routes = load.pairs.of(path)

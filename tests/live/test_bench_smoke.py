@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
+
+import pytest
 
 from bench import soak, summary
 from bench.__main__ import TINY, run
-from bridge.devstack import asterisk
+from bridge.devstack import asterisk, processes
 from bridge.devstack.settings import PROJECT_DIR
 
 
@@ -19,7 +22,8 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
     # The PBX's trunk points at the carrier again, exactly as before.
     assert asterisk.host_path(stack, "pbx", "etc", "pjsip.conf").read_text() == trunk
     text = report.read_text()
-    for section in ("## Before and after", "## Added post-dial delay", "## Throughput", "## CPU per call",
+    for section in ("## Before and after", "## Added post-dial delay", "## Throughput", "## The ARI floor",
+                    "## CPU per call",
                     "## Simultaneous calls", "## Soak", "## The session API", "## Headline figures"):
         assert section in text
     for plot in ("delay.png", "ramp.png", "cpu.png", "memory.png"):
@@ -44,6 +48,15 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
         assert set(results["cpu"]["split"][path]["talk_ms_per_second"]) == {"bridge", "pbx", "postgres",
                                                                           "load_generator"}
     assert "### Setup and talk apart" in text
+    # The ARI floor: the same calls through the stand-in, every one put through; then the
+    # bridge is back, healthy.
+    floor = results["floor"]
+    assert floor["delay"]["failed"] == 0 and floor["delay"]["bridge"]["n"] == TINY["delay_per_path"]
+    assert [s["path"] for s in floor["ramp"]] == ["bridge"] * len(TINY["ramp_rates"])
+    assert all(step["success"] == 1.0 and step["audio_ok"] for step in floor["ramp"])
+    assert floor["sustained"] == max(TINY["ramp_rates"])
+    health = processes.health(stack)
+    assert health and all(health.values())
     assert f"every window is measured {TINY['cpu_rounds']} times" in text
     assert results["route"]["n"] >= TINY["delay_per_path"]
     figures = json.loads((tmp_path / "summary.json").read_text())
@@ -75,3 +88,34 @@ async def test_the_size_benchmark_runs(stack, tmp_path):
     assert {"opens_per_second", "open_p99_ms", "route_lookup_p99_ms", "http_opens_per_second"} <= set(results["summary"])
     assert report.read_text().startswith("# Session opens")
     assert (tmp_path / "sizes.png").read_bytes().startswith(b"\x89PNG")
+
+
+async def test_the_floor_stand_in_gives_the_bridge_back_whatever_happens(stack, tmp_path):
+    """bench/floor.py's stand-in takes the bridge's place as the ARI application while its
+    block runs; after, even when the block failed, the bridge runs again and is healthy, and
+    the stand-in is gone (no ARI application of its own left registered to take calls)."""
+    from bench import floor
+
+    before = processes.bridge_pid(stack)
+    with pytest.raises(RuntimeError, match="the block failed"):
+        async with floor.standing_in(stack, [], tmp_path):
+            assert processes.bridge_pid(stack) is None
+            raise RuntimeError("the block failed")
+    after = processes.bridge_pid(stack)
+    assert after is not None and after != before
+    health = processes.health(stack)
+    assert health and all(health.values())
+    assert not (tmp_path / "floor-routes.json").exists()
+    assert not _stand_ins()
+
+
+def _stand_ins() -> list[Path]:
+    """Processes running bench.floor."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"bench.floor" in (proc / "cmdline").read_bytes():
+                found.append(proc)
+        except OSError:
+            pass  # (gone meanwhile)
+    return found

@@ -1,0 +1,200 @@
+"""The ARI floor: what any ARI application pays for a call, measured with one that does nothing
+else.
+
+`make bench` measures the bridge against the PBX's dialplan alone. The difference holds two
+things: the bridge's own work (the route looked up and the call's row written in Postgres, its
+Python, its checks) and what routing a call over ARI costs Asterisk and the round trips,
+whatever the application does. This module tells them apart: a stand-in application takes the
+bridge's place (the same ARI application name, so the PBX's dialplan hands it the same calls)
+and makes exactly the bridge's ARI requests for a call, grouped and ordered as the bridge does
+(bridge.calls.flow: MaskedCall._ring and _join_and_dial) - the leg created with the same masked
+identity and the bridge made at once, then the join, the dial and the caller's caller ID in one
+write - but finds the callee in a table it was handed, and does nothing else: no database, no
+checks, no log line. What it measures is the floor under any ARI application on this machine.
+
+Run as `python -m bench.floor ROUTES [READY]` (ROUTES: a JSON list of [caller, dialed,
+callee]; a call not in it is hung up. READY: a file made once connected as the application),
+which `standing_in` does, the bridge stopped meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from bridge import logs
+from bridge.ari.client import AriClient
+from bridge.ari.errors import AriError
+from bridge.ari.events import EventStream
+from bridge.calls.events import WANTED_EVENTS
+from bridge.calls.flow import IDENTITY_SUBS
+from bridge.devstack import processes
+from bridge.devstack.settings import PROJECT_DIR, Stack
+
+REGISTER_TIMEOUT = 15.0  # seconds for the stand-in to connect as the ARI application
+RING_TIMEOUT = 35  # seconds, as the bridge's default ring timeout and its margin
+
+
+class FloorApp:
+    """The stand-in: per call, the bridge's ARI requests and nothing else."""
+
+    def __init__(self, ari: AriClient, routes: dict[tuple[str, str], str], trunk: str) -> None:
+        self.ari = ari
+        self.routes = routes
+        self.trunk = trunk
+        self.calls: dict[str, dict[str, Any]] = {}  # channel id (either leg) -> the call
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _quietly(self, coro: Any) -> None:
+        with contextlib.suppress(AriError):
+            await coro
+
+    async def _start(self, channel: dict[str, Any], dialed: str) -> None:
+        inbound = channel["id"]
+        callee = self.routes.get((channel.get("caller", {}).get("number", ""), dialed))
+        if callee is None:
+            await self._quietly(self.ari.hangup(inbound))
+            return
+        call = {"in": inbound, "out": str(uuid.uuid4()), "bridge": str(uuid.uuid4()),
+                "in_stasis": asyncio.get_running_loop().create_future(), "ended": False}
+        self.calls[inbound] = self.calls[call["out"]] = call
+        shown = dialed
+        masked = {"CALLERID(num)": shown, "CALLERID(name)": shown, "CONNECTEDLINE(num)": shown,
+                  "CONNECTEDLINE(name)": shown, "MASK_NUMBER": shown, **IDENTITY_SUBS}
+        try:
+            await asyncio.gather(
+                self.ari.create_channel(f"PJSIP/{callee}@{self.trunk}", call["out"], ["outbound", "floor"], masked),
+                self.ari.create_bridge(call["bridge"], name=f"call-{call['out']}"),
+            )
+            await asyncio.wait_for(call["in_stasis"], 5.0)
+            await self.ari.in_turn([
+                self.ari.join_call(call["bridge"], [inbound, call["out"]]),
+                self.ari.dial_call(call["out"], timeout=RING_TIMEOUT),
+                self.ari.set_variable_call(inbound, "CALLERID(all)", f'"{shown}" <{shown}>'),
+            ])
+        except (AriError, TimeoutError):
+            self._end(call, inbound)
+
+    def _end(self, call: dict[str, Any], gone: str) -> None:
+        if call["ended"]:
+            return
+        call["ended"] = True
+        for leg in (call["in"], call["out"]):
+            self.calls.pop(leg, None)
+            if leg != gone:
+                self._spawn(self._quietly(self.ari.hangup(leg)))
+        self._spawn(self._quietly(self.ari.destroy_bridge(call["bridge"])))
+
+    async def handle(self, event: dict[str, Any]) -> None:
+        kind = event.get("type")
+        channel = event.get("channel") or {}
+        call = self.calls.get(channel.get("id", ""))
+        if kind == "StasisStart":
+            args = event.get("args") or []
+            if len(args) >= 2 and args[0] == "inbound":
+                self._spawn(self._start(channel, args[1]))
+            elif call is not None and not call["in_stasis"].done():
+                call["in_stasis"].set_result(None)
+        elif kind == "ChannelStateChange" and call is not None:
+            if channel["id"] == call["out"] and channel.get("state") == "Up":
+                self._spawn(self._quietly(self.ari.answer(call["in"])))  # (as the bridge: once the callee answers)
+        elif kind in ("StasisEnd", "ChannelDestroyed", "ChannelHangupRequest") and call is not None:
+            self._end(call, channel["id"])
+
+
+async def serve(routes: dict[tuple[str, str], str], ready: Path | None = None) -> None:
+    env = os.environ
+    ari = AriClient(env["MB_ARI_URL"], env["MB_ARI_USER"], env["MB_ARI_PASSWORD"], env["MB_ARI_APP"])
+    app = FloorApp(ari, routes, env.get("MB_TRUNK_ENDPOINT", "trunk"))
+    stream = EventStream(ari, app.handle, event_types=WANTED_EVENTS)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    runner = asyncio.create_task(stream.run())
+    if ready is not None:
+        await stream.connected.wait()  # (the application registered and read back: calls come here)
+        await asyncio.to_thread(ready.touch)
+    await stop.wait()
+    stream.stop()
+    runner.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await runner
+    await ari.close()
+
+
+async def _ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float) -> None:
+    """Until the stand-in says it is connected as the application (or it died, or the time is up)."""
+    async with asyncio.timeout(timeout):
+        while not await asyncio.to_thread(ready.exists):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the ARI stand-in exited ({proc.returncode}) before it connected")
+            await asyncio.sleep(0.05)  # wait-ok: polling for the stand-in's ready file
+
+
+def _stand_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path) -> subprocess.Popen[bytes]:
+    """The bridge stopped, the stand-in started (not yet registered)."""
+    (work / "floor-routes.json").write_text(json.dumps(routes))
+    (work / "floor-ready").unlink(missing_ok=True)
+    processes.stop_bridge(stack)
+    with open(work / "floor.log", "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "bench.floor", str(work / "floor-routes.json"),
+                                 str(work / "floor-ready")],
+                                cwd=PROJECT_DIR, env={**os.environ, **stack.bridge_env()}, stdout=log,
+                                stderr=log, stdin=subprocess.DEVNULL)
+
+
+def _bridge_back(stack: Stack, proc: subprocess.Popen[bytes] | None, work: Path) -> None:
+    """The stand-in gone, the bridge started again and healthy."""
+    if proc is not None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    (work / "floor-routes.json").unlink(missing_ok=True)
+    (work / "floor-ready").unlink(missing_ok=True)
+    processes.start_bridge(stack)
+    processes.wait_healthy(stack)
+
+
+@contextlib.asynccontextmanager
+async def standing_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path) -> AsyncIterator[None]:
+    """The bridge stopped and the stand-in in its place while the block runs; the bridge
+    started again after (and healthy), whatever happened."""
+    proc = None
+    try:
+        proc = await asyncio.to_thread(_stand_in, stack, routes, work)
+        await _ready(proc, work / "floor-ready", REGISTER_TIMEOUT)
+        yield
+    finally:
+        await asyncio.to_thread(_bridge_back, stack, proc, work)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (1, 2):
+        print("usage: python -m bench.floor ROUTES_JSON [READY_FILE]", file=sys.stderr)
+        return 2
+    logs.configure("warning")  # (the bridge's JSON lines and redaction: nothing but warnings)
+    table = json.loads(Path(args[0]).read_text())
+    asyncio.run(serve({(caller, dialed): callee for caller, dialed, callee in table},
+                      Path(args[1]) if len(args) == 2 else None))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
