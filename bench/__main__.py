@@ -82,15 +82,16 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
             results["concurrency"] = await load.concurrency(bench, params["concurrency_steps"], params["setup_rate"],
                                                             params["sample"], params["listen_seconds"])
             # Last: the bridge is stopped meanwhile, and started again after.
-            print("bench: the ARI floor", file=sys.stderr)
-            async with floor.standing_in(stack, [(r.caller, r.dialed, r.callee) for r in pairs.bridge],
-                                         load.work_dir(stack)):
-                results["floor"] = {
-                    "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
-                    "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],
-                                            params["ramp_sample"], paths=("bridge",)),
-                }
-            results["floor"]["sustained"] = measure.sustained(results["floor"]["ramp"], "bridge")
+            routes = [(r.caller, r.dialed, r.callee) for r in pairs.bridge]
+            for key, hand_back in (("floor", False), ("floor_dialplan", True)):
+                print(f"bench: the ARI floor{' (handed back to the dialplan)' if hand_back else ''}", file=sys.stderr)
+                async with floor.standing_in(stack, routes, load.work_dir(stack), hand_back):
+                    results[key] = {
+                        "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
+                        "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],
+                                                params["ramp_sample"], paths=("bridge",)),
+                    }
+                results[key]["sustained"] = measure.sustained(results[key]["ramp"], "bridge")
     finally:
         await measure.close_sessions(stack, token, count)
     top_rate = max(params["ramp_rates"])

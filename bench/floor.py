@@ -10,7 +10,15 @@ and makes exactly the bridge's ARI requests for a call, grouped and ordered as t
 (bridge.calls.flow: MaskedCall._ring and _join_and_dial) - the leg created with the same masked
 identity and the bridge made at once, then the join, the dial and the caller's caller ID in one
 write - but finds the callee in a table it was handed, and does nothing else: no database, no
-checks, no log line. What it measures is the floor under any ARI application on this machine.
+checks, no log line. What it measures is the floor under any ARI application that routes calls
+this way on this machine.
+
+With --dialplan the stand-in does less still: it hands each call back to the dialplan
+(POST /channels/{id}/continue into [floor-dial] of asterisk-config/bench), which dials the
+callee with the caller's masked identity. No bridge, no leg of ARI's: one event and one request
+per call, the least an application that decides over ARI can cost (it gives up what the bridge
+does while a call lasts - the client's keypad, cuts, caps, recording - which is why the bridge
+does not route this way).
 
 Run as `python -m bench.floor ROUTES [READY]` (ROUTES: a JSON list of [caller, dialed,
 callee]; a call not in it is hung up. READY: a file made once connected as the application),
@@ -42,15 +50,19 @@ from bridge.devstack.settings import PROJECT_DIR, Stack
 
 REGISTER_TIMEOUT = 15.0  # seconds for the stand-in to connect as the ARI application
 RING_TIMEOUT = 35  # seconds, as the bridge's default ring timeout and its margin
+# The dialplan context that dials the callee of a call handed back (asterisk-config/bench).
+HAND_BACK_CONTEXT = "floor-dial"
 
 
 class FloorApp:
     """The stand-in: per call, the bridge's ARI requests and nothing else."""
 
-    def __init__(self, ari: AriClient, routes: dict[tuple[str, str], str], trunk: str) -> None:
+    def __init__(self, ari: AriClient, routes: dict[tuple[str, str], str], trunk: str,
+                 hand_back: bool = False) -> None:
         self.ari = ari
         self.routes = routes
         self.trunk = trunk
+        self.hand_back = hand_back  # the dialplan dials (HAND_BACK_CONTEXT), not ARI
         self.calls: dict[str, dict[str, Any]] = {}  # channel id (either leg) -> the call
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -68,6 +80,10 @@ class FloorApp:
         callee = self.routes.get((channel.get("caller", {}).get("number", ""), dialed))
         if callee is None:
             await self._quietly(self.ari.hangup(inbound))
+            return
+        if self.hand_back:
+            await self._quietly(self.ari.request("POST", f"/channels/{inbound}/continue", {
+                "context": HAND_BACK_CONTEXT, "extension": callee, "priority": "1"}))
             return
         call = {"in": inbound, "out": str(uuid.uuid4()), "bridge": str(uuid.uuid4()),
                 "in_stasis": asyncio.get_running_loop().create_future(), "ended": False}
@@ -116,10 +132,10 @@ class FloorApp:
             self._end(call, channel["id"])
 
 
-async def serve(routes: dict[tuple[str, str], str], ready: Path | None = None) -> None:
+async def serve(routes: dict[tuple[str, str], str], ready: Path | None = None, hand_back: bool = False) -> None:
     env = os.environ
     ari = AriClient(env["MB_ARI_URL"], env["MB_ARI_USER"], env["MB_ARI_PASSWORD"], env["MB_ARI_APP"])
-    app = FloorApp(ari, routes, env.get("MB_TRUNK_ENDPOINT", "trunk"))
+    app = FloorApp(ari, routes, env.get("MB_TRUNK_ENDPOINT", "trunk"), hand_back)
     stream = EventStream(ari, app.handle, event_types=WANTED_EVENTS)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -144,14 +160,15 @@ async def _ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float) -> 
             await asyncio.sleep(0.05)  # wait-ok: polling for the stand-in's ready file
 
 
-def _stand_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path) -> subprocess.Popen[bytes]:
+def _stand_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path,
+              hand_back: bool) -> subprocess.Popen[bytes]:
     """The bridge stopped, the stand-in started (not yet registered)."""
     (work / "floor-routes.json").write_text(json.dumps(routes))
     (work / "floor-ready").unlink(missing_ok=True)
     processes.stop_bridge(stack)
     with open(work / "floor.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "bench.floor", str(work / "floor-routes.json"),
-                                 str(work / "floor-ready")],
+        return subprocess.Popen([sys.executable, "-m", "bench.floor", *(["--dialplan"] if hand_back else []),
+                                 str(work / "floor-routes.json"), str(work / "floor-ready")],
                                 cwd=PROJECT_DIR, env={**os.environ, **stack.bridge_env()}, stdout=log,
                                 stderr=log, stdin=subprocess.DEVNULL)
 
@@ -172,12 +189,14 @@ def _bridge_back(stack: Stack, proc: subprocess.Popen[bytes] | None, work: Path)
 
 
 @contextlib.asynccontextmanager
-async def standing_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path) -> AsyncIterator[None]:
-    """The bridge stopped and the stand-in in its place while the block runs; the bridge
-    started again after (and healthy), whatever happened."""
+async def standing_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path,
+                      hand_back: bool = False) -> AsyncIterator[None]:
+    """The bridge stopped and the stand-in in its place while the block runs (hand_back: the
+    one that hands each call back to the dialplan; needs the benchmark's dialplan,
+    asterisk.bench_route); the bridge started again after (and healthy), whatever happened."""
     proc = None
     try:
-        proc = await asyncio.to_thread(_stand_in, stack, routes, work)
+        proc = await asyncio.to_thread(_stand_in, stack, routes, work, hand_back)
         await _ready(proc, work / "floor-ready", REGISTER_TIMEOUT)
         yield
     finally:
@@ -185,14 +204,16 @@ async def standing_in(stack: Stack, routes: list[tuple[str, str, str]], work: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
+    args = sys.argv[1:] if argv is None else list(argv)
+    hand_back = args[:1] == ["--dialplan"]
+    args = args[1:] if hand_back else args
     if len(args) not in (1, 2):
-        print("usage: python -m bench.floor ROUTES_JSON [READY_FILE]", file=sys.stderr)
+        print("usage: python -m bench.floor [--dialplan] ROUTES_JSON [READY_FILE]", file=sys.stderr)
         return 2
     logs.configure("warning")  # (the bridge's JSON lines and redaction: nothing but warnings)
     table = json.loads(Path(args[0]).read_text())
     asyncio.run(serve({(caller, dialed): callee for caller, dialed, callee in table},
-                      Path(args[1]) if len(args) == 2 else None))
+                      Path(args[1]) if len(args) == 2 else None, hand_back))
     return 0
 
 

@@ -50,11 +50,11 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
     assert "### Setup and talk apart" in text
     # The ARI floor: the same calls through the stand-in, every one put through; then the
     # bridge is back, healthy.
-    floor = results["floor"]
-    assert floor["delay"]["failed"] == 0 and floor["delay"]["bridge"]["n"] == TINY["delay_per_path"]
-    assert [s["path"] for s in floor["ramp"]] == ["bridge"] * len(TINY["ramp_rates"])
-    assert all(step["success"] == 1.0 and step["audio_ok"] for step in floor["ramp"])
-    assert floor["sustained"] == max(TINY["ramp_rates"])
+    for floor in (results["floor"], results["floor_dialplan"]):
+        assert floor["delay"]["failed"] == 0 and floor["delay"]["bridge"]["n"] == TINY["delay_per_path"]
+        assert [s["path"] for s in floor["ramp"]] == ["bridge"] * len(TINY["ramp_rates"])
+        assert all(step["success"] == 1.0 and step["audio_ok"] for step in floor["ramp"])
+        assert floor["sustained"] == max(TINY["ramp_rates"])
     health = processes.health(stack)
     assert health and all(health.values())
     assert f"every window is measured {TINY['cpu_rounds']} times" in text
