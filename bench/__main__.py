@@ -74,14 +74,9 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
                                                   params["hold"], params["ramp_sample"])
             results["route"] = measure.route_lookups(bridge_log, log_offset)
             results["route_sql"] = measure.percentiles(probe.times)
-            print("bench: CPU per call", file=sys.stderr)
-            results["cpu"] = await load.cpu_per_call(bench, params["cpu_rate"], params["cpu_seconds"],
-                                                     params["cpu_hold"], params["idle_seconds"],
-                                                     params.get("cpu_long_hold"), params.get("cpu_rounds", 1))
-            print("bench: simultaneous calls", file=sys.stderr)
-            results["concurrency"] = await load.concurrency(bench, params["concurrency_steps"], params["setup_rate"],
-                                                            params["sample"], params["listen_seconds"])
-            # Last: the bridge is stopped meanwhile, and started again after.
+            # Right after the bridge's own delay and ramp, on a PBX in the same state (before the
+            # concurrency step leaves it at its largest): the bridge is stopped meanwhile, and started
+            # again after.
             routes = [(r.caller, r.dialed, r.callee) for r in pairs.bridge]
             for key, hand_back in (("floor", False), ("floor_dialplan", True)):
                 print(f"bench: the ARI floor{' (handed back to the dialplan)' if hand_back else ''}", file=sys.stderr)
@@ -92,6 +87,13 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
                                                 params["ramp_sample"], paths=("bridge",)),
                     }
                 results[key]["sustained"] = measure.sustained(results[key]["ramp"], "bridge")
+            print("bench: CPU per call", file=sys.stderr)
+            results["cpu"] = await load.cpu_per_call(bench, params["cpu_rate"], params["cpu_seconds"],
+                                                     params["cpu_hold"], params["idle_seconds"],
+                                                     params.get("cpu_long_hold"), params.get("cpu_rounds", 1))
+            print("bench: simultaneous calls", file=sys.stderr)
+            results["concurrency"] = await load.concurrency(bench, params["concurrency_steps"], params["setup_rate"],
+                                                            params["sample"], params["listen_seconds"])
     finally:
         await measure.close_sessions(stack, token, count)
     top_rate = max(params["ramp_rates"])
