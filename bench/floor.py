@@ -103,7 +103,7 @@ class FloorApp:
                 self.ari.set_variable_call(inbound, "CALLERID(all)", f'"{shown}" <{shown}>'),
             ])
         except (AriError, TimeoutError):
-            self._end(call, inbound)
+            self._end(call, "")  # (both legs hung up: the caller is not left in Stasis)
 
     def _end(self, call: dict[str, Any], gone: str) -> None:
         if call["ended"]:
