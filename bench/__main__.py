@@ -74,8 +74,8 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
                                                   params["hold"], params["ramp_sample"])
             results["route"] = measure.route_lookups(bridge_log, log_offset)
             results["route_sql"] = measure.percentiles(probe.times)
-            # Right after the bridge's own delay and ramp, on a PBX in the same state (before the
-            # concurrency step leaves it at its largest): the bridge is stopped meanwhile, and started
+            # Right after the bridge's own delay and ramp (before the concurrency step leaves the
+            # PBX at its largest): the bridge is stopped meanwhile, and started
             # again after.
             routes = [(r.caller, r.dialed, r.callee) for r in pairs.bridge]
             for key, hand_back in (("floor", False), ("floor_dialplan", True)):

@@ -1,28 +1,29 @@
-"""The ARI floor: what any ARI application pays for a call, measured with one that does nothing
-else.
+"""The ARI floor: what routing a call with the bridge's ARI requests costs, measured with an
+application that does nothing else.
 
 `make bench` measures the bridge against the PBX's dialplan alone. The difference holds two
 things: the bridge's own work (the route looked up and the call's row written in Postgres, its
-Python, its checks) and what routing a call over ARI costs Asterisk and the round trips,
-whatever the application does. This module tells them apart: a stand-in application takes the
+Python, its checks) and what its ARI requests cost Asterisk and the round trips, whatever the
+application does between them. This module tells them apart: a stand-in application takes the
 bridge's place (the same ARI application name, so the PBX's dialplan hands it the same calls)
-and makes exactly the bridge's ARI requests for a call, grouped and ordered as the bridge does
+and makes the bridge's ARI requests for a plain call, grouped and ordered as the bridge does
 (bridge.calls.flow: MaskedCall._ring and _join_and_dial) - the leg created with the same masked
 identity and the bridge made at once, then the join, the dial and the caller's caller ID in one
 write - but finds the callee in a table it was handed, and does nothing else: no database, no
-checks, no log line. What it measures is the floor under any ARI application that routes calls
-this way on this machine.
+checks, no log line, and none of the bridge's handling of races (it hangs up what is left when
+a request fails). What it measures is the floor under any ARI application that routes calls
+with these requests on this machine.
 
 With --dialplan the stand-in does less still: it hands each call back to the dialplan
 (POST /channels/{id}/continue into [floor-dial] of asterisk-config/bench), which dials the
-callee with the caller's masked identity. No bridge, no leg of ARI's: one event and one request
-per call, the least an application that decides over ARI can cost (it gives up what the bridge
-does while a call lasts - the client's keypad, cuts, caps, recording - which is why the bridge
+callee with the caller's masked identity. No bridge, no leg of ARI's: one request per call,
+the least an application that decides over ARI can cost (it gives up what the bridge does
+while a call lasts - the client's keypad, cuts, caps, recording - which is why the bridge
 does not route this way).
 
-Run as `python -m bench.floor ROUTES [READY]` (ROUTES: a JSON list of [caller, dialed,
-callee]; a call not in it is hung up. READY: a file made once connected as the application),
-which `standing_in` does, the bridge stopped meanwhile.
+Run as `python -m bench.floor [--dialplan] ROUTES [READY]` (ROUTES: a JSON list of [caller,
+dialed, callee]; a call not in it is hung up. READY: a file made once connected as the
+application), which `standing_in` does, the bridge stopped meanwhile.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from bridge.devstack import processes
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
 REGISTER_TIMEOUT = 15.0  # seconds for the stand-in to connect as the ARI application
-RING_TIMEOUT = 35  # seconds, as the bridge's default ring timeout and its margin
 # The dialplan context that dials the callee of a call handed back (asterisk-config/bench).
 HAND_BACK_CONTEXT = "floor-dial"
 
@@ -63,6 +63,8 @@ class FloorApp:
         self.routes = routes
         self.trunk = trunk
         self.hand_back = hand_back  # the dialplan dials (HAND_BACK_CONTEXT), not ARI
+        # (the bridge's: the ring timeout and its margin)
+        self.ring_timeout = int(float(os.environ.get("MB_RING_TIMEOUT", "30"))) + 5
         self.calls: dict[str, dict[str, Any]] = {}  # channel id (either leg) -> the call
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -75,35 +77,46 @@ class FloorApp:
         with contextlib.suppress(AriError):
             await coro
 
-    async def _start(self, channel: dict[str, Any], dialed: str) -> None:
-        inbound = channel["id"]
+    def _routed(self, channel: dict[str, Any], dialed: str) -> dict[str, Any] | None:
+        """The call of a caller just in Stasis, registered at once (before any later event of
+        it is handled), or None when the table has no callee for it."""
         callee = self.routes.get((channel.get("caller", {}).get("number", ""), dialed))
         if callee is None:
-            await self._quietly(self.ari.hangup(inbound))
-            return
+            return None
+        call = {"in": channel["id"], "out": str(uuid.uuid4()), "bridge": str(uuid.uuid4()), "callee": callee,
+                "shown": dialed, "in_stasis": asyncio.get_running_loop().create_future(), "ended": False}
+        self.calls[call["in"]] = self.calls[call["out"]] = call
+        return call
+
+    async def _start(self, call: dict[str, Any]) -> None:
+        inbound, shown = call["in"], call["shown"]
         if self.hand_back:
+            self.calls.pop(inbound, None)
+            self.calls.pop(call["out"], None)
             await self._quietly(self.ari.request("POST", f"/channels/{inbound}/continue", {
-                "context": HAND_BACK_CONTEXT, "extension": callee, "priority": "1"}))
+                "context": HAND_BACK_CONTEXT, "extension": call["callee"], "priority": "1"}))
             return
-        call = {"in": inbound, "out": str(uuid.uuid4()), "bridge": str(uuid.uuid4()),
-                "in_stasis": asyncio.get_running_loop().create_future(), "ended": False}
-        self.calls[inbound] = self.calls[call["out"]] = call
-        shown = dialed
         masked = {"CALLERID(num)": shown, "CALLERID(name)": shown, "CONNECTEDLINE(num)": shown,
                   "CONNECTEDLINE(name)": shown, "MASK_NUMBER": shown, **IDENTITY_SUBS}
         try:
             await asyncio.gather(
-                self.ari.create_channel(f"PJSIP/{callee}@{self.trunk}", call["out"], ["outbound", "floor"], masked),
+                self.ari.create_channel(f"PJSIP/{call['callee']}@{self.trunk}", call["out"], ["outbound", "floor"],
+                                        masked),
                 self.ari.create_bridge(call["bridge"], name=f"call-{call['out']}"),
             )
             await asyncio.wait_for(call["in_stasis"], 5.0)
-            await self.ari.in_turn([
+            if call["ended"]:
+                raise TimeoutError  # (the caller left while the leg was made: what was made goes)
+            results = await self.ari.in_turn([
                 self.ari.join_call(call["bridge"], [inbound, call["out"]]),
-                self.ari.dial_call(call["out"], timeout=RING_TIMEOUT),
+                self.ari.dial_call(call["out"], timeout=self.ring_timeout),
                 self.ari.set_variable_call(inbound, "CALLERID(all)", f'"{shown}" <{shown}>'),
             ])
+            if any(isinstance(r, AriError) for r in results[:2]):
+                raise TimeoutError  # (the join or the dial failed: a leg is gone)
         except (AriError, TimeoutError):
-            self._end(call, "")  # (both legs hung up: the caller is not left in Stasis)
+            call["ended"] = False
+            self._end(call, "")  # (both legs hung up, the bridge destroyed: nothing left in Stasis)
 
     def _end(self, call: dict[str, Any], gone: str) -> None:
         if call["ended"]:
@@ -122,8 +135,14 @@ class FloorApp:
         if kind == "StasisStart":
             args = event.get("args") or []
             if len(args) >= 2 and args[0] == "inbound":
-                self._spawn(self._start(channel, args[1]))
-            elif call is not None and not call["in_stasis"].done():
+                routed = self._routed(channel, args[1])
+                if routed is None:
+                    self._spawn(self._quietly(self.ari.hangup(channel["id"])))
+                else:
+                    self._spawn(self._start(routed))
+            elif call is None:
+                self._spawn(self._quietly(self.ari.hangup(channel["id"])))  # (a leg whose call ended)
+            elif not call["in_stasis"].done():
                 call["in_stasis"].set_result(None)
         elif kind == "ChannelStateChange" and call is not None:
             if channel["id"] == call["out"] and channel.get("state") == "Up":

@@ -233,7 +233,8 @@ def _floor_headline(results: dict[str, Any]) -> list[str]:
     if h:
         line += (f"; handing each call back to the dialplan instead (one ARI request a call): "
                  f"{_ms(h['delay']['added'], 'p50')} ms and {_num(h['sustained'], '{:g}')} calls/s")
-    return [line + ". What routing over ARI costs on this machine, whatever the application (see *The ARI floor*)."]
+    return [line + ". What routing a call with these ARI requests costs on this machine, with no application "
+                   "work at all (see *The ARI floor*)."]
 
 
 _FLOOR_ROWS = (
@@ -252,7 +253,7 @@ def _floor_section(results: dict[str, Any]) -> list[str]:
         (name, results[key]["delay"]["added"], results[key]["sustained"]) for key, name in _FLOOR_ROWS
         if results.get(key)]
     own = [None if d["added"].get(k) is None or fd["added"].get(k) is None else d["added"][k] - fd["added"][k]
-           for k in ("p50", "p99")]
+           for k in ("p50",)]
     lines = [
         "## The ARI floor",
         "",
@@ -260,15 +261,16 @@ def _floor_section(results: dict[str, Any]) -> list[str]:
         "written in Postgres, its Python, its checks) and what routing a call over ARI costs, whatever "
         "the application: Asterisk taking the call into Stasis and telling the application, making the "
         "new leg, the bridge and the join, and the round trips between them. To tell them apart, right "
-        "after the bridge's delay run and ramp (before the CPU and concurrency steps, on a PBX in the same "
-        "state) the bridge was stopped and a stand-in (bench/floor.py) took its place as "
+        "after the bridge's delay run and ramp (before the CPU and concurrency steps, which leave the PBX "
+        "at its largest) the bridge was stopped and a stand-in (bench/floor.py) took its place as "
         "the same ARI application: for each call it makes the bridge's ARI requests, grouped and ordered "
         "as the bridge does (the leg with the same masked identity and the bridge at once, then the join, "
         "the dial and the caller's caller ID in one write; the caller answered once the callee answers), "
         "but finds the callee in a table it was handed: no database, no checks, no log line. The delay "
         f"run ({fd['calls']} calls, {fd['failed']} failed) and the ramp (the stand-in's path alone; "
         "the dialplan's rates are those above) were made again with it. Its figures are the floor "
-        "under any application that routes calls this way over ARI on this machine.",
+        "under any application that routes calls with these ARI requests on this machine (the stand-in "
+        "has none of the bridge's handling of races; it hangs up what is left when a request fails).",
         "",
     ]
     h = results.get("floor_dialplan")
@@ -291,8 +293,8 @@ def _floor_section(results: dict[str, Any]) -> list[str]:
           for name, p, rate in rows],
         f"| the dialplan alone (baseline) | 0 | 0 | 0 | {_num(results['sustained']['baseline'], '{:g}')} |",
         "",
-        f"The bridge's own part of the added delay: {_num(own[0], '{:.1f}')} ms at the median, "
-        f"{_num(own[1], '{:.1f}')} ms at p99 (the bridge's difference less the floor's). The stand-ins' "
+        f"The bridge's own part of the added delay, roughly: {_num(own[0], '{:.1f}')} ms (the bridge's median "
+        "difference less the floor's, two runs of the same calls a few minutes apart). The stand-ins' "
         "ramps: " + "; ".join(
             f"{name.split(':')[0]}: " + ", ".join(f"{s['rate']:g} calls/s {100 * s['success']:.1f} %"
                                                for s in results[key]["ramp"])
