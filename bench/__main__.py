@@ -75,8 +75,7 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
             results["route"] = measure.route_lookups(bridge_log, log_offset)
             results["route_sql"] = measure.percentiles(probe.times)
             # Right after the bridge's own delay and ramp (before the concurrency step leaves the
-            # PBX at its largest): the bridge is stopped meanwhile, and started
-            # again after.
+            # PBX at its largest): the bridge is stopped meanwhile, and started again after.
             routes = [(r.caller, r.dialed, r.callee) for r in pairs.bridge]
             for key, hand_back in (("floor", False), ("floor_dialplan", True)):
                 print(f"bench: the ARI floor{' (handed back to the dialplan)' if hand_back else ''}", file=sys.stderr)

@@ -45,7 +45,7 @@ from bridge.ari.client import AriClient
 from bridge.ari.errors import AriError
 from bridge.ari.events import EventStream
 from bridge.calls.events import WANTED_EVENTS
-from bridge.calls.flow import IDENTITY_SUBS
+from bridge.calls.flow import IDENTITY_SUBS, _caller_id
 from bridge.devstack import processes
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
@@ -77,25 +77,23 @@ class FloorApp:
         with contextlib.suppress(AriError):
             await coro
 
-    def _routed(self, channel: dict[str, Any], dialed: str) -> dict[str, Any] | None:
+    def _callee(self, channel: dict[str, Any], dialed: str) -> str | None:
+        return self.routes.get((channel.get("caller", {}).get("number", ""), dialed))
+
+    def _register(self, channel: dict[str, Any], dialed: str, callee: str) -> dict[str, Any]:
         """The call of a caller just in Stasis, registered at once (before any later event of
-        it is handled), or None when the table has no callee for it."""
-        callee = self.routes.get((channel.get("caller", {}).get("number", ""), dialed))
-        if callee is None:
-            return None
+        it is handled)."""
         call = {"in": channel["id"], "out": str(uuid.uuid4()), "bridge": str(uuid.uuid4()), "callee": callee,
                 "shown": dialed, "in_stasis": asyncio.get_running_loop().create_future(), "ended": False}
         self.calls[call["in"]] = self.calls[call["out"]] = call
         return call
 
+    async def _hand_back(self, inbound: str, callee: str) -> None:
+        await self._quietly(self.ari.request("POST", f"/channels/{inbound}/continue", {
+            "context": HAND_BACK_CONTEXT, "extension": callee, "priority": "1"}))
+
     async def _start(self, call: dict[str, Any]) -> None:
         inbound, shown = call["in"], call["shown"]
-        if self.hand_back:
-            self.calls.pop(inbound, None)
-            self.calls.pop(call["out"], None)
-            await self._quietly(self.ari.request("POST", f"/channels/{inbound}/continue", {
-                "context": HAND_BACK_CONTEXT, "extension": call["callee"], "priority": "1"}))
-            return
         masked = {"CALLERID(num)": shown, "CALLERID(name)": shown, "CONNECTEDLINE(num)": shown,
                   "CONNECTEDLINE(name)": shown, "MASK_NUMBER": shown, **IDENTITY_SUBS}
         try:
@@ -110,18 +108,21 @@ class FloorApp:
             results = await self.ari.in_turn([
                 self.ari.join_call(call["bridge"], [inbound, call["out"]]),
                 self.ari.dial_call(call["out"], timeout=self.ring_timeout),
-                self.ari.set_variable_call(inbound, "CALLERID(all)", f'"{shown}" <{shown}>'),
+                self.ari.set_variable_call(inbound, "CALLERID(all)", _caller_id(shown)),
             ])
             if any(isinstance(r, AriError) for r in results[:2]):
                 raise TimeoutError  # (the join or the dial failed: a leg is gone)
         except (AriError, TimeoutError):
-            call["ended"] = False
-            self._end(call, "")  # (both legs hung up, the bridge destroyed: nothing left in Stasis)
+            call["ended"] = True
+            self._clear(call, "")  # (both legs hung up, the bridge destroyed: nothing left in Stasis)
 
     def _end(self, call: dict[str, Any], gone: str) -> None:
-        if call["ended"]:
-            return
-        call["ended"] = True
+        if not call["ended"]:
+            call["ended"] = True
+            self._clear(call, gone)
+
+    def _clear(self, call: dict[str, Any], gone: str) -> None:
+        """The call's legs (but the one already gone) hung up and its bridge destroyed."""
         for leg in (call["in"], call["out"]):
             self.calls.pop(leg, None)
             if leg != gone:
@@ -135,11 +136,13 @@ class FloorApp:
         if kind == "StasisStart":
             args = event.get("args") or []
             if len(args) >= 2 and args[0] == "inbound":
-                routed = self._routed(channel, args[1])
-                if routed is None:
+                callee = self._callee(channel, args[1])
+                if callee is None:
                     self._spawn(self._quietly(self.ari.hangup(channel["id"])))
+                elif self.hand_back:
+                    self._spawn(self._hand_back(channel["id"], callee))
                 else:
-                    self._spawn(self._start(routed))
+                    self._spawn(self._start(self._register(channel, args[1], callee)))
             elif call is None:
                 self._spawn(self._quietly(self.ari.hangup(channel["id"])))  # (a leg whose call ended)
             elif not call["in_stasis"].done():

@@ -252,14 +252,14 @@ def _floor_section(results: dict[str, Any]) -> list[str]:
     rows = [("the bridge (above)", d["added"], results["sustained"]["bridge"])] + [
         (name, results[key]["delay"]["added"], results[key]["sustained"]) for key, name in _FLOOR_ROWS
         if results.get(key)]
-    own = [None if d["added"].get(k) is None or fd["added"].get(k) is None else d["added"][k] - fd["added"][k]
-           for k in ("p50",)]
+    own = None if d["added"].get("p50") is None or fd["added"].get("p50") is None else (
+        d["added"]["p50"] - fd["added"]["p50"])
     lines = [
         "## The ARI floor",
         "",
         "What the bridge adds to a call holds its own work (the route looked up and the call's row "
-        "written in Postgres, its Python, its checks) and what routing a call over ARI costs, whatever "
-        "the application: Asterisk taking the call into Stasis and telling the application, making the "
+        "written in Postgres, its Python, its checks) and what its ARI requests cost, whatever the "
+        "application does between them: Asterisk taking the call into Stasis and telling the application, making the "
         "new leg, the bridge and the join, and the round trips between them. To tell them apart, right "
         "after the bridge's delay run and ramp (before the CPU and concurrency steps, which leave the PBX "
         "at its largest) the bridge was stopped and a stand-in (bench/floor.py) took its place as "
@@ -293,7 +293,7 @@ def _floor_section(results: dict[str, Any]) -> list[str]:
           for name, p, rate in rows],
         f"| the dialplan alone (baseline) | 0 | 0 | 0 | {_num(results['sustained']['baseline'], '{:g}')} |",
         "",
-        f"The bridge's own part of the added delay, roughly: {_num(own[0], '{:.1f}')} ms (the bridge's median "
+        f"The bridge's own part of the added delay, roughly: {_num(own, '{:.1f}')} ms (the bridge's median "
         "difference less the floor's, two runs of the same calls a few minutes apart). The stand-ins' "
         "ramps: " + "; ".join(
             f"{name.split(':')[0]}: " + ", ".join(f"{s['rate']:g} calls/s {100 * s['success']:.1f} %"
