@@ -169,6 +169,9 @@ REGISTRY.register(DATABASE_POOLS)
 # --- sessions, pools, blocks, webhooks, retention ---------------------------------------------------
 
 SESSIONS_OPENED = Counter("maskbridge_sessions_opened", "Sessions opened, by mode.", ["mode"], registry=REGISTRY)
+SESSION_OPENS_PER_STATEMENT = Histogram(
+    "maskbridge_session_opens_per_statement", "Session opens sent to the database in one statement: those that came "
+    "while earlier ones' statements ran go together.", registry=REGISTRY, buckets=(1, 2, 4, 8, 16))
 SESSIONS = Gauge("maskbridge_sessions", "Live sessions by status, open or grace (from the database).", ["status"],
                  registry=REGISTRY)
 POOL_NUMBERS = Gauge("maskbridge_pool_numbers", "Pool numbers by region (\"none\": no region), state and mode "

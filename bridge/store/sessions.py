@@ -6,6 +6,7 @@ number (`number_enc`) and its keyed blind index (`number_idx`) computed by bridg
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -15,6 +16,7 @@ from typing import Any
 
 import asyncpg
 
+from bridge import metrics
 from bridge.requester import request_token
 from bridge.store.db import LONG_STATEMENT
 from bridge.store.errors import CodeTaken, Contended, OrderRace, PairTaken, SessionGone
@@ -212,9 +214,78 @@ def _affected(status: str) -> int:
     return int(status.split()[-1])
 
 
+# Opens that arrive while earlier ones' statements run go to the database together, up to
+# OPENS_PER_STATEMENT in one statement (sql/029: each in a subtransaction of its own). At most
+# as many statements run at once as the pool has connections, as before.
+OPENS_PER_STATEMENT = 16
+
+_Waiting = tuple[tuple[Any, ...], "asyncio.Future[asyncpg.Record]"]
+_WOULD_WAIT = "55P03"  # lock_not_available: an open after a batch's first would have waited (sql/029)
+
+
+class _OpenBatches:
+    """Session opens, batched: an open goes at once when a statement may start (fewer running
+    than the pool's connections), else it waits for the next one, with those that came
+    meanwhile. Each open gets its own row, or its own error: the error maskbridge_open_session
+    raised for it (asyncpg's class for its SQLSTATE), or the statement's, for all of them. An
+    open after a statement's first that would have waited for a lock goes first in the next."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+        self.waiting: list[_Waiting] = []
+        self.running: set[asyncio.Task[None]] = set()
+
+    async def open(self, args: tuple[Any, ...]) -> asyncpg.Record:
+        done: asyncio.Future[asyncpg.Record] = asyncio.get_running_loop().create_future()
+        self.waiting.append((args, done))
+        self._start()
+        return await done
+
+    def _start(self) -> None:
+        while self.waiting and len(self.running) < self.pool.get_max_size():
+            batch = self.waiting[:OPENS_PER_STATEMENT]
+            del self.waiting[:OPENS_PER_STATEMENT]
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self.running.add(task)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self.running.discard(task)
+        self._start()
+
+    async def _run(self, batch: list[_Waiting]) -> None:
+        metrics.SESSION_OPENS_PER_STATEMENT.observe(len(batch))
+        columns = [list(column) for column in zip(*(args for args, _ in batch), strict=True)]
+        try:
+            rows = await self.pool.fetch(
+                "SELECT * FROM maskbridge_open_sessions($1, $2, $3, $4, $5, $6, $7, $8::jsonb[], $9, $10)", *columns)
+        except Exception as exc:  # noqa: BLE001 - passed on: every open of the batch gets the statement's error
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(exc)
+            return
+        except BaseException:  # (cancelled: the loop is closing)
+            for _, done in batch:
+                done.cancel()
+            raise
+        again: list[_Waiting] = []
+        for position, (row, (args, done)) in enumerate(zip(rows, batch, strict=True)):
+            if done.done():
+                continue  # (its request went away: what it opened stays, as it would have)
+            if row["failed"] is None:
+                done.set_result(row)
+            elif row["failed"] == _WOULD_WAIT and position > 0:
+                again.append((args, done))  # (nothing of it was written: it goes first next time)
+            else:
+                done.set_exception(asyncpg.PostgresError.new(
+                    {"C": row["failed"], "M": row["failed_message"], "n": row["failed_constraint"] or None}))
+        self.waiting[:0] = again
+
+
 class SessionRepo:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        self._batches = _OpenBatches(pool)
 
     # --- reading -------------------------------------------------------------------
 
@@ -360,12 +431,13 @@ class SessionRepo:
         """Open the order's session, or find the one open already: one statement (sql/027;
         how it locks the number, sql/028) that picks the pool number (see `candidates` for the
         order of preference), writes the session, its two participants and its event, and
-        returns them as written.
+        returns them as written; sent with the opens that came meanwhile (_OpenBatches,
+        sql/029), each in a subtransaction of its own.
 
         Raises PairTaken when a racing open took the number for one of the two, OrderRace
         when the order got an open session meanwhile, CodeTaken when a racing order-code
         session on the number has the same code, and Contended when the database gave up on
-        the statement: nothing is written then, and looking again is safe.
+        the open (a deadlock): nothing of it is written then, and looking again is safe.
         """
         session = {
             "region": terms.region, "idle_timeout_seconds": terms.idle_timeout_seconds,
@@ -374,11 +446,8 @@ class SessionRepo:
             "token": request_token(),  # (who opened it: the event names it, sql/027)
         }
         try:
-            row = await self.pool.fetchrow(
-                "SELECT * FROM maskbridge_open_session($1, $2, $3, $4, $5, $6, $7, $8::jsonb, $9, $10)",
-                order_id, courier.id, courier.idx, courier.enc, client.id, client.idx, client.enc, json.dumps(session),
-                terms.ttl_seconds, code_given,
-            )
+            row = await self._batches.open((order_id, courier.id, courier.idx, courier.enc, client.id, client.idx,
+                                            client.enc, json.dumps(session), terms.ttl_seconds, code_given))
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "participants_held_pair":
                 raise PairTaken(exc.constraint_name) from exc

@@ -1,0 +1,215 @@
+"""Session opens in batches (sql/029, bridge.store.sessions._OpenBatches), against the real
+Postgres of the stack in a schema of its own: opens that come while others' statements run
+go together in one statement; each gets its own outcome or its own error, and an error of
+the whole statement reaches every open of it and writes none."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import uuid
+from typing import Any
+
+import asyncpg
+import pytest
+
+from bridge import metrics
+from bridge.crypto import NumberVault, participant_number
+from bridge.sessions import Sessions
+from bridge.store import Store
+from bridge.store.sessions import OPENS_PER_STATEMENT, Sealed, SessionTerms
+from tests.live.conftest import SCRATCH_KEY, Harness, opening
+from tests.live.test_open_in_one_statement import fresh
+
+NUMBERS = [f"+7495888{i:04d}" for i in range(40)]
+
+
+@pytest.fixture(scope="module")
+def harness(scratch_db: Harness) -> Harness:
+    return scratch_db
+
+
+def statements() -> tuple[float, float]:
+    """(statements, opens) sent so far by every process-wide batcher (the metric)."""
+    count = sum_ = 0.0
+    for metric in metrics.SESSION_OPENS_PER_STATEMENT.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                sum_ = sample.value
+    return count, sum_
+
+
+def test_opens_at_once_go_together_and_each_gets_its_own_outcome(harness: Harness) -> None:
+    """60 opens at once through a pool of 4 connections: fewer statements than opens, none
+    of more than OPENS_PER_STATEMENT; 50 distinct orders each open once, 10 opens of one
+    order open one session between them, and every pair holds a number of its own."""
+    async def scenario() -> None:
+        await fresh(harness, NUMBERS)
+        before = statements()
+        results = await asyncio.gather(
+            *(harness.sessions.open(opening(f"batch-{i}", f"+7916300{i:04d}", f"+7916400{i:04d}")) for i in range(50)),
+            *(harness.sessions.open(opening("batch-same", "+79163009999", "+79164009999")) for _ in range(10)))
+        count, sent = (a - b for a, b in zip(statements(), before, strict=True))
+        # (sent: 60, and those sent again: an open after a statement's first that would have
+        # waited for a lock, or that raced another for the same order or pair)
+        assert sent >= 60 and sent / count > 1.5, f"{sent} opens in {count} statements"
+        distinct, same = results[:50], results[50:]
+        assert all(created for _, created in distinct)
+        assert len({s.id for s, _ in distinct}) == 50
+        assert len({s.id for s, _ in same}) == 1 and sum(created for _, created in same) == 1
+        assert await harness.pool.fetchval("SELECT count(*) FROM sessions") == 51
+        for session, _ in results:
+            assert session == await harness.sessions.get(session.id)
+        # Each pair's two people hold their number once (no open of the batch took another's).
+        held = await harness.pool.fetch(
+            "SELECT number_idx, pool_number, count(*) AS n FROM participants GROUP BY 1, 2 HAVING count(*) > 1")
+        assert not held, held[:3]
+
+    harness.run(scenario())
+
+
+def test_an_open_that_fails_in_a_batch_fails_alone(harness: Harness) -> None:
+    """One open of a batch breaks a check of the sessions table (an idle timeout of -5, which
+    the API never sends): it gets the database's error for it, the others of its statement
+    open, and nothing of it is written."""
+    async def scenario() -> None:
+        await fresh(harness, NUMBERS)
+        vault = harness.vault
+        repo = harness.store.sessions
+        terms = SessionTerms(region=None, ttl_seconds=600, idle_timeout_seconds=None, grace_seconds=0)
+
+        async def sealed(number: str) -> Sealed:
+            row = uuid.uuid4()
+            return Sealed(id=row, idx=vault.index(number), enc=await vault.seal(number, participant_number(row)))
+
+        # The pool has 4 connections, one taken here: 4 opens take the other 3 (and wait to
+        # write a session, the table locked here) and wait for the last; the next 9 wait for a
+        # statement, and go in one once the lock goes.
+        gate = await harness.pool.acquire()
+        try:
+            tx = gate.transaction()
+            await tx.start()
+            await gate.execute("LOCK TABLE sessions IN SHARE MODE")
+            blocked = [asyncio.ensure_future(repo.open(f"first-{i}", await sealed(f"+7916500{i:04d}"),
+                                                      await sealed(f"+7916600{i:04d}"), terms)) for i in range(4)]
+            async with asyncio.timeout(10):
+                while await gate.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted") < 3:
+                    await asyncio.sleep(0.005)  # wait-ok: polling Postgres until three opens wait at the lock
+            before = statements()
+            batch = [asyncio.ensure_future(repo.open(
+                f"second-{i}", await sealed(f"+7916700{i:04d}"), await sealed(f"+7916800{i:04d}"),
+                dataclasses.replace(terms, idle_timeout_seconds=-5) if i == 4 else terms)) for i in range(9)]
+            await tx.commit()
+        finally:
+            await harness.pool.release(gate)
+        async with asyncio.timeout(10):
+            opened = await asyncio.gather(*blocked)
+            results = await asyncio.gather(*batch, return_exceptions=True)
+        assert all(o.outcome == "opened" for o in opened)
+        count, sent = (a - b for a, b in zip(statements(), before, strict=True))
+        assert (count, sent) == (1, 9), "the nine went in one statement"
+        failed = results.pop(4)
+        assert isinstance(failed, asyncpg.CheckViolationError), failed
+        assert failed.constraint_name == "sessions_idle_timeout_seconds_check"
+        assert all(not isinstance(r, BaseException) and r.outcome == "opened" for r in results), results
+        orders = {r["order_id"] for r in await harness.pool.fetch("SELECT order_id FROM sessions")}
+        assert orders == {f"first-{i}" for i in range(4)} | {f"second-{i}" for i in range(9) if i != 4}
+        assert not await harness.pool.fetchval("SELECT count(*) FROM session_events e WHERE NOT EXISTS ("
+                                               "SELECT 1 FROM sessions s WHERE s.id = e.session_id)")
+
+    harness.run(scenario())
+
+
+def test_a_cancelled_statement_fails_every_open_of_it_and_writes_none(harness: Harness, stack: Any) -> None:
+    """An operator's pg_cancel_backend (or a statement timeout) of a batch's statement: every
+    open of it gets the error (a database error the API answers 503), and none is written.
+    Through a pool of one connection: one open waits at a locked number, five wait behind it
+    and go together."""
+    async def scenario() -> None:
+        await fresh(harness, NUMBERS[:5])
+        pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1,
+                                         server_settings={"search_path": "scratch_test_open_in_batches"})
+        assert pool is not None
+        try:
+            vault = NumberVault(SCRATCH_KEY, Store(pool).number_keys)
+            await vault.start()
+            sessions = Sessions(Store(pool), vault, harness.sessions.policy)
+            gate = await harness.pool.acquire()
+            try:
+                tx = gate.transaction()
+                await tx.start()
+                await gate.execute("SELECT 1 FROM pool_numbers FOR UPDATE")
+                first = asyncio.ensure_future(sessions.open(opening("cancel-0", "+79169000000", "+79169100000")))
+                backend = await waiting_backend(gate)
+                rest = [asyncio.ensure_future(sessions.open(opening(f"cancel-{i}", f"+7916900000{i}",
+                                                                    f"+7916910000{i}"))) for i in range(1, 6)]
+                before = statements()
+                await gate.execute("SELECT pg_cancel_backend($1)", backend)
+                async with asyncio.timeout(10):
+                    [one] = await asyncio.gather(first, return_exceptions=True)
+                assert isinstance(one, asyncpg.QueryCanceledError), one
+                # The five go next, together, and wait at the lock in their turn: cancelled too.
+                async with asyncio.timeout(10):
+                    while statements()[0] - before[0] < 1:
+                        await asyncio.sleep(0.005)  # wait-ok: until the batcher sent the five's statement
+                assert statements()[1] - before[1] == 5
+                await gate.execute("SELECT pg_cancel_backend($1)", await waiting_backend(gate))
+                async with asyncio.timeout(10):
+                    others = await asyncio.gather(*rest, return_exceptions=True)
+                assert all(isinstance(r, asyncpg.QueryCanceledError) for r in others), others
+                await tx.rollback()
+            finally:
+                await harness.pool.release(gate)
+            assert await harness.pool.fetchval("SELECT count(*) FROM sessions") == 0
+            assert await harness.pool.fetchval("SELECT count(*) FROM participants") == 0
+            # And the pool's connection serves the next open.
+            session, created = await sessions.open(opening("cancel-after", "+79169200000", "+79169300000"))
+            assert created and session.order_id == "cancel-after"
+        finally:
+            await pool.close()
+
+    harness.run(scenario())
+
+
+async def waiting_backend(gate: asyncpg.Connection) -> int:
+    """The one backend waiting for a lock (an open's statement)."""
+    async with asyncio.timeout(10):
+        while True:
+            pids = await gate.fetch("SELECT DISTINCT pid FROM pg_locks WHERE NOT granted")
+            if pids:
+                assert len(pids) == 1, pids
+                return int(pids[0]["pid"])
+            await asyncio.sleep(0.005)  # wait-ok: polling Postgres until the open waits at the lock
+
+
+def test_a_statement_takes_at_most_its_share(harness: Harness) -> None:
+    """More opens than a statement takes, behind a pool that is busy: none is of more than
+    OPENS_PER_STATEMENT, and the database refuses more than 32 in one."""
+    async def scenario() -> None:
+        await fresh(harness, NUMBERS)
+        before = statements()
+        buckets_before = bucket_counts()
+        results = await asyncio.gather(*(
+            harness.sessions.open(opening(f"share-{i}", f"+7916310{i:04d}", f"+7916410{i:04d}")) for i in range(120)))
+        assert all(created for _, created in results)
+        after = bucket_counts()
+        assert after[float("inf")] - buckets_before[float("inf")] == statements()[0] - before[0]
+        over = (after[float("inf")] - after[OPENS_PER_STATEMENT]) - (
+            buckets_before[float("inf")] - buckets_before[OPENS_PER_STATEMENT])
+        assert over == 0, f"{over} statements of more than {OPENS_PER_STATEMENT} opens"
+        with pytest.raises(asyncpg.ProgramLimitExceededError):
+            await harness.pool.fetch("SELECT * FROM maskbridge_open_sessions($1, NULL, NULL, NULL, NULL, NULL, NULL,"
+                                     " NULL, NULL, NULL)", [f"o-{i}" for i in range(33)])
+
+    harness.run(scenario())
+
+
+def bucket_counts() -> dict[float, float]:
+    counts: dict[float, float] = {}
+    for metric in metrics.SESSION_OPENS_PER_STATEMENT.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                counts[float(sample.labels["le"])] = sample.value
+    return counts
