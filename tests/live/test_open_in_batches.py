@@ -29,6 +29,15 @@ def harness(scratch_db: Harness) -> Harness:
     return scratch_db
 
 
+TERMS = SessionTerms(region=None, ttl_seconds=600, idle_timeout_seconds=None, grace_seconds=0)
+
+
+async def seal(h: Harness, number: str) -> Sealed:
+    """A number as an open writes it, for a participant row of its own."""
+    row = uuid.uuid4()
+    return Sealed(id=row, idx=h.vault.index(number), enc=await h.vault.seal(number, participant_number(row)))
+
+
 def statements() -> tuple[float, float]:
     """(statements, opens) sent so far by every process-wide batcher (the metric)."""
     count = sum_ = 0.0
@@ -76,13 +85,11 @@ def test_an_open_that_fails_in_a_batch_fails_alone(harness: Harness) -> None:
     open, and nothing of it is written."""
     async def scenario() -> None:
         await fresh(harness, NUMBERS)
-        vault = harness.vault
         repo = harness.store.sessions
-        terms = SessionTerms(region=None, ttl_seconds=600, idle_timeout_seconds=None, grace_seconds=0)
+        terms = TERMS
 
         async def sealed(number: str) -> Sealed:
-            row = uuid.uuid4()
-            return Sealed(id=row, idx=vault.index(number), enc=await vault.seal(number, participant_number(row)))
+            return await seal(harness, number)
 
         # The pool has 4 connections, one taken here: 4 opens take the other 3 (and wait to
         # write a session, the table locked here) and wait for the last; the next 9 wait for a
@@ -213,3 +220,34 @@ def bucket_counts() -> dict[float, float]:
             if sample.name.endswith("_bucket"):
                 counts[float(sample.labels["le"])] = sample.value
     return counts
+
+
+def test_an_open_that_waits_for_its_whole_tier_takes_a_number_once_one_is_free(harness: Harness) -> None:
+    """Racing opens hold every number of an open's tier: it waits for one of them (drawn at
+    random) and takes it once free, rather than giving up ("look again": its draw was made
+    again for every row of the table, and matched none a third of the time). Straight through
+    the repository, which does not look again; eight times."""
+    async def scenario() -> None:
+        for attempt in range(8):
+            await fresh(harness, NUMBERS[:5])
+            gate = await harness.pool.acquire()
+            try:
+                tx = gate.transaction()
+                await tx.start()
+                await gate.execute("SELECT 1 FROM pool_numbers FOR UPDATE")
+                waiting = asyncio.ensure_future(harness.store.sessions.open(
+                    f"whole-tier-{attempt}", await seal(harness, "+79169500000"), await seal(harness, "+79169600000"),
+                    TERMS))
+                async with asyncio.timeout(10):
+                    while not waiting.done() and not await gate.fetchval(
+                            "SELECT count(*) FROM pg_locks WHERE NOT granted"):
+                        await asyncio.sleep(0.005)  # wait-ok: polling Postgres until the open waits at the lock
+                await tx.commit()
+            finally:
+                await harness.pool.release(gate)
+            async with asyncio.timeout(10):
+                opening_ = await waiting  # (it raised Contended, "look again", before)
+            assert opening_.outcome == "opened" and opening_.session is not None
+            assert opening_.session.pool_number in NUMBERS[:5]
+
+    harness.run(scenario())
