@@ -45,7 +45,7 @@ from bridge.ari.client import AriClient
 from bridge.ari.errors import AriError
 from bridge.ari.events import EventStream
 from bridge.calls.events import WANTED_EVENTS
-from bridge.calls.flow import IDENTITY_SUBS, _caller_id
+from bridge.calls.flow import _caller_id, masked_identity
 from bridge.devstack import processes
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
@@ -94,8 +94,7 @@ class FloorApp:
 
     async def _start(self, call: dict[str, Any]) -> None:
         inbound, shown = call["in"], call["shown"]
-        masked = {"CALLERID(num)": shown, "CALLERID(name)": shown, "CONNECTEDLINE(num)": shown,
-                  "CONNECTEDLINE(name)": shown, "MASK_NUMBER": shown, **IDENTITY_SUBS}
+        masked = masked_identity(shown)
         try:
             await asyncio.gather(
                 self.ari.create_channel(f"PJSIP/{call['callee']}@{self.trunk}", call["out"], ["outbound", "floor"],

@@ -209,6 +209,14 @@ def _caller_id(number: str) -> str:
     return f'"{number}" <{number}>'
 
 
+def masked_identity(shown: str) -> dict[str, str]:
+    """The variables a new leg to the other participant is created with: its only identity
+    `shown`, the pool number (chan_pjsip builds From, PAI and RPID from it), kept so by the
+    interception routines whatever updates come."""
+    return {"CALLERID(num)": shown, "CALLERID(name)": shown, "CONNECTEDLINE(num)": shown,
+            "CONNECTEDLINE(name)": shown, "MASK_NUMBER": shown, **IDENTITY_SUBS}
+
+
 def _caller_id_not_masked(failed: AriError) -> None:
     """The caller's leg refused its new caller ID: said, unless the leg is gone (the caller
     left: nothing of it is left to mask)."""
@@ -918,21 +926,11 @@ class MaskedCall:
             await self._end("caller_cancelled", "caller", None)
             return
         self._register(self.outbound_id, self)
-        # The new leg's only identity is the pool number: chan_pjsip builds From, PAI and
-        # RPID from it, and the interception routines keep it so whatever updates come.
-        # No `originator`, no `caller` on dial: both would copy the caller's real identity
-        # onto this leg.
+        # The new leg's only identity is the pool number (masked_identity). No `originator`,
+        # no `caller` on dial: both would copy the caller's real identity onto this leg.
         # The callee is shown the pool number they themselves would dial to reach the
         # caller (after a courier reassignment it can differ from the one the caller dialed).
         shown = route.shown_number or pool
-        masked_identity = {
-            "CALLERID(num)": shown,
-            "CALLERID(name)": shown,
-            "CONNECTEDLINE(num)": shown,
-            "CONNECTEDLINE(name)": shown,
-            "MASK_NUMBER": shown,
-            **IDENTITY_SUBS,
-        }
         # Three things at once, none waiting for another (each is a round trip): the new leg
         # is created, the bridge is made, and the call's row says whom it rings (and whether
         # the session's caps still let it). Nothing has left the PBX yet: the leg is dialed
@@ -945,7 +943,7 @@ class MaskedCall:
                 f"PJSIP/{route.callee_number}@{self.settings.trunk_endpoint}",
                 self.outbound_id,
                 ["outbound", str(self.id)],
-                masked_identity,
+                masked_identity(shown),
             ),
             self._open_bridge(),
             self.store.call_put_through(
