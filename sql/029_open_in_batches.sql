@@ -22,9 +22,10 @@
 -- (The first opens of two batches can still deadlock, as two lone opens could: Postgres
 -- fails one (40P01), and the bridge opens it again.)
 --
--- Up to 32 opens a statement: each open that writes is a subtransaction with its own
--- transaction id, and a transaction with more than 64 of those overflows the cache every
--- other backend's snapshot reads (each then looks them up in pg_subtrans).
+-- The function refuses more than 32 opens (the bridge sends up to 16): each open that writes
+-- is a subtransaction with its own transaction id, and a transaction with more than 64 of
+-- those overflows the cache every other backend's snapshot reads (each then looks them up in
+-- pg_subtrans).
 
 CREATE FUNCTION maskbridge_open_sessions(
     p_order_id text[], p_courier_id uuid[], p_courier_idx bytea[], p_courier_enc bytea[],
