@@ -93,27 +93,32 @@ class FloorApp:
             "context": HAND_BACK_CONTEXT, "extension": callee, "priority": "1"}))
 
     async def _start(self, call: dict[str, Any]) -> None:
-        inbound, shown = call["in"], call["shown"]
-        masked = masked_identity(shown)
         try:
-            await asyncio.gather(
-                self.ari.create_channel(f"PJSIP/{call['callee']}@{self.trunk}", call["out"], ["outbound", "floor"],
-                                        masked),
-                self.ari.create_bridge(call["bridge"], name=f"call-{call['out']}"),
-            )
-            await asyncio.wait_for(call["in_stasis"], 5.0)
-            if call["ended"]:
-                raise TimeoutError  # (the caller left while the leg was made: what was made goes)
-            results = await self.ari.in_turn([
-                self.ari.join_call(call["bridge"], [inbound, call["out"]]),
-                self.ari.dial_call(call["out"], timeout=self.ring_timeout),
-                self.ari.set_variable_call(inbound, "CALLERID(all)", _caller_id(shown)),
-            ])
-            if any(isinstance(r, AriError) for r in results[:2]):
-                raise TimeoutError  # (the join or the dial failed: a leg is gone)
+            set_up = await self._set_up(call)
         except (AriError, TimeoutError):
+            set_up = False
+        if not set_up:
             call["ended"] = True
             self._clear(call, "")  # (both legs hung up, the bridge destroyed: nothing left in Stasis)
+
+    async def _set_up(self, call: dict[str, Any]) -> bool:
+        """The bridge's requests for the call; False when the caller left while the leg was
+        made, or the join or the dial failed (a leg is gone): what was made goes."""
+        inbound, shown = call["in"], call["shown"]
+        await asyncio.gather(
+            self.ari.create_channel(f"PJSIP/{call['callee']}@{self.trunk}", call["out"], ["outbound", "floor"],
+                                    masked_identity(shown)),
+            self.ari.create_bridge(call["bridge"], name=f"call-{call['out']}"),
+        )
+        await asyncio.wait_for(call["in_stasis"], 5.0)
+        if call["ended"]:
+            return False
+        results = await self.ari.in_turn([
+            self.ari.join_call(call["bridge"], [inbound, call["out"]]),
+            self.ari.dial_call(call["out"], timeout=self.ring_timeout),
+            self.ari.set_variable_call(inbound, "CALLERID(all)", _caller_id(shown)),
+        ])
+        return not any(isinstance(r, AriError) for r in results[:2])
 
     def _end(self, call: dict[str, Any], gone: str) -> None:
         if not call["ended"]:

@@ -251,3 +251,54 @@ def test_an_open_that_waits_for_its_whole_tier_takes_a_number_once_one_is_free(h
             assert opening_.session.pool_number in NUMBERS[:5]
 
     harness.run(scenario())
+
+
+def test_an_open_after_a_statements_first_does_not_wait_and_goes_first_in_the_next(
+    harness: Harness, stack: Any
+) -> None:
+    """Two numbers, one locked here. Through a pool of one connection: X opens alone (the
+    free number); then one statement holds a second open of X's order (the first of it:
+    nothing to lock) and a new pair's open, whose only number left is the locked one. That
+    open does not wait inside the statement: the statement answers X's order while the lock
+    is still held here, and the open goes again, first in the next statement, which waits
+    for the number and takes it once the lock goes."""
+    async def scenario() -> None:
+        free, locked = NUMBERS[:2]
+        await fresh(harness, [free, locked])
+        pool = await asyncpg.create_pool(stack.database_url, min_size=1, max_size=1,
+                                         server_settings={"search_path": "scratch_test_open_in_batches"})
+        assert pool is not None
+        try:
+            repo = Store(pool).sessions
+            gate = await harness.pool.acquire()
+            try:
+                tx = gate.transaction()
+                await tx.start()
+                await gate.execute("SELECT 1 FROM pool_numbers WHERE number = $1 FOR UPDATE", locked)
+                before = statements()
+                first = asyncio.ensure_future(repo.open("next-x", await seal(harness, "+79169700000"),
+                                                        await seal(harness, "+79169800000"), TERMS))
+                again = asyncio.ensure_future(repo.open("next-x", await seal(harness, "+79169700000"),
+                                                        await seal(harness, "+79169800000"), TERMS))
+                later = asyncio.ensure_future(repo.open("next-y", await seal(harness, "+79169700001"),
+                                                        await seal(harness, "+79169800001"), TERMS))
+                async with asyncio.timeout(10):
+                    opened, found = await asyncio.gather(first, again)
+                assert opened.outcome == "opened" and opened.session is not None
+                assert opened.session.pool_number == free
+                assert found.outcome == "open_already" and found.session is not None
+                assert found.session.id == opened.session.id
+                await waiting_backend(gate)  # (the third statement: the later open, first now, waits)
+                assert not later.done()
+                count, sent = (a - b for a, b in zip(statements(), before, strict=True))
+                assert (count, sent) == (3, 4), "alone, then two together, then the later one again"
+                await tx.commit()
+            finally:
+                await harness.pool.release(gate)
+            async with asyncio.timeout(10):
+                took = await later
+            assert took.outcome == "opened" and took.session is not None and took.session.pool_number == locked
+        finally:
+            await pool.close()
+
+    harness.run(scenario())
