@@ -172,6 +172,9 @@ SESSIONS_OPENED = Counter("maskbridge_sessions_opened", "Sessions opened, by mod
 SESSION_OPENS_PER_STATEMENT = Histogram(
     "maskbridge_session_opens_per_statement", "Session opens sent to the database in one statement: those that came "
     "while earlier ones' statements ran go together.", registry=REGISTRY, buckets=(1, 2, 4, 8, 16))
+TOKEN_LOOKUPS_PER_STATEMENT = Histogram(
+    "maskbridge_token_lookups_per_statement", "Named API tokens' lookups answered by one statement: the requests "
+    "that came while the statement before ran.", registry=REGISTRY, buckets=(1, 2, 4, 8, 16, 32, 64))
 SESSIONS = Gauge("maskbridge_sessions", "Live sessions by status, open or grace (from the database).", ["status"],
                  registry=REGISTRY)
 POOL_NUMBERS = Gauge("maskbridge_pool_numbers", "Pool numbers by region (\"none\": no region), state and mode "

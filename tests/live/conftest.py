@@ -268,6 +268,18 @@ def opening(order_id: str, courier: str, client: str, **fields: Any) -> OpenSess
 SCRATCH_KEY = "scratch-schema-key-scratch-schema-key-0123"
 
 
+def histogram_totals(histogram: Any) -> tuple[float, float]:
+    """(observations, their sum) so far of a histogram of the bridge's metrics, in this process."""
+    count = sum_ = 0.0
+    for metric in histogram.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                sum_ = sample.value
+    return count, sum_
+
+
 class Harness:
     """The session and pool services over a schema of their own in the stack's Postgres,
     on an event loop of their own: for tests that must own every row they look at."""

@@ -18,7 +18,7 @@ from bridge.crypto import NumberVault, participant_number
 from bridge.sessions import Sessions
 from bridge.store import Store
 from bridge.store.sessions import OPENS_PER_STATEMENT, Sealed, SessionTerms
-from tests.live.conftest import SCRATCH_KEY, Harness, opening
+from tests.live.conftest import SCRATCH_KEY, Harness, histogram_totals, opening
 from tests.live.test_open_in_one_statement import fresh
 
 NUMBERS = [f"+7495888{i:04d}" for i in range(40)]
@@ -40,14 +40,7 @@ async def seal(h: Harness, number: str) -> Sealed:
 
 def statements() -> tuple[float, float]:
     """(statements, opens) sent so far by every process-wide batcher (the metric)."""
-    count = sum_ = 0.0
-    for metric in metrics.SESSION_OPENS_PER_STATEMENT.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_count"):
-                count = sample.value
-            elif sample.name.endswith("_sum"):
-                sum_ = sample.value
-    return count, sum_
+    return histogram_totals(metrics.SESSION_OPENS_PER_STATEMENT)
 
 
 def test_opens_at_once_go_together_and_each_gets_its_own_outcome(harness: Harness) -> None:
