@@ -45,7 +45,7 @@ from bridge.ari.client import AriClient
 from bridge.ari.errors import AriError
 from bridge.ari.events import EventStream
 from bridge.calls.events import WANTED_EVENTS
-from bridge.calls.flow import _caller_id, masked_identity
+from bridge.calls.flow import caller_id, masked_identity
 from bridge.devstack import processes
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
@@ -116,7 +116,7 @@ class FloorApp:
         results = await self.ari.in_turn([
             self.ari.join_call(call["bridge"], [inbound, call["out"]]),
             self.ari.dial_call(call["out"], timeout=self.ring_timeout),
-            self.ari.set_variable_call(inbound, "CALLERID(all)", _caller_id(shown)),
+            self.ari.set_variable_call(inbound, "CALLERID(all)", caller_id(shown)),
         ])
         return not any(isinstance(r, AriError) for r in results[:2])
 

@@ -204,7 +204,7 @@ class CallFailed(Exception):
     """The call cannot go on as it should (the flow's own checks): it ends as failed."""
 
 
-def _caller_id(number: str) -> str:
+def caller_id(number: str) -> str:
     """A leg's caller ID (CALLERID(all)) that is this number alone, as name and number."""
     return f'"{number}" <{number}>'
 
@@ -883,7 +883,7 @@ class MaskedCall:
         joined, dialed, forgot = await self.ari.in_turn([
             self.ari.join_call(self.bridge_id, [self.inbound_id, self.outbound_id]),
             self.ari.dial_call(self.outbound_id, timeout=int(self.settings.ring_timeout) + 5),
-            self.ari.set_variable_call(self.inbound_id, "CALLERID(all)", _caller_id(shown)),
+            self.ari.set_variable_call(self.inbound_id, "CALLERID(all)", caller_id(shown)),
         ])
         if isinstance(joined, AriError) and not await self._join_apart(joined):
             return False
@@ -1070,7 +1070,7 @@ class MaskedCall:
         this is the layer under it): from now on it holds the pool number only. (After the
         other phone's INVITE has left: not on the way of the call's setup.)"""
         try:
-            await self.ari.set_variable(self.inbound_id, "CALLERID(all)", _caller_id(shown))
+            await self.ari.set_variable(self.inbound_id, "CALLERID(all)", caller_id(shown))
         except AriError as exc:
             _caller_id_not_masked(exc)
 

@@ -268,6 +268,12 @@ class _OpenBatches:
             for _, done in batch:
                 done.cancel()
             raise
+        if len(rows) != len(batch):  # (one row per open, in order, by construction: else none can be trusted)
+            wrong = RuntimeError(f"maskbridge_open_sessions answered {len(rows)} rows for {len(batch)} opens")
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(wrong)
+            return
         again: list[_Waiting] = []
         for position, (row, (args, done)) in enumerate(zip(rows, batch, strict=True)):
             if done.done():
