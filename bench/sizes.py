@@ -11,7 +11,8 @@ times (the run of median opens/s is reported, with the opens/s of every run):
     its SQL, no HTTP), --in-flight at a time;
   * --opens more through the HTTP API (POST /v1/sessions) of a second bridge process that
     serves this database, from a light client of our own (raw HTTP/1.1 on kept-alive
-    connections, requests written beforehand), --in-flight connections;
+    connections, requests written beforehand), --in-flight connections, with a named token
+    (bridge.tokens: looked up in the database by each request, as an order system's is);
   * the route lookup of every call (bridge.store.sessions.ROUTE_SQL) timed inside Postgres
     (EXPLAIN ANALYZE's execution time) for a sample of the participants just opened.
 The CPU each phase took (this process, the bridge process, the stack's Postgres) is read
@@ -52,6 +53,8 @@ from bridge.requests import OpenSession, parse
 from bridge.sessions import Policy, Sessions
 from bridge.store import Store, connect, migrate
 from bridge.store.sessions import ROUTE_SQL
+from bridge.store.tokens import TokenRepo
+from bridge.tokens import Tokens
 
 DATABASE = "maskbridge_bench_sizes"
 KEY = "bench-sizes-key-bench-sizes-key-0123456789"
@@ -168,16 +171,18 @@ class Bridge:
 
 
 @contextlib.asynccontextmanager
-async def bridge_process(stack: Stack, url: str, log: Path) -> AsyncIterator[Bridge]:
+async def bridge_process(stack: Stack, url: str, log: Path, token: str) -> AsyncIterator[Bridge]:
     """A second bridge (python -m bridge) on the bench's database, with the bench's number
-    key, on a free port of the stack's API address and an ARI application of its own."""
+    key, on a free port of the stack's API address and an ARI application of its own; the
+    requests go with `token`, a named token (the kind an order system is given: each
+    request looks it up in the database)."""
     host = stack.env["MB_API_BIND"]
     with socket.socket() as sock:
         sock.bind((host, 0))
         port = int(sock.getsockname()[1])
-    token = secrets.token_urlsafe(24)
     env = {**os.environ, **stack.bridge_env(), "MB_DATABASE_URL": url, "MB_ARI_APP": "maskbridge-bench-sizes",
-           "MB_API_PORT": str(port), "MB_API_TOKEN": token, "MB_NUMBER_KEY": KEY, "MB_WEBHOOK_URL": "",
+           "MB_API_PORT": str(port), "MB_API_TOKEN": secrets.token_urlsafe(24), "MB_NUMBER_KEY": KEY,
+           "MB_WEBHOOK_URL": "",
            # (the per-token limits on, but above any rate measured here: their cost is on the path;
            # the conflict budget is taken by every open in flight, 32 here)
            "MB_API_RATE": "100000", "MB_API_BURST": "100000",
@@ -320,8 +325,9 @@ async def run(stack: Stack, params: dict[str, Any]) -> dict[str, Any]:
         sessions = Sessions(store, vault, policy)
         in_postgres = postgres_pids(stack)
         have = 0
+        _, token = await Tokens(TokenRepo(pool)).add("bench-sizes", ["sessions:write"])
         with tempfile.TemporaryDirectory() as tmp:
-            async with bridge_process(stack, url, Path(tmp) / "bridge.log") as bridge:
+            async with bridge_process(stack, url, Path(tmp) / "bridge.log", token) as bridge:
                 for size in params["sizes"]:
                     print(f"bench.sizes: {size} past participants", file=sys.stderr)
                     began = time.perf_counter()
@@ -431,7 +437,8 @@ def write(results: dict[str, Any], out: Path) -> Path:
         f"a pool of {params['numbers']} numbers; at each size, after {params['warmup']} opens of each kind not "
         f"measured, {params['repeats']} runs (taking turns) of {params['opens']} opens of new pairs through the "
         f"session service ({params['in_flight']} in flight, no HTTP) and as many through the HTTP API "
-        f"(POST /v1/sessions to a bridge process, {params['in_flight']} kept-alive connections from a light raw "
+        f"(POST /v1/sessions to a bridge process with a named token, which each request looks up in the database, "
+        f"{params['in_flight']} kept-alive connections from a light raw "
         f"HTTP client{_api_pool(results)}), the run of median opens/s of each kind shown; and the route lookup "
         "timed inside Postgres (EXPLAIN ANALYZE) for a sample of them, with nothing else running and, every "
         "50 ms, while the HTTP opens ran. A size is the past participants loaded before its opens; the opens "
