@@ -47,7 +47,7 @@ class _Lookups:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[TokenRow | None] = loop.create_future()
         self.waiting.setdefault(key_id, []).append(done)
-        if self.running is None:
+        if self.running is None or self.running.done():  # (done: cancelled before it ran, as a loop closed)
             self.running = loop.create_task(self._run(), name="token-lookups")
         return await done
 
