@@ -71,6 +71,7 @@ class Caller:
 
 NO_TOKEN = Caller("no_token")
 INVALID = Caller("invalid_token")
+TWO_TOKENS = Caller("invalid_token", why="give one Authorization header, not several")
 
 
 def secret_hash(secret: str | bytes) -> bytes:

@@ -12,10 +12,13 @@ request is read by the handlers, with a limit of its own: bridge.api.http._read.
 from __future__ import annotations
 
 import asyncio
+from http import HTTPStatus
 from typing import Any, cast
 
 import structlog
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 log = structlog.get_logger(__name__)
 
@@ -58,7 +61,7 @@ class ConnectionGuard:
             self.by_address.pop(address, None)
 
     def factory(self, server: web.Server) -> Any:
-        return lambda: _Guarded(server(), self)
+        return lambda: _Guarded(_plain_errors(server()), self)
 
     # The API's outermost middleware says when a request has arrived whole and when it is answered.
     def request_started(self, transport: asyncio.BaseTransport | None) -> None:
@@ -70,6 +73,33 @@ class ConnectionGuard:
         guarded = self.connections.get(transport) if transport is not None else None
         if guarded is not None:
             guarded.arm()
+
+
+class _PlainErrors(RequestHandler):
+    """aiohttp's handler for one connection, answering a request it cannot parse (a control
+    character in a header, a line too long) the API's way: a JSON error that names its status
+    alone. aiohttp's own answer repeats the line it could not read, a token's secret or a
+    phone number as it came. (aiohttp still logs it, as bridge.logs has it, and closes the
+    connection.)"""
+
+    __slots__ = ()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> web.StreamResponse:
+        answered = super().handle_error(request, status, exc, message)
+        if status >= 500:
+            return answered
+        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Bad Request"
+        response = web.json_response(
+            {"error": {"code": reason.lower().replace(" ", "_"), "message": "the request is not valid HTTP/1.1"}},
+            status=status)
+        response.force_close()
+        return response
+
+
+def _plain_errors(handler: RequestHandler) -> RequestHandler:
+    handler.__class__ = _PlainErrors  # (aiohttp makes the handler; its class has slots, none added here)
+    return handler
 
 
 class _Guarded(asyncio.Protocol):

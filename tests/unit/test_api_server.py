@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -125,3 +126,25 @@ async def test_one_address_holds_at_most_its_share_and_others_are_still_served()
             while "127.0.0.3" in guard.by_address:
                 await asyncio.sleep(0.01)  # wait-ok: the server sees them close asynchronously
         assert all(g.address != "127.0.0.3" for g in guard.connections.values())
+
+
+@pytest.mark.parametrize("bad", [
+    b"Authorization: Bearer mbt_abcdefabcdef_SECRET\x01rest",  # a control character in a value
+    b"X-Number: +79161234567\x7f",
+    b"Bad Header Name: +79161234567",
+])
+async def test_a_request_that_cannot_be_parsed_is_answered_in_json_without_repeating_it(server, bad):
+    """aiohttp's own answer quotes the line it could not read: a token's secret, a number."""
+    port, _ = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /hello HTTP/1.1\r\nHost: x\r\n" + bad + b"\r\n\r\n")
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") or head.startswith(b"HTTP/1.0 400"), head
+    assert b"application/json" in head
+    assert json.loads(body) == {"error": {"code": "bad_request", "message": "the request is not valid HTTP/1.1"}}
+    assert b"SECRET" not in answer and b"1234567" not in answer
+    # (and the server goes on)
+    assert (await get_hello(port)).endswith(b"hello")

@@ -118,6 +118,20 @@ async def test_a_revoked_or_expired_token_is_401_and_says_so(harness, name, mess
     assert await resp.json() == {"error": {"code": "unauthorized", "message": message}}
 
 
+async def test_two_authorization_headers_are_refused_whichever_comes_first(harness):
+    """Which of two would count is a guess a proxy in front may make the other way (it lets
+    a read token through, the bridge takes the write one): neither counts."""
+    h, client = harness
+    for first, second in (("reports", "dispatch"), ("dispatch", "reports"), ("dispatch", "dispatch")):
+        headers = [("Authorization", h.bearer(first)["Authorization"]),
+                   ("Authorization", h.bearer(second)["Authorization"])]
+        resp = await client.post("/v1/sessions", json=OPEN, headers=headers)
+        assert resp.status == 401, (first, second)
+        assert await resp.json() == {"error": {"code": "unauthorized",
+                                               "message": "give one Authorization header, not several"}}
+    assert h.opened_by == []
+
+
 async def test_a_secret_of_the_right_shape_with_a_wrong_rest_or_a_made_up_key_is_just_a_wrong_token(harness):
     h, client = harness
     real = SECRETS["dispatch"]
