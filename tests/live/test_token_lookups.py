@@ -113,7 +113,7 @@ def test_an_error_of_a_statement_reaches_its_lookups_only(harness: Harness) -> N
         repo = TokenRepo(harness.pool)
         async with table_locked(harness, repo, key["alpha"]) as (gate, first):
             later = [asyncio.ensure_future(repo.by_key_id(key[name])) for name in ("alpha", "beta")]
-            await asyncio.sleep(0)  # (both asked)
+            await asyncio.sleep(0)  # wait-ok: one turn of the loop, in which both lookups register (no timing)
             cancelled = await gate.fetchval(
                 "SELECT pg_cancel_backend(l.pid) FROM pg_locks l WHERE NOT l.granted "
                 "AND l.relation = 'api_tokens'::regclass")

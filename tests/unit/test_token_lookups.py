@@ -29,6 +29,13 @@ class HeldPool:
         self.sent: list[list[str]] = []  # the key ids of each statement, in order sent
         self.release: list[asyncio.Event] = []
         self.fail: list[BaseException | None] = []
+        self.changed = asyncio.Condition()
+
+    async def until_sent(self, count: int) -> None:
+        """Wait (5 s at most) until `count` statements have been sent."""
+        async with asyncio.timeout(5), self.changed:
+            await self.changed.wait_for(lambda: len(self.sent) >= count)
+        assert len(self.sent) == count, self.sent
 
     async def fetch(self, query: str, key_ids: list[str]) -> list[dict[str, Any]]:
         assert "key_id = ANY($1::text[])" in query
@@ -37,17 +44,13 @@ class HeldPool:
         go = asyncio.Event()
         self.release.append(go)
         self.fail.append(None)
+        async with self.changed:
+            self.changed.notify_all()
         await go.wait()
         failure = self.fail[len(self.sent) - 1]
         if failure is not None:
             raise failure
         return snapshot
-
-
-async def _until(condition: Any) -> None:
-    async with asyncio.timeout(5):
-        while not condition():
-            await asyncio.sleep(0)  # (the lookups' tasks run in this loop: each turn lets them step)
 
 
 async def first_lookup_held(table: dict[str, bool]) -> tuple[HeldPool, TokenRepo, asyncio.Future[Any]]:
@@ -57,7 +60,7 @@ async def first_lookup_held(table: dict[str, bool]) -> tuple[HeldPool, TokenRepo
     pool.table.update(table)
     repo = TokenRepo(pool)  # type: ignore[arg-type]
     first = asyncio.ensure_future(repo.by_key_id("aaaa"))
-    await _until(lambda: len(pool.sent) == 1)
+    await pool.until_sent(1)
     return pool, repo, first
 
 
@@ -67,10 +70,10 @@ async def test_a_lookup_is_answered_by_a_statement_sent_after_it_was_asked() -> 
     pool.table["aaaa"] = True
     second = asyncio.ensure_future(repo.by_key_id("aaaa"))
     other = asyncio.ensure_future(repo.by_key_id("bbbb"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: one turn of the loop, in which each lookup just asked registers (no timing)
     assert len(pool.sent) == 1, "a later lookup went while one ran"
     pool.release[0].set()
-    await _until(lambda: len(pool.sent) == 2)
+    await pool.until_sent(2)
     assert sorted(pool.sent[1]) == ["aaaa", "bbbb"]
     pool.release[1].set()
     async with asyncio.timeout(5):
@@ -88,7 +91,7 @@ async def test_an_error_reaches_its_statements_lookups_and_the_next_go_on() -> N
     with pytest.raises(ConnectionResetError):
         async with asyncio.timeout(5):
             await first
-    await _until(lambda: len(pool.sent) == 2)
+    await pool.until_sent(2)
     pool.release[1].set()
     async with asyncio.timeout(5):
         rows = await asyncio.gather(*later)
@@ -98,11 +101,11 @@ async def test_an_error_reaches_its_statements_lookups_and_the_next_go_on() -> N
 async def test_a_request_that_goes_away_leaves_the_others_answered() -> None:
     pool, repo, first = await first_lookup_held({"aaaa": False, "bbbb": False})
     gone, stays = (asyncio.ensure_future(repo.by_key_id(k)) for k in ("aaaa", "bbbb"))
-    await asyncio.sleep(0)
+    await asyncio.sleep(0)  # wait-ok: one turn of the loop, in which both lookups register (no timing)
     gone.cancel()  # (its request went away while it waited for the next statement)
     first.cancel()  # (and this one while its statement ran)
     pool.release[0].set()
-    await _until(lambda: len(pool.sent) == 2)
+    await pool.until_sent(2)
     pool.release[1].set()
     async with asyncio.timeout(5):
         row = await stays
@@ -110,7 +113,7 @@ async def test_a_request_that_goes_away_leaves_the_others_answered() -> None:
     assert gone.cancelled() and first.cancelled()
     # And the next lookup, alone, goes at once.
     third = asyncio.ensure_future(repo.by_key_id("aaaa"))
-    await _until(lambda: len(pool.sent) == 3)
+    await pool.until_sent(3)
     pool.release[2].set()
     async with asyncio.timeout(5):
         assert (await third) is not None
