@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from bench import floor, load, measure, report, sipp, soak
+from bench import agi, floor, load, measure, report, sipp, soak
 from bridge import logs
 from bridge.devstack import asterisk, processes
 from bridge.devstack.settings import PROJECT_DIR, Stack, load as load_stack
@@ -80,6 +80,17 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
             for key, hand_back in (("floor", False), ("floor_dialplan", True)):
                 print(f"bench: the ARI floor{' (handed back to the dialplan)' if hand_back else ''}", file=sys.stderr)
                 async with floor.standing_in(stack, routes, load.work_dir(stack), hand_back):
+                    results[key] = {
+                        "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
+                        "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],
+                                                params["ramp_sample"], paths=("bridge",)),
+                    }
+                results[key]["sustained"] = measure.sustained(results[key]["ramp"], "bridge")
+            # The other design: the dialplan dials, asking over AGI for the bridge's decision
+            # (bench/agi.py), then for a table's (what AGI alone costs).
+            for key, table in (("agi", None), ("agi_floor", routes)):
+                print(f"bench: decided over AGI{' (from a table)' if table else ''}", file=sys.stderr)
+                async with agi.standing_in(stack, load.work_dir(stack), table):
                     results[key] = {
                         "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
                         "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],

@@ -182,19 +182,16 @@ async def _ready(proc: subprocess.Popen[bytes], ready: Path, timeout: float) -> 
     async with asyncio.timeout(timeout):
         while not await asyncio.to_thread(ready.exists):
             if proc.poll() is not None:
-                raise RuntimeError(f"the ARI stand-in exited ({proc.returncode}) before it connected")
+                raise RuntimeError(f"the stand-in exited ({proc.returncode}) before it was ready (see floor.log)")
             await asyncio.sleep(0.05)  # wait-ok: polling for the stand-in's ready file
 
 
-def _stand_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path,
-              hand_back: bool) -> subprocess.Popen[bytes]:
-    """The bridge stopped, the stand-in started (not yet registered)."""
-    (work / "floor-routes.json").write_text(json.dumps(routes))
+def _stand_in(stack: Stack, work: Path, argv: list[str]) -> subprocess.Popen[bytes]:
+    """The bridge stopped, a stand-in started (`python -m ARGV... READY`; not yet ready)."""
     (work / "floor-ready").unlink(missing_ok=True)
     processes.stop_bridge(stack)
     with open(work / "floor.log", "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "bench.floor", *(["--dialplan"] if hand_back else []),
-                                 str(work / "floor-routes.json"), str(work / "floor-ready")],
+        return subprocess.Popen([sys.executable, "-m", *argv, str(work / "floor-ready")],
                                 cwd=PROJECT_DIR, env={**os.environ, **stack.bridge_env()}, stdout=log,
                                 stderr=log, stdin=subprocess.DEVNULL)
 
@@ -208,25 +205,38 @@ def _bridge_back(stack: Stack, proc: subprocess.Popen[bytes] | None, work: Path)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    (work / "floor-routes.json").unlink(missing_ok=True)
     (work / "floor-ready").unlink(missing_ok=True)
     processes.start_bridge(stack)
     processes.wait_healthy(stack)
 
 
 @contextlib.asynccontextmanager
-async def standing_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path,
-                      hand_back: bool = False) -> AsyncIterator[None]:
-    """The bridge stopped and the stand-in in its place while the block runs (hand_back: the
-    one that hands each call back to the dialplan; needs the benchmark's dialplan,
-    asterisk.bench_route); the bridge started again after (and healthy), whatever happened."""
+async def stand_in(stack: Stack, work: Path, argv: list[str]) -> AsyncIterator[None]:
+    """The bridge stopped and a stand-in (`python -m ARGV... READY`, which makes READY once
+    it takes calls) in its place while the block runs; the bridge started again after (and
+    healthy), whatever happened."""
     proc = None
     try:
-        proc = await asyncio.to_thread(_stand_in, stack, routes, work, hand_back)
+        proc = await asyncio.to_thread(_stand_in, stack, work, argv)
         await _ready(proc, work / "floor-ready", REGISTER_TIMEOUT)
         yield
     finally:
         await asyncio.to_thread(_bridge_back, stack, proc, work)
+
+
+@contextlib.asynccontextmanager
+async def standing_in(stack: Stack, routes: list[tuple[str, str, str]], work: Path,
+                      hand_back: bool = False) -> AsyncIterator[None]:
+    """The ARI stand-in in the bridge's place while the block runs (hand_back: the one that
+    hands each call back to the dialplan; needs the benchmark's dialplan,
+    asterisk.bench_route)."""
+    table = work / "floor-routes.json"
+    table.write_text(json.dumps(routes))
+    try:
+        async with stand_in(stack, work, ["bench.floor", *(["--dialplan"] if hand_back else []), str(table)]):
+            yield
+    finally:
+        table.unlink(missing_ok=True)
 
 
 def main(argv: list[str] | None = None) -> int:

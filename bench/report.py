@@ -233,13 +233,22 @@ def _floor_headline(results: dict[str, Any]) -> list[str]:
     if h:
         line += (f"; handing each call back to the dialplan instead (one ARI request a call): "
                  f"{_ms(h['delay']['added'], 'p50')} ms and {_num(h['sustained'], '{:g}')} calls/s")
-    return [line + ". What routing a call with these ARI requests costs on this machine, with no application "
-                   "work at all (see *The ARI floor*)."]
+    line += (". What routing a call with these ARI requests costs on this machine, with no application "
+             "work at all (see *The ARI floor*)")
+    a, af = results.get("agi"), results.get("agi_floor")
+    if a and af:
+        line += (f". The dialplan dialing and asking the bridge's decision over AGI instead: "
+                 f"{_ms(a['delay']['added'], 'p50')} ms (p99 {_ms(a['delay']['added'], 'p99')}), "
+                 f"{_num(a['sustained'], '{:g}')} calls/s; the AGI exchange alone "
+                 f"{_ms(af['delay']['added'], 'p50')} ms")
+    return [line + "."]
 
 
 _FLOOR_ROWS = (
     ("floor", "the ARI floor: a stand-in making the bridge's ARI requests, nothing else"),
     ("floor_dialplan", "a stand-in handing each call back to the dialplan, which dials it"),
+    ("agi", "decided over AGI: the dialplan dials, asking the bridge's decision"),
+    ("agi_floor", "decided over AGI from a table: the AGI exchange alone"),
 )
 
 
@@ -283,6 +292,27 @@ def _floor_section(results: dict[str, Any]) -> list[str]:
             "this way: the call would leave the application, and with it what the bridge does while a "
             "call lasts (the client's keypad block, cuts when a session ends or a cap is reached, "
             "hold, recording, the answer confirmed).",
+            "",
+        ]
+    a, af = results.get("agi"), results.get("agi_floor")
+    if a and af:
+        decision = summary.dig(a, "delay", "added", "p50")
+        exchange = summary.dig(af, "delay", "added", "p50")
+        lines += [
+            "Two more stand-ins measure the other design, in which the PBX's dialplan dials the callee and "
+            "asks the bridge only where the call goes (bench/agi.py; asterisk-config/bench, "
+            "`extensions_bench_agi.conf`): the call to the pool number is masked as `[from-trunk]` masks it, "
+            "the dialplan asks a stand-in over FastAGI, then dials the callee showing the pool number, the "
+            "callee's leg inheriting the interception routines. The first stand-in answers with the bridge's "
+            "own decision (`Sessions.route`: the route looked up and the call's row written in one round "
+            "trip, the callee's number unsealed; "
+            f"{a['delay']['calls']} calls, {a['delay']['failed']} failed); the second from a table it was "
+            f"handed, what the AGI exchange alone costs ({af['delay']['calls']} calls, {af['delay']['failed']} "
+            "failed). The decision's own part, roughly: "
+            + _num(None if decision is None or exchange is None else decision - exchange, "{:.1f}")
+            + " ms at the median. What the design would have to bring back another way: everything the "
+            "bridge does while a call lasts (as above), and the call's row after its route (rung, "
+            "answered, ended).",
             "",
         ]
     return [
@@ -479,12 +509,13 @@ def _left(soak: dict[str, Any], key: str) -> str:
     return _num(end - start if start is not None and end is not None else None, "{:+.1f}")
 
 
-def _floor(value: Any, handed_back: Any, fmt: str) -> str:
-    """The ARI floors' figures after a target's, when measured (see _floor_section)."""
+def _floor(value: Any, handed_back: Any, fmt: str, over_agi: Any = None) -> str:
+    """The stand-ins' figures after a target's, when measured (see _floor_section)."""
     if value is None:
         return ""
     back = "" if handed_back is None else f"; handed back to the dialplan: {fmt.format(handed_back)}"
-    return f" (ARI floor: {fmt.format(value)}{back})"
+    agi = "" if over_agi is None else f"; decided over AGI: {fmt.format(over_agi)}"
+    return f" (ARI floor: {fmt.format(value)}{back}{agi})"
 
 
 def targets(results: dict[str, Any], figures: dict[str, Any], sizes: dict[str, Any] | None,
@@ -509,15 +540,20 @@ def targets(results: dict[str, Any], figures: dict[str, Any], sizes: dict[str, A
     return [
         ("post-dial delay added, p50 <= 3 ms", _num(figures["pdd_added_p50_ms"], "{:.1f} ms") + _floor(
             summary.dig(results, "floor", "delay", "added", "p50"),
-            summary.dig(results, "floor_dialplan", "delay", "added", "p50"), "{:.1f} ms"),
+            summary.dig(results, "floor_dialplan", "delay", "added", "p50"), "{:.1f} ms",
+            summary.dig(results, "agi", "delay", "added", "p50")),
          at_most(figures["pdd_added_p50_ms"], 3)),
-        ("post-dial delay added, p99 <= 15 ms", _num(figures["pdd_added_p99_ms"], "{:.1f} ms"),
+        ("post-dial delay added, p99 <= 15 ms", _num(figures["pdd_added_p99_ms"], "{:.1f} ms") + _floor(
+            summary.dig(results, "floor", "delay", "added", "p99"),
+            summary.dig(results, "floor_dialplan", "delay", "added", "p99"), "{:.1f} ms",
+            summary.dig(results, "agi", "delay", "added", "p99")),
          at_most(figures["pdd_added_p99_ms"], 15)),
         ("highest call rate, bridge >= 0.9 x dialplan",
          f"{_num(figures['cps_bridge'], '{:g}')} / {_num(figures['cps_baseline'], '{:g}')} = {_num(ratio, '{:.2f}')}"
          + _floor(_ratio({"bridge": summary.dig(results, "floor", "sustained"), "baseline": figures["cps_baseline"]}),
                   _ratio({"bridge": summary.dig(results, "floor_dialplan", "sustained"),
-                          "baseline": figures["cps_baseline"]}), "{:.2f}"),
+                          "baseline": figures["cps_baseline"]}), "{:.2f}",
+                  _ratio({"bridge": summary.dig(results, "agi", "sustained"), "baseline": figures["cps_baseline"]})),
          None if ratio is None else ratio >= 0.9),
         ("500 simultaneous bridged calls with audio", _num(concurrent, "{}")
          + (" (the largest step tried)" if results.get("concurrency_top") else ""),

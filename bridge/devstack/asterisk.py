@@ -96,6 +96,22 @@ def bench_route(stack: Stack) -> Iterator[None]:
         _reload_dialplan(stack)
 
 
+@contextmanager
+def bench_route_also(stack: Stack, name: str) -> Iterator[None]:
+    """Inside bench_route: asterisk-config/bench/NAME in the PBX's dialplan too while the
+    block runs (added to the benchmark's file), and the benchmark's file alone again after."""
+    etc = host_path(stack, "pbx", "etc")
+    values = instance_values(stack, "pbx")
+    base = render((CONFIG_DIR / "bench" / BENCH_ROUTE).read_text(), values)
+    (etc / BENCH_ROUTE).write_text(base + "\n" + render((CONFIG_DIR / "bench" / name).read_text(), values))
+    _reload_dialplan(stack)
+    try:
+        yield
+    finally:
+        (etc / BENCH_ROUTE).write_text(base)
+        _reload_dialplan(stack)
+
+
 def _reload_dialplan(stack: Stack) -> None:
     out = rx(stack, "pbx", "dialplan reload")
     if out.returncode != 0:

@@ -48,15 +48,18 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
         assert set(results["cpu"]["split"][path]["talk_ms_per_second"]) == {"bridge", "pbx", "postgres",
                                                                           "load_generator"}
     assert "### Setup and talk apart" in text
-    # The ARI floor: the same calls through the stand-in, every one put through; then the
-    # bridge is back, healthy.
-    for floor in (results["floor"], results["floor_dialplan"]):
+    # The ARI floor: the same calls through the stand-in, every one put through; so through
+    # the dialplan asking over AGI (the bridge's decision, then a table's); then the bridge
+    # is back, healthy, and the benchmark's dialplan gone from the PBX.
+    for floor in (results["floor"], results["floor_dialplan"], results["agi"], results["agi_floor"]):
         assert floor["delay"]["failed"] == 0 and floor["delay"]["bridge"]["n"] == TINY["delay_per_path"]
         assert [s["path"] for s in floor["ramp"]] == ["bridge"] * len(TINY["ramp_rates"])
         assert all(step["success"] == 1.0 and step["audio_ok"] for step in floor["ramp"])
         assert floor["sustained"] == max(TINY["ramp_rates"])
     health = processes.health(stack)
     assert health and all(health.values())
+    assert not asterisk.host_path(stack, "pbx", "etc", asterisk.BENCH_ROUTE).exists()
+    assert "decided over AGI from a table: the AGI exchange alone |" in text
     assert f"every window is measured {TINY['cpu_rounds']} times" in text
     assert results["route"]["n"] >= TINY["delay_per_path"]
     figures = json.loads((tmp_path / "summary.json").read_text())
