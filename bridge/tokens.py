@@ -151,12 +151,14 @@ class Tokens:
         return Caller("token", row.name, frozenset(row.scopes), row.rate_per_second)
 
     async def _touch(self, name: str) -> None:
-        """Note that the token was used (at most once a minute per process)."""
+        """Note that the token was used (at most once a minute per process). A row held by
+        another transaction is not waited for: the next request writes it."""
         now = time.monotonic()
         if self.repo is None or now - self._touched.get(name, -TOUCH_EVERY) < TOUCH_EVERY:
             return
         self._touched[name] = now
-        await self.repo.touch(name)
+        if not await self.repo.touch(name):
+            self._touched.pop(name, None)
 
     # --- maskbridge-admin ----------------------------------------------------------------
 

@@ -116,5 +116,13 @@ class TokenRepo:
     async def all(self) -> list[TokenRow]:
         return [TokenRow(**dict(r)) for r in await self.pool.fetch(f"SELECT {_COLUMNS} FROM api_tokens ORDER BY name")]
 
-    async def touch(self, name: str) -> None:
-        await self.pool.execute("UPDATE api_tokens SET last_used_at = now() WHERE name = $1", name)
+    async def touch(self, name: str) -> bool:
+        """The token's last use is now; False when its row is locked (a transaction of the
+        admin tool's, say, holds it): the write is skipped, and the request that asked goes
+        on instead of waiting for that transaction."""
+        return await self.pool.fetchval(
+            """
+            WITH free AS (SELECT name FROM api_tokens WHERE name = $1 FOR NO KEY UPDATE SKIP LOCKED)
+            UPDATE api_tokens SET last_used_at = now() FROM free WHERE api_tokens.name = free.name
+            RETURNING true
+            """, name) is not None

@@ -129,3 +129,31 @@ def test_an_error_of_a_statement_reaches_its_lookups_only(harness: Harness) -> N
         assert after is not None and after.key_id == key["beta"]
 
     harness.run(scenario())
+
+
+def test_a_request_does_not_wait_for_a_transaction_holding_its_tokens_row(harness: Harness) -> None:
+    """The once-a-minute write of a token's last use, when another transaction holds the
+    token's row (the admin tool changing it, say): the request is answered at once, while
+    that transaction still runs, and the write is left for the next request, which makes it
+    once the row is free."""
+    async def scenario() -> None:
+        tokens = Tokens(TokenRepo(harness.pool))
+        row, secret = await tokens.add(f"held-{secrets.token_hex(4)}", ["sessions:read"])
+        holder = await harness.pool.acquire()
+        try:
+            async with holder.transaction():
+                await holder.execute("UPDATE api_tokens SET rate_per_second = rate_per_second WHERE name = $1",
+                                     row.name)
+                async with asyncio.timeout(5):  # (the row stays held meanwhile: waiting on it never ends)
+                    caller = await tokens.caller(f"Bearer {secret}")
+                assert caller.kind == "token" and caller.token == row.name
+                assert await holder.fetchval("SELECT last_used_at FROM api_tokens WHERE name = $1",
+                                             row.name) is None
+            caller = await tokens.caller(f"Bearer {secret}")
+            assert caller.kind == "token"
+            assert await holder.fetchval("SELECT last_used_at FROM api_tokens WHERE name = $1",
+                                         row.name) is not None
+        finally:
+            await harness.pool.release(holder)
+
+    harness.run(scenario())
