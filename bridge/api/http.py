@@ -26,6 +26,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from bridge import metrics
+from bridge.api.errors import error_body, status_code
 from bridge.api.openapi import document
 from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import ConnectionGuard
@@ -86,10 +87,7 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 def _error(status: int, code: str, message: str, details: dict[str, Any] | None = None) -> web.Response:
-    body: dict[str, Any] = {"code": code, "message": message}
-    if details:
-        body["details"] = details
-    return _json({"error": body}, status)
+    return _json(error_body(code, message, details), status)
 
 
 # --- rendering ---------------------------------------------------------------------------
@@ -369,8 +367,7 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     except web.HTTPException as exc:
         if exc.status >= 400:
-            code = "body_too_large" if exc.status == 413 else exc.reason.lower().replace(" ", "_")
-            response = _error(exc.status, code, exc.reason)
+            response = _error(exc.status, status_code(exc.status, exc.reason), exc.reason)
             if "Allow" in exc.headers:
                 response.headers["Allow"] = exc.headers["Allow"]
             return response

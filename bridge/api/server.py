@@ -12,13 +12,14 @@ request is read by the handlers, with a limit of its own: bridge.api.http._read.
 from __future__ import annotations
 
 import asyncio
-from http import HTTPStatus
 from typing import Any, cast
 
 import structlog
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
+
+from bridge.api.errors import error_body, status_code
 
 log = structlog.get_logger(__name__)
 
@@ -89,10 +90,8 @@ class _PlainErrors(RequestHandler):
         answered = super().handle_error(request, status, exc, message)
         if status >= 500:
             return answered
-        reason = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Bad Request"
-        response = web.json_response(
-            {"error": {"code": reason.lower().replace(" ", "_"), "message": "the request is not valid HTTP/1.1"}},
-            status=status)
+        response = web.json_response(error_body(status_code(status), "the request is not valid HTTP/1.1"),
+                                     status=status)
         response.force_close()
         return response
 

@@ -60,15 +60,12 @@ class _Lookups:
                     rows = await self.pool.fetch(
                         f"SELECT {_COLUMNS} FROM api_tokens WHERE key_id = ANY($1::text[])", list(batch))
                 except Exception as exc:  # noqa: BLE001 - passed on: every lookup of the statement gets its error
-                    for waiting in batch.values():
-                        for done in waiting:
-                            if not done.done():
-                                done.set_exception(exc)
+                    for done in _unanswered(batch):
+                        done.set_exception(exc)
                     continue
                 except BaseException:  # (cancelled: the loop is closing)
-                    for waiting in batch.values():
-                        for done in waiting:
-                            done.cancel()
+                    for done in _unanswered(batch):
+                        done.cancel()
                     raise
                 found = {row["key_id"]: TokenRow(**dict(row)) for row in rows}
                 for key_id, waiting in batch.items():
@@ -78,10 +75,14 @@ class _Lookups:
         finally:
             self.running = None
             # (cancelled, as the loop closes: none is left waiting for a statement that will not come)
-            for waiting in self.waiting.values():
-                for done in waiting:
-                    done.cancel()
+            for done in _unanswered(self.waiting):
+                done.cancel()
             self.waiting = {}
+
+
+def _unanswered(batch: dict[str, list[asyncio.Future[TokenRow | None]]]) -> list[asyncio.Future[TokenRow | None]]:
+    """The lookups of a batch not answered yet (nor gone with their requests)."""
+    return [done for waiting in batch.values() for done in waiting if not done.done()]
 
 
 class TokenRepo:
