@@ -451,6 +451,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await dispatcher.shutdown()
         listening.close()
         await runner.cleanup()
+        await tokens.touches_written()  # (the last uses the last requests were due to write)
         await ari.close()
         await api_pool.close()
         await pool.close()

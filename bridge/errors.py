@@ -32,6 +32,13 @@ class InvalidJson(ServiceError):
     message = "the body must be a JSON object"
 
 
+class UnreadableBody(ServiceError):
+    """The body did not arrive as it said it would: it does not decode as its
+    Content-Encoding says, or the connection closed before it all came."""
+
+    message = "the body could not be read"
+
+
 class TooLarge(ServiceError):
     code = "body_too_large"
     http_status = 413

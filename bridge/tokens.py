@@ -13,6 +13,7 @@ recordings and their audit, nothing else).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import re
@@ -53,6 +54,7 @@ PREFIX = "mbt_"
 _KEY_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 _SECRET = re.compile(r"mbt_([a-z0-9]{12})_[A-Za-z0-9_-]{43}")
 TOUCH_EVERY = 60.0  # seconds between two writes of a token's last_used_at by one process
+TOUCH_RETRY = 5.0  # seconds after a write of it failed before a request tries again
 
 @dataclass(frozen=True)
 class Caller:
@@ -106,7 +108,9 @@ class Tokens:
         # The settings' tokens: (name, secret, scopes); an empty secret is no token.
         self._env = [(name, secret.encode(), scopes) for name, secret, scopes in (
             (ENV_TOKEN, api_token, ENV_SCOPES), (RECORDING_TOKEN, recording_token, RECORDING_SCOPES)) if secret]
-        self._touched: dict[str, float] = {}
+        self._touched: dict[str, float] = {}  # name -> when its last use was last written (or tried)
+        self._due: set[str] = set()  # names whose last use is to be written
+        self._touching: asyncio.Task[None] | None = None
         self._valid_keys: set[str] = set()  # key ids this process found valid lately
 
     def known(self, key_id: str) -> bool:
@@ -147,18 +151,43 @@ class Tokens:
             self._valid_keys.discard(key_id)
             return Caller("invalid_token", row.name, why="the token expired")
         self._valid_keys.add(key_id)
-        await self._touch(row.name)
+        self._touch(row.name)
         return Caller("token", row.name, frozenset(row.scopes), row.rate_per_second)
 
-    async def _touch(self, name: str) -> None:
-        """Note that the token was used (at most once a minute per process). A row held by
-        another transaction is not waited for: the next request writes it."""
+    def _touch(self, name: str) -> None:
+        """Note that the token was used (at most once a minute per process), after the
+        request: the write goes in a task of its own, with the other tokens due meanwhile, and
+        no request waits for it. A row another transaction holds is written by the token's
+        next request; a write that failed (the database's trouble) by a request
+        TOUCH_RETRY seconds later or more."""
         now = time.monotonic()
         if self.repo is None or now - self._touched.get(name, -TOUCH_EVERY) < TOUCH_EVERY:
             return
         self._touched[name] = now
-        if not await self.repo.touch(name):
-            self._touched.pop(name, None)
+        self._due.add(name)
+        if self._touching is None or self._touching.done():
+            self._touching = asyncio.get_running_loop().create_task(self._write_touches(self.repo),
+                                                                    name="token-touches")
+
+    async def _write_touches(self, repo: TokenRepo) -> None:
+        while self._due:
+            names, self._due = sorted(self._due), set()
+            try:
+                written = await repo.touch(names)
+            except Exception as exc:  # noqa: BLE001 - the requests were answered; only the last use waits
+                log.info("api.token_last_use_not_written", tokens=len(names), error=type(exc).__name__)
+                retry = time.monotonic() - TOUCH_EVERY + TOUCH_RETRY
+                for name in names:
+                    self._touched[name] = min(self._touched.get(name, retry), retry)
+                continue
+            for name in names:
+                if name not in written:
+                    self._touched.pop(name, None)
+
+    async def touches_written(self) -> None:
+        """Until the last uses due so far are written (or given up on)."""
+        while self._touching is not None and not self._touching.done():
+            await asyncio.wait([self._touching])
 
     # --- maskbridge-admin ----------------------------------------------------------------
 

@@ -29,11 +29,11 @@ from bridge import metrics
 from bridge.api.errors import error_body, status_code
 from bridge.api.openapi import document
 from bridge.api.ratelimit import RateLimiter
-from bridge.api.server import ConnectionGuard
+from bridge.api.server import UNMET_EXPECTATION, ConnectionGuard
 from bridge.blocklist import Blocklist
 from bridge.errors import (
     BlockNotFound, DatabaseUnavailable, InsufficientScope, InternalError, InvalidInput, InvalidJson, RateLimited,
-    RequestTimeout, ServiceError, SessionNotFound, TooLarge, Unauthorized,
+    RequestTimeout, ServiceError, SessionNotFound, TooLarge, Unauthorized, UnreadableBody,
 )
 from bridge.limits import (
     DEFAULT_PAGE, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_AUDIT_CURSOR, MAX_PAGE, ORDER_ID, REGION_FORM,
@@ -356,6 +356,8 @@ async def _within_conflict_budget(
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.get(UNMET_EXPECTATION):
+        return _error(417, "expectation_failed", "only Expect: 100-continue is understood")
     try:
         return await handler(request)
     except ServiceError as exc:
@@ -435,6 +437,12 @@ async def _read(request: web.Request, limit: int) -> bytes:
             raw = await request.read()
     except TimeoutError:
         raise RequestTimeout(f"the body did not arrive within {BODY_TIMEOUT:.0f} seconds") from None
+    except web.HTTPRequestEntityTooLarge:  # (a compressed body that inflates past client_max_size)
+        raise TooLarge(f"the body must be at most {limit} bytes") from None
+    except web.RequestPayloadError:  # (a Content-Encoding that does not decode: the client's fault)
+        raise UnreadableBody("the body could not be read: it does not decode as its Content-Encoding says") from None
+    except ConnectionResetError:  # (the client went away mid-body: nothing of the database's)
+        raise UnreadableBody("the connection closed before the body arrived whole") from None
     if len(raw) > limit:
         raise TooLarge(f"the body must be at most {limit} bytes")
     return raw

@@ -380,6 +380,9 @@ HOLD_COUNTS: Schema = {
 ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
 
 * 400 `invalid_json`: the body is not a JSON object.
+* 400 `bad_request`: the request is not valid HTTP/1.1, or its body could not be read (it does not decode
+  as its `Content-Encoding` says, or the connection closed before it came whole). The answer quotes
+  nothing of the request.
 * 401 `unauthorized`: the bearer token is missing or wrong; the answer has the header
   `WWW-Authenticate: Bearer realm="maskbridge"`.
 * 401 also for a token that was revoked or expired (the message says which).
@@ -404,7 +407,8 @@ ERROR_CODES = """Stable error codes (`error.code`), by HTTP status:
   past its expiry or idle timeout (it is ended then, not revived).
 * 410 `recording_deleted`: the recording was deleted under the retention policy (`details.deleted_at`).
 * 413 `body_too_large`: the body is larger than the endpoint takes (64 KiB for JSON, 4 MiB for a pool
-  number import), whether `Content-Length` says so or a chunked body turns out larger.
+  number import), whether `Content-Length` says so or a chunked or compressed body turns out larger.
+* 417 `expectation_failed`: an `Expect` header other than `100-continue`.
 * 422 `invalid_input`: a field or parameter is missing, unknown or out of range; `details.field` names it
   when there is one.
 * 422 `unknown_region`: no pool number is in the requested region (`details.field` is `region`).

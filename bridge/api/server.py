@@ -12,10 +12,11 @@ request is read by the handlers, with a limit of its own: bridge.api.http._read.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import structlog
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -163,9 +164,33 @@ class _Guarded(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
 
+# A request's key set when it came with an Expect header other than 100-continue: the API's
+# middleware answers it 417 in JSON (bridge.api.http), as any error.
+UNMET_EXPECTATION = web.RequestKey("unmet_expectation", bool)
+
+
+def _expectations(handle: Callable[[BaseRequest], Awaitable[web.StreamResponse]]) -> Callable[
+        [BaseRequest], Awaitable[web.StreamResponse]]:
+    """The app's handler, but a request expecting anything other than 100-continue reaches it
+    without its Expect header and marked (UNMET_EXPECTATION): aiohttp would answer it itself,
+    before the API's middleware (no log line, no metric), in text that repeats the header as
+    it came - whatever the client put there, a token's secret or a phone number."""
+    async def handler(request: BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get(hdrs.EXPECT)
+        if expect is not None and expect.strip().lower() != "100-continue":
+            headers = request.headers.copy()
+            headers.popall(hdrs.EXPECT)
+            request = request.clone(headers=headers)
+            request[UNMET_EXPECTATION] = True
+        return await handle(request)
+
+    return handler
+
+
 async def serve(runner: web.AppRunner, host: str, port: int, guard: ConnectionGuard) -> asyncio.Server:
     """Listen for the runner's app (after `runner.setup()`), through the guard."""
     server = runner.server
     if server is None:
         raise RuntimeError("the runner is not set up")
+    server.request_handler = _expectations(server.request_handler)
     return await asyncio.get_running_loop().create_server(guard.factory(server), host, port, reuse_address=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -90,7 +91,10 @@ class _Acquired(asyncpg.pool.PoolAcquireContext):
 
     async def __aexit__(self, *exc: Any) -> None:
         if isinstance(exc[1], CONNECTION_LOST) and self.connection is not None:
-            self.connection.terminate()
+            # (A connection whose server end went away may be back in the pool already,
+            # released by asyncpg as it saw it go: nothing of it is left to close then.)
+            with contextlib.suppress(asyncpg.InterfaceError):
+                self.connection.terminate()
         await super().__aexit__(*exc)
 
 

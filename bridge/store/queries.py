@@ -13,6 +13,7 @@ import asyncpg
 
 from bridge.store.blocklist import BlocklistRepo
 from bridge.store.db import keeps_session_state
+from bridge.store.errors import CONNECTION_LOST
 from bridge.store.number_keys import NumberKeyRepo
 from bridge.store.pools import PoolRepo
 from bridge.store.recordings import RecordingRepo
@@ -168,7 +169,10 @@ class Store:
                 yield held
             finally:
                 if held:
-                    await conn.execute("SELECT pg_advisory_unlock($1)", key)
+                    # (A connection lost meanwhile took the lock with its session: nothing to
+                    # unlock, and the body's own outcome stands.)
+                    with contextlib.suppress(*CONNECTION_LOST):
+                        await conn.execute("SELECT pg_advisory_unlock($1)", key)
 
     # --- calls -------------------------------------------------------------------
 

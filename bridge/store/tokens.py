@@ -29,6 +29,9 @@ _COLUMNS = """name, key_id, secret_hash, scopes, rate_per_second, created_at, ex
               coalesce(expires_at <= now(), false) AS expired"""
 
 
+TOUCH_LOCK_WAIT_MS = 100  # the most a write of tokens' last use waits for a lock on the table
+
+
 class _Lookups:
     """Tokens looked up by key id, several in one statement: a lookup goes at once when no
     statement of them runs, else it waits for the next one, which asks for every key id
@@ -117,13 +120,17 @@ class TokenRepo:
     async def all(self) -> list[TokenRow]:
         return [TokenRow(**dict(r)) for r in await self.pool.fetch(f"SELECT {_COLUMNS} FROM api_tokens ORDER BY name")]
 
-    async def touch(self, name: str) -> bool:
-        """The token's last use is now; False when its row is locked (a transaction of the
-        admin tool's, say, holds it): the write is skipped, and the request that asked goes
-        on instead of waiting for that transaction."""
-        return await self.pool.fetchval(
-            """
-            WITH free AS (SELECT name FROM api_tokens WHERE name = $1 FOR NO KEY UPDATE SKIP LOCKED)
-            UPDATE api_tokens SET last_used_at = now() FROM free WHERE api_tokens.name = free.name
-            RETURNING true
-            """, name) is not None
+    async def touch(self, names: list[str]) -> set[str]:
+        """The tokens' last use is now; the names written. A row another transaction holds is
+        skipped, and a lock on the table is waited for 100 ms at most (then the error): the
+        write is never worth a wait."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(f"SET LOCAL lock_timeout = '{TOUCH_LOCK_WAIT_MS}ms'")
+            rows = await conn.fetch(
+                """
+                WITH free AS (SELECT name FROM api_tokens WHERE name = ANY($1::text[])
+                              FOR NO KEY UPDATE SKIP LOCKED)
+                UPDATE api_tokens SET last_used_at = now() FROM free WHERE api_tokens.name = free.name
+                RETURNING api_tokens.name
+                """, names)
+        return {row["name"] for row in rows}

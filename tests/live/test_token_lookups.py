@@ -16,7 +16,7 @@ import pytest
 
 from bridge import metrics
 from bridge.store.tokens import TokenRepo, TokenRow
-from bridge.tokens import Tokens
+from bridge.tokens import TOUCH_RETRY, Tokens
 from tests.live.conftest import Harness, histogram_totals
 
 
@@ -134,8 +134,8 @@ def test_an_error_of_a_statement_reaches_its_lookups_only(harness: Harness) -> N
 def test_a_request_does_not_wait_for_a_transaction_holding_its_tokens_row(harness: Harness) -> None:
     """The once-a-minute write of a token's last use, when another transaction holds the
     token's row (the admin tool changing it, say): the request is answered at once, while
-    that transaction still runs, and the write is left for the next request, which makes it
-    once the row is free."""
+    that transaction still runs; the write skips the row, and the token's next request once
+    the row is free makes it."""
     async def scenario() -> None:
         tokens = Tokens(TokenRepo(harness.pool))
         row, secret = await tokens.add(f"held-{secrets.token_hex(4)}", ["sessions:read"])
@@ -146,13 +146,52 @@ def test_a_request_does_not_wait_for_a_transaction_holding_its_tokens_row(harnes
                                      row.name)
                 async with asyncio.timeout(5):  # (the row stays held meanwhile: waiting on it never ends)
                     caller = await tokens.caller(f"Bearer {secret}")
+                    await tokens.touches_written()
                 assert caller.kind == "token" and caller.token == row.name
                 assert await holder.fetchval("SELECT last_used_at FROM api_tokens WHERE name = $1",
                                              row.name) is None
-            caller = await tokens.caller(f"Bearer {secret}")
-            assert caller.kind == "token"
+            assert (await tokens.caller(f"Bearer {secret}")).kind == "token"
+            await tokens.touches_written()
             assert await holder.fetchval("SELECT last_used_at FROM api_tokens WHERE name = $1",
                                          row.name) is not None
+        finally:
+            await harness.pool.release(holder)
+
+    harness.run(scenario())
+
+
+@pytest.mark.parametrize("lock", ["SHARE", "EXCLUSIVE"])
+def test_a_table_lock_delays_neither_the_request_nor_the_next_ones(harness: Harness, lock: str) -> None:
+    """A transaction holding api_tokens in a mode that an UPDATE waits for (an index being
+    built takes SHARE): the requests of two tokens due for their last use are answered at
+    once, and their write gives up after TOUCH_LOCK_WAIT_MS, not holding a connection
+    meanwhile for longer; it is tried again by a request TOUCH_RETRY seconds later."""
+    async def scenario() -> None:
+        tokens = Tokens(TokenRepo(harness.pool))
+        made = [await tokens.add(f"table-{i}-{secrets.token_hex(4)}", ["sessions:read"]) for i in range(2)]
+        holder = await harness.pool.acquire()
+        try:
+            async with holder.transaction():
+                await holder.execute(f"LOCK TABLE api_tokens IN {lock} MODE")
+                async with asyncio.timeout(5):  # (the lock stays meanwhile: waiting on it never ends)
+                    callers = [await tokens.caller(f"Bearer {secret}") for _, secret in made]
+                    await tokens.touches_written()
+                assert [c.kind for c in callers] == ["token", "token"]
+                names = [row.name for row, _ in made]
+                assert await holder.fetchval(
+                    "SELECT count(*) FROM api_tokens WHERE name = ANY($1) AND last_used_at IS NOT NULL", names) == 0
+            # The lock gone: a request at once is not due (the write failed lately), one
+            # TOUCH_RETRY seconds later is.
+            assert (await tokens.caller(f"Bearer {made[0][1]}")).kind == "token"
+            await tokens.touches_written()
+            assert await holder.fetchval("SELECT last_used_at FROM api_tokens WHERE name = $1", names[0]) is None
+            for name in names:  # (as if TOUCH_RETRY seconds went by)
+                tokens._touched[name] -= TOUCH_RETRY
+            for _, secret in made:
+                assert (await tokens.caller(f"Bearer {secret}")).kind == "token"
+            await tokens.touches_written()
+            assert await holder.fetchval(
+                "SELECT count(*) FROM api_tokens WHERE name = ANY($1) AND last_used_at IS NOT NULL", names) == 2
         finally:
             await harness.pool.release(holder)
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from bridge.api import http
 from bridge.api.server import ConnectionGuard, serve
@@ -23,11 +25,13 @@ async def hello(_request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serving(guard: ConnectionGuard) -> AsyncIterator[int]:
-    """An app answering GET /hello behind `guard`, on a free port of 127.0.0.1: the port."""
-    app = web.Application(middlewares=[http._measured])
+async def serving(guard: ConnectionGuard, app: web.Application | None = None) -> AsyncIterator[int]:
+    """An app (by default one answering GET /hello) behind `guard`, on a free port of
+    127.0.0.1: the port."""
+    if app is None:
+        app = web.Application(middlewares=[http._measured])
+        app.router.add_get("/hello", hello)
     app[http.GUARD] = guard
-    app.router.add_get("/hello", hello)
     runner = web.AppRunner(app)
     await runner.setup()
     listening = await serve(runner, "127.0.0.1", 0, guard)
@@ -148,3 +152,92 @@ async def test_a_request_that_cannot_be_parsed_is_answered_in_json_without_repea
     assert b"SECRET" not in answer and b"1234567" not in answer
     # (and the server goes on)
     assert (await get_hello(port)).endswith(b"hello")
+
+
+async def echo_length(request: web.Request) -> web.Response:
+    return web.Response(text=str(len(await http._read(request, 100))))
+
+
+@pytest.fixture
+async def api() -> AsyncIterator[int]:
+    """The API's own middleware (its errors) behind the guard, with a body read as the API
+    reads one (at most 100 bytes; aiohttp's own ceiling 1000): the port."""
+    app = web.Application(middlewares=[http._measured, http._errors], client_max_size=1000)
+    app.router.add_get("/hello", hello)
+    app.router.add_post("/echo", echo_length)
+    async with serving(ConnectionGuard(max_connections=LIMIT, request_timeout=5, max_per_address=LIMIT),
+                       app) as port:
+        yield port
+
+
+async def exchange(port: int, request: bytes) -> tuple[bytes, dict]:
+    """One request on a connection of its own: the answer's head, and its JSON body."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length:")))
+        body = await reader.readexactly(length)
+    writer.close()
+    return head, json.loads(body)
+
+
+@pytest.mark.parametrize("path", [b"/hello", b"/nowhere"])
+async def test_an_expectation_other_than_100_continue_gets_a_json_417_that_repeats_nothing(api, path):
+    """aiohttp answers it itself, before any middleware, with a text that quotes the header."""
+    with capture_logs() as logs:
+        head, body = await exchange(api, b"GET " + path + b" HTTP/1.1\r\nHost: x\r\n"
+                                         b"Expect: 100-continue, mbt_abcdefabcdef_SECRET +79161234567\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417"), head
+    assert body == {"error": {"code": "expectation_failed", "message": "only Expect: 100-continue is understood"}}
+    assert b"SECRET" not in head and b"1234567" not in head
+    assert [(e["event"], e["status"]) for e in logs if e["event"] == "api.request"] == [("api.request", 417)]
+
+
+async def test_expect_100_continue_is_still_answered_continue(api):
+    reader, writer = await asyncio.open_connection("127.0.0.1", api)
+    writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-Continue\r\n"
+                 b"Connection: close\r\n\r\n")
+    await writer.drain()
+    async with asyncio.timeout(5):
+        assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        writer.write(b"hello")
+        answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"\r\n\r\n5"), answer
+
+
+async def test_a_body_that_does_not_decode_as_its_content_encoding_says_is_the_clients_fault(api):
+    """(It was a 500.) An encoding aiohttp does not decode at all (br) is refused with the
+    request's head, as any request it cannot parse."""
+    for encoding in (b"gzip", b"deflate", b"br"):
+        head, body = await exchange(api, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Encoding: " + encoding
+                                         + b"\r\nContent-Length: 10\r\nConnection: close\r\n\r\n+791612345")
+        assert head.split(b" ")[1] == b"400", (encoding, head)
+        assert body["error"]["code"] == "bad_request"
+        assert b"791612345" not in head + json.dumps(body).encode()
+
+
+async def test_a_compressed_body_that_inflates_past_the_limit_is_413_as_any_other(api):
+    for size in (500, 5000):  # (past the API's 100, and past aiohttp's own 1000)
+        packed = gzip.compress(b"0" * size)
+        head, body = await exchange(api, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(packed) + packed)
+        assert head.startswith(b"HTTP/1.1 413"), (size, head)
+        assert body == {"error": {"code": "body_too_large", "message": "the body must be at most 100 bytes"}}
+
+
+async def test_a_client_gone_mid_body_is_not_the_databases_trouble(api):
+    """(It was logged api.database_unavailable, a 503 in the metrics.)"""
+    with capture_logs() as logs:
+        reader, writer = await asyncio.open_connection("127.0.0.1", api)
+        writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        await writer.drain()
+        writer.close()
+        async with asyncio.timeout(5):
+            while not any(e["event"] == "api.request" for e in logs):
+                await asyncio.sleep(0.01)  # wait-ok: the server sees the connection close asynchronously
+    assert [e["status"] for e in logs if e["event"] == "api.request"] == [400]
+    assert not any(e["event"] in ("api.database_unavailable", "api.failed") for e in logs)

@@ -22,7 +22,7 @@ from bridge.errors import InvalidInput
 from bridge.requester import request_token
 from bridge.requests import OpenSession
 from bridge.store.sessions import SessionRow
-from bridge.tokens import ENV_SCOPES, SCOPES, parse_scopes
+from bridge.tokens import ENV_SCOPES, SCOPES, TOUCH_RETRY, parse_scopes
 from test_http_handlers import COURIER, CLIENT, TOKEN, FakeRecordings, Services
 from token_fake import FakeTokenRepo, tokens_with
 
@@ -247,3 +247,27 @@ async def test_a_route_whose_operation_declares_no_scope_is_refused_to_every_tok
     async with TestClient(TestServer(app)) as client:
         resp = await client.get("/v1/undeclared", headers={"Authorization": f"Bearer {TOKEN}"})
         assert resp.status == 403 and (await resp.json())["error"]["code"] == "insufficient_scope"
+
+
+async def test_a_last_use_that_cannot_be_written_leaves_the_request_answered_and_is_tried_again_later():
+    """The database refusing the write (read-only, a lock waited for too long, gone): the
+    request was answered already; the write is tried again by a request TOUCH_RETRY seconds
+    later, not by every request meanwhile."""
+    repo = FakeTokenRepo()
+    secret = repo.add("dispatch", ["sessions:read"])
+    tries: list[list[str]] = []
+
+    async def refused(names: list[str]) -> set[str]:
+        tries.append(names)
+        raise RuntimeError("cannot execute UPDATE in a read-only transaction")
+
+    repo.touch = refused  # type: ignore[method-assign]
+    tokens = tokens_with(repo)
+    for _ in range(3):
+        assert (await tokens.caller(f"Bearer {secret}")).kind == "token"
+        await tokens.touches_written()
+    assert tries == [["dispatch"]]
+    tokens._touched["dispatch"] -= TOUCH_RETRY  # (as if that long went by)
+    assert (await tokens.caller(f"Bearer {secret}")).kind == "token"
+    await tokens.touches_written()
+    assert tries == [["dispatch"], ["dispatch"]]

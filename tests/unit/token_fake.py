@@ -18,9 +18,9 @@ class FakeTokenRepo:
         self.lookups += 1
         return next((r for r in self.rows.values() if r.key_id == key_id), None)
 
-    async def touch(self, name: str) -> bool:
-        self.touched.append(name)
-        return True
+    async def touch(self, names: list[str]) -> set[str]:
+        self.touched += names
+        return set(names)
 
     def add(self, name: str, scopes: list[str], *, revoked: bool = False, expired: bool = False,
             rate: float | None = None) -> str:
