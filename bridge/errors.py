@@ -39,6 +39,14 @@ class UnreadableBody(ServiceError):
     message = "the body could not be read"
 
 
+class ExpectationFailed(ServiceError):
+    """An Expect header other than 100-continue (bridge.api.server marks the request)."""
+
+    code = "expectation_failed"
+    http_status = 417
+    message = "only Expect: 100-continue is understood"
+
+
 class TooLarge(ServiceError):
     code = "body_too_large"
     http_status = 413

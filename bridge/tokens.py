@@ -176,9 +176,9 @@ class Tokens:
                 written = await repo.touch(names)
             except Exception as exc:  # noqa: BLE001 - the requests were answered; only the last use waits
                 log.info("api.token_last_use_not_written", tokens=len(names), error=type(exc).__name__)
-                retry = time.monotonic() - TOUCH_EVERY + TOUCH_RETRY
+                due_again = time.monotonic() - TOUCH_EVERY + TOUCH_RETRY  # (as if written that long ago)
                 for name in names:
-                    self._touched[name] = min(self._touched.get(name, retry), retry)
+                    self._touched[name] = due_again
                 continue
             for name in names:
                 if name not in written:

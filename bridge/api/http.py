@@ -32,8 +32,8 @@ from bridge.api.ratelimit import RateLimiter
 from bridge.api.server import UNMET_EXPECTATION, ConnectionGuard
 from bridge.blocklist import Blocklist
 from bridge.errors import (
-    BlockNotFound, DatabaseUnavailable, InsufficientScope, InternalError, InvalidInput, InvalidJson, RateLimited,
-    RequestTimeout, ServiceError, SessionNotFound, TooLarge, Unauthorized, UnreadableBody,
+    BlockNotFound, DatabaseUnavailable, ExpectationFailed, InsufficientScope, InternalError, InvalidInput, InvalidJson,
+    RateLimited, RequestTimeout, ServiceError, SessionNotFound, TooLarge, Unauthorized, UnreadableBody,
 )
 from bridge.limits import (
     DEFAULT_PAGE, IMPORT_BODY_LIMIT, JSON_BODY_LIMIT, MAX_AUDIT_CURSOR, MAX_PAGE, ORDER_ID, REGION_FORM,
@@ -356,9 +356,9 @@ async def _within_conflict_budget(
 
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.get(UNMET_EXPECTATION):
-        return _error(417, "expectation_failed", "only Expect: 100-continue is understood")
     try:
+        if request.get(UNMET_EXPECTATION):
+            raise ExpectationFailed()
         return await handler(request)
     except ServiceError as exc:
         response = _error(exc.http_status, exc.code, str(exc), exc.details)
