@@ -94,6 +94,19 @@ def steal_seconds() -> float | None:
     return int(fields[8]) / _TICK if len(fields) > 8 and fields[0] == "cpu" else None
 
 
+def machine_seconds() -> tuple[float, float] | None:
+    """(busy, all) CPU seconds of the whole machine so far, every CPU (/proc/stat: all but
+    idle and iowait are busy); None where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    if fields[0] != "cpu":
+        return None
+    ticks = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / _TICK, sum(ticks) / _TICK
+
+
 def since(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     return {k: after[k] - before[k] for k in before}
 

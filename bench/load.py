@@ -336,11 +336,15 @@ async def concurrency(load: Load, steps: list[int], setup_rate: float, sample: i
         hold_ms = int((setup_window + listen_seconds + 5) * 1000)
         cap = load.sip_capture(f"concurrency-{n}").start()
         try:
+            before, machine_before, climb_started = (cpu.snapshot(load.stack, pids, load.callee.pid),
+                                                     cpu.machine_seconds(), time.monotonic())
             runner = asyncio.create_task(asyncio.to_thread(
                 sipp.caller_run, load.phones, [(r.caller, r.dialed) for r in load.pairs.bridge[:n]],
                 setup_rate, hold_ms, f"concurrency-{n}"))
             up = await load.up_at_once(cap, n, setup_window)
             step: dict[str, Any] = {"calls": n, "established": len(up)}
+            step["climb"] = climb_load(before, cpu.snapshot(load.stack, pids, load.callee.pid), machine_before,
+                                       cpu.machine_seconds(), time.monotonic() - climb_started)
             step.update(await listen(load, up if len(up) == n else [], sample, listen_seconds, f"{n}"))
             step["audio_ok"] = len(up) == n and step["audio_ok"]
             step["bridge_mb"], step["pbx_mb"] = rss_mb(pids.bridge), rss_mb(pids.pbx)
@@ -351,10 +355,53 @@ async def concurrency(load: Load, steps: list[int], setup_rate: float, sample: i
         calls = load.read(cap)
         step["ended_ok"] = sum(not c.why_not() for c in calls)
         step["failures"] = failures(calls)
+        step.update(setup_times(calls))
         results.append(step)
         if len(up) < n or not step["audio_ok"]:
             break
     return results
+
+
+def climb_load(before: dict[str, float], after: dict[str, float], machine_before: tuple[float, float] | None,
+               machine_after: tuple[float, float] | None, seconds: float) -> dict[str, Any]:
+    """How busy the machine was while a step's calls were being set up (SIPp's caller placing
+    them, the calls already up sending audio): each process's cores (CPU seconds per second;
+    SIPp's callee as the load generator, its caller not counted) and the machine's busy share."""
+    used = cpu.since(before, after)
+    busy = None
+    if machine_before and machine_after and machine_after[1] > machine_before[1]:
+        busy = (machine_after[0] - machine_before[0]) / (machine_after[1] - machine_before[1])
+    return {"seconds": round(seconds, 2),
+            "cores": {k: round(v / seconds, 3) for k, v in used.items()} if seconds > 0 else {},
+            "machine_busy": None if busy is None else round(busy, 3)}
+
+
+def setup_times(calls: list[Call]) -> dict[str, Any]:
+    """How long a step's calls took to set up, to tell a slow step's cause: `setup_ms`, the
+    caller's INVITE to the callee's (the bridge's decision and the PBX's new leg);
+    `answer_ms`, the caller's INVITE to its 200. For the calls answered after the limit,
+    `late`: when they were dialed (seconds after the step's first INVITE), and where their
+    time went (before the callee's INVITE, or from the callee's 200 to the caller's)."""
+    placed = [c.caller.invite for c in calls if c.caller.invite is not None]
+    first = min(placed, default=0.0)
+    late = [c for c in calls if (c.answer_ms or 0) > sipp.SETUP_LIMIT_MS]
+    out: dict[str, Any] = {
+        "setup_ms": percentiles([c.setup_ms for c in calls if c.setup_ms is not None]),
+        "answer_ms": percentiles([c.answer_ms for c in calls if c.answer_ms is not None]),
+        "late": None,
+    }
+    if late:
+        dialed = [c.caller.invite - first for c in late if c.caller.invite is not None]
+        passed_back = [(c.caller.answered - c.callee.answered) * 1000 for c in late
+                       if c.callee and c.callee.answered is not None and c.caller.answered is not None]
+        out["late"] = {
+            "calls": len(late),
+            "dialed_from_s": round(min(dialed), 2),
+            "dialed_to_s": round(max(dialed), 2),
+            "setup_ms": percentiles([c.setup_ms for c in late if c.setup_ms is not None]),
+            "callee_answer_to_caller_answer_ms": percentiles(passed_back),
+        }
+    return out
 
 
 async def listen(load: Load, up: list[Call], sample: int, seconds: float, tag: str) -> dict[str, Any]:

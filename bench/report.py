@@ -624,6 +624,39 @@ def _summary_section(figures: dict[str, Any]) -> list[str]:
     ]
 
 
+def _spread(p: dict[str, float] | None) -> str:
+    """p50 / p99 / max of a step's times, or - when it had none (or ran before they were kept)."""
+    if not p or not p.get("n"):
+        return "-"
+    return f"{p['p50']:.0f} / {p['p99']:.0f} / {p['max']:.0f}"
+
+
+def _climb(climb: dict[str, Any] | None) -> str:
+    """How busy the machine was while a step's calls were set up, or - when not measured."""
+    if not climb or climb.get("machine_busy") is None:
+        return "-"
+    cores = climb.get("cores", {})
+    return (f"{climb['machine_busy']:.0%}, {cores.get('pbx', 0):.2f} / {cores.get('load_generator', 0):.2f}")
+
+
+def _late_calls(conc: list[dict[str, Any]]) -> list[str]:
+    """For each step with calls answered after the limit: when they were dialed and where
+    their time went, so a stall can be told from a slow decision."""
+    lines = []
+    for s in conc:
+        late = s.get("late")
+        if not late:
+            continue
+        lines += [
+            f"The {s['calls']} step's {late['calls']} calls answered late were dialed "
+            f"{late['dialed_from_s']:g} to {late['dialed_to_s']:g} s after its first; the callee's INVITE came "
+            f"{_spread(late['setup_ms'])} ms (p50 / p99 / max) after theirs, and the caller's 200 "
+            f"{_spread(late['callee_answer_to_caller_answer_ms'])} ms after the callee's.",
+            "",
+        ]
+    return lines
+
+
 def _held_any(results: dict[str, Any]) -> str:
     """A larger step that passed after a smaller one failed (the machine at its edge), said."""
     held, held_any = results["max_concurrent"], results.get("max_concurrent_any", results["max_concurrent"])
@@ -773,17 +806,21 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "1000 Hz tone and the callee the caller's 600 Hz (share of energy > 0.5 each; caller/callee below).",
         "",
         "| calls held | established | two-way audio (tone shares, caller/callee) | "
-        "set up within 3 s and ended normally | "
+        "set up within 3 s and ended normally | callee's INVITE after, p50 / p99 / max (ms) | "
+        "answered after, p50 / p99 / max (ms) | while setting up: machine busy, PBX / SIPp's callee cores | "
         "bridge RSS (MiB) | PBX RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *[
             f"| {s['calls']} | {s['established']} | "
             f"{'-' if s['audio_ok'] is None else ('yes' if s['audio_ok'] else 'NO')}"
             f"{_shares(s.get('tone_shares'))} | "
-            f"{s.get('ended_ok', '-')} | {(s['bridge_mb'] or 0):.0f} | {(s['pbx_mb'] or 0):.0f} |"
+            f"{s.get('ended_ok', '-')} | {_spread(s.get('setup_ms'))} | {_spread(s.get('answer_ms'))} | "
+            f"{_climb(s.get('climb'))} | "
+            f"{(s['bridge_mb'] or 0):.0f} | {(s['pbx_mb'] or 0):.0f} |"
             for s in conc
         ],
         "",
+        *_late_calls(conc),
         f"Held with two-way audio and every call ending normally, at that step and every smaller one: "
         f"**{results['max_concurrent']}** simultaneous calls"
         + (" (the largest step tried)" if results["concurrency_top"] else "") + _held_any(results) + ".",

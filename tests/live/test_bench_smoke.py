@@ -37,6 +37,11 @@ async def test_the_benchmark_runs_end_to_end(stack, tmp_path):
     assert all(step["audio_ok"] for step in results["ramp"])
     assert results["concurrency"][-1]["audio_ok"] is True
     assert results["concurrency"][-1]["ended_ok"] == TINY["concurrency_steps"][-1]
+    # Each call of the step timed: its callee's INVITE and its answer; none late.
+    last = results["concurrency"][-1]
+    assert last["setup_ms"]["n"] == last["answer_ms"]["n"] == TINY["concurrency_steps"][-1]
+    assert last["late"] is None
+    assert 0 < last["climb"]["machine_busy"] <= 1 and last["climb"]["cores"]["pbx"] > 0
     for path in ("bridge", "baseline"):
         assert results["cpu"][path]["ok"] == results["cpu"][path]["calls"]
         # Each window measured in rounds, each kept; the figure is their median.
