@@ -149,6 +149,12 @@ class Call:
         return (self.caller.answered - self.caller.invite) * 1000
 
     @property
+    def answered_late(self) -> bool:
+        """Answered, but more than SETUP_LIMIT_MS after dialing."""
+        answer = self.answer_ms
+        return answer is not None and answer > SETUP_LIMIT_MS
+
+    @property
     def up(self) -> bool:
         """Both legs answered, neither hung up yet."""
         return (self.callee is not None and self.caller.answered is not None and self.callee.answered is not None
@@ -162,8 +168,7 @@ class Call:
             return f"no callee (caller got {c.final or 'nothing'})"
         if c.answered is None:
             return f"caller not answered ({c.final or 'no final answer'})"
-        answer = self.answer_ms
-        if answer is not None and answer > SETUP_LIMIT_MS:
+        if self.answered_late:
             return f"answered after more than {SETUP_LIMIT_MS / 1000:g} s"
         if c.bye_from_pbx:
             return "dropped by the PBX"

@@ -84,26 +84,29 @@ def snapshot(stack: Stack, pids: Pids, load_generator: int | None) -> dict[str, 
     }
 
 
+def _machine_ticks() -> list[int] | None:
+    """The whole machine's CPU ticks so far, every CPU (/proc/stat's first line: user nice
+    system idle iowait irq softirq steal); None where it cannot be read."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    except OSError:
+        return None
+    return [int(f) for f in fields[1:9]] if len(fields) > 8 and fields[0] == "cpu" else None
+
+
 def steal_seconds() -> float | None:
     """CPU time the hypervisor took from this machine so far, all CPUs (/proc/stat: steal);
     None where it cannot be read."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    return int(fields[8]) / _TICK if len(fields) > 8 and fields[0] == "cpu" else None
+    ticks = _machine_ticks()
+    return None if ticks is None else ticks[7] / _TICK
 
 
 def machine_seconds() -> tuple[float, float] | None:
-    """(busy, all) CPU seconds of the whole machine so far, every CPU (/proc/stat: all but
-    idle and iowait are busy); None where it cannot be read."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
+    """(busy, all) CPU seconds of the whole machine so far, every CPU (all but idle and
+    iowait are busy); None where it cannot be read."""
+    ticks = _machine_ticks()
+    if ticks is None:
         return None
-    if fields[0] != "cpu":
-        return None
-    ticks = [int(f) for f in fields[1:9]]  # user nice system idle iowait irq softirq steal
     return (sum(ticks) - ticks[3] - ticks[4]) / _TICK, sum(ticks) / _TICK
 
 

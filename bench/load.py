@@ -384,7 +384,7 @@ def setup_times(calls: list[Call]) -> dict[str, Any]:
     time went (before the callee's INVITE, or from the callee's 200 to the caller's)."""
     placed = [c.caller.invite for c in calls if c.caller.invite is not None]
     first = min(placed, default=0.0)
-    late = [c for c in calls if (c.answer_ms or 0) > sipp.SETUP_LIMIT_MS]
+    late = [c for c in calls if c.answered_late]
     out: dict[str, Any] = {
         "setup_ms": percentiles([c.setup_ms for c in calls if c.setup_ms is not None]),
         "answer_ms": percentiles([c.answer_ms for c in calls if c.answer_ms is not None]),

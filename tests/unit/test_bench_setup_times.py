@@ -8,7 +8,8 @@ from bench.load import climb_load, setup_times
 from bench.report import _climb, _late_calls
 
 
-def _call(dialed: float, callee_invite: float, callee_answer: float, caller_answer: float) -> Call:
+def _call(dialed: float, callee_invite: float | None, callee_answer: float | None,
+          caller_answer: float | None) -> Call:
     caller = Leg("c-%s" % dialed, "+15550001", invite=dialed, answered=caller_answer)
     callee = Leg("e-%s" % dialed, "+15550002", invite=callee_invite, answered=callee_answer)
     return Call(caller, callee)
