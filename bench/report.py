@@ -606,6 +606,89 @@ def _targets_section(rows: list[tuple[str, str, bool | None]]) -> list[str]:
     ]
 
 
+RUNS = "runs.json"  # the earlier full runs of the code results.json measured: their targets
+
+
+def run_entry(results: dict[str, Any], sizes: dict[str, Any] | None,
+              soak: dict[str, Any] | None) -> dict[str, Any]:
+    """One full run's targets as its own report gave them: its make bench (`results`), with
+    the soak and the sizes that measured the same code."""
+    sizes_used, soak_used = summary.usable(results, sizes, soak)
+    rows = targets(results, summary.figures(results, sizes, soak), sizes_used, soak_used)
+    return {"started": results.get("started"), "commit": summary.dig(results, "machine", "maskbridge commit"),
+            "soak started": summary.dig(soak_used, "started"), "sizes started": summary.dig(sizes_used, "started"),
+            "host": _host(results),
+            "targets": [{"target": name, "measured": value, "met": ok} for name, value, ok in rows]}
+
+
+def _host(results: dict[str, Any]) -> str:
+    """The machine of the run, and how fast it ran calls in the figures whose code is
+    Asterisk's alone: the dialplan baseline's highest rate and the ARI floor's added delay at
+    the median."""
+    floor = summary.dig(results, "floor", "delay", "added", "p50")
+    return (f"{summary.dig(results, 'machine', 'cpu') or '-'}; dialplan "
+            f"{_num(summary.dig(results, 'sustained', 'baseline'), '{:g}')} calls/s, ARI floor "
+            + ("-" if floor is None else f"{floor:.1f} ms"))
+
+
+def earlier_runs(out: Path, results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The earlier full runs of the code `results` measured (`out`/runs.json), oldest first.
+    Called before `results` is written: when `out` still holds another full run of the same
+    code (its results.json, soak.json and sizes.json), that run joins them (whatever run
+    takes its place: a smoke run written there too). Runs of other
+    code are dropped (the table compares one code's runs: what moves is the host)."""
+    code = summary.dig(results, "machine", "code commit")
+    kept = summary.read(out / RUNS) or {}
+    same = bool(code) and kept.get("code commit") == code
+    runs = [r for r in kept.get("runs") or [] if isinstance(r, dict)] if same else []
+    held = summary.read(out / "results.json")
+    if (code and held is not None and held.get("mode") == "full"
+            and held.get("started") != results.get("started")
+            and summary.dig(held, "machine", "code commit") == code
+            and all(r.get("started") != held.get("started") for r in runs)):
+        runs.append(run_entry(held, summary.read(out / "sizes.json"), summary.read(out / "soak.json")))
+    return runs
+
+
+def _short(measured: str) -> str:
+    """A measured figure without its note in parentheses."""
+    return measured.split(" (", 1)[0]
+
+
+def _runs_section(rows: list[tuple[str, str, bool | None]], runs: list[dict[str, Any]],
+                  results: dict[str, Any]) -> list[str]:
+    """This run's targets beside the earlier full runs' of the same code."""
+    if not runs:
+        return []
+
+    def cell(measured: str, ok: bool | None) -> str:
+        return f"{_short(measured)} ({'-' if ok is None else 'met' if ok else '**not met**'})"
+
+    earlier = [{r["target"]: r for r in run.get("targets") or []} for run in runs]
+    heads = [f"run of {run.get('started')} ({run.get('commit')})" for run in runs]
+    return [
+        "### The same code in other full runs",
+        "",
+        "Several targets sit close to their limits, and what a run measures moves with the machine it ran "
+        "on (its CPU, and the host's load at the hour: the dialplan baseline and the ARI floor, whose code is "
+        "Asterisk's alone, move with them; the last row). Every earlier full run of "
+        f"this code (code commit {summary.dig(results, 'machine', 'code commit')}), each with its own soak and "
+        "sizes, as its report gave it (runs.json):",
+        "",
+        f"| target | this run ({results.get('started')}) | {' | '.join(heads)} |",
+        f"| --- | --- |{' --- |' * len(runs)}",
+        *[f"| {name} | {cell(value, ok)} | "
+          + " | ".join(cell(e[name]["measured"], e[name]["met"]) if name in e else "-" for e in earlier) + " |"
+          for name, value, ok in rows],
+        f"| the machine, and what Asterisk alone did | {_host(results)} | "
+        + " | ".join(str(run.get("host") or "-") for run in runs) + " |",
+        f"| met | {sum(1 for *_, ok in rows if ok)} of {len(rows)} | "
+        + " | ".join(f"{sum(1 for r in run.get('targets') or [] if r.get('met'))} of {len(run.get('targets') or [])}"
+                     for run in runs) + " |",
+        "",
+    ]
+
+
 def _summary_section(figures: dict[str, Any]) -> list[str]:
     return [
         "## Headline figures (summary.json)",
@@ -674,6 +757,9 @@ def write(results: dict[str, Any], out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     before = _before(out)
     plots(results, out, before)
+    runs = earlier_runs(out, results)  # (before results.json is written again)
+    (out / RUNS).write_text(json.dumps({"code commit": summary.dig(results, "machine", "code commit"),
+                                        "runs": runs}, indent=1) + "\n")
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     sizes, soak = summary.read(out / "sizes.json"), summary.read(out / "soak.json")
     figures = summary.write(results, sizes, soak, out)
@@ -721,6 +807,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "inside Postgres under load.",
         "",
         *_targets_section(aimed),
+        *_runs_section(aimed, runs, results),
         *_comparison(results, before),
         "## Added post-dial delay",
         "",

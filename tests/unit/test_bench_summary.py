@@ -3,14 +3,16 @@ figure from the run that measured it, and only when that run measured the same c
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from bench import summary
-from bench.report import growth, targets
+from bench.report import _runs_section, earlier_runs, growth, targets
 
 
 def _machine(code: str) -> dict[str, str]:
-    return {"maskbridge commit": "abc1234", "code commit": code}
+    return {"cpu": "Test CPU, 2 cores", "maskbridge commit": "abc1234", "code commit": code}
 
 
 def _opens(per_second: float, p99: float, bridge_ms: float, pg_ms: float) -> dict[str, Any]:
@@ -115,3 +117,52 @@ def test_the_soak_reports_the_pbx_memory_idle_while_calls_ran_after_and_its_tren
                            "while the calls ran, 281.2 once the last call ended; trend over the second half ")
     assert line.endswith(" MiB per hour.") and abs(float(line.split("half ")[1].split(" ")[0])) < 30
     assert _pbx_memory({"start": {}, "end": {}, "samples": [{"t": 30, "pbx_rss_mb": None}]}) == []
+
+
+def _full_run(directory: Path, started: str, code: str = "c0de", p50: float = 2.5) -> dict[str, Any]:
+    """A full run's three files in `directory`, as make bench, its soak and bench-sizes leave them."""
+    results = {**_results(code=code), "started": started}
+    results["delay"] = {"added": {"p50": p50, "p99": 16.0}}
+    for name, data in (("results.json", results), ("sizes.json", {**_sizes(code), "started": f"{started} sizes"}),
+                       ("soak.json", {**_soak(code), "started": f"{started} soak"})):
+        (directory / name).write_text(json.dumps(data))
+    return results
+
+
+def test_an_earlier_full_run_of_the_same_code_is_kept_once_with_its_own_targets(tmp_path: Path):
+    """The run the directory holds joins runs.json when another full run of the same code comes
+    (once, whatever rewrites the report after it); a run of other code starts the list again."""
+    _full_run(tmp_path, "day 1 10:00", p50=4.0)
+    new = {**_results(), "started": "day 1 12:00"}
+    runs = earlier_runs(tmp_path, new)
+    assert [r["started"] for r in runs] == ["day 1 10:00"]
+    assert runs[0]["soak started"] == "day 1 10:00 soak" and runs[0]["sizes started"] == "day 1 10:00 sizes"
+    rows = {r["target"]: (r["measured"], r["met"]) for r in runs[0]["targets"]}
+    assert rows["post-dial delay added, p50 <= 3 ms"] == ("4.0 ms", False)  # (its own figure, not the new run's)
+    assert rows["soak: nothing left behind (channels, bridges, open calls)"] == ("0", True)
+    assert runs[0]["host"] == "Test CPU, 2 cores; dialplan 100 calls/s, ARI floor -"
+
+    (tmp_path / "runs.json").write_text(json.dumps({"code commit": "c0de", "runs": runs}))
+    (tmp_path / "results.json").write_text(json.dumps(new))
+    assert [r["started"] for r in earlier_runs(tmp_path, new)] == ["day 1 10:00"]  # (the soak's rewrite)
+    third = {**_results(), "started": "day 2 09:00"}
+    assert [r["started"] for r in earlier_runs(tmp_path, third)] == ["day 1 10:00", "day 1 12:00"]
+    assert earlier_runs(tmp_path, {**_results(code="n3w"), "started": "day 3"}) == []
+    smoke = earlier_runs(tmp_path, {**_results(mode="tiny"), "started": "day 3"})
+    assert [r["started"] for r in smoke] == ["day 1 10:00", "day 1 12:00"]  # (the full run it replaces is kept)
+
+
+def test_the_report_shows_this_run_beside_the_earlier_ones():
+    results = {**_results(), "started": "day 1 12:00"}
+    rows = targets(results, summary.figures(results, _sizes(), _soak()), _sizes(), _soak())
+    earlier = {"started": "day 1 10:00", "commit": "0ld1234", "targets": [
+        {"target": "post-dial delay added, p50 <= 3 ms", "measured": "4.0 ms (ARI floor: 3.1 ms)", "met": False},
+        {"target": "soak: nothing left behind (channels, bridges, open calls)", "measured": "0", "met": True}]}
+    lines = _runs_section(rows, [earlier], results)
+    assert "| target | this run (day 1 12:00) | run of day 1 10:00 (0ld1234) |" in lines
+    assert "| post-dial delay added, p50 <= 3 ms | 2.5 ms (met) | 4.0 ms (**not met**) |" in lines
+    assert "| 500 simultaneous bridged calls with audio | 500 (met) | - |" in lines
+    met = sum(1 for *_, ok in rows if ok)
+    assert f"| met | {met} of {len(rows)} | 1 of 2 |" in lines
+    assert "| the machine, and what Asterisk alone did | Test CPU, 2 cores; dialplan 100 calls/s, ARI floor - | - |" in lines
+    assert _runs_section(rows, [], results) == []
