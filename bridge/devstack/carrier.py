@@ -10,6 +10,7 @@ import math
 import time
 import wave
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -293,9 +294,7 @@ class Carrier:
                 except AriError:
                     pass
 
-        task = asyncio.create_task(again())
-        self._timers.add(task)
-        task.add_done_callback(self._timers.discard)
+        self._in_background(again())
 
     # --- events ----------------------------------------------------------------------
 
@@ -307,7 +306,11 @@ class Carrier:
             except AriError:
                 pass
 
-        task = asyncio.create_task(run())
+        self._in_background(run())
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run `work` as one of the carrier's timer tasks: cancelled when the carrier closes."""
+        task = asyncio.create_task(work)
         self._timers.add(task)
         task.add_done_callback(self._timers.discard)
 
