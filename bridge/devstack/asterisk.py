@@ -85,15 +85,9 @@ def bench_route(stack: Stack) -> Iterator[None]:
     """The benchmark's baseline route (asterisk-config/bench) in the PBX's dialplan while the
     block runs, and gone after: otherwise any trunk caller dialing +7999... would be put
     through by it, outside any session (an open relay)."""
-    etc = host_path(stack, "pbx", "etc")
     source = CONFIG_DIR / "bench" / BENCH_ROUTE
-    (etc / BENCH_ROUTE).write_text(render(source.read_text(), instance_values(stack, "pbx")))
-    _reload_dialplan(stack)
-    try:
+    with _included(stack, render(source.read_text(), instance_values(stack, "pbx"))):
         yield
-    finally:
-        (etc / BENCH_ROUTE).unlink(missing_ok=True)
-        _reload_dialplan(stack)
 
 
 @contextmanager
@@ -109,6 +103,29 @@ def bench_route_also(stack: Stack, name: str) -> Iterator[None]:
         yield
     finally:
         (etc / BENCH_ROUTE).write_text(base)
+        _reload_dialplan(stack)
+
+
+@contextmanager
+def dialplan_also(stack: Stack, text: str) -> Iterator[None]:
+    """A test's own dialplan `text` in the PBX while the block runs, and gone after. It goes
+    in the file the PBX includes for the benchmark (so not inside bench_route): contexts of
+    its own, which no call from the trunk reaches; a channel enters them only when the test
+    originates one there."""
+    with _included(stack, text):
+        yield
+
+
+@contextmanager
+def _included(stack: Stack, text: str) -> Iterator[None]:
+    """`text` as the PBX's included dialplan file while the block runs, and no file after."""
+    etc = host_path(stack, "pbx", "etc")
+    (etc / BENCH_ROUTE).write_text(text)
+    _reload_dialplan(stack)
+    try:
+        yield
+    finally:
+        (etc / BENCH_ROUTE).unlink(missing_ok=True)
         _reload_dialplan(stack)
 
 

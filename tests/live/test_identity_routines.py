@@ -1,0 +1,135 @@
+"""The PBX's interception routines (mb-identity in extensions.conf), run on their own.
+
+Asterisk runs `connected` on a leg before it tells that leg who is on the other side, and
+`redirecting` before it tells it where the call was forwarded; the leg then sends what they
+leave. The SIP tests show what reached the phones; they cannot show a field that no SIP header
+carries today (a private name, a tag, a subaddress), which a module or a later Asterisk could
+send. Here a Local channel fills every field of the leg with another person's identity, runs
+the routine, and the PBX's own dialplan reads every field back: only the pool number is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+import pytest
+
+from bridge.ari import AriClient
+from bridge.devstack import asterisk
+from bridge.devstack.settings import Stack
+
+MASK = "+74957770011"
+
+CONNECTED_FIELDS = {
+    # field: what the routine must leave ("" for nothing)
+    "name": MASK, "num": MASK, "name-valid": "1", "num-valid": "1", "pres": "allowed",
+    "tag": "", "priv-tag": "",
+    "subaddr": "", "subaddr-valid": "0",
+    "priv-name": "", "priv-name-valid": "0", "priv-num": "", "priv-num-valid": "0",
+    "priv-subaddr": "", "priv-subaddr-valid": "0",
+}
+REDIRECTING_FIELDS = {
+    "count": "0", "reason": "unknown", "orig-reason": "unknown",
+    "from-name": MASK, "from-num": MASK, "to-name": MASK, "to-num": MASK, "orig-name": MASK, "orig-num": MASK,
+    "from-tag": "", "to-tag": "", "orig-tag": "",
+    "priv-from-name": "", "priv-from-name-valid": "0", "priv-from-num": "", "priv-from-num-valid": "0",
+    "priv-to-name": "", "priv-to-name-valid": "0", "priv-to-num": "", "priv-to-num-valid": "0",
+    "priv-orig-name": "", "priv-orig-name-valid": "0", "priv-orig-num": "", "priv-orig-num-valid": "0",
+}
+
+
+def fill_connected(real: Callable[[], str]) -> dict[str, str]:
+    """Every connected-line field of the leg holding someone's identity (a private one, a
+    presentation that withholds it, a tag and subaddresses too)."""
+    # (A subaddress is valid only once said so; a name or number as soon as it is written.)
+    return {
+        "all": f'"Real Person" <{real()}>', "pres": "prohib", "tag": "ims-tag",
+        "priv-tag": "private-tag", "subaddr": "5511", "subaddr-valid": "1", "priv-name": "Private Person",
+        "priv-num": real(), "priv-subaddr": "6622", "priv-subaddr-valid": "1",
+    }
+
+
+def fill_redirecting(real: Callable[[], str]) -> dict[str, str]:
+    return {
+        "count": "3", "reason": "cfb", "orig-reason": "cfu",
+        "from-all": f'"Forwarding Person" <{real()}>', "to-all": f'"Forwarded-to Person" <{real()}>',
+        "orig-all": f'"First Person" <{real()}>', "from-tag": "t1", "to-tag": "t2", "orig-tag": "t3",
+        "priv-from-name": "PF", "priv-from-num": real(), "priv-to-name": "PT", "priv-to-num": real(),
+        "priv-orig-name": "PO", "priv-orig-num": real(),
+    }
+
+
+def probe(routine: str, function: str, fill: dict[str, str], fields: list[str], result: str) -> str:
+    """A context whose extension `routine` fills the leg, reads every field into the global
+    `result`_BEFORE, runs the routine as Asterisk would, and reads every field into `result`."""
+    read = "|".join(f"${{{function}({field})}}" for field in fields)
+    return "\n".join([
+        "[mb-probe]",
+        f"exten => {routine},1,Set(MASK_NUMBER={MASK})",
+        *(f" same => n,Set({function}({field},i)={value})" for field, value in fill.items()),
+        f" same => n,Set(GLOBAL({result}_BEFORE)={read})",
+        f" same => n,GoSub(mb-identity,{routine},1)",
+        f" same => n,Set(GLOBAL({result})={read})",
+        " same => n,Hangup()",
+        "",
+    ])
+
+
+@pytest.fixture
+async def pbx(stack: Stack) -> AsyncIterator[AriClient]:
+    env = stack.env
+    client = AriClient(f"http://{env['MB_ARI_BIND']}:{env['MB_ARI_PORT']}", env["MB_ARI_USER"],
+                       env["MB_ARI_PASSWORD"], env["MB_ARI_APP"])
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def global_once_set(pbx: AriClient, name: str, timeout: float = 10) -> str:
+    async with asyncio.timeout(timeout):
+        while True:
+            value = str((await pbx.request("GET", "/asterisk/variable", {"variable": name})).get("value") or "")
+            if value:
+                return value
+            await asyncio.sleep(0.05)  # wait-ok: polling a value the PBX's dialplan sets
+
+
+async def run_routine(stack: Stack, pbx: AriClient, routine: str, function: str, fill: dict[str, str],
+                      expected: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The leg's fields before and after the routine ran on it."""
+    fields = list(expected)
+    result = f"MB_PROBE_{uuid.uuid4().hex}"
+    with asterisk.dialplan_also(stack, probe(routine, function, fill, fields, result)):
+        out = await asyncio.to_thread(
+            asterisk.rx, stack, "pbx", f"channel originate Local/{routine}@mb-probe application Wait 1"
+        )
+        assert out.returncode == 0, out.stderr or out.stdout
+        try:
+            after = await global_once_set(pbx, result)
+            before = await global_once_set(pbx, f"{result}_BEFORE")
+        finally:
+            for name in (result, f"{result}_BEFORE"):
+                await pbx.request("POST", "/asterisk/variable", {"variable": name, "value": ""})
+    return dict(zip(fields, before.split("|"), strict=True)), dict(zip(fields, after.split("|"), strict=True))
+
+
+async def test_the_connected_line_routine_leaves_only_the_pool_number(stack, pbx, real_number) -> None:
+    fill = fill_connected(real_number)
+    before, after = await run_routine(stack, pbx, "connected", "CONNECTEDLINE", fill, CONNECTED_FIELDS)
+    # The leg did hold the other identity, in every field the routine is to clear.
+    assert before["priv-num"] == fill["priv-num"] and before["priv-name"] == "Private Person"
+    assert before["pres"] != "allowed" and before["tag"] == "ims-tag" and before["subaddr-valid"] == "1"
+    assert after == CONNECTED_FIELDS
+
+
+async def test_the_redirecting_routine_leaves_no_redirection_and_only_the_pool_number(
+    stack, pbx, real_number
+) -> None:
+    fill = fill_redirecting(real_number)
+    before, after = await run_routine(stack, pbx, "redirecting", "REDIRECTING", fill, REDIRECTING_FIELDS)
+    assert before["count"] == "3" and before["priv-orig-num"] == fill["priv-orig-num"]
+    assert before["from-num"] != MASK and before["to-tag"] == "t2"
+    assert after == REDIRECTING_FIELDS
