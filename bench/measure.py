@@ -100,6 +100,14 @@ async def open_sessions(stack: Stack, count: int, concurrency: int, run: str) ->
                 })
                 latencies.append(time.perf_counter() - started)
             assert status in (200, 201), body
+            if body["pool_number"] != BENCH_POOL_NUMBER:
+                # (The bench's routes through the dialplan, AGI's among them, answer that
+                # number alone; a pair with a live session on it from another run is given
+                # another, and those calls would fail as if the design did.)
+                raise RuntimeError(
+                    f"bench: session {i} was given {body['pool_number']}, not the bench's pool number "
+                    f"{BENCH_POOL_NUMBER}: its courier and client have a live session on it from an "
+                    "earlier run that did not close its sessions (they close at their ttl, an hour)")
             pairs.bridge.append(Route("bridge", courier, body["pool_number"], client))
             pairs.baseline.append(Route("baseline", caller, "+7999" + callee[5:], callee))
 
