@@ -106,13 +106,22 @@ async def open_sessions(stack: Stack, count: int, concurrency: int, run: str) ->
                 # another, and those calls would fail as if the design did.)
                 raise RuntimeError(
                     f"bench: session {i} was given {body['pool_number']}, not the bench's pool number "
-                    f"{BENCH_POOL_NUMBER}: its courier and client have a live session on it from an "
-                    "earlier run that did not close its sessions (they close at their ttl, an hour)")
+                    f"{BENCH_POOL_NUMBER}: its courier and client probably have a live session on it "
+                    "from an earlier run that did not close its sessions (they close at their ttl, an "
+                    "hour)")
             pairs.bridge.append(Route("bridge", courier, body["pool_number"], client))
             pairs.baseline.append(Route("baseline", caller, "+7999" + callee[5:], callee))
 
         started = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(count)))
+        try:
+            async with asyncio.TaskGroup() as group:  # (the first failure cancels the rest)
+                for i in range(count):
+                    group.create_task(one(i))
+        except Exception as exc:
+            # A run that stops here closes what it opened: left open (an hour), those
+            # sessions would give the same pairs other numbers in the next run.
+            await close_sessions(stack, run, count)
+            raise (exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc) from None
         elapsed = time.perf_counter() - started
     pairs.bridge.sort(key=lambda r: r.caller)
     pairs.baseline.sort(key=lambda r: r.caller)
