@@ -108,7 +108,9 @@ async def open_sessions(stack: Stack, count: int, concurrency: int, run: str) ->
                     f"bench: session {i} was given {body['pool_number']}, not the bench's pool number "
                     f"{BENCH_POOL_NUMBER}: its courier and client probably have a live session on it "
                     "from an earlier run that did not close its sessions (they close at their ttl, an "
-                    "hour)")
+                    "hour), or were given another number while such sessions were open and keep it (a "
+                    "pair is given the number it had last time: the local stack's database started "
+                    "again, .stack/pg removed, has no such history)")
             pairs.bridge.append(Route("bridge", courier, body["pool_number"], client))
             pairs.baseline.append(Route("baseline", caller, "+7999" + callee[5:], callee))
 
