@@ -380,12 +380,18 @@ async def webhook_receiver(where: str) -> AsyncIterator[WebhookReceiver]:
         await runner.cleanup()
 
 
+def pbx_ari(stack: Stack) -> AriClient:
+    """A client of the PBX's ARI, as the bridge's application (for the tests' own requests)."""
+    env = stack.env
+    return AriClient(f"http://{env['MB_ARI_BIND']}:{env['MB_ARI_PORT']}", env["MB_ARI_USER"], env["MB_ARI_PASSWORD"],
+                     env["MB_ARI_APP"])
+
+
 @contextlib.asynccontextmanager
 async def max_calls(stack: Stack, value: int) -> AsyncIterator[None]:
     """The PBX's MAX_CALLS set to `value` while the block runs, then what it was."""
     env = stack.env
-    pbx = AriClient(f"http://{env['MB_ARI_BIND']}:{env['MB_ARI_PORT']}", env["MB_ARI_USER"], env["MB_ARI_PASSWORD"],
-                    env["MB_ARI_APP"])
+    pbx = pbx_ari(stack)
     try:
         before = (await pbx.request("GET", "/asterisk/variable", {"variable": "MAX_CALLS"}))["value"]
         assert before == env["MB_PBX_MAX_CALLS"], "the dialplan holds the configured limit"

@@ -19,6 +19,7 @@ import pytest
 from bridge.ari import AriClient
 from bridge.devstack import asterisk
 from bridge.devstack.settings import Stack
+from tests.live.conftest import pbx_ari
 
 MASK = "+74957770011"
 
@@ -85,9 +86,7 @@ def probe(routine: str, function: str, fill: dict[str, str], fields: list[str], 
 
 @pytest.fixture
 async def pbx(stack: Stack) -> AsyncIterator[AriClient]:
-    env = stack.env
-    client = AriClient(f"http://{env['MB_ARI_BIND']}:{env['MB_ARI_PORT']}", env["MB_ARI_USER"],
-                       env["MB_ARI_PASSWORD"], env["MB_ARI_APP"])
+    client = pbx_ari(stack)
     try:
         yield client
     finally:
@@ -138,23 +137,18 @@ def assert_filled(before: dict[str, str], fill: dict[str, str], function: str) -
 
 CONNECTED_HIDDEN = ["priv-name", "priv-num"]
 REDIRECTING_HIDDEN = [f"priv-{party}-{part}" for party in ("from", "to", "orig") for part in ("name", "num")]
+ROUTINES = {
+    # routine: its function, how the leg is filled, what the routine must leave, the hidden strings
+    "connected": ("CONNECTEDLINE", fill_connected, CONNECTED_FIELDS, CONNECTED_HIDDEN),
+    "redirecting": ("REDIRECTING", fill_redirecting, REDIRECTING_FIELDS, REDIRECTING_HIDDEN),
+}
 
 
-async def test_the_connected_line_routine_leaves_only_the_pool_number(stack, pbx, real_number) -> None:
-    fill = fill_connected(real_number)
-    before, after, strings = await run_routine(stack, pbx, "connected", "CONNECTEDLINE", fill, CONNECTED_FIELDS,
-                                               CONNECTED_HIDDEN)
-    assert_filled(before, fill, "CONNECTEDLINE")
-    assert after == CONNECTED_FIELDS
-    assert strings == dict.fromkeys(CONNECTED_HIDDEN, ""), "a private name or number left behind, marked invalid"
-
-
-async def test_the_redirecting_routine_leaves_no_redirection_and_only_the_pool_number(
-    stack, pbx, real_number
-) -> None:
-    fill = fill_redirecting(real_number)
-    before, after, strings = await run_routine(stack, pbx, "redirecting", "REDIRECTING", fill, REDIRECTING_FIELDS,
-                                               REDIRECTING_HIDDEN)
-    assert_filled(before, fill, "REDIRECTING")
-    assert after == REDIRECTING_FIELDS
-    assert strings == dict.fromkeys(REDIRECTING_HIDDEN, ""), "a private name or number left behind, marked invalid"
+@pytest.mark.parametrize("routine", list(ROUTINES))
+async def test_the_routine_leaves_only_the_pool_number_and_no_redirection(stack, pbx, real_number, routine) -> None:
+    function, filler, expected, hidden = ROUTINES[routine]
+    fill = filler(real_number)
+    before, after, strings = await run_routine(stack, pbx, routine, function, fill, expected, hidden)
+    assert_filled(before, fill, function)
+    assert after == expected
+    assert strings == dict.fromkeys(hidden, ""), "a private name or number left behind, marked invalid"

@@ -9,10 +9,9 @@ import uuid
 
 import pytest
 
-from bridge.ari import AriClient
 from bridge.devstack.carrier import Carrier, Leg
 from bridge.devstack.audio import rms, samples, tone_share
-from tests.live.conftest import wait_for_call_row
+from tests.live.conftest import pbx_ari, wait_for_call_row
 from tests.live.siplog import SipLog, SipMessage, dialogs, ended_by_caller, logged, national_digits
 
 IDENTITY_ON = {
@@ -90,8 +89,7 @@ async def test_no_channel_of_a_call_holds_the_callers_real_number(stack, carrier
     leg = await carrier.call(courier, session["pool_number"], listen=False)
     callee = await asyncio.wait_for(carrier.incoming.get(), 10)
     row = await wait_for_call_row(db, session["id"], state="connected")
-    pbx = AriClient(f"http://{stack.env['MB_ARI_BIND']}:{stack.env['MB_ARI_PORT']}", stack.env["MB_ARI_USER"],
-                    stack.env["MB_ARI_PASSWORD"], stack.env["MB_ARI_APP"])
+    pbx = pbx_ari(stack)
     try:
         for channel_id in (row["inbound_channel_id"], row["outbound_channel_id"]):
             channel = await pbx.get_channel(channel_id)

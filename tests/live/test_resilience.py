@@ -16,11 +16,10 @@ from datetime import datetime, timezone
 
 import pytest
 
-from bridge.ari import AriClient
 from bridge.devstack import asterisk, postgres, processes
 from bridge.devstack.audio import rms, samples
 from bridge.phone import mask
-from tests.live.conftest import wait_for_call_row
+from tests.live.conftest import pbx_ari, wait_for_call_row
 
 
 async def connected_call(carrier, api, real_number, db):
@@ -217,8 +216,7 @@ async def test_a_leg_an_operator_hangs_up_on_the_pbx_is_the_systems_not_a_phones
     other phone is hung up."""
     session, _courier, caller, callee = await connected_call(carrier, api, real_number, db)
     row = await wait_for_call_row(db, session["id"], state="connected")
-    pbx = AriClient(f"http://{stack.env['MB_ARI_BIND']}:{stack.env['MB_ARI_PORT']}", stack.env["MB_ARI_USER"],
-                    stack.env["MB_ARI_PASSWORD"], stack.env["MB_ARI_APP"])
+    pbx = pbx_ari(stack)
     try:
         channel = await pbx.get_channel(row["inbound_channel_id" if leg == "caller" else "outbound_channel_id"])
     finally:
