@@ -31,13 +31,16 @@ CONNECTED_FIELDS = {
     "priv-name": "", "priv-name-valid": "0", "priv-num": "", "priv-num-valid": "0",
     "priv-subaddr": "", "priv-subaddr-valid": "0",
 }
+PARTIES = ("from", "to", "orig")  # who forwarded the call, to whom, and who was called first
 REDIRECTING_FIELDS = {
     "count": "0", "reason": "unknown", "orig-reason": "unknown",
-    "from-name": MASK, "from-num": MASK, "to-name": MASK, "to-num": MASK, "orig-name": MASK, "orig-num": MASK,
-    "from-tag": "", "to-tag": "", "orig-tag": "",
-    "priv-from-name": "", "priv-from-name-valid": "0", "priv-from-num": "", "priv-from-num-valid": "0",
-    "priv-to-name": "", "priv-to-name-valid": "0", "priv-to-num": "", "priv-to-num-valid": "0",
-    "priv-orig-name": "", "priv-orig-name-valid": "0", "priv-orig-num": "", "priv-orig-num-valid": "0",
+    **{field: value for party in PARTIES for field, value in {
+        f"{party}-name": MASK, f"{party}-num": MASK, f"{party}-pres": "allowed", f"{party}-tag": "",
+        f"{party}-subaddr": "", f"{party}-subaddr-valid": "0",
+        f"priv-{party}-name": "", f"priv-{party}-name-valid": "0", f"priv-{party}-num": "",
+        f"priv-{party}-num-valid": "0", f"priv-{party}-subaddr": "", f"priv-{party}-subaddr-valid": "0",
+        f"priv-{party}-tag": "",
+    }.items()},
 }
 
 
@@ -53,12 +56,16 @@ def fill_connected(real: Callable[[], str]) -> dict[str, str]:
 
 
 def fill_redirecting(real: Callable[[], str]) -> dict[str, str]:
+    """Every party of a redirection (who forwarded the call, to whom, who was called first)
+    holding someone's identity, withheld, with tags and subaddresses, and its private one."""
     return {
         "count": "3", "reason": "cfb", "orig-reason": "cfu",
-        "from-all": f'"Forwarding Person" <{real()}>', "to-all": f'"Forwarded-to Person" <{real()}>',
-        "orig-all": f'"First Person" <{real()}>', "from-tag": "t1", "to-tag": "t2", "orig-tag": "t3",
-        "priv-from-name": "PF", "priv-from-num": real(), "priv-to-name": "PT", "priv-to-num": real(),
-        "priv-orig-name": "PO", "priv-orig-num": real(),
+        **{field: value for n, party in enumerate(PARTIES, 1) for field, value in {
+            f"{party}-all": f'"Person {party}" <{real()}>', f"{party}-pres": "prohib", f"{party}-tag": f"t{n}",
+            f"{party}-subaddr": f"55{n}", f"{party}-subaddr-valid": "1",
+            f"priv-{party}-name": f"Private {party}", f"priv-{party}-num": real(),
+            f"priv-{party}-subaddr": f"66{n}", f"priv-{party}-subaddr-valid": "1", f"priv-{party}-tag": f"pt{n}",
+        }.items()},
     }
 
 
@@ -136,7 +143,7 @@ def assert_filled(before: dict[str, str], fill: dict[str, str], function: str) -
 
 
 CONNECTED_HIDDEN = ["priv-name", "priv-num"]
-REDIRECTING_HIDDEN = [f"priv-{party}-{part}" for party in ("from", "to", "orig") for part in ("name", "num")]
+REDIRECTING_HIDDEN = [f"priv-{party}-{part}" for party in PARTIES for part in ("name", "num")]
 ROUTINES = {
     # routine: its function, how the leg is filled, what the routine must leave, the hidden strings
     "connected": ("CONNECTEDLINE", fill_connected, CONNECTED_FIELDS, CONNECTED_HIDDEN),
