@@ -229,7 +229,7 @@ def phones(stack: Stack, work: Path) -> Iterator[tuple[Phones, Callee]]:
         _reload(stack)
         callee = Callee(p)
         try:
-            _wait_bound(p.host, p.callee_port, callee)
+            wait_bound(p.host, p.callee_port, callee)
             yield p, callee
         finally:
             callee.stop()
@@ -244,7 +244,7 @@ def _reload(stack: Stack) -> None:
         raise RuntimeError(f"reload of the PBX's SIP configuration failed: {out.stderr or out.stdout}")
 
 
-def _wait_bound(host: str, port: int, callee: Callee, timeout: float = 10) -> None:
+def wait_bound(host: str, port: int, callee: Callee, timeout: float = 10) -> None:
     """Until SIPp's callee holds its SIP port (it binds within milliseconds of starting)."""
     needle = f"{int.from_bytes(bytes(map(int, host.split('.')))[::-1], 'big'):08X}:{port:04X}"
     deadline = time.monotonic() + timeout

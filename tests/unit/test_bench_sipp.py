@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.sipp import Callee, Phones, _wait_bound, kill_leftovers
+from bench.sipp import Callee, Phones, wait_bound, kill_leftovers
 
 
 def test_phones_left_by_a_killed_bench_are_ended(tmp_path: Path) -> None:
@@ -37,16 +37,17 @@ def _free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def _invite(call_id: str, port: int, media: int, branch: str, method: str = "INVITE", cseq: int = 1,
+def _request(call_id: str, port: int, media: int, branch: str, method: str = "INVITE", cseq: int = 1,
             to_tag: str = "") -> bytes:
     sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
            f"m=audio {media} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n") if method == "INVITE" else ""
     to = f"<sip:+79161000001@127.0.0.1>{';tag=' + to_tag if to_tag else ''}"
+    content_type = "Content-Type: application/sdp\r\n" if sdp else ""
     return (f"{method} sip:+79161000001@127.0.0.1 SIP/2.0\r\n"
             f"Via: SIP/2.0/UDP 127.0.0.1:{port};rport;branch={branch}\r\n"
             f'From: "+74959990000" <sip:+74959990000@127.0.0.1>;tag=pbx\r\nTo: {to}\r\n'
             f"Call-ID: {call_id}\r\nCSeq: {cseq} {method}\r\nContact: <sip:pbx@127.0.0.1:{port}>\r\n"
-            f"Max-Forwards: 70\r\n{'Content-Type: application/sdp' + chr(13) + chr(10) if sdp else ''}"
+            f"Max-Forwards: 70\r\n{content_type}"
             f"Content-Length: {len(sdp)}\r\n\r\n{sdp}").encode()
 
 
@@ -80,15 +81,15 @@ def test_the_callee_answers_an_invite_sent_again_and_is_hung_up_normally(tmp_pat
         port = pbx.getsockname()[1]
         callee = Callee(phones)
         try:
-            _wait_bound("127.0.0.1", sip, callee)
-            invite = _invite("retransmitted-invite", port, media, "z9hG4bK-1")
+            wait_bound("127.0.0.1", sip, callee)
+            invite = _request("retransmitted-invite", port, media, "z9hG4bK-1")
             pbx.sendto(invite, ("127.0.0.1", sip))
             ok = _response(pbx, "INVITE", 200)
             to_tag = ok.split("\r\nTo:", 1)[1].split("\r\n", 1)[0].split(";tag=", 1)[1]
             pbx.sendto(invite, ("127.0.0.1", sip))  # the same INVITE again, as a retransmission
             for branch in ("z9hG4bK-2", "z9hG4bK-3", "z9hG4bK-4"):  # the ACK, then one for each 200 sent again
-                pbx.sendto(_invite("retransmitted-invite", port, media, branch, "ACK", 1, to_tag), ("127.0.0.1", sip))
-            pbx.sendto(_invite("retransmitted-invite", port, media, "z9hG4bK-5", "BYE", 2, to_tag), ("127.0.0.1", sip))
+                pbx.sendto(_request("retransmitted-invite", port, media, branch, "ACK", 1, to_tag), ("127.0.0.1", sip))
+            pbx.sendto(_request("retransmitted-invite", port, media, "z9hG4bK-5", "BYE", 2, to_tag), ("127.0.0.1", sip))
             _response(pbx, "BYE", 200)
         finally:
             callee.stop()
