@@ -81,9 +81,10 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
                 print(f"bench: the ARI floor{' (handed back to the dialplan)' if hand_back else ''}", file=sys.stderr)
                 async with floor.standing_in(stack, routes, load.work_dir(stack), hand_back):
                     results[key] = {
-                        "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
+                        "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"],
+                                                            f"delay-{key}"),
                         "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],
-                                                params["ramp_sample"], paths=("bridge",)),
+                                                params["ramp_sample"], paths=("bridge",), tag=f"ramp-{key}"),
                     }
                 results[key]["sustained"] = measure.sustained(results[key]["ramp"], "bridge")
             # The other design: the dialplan dials, asking over AGI for the bridge's decision
@@ -92,9 +93,10 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
                 print(f"bench: decided over AGI{' (from a table)' if table else ''}", file=sys.stderr)
                 async with agi.standing_in(stack, load.work_dir(stack), table):
                     results[key] = {
-                        "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"]),
+                        "delay": await load.post_dial_delay(bench, params["delay_rate"], params["delay_per_path"],
+                                                            f"delay-{key}"),
                         "ramp": await load.ramp(bench, params["ramp_rates"], params["ramp_seconds"], params["hold"],
-                                                params["ramp_sample"], paths=("bridge",)),
+                                                params["ramp_sample"], paths=("bridge",), tag=f"ramp-{key}"),
                     }
                 results[key]["sustained"] = measure.sustained(results[key]["ramp"], "bridge")
             print("bench: CPU per call", file=sys.stderr)

@@ -122,6 +122,7 @@ class Leg:
     invite_cseq: int = 0
     answered: float | None = None  # 200 to the INVITE
     final: int | None = None  # the INVITE's final status
+    final_at: float | None = None  # when it crossed
     pbx_media: int | None = None  # the PBX's RTP port for this leg (its SDP)
     bye: float | None = None
     bye_from_pbx: bool = False
@@ -223,22 +224,38 @@ def calls(pcap: Path, phones: Phones, callees: dict[str, str]) -> list[Call]:
         elif not msg.is_request and msg.method == "INVITE" and msg.cseq[0] == leg.invite_cseq \
                 and msg.status >= 200:
             if leg.final is None:
-                leg.final = msg.status
+                leg.final, leg.final_at = msg.status, p.at
             if msg.status == 200 and leg.answered is None:
                 leg.answered = p.at
                 if legs is caller_legs:
                     leg.pbx_media = _sdp_port(msg.body)
         elif not msg.is_request and msg.method == "BYE" and msg.status == 200:
             leg.bye_ok = True
+    return pair(list(caller_legs.values()), list(callee_legs.values()), callees)
+
+
+def pair(caller_legs: list[Leg], callee_legs: list[Leg], callees: dict[str, str]) -> list[Call]:
+    """Each caller leg (in the order placed) with the first callee leg of its callee that
+    was invited while the call was still going: not before it was dialed, and not after the
+    PBX refused it (a final status other than 200) or it hung up. The bench's pairs repeat
+    within a run (a pair calls again every few seconds), so without the second bound a call
+    the PBX refused took the callee leg of the pair's next call, which then counted as one
+    that reached no callee: each refusal was counted twice ("caller not answered (503)" and
+    "no callee (caller got 200)", as many of one as of the other in the runs at the bridge's
+    limit)."""
     by_number: dict[str, list[Leg]] = {}
-    for leg in sorted(callee_legs.values(), key=lambda x: x.invite or 0):
+    for leg in sorted(callee_legs, key=lambda x: x.invite or 0):
         by_number.setdefault(leg.number, []).append(leg)
     out: list[Call] = []
-    for leg in sorted(caller_legs.values(), key=lambda x: x.invite or 0):
+    for leg in sorted(caller_legs, key=lambda x: x.invite or 0):
         queue = by_number.get(callees.get(leg.number, ""), [])
         while queue and (queue[0].invite or 0) < (leg.invite or 0):
             queue.pop(0)  # a callee leg before this call was placed is not this call's
-        out.append(Call(leg, queue.pop(0) if queue else None))
+        ended = leg.final_at if leg.final not in (None, 200) else leg.bye
+        if queue and ended is not None and (queue[0].invite or 0) > ended:
+            out.append(Call(leg))  # (that leg is a later call's)
+        else:
+            out.append(Call(leg, queue.pop(0) if queue else None))
     return out
 
 

@@ -110,14 +110,14 @@ def failures(calls: list[Call]) -> dict[str, int]:
 # --- post-dial delay ----------------------------------------------------------------------------
 
 
-async def post_dial_delay(load: Load, rate: float, per_path: int) -> dict[str, Any]:
+async def post_dial_delay(load: Load, rate: float, per_path: int, tag: str = "delay") -> dict[str, Any]:
     """Each path at `rate` calls per second, the two alternating (the PBX carries 2 x `rate`);
     each call's delay runs from its INVITE leaving the caller to the callee's INVITE reaching
     the callee (one clock: the kernel's, on the loopback both cross)."""
     pairs = load.pairs
     order = [r for i in range(per_path) for r in (pairs.bridge[i], pairs.baseline[i])]
     path_of = {r.caller: r.path for r in order}
-    calls, run, _ = await load.place(order, 2 * rate, 500, "delay")
+    calls, run, _ = await load.place(order, 2 * rate, 500, tag)
     delays: dict[str, list[float]] = {"bridge": [], "baseline": []}
     placed: list[tuple[str, float]] = []
     for c in calls:
@@ -148,10 +148,12 @@ async def post_dial_delay(load: Load, rate: float, per_path: int) -> dict[str, A
 
 
 async def ramp(load: Load, rates: list[float], seconds: float, hold: float, sample: int,
-               paths: tuple[str, ...] = ("bridge", "baseline")) -> list[dict[str, Any]]:
+               paths: tuple[str, ...] = ("bridge", "baseline"), tag: str = "ramp") -> list[dict[str, Any]]:
     """For each rate, each path: calls for `seconds` at that rate; a path stops at the
     first rate where fewer than 99 % of its calls succeed. In each step, both sides of
-    `sample` calls are listened to for half their talk time."""
+    `sample` calls are listened to for half their talk time. Each step's capture is
+    `{tag}-{path}-{rate}.pcap` in the work directory (a stand-in's ramp names its own, so
+    that it does not write over the bridge's)."""
     steps: list[dict[str, Any]] = []
     active = set(paths)
     for rate in rates:
@@ -161,7 +163,7 @@ async def ramp(load: Load, rates: list[float], seconds: float, hold: float, samp
             routes = load.pairs.of(path)
             count = max(1, int(rate * seconds))
             chosen = [routes[i % len(routes)] for i in range(count)]
-            calls, run, heard = await load.place(chosen, rate, int(hold * 1000), f"ramp-{path}-{rate:g}",
+            calls, run, heard = await load.place(chosen, rate, int(hold * 1000), f"{tag}-{path}-{rate:g}",
                                                  sample=sample, listen_seconds=hold / 2)
             ok = sum(not c.why_not() for c in calls)
             steps.append({
