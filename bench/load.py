@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import capture, cpu, sipp
 from bench.capture import Call, Capture
-from bench.measure import Pairs, Route, percentiles, rss_mb
+from bench.measure import Pairs, Route, calls_shed, percentiles, rss_mb
 from bench.sipp import CALLEE_TONE, CALLER_TONE, Callee, CallerRun, Phones
 from bridge.devstack.audio import tone_share
 from bridge.devstack.settings import Stack
@@ -163,8 +163,10 @@ async def ramp(load: Load, rates: list[float], seconds: float, hold: float, samp
             routes = load.pairs.of(path)
             count = max(1, int(rate * seconds))
             chosen = [routes[i % len(routes)] for i in range(count)]
+            shed_before = await calls_shed(load.stack) if path == "bridge" else None
             calls, run, heard = await load.place(chosen, rate, int(hold * 1000), f"{tag}-{path}-{rate:g}",
                                                  sample=sample, listen_seconds=hold / 2)
+            shed_after = await calls_shed(load.stack) if shed_before is not None else None
             ok = sum(not c.why_not() for c in calls)
             steps.append({
                 "path": path, "rate": rate, "achieved": achieved(calls), "calls": count, "ok": ok,
@@ -172,6 +174,9 @@ async def ramp(load: Load, rates: list[float], seconds: float, hold: float, samp
                 "setup_ms": percentiles([s for c in calls if (s := c.setup_ms) is not None]),
                 "answer_ms": percentiles([s for c in calls if (s := c.answer_ms) is not None]),
                 "load_generator_cpu_s": run.cpu_seconds,
+                # (the 503s the bridge itself answered: its limit of calls routing at once; None
+                # where no bridge ran. The others come from the PBX's call limit.)
+                "shed_by_bridge": None if shed_after is None or shed_before is None else int(shed_after - shed_before),
                 "audio_ok": heard["audio_ok"] if heard else None,
                 "tone_shares": heard["tone_shares"] if heard else [],
             })

@@ -144,6 +144,14 @@ def plots(results: dict[str, Any], out: Path, before: dict[str, Any] | None) -> 
     ]
 
 
+def _step_failures(step: dict[str, Any]) -> str:
+    """A ramp step's failures by reason, with how many of its 503s the bridge shed itself."""
+    text = ", ".join(f"{k}: {v}" for k, v in step["failures"].items()) or "-"
+    if step.get("shed_by_bridge"):
+        text += f" (shed by the bridge: {step['shed_by_bridge']})"
+    return text
+
+
 def _num(value: Any, fmt: str = "{:.1f}") -> str:
     return "-" if value is None else fmt.format(value) if isinstance(value, (int, float)) else str(value)
 
@@ -865,7 +873,11 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "to had audio both ways. *Achieved* is the rate SIPp really offered (from its INVITEs on the "
         "wire); a step it could not offer (under 95 % of the target) does not count as sustained. In each "
         f"step {results['params'].get('ramp_sample', 0)} call(s) are listened to on the wire for half their "
-        "talk time: *two-way audio* gives the share of the other side's tone each side heard (caller/callee).",
+        "talk time: *two-way audio* gives the share of the other side's tone each side heard (caller/callee). "
+        "A 503 comes from the bridge (more new calls than it lets look their route up at once, 50: it sheds the "
+        "next ones, bridge.calls.flood; counted from its /metrics, *shed by the bridge*) or from the PBX (more "
+        "calls from the trunk than MB_PBX_MAX_CALLS; on UDP an overloaded PBX answers nothing, and SIPp sends "
+        "again).",
         "",
         "| rate (calls/s) | achieved | path | calls | succeeded | dial to callee's INVITE p50 / p99 (ms) | "
         "two-way audio | failures |",
@@ -875,7 +887,7 @@ def write(results: dict[str, Any], out: Path) -> Path:
             f"{100 * s['success']:.1f} % | {_ms(s['setup_ms'], 'p50')} / {_ms(s['setup_ms'], 'p99')} | "
             f"{'-' if s.get('audio_ok') is None else ('yes' if s['audio_ok'] else 'NO')}"
             f"{_shares(s.get('tone_shares'))} | "
-            f"{', '.join(f'{k}: {v}' for k, v in s['failures'].items()) or '-'} |"
+            f"{_step_failures(s)} |"
             for s in ramp
         ],
         "",
