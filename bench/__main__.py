@@ -57,7 +57,10 @@ async def run(stack: Stack, params: dict[str, Any], mode: str, out: Path) -> Pat
         "machine": report.machine(stack),
     }
     token = measure.run_id()
-    count = max(params["sessions"], params["delay_per_path"], max(params["concurrency_steps"]))
+    # (Each call of a ramp step has a pair of its own: a pair that called again while its last
+    # call was still being set up could not be told apart on the wire, bench.capture.pair.)
+    count = max(params["sessions"], params["delay_per_path"], max(params["concurrency_steps"]),
+                load.calls_per_step(params["ramp_rates"], params["ramp_seconds"]))
     print(f"bench: opening {count} sessions", file=sys.stderr)
     pairs, results["sessions"] = await measure.open_sessions(stack, count, params["api_concurrency"], token)
     bridge_log = processes.bridge_log(stack)

@@ -190,7 +190,7 @@ def _sdp_port(body: bytes) -> int | None:
 def calls(pcap: Path, phones: Phones, callees: dict[str, str]) -> list[Call]:
     """The calls in a capture of SIP between SIPp and the PBX, caller legs in the order they
     were placed, each paired with the callee leg of the callee its caller's call should ring
-    (`callees`: caller -> callee; first come, first paired)."""
+    (`callees`: caller -> callee; see pair)."""
     caller_legs: dict[str, Leg] = {}
     callee_legs: dict[str, Leg] = {}
     caller_side = (phones.host, phones.caller_port)
@@ -242,7 +242,8 @@ def pair(caller_legs: list[Leg], callee_legs: list[Leg], callees: dict[str, str]
     the PBX refused took the callee leg of the pair's next call, which then counted as one
     that reached no callee: each refusal was counted twice ("caller not answered (503)" and
     "no callee (caller got 200)", as many of one as of the other in the runs at the bridge's
-    limit)."""
+    limit). A pair that calls again while its last call is still being set up cannot be told
+    apart: the ramp gives each call of a step a pair of its own (bench.load.ramp)."""
     by_number: dict[str, list[Leg]] = {}
     for leg in sorted(callee_legs, key=lambda x: x.invite or 0):
         by_number.setdefault(leg.number, []).append(leg)

@@ -147,6 +147,11 @@ async def post_dial_delay(load: Load, rate: float, per_path: int, tag: str = "de
 # --- throughput ---------------------------------------------------------------------------------
 
 
+def calls_per_step(rates: list[float], seconds: float) -> int:
+    """The calls of a ramp's largest step."""
+    return max(max(1, int(rate * seconds)) for rate in rates)
+
+
 async def ramp(load: Load, rates: list[float], seconds: float, hold: float, sample: int,
                paths: tuple[str, ...] = ("bridge", "baseline"), tag: str = "ramp") -> list[dict[str, Any]]:
     """For each rate, each path: calls for `seconds` at that rate; a path stops at the
@@ -162,11 +167,16 @@ async def ramp(load: Load, rates: list[float], seconds: float, hold: float, samp
                 continue
             routes = load.pairs.of(path)
             count = max(1, int(rate * seconds))
-            chosen = [routes[i % len(routes)] for i in range(count)]
+            if count > len(routes):
+                raise ValueError(f"a ramp step of {count} calls needs as many pairs ({len(routes)} opened): a pair "
+                                 "calling again while its last call is still being set up cannot be told apart")
+            chosen = routes[:count]
             shed_before = await calls_shed(load.stack) if path == "bridge" else None
             calls, run, heard = await load.place(chosen, rate, int(hold * 1000), f"{tag}-{path}-{rate:g}",
                                                  sample=sample, listen_seconds=hold / 2)
             shed_after = await calls_shed(load.stack) if shed_before is not None else None
+            if shed_after is not None and shed_before is not None and shed_after < shed_before:
+                shed_after = None  # (the bridge started again meanwhile: its count did too)
             ok = sum(not c.why_not() for c in calls)
             steps.append({
                 "path": path, "rate": rate, "achieved": achieved(calls), "calls": count, "ok": ok,
@@ -174,8 +184,9 @@ async def ramp(load: Load, rates: list[float], seconds: float, hold: float, samp
                 "setup_ms": percentiles([s for c in calls if (s := c.setup_ms) is not None]),
                 "answer_ms": percentiles([s for c in calls if (s := c.answer_ms) is not None]),
                 "load_generator_cpu_s": run.cpu_seconds,
-                # (the 503s the bridge itself answered: its limit of calls routing at once; None
-                # where no bridge ran. The others come from the PBX's call limit.)
+                # (the calls the bridge shed, a 503 each: its limit of calls routing at once; None
+                # where no bridge ran. A 503 may also come from the PBX's call limit, or from the
+                # bridge failing a call.)
                 "shed_by_bridge": None if shed_after is None or shed_before is None else int(shed_after - shed_before),
                 "audio_ok": heard["audio_ok"] if heard else None,
                 "tone_shares": heard["tone_shares"] if heard else [],

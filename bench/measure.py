@@ -311,32 +311,6 @@ def sustained(steps: list[dict[str, Any]], path: str) -> float | None:
 # --- concurrency ------------------------------------------------------------------------------
 
 
-SHED_METRIC = "maskbridge_calls_shed_total"
-
-
-def metric_value(text: str, name: str) -> float | None:
-    """A metric without labels, from Prometheus's text format (None: not in it)."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    return None
-
-
-async def calls_shed(stack: Stack) -> float | None:
-    """The bridge's count of new calls it shed (SIP 503 before the route lookup, more than
-    its limit of calls routing at once: bridge.calls.flood), from its /metrics; None when
-    no bridge answers (a stand-in runs instead)."""
-    url = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}/metrics"
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
-            async with http.get(url) as resp:
-                if resp.status != 200:
-                    return None
-                return metric_value(await resp.text(), SHED_METRIC)
-    except (aiohttp.ClientError, TimeoutError):
-        return None
-
-
 def rss_mb(pid: int | None) -> float | None:
     if pid is None:
         return None
@@ -485,3 +459,32 @@ def route_lookups(bridge_log: Path, offset: int) -> dict[str, float]:
 
 def run_id() -> str:
     return uuid.uuid4().hex[:8]
+
+
+# --- the bridge's own count of calls it shed (the ramp) ---------------------------------------
+
+
+SHED_METRIC = "maskbridge_calls_shed_total"
+
+
+def metric_value(text: str, name: str) -> float | None:
+    """A metric without labels, from Prometheus's text format (None: not in it)."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+async def calls_shed(stack: Stack) -> float | None:
+    """The bridge's count of new calls it shed (SIP 503 before the route lookup, more than
+    its limit of calls routing at once: bridge.calls.flood), from its /metrics; None when
+    no bridge answers (a stand-in runs instead)."""
+    url = f"http://{stack.env['MB_API_BIND']}:{stack.env['MB_API_PORT']}/metrics"
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+            async with http.get(url) as resp:
+                if resp.status != 200:
+                    return None
+                return metric_value(await resp.text(), SHED_METRIC)
+    except (aiohttp.ClientError, TimeoutError):
+        return None

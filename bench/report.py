@@ -16,6 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from bench import summary
+from bridge.calls.flood import ROUTING_LIMIT
 from bridge.devstack import postgres
 from bridge.devstack.settings import PROJECT_DIR, Stack
 
@@ -145,10 +146,11 @@ def plots(results: dict[str, Any], out: Path, before: dict[str, Any] | None) -> 
 
 
 def _step_failures(step: dict[str, Any]) -> str:
-    """A ramp step's failures by reason, with how many of its 503s the bridge shed itself."""
+    """A ramp step's failures by reason, then the calls the bridge shed (a 503 each) where
+    they were counted (0 too: then any 503 was not a shed)."""
     text = ", ".join(f"{k}: {v}" for k, v in step["failures"].items()) or "-"
-    if step.get("shed_by_bridge"):
-        text += f" (shed by the bridge: {step['shed_by_bridge']})"
+    if step.get("shed_by_bridge") is not None:
+        text += f"; calls the bridge shed (503): {step['shed_by_bridge']}"
     return text
 
 
@@ -874,10 +876,11 @@ def write(results: dict[str, Any], out: Path) -> Path:
         "wire); a step it could not offer (under 95 % of the target) does not count as sustained. In each "
         f"step {results['params'].get('ramp_sample', 0)} call(s) are listened to on the wire for half their "
         "talk time: *two-way audio* gives the share of the other side's tone each side heard (caller/callee). "
-        "A 503 comes from the bridge (more new calls than it lets look their route up at once, 50: it sheds the "
-        "next ones, bridge.calls.flood; counted from its /metrics, *shed by the bridge*) or from the PBX (more "
-        "calls from the trunk than MB_PBX_MAX_CALLS; on UDP an overloaded PBX answers nothing, and SIPp sends "
-        "again).",
+        "A 503 comes from the bridge (it sheds a new call when "
+        f"{ROUTING_LIMIT} are already waiting for their route lookup, bridge.calls.flood, or fails a call it "
+        "cannot set up) or from the PBX (more calls from the trunk than MB_PBX_MAX_CALLS; on UDP an overloaded "
+        "PBX ignores new requests, and SIPp sends them again). The calls the bridge shed are counted from its "
+        "/metrics in each of its steps (*calls the bridge shed*; in runs since aaab3b9).",
         "",
         "| rate (calls/s) | achieved | path | calls | succeeded | dial to callee's INVITE p50 / p99 (ms) | "
         "two-way audio | failures |",

@@ -3,7 +3,14 @@ PBX refused does not take the leg of the same pair's next call."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
 from bench.capture import Leg, pair
+from bench.load import calls_per_step, ramp
+from bench.measure import Pairs, Route
 
 CALLEES = {"+79151000001": "+79161000001"}
 
@@ -49,3 +56,13 @@ def test_a_refusal_after_the_callee_was_rung_keeps_its_callee():
     rung = Leg("e-a", "+79161000001", invite=100.01, final=487, final_at=100.5)
     calls = pair([failed], [rung], CALLEES)
     assert calls[0].callee is rung and calls[0].why_not() == "caller not answered (503)"
+
+
+async def test_a_ramp_step_with_more_calls_than_pairs_is_refused_before_any_call():
+    """Each call of a ramp step has a pair of its own (a pair calling again while its last call
+    is set up cannot be told apart); a bench that opened too few says so, placing nothing."""
+    routes = [Route("bridge", f"+79151{i:06d}", "+74950000000", f"+79161{i:06d}") for i in range(3)]
+    bench: Any = SimpleNamespace(pairs=Pairs(bridge=routes), stack=None)
+    with pytest.raises(ValueError, match="a ramp step of 4 calls needs as many pairs"):
+        await ramp(bench, [2.0], 2.0, 1.0, 0, paths=("bridge",))
+    assert calls_per_step([10.0, 200.0], 20.0) == 4000

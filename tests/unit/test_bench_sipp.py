@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.sipp import Callee, Phones, wait_bound, kill_leftovers
+from bench.sipp import Callee, Phones, kill_leftovers, wait_bound
 
 
 def test_phones_left_by_a_killed_bench_are_ended(tmp_path: Path) -> None:
@@ -38,7 +38,7 @@ def _free_udp_port() -> int:
 
 
 def _request(call_id: str, port: int, media: int, branch: str, method: str = "INVITE", cseq: int = 1,
-            to_tag: str = "") -> bytes:
+             to_tag: str = "") -> bytes:
     sdp = ("v=0\r\no=- 1 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\nt=0 0\r\n"
            f"m=audio {media} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\n") if method == "INVITE" else ""
     to = f"<sip:+79161000001@127.0.0.1>{';tag=' + to_tag if to_tag else ''}"
