@@ -193,6 +193,10 @@ class Carrier:
         await self.ari.dial(channel_id, timeout=60)
         return leg
 
+    async def stop_tone(self, leg: Leg) -> None:
+        """The phone stops playing its tone and says nothing from then on (its leg sends no RTP)."""
+        await self._stop_tone(leg)
+
     async def _stop_tone(self, leg: Leg) -> None:
         """ARI runs a channel's operations in turn: DTMF or a hold sent to a phone would wait
         for the end of its tone's playback. So the tone is stopped first (once it has started:
