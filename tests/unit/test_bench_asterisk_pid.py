@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +33,16 @@ def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
 
 
 def _like(argv0: str, *args: str) -> subprocess.Popen[bytes]:
-    """A process whose command line reads `argv0 -c <sleep> args...` (a stand-in: python)."""
-    return subprocess.Popen([argv0, "-c", SLEEP, *args], executable=sys.executable)
+    """A process whose command line reads `argv0 -c <sleep> args...` (a stand-in: python),
+    once /proc shows it so (a make test once found the server stand-in's command line not
+    there yet, right after it started)."""
+    proc = subprocess.Popen([argv0, "-c", SLEEP, *args], executable=sys.executable)
+    want = b"\0".join(arg.encode() for arg in (argv0, "-c", SLEEP, *args))
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{proc.pid}/cmdline").read_bytes().rstrip(b"\0") != want:
+        assert time.monotonic() < deadline, f"/proc never showed the command line of {argv0}"
+        time.sleep(0.01)  # wait-ok: polling /proc for the new process's command line
+    return proc
 
 
 def test_a_console_is_not_the_pbx(stack: Stack, processes: list[subprocess.Popen[bytes]]) -> None:
