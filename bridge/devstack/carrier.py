@@ -194,11 +194,8 @@ class Carrier:
         return leg
 
     async def stop_tone(self, leg: Leg) -> None:
-        """The phone stops playing its tone and says nothing from then on (its leg sends no RTP)."""
-        await self._stop_tone(leg)
-
-    async def _stop_tone(self, leg: Leg) -> None:
-        """ARI runs a channel's operations in turn: DTMF or a hold sent to a phone would wait
+        """The phone stops playing its tone and says nothing from then on (its leg sends no RTP).
+        ARI runs a channel's operations in turn: DTMF or a hold sent to a phone would wait
         for the end of its tone's playback. So the tone is stopped first (once it has started:
         a stop that comes before the play would be no stop at all)."""
         if leg.answered.is_set():
@@ -210,13 +207,13 @@ class Carrier:
 
     async def press(self, leg: Leg, digits: str) -> None:
         """The phone stops its tone and sends DTMF (RFC 4733 events) on its call."""
-        await self._stop_tone(leg)
+        await self.stop_tone(leg)
         await self.ari.send_dtmf(leg.channel_id, digits)
 
     async def hold(self, leg: Leg) -> None:
         """The phone puts its call on hold: its tone stops and a re-INVITE with a=sendonly goes
         to the PBX."""
-        await self._stop_tone(leg)
+        await self.stop_tone(leg)
         await self.ari.hold(leg.channel_id)
 
     async def resume(self, leg: Leg) -> None:
@@ -259,7 +256,7 @@ class Carrier:
         connected-line update, which the carrier sends the PBX as an UPDATE or re-INVITE
         with P-Asserted-Identity (as an IMS network does after a forwarding or a pickup).
         (ARI would run it only after the phone's tone: the tone stops meanwhile.)"""
-        await self._stop_tone(leg)
+        await self.stop_tone(leg)
         await self.ari.set_variable(leg.channel_id, "CONNECTEDLINE(name,i)", name)
         await self.ari.set_variable(leg.channel_id, "CONNECTEDLINE(num)", number)
         if leg.answered.is_set():
