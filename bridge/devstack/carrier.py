@@ -193,6 +193,20 @@ class Carrier:
         await self.ari.dial(channel_id, timeout=60)
         return leg
 
+    async def connected(
+        self, from_number: str, to_number: str, callee: str, *, callee_phone: dict[str, Any] | None = None,
+        timeout: float = 10, **call_options: Any,
+    ) -> tuple[Leg, Leg]:
+        """A call from `from_number` to `to_number` (`call_options` as `call`'s), which the
+        PBX sends on to `callee`'s phone; that phone answers (`callee_phone`: its other
+        behaviour, as `phone`'s). The caller's leg and the callee's, once both are answered."""
+        self.phone(callee, **{"action": "answer", **(callee_phone or {})})
+        leg = await self.call(from_number, to_number, **call_options)
+        other = await asyncio.wait_for(self.incoming.get(), timeout)
+        await asyncio.wait_for(leg.answered.wait(), timeout)
+        await asyncio.wait_for(other.answered.wait(), timeout)
+        return leg, other
+
     async def stop_tone(self, leg: Leg) -> None:
         """The phone stops playing its tone and says nothing from then on (its leg sends no RTP).
         ARI runs a channel's operations in turn: DTMF or a hold sent to a phone would wait

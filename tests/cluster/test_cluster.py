@@ -587,11 +587,9 @@ async def test_hold_and_resume_through_kamailio(cluster: Stack, carrier: Carrier
     sip_log = SipLog(asterisk.host_path(cluster, "carrier", "log", "sip.log"))
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer", tone=1000, listen=False)
-    leg = await carrier.call(courier, session["pool_number"], tone=600, listen=False)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.answered.wait(), 10)
-    await asyncio.wait_for(callee.answered.wait(), 10)
+    leg, callee = await carrier.connected(
+        courier, session["pool_number"], client, callee_phone={"tone": 1000, "listen": False}, tone=600, listen=False
+    )
     holding, held = (leg, callee) if holder == "caller" else (callee, leg)
     mark = sip_log.mark()
     await carrier.hold(holding)

@@ -25,11 +25,9 @@ async def hears(carrier: Carrier, leg: Leg, freq: int) -> tuple[float, float]:
 async def test_hold_and_resume_keep_the_call_up(holder, carrier, api, real_number, db, sip_log: SipLog):
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer", tone=1000, listen=False)
-    leg = await carrier.call(courier, session["pool_number"], tone=600, listen=False)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.answered.wait(), 10)
-    await asyncio.wait_for(callee.answered.wait(), 10)
+    leg, callee = await carrier.connected(
+        courier, session["pool_number"], client, callee_phone={"tone": 1000, "listen": False}, tone=600, listen=False
+    )
     holding, held = (leg, callee) if holder == "caller" else (callee, leg)
 
     mark = sip_log.mark()

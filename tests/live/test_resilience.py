@@ -27,10 +27,7 @@ async def connected_call(carrier, api, real_number, db):
     (session, the courier's number, the courier's leg, the client's leg)."""
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer")
-    leg = await carrier.call(courier, session["pool_number"])
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(callee.answered.wait(), 10)
+    leg, callee = await carrier.connected(courier, session["pool_number"], client)
     await wait_for_call_row(db, session["id"], state="connected")
     return session, courier, leg, callee
 
@@ -69,11 +66,7 @@ async def test_restarted_bridge_resumes_a_connected_call_and_finishes_it(stack, 
     """The state needed to finish a call is in Postgres, not only in the bridge's memory."""
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer")
-    leg = await carrier.call(courier, session["pool_number"])
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.answered.wait(), 10)
-    await asyncio.wait_for(callee.answered.wait(), 10)
+    leg, callee = await carrier.connected(courier, session["pool_number"], client)
     await wait_for_call_row(db, session["id"], state="connected")
 
     processes.stop_bridge(stack)

@@ -231,15 +231,6 @@ async def test_a_call_ringing_when_its_session_closes_is_cut_off(carrier, api, r
     assert (row["outcome"], row["hangup_by"], row["cut_reason"]) == ("session_closed", "system", "session_ended")
 
 
-async def connected(carrier, caller: str, dialed: str, callee: str):
-    carrier.phone(callee, action="answer")
-    leg = await carrier.call(caller, dialed)
-    other = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.answered.wait(), 10)
-    await asyncio.wait_for(other.answered.wait(), 10)
-    return leg, other
-
-
 async def housekeeping(stack) -> None:
     """One sweep, by maskbridge-admin (as an operator would run it; the bridge's own runs too)."""
     admin = await asyncio.create_subprocess_exec(
@@ -256,7 +247,7 @@ async def test_a_call_in_progress_keeps_an_idle_session_open_and_its_end_restart
     """Idle is "nobody called for idle_timeout_seconds", not "the conversation lasted that long"."""
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client, idle_timeout_seconds=600)
-    leg, other = await connected(carrier, courier, session["pool_number"], client)
+    leg, other = await carrier.connected(courier, session["pool_number"], client)
     await wait_for_call_row(db, session["id"], state="connected")
     # The call has lasted eleven minutes: a sweep leaves the session, and the call, alone.
     await db.execute("UPDATE sessions SET last_activity_at = now() - interval '11 minutes' WHERE id = $1", session["id"])
@@ -283,7 +274,7 @@ async def test_a_session_reaching_its_expiry_ends_its_call_at_once(carrier, api,
     sweep (MB_SWEEP_INTERVAL): the call ends within moments of the session's expiry."""
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    leg, other = await connected(carrier, courier, session["pool_number"], client)
+    leg, other = await carrier.connected(courier, session["pool_number"], client)
     await wait_for_call_row(db, session["id"], state="connected")
     expires = await db.fetchval(
         "UPDATE sessions SET expires_at = now() + interval '2 seconds' WHERE id = $1 RETURNING expires_at",
@@ -309,7 +300,7 @@ async def test_cuts_survive_the_loss_of_the_listening_connection(carrier, api, r
 
     first, second, client = real_number(), real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", first, client)
-    leg, other = await connected(carrier, first, session["pool_number"], client)
+    leg, other = await carrier.connected(first, session["pool_number"], client)
     await wait_for_call_row(db, session["id"], state="connected")
 
     old = await listener()

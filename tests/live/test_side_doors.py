@@ -40,11 +40,10 @@ async def live_call(carrier: Carrier, api, real_number, *, tone_caller: int = 60
     """A connected courier-to-client call, both legs through the hostile network."""
     courier, client = real_number(), real_number()
     session = await api.open_session(f"order-{uuid.uuid4()}", courier, client)
-    carrier.phone(client, action="answer", answer_after=0.3, listen=False, tone=1000)
-    leg = await carrier.call(courier, session["pool_number"], listen=False, via_network=True, tone=tone_caller)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 10)
-    await asyncio.wait_for(leg.answered.wait(), 10)
-    await asyncio.wait_for(callee.answered.wait(), 10)
+    leg, callee = await carrier.connected(
+        courier, session["pool_number"], client, callee_phone={"answer_after": 0.3, "listen": False, "tone": 1000},
+        listen=False, via_network=True, tone=tone_caller,
+    )
     return session, courier, client, leg, callee
 
 
