@@ -39,7 +39,8 @@ help:
 # binaries, Python venv support, Prometheus (its promtool checks the alert rules, and the
 # live tests run one against the stack), SIPp (sip-tester: the benchmark's load generator),
 # tcpdump (the benchmark's clock for SIP and its ear for RTP) and gettext-base (envsubst: the
-# PBX image's entrypoint renders its templates with it, and a unit test runs it here).
+# PBX image's entrypoint renders its templates with it, and a unit test runs it here) and
+# iptables (the PBX's media guard: asterisk-config/media-guard.sh).
 # Postgres is installed without its default cluster: the project keeps its own; no service
 # the packages bring is started (policy-rc.d says no while apt runs).
 deps:
@@ -52,6 +53,7 @@ deps:
 	command -v sipp >/dev/null || missing="$$missing sip-tester"; \
 	command -v tcpdump >/dev/null || missing="$$missing tcpdump"; \
 	command -v envsubst >/dev/null || missing="$$missing gettext-base"; \
+	command -v iptables-restore >/dev/null || missing="$$missing iptables"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  mkdir -p /etc/postgresql-common; \

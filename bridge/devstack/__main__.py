@@ -17,7 +17,7 @@ from datetime import datetime
 import asyncpg
 
 from bridge import logs
-from bridge.devstack import asterisk, carrier, demo, kamailio, monitoring, ports, postgres, processes
+from bridge.devstack import asterisk, carrier, demo, kamailio, media_guard, monitoring, ports, postgres, processes
 from bridge.devstack.settings import Stack, load
 from bridge.phone import InvalidNumber, mask, normalize
 
@@ -40,6 +40,7 @@ def start_services(stack: Stack) -> str:
     postgres.start(stack)
     pool_number = asyncio.run(demo.load(stack.database_url, stack.env["MB_NUMBER_KEY"]))
     _record_size(stack)
+    media_guard.apply(stack)  # before the PBX has a port open
     for node in stack.nodes:
         asterisk.start(node, "pbx")
     if stack.size > 1:
@@ -78,6 +79,7 @@ def stop_all(stack: Stack) -> None:
         processes.stop_bridge(stack)
         asterisk.stop(stack, "pbx")  # (a one-node stack's, had one run before)
     asterisk.stop(stack, "carrier")
+    media_guard.remove(stack)
     postgres.stop(stack)
     monitoring.stop_prometheus(stack.dir / "prometheus")  # (a `make monitor` whose command was killed)
     (stack.run_dir / "nodes").unlink(missing_ok=True)

@@ -30,6 +30,8 @@ DEFAULTS: dict[str, tuple[str, str]] = {
     "MB_RTP_START": ("20000", "first RTP port of the PBX"),
     "MB_RTP_END": ("24999", "last RTP port of the PBX"),
     "MB_TRUNK_HOST": ("127.0.0.2", "the carrier trunk's address (the simulated carrier binds it)"),
+    "MB_TRUNK_MEDIA": ("", "the carrier's media addresses or networks (comma-separated; empty: MB_TRUNK_HOST): the "
+                       "only sources the PBX's RTP ports take UDP from (asterisk-config/media-guard.sh)"),
     "MB_TRUNK_PORT": ("5060", "the carrier trunk's SIP port"),
     "MB_TRUNK_SEND_PAI": ("no", "trunk endpoint send_pai"),
     "MB_TRUNK_SEND_RPID": ("no", "trunk endpoint send_rpid"),

@@ -15,6 +15,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from bridge.devstack import media_guard
 from bridge.devstack.carrier import Carrier
 from bridge.devstack.settings import DEFAULTS, Stack, load
 from tests.compose import stack as compose_stack
@@ -91,6 +92,16 @@ async def db(cluster: tuple[ComposeStack, Stack]) -> AsyncIterator[asyncpg.Conne
     conn = await asyncpg.connect(cluster[0].stack.database_url)
     yield conn
     await conn.close()
+
+
+def test_each_node_has_its_media_guard(cluster: tuple[ComposeStack, Stack]) -> None:
+    """Each node's RTP range takes UDP from the carrier only (media does not pass Kamailio)."""
+    compose, _ = cluster
+    env = compose.stack.env
+    node_2 = Stack(env={**env, "MB_RTP_START": env["MB_NODE2_RTP_START"], "MB_RTP_END": env["MB_NODE2_RTP_END"]})
+    for service, node in (("media-guard", compose.stack), ("media-guard-2", node_2)):
+        assert compose.container(service)["State"]["Health"]["Status"] == "healthy", service
+        assert media_guard.check(node) == "", service
 
 
 def test_every_service_of_the_cluster_is_up_healthy_and_hardened(cluster: tuple[ComposeStack, Stack]) -> None:

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from bridge.devstack import asterisk
+from bridge.devstack import asterisk, media_guard
 from bridge.devstack.monitoring import rule_count
 from bridge.devstack.audio import samples, tone_share
-from bridge.devstack.carrier import Carrier, Leg
+from bridge.devstack.carrier import Carrier
 from tests.compose.stack import PROJECT_DIR, SERVICES, ComposeStack
 from tests.live.siplog import SipLog, dialogs, ended_by_caller, identity_leaks, logged
 
@@ -64,15 +64,6 @@ async def last_call(api: aiohttp.ClientSession, session_id: str, state: str, tim
             await asyncio.sleep(0.1)  # wait-ok: polling the bridge's record of the call
 
 
-async def connected_call(carrier: Carrier, caller: str, callee_number: str, pool: str) -> tuple[Leg, Leg]:
-    carrier.phone(callee_number, action="answer", tone=1000)
-    leg = await carrier.call(caller, pool, tone=600)
-    callee = await asyncio.wait_for(carrier.incoming.get(), 15)
-    await asyncio.wait_for(leg.answered.wait(), 15)
-    await asyncio.wait_for(callee.answered.wait(), 15)
-    return leg, callee
-
-
 def pinned_asterisk_version() -> str:
     dockerfile = (PROJECT_DIR / "asterisk-config" / "Dockerfile").read_text()
     match = re.search(r"^ARG ASTERISK_VERSION=(\S+)$", dockerfile, re.M)
@@ -99,6 +90,18 @@ def test_every_service_is_up_healthy_and_hardened(compose: ComposeStack) -> None
     assert compose.compose("exec", "-T", "asterisk", "id", "-un").stdout.strip() == "asterisk"
     assert compose.compose("exec", "-T", "postgres", "id", "-un").stdout.strip() == "postgres"
     assert compose.compose("exec", "-T", "prometheus", "id", "-u").stdout.strip() == "65534"
+
+
+def test_the_media_guard_stands_in_front_of_the_pbx_with_one_capability(compose: ComposeStack) -> None:
+    """The one service that runs as root: it holds no capability but the firewall's, and the
+    host's firewall has its rules exactly (the PBX's RTP range, from the carrier only)."""
+    inspected = compose.container("media-guard")
+    host = inspected["HostConfig"]
+    assert inspected["State"]["Health"]["Status"] == "healthy"
+    assert host["CapDrop"] == ["ALL"] and sorted(c.removeprefix("CAP_") for c in host["CapAdd"]) == ["NET_ADMIN", "NET_RAW"]
+    assert host["ReadonlyRootfs"] and host["Init"] and "no-new-privileges:true" in host["SecurityOpt"]
+    assert host["NetworkMode"] == "host" and host["Memory"] > 0 and host["PidsLimit"] > 0
+    assert media_guard.check(compose.stack) == ""
 
 
 def test_the_pbx_runs_the_pinned_asterisk(compose: ComposeStack) -> None:
@@ -169,7 +172,9 @@ async def test_a_call_survives_a_restart_of_the_bridge_container(
     compose: ComposeStack, carrier: Carrier, api: aiohttp.ClientSession
 ) -> None:
     session, courier, client = await open_session(api)
-    leg, callee = await connected_call(carrier, courier, client, session["pool_number"])
+    leg, callee = await carrier.connected(
+        courier, session["pool_number"], client, callee_phone={"tone": 1000}, timeout=15, tone=600
+    )
     record = await last_call(api, session["id"], "connected")
     await asyncio.to_thread(compose.compose, "restart", "bridge")
     await asyncio.to_thread(compose.wait_healthy)
