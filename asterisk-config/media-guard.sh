@@ -14,8 +14,10 @@
 #   media-guard.sh apply    the rules, made again from the settings (safe to run twice)
 #   media-guard.sh check    exit 0 when the rules in place are the settings' exactly
 #   media-guard.sh remove   the rules, gone
-#   media-guard.sh hold     apply, then stay until SIGTERM or SIGINT, then remove (the
-#                           compose stack's media-guard service: the rules live as long as it)
+#   media-guard.sh hold     apply, then stay until SIGTERM or SIGINT (the compose stack's
+#                           media-guard service, whose health check is `check`). The rules
+#                           stay when it stops: a stopped or crashed guard must not open the
+#                           ports of a PBX that may still run. `remove` takes them away.
 #
 # Needs CAP_NET_ADMIN in the PBX's network namespace (root on the host; in docker-compose.yml
 # the media-guard service). The chain is MB-MEDIA-<MB_RTP_START>, jumped to from INPUT for
@@ -98,7 +100,7 @@ command -v iptables >/dev/null 2>&1 || { echo "media-guard: iptables is not inst
 
 if [ "$action" = hold ]; then
     sh "$0" apply
-    trap 'kill $! 2>/dev/null; sh "$0" remove; exit 0' TERM INT
+    trap 'kill $! 2>/dev/null; exit 0' TERM INT
     echo "media-guard: UDP to ports $start-$end only from: $nets"
     # A child to wait on: a trap runs as soon as `wait` is interrupted (not after a sleep).
     while :; do sleep 3600 & wait $! || true; done

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bridge.devstack import asterisk, ports, processes
+from bridge.devstack import asterisk, media_guard, ports, processes
 from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
 
 COMPOSE_FILE = PROJECT_DIR / "docker-compose.yml"
@@ -99,6 +99,7 @@ class ComposeStack:
         logs = self.compose("logs", "--no-color", "--timestamps", check=False)
         (self.stack.dir / "compose.log").write_text(logs.stdout + logs.stderr)
         self.compose(*self.profiles, "down", "--volumes", "--remove-orphans", timeout=120)
+        media_guard.remove(self.stack)  # (the media-guard service leaves its rules: docker-compose.yml)
 
     def container(self, service: str) -> dict[str, Any]:
         """`docker inspect` of the service's container."""

@@ -60,6 +60,12 @@ def settings() -> tuple[Stack, Stack]:
     return compose, carrier
 
 
+def node_2(compose: Stack) -> Stack:
+    """The settings of node 2's media guard: node 2's RTP range."""
+    env = compose.env
+    return Stack(env={**env, "MB_RTP_START": env["MB_NODE2_RTP_START"], "MB_RTP_END": env["MB_NODE2_RTP_END"]})
+
+
 @pytest.fixture(scope="module")
 def cluster(engine: None) -> Iterator[tuple[ComposeStack, Stack]]:
     compose_env, carrier_env = settings()
@@ -70,6 +76,7 @@ def cluster(engine: None) -> Iterator[tuple[ComposeStack, Stack]]:
         yield stack, carrier_env
     finally:
         _cleanup("docker compose down (cluster)", stack.down)
+        _cleanup("removing node 2's media guard", lambda: media_guard.remove(node_2(stack.stack)))
         _cleanup("stopping the cluster's simulated carrier", lambda: compose_stack.stop_carrier(carrier_env))
 
 
@@ -97,9 +104,7 @@ async def db(cluster: tuple[ComposeStack, Stack]) -> AsyncIterator[asyncpg.Conne
 def test_each_node_has_its_media_guard(cluster: tuple[ComposeStack, Stack]) -> None:
     """Each node's RTP range takes UDP from the carrier only (media does not pass Kamailio)."""
     compose, _ = cluster
-    env = compose.stack.env
-    node_2 = Stack(env={**env, "MB_RTP_START": env["MB_NODE2_RTP_START"], "MB_RTP_END": env["MB_NODE2_RTP_END"]})
-    for service, node in (("media-guard", compose.stack), ("media-guard-2", node_2)):
+    for service, node in (("media-guard", compose.stack), ("media-guard-2", node_2(compose.stack))):
         assert compose.container(service)["State"]["Health"]["Status"] == "healthy", service
         assert media_guard.check(node) == "", service
 
