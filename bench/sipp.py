@@ -113,6 +113,13 @@ def _common(phones: Phones, port: int, media: int) -> list[str]:
             "-nostdin", "-t", "u1", "-max_socket", "4096", "-rtp_threadtasks", "50"]
 
 
+# SIPp's callee gives a call up (and sends its BYE) when no BYE came this long after its last
+# message: longer than any call the benchmark holds (its 500-call step: 37 s). Without a
+# limit, a call whose BYE never reached the callee streamed its tone to the PBX port it had
+# until the callee stopped, into whichever call the PBX gave that port next.
+CALLEE_GIVES_UP_MS = 90_000
+
+
 class Callee:
     """SIPp answering every call the PBX sends to the trunk, for as long as it runs."""
 
@@ -121,7 +128,7 @@ class Callee:
         scenario = _scenario(phones.work, "callee", CALLEE_TONE)
         self.errors = phones.work / "callee-errors.log"
         cmd = ["sipp", "-sf", str(scenario), *_common(phones, phones.callee_port, phones.callee_media),
-               "-aa", "-trace_err", "-error_file", str(self.errors)]
+               "-aa", "-recv_timeout", str(CALLEE_GIVES_UP_MS), "-trace_err", "-error_file", str(self.errors)]
         self.proc = subprocess.Popen(cmd, cwd=phones.work, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      start_new_session=True)
 

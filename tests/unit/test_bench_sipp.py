@@ -10,6 +10,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+from bench import sipp
 from bench.sipp import Callee, Phones, kill_leftovers, wait_bound
 
 
@@ -91,5 +94,38 @@ def test_the_callee_answers_an_invite_sent_again_and_is_hung_up_normally(tmp_pat
                 pbx.sendto(_request("retransmitted-invite", port, media, branch, "ACK", 1, to_tag), ("127.0.0.1", sip))
             pbx.sendto(_request("retransmitted-invite", port, media, "z9hG4bK-5", "BYE", 2, to_tag), ("127.0.0.1", sip))
             _response(pbx, "BYE", 200)
+        finally:
+            callee.stop()
+
+
+def test_the_callee_gives_up_a_call_whose_bye_never_came_and_stops_its_stream(tmp_path: Path, monkeypatch) -> None:
+    """A call whose BYE never reaches SIPp's callee (lost under load) once streamed its tone
+    until the callee stopped, into whatever call the PBX gave that port next. The callee now
+    gives the call up CALLEE_GIVES_UP_MS after its last message, and its stream stops."""
+    monkeypatch.setattr(sipp, "CALLEE_GIVES_UP_MS", 1500)
+    sip = _free_udp_port()
+    phones = Phones(host="127.0.0.1", callee_port=sip, caller_port=_free_udp_port(), caller_media=_free_udp_port(),
+                    callee_media=_free_udp_port(), pbx=("127.0.0.1", 5060), work=tmp_path)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as pbx, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as media:
+        pbx.bind(("127.0.0.1", 0))
+        media.bind(("127.0.0.1", 0))
+        port, media_port = pbx.getsockname()[1], media.getsockname()[1]
+        callee = Callee(phones)
+        try:
+            wait_bound("127.0.0.1", sip, callee)
+            pbx.sendto(_request("never-hung-up", port, media_port, "z9hG4bK-1"), ("127.0.0.1", sip))
+            ok = _response(pbx, "INVITE", 200)
+            to_tag = ok.split("\r\nTo:", 1)[1].split("\r\n", 1)[0].split(";tag=", 1)[1]
+            pbx.sendto(_request("never-hung-up", port, media_port, "z9hG4bK-2", "ACK", 1, to_tag), ("127.0.0.1", sip))
+            media.settimeout(10)
+            media.recv(2048)  # the callee streams its tone
+            began = time.monotonic()
+            with pytest.raises(TimeoutError):
+                while time.monotonic() - began < 15:
+                    media.settimeout(1.0)  # a gap of a second: the stream has ended
+                    media.recv(2048)
+            assert time.monotonic() - began < 15, "the stream went on"
+            assert "receive timeout" in (tmp_path / "callee-errors.log").read_text()
         finally:
             callee.stop()
