@@ -1,7 +1,8 @@
 #!/bin/sh
-# The PBX's media guard: its RTP port range (MB_RTP_START..MB_RTP_END, RTCP included) takes
-# UDP only from the carrier's media networks (MB_TRUNK_MEDIA; default MB_TRUNK_HOST), in the
-# host's firewall (iptables, nf_tables or legacy), for IPv4 and IPv6.
+# The PBX's media guard: its RTP port range (MB_RTP_START..MB_RTP_END, and MB_RTP_END + 1
+# when it is even: the RTCP port of a call on it) takes UDP only from the carrier's media networks
+# (MB_TRUNK_MEDIA; default MB_TRUNK_HOST), in the host's firewall (iptables, nf_tables or
+# legacy), for IPv4 and IPv6.
 #
 # Why: Asterisk takes a call leg's media from whoever sends it while the leg has no stream
 # of its own yet (strict RTP's learning: a silent phone, a caller before the answer), and
@@ -11,71 +12,112 @@
 # could speak into a call, press keys in it (the block keys, an order code), or hear a held
 # party's voice (docs/production.md, "Media").
 #
-#   media-guard.sh apply    the rules, made again from the settings (safe to run twice)
-#   media-guard.sh check    exit 0 when the rules in place are the settings' exactly
-#   media-guard.sh remove   the rules, gone
-#   media-guard.sh hold     apply, then stay until SIGTERM or SIGINT (the compose stack's
-#                           media-guard service, whose health check is `check`). The rules
-#                           stay when it stops: a stopped or crashed guard must not open the
-#                           ports of a PBX that may still run. `remove` takes them away.
+#   media-guard.sh apply    the rules, made again from the settings, their jump first in
+#                           INPUT (safe to run twice)
+#   media-guard.sh check    exit 0 when the rules in place are the settings' exactly and
+#                           nothing but other guards comes before their jump
+#   media-guard.sh remove   this range's rules, gone (another range's are left alone)
+#   media-guard.sh hold     apply, then check every 10 s and apply again when the rules
+#                           drifted, until SIGTERM or SIGINT (the compose stack's media-guard
+#                           service). The rules stay when it stops: a stopped or crashed guard
+#                           must not open the ports of a PBX that may still run.
 #
 # Needs CAP_NET_ADMIN in the PBX's network namespace (root on the host; in docker-compose.yml
-# the media-guard service). The chain is MB-MEDIA-<MB_RTP_START>, jumped to from INPUT for
+# the media-guard service). The chain is MB-MEDIA-<start>-<end>, jumped to from INPUT for
 # the range's UDP.
 set -eu
 
 action=${1:-}
-start=${MB_RTP_START:?set MB_RTP_START}
-end=${MB_RTP_END:?set MB_RTP_END}
+start=${MB_RTP_START:-}
+end=${MB_RTP_END:-}
 nets=$(printf '%s' "${MB_TRUNK_MEDIA:-${MB_TRUNK_HOST:-}}" | tr ',' ' ')
-chain="MB-MEDIA-$start"
 
-case "$start$end" in *[!0-9]*) echo "media-guard: MB_RTP_START and MB_RTP_END must be port numbers" >&2; exit 2;; esac
-[ "$start" -le "$end" ] || { echo "media-guard: MB_RTP_START ($start) is above MB_RTP_END ($end)" >&2; exit 2; }
-[ -n "$nets" ] || { echo "media-guard: set MB_TRUNK_MEDIA (or MB_TRUNK_HOST): the carrier's media addresses" >&2; exit 2; }
+fail() { echo "media-guard: $*" >&2; exit 2; }
+
+case "$action" in apply|check|remove|hold) ;; *) fail "usage: media-guard.sh apply|check|remove|hold";; esac
+
+# The range as Asterisk takes it (res_rtp_asterisk.c): an odd start is rounded up, and a start
+# not below the end makes it use 5000-31000 instead, which this guard would not cover: refused.
+case "$start" in ""|*[!0-9]*|0*) fail "MB_RTP_START must be a port number, not '$start'";; esac
+case "$end" in ""|*[!0-9]*|0*) fail "MB_RTP_END must be a port number, not '$end'";; esac
+[ ${#start} -le 5 ] && [ ${#end} -le 5 ] || fail "MB_RTP_START and MB_RTP_END must be port numbers"
+start=$((start + 0)); end=$((end + 0))
+[ "$start" -ge 1024 ] || fail "MB_RTP_START ($start) is below 1024 (Asterisk would use 1024)"
+[ "$end" -le 65534 ] || fail "MB_RTP_END ($end) is above 65534 (its RTCP port would be past 65535)"
+[ $(((start + 1) / 2 * 2)) -lt "$end" ] ||
+    fail "MB_RTP_START ($start) is not below MB_RTP_END ($end): Asterisk would use 5000-31000"
+# RTP ports are even, each with its RTCP on the next: an even end's RTCP is end + 1.
+last=$((end | 1))
+chain="MB-MEDIA-$start-$end"
+
+# The carrier's networks, in the form iptables prints them back (check compares the two).
+# IPv4: a dotted quad, with a prefix of 8 to 32 bits and no host bits set. IPv6: hex and
+# colons, in its shortest form (as ip6tables prints it), with a prefix of 16 to 128 bits.
+[ -n "$nets" ] || fail "set MB_TRUNK_MEDIA (or MB_TRUNK_HOST): the carrier's media addresses"
+v4="" v6=""
 for net in $nets; do
-    case "$net" in
-        *[!0-9a-fA-F.:/]*|"") echo "media-guard: '$net' in MB_TRUNK_MEDIA is not an address or network" >&2; exit 2;;
+    address=${net%%/*}
+    case "$net" in */*) prefix=${net#*/};; *) prefix="";; esac
+    case "$address" in
+        *:*)
+            case "$address" in *[!0-9a-f:]*|*:::*) fail "'$net' in MB_TRUNK_MEDIA: write IPv6 in lower case, shortest form";; esac
+            case "$prefix" in "") prefix=128;; *[!0-9]*|0?*) fail "'$net' in MB_TRUNK_MEDIA has no valid prefix";; esac
+            [ "$prefix" -ge 16 ] && [ "$prefix" -le 128 ] ||
+                fail "'$net' in MB_TRUNK_MEDIA: a prefix of 16 to 128 bits (a wider one is no carrier's network)"
+            v6="$v6 $address/$((prefix + 0))";;
+        *)
+            value=0 octets=0
+            rest="$address."
+            while [ -n "$rest" ]; do
+                octet=${rest%%.*}; rest=${rest#*.}
+                case "$octet" in ""|*[!0-9]*|0?*) fail "'$net' in MB_TRUNK_MEDIA is not an IPv4 address (a.b.c.d) or network";; esac
+                [ ${#octet} -le 3 ] && [ "$octet" -le 255 ] || fail "'$net' in MB_TRUNK_MEDIA is not an IPv4 address"
+                value=$((value * 256 + octet)); octets=$((octets + 1))
+            done
+            [ "$octets" -eq 4 ] || fail "'$net' in MB_TRUNK_MEDIA is not an IPv4 address (a.b.c.d) or network"
+            case "$prefix" in "") prefix=32;; *[!0-9]*|0?*) fail "'$net' in MB_TRUNK_MEDIA has no valid prefix";; esac
+            [ "$prefix" -ge 8 ] && [ "$prefix" -le 32 ] ||
+                fail "'$net' in MB_TRUNK_MEDIA: a prefix of 8 to 32 bits (a wider one is no carrier's network)"
+            host_bits=$((value % (1 << (32 - prefix))))
+            [ "$host_bits" -eq 0 ] || fail "'$net' in MB_TRUNK_MEDIA has host bits set (the network, e.g. x.x.x.0/24)"
+            v4="$v4 $address/$((prefix + 0))";;
     esac
 done
-
-# The networks of one family (4: with dots, 6: with colons).
-family_nets() {
-    for net in $nets; do
-        case "$net" in *:*) [ "$1" = 6 ] && echo "$net";; *) [ "$1" = 4 ] && echo "$net";; esac
-    done
-    return 0
-}
 
 # What the chain must hold, as `iptables -S` prints it.
 wanted() {
     echo "-N $chain"
-    for net in $(family_nets "$1"); do
-        case "$net" in */*) ;; *:*) net="$net/128";; *) net="$net/32";; esac
-        echo "-A $chain -s $net -j RETURN"
-    done
+    for net in $1; do echo "-A $chain -s $net -j RETURN"; done
     echo "-A $chain -j DROP"
 }
 
+jump="-p udp -m udp --dport $start:$last -j $chain"
+
 apply() {
-    tool=$1
-    # One transaction: the chain (emptied and filled again) and the jump, or nothing.
+    # One transaction: the chain (emptied and filled again) and its jump, first in INPUT.
     {
         echo "*filter"
         echo ":$chain - [0:0]"
         echo "-F $chain"
         wanted "$2" | sed 1d
-        "$tool" -w -C INPUT -p udp --dport "$start:$end" -j "$chain" 2>/dev/null \
-            || echo "-I INPUT 1 -p udp -m udp --dport $start:$end -j $chain"
+        # shellcheck disable=SC2086
+        if "$1" -w -C INPUT $jump 2>/dev/null; then echo "-D INPUT $jump"; fi
+        echo "-I INPUT 1 $jump"
         echo "COMMIT"
-    } | "$tool-restore" -w --noflush
+    } | "$1-restore" -w --noflush
 }
 
 check() {
-    "$1" -w -C INPUT -p udp --dport "$start:$end" -j "$chain" 2>/dev/null || {
-        echo "media-guard: $1: INPUT does not send the RTP range's UDP to $chain" >&2; return 1; }
+    # Before the jump, other guards' jumps only (an ACCEPT above it would let anything in).
+    before=$("$1" -w -S INPUT | awk -v rule="-A INPUT $jump" '$0 == rule { found = 1; exit }
+        /^-A INPUT / && $0 !~ / -j MB-MEDIA-[0-9]+-[0-9]+$/ { print }
+        END { if (!found) print "(no jump)" }')
+    if [ -n "$before" ]; then
+        echo "media-guard: $1: INPUT does not send the range's UDP to $chain first:" >&2
+        echo "$before" >&2
+        return 1
+    fi
     have=$("$1" -w -S "$chain" 2>/dev/null) || { echo "media-guard: $1: no chain $chain" >&2; return 1; }
-    # iptables prints networks in their canonical form; compare what it prints with what we want.
     if [ "$have" != "$(wanted "$2")" ]; then
         echo "media-guard: $1: $chain holds other rules than the settings':" >&2
         echo "$have" >&2
@@ -84,36 +126,41 @@ check() {
 }
 
 remove() {
-    while "$1" -w -D INPUT -p udp --dport "$start:$end" -j "$chain" 2>/dev/null; do :; done
+    # shellcheck disable=SC2086
+    while "$1" -w -D INPUT $jump 2>/dev/null; do :; done
     "$1" -w -F "$chain" 2>/dev/null || true
     "$1" -w -X "$chain" 2>/dev/null || true
 }
 
+command -v iptables-restore >/dev/null 2>&1 || { echo "media-guard: iptables is not installed (apt install iptables)" >&2; exit 1; }
 # IPv6: where the host has it (a host without IPv6 cannot be reached over it either).
 families="4"
 if command -v ip6tables >/dev/null 2>&1 && ip6tables -w -S INPUT >/dev/null 2>&1; then
     families="4 6"
-elif [ -n "$(family_nets 6)" ]; then
+elif [ -n "$v6" ]; then
     echo "media-guard: MB_TRUNK_MEDIA has IPv6 networks but ip6tables does not work here" >&2; exit 1
 fi
-command -v iptables >/dev/null 2>&1 || { echo "media-guard: iptables is not installed (apt install iptables)" >&2; exit 1; }
 
-if [ "$action" = hold ]; then
-    sh "$0" apply
-    trap 'kill $! 2>/dev/null; exit 0' TERM INT
-    echo "media-guard: UDP to ports $start-$end only from: $nets"
-    # A child to wait on: a trap runs as soon as `wait` is interrupted (not after a sleep).
-    while :; do sleep 3600 & wait $! || true; done
-fi
+each() {
+    for family in $families; do
+        if [ "$family" = 6 ]; then "$1" ip6tables "$v6" || return 1; else "$1" iptables "$v4" || return 1; fi
+    done
+}
 
-status=0
-for family in $families; do
-    tool=iptables; [ "$family" = 6 ] && tool=ip6tables
-    case "$action" in
-        apply) apply "$tool" "$family" || { echo "media-guard: $tool could not apply the rules" >&2; exit 1; };;
-        check) check "$tool" "$family" || status=1;;
-        remove) remove "$tool";;
-        *) echo "usage: media-guard.sh apply|check|remove|hold" >&2; exit 2;;
-    esac
-done
-exit $status
+case "$action" in
+    apply) each apply || { echo "media-guard: the rules could not be applied" >&2; exit 1; };;
+    check) each check || exit 1;;
+    remove) for family in $families; do if [ "$family" = 6 ]; then remove ip6tables; else remove iptables; fi; done;;
+    hold)
+        each apply || { echo "media-guard: the rules could not be applied" >&2; exit 1; }
+        trap 'kill $! 2>/dev/null; exit 0' TERM INT
+        echo "media-guard: UDP to ports $start-$last only from:$v4$v6"
+        while :; do
+            # A child to wait on: a trap runs as soon as `wait` is interrupted (not after a sleep).
+            sleep 10 & wait $! || true
+            if ! each check 2>/dev/null; then
+                echo "media-guard: the rules had changed; applied again" >&2
+                each apply || echo "media-guard: the rules could not be applied" >&2
+            fi
+        done;;
+esac

@@ -79,7 +79,7 @@ def stop_all(stack: Stack) -> None:
         processes.stop_bridge(stack)
         asterisk.stop(stack, "pbx")  # (a one-node stack's, had one run before)
     asterisk.stop(stack, "carrier")
-    media_guard.remove(stack)
+    # (The media guard stays: another checkout's PBX may use the same range.)
     postgres.stop(stack)
     monitoring.stop_prometheus(stack.dir / "prometheus")  # (a `make monitor` whose command was killed)
     (stack.run_dir / "nodes").unlink(missing_ok=True)

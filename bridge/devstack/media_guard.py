@@ -21,9 +21,12 @@ def _run(stack: Stack, action: str) -> subprocess.CompletedProcess[str]:
 
 
 def apply(stack: Stack) -> None:
+    """The rules in place, and checked: the PBX is not started without them."""
     done = _run(stack, "apply")
     if done.returncode != 0:
         raise RuntimeError(f"the PBX's media guard could not be applied (it needs root): {done.stderr.strip()}")
+    if differs := check(stack):
+        raise RuntimeError(f"the PBX's media guard is not as its settings say after applying it: {differs}")
 
 
 def check(stack: Stack) -> str:
@@ -33,4 +36,6 @@ def check(stack: Stack) -> str:
 
 
 def remove(stack: Stack) -> None:
+    """The stack's range's rules gone (the stack itself never does it: `make stop` leaves them,
+    as the compose stack's guard does, since another checkout's PBX may use the same range)."""
     _run(stack, "remove")

@@ -1,20 +1,25 @@
 """The PBX's media guard (asterisk-config/media-guard.sh) on this host's firewall: the running
-stack has it, exactly as its settings say; applying it again changes nothing; removing it
-leaves nothing; settings it cannot use are refused with a reason. Its effect on calls:
-test_stray_rtp.py."""
+stack has it, exactly as its settings say; applying it again changes nothing and puts its
+jump back in front; it covers the last port's RTCP; removing one range leaves another's;
+settings it cannot use, or that would open the range, are refused with a reason; `hold`
+puts drifted rules back. Its effect on calls: test_stray_rtp.py."""
 
 from __future__ import annotations
 
 import subprocess
+import time
 
 import pytest
 
 from bridge.devstack import media_guard
 from bridge.devstack.settings import Stack
 
-# A range of its own, away from any stack's, so the stack's guard is not touched.
+# Ranges of their own, away from any stack's, so the stack's guard is not touched.
 RANGE = {"MB_RTP_START": "31000", "MB_RTP_END": "31009"}
-CHAIN = "MB-MEDIA-31000"
+CHAIN = "MB-MEDIA-31000-31009"
+JUMP = f"-A INPUT -p udp -m udp --dport 31000:31009 -j {CHAIN}"
+OTHER = {"MB_RTP_START": "31000", "MB_RTP_END": "31005"}  # an earlier range of the same start
+CARRIER = {"MB_TRUNK_MEDIA": "192.0.2.1"}
 
 
 def guard(action: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -23,16 +28,21 @@ def guard(action: str, **env: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def rules(tool: str) -> list[str]:
+def rules(tool: str, chain: str = CHAIN) -> list[str]:
     return [line for line in subprocess.run([tool, "-w", "-S"], capture_output=True, text=True,
-                                            check=True).stdout.splitlines() if CHAIN in line]
+                                            check=True).stdout.splitlines() if chain in line]
 
 
 @pytest.fixture
 def clean():
-    guard("remove", MB_TRUNK_MEDIA="192.0.2.1")
+    def remove() -> None:
+        guard("remove", **CARRIER)
+        guard("remove", **CARRIER, **OTHER)
+        subprocess.run(["iptables", "-w", "-D", "INPUT", "-p", "udp", "--dport", "31000:31009", "-j", "ACCEPT"],
+                       capture_output=True, check=False)
+    remove()
     yield
-    guard("remove", MB_TRUNK_MEDIA="192.0.2.1")
+    remove()
 
 
 def test_the_running_stack_has_its_guard(stack: Stack) -> None:
@@ -47,23 +57,54 @@ def test_apply_is_exact_and_safe_to_run_twice_and_remove_leaves_nothing(clean) -
         assert done.returncode == 0, done.stderr
     assert rules("iptables") == [
         f"-N {CHAIN}",
-        f"-A INPUT -p udp -m udp --dport 31000:31009 -j {CHAIN}",
+        JUMP,
         f"-A {CHAIN} -s 192.0.2.1/32 -j RETURN",
         f"-A {CHAIN} -s 198.51.100.0/24 -j RETURN",
         f"-A {CHAIN} -j DROP",
     ]
-    assert rules("ip6tables") == [
-        f"-N {CHAIN}",
-        f"-A INPUT -p udp -m udp --dport 31000:31009 -j {CHAIN}",
-        f"-A {CHAIN} -s 2001:db8::7/128 -j RETURN",
-        f"-A {CHAIN} -j DROP",
-    ]
+    assert rules("ip6tables") == [f"-N {CHAIN}", JUMP, f"-A {CHAIN} -s 2001:db8::7/128 -j RETURN", f"-A {CHAIN} -j DROP"]
     assert guard("check", **nets).returncode == 0
     # Other carrier addresses: the check says the rules in place are not the settings'.
     other = guard("check", MB_TRUNK_MEDIA="192.0.2.9")
     assert other.returncode == 1 and "holds other rules" in other.stderr
     assert guard("remove", **nets).returncode == 0
     assert rules("iptables") == [] and rules("ip6tables") == []
+
+
+def test_a_rule_that_lets_the_range_in_before_the_guard_fails_the_check_and_apply_puts_the_guard_first(clean):
+    assert guard("apply", **CARRIER).returncode == 0
+    subprocess.run(["iptables", "-w", "-I", "INPUT", "1", "-p", "udp", "--dport", "31000:31009", "-j", "ACCEPT"],
+                   check=True)
+    failed = guard("check", **CARRIER)
+    assert failed.returncode == 1 and "ACCEPT" in failed.stderr
+    assert guard("apply", **CARRIER).returncode == 0
+    assert guard("check", **CARRIER).returncode == 0
+    first = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True, check=True)
+    assert first.stdout.splitlines()[1] == JUMP
+
+
+def test_an_even_end_takes_in_the_rtcp_port_of_a_call_on_it(clean) -> None:
+    """Asterisk gives calls even ports up to the end, each with its RTCP on the next: with an
+    even end, that is one past it."""
+    assert guard("apply", **CARRIER, **OTHER).returncode == 0  # 31000-31005: odd, nothing past it
+    assert "-A INPUT -p udp -m udp --dport 31000:31005 -j MB-MEDIA-31000-31005" in rules("iptables", "31005")
+    even = {**CARRIER, "MB_RTP_START": "31000", "MB_RTP_END": "31004"}
+    try:
+        assert guard("apply", **even).returncode == 0
+        assert "-A INPUT -p udp -m udp --dport 31000:31005 -j MB-MEDIA-31000-31004" in rules("iptables", "31004")
+    finally:
+        guard("remove", **even)
+
+
+def test_removing_an_earlier_range_leaves_the_running_ones_guard(clean) -> None:
+    """After a change of range (the same start, another end), the earlier range's rules are
+    removed with the earlier settings: the running range's guard stays whole."""
+    assert guard("apply", **CARRIER, **OTHER).returncode == 0
+    assert guard("apply", **CARRIER).returncode == 0
+    assert guard("check", **CARRIER, **OTHER).returncode == 0 and guard("check", **CARRIER).returncode == 0
+    assert guard("remove", **CARRIER, **OTHER).returncode == 0
+    assert rules("iptables", "MB-MEDIA-31000-31005") == []
+    assert guard("check", **CARRIER).returncode == 0
 
 
 def test_without_a_trunk_media_setting_the_trunk_host_is_the_carrier(clean) -> None:
@@ -73,34 +114,49 @@ def test_without_a_trunk_media_setting_the_trunk_host_is_the_carrier(clean) -> N
 
 @pytest.mark.parametrize(("env", "says"), [
     ({"MB_TRUNK_MEDIA": "", "MB_TRUNK_HOST": ""}, "set MB_TRUNK_MEDIA"),
-    ({"MB_TRUNK_MEDIA": "carrier.example"}, "is not an address or network"),
-    ({"MB_TRUNK_MEDIA": "192.0.2.1;reboot"}, "is not an address or network"),
-    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_START": "2x"}, "must be port numbers"),
-    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_START": "31010"}, "is above MB_RTP_END"),
+    ({"MB_TRUNK_MEDIA": "carrier.example"}, "is not an IPv4 address"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1;reboot"}, "is not an IPv4 address"),
+    ({"MB_TRUNK_MEDIA": "127.2"}, "is not an IPv4 address"),
+    ({"MB_TRUNK_MEDIA": "2130706434"}, "is not an IPv4 address"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.256"}, "is not an IPv4 address"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1/0"}, "a prefix of 8 to 32 bits"),
+    ({"MB_TRUNK_MEDIA": "0.0.0.0/0"}, "a prefix of 8 to 32 bits"),
+    ({"MB_TRUNK_MEDIA": "10.0.0.0/08"}, "no valid prefix"),
+    ({"MB_TRUNK_MEDIA": "203.0.113.5/24"}, "host bits set"),
+    ({"MB_TRUNK_MEDIA": "::/0"}, "a prefix of 16 to 128 bits"),
+    ({"MB_TRUNK_MEDIA": "2001:DB8::1"}, "lower case"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_START": "2x"}, "must be a port number"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_START": "031000"}, "must be a port number"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_START": "1000"}, "below 1024"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_END": "65535"}, "above 65534"),
+    # Asterisk would take these for unreasonable and use 5000-31000, which the guard would not cover.
+    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_END": "31000"}, "Asterisk would use 5000-31000"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1", "MB_RTP_START": "31009"}, "Asterisk would use 5000-31000"),
+    ({"MB_TRUNK_MEDIA": "192.0.2.1"}, "usage"),  # an unknown action: below
 ])
 def test_settings_it_cannot_use_are_refused_with_a_reason(clean, env: dict[str, str], says: str) -> None:
-    done = guard("apply", **env)
+    done = guard("open" if says == "usage" else "apply", **env)
     assert done.returncode == 2 and says in done.stderr, done
-    assert rules("iptables") == []
+    assert rules("iptables", "MB-MEDIA-3") == []
 
 
-def test_an_unknown_action_is_refused(clean) -> None:
-    done = guard("open", MB_TRUNK_MEDIA="192.0.2.1")
-    assert done.returncode == 2 and "usage" in done.stderr
-
-
-def test_hold_applies_the_rules_and_leaves_them_when_stopped(clean) -> None:
+def test_hold_applies_the_rules_puts_them_back_when_they_drift_and_leaves_them_when_stopped(clean) -> None:
     """The compose stack's media-guard service runs `hold`; stopped (or crashed), it leaves its
     rules: the PBX it guards may still run."""
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **RANGE, "MB_TRUNK_MEDIA": "192.0.2.1"}
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", **RANGE, **CARRIER}
     holder = subprocess.Popen(["sh", str(media_guard.SCRIPT), "hold"], env=env, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None
-        assert "only from: 192.0.2.1" in holder.stdout.readline()  # written once the rules are in place
-        assert guard("check", MB_TRUNK_MEDIA="192.0.2.1").returncode == 0
+        assert "only from: 192.0.2.1/32" in holder.stdout.readline()  # written once the rules are in place
+        assert guard("check", **CARRIER).returncode == 0
+        subprocess.run(["iptables", "-w", "-F", CHAIN], check=True)  # someone empties the chain
+        deadline = time.monotonic() + 30
+        while guard("check", **CARRIER).returncode != 0:
+            assert time.monotonic() < deadline, "hold did not put the rules back"
+            time.sleep(0.5)  # wait-ok: polling the firewall (it has no event); hold checks every 10 s
         holder.terminate()
         assert holder.wait(timeout=10) == 0
-        assert guard("check", MB_TRUNK_MEDIA="192.0.2.1").returncode == 0
+        assert guard("check", **CARRIER).returncode == 0
     finally:
         holder.kill()
         holder.wait()
