@@ -17,7 +17,7 @@
 #   media-guard.sh check    exit 0 when the rules in place are the settings' exactly and
 #                           nothing but other guards comes before their jump
 #   media-guard.sh remove   this range's rules, gone (another range's are left alone)
-#   media-guard.sh hold     apply, then check every 10 s and apply again when the rules
+#   media-guard.sh hold     apply, then check every 2 s and apply again when the rules
 #                           drifted, until SIGTERM or SIGINT (the compose stack's media-guard
 #                           service). The rules stay when it stops: a stopped or crashed guard
 #                           must not open the ports of a PBX that may still run.
@@ -26,6 +26,7 @@
 # the media-guard service). The chain is MB-MEDIA-<start>-<end>, jumped to from INPUT for
 # the range's UDP.
 set -eu
+set -f  # no globbing: a setting such as '*' is refused, not matched against file names
 
 action=${1:-}
 start=${MB_RTP_START:-}
@@ -51,8 +52,8 @@ last=$((end | 1))
 chain="MB-MEDIA-$start-$end"
 
 # The carrier's networks, in the form iptables prints them back (check compares the two).
-# IPv4: a dotted quad, with a prefix of 8 to 32 bits and no host bits set. IPv6: hex and
-# colons, in its shortest form (as ip6tables prints it), with a prefix of 16 to 128 bits.
+# IPv4: a dotted quad, with a prefix of 16 to 32 bits and no host bits set. IPv6: hex and
+# colons, with a prefix of 32 to 128 bits, in the form ip6tables prints (apply says so if not).
 [ -n "$nets" ] || fail "set MB_TRUNK_MEDIA (or MB_TRUNK_HOST): the carrier's media addresses"
 v4="" v6=""
 for net in $nets; do
@@ -62,8 +63,8 @@ for net in $nets; do
         *:*)
             case "$address" in *[!0-9a-f:]*|*:::*) fail "'$net' in MB_TRUNK_MEDIA: write IPv6 in lower case, shortest form";; esac
             case "$prefix" in "") prefix=128;; *[!0-9]*|0?*) fail "'$net' in MB_TRUNK_MEDIA has no valid prefix";; esac
-            [ "$prefix" -ge 16 ] && [ "$prefix" -le 128 ] ||
-                fail "'$net' in MB_TRUNK_MEDIA: a prefix of 16 to 128 bits (a wider one is no carrier's network)"
+            [ "$prefix" -ge 32 ] && [ "$prefix" -le 128 ] ||
+                fail "'$net' in MB_TRUNK_MEDIA: a prefix of 32 to 128 bits (a wider one is no carrier's media network)"
             v6="$v6 $address/$((prefix + 0))";;
         *)
             value=0 octets=0
@@ -76,13 +77,14 @@ for net in $nets; do
             done
             [ "$octets" -eq 4 ] || fail "'$net' in MB_TRUNK_MEDIA is not an IPv4 address (a.b.c.d) or network"
             case "$prefix" in "") prefix=32;; *[!0-9]*|0?*) fail "'$net' in MB_TRUNK_MEDIA has no valid prefix";; esac
-            [ "$prefix" -ge 8 ] && [ "$prefix" -le 32 ] ||
-                fail "'$net' in MB_TRUNK_MEDIA: a prefix of 8 to 32 bits (a wider one is no carrier's network)"
+            [ "$prefix" -ge 16 ] && [ "$prefix" -le 32 ] ||
+                fail "'$net' in MB_TRUNK_MEDIA: a prefix of 16 to 32 bits (a wider one is no carrier's media network)"
             host_bits=$((value % (1 << (32 - prefix))))
             [ "$host_bits" -eq 0 ] || fail "'$net' in MB_TRUNK_MEDIA has host bits set (the network, e.g. x.x.x.0/24)"
             v4="$v4 $address/$((prefix + 0))";;
     esac
 done
+[ -n "$v4$v6" ] || fail "set MB_TRUNK_MEDIA (or MB_TRUNK_HOST): the carrier's media addresses"
 
 # What the chain must hold, as `iptables -S` prints it.
 wanted() {
@@ -94,27 +96,63 @@ wanted() {
 jump="-p udp -m udp --dport $start:$last -j $chain"
 
 apply() {
-    # One transaction: the chain (emptied and filled again) and its jump, first in INPUT.
-    {
-        echo "*filter"
-        echo ":$chain - [0:0]"
-        echo "-F $chain"
-        wanted "$2" | sed 1d
+    # One transaction: the chain (emptied and filled again) and its jump, first in INPUT. Whether
+    # the jump is there is asked before: with legacy iptables, iptables-restore holds the lock
+    # while it reads, and an iptables run inside its input would wait for it for ever. Another
+    # apply between the two (a jump gone meanwhile) fails the transaction: tried again.
+    for attempt in 1 2 3; do
         # shellcheck disable=SC2086
-        if "$1" -w -C INPUT $jump 2>/dev/null; then echo "-D INPUT $jump"; fi
-        echo "-I INPUT 1 $jump"
-        echo "COMMIT"
-    } | "$1-restore" -w --noflush
+        if "$1" -w -C INPUT $jump 2>/dev/null; then present=1; else present=""; fi
+        if {
+            echo "*filter"
+            echo ":$chain - [0:0]"
+            echo "-F $chain"
+            wanted "$2" | sed 1d
+            [ -z "$present" ] || echo "-D INPUT $jump"
+            echo "-I INPUT 1 $jump"
+            echo "COMMIT"
+        } | "$1-restore" -w --noflush; then
+            break
+        fi
+        [ "$attempt" -lt 3 ] || return 1
+    done
+    # iptables reads each network its own way (an IPv6 address in another form than it prints,
+    # host bits set): what it holds now must be what check will compare with.
+    have=$("$1" -w -S "$chain")
+    if [ "$have" != "$(wanted "$2")" ]; then
+        echo "media-guard: $1 reads MB_TRUNK_MEDIA as other networks than written; write them as it prints them:" >&2
+        echo "$have" | sed -n 's/^-A [^ ]* -s \([^ ]*\) -j RETURN$/  \1/p' >&2
+        exit 2
+    fi
 }
 
 check() {
-    # Before the jump, other guards' jumps only (an ACCEPT above it would let anything in).
-    before=$("$1" -w -S INPUT | awk -v rule="-A INPUT $jump" '$0 == rule { found = 1; exit }
-        /^-A INPUT / && $0 !~ / -j MB-MEDIA-[0-9]+-[0-9]+$/ { print }
+    rules=$("$1" -w -S INPUT)
+    # Before the jump, other guards' jumps only, or rules of another protocol (an ACCEPT of
+    # UDP above it would let anything in).
+    before=$(echo "$rules" | awk -v rule="-A INPUT $jump" '$0 == rule { found = 1; exit }
+        /^-A INPUT / && $0 !~ / -j MB-MEDIA-[0-9]+-[0-9]+$/ && $0 !~ / -p (tcp|icmp|ipv6-icmp|icmpv6) / { print }
         END { if (!found) print "(no jump)" }')
     if [ -n "$before" ]; then
         echo "media-guard: $1: INPUT does not send the range's UDP to $chain first:" >&2
         echo "$before" >&2
+        return 1
+    fi
+    # Another range's guard over some of these ports (one left from an earlier range, or
+    # another stack's) would drop this one's carrier there if its carrier differs.
+    overlapping=$(echo "$rules" | awk -v own="$chain" -v first="$start" -v last="$last" '
+        /^-A INPUT .* --dport [0-9]+:[0-9]+ -j MB-MEDIA-[0-9]+-[0-9]+$/ {
+            n = split($0, words, " "); range = ""; target = ""
+            for (i = 1; i < n; i++) {
+                if (words[i] == "--dport") range = words[i + 1]
+                if (words[i] == "-j") target = words[i + 1]
+            }
+            split(range, ends, ":")
+            if (target != own && ends[1] + 0 <= last + 0 && ends[2] + 0 >= first + 0) print target " (" range ")"
+        }')
+    if [ -n "$overlapping" ]; then
+        echo "media-guard: $1: other guards cover some of ports $start-$last (remove each with its own settings):" >&2
+        echo "$overlapping" >&2
         return 1
     fi
     have=$("$1" -w -S "$chain" 2>/dev/null) || { echo "media-guard: $1: no chain $chain" >&2; return 1; }
@@ -133,12 +171,14 @@ remove() {
 }
 
 command -v iptables-restore >/dev/null 2>&1 || { echo "media-guard: iptables is not installed (apt install iptables)" >&2; exit 1; }
-# IPv6: where the host has it (a host without IPv6 cannot be reached over it either).
+# IPv6: where the host has it. A host with no IPv6 address but loopback's cannot be reached
+# over it; one with IPv6 where ip6tables does not work is refused (the range would be open).
 families="4"
 if command -v ip6tables >/dev/null 2>&1 && ip6tables -w -S INPUT >/dev/null 2>&1; then
     families="4 6"
-elif [ -n "$v6" ]; then
-    echo "media-guard: MB_TRUNK_MEDIA has IPv6 networks but ip6tables does not work here" >&2; exit 1
+elif [ -n "$v6" ] || { [ -r /proc/net/if_inet6 ] && awk '$6 != "lo" { found = 1 } END { exit !found }' /proc/net/if_inet6; }; then
+    echo "media-guard: this host has IPv6 but ip6tables does not work here: the range would be open over it" >&2
+    exit 1
 fi
 
 each() {
@@ -157,7 +197,7 @@ case "$action" in
         echo "media-guard: UDP to ports $start-$last only from:$v4$v6"
         while :; do
             # A child to wait on: a trap runs as soon as `wait` is interrupted (not after a sleep).
-            sleep 10 & wait $! || true
+            sleep 2 & wait $! || true
             if ! each check 2>/dev/null; then
                 echo "media-guard: the rules had changed; applied again" >&2
                 each apply || echo "media-guard: the rules could not be applied" >&2
