@@ -187,6 +187,28 @@ each() {
     done
 }
 
+# Ports of the range in the kernel's ephemeral range (ip_local_port_range) may be given to any
+# program's socket as its own; the guard then drops that socket's answers (a DNS reply, the
+# bridge's SIP probe of its PBX). Said, not refused: reserve them (ip_local_reserved_ports; the
+# local stack does) or move the range below the ephemeral one.
+ephemeral_overlap() {
+    # (In one read: the kernel gives a /proc/sys value to the first read only, and sh's `read`
+    # reads a byte at a time.)
+    ephemeral=$(cat /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null) || return 0
+    # shellcheck disable=SC2086
+    set -- $ephemeral
+    [ $# -eq 2 ] || return 0
+    low=$1 high=$2
+    if [ "$start" -le "$high" ] && [ "$last" -ge "$low" ]; then
+        echo "media-guard: warning: ports $start-$last overlap the ephemeral range $low-$high: reserve them" \
+            "(sysctl net.ipv4.ip_local_reserved_ports) or another program's socket given one loses its answers" >&2
+    fi
+}
+
+case "$action" in
+    apply|hold) ephemeral_overlap;;
+esac
+
 case "$action" in
     apply) each apply || { echo "media-guard: the rules could not be applied" >&2; exit 1; };;
     check) each check || exit 1;;

@@ -185,3 +185,17 @@ def test_hold_applies_the_rules_puts_them_back_when_they_drift_and_leaves_them_w
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_range_in_the_kernels_ephemeral_range_is_applied_with_a_warning(clean) -> None:
+    """Any program's socket may be given a port of the ephemeral range; the guard would drop
+    its answers (the bridge's SIP probe of its PBX once lost them so): apply says so."""
+    low, high = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    inside = {**CARRIER, "MB_RTP_START": str(low + low % 2), "MB_RTP_END": str(low + low % 2 + 9)}
+    try:
+        done = guard("apply", **inside)
+        assert done.returncode == 0 and f"overlap the ephemeral range {low}-{high}: reserve them" in done.stderr
+        if 31009 < low:
+            assert "ephemeral" not in guard("apply", **CARRIER).stderr  # (31000-31009: below it)
+    finally:
+        guard("remove", **inside)
