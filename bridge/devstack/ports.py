@@ -31,17 +31,19 @@ BLOCKS = {"MB_BENCH_RTP_PORT": 20, "MB_BENCH_SIP_PORT": 2}
 
 def listening_ports(env: Mapping[str, str]) -> set[int]:
     """The ports a stack with these settings binds explicitly: every MB_..._PORT setting (and
-    the blocks above), and the PBX's RTP range as its media guard covers it (the guard drops
-    UDP to those ports from anyone but the carrier: a socket of another program given one of
-    them for its own use would never get its answers)."""
+    the blocks above), and each RTP range (MB_..._RTP_START to MB_..._RTP_END: the PBX's, a
+    second node's, the simulated carrier's) as a media guard covers it (the guard drops UDP to
+    those ports from anyone but the carrier: a socket of another program given one of them for
+    its own use would never get its answers)."""
     ports: set[int] = set()
     for name, value in env.items():
         if name.startswith("MB_") and name.endswith("_PORT") and value.isdigit():
             first = int(value)
             ports.update(range(first, first + BLOCKS.get(name, 1)))
-    start, end = env.get("MB_RTP_START", ""), env.get("MB_RTP_END", "")
-    if start.isdigit() and end.isdigit():
-        ports.update(range(int(start), (int(end) | 1) + 1))  # (an even end: its RTCP port too)
+    for name, start in env.items():
+        end = env.get(name.removesuffix("RTP_START") + "RTP_END", "")
+        if name.startswith("MB_") and name.endswith("RTP_START") and start.isdigit() and end.isdigit():
+            ports.update(range(int(start), (int(end) | 1) + 1))  # (an even end: its RTCP port too)
     return {port for port in ports if 0 < port < 65536}
 
 

@@ -28,8 +28,10 @@ def test_the_listening_ports_are_every_port_setting_the_sipp_block_and_the_guard
     socket given one of its ports as an ephemeral port would never get its answers (a live
     test's UDP peer did, once another test's stack had guarded 44000-44999)."""
     env = {"MB_PG_PORT": "55432", "MB_API_PORT": "8080", "MB_BENCH_RTP_PORT": "40000", "MB_RTP_START": "42000",
-           "MB_RTP_END": "42998", "MB_API_BIND": "127.0.0.1", "MB_SOMETHING_PORT": "", "PATH_PORT": "1"}
-    assert ports.listening_ports(env) == {55432, 8080, *range(40000, 40020), *range(42000, 43000)}
+           "MB_RTP_END": "42998", "MB_NODE2_RTP_START": "52500", "MB_NODE2_RTP_END": "52509",
+           "MB_API_BIND": "127.0.0.1", "MB_SOMETHING_PORT": "", "PATH_PORT": "1", "MB_LONE_RTP_START": "1"}
+    assert ports.listening_ports(env) == {55432, 8080, *range(40000, 40020), *range(42000, 43000),
+                                          *range(52500, 52510)}
 
 
 @pytest.mark.parametrize("text, expected", [
