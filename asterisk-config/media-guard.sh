@@ -14,8 +14,9 @@
 #
 #   media-guard.sh apply    the rules, made again from the settings, their jump first in
 #                           INPUT (safe to run twice)
-#   media-guard.sh check    exit 0 when the rules in place are the settings' exactly and
-#                           nothing but other guards comes before their jump
+#   media-guard.sh check    exit 0 when the rules in place are the settings' exactly, nothing
+#                           but other guards' jumps comes before their jump, and no other
+#                           guard covers any of the same ports
 #   media-guard.sh remove   this range's rules, gone (another range's are left alone)
 #   media-guard.sh hold     apply, then check every 2 s and apply again when the rules
 #                           drifted, until SIGTERM or SIGINT (the compose stack's media-guard
@@ -23,8 +24,8 @@
 #                           must not open the ports of a PBX that may still run.
 #
 # Needs CAP_NET_ADMIN in the PBX's network namespace (root on the host; in docker-compose.yml
-# the media-guard service). The chain is MB-MEDIA-<start>-<end>, jumped to from INPUT for
-# the range's UDP.
+# the media-guard service). The chain is MB-MEDIA-<start>-<end>-<carrier> (<carrier>: 7 hex
+# digits of the carrier networks' checksum), jumped to from INPUT for the range's UDP.
 set -eu
 set -f  # no globbing: a setting such as '*' is refused, not matched against file names
 
@@ -49,7 +50,6 @@ start=$((start + 0)); end=$((end + 0))
     fail "MB_RTP_START ($start) is not below MB_RTP_END ($end): Asterisk would use 5000-31000"
 # RTP ports are even, each with its RTCP on the next: an even end's RTCP is end + 1.
 last=$((end | 1))
-chain="MB-MEDIA-$start-$end"
 
 # The carrier's networks, in the form iptables prints them back (check compares the two).
 # IPv4: a dotted quad, with a prefix of 16 to 32 bits and no host bits set. IPv6: hex and
@@ -85,6 +85,11 @@ for net in $nets; do
     esac
 done
 [ -n "$v4$v6" ] || fail "set MB_TRUNK_MEDIA (or MB_TRUNK_HOST): the carrier's media addresses"
+# A chain per range and carrier: another guard of the same range for another carrier (a second
+# stack, a mistake) is a chain of its own, which check reports as overlapping, instead of taking
+# this one's over. (28 characters at most: iptables' limit.)
+carrier=$(printf '%s' "$v4$v6" | cksum | cut -d ' ' -f 1)
+chain=$(printf 'MB-MEDIA-%s-%s-%07x' "$start" "$end" $((carrier % 268435456)))
 
 # What the chain must hold, as `iptables -S` prints it.
 wanted() {
@@ -128,10 +133,12 @@ apply() {
 
 check() {
     rules=$("$1" -w -S INPUT)
-    # Before the jump, other guards' jumps only, or rules of another protocol (an ACCEPT of
-    # UDP above it would let anything in).
+    # Before the jump, nothing but other guards' jumps, exactly as apply writes them (their
+    # ports do not meet this range's, or the overlap test below fails): any other rule could
+    # let the range's UDP in (`! -p tcp -j ACCEPT`, a jump to a chain of any name). apply puts
+    # the jump first again, and hold within 2 s.
     before=$(echo "$rules" | awk -v rule="-A INPUT $jump" '$0 == rule { found = 1; exit }
-        /^-A INPUT / && $0 !~ / -j MB-MEDIA-[0-9]+-[0-9]+$/ && $0 !~ / -p (tcp|icmp|ipv6-icmp|icmpv6) / { print }
+        /^-A INPUT / && $0 !~ /^-A INPUT -p udp -m udp --dport [0-9]+:[0-9]+ -j MB-MEDIA-[0-9]+-[0-9]+-[0-9a-f]+$/ { print }
         END { if (!found) print "(no jump)" }')
     if [ -n "$before" ]; then
         echo "media-guard: $1: INPUT does not send the range's UDP to $chain first:" >&2
@@ -141,7 +148,7 @@ check() {
     # Another range's guard over some of these ports (one left from an earlier range, or
     # another stack's) would drop this one's carrier there if its carrier differs.
     overlapping=$(echo "$rules" | awk -v own="$chain" -v first="$start" -v last="$last" '
-        /^-A INPUT .* --dport [0-9]+:[0-9]+ -j MB-MEDIA-[0-9]+-[0-9]+$/ {
+        /^-A INPUT .* --dport [0-9]+:[0-9]+ -j MB-MEDIA-[0-9]+-[0-9]+-[0-9a-f]+$/ {
             n = split($0, words, " "); range = ""; target = ""
             for (i = 1; i < n; i++) {
                 if (words[i] == "--dport") range = words[i + 1]

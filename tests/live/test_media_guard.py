@@ -16,7 +16,17 @@ from bridge.devstack.settings import Stack
 
 # Ranges of their own, away from any stack's, so the stack's guard is not touched.
 RANGE = {"MB_RTP_START": "31000", "MB_RTP_END": "31009"}
-CHAIN = "MB-MEDIA-31000-31009"
+
+
+def chain(start: int, end: int, *nets: str) -> str:
+    """The guard's chain for a range and carrier networks (as the script writes them, in its
+    order: IPv4 first): MB-MEDIA-<start>-<end>-<7 hex digits of their cksum>."""
+    written = "".join(f" {n}" for n in nets if ":" not in n) + "".join(f" {n}" for n in nets if ":" in n)
+    crc = int(subprocess.run(["cksum"], input=written, capture_output=True, text=True, check=True).stdout.split()[0])
+    return f"MB-MEDIA-{start}-{end}-{crc % (1 << 28):07x}"
+
+
+CHAIN = chain(31000, 31009, "192.0.2.1/32")  # (CARRIER's)
 JUMP = f"-A INPUT -p udp -m udp --dport 31000:31009 -j {CHAIN}"
 OTHER = {"MB_RTP_START": "31000", "MB_RTP_END": "31005"}  # an earlier range of the same start
 CARRIER = {"MB_TRUNK_MEDIA": "192.0.2.1"}
@@ -28,21 +38,30 @@ def guard(action: str, **env: str) -> subprocess.CompletedProcess[str]:
                           check=False)
 
 
-def rules(tool: str, chain: str = CHAIN) -> list[str]:
+def rules(tool: str, name: str = CHAIN) -> list[str]:
     return [line for line in subprocess.run([tool, "-w", "-S"], capture_output=True, text=True,
-                                            check=True).stdout.splitlines() if chain in line]
+                                            check=True).stdout.splitlines() if name in line]
+
+
+def remove_test_guards() -> None:
+    """Every guard of the tests' own ports (31000-31009, and the ephemeral range's test), by
+    their rules as iptables lists them, whatever carrier they were applied for."""
+    for tool in ("iptables", "ip6tables"):
+        listed = subprocess.run([tool, "-w", "-S"], capture_output=True, text=True, check=True).stdout.splitlines()
+        for line in listed:
+            if line.startswith("-A INPUT ") and (" -j MB-MEDIA-310" in line or (" -j ACCEPT" in line and "31000:" in line)):
+                subprocess.run([tool, "-w", "-D", *line.split()[1:]], capture_output=True, check=False)
+        for line in listed:
+            if line.startswith("-N MB-MEDIA-310"):
+                subprocess.run([tool, "-w", "-F", line.split()[1]], capture_output=True, check=False)
+                subprocess.run([tool, "-w", "-X", line.split()[1]], capture_output=True, check=False)
 
 
 @pytest.fixture
 def clean():
-    def remove() -> None:
-        guard("remove", **CARRIER)
-        guard("remove", **CARRIER, **OTHER)
-        subprocess.run(["iptables", "-w", "-D", "INPUT", "-p", "udp", "--dport", "31000:31009", "-j", "ACCEPT"],
-                       capture_output=True, check=False)
-    remove()
+    remove_test_guards()
     yield
-    remove()
+    remove_test_guards()
 
 
 def test_the_running_stack_has_its_guard(stack: Stack) -> None:
@@ -51,48 +70,80 @@ def test_the_running_stack_has_its_guard(stack: Stack) -> None:
 
 def test_apply_is_exact_and_safe_to_run_twice_and_remove_leaves_nothing(clean) -> None:
     nets = {"MB_TRUNK_MEDIA": "192.0.2.1, 198.51.100.0/24,2001:db8::7"}
+    mine = chain(31000, 31009, "192.0.2.1/32", "198.51.100.0/24", "2001:db8::7/128")
+    jump = f"-A INPUT -p udp -m udp --dport 31000:31009 -j {mine}"
     assert guard("check", **nets).returncode == 1
     for _ in range(2):
         done = guard("apply", **nets)
         assert done.returncode == 0, done.stderr
-    assert rules("iptables") == [
-        f"-N {CHAIN}",
-        JUMP,
-        f"-A {CHAIN} -s 192.0.2.1/32 -j RETURN",
-        f"-A {CHAIN} -s 198.51.100.0/24 -j RETURN",
-        f"-A {CHAIN} -j DROP",
+    assert rules("iptables", mine) == [
+        f"-N {mine}",
+        jump,
+        f"-A {mine} -s 192.0.2.1/32 -j RETURN",
+        f"-A {mine} -s 198.51.100.0/24 -j RETURN",
+        f"-A {mine} -j DROP",
     ]
-    assert rules("ip6tables") == [f"-N {CHAIN}", JUMP, f"-A {CHAIN} -s 2001:db8::7/128 -j RETURN", f"-A {CHAIN} -j DROP"]
+    assert rules("ip6tables", mine) == [f"-N {mine}", jump, f"-A {mine} -s 2001:db8::7/128 -j RETURN",
+                                        f"-A {mine} -j DROP"]
     assert guard("check", **nets).returncode == 0
-    # Other carrier addresses: the check says the rules in place are not the settings'.
-    other = guard("check", MB_TRUNK_MEDIA="192.0.2.9")
-    assert other.returncode == 1 and "holds other rules" in other.stderr
+    # Its chain changed by hand: the check says the rules in place are not the settings'.
+    subprocess.run(["iptables", "-w", "-I", mine, "1", "-s", "192.0.2.9", "-j", "RETURN"], check=True)
+    changed = guard("check", **nets)
+    assert changed.returncode == 1 and "holds other rules" in changed.stderr
     assert guard("remove", **nets).returncode == 0
-    assert rules("iptables") == [] and rules("ip6tables") == []
+    assert rules("iptables", "MB-MEDIA-310") == [] and rules("ip6tables", "MB-MEDIA-310") == []
 
 
-def test_a_rule_that_lets_the_range_in_before_the_guard_fails_the_check_and_apply_puts_the_guard_first(clean):
+@pytest.mark.parametrize("rule", [
+    ["-p", "udp", "--dport", "31000:31009", "-j", "ACCEPT"],
+    ["-s", "127.0.0.99/32", "!", "-p", "tcp", "-j", "ACCEPT"],  # every protocol but TCP
+    ["-m", "comment", "--comment", " -p tcp ", "-j", "ACCEPT"],  # looks like TCP only in its text
+    ["-j", "MB-MEDIA-1-2-abcdef0"],  # a chain named like a guard's, that could hold anything
+])
+def test_a_rule_that_could_let_the_range_in_before_the_guard_fails_the_check_and_apply_puts_the_guard_first(
+        clean, rule: list[str]) -> None:
     assert guard("apply", **CARRIER).returncode == 0
-    subprocess.run(["iptables", "-w", "-I", "INPUT", "1", "-p", "udp", "--dport", "31000:31009", "-j", "ACCEPT"],
-                   check=True)
-    failed = guard("check", **CARRIER)
-    assert failed.returncode == 1 and "ACCEPT" in failed.stderr
+    if rule[-1].startswith("MB-MEDIA-"):
+        subprocess.run(["iptables", "-w", "-N", rule[-1]], check=True)
+    subprocess.run(["iptables", "-w", "-I", "INPUT", "1", *rule], check=True)
+    try:
+        failed = guard("check", **CARRIER)
+        assert failed.returncode == 1 and "first:" in failed.stderr, failed
+        assert guard("apply", **CARRIER).returncode == 0
+        assert guard("check", **CARRIER).returncode == 0
+        first = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True, check=True)
+        assert first.stdout.splitlines()[1] == JUMP
+    finally:
+        subprocess.run(["iptables", "-w", "-D", "INPUT", *rule], check=True)
+        if rule[-1].startswith("MB-MEDIA-"):
+            subprocess.run(["iptables", "-w", "-X", rule[-1]], check=True)
+
+
+def test_another_carriers_guard_of_the_same_range_is_its_own_and_fails_the_check(clean) -> None:
+    """A second stack (or a mistake) guarding the same range for another carrier once took
+    this guard's chain over; it is a chain of its own, and each check names the other."""
+    other = {"MB_TRUNK_MEDIA": "192.0.2.9"}
     assert guard("apply", **CARRIER).returncode == 0
+    assert guard("apply", **other).returncode == 0
+    assert chain(31000, 31009, "192.0.2.9/32") in guard("check", **CARRIER).stderr
+    assert CHAIN in guard("check", **other).stderr
+    assert rules("iptables")[2:] == [f"-A {CHAIN} -s 192.0.2.1/32 -j RETURN", f"-A {CHAIN} -j DROP"]
+    assert guard("remove", **other).returncode == 0
     assert guard("check", **CARRIER).returncode == 0
-    first = subprocess.run(["iptables", "-w", "-S", "INPUT"], capture_output=True, text=True, check=True)
-    assert first.stdout.splitlines()[1] == JUMP
 
 
 def test_an_even_end_takes_in_the_rtcp_port_of_a_call_on_it(clean) -> None:
     """Asterisk gives calls even ports up to the end, each with its RTCP on the next: with an
     even end, that is one past it."""
     assert guard("apply", **CARRIER, **OTHER).returncode == 0  # 31000-31005: odd, nothing past it
-    assert "-A INPUT -p udp -m udp --dport 31000:31005 -j MB-MEDIA-31000-31005" in rules("iptables", "31005")
+    assert f"-A INPUT -p udp -m udp --dport 31000:31005 -j {chain(31000, 31005, '192.0.2.1/32')}" in rules(
+        "iptables", "31005")
     even = {**CARRIER, "MB_RTP_START": "31000", "MB_RTP_END": "31004"}
     try:
         guard("remove", **CARRIER, **OTHER)
         assert guard("apply", **even).returncode == 0
-        assert "-A INPUT -p udp -m udp --dport 31000:31005 -j MB-MEDIA-31000-31004" in rules("iptables", "31004")
+        assert f"-A INPUT -p udp -m udp --dport 31000:31005 -j {chain(31000, 31004, '192.0.2.1/32')}" in rules(
+            "iptables", "31004")
     finally:
         guard("remove", **even)
 
@@ -105,11 +156,12 @@ def test_removing_an_earlier_range_leaves_the_running_ones_guard(clean) -> None:
     assert guard("remove", **CARRIER, **OTHER).returncode == 0
     assert rules("iptables", "MB-MEDIA-31000-31005") == []
     assert guard("check", **CARRIER).returncode == 0
+    assert guard("check", **CARRIER).returncode == 0
 
 
 def test_without_a_trunk_media_setting_the_trunk_host_is_the_carrier(clean) -> None:
     assert guard("apply", MB_TRUNK_MEDIA="", MB_TRUNK_HOST="192.0.2.5").returncode == 0
-    assert f"-A {CHAIN} -s 192.0.2.5/32 -j RETURN" in rules("iptables")
+    assert f"-A {chain(31000, 31009, '192.0.2.5/32')} -s 192.0.2.5/32 -j RETURN" in rules("iptables", "31000-31009")
 
 
 @pytest.mark.parametrize(("env", "says"), [
@@ -160,7 +212,7 @@ def test_another_guard_over_some_of_the_ports_fails_the_check(clean) -> None:
     assert guard("apply", **earlier).returncode == 0
     assert guard("apply", **CARRIER).returncode == 0
     failed = guard("check", **CARRIER)
-    assert failed.returncode == 1 and "MB-MEDIA-31000-31005 (31000:31005)" in failed.stderr, failed
+    assert failed.returncode == 1 and f"{chain(31000, 31005, '192.0.2.9/32')} (31000:31005)" in failed.stderr, failed
     assert guard("remove", **earlier).returncode == 0
     assert guard("check", **CARRIER).returncode == 0
 
