@@ -213,14 +213,11 @@ ephemeral_overlap() {
 }
 
 case "$action" in
-    apply|hold) ephemeral_overlap;;
-esac
-
-case "$action" in
-    apply) each apply || { echo "media-guard: the rules could not be applied" >&2; exit 1; };;
+    apply) ephemeral_overlap; each apply || { echo "media-guard: the rules could not be applied" >&2; exit 1; };;
     check) each check || exit 1;;
-    remove) for family in $families; do if [ "$family" = 6 ]; then remove ip6tables; else remove iptables; fi; done;;
+    remove) each remove;;
     hold)
+        ephemeral_overlap
         each apply || { echo "media-guard: the rules could not be applied" >&2; exit 1; }
         trap 'kill $! 2>/dev/null; exit 0' TERM INT
         echo "media-guard: UDP to ports $start-$last only from:$v4$v6"

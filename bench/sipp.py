@@ -36,7 +36,7 @@ SCENARIOS = Path(__file__).resolve().parent / "sipp"
 SETUP_LIMIT_MS = round(SETUP_LIMIT * 1000)  # dial to answer, at most, for a call to count as set up
 
 
-# --- G.711 mu-law (PCMU, payload type 0) ---------------------------------------------------
+# --- G.711: mu-law (PCMU, payload type 0), A-law (PCMA, payload type 8) ------------------
 
 
 def ulaw_encode(sample: int) -> int:
@@ -51,6 +51,17 @@ def ulaw_encode(sample: int) -> int:
         mask >>= 1
     mantissa = (magnitude >> (exponent + 3)) & 0x0F
     return ~(sign | (exponent << 4) | mantissa) & 0xFF
+
+
+def alaw_encode(sample: int) -> int:
+    """One 16-bit linear sample to an A-law byte (ITU-T G.711)."""
+    value, mask = sample >> 3, 0xD5
+    if value < 0:
+        value, mask = -value - 1, 0x55
+    segment = next((s for s, end in enumerate((0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF)) if value <= end), 8)
+    if segment == 8:
+        return 0x7F ^ mask
+    return ((segment << 4) | ((value >> (1 if segment < 2 else segment)) & 0x0F)) ^ mask
 
 
 _ULAW_DECODE: list[int] = []
@@ -113,10 +124,11 @@ def _common(phones: Phones, port: int, media: int) -> list[str]:
             "-nostdin", "-t", "u1", "-max_socket", "4096", "-rtp_threadtasks", "50"]
 
 
-# SIPp's callee gives a call up (and sends its BYE) when no BYE came this long after its last
-# message: longer than any call the benchmark holds (its 500-call step: 37 s). Without a
-# limit, a call whose BYE never reached the callee streamed its tone to the PBX port it had
-# until the callee stopped, into whichever call the PBX gave that port next.
+# SIPp's callee gives a call up (aborts it, and its stream with it; it sends no BYE of its
+# own) when no BYE came this long after its last message: longer than any call the benchmark
+# holds (its 500-call step: 37 s). Without a limit, a call whose BYE never reached the callee
+# streamed its tone to the PBX port it had until the callee stopped, into whichever call the
+# PBX gave that port next.
 CALLEE_GIVES_UP_MS = 90_000
 
 

@@ -21,6 +21,7 @@ import uuid
 
 import pytest
 
+from bench.sipp import alaw_encode, ulaw_encode
 from bridge.ari.client import AriClient
 from bridge.devstack.audio import samples, tone_share
 from bridge.devstack.carrier import Carrier
@@ -30,9 +31,12 @@ STREAM_SECONDS = 3.0  # within strict RTP's learning window (5 s from the leg's 
 STRANGER_TONE = 2500  # Hz: neither phone's
 
 
+async def _variable(ari: AriClient, channel_id: str, name: str) -> str:
+    return (await ari.request("GET", f"/channels/{channel_id}/variable", {"variable": name}))["value"]
+
+
 async def _rtp_address(ari: AriClient, channel_id: str, which: str) -> str:
-    return (await ari.request("GET", f"/channels/{channel_id}/variable",
-                              {"variable": f"CHANNEL(rtp,{which})"}))["value"]
+    return await _variable(ari, channel_id, f"CHANNEL(rtp,{which})")
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -40,30 +44,10 @@ def _host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _ulaw(sample: int) -> int:
-    """G.711 mu-law of a 16-bit sample."""
-    sign = 0x80 if sample < 0 else 0
-    magnitude = min(abs(sample), 32635) + 0x84
-    exponent = max(e for e in range(8) if magnitude >= (0x84 << e) or e == 0)
-    mantissa = (magnitude >> (exponent + 3)) & 0x0F
-    return ~(sign | (exponent << 4) | mantissa) & 0xFF
-
-
-def _alaw(sample: int) -> int:
-    """G.711 A-law of a 16-bit sample."""
-    value, mask = sample >> 3, 0xD5
-    if value < 0:
-        value, mask = -value - 1, 0x55
-    segment = next((s for s, end in enumerate((0x1F, 0x3F, 0x7F, 0xFF, 0x1FF, 0x3FF, 0x7FF, 0xFFF)) if value <= end), 8)
-    if segment == 8:
-        return 0x7F ^ mask
-    return ((segment << 4) | ((value >> (1 if segment < 2 else segment)) & 0x0F)) ^ mask
-
-
 # 20 ms of the stranger's tone (2500 Hz at 8 kHz repeats every 16 samples: 160 is 10 periods),
 # as RTP payload type and payload, in the codec the leg carries (the PBX drops any other).
 _TONE = [int(8000 * math.sin(2 * math.pi * STRANGER_TONE * i / 8000)) for i in range(160)]
-PAYLOADS = {"ulaw": (0, bytes(map(_ulaw, _TONE))), "alaw": (8, bytes(map(_alaw, _TONE)))}
+PAYLOADS = {"ulaw": (0, bytes(map(ulaw_encode, _TONE))), "alaw": (8, bytes(map(alaw_encode, _TONE)))}
 
 
 class Stranger:
@@ -109,8 +93,7 @@ class Stranger:
 
 
 async def _codec(ari: AriClient, channel_id: str) -> str:
-    return (await ari.request("GET", f"/channels/{channel_id}/variable",
-                              {"variable": "CHANNEL(audionativeformat)"}))["value"].strip("()")
+    return (await _variable(ari, channel_id, "CHANNEL(audionativeformat)")).strip("()")
 
 
 async def _legs(ari: AriClient, pool_number: str) -> tuple[str, str]:
@@ -198,7 +181,7 @@ async def test_a_stun_request_to_a_held_leg_gets_nothing(carrier: Carrier, api, 
         await carrier.hold(callee)
         async with asyncio.timeout(10):
             while (await _rtp_address(ari, channel, "dest")) not in ("", "(null)"):
-                await asyncio.sleep(0.05)  # polling Asterisk: no event says a leg's destination changed
+                await asyncio.sleep(0.05)  # wait-ok: polling Asterisk: no event says a leg's destination changed
         await stranger.stun(port, 2.0)
         await stranger.stream(port, 1.0, await _codec(ari, channel))  # its RTP, had STUN made it the destination
         assert stranger.received == 0, f"a STUN request to a held leg got {stranger.received} packets back"
