@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Iterator
 import asyncpg
 import pytest
 
-from bridge.devstack import processes
+from bridge.devstack import media_guard, processes
 from bridge.devstack.carrier import Carrier
 from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
 from tests.live.conftest import Api, WebhookReceiver, api_of, webhook_receiver
@@ -63,6 +63,7 @@ def cluster() -> Iterator[Stack]:
     finally:
         if not os.environ.get("MB_CLUSTER_KEEP"):  # (kept: to look at it after a failure)
             devstack("stop", env)
+            media_guard.remove(stack)  # (the cluster's own range: `make stop` leaves a guard)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from bridge.devstack import asterisk, monitoring, postgres, processes
+from bridge.devstack import asterisk, media_guard, monitoring, postgres, processes
 from bridge.devstack.settings import DEFAULTS, PROJECT_DIR, Stack, load
 
 SETTINGS = {
@@ -50,6 +50,9 @@ def own_stack(environ: dict[str, str]) -> Iterator[Stack]:
     stack = load(environ)
     yield stack
     subprocess.run(["make", "stop"], cwd=PROJECT_DIR, env=environ, capture_output=True, timeout=120)
+    # (`make stop` leaves the guard, in case another checkout's PBX uses the range: this range
+    # is the scenarios' own, and its rules would outlive the test run.)
+    media_guard.remove(stack)
 
 
 def everything_down(stack: Stack) -> dict[str, bool]:
