@@ -102,11 +102,19 @@ async def db(cluster: tuple[ComposeStack, Stack]) -> AsyncIterator[asyncpg.Conne
 
 
 def test_each_node_has_its_media_guard(cluster: tuple[ComposeStack, Stack]) -> None:
-    """Each node's RTP range takes UDP from the carrier only (media does not pass Kamailio)."""
+    """Each node's RTP range takes UDP from the carrier only (media does not pass Kamailio),
+    and each node's PBX waits for its own guard's word after a reboot (the volume its guard
+    writes, read only), not the other node's."""
     compose, _ = cluster
-    for service, node in (("media-guard", compose.stack), ("media-guard-2", node_2(compose.stack))):
+    for service, pbx, node in (("media-guard", "asterisk", compose.stack),
+                               ("media-guard-2", "asterisk-2", node_2(compose.stack))):
         assert compose.container(service)["State"]["Health"]["Status"] == "healthy", service
         assert media_guard.check(node) == "", service
+        written = {m["Name"] for m in compose.container(service)["Mounts"]
+                   if m["Destination"] == "/srv/maskbridge/guard" and m["RW"]}
+        read = {m["Name"] for m in compose.container(pbx)["Mounts"]
+                if m["Destination"] == "/srv/maskbridge/guard" and not m["RW"]}
+        assert len(written) == 1 and read == written, (service, written, pbx, read)
 
 
 def test_every_service_of_the_cluster_is_up_healthy_and_hardened(cluster: tuple[ComposeStack, Stack]) -> None:

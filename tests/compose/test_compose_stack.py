@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import random
 import re
+import subprocess
+import time
 import uuid
 from typing import Any
 
@@ -213,6 +215,44 @@ async def test_the_monitoring_profile_scrapes_the_stack_with_the_alert_rules(com
     answered = (await prometheus_query(
         compose, "/api/v1/query", query='sum(max_over_time(maskbridge_calls_total{outcome="answered"}[30m]))'))["result"]
     assert answered and float(answered[0]["value"][1]) >= 1, answered
+
+
+def _running_programs(compose: ComposeStack, service: str) -> list[str]:
+    """The names of the processes in the service's container."""
+    out = compose.compose("exec", "-T", service, "sh", "-c", "cat /proc/[0-9]*/comm 2>/dev/null", check=False)
+    return out.stdout.split()
+
+
+def test_after_a_reboot_the_pbx_waits_for_its_media_guard(compose: ComposeStack) -> None:
+    """After a reboot (or a restart of dockerd) docker starts the containers with no order
+    between them, and the firewall's rules are gone (they live in the kernel). The PBX's
+    container, started alone, starts no Asterisk (so takes no call and opens no RTP port)
+    until its guard has put the rules back for this boot; then it starts by itself."""
+    pbx = compose.container("asterisk")["Id"]
+    guard = compose.container("media-guard")["Id"]
+    subprocess.run(["docker", "stop", pbx, guard], check=True, capture_output=True, timeout=120)
+    # As a reboot leaves them: the guard's word is of another boot, and the rules are gone.
+    compose.compose("run", "--rm", "--no-deps", "--entrypoint", "sh", "media-guard", "-c",
+                    "echo 00000000-0000-0000-0000-000000000000 > /srv/maskbridge/guard/ready")
+    media_guard.remove(compose.stack)
+    assert media_guard.check(compose.stack) != ""
+    waiting = "waiting for the media guard's rules of this boot"
+    said_before = compose.logs("asterisk").count(waiting)
+    try:
+        subprocess.run(["docker", "start", pbx], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while compose.logs("asterisk").count(waiting) == said_before:
+            assert time.monotonic() < deadline, "the PBX's container did not say it waits for its guard"
+            time.sleep(0.2)  # wait-ok: polling the container's output (docker has no event for a line)
+        assert compose.container("asterisk")["State"]["Running"]
+        assert "asterisk" not in _running_programs(compose, "asterisk"), "Asterisk started before its guard"
+        assert media_guard.check(compose.stack) != "", "nothing put the rules back"
+    finally:
+        subprocess.run(["docker", "start", guard], check=True, capture_output=True, timeout=60)
+    # The guard applies its rules and says so: the PBX starts Asterisk, the bridge finds it.
+    compose.wait_healthy(timeout=120)
+    assert media_guard.check(compose.stack) == ""
+    assert "asterisk" in _running_programs(compose, "asterisk")
 
 
 def test_the_bridge_log_holds_no_real_number(compose: ComposeStack) -> None:
