@@ -223,17 +223,36 @@ def _running_programs(compose: ComposeStack, service: str) -> list[str]:
     return out.stdout.split()
 
 
-def test_after_a_reboot_the_pbx_waits_for_its_media_guard(compose: ComposeStack) -> None:
+# How the guard's word can stand when the PBX's container starts without the rules in place:
+# what `sh -c` writes into the guard's volume (nothing: none left).
+STALE_WORDS = {
+    # A reboot: the word of the boot before.
+    "of another boot": 'echo "00000000-0000-0000-0000-000000000000 $MB_RTP_START $MB_RTP_END" > "$R"',
+    # A guard killed outright (no trap ran) a minute ago: this boot's word, for this range, stale.
+    "of a guard killed a minute ago": 'echo "$(cat /proc/sys/kernel/random/boot_id) $MB_RTP_START $MB_RTP_END" > "$R"'
+                                      ' && touch -d "@$(($(date +%s) - 60))" "$R"',
+    # A guard of another range (settings changed since): this boot's word, fresh, other ports.
+    "for another range": 'echo "$(cat /proc/sys/kernel/random/boot_id) 30000 30999" > "$R"',
+    # The guard stopped (its rules removed since, by hand): it took its word back.
+    "taken back by a stopped guard": "true",
+}
+
+
+@pytest.mark.parametrize("stale", list(STALE_WORDS))
+def test_the_pbx_starts_only_on_its_guards_fresh_word(compose: ComposeStack, stale: str) -> None:
     """After a reboot (or a restart of dockerd) docker starts the containers with no order
-    between them, and the firewall's rules are gone (they live in the kernel). The PBX's
-    container, started alone, starts no Asterisk (so takes no call and opens no RTP port)
-    until its guard has put the rules back for this boot; then it starts by itself."""
+    between them, and the firewall's rules are gone (they live in the kernel); within a boot
+    they can be gone too (removed by hand, a firewall reload) while the guard is stopped. The
+    PBX's container, started alone, starts no Asterisk (so takes no call and opens no RTP
+    port) until its guard runs and has its rules in place; then it starts by itself."""
     pbx = compose.container("asterisk")["Id"]
     guard = compose.container("media-guard")["Id"]
-    subprocess.run(["docker", "stop", pbx, guard], check=True, capture_output=True, timeout=120)
-    # As a reboot leaves them: the guard's word is of another boot, and the rules are gone.
+    subprocess.run(["docker", "stop", guard, pbx], check=True, capture_output=True, timeout=120)
+    ready = "/srv/maskbridge/guard/ready"
+    assert compose.compose("run", "--rm", "--no-deps", "--entrypoint", "sh", "media-guard", "-c",
+                           f'test ! -e {ready} && echo gone').stdout.strip() == "gone", "a stopped guard left its word"
     compose.compose("run", "--rm", "--no-deps", "--entrypoint", "sh", "media-guard", "-c",
-                    "echo 00000000-0000-0000-0000-000000000000 > /srv/maskbridge/guard/ready")
+                    f"R={ready}; {STALE_WORDS[stale]}")
     media_guard.remove(compose.stack)
     assert media_guard.check(compose.stack) != ""
     waiting = "waiting for the media guard's rules of this boot"
